@@ -1,0 +1,89 @@
+"""The one exception tree of billingos-asgi.
+
+::
+
+    BillingOSError
+    ├── AuthenticationError        401/403: missing, malformed or unknown secret key
+    ├── ValidationError            bad input (also a ValueError): raised before any network call,
+    │                              or a 400/422 answer from the service
+    ├── NotFoundError              404 "No active subscription with this feature"
+    │   └── CustomerNotFoundError  400 "Customer not found: <id>"
+    ├── QuotaExceededError         400 "quota_exceeded": nothing was recorded
+    ├── RateLimitError             429, with ``retry_after`` seconds when the service sent one
+    ├── ServerError                5xx
+    ├── NetworkError               connection failures and timeouts (no answer at all)
+    └── InvalidResponseError       an answer that is not the JSON the protocol promises
+
+Every error carries ``status`` (None when no HTTP answer was involved), ``message`` and ``body``
+(the decoded response body, or its text when it was not JSON).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuthenticationError",
+    "BillingOSError",
+    "CustomerNotFoundError",
+    "InvalidResponseError",
+    "NetworkError",
+    "NotFoundError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "ServerError",
+    "ValidationError",
+]
+
+
+class BillingOSError(Exception):
+    """Base of every error raised by billingos-asgi's backends."""
+
+    def __init__(self, message: str, *, status: int | None = None, body: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(message={self.message!r}, status={self.status!r})"
+
+
+class AuthenticationError(BillingOSError):
+    """The secret key is missing, malformed or unknown."""
+
+
+class ValidationError(BillingOSError, ValueError):
+    """The request was refused as invalid; nothing was recorded."""
+
+
+class NotFoundError(BillingOSError):
+    """The customer has no active subscription granting the feature."""
+
+
+class CustomerNotFoundError(NotFoundError):
+    """The billing service does not know the customer."""
+
+
+class QuotaExceededError(BillingOSError):
+    """Recording the quantity would push usage past the limit; nothing was recorded."""
+
+
+class RateLimitError(BillingOSError):
+    """The service throttled the call; ``retry_after`` is the wait it asked for, in seconds."""
+
+    def __init__(self, message: str, *, status: int | None = 429, body: Any = None, retry_after: float | None = None):
+        super().__init__(message, status=status, body=body)
+        self.retry_after = retry_after
+
+
+class ServerError(BillingOSError):
+    """The service failed (5xx); the call may be retried."""
+
+
+class NetworkError(BillingOSError):
+    """No answer: the connection failed or timed out."""
+
+
+class InvalidResponseError(BillingOSError):
+    """The service answered, but not with the JSON the protocol promises."""

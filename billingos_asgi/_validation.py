@@ -1,0 +1,83 @@
+"""Input checks shared by the client, the embedded engine and the local server.
+
+Everything is checked before any network call or write, so a bad argument never reaches the
+service and never records anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+from ._exceptions import ValidationError
+
+MAX_ID_LENGTH = 255
+#: Upstream stores DECIMAL(20,6): 14 integer digits and 6 decimals.
+MAX_QUANTITY = 10**14 - 1
+QUANTITY_RESOLUTION = 1e-6
+MAX_METADATA_BYTES = 8192
+MIN_SESSION_TTL = 60
+MAX_SESSION_TTL = 86400
+
+
+def check_id(name: str, value: object) -> str:
+    """Return ``value`` if it is a usable identifier, else raise ValidationError naming ``name``."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValidationError(f"{name} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise ValidationError(f"{name} is {len(value)} characters long; the maximum is {MAX_ID_LENGTH}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValidationError(f"{name} must not contain control characters")
+    return value
+
+
+def check_quantity(value: object) -> float:
+    """Return ``value`` as a float if it is a finite quantity > 0 within upstream's precision."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise ValidationError(f"quantity must be a number, got {type(value).__name__}")
+    quantity = float(value)
+    if not math.isfinite(quantity):
+        raise ValidationError(f"quantity must be a finite number, got {value!r}")
+    if quantity <= 0:
+        raise ValidationError(f"quantity must be greater than 0, got {value!r}")
+    if quantity < QUANTITY_RESOLUTION / 2:
+        raise ValidationError(f"quantity {value!r} is below the resolution of {QUANTITY_RESOLUTION:g} units")
+    if quantity > MAX_QUANTITY:
+        raise ValidationError(f"quantity {value!r} is above the maximum of {MAX_QUANTITY}")
+    return quantity
+
+
+def check_metadata(value: object, name: str = "metadata") -> dict[str, Any] | None:
+    """Return ``value`` if it is None or a small JSON object, else raise ValidationError."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"{name} must be an object, got {type(value).__name__}")
+    try:
+        encoded = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"{name} must be JSON-serialisable: {exc}") from None
+    if len(encoded) > MAX_METADATA_BYTES:
+        raise ValidationError(f"{name} is {len(encoded)} bytes as JSON; the maximum is {MAX_METADATA_BYTES}")
+    return dict(value)
+
+
+def check_expires_in(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"expiresIn must be an integer number of seconds, got {type(value).__name__}")
+    if not MIN_SESSION_TTL <= value <= MAX_SESSION_TTL:
+        raise ValidationError(f"expiresIn must be between {MIN_SESSION_TTL} and {MAX_SESSION_TTL} seconds, got {value}")
+    return value
+
+
+def check_operations(value: object) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValidationError("allowedOperations must be a list of strings")
+    return [check_id("allowedOperations[]", item) for item in value]

@@ -1,0 +1,62 @@
+"""``billingos-asgi serve``: run the local BillingOS API server under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+
+from .local.engine import LocalBilling
+from .local.plans import PlansError
+from .local.server import DEFAULT_SECRET_KEY, create_app
+
+_RATE = re.compile(r"^\s*(\d+)\s*(?:/\s*min)?\s*$")
+
+
+def _rate_limit(text: str) -> int:
+    match = _RATE.match(text)
+    if not match or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"expected N/min with N >= 1, got {text!r}")
+    return int(match.group(1))
+
+
+def _secret_key(text: str) -> str:
+    if not text.startswith("sk_"):
+        raise argparse.ArgumentTypeError("the secret key must start with 'sk_'")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="billingos-asgi", description="billingos-asgi tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the local BillingOS API server")
+    serve.add_argument("--plans", required=True, help="plans file (TOML)")
+    serve.add_argument("--db", default=":memory:", help="SQLite database file (default: in memory)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8787)
+    serve.add_argument(
+        "--secret-key", type=_secret_key, default=DEFAULT_SECRET_KEY, help="the one key accepted (default %(default)s)"
+    )
+    serve.add_argument("--rate-limit", type=_rate_limit, metavar="N/min", help="emulate the hosted rate limit")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvicorn
+    except ImportError:
+        print("billingos-asgi serve needs uvicorn: pip install 'billingos-asgi[server]'", file=sys.stderr)
+        return 2
+    try:
+        billing = LocalBilling.from_file(args.plans, args.db)
+    except (PlansError, ValueError) as exc:
+        print(f"billingos-asgi: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    app = create_app(billing, secret_key=args.secret_key, rate_limit=args.rate_limit)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

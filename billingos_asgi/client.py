@@ -1,0 +1,287 @@
+"""``BillingOS``: the async HTTP client for the hosted BillingOS API.
+
+The only module that imports httpx. It owns authentication, retries and the translation of every
+failure into the :mod:`billingos_asgi._exceptions` tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any
+
+import httpx
+from anyio import sleep as _sleep
+
+from . import _wire
+from ._exceptions import (
+    AuthenticationError,
+    BillingOSError,
+    CustomerNotFoundError,
+    InvalidResponseError,
+    NetworkError,
+    NotFoundError,
+    QuotaExceededError,
+    RateLimitError,
+    ServerError,
+    ValidationError,
+)
+from ._models import Entitlement, SessionToken, TrackUsageResult, UsageMetrics
+from ._validation import check_expires_in, check_id, check_metadata, check_operations, check_quantity
+
+__all__ = ["BillingOS", "RetryPolicy"]
+
+logger = logging.getLogger("billingos_asgi")
+
+SANDBOX_URL = "https://sandbox-api.billingos.dev"
+LIVE_URL = "https://api.billingos.dev"
+DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+_USER_AGENT = "billingos-asgi/0.1"
+_MAX_ERROR_TEXT = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, for network errors, 5xx and 429 only.
+
+    ``max_retries`` counts retries after the first attempt. A ``Retry-After`` longer than
+    ``max_retry_after`` is not waited for: the call fails at once with :class:`RateLimitError`.
+    """
+
+    max_retries: int = 3
+    backoff_base: float = 0.25
+    backoff_max: float = 8.0
+    max_retry_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.backoff_base < 0 or self.backoff_max < 0 or self.max_retry_after < 0:
+            raise ValueError("backoff_base, backoff_max and max_retry_after must be >= 0")
+
+    def delay(self, retry: int, retry_after: float | None) -> float | None:
+        """Seconds to wait before retry number ``retry`` (0-based), or None to give up."""
+        if retry >= self.max_retries:
+            return None
+        if retry_after is not None:
+            return retry_after if retry_after <= self.max_retry_after else None
+        return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**retry))
+
+
+def _resolve_secret_key(secret_key: str | None) -> str:
+    key = secret_key if secret_key is not None else os.environ.get("BILLINGOS_SECRET_KEY")
+    if not key:
+        raise ValidationError("no BillingOS secret key: pass secret_key= or set BILLINGOS_SECRET_KEY")
+    if not isinstance(key, str) or not key.startswith("sk_"):
+        raise ValidationError("the BillingOS secret key must start with 'sk_'")
+    return key
+
+
+def _resolve_base_url(base_url: str | None, secret_key: str) -> str:
+    url = base_url or os.environ.get("BILLINGOS_API_URL")
+    if not url:
+        if secret_key.startswith("sk_test_"):
+            url = SANDBOX_URL
+        elif secret_key.startswith("sk_live_"):
+            url = LIVE_URL
+        else:
+            raise ValidationError("cannot tell the API URL from this key: pass base_url= or set BILLINGOS_API_URL")
+    if not url.startswith(("http://", "https://")):
+        raise ValidationError(f"base_url must be an http(s) URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return max(0.0, (moment - datetime.now(timezone.utc)).total_seconds())
+
+
+def _decode_body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:_MAX_ERROR_TEXT]
+
+
+def _error_for(response: httpx.Response) -> BillingOSError:
+    """Translate an HTTP error answer into the matching exception."""
+    status = response.status_code
+    body = _decode_body(response)
+    raw = body.get("message") if isinstance(body, dict) else None
+    if isinstance(raw, list):  # NestJS validation pipes answer with a list of messages
+        raw = "; ".join(str(item) for item in raw)
+    message = str(raw) if raw else f"BillingOS answered {status} {response.reason_phrase}".rstrip()
+    if status == 429:
+        retry_after = _parse_retry_after(response.headers.get("retry-after"))
+        return RateLimitError(message, status=status, body=body, retry_after=retry_after)
+    if status >= 500:
+        return ServerError(message, status=status, body=body)
+    if status in (401, 403):
+        return AuthenticationError(message, status=status, body=body)
+    if message == "quota_exceeded" or message.startswith("quota_exceeded"):
+        return QuotaExceededError(message, status=status, body=body)
+    if message.startswith("Customer not found"):
+        return CustomerNotFoundError(message, status=status, body=body)
+    if status == 404:
+        return NotFoundError(message, status=status, body=body)
+    return ValidationError(message, status=status, body=body)
+
+
+def _retryable(error: BillingOSError) -> bool:
+    return isinstance(error, (NetworkError, ServerError, RateLimitError))
+
+
+class BillingOS:
+    """Async client for the hosted BillingOS API (one pooled connection set; use ``async with``).
+
+    The secret key comes from ``secret_key`` or ``BILLINGOS_SECRET_KEY``; the base URL from
+    ``base_url``, ``BILLINGOS_API_URL``, or the key's prefix (``sk_test_`` sandbox, ``sk_live_``
+    live). The key never appears in ``repr``, logs or exception messages.
+    """
+
+    def __init__(
+        self,
+        secret_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        key = _resolve_secret_key(secret_key)
+        self.base_url = _resolve_base_url(base_url, key)
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {key}", "User-Agent": _USER_AGENT, "Accept": "application/json"},
+            timeout=timeout,
+            limits=limits,
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"BillingOS(base_url={self.base_url!r})"
+
+    async def __aenter__(self) -> BillingOS:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def check_entitlement(self, customer_id: str, feature_key: str) -> Entitlement:
+        params = {
+            "customer_id": check_id("customer_id", customer_id),
+            "feature_key": check_id("feature_key", feature_key),
+        }
+        return _wire.entitlement_from_json(await self._request("GET", "/v1/usage/check", params=params))
+
+    async def track_usage(
+        self,
+        customer_id: str,
+        feature_key: str,
+        quantity: float,
+        idempotency_key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> TrackUsageResult:
+        """Record usage. Without ``idempotency_key`` one is generated before the first attempt,
+        so that retries of this call can never count twice."""
+        if idempotency_key is None:
+            idempotency_key = uuid.uuid4().hex
+        payload: dict[str, Any] = {
+            "customer_id": check_id("customer_id", customer_id),
+            "feature_key": check_id("feature_key", feature_key),
+            "quantity": _wire.format_number(check_quantity(quantity)),
+            "idempotency_key": check_id("idempotency_key", idempotency_key),
+        }
+        checked_metadata = check_metadata(metadata)
+        if checked_metadata is not None:
+            payload["metadata"] = checked_metadata
+        return _wire.track_result_from_json(await self._request("POST", "/v1/usage/track", json=payload))
+
+    async def get_usage_metrics(self, customer_id: str, feature_key: str | None = None) -> UsageMetrics:
+        params = {"customer_id": check_id("customer_id", customer_id)}
+        if feature_key is not None:
+            params["feature_key"] = check_id("feature_key", feature_key)
+        return _wire.metrics_from_json(await self._request("GET", "/v1/usage/metrics", params=params))
+
+    async def create_session_token(
+        self,
+        external_user_id: str,
+        *,
+        external_organization_id: str | None = None,
+        expires_in: int = 3600,
+        allowed_operations: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SessionToken:
+        """Mint a session token for one end user of the React SDK."""
+        payload: dict[str, Any] = {
+            "externalUserId": check_id("externalUserId", external_user_id),
+            "expiresIn": check_expires_in(expires_in),
+        }
+        if external_organization_id is not None:
+            payload["externalOrganizationId"] = check_id("externalOrganizationId", external_organization_id)
+        operations = check_operations(allowed_operations)
+        if operations is not None:
+            payload["allowedOperations"] = operations
+        checked_metadata = check_metadata(metadata)
+        if checked_metadata is not None:
+            payload["metadata"] = checked_metadata
+        return _wire.session_token_from_json(await self._request("POST", "/v1/session-tokens", json=payload))
+
+    async def _request(
+        self, method: str, path: str, *, params: Mapping[str, str] | None = None, json: Any = None
+    ) -> Any:
+        """Send one call, retrying transient failures; the payload (and its key) never changes."""
+        retry = 0
+        while True:
+            try:
+                response = await self._http.request(method, path, params=params, json=json)
+            except httpx.TimeoutException as exc:
+                error: BillingOSError = NetworkError(f"BillingOS {method} {path} timed out ({type(exc).__name__})")
+                error.__cause__ = exc
+            except httpx.TransportError as exc:
+                error = NetworkError(f"cannot reach BillingOS for {method} {path}: {type(exc).__name__}")
+                error.__cause__ = exc
+            else:
+                if response.status_code < 400:
+                    try:
+                        return response.json()
+                    except ValueError:
+                        raise InvalidResponseError(
+                            f"BillingOS answered {response.status_code} to {method} {path} with a non-JSON body",
+                            status=response.status_code,
+                            body=response.text[:_MAX_ERROR_TEXT],
+                        ) from None
+                error = _error_for(response)
+            delay = self.retry.delay(retry, getattr(error, "retry_after", None)) if _retryable(error) else None
+            if delay is None:
+                raise error
+            retry += 1
+            logger.warning("BillingOS %s %s failed (%s); retry %d in %.2fs", method, path, error.message, retry, delay)
+            await _sleep(delay)

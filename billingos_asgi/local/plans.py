@@ -1,0 +1,167 @@
+"""The plans file (SPEC section 3): features, plans and initial customer assignments.
+
+Parsed once and refused as a whole when anything is wrong, with a message naming the file, the
+key and the fault, so that a typo never becomes a silently free (or silently blocked) feature.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._validation import MAX_QUANTITY, check_id
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FEATURE_TYPES = ("boolean_flag", "usage_quota", "numeric_limit")
+INTERVALS = ("day", "week", "month", "year")
+UNLIMITED = "unlimited"
+MICRO = 1_000_000
+
+
+class PlansError(ValueError):
+    """The plans file or dict is invalid; the message names where and what."""
+
+
+@dataclass(frozen=True, slots=True)
+class Feature:
+    key: str
+    title: str
+    type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A plan's grant of one feature; ``limit`` is in micro-units, None meaning unlimited (or a flag)."""
+
+    feature: Feature
+    limit: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    key: str
+    name: str
+    interval: str
+    grants: Mapping[str, Grant]
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    features: Mapping[str, Feature]
+    plans: Mapping[str, Plan]
+    customers: Mapping[str, str] = field(default_factory=dict)
+
+
+def load_plans(path: str | Path) -> Catalog:
+    """Read and validate a TOML plans file."""
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise PlansError(f"{source}: cannot read the plans file: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PlansError(f"{source}: not valid TOML: {exc}") from None
+    return parse_plans(data, source=source)
+
+
+def parse_plans(data: Mapping[str, Any], *, source: str = "<plans>") -> Catalog:
+    """Validate a plans mapping (the TOML file's structure)."""
+
+    def fail(key: str, fault: str) -> PlansError:
+        return PlansError(f"{source}: {key}: {fault}")
+
+    def table(value: Any, key: str) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise fail(key, f"must be a table, got {type(value).__name__}")
+        return value
+
+    def name(value: Any, key: str) -> str:
+        try:
+            return check_id("key", value)
+        except ValueError as exc:
+            raise fail(key, str(exc).replace("key ", "name ", 1)) from None
+
+    root = table(data, "(top level)")
+    unknown = set(root) - {"features", "plans", "customers"}
+    if unknown:
+        raise fail(sorted(unknown)[0], "unknown top-level key (expected features, plans, customers)")
+
+    features: dict[str, Feature] = {}
+    for key, spec in table(root.get("features", {}), "features").items():
+        where = f"features.{name(key, f'features.{key!r}')}"
+        spec = table(spec, where)
+        extra = set(spec) - {"title", "type"}
+        if extra:
+            raise fail(f"{where}.{sorted(extra)[0]}", "unknown key (expected title, type)")
+        kind = spec.get("type")
+        if kind not in FEATURE_TYPES:
+            raise fail(f"{where}.type", f"must be one of {', '.join(FEATURE_TYPES)}, got {kind!r}")
+        title = spec.get("title", key)
+        if not isinstance(title, str):
+            raise fail(f"{where}.title", "must be a string")
+        features[key] = Feature(key=key, title=title, type=kind)
+
+    plans: dict[str, Plan] = {}
+    for key, spec in table(root.get("plans", {}), "plans").items():
+        where = f"plans.{name(key, f'plans.{key!r}')}"
+        spec = table(spec, where)
+        extra = set(spec) - {"name", "interval", "features"}
+        if extra:
+            raise fail(f"{where}.{sorted(extra)[0]}", "unknown key (expected name, interval, features)")
+        plan_name = spec.get("name", key)
+        if not isinstance(plan_name, str):
+            raise fail(f"{where}.name", "must be a string")
+        interval = spec.get("interval", "month")
+        if interval not in INTERVALS:
+            raise fail(f"{where}.interval", f"must be one of {', '.join(INTERVALS)}, got {interval!r}")
+        grants: dict[str, Grant] = {}
+        for feature_key, value in table(spec.get("features", {}), f"{where}.features").items():
+            grant_where = f"{where}.features.{feature_key}"
+            feature = features.get(feature_key)
+            if feature is None:
+                raise fail(grant_where, "unknown feature (declare it under [features])")
+            grant = _grant(feature, value, lambda fault, w=grant_where: fail(w, fault))
+            if grant is not None:
+                grants[feature_key] = grant
+        plans[key] = Plan(key=key, name=plan_name, interval=interval, grants=grants)
+
+    customers: dict[str, str] = {}
+    for key, plan_key in table(root.get("customers", {}), "customers").items():
+        where = f"customers.{name(key, f'customers.{key!r}')}"
+        if not isinstance(plan_key, str) or plan_key not in plans:
+            raise fail(where, f"unknown plan {plan_key!r}")
+        customers[key] = plan_key
+    return Catalog(features=features, plans=plans, customers=customers)
+
+
+def _grant(feature: Feature, value: Any, fail: Any) -> Grant | None:
+    """A grant from a plan's feature value, None for a flag granted as ``false``."""
+    if feature.type == "boolean_flag":
+        if not isinstance(value, bool):
+            raise fail(f"boolean_flag takes true or false, got {value!r}")
+        return Grant(feature, None) if value else None
+    if value == UNLIMITED:
+        return Grant(feature, None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise fail(f"{feature.type} takes a number or {UNLIMITED!r}, got {value!r}")
+    if not 0 <= value <= MAX_QUANTITY:
+        raise fail(f"limit must be between 0 and {MAX_QUANTITY}, got {value!r}")
+    return Grant(feature, to_micro(value))
+
+
+def to_micro(value: float) -> int:
+    """Units to integer micro-units (upstream's DECIMAL(20,6)), so sums never drift."""
+    return round(value * MICRO) if isinstance(value, float) else value * MICRO
+
+
+def from_micro(value: int) -> float:
+    return value / MICRO

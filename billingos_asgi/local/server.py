@@ -1,0 +1,212 @@
+"""The local BillingOS API server: SPEC section 2 over :class:`LocalBilling`, as a Starlette app.
+
+It answers with the reference service's status codes and NestJS-style error bodies
+(``{"statusCode", "message", "error"}``), so the HTTP client, the examples and the tests talk to
+it exactly as they would to the hosted API. Bad input is always a 4xx naming the fault, never a
+500, and is never recorded.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import _wire
+from .._exceptions import BillingOSError, ValidationError
+from .engine import LocalBilling
+
+__all__ = ["RateLimiter", "create_app"]
+
+logger = logging.getLogger("billingos_asgi")
+
+DEFAULT_SECRET_KEY = "sk_test_local"
+MAX_BODY_BYTES = 64 * 1024
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    phrase = HTTPStatus(status).phrase
+    return JSONResponse({"statusCode": status, "message": message, "error": phrase}, status, headers=headers)
+
+
+class RateLimiter:
+    """A fixed one-minute window shared by every authenticated call, like the hosted global tier."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_minute < 1:
+            raise ValueError(f"rate limit must be at least 1 request/min, got {per_minute}")
+        self.per_minute = per_minute
+        self._clock = clock
+        self._window_start = clock()
+        self._count = 0
+
+    def hit(self) -> tuple[bool, dict[str, str]]:
+        """Count one call; return whether it is allowed and the ``X-RateLimit-*`` headers."""
+        now = self._clock()
+        if now - self._window_start >= 60:
+            self._window_start, self._count = now, 0
+        reset = max(1, math.ceil(self._window_start + 60 - now))
+        allowed = self._count < self.per_minute
+        if allowed:
+            self._count += 1
+        headers = {
+            "X-RateLimit-Limit": str(self.per_minute),
+            "X-RateLimit-Remaining": str(self.per_minute - self._count),
+            "X-RateLimit-Reset": str(reset),
+        }
+        if not allowed:
+            headers["Retry-After"] = str(reset)
+        return allowed, headers
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValidationError(f"Invalid JSON: {name} is not a valid number")
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, read with a size cap."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise HTTPException(413, f"Request body is larger than {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPException(413, f"Request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            raise
+        raise ValidationError(f"Invalid JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValidationError("Request body must be a JSON object")
+    return data
+
+
+def create_app(
+    billing: LocalBilling,
+    *,
+    secret_key: str = DEFAULT_SECRET_KEY,
+    rate_limit: int | None = None,
+    close_billing: bool = True,
+) -> Starlette:
+    """A Starlette app answering the BillingOS API for ``billing``, accepting only ``secret_key``."""
+    if not secret_key.startswith("sk_"):
+        raise ValueError("secret_key must start with 'sk_'")
+    expected = f"Bearer {secret_key}".encode()
+    limiter = RateLimiter(rate_limit) if rate_limit else None
+
+    def endpoint(handler: Endpoint) -> Endpoint:
+        """Authenticate, throttle, and turn billing errors into NestJS-style answers."""
+
+        async def wrapped(request: Request) -> Response:
+            header = request.headers.get("authorization", "")
+            if not header.startswith("Bearer sk_"):
+                return error_response(401, "Missing or invalid authorization header")
+            if not hmac.compare_digest(header.encode(), expected):
+                return error_response(401, "Invalid API key")
+            headers: dict[str, str] = {}
+            if limiter is not None:
+                allowed, headers = limiter.hit()
+                if not allowed:
+                    return error_response(429, "ThrottlerException: Too Many Requests", headers)
+            try:
+                response = await handler(request)
+            except BillingOSError as exc:
+                response = error_response(exc.status or 400, exc.message)
+            response.headers.update(headers)
+            return response
+
+        return wrapped
+
+    @endpoint
+    async def track(request: Request) -> Response:
+        data = await _json_object(request)
+        if any(data.get(key) is None for key in ("customer_id", "feature_key", "quantity")):
+            raise ValidationError("customer_id, feature_key, and quantity are required")
+        # LocalBilling checks every field's type and range before anything is recorded.
+        result = await billing.track_usage(
+            data["customer_id"],
+            data["feature_key"],
+            data["quantity"],
+            idempotency_key=data.get("idempotency_key"),
+            metadata=data.get("metadata"),
+        )
+        return JSONResponse(_wire.track_result_to_json(result), 201)
+
+    @endpoint
+    async def check(request: Request) -> Response:
+        customer_id = request.query_params.get("customer_id")
+        feature_key = request.query_params.get("feature_key")
+        if not customer_id or not feature_key:
+            raise ValidationError("customer_id and feature_key are required")
+        entitlement = await billing.check_entitlement(customer_id, feature_key)
+        return JSONResponse(_wire.entitlement_to_json(entitlement))
+
+    @endpoint
+    async def metrics(request: Request) -> Response:
+        customer_id = request.query_params.get("customer_id")
+        if not customer_id:
+            raise ValidationError("customer_id is required")
+        feature_key = request.query_params.get("feature_key") or None
+        return JSONResponse(_wire.metrics_to_json(await billing.get_usage_metrics(customer_id, feature_key)))
+
+    @endpoint
+    async def session_token(request: Request) -> Response:
+        data = await _json_object(request)
+        if data.get("externalUserId") is None:
+            raise ValidationError("externalUserId is required")
+        token = await billing.create_session_token(
+            data["externalUserId"],
+            external_organization_id=data.get("externalOrganizationId"),
+            expires_in=data.get("expiresIn", 3600),
+            allowed_operations=data.get("allowedOperations"),
+            metadata=data.get("metadata"),
+        )
+        return JSONResponse(_wire.session_token_to_json(token), 201)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        if status in (404, 405):  # NestJS answers an unknown method or path the same way
+            return error_response(404, f"Cannot {request.method} {request.url.path}")
+        return error_response(status, str(getattr(exc, "detail", "")))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        logger.exception("local BillingOS server failed on %s %s", request.method, request.url.path)
+        return error_response(500, "Internal server error")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if close_billing:
+            await billing.aclose()
+
+    return Starlette(
+        routes=[
+            Route("/v1/usage/track", track, methods=["POST"]),
+            Route("/v1/usage/check", check, methods=["GET"]),
+            Route("/v1/usage/metrics", metrics, methods=["GET"]),
+            Route("/v1/session-tokens", session_token, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )

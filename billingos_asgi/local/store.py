@@ -1,0 +1,309 @@
+"""SQLite state of the embedded engine: subscriptions, usage totals, events and idempotency keys.
+
+Synchronous on purpose: :class:`~billingos_asgi.local.engine.LocalBilling` runs every call in a
+worker thread. Each call is one ``BEGIN IMMEDIATE`` transaction under a process lock, so the
+read-check-write of a track is atomic against other tasks, threads and processes sharing the file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from math import ceil
+from typing import Any
+
+from .. import _wire
+from .._exceptions import CustomerNotFoundError, NotFoundError, QuotaExceededError, ValidationError
+from .._models import Entitlement, TrackUsageResult, UsageMetric, UsageMetrics, UsageSnapshot
+from .periods import current_period
+from .plans import Catalog, Grant, Plan, from_micro
+
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+_PURGE_EVERY = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS subscriptions (
+    customer_id TEXT PRIMARY KEY,
+    plan_key    TEXT,
+    status      TEXT NOT NULL DEFAULT 'active',
+    started_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage_totals (
+    customer_id  TEXT NOT NULL,
+    feature_key  TEXT NOT NULL,
+    period_start REAL NOT NULL,
+    consumed     INTEGER NOT NULL,
+    PRIMARY KEY (customer_id, feature_key, period_start)
+);
+CREATE TABLE IF NOT EXISTS usage_events (
+    id              INTEGER PRIMARY KEY,
+    customer_id     TEXT NOT NULL,
+    feature_key     TEXT NOT NULL,
+    quantity        INTEGER NOT NULL,
+    recorded_at     REAL NOT NULL,
+    idempotency_key TEXT,
+    metadata        TEXT
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    customer_id TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    response    TEXT NOT NULL,
+    PRIMARY KEY (customer_id, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at);
+"""
+
+_NO_SUBSCRIPTION = "No active subscription with this feature"
+
+
+def _ts(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+class Store:
+    """One SQLite connection, used by one thread at a time."""
+
+    def __init__(self, database: str, catalog: Catalog, now: datetime) -> None:
+        self.catalog = catalog
+        self._lock = threading.Lock()
+        self._tracks = 0
+        try:
+            self._db = sqlite3.connect(database, timeout=30, isolation_level=None, check_same_thread=False)
+            if database != ":memory:":
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"{database}: cannot open the billing database: {exc}") from None
+        with self._transaction(write=True):
+            for customer_id, plan_key in catalog.customers.items():
+                self._db.execute(
+                    "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
+                    "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key",
+                    (customer_id, plan_key, _ts(now)),
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _transaction(self, *, write: bool = False) -> _Transaction:
+        return _Transaction(self._db, self._lock, "BEGIN IMMEDIATE" if write else "BEGIN")
+
+    # -- subscriptions --
+
+    def set_plan(self, customer_id: str, plan_key: str | None, started_at: datetime | None, now: datetime) -> None:
+        if plan_key is not None and plan_key not in self.catalog.plans:
+            raise ValidationError(f"unknown plan {plan_key!r} (known: {', '.join(sorted(self.catalog.plans))})")
+        with self._transaction(write=True):
+            if started_at is None:
+                self._db.execute(
+                    "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
+                    "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key, status = 'active'",
+                    (customer_id, plan_key, _ts(now)),
+                )
+            else:
+                self._db.execute(
+                    "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
+                    "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key, status = 'active', "
+                    "started_at = excluded.started_at",
+                    (customer_id, plan_key, _ts(started_at)),
+                )
+
+    def cancel(self, customer_id: str) -> None:
+        with self._transaction(write=True):
+            if (
+                self._db.execute(
+                    "UPDATE subscriptions SET status = 'canceled' WHERE customer_id = ?", (customer_id,)
+                ).rowcount
+                == 0
+            ):
+                raise CustomerNotFoundError(f"Customer not found: {customer_id}", status=400)
+
+    def _subscription(self, customer_id: str) -> tuple[Plan | None, str, datetime]:
+        row = self._db.execute(
+            "SELECT plan_key, status, started_at FROM subscriptions WHERE customer_id = ?", (customer_id,)
+        ).fetchone()
+        if row is None:
+            raise CustomerNotFoundError(f"Customer not found: {customer_id}", status=400)
+        plan_key, status, started_at = row
+        return self.catalog.plans.get(plan_key) if plan_key else None, status, _dt(started_at)
+
+    def _consumed(self, customer_id: str, feature_key: str, period_start: datetime) -> int:
+        row = self._db.execute(
+            "SELECT consumed FROM usage_totals WHERE customer_id = ? AND feature_key = ? AND period_start = ?",
+            (customer_id, feature_key, _ts(period_start)),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- the three calls --
+
+    def check(self, customer_id: str, feature_key: str, now: datetime) -> Entitlement:
+        with self._transaction():
+            plan, status, started_at = self._subscription(customer_id)
+            grant = plan.grants.get(feature_key) if plan else None
+            if plan is None or grant is None:
+                return Entitlement(feature_key, has_access=False, reason="no_active_subscription")
+            if status != "active":
+                return Entitlement(feature_key, has_access=False, reason="subscription_not_active")
+            kind = grant.feature.type
+            if kind == "boolean_flag":
+                return Entitlement(feature_key, has_access=True, type=kind)
+            if kind == "numeric_limit":
+                limit = None if grant.limit is None else from_micro(grant.limit)
+                return Entitlement(feature_key, has_access=True, limit=limit, type=kind)
+            start, end = current_period(started_at, plan.interval, now)
+            consumed = self._consumed(customer_id, feature_key, start)
+            if grant.limit is None:
+                return Entitlement(feature_key, has_access=True, usage=from_micro(consumed), resets_at=end, type=kind)
+            exhausted = consumed >= grant.limit
+            return Entitlement(
+                feature_key,
+                has_access=not exhausted,
+                reason="quota_exceeded" if exhausted else None,
+                limit=from_micro(grant.limit),
+                usage=from_micro(consumed),
+                remaining=from_micro(max(0, grant.limit - consumed)),
+                resets_at=end,
+                type=kind,
+            )
+
+    def track(
+        self,
+        customer_id: str,
+        feature_key: str,
+        quantity: int,
+        idempotency_key: str | None,
+        metadata: Mapping[str, Any] | None,
+        now: datetime,
+    ) -> TrackUsageResult:
+        with self._transaction(write=True):
+            plan, status, started_at = self._subscription(customer_id)
+            if idempotency_key is not None:
+                row = self._db.execute(
+                    "SELECT response FROM idempotency WHERE customer_id = ? AND key = ? AND created_at > ?",
+                    (customer_id, idempotency_key, _ts(now - IDEMPOTENCY_WINDOW)),
+                ).fetchone()
+                if row is not None:
+                    return _wire.track_result_from_json(json.loads(row[0]))
+            grant = plan.grants.get(feature_key) if plan else None
+            if plan is None or grant is None or status != "active":
+                raise NotFoundError(_NO_SUBSCRIPTION, status=404)
+            if grant.feature.type != "usage_quota":
+                raise ValidationError("Feature is not a usage quota type", status=400)
+            start, end = current_period(started_at, plan.interval, now)
+            consumed = self._consumed(customer_id, feature_key, start) + quantity
+            if grant.limit is not None and consumed > grant.limit:
+                raise QuotaExceededError("quota_exceeded", status=400)
+            self._db.execute(
+                "INSERT INTO usage_totals (customer_id, feature_key, period_start, consumed) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (customer_id, feature_key, period_start) DO UPDATE SET consumed = excluded.consumed",
+                (customer_id, feature_key, _ts(start), consumed),
+            )
+            self._db.execute(
+                "INSERT INTO usage_events (customer_id, feature_key, quantity, recorded_at, idempotency_key, metadata) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    customer_id,
+                    feature_key,
+                    quantity,
+                    _ts(now),
+                    idempotency_key,
+                    None if metadata is None else json.dumps(metadata),
+                ),
+            )
+            result = TrackUsageResult(
+                success=True,
+                feature_key=feature_key,
+                quantity=from_micro(quantity),
+                recorded_at=now,
+                usage=_snapshot(grant, consumed, start, end),
+            )
+            if idempotency_key is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO idempotency (customer_id, key, created_at, response) VALUES (?, ?, ?, ?)",
+                    (customer_id, idempotency_key, _ts(now), json.dumps(_wire.track_result_to_json(result))),
+                )
+                self._tracks += 1
+                if self._tracks % _PURGE_EVERY == 0:
+                    self._db.execute("DELETE FROM idempotency WHERE created_at <= ?", (_ts(now - IDEMPOTENCY_WINDOW),))
+            return result
+
+    def metrics(self, customer_id: str, feature_key: str | None, now: datetime) -> UsageMetrics:
+        with self._transaction():
+            plan, status, started_at = self._subscription(customer_id)
+            if plan is None or status != "active":
+                return UsageMetrics(customer_id=customer_id, metrics=())
+            start, end = current_period(started_at, plan.interval, now)
+            metrics = []
+            for key, grant in plan.grants.items():
+                if grant.feature.type != "usage_quota" or (feature_key is not None and key != feature_key):
+                    continue
+                consumed = self._consumed(customer_id, key, start)
+                snapshot = _snapshot(grant, consumed, start, end)
+                percentage = 0 if not grant.limit else round(100 * consumed / grant.limit)
+                metrics.append(
+                    UsageMetric(
+                        feature_key=key,
+                        feature_title=grant.feature.title,
+                        product_name=plan.name,
+                        consumed=snapshot.consumed_units,
+                        limit=snapshot.limit_units,
+                        remaining=snapshot.remaining_units,
+                        percentage_used=percentage,
+                        period_start=start,
+                        period_end=end,
+                        resets_in_days=max(0, ceil((end - now) / timedelta(days=1))),
+                    )
+                )
+            return UsageMetrics(customer_id=customer_id, metrics=tuple(metrics))
+
+    def recorded_units(self, customer_id: str, feature_key: str) -> float:
+        """Every unit ever recorded for a customer's feature, across periods (for tests and tools)."""
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(quantity), 0) FROM usage_events WHERE customer_id = ? AND feature_key = ?",
+                (customer_id, feature_key),
+            ).fetchone()
+            return from_micro(int(row[0]))
+
+
+def _snapshot(grant: Grant, consumed: int, start: datetime, end: datetime) -> UsageSnapshot:
+    return UsageSnapshot(
+        consumed_units=from_micro(consumed),
+        limit_units=None if grant.limit is None else from_micro(grant.limit),
+        remaining_units=None if grant.limit is None else from_micro(max(0, grant.limit - consumed)),
+        period_start=start,
+        period_end=end,
+    )
+
+
+class _Transaction:
+    """A transaction under the process lock (``BEGIN IMMEDIATE`` for writes); rolled back on any error."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock, begin: str) -> None:
+        self._db = db
+        self._lock = lock
+        self._begin = begin
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        try:
+            self._db.execute(self._begin)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self._lock.release()
