@@ -1,0 +1,240 @@
+"""The BillingOS client against the local server over a real loopback socket (SPEC section 2)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timezone
+
+import httpx
+import pytest
+
+from billingos_asgi import (
+    AuthenticationError,
+    BillingOS,
+    CustomerNotFoundError,
+    LocalBilling,
+    NotFoundError,
+    QuotaExceededError,
+    RateLimitError,
+    RetryPolicy,
+    ValidationError,
+)
+from billingos_asgi.local.server import create_app
+from tests.conftest import PLANS, SECRET_KEY, RunningServer, serve_in_thread
+
+AUTH = {"Authorization": f"Bearer {SECRET_KEY}"}
+
+
+@pytest.fixture
+async def client(local_server: RunningServer) -> AsyncIterator[BillingOS]:
+    async with BillingOS(SECRET_KEY, base_url=local_server.base_url, retry=RetryPolicy(max_retries=0)) as client:
+        yield client
+
+
+@pytest.fixture
+async def raw(local_server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=local_server.base_url) as raw:
+        yield raw
+
+
+async def test_track_check_metrics_round_trip(client: BillingOS) -> None:
+    before = await client.check_entitlement("user_free", "api_calls")
+    assert (before.has_access, before.limit, before.usage, before.remaining, before.type) == (
+        True,
+        10,
+        0,
+        10,
+        "usage_quota",
+    )
+    result = await client.track_usage("user_free", "api_calls", 4, metadata={"route": "/x"})
+    assert result.success and result.feature_key == "api_calls" and result.quantity == 4
+    assert (result.usage.consumed_units, result.usage.limit_units, result.usage.remaining_units) == (4, 10, 6)
+    assert result.recorded_at.tzinfo is not None and result.usage.period_end == before.resets_at
+    after = await client.check_entitlement("user_free", "api_calls")
+    assert (after.usage, after.remaining) == (4, 6)
+    metrics = await client.get_usage_metrics("user_free")
+    assert metrics.customer_id == "user_free"
+    by_key = {m.feature_key: m for m in metrics.metrics}
+    assert set(by_key) == {"api_calls", "storage_gb"}
+    assert (by_key["api_calls"].consumed, by_key["api_calls"].percentage_used, by_key["api_calls"].product_name) == (
+        4,
+        40,
+        "Free",
+    )
+    only = await client.get_usage_metrics("user_free", "storage_gb")
+    assert [m.feature_key for m in only.metrics] == ["storage_gb"]
+
+
+async def test_fractional_units_and_unlimited(client: BillingOS) -> None:
+    await client.track_usage("user_free", "storage_gb", 0.1)
+    result = await client.track_usage("user_free", "storage_gb", 0.2)
+    assert result.usage.consumed_units == pytest.approx(0.3, abs=1e-9)
+    assert result.usage.remaining_units == pytest.approx(1.2, abs=1e-9)
+    unlimited = await client.track_usage("user_pro", "api_calls", 1_000_000)
+    assert unlimited.usage.limit_units is None and unlimited.usage.remaining_units is None
+    flag = await client.check_entitlement("user_pro", "export")
+    assert (flag.has_access, flag.type, flag.limit) == (True, "boolean_flag", None)
+    denied = await client.check_entitlement("user_free", "export")
+    assert (denied.has_access, denied.reason) == (False, "no_active_subscription")
+
+
+async def test_idempotent_replay_counts_once(client: BillingOS, local_server: RunningServer) -> None:
+    first = await client.track_usage("user_free", "api_calls", 2, idempotency_key="req-1")
+    again = await client.track_usage("user_free", "api_calls", 2, idempotency_key="req-1")
+    assert again.usage.consumed_units == first.usage.consumed_units == 2
+    assert again.recorded_at == first.recorded_at
+    assert await local_server.billing.recorded_units("user_free", "api_calls") == 2
+
+
+async def test_quota_exceeded_records_nothing(client: BillingOS, local_server: RunningServer) -> None:
+    await client.track_usage("user_free", "api_calls", 8)
+    with pytest.raises(QuotaExceededError) as caught:
+        await client.track_usage("user_free", "api_calls", 3)
+    assert caught.value.status == 400 and caught.value.body["message"] == "quota_exceeded"
+    assert await local_server.billing.recorded_units("user_free", "api_calls") == 8
+    await client.track_usage("user_free", "api_calls", 2)  # exactly up to the limit is fine
+    exhausted = await client.check_entitlement("user_free", "api_calls")
+    assert (exhausted.has_access, exhausted.reason, exhausted.remaining) == (False, "quota_exceeded", 0)
+
+
+async def test_error_answers(client: BillingOS) -> None:
+    with pytest.raises(CustomerNotFoundError, match="Customer not found: ghost"):
+        await client.track_usage("ghost", "api_calls", 1)
+    with pytest.raises(CustomerNotFoundError):
+        await client.check_entitlement("ghost", "api_calls")
+    with pytest.raises(CustomerNotFoundError):
+        await client.get_usage_metrics("ghost")
+    with pytest.raises(NotFoundError, match="No active subscription with this feature") as caught:
+        await client.track_usage("user_free", "export", 1)
+    assert caught.value.status == 404
+    with pytest.raises(ValidationError, match="Feature is not a usage quota type"):
+        await client.track_usage("user_pro", "export", 1)
+
+
+async def test_session_token(client: BillingOS) -> None:
+    token = await client.create_session_token("user_free", expires_in=120, allowed_operations=["read_usage"])
+    assert token.token.startswith("bos_sess_") and token.expires_at.tzinfo == timezone.utc
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "sk_test_local"}, {"Authorization": "Bearer pk_test_local"}, {"Authorization": "Basic x"}],
+)
+async def test_missing_or_malformed_auth_is_401(raw: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    response = await raw.get(
+        "/v1/usage/check", params={"customer_id": "user_free", "feature_key": "x"}, headers=headers
+    )
+    assert response.status_code == 401
+    assert response.json() == {
+        "statusCode": 401,
+        "message": "Missing or invalid authorization header",
+        "error": "Unauthorized",
+    }
+
+
+async def test_unknown_key_is_401(local_server: RunningServer) -> None:
+    async with BillingOS("sk_test_wrong", base_url=local_server.base_url) as wrong:
+        with pytest.raises(AuthenticationError, match="Invalid API key") as caught:
+            await wrong.track_usage("user_free", "api_calls", 1)
+    assert caught.value.status == 401
+    assert "sk_test_wrong" not in repr(caught.value) and "sk_test_wrong" not in str(caught.value)
+    assert await local_server.billing.recorded_units("user_free", "api_calls") == 0
+
+
+BAD_TRACK_BODIES = [
+    (b"{not json", "Invalid JSON body"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": NaN}', "NaN is not a valid number"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": Infinity}', "Infinity"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1e999}', "finite"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'"text"', "must be a JSON object"),
+    (b"", "Invalid JSON body"),
+    (b'{"feature_key": "api_calls", "quantity": 1}', "customer_id, feature_key, and quantity are required"),
+    (
+        b'{"customer_id": "user_free", "feature_key": "api_calls"}',
+        "customer_id, feature_key, and quantity are required",
+    ),
+    (b'{"customer_id": 5, "feature_key": "api_calls", "quantity": 1}', "customer_id must be a string"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": "1"}', "quantity must be a number"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": true}', "quantity must be a number"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 0}', "greater than 0"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": -3}', "greater than 0"),
+    (b'{"customer_id": "' + b"u" * 5000 + b'", "feature_key": "api_calls", "quantity": 1}', "maximum is 255"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "metadata": [1]}', "metadata"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "idempotency_key": 7}', "string"),
+    (b'{"customer_id": "user_free", "feature_key": "", "quantity": 1}', "feature_key must not be empty"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_TRACK_BODIES)
+async def test_bad_track_bodies_are_400_and_record_nothing(
+    raw: httpx.AsyncClient, local_server: RunningServer, body: bytes, message: str
+) -> None:
+    response = await raw.post("/v1/usage/track", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    payload = response.json()
+    assert payload["statusCode"] == 400 and payload["error"] == "Bad Request"
+    assert message in payload["message"]
+    assert await local_server.billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_oversized_body_is_413(raw: httpx.AsyncClient, local_server: RunningServer) -> None:
+    body = b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "pad": "' + b"x" * 70_000 + b'"}'
+    response = await raw.post("/v1/usage/track", content=body, headers=AUTH)
+    assert response.status_code == 413 and response.json()["statusCode"] == 413
+    assert await local_server.billing.recorded_units("user_free", "api_calls") == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "message"),
+    [
+        ("/v1/usage/check", {"customer_id": "user_free"}, "customer_id and feature_key are required"),
+        ("/v1/usage/check", {"feature_key": "api_calls"}, "customer_id and feature_key are required"),
+        ("/v1/usage/check", {"customer_id": "u" * 300, "feature_key": "api_calls"}, "maximum is 255"),
+        ("/v1/usage/metrics", {}, "customer_id is required"),
+    ],
+)
+async def test_bad_queries_are_400(raw: httpx.AsyncClient, path: str, params: dict[str, str], message: str) -> None:
+    response = await raw.get(path, params=params, headers=AUTH)
+    assert response.status_code == 400
+    assert message in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "externalUserId is required"),
+        ({"externalUserId": "u", "expiresIn": 10}, "between 60 and 86400"),
+        ({"externalUserId": "u", "expiresIn": "60"}, "integer"),
+        ({"externalUserId": "u", "allowedOperations": "all"}, "list of strings"),
+    ],
+)
+async def test_bad_session_token_requests_are_400(raw: httpx.AsyncClient, body: object, message: str) -> None:
+    response = await raw.post("/v1/session-tokens", json=body, headers=AUTH)
+    assert response.status_code == 400 and message in response.json()["message"]
+
+
+async def test_unknown_route_and_method_answer_like_nestjs(raw: httpx.AsyncClient) -> None:
+    missing = await raw.get("/v1/nothing", headers=AUTH)
+    assert missing.status_code == 404
+    assert missing.json() == {"statusCode": 404, "message": "Cannot GET /v1/nothing", "error": "Not Found"}
+    wrong_method = await raw.put("/v1/usage/track", headers=AUTH)
+    assert wrong_method.status_code == 404 and wrong_method.json()["message"] == "Cannot PUT /v1/usage/track"
+
+
+async def test_rate_limit_emulation(tmp_path: object) -> None:
+    billing = LocalBilling.from_dict(PLANS)
+    with serve_in_thread(create_app(billing, secret_key=SECRET_KEY, rate_limit=3)) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, headers=AUTH) as raw:
+            params = {"customer_id": "user_free", "feature_key": "api_calls"}
+            answers = [await raw.get("/v1/usage/check", params=params) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429]
+        assert answers[0].headers["X-RateLimit-Limit"] == "3"
+        assert answers[2].headers["X-RateLimit-Remaining"] == "0"
+        throttled = answers[3]
+        assert 1 <= int(throttled.headers["Retry-After"]) <= 60
+        assert throttled.json()["statusCode"] == 429
+        async with BillingOS(SECRET_KEY, base_url=base_url, retry=RetryPolicy(max_retry_after=0.5)) as client:
+            with pytest.raises(RateLimitError) as caught:
+                await client.track_usage("user_free", "api_calls", 1)
+        assert caught.value.retry_after is not None and caught.value.retry_after >= 1
