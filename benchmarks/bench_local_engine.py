@@ -1,0 +1,37 @@
+"""LocalBilling check and track operations per second, in-process (SQLite file in WAL mode and :memory:)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from billingos_asgi import LocalBilling
+
+from ._util import BENCH_PLANS, ops_per_second, print_table
+
+OPERATIONS = 5_000
+
+
+async def run() -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for label, database in (("SQLite file (WAL)", str(Path(workdir) / "bench.db")), (":memory:", ":memory:")):
+            async with LocalBilling.from_dict(BENCH_PLANS, database) as billing:
+                for concurrency in (1, 16):
+
+                    async def check(i: int) -> None:
+                        await billing.check_entitlement(f"customer_{i % 100}", "api_calls")
+
+                    async def track(i: int) -> None:
+                        await billing.track_usage(f"customer_{i % 100}", "api_calls", 1, idempotency_key=f"k{i}-{c}")
+
+                    c = concurrency
+                    await ops_per_second(check, total=500, concurrency=concurrency)  # warm-up
+                    checks = await ops_per_second(check, total=OPERATIONS, concurrency=concurrency)
+                    tracks = await ops_per_second(track, total=OPERATIONS, concurrency=concurrency)
+                    rows.append((label, str(concurrency), f"{checks:,.0f}", f"{tracks:,.0f}"))
+    print_table(
+        f"LocalBilling in-process, {OPERATIONS:,} operations each (track with an idempotency key)",
+        ("database", "concurrent tasks", "check ops/s", "track ops/s"),
+        rows,
+    )

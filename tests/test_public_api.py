@@ -1,0 +1,24 @@
+"""The public surface: names users import, kept sorted and importable."""
+
+from __future__ import annotations
+
+import billingos_asgi
+
+
+def test_all_is_sorted_and_importable() -> None:
+    assert billingos_asgi.__all__ == sorted(billingos_asgi.__all__)
+    for name in billingos_asgi.__all__:
+        assert getattr(billingos_asgi, name) is not None
+
+
+def test_spec_names_are_exported() -> None:
+    for name in ("BillingOS", "LocalBilling", "BillingOSError", "Entitlement", "TrackUsageResult", "UsageMetrics"):
+        assert name in billingos_asgi.__all__
+
+
+def test_backends_satisfy_the_protocol() -> None:
+    billing = billingos_asgi.LocalBilling.from_dict({"features": {}, "plans": {}})
+    client = billingos_asgi.BillingOS("sk_test_x", base_url="http://127.0.0.1:9")
+    assert isinstance(billing, billingos_asgi.BillingBackend)
+    assert isinstance(client, billingos_asgi.BillingBackend)
+    billing._store.close()
