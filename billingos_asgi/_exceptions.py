@@ -14,8 +14,9 @@
     ├── NetworkError               connection failures and timeouts (no answer at all)
     └── InvalidResponseError       an answer that is not the JSON the protocol promises
 
-Every error carries ``status`` (None when no HTTP answer was involved), ``message`` and ``body``
-(the decoded response body, or its text when it was not JSON).
+Every error carries ``status`` (None when no HTTP answer was involved), ``message``, ``body``
+(the decoded response body, or its text when it was not JSON) and ``retry_after`` (the seconds a
+429 or 503 asked to wait, else None).
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ __all__ = [
 class BillingOSError(Exception):
     """Base of every error raised by billingos-asgi's backends."""
 
-    def __init__(self, message: str, *, status: int | None = None, body: Any = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, body: Any = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.body = body
+        self.retry_after = retry_after
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(message={self.message!r}, status={self.status!r})"
@@ -71,10 +75,6 @@ class QuotaExceededError(BillingOSError):
 
 class RateLimitError(BillingOSError):
     """The service throttled the call; ``retry_after`` is the wait it asked for, in seconds."""
-
-    def __init__(self, message: str, *, status: int | None = 429, body: Any = None, retry_after: float | None = None):
-        super().__init__(message, status=status, body=body)
-        self.retry_after = retry_after
 
 
 class ServerError(BillingOSError):

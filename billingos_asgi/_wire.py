@@ -160,8 +160,11 @@ def entitlement_from_json(body: Any) -> Entitlement:
 
 def track_result_from_json(body: Any) -> TrackUsageResult:
     usage = _field(body, "usage", body)
+    success = _field(body, "success", body)
+    if not isinstance(success, bool):
+        raise _fail(f"'success' is not a boolean: {success!r}", body)
     return TrackUsageResult(
-        success=bool(_field(body, "success", body)),
+        success=success,
         feature_key=_string(_field(body, "feature_key", body), "feature_key", body),
         quantity=_number(_field(body, "quantity", body), "quantity", body),
         recorded_at=_time(_field(body, "recorded_at", body), "recorded_at", body),

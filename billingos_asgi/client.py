@@ -123,19 +123,30 @@ def _decode_body(response: httpx.Response) -> Any:
         return response.text[:_MAX_ERROR_TEXT]
 
 
-def _error_for(response: httpx.Response) -> BillingOSError:
+def _redact(value: Any, secret: str) -> Any:
+    """``value`` with ``secret`` masked, should a server ever echo the key back."""
+    if isinstance(value, str):
+        return value.replace(secret, "sk_***")
+    if isinstance(value, dict):
+        return {key: _redact(item, secret) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redact(item, secret) for item in value]
+    return value
+
+
+def _error_for(response: httpx.Response, secret: str) -> BillingOSError:
     """Translate an HTTP error answer into the matching exception."""
     status = response.status_code
-    body = _decode_body(response)
+    body = _redact(_decode_body(response), secret)
     raw = body.get("message") if isinstance(body, dict) else None
     if isinstance(raw, list):  # NestJS validation pipes answer with a list of messages
         raw = "; ".join(str(item) for item in raw)
     message = str(raw) if raw else f"BillingOS answered {status} {response.reason_phrase}".rstrip()
+    retry_after = _parse_retry_after(response.headers.get("retry-after"))
     if status == 429:
-        retry_after = _parse_retry_after(response.headers.get("retry-after"))
         return RateLimitError(message, status=status, body=body, retry_after=retry_after)
     if status >= 500:
-        return ServerError(message, status=status, body=body)
+        return ServerError(message, status=status, body=body, retry_after=retry_after)
     if status in (401, 403):
         return AuthenticationError(message, status=status, body=body)
     if message == "quota_exceeded" or message.startswith("quota_exceeded"):
@@ -172,6 +183,7 @@ class BillingOS:
         key = _resolve_secret_key(secret_key)
         self.base_url = _resolve_base_url(base_url, key)
         self.retry = retry or RetryPolicy()
+        self._secret_key = key
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {key}", "User-Agent": _USER_AGENT, "Accept": "application/json"},
@@ -278,8 +290,8 @@ class BillingOS:
                             status=response.status_code,
                             body=response.text[:_MAX_ERROR_TEXT],
                         ) from None
-                error = _error_for(response)
-            delay = self.retry.delay(retry, getattr(error, "retry_after", None)) if _retryable(error) else None
+                error = _error_for(response, self._secret_key)
+            delay = self.retry.delay(retry, error.retry_after) if _retryable(error) else None
             if delay is None:
                 raise error
             retry += 1

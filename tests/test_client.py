@@ -1,0 +1,1133 @@
+"""Unit tests of the async HTTP client ``BillingOS`` against an ``httpx.MockTransport``.
+
+Every request the transport sees is recorded, and ``billingos_asgi.client._sleep`` is replaced so
+that retries never really sleep and their delays can be asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import types
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+
+import billingos_asgi.client as client_module
+from billingos_asgi import (
+    AuthenticationError,
+    BillingOS,
+    BillingOSError,
+    CustomerNotFoundError,
+    Entitlement,
+    InvalidResponseError,
+    NetworkError,
+    NotFoundError,
+    QuotaExceededError,
+    RateLimitError,
+    RetryPolicy,
+    ServerError,
+    SessionToken,
+    TrackUsageResult,
+    UsageMetric,
+    UsageMetrics,
+    UsageSnapshot,
+    ValidationError,
+)
+
+SECRET = "sk_test_abc"
+BASE_URL = "http://billing.test"
+UTC = timezone.utc
+
+Answer = Callable[[httpx.Request], httpx.Response]
+
+
+# -- fake server --------------------------------------------------------------------------------
+
+
+def respond(status: int = 200, json_body: Any = None, *, text: str | None = None, headers: Any = None) -> Answer:
+    """An answer that builds a fresh response for every request."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if text is not None:
+            return httpx.Response(status, text=text, headers=headers)
+        return httpx.Response(status, json=json_body, headers=headers)
+
+    return answer
+
+
+def fail_with(exc_type: type[httpx.TransportError], message: str = "boom") -> Answer:
+    def answer(request: httpx.Request) -> httpx.Response:
+        raise exc_type(message, request=request)
+
+    return answer
+
+
+class FakeServer:
+    """Plays a script of answers (the last one repeats) and records every request."""
+
+    def __init__(self, *answers: Answer) -> None:
+        assert answers
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        index = min(len(self.requests), len(self.answers) - 1)
+        self.requests.append(request)
+        return self.answers[index](request)
+
+    @property
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handler)
+
+    @property
+    def bodies(self) -> list[Any]:
+        return [json.loads(request.content) for request in self.requests]
+
+    @property
+    def attempts(self) -> int:
+        return len(self.requests)
+
+
+def make_client(server: FakeServer, retry: RetryPolicy | None = None, **kwargs: Any) -> BillingOS:
+    kwargs.setdefault("secret_key", SECRET)
+    kwargs.setdefault("base_url", BASE_URL)
+    return BillingOS(transport=server.transport, retry=retry or RetryPolicy(), **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BILLINGOS_SECRET_KEY", raising=False)
+    monkeypatch.delenv("BILLINGOS_API_URL", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    recorded: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        recorded.append(delay)
+
+    monkeypatch.setattr(client_module, "_sleep", fake_sleep)
+    return recorded
+
+
+# -- canned bodies ------------------------------------------------------------------------------
+
+TRACK_BODY = {
+    "success": True,
+    "feature_key": "api_calls",
+    "quantity": 5,
+    "recorded_at": "2025-01-15T10:30:00.123Z",
+    "usage": {
+        "consumed_units": 15,
+        "limit_units": 100,
+        "remaining_units": 85,
+        "period_start": "2025-01-01T00:00:00.000Z",
+        "period_end": "2025-02-01T00:00:00.000Z",
+    },
+}
+
+TRACK_RESULT = TrackUsageResult(
+    success=True,
+    feature_key="api_calls",
+    quantity=5.0,
+    recorded_at=datetime(2025, 1, 15, 10, 30, 0, 123000, tzinfo=UTC),
+    usage=UsageSnapshot(
+        consumed_units=15.0,
+        limit_units=100.0,
+        remaining_units=85.0,
+        period_start=datetime(2025, 1, 1, tzinfo=UTC),
+        period_end=datetime(2025, 2, 1, tzinfo=UTC),
+    ),
+)
+
+CHECK_BODY = {
+    "feature_key": "api_calls",
+    "has_access": True,
+    "limit": 100,
+    "usage": 15,
+    "metadata": {"remaining": 85, "resets_at": "2025-02-01T00:00:00.000Z", "type": "usage_quota"},
+}
+
+METRIC_ITEM = {
+    "feature_key": "api_calls",
+    "feature_title": "API calls",
+    "product_name": "Free",
+    "consumed": 15,
+    "limit": 100,
+    "remaining": 85,
+    "percentage_used": 15,
+    "period_start": "2025-01-01T00:00:00.000Z",
+    "period_end": "2025-02-01T00:00:00.000Z",
+    "resets_in_days": 17,
+}
+
+METRICS_BODY = {"metrics": [METRIC_ITEM], "customer_id": "user_123"}
+
+SESSION_BODY = {"sessionToken": "st_abcdef", "expiresAt": "2025-01-15T11:30:00.000Z"}
+
+
+def nest_error(status: int, message: Any, error: str = "Bad Request") -> dict[str, Any]:
+    return {"statusCode": status, "message": message, "error": error}
+
+
+def with_changes(body: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return {**body, **changes}
+
+
+def without(body: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != key}
+
+
+# -- wire format --------------------------------------------------------------------------------
+
+
+async def test_track_sends_post_with_json_body_and_bearer_auth() -> None:
+    server = FakeServer(respond(201, TRACK_BODY))
+    async with make_client(server) as billing:
+        result = await billing.track_usage(
+            "user_123", "api_calls", 5, idempotency_key="req-1:api_calls", metadata={"route": "/v1/search"}
+        )
+    assert server.attempts == 1
+    request = server.requests[0]
+    assert request.method == "POST"
+    assert str(request.url) == "http://billing.test/v1/usage/track"
+    assert request.headers["Authorization"] == "Bearer sk_test_abc"
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["Accept"] == "application/json"
+    assert server.bodies[0] == {
+        "customer_id": "user_123",
+        "feature_key": "api_calls",
+        "quantity": 5,
+        "idempotency_key": "req-1:api_calls",
+        "metadata": {"route": "/v1/search"},
+    }
+    assert result == TRACK_RESULT
+
+
+async def test_track_without_metadata_omits_it() -> None:
+    server = FakeServer(respond(201, TRACK_BODY))
+    async with make_client(server) as billing:
+        await billing.track_usage("user_123", "storage_gb", 2.5, idempotency_key="k1")
+    assert server.bodies[0] == {
+        "customer_id": "user_123",
+        "feature_key": "storage_gb",
+        "quantity": 2.5,
+        "idempotency_key": "k1",
+    }
+
+
+async def test_track_sends_decimal_quantity_as_json_number() -> None:
+    server = FakeServer(respond(201, TRACK_BODY))
+    async with make_client(server) as billing:
+        await billing.track_usage("user_123", "storage_gb", Decimal("1.25"), idempotency_key="k1")
+    assert server.bodies[0]["quantity"] == 1.25
+    assert b'"quantity":1.25' in server.requests[0].content.replace(b" ", b"")
+
+
+async def test_track_without_idempotency_key_generates_a_unique_one() -> None:
+    server = FakeServer(respond(201, TRACK_BODY))
+    async with make_client(server) as billing:
+        await billing.track_usage("user_123", "api_calls", 1)
+        await billing.track_usage("user_123", "api_calls", 1)
+    first, second = (body["idempotency_key"] for body in server.bodies)
+    assert isinstance(first, str) and isinstance(second, str)
+    assert len(first) >= 16
+    assert first != second
+
+
+async def test_check_sends_get_with_query_params() -> None:
+    server = FakeServer(respond(200, CHECK_BODY))
+    async with make_client(server) as billing:
+        entitlement = await billing.check_entitlement("user_123", "api_calls")
+    request = server.requests[0]
+    assert request.method == "GET"
+    assert request.url.path == "/v1/usage/check"
+    assert dict(request.url.params) == {"customer_id": "user_123", "feature_key": "api_calls"}
+    assert request.headers["Authorization"] == "Bearer sk_test_abc"
+    assert request.content == b""
+    assert entitlement == Entitlement(
+        feature_key="api_calls",
+        has_access=True,
+        reason=None,
+        limit=100.0,
+        usage=15.0,
+        remaining=85.0,
+        resets_at=datetime(2025, 2, 1, tzinfo=UTC),
+        type="usage_quota",
+    )
+
+
+async def test_check_encodes_special_characters_in_query() -> None:
+    server = FakeServer(respond(200, CHECK_BODY))
+    async with make_client(server) as billing:
+        await billing.check_entitlement("user 1&feature_key=x", "api/calls?")
+    params = server.requests[0].url.params
+    assert params.get_list("customer_id") == ["user 1&feature_key=x"]
+    assert params.get_list("feature_key") == ["api/calls?"]
+
+
+async def test_check_denied_with_null_metadata() -> None:
+    body = {"feature_key": "export", "has_access": False, "reason": "no_active_subscription", "limit": None}
+    body |= {"usage": None, "metadata": None}
+    server = FakeServer(respond(200, body))
+    async with make_client(server) as billing:
+        entitlement = await billing.check_entitlement("user_123", "export")
+    assert entitlement == Entitlement(feature_key="export", has_access=False, reason="no_active_subscription")
+
+
+async def test_check_parses_numbers_given_as_strings() -> None:
+    body = {
+        "feature_key": "storage_gb",
+        "has_access": True,
+        "limit": "10.000000",
+        "usage": "2.500000",
+        "metadata": {"remaining": "7.500000", "resets_at": "2025-02-01T00:00:00Z", "type": "usage_quota"},
+    }
+    server = FakeServer(respond(200, body))
+    async with make_client(server) as billing:
+        entitlement = await billing.check_entitlement("user_123", "storage_gb")
+    assert entitlement.limit == 10.0
+    assert entitlement.usage == 2.5
+    assert entitlement.remaining == 7.5
+    assert entitlement.resets_at == datetime(2025, 2, 1, tzinfo=UTC)
+
+
+async def test_track_parses_string_numbers_and_z_timestamps_as_aware_utc() -> None:
+    body = with_changes(
+        TRACK_BODY,
+        quantity="5.000000",
+        usage={
+            "consumed_units": "15.000000",
+            "limit_units": None,
+            "remaining_units": None,
+            "period_start": "2025-01-01T00:00:00Z",
+            "period_end": "2025-02-01T00:00:00.000Z",
+        },
+    )
+    server = FakeServer(respond(201, body))
+    async with make_client(server) as billing:
+        result = await billing.track_usage("user_123", "api_calls", 5, idempotency_key="k")
+    assert result.quantity == 5.0
+    assert result.usage.consumed_units == 15.0
+    assert result.usage.limit_units is None
+    assert result.usage.remaining_units is None
+    for moment in (result.recorded_at, result.usage.period_start, result.usage.period_end):
+        assert moment.tzinfo is not None
+        assert moment.utcoffset() == timedelta(0)
+    assert result.recorded_at == datetime(2025, 1, 15, 10, 30, 0, 123000, tzinfo=UTC)
+
+
+async def test_metrics_sends_get_without_feature_key() -> None:
+    server = FakeServer(respond(200, METRICS_BODY))
+    async with make_client(server) as billing:
+        metrics = await billing.get_usage_metrics("user_123")
+    request = server.requests[0]
+    assert request.method == "GET"
+    assert request.url.path == "/v1/usage/metrics"
+    assert dict(request.url.params) == {"customer_id": "user_123"}
+    assert metrics == UsageMetrics(
+        customer_id="user_123",
+        metrics=(
+            UsageMetric(
+                feature_key="api_calls",
+                feature_title="API calls",
+                product_name="Free",
+                consumed=15.0,
+                limit=100.0,
+                remaining=85.0,
+                percentage_used=15,
+                period_start=datetime(2025, 1, 1, tzinfo=UTC),
+                period_end=datetime(2025, 2, 1, tzinfo=UTC),
+                resets_in_days=17,
+            ),
+        ),
+    )
+
+
+async def test_metrics_sends_feature_key_and_parses_string_numbers() -> None:
+    item = with_changes(
+        METRIC_ITEM, consumed="1.500000", limit=None, remaining=None, percentage_used="0", resets_in_days="3"
+    )
+    server = FakeServer(respond(200, {"metrics": [item], "customer_id": "user_123"}))
+    async with make_client(server) as billing:
+        metrics = await billing.get_usage_metrics("user_123", feature_key="storage_gb")
+    assert dict(server.requests[0].url.params) == {"customer_id": "user_123", "feature_key": "storage_gb"}
+    (metric,) = metrics.metrics
+    assert metric.consumed == 1.5
+    assert metric.limit is None
+    assert metric.remaining is None
+    assert metric.percentage_used == 0
+    assert isinstance(metric.percentage_used, int)
+    assert metric.resets_in_days == 3
+    assert isinstance(metric.resets_in_days, int)
+
+
+async def test_metrics_empty_list() -> None:
+    server = FakeServer(respond(200, {"metrics": [], "customer_id": "user_9"}))
+    async with make_client(server) as billing:
+        metrics = await billing.get_usage_metrics("user_9")
+    assert metrics == UsageMetrics(customer_id="user_9", metrics=())
+
+
+async def test_session_token_minimal_payload() -> None:
+    server = FakeServer(respond(201, SESSION_BODY))
+    async with make_client(server) as billing:
+        token = await billing.create_session_token("ext_user_1")
+    request = server.requests[0]
+    assert request.method == "POST"
+    assert str(request.url) == "http://billing.test/v1/session-tokens"
+    assert request.headers["Authorization"] == "Bearer sk_test_abc"
+    assert server.bodies[0] == {"externalUserId": "ext_user_1", "expiresIn": 3600}
+    assert token == SessionToken(token="st_abcdef", expires_at=datetime(2025, 1, 15, 11, 30, tzinfo=UTC))
+    assert "st_abcdef" not in repr(token)
+
+
+async def test_session_token_full_payload() -> None:
+    server = FakeServer(respond(201, SESSION_BODY))
+    async with make_client(server) as billing:
+        await billing.create_session_token(
+            "ext_user_1",
+            external_organization_id="org_1",
+            expires_in=60,
+            allowed_operations=("read", "track"),
+            metadata={"plan": "pro"},
+        )
+    assert server.bodies[0] == {
+        "externalUserId": "ext_user_1",
+        "expiresIn": 60,
+        "externalOrganizationId": "org_1",
+        "allowedOperations": ["read", "track"],
+        "metadata": {"plan": "pro"},
+    }
+
+
+@pytest.mark.parametrize("expires_in", [60, 86400])
+async def test_session_token_expires_in_bounds_accepted(expires_in: int) -> None:
+    server = FakeServer(respond(201, SESSION_BODY))
+    async with make_client(server) as billing:
+        await billing.create_session_token("ext_user_1", expires_in=expires_in)
+    assert server.bodies[0]["expiresIn"] == expires_in
+
+
+# -- retries ------------------------------------------------------------------------------------
+
+
+async def test_503_then_200_retries_with_same_generated_idempotency_key(sleeps: list[float]) -> None:
+    server = FakeServer(
+        respond(503, nest_error(503, "Service Unavailable", "Service Unavailable")), respond(201, TRACK_BODY)
+    )
+    async with make_client(server) as billing:
+        result = await billing.track_usage("user_123", "api_calls", 5)
+    assert result == TRACK_RESULT
+    assert server.attempts == 2
+    first, second = server.bodies
+    assert first == second
+    assert first["idempotency_key"] == second["idempotency_key"]
+    assert len(sleeps) == 1
+
+
+async def test_retry_keeps_caller_idempotency_key() -> None:
+    server = FakeServer(respond(500, nest_error(500, "oops", "Internal Server Error")), respond(201, TRACK_BODY))
+    async with make_client(server) as billing:
+        await billing.track_usage("user_123", "api_calls", 5, idempotency_key="evt-42")
+    assert [body["idempotency_key"] for body in server.bodies] == ["evt-42", "evt-42"]
+
+
+async def test_429_with_retry_after_seconds_sleeps_exactly_that(sleeps: list[float]) -> None:
+    server = FakeServer(
+        respond(429, nest_error(429, "Too Many Requests", "Too Many Requests"), headers={"Retry-After": "7"}),
+        respond(200, CHECK_BODY),
+    )
+    async with make_client(server) as billing:
+        entitlement = await billing.check_entitlement("user_123", "api_calls")
+    assert entitlement.has_access is True
+    assert server.attempts == 2
+    assert sleeps == [7.0]
+
+
+async def test_429_with_http_date_retry_after_is_honoured(sleeps: list[float]) -> None:
+    moment = datetime.now(UTC) + timedelta(seconds=30)
+    server = FakeServer(
+        respond(
+            429, nest_error(429, "Too Many Requests"), headers={"Retry-After": format_datetime(moment, usegmt=True)}
+        ),
+        respond(200, CHECK_BODY),
+    )
+    async with make_client(server) as billing:
+        await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 2
+    assert len(sleeps) == 1
+    assert 27.0 <= sleeps[0] <= 30.5
+
+
+async def test_429_with_http_date_in_the_past_retries_without_waiting(sleeps: list[float]) -> None:
+    server = FakeServer(
+        respond(429, nest_error(429, "Too Many Requests"), headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}),
+        respond(200, CHECK_BODY),
+    )
+    async with make_client(server) as billing:
+        await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 2
+    assert sleeps == [0.0]
+
+
+async def test_retry_after_above_max_fails_at_once(sleeps: list[float]) -> None:
+    body = nest_error(429, "Too Many Requests", "Too Many Requests")
+    server = FakeServer(respond(429, body, headers={"Retry-After": "120"}), respond(200, CHECK_BODY))
+    async with make_client(server, RetryPolicy(max_retries=3, max_retry_after=60)) as billing:
+        with pytest.raises(RateLimitError) as caught:
+            await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 1
+    assert sleeps == []
+    assert caught.value.retry_after == 120.0
+    assert caught.value.status == 429
+    assert caught.value.body == body
+    assert caught.value.message == "Too Many Requests"
+
+
+async def test_429_every_time_gives_up_with_rate_limit_error(sleeps: list[float]) -> None:
+    server = FakeServer(respond(429, nest_error(429, "Too Many Requests"), headers={"Retry-After": "2"}))
+    async with make_client(server, RetryPolicy(max_retries=2)) as billing:
+        with pytest.raises(RateLimitError) as caught:
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    assert server.attempts == 3
+    assert sleeps == [2.0, 2.0]
+    assert caught.value.retry_after == 2.0
+
+
+async def test_429_without_retry_after_uses_backoff(sleeps: list[float]) -> None:
+    server = FakeServer(respond(429, nest_error(429, "Too Many Requests")), respond(200, CHECK_BODY))
+    async with make_client(server, RetryPolicy(max_retries=3, backoff_base=0.5, backoff_max=8)) as billing:
+        await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 2
+    assert len(sleeps) == 1
+    assert 0.0 <= sleeps[0] <= 0.5
+
+
+async def test_503_with_retry_after_is_honoured(sleeps: list[float]) -> None:
+    """RFC 9110 and SPEC section 6: Retry-After is honoured on 5xx (503) too, not just 429."""
+    server = FakeServer(
+        respond(503, nest_error(503, "Service Unavailable"), headers={"Retry-After": "4"}),
+        respond(200, CHECK_BODY),
+    )
+    async with make_client(server) as billing:
+        await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 2
+    assert sleeps == [4.0]
+
+
+async def test_timeout_on_every_attempt_raises_network_error(sleeps: list[float]) -> None:
+    server = FakeServer(fail_with(httpx.ReadTimeout, "read timed out"))
+    async with make_client(server, RetryPolicy(max_retries=3)) as billing:
+        with pytest.raises(NetworkError) as caught:
+            await billing.track_usage("user_123", "api_calls", 3)
+    assert server.attempts == 4
+    assert len(sleeps) == 3
+    keys = {body["idempotency_key"] for body in server.bodies}
+    assert len(keys) == 1
+    assert len(server.bodies) == 4
+    assert caught.value.status is None
+    assert isinstance(caught.value.__cause__, httpx.ReadTimeout)
+
+
+async def test_timeout_then_success_returns_result() -> None:
+    server = FakeServer(fail_with(httpx.ConnectTimeout), respond(201, TRACK_BODY))
+    async with make_client(server) as billing:
+        result = await billing.track_usage("user_123", "api_calls", 5, idempotency_key="k")
+    assert result == TRACK_RESULT
+    assert server.attempts == 2
+
+
+async def test_connect_error_raises_network_error(sleeps: list[float]) -> None:
+    server = FakeServer(fail_with(httpx.ConnectError, "connection refused"))
+    async with make_client(server, RetryPolicy(max_retries=2)) as billing:
+        with pytest.raises(NetworkError) as caught:
+            await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 3
+    assert len(sleeps) == 2
+    assert caught.value.status is None
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+
+
+@pytest.mark.parametrize("exc_type", [httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError])
+async def test_other_transport_errors_raise_network_error(
+    sleeps: list[float], exc_type: type[httpx.TransportError]
+) -> None:
+    server = FakeServer(fail_with(exc_type, "connection reset"))
+    async with make_client(server, RetryPolicy(max_retries=1)) as billing:
+        with pytest.raises(NetworkError) as caught:
+            await billing.get_usage_metrics("user_123")
+    assert server.attempts == 2
+    assert len(sleeps) == 1
+    assert isinstance(caught.value.__cause__, exc_type)
+
+
+async def test_non_json_502_every_attempt_raises_server_error(sleeps: list[float]) -> None:
+    server = FakeServer(respond(502, text="<html>bad gateway</html>"))
+    async with make_client(server, RetryPolicy(max_retries=3)) as billing:
+        with pytest.raises(ServerError) as caught:
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    assert server.attempts == 4
+    assert len(sleeps) == 3
+    assert caught.value.status == 502
+    assert caught.value.body == "<html>bad gateway</html>"
+    assert "502" in caught.value.message
+
+
+async def test_max_retries_zero_means_one_attempt(sleeps: list[float]) -> None:
+    server = FakeServer(respond(503, nest_error(503, "down")))
+    async with make_client(server, RetryPolicy(max_retries=0)) as billing:
+        with pytest.raises(ServerError):
+            await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 1
+    assert sleeps == []
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [(400, "Feature is not a usage quota type"), (401, "Invalid API key"), (404, "No active subscription"), (422, "x")],
+)
+async def test_client_errors_are_never_retried(sleeps: list[float], status: int, message: str) -> None:
+    server = FakeServer(respond(status, nest_error(status, message)), respond(201, TRACK_BODY))
+    async with make_client(server) as billing:
+        with pytest.raises(BillingOSError):
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    assert server.attempts == 1
+    assert sleeps == []
+
+
+async def test_backoff_delays_use_full_jitter_bounds(monkeypatch: pytest.MonkeyPatch, sleeps: list[float]) -> None:
+    calls: list[tuple[float, float]] = []
+
+    def upper(a: float, b: float) -> float:
+        calls.append((a, b))
+        return b
+
+    monkeypatch.setattr(client_module, "random", types.SimpleNamespace(uniform=upper))
+    server = FakeServer(respond(503, nest_error(503, "down")))
+    policy = RetryPolicy(max_retries=5, backoff_base=0.5, backoff_max=3.0)
+    async with make_client(server, policy) as billing:
+        with pytest.raises(ServerError):
+            await billing.check_entitlement("user_123", "api_calls")
+    assert calls == [(0, 0.5), (0, 1.0), (0, 2.0), (0, 3.0), (0, 3.0)]
+    assert sleeps == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert server.attempts == 6
+
+
+async def test_backoff_delays_are_random_within_bounds(sleeps: list[float]) -> None:
+    server = FakeServer(respond(500, nest_error(500, "down")))
+    policy = RetryPolicy(max_retries=8, backoff_base=0.25, backoff_max=2.0)
+    async with make_client(server, policy) as billing:
+        for _ in range(5):
+            with pytest.raises(ServerError):
+                await billing.check_entitlement("user_123", "api_calls")
+    assert len(sleeps) == 40
+    bounds = [min(2.0, 0.25 * 2**retry) for retry in range(8)] * 5
+    for delay, bound in zip(sleeps, bounds, strict=True):
+        assert 0.0 <= delay <= bound
+    assert len(set(sleeps)) > 1  # jittered, not a constant
+
+
+def test_retry_policy_refuses_negative_values() -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(max_retries=-1)
+    with pytest.raises(ValueError):
+        RetryPolicy(backoff_base=-0.1)
+
+
+# -- error mapping ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected_type", "expected_message"),
+    [
+        (400, nest_error(400, "quota_exceeded"), QuotaExceededError, "quota_exceeded"),
+        (400, nest_error(400, "Customer not found: x"), CustomerNotFoundError, "Customer not found: x"),
+        (
+            404,
+            nest_error(404, "No active subscription with this feature", "Not Found"),
+            NotFoundError,
+            "No active subscription with this feature",
+        ),
+        (
+            400,
+            nest_error(400, "Feature is not a usage quota type"),
+            ValidationError,
+            "Feature is not a usage quota type",
+        ),
+        (
+            400,
+            nest_error(400, ["customer_id must be a string", "quantity must be a positive number"]),
+            ValidationError,
+            "customer_id must be a string; quantity must be a positive number",
+        ),
+        (401, nest_error(401, "Invalid API key", "Unauthorized"), AuthenticationError, "Invalid API key"),
+        (403, nest_error(403, "Forbidden resource", "Forbidden"), AuthenticationError, "Forbidden resource"),
+        (422, nest_error(422, "Unprocessable", "Unprocessable Entity"), ValidationError, "Unprocessable"),
+    ],
+)
+async def test_error_mapping(
+    status: int, body: dict[str, Any], expected_type: type[BillingOSError], expected_message: str
+) -> None:
+    server = FakeServer(respond(status, body))
+    async with make_client(server) as billing:
+        with pytest.raises(BillingOSError) as caught:
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    error = caught.value
+    assert type(error) is expected_type
+    assert error.status == status
+    assert error.body == body
+    assert error.message == expected_message
+    assert str(error) == expected_message
+    assert server.attempts == 1
+
+
+async def test_customer_not_found_is_a_not_found_error() -> None:
+    server = FakeServer(respond(400, nest_error(400, "Customer not found: ghost")))
+    async with make_client(server) as billing:
+        with pytest.raises(NotFoundError) as caught:
+            await billing.check_entitlement("ghost", "api_calls")
+    assert isinstance(caught.value, CustomerNotFoundError)
+    assert caught.value.status == 400
+
+
+async def test_plain_404_is_not_customer_not_found() -> None:
+    server = FakeServer(respond(404, nest_error(404, "No active subscription with this feature", "Not Found")))
+    async with make_client(server) as billing:
+        with pytest.raises(NotFoundError) as caught:
+            await billing.track_usage("user_123", "export", 1, idempotency_key="k")
+    assert not isinstance(caught.value, CustomerNotFoundError)
+
+
+async def test_validation_error_from_server_is_a_value_error() -> None:
+    server = FakeServer(respond(400, nest_error(400, "customer_id, feature_key, and quantity are required")))
+    async with make_client(server) as billing:
+        with pytest.raises(ValueError) as caught:
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    assert isinstance(caught.value, ValidationError)
+
+
+async def test_400_without_message_gets_a_generic_message() -> None:
+    server = FakeServer(respond(400, text=""))
+    async with make_client(server) as billing:
+        with pytest.raises(ValidationError) as caught:
+            await billing.check_entitlement("user_123", "api_calls")
+    assert caught.value.message == "BillingOS answered 400 Bad Request"
+    assert caught.value.status == 400
+    assert caught.value.body == ""
+
+
+async def test_500_maps_to_server_error_with_status_and_body(sleeps: list[float]) -> None:
+    body = nest_error(500, "Internal server error", "Internal Server Error")
+    server = FakeServer(respond(500, body))
+    async with make_client(server, RetryPolicy(max_retries=1)) as billing:
+        with pytest.raises(ServerError) as caught:
+            await billing.get_usage_metrics("user_123")
+    assert caught.value.status == 500
+    assert caught.value.body == body
+    assert caught.value.message == "Internal server error"
+    assert server.attempts == 2
+
+
+# -- malformed answers --------------------------------------------------------------------------
+
+
+async def test_200_non_json_is_invalid_response_not_retried(sleeps: list[float]) -> None:
+    server = FakeServer(respond(200, text="<html>hello</html>"), respond(200, CHECK_BODY))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError) as caught:
+            await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 1
+    assert sleeps == []
+    assert caught.value.status == 200
+    assert caught.value.body == "<html>hello</html>"
+
+
+async def test_201_non_json_track_is_invalid_response() -> None:
+    server = FakeServer(respond(201, text="Created"))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError) as caught:
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    assert caught.value.status == 201
+    assert server.attempts == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        [],
+        "ok",
+        {},
+        without(CHECK_BODY, "has_access"),
+        without(CHECK_BODY, "feature_key"),
+        with_changes(CHECK_BODY, has_access="yes"),
+        with_changes(CHECK_BODY, has_access=1),
+        with_changes(CHECK_BODY, limit="lots"),
+        with_changes(CHECK_BODY, usage=[1]),
+        with_changes(CHECK_BODY, reason=3),
+        with_changes(CHECK_BODY, metadata="nope"),
+        with_changes(CHECK_BODY, metadata={"remaining": 1, "resets_at": "not a date", "type": "usage_quota"}),
+        with_changes(CHECK_BODY, metadata={"remaining": 1, "resets_at": 1738368000, "type": "usage_quota"}),
+        with_changes(CHECK_BODY, metadata={"remaining": True, "resets_at": None, "type": "usage_quota"}),
+    ],
+)
+async def test_malformed_check_answer_is_invalid_response(body: Any) -> None:
+    server = FakeServer(respond(200, body))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError):
+            await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        {},
+        with_changes(TRACK_BODY, usage="not an object"),
+        with_changes(TRACK_BODY, usage=None),
+        with_changes(TRACK_BODY, usage=[1, 2]),
+        without(TRACK_BODY, "usage"),
+        without(TRACK_BODY, "recorded_at"),
+        without(TRACK_BODY, "success"),
+        with_changes(TRACK_BODY, recorded_at="yesterday"),
+        with_changes(TRACK_BODY, quantity="five"),
+        with_changes(TRACK_BODY, quantity="NaN"),
+        with_changes(TRACK_BODY, feature_key=7),
+        with_changes(TRACK_BODY, usage=without(TRACK_BODY["usage"], "period_end")),
+        with_changes(TRACK_BODY, usage=with_changes(TRACK_BODY["usage"], consumed_units=None)),
+    ],
+)
+async def test_malformed_track_answer_is_invalid_response(body: Any) -> None:
+    server = FakeServer(respond(201, body))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError):
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    assert server.attempts == 1
+
+
+@pytest.mark.parametrize("success", ["false", "yes", 1, None])
+async def test_track_success_of_wrong_type_is_invalid_response(success: Any) -> None:
+    """``success`` must be a JSON boolean; the string "false" must not be read as True."""
+    server = FakeServer(respond(201, with_changes(TRACK_BODY, success=success)))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError):
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"metrics": {}, "customer_id": "user_123"},
+        {"metrics": "api_calls", "customer_id": "user_123"},
+        {"metrics": None, "customer_id": "user_123"},
+        {"metrics": [], "customer_id": None},
+        {"metrics": []},
+        {"metrics": ["api_calls"], "customer_id": "user_123"},
+        {"metrics": [without(METRIC_ITEM, "feature_title")], "customer_id": "user_123"},
+        {"metrics": [with_changes(METRIC_ITEM, period_start="31/01/2025")], "customer_id": "user_123"},
+        {"metrics": [with_changes(METRIC_ITEM, percentage_used="half")], "customer_id": "user_123"},
+    ],
+)
+async def test_malformed_metrics_answer_is_invalid_response(body: Any) -> None:
+    server = FakeServer(respond(200, body))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError):
+            await billing.get_usage_metrics("user_123")
+    assert server.attempts == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"sessionToken": "st_x"},
+        {"expiresAt": "2025-01-15T11:30:00.000Z"},
+        {"sessionToken": 123, "expiresAt": "2025-01-15T11:30:00.000Z"},
+        {"sessionToken": "st_x", "expiresAt": 1736940600},
+        {"sessionToken": "st_x", "expiresAt": "soon"},
+    ],
+)
+async def test_malformed_session_token_answer_is_invalid_response(body: Any) -> None:
+    server = FakeServer(respond(201, body))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError):
+            await billing.create_session_token("ext_user_1")
+    assert server.attempts == 1
+
+
+# -- input validation ---------------------------------------------------------------------------
+
+LONG_ID = "x" * 256
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "kwargs"),
+    [
+        # identifiers
+        ("check_entitlement", ("", "api_calls"), {}),
+        ("check_entitlement", ("   ", "api_calls"), {}),
+        ("check_entitlement", (LONG_ID, "api_calls"), {}),
+        ("check_entitlement", ("user_123", ""), {}),
+        ("check_entitlement", ("user\n123", "api_calls"), {}),
+        ("check_entitlement", (None, "api_calls"), {}),
+        ("check_entitlement", (123, "api_calls"), {}),
+        ("track_usage", ("", "api_calls", 1), {}),
+        ("track_usage", (" \t ", "api_calls", 1), {}),
+        ("track_usage", (LONG_ID, "api_calls", 1), {}),
+        ("track_usage", ("user_123", LONG_ID, 1), {}),
+        ("track_usage", ("user_123", "api_calls", 1), {"idempotency_key": ""}),
+        ("track_usage", ("user_123", "api_calls", 1), {"idempotency_key": LONG_ID}),
+        ("get_usage_metrics", ("",), {}),
+        ("get_usage_metrics", ("   ",), {}),
+        ("get_usage_metrics", (LONG_ID,), {}),
+        ("get_usage_metrics", ("user_123",), {"feature_key": ""}),
+        ("create_session_token", ("",), {}),
+        ("create_session_token", ("   ",), {}),
+        ("create_session_token", (LONG_ID,), {}),
+        ("create_session_token", ("u",), {"external_organization_id": ""}),
+        # quantities
+        ("track_usage", ("user_123", "api_calls", 0), {}),
+        ("track_usage", ("user_123", "api_calls", 0.0), {}),
+        ("track_usage", ("user_123", "api_calls", -1), {}),
+        ("track_usage", ("user_123", "api_calls", -0.5), {}),
+        ("track_usage", ("user_123", "api_calls", math.nan), {}),
+        ("track_usage", ("user_123", "api_calls", math.inf), {}),
+        ("track_usage", ("user_123", "api_calls", -math.inf), {}),
+        ("track_usage", ("user_123", "api_calls", True), {}),
+        ("track_usage", ("user_123", "api_calls", False), {}),
+        ("track_usage", ("user_123", "api_calls", "5"), {}),
+        ("track_usage", ("user_123", "api_calls", None), {}),
+        ("track_usage", ("user_123", "api_calls", Decimal("NaN")), {}),
+        ("track_usage", ("user_123", "api_calls", 1e-9), {}),
+        ("track_usage", ("user_123", "api_calls", 10**15), {}),
+        # metadata
+        ("track_usage", ("user_123", "api_calls", 1), {"metadata": "route=/x"}),
+        ("track_usage", ("user_123", "api_calls", 1), {"metadata": [("route", "/x")]}),
+        ("track_usage", ("user_123", "api_calls", 1), {"metadata": 5}),
+        ("track_usage", ("user_123", "api_calls", 1), {"metadata": {"obj": object()}}),
+        ("track_usage", ("user_123", "api_calls", 1), {"metadata": {"x": math.nan}}),
+        ("create_session_token", ("u",), {"metadata": ["a"]}),
+        # session token
+        ("create_session_token", ("u",), {"expires_in": 59}),
+        ("create_session_token", ("u",), {"expires_in": 0}),
+        ("create_session_token", ("u",), {"expires_in": -60}),
+        ("create_session_token", ("u",), {"expires_in": 86401}),
+        ("create_session_token", ("u",), {"expires_in": 3600.0}),
+        ("create_session_token", ("u",), {"expires_in": True}),
+        ("create_session_token", ("u",), {"expires_in": "3600"}),
+        ("create_session_token", ("u",), {"allowed_operations": "read"}),
+        ("create_session_token", ("u",), {"allowed_operations": ["read", ""]}),
+    ],
+)
+async def test_invalid_input_is_refused_before_any_request(method: str, args: tuple[Any, ...], kwargs: Any) -> None:
+    server = FakeServer(respond(200, {}))
+    async with make_client(server) as billing:
+        with pytest.raises(ValidationError) as caught:
+            await getattr(billing, method)(*args, **kwargs)
+    assert isinstance(caught.value, ValueError)
+    assert caught.value.status is None
+    assert server.attempts == 0
+
+
+async def test_boundary_inputs_are_accepted() -> None:
+    server = FakeServer(respond(201, TRACK_BODY))
+    async with make_client(server) as billing:
+        await billing.track_usage("u" * 255, "api_calls", 0.000001, idempotency_key="k" * 255)
+    assert server.attempts == 1
+    assert server.bodies[0]["customer_id"] == "u" * 255
+    assert server.bodies[0]["quantity"] == 0.000001
+
+
+# -- secrets ------------------------------------------------------------------------------------
+
+
+async def test_secret_never_in_repr_exceptions_or_logs(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "sk_test_supersecret123"
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="billingos_asgi")
+    scenarios: list[tuple[FakeServer, RetryPolicy]] = [
+        (FakeServer(respond(401, nest_error(401, "Invalid API key", "Unauthorized"))), RetryPolicy()),
+        (FakeServer(respond(503, nest_error(503, "down"))), RetryPolicy(max_retries=2)),
+        (FakeServer(respond(502, text="<html>bad gateway</html>")), RetryPolicy(max_retries=2)),
+        (FakeServer(fail_with(httpx.ReadTimeout, "timed out")), RetryPolicy(max_retries=2)),
+        (FakeServer(fail_with(httpx.ConnectError, "refused")), RetryPolicy(max_retries=2)),
+        (
+            FakeServer(respond(429, nest_error(429, "slow down"), headers={"Retry-After": "1"})),
+            RetryPolicy(max_retries=2),
+        ),
+        (FakeServer(respond(429, nest_error(429, "slow down"), headers={"Retry-After": "999"})), RetryPolicy()),
+        (FakeServer(respond(400, nest_error(400, "quota_exceeded"))), RetryPolicy()),
+        (FakeServer(respond(200, text="not json")), RetryPolicy()),
+        (FakeServer(respond(201, {"success": True})), RetryPolicy()),
+    ]
+    errors: list[BaseException] = []
+    for server, policy in scenarios:
+        async with make_client(server, policy, secret_key=secret) as billing:
+            assert secret not in repr(billing)
+            assert secret not in str(billing)
+            with pytest.raises(BillingOSError) as caught:
+                await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+            errors.append(caught.value)
+            with pytest.raises(ValidationError) as caught_input:
+                await billing.track_usage("user_123", "api_calls", -1)
+            errors.append(caught_input.value)
+        assert server.requests[0].headers["Authorization"] == f"Bearer {secret}"
+    assert len(errors) == 2 * len(scenarios)
+    for error in errors:
+        assert secret not in str(error)
+        assert secret not in repr(error)
+        assert "supersecret" not in str(error)
+    retry_logs = [record for record in caplog.records if record.name == "billingos_asgi"]
+    assert len(retry_logs) >= 10  # 2 per retried scenario: the logging really happened
+    for record in caplog.records:
+        assert secret not in record.getMessage()
+        assert secret not in str(record.args)
+    assert secret not in caplog.text
+
+
+def test_missing_secret_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BILLINGOS_SECRET_KEY", raising=False)
+    with pytest.raises(ValidationError) as caught:
+        BillingOS(base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_empty_secret_key_is_refused() -> None:
+    with pytest.raises(ValidationError):
+        BillingOS(secret_key="", base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
+
+
+@pytest.mark.parametrize("key", ["pk_test_hushhush", "hushhush", "SK_test_hushhush", " sk_test_hushhush"])
+def test_key_without_sk_prefix_is_refused_without_echoing_it(key: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        BillingOS(secret_key=key, base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
+    assert "hushhush" not in str(caught.value)
+    assert "hushhush" not in repr(caught.value)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_key_without_sk_prefix_from_env_is_refused_without_echoing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLINGOS_SECRET_KEY", "rk_live_hushhush")
+    with pytest.raises(ValidationError) as caught:
+        BillingOS(base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
+    assert "hushhush" not in str(caught.value)
+
+
+def test_unknown_key_kind_without_url_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ValidationError) as caught:
+        BillingOS(secret_key="sk_other_hushhush", transport=FakeServer(respond(200, {})).transport)
+    assert "hushhush" not in str(caught.value)
+
+
+# -- base URL and key resolution ----------------------------------------------------------------
+
+
+async def _first_url(billing: BillingOS, server: FakeServer) -> str:
+    async with billing:
+        await billing.check_entitlement("user_123", "api_calls")
+    return str(server.requests[0].url.copy_with(query=None))
+
+
+async def test_explicit_base_url_wins_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLINGOS_API_URL", "http://env.test")
+    server = FakeServer(respond(200, CHECK_BODY))
+    billing = BillingOS(secret_key="sk_live_abc", base_url="http://arg.test/", transport=server.transport)
+    assert billing.base_url == "http://arg.test"
+    assert await _first_url(billing, server) == "http://arg.test/v1/usage/check"
+
+
+async def test_env_api_url_wins_over_key_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLINGOS_API_URL", "http://env.test:8787/")
+    server = FakeServer(respond(200, CHECK_BODY))
+    billing = BillingOS(secret_key="sk_test_abc", transport=server.transport)
+    assert billing.base_url == "http://env.test:8787"
+    assert await _first_url(billing, server) == "http://env.test:8787/v1/usage/check"
+
+
+async def test_test_key_uses_sandbox_url() -> None:
+    server = FakeServer(respond(200, CHECK_BODY))
+    billing = BillingOS(secret_key="sk_test_abc", transport=server.transport)
+    assert billing.base_url == "https://sandbox-api.billingos.dev"
+    assert await _first_url(billing, server) == "https://sandbox-api.billingos.dev/v1/usage/check"
+
+
+async def test_live_key_uses_live_url() -> None:
+    server = FakeServer(respond(200, CHECK_BODY))
+    billing = BillingOS(secret_key="sk_live_abc", transport=server.transport)
+    assert billing.base_url == "https://api.billingos.dev"
+    assert await _first_url(billing, server) == "https://api.billingos.dev/v1/usage/check"
+
+
+async def test_trailing_slash_dropped_and_path_prefix_kept() -> None:
+    server = FakeServer(respond(200, CHECK_BODY))
+    billing = BillingOS(secret_key=SECRET, base_url="http://gateway.test/billing/", transport=server.transport)
+    assert billing.base_url == "http://gateway.test/billing"
+    assert await _first_url(billing, server) == "http://gateway.test/billing/v1/usage/check"
+
+
+async def test_env_secret_key_used_when_no_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLINGOS_SECRET_KEY", "sk_live_fromenv")
+    server = FakeServer(respond(200, CHECK_BODY))
+    billing = BillingOS(transport=server.transport)
+    assert billing.base_url == "https://api.billingos.dev"
+    await _first_url(billing, server)
+    assert server.requests[0].headers["Authorization"] == "Bearer sk_live_fromenv"
+
+
+async def test_explicit_secret_key_wins_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLINGOS_SECRET_KEY", "sk_live_fromenv")
+    server = FakeServer(respond(200, CHECK_BODY))
+    billing = BillingOS(secret_key="sk_test_arg", transport=server.transport)
+    assert billing.base_url == "https://sandbox-api.billingos.dev"
+    await _first_url(billing, server)
+    assert server.requests[0].headers["Authorization"] == "Bearer sk_test_arg"
+
+
+def test_repr_shows_base_url() -> None:
+    billing = BillingOS(secret_key=SECRET, base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
+    assert repr(billing) == "BillingOS(base_url='http://billing.test')"
+
+
+# -- lifecycle ----------------------------------------------------------------------------------
+
+
+async def test_async_with_closes_the_client() -> None:
+    server = FakeServer(respond(200, CHECK_BODY))
+    billing = make_client(server)
+    async with billing as entered:
+        assert entered is billing
+        await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 1
+    with pytest.raises((RuntimeError, BillingOSError)):
+        await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 1
+
+
+async def test_aclose_closes_the_client() -> None:
+    server = FakeServer(respond(201, TRACK_BODY))
+    billing = make_client(server)
+    await billing.aclose()
+    with pytest.raises((RuntimeError, BillingOSError)):
+        await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    assert server.attempts == 0
+
+
+async def test_a_key_echoed_by_the_server_is_masked() -> None:
+    secret = "sk_test_echoed999"
+    server = FakeServer(respond(400, nest_error(400, f"bad key {secret}"), headers=None))
+    async with make_client(server, RetryPolicy(), secret_key=secret) as billing:
+        with pytest.raises(ValidationError) as caught:
+            await billing.check_entitlement("user_123", "api_calls")
+    assert secret not in str(caught.value) and secret not in json.dumps(caught.value.body)
+    assert caught.value.message == "bad key sk_***"
