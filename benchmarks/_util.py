@@ -44,9 +44,7 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()} {platform.machine()}"
 
 
-async def ops_per_second(
-    operation: Callable[[int], Awaitable[object]], *, total: int, concurrency: int = 1
-) -> float:
+async def ops_per_second(operation: Callable[[int], Awaitable[object]], *, total: int, concurrency: int = 1) -> float:
     """Run ``operation(i)`` for i in range(total) with ``concurrency`` tasks; return operations/s."""
     counter = iter(range(total))
 
@@ -62,9 +60,9 @@ async def ops_per_second(
 
 
 def print_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     print(f"\n{title}")
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")

@@ -43,10 +43,9 @@ async def run() -> None:
             async with BillingOS("sk_test_local", base_url=f"http://127.0.0.1:{port}") as client:
                 for concurrency in (1, 8):
 
-                    async def track(i: int) -> None:
-                        await client.track_usage(f"customer_{i % 100}", "api_calls", 1, idempotency_key=f"k{i}-{c}")
+                    async def track(i: int, run: int = concurrency) -> None:
+                        await client.track_usage(f"customer_{i % 100}", "api_calls", 1, idempotency_key=f"k{run}-{i}")
 
-                    c = concurrency
                     await ops_per_second(track, total=200, concurrency=concurrency)  # warm-up, opens connections
                     rate = await ops_per_second(track, total=ROUND_TRIPS, concurrency=concurrency)
                     rows.append((str(concurrency), f"{rate:,.0f}", f"{1e3 * concurrency / rate:.2f}"))

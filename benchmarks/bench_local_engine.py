@@ -22,10 +22,9 @@ async def run() -> None:
                     async def check(i: int) -> None:
                         await billing.check_entitlement(f"customer_{i % 100}", "api_calls")
 
-                    async def track(i: int) -> None:
-                        await billing.track_usage(f"customer_{i % 100}", "api_calls", 1, idempotency_key=f"k{i}-{c}")
+                    async def track(i: int, run: int = concurrency) -> None:
+                        await billing.track_usage(f"customer_{i % 100}", "api_calls", 1, idempotency_key=f"k{run}-{i}")
 
-                    c = concurrency
                     await ops_per_second(check, total=500, concurrency=concurrency)  # warm-up
                     checks = await ops_per_second(check, total=OPERATIONS, concurrency=concurrency)
                     tracks = await ops_per_second(track, total=OPERATIONS, concurrency=concurrency)

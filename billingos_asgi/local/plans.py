@@ -68,7 +68,7 @@ def load_plans(path: str | Path) -> Catalog:
             data = tomllib.load(fh)
     except OSError as exc:
         raise PlansError(f"{source}: cannot read the plans file: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PlansError(f"{source}: not valid TOML: {exc}") from None
     return parse_plans(data, source=source)
 

@@ -12,10 +12,9 @@ import sqlite3
 import threading
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
-from math import ceil
+from math import ceil, floor
 from typing import Any
 
-from .. import _wire
 from .._exceptions import CustomerNotFoundError, NotFoundError, QuotaExceededError, ValidationError
 from .._models import Entitlement, TrackUsageResult, UsageMetric, UsageMetrics, UsageSnapshot
 from .periods import current_period
@@ -35,14 +34,14 @@ CREATE TABLE IF NOT EXISTS usage_totals (
     customer_id  TEXT NOT NULL,
     feature_key  TEXT NOT NULL,
     period_start REAL NOT NULL,
-    consumed     INTEGER NOT NULL,
+    consumed     TEXT NOT NULL,  -- micro-units as decimal text: DECIMAL(20,6) overflows SQLite's int64
     PRIMARY KEY (customer_id, feature_key, period_start)
 );
 CREATE TABLE IF NOT EXISTS usage_events (
     id              INTEGER PRIMARY KEY,
     customer_id     TEXT NOT NULL,
     feature_key     TEXT NOT NULL,
-    quantity        INTEGER NOT NULL,
+    quantity        TEXT NOT NULL,
     recorded_at     REAL NOT NULL,
     idempotency_key TEXT,
     metadata        TEXT
@@ -142,7 +141,7 @@ class Store:
             "SELECT consumed FROM usage_totals WHERE customer_id = ? AND feature_key = ? AND period_start = ?",
             (customer_id, feature_key, _ts(period_start)),
         ).fetchone()
-        return int(row[0]) if row else 0
+        return int(row[0]) if row else 0  # decimal text, see the schema
 
     # -- the three calls --
 
@@ -193,7 +192,7 @@ class Store:
                     (customer_id, idempotency_key, _ts(now - IDEMPOTENCY_WINDOW)),
                 ).fetchone()
                 if row is not None:
-                    return _wire.track_result_from_json(json.loads(row[0]))
+                    return _decode_result(row[0])
             grant = plan.grants.get(feature_key) if plan else None
             if plan is None or grant is None or status != "active":
                 raise NotFoundError(_NO_SUBSCRIPTION, status=404)
@@ -206,7 +205,7 @@ class Store:
             self._db.execute(
                 "INSERT INTO usage_totals (customer_id, feature_key, period_start, consumed) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (customer_id, feature_key, period_start) DO UPDATE SET consumed = excluded.consumed",
-                (customer_id, feature_key, _ts(start), consumed),
+                (customer_id, feature_key, _ts(start), str(consumed)),
             )
             self._db.execute(
                 "INSERT INTO usage_events (customer_id, feature_key, quantity, recorded_at, idempotency_key, metadata) "
@@ -214,7 +213,7 @@ class Store:
                 (
                     customer_id,
                     feature_key,
-                    quantity,
+                    str(quantity),
                     _ts(now),
                     idempotency_key,
                     None if metadata is None else json.dumps(metadata),
@@ -230,7 +229,7 @@ class Store:
             if idempotency_key is not None:
                 self._db.execute(
                     "INSERT OR REPLACE INTO idempotency (customer_id, key, created_at, response) VALUES (?, ?, ?, ?)",
-                    (customer_id, idempotency_key, _ts(now), json.dumps(_wire.track_result_to_json(result))),
+                    (customer_id, idempotency_key, _ts(now), _encode_result(result)),
                 )
                 self._tracks += 1
                 if self._tracks % _PURGE_EVERY == 0:
@@ -249,7 +248,8 @@ class Store:
                     continue
                 consumed = self._consumed(customer_id, key, start)
                 snapshot = _snapshot(grant, consumed, start, end)
-                percentage = 0 if not grant.limit else round(100 * consumed / grant.limit)
+                # Math.round, as the reference service rounds (Python's round() halves to even).
+                percentage = 0 if not grant.limit else floor(100 * consumed / grant.limit + 0.5)
                 metrics.append(
                     UsageMetric(
                         feature_key=key,
@@ -269,11 +269,36 @@ class Store:
     def recorded_units(self, customer_id: str, feature_key: str) -> float:
         """Every unit ever recorded for a customer's feature, across periods (for tests and tools)."""
         with self._transaction():
-            row = self._db.execute(
-                "SELECT COALESCE(SUM(quantity), 0) FROM usage_events WHERE customer_id = ? AND feature_key = ?",
+            rows = self._db.execute(
+                "SELECT quantity FROM usage_events WHERE customer_id = ? AND feature_key = ?",
                 (customer_id, feature_key),
-            ).fetchone()
-            return from_micro(int(row[0]))
+            )
+            return from_micro(sum(int(quantity) for (quantity,) in rows))
+
+
+def _encode_result(result: TrackUsageResult) -> str:
+    """A track answer kept for idempotent replay, exact to the microsecond (the wire keeps ms)."""
+    usage = result.usage
+    return json.dumps(
+        [
+            result.feature_key,
+            result.quantity,
+            result.recorded_at.isoformat(),
+            [usage.consumed_units, usage.limit_units, usage.remaining_units],
+            [usage.period_start.isoformat(), usage.period_end.isoformat()],
+        ]
+    )
+
+
+def _decode_result(text: str) -> TrackUsageResult:
+    feature_key, quantity, recorded_at, (consumed, limit, remaining), (start, end) = json.loads(text)
+    return TrackUsageResult(
+        success=True,
+        feature_key=feature_key,
+        quantity=quantity,
+        recorded_at=datetime.fromisoformat(recorded_at),
+        usage=UsageSnapshot(consumed, limit, remaining, datetime.fromisoformat(start), datetime.fromisoformat(end)),
+    )
 
 
 def _snapshot(grant: Grant, consumed: int, start: datetime, end: datetime) -> UsageSnapshot:

@@ -1,0 +1,930 @@
+"""LocalBilling, the embedded engine: the hosted service's semantics on a real SQLite file, with a hand-driven clock."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from billingos_asgi import LocalBilling
+from billingos_asgi._exceptions import (
+    BillingOSError,
+    CustomerNotFoundError,
+    NotFoundError,
+    QuotaExceededError,
+    ValidationError,
+)
+from billingos_asgi._models import (
+    Entitlement,
+    SessionToken,
+    TrackUsageResult,
+    UsageMetric,
+    UsageMetrics,
+    UsageSnapshot,
+)
+
+START = datetime(2024, 1, 15, 12, 0, tzinfo=timezone.utc)
+PERIOD_END = datetime(2024, 2, 15, 12, 0, tzinfo=timezone.utc)
+NEXT_PERIOD_END = datetime(2024, 3, 15, 12, 0, tzinfo=timezone.utc)
+
+PLANS: dict[str, Any] = {
+    "features": {
+        "api_calls": {"title": "API calls", "type": "usage_quota"},
+        "storage_gb": {"title": "Storage", "type": "usage_quota"},
+        "export": {"title": "Data export", "type": "boolean_flag"},
+        "seats": {"title": "Seats", "type": "numeric_limit"},
+    },
+    "plans": {
+        "free": {
+            "name": "Free",
+            "features": {"api_calls": 10, "storage_gb": 1.5, "seats": 1, "export": False},
+        },
+        "pro": {
+            "name": "Pro",
+            "features": {"api_calls": 1000, "storage_gb": "unlimited", "export": True, "seats": "unlimited"},
+        },
+        "daily": {"name": "Daily", "interval": "day", "features": {"api_calls": 5}},
+        "fifty": {"name": "Fifty", "features": {"api_calls": 50}},
+    },
+    "customers": {"alice": "free", "bob": "pro"},
+}
+
+
+class Clock:
+    """A clock the test moves by hand; LocalBilling reads it through ``clock=``."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> datetime:
+        self.now += timedelta(**delta)
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(START)
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    return tmp_path / "billing.db"
+
+
+@pytest.fixture
+async def billing(database: Path, clock: Clock) -> AsyncIterator[LocalBilling]:
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as engine:
+        yield engine
+
+
+async def consumed(billing: LocalBilling, customer: str, feature: str = "api_calls") -> float | None:
+    return (await billing.check_entitlement(customer, feature)).usage
+
+
+# -- check --
+
+
+async def test_check_boolean_flag_granted(billing: LocalBilling) -> None:
+    assert await billing.check_entitlement("bob", "export") == Entitlement(
+        "export", has_access=True, type="boolean_flag"
+    )
+
+
+async def test_check_boolean_flag_not_granted(billing: LocalBilling) -> None:
+    # export = false in the free plan, and a feature nobody declared: both are "no grant"
+    assert await billing.check_entitlement("alice", "export") == Entitlement(
+        "export", has_access=False, reason="no_active_subscription"
+    )
+    assert await billing.check_entitlement("alice", "teleport") == Entitlement(
+        "teleport", has_access=False, reason="no_active_subscription"
+    )
+
+
+async def test_check_usage_quota(billing: LocalBilling) -> None:
+    assert await billing.check_entitlement("alice", "api_calls") == Entitlement(
+        "api_calls",
+        has_access=True,
+        reason=None,
+        limit=10.0,
+        usage=0.0,
+        remaining=10.0,
+        resets_at=PERIOD_END,
+        type="usage_quota",
+    )
+    await billing.track_usage("alice", "api_calls", 4)
+    assert await billing.check_entitlement("alice", "api_calls") == Entitlement(
+        "api_calls",
+        has_access=True,
+        limit=10.0,
+        usage=4.0,
+        remaining=6.0,
+        resets_at=PERIOD_END,
+        type="usage_quota",
+    )
+
+
+async def test_check_quota_exhausted(billing: LocalBilling) -> None:
+    await billing.track_usage("alice", "api_calls", 9.5)
+    entitlement = await billing.check_entitlement("alice", "api_calls")
+    assert (entitlement.has_access, entitlement.reason, entitlement.remaining) == (True, None, 0.5)
+
+    await billing.track_usage("alice", "api_calls", 0.5)
+    assert await billing.check_entitlement("alice", "api_calls") == Entitlement(
+        "api_calls",
+        has_access=False,
+        reason="quota_exceeded",
+        limit=10.0,
+        usage=10.0,
+        remaining=0.0,
+        resets_at=PERIOD_END,
+        type="usage_quota",
+    )
+
+
+async def test_check_zero_limit_quota_is_exhausted_from_the_start(clock: Clock) -> None:
+    plans = {
+        "features": {"f": {"type": "usage_quota"}},
+        "plans": {"p": {"features": {"f": 0}}},
+        "customers": {"c": "p"},
+    }
+    async with LocalBilling.from_dict(plans, clock=clock) as billing:
+        entitlement = await billing.check_entitlement("c", "f")
+        assert (entitlement.has_access, entitlement.reason, entitlement.limit, entitlement.remaining) == (
+            False,
+            "quota_exceeded",
+            0.0,
+            0.0,
+        )
+        with pytest.raises(QuotaExceededError):
+            await billing.track_usage("c", "f", 0.000001)
+
+
+async def test_check_unlimited_quota(billing: LocalBilling) -> None:
+    await billing.track_usage("bob", "storage_gb", 7.25)
+    await billing.track_usage("bob", "storage_gb", 10_000)
+    assert await billing.check_entitlement("bob", "storage_gb") == Entitlement(
+        "storage_gb",
+        has_access=True,
+        reason=None,
+        limit=None,
+        usage=10_007.25,
+        remaining=None,
+        resets_at=PERIOD_END,
+        type="usage_quota",
+    )
+
+
+async def test_check_numeric_limit(billing: LocalBilling) -> None:
+    assert await billing.check_entitlement("alice", "seats") == Entitlement(
+        "seats", has_access=True, limit=1.0, type="numeric_limit"
+    )
+    assert await billing.check_entitlement("bob", "seats") == Entitlement(
+        "seats", has_access=True, limit=None, type="numeric_limit"
+    )
+
+
+async def test_check_unknown_customer(billing: LocalBilling) -> None:
+    with pytest.raises(CustomerNotFoundError) as excinfo:
+        await billing.check_entitlement("nobody", "api_calls")
+    assert str(excinfo.value) == "Customer not found: nobody"
+    assert excinfo.value.message == "Customer not found: nobody"
+    assert excinfo.value.status == 400
+    assert isinstance(excinfo.value, NotFoundError)
+
+
+async def test_check_customer_without_plan(billing: LocalBilling) -> None:
+    await billing.set_plan("alice", None)
+    for feature in ("api_calls", "seats", "export"):
+        assert await billing.check_entitlement("alice", feature) == Entitlement(
+            feature, has_access=False, reason="no_active_subscription"
+        )
+
+
+async def test_check_after_cancel(billing: LocalBilling) -> None:
+    await billing.cancel_subscription("bob")
+    for feature in ("api_calls", "export", "seats"):
+        assert await billing.check_entitlement("bob", feature) == Entitlement(
+            feature, has_access=False, reason="subscription_not_active"
+        )
+    # a feature the plan never granted is still "no grant"
+    assert (await billing.check_entitlement("bob", "teleport")).reason == "no_active_subscription"
+    # alice is untouched
+    assert (await billing.check_entitlement("alice", "api_calls")).has_access is True
+
+
+async def test_cancel_unknown_customer(billing: LocalBilling) -> None:
+    with pytest.raises(CustomerNotFoundError) as excinfo:
+        await billing.cancel_subscription("nobody")
+    assert (str(excinfo.value), excinfo.value.status) == ("Customer not found: nobody", 400)
+
+
+async def test_set_plan_reactivates_a_canceled_subscription(billing: LocalBilling) -> None:
+    await billing.track_usage("bob", "api_calls", 3)
+    await billing.cancel_subscription("bob")
+    await billing.set_plan("bob", "pro")
+    entitlement = await billing.check_entitlement("bob", "api_calls")
+    assert (entitlement.has_access, entitlement.usage, entitlement.resets_at) == (True, 3.0, PERIOD_END)
+
+
+# -- track --
+
+
+async def test_track_returns_quantity_and_usage_snapshot(billing: LocalBilling, clock: Clock) -> None:
+    first = await billing.track_usage("alice", "api_calls", 3)
+    assert first == TrackUsageResult(
+        success=True,
+        feature_key="api_calls",
+        quantity=3.0,
+        recorded_at=START,
+        usage=UsageSnapshot(
+            consumed_units=3.0, limit_units=10.0, remaining_units=7.0, period_start=START, period_end=PERIOD_END
+        ),
+    )
+    later = clock.advance(hours=5, seconds=7)
+    second = await billing.track_usage("alice", "api_calls", 2, metadata={"endpoint": "/v1/search"})
+    assert second == TrackUsageResult(
+        success=True,
+        feature_key="api_calls",
+        quantity=2.0,
+        recorded_at=later,
+        usage=UsageSnapshot(
+            consumed_units=5.0, limit_units=10.0, remaining_units=5.0, period_start=START, period_end=PERIOD_END
+        ),
+    )
+    assert await billing.recorded_units("alice", "api_calls") == 5.0
+
+
+async def test_track_unlimited_snapshot(billing: LocalBilling) -> None:
+    result = await billing.track_usage("bob", "storage_gb", 2.5)
+    assert result.usage == UsageSnapshot(
+        consumed_units=2.5, limit_units=None, remaining_units=None, period_start=START, period_end=PERIOD_END
+    )
+
+
+async def test_track_fractional_units_are_exact(billing: LocalBilling) -> None:
+    await billing.track_usage("alice", "storage_gb", 0.1)
+    result = await billing.track_usage("alice", "storage_gb", 0.2)
+    assert 0.1 + 0.2 != 0.3  # what float arithmetic would have stored
+    assert result.usage.consumed_units == 0.3
+    assert result.usage.remaining_units == 1.2
+    assert await consumed(billing, "alice", "storage_gb") == 0.3
+    assert await billing.recorded_units("alice", "storage_gb") == 0.3
+
+    for _ in range(12):
+        await billing.track_usage("alice", "storage_gb", 0.1)
+    entitlement = await billing.check_entitlement("alice", "storage_gb")
+    assert (entitlement.usage, entitlement.remaining, entitlement.has_access) == (1.5, 0.0, False)
+
+
+async def test_track_smallest_unit(billing: LocalBilling) -> None:
+    result = await billing.track_usage("alice", "storage_gb", 0.000001)
+    assert result.quantity == 0.000001
+    assert result.usage.consumed_units == 0.000001
+    assert result.usage.remaining_units == 1.499999
+
+
+async def test_track_over_quota_is_all_or_nothing(billing: LocalBilling, clock: Clock) -> None:
+    await billing.track_usage("alice", "api_calls", 8)
+    clock.advance(minutes=1)
+
+    with pytest.raises(QuotaExceededError) as excinfo:
+        await billing.track_usage("alice", "api_calls", 3)
+    assert (str(excinfo.value), excinfo.value.status) == ("quota_exceeded", 400)
+    assert await consumed(billing, "alice") == 8.0
+    assert await billing.recorded_units("alice", "api_calls") == 8.0
+
+    with pytest.raises(QuotaExceededError):
+        await billing.track_usage("alice", "api_calls", 2.000001)
+    assert await billing.recorded_units("alice", "api_calls") == 8.0
+
+    landed = await billing.track_usage("alice", "api_calls", 2)  # exactly on the limit
+    assert (landed.usage.consumed_units, landed.usage.remaining_units) == (10.0, 0.0)
+    assert await billing.recorded_units("alice", "api_calls") == 10.0
+
+    with pytest.raises(QuotaExceededError):
+        await billing.track_usage("alice", "api_calls", 0.000001)
+    assert await billing.recorded_units("alice", "api_calls") == 10.0
+
+
+async def test_track_fractional_lands_exactly_on_fractional_limit(billing: LocalBilling) -> None:
+    await billing.track_usage("alice", "storage_gb", 0.7)
+    result = await billing.track_usage("alice", "storage_gb", 0.8)
+    assert (result.usage.consumed_units, result.usage.remaining_units) == (1.5, 0.0)
+
+
+async def test_track_feature_not_in_plan(billing: LocalBilling) -> None:
+    await billing.set_plan("carol", "daily")  # daily grants api_calls only
+    for customer, feature in (("carol", "storage_gb"), ("alice", "teleport")):
+        with pytest.raises(NotFoundError) as excinfo:
+            await billing.track_usage(customer, feature, 1)
+        assert type(excinfo.value) is NotFoundError
+        assert (str(excinfo.value), excinfo.value.status) == ("No active subscription with this feature", 404)
+        assert await billing.recorded_units(customer, feature) == 0.0
+
+
+async def test_track_without_plan_or_after_cancel(billing: LocalBilling) -> None:
+    await billing.set_plan("alice", None)
+    await billing.cancel_subscription("bob")
+    for customer in ("alice", "bob"):
+        with pytest.raises(NotFoundError) as excinfo:
+            await billing.track_usage(customer, "api_calls", 1)
+        assert (str(excinfo.value), excinfo.value.status) == ("No active subscription with this feature", 404)
+        assert await billing.recorded_units(customer, "api_calls") == 0.0
+
+
+async def test_track_non_quota_feature(billing: LocalBilling) -> None:
+    for feature in ("export", "seats"):
+        with pytest.raises(ValidationError) as excinfo:
+            await billing.track_usage("bob", feature, 1)
+        assert (str(excinfo.value), excinfo.value.status) == ("Feature is not a usage quota type", 400)
+        assert await billing.recorded_units("bob", feature) == 0.0
+
+
+async def test_track_unknown_customer(billing: LocalBilling) -> None:
+    with pytest.raises(CustomerNotFoundError) as excinfo:
+        await billing.track_usage("nobody", "api_calls", 1)
+    assert (str(excinfo.value), excinfo.value.status) == ("Customer not found: nobody", 400)
+    assert await billing.recorded_units("nobody", "api_calls") == 0.0
+
+
+# -- idempotency --
+
+
+async def test_idempotent_replay_returns_first_result_and_records_nothing(billing: LocalBilling, clock: Clock) -> None:
+    first = await billing.track_usage("alice", "api_calls", 2, idempotency_key="req-1")
+    clock.advance(hours=3)
+    second = await billing.track_usage("alice", "api_calls", 5, idempotency_key="req-1")
+    assert second == first
+    assert (second.recorded_at, second.quantity, second.usage.consumed_units) == (START, 2.0, 2.0)
+    assert await consumed(billing, "alice") == 2.0
+    assert await billing.recorded_units("alice", "api_calls") == 2.0
+
+
+async def test_idempotent_replay_is_identical_at_microsecond_precision(database: Path) -> None:
+    """With a real clock every time has microseconds; the replay must still be the first call's result."""
+    clock = Clock(datetime(2024, 1, 15, 12, 0, 0, 123456, tzinfo=timezone.utc))
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as billing:
+        first = await billing.track_usage("alice", "api_calls", 2, idempotency_key="req-1")
+        assert first.recorded_at == clock.now
+        clock.advance(seconds=1)
+        second = await billing.track_usage("alice", "api_calls", 2, idempotency_key="req-1")
+        assert second.recorded_at == first.recorded_at
+        assert second.usage.period_start == first.usage.period_start
+        assert second == first
+
+
+async def test_idempotency_key_is_per_customer(billing: LocalBilling) -> None:
+    await billing.track_usage("alice", "api_calls", 2, idempotency_key="req-1")
+    for_bob = await billing.track_usage("bob", "api_calls", 3, idempotency_key="req-1")
+    assert (for_bob.quantity, for_bob.usage.consumed_units) == (3.0, 3.0)
+    assert await billing.recorded_units("alice", "api_calls") == 2.0
+    assert await billing.recorded_units("bob", "api_calls") == 3.0
+
+
+async def test_idempotency_window_is_24_hours(billing: LocalBilling, clock: Clock) -> None:
+    first = await billing.track_usage("alice", "api_calls", 2, idempotency_key="req-1")
+
+    clock.advance(hours=23, minutes=59, seconds=59)
+    assert await billing.track_usage("alice", "api_calls", 2, idempotency_key="req-1") == first
+    assert await billing.recorded_units("alice", "api_calls") == 2.0
+
+    later = clock.advance(seconds=2)  # 24 h + 1 s after the first call
+    again = await billing.track_usage("alice", "api_calls", 2, idempotency_key="req-1")
+    assert (again.recorded_at, again.usage.consumed_units) == (later, 4.0)
+    assert await billing.recorded_units("alice", "api_calls") == 4.0
+
+    # and the key's new window starts from the second recording
+    clock.advance(hours=1)
+    assert await billing.track_usage("alice", "api_calls", 2, idempotency_key="req-1") == again
+    assert await billing.recorded_units("alice", "api_calls") == 4.0
+
+
+async def test_idempotency_key_of_a_refused_track_is_not_remembered(billing: LocalBilling) -> None:
+    await billing.track_usage("alice", "api_calls", 9)
+    with pytest.raises(QuotaExceededError):
+        await billing.track_usage("alice", "api_calls", 5, idempotency_key="req-9")
+    retried = await billing.track_usage("alice", "api_calls", 1, idempotency_key="req-9")
+    assert (retried.quantity, retried.usage.consumed_units) == (1.0, 10.0)
+    assert await billing.recorded_units("alice", "api_calls") == 10.0
+
+
+async def test_different_idempotency_keys_both_count(billing: LocalBilling) -> None:
+    await billing.track_usage("alice", "api_calls", 1, idempotency_key="req-1")
+    await billing.track_usage("alice", "api_calls", 1, idempotency_key="req-2")
+    await billing.track_usage("alice", "api_calls", 1)
+    await billing.track_usage("alice", "api_calls", 1)
+    assert await billing.recorded_units("alice", "api_calls") == 4.0
+
+
+# -- period rollover --
+
+
+async def test_period_rollover_resets_usage(billing: LocalBilling, clock: Clock) -> None:
+    await billing.track_usage("alice", "api_calls", 10)
+    with pytest.raises(QuotaExceededError):
+        await billing.track_usage("alice", "api_calls", 1)
+
+    clock.now = PERIOD_END - timedelta(microseconds=1)
+    assert (await billing.check_entitlement("alice", "api_calls")).reason == "quota_exceeded"
+
+    clock.now = PERIOD_END  # exactly at the boundary: the new period
+    assert await billing.check_entitlement("alice", "api_calls") == Entitlement(
+        "api_calls",
+        has_access=True,
+        limit=10.0,
+        usage=0.0,
+        remaining=10.0,
+        resets_at=NEXT_PERIOD_END,
+        type="usage_quota",
+    )
+    result = await billing.track_usage("alice", "api_calls", 4)
+    assert result.usage == UsageSnapshot(4.0, 10.0, 6.0, PERIOD_END, NEXT_PERIOD_END)
+    assert await billing.recorded_units("alice", "api_calls") == 14.0  # across both periods
+
+    [metric] = (await billing.get_usage_metrics("alice", "api_calls")).metrics
+    assert (metric.period_start, metric.period_end, metric.consumed) == (PERIOD_END, NEXT_PERIOD_END, 4.0)
+
+
+async def test_period_rollover_many_periods_later(billing: LocalBilling, clock: Clock) -> None:
+    await billing.track_usage("alice", "api_calls", 10)
+    clock.now = datetime(2026, 7, 20, tzinfo=timezone.utc)
+    entitlement = await billing.check_entitlement("alice", "api_calls")
+    assert (entitlement.usage, entitlement.has_access) == (0.0, True)
+    assert entitlement.resets_at == datetime(2026, 8, 15, 12, tzinfo=timezone.utc)
+
+
+async def test_daily_plan_rolls_over_each_day(billing: LocalBilling, clock: Clock) -> None:
+    await billing.set_plan("carol", "daily")
+    await billing.track_usage("carol", "api_calls", 5)
+    with pytest.raises(QuotaExceededError):
+        await billing.track_usage("carol", "api_calls", 1)
+    clock.advance(days=1)
+    result = await billing.track_usage("carol", "api_calls", 5)
+    assert result.usage == UsageSnapshot(5.0, 5.0, 0.0, START + timedelta(days=1), START + timedelta(days=2))
+
+
+async def test_resets_in_days_is_ceiling_of_days_left(billing: LocalBilling, clock: Clock) -> None:
+    async def resets_in_days() -> int:
+        [metric] = (await billing.get_usage_metrics("alice", "api_calls")).metrics
+        return metric.resets_in_days
+
+    assert await resets_in_days() == 31  # Jan 15 12:00 -> Feb 15 12:00, exactly 31 days
+    clock.advance(seconds=1)
+    assert await resets_in_days() == 31  # 30 days 23:59:59 rounds up
+    clock.now = datetime(2024, 1, 20, 12, 0, 1, tzinfo=timezone.utc)
+    assert await resets_in_days() == 26
+    clock.now = datetime(2024, 2, 14, 12, tzinfo=timezone.utc)
+    assert await resets_in_days() == 1
+    clock.now = PERIOD_END - timedelta(seconds=1)
+    assert await resets_in_days() == 1
+    clock.now = PERIOD_END
+    assert await resets_in_days() == 29  # Feb 15 -> Mar 15, 2024 is a leap year
+
+
+# -- metrics --
+
+
+async def test_metrics_lists_usage_quotas_of_the_plan(billing: LocalBilling, clock: Clock) -> None:
+    await billing.track_usage("alice", "api_calls", 7)
+    await billing.track_usage("alice", "storage_gb", 0.5)
+    now = clock.advance(days=10)
+    assert await billing.get_usage_metrics("alice") == UsageMetrics(
+        customer_id="alice",
+        metrics=(
+            UsageMetric(
+                feature_key="api_calls",
+                feature_title="API calls",
+                product_name="Free",
+                consumed=7.0,
+                limit=10.0,
+                remaining=3.0,
+                percentage_used=70,
+                period_start=START,
+                period_end=PERIOD_END,
+                resets_in_days=math.ceil((PERIOD_END - now) / timedelta(days=1)),
+            ),
+            UsageMetric(
+                feature_key="storage_gb",
+                feature_title="Storage",
+                product_name="Free",
+                consumed=0.5,
+                limit=1.5,
+                remaining=1.0,
+                percentage_used=33,
+                period_start=START,
+                period_end=PERIOD_END,
+                resets_in_days=21,
+            ),
+        ),
+    )
+
+
+async def test_metrics_percentage_is_rounded_to_an_integer(billing: LocalBilling) -> None:
+    await billing.track_usage("alice", "storage_gb", 1.0)  # 66.67 %
+    await billing.track_usage("alice", "api_calls", 0.01)  # 0.1 %
+    metrics = {m.feature_key: m for m in (await billing.get_usage_metrics("alice")).metrics}
+    assert metrics["storage_gb"].percentage_used == 67
+    assert metrics["api_calls"].percentage_used == 0
+    await billing.track_usage("alice", "api_calls", 9.99)
+    [full] = (await billing.get_usage_metrics("alice", "api_calls")).metrics
+    assert (full.percentage_used, full.remaining) == (100, 0.0)
+
+
+async def test_metrics_unlimited_quota(billing: LocalBilling) -> None:
+    await billing.track_usage("bob", "storage_gb", 123.5)
+    result = await billing.get_usage_metrics("bob")
+    assert [m.feature_key for m in result.metrics] == ["api_calls", "storage_gb"]
+    storage = result.metrics[1]
+    assert (storage.product_name, storage.consumed, storage.limit, storage.remaining, storage.percentage_used) == (
+        "Pro",
+        123.5,
+        None,
+        None,
+        0,
+    )
+
+
+async def test_metrics_filter_by_feature_key(billing: LocalBilling) -> None:
+    await billing.track_usage("alice", "storage_gb", 0.75)
+    result = await billing.get_usage_metrics("alice", "storage_gb")
+    assert result.customer_id == "alice"
+    assert [(m.feature_key, m.consumed, m.percentage_used) for m in result.metrics] == [("storage_gb", 0.75, 50)]
+    # a granted feature that is not a quota, and one the plan lacks, give no metrics
+    assert await billing.get_usage_metrics("alice", "seats") == UsageMetrics("alice", ())
+    assert await billing.get_usage_metrics("alice", "teleport") == UsageMetrics("alice", ())
+
+
+async def test_metrics_unknown_customer(billing: LocalBilling) -> None:
+    with pytest.raises(CustomerNotFoundError) as excinfo:
+        await billing.get_usage_metrics("nobody")
+    assert (str(excinfo.value), excinfo.value.status) == ("Customer not found: nobody", 400)
+
+
+async def test_metrics_customer_without_plan_or_canceled(billing: LocalBilling) -> None:
+    await billing.set_plan("alice", None)
+    assert await billing.get_usage_metrics("alice") == UsageMetrics(customer_id="alice", metrics=())
+    await billing.cancel_subscription("bob")
+    assert await billing.get_usage_metrics("bob") == UsageMetrics(customer_id="bob", metrics=())
+
+
+# -- set_plan at run time --
+
+
+async def test_upgrade_keeps_the_period_usage_and_raises_the_limit(billing: LocalBilling, clock: Clock) -> None:
+    await billing.track_usage("alice", "api_calls", 10)
+    assert (await billing.check_entitlement("alice", "api_calls")).has_access is False
+    clock.advance(days=3)
+    await billing.set_plan("alice", "pro")
+    assert await billing.check_entitlement("alice", "api_calls") == Entitlement(
+        "api_calls",
+        has_access=True,
+        limit=1000.0,
+        usage=10.0,
+        remaining=990.0,
+        resets_at=PERIOD_END,
+        type="usage_quota",
+    )
+    assert (await billing.check_entitlement("alice", "export")).has_access is True
+    result = await billing.track_usage("alice", "api_calls", 5)
+    assert result.usage == UsageSnapshot(15.0, 1000.0, 985.0, START, PERIOD_END)
+
+
+async def test_downgrade_below_usage_blocks_tracking(billing: LocalBilling) -> None:
+    await billing.track_usage("bob", "api_calls", 50)
+    await billing.set_plan("bob", "free")
+    entitlement = await billing.check_entitlement("bob", "api_calls")
+    assert (entitlement.has_access, entitlement.reason, entitlement.usage, entitlement.remaining) == (
+        False,
+        "quota_exceeded",
+        50.0,
+        0.0,
+    )
+    with pytest.raises(QuotaExceededError):
+        await billing.track_usage("bob", "api_calls", 1)
+
+
+async def test_set_plan_creates_a_new_customer(billing: LocalBilling, clock: Clock) -> None:
+    with pytest.raises(CustomerNotFoundError):
+        await billing.check_entitlement("dave", "api_calls")
+    joined = clock.advance(days=2, hours=3)
+    await billing.set_plan("dave", "free")
+    entitlement = await billing.check_entitlement("dave", "api_calls")
+    assert (entitlement.has_access, entitlement.limit, entitlement.usage) == (True, 10.0, 0.0)
+    assert entitlement.resets_at == datetime(2024, 2, 17, 15, tzinfo=timezone.utc)
+    result = await billing.track_usage("dave", "api_calls", 1)
+    assert (result.usage.period_start, result.usage.period_end) == (
+        joined,
+        datetime(2024, 2, 17, 15, tzinfo=timezone.utc),
+    )
+
+
+async def test_set_plan_none_creates_a_customer_without_plan(billing: LocalBilling) -> None:
+    await billing.set_plan("erin", None)
+    assert (await billing.check_entitlement("erin", "api_calls")).reason == "no_active_subscription"
+
+
+async def test_set_plan_unknown_plan(billing: LocalBilling) -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        await billing.set_plan("erin", "gold")
+    assert str(excinfo.value) == "unknown plan 'gold' (known: daily, fifty, free, pro)"
+    assert isinstance(excinfo.value, ValueError)
+    with pytest.raises(CustomerNotFoundError):  # nothing was created
+        await billing.check_entitlement("erin", "api_calls")
+    with pytest.raises(ValidationError):
+        await billing.set_plan("alice", "gold")
+    assert (await billing.check_entitlement("alice", "api_calls")).limit == 10.0  # nothing was changed
+
+
+async def test_set_plan_started_at_reanchors_the_period(billing: LocalBilling, clock: Clock) -> None:
+    clock.now = datetime(2024, 1, 20, tzinfo=timezone.utc)
+    await billing.set_plan("alice", "free", started_at=datetime(2023, 12, 1, 9, tzinfo=timezone.utc))
+    [metric] = (await billing.get_usage_metrics("alice", "api_calls")).metrics
+    assert (metric.period_start, metric.period_end) == (
+        datetime(2024, 1, 1, 9, tzinfo=timezone.utc),
+        datetime(2024, 2, 1, 9, tzinfo=timezone.utc),
+    )
+    assert metric.resets_in_days == 13  # Jan 20 00:00 -> Feb 1 09:00 is 12 days 9 hours
+    result = await billing.track_usage("alice", "api_calls", 1)
+    assert result.usage.period_start == datetime(2024, 1, 1, 9, tzinfo=timezone.utc)
+
+
+async def test_set_plan_started_at_must_be_aware(billing: LocalBilling) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await billing.set_plan("alice", "pro", started_at=datetime(2024, 1, 1))
+    assert (await billing.check_entitlement("alice", "export")).has_access is False
+
+
+# -- concurrency (real SQLite file) --
+
+
+async def test_concurrent_tracks_never_exceed_the_limit(billing: LocalBilling) -> None:
+    await billing.set_plan("carol", "fifty")
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        try:
+            await billing.track_usage("carol", "api_calls", 1)
+        except QuotaExceededError:
+            outcomes.append("exceeded")
+        else:
+            outcomes.append("ok")
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(one)
+
+    assert (outcomes.count("ok"), outcomes.count("exceeded")) == (50, 150)
+    [metric] = (await billing.get_usage_metrics("carol", "api_calls")).metrics
+    assert (metric.consumed, metric.remaining, metric.percentage_used) == (50.0, 0.0, 100)
+    assert await billing.recorded_units("carol", "api_calls") == 50.0
+
+
+async def test_concurrent_tracks_with_the_same_idempotency_key_count_once(billing: LocalBilling) -> None:
+    results: list[TrackUsageResult] = []
+
+    async def one() -> None:
+        results.append(await billing.track_usage("bob", "api_calls", 1, idempotency_key="same-request"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(one)
+
+    assert len(results) == 20
+    assert all(result == results[0] for result in results)
+    assert results[0].usage.consumed_units == 1.0
+    assert await billing.recorded_units("bob", "api_calls") == 1.0
+    assert await consumed(billing, "bob") == 1.0
+
+
+async def test_two_engines_on_one_file_never_exceed_the_limit(database: Path, clock: Clock) -> None:
+    """Two engines (as two worker processes would) share the database: the limit holds across connections."""
+    outcomes: list[str] = []
+    async with (
+        LocalBilling.from_dict(PLANS, database, clock=clock) as first,
+        LocalBilling.from_dict(PLANS, database, clock=clock) as second,
+    ):
+        await first.set_plan("carol", "fifty")
+
+        async def one(engine: LocalBilling) -> None:
+            try:
+                await engine.track_usage("carol", "api_calls", 1)
+            except QuotaExceededError:
+                outcomes.append("exceeded")
+            else:
+                outcomes.append("ok")
+
+        async with anyio.create_task_group() as tg:
+            for index in range(120):
+                tg.start_soon(one, first if index % 2 else second)
+
+        assert (outcomes.count("ok"), outcomes.count("exceeded")) == (50, 70)
+        assert await first.recorded_units("carol", "api_calls") == 50.0
+        assert await consumed(second, "carol") == 50.0
+
+
+# -- durability --
+
+
+async def test_state_survives_reopening_the_database(database: Path, clock: Clock) -> None:
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as billing:
+        await billing.track_usage("alice", "api_calls", 3, idempotency_key="req-1")
+        await billing.track_usage("alice", "storage_gb", 0.25)
+        await billing.set_plan("dave", "pro")
+        await billing.cancel_subscription("bob")
+
+    clock.advance(hours=20)  # still inside the idempotency window
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as billing:
+        entitlement = await billing.check_entitlement("alice", "api_calls")
+        # usage kept, and the catalog customer's period still anchored at the first start
+        assert (entitlement.usage, entitlement.remaining, entitlement.resets_at) == (3.0, 7.0, PERIOD_END)
+        assert await consumed(billing, "alice", "storage_gb") == 0.25
+        assert (await billing.check_entitlement("dave", "export")).has_access is True
+        assert (await billing.check_entitlement("bob", "export")).reason == "subscription_not_active"
+        # the idempotency key is remembered too
+        replay = await billing.track_usage("alice", "api_calls", 3, idempotency_key="req-1")
+        assert (replay.recorded_at, replay.usage.consumed_units) == (START, 3.0)
+        assert await billing.recorded_units("alice", "api_calls") == 3.0
+
+
+async def test_database_file_is_in_wal_mode(billing: LocalBilling, database: Path) -> None:
+    await billing.track_usage("alice", "api_calls", 1)
+    assert billing.database == str(database)
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_memory_database_works(clock: Clock) -> None:
+    async with LocalBilling.from_dict(PLANS, ":memory:", clock=clock) as billing:
+        await billing.track_usage("alice", "api_calls", 2)
+        assert await consumed(billing, "alice") == 2.0
+
+
+async def test_aclose_via_method(database: Path, clock: Clock) -> None:
+    billing = LocalBilling.from_dict(PLANS, database, clock=clock)
+    try:
+        await billing.track_usage("alice", "api_calls", 1)
+    finally:
+        await billing.aclose()
+    assert repr(billing) == f"LocalBilling(database={str(database)!r}, plans=['daily', 'fifty', 'free', 'pro'])"
+
+
+# -- bad input is refused before any write --
+
+
+class NotJSON:
+    pass
+
+
+BAD_TRACKS = [
+    pytest.param({"customer_id": ""}, "customer_id must not be empty", id="empty-customer"),
+    pytest.param({"customer_id": "   "}, "customer_id must not be empty", id="whitespace-customer"),
+    pytest.param(
+        {"customer_id": "a" * 256}, "customer_id is 256 characters long; the maximum is 255", id="customer-256-chars"
+    ),
+    pytest.param({"customer_id": "ali\x00ce"}, "customer_id must not contain control characters", id="customer-nul"),
+    pytest.param({"customer_id": "alice\n"}, "customer_id must not contain control characters", id="customer-newline"),
+    pytest.param({"customer_id": 42}, "customer_id must be a string, got int", id="customer-int"),
+    pytest.param({"feature_key": ""}, "feature_key must not be empty", id="empty-feature"),
+    pytest.param({"feature_key": "api\x7fcalls"}, "feature_key must not contain control characters", id="feature-del"),
+    pytest.param({"quantity": 0}, "quantity must be greater than 0, got 0", id="zero"),
+    pytest.param({"quantity": 0.0}, "quantity must be greater than 0, got 0.0", id="zero-float"),
+    pytest.param({"quantity": -1}, "quantity must be greater than 0, got -1", id="negative"),
+    pytest.param({"quantity": math.nan}, "quantity must be a finite number, got nan", id="nan"),
+    pytest.param({"quantity": math.inf}, "quantity must be a finite number, got inf", id="inf"),
+    pytest.param({"quantity": -math.inf}, "quantity must be a finite number, got -inf", id="minus-inf"),
+    pytest.param({"quantity": True}, "quantity must be a number, got bool", id="bool"),
+    pytest.param({"quantity": "5"}, "quantity must be a number, got str", id="string"),
+    pytest.param({"quantity": None}, "quantity must be a number, got NoneType", id="none"),
+    pytest.param({"quantity": 1e-9}, "quantity 1e-09 is below the resolution of 1e-06 units", id="below-resolution"),
+    pytest.param({"quantity": 2e14}, "quantity 200000000000000.0 is above the maximum of 99999999999999", id="huge"),
+    pytest.param({"quantity": 10**14}, "quantity 100000000000000 is above the maximum of 99999999999999", id="1e14"),
+    pytest.param({"metadata": ["a", "b"]}, "metadata must be an object, got list", id="metadata-list"),
+    pytest.param({"metadata": "{}"}, "metadata must be an object, got str", id="metadata-str"),
+    pytest.param({"metadata": {"x": NotJSON()}}, "metadata must be JSON-serialisable: ", id="metadata-object"),
+    pytest.param({"metadata": {"x": math.nan}}, "metadata must be JSON-serialisable: ", id="metadata-nan"),
+    pytest.param({"metadata": {"x": "y" * 9000}}, "metadata is 9008 bytes as JSON; the maximum is 8192", id="big"),
+    pytest.param({"idempotency_key": ""}, "idempotency_key must not be empty", id="empty-idempotency-key"),
+    pytest.param(
+        {"idempotency_key": "k" * 256},
+        "idempotency_key is 256 characters long; the maximum is 255",
+        id="idempotency-key-256-chars",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_TRACKS)
+async def test_bad_track_input_is_refused_before_any_write(
+    billing: LocalBilling, override: dict[str, Any], message: str
+) -> None:
+    call: dict[str, Any] = {"customer_id": "alice", "feature_key": "api_calls", "quantity": 1}
+    call.update(override)
+    with pytest.raises(ValidationError) as excinfo:
+        await billing.track_usage(**call)
+    assert isinstance(excinfo.value, ValueError)
+    assert isinstance(excinfo.value, BillingOSError)
+    assert str(excinfo.value).startswith(message)
+    assert await billing.recorded_units("alice", "api_calls") == 0.0
+    assert await consumed(billing, "alice") == 0.0
+
+
+async def test_id_of_255_chars_is_accepted(billing: LocalBilling) -> None:
+    customer = "c" * 255
+    await billing.set_plan(customer, "free")
+    result = await billing.track_usage(customer, "api_calls", 1)
+    assert result.usage.consumed_units == 1.0
+
+
+async def test_smallest_quantity_is_accepted_on_unlimited_quota(billing: LocalBilling) -> None:
+    await billing.track_usage("bob", "storage_gb", 0.000001)
+    await billing.track_usage("bob", "storage_gb", 0.000001)
+    assert await consumed(billing, "bob", "storage_gb") == 0.000002
+
+
+@pytest.mark.parametrize("quantity", [99_999_999_999_999, 10_000_000_000_000])
+async def test_largest_quantities_are_accepted_on_unlimited_quota(billing: LocalBilling, quantity: int) -> None:
+    """Upstream stores DECIMAL(20,6), so 14 integer digits are valid and check_quantity lets them through."""
+    result = await billing.track_usage("bob", "storage_gb", quantity)
+    assert (result.quantity, result.usage.consumed_units, result.usage.limit_units) == (quantity, quantity, None)
+    assert await consumed(billing, "bob", "storage_gb") == quantity
+
+
+@pytest.mark.parametrize(
+    "customer_id", ["", " \t ", "x" * 256, "bad\x1fid", None], ids=["empty", "blank", "long", "control", "none"]
+)
+async def test_bad_customer_id_refused_by_every_call(billing: LocalBilling, customer_id: Any) -> None:
+    with pytest.raises(ValidationError):
+        await billing.check_entitlement(customer_id, "api_calls")
+    with pytest.raises(ValidationError):
+        await billing.get_usage_metrics(customer_id)
+    with pytest.raises(ValidationError):
+        await billing.set_plan(customer_id, "free")
+    with pytest.raises(ValidationError):
+        await billing.cancel_subscription(customer_id)
+
+
+async def test_bad_feature_key_refused_by_check_and_metrics(billing: LocalBilling) -> None:
+    with pytest.raises(ValidationError, match="feature_key must not be empty"):
+        await billing.check_entitlement("alice", " ")
+    with pytest.raises(ValidationError, match="feature_key must not contain control characters"):
+        await billing.get_usage_metrics("alice", "api\ncalls")
+
+
+# -- session tokens --
+
+
+async def test_session_token(billing: LocalBilling, clock: Clock) -> None:
+    now = clock.advance(minutes=30)
+    token = await billing.create_session_token("user_1", expires_in=600)
+    assert isinstance(token, SessionToken)
+    assert token.expires_at == now + timedelta(seconds=600)
+    assert isinstance(token.token, str) and len(token.token) >= 32
+    assert token.token not in repr(token)
+    assert repr(token) == f"SessionToken(token='***', expires_at={now + timedelta(seconds=600)!r})"
+
+    other = await billing.create_session_token(
+        "user_1",
+        external_organization_id="org_9",
+        allowed_operations=["read_usage"],
+        metadata={"plan": "free"},
+    )
+    assert other.token != token.token
+    assert other.expires_at == now + timedelta(seconds=3600)  # the default
+
+
+@pytest.mark.parametrize("expires_in", [60, 86400])
+async def test_session_token_bounds_accepted(billing: LocalBilling, expires_in: int) -> None:
+    token = await billing.create_session_token("user_1", expires_in=expires_in)
+    assert token.expires_at == START + timedelta(seconds=expires_in)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"expires_in": 59}, "expiresIn must be between 60 and 86400 seconds, got 59"),
+        ({"expires_in": 86401}, "expiresIn must be between 60 and 86400 seconds, got 86401"),
+        ({"expires_in": 0}, "expiresIn must be between 60 and 86400 seconds, got 0"),
+        ({"expires_in": True}, "expiresIn must be an integer number of seconds, got bool"),
+        ({"expires_in": 600.0}, "expiresIn must be an integer number of seconds, got float"),
+        ({"expires_in": "600"}, "expiresIn must be an integer number of seconds, got str"),
+        ({"external_user_id": ""}, "externalUserId must not be empty"),
+        ({"external_organization_id": "o\x00"}, "externalOrganizationId must not contain control characters"),
+        ({"allowed_operations": "read_usage"}, "allowedOperations must be a list of strings"),
+        ({"allowed_operations": ["ok", ""]}, "allowedOperations[] must not be empty"),
+        ({"metadata": [1]}, "metadata must be an object, got list"),
+    ],
+)
+async def test_session_token_bad_input(billing: LocalBilling, kwargs: dict[str, Any], message: str) -> None:
+    call: dict[str, Any] = {"external_user_id": "user_1", **kwargs}
+    with pytest.raises(ValidationError) as excinfo:
+        await billing.create_session_token(call.pop("external_user_id"), **call)
+    assert str(excinfo.value) == message
