@@ -15,17 +15,26 @@ from ._exceptions import (
 from ._models import Entitlement, SessionToken, TrackUsageResult, UsageMetric, UsageMetrics, UsageSnapshot
 from .backend import BillingBackend
 from .client import BillingOS, RetryPolicy
+from .context import UsageContext, get_usage_context, report_usage
+from .customers import from_api_key, from_state, from_user
 from .local import LocalBilling, PlansError
+from .middleware import BillingMiddleware
+from .responses import Denial
+from .routes import Metered
+from .tracker import TrackerStats, UsageEvent
 
 __all__ = [
     "AuthenticationError",
     "BillingBackend",
+    "BillingMiddleware",
     "BillingOS",
     "BillingOSError",
     "CustomerNotFoundError",
+    "Denial",
     "Entitlement",
     "InvalidResponseError",
     "LocalBilling",
+    "Metered",
     "NetworkError",
     "NotFoundError",
     "PlansError",
@@ -35,9 +44,17 @@ __all__ = [
     "ServerError",
     "SessionToken",
     "TrackUsageResult",
+    "TrackerStats",
+    "UsageContext",
+    "UsageEvent",
     "UsageMetric",
     "UsageMetrics",
     "UsageSnapshot",
     "ValidationError",
+    "from_api_key",
+    "from_state",
+    "from_user",
+    "get_usage_context",
+    "report_usage",
 ]
 __version__ = "0.1.0"

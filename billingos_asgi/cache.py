@@ -1,0 +1,246 @@
+"""The entitlement cache: one upstream check per (customer, feature) at a time, and local accounting.
+
+Each cached :class:`Quota` holds the last upstream answer plus the units this process has let
+through but not yet seen confirmed (``reserved`` while the request runs, ``unconfirmed`` while
+its usage event is on its way), so that a process never admits more than the limit between two
+upstream answers. All bookkeeping is synchronous: no lock, no await on the request path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from cachetools import LRUCache
+
+from ._exceptions import CustomerNotFoundError, QuotaExceededError
+from ._models import Entitlement, TrackUsageResult
+from .backend import BillingBackend
+
+__all__ = ["EntitlementCache", "Quota"]
+
+logger = logging.getLogger("billingos_asgi")
+
+DEFAULT_TTL = 30.0
+DEFAULT_STALE_TTL = 600.0
+DEFAULT_NEGATIVE_TTL = 30.0
+DEFAULT_MAX_SIZE = 10_000
+
+Key = tuple[str, str]
+Refresh = Callable[[], Coroutine[Any, Any, None]]
+Spawn = Callable[[Refresh], None]
+_EPSILON = 1e-9
+
+
+@dataclass(slots=True, eq=False)
+class Quota:
+    """What this process knows of one customer's feature."""
+
+    entitlement: Entitlement | None  # None: billing does not know the customer
+    fetched_at: float
+    limit: float | None = None  # a consumable quota's limit; None: not counted here
+    usage: float = 0.0  # confirmed upstream, in the current period
+    resets_at: float | None = None  # Unix time the period ends
+    reserved: float = 0.0  # admitted requests still running
+    unconfirmed: float = 0.0  # finished requests whose usage is not confirmed yet
+    tracked: bool = True  # False for flags and numeric limits: gated, never tracked
+    refreshing: bool = field(default=False)
+
+    @property
+    def remaining(self) -> float | None:
+        if self.limit is None:
+            return None
+        return max(0.0, self.limit - self.usage - self.reserved - self.unconfirmed)
+
+    def admit(self, quantity: float) -> int:
+        """Reserve ``quantity`` units and return 0, or return the status refusing the request (403/429)."""
+        entitlement = self.entitlement
+        if entitlement is None:
+            return 403
+        limit = self.limit
+        if limit is None:
+            return 0 if entitlement.has_access else 403
+        if not entitlement.has_access and entitlement.reason != "quota_exceeded":
+            return 403
+        pending = self.usage + self.reserved + self.unconfirmed
+        # A request whose size the endpoint reports later (quantity 0) needs at least something left.
+        if pending + quantity > limit + _EPSILON or (quantity == 0 and pending >= limit - _EPSILON):
+            return 429
+        self.reserved += quantity
+        return 0
+
+    def release(self, quantity: float) -> None:
+        """A reserved request failed or was refused: give its units back."""
+        self.reserved = max(0.0, self.reserved - quantity)
+
+    def settle(self, reserved: float, used: float) -> None:
+        """A reserved request succeeded with ``used`` units, now on their way upstream."""
+        self.reserved = max(0.0, self.reserved - reserved)
+        self.unconfirmed += used
+
+
+def _quota_from(entitlement: Entitlement, now: float) -> Quota:
+    counted = entitlement.type in (None, "usage_quota") and entitlement.limit is not None
+    return Quota(
+        entitlement=entitlement,
+        fetched_at=now,
+        limit=entitlement.limit if counted else None,
+        usage=entitlement.usage or 0.0,
+        resets_at=entitlement.resets_at.timestamp() if entitlement.resets_at else None,
+        tracked=entitlement.type in (None, "usage_quota"),
+    )
+
+
+class _Flight:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.result: Quota | None = None
+        self.error: Exception | None = None
+
+
+class EntitlementCache:
+    """Bounded LRU of :class:`Quota` with TTL, stale-while-revalidate and single-flight misses.
+
+    A fresh entry (younger than ``ttl``) is used as is. A stale one (younger than ``stale_ttl``)
+    is used too while one background refresh runs, so a hot key never waits on the network (when
+    a ``spawn`` function is set: the middleware sets it from the lifespan's task group). Unknown
+    customers are cached for ``negative_ttl``. A period that has ended is never used.
+    """
+
+    def __init__(
+        self,
+        backend: BillingBackend,
+        *,
+        ttl: float = DEFAULT_TTL,
+        stale_ttl: float = DEFAULT_STALE_TTL,
+        negative_ttl: float = DEFAULT_NEGATIVE_TTL,
+        max_size: int = DEFAULT_MAX_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if ttl <= 0 or stale_ttl < ttl or negative_ttl <= 0 or max_size < 1:
+            raise ValueError("cache: need ttl > 0, stale_ttl >= ttl, negative_ttl > 0 and max_size >= 1")
+        self._backend = backend
+        self._ttl = ttl
+        self._stale_ttl = stale_ttl
+        self._negative_ttl = negative_ttl
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._entries: LRUCache[Key, Quota] = LRUCache(maxsize=max_size)
+        self._flights: dict[Key, _Flight] = {}
+        self.spawn: Spawn | None = None
+        self.upstream_checks = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, customer_id: str, feature_key: str) -> Quota | None:
+        """The usable entry without waiting, or None when a (blocking) :meth:`fetch` is needed."""
+        key = (customer_id, feature_key)
+        quota = self._entries.get(key)
+        if quota is None:
+            return None
+        if quota.resets_at is not None and self._wall_clock() >= quota.resets_at:
+            return None  # a new period started: the cached usage no longer applies
+        age = self._clock() - quota.fetched_at
+        if quota.entitlement is None:
+            return quota if age < self._negative_ttl else None
+        if age < self._ttl:
+            return quota
+        if age < self._stale_ttl and self.spawn is not None:
+            if not quota.refreshing:
+                quota.refreshing = True
+                self.spawn(lambda: self._refresh(key))
+            return quota
+        return None
+
+    async def fetch(self, customer_id: str, feature_key: str) -> Quota:
+        """Ask upstream, once for all concurrent callers of the same key.
+
+        Raises the backend's error when upstream fails and nothing at all is cached.
+        """
+        key = (customer_id, feature_key)
+        while True:
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+                try:
+                    flight.result = await self._load(key)
+                    return flight.result
+                except Exception as exc:
+                    flight.error = exc
+                    raise
+                finally:
+                    del self._flights[key]
+                    flight.done.set()
+            await flight.done.wait()
+            if flight.result is not None:
+                return flight.result
+            if flight.error is not None:
+                raise flight.error
+            # The leader was cancelled (its client went away): take over.
+
+    async def _load(self, key: Key) -> Quota:
+        self.upstream_checks += 1
+        previous = self._entries.get(key)
+        try:
+            entitlement = await self._backend.check_entitlement(*key)
+        except CustomerNotFoundError:
+            quota = Quota(entitlement=None, fetched_at=self._clock())
+            self._entries[key] = quota
+            return quota
+        except Exception:
+            if previous is not None:  # upstream is down: a stale answer beats none
+                previous.refreshing = False
+                logger.warning("billing check for %s/%s failed; using the cached answer", *key, exc_info=True)
+                return previous
+            raise
+        fresh = _quota_from(entitlement, self._clock())
+        if previous is not None and previous.entitlement is not None:
+            # Keep this process's accounting; usage only grows within a period.
+            fresh.reserved, fresh.unconfirmed = previous.reserved, previous.unconfirmed
+            if fresh.resets_at == previous.resets_at:
+                fresh.usage = max(fresh.usage, previous.usage)
+        self._entries[key] = fresh
+        return fresh
+
+    async def _refresh(self, key: Key) -> None:
+        try:
+            await self.fetch(*key)
+        except Exception:
+            logger.warning("background refresh of %s/%s failed", *key, exc_info=True)
+            quota = self._entries.get(key)
+            if quota is not None:
+                quota.refreshing = False
+
+    def confirm(self, customer_id: str, feature_key: str, units: float, result: TrackUsageResult) -> None:
+        """Upstream recorded ``units``: the track answer's usage figures refresh the entry."""
+        quota = self._entries.get((customer_id, feature_key))
+        if quota is None or quota.entitlement is None:
+            return
+        quota.unconfirmed = max(0.0, quota.unconfirmed - units)
+        usage = result.usage
+        period_end = usage.period_end.timestamp()
+        if quota.resets_at is None or period_end > quota.resets_at:
+            quota.usage, quota.resets_at = usage.consumed_units, period_end
+        elif period_end == quota.resets_at:
+            quota.usage = max(quota.usage, usage.consumed_units)
+        quota.limit = usage.limit_units  # admission compares usage with the limit itself
+        quota.fetched_at = self._clock()
+
+    def reject(self, customer_id: str, feature_key: str, units: float, error: Exception | None) -> None:
+        """Upstream refused ``units``: stop counting them, and re-check before trusting the entry again."""
+        quota = self._entries.get((customer_id, feature_key))
+        if quota is None:
+            return
+        quota.unconfirmed = max(0.0, quota.unconfirmed - units)
+        if isinstance(error, QuotaExceededError) and quota.limit is not None:
+            quota.usage = max(quota.usage, quota.limit)
+        quota.fetched_at = -math.inf

@@ -1,0 +1,334 @@
+"""``BillingMiddleware``: the entitlement gate and zero-code metering, as pure ASGI.
+
+For a metered request, in order (SPEC section 5): resolve the customer (401 when none), decide
+from the cached entitlement and this process's pending units (403 / 429), run the app while
+watching its response, and once a response with status < 400 has sent its last byte, queue one
+usage event keyed by the request id. Everything here is synchronous bookkeeping except the app
+call, the customer resolver and a cache miss.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import anyio
+from anyio.abc import TaskGroup
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .backend import BillingBackend
+from .cache import (
+    DEFAULT_MAX_SIZE,
+    DEFAULT_NEGATIVE_TTL,
+    DEFAULT_STALE_TTL,
+    DEFAULT_TTL,
+    EntitlementCache,
+    Quota,
+    Refresh,
+)
+from .context import UsageContext, _current
+from .customers import CustomerResolver
+from .responses import Denial, ProblemFactory, problem_response, quota_headers
+from .routes import Metered, RouteTable
+from .tracker import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_QUEUE, RejectedCallback, Tracker, UsageEvent
+
+__all__ = ["BillingMiddleware"]
+
+logger = logging.getLogger("billingos_asgi")
+
+OnError = Literal["allow", "deny"]
+_REQUEST_ID_HEADER = b"x-request-id"
+_MAX_REQUEST_ID = 128
+
+
+class _HookFailed(Exception):
+    """A user hook raised or returned nonsense (already logged)."""
+
+
+def _trusted_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == _REQUEST_ID_HEADER:
+            text: str = value.decode("latin-1")
+            return text if 0 < len(text) <= _MAX_REQUEST_ID and text.isascii() and text.isprintable() else None
+    return None
+
+
+class BillingMiddleware:
+    """Meter an ASGI app with BillingOS: ``app.add_middleware(BillingMiddleware, billing=..., customer=...)``.
+
+    ``routes`` maps ``"METHOD /path/{param}"`` (method optional) to a feature key or a
+    :class:`Metered`; ``default_feature`` meters every other route not in ``exclude`` (paths or
+    templates; a trailing ``*`` excludes a prefix). ``on_error`` decides requests when billing
+    is unreachable with nothing cached, or a user hook raises: ``"allow"`` (the default) lets
+    them through, ``"deny"`` answers 503. A client-sent ``X-Request-ID`` becomes the idempotency
+    key only with ``trust_request_id=True`` (behind a gateway that sets it); otherwise every
+    request gets a fresh id, so a client repeating an id is still billed for every request.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        billing: BillingBackend,
+        customer: CustomerResolver,
+        routes: Mapping[str, str | Metered] | None = None,
+        default_feature: str | Metered | None = None,
+        exclude: Iterable[str] = (),
+        on_error: OnError = "allow",
+        trust_request_id: bool = False,
+        problem_factory: ProblemFactory | None = None,
+        upgrade_url: str | None = None,
+        cache_ttl: float = DEFAULT_TTL,
+        cache_stale_ttl: float = DEFAULT_STALE_TTL,
+        cache_negative_ttl: float = DEFAULT_NEGATIVE_TTL,
+        cache_size: int = DEFAULT_MAX_SIZE,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        on_rejected: RejectedCallback | None = None,
+    ) -> None:
+        if on_error not in ("allow", "deny"):
+            raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
+        if not callable(customer):
+            raise ValueError("customer must be a callable taking the request and returning a customer id or None")
+        self.app = app
+        self.billing = billing
+        self.routes = RouteTable(routes, default_feature=default_feature, exclude=exclude)
+        self.cache = EntitlementCache(
+            billing, ttl=cache_ttl, stale_ttl=cache_stale_ttl, negative_ttl=cache_negative_ttl, max_size=cache_size
+        )
+        self.tracker = Tracker(
+            billing, self.cache, max_queue=max_queue, drain_timeout=drain_timeout, on_rejected=on_rejected
+        )
+        self._resolve = customer
+        self._resolve_is_async = inspect.iscoroutinefunction(customer) or inspect.iscoroutinefunction(
+            getattr(customer, "__call__", None)  # noqa: B004 - an async callable object
+        )
+        self._allow_on_error = on_error == "allow"
+        self._trust_request_id = trust_request_id
+        self._problem_factory = problem_factory
+        self._upgrade_url = upgrade_url
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        metered = self.routes.match(scope["method"], scope["path"])
+        if metered is None:
+            await self.app(scope, receive, send)
+            return
+        await self._metered(scope, receive, send, metered)
+
+    # -- the decision table --
+
+    async def _metered(self, scope: Scope, receive: Receive, send: Send, metered: Metered) -> None:
+        request = Request(scope, receive)
+        feature = metered.feature
+        try:
+            customer = await self._customer(request)
+        except _HookFailed:
+            await self._on_error(request, feature, "the customer resolver failed", scope, receive, send)
+            return
+        if customer is None:
+            denial = Denial(401, "this route is metered: sign in first", request, feature)
+            await self._deny(denial, scope, receive, send)
+            return
+        quota = self.cache.get(customer, feature)
+        if quota is None:
+            try:
+                quota = await self.cache.fetch(customer, feature)
+            except Exception:
+                logger.warning("billing check for %s/%s failed with nothing cached", customer, feature, exc_info=True)
+                if not self._allow_on_error:
+                    denial = Denial(503, "billing is unavailable", request, feature, customer)
+                    await self._deny(denial, scope, receive, send)
+                    return
+        quantity = await self._quantity(metered, request)
+        if quantity is None:
+            await self._on_error(request, feature, "the quantity function failed", scope, receive, send)
+            return
+        if quota is not None:
+            status = quota.admit(quantity)
+            if status:
+                await self._deny(self._denial(status, request, feature, customer, quota), scope, receive, send)
+                return
+        await self._run(scope, receive, send, metered, customer, quantity, quota)
+
+    async def _run(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        metered: Metered,
+        customer: str,
+        quantity: float,
+        quota: Quota | None,
+    ) -> None:
+        """Call the app, watching whether its response succeeds and completes, then bill or release."""
+        request_id = (self._trust_request_id and _trusted_request_id(scope)) or str(uuid.uuid4())
+        context = UsageContext(request_id, customer, metered.feature, quantity)
+        scope.setdefault("state", {})["billing"] = context
+        status = 0
+        completed = False
+        disconnected = False
+
+        async def watch_receive() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect" and not completed:
+                disconnected = True
+            return message
+
+        async def watch_send(message: Message) -> None:
+            nonlocal status, completed
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *self._headers(request_id, metered.feature, quota)]
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                await send(message)
+                completed = not disconnected
+                return
+            await send(message)
+
+        token = _current.set(context)
+        try:
+            await self.app(scope, watch_receive, watch_send)
+        except BaseException:
+            if quota is not None:
+                quota.release(quantity)
+            raise
+        finally:
+            _current.reset(token)
+        succeeded = completed and status < 400
+        used = quantity + context.reported if succeeded else (context.reported if metered.bill_partial else 0.0)
+        if quota is not None:
+            if used > 0 and quota.tracked:
+                quota.settle(quantity, used)
+            else:
+                quota.release(quantity)
+        if used > 0 and (quota is None or quota.tracked):
+            event = UsageEvent(customer, metered.feature, used, f"{request_id}:{metered.feature}")
+            if not self.tracker.submit(event):
+                await self.tracker.send(event)  # no lifespan: the response is already complete
+
+    def _headers(self, request_id: str, feature: str, quota: Quota | None) -> list[tuple[bytes, bytes]]:
+        headers = [(b"x-request-id", request_id.encode())]
+        if quota is not None and quota.limit is not None:
+            remaining = quota.remaining or 0.0
+            for name, value in quota_headers(feature, quota.limit, remaining, quota.resets_at, time.time()).items():
+                headers.append((name.lower().encode(), value.encode()))
+        return headers
+
+    # -- user hooks, called so that their failure cannot take a request down silently --
+
+    async def _customer(self, request: Request) -> str | None:
+        try:
+            customer = self._resolve(request)
+            if self._resolve_is_async or inspect.isawaitable(customer):
+                customer = await customer  # type: ignore[misc]
+        except Exception:
+            logger.exception("customer resolver failed on %s %s", request.method, request.url.path)
+            raise _HookFailed from None
+        if customer is None or (isinstance(customer, str) and 0 < len(customer) <= 255 and customer.strip()):
+            return customer
+        logger.error("customer resolver returned %r, not a customer id (a non-empty string) or None", customer)
+        raise _HookFailed
+
+    async def _quantity(self, metered: Metered, request: Request) -> float | None:
+        quantity = metered.quantity
+        if quantity is None:
+            return 0.0
+        if not callable(quantity):
+            return float(quantity)
+        try:
+            value = quantity(request)
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception:
+            logger.exception("quantity function of %r failed", metered.feature)
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            logger.error("quantity function of %r returned %r, not a finite number >= 0", metered.feature, value)
+            return None
+        return float(value)
+
+    async def _on_error(
+        self, request: Request, feature: str, detail: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """A hook failed: let the request through unbilled, or answer 503, as ``on_error`` says."""
+        if self._allow_on_error:
+            await self.app(scope, receive, send)
+        else:
+            await self._deny(Denial(503, detail, request, feature), scope, receive, send)
+
+    # -- answers --
+
+    def _denial(self, status: int, request: Request, feature: str, customer: str, quota: Quota) -> Denial:
+        if quota.entitlement is None:
+            detail = "billing does not know this customer"
+        elif status == 429:
+            detail = f"the {feature} quota of this billing period is used up"
+        else:
+            detail = f"your plan does not include {feature}"
+            if quota.entitlement.reason == "subscription_not_active":
+                detail = "your subscription is not active"
+        return Denial(
+            status,
+            detail,
+            request,
+            feature,
+            customer,
+            limit=quota.limit,
+            usage=None if quota.limit is None else quota.usage + quota.reserved + quota.unconfirmed,
+            resets_at=quota.resets_at,
+            upgrade_url=self._upgrade_url,
+        )
+
+    async def _deny(self, denial: Denial, scope: Scope, receive: Receive, send: Send) -> None:
+        response = None
+        if self._problem_factory is not None:
+            try:
+                response = self._problem_factory(denial)
+            except Exception:
+                logger.exception("problem_factory failed; answering with the default problem response")
+        await (response or problem_response(denial))(scope, receive, send)
+
+    # -- lifespan: the tracker's worker and the cache's refreshes live in one task group --
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as task_group:
+
+            async def lifespan_receive() -> Message:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    self._start(task_group)
+                elif message["type"] == "lifespan.shutdown":
+                    await self._stop()  # before the app's own shutdown closes the billing client
+                return message
+
+            try:
+                await self.app(scope, lifespan_receive, send)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._stop()
+                task_group.cancel_scope.cancel()
+
+    def _start(self, task_group: TaskGroup) -> None:
+        self.tracker.start(task_group)
+
+        def spawn(refresh: Refresh) -> None:
+            task_group.start_soon(refresh)
+
+        self.cache.spawn = spawn
+
+    async def _stop(self) -> None:
+        self.cache.spawn = None
+        await self.tracker.stop()

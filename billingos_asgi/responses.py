@@ -1,0 +1,93 @@
+"""The middleware's own answers (401 / 403 / 429 / 503) as RFC 9457 problem details, and the quota headers."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+__all__ = ["Denial", "ProblemFactory", "problem_response"]
+
+PROBLEM_TYPE = "https://docs.billingos.dev/problems/"
+_TITLES = {
+    401: ("unauthenticated", "Authentication required"),
+    403: ("no-access", "Feature not included in your plan"),
+    429: ("quota-exceeded", "Usage quota exhausted"),
+    503: ("billing-unavailable", "Billing service unavailable"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why the middleware answered instead of the app; what a custom response factory receives."""
+
+    status: int
+    detail: str
+    request: Request
+    feature: str
+    customer_id: str | None = None
+    limit: float | None = None
+    usage: float | None = None
+    resets_at: float | None = None  # Unix time of the period's end
+    upgrade_url: str | None = None
+
+    @property
+    def retry_after(self) -> int | None:
+        """Seconds until the quota resets (429), or a short wait when billing is unavailable (503)."""
+        if self.status == 503:
+            return 5
+        if self.status == 429 and self.resets_at is not None:
+            return max(1, math.ceil(self.resets_at - datetime.now(timezone.utc).timestamp()))
+        return None
+
+
+ProblemFactory = Callable[[Denial], Response]
+
+
+def quota_headers(feature: str, limit: float, remaining: float, resets_at: float | None, now: float) -> dict[str, str]:
+    """IETF ``RateLimit`` / ``RateLimit-Policy`` fields for a feature's quota."""
+    name = json.dumps(feature)  # an sf-string: quoted, escaped
+    left = max(0, math.floor(remaining))
+    headers = {"RateLimit-Policy": f"{name};q={_number(limit)}", "RateLimit": f"{name};r={left}"}
+    if resets_at is not None:
+        headers["RateLimit"] += f";t={max(0, math.ceil(resets_at - now))}"
+    return headers
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def problem_response(denial: Denial) -> Response:
+    """The default answer: ``application/problem+json`` with the quota's figures as extension members."""
+    slug, title = _TITLES.get(denial.status, ("error", "Request refused"))
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE + slug,
+        "title": title,
+        "status": denial.status,
+        "detail": denial.detail,
+        "feature": denial.feature,
+        "limit": denial.limit,
+        "usage": denial.usage,
+        "resets_at": None
+        if denial.resets_at is None
+        else datetime.fromtimestamp(denial.resets_at, timezone.utc).isoformat().replace("+00:00", "Z"),
+    }
+    if denial.upgrade_url and denial.status in (403, 429):
+        body["upgrade_url"] = denial.upgrade_url
+    headers: dict[str, str] = {}
+    retry_after = denial.retry_after
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if denial.limit is not None and denial.usage is not None:
+        now = datetime.now(timezone.utc).timestamp()
+        headers.update(quota_headers(denial.feature, denial.limit, denial.limit - denial.usage, denial.resets_at, now))
+    return Response(
+        json.dumps(body, allow_nan=False), denial.status, headers=headers, media_type="application/problem+json"
+    )

@@ -1,0 +1,141 @@
+"""Per-route metering configuration, compiled once into a table the hot path can look up cheaply.
+
+Keys are Starlette path templates with an optional method: ``"POST /v1/search"``,
+``"/v1/items/{item_id:int}"``. Paths are the full request path (mount prefixes included), so a
+route inside a ``Mount`` is configured by the path the client calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.routing import compile_path
+
+from ._validation import check_id
+
+__all__ = ["Metered", "RouteTable"]
+
+QuantityFunction = Callable[[Request], float | Awaitable[float]]
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
+@dataclass(frozen=True, slots=True)
+class Metered:
+    """A metered route: its feature and how many units one successful request uses.
+
+    ``quantity`` is a number, a callable of the request (sync or async; it must not read the
+    body), or None when the endpoint reports its own units with :func:`report_usage` (for
+    instance the tokens an LLM call used). Reported units add to a fixed quantity too.
+    ``bill_partial``: keep the units reported before a client disconnect (default: an aborted
+    response is not billed).
+    """
+
+    feature: str
+    quantity: float | QuantityFunction | None = 1
+    bill_partial: bool = False
+
+    def __post_init__(self) -> None:
+        check_id("feature", self.feature)
+        q = self.quantity
+        if q is not None and not callable(q):
+            if isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0 or q == float("inf"):
+                raise ValueError(f"Metered({self.feature!r}): quantity must be a finite number >= 0, got {q!r}")
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.quantity) or inspect.iscoroutinefunction(
+            getattr(self.quantity, "__call__", None)  # noqa: B004 - an async callable object
+        )
+
+
+def _split_key(key: str) -> tuple[str | None, str]:
+    prefix, _, path = key.strip().rpartition(" ")
+    method = prefix.strip().upper() or None
+    if method is not None and method not in _METHODS:
+        raise ValueError(f"routes: {key!r}: unknown HTTP method {method!r}")
+    if not path.startswith("/"):
+        raise ValueError(f"routes: {key!r}: the path must start with '/'")
+    return method, path
+
+
+class RouteTable:
+    """Which feature (if any) a request meters: exclusions first, then routes, then the default."""
+
+    def __init__(
+        self,
+        routes: Mapping[str, str | Metered] | None = None,
+        *,
+        default_feature: str | Metered | None = None,
+        exclude: Iterable[str] = (),
+    ) -> None:
+        self._static: dict[tuple[str | None, str], Metered] = {}
+        self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
+        for key, value in (routes or {}).items():
+            method, path = _split_key(key)
+            metered = value if isinstance(value, Metered) else Metered(value)
+            regex, _, convertors = compile_path(path)
+            if convertors:
+                self._dynamic.append((method, regex, metered))
+            else:
+                if (method, path) in self._static:
+                    raise ValueError(f"routes: {key!r} is configured twice")
+                self._static[(method, path)] = metered
+        if isinstance(default_feature, str):
+            default_feature = Metered(default_feature)
+        self._default = default_feature
+        excluded_paths: set[str] = set()
+        prefixes: list[str] = []
+        self._excluded_patterns: list[re.Pattern[str]] = []
+        for path in exclude:
+            if not path.startswith("/"):
+                raise ValueError(f"exclude: {path!r}: the path must start with '/'")
+            if path.endswith("*"):
+                prefixes.append(path[:-1])
+                continue
+            regex, _, convertors = compile_path(path)
+            if convertors:
+                self._excluded_patterns.append(regex)
+            else:
+                excluded_paths.add(path)
+        self._excluded = frozenset(excluded_paths)
+        self._excluded_prefixes = tuple(prefixes)
+        # Static (method, path) lookups, dynamic routes and the default need no per-request work
+        # beyond a dict lookup when nothing dynamic or excluded-by-pattern is configured.
+        self._simple = not self._dynamic and not self._excluded_patterns and not prefixes
+
+    @property
+    def features(self) -> frozenset[str]:
+        """Every feature any route (or the default) meters."""
+        found = {m.feature for m in self._static.values()} | {m.feature for _, _, m in self._dynamic}
+        if self._default is not None:
+            found.add(self._default.feature)
+        return frozenset(found)
+
+    def match(self, method: str, path: str) -> Metered | None:
+        """The metering of ``method path``, or None when it is not metered or is excluded."""
+        if path in self._excluded:
+            return None
+        static = self._static
+        if static:
+            if method == "HEAD":
+                method = "GET"
+            found = static.get((method, path)) or static.get((None, path))
+            if found is not None:
+                return found
+        if self._simple:
+            return self._default
+        if path.startswith(self._excluded_prefixes) and self._excluded_prefixes:
+            return None
+        for pattern in self._excluded_patterns:
+            if pattern.match(path):
+                return None
+        for route_method, regex, metered in self._dynamic:
+            if (route_method is None or route_method == method or (method == "HEAD" and route_method == "GET")) and (
+                regex.match(path)
+            ):
+                return metered
+        return self._default
