@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 
-from . import bench_client_server, bench_local_engine
+from . import bench_client_server, bench_local_engine, bench_middleware
 from ._util import machine
 
 
@@ -12,6 +12,7 @@ async def main() -> None:
     print(f"billingos-asgi benchmarks on {machine()}")
     await bench_local_engine.run()
     await bench_client_server.run()
+    await bench_middleware.run()
 
 
 if __name__ == "__main__":

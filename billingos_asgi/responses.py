@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -50,14 +52,21 @@ class Denial:
 ProblemFactory = Callable[[Denial], Response]
 
 
-def quota_headers(feature: str, limit: float, remaining: float, resets_at: float | None, now: float) -> dict[str, str]:
-    """IETF ``RateLimit`` / ``RateLimit-Policy`` fields for a feature's quota."""
-    name = json.dumps(feature)  # an sf-string: quoted, escaped
-    left = max(0, math.floor(remaining))
-    headers = {"RateLimit-Policy": f"{name};q={_number(limit)}", "RateLimit": f"{name};r={left}"}
+@functools.lru_cache(maxsize=1024)
+def _policy(feature: str, limit: float) -> tuple[bytes, bytes]:
+    """The feature as an sf-string, and the ``RateLimit-Policy`` value (a few per plan: cached)."""
+    name = json.dumps(feature).encode()
+    return name, name + b";q=" + _number(limit).encode()
+
+
+def quota_headers(feature: str, limit: float, remaining: float, resets_at: float | None) -> list[tuple[bytes, bytes]]:
+    """IETF ``RateLimit-Policy`` and ``RateLimit`` fields (raw ASGI headers) for a feature's quota."""
+    name, policy = _policy(feature, limit)
+    value = b"%s;r=%d" % (name, remaining if remaining > 0 else 0)
     if resets_at is not None:
-        headers["RateLimit"] += f";t={max(0, math.ceil(resets_at - now))}"
-    return headers
+        left = resets_at - time.time()
+        value += b";t=%d" % (math.ceil(left) if left > 0 else 0)
+    return [(b"ratelimit-policy", policy), (b"ratelimit", value)]
 
 
 def _number(value: float) -> str:
@@ -86,8 +95,9 @@ def problem_response(denial: Denial) -> Response:
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     if denial.limit is not None and denial.usage is not None:
-        now = datetime.now(timezone.utc).timestamp()
-        headers.update(quota_headers(denial.feature, denial.limit, denial.limit - denial.usage, denial.resets_at, now))
+        remaining = denial.limit - denial.usage
+        for name, value in quota_headers(denial.feature, denial.limit, remaining, denial.resets_at):
+            headers[name.decode()] = value.decode()
     return Response(
         json.dumps(body, allow_nan=False), denial.status, headers=headers, media_type="application/problem+json"
     )

@@ -9,6 +9,7 @@ handed to the ``on_rejected`` callback.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ logger = logging.getLogger("billingos_asgi")
 DEFAULT_MAX_QUEUE = 10_000
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_MAX_CONCURRENCY = 8
+_REPORT_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +81,12 @@ class Tracker:
         self._max_concurrency = max_concurrency
         self._on_rejected = on_rejected
         self._queue: deque[UsageEvent] = deque()
-        self._wakeup: anyio.Event | None = None
+        self._idle: list[anyio.Event] = []  # one per sender waiting for work
         self._closing = False
         self._done: anyio.Event | None = None
         self.stats = TrackerStats()
+        self._last_report = -_REPORT_INTERVAL
+        self._unreported = 0
 
     @property
     def running(self) -> bool:
@@ -97,10 +101,8 @@ class Tracker:
             return True
         self._queue.append(event)
         self.stats.queued += 1
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            wakeup.set()
+        if self._idle:
+            self._idle.pop().set()  # wake one sender, not all of them
         return True
 
     def start(self, task_group: TaskGroup) -> None:
@@ -114,8 +116,8 @@ class Tracker:
         if done is None or self._closing:
             return
         self._closing = True
-        if self._wakeup is not None:
-            self._wakeup.set()
+        while self._idle:
+            self._idle.pop().set()
         with anyio.move_on_after(self._drain_timeout):
             await done.wait()
         if not done.is_set():
@@ -127,26 +129,25 @@ class Tracker:
         self._done = None
 
     async def _work(self, done: anyio.Event) -> None:
-        slots = anyio.Semaphore(self._max_concurrency)
+        """``max_concurrency`` long-lived senders share the queue: no task per event."""
         try:
             async with anyio.create_task_group() as senders:
-                while True:
-                    if not self._queue:
-                        if self._closing:
-                            break
-                        self._wakeup = anyio.Event()
-                        await self._wakeup.wait()
-                        continue
-                    await slots.acquire()
-                    senders.start_soon(self._send_and_release, self._queue.popleft(), slots)
+                for _ in range(self._max_concurrency):
+                    senders.start_soon(self._sender)
         finally:
             done.set()
 
-    async def _send_and_release(self, event: UsageEvent, slots: anyio.Semaphore) -> None:
-        try:
-            await self.send(event)
-        finally:
-            slots.release()
+    async def _sender(self) -> None:
+        queue = self._queue
+        while True:
+            if queue:
+                await self.send(queue.popleft())
+                continue
+            if self._closing:
+                return
+            wakeup = anyio.Event()
+            self._idle.append(wakeup)
+            await wakeup.wait()
 
     async def send(self, event: UsageEvent) -> None:
         """Deliver one event now; outcomes are counted and fed back into the cache, never raised."""
@@ -174,15 +175,22 @@ class Tracker:
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
         category = f"{outcome}: {reason if error is None else type(error).__name__}"  # bounded set of keys
         self.stats.reasons[category] = self.stats.reasons.get(category, 0) + 1
-        logger.error(
-            "usage event %s (%s %s x%g) %s: %s",
-            event.idempotency_key,
-            event.customer_id,
-            event.feature_key,
-            event.quantity,
-            outcome,
-            reason,
-        )
+        now = time.monotonic()
+        if now - self._last_report < _REPORT_INTERVAL:
+            self._unreported += 1  # a storm of failures is summarised, not logged line by line
+        else:
+            more = f" ({self._unreported} more lost events since the last report)" if self._unreported else ""
+            self._last_report, self._unreported = now, 0
+            logger.error(
+                "usage event %s (%s %s x%g) %s: %s%s",
+                event.idempotency_key,
+                event.customer_id,
+                event.feature_key,
+                event.quantity,
+                outcome,
+                reason,
+                more,
+            )
         if self._on_rejected is not None:
             try:
                 self._on_rejected(event, reason)
