@@ -75,13 +75,8 @@ class Quota:
         return 0
 
     def release(self, quantity: float) -> None:
-        """A reserved request failed or was refused: give its units back."""
+        """A reserved request finished: its units are either dropped or now counted as unconfirmed."""
         self.reserved = max(0.0, self.reserved - quantity)
-
-    def settle(self, reserved: float, used: float) -> None:
-        """A reserved request succeeded with ``used`` units, now on their way upstream."""
-        self.reserved = max(0.0, self.reserved - reserved)
-        self.unconfirmed += used
 
 
 def _quota_from(entitlement: Entitlement, now: float) -> Quota:

@@ -17,7 +17,7 @@ from typing import Literal
 
 import anyio
 from anyio.abc import TaskGroup
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .backend import BillingBackend
@@ -42,6 +42,7 @@ logger = logging.getLogger("billingos_asgi")
 
 OnError = Literal["allow", "deny"]
 _REQUEST_ID_HEADER = b"x-request-id"
+_PATHSEND = "http.response.pathsend"
 _MAX_REQUEST_ID = 128
 
 
@@ -124,7 +125,11 @@ class BillingMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        metered = self.routes.match(scope["method"], scope["path"])
+        path = scope["path"]
+        root_path = scope.get("root_path")
+        if root_path and path.startswith(root_path):  # route on what the app routes on, as Starlette does
+            path = path[len(root_path) :]
+        metered = self.routes.match(scope["method"], path)
         if metered is None:
             await self.app(scope, receive, send)
             return
@@ -197,7 +202,7 @@ class BillingMiddleware:
                 if quota is not None and quota.limit is not None:
                     headers += quota_headers(feature, quota.limit, quota.remaining or 0.0, quota.resets_at)
                 message["headers"] = headers
-            elif kind == "http.response.body" and not message.get("more_body", False):
+            elif (kind == "http.response.body" and not message.get("more_body", False)) or kind == _PATHSEND:
                 await send(message)
                 completed = not disconnected
                 return
@@ -206,9 +211,14 @@ class BillingMiddleware:
         token = _current.set(context)
         try:
             await self.app(scope, watch_receive, watch_send)
-        except BaseException:
+        except BaseException as exc:
             if quota is not None:
                 quota.release(quantity)
+            if metered.bill_partial and context.reported and isinstance(exc, (OSError, ClientDisconnect)):
+                # The client went away mid-response (ASGI 2.4 servers raise from send).
+                event = UsageEvent(customer, feature, context.reported, f"{request_id}:{feature}")
+                if not self._record(event, quota):
+                    await self.tracker.send(event)
             raise
         finally:
             _current.reset(token)
@@ -217,16 +227,19 @@ class BillingMiddleware:
         else:
             used = context.reported if metered.bill_partial else 0.0
         if quota is not None:
-            if used > 0 and quota.tracked:
-                quota.settle(quantity, used)
-            else:
-                quota.release(quantity)
-                if not quota.tracked:
-                    return
+            quota.release(quantity)
         if used > 0:
             event = UsageEvent(customer, feature, used, f"{request_id}:{feature}")
-            if not self.tracker.submit(event):
+            if not self._record(event, quota):
                 await self.tracker.send(event)  # no lifespan: the response is already complete
+
+    def _record(self, event: UsageEvent, quota: Quota | None) -> bool:
+        """Count ``event`` as pending and queue it; False when it must be sent by the caller."""
+        if quota is not None:
+            if not quota.tracked:
+                return True  # flags and numeric limits are gated, never counted
+            quota.unconfirmed += event.quantity
+        return self.tracker.submit(event)
 
     # -- user hooks, called so that their failure cannot take a request down silently --
 

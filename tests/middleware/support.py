@@ -1,0 +1,254 @@
+"""Shared pieces of the middleware tests: plans, a header resolver, raw ASGI drivers and small helpers.
+
+Nothing here replaces a part of billingos_asgi: the billing backend is a real ``LocalBilling`` on a
+SQLite file (or the real client against the real local server), the apps are real Starlette apps.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message
+
+from billingos_asgi import get_usage_context
+
+CUSTOMER_HEADER = "x-customer"
+PROBLEM = "https://docs.billingos.dev/problems/"
+
+# free: counted quotas; pro: unlimited quotas and the export flag, but no storage; q37: a quota of 37.
+PLANS: dict[str, Any] = {
+    "features": {
+        "api_calls": {"title": "API calls", "type": "usage_quota"},
+        "storage_gb": {"title": "Storage", "type": "usage_quota"},
+        "tokens": {"title": "Tokens", "type": "usage_quota"},
+        "export": {"title": "Data export", "type": "boolean_flag"},
+        "seats": {"title": "Seats", "type": "numeric_limit"},
+    },
+    "plans": {
+        "free": {"name": "Free", "features": {"api_calls": 10, "storage_gb": 1.5, "tokens": 100, "seats": 1}},
+        "pro": {
+            "name": "Pro",
+            "features": {"api_calls": "unlimited", "tokens": "unlimited", "export": True, "seats": 10},
+        },
+        "q37": {"name": "Thirty-seven", "features": {"api_calls": 37}},
+    },
+    "customers": {"user_free": "free", "user_pro": "pro", "user_37": "q37", "user_cancelled": "free"},
+}
+
+
+def by_header(request: Request) -> str | None:
+    """The customer the test names in a header (fine for tests, never for production)."""
+    return request.headers.get(CUSTOMER_HEADER)
+
+
+def as_customer(customer: str, **extra: str) -> dict[str, str]:
+    return {CUSTOMER_HEADER: customer, **extra}
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def seconds_until(moment: float, start: float, end: float) -> tuple[int, int]:
+    """Bounds of ``ceil(moment - now)`` for a ``now`` between ``start`` and ``end``."""
+    return math.ceil(moment - end), math.ceil(moment - start)
+
+
+def now() -> float:
+    return time.time()
+
+
+# -- raw ASGI ------------------------------------------------------------------------------------
+
+
+def http_scope(
+    path: str,
+    *,
+    method: str = "GET",
+    headers: Sequence[tuple[str, str]] = (),
+    query: bytes = b"",
+    spec_version: str | None = None,
+    extensions: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    asgi: dict[str, str] = {"version": "3.0"}
+    if spec_version is not None:
+        asgi["spec_version"] = spec_version
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": asgi,
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query,
+        "headers": [(b"host", b"app"), *((k.lower().encode(), v.encode()) for k, v in headers)],
+        "client": ("127.0.0.1", 50000),
+        "server": ("app", 80),
+        "state": {},
+    }
+    if extensions is not None:
+        scope["extensions"] = extensions
+    return scope
+
+
+@dataclass
+class RawExchange:
+    """Every message an app sent for one raw HTTP request."""
+
+    messages: list[Message] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def start(self) -> Message:
+        starts = [m for m in self.messages if m["type"] == "http.response.start"]
+        assert len(starts) == 1, self.messages
+        return starts[0]
+
+    @property
+    def status(self) -> int:
+        return int(self.start["status"])
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(bytes(k), bytes(v)) for k, v in self.start.get("headers", [])]
+
+    def header(self, name: str) -> str | None:
+        found = [v.decode() for k, v in self.headers if k.lower() == name.lower().encode()]
+        assert len(found) <= 1, found
+        return found[0] if found else None
+
+    @property
+    def chunks(self) -> list[bytes]:
+        return [bytes(m.get("body", b"")) for m in self.messages if m["type"] == "http.response.body"]
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    @property
+    def complete(self) -> bool:
+        bodies = [m for m in self.messages if m["type"] == "http.response.body"]
+        return bool(bodies) and not bodies[-1].get("more_body", False)
+
+
+OnSend = Callable[[Message], Awaitable[None]]
+
+
+async def call_raw(
+    app: ASGIApp,
+    scope: dict[str, Any],
+    *,
+    disconnect_after_chunks: int | None = None,
+    raise_on_chunk: int | None = None,
+    on_send: OnSend | None = None,
+) -> RawExchange:
+    """Run one HTTP request through ``app`` with hand-made ``receive`` / ``send``.
+
+    ``receive`` hands out the (empty) request body, then waits: it answers ``http.disconnect``
+    once the response is complete (as servers do), or once ``disconnect_after_chunks`` body
+    chunks have been sent (a client going away mid-body). ``raise_on_chunk``: ``send`` raises
+    ``OSError`` on that body chunk (1-based), as an ASGI 2.4 server does for a vanished client.
+    ``on_send`` sees every message before it is recorded. An exception the app raises is kept in
+    ``error`` rather than raised.
+    """
+    exchange = RawExchange()
+    gone = anyio.Event()
+    request_sent = False
+    body_chunks = 0
+
+    async def receive() -> Message:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        nonlocal body_chunks
+        if gone.is_set() and disconnect_after_chunks is not None:
+            raise OSError("client went away")  # what a server does when sending to a vanished client
+        if message["type"] == "http.response.body":
+            body_chunks += 1
+            if raise_on_chunk is not None and body_chunks >= raise_on_chunk:
+                raise OSError("client went away")
+        if on_send is not None:
+            await on_send(message)
+        exchange.messages.append(message)
+        if message["type"] == "http.response.body":
+            if not message.get("more_body", False):
+                gone.set()
+            elif disconnect_after_chunks is not None and body_chunks >= disconnect_after_chunks:
+                gone.set()
+
+    try:
+        await app(scope, receive, send)
+    except Exception as exc:  # noqa: BLE001 - kept for the test to inspect
+        exchange.error = exc
+    return exchange
+
+
+async def websocket_echo_session(app: ASGIApp, texts: Sequence[str]) -> list[Message]:
+    """Connect to ``/ws``, send ``texts``, disconnect; return every message the app sent."""
+    sent: list[Message] = []
+    inbox: list[Message] = [{"type": "websocket.connect"}]
+    inbox += [{"type": "websocket.receive", "text": text} for text in texts]
+    inbox.append({"type": "websocket.disconnect", "code": 1000})
+    scope: dict[str, Any] = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"app"), (CUSTOMER_HEADER.encode(), b"user_free")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("app", 80),
+        "subprotocols": [],
+        "state": {},
+    }
+
+    async def receive() -> Message:
+        if inbox:
+            return inbox.pop(0)
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(10):
+        await app(scope, receive, send)
+    return sent
+
+
+def recording_app(calls: list[str]) -> ASGIApp:
+    """A Starlette app answering every path and method, noting each call it handles in ``calls``."""
+
+    async def endpoint(request: Request) -> JSONResponse:
+        calls.append(f"{request.method} {request.url.path}")
+        context = get_usage_context(request)
+        return JSONResponse(
+            {"path": request.url.path, "request_id": None if context is None else context.request_id},
+            headers={"x-app": "yes"},
+        )
+
+    return Starlette(routes=[Route("/{path:path}", endpoint, methods=["GET", "HEAD", "POST", "PUT", "DELETE"])])

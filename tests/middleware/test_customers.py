@@ -1,0 +1,149 @@
+"""Customer resolution with the ready resolvers: API keys, Starlette's authentication, request state."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser, SimpleUser
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from billingos_asgi import BillingMiddleware, LocalBilling, from_api_key, from_state, from_user, get_usage_context
+from tests.asgi import serve
+
+KEYS = {"key-free": "user_free", "key-pro": "user_pro"}
+
+
+async def whoami(request: Request) -> Response:
+    context = get_usage_context(request)
+    return JSONResponse({"customer": None if context is None else context.customer_id})
+
+
+def app(middleware: list[Middleware]) -> Starlette:
+    return Starlette(routes=[Route("/v1/whoami", whoami)], middleware=middleware)
+
+
+async def test_from_api_key_with_a_sync_lookup_cached_per_key(billing: LocalBilling) -> None:
+    lookups: list[str] = []
+
+    def lookup(key: str) -> str | None:
+        lookups.append(key)
+        return KEYS.get(key)
+
+    metered = app(
+        [
+            Middleware(
+                BillingMiddleware, billing=billing, customer=from_api_key(lookup), routes={"/v1/whoami": "api_calls"}
+            )
+        ]
+    )
+    async with serve(metered) as client:
+        free = [await client.get("/v1/whoami", headers={"x-api-key": "key-free"}) for _ in range(3)]
+        pro = await client.get("/v1/whoami", headers={"X-API-Key": "key-pro"})
+        unknown = [await client.get("/v1/whoami", headers={"x-api-key": "nope"}) for _ in range(2)]
+        missing = await client.get("/v1/whoami")
+    assert [r.json() for r in free] == [{"customer": "user_free"}] * 3
+    assert pro.json() == {"customer": "user_pro"}
+    assert [r.status_code for r in unknown] == [401, 401] and missing.status_code == 401
+    assert lookups == ["key-free", "key-pro", "nope"]  # one lookup per key, unknown keys included
+    assert await billing.recorded_units("user_free", "api_calls") == 3
+    assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+async def test_from_api_key_with_an_async_lookup_and_custom_header(billing: LocalBilling) -> None:
+    async def lookup(key: str) -> str | None:
+        return KEYS.get(key)
+
+    metered = app(
+        [
+            Middleware(
+                BillingMiddleware,
+                billing=billing,
+                customer=from_api_key(lookup, header="Authorization-Key"),
+                routes={"/v1/whoami": "api_calls"},
+            )
+        ]
+    )
+    async with serve(metered) as client:
+        ok = await client.get("/v1/whoami", headers={"authorization-key": "key-pro"})
+        wrong_header = await client.get("/v1/whoami", headers={"x-api-key": "key-pro"})
+    assert ok.json() == {"customer": "user_pro"}
+    assert wrong_header.status_code == 401
+    assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+class TokenBackend(AuthenticationBackend):
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
+        token = conn.headers.get("authorization", "").removeprefix("Bearer ")
+        customer = {"t-free": "user_free", "t-pro": "user_pro"}.get(token)
+        return None if customer is None else (AuthCredentials(["authenticated"]), SimpleUser(customer))
+
+
+async def test_from_user_with_starlette_authentication(billing: LocalBilling) -> None:
+    metered = app(
+        [
+            Middleware(AuthenticationMiddleware, backend=TokenBackend()),  # outermost: runs first
+            Middleware(
+                BillingMiddleware, billing=billing, customer=from_user("username"), routes={"/v1/whoami": "api_calls"}
+            ),
+        ]
+    )
+    async with serve(metered) as client:
+        free = await client.get("/v1/whoami", headers={"authorization": "Bearer t-free"})
+        anonymous = await client.get("/v1/whoami")
+        bad = await client.get("/v1/whoami", headers={"authorization": "Bearer forged"})
+    assert free.status_code == 200 and free.json() == {"customer": "user_free"}
+    assert anonymous.status_code == 401 and bad.status_code == 401
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+class StateAuth:
+    """An outer pure-ASGI auth middleware recording the customer in ``scope["state"]``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            token = dict(scope["headers"]).get(b"authorization", b"").decode()
+            if token == "Bearer t-pro":
+                scope.setdefault("state", {})["customer_id"] = "user_pro"
+        await self.app(scope, receive, send)
+
+
+async def test_from_state_set_by_an_outer_middleware(billing: LocalBilling) -> None:
+    metered = app(
+        [
+            Middleware(StateAuth),
+            Middleware(BillingMiddleware, billing=billing, customer=from_state(), routes={"/v1/whoami": "api_calls"}),
+        ]
+    )
+    async with serve(metered) as client:
+        pro = [await client.get("/v1/whoami", headers={"authorization": "Bearer t-pro"}) for _ in range(2)]
+        anonymous = await client.get("/v1/whoami")
+    assert [r.json() for r in pro] == [{"customer": "user_pro"}] * 2
+    assert anonymous.status_code == 401
+    assert await billing.recorded_units("user_pro", "api_calls") == 2
+
+
+async def test_async_resolver_and_async_callable_object(billing: LocalBilling) -> None:
+    class Resolver:
+        async def __call__(self, request: Request) -> str | None:
+            return request.headers.get("x-customer")
+
+    async def resolve(request: Request) -> str | None:
+        return request.headers.get("x-customer")
+
+    for resolver in (Resolver(), resolve):
+        metered = app(
+            [Middleware(BillingMiddleware, billing=billing, customer=resolver, routes={"/v1/whoami": "api_calls"})]
+        )
+        async with serve(metered) as client:
+            ok = await client.get("/v1/whoami", headers={"x-customer": "user_free"})
+            anonymous = await client.get("/v1/whoami")
+        assert ok.json() == {"customer": "user_free"}
+        assert anonymous.status_code == 401
+    assert await billing.recorded_units("user_free", "api_calls") == 2

@@ -1,0 +1,467 @@
+"""The decision table of SPEC section 5, one row at a time, with a real LocalBilling on SQLite."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from billingos_asgi import BillingMiddleware, BillingOS, Denial, LocalBilling, Metered, RetryPolicy
+from tests.asgi import serve
+
+from .support import PROBLEM, as_customer, by_header, closed_port_url, now, recording_app, seconds_until
+
+RATE_LIMIT = re.compile(r'^"api_calls";r=(\d+);t=(\d+)$')
+
+
+def problem(response: httpx.Response) -> dict[str, Any]:
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body
+
+
+def deterministic_app() -> Starlette:
+    """An app whose answers are byte-for-byte reproducible, to compare with and without the middleware."""
+
+    async def health(request: Request) -> Response:
+        response = PlainTextResponse("ok\n", headers={"x-app": "health", "cache-control": "no-store"})
+        response.set_cookie("session", "abc", httponly=True)
+        return response
+
+    async def search(request: Request) -> Response:
+        return JSONResponse({"method": request.method, "q": request.query_params.get("q")}, headers={"x-app": "s"})
+
+    async def static(request: Request) -> Response:
+        return Response(b"\x00\x01binary", media_type="application/octet-stream")
+
+    async def docs(request: Request) -> Response:
+        return Response(status_code=204, headers={"x-page": request.path_params["page"]})
+
+    return Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/v1/search", search, methods=["GET", "POST"]),
+            Route("/static/{path:path}", static),
+            Route("/docs/{page}", docs),
+        ]
+    )
+
+
+async def answers(app: Any, requests: list[tuple[str, str]]) -> list[tuple[int, list[tuple[bytes, bytes]], bytes]]:
+    found = []
+    async with serve(app) as client:
+        for method, path in requests:
+            response = await client.request(method, path, headers=as_customer("user_free"))
+            found.append((response.status_code, list(response.headers.raw), response.content))
+    return found
+
+
+class CountingResolver:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, request: Request) -> str | None:
+        self.calls += 1
+        return by_header(request)
+
+
+# -- route not metered / excluded: untouched -----------------------------------------------------
+
+
+async def test_unmetered_routes_pass_through_byte_for_byte(billing: LocalBilling) -> None:
+    requests = [("GET", "/health"), ("GET", "/v1/search?q=x"), ("GET", "/missing"), ("PUT", "/v1/search")]
+    resolver = CountingResolver()
+    middleware = BillingMiddleware(
+        deterministic_app(), billing=billing, customer=resolver, routes={"POST /v1/search": "api_calls"}
+    )
+    expected = await answers(deterministic_app(), requests)
+    got = await answers(middleware, requests)
+    assert got == expected
+    assert [status for status, _, _ in got] == [200, 200, 404, 405]
+    assert all(name != b"x-request-id" for _, headers, _ in got for name, _ in headers)
+    assert resolver.calls == 0
+    assert middleware.cache.upstream_checks == 0
+    assert middleware.tracker.stats.queued == 0
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_excluded_routes_pass_through_byte_for_byte(billing: LocalBilling) -> None:
+    requests = [("GET", "/health"), ("GET", "/static/js/app.js"), ("GET", "/docs/intro"), ("HEAD", "/health")]
+    resolver = CountingResolver()
+    middleware = BillingMiddleware(
+        deterministic_app(),
+        billing=billing,
+        customer=resolver,
+        default_feature="api_calls",
+        exclude=["/health", "/static/*", "/docs/{page}"],
+    )
+    expected = await answers(deterministic_app(), requests)
+    got = await answers(middleware, requests)
+    assert got == expected
+    assert [status for status, _, _ in got] == [200, 200, 204, 200]
+    assert all(name != b"x-request-id" for _, headers, _ in got for name, _ in headers)
+    assert resolver.calls == 0
+    assert middleware.cache.upstream_checks == 0
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+# -- 401 ----------------------------------------------------------------------------------------
+
+
+async def test_no_customer_answers_401_problem_without_entering_the_handler(billing: LocalBilling) -> None:
+    calls: list[str] = []
+    middleware = BillingMiddleware(
+        recording_app(calls), billing=billing, customer=by_header, routes={"/v1/search": "api_calls"}
+    )
+    async with serve(middleware) as client:
+        response = await client.get("/v1/search")
+    assert response.status_code == 401
+    body = problem(response)
+    assert {k: v for k, v in body.items() if k != "detail"} == {
+        "type": PROBLEM + "unauthenticated",
+        "title": "Authentication required",
+        "status": 401,
+        "feature": "api_calls",
+        "limit": None,
+        "usage": None,
+        "resets_at": None,
+    }
+    assert "x-request-id" not in response.headers
+    assert calls == []
+    assert middleware.cache.upstream_checks == 0
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+# -- 403 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("customer", "feature"),
+    [
+        ("user_free", "export"),  # a boolean flag the free plan does not grant
+        ("user_pro", "storage_gb"),  # a usage quota the pro plan does not include
+        ("user_nobody", "api_calls"),  # billing does not know the customer ("Customer not found")
+        ("user_cancelled", "api_calls"),  # the subscription was cancelled
+    ],
+)
+async def test_no_access_answers_403_without_entering_the_handler(
+    billing: LocalBilling, customer: str, feature: str
+) -> None:
+    calls: list[str] = []
+    middleware = BillingMiddleware(recording_app(calls), billing=billing, customer=by_header, routes={"/x": feature})
+    async with serve(middleware) as client:
+        first = await client.get("/x", headers=as_customer(customer))
+        second = await client.get("/x", headers=as_customer(customer))
+    for response in (first, second):
+        assert response.status_code == 403
+        body = problem(response)
+        assert (body["type"], body["title"], body["status"], body["feature"]) == (
+            PROBLEM + "no-access",
+            "Feature not included in your plan",
+            403,
+            feature,
+        )
+        assert "upgrade_url" not in body
+        assert "x-request-id" not in response.headers
+    assert calls == []
+    assert middleware.cache.upstream_checks == 1  # the refusal is cached too
+    assert middleware.tracker.stats.queued == 0
+    if customer != "user_nobody":
+        assert await billing.recorded_units(customer, feature) == 0
+
+
+async def test_403_details_tell_the_reasons_apart(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(
+        recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls", "/e": "export"}
+    )
+    async with serve(middleware) as client:
+        cancelled = problem(await client.get("/x", headers=as_customer("user_cancelled")))
+        unknown = problem(await client.get("/x", headers=as_customer("user_nobody")))
+        flag = problem(await client.get("/e", headers=as_customer("user_free")))
+    assert len({cancelled["detail"], unknown["detail"], flag["detail"]}) == 3
+    assert "not active" in cancelled["detail"]
+
+
+async def test_boolean_flag_in_plan_passes_and_is_never_tracked(billing: LocalBilling) -> None:
+    calls: list[str] = []
+    middleware = BillingMiddleware(recording_app(calls), billing=billing, customer=by_header, routes={"/e": "export"})
+    async with serve(middleware) as client:
+        responses = [await client.get("/e", headers=as_customer("user_pro")) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert all("ratelimit" not in r.headers and "ratelimit-policy" not in r.headers for r in responses)
+    assert all(r.headers["x-request-id"] == r.json()["request_id"] for r in responses)
+    assert calls == ["GET /e"] * 3
+    assert middleware.tracker.stats.queued == 0
+    assert middleware.cache.upstream_checks == 1
+
+
+# -- 429 ----------------------------------------------------------------------------------------
+
+
+async def test_exhausted_quota_answers_429_with_retry_after_and_quota_headers(billing: LocalBilling) -> None:
+    await billing.track_usage("user_free", "api_calls", 10)
+    resets_at = (await billing.check_entitlement("user_free", "api_calls")).resets_at
+    assert resets_at is not None
+    calls: list[str] = []
+    middleware = BillingMiddleware(
+        recording_app(calls), billing=billing, customer=by_header, routes={"/v1/search": "api_calls"}
+    )
+    async with serve(middleware) as client:
+        before = now()
+        response = await client.get("/v1/search", headers=as_customer("user_free"))
+        after = now()
+    assert response.status_code == 429
+    low, high = seconds_until(resets_at.timestamp(), before, after)
+    retry_after = int(response.headers["retry-after"])
+    assert retry_after > 0 and low <= retry_after <= high
+    assert response.headers["ratelimit-policy"] == '"api_calls";q=10'
+    match = RATE_LIMIT.match(response.headers["ratelimit"])
+    assert match is not None, response.headers["ratelimit"]
+    assert int(match[1]) == 0 and low <= int(match[2]) <= high
+    body = problem(response)
+    assert (body["type"], body["title"], body["status"], body["feature"]) == (
+        PROBLEM + "quota-exceeded",
+        "Usage quota exhausted",
+        429,
+        "api_calls",
+    )
+    assert (body["limit"], body["usage"]) == (10, 10)
+    assert abs(datetime.fromisoformat(body["resets_at"].replace("Z", "+00:00")) - resets_at) < timedelta(milliseconds=1)
+    assert calls == []
+    assert middleware.tracker.stats.queued == 0
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+async def test_quota_used_up_by_requests_then_429(billing: LocalBilling) -> None:
+    calls: list[str] = []
+    middleware = BillingMiddleware(
+        recording_app(calls), billing=billing, customer=by_header, routes={"/v1/search": "api_calls"}
+    )
+    async with serve(middleware) as client:
+        responses = [await client.get("/v1/search", headers=as_customer("user_free")) for _ in range(12)]
+    assert [r.status_code for r in responses] == [200] * 10 + [429] * 2
+    remaining = [int(RATE_LIMIT.match(r.headers["ratelimit"])[1]) for r in responses[:10]]  # type: ignore[index]
+    assert remaining == [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    assert problem(responses[10])["usage"] == 10
+    assert len(calls) == 10
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+# -- success ------------------------------------------------------------------------------------
+
+
+async def test_success_carries_request_id_and_quota_headers(billing: LocalBilling) -> None:
+    resets_at = (await billing.check_entitlement("user_free", "api_calls")).resets_at
+    assert resets_at is not None
+    calls: list[str] = []
+    middleware = BillingMiddleware(
+        recording_app(calls), billing=billing, customer=by_header, routes={"/v1/search": "api_calls"}
+    )
+    async with serve(middleware) as client:
+        before = now()
+        response = await client.get("/v1/search", headers=as_customer("user_free"))
+        after = now()
+    assert response.status_code == 200
+    assert response.json() == {"path": "/v1/search", "request_id": response.headers["x-request-id"]}
+    assert response.headers["x-app"] == "yes"
+    assert response.headers["ratelimit-policy"] == '"api_calls";q=10'
+    match = RATE_LIMIT.match(response.headers["ratelimit"])
+    assert match is not None, response.headers["ratelimit"]
+    low, high = seconds_until(resets_at.timestamp(), before, after)
+    assert int(match[1]) == 9 and low <= int(match[2]) <= high
+    assert calls == ["GET /v1/search"]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_unlimited_quota_success_has_no_rate_limit_headers(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"})
+    async with serve(middleware) as client:
+        response = await client.get("/x", headers=as_customer("user_pro"))
+    assert response.status_code == 200
+    assert "ratelimit" not in response.headers and "ratelimit-policy" not in response.headers
+    assert response.headers["x-request-id"]
+    assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+async def test_upgrade_url_in_403_and_429_bodies(billing: LocalBilling) -> None:
+    await billing.track_usage("user_free", "api_calls", 10)
+    url = "https://example.com/upgrade"
+    middleware = BillingMiddleware(
+        recording_app([]),
+        billing=billing,
+        customer=by_header,
+        routes={"/x": "api_calls", "/e": "export"},
+        upgrade_url=url,
+    )
+    async with serve(middleware) as client:
+        forbidden = await client.get("/e", headers=as_customer("user_free"))
+        exhausted = await client.get("/x", headers=as_customer("user_free"))
+        anonymous = await client.get("/x")
+    assert (forbidden.status_code, exhausted.status_code, anonymous.status_code) == (403, 429, 401)
+    assert problem(forbidden)["upgrade_url"] == url
+    assert problem(exhausted)["upgrade_url"] == url
+    assert "upgrade_url" not in problem(anonymous)
+
+
+# -- billing unreachable with nothing cached ----------------------------------------------------
+
+
+async def test_unreachable_billing_allow_lets_requests_through() -> None:
+    calls: list[str] = []
+    async with BillingOS(secret_key="sk_test_x", base_url=closed_port_url(), retry=RetryPolicy(max_retries=0)) as down:
+        middleware = BillingMiddleware(
+            recording_app(calls), billing=down, customer=by_header, routes={"/x": "api_calls"}
+        )
+        async with serve(middleware) as client:
+            response = await client.get("/x", headers=as_customer("user_free"))
+        assert response.status_code == 200
+        assert response.json()["request_id"] == response.headers["x-request-id"]
+        assert "ratelimit" not in response.headers
+        assert calls == ["GET /x"]
+        # Allowed requests are tracked: the event was attempted, and its failure counted, not lost.
+        stats = middleware.tracker.stats
+        assert (stats.queued, stats.sent, stats.failed, stats.dropped) == (1, 0, 1, 0)
+
+
+async def test_unreachable_billing_deny_answers_503() -> None:
+    calls: list[str] = []
+    async with BillingOS(secret_key="sk_test_x", base_url=closed_port_url(), retry=RetryPolicy(max_retries=0)) as down:
+        middleware = BillingMiddleware(
+            recording_app(calls), billing=down, customer=by_header, routes={"/x": "api_calls"}, on_error="deny"
+        )
+        async with serve(middleware) as client:
+            response = await client.get("/x", headers=as_customer("user_free"))
+        assert response.status_code == 503
+        body = problem(response)
+        assert (body["type"], body["status"], body["feature"]) == (PROBLEM + "billing-unavailable", 503, "api_calls")
+        assert int(response.headers["retry-after"]) > 0
+        assert calls == []
+        assert middleware.tracker.stats.queued == 0
+
+
+def test_on_error_must_be_allow_or_deny(billing: LocalBilling) -> None:
+    with pytest.raises(ValueError):
+        BillingMiddleware(recording_app([]), billing=billing, customer=by_header, on_error="maybe")  # type: ignore[arg-type]
+
+
+# -- hooks ----------------------------------------------------------------------------------------
+
+
+async def test_problem_factory_replaces_the_answer(billing: LocalBilling) -> None:
+    await billing.track_usage("user_free", "api_calls", 10)
+    seen: list[Denial] = []
+
+    def factory(denial: Denial) -> Response:
+        seen.append(denial)
+        return JSONResponse(
+            {"error": denial.status, "customer": denial.customer_id, "limit": denial.limit, "usage": denial.usage},
+            status_code=denial.status,
+            headers={"x-custom": "1"},
+        )
+
+    calls: list[str] = []
+    middleware = BillingMiddleware(
+        recording_app(calls), billing=billing, customer=by_header, routes={"/x": "api_calls"}, problem_factory=factory
+    )
+    async with serve(middleware) as client:
+        exhausted = await client.get("/x", headers=as_customer("user_free"))
+        anonymous = await client.get("/x")
+    assert exhausted.status_code == 429 and anonymous.status_code == 401
+    assert exhausted.headers["content-type"] == "application/json" and exhausted.headers["x-custom"] == "1"
+    assert exhausted.json() == {"error": 429, "customer": "user_free", "limit": 10, "usage": 10}
+    assert anonymous.json() == {"error": 401, "customer": None, "limit": None, "usage": None}
+    assert [(d.status, d.feature) for d in seen] == [(429, "api_calls"), (401, "api_calls")]
+    assert calls == []
+
+
+async def test_problem_factory_that_raises_falls_back_to_the_default_problem(billing: LocalBilling) -> None:
+    def factory(denial: Denial) -> Response:
+        raise RuntimeError("broken hook")
+
+    calls: list[str] = []
+    middleware = BillingMiddleware(
+        recording_app(calls), billing=billing, customer=by_header, routes={"/x": "api_calls"}, problem_factory=factory
+    )
+    async with serve(middleware) as client:
+        anonymous = await client.get("/x")
+        forbidden = await client.get("/x", headers=as_customer("user_cancelled"))
+    assert anonymous.status_code == 401 and problem(anonymous)["type"] == PROBLEM + "unauthenticated"
+    assert forbidden.status_code == 403 and problem(forbidden)["type"] == PROBLEM + "no-access"
+    assert calls == []
+
+
+def raising_resolver(request: Request) -> str | None:
+    raise RuntimeError("auth backend down")
+
+
+async def async_raising_resolver(request: Request) -> str | None:
+    raise RuntimeError("auth backend down")
+
+
+@pytest.mark.parametrize(
+    "resolver",
+    [raising_resolver, async_raising_resolver, lambda request: 42, lambda request: "", lambda request: b"user_free"],
+    ids=["raises", "async-raises", "int", "empty", "bytes"],
+)
+async def test_failing_customer_resolver_follows_on_error(billing: LocalBilling, resolver: Any) -> None:
+    allowed_calls: list[str] = []
+    denied_calls: list[str] = []
+    allow = BillingMiddleware(
+        recording_app(allowed_calls), billing=billing, customer=resolver, routes={"/x": "api_calls"}
+    )
+    deny = BillingMiddleware(
+        recording_app(denied_calls), billing=billing, customer=resolver, routes={"/x": "api_calls"}, on_error="deny"
+    )
+    async with serve(allow) as client:
+        allowed = await client.get("/x", headers=as_customer("user_free"))
+    async with serve(deny) as client:
+        denied = await client.get("/x", headers=as_customer("user_free"))
+    assert allowed.status_code == 200 and allowed_calls == ["GET /x"]
+    assert denied.status_code == 503 and denied_calls == []
+    assert problem(denied)["type"] == PROBLEM + "billing-unavailable"
+    assert allow.tracker.stats.queued == 0 and deny.tracker.stats.queued == 0
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+def raising_quantity(request: Request) -> float:
+    raise ValueError("no size")
+
+
+async def async_raising_quantity(request: Request) -> float:
+    raise ValueError("no size")
+
+
+@pytest.mark.parametrize(
+    "quantity",
+    [raising_quantity, async_raising_quantity, lambda request: -1, lambda request: "3", lambda request: float("nan")],
+    ids=["raises", "async-raises", "negative", "string", "nan"],
+)
+async def test_failing_quantity_function_follows_on_error(billing: LocalBilling, quantity: Any) -> None:
+    allowed_calls: list[str] = []
+    denied_calls: list[str] = []
+    routes = {"/x": Metered("api_calls", quantity=quantity)}
+    allow = BillingMiddleware(recording_app(allowed_calls), billing=billing, customer=by_header, routes=routes)
+    deny = BillingMiddleware(
+        recording_app(denied_calls), billing=billing, customer=by_header, routes=routes, on_error="deny"
+    )
+    async with serve(allow) as client:
+        allowed = await client.get("/x", headers=as_customer("user_free"))
+    async with serve(deny) as client:
+        denied = await client.get("/x", headers=as_customer("user_free"))
+    assert allowed.status_code == 200 and allowed_calls == ["GET /x"]
+    assert denied.status_code == 503 and denied_calls == []
+    assert problem(denied)["status"] == 503
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+def test_customer_must_be_callable(billing: LocalBilling) -> None:
+    with pytest.raises(ValueError):
+        BillingMiddleware(recording_app([]), billing=billing, customer="user_free")  # type: ignore[arg-type]

@@ -1,0 +1,139 @@
+"""Pure ASGI: websocket and lifespan scopes pass through; context variables and background tasks still work."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.background import BackgroundTasks
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from billingos_asgi import BillingMiddleware, LocalBilling
+from tests.asgi import lifespan, serve
+
+from .support import PLANS, as_customer, by_header, websocket_echo_session
+
+
+def websocket_app() -> Starlette:
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                text = await websocket.receive_text()
+                await websocket.send_text(f"echo:{text}")
+        except WebSocketDisconnect:
+            pass
+
+    async def http(request: Request) -> Response:
+        return PlainTextResponse("http")
+
+    return Starlette(routes=[WebSocketRoute("/ws", echo), Route("/http", http)])
+
+
+async def test_websocket_scope_passes_through_untouched(billing: LocalBilling) -> None:
+    resolved: list[str] = []
+
+    def resolver(request: Request) -> str | None:
+        resolved.append(request.url.path)
+        return by_header(request)
+
+    middleware = BillingMiddleware(websocket_app(), billing=billing, customer=resolver, default_feature="api_calls")
+    expected = await websocket_echo_session(websocket_app(), ["a", "b", "c"])
+    async with lifespan(middleware):
+        got = await websocket_echo_session(middleware, ["a", "b", "c"])
+    assert got == expected
+    assert [m["type"] for m in got] == ["websocket.accept"] + ["websocket.send"] * 3
+    assert [m.get("text") for m in got[1:]] == ["echo:a", "echo:b", "echo:c"]
+    assert resolved == []
+    assert middleware.cache.upstream_checks == 0
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_app_lifespan_runs_once_and_after_the_tracker_drained(tmp_path: Any) -> None:
+    events: list[str] = []
+    billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db")
+
+    @asynccontextmanager
+    async def app_lifespan(app: Starlette) -> AsyncIterator[None]:
+        events.append("startup")
+        yield
+        # The middleware drained its queue before the app's own shutdown runs (which closes billing).
+        events.append(f"shutdown units={await billing.recorded_units('user_free', 'api_calls'):g}")
+        await billing.aclose()
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/x", endpoint)], lifespan=app_lifespan)
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes={"/x": "api_calls"})
+    async with serve(app) as client:
+        assert events == ["startup"]
+        statuses = [(await client.get("/x", headers=as_customer("user_free"))).status_code for _ in range(4)]
+    assert statuses == [200] * 4
+    assert events == ["startup", "shutdown units=4"]
+
+
+class TenantMiddleware:
+    """An outer pure-ASGI middleware putting the tenant in a context variable."""
+
+    def __init__(self, app: ASGIApp, var: ContextVar[str]) -> None:
+        self.app = app
+        self.var = var
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = self.var.set(dict(scope["headers"]).get(b"x-tenant", b"-").decode())
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.var.reset(token)
+
+
+async def test_context_variable_of_an_outer_middleware_reaches_the_endpoint(billing: LocalBilling) -> None:
+    tenant: ContextVar[str] = ContextVar("tenant")
+
+    async def endpoint(request: Request) -> Response:
+        return JSONResponse({"tenant": tenant.get("unset")})
+
+    app = Starlette(routes=[Route("/x", endpoint)])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes={"/x": "api_calls"})
+    app.add_middleware(TenantMiddleware, var=tenant)  # added last: outermost
+    async with serve(app) as client:
+        responses = [
+            await client.get("/x", headers=as_customer("user_free", **{"x-tenant": name}))
+            for name in ("acme", "globex")
+        ]
+    assert [r.json() for r in responses] == [{"tenant": "acme"}, {"tenant": "globex"}]
+    assert all(r.headers["x-request-id"] for r in responses)
+    assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
+async def test_background_tasks_run_after_the_response(billing: LocalBilling) -> None:
+    ran: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(ran.append, "first")
+        tasks.add_task(ran.append, "second")
+        return PlainTextResponse("accepted", status_code=202, background=tasks)
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/jobs", endpoint, methods=["POST"])]),
+        billing=billing,
+        customer=by_header,
+        routes={"POST /jobs": "api_calls"},
+    )
+    async with serve(middleware) as client:
+        response = await client.post("/jobs", headers=as_customer("user_free"))
+        assert ran == ["first", "second"]
+    assert response.status_code == 202 and response.text == "accepted"
+    assert await billing.recorded_units("user_free", "api_calls") == 1

@@ -1,0 +1,210 @@
+"""Which requests are metered: methods, templates, mounts, the default feature and its exclusions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import APIRouter, FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered
+from billingos_asgi.local.background import serve_in_thread
+from tests.asgi import serve
+
+from .support import PLANS, as_customer, by_header
+
+
+async def hello(request: Request) -> Response:
+    return PlainTextResponse(f"hello {request.url.path}")
+
+
+async def test_method_and_template_key_meters_only_that_method(billing: LocalBilling) -> None:
+    app = Starlette(routes=[Route("/v1/items/{item_id:int}", hello, methods=["GET", "POST"])])
+    middleware = BillingMiddleware(
+        app, billing=billing, customer=by_header, routes={"POST /v1/items/{item_id:int}": "api_calls"}
+    )
+    async with serve(middleware) as client:
+        get = await client.get("/v1/items/7")  # no customer needed: not metered
+        anonymous_post = await client.post("/v1/items/7")
+        post = await client.post("/v1/items/7", headers=as_customer("user_free"))
+        not_int = await client.post("/v1/items/abc")  # the template does not match: the app's own 404
+    assert (get.status_code, get.text) == (200, "hello /v1/items/7")
+    assert "x-request-id" not in get.headers
+    assert anonymous_post.status_code == 401
+    assert post.status_code == 200 and post.headers["x-request-id"]
+    assert not_int.status_code == 404 and "x-request-id" not in not_int.headers
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_routes_inside_mounts_are_metered_by_their_full_path(billing: LocalBilling) -> None:
+    app = Starlette(
+        routes=[
+            Mount(
+                "/api",
+                routes=[Route("/items", hello), Mount("/v2", routes=[Route("/deep/{n:int}", hello)])],
+            ),
+            Mount("/orgs/{org}", routes=[Route("/search", hello)]),
+            Route("/free", hello),
+        ]
+    )
+    middleware = BillingMiddleware(
+        app,
+        billing=billing,
+        customer=by_header,
+        routes={"/api/items": "api_calls", "/api/v2/deep/{n:int}": "api_calls", "/orgs/{org}/search": "api_calls"},
+    )
+    async with serve(middleware) as client:
+        anonymous = [(await client.get(p)).status_code for p in ("/api/items", "/api/v2/deep/3", "/orgs/acme/search")]
+        paid = [
+            await client.get(p, headers=as_customer("user_free"))
+            for p in ("/api/items", "/api/v2/deep/3", "/orgs/acme/search")
+        ]
+        free = await client.get("/free")
+    assert anonymous == [401, 401, 401]
+    assert [(r.status_code, r.text) for r in paid] == [
+        (200, "hello /api/items"),
+        (200, "hello /api/v2/deep/3"),
+        (200, "hello /orgs/acme/search"),
+    ]
+    assert free.status_code == 200 and "x-request-id" not in free.headers
+    assert await billing.recorded_units("user_free", "api_calls") == 3
+
+
+async def test_fastapi_router_with_prefix(billing: LocalBilling) -> None:
+    router = APIRouter(prefix="/v1")
+
+    @router.post("/search")
+    async def search() -> dict[str, bool]:
+        return {"ok": True}
+
+    app = FastAPI()
+    app.include_router(router)
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes={"POST /v1/search": "api_calls"})
+    async with serve(app) as client:
+        anonymous = await client.post("/v1/search")
+        paid = await client.post("/v1/search", headers=as_customer("user_free"))
+        docs = await client.get("/openapi.json")
+    assert anonymous.status_code == 401
+    assert paid.status_code == 200 and paid.json() == {"ok": True}
+    assert docs.status_code == 200 and "x-request-id" not in docs.headers
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_default_feature_meters_everything_except_exclusions(billing: LocalBilling) -> None:
+    app = Starlette(routes=[Route("/{path:path}", hello)])
+    middleware = BillingMiddleware(
+        app,
+        billing=billing,
+        customer=by_header,
+        default_feature="api_calls",
+        exclude=["/health", "/users/{user_id}/avatar", "/static/*"],
+    )
+    excluded = ["/health", "/users/42/avatar", "/static/app.js", "/static/css/site.css"]
+    metered = ["/", "/v1/anything", "/health/deep", "/users/42/avatar/big", "/users/42", "/staticfile", "/static"]
+    async with serve(middleware) as client:
+        passed = [await client.get(path) for path in excluded]
+        refused = [await client.get(path) for path in metered]
+        paid = [await client.get(path, headers=as_customer("user_pro")) for path in metered]
+    assert [(r.status_code, "x-request-id" in r.headers) for r in passed] == [(200, False)] * 4
+    assert [r.status_code for r in refused] == [401] * len(metered)
+    assert [r.status_code for r in paid] == [200] * len(metered)
+    assert await billing.recorded_units("user_pro", "api_calls") == len(metered)
+
+
+async def test_explicit_routes_take_precedence_over_the_default(billing: LocalBilling) -> None:
+    app = Starlette(routes=[Route("/{path:path}", hello, methods=["GET", "POST"])])
+    middleware = BillingMiddleware(
+        app,
+        billing=billing,
+        customer=by_header,
+        routes={"POST /upload": Metered("storage_gb", quantity=0.5), "/tokens/{n}": Metered("tokens", quantity=3)},
+        default_feature="api_calls",
+    )
+    async with serve(middleware) as client:
+        for path in ("/upload", "/tokens/1", "/other"):
+            assert (await client.post(path, headers=as_customer("user_free"))).status_code == 200
+        assert (await client.get("/upload", headers=as_customer("user_free"))).status_code == 200  # GET: default
+    assert await billing.recorded_units("user_free", "storage_gb") == 0.5
+    assert await billing.recorded_units("user_free", "tokens") == 3
+    assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [{"GET /x": "api_calls"}, {"/x": "api_calls"}, {"GET /x/{n:int}": "api_calls", "GET /y": "api_calls"}],
+    ids=["static-get", "static-any", "template-get"],
+)
+async def test_head_is_metered_like_get(billing: LocalBilling, routes: dict[str, str]) -> None:
+    app = Starlette(routes=[Route("/x", hello), Route("/x/{n:int}", hello), Route("/y", hello)])
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes=routes)
+    path = "/x/5" if "GET /x/{n:int}" in routes else "/x"
+    async with serve(middleware) as client:
+        anonymous = await client.head(path)
+        paid = await client.head(path, headers=as_customer("user_free"))
+    assert anonymous.status_code == 401
+    assert paid.status_code == 200 and paid.headers["x-request-id"] and paid.content == b""
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+@pytest.mark.parametrize(
+    ("routes", "exclude"),
+    [
+        ({"FETCH /x": "api_calls"}, ()),
+        ({"no-slash": "api_calls"}, ()),
+        ({"GET no-slash": "api_calls"}, ()),
+        ({"GET": "api_calls"}, ()),
+        ({"/x": ""}, ()),
+        ({"/x": "api_calls", "ANY /y": "api_calls"}, ()),
+        ({}, ("health",)),
+        ({"/x": "api_calls", " /x": "api_calls"}, ()),
+    ],
+    ids=["unknown-method", "no-slash", "method-no-slash", "method-only", "empty-feature", "any", "exclude", "twice"],
+)
+def test_invalid_configuration_raises_at_construction(
+    billing: LocalBilling, routes: dict[str, str], exclude: tuple[str, ...]
+) -> None:
+    with pytest.raises(ValueError):
+        BillingMiddleware(Starlette(), billing=billing, customer=by_header, routes=routes, exclude=exclude)
+
+
+def test_metered_quantity_is_validated() -> None:
+    for bad in (-1, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError):
+            Metered("api_calls", quantity=bad)  # type: ignore[arg-type]
+    assert Metered("api_calls", quantity=0.25).quantity == 0.25
+
+
+async def test_routes_are_metered_when_served_under_a_root_path(tmp_path: Path) -> None:
+    """Behind a proxy that strips a prefix (uvicorn ``--root-path /billing-app``), the ASGI scope's
+    ``path`` carries the root path ("/billing-app/v1/search") while the app's routes, and the keys
+    of ``routes=``, are written without it; Starlette routes on the path minus ``root_path``. The
+    metered route must stay metered: a request without a customer gets 401, not the endpoint."""
+    billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db")
+    try:
+        calls: list[str] = []
+
+        async def search(request: Request) -> Response:
+            calls.append(request.url.path)
+            return PlainTextResponse("results")
+
+        middleware = BillingMiddleware(
+            Starlette(routes=[Route("/v1/search", search)]),
+            billing=billing,
+            customer=by_header,
+            routes={"/v1/search": "api_calls"},
+        )
+        with serve_in_thread(middleware, root_path="/billing-app") as base_url:
+            async with httpx.AsyncClient(base_url=base_url) as client:
+                anonymous = await client.get("/v1/search")
+                paid = await client.get("/v1/search", headers=as_customer("user_free"))
+        assert anonymous.status_code == 401
+        assert paid.status_code == 200 and paid.headers.get("x-request-id")
+        assert len(calls) == 1
+        assert await billing.recorded_units("user_free", "api_calls") == 1
+    finally:
+        await billing.aclose()

@@ -1,0 +1,219 @@
+"""Streaming bodies: billed once, after the last chunk; an aborted response is not billed (or partly, on request).
+
+Most tests drive the raw ASGI app with hand-made ``receive`` / ``send`` so that the moment of
+billing can be observed chunk by chunk, and a client disconnect placed exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Message
+
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usage
+from billingos_asgi.local.background import serve_in_thread
+from tests.asgi import lifespan, serve
+
+from .support import CUSTOMER_HEADER, PLANS, by_header, call_raw, http_scope
+
+FREE = [(CUSTOMER_HEADER, "user_free")]
+
+
+def stream_endpoint(
+    *, stall_after_first: bool = False, report: float = 0, fail_after_first: bool = False
+) -> Callable[[Request], Awaitable[Response]]:
+    """Three chunks; optionally reporting units first, stalling or failing after chunk one."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        if report:
+            report_usage(report)
+        yield b"first;"
+        if stall_after_first:
+            await anyio.sleep_forever()  # only a disconnect (cancellation) ends this stream
+        if fail_after_first:
+            raise RuntimeError("generator failed")
+        yield b"second;"
+        yield b"third"
+
+    async def stream(request: Request) -> Response:
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    return stream
+
+
+def streaming_app(**options: Any) -> Starlette:
+    return Starlette(routes=[Route("/stream", stream_endpoint(**options))])
+
+
+async def test_streaming_response_is_billed_once_after_its_last_chunk(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(
+        streaming_app(), billing=billing, customer=by_header, routes={"/stream": "api_calls"}
+    )
+    observed: list[tuple[bool, int, float]] = []
+
+    async def on_send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            units = await billing.recorded_units("user_free", "api_calls")
+            observed.append((message.get("more_body", False), middleware.tracker.stats.queued, units))
+
+    async with lifespan(middleware):
+        exchange = await call_raw(middleware, http_scope("/stream", headers=FREE), on_send=on_send)
+        queued_after = middleware.tracker.stats.queued
+    assert exchange.error is None
+    assert exchange.status == 200 and exchange.complete and exchange.body == b"first;second;third"
+    assert exchange.header("x-request-id")
+    # Nothing was queued or recorded while any chunk, the last one included, was being sent.
+    assert observed == [(True, 0, 0), (True, 0, 0), (True, 0, 0), (False, 0, 0)]
+    assert queued_after == 1
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_streaming_response_through_httpx_is_billed_once(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(
+        streaming_app(report=3), billing=billing, customer=by_header, routes={"/stream": Metered("tokens", quantity=1)}
+    )
+    async with serve(middleware) as client:
+        async with client.stream("GET", "/stream", headers={CUSTOMER_HEADER: "user_free"}) as response:
+            body = b"".join([chunk async for chunk in response.aiter_bytes()])
+    assert response.status_code == 200 and body == b"first;second;third"
+    assert await billing.recorded_units("user_free", "tokens") == 4  # 1 fixed + 3 reported
+    assert middleware.tracker.stats.queued == 1
+
+
+@pytest.mark.parametrize(
+    ("metered", "feature", "billed"),
+    [
+        (Metered("api_calls"), "api_calls", 0),
+        (Metered("tokens", quantity=None), "tokens", 0),
+        (Metered("tokens", quantity=None, bill_partial=True), "tokens", 5),
+        (Metered("tokens", quantity=2, bill_partial=True), "tokens", 5),
+    ],
+    ids=["fixed", "reported", "reported-partial", "fixed-and-reported-partial"],
+)
+async def test_client_disconnect_mid_stream(
+    billing: LocalBilling, metered: Metered, feature: str, billed: float
+) -> None:
+    """The client goes away after the first chunk: ``receive`` answers ``http.disconnect`` (ASGI < 2.4)."""
+    middleware = BillingMiddleware(
+        streaming_app(stall_after_first=True, report=5),
+        billing=billing,
+        customer=by_header,
+        routes={"/stream": metered},
+    )
+    async with lifespan(middleware):
+        with anyio.fail_after(10):
+            exchange = await call_raw(middleware, http_scope("/stream", headers=FREE), disconnect_after_chunks=1)
+    assert exchange.error is None
+    assert exchange.status == 200 and not exchange.complete and exchange.body == b"first;"
+    assert await billing.recorded_units("user_free", feature) == billed
+    assert middleware.tracker.stats.queued == (1 if billed else 0)
+
+
+async def test_aborted_streams_release_their_reserved_units(billing: LocalBilling) -> None:
+    app = Starlette(
+        routes=[Route("/stall", stream_endpoint(stall_after_first=True)), Route("/stream", stream_endpoint())]
+    )
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, default_feature="api_calls")
+    async with lifespan(middleware):
+        for _ in range(10):
+            with anyio.fail_after(10):
+                aborted = await call_raw(middleware, http_scope("/stall", headers=FREE), disconnect_after_chunks=1)
+            assert aborted.status == 200 and not aborted.complete
+        # Ten aborted requests left the quota of ten whole.
+        statuses = [(await call_raw(middleware, http_scope("/stream", headers=FREE))).status for _ in range(11)]
+    assert statuses == [200] * 10 + [429]
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+@pytest.mark.parametrize(("bill_partial", "billed"), [(False, 0), (True, 5)])
+async def test_client_disconnect_seen_as_oserror_on_send(
+    billing: LocalBilling, bill_partial: bool, billed: float
+) -> None:
+    """ASGI spec 2.4: a server raises ``OSError`` from ``send`` once the client is gone, and Starlette's
+    ``StreamingResponse`` turns it into ``ClientDisconnect``. With ``bill_partial=True`` the units
+    reported before the disconnect must still be billed (SPEC section 5, streaming)."""
+    middleware = BillingMiddleware(
+        streaming_app(report=5),
+        billing=billing,
+        customer=by_header,
+        routes={"/stream": Metered("tokens", quantity=None, bill_partial=bill_partial)},
+    )
+    async with lifespan(middleware):
+        exchange = await call_raw(middleware, http_scope("/stream", headers=FREE, spec_version="2.4"), raise_on_chunk=2)
+    assert isinstance(exchange.error, ClientDisconnect)
+    assert exchange.status == 200 and exchange.body == b"first;"
+    assert await billing.recorded_units("user_free", "tokens") == billed
+
+
+async def test_stream_that_fails_mid_body_is_not_billed(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(
+        streaming_app(fail_after_first=True, report=5),
+        billing=billing,
+        customer=by_header,
+        routes={"/stream": Metered("tokens", quantity=1)},
+    )
+    async with lifespan(middleware):
+        exchange = await call_raw(middleware, http_scope("/stream", headers=FREE))
+    assert isinstance(exchange.error, RuntimeError) and str(exchange.error) == "generator failed"
+    assert not exchange.complete
+    assert await billing.recorded_units("user_free", "tokens") == 0
+    assert middleware.tracker.stats.queued == 0
+
+
+async def test_file_response_sent_with_pathsend_is_billed(billing: LocalBilling, tmp_path: Path) -> None:
+    """With the ``http.response.pathsend`` extension (zero-copy file sending, e.g. under Granian),
+    Starlette's FileResponse completes its body with one ``http.response.pathsend`` message instead of
+    ``http.response.body``. That is a complete, successful response and must be billed once."""
+    report = tmp_path / "report.csv"
+    report.write_bytes(b"a,b\n1,2\n")
+
+    async def download(request: Request) -> Response:
+        return FileResponse(report)
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/report.csv", download)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/report.csv": "api_calls"},
+    )
+    scope = http_scope("/report.csv", headers=FREE, extensions={"http.response.pathsend": {}})
+    async with lifespan(middleware):
+        exchange = await call_raw(middleware, scope)
+    assert exchange.error is None and exchange.status == 200
+    assert [m["type"] for m in exchange.messages] == ["http.response.start", "http.response.pathsend"]
+    assert exchange.messages[1]["path"] == str(report)
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+@pytest.mark.parametrize(("bill_partial", "billed"), [(False, 0), (True, 5)])
+async def test_client_disconnect_under_uvicorn(tmp_path: Path, bill_partial: bool, billed: float) -> None:
+    """A real client over a real socket reads the first chunk and hangs up; the stream then only
+    ends through the server noticing the disconnect."""
+    billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db")
+    try:
+        middleware = BillingMiddleware(
+            streaming_app(stall_after_first=True, report=5),
+            billing=billing,
+            customer=by_header,
+            routes={"/stream": Metered("tokens", quantity=None, bill_partial=bill_partial)},
+        )
+        with serve_in_thread(middleware) as base_url:
+            async with httpx.AsyncClient(base_url=base_url) as client:
+                async with client.stream("GET", "/stream", headers={CUSTOMER_HEADER: "user_free"}) as response:
+                    assert response.status_code == 200
+                    first = await response.aiter_raw().__anext__()
+            assert first == b"first;"
+        # Leaving serve_in_thread waited for the request to end and for the lifespan's drain.
+        assert middleware.tracker.stats.queued == (1 if billed else 0)
+        assert await billing.recorded_units("user_free", "tokens") == billed
+    finally:
+        await billing.aclose()

@@ -1,0 +1,408 @@
+"""Exact usage counts after the lifespan drained the tracker, concurrency, request ids, unbilled failures."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+from fastapi import FastAPI
+from fastapi import Request as FastAPIRequest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered, get_usage_context, report_usage
+from tests.asgi import lifespan, serve
+
+from .support import as_customer, by_header, recording_app
+
+
+async def test_n_successful_requests_record_exactly_n_units(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(
+        recording_app([]), billing=billing, customer=by_header, routes={"POST /v1/search": "api_calls"}
+    )
+    async with serve(middleware) as client:
+        statuses = [(await client.post("/v1/search", headers=as_customer("user_pro"))).status_code for _ in range(25)]
+        free = [(await client.post("/v1/search", headers=as_customer("user_free"))).status_code for _ in range(7)]
+    assert statuses == [200] * 25 and free == [200] * 7
+    assert await billing.recorded_units("user_pro", "api_calls") == 25
+    assert await billing.recorded_units("user_free", "api_calls") == 7
+    metrics = await billing.get_usage_metrics("user_free", "api_calls")
+    assert [(m.feature_key, m.consumed, m.remaining) for m in metrics.metrics] == [("api_calls", 7, 3)]
+    stats = middleware.tracker.stats
+    assert (stats.queued, stats.sent, stats.failed, stats.rejected, stats.dropped) == (32, 32, 0, 0, 0)
+
+
+async def test_fractional_quantity(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(
+        recording_app([]),
+        billing=billing,
+        customer=by_header,
+        routes={"PUT /files/{name}": Metered("storage_gb", quantity=0.25)},
+    )
+    async with serve(middleware) as client:
+        statuses = [(await client.put(f"/files/f{i}", headers=as_customer("user_free"))).status_code for i in range(8)]
+    assert statuses == [200] * 6 + [429] * 2  # 6 x 0.25 = the 1.5 GB limit
+    assert await billing.recorded_units("user_free", "storage_gb") == 1.5
+    metrics = await billing.get_usage_metrics("user_free", "storage_gb")
+    assert [(m.consumed, m.remaining) for m in metrics.metrics] == [(1.5, 0)]
+
+
+async def test_quantity_function_of_the_request(billing: LocalBilling) -> None:
+    def from_header(request: Request) -> float:
+        return float(request.headers["x-units"])
+
+    async def from_query(request: Request) -> float:
+        return int(request.query_params["n"])
+
+    middleware = BillingMiddleware(
+        recording_app([]),
+        billing=billing,
+        customer=by_header,
+        routes={"/h": Metered("tokens", quantity=from_header), "/q": Metered("tokens", quantity=from_query)},
+    )
+    async with serve(middleware) as client:
+        a = await client.get("/h", headers=as_customer("user_free", **{"x-units": "12.5"}))
+        b = await client.get("/q", params={"n": "30"}, headers=as_customer("user_free"))
+        c = await client.get("/q", params={"n": "58"}, headers=as_customer("user_free"))  # 42.5 + 58 > 100
+        d = await client.get("/q", params={"n": "57"}, headers=as_customer("user_free"))
+    assert [r.status_code for r in (a, b, c, d)] == [200, 200, 429, 200]
+    assert d.headers["ratelimit"].startswith('"tokens";r=0;')
+    assert await billing.recorded_units("user_free", "tokens") == 99.5
+
+
+async def test_endpoint_reported_units(billing: LocalBilling) -> None:
+    async def via_function(request: Request) -> Response:
+        report_usage(7)
+        report_usage(0.5)
+        return PlainTextResponse("ok")
+
+    async def via_state(request: Request) -> Response:
+        request.state.billing.report(11)
+        return PlainTextResponse("ok")
+
+    def sync_endpoint(request: Request) -> Response:  # Starlette runs it in a worker thread
+        report_usage(3)
+        return PlainTextResponse("ok")
+
+    async def nothing(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def fixed_plus_reported(request: Request) -> Response:
+        report_usage(4)
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[
+            Route("/function", via_function),
+            Route("/state", via_state),
+            Route("/sync", sync_endpoint),
+            Route("/nothing", nothing),
+            Route("/both", fixed_plus_reported),
+        ]
+    )
+    tokens = Metered("tokens", quantity=None)
+    middleware = BillingMiddleware(
+        app,
+        billing=billing,
+        customer=by_header,
+        routes={
+            "/function": tokens,
+            "/state": tokens,
+            "/sync": tokens,
+            "/nothing": tokens,
+            "/both": Metered("tokens", quantity=2),
+        },
+    )
+    async with serve(middleware) as client:
+        for path in ("/function", "/state", "/sync", "/nothing", "/both"):
+            response = await client.get(path, headers=as_customer("user_free"))
+            assert response.status_code == 200, path
+    assert await billing.recorded_units("user_free", "tokens") == 7.5 + 11 + 3 + 0 + 6
+    assert middleware.tracker.stats.queued == 4  # nothing reported, nothing billed
+
+
+async def test_reported_units_from_fastapi_sync_and_async_endpoints(billing: LocalBilling) -> None:
+    app = FastAPI()
+
+    @app.get("/sync")
+    def sync_endpoint() -> dict[str, str]:
+        report_usage(5)
+        return {"ok": "sync"}
+
+    @app.get("/async")
+    async def async_endpoint(request: FastAPIRequest) -> dict[str, str | None]:
+        report_usage(6)
+        context = get_usage_context(request)
+        return {"request_id": None if context is None else context.request_id}
+
+    app.add_middleware(
+        BillingMiddleware, billing=billing, customer=by_header, default_feature=Metered("tokens", quantity=None)
+    )
+    async with serve(app) as client:
+        sync = await client.get("/sync", headers=as_customer("user_free"))
+        asynchronous = await client.get("/async", headers=as_customer("user_free"))
+    assert sync.status_code == 200 and sync.json() == {"ok": "sync"}
+    assert asynchronous.json() == {"request_id": asynchronous.headers["x-request-id"]}
+    assert await billing.recorded_units("user_free", "tokens") == 11
+
+
+async def test_report_usage_outside_a_metered_request_raises() -> None:
+    try:
+        report_usage(1)
+    except LookupError:
+        pass
+    else:
+        raise AssertionError("report_usage outside a metered request must raise LookupError")
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+
+
+async def test_concurrent_requests_never_exceed_the_quota(billing: LocalBilling) -> None:
+    calls: list[str] = []
+    middleware = BillingMiddleware(
+        recording_app(calls), billing=billing, customer=by_header, routes={"/x": "api_calls"}
+    )
+    statuses: list[int] = []
+    async with serve(middleware) as client:
+
+        async def one() -> None:
+            statuses.append((await client.get("/x", headers=as_customer("user_37"))).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(one)
+    assert (statuses.count(200), statuses.count(429), len(statuses)) == (37, 63, 100)
+    assert len(calls) == 37
+    assert await billing.recorded_units("user_37", "api_calls") == 37
+    assert middleware.tracker.stats.sent == 37 and middleware.tracker.stats.rejected == 0
+
+
+async def test_single_flight_cold_requests_check_upstream_once(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"})
+    statuses: list[int] = []
+    async with serve(middleware) as client:
+
+        async def one() -> None:
+            statuses.append((await client.get("/x", headers=as_customer("user_pro"))).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(200):
+                tg.start_soon(one)
+    assert statuses == [200] * 200
+    assert middleware.cache.upstream_checks == 1
+    assert await billing.recorded_units("user_pro", "api_calls") == 200
+
+
+# -- not billed -------------------------------------------------------------------------------------
+
+
+def failing_app(calls: list[str]) -> Starlette:
+    async def boom(request: Request) -> Response:
+        calls.append("boom")
+        raise RuntimeError("endpoint failed")
+
+    async def five_hundred(request: Request) -> Response:
+        calls.append("500")
+        return PlainTextResponse("no", status_code=500)
+
+    async def not_found(request: Request) -> Response:
+        calls.append("404")
+        raise HTTPException(404, "no such item")
+
+    async def bad_request(request: Request) -> Response:
+        calls.append("400")
+        return JSONResponse({"error": "bad"}, status_code=400)
+
+    async def ok(request: Request) -> Response:
+        calls.append("ok")
+        return PlainTextResponse("ok")
+
+    return Starlette(
+        routes=[
+            Route("/boom", boom),
+            Route("/500", five_hundred),
+            Route("/404", not_found),
+            Route("/400", bad_request),
+            Route("/ok", ok),
+        ]
+    )
+
+
+async def test_failed_requests_are_not_billed_and_release_their_units(billing: LocalBilling) -> None:
+    calls: list[str] = []
+    middleware = BillingMiddleware(failing_app(calls), billing=billing, customer=by_header, default_feature="api_calls")
+    transport = httpx.ASGITransport(app=middleware, raise_app_exceptions=False)
+    statuses: list[int] = []
+    async with lifespan(middleware), httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        for path in ("/boom", "/500", "/404", "/400", "/unrouted") * 3:
+            statuses.append((await client.get(path, headers=as_customer("user_free"))).status_code)
+        # Every failed request gave its reservation back: the whole quota of 10 is still there.
+        for _ in range(11):
+            statuses.append((await client.get("/ok", headers=as_customer("user_free"))).status_code)
+    assert statuses == [500, 500, 404, 400, 404] * 3 + [200] * 10 + [429]
+    assert calls.count("boom") == 3 and calls.count("ok") == 10
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+async def test_endpoint_exception_propagates_unbilled(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(failing_app([]), billing=billing, customer=by_header, routes={"/boom": "api_calls"})
+    async with serve(middleware) as client:
+        try:
+            await client.get("/boom", headers=as_customer("user_free"))
+        except RuntimeError as exc:
+            assert str(exc) == "endpoint failed"
+        else:
+            raise AssertionError("the app's exception should reach the transport")
+    assert middleware.tracker.stats.queued == 0
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_background_task_runs_and_request_is_billed_once(billing: LocalBilling) -> None:
+    ran: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("queued", background=BackgroundTask(ran.append, "background"))
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/job", endpoint, methods=["POST"])]),
+        billing=billing,
+        customer=by_header,
+        routes={"POST /job": "api_calls"},
+    )
+    async with serve(middleware) as client:
+        response = await client.post("/job", headers=as_customer("user_free"))
+    assert response.status_code == 200 and response.text == "queued"
+    assert ran == ["background"]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+# -- without lifespan -------------------------------------------------------------------------------
+
+
+async def test_without_lifespan_usage_is_sent_inline(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"})
+    async with serve(middleware, with_lifespan=False) as client:
+        first = await client.get("/x", headers=as_customer("user_free"))
+        assert await billing.recorded_units("user_free", "api_calls") == 1
+        rest = [await client.get("/x", headers=as_customer("user_free")) for _ in range(11)]
+        anonymous = await client.get("/x")
+    assert first.status_code == 200 and first.headers["ratelimit"].startswith('"api_calls";r=9;')
+    assert [r.status_code for r in rest] == [200] * 9 + [429] * 2
+    assert anonymous.status_code == 401
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+    assert middleware.tracker.stats.sent == 10 and middleware.tracker.stats.queued == 0
+
+
+# -- request ids ------------------------------------------------------------------------------------
+
+
+async def test_client_request_id_is_not_trusted_by_default(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"})
+    async with serve(middleware) as client:
+        responses = [
+            await client.get("/x", headers=as_customer("user_free", **{"x-request-id": "same"})) for _ in range(4)
+        ]
+    ids = [r.headers["x-request-id"] for r in responses]
+    assert [r.status_code for r in responses] == [200] * 4
+    assert "same" not in ids and len(set(ids)) == 4
+    assert [r.json()["request_id"] for r in responses] == ids
+    assert await billing.recorded_units("user_free", "api_calls") == 4
+
+
+async def test_trusted_request_id_is_the_idempotency_key(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(
+        recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"}, trust_request_id=True
+    )
+    async with serve(middleware) as client:
+        repeated = [
+            await client.get("/x", headers=as_customer("user_free", **{"x-request-id": "same"})) for _ in range(4)
+        ]
+        other = await client.get("/x", headers=as_customer("user_free", **{"x-request-id": "other"}))
+        generated = await client.get("/x", headers=as_customer("user_free"))
+    assert [r.status_code for r in repeated] == [200] * 4
+    assert [r.headers["x-request-id"] for r in repeated] == ["same"] * 4
+    assert [r.json()["request_id"] for r in repeated] == ["same"] * 4
+    assert other.headers["x-request-id"] == "other"
+    assert generated.headers["x-request-id"] not in ("same", "other", "")
+    assert await billing.recorded_units("user_free", "api_calls") == 3
+
+
+async def test_request_state_request_id_matches_the_response_header(billing: LocalBilling) -> None:
+    seen: list[tuple[str, str, str, float]] = []
+
+    async def endpoint(request: Request) -> Response:
+        state = request.state.billing
+        context = get_usage_context()
+        assert context is state
+        seen.append((state.request_id, state.customer_id, state.feature, state.quantity))
+        return PlainTextResponse("ok")
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/x", endpoint)]), billing=billing, customer=by_header, routes={"/x": "api_calls"}
+    )
+    async with serve(middleware) as client:
+        responses = [await client.get("/x", headers=as_customer("user_free")) for _ in range(3)]
+    assert [s[0] for s in seen] == [r.headers["x-request-id"] for r in responses]
+    assert [s[1:] for s in seen] == [("user_free", "api_calls", 1)] * 3
+
+
+async def test_trusted_request_id_that_is_not_usable_is_replaced(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(
+        recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"}, trust_request_id=True
+    )
+    too_long = "r" * 129
+    async with serve(middleware) as client:
+        responses = [
+            await client.get("/x", headers=as_customer("user_free", **{"x-request-id": too_long})) for _ in range(2)
+        ]
+    ids = [r.headers["x-request-id"] for r in responses]
+    assert too_long not in ids and len(set(ids)) == 2
+    assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
+async def test_request_body_is_left_to_the_app(billing: LocalBilling) -> None:
+    async def upload(request: Request) -> Response:
+        body = await request.body()
+        return JSONResponse({"bytes": len(body), "head": body[:4].decode()})
+
+    def size_in_gb(request: Request) -> float:
+        return int(request.headers["content-length"]) / 4_000_000
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/upload", upload, methods=["POST"])]),
+        billing=billing,
+        customer=by_header,
+        routes={"POST /upload": Metered("storage_gb", quantity=size_in_gb)},
+    )
+    payload = b"DATA" + b"x" * 999_996
+    async with serve(middleware) as client:
+        response = await client.post("/upload", content=payload, headers=as_customer("user_free"))
+    assert response.json() == {"bytes": 1_000_000, "head": "DATA"}
+    assert await billing.recorded_units("user_free", "storage_gb") == 0.25
+
+
+async def test_reported_units_beyond_the_quota_are_reported_as_rejected(billing: LocalBilling) -> None:
+    """Upstream refuses an event that would pass the limit: it is not recorded, and it is reported."""
+    rejected: list[tuple[str, float, str]] = []
+
+    async def generate(request: Request) -> Response:
+        report_usage(150)  # more than the free plan's 100 tokens
+        return PlainTextResponse("long answer")
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/generate", generate, methods=["POST"])]),
+        billing=billing,
+        customer=by_header,
+        routes={"POST /generate": Metered("tokens", quantity=None)},
+        on_rejected=lambda event, reason: rejected.append((event.customer_id, event.quantity, reason)),
+    )
+    async with serve(middleware) as client:
+        response = await client.post("/generate", headers=as_customer("user_free"))
+    assert response.status_code == 200
+    assert rejected == [("user_free", 150, "quota_exceeded")]
+    assert (middleware.tracker.stats.sent, middleware.tracker.stats.rejected) == (0, 1)
+    assert await billing.recorded_units("user_free", "tokens") == 0
