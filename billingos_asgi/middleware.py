@@ -34,7 +34,14 @@ from .context import UsageContext, _current
 from .customers import CustomerResolver
 from .responses import Denial, ProblemFactory, problem_response, quota_headers
 from .routes import Metered, RouteTable
-from .tracker import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_QUEUE, RejectedCallback, Tracker, UsageEvent
+from .tracker import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_MAX_QUEUE,
+    RejectedCallback,
+    Tracker,
+    UsageEvent,
+)
 
 __all__ = ["BillingMiddleware"]
 
@@ -92,6 +99,7 @@ class BillingMiddleware:
         cache_stale_ttl: float = DEFAULT_STALE_TTL,
         cache_negative_ttl: float = DEFAULT_NEGATIVE_TTL,
         cache_size: int = DEFAULT_MAX_SIZE,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         max_queue: int = DEFAULT_MAX_QUEUE,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         on_rejected: RejectedCallback | None = None,
@@ -107,7 +115,13 @@ class BillingMiddleware:
             billing, ttl=cache_ttl, stale_ttl=cache_stale_ttl, negative_ttl=cache_negative_ttl, max_size=cache_size
         )
         self.tracker = Tracker(
-            billing, self.cache, max_queue=max_queue, drain_timeout=drain_timeout, on_rejected=on_rejected
+            billing,
+            self.cache,
+            flush_interval=flush_interval,
+            max_queue=max_queue,
+            drain_timeout=drain_timeout,
+            on_rejected=on_rejected,
+            deduplicate=trust_request_id,
         )
         self._resolve = customer
         self._resolve_is_async = inspect.iscoroutinefunction(customer) or inspect.iscoroutinefunction(

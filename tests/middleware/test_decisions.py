@@ -317,8 +317,14 @@ async def test_upgrade_url_in_403_and_429_bodies(billing: LocalBilling) -> None:
 async def test_unreachable_billing_allow_lets_requests_through() -> None:
     calls: list[str] = []
     async with BillingOS(secret_key="sk_test_x", base_url=closed_port_url(), retry=RetryPolicy(max_retries=0)) as down:
+        rejected: list[tuple[str, str]] = []
         middleware = BillingMiddleware(
-            recording_app(calls), billing=down, customer=by_header, routes={"/x": "api_calls"}
+            recording_app(calls),
+            billing=down,
+            customer=by_header,
+            routes={"/x": "api_calls"},
+            drain_timeout=0.5,
+            on_rejected=lambda event, reason: rejected.append((event.customer_id, reason)),
         )
         async with serve(middleware) as client:
             response = await client.get("/x", headers=as_customer("user_free"))
@@ -326,9 +332,12 @@ async def test_unreachable_billing_allow_lets_requests_through() -> None:
         assert response.json()["request_id"] == response.headers["x-request-id"]
         assert "ratelimit" not in response.headers
         assert calls == ["GET /x"]
-        # Allowed requests are tracked: the event was attempted, and its failure counted, not lost.
+        # Allowed requests are tracked: the event was retried until the shutdown deadline, then
+        # counted and reported as dropped (no outbox configured), never lost silently.
         stats = middleware.tracker.stats
-        assert (stats.queued, stats.sent, stats.failed, stats.dropped) == (1, 0, 1, 0)
+        assert (stats.queued, stats.sent, stats.dropped) == (1, 0, 1)
+        assert stats.upstream_calls >= 1 and stats.retried >= 1
+        assert rejected == [("user_free", "shutdown deadline passed (outcome unknown)")]
 
 
 async def test_unreachable_billing_deny_answers_503() -> None:

@@ -98,11 +98,8 @@ async def test_exact_counts_over_the_network(local_server: RunningServer) -> Non
     assert await local_server.billing.recorded_units("user_pro", "api_calls") == 25
     assert await local_server.billing.recorded_units("user_free", "api_calls") == 7
     assert [(m.consumed, m.remaining) for m in metrics.metrics] == [(7, 3)]
-    assert (middleware.tracker.stats.sent, middleware.tracker.stats.failed, middleware.tracker.stats.dropped) == (
-        32,
-        0,
-        0,
-    )
+    stats = middleware.tracker.stats
+    assert (stats.sent, stats.dead_lettered, stats.dropped) == (32, 0, 0)
 
 
 async def concurrent_statuses(client: httpx.AsyncClient, customer: str, count: int) -> list[int]:
@@ -179,4 +176,4 @@ async def test_two_processes_sharing_a_quota_lose_nothing_silently(local_server:
     assert sent == 10
     assert sent + refused == admitted
     assert len(rejected) == refused and all(reason == "quota_exceeded" for _, reason in rejected)
-    assert first.tracker.stats.failed + second.tracker.stats.failed == 0
+    assert first.tracker.stats.dropped + second.tracker.stats.dropped == 0

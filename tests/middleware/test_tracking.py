@@ -32,7 +32,7 @@ async def test_n_successful_requests_record_exactly_n_units(billing: LocalBillin
     metrics = await billing.get_usage_metrics("user_free", "api_calls")
     assert [(m.feature_key, m.consumed, m.remaining) for m in metrics.metrics] == [("api_calls", 7, 3)]
     stats = middleware.tracker.stats
-    assert (stats.queued, stats.sent, stats.failed, stats.rejected, stats.dropped) == (32, 32, 0, 0, 0)
+    assert (stats.queued, stats.sent, stats.dead_lettered, stats.rejected, stats.dropped) == (32, 32, 0, 0, 0)
 
 
 async def test_fractional_quantity(billing: LocalBilling) -> None:

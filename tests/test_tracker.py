@@ -1,0 +1,171 @@
+"""The tracker: coalescing under fixed keys, retries that never count twice, refusals split, nothing lost silently."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEvent
+from billingos_asgi.cache import EntitlementCache
+from billingos_asgi.tracker import Batch, Tracker, form_batches
+
+PLANS: dict[str, Any] = {
+    "features": {"api_calls": {"type": "usage_quota"}, "tokens": {"type": "usage_quota"}},
+    "plans": {"small": {"features": {"api_calls": 10, "tokens": "unlimited"}}},
+    "customers": {f"c{i}": "small" for i in range(10)},
+}
+
+
+def event(key: str, customer: str = "c0", feature: str = "api_calls", quantity: float = 1, **kw: Any) -> UsageEvent:
+    return UsageEvent(customer, feature, quantity, key, **kw)
+
+
+class FlakyAfterForwarding:
+    """Fault injection around a real LocalBilling: records the track, then reports a network error."""
+
+    def __init__(self, billing: LocalBilling, failures: int) -> None:
+        self.billing = billing
+        self.failures = failures
+        self.keys: list[str | None] = []
+
+    async def track_usage(
+        self,
+        customer_id: str,
+        feature_key: str,
+        quantity: float,
+        idempotency_key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> TrackUsageResult:
+        self.keys.append(idempotency_key)
+        result = await self.billing.track_usage(customer_id, feature_key, quantity, idempotency_key, metadata)
+        if self.failures:
+            self.failures -= 1
+            raise NetworkError("connection reset after the request was sent")
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+
+@pytest.fixture
+async def billing(tmp_path: Path) -> AsyncIterator[LocalBilling]:
+    async with LocalBilling.from_dict(PLANS, tmp_path / "billing.db") as billing:
+        yield billing
+
+
+async def run_tracker(tracker: Tracker, events: list[UsageEvent]) -> None:
+    async with anyio.create_task_group() as tg:
+        tracker.start(tg)
+        for item in events:
+            assert tracker.submit(item)
+        await tracker.stop()
+
+
+def test_batch_keys_are_deterministic_and_single_events_keep_theirs() -> None:
+    a, b, c = event("k-a"), event("k-b"), event("k-c")
+    assert Batch.of((a,)).idempotency_key == "k-a"
+    assert Batch.of((a, b, c)).idempotency_key == Batch.of((c, a, b)).idempotency_key
+    assert Batch.of((a, b)).idempotency_key != Batch.of((a, c)).idempotency_key
+    batches = form_batches([a, event("x", customer="c1"), b, event("y", feature="tokens")])
+    assert [(x.customer_id, x.feature_key, len(x.events)) for x in batches] == [
+        ("c0", "api_calls", 2),
+        ("c1", "api_calls", 1),
+        ("c0", "tokens", 1),
+    ]
+    assert Batch.of((event("f1", quantity=0.1), event("f2", quantity=0.2))).quantity == 0.3
+
+
+async def test_events_of_one_window_go_up_as_one_call_per_customer_and_feature(billing: LocalBilling) -> None:
+    tracker = Tracker(billing, EntitlementCache(billing), flush_interval=0.2)
+    events = [event(f"k{i}", customer=f"c{i % 3}", quantity=0.5) for i in range(30)]
+    await run_tracker(tracker, events)
+    stats = tracker.stats
+    assert (stats.queued, stats.sent, stats.upstream_calls, stats.coalesced) == (30, 30, 3, 27)
+    for customer in ("c0", "c1", "c2"):
+        assert await billing.recorded_units(customer, "api_calls") == 5
+
+
+async def test_a_batch_refused_for_quota_is_split_so_what_fits_is_recorded(billing: LocalBilling) -> None:
+    rejected: list[tuple[str, str]] = []
+    tracker = Tracker(
+        billing,
+        EntitlementCache(billing),
+        flush_interval=0.2,
+        on_rejected=lambda e, r: rejected.append((e.idempotency_key, r)),
+    )
+    await run_tracker(tracker, [event(f"k{i}") for i in range(12)])
+    assert await billing.recorded_units("c0", "api_calls") == 10
+    assert (tracker.stats.sent, tracker.stats.rejected) == (10, 2)
+    assert rejected == [("k10", "quota_exceeded"), ("k11", "quota_exceeded")]
+
+
+async def test_a_retry_after_an_unknown_outcome_reuses_the_key_and_counts_once(billing: LocalBilling) -> None:
+    flaky = FlakyAfterForwarding(billing, failures=2)
+    tracker = Tracker(flaky, EntitlementCache(billing), flush_interval=0.05)  # type: ignore[arg-type]
+    await run_tracker(tracker, [event(f"k{i}", quantity=2) for i in range(3)])
+    assert await billing.recorded_units("c0", "api_calls") == 6
+    assert len(flaky.keys) == 3 and len(set(flaky.keys)) == 1  # one batch, one key, three attempts
+    assert (tracker.stats.sent, tracker.stats.retried, tracker.stats.upstream_calls) == (3, 2, 3)
+
+
+class Unreachable:
+    """Fault injection: every track fails with a network error."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def track_usage(self, *args: Any, **kwargs: Any) -> TrackUsageResult:
+        self.calls += 1
+        raise NetworkError("connection refused")
+
+
+async def test_a_batch_still_failing_a_day_after_its_first_attempt_is_dead_lettered(billing: LocalBilling) -> None:
+    rejected: list[str] = []
+    start = time.time()
+    readings = iter([start, start, start + 25 * 3600])
+    backend = Unreachable()
+    tracker = Tracker(
+        backend,  # type: ignore[arg-type]
+        EntitlementCache(billing),
+        flush_interval=0,
+        on_rejected=lambda e, r: rejected.append(r),
+        clock=lambda: next(readings),
+    )
+    await run_tracker(tracker, [event("k1")])
+    assert (backend.calls, tracker.stats.retried, tracker.stats.dead_lettered, tracker.stats.sent) == (1, 1, 1, 0)
+    assert rejected == ["first attempted more than 24 h ago: not resent blindly"]
+
+
+async def test_a_full_queue_drops_and_counts(billing: LocalBilling) -> None:
+    rejected: list[str] = []
+    tracker = Tracker(billing, EntitlementCache(billing), max_queue=3, on_rejected=lambda e, r: rejected.append(r))
+    await run_tracker(tracker, [event(f"k{i}") for i in range(5)])
+    assert (tracker.stats.queued, tracker.stats.sent, tracker.stats.dropped) == (3, 3, 2)
+    assert rejected == ["queue full", "queue full"]
+
+
+async def test_trusted_duplicate_keys_count_once(billing: LocalBilling) -> None:
+    tracker = Tracker(billing, EntitlementCache(billing), flush_interval=0.05, deduplicate=True)
+    await run_tracker(tracker, [event("same"), event("same"), event("other")])
+    assert (tracker.stats.sent, tracker.stats.duplicates) == (2, 1)
+    assert await billing.recorded_units("c0", "api_calls") == 2
+
+
+async def test_submit_without_a_worker_asks_the_caller_to_send(billing: LocalBilling) -> None:
+    tracker = Tracker(billing, EntitlementCache(billing))
+    assert tracker.submit(event("k")) is False
+    await tracker.send(event("k"))
+    assert tracker.stats.sent == 1 and await billing.recorded_units("c0", "api_calls") == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"flush_interval": -1}, {"max_queue": 0}, {"drain_timeout": -1}, {"max_concurrency": 0}]
+)
+async def test_bad_settings_are_refused(billing: LocalBilling, kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="tracker: need"):
+        Tracker(billing, EntitlementCache(billing), **kwargs)  # type: ignore[arg-type]
