@@ -231,11 +231,13 @@ class EntitlementCache:
         quota.fetched_at = self._clock()
 
     def reject(self, customer_id: str, feature_key: str, units: float, error: Exception | None) -> None:
-        """Upstream refused ``units``: stop counting them, and re-check before trusting the entry again."""
+        """``units`` will not be recorded: stop counting them; after an upstream refusal, re-check the entry."""
         quota = self._entries.get((customer_id, feature_key))
         if quota is None:
             return
         quota.unconfirmed = max(0.0, quota.unconfirmed - units)
+        if error is None:
+            return  # dropped here, not refused upstream: the cached answer still holds
         if isinstance(error, QuotaExceededError) and quota.limit is not None:
             quota.usage = max(quota.usage, quota.limit)
         quota.fetched_at = -math.inf
