@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 
-from . import bench_client_server, bench_local_engine, bench_middleware
+from . import bench_client_server, bench_local_engine, bench_middleware, bench_pipeline
 from ._util import machine
 
 
@@ -13,6 +13,7 @@ async def main() -> None:
     await bench_local_engine.run()
     await bench_client_server.run()
     await bench_middleware.run()
+    await bench_pipeline.run()
 
 
 if __name__ == "__main__":
