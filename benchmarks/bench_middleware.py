@@ -25,6 +25,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
 from billingos_asgi import BillingMiddleware, Entitlement, TrackUsageResult, UsageSnapshot
+from billingos_asgi.testing import lifespan
 
 from ._util import print_table
 
@@ -149,15 +150,8 @@ async def drive(app: ASGIApp, count: int, customers: int = 1, *, yield_each: boo
 
 
 async def with_lifespan(app: ASGIApp, body: Callable[[], Awaitable[None]]) -> None:
-    to_app, inbox = anyio.create_memory_object_stream[Message](4)
-    outbox, from_app = anyio.create_memory_object_stream[Message](4)
-    async with anyio.create_task_group() as tg, to_app, from_app, inbox, outbox:
-        tg.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.receive, outbox.send)
-        await to_app.send({"type": "lifespan.startup"})
-        await from_app.receive()
+    async with lifespan(app):
         await body()
-        await to_app.send({"type": "lifespan.shutdown"})
-        await from_app.receive()
 
 
 async def overhead_table(*, delivery: bool) -> None:

@@ -272,7 +272,7 @@ class BillingMiddleware:
         quantity = metered.quantity
         if quantity is None:
             return 0.0
-        value = quantity(request) if callable(quantity) else quantity
+        value = quantity(request) if callable(quantity) else quantity  # callable here; narrows the type
         if inspect.isawaitable(value):
             value = await value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):

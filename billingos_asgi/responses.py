@@ -45,7 +45,7 @@ class Denial:
         if self.status == 503:
             return 5
         if self.status == 429 and self.resets_at is not None:
-            return max(1, math.ceil(self.resets_at - datetime.now(timezone.utc).timestamp()))
+            return max(1, math.ceil(self.resets_at - time.time()))
         return None
 
 

@@ -7,7 +7,6 @@ route inside a ``Mount`` is configured by the path the client calls.
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -44,12 +43,6 @@ class Metered:
         if q is not None and not callable(q):
             if isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0 or q == float("inf"):
                 raise ValueError(f"Metered({self.feature!r}): quantity must be a finite number >= 0, got {q!r}")
-
-    @property
-    def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.quantity) or inspect.iscoroutinefunction(
-            getattr(self.quantity, "__call__", None)  # noqa: B004 - an async callable object
-        )
 
 
 def _split_key(key: str) -> tuple[str | None, str]:
@@ -106,14 +99,6 @@ class RouteTable:
         # Static (method, path) lookups, dynamic routes and the default need no per-request work
         # beyond a dict lookup when nothing dynamic or excluded-by-pattern is configured.
         self._simple = not self._dynamic and not self._excluded_patterns and not prefixes
-
-    @property
-    def features(self) -> frozenset[str]:
-        """Every feature any route (or the default) meters."""
-        found = {m.feature for m in self._static.values()} | {m.feature for _, _, m in self._dynamic}
-        if self._default is not None:
-            found.add(self._default.feature)
-        return frozenset(found)
 
     def match(self, method: str, path: str) -> Metered | None:
         """The metering of ``method path``, or None when it is not metered or is excluded."""

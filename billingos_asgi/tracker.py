@@ -62,7 +62,6 @@ class UsageEvent:
     quantity: float
     idempotency_key: str
     metadata: Mapping[str, Any] | None = None
-    created_at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,10 +164,6 @@ class Tracker:
     def running(self) -> bool:
         return self._done is not None and self._closing_event is not None and not self._closing_event.is_set()
 
-    @property
-    def queued_events(self) -> int:
-        return self._queued_events
-
     def submit(self, event: UsageEvent) -> bool:
         """Queue ``event`` without waiting; False when no worker runs (the caller sends it itself)."""
         if not self.running:
@@ -197,12 +192,12 @@ class Tracker:
         self._flushed = False
         self._done = anyio.Event()
         self._scope = anyio.CancelScope()
-        task_group.start_soon(self._work, self._done, self._scope)
+        task_group.start_soon(self._work, self._done, self._scope, self._closing_event)
 
     async def stop(self) -> None:
         """Stop taking events; flush and deliver what is queued within the drain deadline."""
-        done, closing = self._done, self._closing_event
-        if done is None or closing is None or closing.is_set():
+        done, closing, scope = self._done, self._closing_event, self._scope
+        if done is None or closing is None or scope is None or closing.is_set():
             return
         closing.set()
         if self._window is not None:
@@ -212,17 +207,16 @@ class Tracker:
         if not done.is_set():
             left = self._queued_events + sum(len(batch.events) for batch in self._in_flight)
             logger.error("usage drain deadline (%.1fs) passed with %d events unsent", self._drain_timeout, left)
-            assert self._scope is not None
-            self._scope.cancel()
+            scope.cancel()
             with anyio.CancelScope(shield=True):
                 await done.wait()
         self._done = None
 
-    async def _work(self, done: anyio.Event, scope: anyio.CancelScope) -> None:
+    async def _work(self, done: anyio.Event, scope: anyio.CancelScope, closing: anyio.Event) -> None:
         try:
             with scope:
                 async with anyio.create_task_group() as workers:
-                    workers.start_soon(self._flusher)
+                    workers.start_soon(self._flusher, closing)
                     for _ in range(self._max_concurrency):
                         workers.start_soon(self._sender)
         finally:
@@ -238,9 +232,7 @@ class Tracker:
             self._queued_events = 0
             done.set()
 
-    async def _flusher(self) -> None:
-        closing = self._closing_event
-        assert closing is not None
+    async def _flusher(self, closing: anyio.Event) -> None:
         while True:
             if not self._pending:
                 if closing.is_set():
@@ -253,7 +245,7 @@ class Tracker:
                     await closing.wait()  # a shutdown flushes at once
             self._flush()
         self._flushed = True
-        self._wake_senders(all_of_them=True)
+        self._wake_senders()
 
     def _flush(self) -> None:
         events = tuple(self._pending)
@@ -261,13 +253,11 @@ class Tracker:
         batches = form_batches(events)
         self.stats.coalesced += len(events) - len(batches)
         self._ready.extend(batches)
-        self._wake_senders(all_of_them=True)
+        self._wake_senders()
 
-    def _wake_senders(self, *, all_of_them: bool = False) -> None:
+    def _wake_senders(self) -> None:
         while self._idle:
             self._idle.pop().set()
-            if not all_of_them:
-                return
 
     async def _sender(self) -> None:
         while True:

@@ -103,7 +103,6 @@ def create_app(
     *,
     secret_key: str = DEFAULT_SECRET_KEY,
     rate_limit: int | None = None,
-    close_billing: bool = True,
 ) -> Starlette:
     """A Starlette app answering the BillingOS API for ``billing``, accepting only ``secret_key``."""
     if not secret_key.startswith("sk_"):
@@ -196,8 +195,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        if close_billing:
-            await billing.aclose()
+        await billing.aclose()
 
     return Starlette(
         routes=[

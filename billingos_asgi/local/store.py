@@ -102,20 +102,14 @@ class Store:
     def set_plan(self, customer_id: str, plan_key: str | None, started_at: datetime | None, now: datetime) -> None:
         if plan_key is not None and plan_key not in self.catalog.plans:
             raise ValidationError(f"unknown plan {plan_key!r} (known: {', '.join(sorted(self.catalog.plans))})")
+        # A new subscription starts now; a changed plan keeps its anchor unless started_at moves it.
         with self._transaction(write=True):
-            if started_at is None:
-                self._db.execute(
-                    "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
-                    "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key, status = 'active'",
-                    (customer_id, plan_key, _ts(now)),
-                )
-            else:
-                self._db.execute(
-                    "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
-                    "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key, status = 'active', "
-                    "started_at = excluded.started_at",
-                    (customer_id, plan_key, _ts(started_at)),
-                )
+            self._db.execute(
+                "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
+                "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key, status = 'active', "
+                "started_at = COALESCE(?, started_at)",
+                (customer_id, plan_key, _ts(started_at or now), None if started_at is None else _ts(started_at)),
+            )
 
     def cancel(self, customer_id: str) -> None:
         with self._transaction(write=True):
