@@ -51,7 +51,7 @@ async def steady_load(customers: int) -> tuple[int, int, int, float]:
             await with_lifespan(middleware, load)
             recorded = sum([await billing.recorded_units(f"customer_{i}", "api_calls") for i in range(customers)])
             assert recorded == total, f"recorded {recorded} of {total}"
-            return total, middleware.tracker.stats.upstream_calls, middleware.cache.upstream_checks, recorded
+            return total, middleware.tracker.stats.upstream_calls, middleware.upstream.checks, recorded
 
 
 async def run() -> None:

@@ -3,6 +3,8 @@
 from ._exceptions import (
     AuthenticationError,
     BillingOSError,
+    BudgetExhaustedError,
+    CircuitOpenError,
     CustomerNotFoundError,
     InvalidResponseError,
     NetworkError,
@@ -17,11 +19,12 @@ from .backend import BillingBackend
 from .client import BillingOS, RetryPolicy
 from .context import UsageContext, get_usage_context, report_usage
 from .customers import from_api_key, from_state, from_user
+from .events import UsageEvent
 from .local import LocalBilling, PlansError
 from .middleware import BillingMiddleware
 from .responses import Denial
 from .routes import Metered
-from .tracker import TrackerStats, UsageEvent
+from .tracker import TrackerStats
 
 __all__ = [
     "AuthenticationError",
@@ -29,6 +32,8 @@ __all__ = [
     "BillingMiddleware",
     "BillingOS",
     "BillingOSError",
+    "BudgetExhaustedError",
+    "CircuitOpenError",
     "CustomerNotFoundError",
     "Denial",
     "Entitlement",

@@ -10,8 +10,10 @@
     │   └── CustomerNotFoundError  400 "Customer not found: <id>"
     ├── QuotaExceededError         400 "quota_exceeded": nothing was recorded
     ├── RateLimitError             429, with ``retry_after`` seconds when the service sent one
+    │   └── BudgetExhaustedError   not sent: this process's upstream call budget is used up for now
     ├── ServerError                5xx
     ├── NetworkError               connection failures and timeouts (no answer at all)
+    │   └── CircuitOpenError       not sent: calls are paused after repeated failures
     └── InvalidResponseError       an answer that is not the JSON the protocol promises
 
 Every error carries ``status`` (None when no HTTP answer was involved), ``message``, ``body``
@@ -26,6 +28,8 @@ from typing import Any
 __all__ = [
     "AuthenticationError",
     "BillingOSError",
+    "BudgetExhaustedError",
+    "CircuitOpenError",
     "CustomerNotFoundError",
     "InvalidResponseError",
     "NetworkError",
@@ -77,6 +81,10 @@ class RateLimitError(BillingOSError):
     """The service throttled the call; ``retry_after`` is the wait it asked for, in seconds."""
 
 
+class BudgetExhaustedError(RateLimitError):
+    """Not sent: the process's upstream call budget has no token for it within the wait allowed."""
+
+
 class ServerError(BillingOSError):
     """The service failed (5xx); the call may be retried."""
 
@@ -87,3 +95,7 @@ class NetworkError(BillingOSError):
 
 class InvalidResponseError(BillingOSError):
     """The service answered, but not with the JSON the protocol promises."""
+
+
+class CircuitOpenError(NetworkError):
+    """Not sent: after repeated failures, calls to billing pause for a cool-down (``retry_after``)."""

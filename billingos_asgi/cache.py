@@ -20,7 +20,7 @@ from cachetools import LRUCache
 
 from ._exceptions import CustomerNotFoundError, QuotaExceededError
 from ._models import Entitlement, TrackUsageResult
-from .backend import BillingBackend
+from .upstream import CHECK_WAIT, Upstream
 
 __all__ = ["EntitlementCache", "Quota"]
 
@@ -30,6 +30,8 @@ DEFAULT_TTL = 30.0
 DEFAULT_STALE_TTL = 600.0
 DEFAULT_NEGATIVE_TTL = 30.0
 DEFAULT_MAX_SIZE = 10_000
+#: After a failed background refresh, the stale answer serves this long before the next try.
+REFRESH_RETRY = 1.0
 
 Key = tuple[str, str]
 Refresh = Callable[[], Coroutine[Any, Any, None]]
@@ -50,6 +52,7 @@ class Quota:
     unconfirmed: float = 0.0  # finished requests whose usage is not confirmed yet
     tracked: bool = True  # False for flags and numeric limits: gated, never tracked
     refreshing: bool = field(default=False)
+    retry_at: float = 0.0  # no background refresh before this (monotonic) time
 
     @property
     def remaining(self) -> float | None:
@@ -111,7 +114,7 @@ class EntitlementCache:
 
     def __init__(
         self,
-        backend: BillingBackend,
+        upstream: Upstream,
         *,
         ttl: float = DEFAULT_TTL,
         stale_ttl: float = DEFAULT_STALE_TTL,
@@ -122,7 +125,7 @@ class EntitlementCache:
     ) -> None:
         if ttl <= 0 or stale_ttl < ttl or negative_ttl <= 0 or max_size < 1:
             raise ValueError("cache: need ttl > 0, stale_ttl >= ttl, negative_ttl > 0 and max_size >= 1")
-        self._backend = backend
+        self._upstream = upstream
         self._ttl = ttl
         self._stale_ttl = stale_ttl
         self._negative_ttl = negative_ttl
@@ -131,7 +134,6 @@ class EntitlementCache:
         self._entries: LRUCache[Key, Quota] = LRUCache(maxsize=max_size)
         self._flights: dict[Key, _Flight] = {}
         self.spawn: Spawn | None = None
-        self.upstream_checks = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -144,13 +146,14 @@ class EntitlementCache:
             return None
         if quota.resets_at is not None and self._wall_clock() >= quota.resets_at:
             return None  # a new period started: the cached usage no longer applies
-        age = self._clock() - quota.fetched_at
+        now = self._clock()
+        age = now - quota.fetched_at
         if quota.entitlement is None:
             return quota if age < self._negative_ttl else None
         if age < self._ttl:
             return quota
         if age < self._stale_ttl and self.spawn is not None:
-            if not quota.refreshing:
+            if not quota.refreshing and now >= quota.retry_at:
                 quota.refreshing = True
                 self.spawn(lambda: self._refresh(key))
             return quota
@@ -159,7 +162,8 @@ class EntitlementCache:
     async def fetch(self, customer_id: str, feature_key: str) -> Quota:
         """Ask upstream, once for all concurrent callers of the same key.
 
-        Raises the backend's error when upstream fails and nothing at all is cached.
+        Raises the backend's error when upstream fails (or the breaker or the call budget
+        refuses the call) and nothing at all is cached.
         """
         key = (customer_id, feature_key)
         while True:
@@ -183,18 +187,20 @@ class EntitlementCache:
             # The leader was cancelled (its client went away): take over.
 
     async def _load(self, key: Key) -> Quota:
-        self.upstream_checks += 1
         previous = self._entries.get(key)
         try:
-            entitlement = await self._backend.check_entitlement(*key)
+            # With an answer to fall back on, a request never waits for a budget token.
+            wait = 0.0 if previous is not None else CHECK_WAIT
+            entitlement = await self._upstream.check_entitlement(*key, wait=wait)
         except CustomerNotFoundError:
             quota = Quota(entitlement=None, fetched_at=self._clock())
             self._entries[key] = quota
             return quota
         except Exception:
-            if previous is not None:  # upstream is down: a stale answer beats none
+            if previous is not None:  # upstream is down or busy: a stale answer beats none
                 previous.refreshing = False
-                logger.warning("billing check for %s/%s failed; using the cached answer", *key, exc_info=True)
+                previous.retry_at = self._clock() + REFRESH_RETRY
+                logger.debug("billing check for %s/%s failed; using the cached answer", *key, exc_info=True)
                 return previous
             raise
         fresh = _quota_from(entitlement, self._clock())

@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Literal
 
 import anyio
@@ -32,6 +33,8 @@ from .cache import (
 )
 from .context import UsageContext, _current
 from .customers import CustomerResolver
+from .events import UsageEvent
+from .outbox import Outbox
 from .responses import Denial, ProblemFactory, problem_response, quota_headers
 from .routes import Metered, RouteTable
 from .tracker import (
@@ -40,7 +43,15 @@ from .tracker import (
     DEFAULT_MAX_QUEUE,
     RejectedCallback,
     Tracker,
-    UsageEvent,
+)
+from .upstream import (
+    DEFAULT_BURST,
+    DEFAULT_CALLS_PER_MINUTE,
+    DEFAULT_COOLDOWN,
+    DEFAULT_FAILURE_THRESHOLD,
+    Budget,
+    CircuitBreaker,
+    Upstream,
 )
 
 __all__ = ["BillingMiddleware"]
@@ -80,6 +91,12 @@ class BillingMiddleware:
     them through, ``"deny"`` answers 503. A client-sent ``X-Request-ID`` becomes the idempotency
     key only with ``trust_request_id=True`` (behind a gateway that sets it); otherwise every
     request gets a fresh id, so a client repeating an id is still billed for every request.
+
+    Delivery (SPEC section 6): usage events are coalesced per (customer, feature) every
+    ``flush_interval`` and sent within ``calls_per_minute`` (a token bucket shared with the
+    checks; None lifts it); after ``breaker_threshold`` failures in a row, upstream is left alone
+    for ``breaker_cooldown`` seconds. ``outbox`` (a SQLite file path) keeps events on disk until
+    upstream confirms them, and resends what a crash left at the next start.
     """
 
     def __init__(
@@ -103,6 +120,11 @@ class BillingMiddleware:
         max_queue: int = DEFAULT_MAX_QUEUE,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         on_rejected: RejectedCallback | None = None,
+        outbox: str | Path | None = None,
+        calls_per_minute: float | None = DEFAULT_CALLS_PER_MINUTE,
+        call_burst: int = DEFAULT_BURST,
+        breaker_threshold: int = DEFAULT_FAILURE_THRESHOLD,
+        breaker_cooldown: float = DEFAULT_COOLDOWN,
     ) -> None:
         if on_error not in ("allow", "deny"):
             raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
@@ -111,17 +133,27 @@ class BillingMiddleware:
         self.app = app
         self.billing = billing
         self.routes = RouteTable(routes, default_feature=default_feature, exclude=exclude)
+        self.upstream = Upstream(
+            billing,
+            budget=None if calls_per_minute is None else Budget(calls_per_minute, call_burst),
+            breaker=CircuitBreaker(breaker_threshold, breaker_cooldown),
+        )
         self.cache = EntitlementCache(
-            billing, ttl=cache_ttl, stale_ttl=cache_stale_ttl, negative_ttl=cache_negative_ttl, max_size=cache_size
+            self.upstream,
+            ttl=cache_ttl,
+            stale_ttl=cache_stale_ttl,
+            negative_ttl=cache_negative_ttl,
+            max_size=cache_size,
         )
         self.tracker = Tracker(
-            billing,
+            self.upstream,
             self.cache,
             flush_interval=flush_interval,
             max_queue=max_queue,
             drain_timeout=drain_timeout,
             on_rejected=on_rejected,
             deduplicate=trust_request_id,
+            outbox=None if outbox is None else Outbox(outbox, max_events=max_queue),
         )
         self._resolve = customer
         self._resolve_is_async = inspect.iscoroutinefunction(customer) or inspect.iscoroutinefunction(
@@ -328,7 +360,7 @@ class BillingMiddleware:
             async def lifespan_receive() -> Message:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
-                    self._start(task_group)
+                    await self._start(task_group)
                 elif message["type"] == "lifespan.shutdown":
                     await self._stop()  # before the app's own shutdown closes the billing client
                 return message
@@ -340,8 +372,8 @@ class BillingMiddleware:
                     await self._stop()
                 task_group.cancel_scope.cancel()
 
-    def _start(self, task_group: TaskGroup) -> None:
-        self.tracker.start(task_group)
+    async def _start(self, task_group: TaskGroup) -> None:
+        await self.tracker.start(task_group)
 
         def spawn(refresh: Refresh) -> None:
             task_group.start_soon(refresh)

@@ -1,43 +1,37 @@
 """Background delivery of usage events, so the request path never waits on the billing service.
 
-Events are queued (bounded) and, every ``flush_interval``, coalesced: the events of one
-(customer, feature) go up as one track call with their summed quantity. A batch's idempotency key
-is fixed when the batch is formed (the event's own key for a batch of one, a hash of its events'
-keys otherwise) and reused on every retry; a batch is never re-formed after a failure whose
-outcome is unknown. Transient failures are retried with backoff and jitter, honouring
-``Retry-After``; a definitive refusal splits the batch so that its valid events still count.
-Nothing is dropped silently: what cannot be recorded is logged, counted and passed to
-``on_rejected``.
+Events are queued (bounded) and, every ``flush_interval``, handed to the senders grouped by
+(customer, feature). A sender waits for the upstream budget (and the circuit breaker) before it
+takes a group, so while calls are scarce the groups keep growing: the slower upstream lets us
+call, the more events each call carries. A group becomes a :class:`Batch` under a key fixed
+before its first attempt and reused on every retry; a batch is never re-formed after a failure
+whose outcome is unknown. Transient failures are retried with backoff and jitter, honouring
+``Retry-After``; a batch refused for quota is halved until what fits is recorded and the rest
+is rejected. Nothing is dropped silently: what cannot be recorded is logged, counted and passed
+to ``on_rejected``. With an :class:`~billingos_asgi.outbox.Outbox`, events are on disk from the
+moment they are queued until upstream confirms them, and a restart resends what a crash left.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 from cachetools import TTLCache
 
-from ._exceptions import (
-    AuthenticationError,
-    BillingOSError,
-    InvalidResponseError,
-    NetworkError,
-    QuotaExceededError,
-    RateLimitError,
-    ServerError,
-)
-from .backend import BillingBackend
+from ._exceptions import NotFoundError, QuotaExceededError, ValidationError
 from .cache import EntitlementCache
+from .events import Batch, UsageEvent
+from .outbox import Outbox
+from .upstream import Upstream
 
-__all__ = ["Batch", "Tracker", "TrackerStats", "UsageEvent", "form_batches"]
+__all__ = ["Tracker", "TrackerStats"]
 
 logger = logging.getLogger("billingos_asgi")
 
@@ -50,52 +44,10 @@ RETRY_MAX = 30.0
 #: Upstream forgets idempotency keys after 24 h; resending older events could count them twice.
 IDEMPOTENCY_HORIZON = 24 * 3600 - 300
 _REPORT_INTERVAL = 1.0
-_TRANSIENT = (NetworkError, ServerError, RateLimitError, InvalidResponseError, AuthenticationError)
+#: Definitive refusals (nothing was recorded): never retried. Anything else may pass later.
+_PERMANENT = (ValidationError, NotFoundError, QuotaExceededError)
 
-
-@dataclass(frozen=True, slots=True)
-class UsageEvent:
-    """The usage of one successful metered request; its key is stamped once, here, for every retry."""
-
-    customer_id: str
-    feature_key: str
-    quantity: float
-    idempotency_key: str
-    metadata: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Events of one (customer, feature) sent as one track call under one fixed key."""
-
-    customer_id: str
-    feature_key: str
-    events: tuple[UsageEvent, ...]
-    idempotency_key: str
-
-    @classmethod
-    def of(cls, events: tuple[UsageEvent, ...]) -> Batch:
-        first = events[0]
-        if len(events) == 1:
-            key = first.idempotency_key
-        else:  # deterministic: the same events always make the same key
-            digest = hashlib.sha256("\n".join(sorted(e.idempotency_key for e in events)).encode()).hexdigest()
-            key = f"batch-{digest[:40]}"
-        return cls(first.customer_id, first.feature_key, events, key)
-
-    @property
-    def quantity(self) -> float:
-        return round(sum(event.quantity for event in self.events), 6)
-
-
-def form_batches(events: Iterable[UsageEvent]) -> list[Batch]:
-    """Group events by (customer, feature), keeping their order."""
-    groups: dict[tuple[str, str], list[UsageEvent]] = {}
-    for event in events:
-        groups.setdefault((event.customer_id, event.feature_key), []).append(event)
-    return [Batch.of(tuple(group)) for group in groups.values()]
-
-
+Key = tuple[str, str]
 RejectedCallback = Callable[[UsageEvent, str], None]
 
 
@@ -107,10 +59,11 @@ class TrackerStats:
     sent: int = 0  # recorded upstream
     rejected: int = 0  # refused by billing (quota, validation): never retried
     dead_lettered: int = 0  # older than upstream's idempotency window: not resent blindly
-    dropped: int = 0  # queue full, or unsent when the shutdown deadline passed
+    dropped: int = 0  # queue full, or unsent when the shutdown deadline passed without an outbox
+    deferred: int = 0  # unsent at shutdown, kept in the outbox for the next start
+    replayed: int = 0  # found in the outbox at start-up
     duplicates: int = 0  # a trusted request id seen twice: counted once
     retried: int = 0  # track calls retried after a transient failure
-    upstream_calls: int = 0  # track calls made
     coalesced: int = 0  # events that rode in a batch with others
     in_flight: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -121,7 +74,7 @@ class Tracker:
 
     def __init__(
         self,
-        backend: BillingBackend,
+        upstream: Upstream,
         cache: EntitlementCache,
         *,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
@@ -130,28 +83,37 @@ class Tracker:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         on_rejected: RejectedCallback | None = None,
         deduplicate: bool = False,
+        outbox: Outbox | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if flush_interval < 0 or max_queue < 1 or drain_timeout < 0 or max_concurrency < 1:
             raise ValueError(
                 "tracker: need flush_interval >= 0, max_queue >= 1, drain_timeout >= 0 and max_concurrency >= 1"
             )
-        self._backend = backend
+        self._upstream = upstream
         self._cache = cache
         self._flush_interval = flush_interval
         self._max_queue = max_queue
         self._drain_timeout = drain_timeout
         self._max_concurrency = max_concurrency
         self._on_rejected = on_rejected
+        self._outbox = outbox
         self._clock = clock
         # Only trusted (client-supplied) request ids can repeat; remember them for upstream's 24 h.
         self._seen: TTLCache[str, bool] | None = TTLCache(100_000, IDEMPOTENCY_HORIZON) if deduplicate else None
-        self._pending: deque[UsageEvent] = deque()  # waiting for the flush window
-        self._ready: deque[Batch] = deque()  # formed, waiting for a sender
+        self._unwritten: list[UsageEvent] = []  # accepted, on their way into the outbox
+        self._pending: list[UsageEvent] = []  # in the current flush window
+        self._due: dict[Key, list[UsageEvent]] = {}  # window closed, waiting for a sender and a token
+        # From the outbox of a previous run: resent as they were (first attempt time, if any).
+        self._fixed: deque[tuple[Batch, float | None]] = deque()
         self._in_flight: set[Batch] = set()
-        self._queued_events = 0  # in _pending and _ready
+        self._confirmed: list[str] = []  # keys to remove from the outbox
+        self._queued_events = 0  # unwritten, pending, due and fixed
         self._idle: list[anyio.Event] = []  # one per sender waiting for work
         self._window: anyio.Event | None = None  # set when the first event of a window arrives
+        self._disk: anyio.Event | None = None  # set when the outbox writer has work
+        self._writing = False
+        self._senders_done = False
         self._closing_event: anyio.Event | None = None
         self._flushed = False
         self._done: anyio.Event | None = None
@@ -163,6 +125,14 @@ class Tracker:
     @property
     def running(self) -> bool:
         return self._done is not None and self._closing_event is not None and not self._closing_event.is_set()
+
+    @property
+    def outbox(self) -> Outbox | None:
+        return self._outbox
+
+    @property
+    def upstream(self) -> Upstream:
+        return self._upstream
 
     def submit(self, event: UsageEvent) -> bool:
         """Queue ``event`` without waiting; False when no worker runs (the caller sends it itself)."""
@@ -177,19 +147,38 @@ class Tracker:
         if self._queued_events >= self._max_queue:
             self._give_up((event,), "dropped", "queue full")
             return True
-        self._pending.append(event)
         self._queued_events += 1
         self.stats.queued += 1
+        if self._outbox is None:
+            self._enqueue(event)
+        else:  # durable first: it joins the window once its row is written
+            self._unwritten.append(event)
+            self._wake_writer()
+        return True
+
+    def _enqueue(self, event: UsageEvent) -> None:
+        self._pending.append(event)
         if self._window is not None:
             self._window.set()
             self._window = None
-        return True
 
     # -- lifecycle --
 
-    def start(self, task_group: TaskGroup) -> None:
+    async def start(self, task_group: TaskGroup) -> None:
+        """Open the outbox (replaying what it holds) and start the workers in ``task_group``."""
+        if self._outbox is not None:
+            stored = await anyio.to_thread.run_sync(self._outbox.open)
+            if stored:
+                logger.warning("resending %d usage events left unconfirmed in %s", len(stored), self._outbox.path)
+            self._fixed.extend(stored.batches)
+            groups: dict[Key, list[UsageEvent]] = {}
+            for event in stored.events:
+                groups.setdefault((event.customer_id, event.feature_key), []).append(event)
+            self._fixed.extend((Batch.of(tuple(group)), None) for group in groups.values())
+            self._queued_events += len(stored)
+            self.stats.replayed += len(stored)
         self._closing_event = anyio.Event()
-        self._flushed = False
+        self._flushed = self._senders_done = False
         self._done = anyio.Event()
         self._scope = anyio.CancelScope()
         task_group.start_soon(self._work, self._done, self._scope, self._closing_event)
@@ -211,34 +200,107 @@ class Tracker:
             with anyio.CancelScope(shield=True):
                 await done.wait()
         self._done = None
+        if self._outbox is not None:
+            self._outbox.close()
 
     async def _work(self, done: anyio.Event, scope: anyio.CancelScope, closing: anyio.Event) -> None:
         try:
             with scope:
-                async with anyio.create_task_group() as workers:
-                    workers.start_soon(self._flusher, closing)
-                    for _ in range(self._max_concurrency):
-                        workers.start_soon(self._sender)
+                async with anyio.create_task_group() as outer:
+                    if self._outbox is not None:
+                        outer.start_soon(self._writer, closing)
+                    async with anyio.create_task_group() as workers:
+                        workers.start_soon(self._flusher, closing)
+                        for _ in range(self._max_concurrency):
+                            workers.start_soon(self._sender)
+                    self._senders_done = True
+                    self._wake_writer()  # let the writer forget the last confirmed events, and return
         finally:
-            # Whatever the deadline cut off is reported, never silently lost.
-            for batch in list(self._in_flight):
-                self._give_up(batch.events, "dropped", "shutdown deadline passed (outcome unknown)")
-            self._in_flight.clear()
-            while self._ready:
-                self._give_up(self._ready.popleft().events, "dropped", "shutdown deadline passed")
-            if self._pending:
-                self._give_up(tuple(self._pending), "dropped", "shutdown deadline passed")
-                self._pending.clear()
-            self._queued_events = 0
+            self._account_for_cut_off()
             done.set()
+
+    def _account_for_cut_off(self) -> None:
+        """Report what the deadline cut off: kept in the outbox for the next start, or dropped."""
+        unsent = [event for batch in self._in_flight for event in batch.events]
+        unsent += [event for batch, _ in self._fixed for event in batch.events]
+        unsent += [event for group in self._due.values() for event in group]
+        unsent += self._pending
+        self._in_flight.clear()
+        self._fixed.clear()
+        self._due.clear()
+        self._pending.clear()
+        if self._outbox is not None and self._unwritten:
+            try:  # a last write, on the loop: the process is shutting down anyway
+                written = self._outbox.add(self._unwritten)
+            except Exception:
+                logger.exception("could not write %d usage events to the outbox", len(self._unwritten))
+                written = 0
+            unsent += self._unwritten[:written]
+            self._give_up(tuple(self._unwritten[written:]), "dropped", "shutdown deadline passed (outbox full)")
+        elif self._unwritten:
+            unsent += self._unwritten
+        self._unwritten.clear()
+        self._queued_events = 0
+        if self._outbox is not None:
+            self.stats.deferred += len(unsent)
+            if unsent:
+                logger.warning("%d usage events stay in %s for the next start", len(unsent), self._outbox.path)
+        else:
+            self._give_up(tuple(unsent), "dropped", "shutdown deadline passed")
+
+    async def _writer(self, closing: anyio.Event) -> None:
+        """Write accepted events to the outbox (then queue them) and forget confirmed ones, in batches."""
+        outbox = self._outbox
+        assert outbox is not None  # noqa: S101 - only started with an outbox
+        while True:
+            if self._unwritten or self._confirmed:
+                events, self._unwritten = self._unwritten, []
+                confirmed, self._confirmed = self._confirmed, []
+                self._writing = True
+                try:
+                    await self._persist(outbox, events)
+                    if confirmed:
+                        await anyio.to_thread.run_sync(outbox.remove, confirmed)
+                except Exception:
+                    logger.exception("the usage outbox %s failed to forget confirmed events", outbox.path)
+                finally:
+                    self._writing = False
+                continue
+            if self._senders_done:
+                return
+            self._disk = anyio.Event()
+            await self._disk.wait()
+
+    async def _persist(self, outbox: Outbox, events: list[UsageEvent]) -> None:
+        if not events:
+            return
+        try:
+            written = await anyio.to_thread.run_sync(outbox.add, events)
+        except Exception:
+            logger.exception("could not write %d usage events to the outbox; queued in memory only", len(events))
+            self.stats.reasons["not durable: outbox write failed"] = self.stats.reasons.get(
+                "not durable: outbox write failed", 0
+            ) + len(events)
+            written = len(events)
+        for event in events[:written]:
+            self._enqueue(event)
+        if written < len(events):
+            self._queued_events -= len(events) - written
+            self._give_up(tuple(events[written:]), "dropped", "outbox full")
+
+    def _wake_writer(self) -> None:
+        if self._disk is not None:
+            self._disk.set()
+            self._disk = None
 
     async def _flusher(self, closing: anyio.Event) -> None:
         while True:
             if not self._pending:
-                if closing.is_set():
+                if closing.is_set() and not self._unwritten and not self._writing:
                     break
                 self._window = anyio.Event()
-                await self._window.wait()
+                with anyio.move_on_after(0.05 if closing.is_set() else None):  # closing: the writer may add more
+                    await self._window.wait()
                 continue
             if not closing.is_set():
                 with anyio.move_on_after(self._flush_interval):
@@ -248,11 +310,10 @@ class Tracker:
         self._wake_senders()
 
     def _flush(self) -> None:
-        events = tuple(self._pending)
-        self._pending.clear()
-        batches = form_batches(events)
-        self.stats.coalesced += len(events) - len(batches)
-        self._ready.extend(batches)
+        """Close the window: its events join the groups waiting for a sender (merging with them)."""
+        for event in self._pending:
+            self._due.setdefault((event.customer_id, event.feature_key), []).append(event)
+        self._pending = []
         self._wake_senders()
 
     def _wake_senders(self) -> None:
@@ -261,77 +322,113 @@ class Tracker:
 
     async def _sender(self) -> None:
         while True:
-            if self._ready:
-                batch = self._ready.popleft()
-                self._queued_events -= len(batch.events)
-                self._in_flight.add(batch)
-                await self._deliver(batch, retry=True)
-                self._in_flight.discard(batch)  # not on cancellation: _work reports what was cut off
+            if not (self._fixed or self._due):
+                if self._flushed:
+                    return
+                wakeup = anyio.Event()
+                self._idle.append(wakeup)
+                await wakeup.wait()
                 continue
-            if self._flushed:
-                return
-            wakeup = anyio.Event()
-            self._idle.append(wakeup)
-            await wakeup.wait()
+            await self._upstream.ready_to_track()  # meanwhile, the groups keep growing
+            counted = False  # a replayed event's units are not in this process's cache figures
+            if self._fixed:
+                batch, stamped = self._fixed.popleft()
+            elif self._due:
+                events = self._due.pop(next(iter(self._due)))
+                batch, stamped, counted = Batch.of(tuple(events)), None, True
+                self.stats.coalesced += len(events) - 1 if len(events) > 1 else 0
+            else:  # another sender took the work
+                self._upstream.unused_token()
+                continue
+            self._queued_events -= len(batch.events)
+            self._in_flight.add(batch)
+            first_attempt = self._clock() if stamped is None else stamped
+            await self._deliver(batch, first_attempt, counted=counted, fix=stamped is None, background=True)
+            self._in_flight.discard(batch)  # not on cancellation: _work reports what was cut off
 
     # -- delivery --
 
     async def send(self, event: UsageEvent) -> None:
         """Deliver one event now, one attempt (the backend's own retries aside): for apps without a lifespan."""
-        await self._deliver(Batch.of((event,)), retry=False)
+        await self._deliver(Batch.of((event,)), self._clock(), counted=True, fix=False, background=False)
 
-    async def _deliver(self, batch: Batch, *, retry: bool) -> None:
-        """Record ``batch`` upstream; outcomes are counted and fed back into the cache, never raised."""
+    async def _deliver(self, batch: Batch, first_attempt: float, *, counted: bool, fix: bool, background: bool) -> None:
+        """Record ``batch`` upstream; outcomes are counted and fed back into the cache, never raised.
+
+        ``counted``: its units are in the cache's unconfirmed figures (not for a replay).
+        ``fix``: stamp the batch in the outbox before its first attempt. ``background``: the
+        budget token for the first attempt is taken, and transient failures are retried.
+        """
+        if fix and self._outbox is not None:
+            try:
+                await anyio.to_thread.run_sync(self._outbox.fix, batch, first_attempt)
+            except Exception:
+                logger.exception("could not stamp batch %s in the outbox", batch.idempotency_key)
         attempt = 0
-        first_attempt = self._clock()
+        n = len(batch.events)
         while True:
             if self._clock() - first_attempt > IDEMPOTENCY_HORIZON:
                 self._give_up(batch.events, "dead_lettered", "first attempted more than 24 h ago: not resent blindly")
                 return
-            self.stats.in_flight += len(batch.events)
-            self.stats.upstream_calls += 1
-            metadata = batch.events[0].metadata if len(batch.events) == 1 else None
+            self.stats.in_flight += n
             try:
-                result = await self._backend.track_usage(
-                    batch.customer_id, batch.feature_key, batch.quantity, batch.idempotency_key, metadata
+                result = await self._upstream.track_usage(
+                    batch.customer_id,
+                    batch.feature_key,
+                    batch.quantity,
+                    batch.idempotency_key,
+                    batch.metadata,
+                    paid=background,
                 )
             except Exception as exc:
                 error = exc
             else:
-                self.stats.sent += len(batch.events)
-                self._cache.confirm(batch.customer_id, batch.feature_key, batch.quantity, result)
+                self.stats.sent += n
+                self._cache.confirm(batch.customer_id, batch.feature_key, batch.quantity if counted else 0.0, result)
+                self._forget(batch.events)
                 return
             finally:
-                self.stats.in_flight -= len(batch.events)
-            if not isinstance(error, BillingOSError) or isinstance(error, _TRANSIENT):
-                if not retry:
-                    self._give_up(batch.events, "dropped", f"billing unreachable ({type(error).__name__})", error)
-                    return
-                delay = min(RETRY_MAX, random.uniform(0, RETRY_BASE * 2**attempt))
-                if isinstance(error, BillingOSError) and error.retry_after is not None:
-                    delay = max(delay, error.retry_after)
-                self.stats.retried += 1
-                self._log(
-                    logging.WARNING, "track of %d events failed (%r); retry in %.1fs", len(batch.events), error, delay
-                )
-                attempt += 1
-                await anyio.sleep(delay)
-                continue
-            if len(batch.events) > 1:
-                # A definitive refusal recorded nothing: send the events one by one, so the valid ones count.
-                for event in batch.events:
-                    await self._deliver(Batch.of((event,)), retry=retry)
+                self.stats.in_flight -= n
+            if isinstance(error, _PERMANENT):
+                break
+            if not background:
+                self._give_up(batch.events, "dropped", f"billing unreachable ({type(error).__name__})", error)
                 return
-            reason = "quota_exceeded" if isinstance(error, QuotaExceededError) else error.message
-            self._give_up(batch.events, "rejected", reason, error)
+            delay = min(RETRY_MAX, random.uniform(0, RETRY_BASE * 2**attempt))
+            retry_after = getattr(error, "retry_after", None)
+            if retry_after is not None:
+                delay = max(delay, min(retry_after, RETRY_MAX))
+            self.stats.retried += 1
+            self._log(logging.WARNING, "track of %d events failed (%r); retry in %.1fs", n, error, delay)
+            attempt += 1
+            await anyio.sleep(delay)
+            await self._upstream.ready_to_track()
+        if isinstance(error, QuotaExceededError) and n > 1:
+            # Nothing was recorded: halve until what fits is recorded and the rest is refused.
+            half = n // 2
+            for part in (batch.events[:half], batch.events[half:]):
+                if background:
+                    await self._upstream.ready_to_track()
+                sub = Batch.of(part)
+                await self._deliver(sub, self._clock(), counted=counted, fix=True, background=background)
             return
+        reason = "quota_exceeded" if isinstance(error, QuotaExceededError) else str(error)
+        self._give_up(batch.events, "rejected", reason, error)
 
     # -- reporting --
+
+    def _forget(self, events: tuple[UsageEvent, ...]) -> None:
+        """Done with ``events`` for good: their outbox rows can go."""
+        if self._outbox is not None:
+            self._confirmed.extend(event.idempotency_key for event in events)
+            self._wake_writer()
 
     def _give_up(
         self, events: tuple[UsageEvent, ...], outcome: str, reason: str, error: Exception | None = None
     ) -> None:
         """Count, log and report events that will not be recorded; stop counting their units locally."""
+        if outcome != "dropped":  # dropped events never reached the outbox
+            self._forget(events)
         for event in events:
             self._cache.reject(event.customer_id, event.feature_key, event.quantity, error)
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)

@@ -12,7 +12,9 @@ import pytest
 
 from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEvent
 from billingos_asgi.cache import EntitlementCache
-from billingos_asgi.tracker import Batch, Tracker, form_batches
+from billingos_asgi.events import Batch
+from billingos_asgi.tracker import Tracker
+from billingos_asgi.upstream import Upstream
 
 PLANS: dict[str, Any] = {
     "features": {"api_calls": {"type": "usage_quota"}, "tokens": {"type": "usage_quota"}},
@@ -58,9 +60,15 @@ async def billing(tmp_path: Path) -> AsyncIterator[LocalBilling]:
         yield billing
 
 
+def tracker_for(backend: Any, **kwargs: Any) -> Tracker:
+    """A tracker and a cache sharing one (unbudgeted) upstream, as the middleware builds them."""
+    upstream = Upstream(backend)
+    return Tracker(upstream, EntitlementCache(upstream), **kwargs)
+
+
 async def run_tracker(tracker: Tracker, events: list[UsageEvent]) -> None:
     async with anyio.create_task_group() as tg:
-        tracker.start(tg)
+        await tracker.start(tg)
         for item in events:
             assert tracker.submit(item)
         await tracker.stop()
@@ -71,30 +79,23 @@ def test_batch_keys_are_deterministic_and_single_events_keep_theirs() -> None:
     assert Batch.of((a,)).idempotency_key == "k-a"
     assert Batch.of((a, b, c)).idempotency_key == Batch.of((c, a, b)).idempotency_key
     assert Batch.of((a, b)).idempotency_key != Batch.of((a, c)).idempotency_key
-    batches = form_batches([a, event("x", customer="c1"), b, event("y", feature="tokens")])
-    assert [(x.customer_id, x.feature_key, len(x.events)) for x in batches] == [
-        ("c0", "api_calls", 2),
-        ("c1", "api_calls", 1),
-        ("c0", "tokens", 1),
-    ]
     assert Batch.of((event("f1", quantity=0.1), event("f2", quantity=0.2))).quantity == 0.3
 
 
 async def test_events_of_one_window_go_up_as_one_call_per_customer_and_feature(billing: LocalBilling) -> None:
-    tracker = Tracker(billing, EntitlementCache(billing), flush_interval=0.2)
+    tracker = tracker_for(billing, flush_interval=0.2)
     events = [event(f"k{i}", customer=f"c{i % 3}", quantity=0.5) for i in range(30)]
     await run_tracker(tracker, events)
     stats = tracker.stats
-    assert (stats.queued, stats.sent, stats.upstream_calls, stats.coalesced) == (30, 30, 3, 27)
+    assert (stats.queued, stats.sent, tracker.upstream.tracks, stats.coalesced) == (30, 30, 3, 27)
     for customer in ("c0", "c1", "c2"):
         assert await billing.recorded_units(customer, "api_calls") == 5
 
 
 async def test_a_batch_refused_for_quota_is_split_so_what_fits_is_recorded(billing: LocalBilling) -> None:
     rejected: list[tuple[str, str]] = []
-    tracker = Tracker(
+    tracker = tracker_for(
         billing,
-        EntitlementCache(billing),
         flush_interval=0.2,
         on_rejected=lambda e, r: rejected.append((e.idempotency_key, r)),
     )
@@ -106,11 +107,11 @@ async def test_a_batch_refused_for_quota_is_split_so_what_fits_is_recorded(billi
 
 async def test_a_retry_after_an_unknown_outcome_reuses_the_key_and_counts_once(billing: LocalBilling) -> None:
     flaky = FlakyAfterForwarding(billing, failures=2)
-    tracker = Tracker(flaky, EntitlementCache(billing), flush_interval=0.05)  # type: ignore[arg-type]
+    tracker = tracker_for(flaky, flush_interval=0.05)
     await run_tracker(tracker, [event(f"k{i}", quantity=2) for i in range(3)])
     assert await billing.recorded_units("c0", "api_calls") == 6
     assert len(flaky.keys) == 3 and len(set(flaky.keys)) == 1  # one batch, one key, three attempts
-    assert (tracker.stats.sent, tracker.stats.retried, tracker.stats.upstream_calls) == (3, 2, 3)
+    assert (tracker.stats.sent, tracker.stats.retried, tracker.upstream.tracks) == (3, 2, 3)
 
 
 class Unreachable:
@@ -129,9 +130,8 @@ async def test_a_batch_still_failing_a_day_after_its_first_attempt_is_dead_lette
     start = time.time()
     readings = iter([start, start, start + 25 * 3600])
     backend = Unreachable()
-    tracker = Tracker(
-        backend,  # type: ignore[arg-type]
-        EntitlementCache(billing),
+    tracker = tracker_for(
+        backend,
         flush_interval=0,
         on_rejected=lambda e, r: rejected.append(r),
         clock=lambda: next(readings),
@@ -143,21 +143,21 @@ async def test_a_batch_still_failing_a_day_after_its_first_attempt_is_dead_lette
 
 async def test_a_full_queue_drops_and_counts(billing: LocalBilling) -> None:
     rejected: list[str] = []
-    tracker = Tracker(billing, EntitlementCache(billing), max_queue=3, on_rejected=lambda e, r: rejected.append(r))
+    tracker = tracker_for(billing, max_queue=3, on_rejected=lambda e, r: rejected.append(r))
     await run_tracker(tracker, [event(f"k{i}") for i in range(5)])
     assert (tracker.stats.queued, tracker.stats.sent, tracker.stats.dropped) == (3, 3, 2)
     assert rejected == ["queue full", "queue full"]
 
 
 async def test_trusted_duplicate_keys_count_once(billing: LocalBilling) -> None:
-    tracker = Tracker(billing, EntitlementCache(billing), flush_interval=0.05, deduplicate=True)
+    tracker = tracker_for(billing, flush_interval=0.05, deduplicate=True)
     await run_tracker(tracker, [event("same"), event("same"), event("other")])
     assert (tracker.stats.sent, tracker.stats.duplicates) == (2, 1)
     assert await billing.recorded_units("c0", "api_calls") == 2
 
 
 async def test_submit_without_a_worker_asks_the_caller_to_send(billing: LocalBilling) -> None:
-    tracker = Tracker(billing, EntitlementCache(billing))
+    tracker = tracker_for(billing)
     assert tracker.submit(event("k")) is False
     await tracker.send(event("k"))
     assert tracker.stats.sent == 1 and await billing.recorded_units("c0", "api_calls") == 1
@@ -168,4 +168,4 @@ async def test_submit_without_a_worker_asks_the_caller_to_send(billing: LocalBil
 )
 async def test_bad_settings_are_refused(billing: LocalBilling, kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="tracker: need"):
-        Tracker(billing, EntitlementCache(billing), **kwargs)  # type: ignore[arg-type]
+        tracker_for(billing, **kwargs)

@@ -52,7 +52,7 @@ async def test_websocket_scope_passes_through_untouched(billing: LocalBilling) -
     assert [m["type"] for m in got] == ["websocket.accept"] + ["websocket.send"] * 3
     assert [m.get("text") for m in got[1:]] == ["echo:a", "echo:b", "echo:c"]
     assert resolved == []
-    assert middleware.cache.upstream_checks == 0
+    assert middleware.upstream.checks == 0
     assert await billing.recorded_units("user_free", "api_calls") == 0
 
 

@@ -122,7 +122,7 @@ async def test_concurrent_requests_over_the_network_local_server(local_server: R
         async with serve(middleware) as client:
             statuses = await concurrent_statuses(client, "user_free", 100)
     assert (statuses.count(200), statuses.count(429)) == (10, 90)
-    assert middleware.cache.upstream_checks == 1
+    assert middleware.upstream.checks == 1
     assert await local_server.billing.recorded_units("user_free", "api_calls") == 10
 
 
@@ -134,7 +134,7 @@ async def test_concurrent_37_over_the_network(server37: RunningServer) -> None:
         async with serve(middleware) as client:
             statuses = await concurrent_statuses(client, "user_37", 100)
     assert (statuses.count(200), statuses.count(429), len(statuses)) == (37, 63, 100)
-    assert middleware.cache.upstream_checks == 1
+    assert middleware.upstream.checks == 1
     assert (middleware.tracker.stats.sent, middleware.tracker.stats.rejected) == (37, 0)
     assert await server37.billing.recorded_units("user_37", "api_calls") == 37
 

@@ -193,7 +193,7 @@ async def test_single_flight_cold_requests_check_upstream_once(billing: LocalBil
             for _ in range(200):
                 tg.start_soon(one)
     assert statuses == [200] * 200
-    assert middleware.cache.upstream_checks == 1
+    assert middleware.upstream.checks == 1
     assert await billing.recorded_units("user_pro", "api_calls") == 200
 
 

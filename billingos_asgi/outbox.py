@@ -1,0 +1,147 @@
+"""The durable outbox: usage events on disk from the moment they are queued until billing confirms them.
+
+One SQLite file in WAL mode, owned by one process at a time (an exclusive lock: a second
+process opening it gets a clear error instead of sending the same events twice). An event's
+row is written before the event joins the delivery queue and deleted once upstream has recorded
+(or definitively refused) it. Before a batch's first attempt its rows are stamped with the
+batch's key and the attempt time, so that after a crash the same events are resent as the same
+batch under the same key, and upstream's 24 h idempotency keeps them counted once.
+
+All methods block on disk: the tracker calls them from a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .events import Batch, UsageEvent
+
+__all__ = ["Outbox", "OutboxError", "Stored"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    idempotency_key TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL,
+    feature_key TEXT NOT NULL,
+    quantity TEXT NOT NULL,
+    metadata TEXT,
+    batch_key TEXT,
+    first_attempt REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outbox_batch ON outbox (batch_key);
+"""
+
+
+class OutboxError(RuntimeError):
+    """The outbox file cannot be used (locked by another process, not an outbox, unwritable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What a previous run left: fixed batches (attempted before; resent as they were) and fresh events."""
+
+    batches: list[tuple[Batch, float]]  # with the time of their first attempt
+    events: list[UsageEvent]
+
+    def __len__(self) -> int:
+        return sum(len(batch.events) for batch, _ in self.batches) + len(self.events)
+
+
+class Outbox:
+    """Unconfirmed usage events in a SQLite file, bounded to ``max_events`` rows."""
+
+    def __init__(self, path: str | Path, *, max_events: int) -> None:
+        if max_events < 1:
+            raise ValueError(f"outbox: max_events must be >= 1, got {max_events!r}")
+        self.path = Path(path)
+        self.max_events = max_events
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self.size = 0
+
+    def open(self) -> Stored:
+        """Lock the file for this process and read what a previous run left unconfirmed."""
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; WAL keeps it consistent
+            db.executescript(_SCHEMA)
+            db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at the first write
+            db.execute("COMMIT")
+            rows = db.execute(
+                "SELECT idempotency_key, customer_id, feature_key, quantity, metadata, batch_key, first_attempt"
+                " FROM outbox ORDER BY first_attempt IS NULL, batch_key"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot use {self.path} as the usage outbox: {exc}") from exc
+        self._db = db
+        self.size = len(rows)
+        groups: dict[str, list[UsageEvent]] = {}
+        attempted: dict[str, float] = {}
+        fresh: list[UsageEvent] = []
+        for key, customer, feature, quantity, metadata, batch_key, first_attempt in rows:
+            event = UsageEvent(customer, feature, float(quantity), key, json.loads(metadata) if metadata else None)
+            if batch_key is None:
+                fresh.append(event)
+            else:
+                groups.setdefault(batch_key, []).append(event)
+                attempted[batch_key] = first_attempt
+        batches = [(Batch(e[0].customer_id, e[0].feature_key, tuple(e), k), attempted[k]) for k, e in groups.items()]
+        return Stored(batches, fresh)
+
+    def add(self, events: Sequence[UsageEvent]) -> int:
+        """Write ``events`` (in one transaction); returns how many fitted under ``max_events``."""
+        room = max(0, self.max_events - self.size)
+        rows = [
+            (
+                e.idempotency_key,
+                e.customer_id,
+                e.feature_key,
+                repr(e.quantity),
+                None if e.metadata is None else json.dumps(e.metadata),
+            )
+            for e in events[:room]
+        ]
+        self.size += self._write(
+            "INSERT OR IGNORE INTO outbox (idempotency_key, customer_id, feature_key, quantity, metadata)"
+            " VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        return len(rows)
+
+    def fix(self, batch: Batch, first_attempt: float) -> None:
+        """Stamp ``batch`` on its events before its first attempt: a replay resends it unchanged."""
+        self._write(
+            "UPDATE outbox SET batch_key = ?, first_attempt = ? WHERE idempotency_key = ?",
+            [(batch.idempotency_key, first_attempt, e.idempotency_key) for e in batch.events],
+        )
+
+    def remove(self, keys: Iterable[str]) -> None:
+        """Forget confirmed (or definitively refused) events."""
+        self.size -= self._write("DELETE FROM outbox WHERE idempotency_key = ?", [(k,) for k in keys])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _write(self, sql: str, rows: Sequence[tuple[object, ...]]) -> int:
+        """Run ``sql`` for every row in one transaction; the number of rows changed."""
+        with self._lock:
+            if self._db is None:
+                raise OutboxError(f"the outbox {self.path} is not open")
+            self._db.execute("BEGIN")
+            try:
+                changed = self._db.executemany(sql, rows).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return changed

@@ -1,0 +1,247 @@
+"""The one door to the billing service: a call budget and a circuit breaker, shared by checks and tracks.
+
+The hosted API allows about 100 calls a minute in all, so every check and track of a process
+draws from one token bucket (:class:`Budget`); a 429's ``Retry-After`` empties it for that
+long. Tracks wait for a token while their events keep coalescing; checks, which a request may
+be waiting on, get a reserve of the bucket that tracks leave alone, and wait only briefly.
+After repeated failures the :class:`CircuitBreaker` stops calls for a cool-down, so requests are
+decided from the cache at once instead of waiting on timeouts, and one probe call tests the
+water before traffic resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal, TypeVar
+
+import anyio
+
+from ._exceptions import (
+    AuthenticationError,
+    BillingOSError,
+    BudgetExhaustedError,
+    CircuitOpenError,
+    InvalidResponseError,
+    NetworkError,
+    RateLimitError,
+    ServerError,
+)
+from ._models import Entitlement, TrackUsageResult
+from .backend import BillingBackend
+
+__all__ = ["Budget", "CircuitBreaker", "Upstream"]
+
+T = TypeVar("T")
+BreakerState = Literal["closed", "open", "half_open"]
+
+#: Within the hosted limit: with a burst of 10, no 60 s window ever holds more than 100 calls.
+DEFAULT_CALLS_PER_MINUTE = 90.0
+DEFAULT_BURST = 10
+#: How long a request waits for a budget token before billing counts as unavailable for it.
+CHECK_WAIT = 1.0
+DEFAULT_FAILURE_THRESHOLD = 5
+DEFAULT_COOLDOWN = 15.0
+#: Failures that say upstream is unwell (a 429 only says "slower": it pauses the budget instead).
+_UNWELL = (NetworkError, ServerError, InvalidResponseError, AuthenticationError)
+
+
+class Budget:
+    """A token bucket of upstream calls: ``calls_per_minute`` sustained, ``burst`` at once."""
+
+    def __init__(
+        self,
+        calls_per_minute: float = DEFAULT_CALLS_PER_MINUTE,
+        burst: int = DEFAULT_BURST,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not calls_per_minute > 0 or burst < 1:
+            raise ValueError(f"budget: need calls_per_minute > 0 and burst >= 1, got {calls_per_minute!r}, {burst!r}")
+        self.calls_per_minute = calls_per_minute
+        self.burst = burst
+        self._rate = calls_per_minute / 60.0
+        self._clock = clock
+        self._tokens = float(burst)
+        self._updated = clock()
+        self._paused_until = 0.0
+
+    def _refill(self) -> float:
+        now = self._clock()
+        if now < self._paused_until:
+            self._updated = now
+            return now
+        start = max(self._updated, self._paused_until)
+        self._tokens = min(float(self.burst), self._tokens + (now - start) * self._rate)
+        self._updated = now
+        return now
+
+    @property
+    def tokens(self) -> float:
+        self._refill()
+        return self._tokens
+
+    def try_take(self, reserve: float = 0.0) -> bool:
+        """Take a token if one is there beyond ``reserve`` (kept for callers with priority)."""
+        self._refill()
+        if self._tokens - reserve >= 1.0 and self._clock() >= self._paused_until:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def give_back(self) -> None:
+        self._tokens = min(float(self.burst), self._tokens + 1.0)
+
+    def wait_time(self, reserve: float = 0.0) -> float:
+        """Seconds until :meth:`try_take` can succeed."""
+        now = self._refill()
+        missing = max(0.0, 1.0 + reserve - self._tokens)
+        return max(0.0, self._paused_until - now) + missing / self._rate
+
+    async def take(self, *, reserve: float = 0.0, wait: float | None = None) -> bool:
+        """Wait for a token (up to ``wait`` seconds); False when that would not be enough."""
+        deadline = None if wait is None else self._clock() + wait
+        while not self.try_take(reserve):
+            delay = self.wait_time(reserve)
+            if deadline is not None and self._clock() + delay > deadline:
+                return False
+            await anyio.sleep(max(delay, 0.001))
+        return True
+
+    def pause(self, seconds: float) -> None:
+        """Upstream said 429: no call for ``seconds``, and the bucket starts empty after."""
+        self._refill()
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+        self._tokens = 0.0
+
+
+class CircuitBreaker:
+    """Closed, then open for ``cooldown`` seconds after ``threshold`` failures in a row, then one probe."""
+
+    def __init__(
+        self,
+        threshold: int = DEFAULT_FAILURE_THRESHOLD,
+        cooldown: float = DEFAULT_COOLDOWN,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if threshold < 1 or not cooldown > 0:
+            raise ValueError(f"breaker: need threshold >= 1 and cooldown > 0, got {threshold!r}, {cooldown!r}")
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._clock = clock
+        self.state: BreakerState = "closed"
+        self.failures = 0  # in a row
+        self.opened = 0  # times it opened
+        self._since = 0.0  # when it opened, or when the probe started
+
+    def allow(self) -> bool:
+        """May a call go now? In the half-open state, only one probe at a time."""
+        if self.state == "closed":
+            return True
+        if self._clock() - self._since < self.cooldown:
+            return False
+        self.state, self._since = "half_open", self._clock()  # a probe (or a new one, if the last vanished)
+        return True
+
+    def retry_after(self) -> float:
+        """Seconds until a call may go."""
+        if self.state == "closed":
+            return 0.0
+        return max(0.0, self._since + self.cooldown - self._clock())
+
+    def succeeded(self) -> None:
+        self.state, self.failures = "closed", 0
+
+    def failed(self) -> None:
+        self.failures += 1
+        if self.state == "half_open" or (self.state == "closed" and self.failures >= self.threshold):
+            self.state, self._since = "open", self._clock()
+            self.opened += 1
+
+
+class Upstream:
+    """Every call this process makes to billing: budgeted, guarded by the breaker, counted."""
+
+    def __init__(
+        self,
+        backend: BillingBackend,
+        *,
+        budget: Budget | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.backend = backend
+        self.budget = budget
+        self.breaker = breaker or CircuitBreaker()
+        self.checks = 0
+        self.tracks = 0
+        self.throttled = 0  # 429s seen
+        self.refused_by_budget = 0  # checks not made: no token in time
+
+    @property
+    def track_reserve(self) -> float:
+        """Tokens tracks leave for checks: half the burst."""
+        return 0.0 if self.budget is None else self.budget.burst / 2
+
+    async def ready_to_track(self) -> None:
+        """Wait until the breaker lets a track go and the budget has a token for it (taken)."""
+        while not self.breaker.allow():  # noqa: ASYNC110 - the breaker is a clock, not an event
+            await anyio.sleep(max(self.breaker.retry_after(), 0.01))
+        if self.budget is not None:
+            await self.budget.take(reserve=self.track_reserve)
+
+    def unused_token(self) -> None:
+        """A token taken by :meth:`ready_to_track` for work that vanished meanwhile."""
+        if self.budget is not None:
+            self.budget.give_back()
+
+    async def check_entitlement(self, customer_id: str, feature_key: str, *, wait: float) -> Entitlement:
+        """A check, when the breaker and the budget allow within ``wait`` seconds; else an error at once."""
+        await self._admit(wait)
+        self.checks += 1
+        return await self._guarded(self.backend.check_entitlement(customer_id, feature_key))
+
+    async def track_usage(
+        self,
+        customer_id: str,
+        feature_key: str,
+        quantity: float,
+        idempotency_key: str,
+        metadata: Mapping[str, Any] | None,
+        *,
+        paid: bool,
+    ) -> TrackUsageResult:
+        """A track; ``paid`` when :meth:`ready_to_track` already took its token."""
+        if not paid:
+            await self._admit(CHECK_WAIT)
+        self.tracks += 1
+        return await self._guarded(
+            self.backend.track_usage(customer_id, feature_key, quantity, idempotency_key, metadata)
+        )
+
+    async def _admit(self, wait: float) -> None:
+        if not self.breaker.allow():
+            raise CircuitOpenError(
+                "billing calls are paused after repeated failures", retry_after=self.breaker.retry_after()
+            )
+        if self.budget is not None and not await self.budget.take(wait=wait):
+            self.refused_by_budget += 1
+            raise BudgetExhaustedError(
+                "the upstream call budget is used up for now", retry_after=self.budget.wait_time()
+            )
+
+    async def _guarded(self, call: Awaitable[T]) -> T:
+        try:
+            result = await call
+        except BaseException as exc:
+            if isinstance(exc, RateLimitError):
+                self.throttled += 1
+                if self.budget is not None:
+                    self.budget.pause(exc.retry_after if exc.retry_after is not None else 1.0)
+            elif isinstance(exc, _UNWELL) or (isinstance(exc, Exception) and not isinstance(exc, BillingOSError)):
+                self.breaker.failed()
+            elif isinstance(exc, BillingOSError):
+                self.breaker.succeeded()  # a definite answer: upstream is up
+            raise
+        self.breaker.succeeded()
+        return result
