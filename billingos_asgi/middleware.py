@@ -34,6 +34,7 @@ from .cache import (
 from .context import UsageContext, _current
 from .customers import CustomerResolver
 from .events import UsageEvent
+from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
 from .responses import Denial, ProblemFactory, problem_response, quota_headers
 from .routes import Metered, RouteTable
@@ -96,7 +97,8 @@ class BillingMiddleware:
     ``flush_interval`` and sent within ``calls_per_minute`` (a token bucket shared with the
     checks; None lifts it); after ``breaker_threshold`` failures in a row, upstream is left alone
     for ``breaker_cooldown`` seconds. ``outbox`` (a SQLite file path) keeps events on disk until
-    upstream confirms them, and resends what a crash left at the next start.
+    upstream confirms them, and resends what a crash left at the next start. ``metrics_path``
+    serves the counters to Prometheus (protect it as you would any internal endpoint).
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class BillingMiddleware:
         call_burst: int = DEFAULT_BURST,
         breaker_threshold: int = DEFAULT_FAILURE_THRESHOLD,
         breaker_cooldown: float = DEFAULT_COOLDOWN,
+        metrics_path: str | None = None,
     ) -> None:
         if on_error not in ("allow", "deny"):
             raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
@@ -163,6 +166,7 @@ class BillingMiddleware:
         self._trust_request_id = trust_request_id
         self._problem_factory = problem_factory
         self._upgrade_url = upgrade_url
+        self._metrics_path = metrics_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,11 +179,22 @@ class BillingMiddleware:
         root_path = scope.get("root_path")
         if root_path and path.startswith(root_path):  # route on what the app routes on, as Starlette does
             path = path[len(root_path) :]
+        if path == self._metrics_path:
+            await serve_prometheus(self, scope, receive, send)
+            return
         metered = self.routes.match(scope["method"], path)
         if metered is None:
             await self.app(scope, receive, send)
             return
         await self._metered(scope, receive, send, metered)
+
+    def metrics(self) -> dict[str, float | str]:
+        """Delivery counters and gauges by name (events by outcome, upstream calls, breaker state...)."""
+        return metrics_snapshot(self)
+
+    def prometheus(self) -> str:
+        """The same, in the Prometheus text format (also served at ``metrics_path`` when set)."""
+        return prometheus_text(self)
 
     # -- the decision table --
 

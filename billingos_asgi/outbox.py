@@ -66,6 +66,7 @@ class Outbox:
 
     def open(self) -> Stored:
         """Lock the file for this process and read what a previous run left unconfirmed."""
+        db = None
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
@@ -79,7 +80,10 @@ class Outbox:
                 " FROM outbox ORDER BY first_attempt IS NULL, batch_key"
             ).fetchall()
         except sqlite3.Error as exc:
-            raise OutboxError(f"cannot use {self.path} as the usage outbox: {exc}") from exc
+            if db is not None:
+                db.close()
+            hint = " (another process has it open?)" if "locked" in str(exc) else ""
+            raise OutboxError(f"cannot use {self.path} as the usage outbox: {exc}{hint}") from exc
         self._db = db
         self.size = len(rows)
         groups: dict[str, list[UsageEvent]] = {}

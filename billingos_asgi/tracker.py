@@ -131,6 +131,11 @@ class Tracker:
         return self._outbox
 
     @property
+    def backlog(self) -> int:
+        """Events accepted and not yet in a track call."""
+        return self._queued_events
+
+    @property
     def upstream(self) -> Upstream:
         return self._upstream
 

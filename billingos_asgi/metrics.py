@@ -1,0 +1,101 @@
+"""The middleware's counters, as a flat dict for Python and as Prometheus text for scrapers.
+
+Read on demand from the objects that keep them (tracker, upstream door, cache, outbox):
+nothing is added to the request path to collect them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from .middleware import BillingMiddleware
+
+__all__ = ["metrics_snapshot", "prometheus_text", "serve_prometheus"]
+
+_EVENT_OUTCOMES = (
+    "queued",
+    "sent",
+    "rejected",
+    "dead_lettered",
+    "dropped",
+    "deferred",
+    "replayed",
+    "duplicates",
+    "coalesced",
+)
+_BREAKER_STATES = ("closed", "open", "half_open")
+
+
+def metrics_snapshot(middleware: BillingMiddleware) -> dict[str, float | str]:
+    """Every counter and gauge, by name: events by outcome, calls by kind, backlog, breaker state."""
+    stats = middleware.tracker.stats
+    upstream = middleware.upstream
+    outbox = middleware.tracker.outbox
+    snapshot: dict[str, float | str] = {f"events_{name}": getattr(stats, name) for name in _EVENT_OUTCOMES}
+    snapshot.update(
+        events_backlog=middleware.tracker.backlog,
+        events_in_flight=stats.in_flight,
+        track_calls=upstream.tracks,
+        check_calls=upstream.checks,
+        track_retries=stats.retried,
+        throttled=upstream.throttled,
+        checks_refused_by_budget=upstream.refused_by_budget,
+        breaker_state=upstream.breaker.state,
+        breaker_opened=upstream.breaker.opened,
+        cache_entries=len(middleware.cache),
+        outbox_events=0 if outbox is None else outbox.size,
+    )
+    return snapshot
+
+
+def prometheus_text(middleware: BillingMiddleware) -> str:
+    """The counters in the Prometheus text exposition format (version 0.0.4)."""
+    m = metrics_snapshot(middleware)
+    lines = [
+        "# HELP billingos_usage_events_total Usage events by outcome since start-up.",
+        "# TYPE billingos_usage_events_total counter",
+        *(f'billingos_usage_events_total{{outcome="{name}"}} {m["events_" + name]}' for name in _EVENT_OUTCOMES),
+        "# HELP billingos_usage_events_backlog Usage events queued and not yet sent.",
+        "# TYPE billingos_usage_events_backlog gauge",
+        f"billingos_usage_events_backlog {m['events_backlog']}",
+        "# HELP billingos_usage_events_in_flight Usage events in a track call right now.",
+        "# TYPE billingos_usage_events_in_flight gauge",
+        f"billingos_usage_events_in_flight {m['events_in_flight']}",
+        "# HELP billingos_upstream_calls_total Calls made to the billing service.",
+        "# TYPE billingos_upstream_calls_total counter",
+        f'billingos_upstream_calls_total{{call="check"}} {m["check_calls"]}',
+        f'billingos_upstream_calls_total{{call="track"}} {m["track_calls"]}',
+        "# HELP billingos_track_retries_total Track calls retried after a transient failure.",
+        "# TYPE billingos_track_retries_total counter",
+        f"billingos_track_retries_total {m['track_retries']}",
+        "# HELP billingos_upstream_throttled_total 429 answers from the billing service.",
+        "# TYPE billingos_upstream_throttled_total counter",
+        f"billingos_upstream_throttled_total {m['throttled']}",
+        "# HELP billingos_checks_refused_by_budget_total Checks not made for want of a budget token.",
+        "# TYPE billingos_checks_refused_by_budget_total counter",
+        f"billingos_checks_refused_by_budget_total {m['checks_refused_by_budget']}",
+        "# HELP billingos_breaker_state The circuit breaker's state (1 for the current one).",
+        "# TYPE billingos_breaker_state gauge",
+        *(f'billingos_breaker_state{{state="{s}"}} {int(m["breaker_state"] == s)}' for s in _BREAKER_STATES),
+        "# HELP billingos_breaker_opened_total Times the circuit breaker opened.",
+        "# TYPE billingos_breaker_opened_total counter",
+        f"billingos_breaker_opened_total {m['breaker_opened']}",
+        "# HELP billingos_entitlement_cache_entries Entitlements cached.",
+        "# TYPE billingos_entitlement_cache_entries gauge",
+        f"billingos_entitlement_cache_entries {m['cache_entries']}",
+        "# HELP billingos_outbox_events Usage events in the durable outbox.",
+        "# TYPE billingos_outbox_events gauge",
+        f"billingos_outbox_events {m['outbox_events']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def serve_prometheus(middleware: BillingMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer a scrape with :func:`prometheus_text`."""
+    body = prometheus_text(middleware).encode()
+    headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

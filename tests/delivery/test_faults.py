@@ -1,0 +1,177 @@
+"""Delivery guarantees under network faults: every admitted request is recorded upstream exactly once.
+
+The real pieces end to end: BillingMiddleware over a Starlette app, the BillingOS client, the
+fault proxy (tests/faultproxy.py) and the local BillingOS server on a loopback socket. The proxy
+loses calls before they arrive, loses the answers of calls that were recorded (the case that
+counts twice if a retry is not idempotent), resets connections, hangs past the client's timeout,
+answers 429 storms, and goes down altogether. Whatever it does, after the lifespan's drain the
+server must hold exactly one unit per successful request, and the tracker must account for every
+event as sent. The fault draws are seeded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from billingos_asgi import BillingMiddleware, BillingOS
+from billingos_asgi.client import RetryPolicy
+from tests.asgi import serve
+from tests.conftest import SECRET_KEY, RunningServer
+from tests.faultproxy import KINDS, FaultPlan, FaultProxy, serve_fault_proxy
+from tests.middleware.support import as_customer, by_header, recording_app
+
+CUSTOMERS = ("user_pro", "user_pro_b", "user_pro_c")  # all on "pro": api_calls unlimited, so every request is admitted
+FEATURE = "api_calls"
+
+
+@pytest.fixture
+async def server(local_server: RunningServer) -> RunningServer:
+    for customer in CUSTOMERS[1:]:
+        await local_server.billing.set_plan(customer, "pro")
+    return local_server
+
+
+@pytest.fixture
+def proxy(server: RunningServer) -> Iterator[FaultProxy]:
+    """The fault proxy in front of the server, passing everything until a test sets its plan."""
+    with serve_fault_proxy(server.base_url, FaultPlan()) as running:
+        yield running
+
+
+@asynccontextmanager
+async def metered_app(proxy: FaultProxy, **options: Any) -> AsyncIterator[tuple[BillingMiddleware, httpx.AsyncClient]]:
+    """The middleware (metering ``/x`` as api_calls) over the client through the proxy, in its lifespan.
+
+    The drain runs when the block exits; the client is closed after it.
+    """
+    settings: dict[str, Any] = {
+        "flush_interval": 0.05,
+        "drain_timeout": 30.0,
+        "calls_per_minute": None,
+        "breaker_cooldown": 0.2,
+        **options,
+    }
+    retry = RetryPolicy(max_retries=1, backoff_base=0.05)
+    async with BillingOS(SECRET_KEY, base_url=proxy.base_url, timeout=0.5, retry=retry) as remote:
+        middleware = BillingMiddleware(
+            recording_app([]), billing=remote, customer=by_header, routes={"/x": FEATURE}, **settings
+        )
+        async with serve(middleware) as client:
+            yield middleware, client
+
+
+async def send_waves(client: httpx.AsyncClient, total: int, *, waves: int, pause: float = 0.1) -> list[int]:
+    """``total`` requests spread evenly over the customers, sent concurrently in ``waves`` with pauses."""
+    statuses: list[int] = []
+
+    async def one(customer: str) -> None:
+        statuses.append((await client.get("/x", headers=as_customer(customer))).status_code)
+
+    sent = 0
+    for wave in range(waves):
+        size = total * (wave + 1) // waves - sent
+        async with anyio.create_task_group() as tg:
+            for i in range(sent, sent + size):
+                tg.start_soon(one, CUSTOMERS[i % len(CUSTOMERS)])
+        sent += size
+        await anyio.sleep(pause)
+    return statuses
+
+
+async def recorded(server: RunningServer) -> list[float]:
+    return [await server.billing.recorded_units(customer, FEATURE) for customer in CUSTOMERS]
+
+
+def expected(total: int) -> list[float]:
+    return [float(len(range(i, total, len(CUSTOMERS)))) for i in range(len(CUSTOMERS))]
+
+
+def assert_all_sent(middleware: BillingMiddleware, total: int) -> None:
+    stats = middleware.tracker.stats
+    assert (stats.queued, stats.sent) == (total, total), stats
+    assert (stats.rejected, stats.dropped, stats.dead_lettered, stats.deferred) == (0, 0, 0, 0), stats
+    assert stats.in_flight == 0, stats
+
+
+@pytest.mark.parametrize(
+    ("rate", "all_calls", "seed"),
+    [(0.2, False, 11), (0.4, False, 12), (0.4, True, 13)],
+    ids=["20%-tracks", "40%-tracks", "40%-every-call"],
+)
+async def test_mixed_faults_count_every_request_once(
+    server: RunningServer, proxy: FaultProxy, rate: float, all_calls: bool, seed: int
+) -> None:
+    """Every fault kind mixed (``rate`` in all, evenly); with ``all_calls`` the checks fail too."""
+    proxy.plan = FaultPlan(seed=seed, all_calls=all_calls, **dict.fromkeys(KINDS, rate / len(KINDS)))
+    total = 60
+    async with metered_app(proxy) as (middleware, client):
+        statuses = await send_waves(client, total, waves=10)
+    assert statuses == [200] * total
+    assert await recorded(server) == expected(total)
+    assert_all_sent(middleware, total)
+    assert all(proxy.counts[kind] > 0 for kind in KINDS), proxy.counts
+    assert middleware.tracker.stats.retried > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_one_fault_kind_at_half_the_calls(server: RunningServer, proxy: FaultProxy, kind: str) -> None:
+    proxy.plan = FaultPlan(seed=7, **{kind: 0.5})
+    total = 30
+    async with metered_app(proxy) as (middleware, client):
+        statuses = await send_waves(client, total, waves=5)
+    assert statuses == [200] * total
+    assert await recorded(server) == expected(total)
+    assert_all_sent(middleware, total)
+    assert proxy.counts[kind] > 0, proxy.counts
+    assert all(proxy.counts[other] == 0 for other in KINDS if other != kind), proxy.counts
+
+
+async def test_429_storm(server: RunningServer, proxy: FaultProxy) -> None:
+    """Nine track calls in ten answered 429 (Retry-After: 1): slower, but nothing lost or doubled."""
+    proxy.plan = FaultPlan(seed=3, throttle=0.9)
+    total = 30
+    async with metered_app(proxy) as (middleware, client):
+        statuses = await send_waves(client, total, waves=5)
+    assert statuses == [200] * total
+    assert await recorded(server) == expected(total)
+    assert_all_sent(middleware, total)
+    assert middleware.upstream.throttled > 0
+    assert proxy.counts["throttle"] > 0
+
+
+async def test_outage_longer_than_the_flush_window(server: RunningServer, proxy: FaultProxy) -> None:
+    """Upstream unreachable for many flush windows: requests are decided from the (stale) cache at
+    once, the breaker opens, and after the outage every unit arrives exactly once."""
+    warm, during, after = 6, 36, 6
+    options = {"cache_ttl": 0.2, "breaker_threshold": 3}
+    async with metered_app(proxy, **options) as (middleware, client):
+        assert await send_waves(client, warm, waves=1) == [200] * warm
+        with anyio.fail_after(10):
+            while middleware.tracker.stats.sent < warm:  # noqa: ASYNC110 - polling a counter
+                await anyio.sleep(0.01)
+        assert await recorded(server) == expected(warm)
+
+        proxy.plan.down = True
+        started = time.monotonic()
+        outage = await send_waves(client, during, waves=12, pause=0.1)  # ~1.2 s: about 24 flush windows
+        elapsed = time.monotonic() - started
+        assert outage == [200] * during
+        assert middleware.upstream.breaker.opened >= 1
+        assert proxy.counts["down"] > 0
+        assert await recorded(server) == expected(warm)  # nothing got through meanwhile
+        assert middleware.tracker.stats.sent == warm
+        assert elapsed < 5, f"requests waited on the outage: {elapsed:.1f}s for {during} requests"
+
+        proxy.plan.down = False
+        assert await send_waves(client, after, waves=1) == [200] * after
+    total = warm + during + after
+    assert await recorded(server) == expected(total)
+    assert_all_sent(middleware, total)
+    assert middleware.upstream.breaker.state == "closed"

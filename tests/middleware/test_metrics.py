@@ -1,0 +1,53 @@
+"""Delivery counters: readable from Python, and scraped as Prometheus text at ``metrics_path``."""
+
+from __future__ import annotations
+
+import re
+
+from billingos_asgi import BillingMiddleware, LocalBilling
+
+from ..asgi import serve
+from .support import as_customer, by_header, recording_app
+
+SAMPLE = re.compile(r'^[a-z_]+(\{[a-z_]+="[a-z_]+"\})? \d+(\.\d+)?$')
+
+
+async def test_counters_after_traffic_in_python_and_prometheus_text(billing: LocalBilling) -> None:
+    calls: list[str] = []
+    middleware = BillingMiddleware(
+        recording_app(calls),
+        billing=billing,
+        customer=by_header,
+        routes={"/x": "api_calls"},
+        flush_interval=0.05,
+        metrics_path="/internal/metrics",
+    )
+    async with serve(middleware) as client:
+        for _ in range(3):
+            assert (await client.get("/x", headers=as_customer("user_pro"))).status_code == 200
+        assert (await client.get("/x", headers=as_customer("nobody"))).status_code == 403
+        scrape = await client.get("/internal/metrics")
+    metrics = middleware.metrics()
+    assert metrics["events_queued"] == metrics["events_sent"] == 3
+    assert (metrics["events_dropped"], metrics["events_backlog"], metrics["breaker_state"]) == (0, 0, "closed")
+    assert metrics["check_calls"] == 2 and 1 <= int(metrics["track_calls"]) <= 3
+    assert metrics["cache_entries"] == 2 and metrics["outbox_events"] == 0
+
+    assert scrape.status_code == 200
+    assert scrape.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert "x-request-id" not in scrape.headers and calls == ["GET /x"] * 3  # not metered, not the app's
+    samples = [line for line in scrape.text.splitlines() if not line.startswith("#")]
+    assert samples and all(SAMPLE.match(line) for line in samples), samples
+    assert 'billingos_upstream_calls_total{call="check"} 2' in samples
+    assert 'billingos_breaker_state{state="closed"} 1' in samples
+    assert 'billingos_breaker_state{state="open"} 0' in samples
+    text = middleware.prometheus()
+    assert 'billingos_usage_events_total{outcome="sent"} 3' in text
+
+
+async def test_without_a_metrics_path_the_app_owns_every_path(billing: LocalBilling) -> None:
+    calls: list[str] = []
+    middleware = BillingMiddleware(recording_app(calls), billing=billing, customer=by_header)
+    async with serve(middleware) as client:
+        await client.get("/metrics")
+    assert calls == ["GET /metrics"]

@@ -1,0 +1,169 @@
+"""The durable outbox: on disk until confirmed, replayed unchanged, bounded, owned by one process."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEvent
+from billingos_asgi.events import Batch
+from billingos_asgi.outbox import Outbox, OutboxError
+from billingos_asgi.tracker import Tracker
+
+from .test_tracker import PLANS, FlakyAfterForwarding, event, tracker_for
+
+
+@pytest.fixture
+async def billing(tmp_path: Path) -> AsyncIterator[LocalBilling]:
+    async with LocalBilling.from_dict(PLANS, tmp_path / "billing.db") as billing:
+        yield billing
+
+
+def test_events_round_trip_with_their_batches_and_first_attempts(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db", max_events=10)
+    assert len(outbox.open()) == 0
+    events = [event("k1", quantity=0.1), event("k2", quantity=2.5, metadata={"model": "x"}), event("k3", "c1")]
+    assert outbox.add(events) == 3
+    assert outbox.add([event("k1")]) == 1 and outbox.size == 3  # a key already there is kept once
+    batch = Batch.of(tuple(events[:2]))
+    outbox.fix(batch, 1234.5)
+    outbox.close()
+
+    again = Outbox(tmp_path / "outbox.db", max_events=10)
+    stored = again.open()
+    assert stored.batches == [(batch, 1234.5)]
+    assert stored.events == [events[2]]
+    again.remove(["k1", "k2"])
+    assert again.size == 1
+    again.close()
+    assert len(Outbox(tmp_path / "outbox.db", max_events=10).open()) == 1
+
+
+def test_the_outbox_is_bounded(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db", max_events=2)
+    outbox.open()
+    assert outbox.add([event(f"k{i}") for i in range(3)]) == 2
+    assert outbox.add([event("k9")]) == 0
+    outbox.remove(["k0"])
+    assert outbox.add([event("k9")]) == 1
+
+
+def test_a_second_process_cannot_share_an_outbox(tmp_path: Path) -> None:
+    first = Outbox(tmp_path / "outbox.db", max_events=10)
+    first.open()
+    with pytest.raises(OutboxError, match="outbox.db"):
+        Outbox(tmp_path / "outbox.db", max_events=10).open()
+    first.close()
+    Outbox(tmp_path / "outbox.db", max_events=10).open()
+
+
+def test_a_file_that_is_not_an_outbox_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(OutboxError, match="junk.db"):
+        Outbox(junk, max_events=10).open()
+    other = tmp_path / "other.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE outbox (something_else TEXT)")
+    db.close()
+    with pytest.raises(OutboxError, match="other.db"):
+        Outbox(other, max_events=10).open()
+    with pytest.raises(ValueError, match="max_events"):
+        Outbox(other, max_events=0)
+
+
+class Unreachable:
+    async def track_usage(self, *args: Any, **kwargs: Any) -> TrackUsageResult:
+        raise NetworkError("connection refused")
+
+
+def rows(path: Path) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT idempotency_key, batch_key FROM outbox ORDER BY idempotency_key").fetchall()
+    finally:
+        db.close()
+
+
+async def run(tracker: Tracker, events: list[UsageEvent]) -> None:
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        for item in events:
+            assert tracker.submit(item)
+        await tracker.stop()
+
+
+async def test_confirmed_events_leave_the_outbox(billing: LocalBilling, tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    tracker = tracker_for(billing, flush_interval=0.05, outbox=Outbox(path, max_events=100))
+    await run(tracker, [event(f"k{i}", customer=f"c{i % 2}") for i in range(6)])
+    assert (tracker.stats.sent, tracker.stats.deferred) == (6, 0)
+    assert rows(path) == []
+
+
+async def test_what_the_deadline_cuts_off_stays_on_disk_and_is_resent_once(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    path = tmp_path / "outbox.db"
+    # Run 1: upstream records every call but the answers are lost: fixed batches stay on disk.
+    flaky = FlakyAfterForwarding(billing, failures=10**6)
+    first = tracker_for(flaky, flush_interval=0.05, drain_timeout=0.5, outbox=Outbox(path, max_events=100))
+    await run(first, [event(f"k{i}", customer=f"c{i % 2}") for i in range(6)])
+    assert (first.stats.sent, first.stats.deferred, first.stats.dropped) == (0, 6, 0)
+    left = rows(path)
+    assert len(left) == 6 and all(batch_key is not None for _, batch_key in left)
+    recorded = [await billing.recorded_units(f"c{i}", "api_calls") for i in (0, 1)]
+    assert recorded == [3, 3]  # recorded upstream already, under the batches' keys
+
+    # Run 2: the same batches go up under the same keys, so nothing counts twice.
+    second = tracker_for(billing, flush_interval=0.05, outbox=Outbox(path, max_events=100))
+    await run(second, [event("k-new")])
+    assert (second.stats.replayed, second.stats.sent) == (6, 7)
+    assert [await billing.recorded_units(f"c{i}", "api_calls") for i in (0, 1)] == [4, 3]
+    assert rows(path) == []
+
+
+async def test_events_never_attempted_are_replayed_too(billing: LocalBilling, tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    first = tracker_for(Unreachable(), flush_interval=10, drain_timeout=0.2, outbox=Outbox(path, max_events=100))
+    async with anyio.create_task_group() as tg:
+        await first.start(tg)
+        for i in range(4):
+            first.submit(event(f"k{i}", quantity=0.5))
+        await anyio.sleep(0.2)  # written, still in the flush window
+        assert first.outbox is not None and first.outbox.size == 4
+        tg.cancel_scope.cancel()  # torn down without a drain (a real SIGKILL is in test_crash.py)
+    first.outbox.close()
+    second = tracker_for(billing, flush_interval=0.05, outbox=Outbox(path, max_events=100))
+    await run(second, [])
+    assert await billing.recorded_units("c0", "api_calls") == 2
+    assert rows(path) == []
+
+
+async def test_a_full_outbox_drops_and_reports(billing: LocalBilling, tmp_path: Path) -> None:
+    reasons: list[str] = []
+    tracker = tracker_for(
+        Unreachable(),
+        flush_interval=10,
+        drain_timeout=0.2,
+        max_queue=3,
+        on_rejected=lambda e, r: reasons.append(r),
+        outbox=Outbox(tmp_path / "outbox.db", max_events=3),
+    )
+    await run(tracker, [event(f"k{i}") for i in range(5)])
+    assert reasons == ["queue full", "queue full"]
+    assert (tracker.stats.queued, tracker.stats.dropped, tracker.stats.deferred) == (3, 2, 3)
+
+
+async def test_a_locked_outbox_fails_the_start(billing: LocalBilling, tmp_path: Path) -> None:
+    holder = Outbox(tmp_path / "outbox.db", max_events=10)
+    holder.open()
+    tracker = tracker_for(billing, outbox=Outbox(tmp_path / "outbox.db", max_events=10))
+    with pytest.RaisesGroup(pytest.RaisesExc(OutboxError, match="another process")):
+        async with anyio.create_task_group() as tg:
+            await tracker.start(tg)

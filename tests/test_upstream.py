@@ -1,0 +1,170 @@
+"""The upstream door: the call budget, the circuit breaker, and how answers feed them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from billingos_asgi import (
+    BudgetExhaustedError,
+    CircuitOpenError,
+    CustomerNotFoundError,
+    LocalBilling,
+    NetworkError,
+    RateLimitError,
+)
+from billingos_asgi.upstream import Budget, CircuitBreaker, Upstream
+
+from .test_tracker import PLANS
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_budget_allows_a_burst_then_refills_at_its_rate() -> None:
+    clock = Clock()
+    budget = Budget(60, burst=3, clock=clock)  # one call a second
+    assert [budget.try_take() for _ in range(4)] == [True, True, True, False]
+    assert budget.wait_time() == pytest.approx(1.0)
+    clock.now += 0.5
+    assert not budget.try_take()
+    clock.now += 0.5
+    assert budget.try_take() and not budget.try_take()
+    clock.now += 100
+    assert budget.tokens == 3  # never more than the burst
+
+
+def test_a_reserve_keeps_tokens_for_callers_with_priority() -> None:
+    clock = Clock()
+    budget = Budget(60, burst=4, clock=clock)
+    assert budget.try_take(reserve=2) and budget.try_take(reserve=2)
+    assert not budget.try_take(reserve=2)  # the last two are kept for checks
+    assert budget.try_take() and budget.try_take() and not budget.try_take()
+
+
+def test_a_pause_empties_the_budget_until_it_ends() -> None:
+    clock = Clock()
+    budget = Budget(60, burst=5, clock=clock)
+    budget.pause(10)
+    clock.now += 9.9
+    assert not budget.try_take()
+    assert budget.wait_time() == pytest.approx(1.1)
+    clock.now += 1.1
+    assert budget.try_take()
+
+
+@pytest.mark.parametrize("args", [(0, 1), (-5, 1), (60, 0), (float("nan"), 1)])
+def test_bad_budgets_are_refused(args: tuple[float, int]) -> None:
+    with pytest.raises(ValueError, match="budget"):
+        Budget(*args)
+
+
+def test_the_breaker_opens_after_failures_in_a_row_then_probes_once() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(3, cooldown=10, clock=clock)
+    breaker.failed()
+    breaker.failed()
+    breaker.succeeded()  # not in a row
+    breaker.failed()
+    breaker.failed()
+    assert breaker.state == "closed" and breaker.allow()
+    breaker.failed()
+    assert breaker.state == "open" and not breaker.allow()
+    assert breaker.retry_after() == pytest.approx(10)
+    clock.now += 10
+    assert breaker.allow() and breaker.state == "half_open"
+    assert not breaker.allow()  # one probe at a time
+    breaker.failed()  # the probe failed: open again
+    assert breaker.state == "open" and breaker.opened == 2
+    clock.now += 10
+    assert breaker.allow()
+    breaker.succeeded()
+    assert breaker.state == "closed" and breaker.allow()
+
+
+def test_a_probe_that_vanished_is_replaced_after_a_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, cooldown=5, clock=clock)
+    breaker.failed()
+    clock.now += 5
+    assert breaker.allow()  # the probe is cancelled: neither success nor failure is reported
+    clock.now += 4.9
+    assert not breaker.allow()
+    clock.now += 0.1
+    assert breaker.allow()
+
+
+@pytest.fixture
+async def billing(tmp_path: Path) -> AsyncIterator[LocalBilling]:
+    async with LocalBilling.from_dict(PLANS, tmp_path / "billing.db") as billing:
+        yield billing
+
+
+class Scripted:
+    """A backend answering checks with the errors it is given, then with the real LocalBilling."""
+
+    def __init__(self, billing: LocalBilling, errors: list[Exception]) -> None:
+        self.billing = billing
+        self.errors = errors
+        self.calls = 0
+
+    async def check_entitlement(self, customer_id: str, feature_key: str) -> Any:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return await self.billing.check_entitlement(customer_id, feature_key)
+
+
+async def test_unwell_answers_open_the_breaker_and_later_calls_fail_at_once(billing: LocalBilling) -> None:
+    clock = Clock()
+    backend = Scripted(billing, [NetworkError("down")] * 2)
+    upstream = Upstream(backend, breaker=CircuitBreaker(2, cooldown=30, clock=clock))  # type: ignore[arg-type]
+    for _ in range(2):
+        with pytest.raises(NetworkError):
+            await upstream.check_entitlement("c0", "api_calls", wait=0)
+    with pytest.raises(CircuitOpenError) as raised:
+        await upstream.check_entitlement("c0", "api_calls", wait=0)
+    assert backend.calls == 2 and raised.value.retry_after == pytest.approx(30)
+    clock.now += 30
+    assert (await upstream.check_entitlement("c0", "api_calls", wait=0)).has_access
+    assert upstream.breaker.state == "closed" and upstream.checks == 3
+
+
+async def test_definite_refusals_keep_the_breaker_closed(billing: LocalBilling) -> None:
+    upstream = Upstream(billing, breaker=CircuitBreaker(1))
+    for _ in range(3):
+        with pytest.raises(CustomerNotFoundError):
+            await upstream.check_entitlement("nobody", "api_calls", wait=0)
+    assert upstream.breaker.state == "closed"
+
+
+async def test_a_429_pauses_the_budget_for_its_retry_after(billing: LocalBilling) -> None:
+    clock = Clock()
+    backend = Scripted(billing, [RateLimitError("slow down", status=429, retry_after=20)])
+    upstream = Upstream(backend, budget=Budget(600, burst=5, clock=clock))  # type: ignore[arg-type]
+    with pytest.raises(RateLimitError):
+        await upstream.check_entitlement("c0", "api_calls", wait=0)
+    assert upstream.throttled == 1 and upstream.breaker.state == "closed"
+    with pytest.raises(BudgetExhaustedError) as raised:
+        await upstream.check_entitlement("c0", "api_calls", wait=0)
+    assert raised.value.retry_after == pytest.approx(20.1)
+    assert backend.calls == 1 and upstream.refused_by_budget == 1
+    clock.now += 20.1
+    assert (await upstream.check_entitlement("c0", "api_calls", wait=0)).has_access
+
+
+async def test_a_check_waits_briefly_for_a_token(billing: LocalBilling) -> None:
+    upstream = Upstream(billing, budget=Budget(600, burst=1))  # a token every 0.1 s
+    await upstream.check_entitlement("c0", "api_calls", wait=0)
+    await upstream.check_entitlement("c0", "api_calls", wait=1)  # waited ~0.1 s for it
+    with pytest.raises(BudgetExhaustedError):
+        await upstream.check_entitlement("c0", "api_calls", wait=0)
+    assert upstream.checks == 2
