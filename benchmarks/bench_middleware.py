@@ -89,7 +89,11 @@ def customer_from_header(request: Request) -> str | None:
 def billing_app(backend: InMemoryBackend) -> Starlette:
     app = starlette_app()
     app.add_middleware(
-        BillingMiddleware, billing=backend, customer=customer_from_header, routes={"/v1/search": "api_calls"}
+        BillingMiddleware,
+        billing=backend,
+        customer=customer_from_header,
+        routes={"/v1/search": "api_calls"},
+        calls_per_minute=None,  # the in-memory backend has no rate limit to respect
     )
     return app
 

@@ -35,7 +35,7 @@ __all__ = ["Tracker", "TrackerStats"]
 
 logger = logging.getLogger("billingos_asgi")
 
-DEFAULT_MAX_QUEUE = 10_000
+DEFAULT_MAX_QUEUE = 100_000  # about 25 MB of events at most
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_CONCURRENCY = 4
