@@ -6,6 +6,7 @@ from contextvars import ContextVar
 
 from starlette.requests import Request
 
+from ._models import Entitlement
 from ._validation import check_quantity
 
 __all__ = ["UsageContext", "get_usage_context", "report_usage"]
@@ -14,17 +15,26 @@ __all__ = ["UsageContext", "get_usage_context", "report_usage"]
 class UsageContext:
     """The billing side of one metered request, shared by reference between middleware and app.
 
-    Also at ``request.state.billing``. ``report(units)`` adds units the endpoint measured itself
+    Also at ``request.state.billing``. ``entitlement`` is the customer's entitlement as the
+    gate saw it. ``report(units)`` adds units the endpoint measured itself
     (tokens an LLM call used, bytes stored); they are billed after the response completes.
     """
 
-    __slots__ = ("customer_id", "feature", "quantity", "reported", "request_id")
+    __slots__ = ("customer_id", "entitlement", "feature", "quantity", "reported", "request_id")
 
-    def __init__(self, request_id: str, customer_id: str, feature: str, quantity: float) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        customer_id: str,
+        feature: str,
+        quantity: float,
+        entitlement: Entitlement | None = None,
+    ) -> None:
         self.request_id = request_id
         self.customer_id = customer_id
         self.feature = feature
         self.quantity = quantity
+        self.entitlement = entitlement  # as cached when the request was admitted (None: billing was unreachable)
         self.reported = 0.0
 
     def __repr__(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -86,8 +86,9 @@ class BillingMiddleware:
     """Meter an ASGI app with BillingOS: ``app.add_middleware(BillingMiddleware, billing=..., customer=...)``.
 
     ``routes`` maps ``"METHOD /path/{param}"`` (method optional) to a feature key or a
-    :class:`Metered`; ``default_feature`` meters every other route not in ``exclude`` (paths or
-    templates; a trailing ``*`` excludes a prefix). ``on_error`` decides requests when billing
+    :class:`Metered` (or is a function returning that map, called when the stack is built);
+    ``default_feature`` meters every other route not in ``exclude`` (paths or templates; a
+    trailing ``*`` excludes a prefix). ``on_error`` decides requests when billing
     is unreachable with nothing cached, or a user hook raises: ``"allow"`` (the default) lets
     them through, ``"deny"`` answers 503. A client-sent ``X-Request-ID`` becomes the idempotency
     key only with ``trust_request_id=True`` (behind a gateway that sets it); otherwise every
@@ -107,7 +108,7 @@ class BillingMiddleware:
         *,
         billing: BillingBackend,
         customer: CustomerResolver,
-        routes: Mapping[str, str | Metered] | None = None,
+        routes: Mapping[str, str | Metered] | Callable[[], Mapping[str, str | Metered]] | None = None,
         default_feature: str | Metered | None = None,
         exclude: Iterable[str] = (),
         on_error: OnError = "allow",
@@ -135,6 +136,8 @@ class BillingMiddleware:
             raise ValueError("customer must be a callable taking the request and returning a customer id or None")
         self.app = app
         self.billing = billing
+        if callable(routes):  # declared next to the app's routes: collected now, when the stack is built
+            routes = routes()
         self.routes = RouteTable(routes, default_feature=default_feature, exclude=exclude)
         self.upstream = Upstream(
             billing,
@@ -241,7 +244,7 @@ class BillingMiddleware:
 
         # Admitted: call the app, watching whether its response succeeds and completes.
         request_id = (self._trust_request_id and _trusted_request_id(scope)) or new_request_id()
-        context = UsageContext(request_id, customer, feature, quantity)
+        context = UsageContext(request_id, customer, feature, quantity, None if quota is None else quota.entitlement)
         scope.setdefault("state", {})["billing"] = context
         status = 0
         completed = False

@@ -1,0 +1,91 @@
+"""Endpoints for front ends: the signed-in customer's usage, and a BillingOS session token for them.
+
+Framework adapters mount these (``GET /billing/usage``, ``POST /billing/session-token``). The
+customer always comes from the app's own resolver, never from the request: a caller can read
+only its own usage and mint tokens only for itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+from cachetools import TTLCache
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from . import _wire
+from ._exceptions import BillingOSError, CustomerNotFoundError
+from ._models import UsageMetrics
+from .backend import BillingBackend
+from .customers import CustomerResolver
+from .responses import Denial, problem_response
+
+__all__ = ["UsageEndpoints"]
+
+logger = logging.getLogger("billingos_asgi")
+
+DEFAULT_USAGE_TTL = 10.0
+DEFAULT_USAGE_CACHE_SIZE = 10_000
+DEFAULT_TOKEN_LIFETIME = 3600
+
+
+class UsageEndpoints:
+    """``usage`` and ``session_token``: Starlette endpoints over a billing backend and a customer resolver.
+
+    Usage metrics are cached per customer for ``usage_ttl`` seconds (front ends poll them).
+    """
+
+    def __init__(
+        self,
+        billing: BillingBackend,
+        customer: CustomerResolver,
+        *,
+        usage_ttl: float = DEFAULT_USAGE_TTL,
+        cache_size: int = DEFAULT_USAGE_CACHE_SIZE,
+        token_lifetime: int = DEFAULT_TOKEN_LIFETIME,
+    ) -> None:
+        if not callable(customer):
+            raise ValueError("customer must be a callable taking the request and returning a customer id or None")
+        self._billing = billing
+        self._resolve = customer
+        self._token_lifetime = token_lifetime
+        self._metrics: TTLCache[str, UsageMetrics] = TTLCache(cache_size, usage_ttl)
+
+    async def _customer(self, request: Request) -> str | None:
+        answer = self._resolve(request)
+        if inspect.isawaitable(answer):
+            answer = await answer
+        return answer if isinstance(answer, str) and answer.strip() else None
+
+    async def usage(self, request: Request) -> Response:
+        """The signed-in customer's usage metrics (every feature, or ``?feature_key=``)."""
+        customer = await self._customer(request)
+        if customer is None:
+            return problem_response(Denial(401, "sign in to see your usage", request, "usage"))
+        metrics = self._metrics.get(customer)
+        if metrics is None:
+            try:
+                metrics = await self._billing.get_usage_metrics(customer)
+            except CustomerNotFoundError:
+                return problem_response(Denial(403, "billing does not know this customer", request, "usage", customer))
+            except BillingOSError:
+                logger.warning("usage metrics for %s failed", customer, exc_info=True)
+                return problem_response(Denial(503, "billing is unavailable", request, "usage", customer))
+            self._metrics[customer] = metrics
+        feature = request.query_params.get("feature_key")
+        if feature is not None:
+            metrics = UsageMetrics(metrics.customer_id, tuple(m for m in metrics.metrics if m.feature_key == feature))
+        return JSONResponse(_wire.metrics_to_json(metrics))
+
+    async def session_token(self, request: Request) -> Response:
+        """A BillingOS session token for the signed-in customer (for the React SDK), whatever the body says."""
+        customer = await self._customer(request)
+        if customer is None:
+            return problem_response(Denial(401, "sign in to get a session token", request, "session-token"))
+        try:
+            token = await self._billing.create_session_token(customer, expires_in=self._token_lifetime)
+        except BillingOSError:
+            logger.warning("session token for %s failed", customer, exc_info=True)
+            return problem_response(Denial(503, "billing is unavailable", request, "session-token", customer))
+        return JSONResponse(_wire.session_token_to_json(token), 201)

@@ -1,0 +1,141 @@
+"""billingos-asgi for FastAPI: metering declared as a dependency, documented in OpenAPI, and a usage router.
+
+::
+
+    app = FastAPI()
+
+    @app.post("/v1/search", dependencies=[metered("api_calls")])
+    async def search(billing: Billing): ...  # billing.entitlement, billing.report(units)
+
+    app.include_router(usage_router(billing, customer))
+    app.add_middleware(BillingMiddleware, billing=billing, customer=customer, routes=declared(app))
+
+The middleware gates a declared route before routing (the handler never runs on 401/403/429):
+:func:`declared` collects the declarations from the app's routes when the stack is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.routing import APIRoute
+from starlette.responses import Response
+from starlette.routing import Route
+
+from billingos_asgi import BillingBackend, Metered, UsageContext, get_usage_context
+from billingos_asgi.customers import CustomerResolver
+from billingos_asgi.discovery import MARK, declared_routes, metering_of
+from billingos_asgi.endpoints import UsageEndpoints
+from billingos_asgi.routes import QuantityFunction
+
+__all__ = ["Billing", "PROBLEM_RESPONSES", "declared", "metered", "usage_router"]
+
+_PROBLEM = {
+    "application/problem+json": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "feature": {"type": "string"},
+                "limit": {"type": "number", "nullable": True},
+                "usage": {"type": "number", "nullable": True},
+                "resets_at": {"type": "string", "format": "date-time", "nullable": True},
+                "upgrade_url": {"type": "string"},
+            },
+        }
+    }
+}
+#: What the middleware may answer instead of a metered route's handler.
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No signed-in customer", "content": _PROBLEM},
+    403: {"description": "The customer's plan does not include this feature", "content": _PROBLEM},
+    429: {"description": "The feature's quota for this period is used up (see Retry-After)", "content": _PROBLEM},
+}
+_STATE_FLAG = "billingos_declared"
+
+
+def metered(feature: str, *, quantity: float | QuantityFunction | None = 1, bill_partial: bool = False) -> Any:
+    """A dependency declaring the route metered: ``dependencies=[metered("api_calls")]`` (on a route or router)."""
+    declaration = Metered(feature, quantity, bill_partial)
+
+    def billing_gate(request: Request) -> UsageContext | None:
+        if not getattr(request.app.state, _STATE_FLAG, False):
+            # Fail closed: a route declared metered must never run unmetered by mistake.
+            raise RuntimeError(
+                f"route declared metered({feature!r}) but BillingMiddleware was not given routes=declared(app)"
+            )
+        return get_usage_context(request)
+
+    setattr(billing_gate, MARK, declaration)
+    return Depends(billing_gate)
+
+
+def _usage_context(request: Request) -> UsageContext | None:
+    return get_usage_context(request)
+
+
+#: The handler's view of its metered request: ``billing.entitlement``, ``billing.report(tokens)``
+#: (None when the request was let through unmetered, e.g. billing unreachable with ``on_error="allow"``).
+Billing = Annotated[UsageContext | None, Depends(_usage_context)]
+
+
+def _metering_of(route: Route) -> Metered | None:
+    declaration = metering_of(route)
+    if declaration is None and isinstance(route, APIRoute):
+        for dependency in route.dependant.dependencies:
+            found = getattr(dependency.call, MARK, None)
+            if isinstance(found, Metered):
+                if declaration is not None and found != declaration:
+                    raise ValueError(f"{route.path}: metered twice, as {declaration!r} and {found!r}")
+                declaration = found
+    if declaration is not None and isinstance(route, APIRoute):
+        for status, response in PROBLEM_RESPONSES.items():
+            route.responses.setdefault(status, response)
+    return declaration
+
+
+def declared(
+    app: FastAPI, *, also: Mapping[str, str | Metered] | None = None
+) -> Callable[[], dict[str, str | Metered]]:
+    """The middleware's ``routes=``: every route with a :func:`metered` dependency, plus ``also``.
+
+    Collected when the middleware stack is built (at start-up); also documents the 401/403/429
+    answers in the OpenAPI schema of those routes.
+    """
+
+    def collect() -> dict[str, str | Metered]:
+        table = declared_routes(app.routes, find=_metering_of, also=also)
+        setattr(app.state, _STATE_FLAG, True)
+        app.openapi_schema = None  # regenerated with the documented answers
+        return table
+
+    return collect
+
+
+def usage_router(
+    billing: BillingBackend,
+    customer: CustomerResolver,
+    *,
+    prefix: str = "/billing",
+    tags: list[str] | None = None,
+    **options: Any,
+) -> APIRouter:
+    """``GET {prefix}/usage`` and ``POST {prefix}/session-token`` for the signed-in customer."""
+    endpoints = UsageEndpoints(billing, customer, **options)
+    router = APIRouter(prefix=prefix, tags=list(tags or ["billing"]))
+    unauthenticated: dict[int | str, dict[str, Any]] = {401: PROBLEM_RESPONSES[401]}
+
+    @router.get("/usage", response_model=None, responses=unauthenticated, summary="Your usage this period")
+    async def usage(request: Request) -> Response:
+        return await endpoints.usage(request)
+
+    @router.post("/session-token", response_model=None, responses=unauthenticated, summary="A BillingOS session token")
+    async def session_token(request: Request) -> Response:
+        return await endpoints.session_token(request)
+
+    return router
