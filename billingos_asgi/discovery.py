@@ -9,18 +9,17 @@ is built, at start-up, after every route has been added.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from starlette.routing import BaseRoute, Mount, Route
 
 from .routes import Metered, QuantityFunction
 
-__all__ = ["declared_routes", "metered", "metering_of"]
+__all__ = ["declared_routes", "metered", "metering_of", "route_keys", "route_table"]
 
 MARK = "__billingos_metered__"
 F = TypeVar("F", bound=Callable[..., Any])
-Finder = Callable[[Route], Metered | None]
 
 
 def metered(
@@ -42,30 +41,40 @@ def metering_of(route: Route) -> Metered | None:
     return declaration if isinstance(declaration, Metered) else None
 
 
-def declared_routes(
-    routes: Iterable[BaseRoute],
-    *,
-    find: Finder = metering_of,
-    also: Mapping[str, str | Metered] | None = None,
-    prefix: str = "",
+def route_table(
+    declarations: Iterable[tuple[str, Metered]], also: Mapping[str, str | Metered] | None = None
 ) -> dict[str, str | Metered]:
-    """``{"METHOD /full/path": Metered}`` for every declared route (mounts and sub-apps included), plus ``also``.
+    """The middleware's ``routes=`` from ``("METHOD /path", Metered)`` pairs, plus ``also``.
 
-    A path given in ``also`` with another feature than its route declares is refused.
+    A path declared twice differently, or given in ``also`` with another feature than its route
+    declares, is refused: which one would be billed is not for us to guess.
     """
     table: dict[str, str | Metered] = {}
+    for key, declaration in [*declarations, *(also or {}).items()]:
+        if key in table and table[key] != declaration:
+            raise ValueError(f"routes: {key!r} is declared both as {table[key]!r} and as {declaration!r}")
+        table[key] = declaration
+    return table
+
+
+def route_keys(path: str, methods: Iterable[str] | None) -> list[str]:
+    """``"METHOD /path"`` keys of a route (HEAD follows GET, so it is left out)."""
+    return [f"{method} {path}" for method in sorted(set(methods or {"GET"}) - {"HEAD"})]
+
+
+def declared_routes(
+    routes: Iterable[BaseRoute], *, also: Mapping[str, str | Metered] | None = None
+) -> dict[str, str | Metered]:
+    """The table of every ``@metered`` endpoint in ``routes`` (mounts and sub-apps included), plus ``also``."""
+    return route_table(_declarations(routes, ""), also)
+
+
+def _declarations(routes: Iterable[BaseRoute], prefix: str) -> Iterator[tuple[str, Metered]]:
     for route in routes:
         if isinstance(route, Mount):
-            table.update(declared_routes(route.routes, find=find, prefix=prefix + route.path))
+            yield from _declarations(route.routes, prefix + route.path)
         elif isinstance(route, Route):
-            declaration = find(route)
-            if declaration is None:
-                continue
-            methods = sorted((route.methods or {"GET"}) - {"HEAD"})  # HEAD follows GET
-            for method in methods:
-                table[f"{method} {prefix}{route.path}"] = declaration
-    for key, value in (also or {}).items():
-        if key in table and table[key] != value:
-            raise ValueError(f"routes: {key!r} is declared on its route as {table[key]!r} and given as {value!r}")
-        table[key] = value
-    return table
+            declaration = metering_of(route)
+            if declaration is not None:
+                for key in route_keys(prefix + route.path, route.methods):
+                    yield key, declaration

@@ -16,17 +16,18 @@ The middleware gates a declared route before routing (the handler never runs on 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from billingos_asgi import BillingBackend, Metered, UsageContext, get_usage_context
 from billingos_asgi.customers import CustomerResolver
-from billingos_asgi.discovery import MARK, declared_routes, metering_of
+from billingos_asgi.discovery import MARK, metering_of, route_keys, route_table
 from billingos_asgi.endpoints import UsageEndpoints
 from billingos_asgi.routes import QuantityFunction
 
@@ -84,19 +85,49 @@ def _usage_context(request: Request) -> UsageContext | None:
 Billing = Annotated[UsageContext | None, Depends(_usage_context)]
 
 
-def _metering_of(route: Route) -> Metered | None:
+def _declarations(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[tuple[str, Metered]]:
+    """Declared routes, with the 401/403/429 answers added to their OpenAPI responses."""
+    for route in routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if callable(contexts):  # a lazily included router (FastAPI >= 0.16x): its routes with full paths
+            for context in contexts():
+                original = context.original_route
+                if isinstance(original, APIRoute) and context.dependant is not None:
+                    found = _declared_on(original, context.dependant)
+                    if found is not None:
+                        _document(context.responses, original.responses)
+                        for key in route_keys(prefix + context.path, context.methods):
+                            yield key, found
+        elif isinstance(route, Mount):
+            yield from _declarations(route.routes, prefix + route.path)
+        elif isinstance(route, APIRoute):
+            found = _declared_on(route, route.dependant)
+            if found is not None:
+                _document(route.responses)
+                for key in route_keys(prefix + route.path, route.methods):
+                    yield key, found
+        elif isinstance(route, Route):
+            found = metering_of(route)
+            if found is not None:
+                for key in route_keys(prefix + route.path, route.methods):
+                    yield key, found
+
+
+def _declared_on(route: APIRoute, dependant: Dependant) -> Metered | None:
     declaration = metering_of(route)
-    if declaration is None and isinstance(route, APIRoute):
-        for dependency in route.dependant.dependencies:
-            found = getattr(dependency.call, MARK, None)
-            if isinstance(found, Metered):
-                if declaration is not None and found != declaration:
-                    raise ValueError(f"{route.path}: metered twice, as {declaration!r} and {found!r}")
-                declaration = found
-    if declaration is not None and isinstance(route, APIRoute):
-        for status, response in PROBLEM_RESPONSES.items():
-            route.responses.setdefault(status, response)
+    for dependency in dependant.dependencies:
+        found = getattr(dependency.call, MARK, None)
+        if isinstance(found, Metered):
+            if declaration is not None and found != declaration:
+                raise ValueError(f"{route.path}: metered twice, as {declaration!r} and {found!r}")
+            declaration = found
     return declaration
+
+
+def _document(*responses: dict[int | str, dict[str, Any]]) -> None:
+    for documented in responses:
+        for status, response in PROBLEM_RESPONSES.items():
+            documented.setdefault(status, response)
 
 
 def declared(
@@ -109,7 +140,7 @@ def declared(
     """
 
     def collect() -> dict[str, str | Metered]:
-        table = declared_routes(app.routes, find=_metering_of, also=also)
+        table = route_table(_declarations(app.routes), also)
         setattr(app.state, _STATE_FLAG, True)
         app.openapi_schema = None  # regenerated with the documented answers
         return table

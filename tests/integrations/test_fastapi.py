@@ -1,0 +1,161 @@
+"""FastAPI: metering declared as a dependency, gated before the handler, documented, and the usage router."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from billingos_fastapi import Billing, declared, metered, usage_router  # noqa: E402
+from fastapi import APIRouter, FastAPI  # noqa: E402
+
+from billingos_asgi import BillingMiddleware, LocalBilling, SessionToken  # noqa: E402
+
+from ..asgi import serve  # noqa: E402
+from ..middleware.support import PLANS, as_customer, by_header  # noqa: E402
+
+
+class SpyBilling(LocalBilling):
+    """The real engine, noting whom it mints session tokens for."""
+
+    minted_for: list[str]
+
+    async def create_session_token(self, external_user_id: str, **kwargs: Any) -> SessionToken:
+        self.minted_for.append(external_user_id)
+        return await super().create_session_token(external_user_id, **kwargs)
+
+
+@pytest.fixture
+async def billing(tmp_path: Path) -> AsyncIterator[SpyBilling]:
+    billing = SpyBilling.from_dict(PLANS, tmp_path / "billing.db")
+    assert isinstance(billing, SpyBilling)
+    billing.minted_for = []
+    async with billing:
+        yield billing
+
+
+def build(billing: LocalBilling, entered: list[str]) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/v1/search", dependencies=[metered("api_calls")])
+    async def search(billing: Billing) -> dict[str, Any]:
+        entered.append("search")
+        assert billing is not None and billing.entitlement is not None
+        return {"request_id": billing.request_id, "limit": billing.entitlement.limit}
+
+    @app.post("/v1/chat", dependencies=[metered("tokens", quantity=None)])
+    async def chat(billing: Billing) -> dict[str, str]:
+        entered.append("chat")
+        assert billing is not None
+        billing.report(7)  # tokens the model used
+        return {"answer": "42"}
+
+    exports = APIRouter(prefix="/v1/exports", dependencies=[metered("export")])
+
+    @exports.post("")
+    async def export() -> dict[str, str]:
+        entered.append("export")
+        return {"export": "started"}
+
+    app.include_router(exports)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        entered.append("health")
+        return {"status": "ok"}
+
+    app.include_router(usage_router(billing, by_header))
+    app.add_middleware(
+        BillingMiddleware, billing=billing, customer=by_header, routes=declared(app), flush_interval=0.05
+    )
+    return app
+
+
+async def test_declared_routes_are_gated_before_the_handler_runs(billing: SpyBilling) -> None:
+    entered: list[str] = []
+    app = build(billing, entered)
+    async with serve(app) as client:
+        assert (await client.get("/v1/search")).status_code == 401
+        assert (await client.post("/v1/exports", headers=as_customer("user_free"))).status_code == 403
+        answers = [(await client.get("/v1/search", headers=as_customer("user_free"))).status_code for _ in range(11)]
+        first = await client.get("/v1/search", headers=as_customer("user_pro"))
+        assert (await client.post("/v1/exports", headers=as_customer("user_pro"))).status_code == 200
+        assert (await client.post("/v1/chat", headers=as_customer("user_free"))).status_code == 200
+        assert (await client.get("/health")).status_code == 200
+    assert answers == [200] * 10 + [429]
+    assert first.json()["request_id"] == first.headers["x-request-id"]
+    assert entered == ["search"] * 10 + ["search", "export", "chat", "health"]  # never on 401/403/429
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+    assert await billing.recorded_units("user_free", "tokens") == 7
+
+
+async def test_openapi_documents_the_answers_of_metered_routes_only(billing: SpyBilling) -> None:
+    app = build(billing, [])
+    async with serve(app) as client:
+        schema = (await client.get("/openapi.json")).json()
+    paths = schema["paths"]
+    for path, method in (("/v1/search", "get"), ("/v1/chat", "post"), ("/v1/exports", "post")):
+        responses = paths[path][method]["responses"]
+        assert {"401", "403", "429"} <= set(responses), (path, responses)
+        assert "application/problem+json" in responses["429"]["content"]
+    assert "429" not in paths["/health"]["get"]["responses"]
+    assert "401" in paths["/billing/usage"]["get"]["responses"]
+
+
+async def test_a_declared_route_without_the_middleware_fails_closed(billing: SpyBilling) -> None:
+    app = FastAPI()
+    entered: list[str] = []
+
+    @app.get("/v1/search", dependencies=[metered("api_calls")])
+    async def search() -> dict[str, str]:
+        entered.append("search")
+        return {}
+
+    async with serve(app) as client:
+        with pytest.raises(RuntimeError, match="routes=declared"):
+            await client.get("/v1/search", headers=as_customer("user_free"))
+    assert entered == []
+
+
+async def test_the_usage_router_serves_the_signed_in_customer_only(billing: SpyBilling) -> None:
+    app = build(billing, [])
+    async with serve(app) as client:
+        for _ in range(3):
+            await client.get("/v1/search", headers=as_customer("user_free"))
+        await client.get("/health")  # lets the flush window pass
+        anonymous = await client.get("/billing/usage")
+        unknown = await client.get("/billing/usage", headers=as_customer("nobody"))
+        await _wait_for_units(billing, 3)
+        usage = await client.get("/billing/usage", headers=as_customer("user_free"))
+        one = await client.get("/billing/usage?feature_key=api_calls", headers=as_customer("user_free"))
+    assert anonymous.status_code == 401 and anonymous.headers["content-type"] == "application/problem+json"
+    assert unknown.status_code == 403
+    body = usage.json()
+    assert body["customer_id"] == "user_free"
+    metrics = {m["feature_key"]: m for m in body["metrics"]}
+    assert metrics["api_calls"]["consumed"] == 3 and metrics["api_calls"]["limit"] == 10
+    assert [m["feature_key"] for m in one.json()["metrics"]] == ["api_calls"]
+
+
+async def test_the_session_token_route_never_mints_for_another_customer(billing: SpyBilling) -> None:
+    app = build(billing, [])
+    async with serve(app) as client:
+        anonymous = await client.post("/billing/session-token", json={"externalUserId": "user_pro"})
+        minted = await client.post(
+            "/billing/session-token", headers=as_customer("user_free"), json={"externalUserId": "user_pro"}
+        )
+    assert anonymous.status_code == 401
+    assert minted.status_code == 201 and minted.json()["sessionToken"].startswith("bos_sess_")
+    assert billing.minted_for == ["user_free"]
+
+
+async def _wait_for_units(billing: LocalBilling, units: int) -> None:
+    import anyio
+
+    with anyio.fail_after(5):
+        while await billing.recorded_units("user_free", "api_calls") < units:
+            await anyio.sleep(0.02)
