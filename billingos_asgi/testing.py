@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import anyio
 from starlette.types import ASGIApp, Message
 
-__all__ = ["lifespan"]
+from .local import LocalBilling
+
+__all__ = ["assert_recorded", "lifespan"]
 
 
 @contextlib.asynccontextmanager
@@ -34,3 +36,12 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
             stopped = await from_app.receive()
             if stopped["type"] != "lifespan.shutdown.complete":
                 raise RuntimeError(f"the app's lifespan shutdown failed: {stopped}")
+
+
+async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Mapping[str, float]) -> None:
+    """Assert the units recorded for ``customer_id``, by feature (run it after the lifespan has drained)."""
+    recorded = {feature: await billing.recorded_units(customer_id, feature) for feature in expected}
+    wrong = {f: (recorded[f], units) for f, units in expected.items() if abs(recorded[f] - units) > 1e-9}
+    if wrong:
+        details = ", ".join(f"{f}: recorded {got:g}, expected {want:g}" for f, (got, want) in wrong.items())
+        raise AssertionError(f"usage of {customer_id!r}: {details}")

@@ -66,6 +66,10 @@ class LocalBilling:
     async def aclose(self) -> None:
         await self._run(self._store.close)
 
+    def close(self) -> None:
+        """Close the database from synchronous code (a sync test fixture's teardown, say)."""
+        self._store.close()
+
     async def _run(self, func: Callable[[], T]) -> T:
         return await to_thread.run_sync(func)
 

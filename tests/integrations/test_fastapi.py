@@ -6,14 +6,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 pytest.importorskip("fastapi")
 
-from billingos_fastapi import Billing, declared, metered, usage_router  # noqa: E402
 from fastapi import APIRouter, FastAPI  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling, SessionToken  # noqa: E402
+from billingos_fastapi import Billing, declared, metered, usage_router  # noqa: E402
 
 from ..asgi import serve  # noqa: E402
 from ..middleware.support import PLANS, as_customer, by_header  # noqa: E402
@@ -154,8 +155,6 @@ async def test_the_session_token_route_never_mints_for_another_customer(billing:
 
 
 async def _wait_for_units(billing: LocalBilling, units: int) -> None:
-    import anyio
-
     with anyio.fail_after(5):
-        while await billing.recorded_units("user_free", "api_calls") < units:
+        while await billing.recorded_units("user_free", "api_calls") < units:  # noqa: ASYNC110 - polls a database
             await anyio.sleep(0.02)

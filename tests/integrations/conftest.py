@@ -1,0 +1,5 @@
+"""The integrations' tests use the middleware tests' real LocalBilling fixture."""
+
+from ..middleware.conftest import billing
+
+__all__ = ["billing"]

@@ -1,0 +1,75 @@
+"""Starlette: ``@metered`` endpoints (mounts included) gated before they run, and the usage routes."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered
+from billingos_asgi.discovery import declared_routes
+from billingos_starlette import declared, metered, usage_routes
+
+from ..asgi import serve
+from ..middleware.support import as_customer, by_header
+
+
+def build(billing: LocalBilling, entered: list[str]) -> Starlette:
+    @metered("api_calls")
+    async def search(request: Request) -> JSONResponse:
+        entered.append("search")
+        return JSONResponse({"ok": True})
+
+    @metered("export")
+    async def export(request: Request) -> JSONResponse:
+        entered.append("export")
+        return JSONResponse({"export": "started"})
+
+    async def health(request: Request) -> JSONResponse:
+        entered.append("health")
+        return JSONResponse({"status": "ok"})
+
+    app = Starlette(
+        routes=[
+            Route("/health", health),
+            Mount("/v1", routes=[Route("/search", search), Route("/exports/{kind}", export, methods=["POST"])]),
+            usage_routes(billing, by_header),
+        ]
+    )
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    return app
+
+
+def test_declarations_are_found_through_mounts(billing: LocalBilling) -> None:
+    app = build(billing, [])
+    assert declared_routes(app.routes) == {
+        "GET /v1/search": Metered("api_calls"),
+        "POST /v1/exports/{kind}": Metered("export"),
+    }
+
+
+async def test_metered_endpoints_are_gated_before_they_run(billing: LocalBilling) -> None:
+    entered: list[str] = []
+    app = build(billing, entered)
+    async with serve(app) as client:
+        assert (await client.get("/v1/search")).status_code == 401
+        assert (await client.post("/v1/exports/csv", headers=as_customer("user_free"))).status_code == 403
+        answers = [(await client.get("/v1/search", headers=as_customer("user_free"))).status_code for _ in range(11)]
+        assert (await client.post("/v1/exports/csv", headers=as_customer("user_pro"))).status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        usage = await client.get("/billing/usage", headers=as_customer("user_free"))
+        anonymous = await client.get("/billing/usage")
+    assert answers == [200] * 10 + [429]
+    assert entered == ["search"] * 10 + ["export", "health"]
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+    assert usage.status_code == 200 and usage.json()["customer_id"] == "user_free"
+    assert anonymous.status_code == 401
+
+
+def test_a_path_declared_two_ways_is_refused(billing: LocalBilling) -> None:
+    app = build(billing, [])
+    with pytest.raises(ValueError, match="GET /v1/search"):
+        declared(app, also={"GET /v1/search": "tokens"})()
+    assert declared(app, also={"GET /v1/search": Metered("api_calls"), "/other": "x"})()["/other"] == "x"

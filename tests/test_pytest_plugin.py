@@ -1,0 +1,75 @@
+"""The test kit as a user meets it: a fresh pytest run of a user's test file, using the ``billing`` fixture."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+USER_TESTS = """
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from billingos_asgi import BillingMiddleware
+from billingos_asgi.testing import assert_recorded, lifespan
+
+
+def create_app(billing):
+    async def search(request):
+        return PlainTextResponse("results")
+
+    app = Starlette(routes=[Route("/search", search)])
+    app.add_middleware(
+        BillingMiddleware, billing=billing, customer=lambda r: r.headers.get("x-user"), default_feature="api_calls"
+    )
+    return app
+
+
+async def call(app, user, times):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        return [(await client.get("/search", headers={"x-user": user})).status_code for _ in range(times)]
+
+
+@pytest.mark.asyncio
+async def test_default_plans(billing):
+    app = create_app(billing)
+    async with lifespan(app):
+        assert await call(app, "customer_free", 3) == [200, 200, 200]
+    await assert_recorded(billing, "customer_free", {"api_calls": 3})
+
+
+@pytest.mark.asyncio
+async def test_a_wrong_expectation_names_the_difference(billing):
+    app = create_app(billing)
+    async with lifespan(app):
+        await call(app, "customer_pro", 2)
+    with pytest.raises(AssertionError, match="api_calls: recorded 2, expected 5"):
+        await assert_recorded(billing, "customer_pro", {"api_calls": 5})
+
+
+class TestOwnPlans:
+    @pytest.fixture
+    def billing_plans(self):
+        return {
+            "features": {"api_calls": {"type": "usage_quota"}},
+            "plans": {"tiny": {"features": {"api_calls": 2}}},
+            "customers": {"bob": "tiny"},
+        }
+
+    @pytest.mark.asyncio
+    async def test_quota_of_my_plan(self, billing):
+        app = create_app(billing)
+        async with lifespan(app):
+            assert await call(app, "bob", 3) == [200, 200, 429]
+        await assert_recorded(billing, "bob", {"api_calls": 2})
+"""
+
+
+def test_a_user_tests_their_metered_app_with_the_billing_fixture(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user_app=USER_TESTS)
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
+    result.assert_outcomes(passed=3)
