@@ -6,6 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
+
+from billingos_asgi import LocalBilling
+
+from .asgi import serve
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,3 +27,43 @@ def test_make_demo_meters_two_customers_until_one_runs_out() -> None:
     assert [line.split("-> ")[1][:3] for line in searches] == ["200"] * 10 + ["429"]
     table = {line.split()[0] + " " + line.split()[2]: line for line in lines if line.startswith("user_")}
     assert "10 / 10" in table["user_123 API"] and "10 / 100000" in table["user_456 API"]
+
+
+async def test_starlette_example_meters_each_route_by_its_declaration(tmp_path: Path) -> None:
+    from examples.starlette_routes import PLANS, create_app
+
+    async with LocalBilling.from_file(PLANS, tmp_path / "billing.db") as billing:
+        app = create_app(billing)
+        alice, bob = {"cookie": "session=session-alice"}, {"cookie": "session=session-bob"}
+        async with serve(app) as client:
+            searches = [(await client.get("/v1/search?q=x", headers=alice)).status_code for _ in range(11)]
+            forbidden = await client.post("/v1/export", headers=alice)
+            exported = await client.post("/v1/export", headers=bob)
+            stored = await client.post("/v1/files", headers=bob, content=b"x" * 2_000_000)
+            anonymous = await client.get("/v1/search")
+            usage = await client.get("/billing/usage", headers=alice)
+        assert searches == [200] * 10 + [429]
+        assert (forbidden.status_code, exported.status_code, stored.status_code) == (403, 200, 201)
+        assert anonymous.status_code == 401 and usage.json()["customer_id"] == "user_123"
+        assert await billing.recorded_units("user_123", "api_calls") == 10
+        assert await billing.recorded_units("user_456", "storage_gb") == 0.002
+
+
+async def test_llm_example_bills_the_tokens_it_streamed(tmp_path: Path) -> None:
+    from examples.llm_streaming import PLANS, create_app
+
+    async with LocalBilling.from_file(PLANS, tmp_path / "billing.db") as billing:
+        app = create_app(billing)
+        async with serve(app) as client:
+            answers = []
+            for _ in range(4):
+                response = await client.post("/v1/chat?prompt=cats", headers={"X-API-Key": "key_alice"})
+                answers.append((response.status_code, len(response.text.split()) if response.status_code == 200 else 0))
+                await anyio.sleep(1.2)  # one flush window each: usage is confirmed between calls
+            team = await client.post("/v1/chat?prompt=dogs", headers={"X-API-Key": "key_bob"})
+        # 9 tokens an answer on a quota of 25: the third starts with some left and overshoots (its
+        # units are refused upstream and reported); the fourth finds the quota used up.
+        assert answers == [(200, 9), (200, 9), (200, 9), (429, 0)]
+        assert team.status_code == 200
+        assert await billing.recorded_units("alice", "tokens") == 18
+        assert await billing.recorded_units("bob", "tokens") == 9
