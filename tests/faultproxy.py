@@ -45,6 +45,12 @@ class FaultPlan:
     hang_seconds: float = 2.0
     rng: random.Random = field(init=False, repr=False)
 
+    @classmethod
+    def mixed(cls, rate: float, *, seed: int = 0, all_calls: bool = False) -> FaultPlan:
+        """Every fault kind at once, ``rate`` of the calls in all, evenly shared."""
+        share = rate / len(KINDS)
+        return cls(share, share, share, share, share, share, seed=seed, all_calls=all_calls)
+
     def __post_init__(self) -> None:
         if sum(getattr(self, kind) for kind in KINDS) > 1:
             raise ValueError("fault probabilities add up to more than 1")
@@ -61,17 +67,23 @@ class FaultPlan:
 
 
 class FaultProxy:
-    """The proxy's address and what it did: ``counts`` per fault kind, plus "passed" and "down"."""
+    """The proxy's address and what it did: ``counts`` per fault kind, plus "passed" (drawn, no fault),
+    "unfaulted" (calls the plan does not fault) and "down" (connections aborted by the outage)."""
 
     def __init__(self, upstream_base_url: str, plan: FaultPlan) -> None:
         self.upstream_base_url = upstream_base_url.rstrip("/")
         self.plan = plan
         self.base_url = ""
-        self.counts: dict[str, int] = dict.fromkeys((*KINDS, "passed", "down"), 0)
+        self.counts: dict[str, int] = dict.fromkeys((*KINDS, "passed", "unfaulted", "down"), 0)
         self._upstream: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+
+    @property
+    def draws(self) -> int:
+        """Calls the plan drew a fault (or none) for."""
+        return sum(self.counts[kind] for kind in KINDS) + self.counts["passed"]
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -104,7 +116,7 @@ class FaultProxy:
             return False
         faulted = self.plan.all_calls or (method, target.split("?", 1)[0]) == _TRACK
         kind = self.plan.pick() if faulted else None
-        self.counts[kind or "passed"] += 1
+        self.counts[kind or ("passed" if faulted else "unfaulted")] += 1
         if kind == "before":
             await _answer(writer, 503, b'{"statusCode":503,"message":"injected: before"}')
         elif kind == "throttle":
@@ -169,7 +181,10 @@ def serve_fault_proxy(upstream_base_url: str, faults: FaultPlan) -> Iterator[Fau
     thread = threading.Thread(target=asyncio.run, args=(proxy._serve(started),), name="fault-proxy", daemon=True)
     thread.start()
     try:
-        if not started.wait(10):
+        for _ in range(1000):
+            if started.wait(0.01) or not thread.is_alive():
+                break
+        if not started.is_set():
             raise RuntimeError("the fault proxy did not start")
         yield proxy
     finally:
