@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from .routes import Metered, QuantityFunction
 
-__all__ = ["declared_routes", "metered", "metering_of", "route_keys", "route_table"]
+__all__ = ["declarations", "declared_routes", "metered", "metering_of", "route_keys", "route_table"]
 
 MARK = "__billingos_metered__"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,15 +66,28 @@ def declared_routes(
     routes: Iterable[BaseRoute], *, also: Mapping[str, str | Metered] | None = None
 ) -> dict[str, str | Metered]:
     """The table of every ``@metered`` endpoint in ``routes`` (mounts and sub-apps included), plus ``also``."""
-    return route_table(_declarations(routes, ""), also)
+    return route_table(declarations(routes), also)
 
 
-def _declarations(routes: Iterable[BaseRoute], prefix: str) -> Iterator[tuple[str, Metered]]:
+Finder = Callable[[Route], Metered | None]
+Expander = Callable[[BaseRoute, str], Iterable[tuple[str, Metered]]]
+
+
+def declarations(
+    routes: Iterable[BaseRoute], *, find: Finder = metering_of, expand: Expander | None = None, prefix: str = ""
+) -> Iterator[tuple[str, Metered]]:
+    """``("METHOD /full/path", Metered)`` for each declared route, through mounts.
+
+    ``find`` reads a route's declaration; ``expand`` handles route kinds a framework adds
+    (given the route and its path prefix).
+    """
     for route in routes:
         if isinstance(route, Mount):
-            yield from _declarations(route.routes, prefix + route.path)
+            yield from declarations(route.routes, find=find, expand=expand, prefix=prefix + route.path)
         elif isinstance(route, Route):
-            declaration = metering_of(route)
+            declaration = find(route)
             if declaration is not None:
                 for key in route_keys(prefix + route.path, route.methods):
                     yield key, declaration
+        elif expand is not None:
+            yield from expand(route, prefix)

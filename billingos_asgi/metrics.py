@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from starlette.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -95,7 +96,4 @@ def prometheus_text(middleware: BillingMiddleware) -> str:
 
 async def serve_prometheus(middleware: BillingMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer a scrape with :func:`prometheus_text`."""
-    body = prometheus_text(middleware).encode()
-    headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await PlainTextResponse(prometheus_text(middleware), media_type="text/plain; version=0.0.4")(scope, receive, send)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,15 @@ class RunningServer:
     database: Path
 
 
-@pytest.fixture
-def local_server(tmp_path: Path) -> Iterator[RunningServer]:
-    """The local BillingOS API over a fresh SQLite file, on a real socket."""
-    database = tmp_path / "billing.db"
-    billing = LocalBilling.from_dict(PLANS, database)
+@contextlib.contextmanager
+def running_server(plans: dict[str, Any], database: Path) -> Iterator[RunningServer]:
+    """The local BillingOS API with ``plans`` over a fresh SQLite file, on a real socket."""
+    billing = LocalBilling.from_dict(plans, database)
     with serve_in_thread(create_app(billing, secret_key=SECRET_KEY)) as base_url:
         yield RunningServer(base_url, billing, database)
+
+
+@pytest.fixture
+def local_server(tmp_path: Path) -> Iterator[RunningServer]:
+    with running_server(PLANS, tmp_path / "billing.db") as server:
+        yield server

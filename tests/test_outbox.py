@@ -10,12 +10,11 @@ from typing import Any
 import anyio
 import pytest
 
-from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEvent
+from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult
 from billingos_asgi.events import Batch
 from billingos_asgi.outbox import Outbox, OutboxError
-from billingos_asgi.tracker import Tracker
 
-from .test_tracker import PLANS, FlakyAfterForwarding, event, tracker_for
+from .test_tracker import PLANS, FlakyAfterForwarding, event, run_tracker, tracker_for
 
 
 @pytest.fixture
@@ -90,18 +89,10 @@ def rows(path: Path) -> list[tuple[Any, ...]]:
         db.close()
 
 
-async def run(tracker: Tracker, events: list[UsageEvent]) -> None:
-    async with anyio.create_task_group() as tg:
-        await tracker.start(tg)
-        for item in events:
-            assert tracker.submit(item)
-        await tracker.stop()
-
-
 async def test_confirmed_events_leave_the_outbox(billing: LocalBilling, tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     tracker = tracker_for(billing, flush_interval=0.05, outbox=Outbox(path, max_events=100))
-    await run(tracker, [event(f"k{i}", customer=f"c{i % 2}") for i in range(6)])
+    await run_tracker(tracker, [event(f"k{i}", customer=f"c{i % 2}") for i in range(6)])
     assert (tracker.stats.sent, tracker.stats.deferred) == (6, 0)
     assert rows(path) == []
 
@@ -113,7 +104,7 @@ async def test_what_the_deadline_cuts_off_stays_on_disk_and_is_resent_once(
     # Run 1: upstream records every call but the answers are lost: fixed batches stay on disk.
     flaky = FlakyAfterForwarding(billing, failures=10**6)
     first = tracker_for(flaky, flush_interval=0.05, drain_timeout=0.5, outbox=Outbox(path, max_events=100))
-    await run(first, [event(f"k{i}", customer=f"c{i % 2}") for i in range(6)])
+    await run_tracker(first, [event(f"k{i}", customer=f"c{i % 2}") for i in range(6)])
     assert (first.stats.sent, first.stats.deferred, first.stats.dropped) == (0, 6, 0)
     left = rows(path)
     assert len(left) == 6 and all(batch_key is not None for _, batch_key in left)
@@ -122,7 +113,7 @@ async def test_what_the_deadline_cuts_off_stays_on_disk_and_is_resent_once(
 
     # Run 2: the same batches go up under the same keys, so nothing counts twice.
     second = tracker_for(billing, flush_interval=0.05, outbox=Outbox(path, max_events=100))
-    await run(second, [event("k-new")])
+    await run_tracker(second, [event("k-new")])
     assert (second.stats.replayed, second.stats.sent) == (6, 7)
     assert [await billing.recorded_units(f"c{i}", "api_calls") for i in (0, 1)] == [4, 3]
     assert rows(path) == []
@@ -140,7 +131,7 @@ async def test_events_never_attempted_are_replayed_too(billing: LocalBilling, tm
         tg.cancel_scope.cancel()  # torn down without a drain (a real SIGKILL is in test_crash.py)
     first.outbox.close()
     second = tracker_for(billing, flush_interval=0.05, outbox=Outbox(path, max_events=100))
-    await run(second, [])
+    await run_tracker(second, [])
     assert await billing.recorded_units("c0", "api_calls") == 2
     assert rows(path) == []
 
@@ -155,7 +146,7 @@ async def test_a_full_outbox_drops_and_reports(billing: LocalBilling, tmp_path: 
         on_rejected=lambda e, r: reasons.append(r),
         outbox=Outbox(tmp_path / "outbox.db", max_events=3),
     )
-    await run(tracker, [event(f"k{i}") for i in range(5)])
+    await run_tracker(tracker, [event(f"k{i}") for i in range(5)])
     assert reasons == ["queue full", "queue full"]
     assert (tracker.stats.queued, tracker.stats.dropped, tracker.stats.deferred) == (3, 2, 3)
 

@@ -16,18 +16,18 @@ The middleware gates a declared route before routing (the handler never runs on 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Route
 
 from billingos_asgi import BillingBackend, Metered, UsageContext, get_usage_context
 from billingos_asgi.customers import CustomerResolver
-from billingos_asgi.discovery import MARK, metering_of, route_keys, route_table
+from billingos_asgi.discovery import MARK, declarations, metering_of, route_keys, route_table
 from billingos_asgi.endpoints import UsageEndpoints
 from billingos_asgi.routes import QuantityFunction
 
@@ -85,31 +85,28 @@ def _usage_context(request: Request) -> UsageContext | None:
 Billing = Annotated[UsageContext | None, Depends(_usage_context)]
 
 
-def _declarations(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[tuple[str, Metered]]:
-    """Declared routes, with the 401/403/429 answers added to their OpenAPI responses."""
-    for route in routes:
-        contexts = getattr(route, "effective_route_contexts", None)
-        if callable(contexts):  # a lazily included router (FastAPI >= 0.16x): its routes with full paths
-            for context in contexts():
-                original = context.original_route
-                if isinstance(original, APIRoute) and context.dependant is not None:
-                    found = _declared_on(original, context.dependant)
-                    if found is not None:
-                        _document(context.responses, original.responses)
-                        for key in route_keys(prefix + context.path, context.methods):
-                            yield key, found
-        elif isinstance(route, Mount):
-            yield from _declarations(route.routes, prefix + route.path)
-        elif isinstance(route, APIRoute):
-            found = _declared_on(route, route.dependant)
+def _find(route: Route) -> Metered | None:
+    """A route's declaration (a :func:`metered` dependency, or ``@metered``), documented in OpenAPI."""
+    if not isinstance(route, APIRoute):
+        return metering_of(route)
+    found = _declared_on(route, route.dependant)
+    if found is not None:
+        _document(route.responses)
+    return found
+
+
+def _expand(route: BaseRoute, prefix: str) -> Iterator[tuple[str, Metered]]:
+    """A lazily included router (FastAPI >= 0.16x): its routes, with their full paths."""
+    contexts = getattr(route, "effective_route_contexts", None)
+    if not callable(contexts):
+        return
+    for context in contexts():
+        original = context.original_route
+        if isinstance(original, APIRoute) and context.dependant is not None:
+            found = _declared_on(original, context.dependant)
             if found is not None:
-                _document(route.responses)
-                for key in route_keys(prefix + route.path, route.methods):
-                    yield key, found
-        elif isinstance(route, Route):
-            found = metering_of(route)
-            if found is not None:
-                for key in route_keys(prefix + route.path, route.methods):
+                _document(context.responses, original.responses)
+                for key in route_keys(prefix + context.path, context.methods):
                     yield key, found
 
 
@@ -140,7 +137,7 @@ def declared(
     """
 
     def collect() -> dict[str, str | Metered]:
-        table = route_table(_declarations(app.routes), also)
+        table = route_table(declarations(app.routes, find=_find, expand=_expand), also)
         setattr(app.state, _STATE_FLAG, True)
         app.openapi_schema = None  # regenerated with the documented answers
         return table

@@ -17,12 +17,10 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from billingos_asgi import BillingMiddleware, BillingOS, LocalBilling
-from billingos_asgi.local.background import serve_in_thread
-from billingos_asgi.local.server import create_app
+from billingos_asgi import BillingMiddleware, BillingOS
 from billingos_asgi.testing import lifespan
 
-from ..conftest import SECRET_KEY, RunningServer
+from ..conftest import SECRET_KEY, RunningServer, running_server
 from ..faultproxy import FaultPlan, serve_fault_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,10 +34,8 @@ PLANS: dict[str, Any] = {
 
 @pytest.fixture
 def big_server(tmp_path: Path) -> Iterator[RunningServer]:
-    database = tmp_path / "billing.db"
-    billing = LocalBilling.from_dict(PLANS, database)
-    with serve_in_thread(create_app(billing, secret_key=SECRET_KEY)) as base_url:
-        yield RunningServer(base_url, billing, database)
+    with running_server(PLANS, tmp_path / "billing.db") as server:
+        yield server
 
 
 def child_env(**extra: str) -> dict[str, str]:
