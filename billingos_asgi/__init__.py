@@ -17,18 +17,19 @@ from ._exceptions import (
 from ._models import Entitlement, SessionToken, TrackUsageResult, UsageMetric, UsageMetrics, UsageSnapshot
 from .backend import BillingBackend
 from .client import BillingOS, RetryPolicy
-from .context import UsageContext, get_usage_context, report_usage
+from .context import UsageContext, get_usage_context, report_usage, set_customer
 from .customers import from_api_key, from_state, from_user
 from .events import UsageEvent
 from .local import LocalBilling, PlansError
 from .middleware import BillingMiddleware
-from .responses import Denial
+from .responses import BillingDenied, Denial
 from .routes import Metered
 from .tracker import TrackerStats
 
 __all__ = [
     "AuthenticationError",
     "BillingBackend",
+    "BillingDenied",
     "BillingMiddleware",
     "BillingOS",
     "BillingOSError",
@@ -61,5 +62,6 @@ __all__ = [
     "from_user",
     "get_usage_context",
     "report_usage",
+    "set_customer",
 ]
 __version__ = "0.1.0"

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
 from ._models import Entitlement
-from ._validation import check_quantity
+from ._validation import check_id, check_quantity
 
-__all__ = ["UsageContext", "get_usage_context", "report_usage"]
+if TYPE_CHECKING:
+    from .cache import Quota
+
+__all__ = ["UsageContext", "get_usage_context", "report_usage", "set_customer"]
+
+#: The middleware's gate for a late-identified request: admits the customer or raises BillingDenied.
+Gate = Callable[["UsageContext", "str | None"], Awaitable[None]]
 
 
 class UsageContext:
@@ -18,24 +26,30 @@ class UsageContext:
     Also at ``request.state.billing``. ``entitlement`` is the customer's entitlement as the
     gate saw it. ``report(units)`` adds units the endpoint measured itself
     (tokens an LLM call used, bytes stored); they are billed after the response completes.
+    On a route identified late (``Metered(late=True)``, or no ``customer=`` resolver),
+    ``customer_id`` is None until the app calls :meth:`identify` (or :func:`set_customer`).
     """
 
-    __slots__ = ("customer_id", "entitlement", "feature", "quantity", "reported", "request_id")
+    __slots__ = ("_gate", "customer_id", "entitlement", "feature", "quantity", "quota", "reported", "request_id")
 
     def __init__(
         self,
         request_id: str,
-        customer_id: str,
+        customer_id: str | None,
         feature: str,
         quantity: float,
-        entitlement: Entitlement | None = None,
+        quota: Quota | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.request_id = request_id
         self.customer_id = customer_id
         self.feature = feature
         self.quantity = quantity
-        self.entitlement = entitlement  # as cached when the request was admitted (None: billing was unreachable)
+        self.quota = quota  # this process's accounting of the customer's feature; None: not gated
+        # The entitlement as cached when the request was admitted (None: not known, or billing unreachable).
+        self.entitlement: Entitlement | None = None if quota is None else quota.entitlement
         self.reported = 0.0
+        self._gate = gate
 
     def __repr__(self) -> str:
         return (
@@ -46,6 +60,26 @@ class UsageContext:
     def report(self, units: float) -> None:
         """Add ``units`` (a finite number > 0) to this request's usage."""
         self.reported += check_quantity(units)
+
+    async def identify(self, customer_id: str | None) -> None:
+        """Name the paying customer and run the gate, where the app's own auth has just run.
+
+        Raises :class:`~billingos_asgi.BillingDenied` (401 for None, 403, 429, or 503) for the
+        middleware to answer with; returns when the request is admitted. Naming the customer the
+        request already has is a no-op; naming another one is a ``ValueError``.
+        """
+        if self._same_customer(customer_id):
+            return
+        if self._gate is None:
+            raise RuntimeError("identify() needs a request that BillingMiddleware is metering")
+        await self._gate(self, customer_id)
+
+    def _same_customer(self, customer_id: str | None) -> bool:
+        if self.customer_id is None:
+            return False
+        if customer_id != self.customer_id:
+            raise ValueError(f"this request is billed to {self.customer_id!r}; it cannot be billed to {customer_id!r}")
+        return True
 
 
 _current: ContextVar[UsageContext | None] = ContextVar("billingos_usage_context", default=None)
@@ -59,9 +93,24 @@ def get_usage_context(request: Request | None = None) -> UsageContext | None:
     return _current.get()
 
 
-def report_usage(units: float) -> None:
-    """Add ``units`` to the running metered request's usage (raises LookupError outside one)."""
+def _running() -> UsageContext:
     context = _current.get()
     if context is None:
-        raise LookupError("report_usage() called outside a metered request")
-    context.report(units)
+        raise LookupError("called outside a metered request")
+    return context
+
+
+def report_usage(units: float) -> None:
+    """Add ``units`` to the running metered request's usage (raises LookupError outside one)."""
+    _running().report(units)
+
+
+def set_customer(customer_id: str) -> None:
+    """Name the running request's paying customer, without a gate (the handler is already running).
+
+    For routes identified late whose handler learns the customer itself; use
+    ``await context.identify(...)`` where the answer may still be a refusal.
+    """
+    context = _running()
+    if not context._same_customer(check_id("customer_id", customer_id)):
+        context.customer_id = customer_id

@@ -23,10 +23,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def metered(
-    feature: str, *, quantity: float | QuantityFunction | None = 1, bill_partial: bool = False
+    feature: str,
+    *,
+    quantity: float | QuantityFunction | None = 1,
+    bill_partial: bool = False,
+    late: bool = False,
 ) -> Callable[[F], F]:
     """Declare an endpoint metered: ``@metered("api_calls")`` (see :class:`Metered` for the options)."""
-    declaration = Metered(feature, quantity, bill_partial)
+    declaration = Metered(feature, quantity, bill_partial, late)
 
     def mark(endpoint: F) -> F:
         setattr(endpoint, MARK, declaration)

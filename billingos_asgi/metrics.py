@@ -48,6 +48,7 @@ def metrics_snapshot(middleware: BillingMiddleware) -> dict[str, float | str]:
         breaker_opened=upstream.breaker.opened,
         cache_entries=len(middleware.cache),
         outbox_events=0 if outbox is None else outbox.size,
+        requests_unidentified=middleware.unidentified,
     )
     return snapshot
 
@@ -90,6 +91,9 @@ def prometheus_text(middleware: BillingMiddleware) -> str:
         "# HELP billingos_outbox_events Usage events in the durable outbox.",
         "# TYPE billingos_outbox_events gauge",
         f"billingos_outbox_events {m['outbox_events']}",
+        "# HELP billingos_requests_unidentified_total Late-identified requests that succeeded unbilled (no customer).",
+        "# TYPE billingos_requests_unidentified_total counter",
+        f"billingos_requests_unidentified_total {m['requests_unidentified']}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ call, the customer resolver and a cache miss.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -19,8 +20,10 @@ from typing import Literal
 import anyio
 from anyio.abc import TaskGroup
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._validation import check_id
 from .backend import BillingBackend
 from .cache import (
     DEFAULT_MAX_SIZE,
@@ -36,7 +39,7 @@ from .customers import CustomerResolver
 from .events import UsageEvent
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
-from .responses import Denial, ProblemFactory, problem_response, quota_headers
+from .responses import BillingDenied, Denial, ProblemFactory, problem_response, quota_headers
 from .routes import Metered, RouteTable
 from .tracker import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -94,6 +97,11 @@ class BillingMiddleware:
     key only with ``trust_request_id=True`` (behind a gateway that sets it); otherwise every
     request gets a fresh id, so a client repeating an id is still billed for every request.
 
+    Where the app's own auth runs inside the app (FastAPI dependencies, Django, Litestar), the
+    app names the customer late: ``customer=None`` (or ``Metered(late=True)`` per route) runs the
+    app with an unidentified :class:`UsageContext` whose ``identify(customer_id)`` gates the
+    request there, raising :class:`BillingDenied` for this middleware to answer with.
+
     Delivery (SPEC section 6): usage events are coalesced per (customer, feature) every
     ``flush_interval`` and sent within ``calls_per_minute`` (a token bucket shared with the
     checks; None lifts it); after ``breaker_threshold`` failures in a row, upstream is left alone
@@ -107,7 +115,7 @@ class BillingMiddleware:
         app: ASGIApp,
         *,
         billing: BillingBackend,
-        customer: CustomerResolver,
+        customer: CustomerResolver | None = None,
         routes: Mapping[str, str | Metered] | Callable[[], Mapping[str, str | Metered]] | None = None,
         default_feature: str | Metered | None = None,
         exclude: Iterable[str] = (),
@@ -132,7 +140,7 @@ class BillingMiddleware:
     ) -> None:
         if on_error not in ("allow", "deny"):
             raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
-        if not callable(customer):
+        if customer is not None and not callable(customer):
             raise ValueError("customer must be a callable taking the request and returning a customer id or None")
         self.app = app
         self.billing = billing
@@ -170,6 +178,7 @@ class BillingMiddleware:
         self._problem_factory = problem_factory
         self._upgrade_url = upgrade_url
         self._metrics_path = metrics_path
+        self.unidentified = 0  # late-identified requests that succeeded without naming a customer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -204,30 +213,39 @@ class BillingMiddleware:
     async def _metered(self, scope: Scope, receive: Receive, send: Send, metered: Metered) -> None:
         request = Request(scope, receive)
         feature = metered.feature
-        try:
-            customer = self._resolve(request)
-            if self._resolve_is_async or customer.__class__ is not str:
-                customer = await self._checked_customer(customer)
-            elif len(customer) > 255 or not customer.strip():
-                raise TypeError(f"customer resolver returned {customer!r}, not a usable customer id")
-        except Exception:
-            logger.exception("customer resolver failed on %s %s", scope["method"], scope["path"])
-            await self._on_error(request, feature, "the customer resolver failed", scope, receive, send)
-            return
-        if not customer:
-            denial = Denial(401, "this route is metered: sign in first", request, feature)
-            await self._deny(denial, scope, receive, send)
-            return
-        quota = self.cache.get(customer, feature)
-        if quota is None:
+        customer: str | None = None
+        quota: Quota | None = None
+        resolve = self._resolve
+        late = metered.late or resolve is None
+        if resolve is not None and not metered.late:
             try:
-                quota = await self.cache.fetch(customer, feature)
+                answer = resolve(request)
+                if self._resolve_is_async or not isinstance(answer, str):
+                    customer = await self._checked_customer(answer)
+                elif len(answer) > 255 or not answer.strip():
+                    raise TypeError(f"customer resolver returned {answer!r}, not a usable customer id")
+                else:
+                    customer = answer
             except Exception:
-                logger.warning("billing check for %s/%s failed with nothing cached", customer, feature, exc_info=True)
-                if not self._allow_on_error:
-                    denial = Denial(503, "billing is unavailable", request, feature, customer)
-                    await self._deny(denial, scope, receive, send)
-                    return
+                logger.exception("customer resolver failed on %s %s", scope["method"], scope["path"])
+                await self._on_error(request, feature, "the customer resolver failed", scope, receive, send)
+                return
+            if not customer:
+                denial = Denial(401, "this route is metered: sign in first", request, feature)
+                await self._deny(denial, scope, receive, send)
+                return
+            quota = self.cache.get(customer, feature)
+            if quota is None:
+                try:
+                    quota = await self.cache.fetch(customer, feature)
+                except Exception:
+                    logger.warning(
+                        "billing check for %s/%s failed with nothing cached", customer, feature, exc_info=True
+                    )
+                    if not self._allow_on_error:
+                        denial = Denial(503, "billing is unavailable", request, feature, customer)
+                        await self._deny(denial, scope, receive, send)
+                        return
         quantity = metered.quantity
         if quantity is None or callable(quantity):
             try:
@@ -239,12 +257,15 @@ class BillingMiddleware:
         if quota is not None:
             status = quota.admit(quantity)
             if status:
-                await self._deny(self._denial(status, request, feature, customer, quota), scope, receive, send)
+                denial = self._denial(status, request, feature, customer or "", quota)
+                await self._deny(denial, scope, receive, send)
                 return
 
-        # Admitted: call the app, watching whether its response succeeds and completes.
+        # Admitted (or, when identified late, still to be gated by the app): call the app, watching
+        # whether its response succeeds and completes.
         request_id = (self._trust_request_id and _trusted_request_id(scope)) or new_request_id()
-        context = UsageContext(request_id, customer, feature, quantity, None if quota is None else quota.entitlement)
+        gate = functools.partial(self._identify_late, request) if late else None
+        context = UsageContext(request_id, customer, feature, quantity, quota, gate)
         scope.setdefault("state", {})["billing"] = context
         status = 0
         completed = False
@@ -263,8 +284,9 @@ class BillingMiddleware:
             if kind == "http.response.start":
                 status = message["status"]
                 headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
-                if quota is not None and quota.limit is not None:
-                    headers += quota_headers(feature, quota.limit, quota.remaining or 0.0, quota.resets_at)
+                gated = context.quota
+                if gated is not None and gated.limit is not None:
+                    headers += quota_headers(feature, gated.limit, gated.remaining or 0.0, gated.resets_at)
                 message["headers"] = headers
             elif (kind == "http.response.body" and not message.get("more_body", False)) or kind == _PATHSEND:
                 await send(message)
@@ -276,26 +298,63 @@ class BillingMiddleware:
         try:
             await self.app(scope, watch_receive, watch_send)
         except BaseException as exc:
-            if quota is not None:
-                quota.release(quantity)
+            if context.quota is not None:
+                context.quota.release(quantity)
+            if isinstance(exc, BillingDenied) and not status:
+                await exc.response(scope, receive, send)  # the app's late gate refused the request
+                return
             if metered.bill_partial and context.reported and isinstance(exc, (OSError, ClientDisconnect)):
                 # The client went away mid-response (ASGI 2.4 servers raise from send).
-                event = UsageEvent(customer, feature, context.reported, f"{request_id}:{feature}")
-                if not self._record(event, quota):
-                    await self.tracker.send(event)
+                await self._bill(context, context.reported)
             raise
         finally:
             _current.reset(token)
+        if context.quota is not None:
+            context.quota.release(quantity)
         if completed and status < 400:
-            used = quantity + context.reported
-        else:
-            used = context.reported if metered.bill_partial else 0.0
+            await self._bill(context, quantity + context.reported)
+        elif metered.bill_partial:
+            await self._bill(context, context.reported)
+
+    async def _bill(self, context: UsageContext, used: float) -> None:
+        """Queue the request's usage event (sent inline when no worker runs: the response is complete)."""
+        if used <= 0:
+            return
+        customer = context.customer_id
+        if customer is None:
+            self.unidentified += 1
+            logger.warning(
+                "%s: a late-identified request succeeded but the app never named its customer: %g unit(s) not billed",
+                context.feature,
+                used,
+            )
+            return
+        event = UsageEvent(customer, context.feature, used, f"{context.request_id}:{context.feature}")
+        if not self._record(event, context.quota):
+            await self.tracker.send(event)
+
+    async def _identify_late(self, request: Request, context: UsageContext, customer: str | None) -> None:
+        """The gate of a late-identified request, run when the app names its customer."""
+        feature = context.feature
+        if customer is None:
+            raise self._refusal(Denial(401, "this route is metered: sign in first", request, feature))
+        check_id("customer_id", customer)
+        quota = self.cache.get(customer, feature)
+        if quota is None:
+            try:
+                quota = await self.cache.fetch(customer, feature)
+            except Exception:
+                logger.warning("billing check for %s/%s failed with nothing cached", customer, feature, exc_info=True)
+                if not self._allow_on_error:
+                    raise self._refusal(Denial(503, "billing is unavailable", request, feature, customer)) from None
+            if context._same_customer(customer):
+                return  # identified by a concurrent call meanwhile
         if quota is not None:
-            quota.release(quantity)
-        if used > 0:
-            event = UsageEvent(customer, feature, used, f"{request_id}:{feature}")
-            if not self._record(event, quota):
-                await self.tracker.send(event)  # no lifespan: the response is already complete
+            status = quota.admit(context.quantity)
+            if status:
+                raise self._refusal(self._denial(status, request, feature, customer, quota))
+            context.entitlement = quota.entitlement
+        context.customer_id, context.quota = customer, quota
 
     def _record(self, event: UsageEvent, quota: Quota | None) -> bool:
         """Count ``event`` as pending and queue it; False when it must be sent by the caller."""
@@ -362,13 +421,18 @@ class BillingMiddleware:
         )
 
     async def _deny(self, denial: Denial, scope: Scope, receive: Receive, send: Send) -> None:
-        response = None
+        await self._response(denial)(scope, receive, send)
+
+    def _refusal(self, denial: Denial) -> BillingDenied:
+        return BillingDenied(denial, self._response(denial))
+
+    def _response(self, denial: Denial) -> Response:
         if self._problem_factory is not None:
             try:
-                response = self._problem_factory(denial)
+                return self._problem_factory(denial)
             except Exception:
                 logger.exception("problem_factory failed; answering with the default problem response")
-        await (response or problem_response(denial))(scope, receive, send)
+        return problem_response(denial)
 
     # -- lifespan: the tracker's worker and the cache's refreshes live in one task group --
 

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-__all__ = ["Denial", "ProblemFactory", "problem_response"]
+__all__ = ["BillingDenied", "Denial", "ProblemFactory", "problem_response"]
 
 PROBLEM_TYPE = "https://docs.billingos.dev/problems/"
 _TITLES = {
@@ -50,6 +50,19 @@ class Denial:
 
 
 ProblemFactory = Callable[[Denial], Response]
+
+
+class BillingDenied(Exception):
+    """Raised by :meth:`UsageContext.identify` when the gate refuses a late-identified request.
+
+    Let it propagate: the middleware answers with ``response`` (the problem details, or what the
+    ``problem_factory`` made). A framework that turns exceptions into 500s converts it itself.
+    """
+
+    def __init__(self, denial: Denial, response: Response) -> None:
+        super().__init__(f"{denial.status}: {denial.detail}")
+        self.denial = denial
+        self.response = response
 
 
 @functools.lru_cache(maxsize=1024)

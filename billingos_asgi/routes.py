@@ -30,12 +30,15 @@ class Metered:
     body), or None when the endpoint reports its own units with :func:`report_usage` (for
     instance the tokens an LLM call used). Reported units add to a fixed quantity too.
     ``bill_partial``: keep the units reported before a client disconnect (default: an aborted
-    response is not billed).
+    response is not billed). ``late``: the app names the customer itself, where its own auth
+    runs (``await UsageContext.identify(customer_id)``, which also runs the gate, or
+    :func:`set_customer`), instead of the middleware's resolver.
     """
 
     feature: str
     quantity: float | QuantityFunction | None = 1
     bill_partial: bool = False
+    late: bool = False
 
     def __post_init__(self) -> None:
         check_id("feature", self.feature)

@@ -60,11 +60,22 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 _STATE_FLAG = "billingos_declared"
 
 
-def metered(feature: str, *, quantity: float | QuantityFunction | None = 1, bill_partial: bool = False) -> Any:
-    """A dependency declaring the route metered: ``dependencies=[metered("api_calls")]`` (on a route or router)."""
-    declaration = Metered(feature, quantity, bill_partial)
+def metered(
+    feature: str,
+    *,
+    quantity: float | QuantityFunction | None = 1,
+    bill_partial: bool = False,
+    customer: Callable[..., Any] | None = None,
+) -> Any:
+    """A dependency declaring the route metered: ``dependencies=[metered("api_calls")]`` (on a route or router).
 
-    def billing_gate(request: Request) -> UsageContext | None:
+    ``customer``: the app's own auth dependency returning the customer id (or None). The gate
+    then runs at dependency time with what it produced (late identification), and the
+    middleware's ``customer=`` resolver is not used for the route.
+    """
+    declaration = Metered(feature, quantity, bill_partial, late=customer is not None)
+
+    def context_of(request: Request) -> UsageContext | None:
         if not getattr(request.app.state, _STATE_FLAG, False):
             # Fail closed: a route declared metered must never run unmetered by mistake.
             raise RuntimeError(
@@ -72,6 +83,16 @@ def metered(feature: str, *, quantity: float | QuantityFunction | None = 1, bill
             )
         return get_usage_context(request)
 
+    billing_gate: Callable[..., Any] = context_of
+    if customer is not None:
+
+        async def identified(request: Request, customer_id: str | None = Depends(customer)) -> UsageContext | None:
+            context = context_of(request)
+            if context is not None:  # None: let through unmetered by on_error="allow"
+                await context.identify(customer_id)  # raises BillingDenied: the middleware answers
+            return context
+
+        billing_gate = identified
     setattr(billing_gate, MARK, declaration)
     return Depends(billing_gate)
 

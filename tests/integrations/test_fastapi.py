@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from fastapi import APIRouter, FastAPI  # noqa: E402
+from fastapi import APIRouter, Depends, FastAPI  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling, SessionToken  # noqa: E402
 from billingos_fastapi import Billing, declared, metered, usage_router  # noqa: E402
@@ -158,3 +158,36 @@ async def _wait_for_units(billing: LocalBilling, units: int) -> None:
     with anyio.fail_after(5):
         while await billing.recorded_units("user_free", "api_calls") < units:  # noqa: ASYNC110 - polls a database
             await anyio.sleep(0.02)
+
+
+async def test_late_identification_gates_at_dependency_time_with_the_apps_own_auth(billing: SpyBilling) -> None:
+    from fastapi import Header
+
+    tokens = {"token-free": "user_free", "token-pro": "user_pro"}
+
+    async def current_customer(authorization: str = Header("")) -> str | None:
+        """The app's own auth dependency: a bearer token mapped to its customer."""
+        return tokens.get(authorization.removeprefix("Bearer "))
+
+    app = FastAPI()
+    entered: list[str] = []
+
+    @app.get("/v1/search", dependencies=[metered("api_calls", customer=current_customer)])
+    async def search(billing: Billing, customer: str | None = Depends(current_customer)) -> dict[str, Any]:
+        entered.append(str(customer))
+        assert billing is not None and billing.customer_id == customer and billing.entitlement is not None
+        return {"customer": billing.customer_id}
+
+    app.add_middleware(BillingMiddleware, billing=billing, routes=declared(app), flush_interval=0.05)  # no resolver
+    free, pro = {"authorization": "Bearer token-free"}, {"authorization": "Bearer token-pro"}
+    async with serve(app) as client:
+        anonymous = await client.get("/v1/search", headers=as_customer("user_pro"))  # a client-sent id is ignored
+        answers = [(await client.get("/v1/search", headers=free)).status_code for _ in range(11)]
+        assert (await client.get("/v1/search", headers=pro)).json() == {"customer": "user_pro"}
+        schema = (await client.get("/openapi.json")).json()
+    assert anonymous.status_code == 401 and anonymous.headers["content-type"] == "application/problem+json"
+    assert answers == [200] * 10 + [429]
+    assert entered == ["user_free"] * 10 + ["user_pro"]  # never entered on 401 / 429
+    assert {"401", "403", "429"} <= set(schema["paths"]["/v1/search"]["get"]["responses"])
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+    assert await billing.recorded_units("user_pro", "api_calls") == 1

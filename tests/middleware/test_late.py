@@ -1,0 +1,207 @@
+"""Late identification (SPEC section 5): the app names the customer where its own auth runs.
+
+The handlers here identify the customer from a bearer token the app itself maps (its own auth);
+the middleware still decides (through ``identify``) and tracks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from billingos_asgi import (
+    BillingDenied,
+    BillingMiddleware,
+    BillingOS,
+    LocalBilling,
+    Metered,
+    RetryPolicy,
+    get_usage_context,
+    set_customer,
+)
+from tests.asgi import serve
+
+from .support import as_customer, closed_port_url
+
+TOKENS = {"token-free": "user_free", "token-pro": "user_pro", "token-37": "user_37", "token-ghost": "user_ghost"}
+
+
+def signed_in(request: Request) -> str | None:
+    """The app's own auth: a bearer token mapped to its customer."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return TOKENS.get(token) if scheme == "Bearer" else None
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def late_app(billing: object, entered: list[str], **options: object) -> Starlette:
+    async def search(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None and context.customer_id is None  # nobody named yet
+        await context.identify(signed_in(request))
+        entered.append(context.customer_id or "?")
+        return JSONResponse({"customer": context.customer_id, "request_id": context.request_id})
+
+    async def named(request: Request) -> Response:
+        set_customer(request.path_params["customer"])  # no gate: the handler already decided
+        return JSONResponse({})
+
+    async def forgetful(request: Request) -> Response:
+        return JSONResponse({})  # never names the customer
+
+    async def twice(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        await context.identify("user_pro")
+        await context.identify("user_pro")  # the same customer again: nothing happens
+        with pytest.raises(ValueError, match="billed to 'user_pro'"):
+            await context.identify("user_free")
+        with pytest.raises(ValueError, match="billed to 'user_pro'"):
+            set_customer("user_free")
+        return JSONResponse({})
+
+    async def failing(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        await context.identify(signed_in(request))
+        return JSONResponse({"error": "upstream of the app failed"}, 502)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/search", search),
+            Route("/v1/named/{customer}", named),
+            Route("/v1/forgetful", forgetful),
+            Route("/v1/twice", twice),
+            Route("/v1/failing", failing),
+        ]
+    )
+    app.add_middleware(
+        BillingMiddleware,
+        billing=billing,
+        default_feature="api_calls",
+        flush_interval=0.05,
+        **options,  # type: ignore[arg-type]
+    )
+    return app
+
+
+async def test_the_app_names_the_customer_and_the_gate_runs_there(billing: LocalBilling) -> None:
+    entered: list[str] = []
+    app = late_app(billing, entered)
+    async with serve(app) as client:
+        anonymous = await client.get("/v1/search")
+        ghost = await client.get("/v1/search", headers=bearer("token-ghost"))
+        answers = [(await client.get("/v1/search", headers=bearer("token-free"))) for _ in range(11)]
+        spoofed = await client.get("/v1/search", headers={**bearer("token-pro"), **as_customer("user_free")})
+    assert anonymous.status_code == 401 and anonymous.headers["content-type"] == "application/problem+json"
+    assert ghost.status_code == 403
+    assert [a.status_code for a in answers] == [200] * 10 + [429]
+    assert answers[-1].json()["feature"] == "api_calls" and int(answers[-1].headers["retry-after"]) > 0
+    assert answers[0].headers["ratelimit"].startswith('"api_calls";r=9')  # the quota headers, as when gated early
+    assert answers[0].json()["request_id"] == answers[0].headers["x-request-id"]
+    assert spoofed.json()["customer"] == "user_pro"
+    assert entered == ["user_free"] * 10 + ["user_pro"]  # the handler went no further on 401/403/429
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+    assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+async def test_concurrent_late_requests_never_overshoot_the_quota(billing: LocalBilling) -> None:
+    app = late_app(billing, [])
+    statuses: list[int] = []
+    async with serve(app) as client:
+
+        async def one() -> None:
+            statuses.append((await client.get("/v1/search", headers=bearer("token-37"))).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(one)
+    assert sorted(statuses) == [200] * 37 + [429] * 63
+    assert await billing.recorded_units("user_37", "api_calls") == 37
+
+
+async def test_set_customer_bills_without_a_gate_and_a_failed_answer_is_not_billed(billing: LocalBilling) -> None:
+    app = late_app(billing, [])
+    async with serve(app) as client:
+        assert (await client.get("/v1/named/user_pro")).status_code == 200
+        assert (await client.get("/v1/twice")).status_code == 200
+        assert (await client.get("/v1/failing", headers=bearer("token-free"))).status_code == 502
+        with pytest.raises(ValueError, match="customer_id must not be empty"):  # the app's bug, loudly
+            await client.get("/v1/named/%20")
+    assert await billing.recorded_units("user_pro", "api_calls") == 2
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_a_request_never_identified_is_counted_and_logged_not_billed(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = late_app(billing, [])
+    async with serve(app) as client:
+        assert (await client.get("/v1/forgetful")).status_code == 200
+        middleware = app.middleware_stack
+        while not isinstance(middleware, BillingMiddleware):
+            middleware = middleware.app  # type: ignore[union-attr]
+        assert middleware.metrics()["requests_unidentified"] == 1
+        assert "billingos_requests_unidentified_total 1" in middleware.prometheus()
+    assert "never named its customer" in caplog.text
+
+
+async def test_a_route_marked_late_skips_the_resolver(billing: LocalBilling) -> None:
+    resolved: list[str] = []
+
+    def resolver(request: Request) -> str | None:
+        resolved.append(request.url.path)
+        return "user_free"
+
+    async def endpoint(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        await context.identify("user_pro")
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/late", endpoint), Route("/early", endpoint)])
+    app.add_middleware(
+        BillingMiddleware,
+        billing=billing,
+        customer=resolver,
+        routes={"/late": Metered("api_calls", late=True), "/early": "api_calls"},
+    )
+    async with serve(app) as client:
+        assert (await client.get("/late")).status_code == 200
+        with pytest.raises(ValueError, match="billed to 'user_free'"):  # resolved early: naming another is refused
+            await client.get("/early")
+    assert resolved == ["/early"]
+    assert await billing.recorded_units("user_pro", "api_calls") == 1
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+@pytest.mark.parametrize(("on_error", "expected"), [("allow", 200), ("deny", 503)])
+async def test_billing_unreachable_at_identification_follows_on_error(
+    on_error: str, expected: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)  # the expected warnings are not the point here
+    async with BillingOS(
+        secret_key="sk_test_x", base_url=closed_port_url(), retry=RetryPolicy(max_retries=0), timeout=1
+    ) as unreachable:
+        app = late_app(unreachable, [], on_error=on_error)
+        async with serve(app) as client:
+            answer = await client.get("/v1/search", headers=bearer("token-free"))
+    assert answer.status_code == expected
+
+
+async def test_identify_outside_the_middleware_is_an_error_and_denial_carries_the_response() -> None:
+    from billingos_asgi import UsageContext
+
+    with pytest.raises(RuntimeError, match="BillingMiddleware"):
+        await UsageContext("r", None, "api_calls", 1.0).identify("user_free")
+    with pytest.raises(LookupError):
+        set_customer("user_free")
+    assert issubclass(BillingDenied, Exception) and not issubclass(BillingDenied, ValueError)
