@@ -1,0 +1,105 @@
+"""billingos-asgi for Django (ASGI): the customer named where Django's auth has run, and the lifespan Django lacks.
+
+::
+
+    # settings.py
+    MIDDLEWARE = [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "billingos_django.IdentifyCustomerMiddleware",  # after the app's authentication
+    ]
+    BILLINGOS_CUSTOMER = "myapp.billing.customer_of"  # optional; default: the signed-in user's pk
+
+    # asgi.py
+    application = BillingMiddleware(with_lifespan(get_asgi_application()), billing=billing, routes={...})
+
+``BillingMiddleware`` wraps Django as a plain ASGI app. ``request.user`` only exists inside
+Django's middleware chain, so the middleware gets no ``customer=`` resolver: each metered request
+reaches Django unidentified, and :class:`IdentifyCustomerMiddleware` names its customer and runs
+the gate there, before the view. The middleware outside still records the usage afterwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+
+from asgiref.sync import markcoroutinefunction
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
+from django.utils.module_loading import import_string
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from billingos_asgi import BillingDenied, get_usage_context
+
+__all__ = ["CustomerOf", "IdentifyCustomerMiddleware", "signed_in_user", "with_lifespan"]
+
+CustomerOf = Callable[[HttpRequest], str | None | Awaitable[str | None]]
+
+
+async def signed_in_user(request: HttpRequest) -> str | None:
+    """The default ``BILLINGOS_CUSTOMER``: the signed-in user's primary key (None when anonymous)."""
+    user = await request.auser()
+    return str(user.pk) if user.is_authenticated else None
+
+
+class IdentifyCustomerMiddleware:
+    """Name the paying customer of a metered request once Django's auth has run, and gate it.
+
+    ``BILLINGOS_CUSTOMER`` (a callable or its dotted path, given the request, sync or async)
+    says who pays; it is called only on metered requests not identified yet. A refusal (401 when
+    it answers None, 403, 429, 503) is answered here, as BillingOS's problem response: raised
+    further, Django would turn it into a 500.
+    """
+
+    sync_capable = False
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]]) -> None:
+        self.get_response = get_response
+        customer = getattr(settings, "BILLINGOS_CUSTOMER", signed_in_user)
+        self.customer: CustomerOf = import_string(customer) if isinstance(customer, str) else customer
+        markcoroutinefunction(self)
+
+    async def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        context = get_usage_context()
+        if context is not None and context.customer_id is None:
+            customer = self.customer(request)
+            if inspect.isawaitable(customer):
+                customer = await customer
+            try:
+                await context.identify(customer)
+            except BillingDenied as denied:
+                return django_response(denied.response)
+        return await self.get_response(request)
+
+
+def django_response(response: Response) -> HttpResponse:
+    """A Starlette response (the refusal) as Django's, body and headers as they are."""
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in response.raw_headers}
+    return HttpResponse(response.body, status=response.status_code, headers=headers)
+
+
+def with_lifespan(app: ASGIApp) -> ASGIApp:
+    """Django's ASGI application, answering the lifespan protocol that Django refuses.
+
+    ``BillingMiddleware`` starts its usage tracker on ``lifespan.startup`` and drains it on
+    ``lifespan.shutdown``, then hands the messages to the app; Django's handler raises on a
+    lifespan scope, so servers would carry on without one and the tracker would never start.
+    """
+
+    async def application(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    return application

@@ -1,0 +1,81 @@
+"""billingos-asgi for Litestar: the customer named where Litestar's own auth has run.
+
+::
+
+    app = Litestar(
+        route_handlers=[search],
+        middleware=[DefineMiddleware(TokenAuth)],  # sets connection.user
+        plugins=[BillingPlugin(customer=lambda connection: connection.user.customer_id)],
+    )
+    app = BillingMiddleware(app, billing=billing, routes={"GET /v1/search": "api_calls"})
+
+``BillingMiddleware`` wraps the Litestar app as a plain ASGI app. Litestar authenticates inside
+the app, after routing, so the middleware gets no ``customer=`` resolver: each metered request
+reaches Litestar unidentified, and the plugin's guard names its customer and runs the gate there,
+before the handler and its dependencies. The middleware outside still records the usage afterwards.
+(An API key can also be mapped at the ASGI level with ``customer=from_api_key(lookup)``: then the
+guard finds the customer known and does nothing.)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from litestar import Request, Response
+from litestar.config.app import AppConfig
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
+from litestar.plugins import InitPlugin
+
+from billingos_asgi import BillingDenied, get_usage_context
+
+__all__ = ["BillingPlugin", "CustomerOf"]
+
+CustomerOf = Callable[[ASGIConnection[Any, Any, Any, Any]], str | None | Awaitable[str | None]]
+_SET_BY_LITESTAR = frozenset({b"content-length", b"content-type"})
+
+
+class BillingPlugin(InitPlugin):
+    """Identify metered requests in an app-wide guard, and answer BillingOS's refusals.
+
+    ``customer(connection)`` (sync or async) says who pays, from what the app's auth put in
+    ``connection.user``; it is called only on metered requests not identified yet, and None
+    answers 401. Guards run after every middleware, authentication included, whatever their
+    order. A refusal (``BillingDenied``, from the guard or a handler's own ``identify``) is
+    answered with BillingOS's problem response rather than Litestar's 500.
+    """
+
+    __slots__ = ("customer",)
+
+    def __init__(self, customer: CustomerOf) -> None:
+        self.customer = customer
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        app_config.guards.append(self.identify)
+        app_config.exception_handlers[BillingDenied] = refusal
+        return app_config
+
+    async def identify(self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        """The guard: name the customer of a request the middleware left unidentified, and gate it."""
+        context = get_usage_context()
+        if context is None or context.customer_id is not None:
+            return
+        customer = self.customer(connection)
+        if inspect.isawaitable(customer):
+            customer = await customer
+        await context.identify(customer)
+
+
+def refusal(request: Request[Any, Any, Any], denied: BillingDenied) -> Response[bytes]:
+    """The refusal (a Starlette response) as Litestar's, body and headers as they are."""
+    response = denied.response
+    headers = {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in response.raw_headers
+        if name not in _SET_BY_LITESTAR
+    }
+    return Response(
+        bytes(response.body), status_code=response.status_code, headers=headers, media_type=response.media_type
+    )

@@ -1,0 +1,176 @@
+"""Django (ASGI): Django's own session auth names the customer, the view runs only once admitted.
+
+Django is configured once for this module (settings are process-wide): real ``contrib.auth`` and
+sessions over a SQLite file, users signed in through Django's test client. The middleware wraps
+Django's ASGI handler with no ``customer=``; ``IdentifyCustomerMiddleware`` identifies inside Django.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("django")
+
+import django  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.asgi import get_asgi_application  # noqa: E402
+from django.http import HttpRequest, JsonResponse  # noqa: E402
+from django.test import override_settings  # noqa: E402
+from django.urls import path  # noqa: E402
+
+from billingos_asgi import BillingMiddleware, LocalBilling  # noqa: E402
+from billingos_asgi.testing import lifespan  # noqa: E402
+from billingos_django import with_lifespan  # noqa: E402
+
+from ..asgi import serve  # noqa: E402
+
+ENTERED: list[str] = []  # the views a request reached, in order
+
+
+async def search(request: HttpRequest) -> JsonResponse:
+    ENTERED.append("search")
+    return JsonResponse({"results": []})
+
+
+async def export(request: HttpRequest) -> JsonResponse:
+    ENTERED.append("export")
+    return JsonResponse({"export": "started"})
+
+
+async def broken(request: HttpRequest) -> JsonResponse:
+    ENTERED.append("broken")
+    return JsonResponse({"error": "bad input"}, status=400)
+
+
+async def health(request: HttpRequest) -> JsonResponse:
+    ENTERED.append("health")
+    return JsonResponse({"status": "ok"})
+
+
+urlpatterns = [
+    path("v1/search", search),
+    path("v1/exports", export),
+    path("v1/broken", broken),
+    path("health", health),
+]
+ROUTES = {"GET /v1/search": "api_calls", "POST /v1/exports": "export", "/v1/broken": "api_calls"}
+
+
+async def by_username(request: HttpRequest) -> str | None:
+    """A ``BILLINGOS_CUSTOMER`` of the app's own: the user's name, prefixed."""
+    user = await request.auser()
+    return f"user_{user.get_username()}" if user.is_authenticated else None
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, dict[str, str]]]:
+    """Django set up once; per user, the default customer id (the pk) and a signed-in session cookie."""
+    settings.configure(
+        SECRET_KEY="test-only",
+        ALLOWED_HOSTS=["app"],
+        ROOT_URLCONF=__name__,
+        INSTALLED_APPS=["django.contrib.auth", "django.contrib.contenttypes", "django.contrib.sessions"],
+        DATABASES={
+            "default": {
+                "ENGINE": "django.db.backends.sqlite3",
+                "NAME": str(tmp_path_factory.mktemp("django") / "db.sqlite3"),
+            }
+        },
+        MIDDLEWARE=[
+            "django.contrib.sessions.middleware.SessionMiddleware",
+            "django.contrib.auth.middleware.AuthenticationMiddleware",
+            "billingos_django.IdentifyCustomerMiddleware",
+        ],
+    )
+    django.setup()
+    from django.contrib.auth.models import User  # models exist once Django is set up
+    from django.core.management import call_command
+    from django.test import Client
+
+    call_command("migrate", verbosity=0)
+    signed_in = {}
+    for name in ("free", "pro", "37"):
+        user = User.objects.create_user(name)
+        client = Client()
+        client.force_login(user)
+        signed_in[name] = (str(user.pk), {"cookie": f"sessionid={client.cookies['sessionid'].value}"})
+    return signed_in
+
+
+@pytest.fixture
+def entered() -> Iterator[list[str]]:
+    ENTERED.clear()
+    yield ENTERED
+
+
+def build(billing: LocalBilling, **options: Any) -> BillingMiddleware:
+    return BillingMiddleware(with_lifespan(get_asgi_application()), billing=billing, routes=ROUTES, **options)
+
+
+async def test_the_signed_in_user_pays_and_views_run_only_once_admitted(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], entered: list[str]
+) -> None:
+    (free, as_free), (pro, as_pro) = sessions["free"], sessions["pro"]
+    await billing.set_plan(free, "free")
+    await billing.set_plan(pro, "pro")
+    async with serve(build(billing)) as client:
+        anonymous = await client.get("/v1/search")
+        searches = [await client.get("/v1/search", headers=as_free) for _ in range(11)]
+        forbidden = await client.post("/v1/exports", headers=as_free)
+        exported = await client.post("/v1/exports", headers=as_pro)
+        healthy = await client.get("/health")
+    assert anonymous.status_code == 401 and anonymous.headers["content-type"] == "application/problem+json"
+    assert [r.status_code for r in searches] == [200] * 10 + [429]
+    refused = searches[-1]
+    assert refused.json()["feature"] == "api_calls" and int(refused.headers["retry-after"]) > 0
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert searches[0].headers["ratelimit"].startswith('"api_calls";r=9')
+    assert forbidden.status_code == 403 and forbidden.json()["detail"] == "your plan does not include export"
+    assert exported.status_code == 200 and "x-request-id" in exported.headers
+    assert healthy.status_code == 200 and "x-request-id" not in healthy.headers
+    assert entered == ["search"] * 10 + ["export", "health"]
+    assert await billing.recorded_units(free, "api_calls") == 10
+
+
+async def test_a_failing_answer_is_not_billed(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], entered: list[str]
+) -> None:
+    pro, as_pro = sessions["pro"]
+    await billing.set_plan(pro, "pro")
+    async with serve(build(billing)) as client:
+        failed = await client.get("/v1/broken", headers=as_pro)
+        succeeded = await client.get("/v1/search", headers=as_pro)
+    assert (failed.status_code, succeeded.status_code) == (400, 200)
+    assert entered == ["broken", "search"]
+    assert await billing.recorded_units(pro, "api_calls") == 1
+
+
+async def test_the_customer_setting_names_who_pays(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]]
+) -> None:
+    pk, as_37 = sessions["37"]
+    with override_settings(BILLINGOS_CUSTOMER=f"{__name__}.by_username"):
+        app = build(billing)  # the handler reads its middleware settings when built
+    async with serve(app) as client:
+        answers = [(await client.get("/v1/search", headers=as_37)).status_code for _ in range(38)]
+    assert answers == [200] * 37 + [429]  # user_37's plan: 37 calls
+    assert await billing.recorded_units("user_37", "api_calls") == 37
+    assert await billing.recorded_units(pk, "api_calls") == 0
+
+
+async def test_with_lifespan_lets_the_tracker_start_and_drain_around_django(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]]
+) -> None:
+    pro, as_pro = sessions["pro"]
+    await billing.set_plan(pro, "pro")
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="not lifespan")):  # why the shim exists
+        async with lifespan(get_asgi_application()):
+            pass
+    async with serve(build(billing, flush_interval=30)) as client:
+        for _ in range(3):
+            assert (await client.get("/v1/search", headers=as_pro)).status_code == 200
+        assert await billing.recorded_units(pro, "api_calls") == 0  # queued in the running tracker's window
+    assert await billing.recorded_units(pro, "api_calls") == 3  # drained at shutdown

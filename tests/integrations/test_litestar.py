@@ -1,0 +1,153 @@
+"""Litestar: its own auth middleware names the customer, the plugin's guard gates before the handler runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+pytest.importorskip("litestar")
+
+from litestar import Litestar, Response, get, post  # noqa: E402
+from litestar.connection import ASGIConnection  # noqa: E402
+from litestar.exceptions import NotAuthorizedException  # noqa: E402
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware  # noqa: E402
+
+from billingos_asgi import BillingMiddleware, LocalBilling, from_api_key  # noqa: E402
+from billingos_litestar import BillingPlugin  # noqa: E402
+
+from ..asgi import serve  # noqa: E402
+
+TOKENS = {"token-free": "user_free", "token-pro": "user_pro"}
+ENTERED: list[str] = []  # the handlers a request reached, in order
+ROUTES = {
+    "GET /v1/search": "api_calls",
+    "POST /v1/exports": "export",
+    "/v1/broken": "api_calls",
+    "/v1/public": "tokens",
+}
+
+
+@dataclass
+class Account:
+    customer_id: str
+
+
+class TokenAuth(AbstractAuthenticationMiddleware):
+    """The app's own authentication: a bearer token names the account, or Litestar answers 401."""
+
+    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
+        scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+        customer = TOKENS.get(token) if scheme == "Bearer" else None
+        if customer is None:
+            raise NotAuthorizedException("a bearer token is required")
+        return AuthenticationResult(user=Account(customer), auth=token)
+
+
+def account_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    user = connection.scope.get("user")  # absent on routes the auth middleware skips
+    return user.customer_id if isinstance(user, Account) else None
+
+
+@get("/v1/search")
+async def search() -> dict[str, list[str]]:
+    ENTERED.append("search")
+    return {"results": []}
+
+
+@post("/v1/exports")
+async def export() -> dict[str, str]:
+    ENTERED.append("export")
+    return {"export": "started"}
+
+
+@get("/v1/broken")
+async def broken() -> Response[dict[str, str]]:
+    ENTERED.append("broken")
+    return Response({"error": "bad input"}, status_code=400)
+
+
+@get("/v1/public")
+async def public() -> dict[str, str]:
+    ENTERED.append("public")
+    return {"answer": "42"}
+
+
+@get("/health")
+async def health() -> dict[str, str]:
+    ENTERED.append("health")
+    return {"status": "ok"}
+
+
+def build(billing: LocalBilling, **options: Any) -> BillingMiddleware:
+    app = Litestar(
+        route_handlers=[search, export, broken, public, health],
+        middleware=[DefineMiddleware(TokenAuth, exclude=["/health", "/v1/public"])],
+        plugins=[BillingPlugin(customer=account_of)],
+        logging_config=None,  # leave the test process's logging alone
+    )
+    return BillingMiddleware(app, billing=billing, routes=ROUTES, **options)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def entered() -> Iterator[list[str]]:
+    ENTERED.clear()
+    yield ENTERED
+
+
+async def test_the_authenticated_account_pays_and_handlers_run_only_once_admitted(
+    billing: LocalBilling, entered: list[str]
+) -> None:
+    async with serve(build(billing)) as client:
+        unauthenticated = await client.get("/v1/search")
+        anonymous = await client.get("/v1/public")  # metered, but no auth ran: nobody to bill
+        searches = [await client.get("/v1/search", headers=bearer("token-free")) for _ in range(11)]
+        forbidden = await client.post("/v1/exports", headers=bearer("token-free"))
+        exported = await client.post("/v1/exports", headers=bearer("token-pro"))
+        healthy = await client.get("/health")
+    assert unauthenticated.status_code == 401  # Litestar's own auth answered
+    assert anonymous.status_code == 401 and anonymous.headers["content-type"] == "application/problem+json"
+    assert anonymous.json()["feature"] == "tokens"
+    assert [r.status_code for r in searches] == [200] * 10 + [429]
+    refused = searches[-1]
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["feature"] == "api_calls" and int(refused.headers["retry-after"]) > 0
+    assert refused.headers["ratelimit"].startswith('"api_calls";r=0')
+    assert searches[0].headers["ratelimit"].startswith('"api_calls";r=9')
+    assert forbidden.status_code == 403 and forbidden.json()["detail"] == "your plan does not include export"
+    assert exported.status_code == 201 and "x-request-id" in exported.headers
+    assert healthy.status_code == 200 and "x-request-id" not in healthy.headers
+    assert entered == ["search"] * 10 + ["export", "health"]
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+async def test_a_failing_answer_is_not_billed(billing: LocalBilling, entered: list[str]) -> None:
+    async with serve(build(billing)) as client:
+        failed = await client.get("/v1/broken", headers=bearer("token-pro"))
+        succeeded = await client.get("/v1/search", headers=bearer("token-pro"))
+    assert (failed.status_code, succeeded.status_code) == (400, 200)
+    assert entered == ["broken", "search"]
+    assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+async def test_a_customer_resolved_before_litestar_is_left_alone(billing: LocalBilling, entered: list[str]) -> None:
+    asked: list[str] = []
+
+    def not_expected(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+        asked.append(connection.url.path)
+        return None
+
+    app = Litestar(route_handlers=[search], plugins=[BillingPlugin(customer=not_expected)], logging_config=None)
+    keys = {"key-pro": "user_pro"}
+    metered = BillingMiddleware(app, billing=billing, customer=from_api_key(keys.get), routes=ROUTES)
+    async with serve(metered) as client:
+        answers = [(await client.get("/v1/search", headers={"x-api-key": key})).status_code for key in ("key-pro", "x")]
+    assert answers == [200, 401]
+    assert asked == [] and entered == ["search"]
+    assert await billing.recorded_units("user_pro", "api_calls") == 1
