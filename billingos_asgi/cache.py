@@ -141,8 +141,9 @@ class EntitlementCache:
     def get(self, customer_id: str, feature_key: str) -> Quota | None:
         """The usable entry without waiting, or None when a (blocking) :meth:`fetch` is needed."""
         key = (customer_id, feature_key)
-        quota = self._entries.get(key)
-        if quota is None:
+        try:
+            quota = self._entries[key]
+        except KeyError:
             return None
         if quota.resets_at is not None and self._wall_clock() >= quota.resets_at:
             return None  # a new period started: the cached usage no longer applies

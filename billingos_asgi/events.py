@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["Batch", "UsageEvent"]
 
 
-@dataclass(frozen=True, slots=True)
-class UsageEvent:
-    """The usage of one successful metered request; its key is stamped once, here, for every retry."""
+class UsageEvent(NamedTuple):
+    """The usage of one successful metered request; its key is stamped once, here, for every retry.
+
+    Immutable; a named tuple rather than a frozen dataclass because one is made per request.
+    """
 
     customer_id: str
     feature_key: str

@@ -75,10 +75,13 @@ def _policy(feature: str, limit: float) -> tuple[bytes, bytes]:
 def quota_headers(feature: str, limit: float, remaining: float, resets_at: float | None) -> list[tuple[bytes, bytes]]:
     """IETF ``RateLimit-Policy`` and ``RateLimit`` fields (raw ASGI headers) for a feature's quota."""
     name, policy = _policy(feature, limit)
-    value = b"%s;r=%d" % (name, remaining if remaining > 0 else 0)
-    if resets_at is not None:
-        left = resets_at - time.time()
-        value += b";t=%d" % (math.ceil(left) if left > 0 else 0)
+    if remaining < 0:
+        remaining = 0
+    if resets_at is None:
+        value = b"%s;r=%d" % (name, remaining)
+    else:
+        left = math.ceil(resets_at - time.time())
+        value = b"%s;r=%d;t=%d" % (name, remaining, left if left > 0 else 0)
     return [(b"ratelimit-policy", policy), (b"ratelimit", value)]
 
 

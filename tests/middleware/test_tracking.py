@@ -406,3 +406,19 @@ async def test_reported_units_beyond_the_quota_are_reported_as_rejected(billing:
     assert rejected == [("user_free", 150, "quota_exceeded")]
     assert (middleware.tracker.stats.sent, middleware.tracker.stats.rejected) == (0, 1)
     assert await billing.recorded_units("user_free", "tokens") == 0
+
+
+def test_request_ids_are_version_4_uuids_that_a_seeded_random_cannot_repeat() -> None:
+    import random
+    import uuid
+
+    from billingos_asgi.middleware import new_request_id
+
+    random.seed(7)
+    first = [new_request_id() for _ in range(1_000)]
+    random.seed(7)  # an app (or its tests) seeding the global generator must not replay ids
+    second = [new_request_id() for _ in range(1_000)]
+    assert len(set(first + second)) == 2_000
+    for text in first[:50]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
