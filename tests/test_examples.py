@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import anyio
+import httpx
+import pytest
 
 from billingos_asgi import LocalBilling
 
@@ -67,3 +72,108 @@ async def test_llm_example_bills_the_tokens_it_streamed(tmp_path: Path) -> None:
         assert team.status_code == 200
         assert await billing.recorded_units("alice", "tokens") == 18
         assert await billing.recorded_units("bob", "tokens") == 9
+
+
+async def test_api_key_example_maps_keys_to_customers(tmp_path: Path) -> None:
+    from examples.api_key_app import PLANS, create_app
+
+    async with LocalBilling.from_file(PLANS, tmp_path / "billing.db") as billing:
+        app = create_app(billing)
+        alice, bob = {"authorization": "Bearer key_alice"}, {"authorization": "Bearer key_bob"}
+        async with serve(app) as client:
+            searches = [(await client.get("/v1/search?q=x", headers=alice)).status_code for _ in range(11)]
+            forbidden = await client.post("/v1/export", headers=alice)
+            exported = await client.post("/v1/export", headers=bob)
+            unknown = await client.get("/v1/search", headers={"authorization": "Bearer key_mallory"})
+            raw_key = await client.get("/v1/search", headers={"authorization": "key_alice"})  # not a bearer token
+            anonymous = await client.get("/v1/search")
+            health = await client.get("/health")
+        assert searches == [200] * 10 + [429]
+        assert (forbidden.status_code, exported.status_code) == (403, 200)
+        assert (unknown.status_code, raw_key.status_code, anonymous.status_code, health.status_code) == (
+            401,
+            401,
+            401,
+            200,
+        )
+        assert await billing.recorded_units("user_123", "api_calls") == 10
+        assert await billing.recorded_units("user_456", "api_calls") == 0  # the export route is a flag, not counted
+
+
+async def test_litestar_example_bills_the_account_its_auth_signed_in(tmp_path: Path) -> None:
+    pytest.importorskip("litestar")
+    from examples.litestar_app import PLANS, create_app
+
+    async with LocalBilling.from_file(PLANS, tmp_path / "billing.db") as billing:
+        app = create_app(billing)
+        alice, bob = {"authorization": "Bearer token-alice"}, {"authorization": "Bearer token-bob"}
+        async with serve(app) as client:
+            searches = [(await client.get("/v1/search?q=x", headers=alice)).status_code for _ in range(11)]
+            forbidden = await client.post("/v1/export", headers=alice)
+            exported = await client.post("/v1/export", headers=bob)
+            searched = await client.get("/v1/search", headers=bob)
+            anonymous = await client.get("/v1/search")
+            health = await client.get("/health")
+        assert searches == [200] * 10 + [429]
+        assert (forbidden.status_code, exported.status_code, searched.status_code) == (403, 201, 200)
+        assert (anonymous.status_code, health.status_code) == (401, 200)
+        assert await billing.recorded_units("user_123", "api_calls") == 10
+        assert await billing.recorded_units("user_456", "api_calls") == 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_django_example_bills_the_signed_in_user_under_uvicorn(tmp_path: Path) -> None:
+    """Run as its docstring says: `migrate`, then uvicorn; SIGTERM drains the usage into the billing file."""
+    pytest.importorskip("django")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DJANGO_DB": str(tmp_path / "django.sqlite3")}
+    env["BILLING_DB"] = str(tmp_path / "billing.db")
+    env.pop("BILLINGOS_SECRET_KEY", None)
+    await anyio.run_process([sys.executable, "examples/django_app.py", "migrate"], cwd=ROOT, env=env)
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "examples.django_app:app",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    server = await anyio.open_process(command, cwd=ROOT, env=env, stdout=None, stderr=None)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base_url) as alice, httpx.AsyncClient(base_url=base_url) as bob:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        await alice.get("/health")
+                        break
+                    except httpx.TransportError:
+                        await anyio.sleep(0.05)
+            anonymous = await alice.get("/v1/search")
+            wrong = await alice.post("/login", data={"username": "alice", "password": "guess"})
+            for client, name in ((alice, "alice"), (bob, "bob")):
+                signed_in = await client.post("/login", data={"username": name, "password": f"{name}-password"})
+                assert signed_in.status_code == 200, signed_in.text
+            searches = [(await alice.get("/v1/search?q=x")).status_code for _ in range(11)]
+            forbidden = await alice.get("/v1/export")
+            exported = await bob.get("/v1/export")
+            searched = await bob.get("/v1/search")
+    finally:
+        server.terminate()  # SIGTERM: uvicorn runs the lifespan's shutdown, which drains the usage queue
+        with anyio.fail_after(30):
+            await server.wait()
+    assert server.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+    assert anonymous.status_code == 401 and anonymous.headers["content-type"] == "application/problem+json"
+    assert wrong.status_code == 401
+    assert searches == [200] * 10 + [429]
+    assert (forbidden.status_code, exported.status_code, searched.status_code) == (403, 200, 200)
+    async with LocalBilling.from_file(ROOT / "examples" / "plans.toml", tmp_path / "billing.db") as billing:
+        assert await billing.recorded_units("user_123", "api_calls") == 10
+        assert await billing.recorded_units("user_456", "api_calls") == 1
