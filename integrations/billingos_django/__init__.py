@@ -82,12 +82,13 @@ def django_response(response: Response) -> HttpResponse:
     return HttpResponse(response.body, status=response.status_code, headers=headers)
 
 
-def with_lifespan(app: ASGIApp) -> ASGIApp:
+def with_lifespan(app: Callable[..., Awaitable[None]]) -> ASGIApp:
     """Django's ASGI application, answering the lifespan protocol that Django refuses.
 
     ``BillingMiddleware`` starts its usage tracker on ``lifespan.startup`` and drains it on
     ``lifespan.shutdown``, then hands the messages to the app; Django's handler raises on a
     lifespan scope, so servers would carry on without one and the tracker would never start.
+    (``app`` is typed loosely: Django's stubs type the scope as a ``dict``, Starlette's as a mapping.)
     """
 
     async def application(scope: Scope, receive: Receive, send: Send) -> None:
