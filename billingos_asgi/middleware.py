@@ -14,15 +14,15 @@ import inspect
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ._validation import check_id
 from .backend import BillingBackend
@@ -64,6 +64,8 @@ __all__ = ["BillingMiddleware"]
 logger = logging.getLogger("billingos_asgi")
 
 OnError = Literal["allow", "deny"]
+#: Any framework's ASGI app (Litestar and Django type their scopes their own way).
+AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 _REQUEST_ID_HEADER = b"x-request-id"
 _PATHSEND = "http.response.pathsend"
 _MAX_REQUEST_ID = 128
@@ -115,7 +117,7 @@ class BillingMiddleware:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         *,
         billing: BillingBackend,
         customer: CustomerResolver | None = None,
@@ -442,8 +444,11 @@ class BillingMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as task_group:
+            listened = False
 
             async def lifespan_receive() -> Message:
+                nonlocal listened
+                listened = True
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     await self._start(task_group)
@@ -452,11 +457,36 @@ class BillingMiddleware:
                 return message
 
             try:
-                await self.app(scope, lifespan_receive, send)
+                try:
+                    await self.app(scope, lifespan_receive, send)
+                except Exception:
+                    if listened:
+                        raise
+                    logger.info("the app refuses the ASGI lifespan (Django does): BillingMiddleware answers it")
+                    await self._own_lifespan(task_group, receive, send)
+                else:
+                    if not listened:  # the app ignores lifespan: the server still waits for an answer
+                        await self._own_lifespan(task_group, receive, send)
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._stop()
                 task_group.cancel_scope.cancel()
+
+    async def _own_lifespan(self, task_group: TaskGroup, receive: Receive, send: Send) -> None:
+        """The lifespan protocol for an app without one, so that the tracker still starts and drains."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._start(task_group)
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": f"billing: {exc}"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def _start(self, task_group: TaskGroup) -> None:
         await self.tracker.start(task_group)

@@ -49,6 +49,8 @@ class Denial:
         return None
 
 
+#: Makes the answer to a refusal; a plain ``Response`` with its body (the Django and Litestar
+#: adapters copy ``body`` and headers into their own response types), not a streaming one.
 ProblemFactory = Callable[[Denial], Response]
 
 

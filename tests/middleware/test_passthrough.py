@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any
 
+import anyio
+import pytest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTasks
 from starlette.requests import Request
@@ -137,3 +140,50 @@ async def test_background_tasks_run_after_the_response(billing: LocalBilling) ->
         assert ran == ["first", "second"]
     assert response.status_code == 202 and response.text == "accepted"
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+def lifespan_less(*, refuse: bool) -> ASGIApp:
+    """An app without a lifespan: it refuses the scope (as Django's handler does) or ignores it."""
+    ok = PlainTextResponse("ok")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            if refuse:
+                raise ValueError("Django can only handle ASGI/HTTP connections, not lifespan.")
+            return
+        await ok(scope, receive, send)
+
+    return app
+
+
+async def test_an_app_without_lifespan_still_gets_a_running_tracker(billing: LocalBilling) -> None:
+    for refuse in (True, False):
+        middleware = BillingMiddleware(
+            lifespan_less(refuse=refuse),
+            billing=billing,
+            customer=by_header,
+            default_feature="api_calls",
+            flush_interval=60,  # nothing leaves before shutdown unless the tracker's worker runs
+        )
+        with anyio.fail_after(10):  # an unanswered lifespan hangs the server's start-up
+            async with lifespan(middleware):
+                assert middleware.tracker.running
+                async with serve(middleware, with_lifespan=False) as client:
+                    for _ in range(3):
+                        assert (await client.get("/x", headers=as_customer("user_pro"))).status_code == 200
+                assert middleware.tracker.backlog == 3  # queued, not sent inline
+        assert not middleware.tracker.running
+    assert await billing.recorded_units("user_pro", "api_calls") == 6  # drained at each shutdown
+
+
+async def test_an_app_whose_lifespan_fails_after_starting_still_fails(billing: LocalBilling) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        raise RuntimeError("the app's own start-up failed")
+
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header)
+    with pytest.raises(Exception) as caught:  # noqa: B017 - the task group may wrap it in a group
+        async with lifespan(middleware):
+            raise AssertionError("started")
+    assert "the app's own start-up failed" in "".join(traceback.format_exception(caught.value))
+    assert not middleware.tracker.running
