@@ -3,7 +3,7 @@
 One file: settings, views and URLs (and, run as a script, its own manage.py). Django's session
 auth runs inside Django, so BillingMiddleware has no `customer=` resolver:
 `IdentifyCustomerMiddleware`, after `AuthenticationMiddleware`, names the signed-in user's customer
-and gates the request before the view; `with_lifespan` answers the ASGI lifespan Django refuses,
+and gates the request before the view; BillingMiddleware answers the ASGI lifespan Django refuses,
 so the usage tracker starts and drains with the server.
 
 Run it:  python examples/django_app.py migrate    # Django's tables, and the users alice and bob
@@ -62,7 +62,6 @@ from django.views.decorators.csrf import csrf_exempt  # noqa: E402
 from django.views.decorators.http import require_POST  # noqa: E402
 
 from billingos_asgi import BillingBackend, BillingMiddleware, BillingOS, LocalBilling  # noqa: E402
-from billingos_django import with_lifespan  # noqa: E402
 
 
 async def customer_of(request: HttpRequest) -> str | None:
@@ -120,7 +119,7 @@ def default_billing() -> BillingBackend:
 
 def create_app(billing: BillingBackend) -> BillingMiddleware:
     return BillingMiddleware(
-        with_lifespan(get_asgi_application()),
+        get_asgi_application(),
         billing=billing,
         routes={"GET /v1/search": "api_calls", "GET /v1/export": "export"},
     )

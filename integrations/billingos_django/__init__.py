@@ -11,12 +11,13 @@
     BILLINGOS_CUSTOMER = "myapp.billing.customer_of"  # optional; default: the signed-in user's pk
 
     # asgi.py
-    application = BillingMiddleware(with_lifespan(get_asgi_application()), billing=billing, routes={...})
+    application = BillingMiddleware(get_asgi_application(), billing=billing, routes={...})
 
 ``BillingMiddleware`` wraps Django as a plain ASGI app. ``request.user`` only exists inside
 Django's middleware chain, so the middleware gets no ``customer=`` resolver: each metered request
 reaches Django unidentified, and :class:`IdentifyCustomerMiddleware` names its customer and runs
-the gate there, before the view. The middleware outside still records the usage afterwards.
+the gate there, before the view. The middleware outside still records the usage afterwards, and
+answers the ASGI lifespan that Django refuses, so its tracker starts and drains with the server.
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils.module_loading import import_string
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from billingos_asgi import BillingDenied, get_usage_context
 
-__all__ = ["CustomerOf", "IdentifyCustomerMiddleware", "signed_in_user", "with_lifespan"]
+__all__ = ["CustomerOf", "IdentifyCustomerMiddleware", "signed_in_user"]
 
 CustomerOf = Callable[[HttpRequest], str | None | Awaitable[str | None]]
 
@@ -80,27 +80,3 @@ def django_response(response: Response) -> HttpResponse:
     """A Starlette response (the refusal) as Django's, body and headers as they are."""
     headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in response.raw_headers}
     return HttpResponse(response.body, status=response.status_code, headers=headers)
-
-
-def with_lifespan(app: Callable[..., Awaitable[None]]) -> ASGIApp:
-    """Django's ASGI application, answering the lifespan protocol that Django refuses.
-
-    ``BillingMiddleware`` starts its usage tracker on ``lifespan.startup`` and drains it on
-    ``lifespan.shutdown``, then hands the messages to the app; Django's handler raises on a
-    lifespan scope, so servers would carry on without one and the tracker would never start.
-    (``app`` is typed loosely: Django's stubs type the scope as a ``dict``, Starlette's as a mapping.)
-    """
-
-    async def application(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await app(scope, receive, send)
-            return
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    return application

@@ -23,7 +23,6 @@ from django.urls import path  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling  # noqa: E402
 from billingos_asgi.testing import lifespan  # noqa: E402
-from billingos_django import with_lifespan  # noqa: E402
 
 from ..asgi import serve  # noqa: E402
 
@@ -107,7 +106,7 @@ def entered() -> Iterator[list[str]]:
 
 
 def build(billing: LocalBilling, **options: Any) -> BillingMiddleware:
-    return BillingMiddleware(with_lifespan(get_asgi_application()), billing=billing, routes=ROUTES, **options)
+    return BillingMiddleware(get_asgi_application(), billing=billing, routes=ROUTES, **options)
 
 
 async def test_the_signed_in_user_pays_and_views_run_only_once_admitted(
@@ -161,12 +160,12 @@ async def test_the_customer_setting_names_who_pays(
     assert await billing.recorded_units(pk, "api_calls") == 0
 
 
-async def test_with_lifespan_lets_the_tracker_start_and_drain_around_django(
+async def test_the_middleware_answers_the_lifespan_django_refuses(
     billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]]
 ) -> None:
     pro, as_pro = sessions["pro"]
     await billing.set_plan(pro, "pro")
-    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="not lifespan")):  # why the shim exists
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="not lifespan")):  # Django alone
         async with lifespan(get_asgi_application()):
             pass
     async with serve(build(billing, flush_interval=30)) as client:
