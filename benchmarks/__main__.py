@@ -1,20 +1,169 @@
-"""``make bench``: every benchmark of the suite, printed as Markdown tables."""
+"""``make bench``: every benchmark of the suite, printed as tables and written to ``docs/benchmarks.md``.
+
+``python -m benchmarks [--quick] [--only middleware,server,...] [--output DIR]``. A full run
+writes ``docs/``; ``--quick`` (or ``BENCH_QUICK=1``) shrinks every run to check the suite
+itself, and like ``--only`` writes nothing unless ``--output`` says where.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import anyio
 
-from . import bench_client_server, bench_local_engine, bench_middleware, bench_pipeline
-from ._util import machine
+from ._util import Section, Table, quick, stamp
+from .report import Goal, write
+
+#: Part name -> module; run in this order.
+PARTS = {
+    "engine": "bench_local_engine",
+    "client_server": "bench_client_server",
+    "middleware": "bench_middleware",
+    "server": "bench_server",
+    "pipeline": "bench_pipeline",
+    "memory": "bench_memory",
+    "profile": "profile_hot_path",
+}
+OVERHEAD_GOAL_US = 12.0
+THROUGHPUT_GOAL = 0.9
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-async def main() -> None:
-    print(f"billingos-asgi benchmarks on {machine()}")
-    await bench_local_engine.run()
-    await bench_client_server.run()
-    await bench_middleware.run()
-    await bench_pipeline.run()
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny runs: checks the suite, measures nothing")
+    parser.add_argument("--only", default="", help=f"comma-separated parts among {', '.join(PARTS)}")
+    parser.add_argument("--output", type=Path, help="where to write benchmarks.md and the charts")
+    parser.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)  # run one part, answer in JSON
+    args = parser.parse_args()
+    unknown = set(filter(None, args.only.split(","))) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))} (known: {', '.join(PARTS)})")
+    return args
+
+
+def short(name: str) -> str:
+    return name.removeprefix("+ ")
+
+
+def goals(sections: dict[str, Section]) -> list[Goal]:
+    """Each goal of issue 6, met or missed, from whatever sections ran."""
+    found = []
+    middleware = sections.get("middleware")
+    if middleware is not None:
+        overheads = middleware.data["overhead_us"]
+        ours = overheads[middleware.data["warm"]]
+        target = f"<= {OVERHEAD_GOAL_US:g} us"
+        found.append(
+            Goal(
+                "overhead per metered request, in-process (warm cache)",
+                target,
+                f"{ours:+.1f} us",
+                ours <= OVERHEAD_GOAL_US,
+            )
+        )
+        peers = {short(name): overheads[name] for name in middleware.data["peers"]}
+        cheapest = min(peers, key=peers.__getitem__)
+        found.append(
+            Goal(
+                "... and below every peer's overhead",
+                "< " + ", ".join(f"{name} {value:+.1f} us" for name, value in peers.items()),
+                f"{ours:+.1f} us (cheapest peer: {cheapest})",
+                all(ours < value for value in peers.values()),
+            )
+        )
+    server = sections.get("server")
+    if server is not None:
+        summary = server.data["summary"]
+        ours_rps, bare_rps = summary["billing"]["rps"], summary["starlette"]["rps"]
+        found.append(
+            Goal(
+                "throughput under uvicorn vs. bare Starlette",
+                f">= {THROUGHPUT_GOAL:.2f}x",
+                f"{ours_rps / bare_rps:.2f}x ({ours_rps:,.0f} vs. {bare_rps:,.0f} requests/s)",
+                ours_rps / bare_rps >= THROUGHPUT_GOAL,
+            )
+        )
+    memory = sections.get("memory")
+    if memory is not None:
+        series = [sample["rss_mb"] for sample in memory.data["samples"]]
+        found.append(
+            Goal(
+                "flat memory, metered requests over many customers",
+                "RSS plateaus (last 3 samples within 5%)",
+                f"{series[0]:.0f} MiB at start, {series[-1]:.0f} MiB at the end",
+                bool(memory.data["plateau"]),
+            )
+        )
+    return found
+
+
+_MARK = "BENCH-SECTION "
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child(part: str) -> None:
+    """Run one part in this (fresh) process and print its section as one JSON line."""
+    module = importlib.import_module(f"benchmarks.{PARTS[part]}")
+    section: Section = anyio.run(module.run)
+    print(_MARK + json.dumps(dataclasses.asdict(section)), flush=True)
+
+
+def run_part(part: str) -> Section:
+    """One part in its own process, so that no thread, cache or allocation of one part weighs on the next
+    (moesifasgi's scheduler threads, for one, live as long as their process)."""
+    argv = [sys.executable, "-m", "benchmarks", "--child", part]
+    done = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=1800, check=True)
+    line = next(line for line in reversed(done.stdout.splitlines()) if line.startswith(_MARK))
+    raw = json.loads(line.removeprefix(_MARK))
+    tables = [
+        Table(t["title"], t["measures"], t["command"], tuple(t["header"]), [tuple(r) for r in t["rows"]], t["notes"])
+        for t in raw["tables"]
+    ]
+    return Section(raw["name"], tables, raw["data"])
+
+
+def main() -> None:
+    args = arguments()
+    if args.quick:
+        os.environ["BENCH_QUICK"] = "1"  # before the benchmarks are imported, and for their child processes
+    if args.child:
+        child(args.child)
+        return
+    chosen = [part for part in PARTS if part in args.only.split(",")] if args.only else list(PARTS)
+    the_stamp = stamp()
+    print(f"billingos-asgi benchmarks on {the_stamp['machine']}{' (QUICK: figures meaningless)' if quick() else ''}")
+    print(f"packages: {the_stamp['packages']}")
+    sections: dict[str, Section] = {}
+    for part in chosen:
+        if part == "profile" and not args.only and all(goal.met for goal in goals(sections)):
+            print("\n(every goal met: no profile)")
+            continue
+        started = time.monotonic()
+        section = sections[part] = run_part(part)
+        for table in section.tables:
+            table.print()
+        for title, text in section.data.get("blocks", []):
+            print(f"\n{title}\n{text}")
+        print(f"[{part}: {time.monotonic() - started:.0f} s]")
+    reached = goals(sections)
+    if reached:
+        print("\nGoals")
+        for goal in reached:
+            print(f"- {goal.name}: {goal.measured} (target {goal.target}): {'met' if goal.met else 'MISSED'}")
+    output = args.output or (None if quick() or args.only else DOCS)
+    if output is not None:
+        page = write(output, the_stamp, reached, sections, OVERHEAD_GOAL_US)
+        print(f"\nwritten: {page} and its charts")
 
 
 if __name__ == "__main__":
-    anyio.run(main)
+    main()

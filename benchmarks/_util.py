@@ -1,15 +1,32 @@
-"""Small shared pieces of the benchmarks: plans, timing, table printing, a free port."""
+"""Small shared pieces of the benchmarks: plans, run size, timing, result tables, the machine stamp, a free port."""
 
 from __future__ import annotations
 
 import os
 import platform
 import socket
+import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
 from typing import Any
 
 import anyio
+
+STAMPED_PACKAGES = (
+    "billingos-asgi",
+    "starlette",
+    "fastapi",
+    "uvicorn",
+    "httptools",
+    "httpx",
+    "anyio",
+    "slowapi",
+    "asgi-correlation-id",
+    "moesifasgi",
+)
 
 BENCH_PLANS: dict[str, Any] = {
     "features": {
@@ -20,17 +37,66 @@ BENCH_PLANS: dict[str, Any] = {
     "customers": {f"customer_{i}": "unlimited" for i in range(100)},
 }
 
-BENCH_PLANS_TOML = """
-[features.api_calls]
-title = "API calls"
-type = "usage_quota"
 
-[plans.unlimited]
-name = "Unlimited"
-features = { api_calls = "unlimited" }
+def plans_toml(customers: int = 100) -> str:
+    """A plans file with ``customers`` customers on an unlimited plan (for the local server)."""
+    head = '[features.api_calls]\ntitle = "API calls"\ntype = "usage_quota"\n\n'
+    head += '[plans.unlimited]\nname = "Unlimited"\nfeatures = { api_calls = "unlimited" }\n\n[customers]\n'
+    return head + "".join(f'customer_{i} = "unlimited"\n' for i in range(customers))
 
-[customers]
-""" + "".join(f'customer_{i} = "unlimited"\n' for i in range(100))
+
+BENCH_PLANS_TOML = plans_toml(100)
+
+
+def quick() -> bool:
+    """``BENCH_QUICK=1`` (or ``python -m benchmarks --quick``) shrinks every run to check the suite works,
+    not to measure: the figures are meaningless then."""
+    return os.environ.get("BENCH_QUICK", "") not in ("", "0")
+
+
+def scaled(full: int, quick_size: int) -> int:
+    """``full`` for ``make bench``, ``quick_size`` under ``BENCH_QUICK`` (read when a benchmark is imported)."""
+    return quick_size if quick() else full
+
+
+@dataclass
+class Table:
+    """One result table: printed to the terminal and written into ``docs/benchmarks.md``."""
+
+    title: str
+    measures: str  # what the figures mean, in a sentence or two
+    command: str  # how to run just this part
+    header: tuple[str, ...]
+    rows: Sequence[tuple[str, ...]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "|".join("---" for _ in self.header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def print(self) -> None:
+        widths = [max(len(cell) for cell in column) for column in zip(self.header, *self.rows, strict=True)]
+        print(f"\n{self.title}")
+        print("| " + " | ".join(h.ljust(w) for h, w in zip(self.header, widths, strict=True)) + " |")
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for row in self.rows:
+            print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        for note in self.notes:
+            print(f"({note})")
+
+
+@dataclass
+class Section:
+    """What one benchmark module found: its tables, and the raw figures the goals and charts use."""
+
+    name: str
+    tables: list[Table]
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def command(part: str) -> str:
+    return f"python -m benchmarks --only {part}"
 
 
 def free_port() -> int:
@@ -40,8 +106,53 @@ def free_port() -> int:
         return port
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in STAMPED_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def machine() -> str:
-    return f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()} {platform.machine()}"
+    return (
+        f"{os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.machine()}"
+    )
+
+
+def stamp() -> dict[str, str]:
+    """Where and with what the figures were taken."""
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "packages": ", ".join(f"{name} {version}" for name, version in versions().items()),
+    }
+
+
+def median(samples: Sequence[float]) -> float:
+    return statistics.median(samples)
+
+
+def percentile(samples: Sequence[float], fraction: float) -> float:
+    """The ``fraction`` quantile (nearest rank) of ``samples``; NaN when there are none."""
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
 async def ops_per_second(operation: Callable[[int], Awaitable[object]], *, total: int, concurrency: int = 1) -> float:
@@ -57,12 +168,3 @@ async def ops_per_second(operation: Callable[[int], Awaitable[object]], *, total
         for _ in range(concurrency):
             tg.start_soon(worker)
     return total / (time.perf_counter() - start)
-
-
-def print_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    print(f"\n{title}")
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")

@@ -1,0 +1,188 @@
+"""Throughput and latency under a real server: uvicorn serving each app, a load generator on loopback.
+
+Each app (the same factories as in-process: bare Starlette and FastAPI, ours, the peers) runs in
+its own uvicorn process (asyncio loop, httptools when installed, one worker, no access log) pinned
+to core 1; the load generator is pinned to core 0, so the two do not fight for one core. The
+load is ``wrk`` when it is on PATH (Debian: ``apt-get install wrk``), else the bounded asyncio
+generator in ``loadgen.py``: 32 keep-alive connections, each sending its next request when the
+last answer arrived, for a fixed duration. Apps are measured in alternating rounds, each round
+in a fresh server after a short warm-up; the median round is kept.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from ._util import Section, Table, command, free_port, median, scaled
+
+APPS = {  # BENCH_APP name -> row label
+    "starlette": "bare Starlette",
+    "fastapi": "bare FastAPI",
+    "billing": "+ BillingMiddleware (metered, warm cache)",
+    "slowapi": "+ slowapi",
+    "correlation_id": "+ asgi-correlation-id",
+    "moesif": "+ moesifasgi",
+}
+BASELINES = {"fastapi": "fastapi"}  # compared with bare FastAPI; every other app with bare Starlette
+ROUNDS = scaled(2, 1)
+DURATION = scaled(5, 1)
+WARM_UP = 1  # seconds (wrk takes whole seconds)
+CONNECTIONS = 32
+CUSTOMER_HEADER = "x-customer: customer_0"
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_CORE, LOAD_CORE = 1, 0
+
+
+def pinned(core: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` pinning the child to ``core``, when the machine has it."""
+    if not hasattr(os, "sched_setaffinity") or core not in os.sched_getaffinity(0) or len(os.sched_getaffinity(0)) < 2:
+        return None
+    return lambda: os.sched_setaffinity(0, {core})
+
+
+def http_implementation() -> str:
+    return "httptools" if importlib.util.find_spec("httptools") else "h11"
+
+
+def start_app(name: str, port: int) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "uvicorn", "benchmarks.apps:served", "--factory", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--loop", "asyncio", "--http", http_implementation(), "--workers", "1"]
+    argv += ["--no-access-log", "--log-level", "warning", "--lifespan", "on"]
+    env = {**os.environ, "BENCH_APP": name}
+    # stdout: moesifasgi prints on every failed post to its (closed) API port
+    server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, preexec_fn=pinned(SERVER_CORE))
+    deadline = time.monotonic() + 20
+    name_, _, value = CUSTOMER_HEADER.partition(": ")
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/search", headers={name_: value}).status_code == 200:
+                return server
+        except httpx.TransportError:
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError(f"uvicorn serving {name!r} did not answer 200 within 20 s")
+
+
+def stop_app(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    try:
+        server.wait(15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    """Requests/s, p50 and p99 (ms) and non-2xx answers from ``wrk --latency`` output."""
+
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+        if match is None:
+            raise ValueError(f"no {label}% latency in wrk output:\n{output}")
+        return float(match.group(1)) * _UNITS[match.group(2)]
+
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
+    if rps is None:
+        raise ValueError(f"no Requests/sec in wrk output:\n{output}")
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    socket_errors = re.search(r"Socket errors:.*", output)
+    return {
+        "rps": float(rps.group(1)),
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "errors": float(errors.group(1)) if errors else 0.0,
+        "socket_errors": 1.0 if socket_errors else 0.0,
+    }
+
+
+def load(port: int, duration: int) -> dict[str, float]:
+    """One bounded load run against ``port`` (loopback), by wrk or by ``loadgen``."""
+    url = f"http://127.0.0.1:{port}/v1/search"
+    timeout = duration + 30
+    if shutil.which("wrk"):
+        argv = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency", "-H", CUSTOMER_HEADER, url]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, preexec_fn=pinned(LOAD_CORE))
+        done.check_returncode()
+        return parse_wrk(done.stdout)
+    argv = [sys.executable, "-m", "benchmarks.loadgen", "--port", str(port), "--connections", str(CONNECTIONS)]
+    argv += ["--duration", str(duration), "--header", CUSTOMER_HEADER]
+    done = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, preexec_fn=pinned(LOAD_CORE), check=True
+    )
+    result: dict[str, float] = json.loads(done.stdout)
+    return result
+
+
+def measure(name: str) -> dict[str, float]:
+    port = free_port()
+    server = start_app(name, port)
+    try:
+        load(port, WARM_UP)
+        return load(port, DURATION)
+    finally:
+        stop_app(server)
+
+
+def generator() -> str:
+    if shutil.which("wrk"):
+        return f"wrk -t1 -c{CONNECTIONS} -d{DURATION}s --latency"
+    return f"benchmarks/loadgen.py (asyncio, {CONNECTIONS} keep-alive connections, {DURATION} s)"
+
+
+def run_sync() -> Section:
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in APPS}
+    for _ in range(ROUNDS):
+        for name in APPS:
+            runs[name].append(measure(name))
+    summary = {
+        name: {key: median([run[key] for run in samples]) for key in ("rps", "p50_ms", "p99_ms")}
+        | {"errors": sum(run["errors"] for run in samples)}
+        for name, samples in runs.items()
+    }
+    rows = []
+    for name, label in APPS.items():
+        figures = summary[name]
+        baseline = summary[BASELINES.get(name, "starlette")]["rps"]
+        ratio = "1.00x" if name in ("starlette", "fastapi") else f"{figures['rps'] / baseline:.2f}x"
+        rows.append(
+            (
+                label,
+                f"{figures['rps']:,.0f}",
+                ratio,
+                f"{figures['p50_ms']:.2f}",
+                f"{figures['p99_ms']:.2f}",
+                f"{figures['errors']:,.0f}",
+            )
+        )
+    pinning = "server on core 1, load on core 0" if pinned(SERVER_CORE) else "no pinning (fewer than 2 cores)"
+    table = Table(
+        f"Under uvicorn on loopback: median of {ROUNDS} alternating rounds x {DURATION} s, {CONNECTIONS} connections",
+        f"Requests per second and latency with the app served by uvicorn (asyncio loop, {http_implementation()}, one "
+        f"worker, no access log) and driven by {generator()}; {pinning}. Ratios are against the bare app "
+        "wrapped (Starlette, FastAPI for itself). One customer, so our cache is warm and the tracker delivers to "
+        "an in-memory backend in the background, as in production.",
+        command("server"),
+        ("app", "requests/s", "vs bare", "p50 ms", "p99 ms", "non-2xx"),
+        rows,
+    )
+    return Section("server", [table], {"summary": summary, "labels": APPS})
+
+
+async def run() -> Section:
+    import anyio.to_thread
+
+    return await anyio.to_thread.run_sync(run_sync)

@@ -1,0 +1,156 @@
+"""``docs/benchmarks.md`` and its charts, from the sections the benchmarks returned.
+
+The page leads with the stamp (date, machine, package versions) and the goals, each met or
+missed with its figure; then every table with what it measures and the command that reruns it.
+Charts are PNGs beside the page (matplotlib, from the ``bench`` extra; skipped with a note when
+it is missing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._util import Section
+
+CHART_OVERHEAD = "bench-overhead.png"
+CHART_SERVER = "bench-uvicorn.png"
+CHART_MEMORY = "bench-memory.png"
+
+
+@dataclass
+class Goal:
+    name: str
+    target: str
+    measured: str
+    met: bool
+
+
+def overhead_chart(path: Path, data: dict[str, Any], target_us: float) -> None:
+    import matplotlib.pyplot as plt
+
+    overheads: dict[str, float] = data["overhead_us"]
+    names = list(overheads)
+    colours = ["#999999" if name in data["peers"] else "#1f77b4" for name in names]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
+    ax.barh(names, [overheads[name] for name in names], color=colours)
+    ax.axvline(target_us, color="#d62728", linestyle="--", label=f"goal: {target_us:g} us")
+    for y, name in enumerate(names):
+        ax.text(overheads[name], y, f" {overheads[name]:.1f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("overhead over the bare app, us per request (in-process; blue: ours, grey: peers)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def server_chart(path: Path, data: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
+    summary: dict[str, dict[str, float]] = data["summary"]
+    labels: dict[str, str] = data["labels"]
+    names = list(labels)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.8), sharey=True)
+    left.barh([labels[n] for n in names], [summary[n]["rps"] for n in names], color="#1f77b4")
+    left.set_xlabel("requests/s under uvicorn (higher is better)")
+    right.barh([labels[n] for n in names], [summary[n]["p99_ms"] for n in names], color="#ff7f0e")
+    right.set_xlabel("p99 latency, ms (lower is better)")
+    left.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def memory_chart(path: Path, data: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
+    samples: list[dict[str, float]] = data["samples"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([s["requests"] for s in samples], [s["rss_mb"] for s in samples], marker="o")
+    ax.set_xlabel("metered requests served")
+    ax.set_ylabel("RSS, MiB")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def charts(directory: Path, sections: dict[str, Section], target_us: float) -> dict[str, str]:
+    """Draw what the sections allow; return section name -> chart file name."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        return {}
+    drawn = {}
+    if "middleware" in sections:
+        overhead_chart(directory / CHART_OVERHEAD, sections["middleware"].data, target_us)
+        drawn["middleware"] = CHART_OVERHEAD
+    if "server" in sections:
+        server_chart(directory / CHART_SERVER, sections["server"].data)
+        drawn["server"] = CHART_SERVER
+    if "memory" in sections:
+        memory_chart(directory / CHART_MEMORY, sections["memory"].data)
+        drawn["memory"] = CHART_MEMORY
+    return drawn
+
+
+HEADINGS = {
+    "middleware": "In-process: the middleware's own cost, side by side with peers",
+    "server": "Under a real server: uvicorn on loopback",
+    "pipeline": "Delivery pipeline",
+    "memory": "Memory",
+    "engine": "The embedded engine",
+    "client_server": "Client and local server",
+    "profile": "Where the time goes (profiles)",
+}
+
+
+def markdown(stamp: dict[str, str], goals: Sequence[Goal], sections: dict[str, Section], drawn: dict[str, str]) -> str:
+    out = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`python -m benchmarks`); do not edit by hand.",
+        "",
+        f"- **Date:** {stamp['date']}",
+        f"- **Machine:** {stamp['machine']}",
+        f"- **Packages:** {stamp['packages']}",
+        "",
+        "Shared, noisy machines (other work runs at the same time): compare the ratios within one run, "
+        "not figures across runs. Every comparison alternates its subjects round by round and keeps the median.",
+        "",
+        "## Goals",
+        "",
+        "| goal | target | measured | |",
+        "|---|---|---|---|",
+    ]
+    out += [f"| {g.name} | {g.target} | {g.measured} | {'met' if g.met else '**missed**'} |" for g in goals]
+    for name, heading in HEADINGS.items():
+        section = sections.get(name)
+        if section is None:
+            continue
+        out += ["", f"## {heading}"]
+        for table in section.tables:
+            out += ["", f"### {table.title}", "", table.measures, "", f"Command: `{table.command}`", ""]
+            out.append(table.markdown())
+            out += [""] + [f"_{note}_" for note in table.notes] if table.notes else []
+        for title, text in section.data.get("blocks", []):
+            out += ["", f"### {title}", "", "```", text, "```"]
+        if name in drawn:
+            out += ["", f"![{heading}]({drawn[name]})"]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write(
+    directory: Path, stamp: dict[str, str], goals: Sequence[Goal], sections: dict[str, Section], target_us: float
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    drawn = charts(directory, sections, target_us)
+    page = directory / "benchmarks.md"
+    page.write_text(markdown(stamp, goals, sections, drawn))
+    return page
