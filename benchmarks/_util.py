@@ -96,7 +96,8 @@ class Section:
 
 
 def command(part: str) -> str:
-    return f"python -m benchmarks --only {part}"
+    """How to rerun one part (``make bench`` runs them all)."""
+    return f".venv/bin/python -m benchmarks --only {part}"
 
 
 def free_port() -> int:

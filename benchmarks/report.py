@@ -18,6 +18,7 @@ from ._util import Section
 CHART_OVERHEAD = "bench-overhead.png"
 CHART_SERVER = "bench-uvicorn.png"
 CHART_MEMORY = "bench-memory.png"
+THROUGHPUT_GOAL = 0.9  # of bare Starlette's requests/s, under uvicorn
 
 
 @dataclass
@@ -34,13 +35,16 @@ def overhead_chart(path: Path, data: dict[str, Any], target_us: float) -> None:
     overheads: dict[str, float] = data["overhead_us"]
     names = list(overheads)
     colours = ["#999999" if name in data["peers"] else "#1f77b4" for name in names]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
-    ax.barh(names, [overheads[name] for name in names], color=colours)
+    shown = [max(overheads[name], 0.1) for name in names]  # a log axis: noise can make a tiny overhead negative
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) + 1.6))
+    ax.barh(names, shown, color=colours)
+    ax.set_xscale("log")
     ax.axvline(target_us, color="#d62728", linestyle="--", label=f"goal: {target_us:g} us")
     for y, name in enumerate(names):
-        ax.text(overheads[name], y, f" {overheads[name]:.1f}", va="center", fontsize=8)
+        ax.text(shown[y], y, f" {overheads[name]:+.1f}", va="center", fontsize=8)
+    ax.set_xlim(0.3, max(shown) * 3)
     ax.invert_yaxis()
-    ax.set_xlabel("overhead over the bare app, us per request (in-process; blue: ours, grey: peers)")
+    ax.set_xlabel("overhead over the bare app, us/request, log scale (blue: ours, grey: peers)")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -55,7 +59,11 @@ def server_chart(path: Path, data: dict[str, Any]) -> None:
     names = list(labels)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.8), sharey=True)
     left.barh([labels[n] for n in names], [summary[n]["rps"] for n in names], color="#1f77b4")
-    left.set_xlabel("requests/s under uvicorn (higher is better)")
+    goal = THROUGHPUT_GOAL * summary["starlette"]["rps"]
+    left.axvline(goal, color="#d62728", linestyle="--")
+    left.set_xlabel(
+        f"requests/s under uvicorn, higher is better\n(dashed: the goal, {THROUGHPUT_GOAL:g}x bare Starlette)"
+    )
     right.barh([labels[n] for n in names], [summary[n]["p99_ms"] for n in names], color="#ff7f0e")
     right.set_xlabel("p99 latency, ms (lower is better)")
     left.invert_yaxis()
@@ -69,8 +77,8 @@ def memory_chart(path: Path, data: dict[str, Any]) -> None:
 
     samples: list[dict[str, float]] = data["samples"]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot([s["requests"] for s in samples], [s["rss_mb"] for s in samples], marker="o")
-    ax.set_xlabel("metered requests served")
+    ax.plot([s["requests"] / 1000 for s in samples], [s["rss_mb"] for s in samples], marker="o")
+    ax.set_xlabel("metered requests served (thousands)")
     ax.set_ylabel("RSS, MiB")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)

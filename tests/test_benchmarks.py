@@ -1,0 +1,129 @@
+"""The benchmark suite's own logic, on made-up figures: the report page, the goals, wrk parsing, lag matching.
+
+Nothing here is timed: the benchmarks themselves run with ``make bench``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.__main__ import goals
+from benchmarks._util import Section, Table, percentile
+from benchmarks.bench_pipeline import FEATURE, delivery_lags
+from benchmarks.bench_server import parse_wrk
+from benchmarks.report import markdown, write
+from billingos_asgi.events import Batch, UsageEvent
+
+STAMP = {"date": "2026-01-01 00:00 UTC", "machine": "2 cores (a CPU)", "packages": "starlette 1.0"}
+
+
+def sections() -> dict[str, Section]:
+    table = Table(
+        "In-process", "what it measures", "python -m benchmarks --only middleware", ("app", "us"), [("a", "1")]
+    )
+    warm = "+ BillingMiddleware, warm cache"
+    middleware = Section(
+        "middleware",
+        [table],
+        {
+            "overhead_us": {warm: 9.0, "+ slowapi": 40.0, "+ asgi-correlation-id": 8.0},
+            "peers": ["+ slowapi", "+ asgi-correlation-id"],
+            "warm": warm,
+        },
+    )
+    labels = {"starlette": "bare Starlette", "billing": "+ ours"}
+    server: dict[str, Any] = {
+        "summary": {
+            "starlette": {"rps": 10_000.0, "p50_ms": 2.0, "p99_ms": 4.0, "errors": 0},
+            "billing": {"rps": 9_500.0, "p50_ms": 2.1, "p99_ms": 4.5, "errors": 0},
+        },
+        "labels": labels,
+    }
+    samples = [{"requests": n * 100_000, "rss_mb": 40.0 + min(n, 3)} for n in range(11)]
+    return {
+        "middleware": middleware,
+        "server": Section("server", [], server),
+        "memory": Section("memory", [], {"samples": samples, "plateau": True}),
+        "profile": Section("profile", [], {"blocks": [["a profile", "100% requests"]]}),
+    }
+
+
+def test_goals_say_met_or_missed_with_the_figures() -> None:
+    found = {goal.name: goal for goal in goals(sections())}
+    assert found["overhead per metered request, in-process (warm cache)"].met
+    assert not found["... and below every peer's overhead"].met  # asgi-correlation-id costs 8 us < 9 us
+    assert "cheapest peer: asgi-correlation-id" in found["... and below every peer's overhead"].measured
+    assert found["throughput under uvicorn vs. bare Starlette"].measured.startswith("0.95x")
+    assert found["flat memory, metered requests over many customers"].met
+
+
+def test_page_has_the_stamp_the_goals_and_every_table() -> None:
+    page = markdown(STAMP, goals(sections()), sections(), {"middleware": "bench-overhead.png"})
+    assert "- **Machine:** 2 cores (a CPU)" in page
+    assert "| ... and below every peer's overhead |" in page and "**missed** |" in page
+    assert "Command: `python -m benchmarks --only middleware`" in page
+    assert "| a | 1 |" in page
+    assert "```\n100% requests\n```" in page
+    assert "![" in page and "(bench-overhead.png)" in page
+
+
+def test_write_draws_the_charts(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    page = write(tmp_path, STAMP, goals(sections()), sections(), 12.0)
+    assert page.read_text().startswith("# Benchmarks")
+    assert {path.name for path in tmp_path.glob("*.png")} == {
+        "bench-overhead.png",
+        "bench-uvicorn.png",
+        "bench-memory.png",
+    }
+
+
+WRK = """Running 5s test @ http://127.0.0.1:8000/v1/search
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.90ms  612.34us  15.01ms   90.00%
+    Req/Sec    11.10k   400.00    11.60k    80.00%
+  Latency Distribution
+     50%    2.81ms
+     75%    3.01ms
+     90%    3.30ms
+     99%  950.00us
+  55234 requests in 5.00s, 7.74MB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:  11046.80
+Transfer/sec:      1.55MB
+"""
+
+
+def test_parse_wrk() -> None:
+    assert parse_wrk(WRK) == {
+        "rps": 11046.8,
+        "p50_ms": 2.81,
+        "p99_ms": pytest.approx(0.95),
+        "errors": 3.0,
+        "socket_errors": 0.0,
+    }
+
+
+def key_of(customer: str, keys: list[str]) -> str:
+    return Batch.of(tuple(UsageEvent(customer, FEATURE, 1.0, k) for k in keys)).idempotency_key
+
+
+def test_delivery_lags_match_each_confirmation_to_its_events() -> None:
+    order = {"alice": ["a1", "a2", "a3", "a4"], "bob": ["b1"]}
+    ends = {"a1": 0.0, "a2": 0.1, "a3": 0.2, "a4": 0.3, "b1": 0.5}
+    confirmed = [
+        (1.0, "alice", key_of("alice", ["a3", "a4"]), 2.0),  # a later batch confirmed first
+        (1.5, "alice", key_of("alice", ["a1", "a2"]), 2.0),
+        (2.0, "bob", "b1", 1.0),  # a batch of one goes up under its event's own key
+    ]
+    lags = delivery_lags(confirmed, ends, order)
+    assert sorted(round(lag, 6) for lag in lags) == [0.7, 0.8, 1.4, 1.5, 1.5]
+
+
+def test_percentile_is_nearest_rank() -> None:
+    samples = [float(i) for i in range(1, 101)]
+    assert (percentile(samples, 0.5), percentile(samples, 0.99), percentile(samples, 1.0)) == (50.0, 99.0, 100.0)
