@@ -45,7 +45,7 @@ def overhead_chart(path: Path, data: dict[str, Any], target_us: float) -> None:
     ax.set_xlim(0.3, max(shown) * 3)
     ax.invert_yaxis()
     ax.set_xlabel("overhead over the bare app, us/request, log scale (blue: ours, grey: peers)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
