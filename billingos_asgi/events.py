@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -31,20 +32,23 @@ class Batch:
     feature_key: str
     events: tuple[UsageEvent, ...]
     idempotency_key: str
+    quantity: float
 
     @classmethod
-    def of(cls, events: tuple[UsageEvent, ...]) -> Batch:
-        first = events[0]
-        if len(events) == 1:
-            key = first.idempotency_key
-        else:  # deterministic: the same events always make the same key
-            digest = hashlib.sha256("\n".join(sorted(e.idempotency_key for e in events)).encode()).hexdigest()
-            key = f"batch-{digest[:40]}"
-        return cls(first.customer_id, first.feature_key, events, key)
+    def of(cls, events: tuple[UsageEvent, ...], key: str | None = None) -> Batch:
+        """The batch of ``events`` (in their order), keyed by them: the same events, the same key.
 
-    @property
-    def quantity(self) -> float:
-        return round(sum(event.quantity for event in self.events), 6)
+        Linear in the events (no sort), as a flush of a busy window may hold thousands of them.
+        ``key``: the key it was stamped with before (a batch replayed from the outbox).
+        """
+        first = events[0]
+        if key is None and len(events) == 1:
+            key = first.idempotency_key
+        elif key is None:
+            digest = hashlib.sha256("\n".join([e.idempotency_key for e in events]).encode()).hexdigest()
+            key = f"batch-{digest[:40]}"
+        quantity = round(math.fsum([e.quantity for e in events]), 6)
+        return cls(first.customer_id, first.feature_key, events, key, quantity)
 
     @property
     def metadata(self) -> Mapping[str, Any] | None:

@@ -96,7 +96,7 @@ class Outbox:
             else:
                 groups.setdefault(batch_key, []).append(event)
                 attempted[batch_key] = first_attempt
-        batches = [(Batch(e[0].customer_id, e[0].feature_key, tuple(e), k), attempted[k]) for k, e in groups.items()]
+        batches = [(Batch.of(tuple(e), k), attempted[k]) for k, e in groups.items()]
         return Stored(batches, fresh)
 
     def add(self, events: Sequence[UsageEvent]) -> int:

@@ -102,7 +102,7 @@ class Tracker:
         # Only trusted (client-supplied) request ids can repeat; remember them for upstream's 24 h.
         self._seen: TTLCache[str, bool] | None = TTLCache(100_000, IDEMPOTENCY_HORIZON) if deduplicate else None
         self._unwritten: list[UsageEvent] = []  # accepted, on their way into the outbox
-        self._pending: list[UsageEvent] = []  # in the current flush window
+        self._pending: dict[Key, list[UsageEvent]] = {}  # in the current flush window, grouped as they come
         self._due: dict[Key, list[UsageEvent]] = {}  # window closed, waiting for a sender and a token
         # From the outbox of a previous run: resent as they were (first attempt time, if any).
         self._fixed: deque[tuple[Batch, float | None]] = deque()
@@ -118,13 +118,11 @@ class Tracker:
         self._flushed = False
         self._done: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
+        self._paying: anyio.Lock | None = None  # one sender at a time waits for the call budget
+        self.running = False  # taking events: between start() and stop()
         self.stats = TrackerStats()
         self._last_report = -_REPORT_INTERVAL
         self._unreported = 0
-
-    @property
-    def running(self) -> bool:
-        return self._done is not None and self._closing_event is not None and not self._closing_event.is_set()
 
     @property
     def outbox(self) -> Outbox | None:
@@ -162,7 +160,11 @@ class Tracker:
         return True
 
     def _enqueue(self, event: UsageEvent) -> None:
-        self._pending.append(event)
+        group = self._pending.get((event.customer_id, event.feature_key))
+        if group is None:
+            self._pending[(event.customer_id, event.feature_key)] = [event]
+        else:
+            group.append(event)
         if self._window is not None:
             self._window.set()
             self._window = None
@@ -186,7 +188,9 @@ class Tracker:
         self._flushed = self._senders_done = False
         self._done = anyio.Event()
         self._scope = anyio.CancelScope()
+        self._paying = anyio.Lock()
         task_group.start_soon(self._work, self._done, self._scope, self._closing_event)
+        self.running = True
 
     async def stop(self) -> None:
         """Stop taking events; flush and deliver what is queued within the drain deadline."""
@@ -194,6 +198,7 @@ class Tracker:
         if done is None or closing is None or scope is None or closing.is_set():
             return
         closing.set()
+        self.running = False
         if self._window is not None:
             self._window.set()
         with anyio.move_on_after(self._drain_timeout):
@@ -221,6 +226,7 @@ class Tracker:
                     self._senders_done = True
                     self._wake_writer()  # let the writer forget the last confirmed events, and return
         finally:
+            self.running = False
             self._account_for_cut_off()
             done.set()
 
@@ -229,7 +235,7 @@ class Tracker:
         unsent = [event for batch in self._in_flight for event in batch.events]
         unsent += [event for batch, _ in self._fixed for event in batch.events]
         unsent += [event for group in self._due.values() for event in group]
-        unsent += self._pending
+        unsent += [event for group in self._pending.values() for event in group]
         self._in_flight.clear()
         self._fixed.clear()
         self._due.clear()
@@ -316,9 +322,14 @@ class Tracker:
 
     def _flush(self) -> None:
         """Close the window: its events join the groups waiting for a sender (merging with them)."""
-        for event in self._pending:
-            self._due.setdefault((event.customer_id, event.feature_key), []).append(event)
-        self._pending = []
+        due = self._due
+        for key, events in self._pending.items():
+            waiting = due.get(key)
+            if waiting is None:
+                due[key] = events
+            else:
+                waiting.extend(events)
+        self._pending = {}
         self._wake_senders()
 
     def _wake_senders(self) -> None:
@@ -334,17 +345,19 @@ class Tracker:
                 self._idle.append(wakeup)
                 await wakeup.wait()
                 continue
-            await self._upstream.ready_to_track()  # meanwhile, the groups keep growing
-            counted = False  # a replayed event's units are not in this process's cache figures
-            if self._fixed:
-                batch, stamped = self._fixed.popleft()
-            elif self._due:
-                events = self._due.pop(next(iter(self._due)))
-                batch, stamped, counted = Batch.of(tuple(events)), None, True
-                self.stats.coalesced += len(events) - 1 if len(events) > 1 else 0
-            else:  # another sender took the work
-                self._upstream.unused_token()
-                continue
+            assert self._paying is not None  # noqa: S101 - set by start()
+            async with self._paying:  # the others wait here, not on the budget: no token taken for nothing
+                if not (self._fixed or self._due):
+                    continue  # the previous payer took the last work
+                # Meanwhile the groups keep growing; a shutdown may use the checks' reserve too.
+                await self._upstream.ready_to_track(reserve=not self._flushed)
+                counted = False  # a replayed event's units are not in this process's cache figures
+                if self._fixed:
+                    batch, stamped = self._fixed.popleft()
+                else:
+                    events = self._due.pop(next(iter(self._due)))
+                    batch, stamped, counted = Batch.of(tuple(events)), None, True
+                    self.stats.coalesced += len(events) - 1 if len(events) > 1 else 0
             self._queued_events -= len(batch.events)
             self._in_flight.add(batch)
             first_attempt = self._clock() if stamped is None else stamped

@@ -89,9 +89,6 @@ class Budget:
             return True
         return False
 
-    def give_back(self) -> None:
-        self._tokens = min(float(self.burst), self._tokens + 1.0)
-
     def wait_time(self, reserve: float = 0.0) -> float:
         """Seconds until :meth:`try_take` can succeed."""
         now = self._refill()
@@ -183,17 +180,15 @@ class Upstream:
         """Tokens tracks leave for checks: half the burst."""
         return 0.0 if self.budget is None else self.budget.burst / 2
 
-    async def ready_to_track(self) -> None:
-        """Wait until the breaker lets a track go and the budget has a token for it (taken)."""
+    async def ready_to_track(self, *, reserve: bool = True) -> None:
+        """Wait until the breaker lets a track go and the budget has a token for it (taken).
+
+        ``reserve``: leave the checks' reserve alone (not when draining at shutdown).
+        """
         while not self.breaker.allow():  # noqa: ASYNC110 - the breaker is a clock, not an event
             await anyio.sleep(max(self.breaker.retry_after(), 0.01))
         if self.budget is not None:
-            await self.budget.take(reserve=self.track_reserve)
-
-    def unused_token(self) -> None:
-        """A token taken by :meth:`ready_to_track` for work that vanished meanwhile."""
-        if self.budget is not None:
-            self.budget.give_back()
+            await self.budget.take(reserve=self.track_reserve if reserve else 0.0)
 
     async def check_entitlement(self, customer_id: str, feature_key: str, *, wait: float) -> Entitlement:
         """A check, when the breaker and the budget allow within ``wait`` seconds; else an error at once."""

