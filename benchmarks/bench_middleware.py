@@ -58,7 +58,7 @@ def scope_for(customer: str, path: str = "/v1/search") -> dict[str, Any]:
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"bench"), (b"x-customer", customer.encode())],
+        "headers": [(b"host", b"bench"), (b"x-api-key", customer.encode())],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8000),
         "state": {},

@@ -40,7 +40,7 @@ DURATION = scaled(5, 1)
 WARM_UP = 1  # seconds (wrk takes whole seconds)
 CONNECTIONS = 32
 FIGURES = ("rps", "p50_ms", "p99_ms", "cpu_us")
-CUSTOMER_HEADER = "x-customer: customer_0"
+CUSTOMER_HEADER = "x-api-key: customer_0"
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CORE, LOAD_CORE = 1, 0
 

@@ -1,6 +1,6 @@
 """A bounded HTTP/1.1 load generator for loopback, used when ``wrk`` is not installed.
 
-``python -m benchmarks.loadgen --port 8000 --connections 32 --duration 5 [--header "x-customer: c"]``
+``python -m benchmarks.loadgen --port 8000 --connections 32 --duration 5 [--header "x-api-key: k"]``
 keeps that many keep-alive connections busy with GET requests (each sends its next request when
 the previous answer has arrived, as wrk does) for a fixed duration, then prints one JSON line:
 requests/s, p50/p99 latency and non-2xx answers. Raw asyncio streams rather than an HTTP client

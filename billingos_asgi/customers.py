@@ -63,14 +63,17 @@ def from_api_key(
     cache: TTLCache[bytes, str | None] = TTLCache(maxsize=cache_size, ttl=ttl)
     is_async = inspect.iscoroutinefunction(lookup)
 
-    async def resolve(request: Request) -> str | None:
+    def resolve(request: Request) -> str | None | Awaitable[str | None]:
+        # Sync on a cache hit (the common case: no coroutine per request); a miss is awaited.
         key = next((value for name, value in request.scope["headers"] if name == header_name), None)
         if not key:
             return None
         try:
             return cache[key]
         except KeyError:
-            pass
+            return look_up(key)
+
+    async def look_up(key: bytes) -> str | None:
         answer = lookup(key.decode("latin-1"))
         if is_async or inspect.isawaitable(answer):
             answer = await answer  # type: ignore[misc]
