@@ -71,15 +71,19 @@ _PATHSEND = "http.response.pathsend"
 _MAX_REQUEST_ID = 128
 
 
-_UUID_VARIANT = dict(zip("0123456789abcdef", "89ab89ab89ab89ab", strict=True))
 _random = random.Random()  # its own generator: a user's random.seed() must not repeat request ids
 os.register_at_fork(after_in_child=_random.seed)  # nor a forked worker its parent's
+_UUID4_MASK = ((1 << 128) - 1) & ~(0xF << 76) & ~(0x3 << 62)
+_UUID4_BITS = (0x4 << 76) | (0x2 << 62)  # version 4, RFC 4122 variant
 
 
 def new_request_id() -> str:
-    """A random (version 4) UUID, formatted, at a fifth of ``str(uuid.uuid4())``'s cost (no syscall)."""
-    h = f"{_random.getrandbits(128):032x}"
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_UUID_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+    """A random (version 4) UUID in its 32-hex-digit form, at a tenth of ``str(uuid.uuid4())``'s cost."""
+    return f"{_random.getrandbits(128) & _UUID4_MASK | _UUID4_BITS:032x}"
+
+
+#: A usage event without the named tuple's Python-level ``__new__`` (one is made per request).
+_new_event = functools.partial(tuple.__new__, UsageEvent)
 
 
 def _trusted_request_id(scope: Scope) -> str | None:
@@ -288,11 +292,16 @@ class BillingMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
-                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
                 gated = context.quota
                 if gated is not None and gated.limit is not None:
-                    headers += quota_headers(feature, gated.limit, gated.remaining or 0.0, gated.resets_at)
-                message["headers"] = headers
+                    left = gated.limit - gated.usage - gated.reserved - gated.unconfirmed  # clamped at 0 there
+                    message["headers"] = [
+                        *message.get("headers", ()),
+                        (b"x-request-id", request_id.encode()),
+                        *quota_headers(feature, gated.limit, left, gated.resets_at),
+                    ]
+                else:
+                    message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             elif (kind == "http.response.body" and not message.get("more_body", False)) or kind == _PATHSEND:
                 await send(message)
                 completed = not disconnected
@@ -339,7 +348,7 @@ class BillingMiddleware:
             )
             return None
         feature = context.feature
-        event = UsageEvent(customer, feature, used, f"{context.request_id}:{feature}")
+        event: UsageEvent = _new_event((customer, feature, used, f"{context.request_id}:{feature}", None))
         quota = context.quota
         if quota is not None:
             if not quota.tracked:
