@@ -27,6 +27,7 @@ PARTS = {
     "engine": "bench_local_engine",
     "client_server": "bench_client_server",
     "middleware": "bench_middleware",
+    "instructions": "bench_instructions",
     "server": "bench_server",
     "pipeline": "bench_pipeline",
     "memory": "bench_memory",
@@ -77,6 +78,19 @@ def goals(sections: dict[str, Section]) -> list[Goal]:
                 "< " + ", ".join(f"{name} {value:+.1f} us" for name, value in peers.items()),
                 f"{ours:+.1f} us (cheapest peer: {cheapest})",
                 all(ours < value for value in peers.values()),
+            )
+        )
+    counted = sections.get("instructions")
+    if counted is not None and counted.data:
+        per_request: dict[str, float] = counted.data["per_request"]
+        bare, *others = per_request.values()
+        ours, *peers = (n - bare for n in others)
+        found.append(
+            Goal(
+                "... the same in CPU instructions (callgrind: no noise)",
+                "below every peer's",
+                f"{ours:+,.0f} vs. peers " + ", ".join(f"{n:+,.0f}" for n in peers),
+                all(ours < n for n in peers),
             )
         )
     server = sections.get("server")
