@@ -67,6 +67,7 @@ OnError = Literal["allow", "deny"]
 #: Any framework's ASGI app (Litestar and Django type their scopes their own way).
 AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 _REQUEST_ID_HEADER = b"x-request-id"
+_SIGN_IN = "this route is metered: sign in first"
 _PATHSEND = "http.response.pathsend"
 _MAX_REQUEST_ID = 128
 
@@ -224,9 +225,8 @@ class BillingMiddleware:
         feature = metered.feature
         customer: str | None = None
         quota: Quota | None = None
-        resolve = self._resolve
-        late = metered.late or resolve is None
-        if resolve is not None and not metered.late:
+        resolve = None if metered.late else self._resolve  # None: the app names the customer (late)
+        if resolve is not None:
             try:
                 answer = resolve(request)
                 if self._resolve_is_async or not isinstance(answer, str):
@@ -240,21 +240,15 @@ class BillingMiddleware:
                 await self._on_error(request, feature, "the customer resolver failed", scope, receive, send)
                 return
             if not customer:
-                denial = Denial(401, "this route is metered: sign in first", request, feature)
-                await self._deny(denial, scope, receive, send)
+                await self._deny(Denial(401, _SIGN_IN, request, feature), scope, receive, send)
                 return
             quota = self.cache.get(customer, feature)
             if quota is None:
-                try:
-                    quota = await self.cache.fetch(customer, feature)
-                except Exception:
-                    logger.warning(
-                        "billing check for %s/%s failed with nothing cached", customer, feature, exc_info=True
-                    )
-                    if not self._allow_on_error:
-                        denial = Denial(503, "billing is unavailable", request, feature, customer)
-                        await self._deny(denial, scope, receive, send)
-                        return
+                fetched = await self._fetch(request, feature, customer)
+                if isinstance(fetched, Denial):
+                    await self._deny(fetched, scope, receive, send)
+                    return
+                quota = fetched
         quantity = metered.quantity
         if quantity is None or callable(quantity):
             try:
@@ -273,7 +267,7 @@ class BillingMiddleware:
         # Admitted (or, when identified late, still to be gated by the app): call the app, watching
         # whether its response succeeds and completes.
         request_id = (self._trust_request_id and _trusted_request_id(scope)) or new_request_id()
-        gate = functools.partial(self._identify_late, request) if late else None
+        gate = functools.partial(self._identify_late, request) if resolve is None else None
         context = UsageContext(request_id, customer, feature, quantity, quota, gate)
         scope.setdefault("state", {})["billing"] = context
         status = 0
@@ -356,20 +350,26 @@ class BillingMiddleware:
             quota.unconfirmed += used
         return None if self.tracker.submit(event) else event
 
+    async def _fetch(self, request: Request, feature: str, customer: str) -> Quota | Denial | None:
+        """A cache miss: ask upstream; when that fails, None (let through) or a 503, as ``on_error`` says."""
+        try:
+            return await self.cache.fetch(customer, feature)
+        except Exception:
+            logger.warning("billing check for %s/%s failed with nothing cached", customer, feature, exc_info=True)
+            return None if self._allow_on_error else Denial(503, "billing is unavailable", request, feature, customer)
+
     async def _identify_late(self, request: Request, context: UsageContext, customer: str | None) -> None:
         """The gate of a late-identified request, run when the app names its customer."""
         feature = context.feature
         if customer is None:
-            raise self._refusal(Denial(401, "this route is metered: sign in first", request, feature))
+            raise self._refusal(Denial(401, _SIGN_IN, request, feature))
         check_id("customer_id", customer)
         quota = self.cache.get(customer, feature)
         if quota is None:
-            try:
-                quota = await self.cache.fetch(customer, feature)
-            except Exception:
-                logger.warning("billing check for %s/%s failed with nothing cached", customer, feature, exc_info=True)
-                if not self._allow_on_error:
-                    raise self._refusal(Denial(503, "billing is unavailable", request, feature, customer)) from None
+            fetched = await self._fetch(request, feature, customer)
+            if isinstance(fetched, Denial):
+                raise self._refusal(fetched)
+            quota = fetched
             if context._same_customer(customer):
                 return  # identified by a concurrent call meanwhile
         if quota is not None:

@@ -66,6 +66,11 @@ class BillingDenied(Exception):
         self.denial = denial
         self.response = response
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The answer's headers as text, for a framework that builds its own response from them."""
+        return {name.decode("latin-1"): value.decode("latin-1") for name, value in self.response.raw_headers}
+
 
 @functools.lru_cache(maxsize=1024)
 def _policy(feature: str, limit: float) -> tuple[bytes, bytes]:

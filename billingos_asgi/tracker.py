@@ -350,7 +350,7 @@ class Tracker:
                 if not (self._fixed or self._due):
                     continue  # the previous payer took the last work
                 # Meanwhile the groups keep growing; a shutdown may use the checks' reserve too.
-                await self._upstream.ready_to_track(reserve=not self._flushed)
+                await self._ready()
                 counted = False  # a replayed event's units are not in this process's cache figures
                 if self._fixed:
                     batch, stamped = self._fixed.popleft()
@@ -365,6 +365,10 @@ class Tracker:
             self._in_flight.discard(batch)  # not on cancellation: _work reports what was cut off
 
     # -- delivery --
+
+    async def _ready(self) -> None:
+        """Wait for a track's turn; a shutdown drain may use the checks' reserve of the budget too."""
+        await self._upstream.ready_to_track(reserve=not self._flushed)
 
     async def send(self, event: UsageEvent) -> None:
         """Deliver one event now, one attempt (the backend's own retries aside): for apps without a lifespan."""
@@ -420,13 +424,13 @@ class Tracker:
             self._log(logging.WARNING, "track of %d events failed (%r); retry in %.1fs", n, error, delay)
             attempt += 1
             await anyio.sleep(delay)
-            await self._upstream.ready_to_track()
+            await self._ready()
         if isinstance(error, QuotaExceededError) and n > 1:
             # Nothing was recorded: halve until what fits is recorded and the rest is refused.
             half = n // 2
             for part in (batch.events[:half], batch.events[half:]):
                 if background:
-                    await self._upstream.ready_to_track()
+                    await self._ready()
                 sub = Batch.of(part)
                 await self._deliver(sub, self._clock(), counted=counted, fix=True, background=background)
             return

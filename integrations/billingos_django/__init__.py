@@ -30,7 +30,6 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils.module_loading import import_string
-from starlette.responses import Response
 
 from billingos_asgi import BillingDenied, get_usage_context
 
@@ -72,11 +71,10 @@ class IdentifyCustomerMiddleware:
             try:
                 await context.identify(customer)
             except BillingDenied as denied:
-                return django_response(denied.response)
+                return django_response(denied)
         return await self.get_response(request)
 
 
-def django_response(response: Response) -> HttpResponse:
-    """A Starlette response (the refusal) as Django's, body and headers as they are."""
-    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in response.raw_headers}
-    return HttpResponse(response.body, status=response.status_code, headers=headers)
+def django_response(denied: BillingDenied) -> HttpResponse:
+    """The refusal (a Starlette response) as Django's, body and headers as they are."""
+    return HttpResponse(denied.response.body, status=denied.response.status_code, headers=denied.headers)

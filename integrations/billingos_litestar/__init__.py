@@ -34,7 +34,7 @@ from billingos_asgi import BillingDenied, get_usage_context
 __all__ = ["BillingPlugin", "CustomerOf"]
 
 CustomerOf = Callable[[ASGIConnection[Any, Any, Any, Any]], str | None | Awaitable[str | None]]
-_SET_BY_LITESTAR = frozenset({b"content-length", b"content-type"})
+_SET_BY_LITESTAR = frozenset({"content-length", "content-type"})
 
 
 class BillingPlugin(InitPlugin):
@@ -71,11 +71,7 @@ class BillingPlugin(InitPlugin):
 def refusal(request: Request[Any, Any, Any], denied: BillingDenied) -> Response[bytes]:
     """The refusal (a Starlette response) as Litestar's, body and headers as they are."""
     response = denied.response
-    headers = {
-        name.decode("latin-1"): value.decode("latin-1")
-        for name, value in response.raw_headers
-        if name not in _SET_BY_LITESTAR
-    }
+    headers = {name: value for name, value in denied.headers.items() if name not in _SET_BY_LITESTAR}
     return Response(
         bytes(response.body), status_code=response.status_code, headers=headers, media_type=response.media_type
     )
