@@ -18,7 +18,7 @@ from ._models import Entitlement, SessionToken, TrackUsageResult, UsageMetric, U
 from .backend import BillingBackend
 from .client import BillingOS, RetryPolicy
 from .context import UsageContext, get_usage_context, report_usage, set_customer
-from .customers import from_api_key, from_state, from_user
+from .customers import ScopeResolver, from_api_key, from_state, from_user
 from .events import UsageEvent
 from .local import LocalBilling, PlansError
 from .middleware import BillingMiddleware
@@ -47,6 +47,7 @@ __all__ = [
     "QuotaExceededError",
     "RateLimitError",
     "RetryPolicy",
+    "ScopeResolver",
     "ServerError",
     "SessionToken",
     "TrackUsageResult",

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -41,17 +41,22 @@ _EPSILON = 1e-9
 
 @dataclass(slots=True, eq=False)
 class Quota:
-    """What this process knows of one customer's feature."""
+    """What this process knows of one customer's feature.
+
+    One object per cached (customer, feature) for as long as it is cached: a newer answer
+    updates it in place, because the requests running hold it and settle their units on it.
+    """
 
     entitlement: Entitlement | None  # None: billing does not know the customer
-    fetched_at: float
     limit: float | None = None  # a consumable quota's limit; None: not counted here
     usage: float = 0.0  # confirmed upstream, in the current period
     resets_at: float | None = None  # Unix time the period ends
     reserved: float = 0.0  # admitted requests still running
     unconfirmed: float = 0.0  # finished requests whose usage is not confirmed yet
     tracked: bool = True  # False for flags and numeric limits: gated, never tracked
-    refreshing: bool = field(default=False)
+    fresh_until: float = -math.inf  # (monotonic) served as is until then
+    usable_until: float = -math.inf  # (monotonic) served stale, while one refresh runs, until then
+    refreshing: bool = False
     retry_at: float = 0.0  # no background refresh before this (monotonic) time
 
     @property
@@ -67,31 +72,36 @@ class Quota:
             return 403
         limit = self.limit
         if limit is None:
-            return 0 if entitlement.has_access else 403
-        if not entitlement.has_access and entitlement.reason != "quota_exceeded":
+            if not entitlement.has_access:
+                return 403
+        elif not entitlement.has_access and entitlement.reason != "quota_exceeded":
             return 403
-        pending = self.usage + self.reserved + self.unconfirmed
-        # A request whose size the endpoint reports later (quantity 0) needs at least something left.
-        if pending + quantity > limit + _EPSILON or (quantity == 0 and pending >= limit - _EPSILON):
-            return 429
+        else:
+            pending = self.usage + self.reserved + self.unconfirmed
+            # A request whose size the endpoint reports later (quantity 0) needs at least something left.
+            if pending + quantity > limit + _EPSILON or (quantity == 0 and pending >= limit - _EPSILON):
+                return 429
         self.reserved += quantity
         return 0
 
     def release(self, quantity: float) -> None:
-        """A reserved request finished: its units are either dropped or now counted as unconfirmed."""
-        self.reserved = max(0.0, self.reserved - quantity)
+        """An admitted request finished: its units are either dropped or now counted as unconfirmed."""
+        self.reserved -= quantity
 
-
-def _quota_from(entitlement: Entitlement, now: float) -> Quota:
-    counted = entitlement.type in (None, "usage_quota") and entitlement.limit is not None
-    return Quota(
-        entitlement=entitlement,
-        fetched_at=now,
-        limit=entitlement.limit if counted else None,
-        usage=entitlement.usage or 0.0,
-        resets_at=entitlement.resets_at.timestamp() if entitlement.resets_at else None,
-        tracked=entitlement.type in (None, "usage_quota"),
-    )
+    def renew(self, entitlement: Entitlement | None) -> None:
+        """Take a newer upstream answer, keeping this process's accounting (usage only grows within a period)."""
+        self.entitlement = entitlement
+        self.refreshing = False
+        if entitlement is None:
+            self.limit, self.resets_at = None, None
+            return
+        counted = entitlement.type in (None, "usage_quota")
+        resets_at = entitlement.resets_at.timestamp() if entitlement.resets_at else None
+        usage = entitlement.usage or 0.0
+        if resets_at == self.resets_at and self.usage > usage:
+            usage = self.usage  # a check answered before our last confirmed track
+        self.limit = entitlement.limit if counted else None
+        self.usage, self.resets_at, self.tracked = usage, resets_at, counted
 
 
 class _Flight:
@@ -145,15 +155,10 @@ class EntitlementCache:
             quota = self._entries[key]
         except KeyError:
             return None
-        if quota.resets_at is not None and self._wall_clock() >= quota.resets_at:
-            return None  # a new period started: the cached usage no longer applies
         now = self._clock()
-        age = now - quota.fetched_at
-        if quota.entitlement is None:
-            return quota if age < self._negative_ttl else None
-        if age < self._ttl:
+        if now < quota.fresh_until:
             return quota
-        if age < self._stale_ttl and self.spawn is not None:
+        if now < quota.usable_until and self.spawn is not None:
             if not quota.refreshing and now >= quota.retry_at:
                 quota.refreshing = True
                 self.spawn(lambda: self._refresh(key))
@@ -192,11 +197,9 @@ class EntitlementCache:
         try:
             # With an answer to fall back on, a request never waits for a budget token.
             wait = 0.0 if previous is not None else CHECK_WAIT
-            entitlement = await self._upstream.check_entitlement(*key, wait=wait)
+            entitlement: Entitlement | None = await self._upstream.check_entitlement(*key, wait=wait)
         except CustomerNotFoundError:
-            quota = Quota(entitlement=None, fetched_at=self._clock())
-            self._entries[key] = quota
-            return quota
+            entitlement = None
         except Exception:
             if previous is not None:  # upstream is down or busy: a stale answer beats none
                 previous.refreshing = False
@@ -204,14 +207,23 @@ class EntitlementCache:
                 logger.debug("billing check for %s/%s failed; using the cached answer", *key, exc_info=True)
                 return previous
             raise
-        fresh = _quota_from(entitlement, self._clock())
-        if previous is not None and previous.entitlement is not None:
-            # Keep this process's accounting; usage only grows within a period.
-            fresh.reserved, fresh.unconfirmed = previous.reserved, previous.unconfirmed
-            if fresh.resets_at == previous.resets_at:
-                fresh.usage = max(fresh.usage, previous.usage)
-        self._entries[key] = fresh
-        return fresh
+        quota = Quota(None) if previous is None else previous
+        quota.renew(entitlement)
+        self._stamp(quota)
+        self._entries[key] = quota  # (again, if it was evicted meanwhile)
+        return quota
+
+    def _stamp(self, quota: Quota) -> None:
+        """An answer just arrived: when it stops being fresh, and usable at all (never past its period)."""
+        now = self._clock()
+        if quota.entitlement is None:  # an unknown customer may exist soon: never served stale
+            quota.fresh_until = quota.usable_until = now + self._negative_ttl
+            return
+        fresh, usable = now + self._ttl, now + self._stale_ttl
+        if quota.resets_at is not None:
+            period_end = now + (quota.resets_at - self._wall_clock())
+            fresh, usable = min(fresh, period_end), min(usable, period_end)
+        quota.fresh_until, quota.usable_until = fresh, usable
 
     async def _refresh(self, key: Key) -> None:
         try:
@@ -235,7 +247,7 @@ class EntitlementCache:
         elif period_end == quota.resets_at:
             quota.usage = max(quota.usage, usage.consumed_units)
         quota.limit = usage.limit_units  # admission compares usage with the limit itself
-        quota.fetched_at = self._clock()
+        self._stamp(quota)
 
     def reject(self, customer_id: str, feature_key: str, units: float, error: Exception | None) -> None:
         """``units`` will not be recorded: stop counting them; after an upstream refusal, re-check the entry."""
@@ -247,4 +259,4 @@ class EntitlementCache:
             return  # dropped here, not refused upstream: the cached answer still holds
         if isinstance(error, QuotaExceededError) and quota.limit is not None:
             quota.usage = max(quota.usage, quota.limit)
-        quota.fetched_at = -math.inf
+        quota.fresh_until = quota.usable_until = -math.inf

@@ -2,47 +2,66 @@
 
 A resolver takes the :class:`~starlette.requests.Request` and returns the customer id or None
 (sync or async). None of them trusts anything the client can set directly: they read what the
-app's own authentication established, or map a credential through the app's own lookup.
+app's own authentication established, or map a credential through the app's own lookup. They
+read the ASGI scope only (:class:`ScopeResolver`), so the middleware need not build a Request.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
+from time import monotonic
 
-from cachetools import TTLCache
 from starlette.requests import Request
+from starlette.types import Scope
 
-__all__ = ["CustomerResolver", "from_api_key", "from_state", "from_user"]
+__all__ = ["CustomerResolver", "ScopeResolver", "from_api_key", "from_state", "from_user"]
 
-CustomerResolver = Callable[[Request], str | None | Awaitable[str | None]]
+Answer = str | None | Awaitable[str | None]
+CustomerResolver = Callable[[Request], Answer]
 KeyLookup = Callable[[str], str | None | Awaitable[str | None]]
 
 
-def from_user(attribute: str = "identity") -> CustomerResolver:
+class ScopeResolver:
+    """A customer resolver that reads only the ASGI scope (wrap your own in it for the same benefit).
+
+    A resolver like any other, but :class:`~billingos_asgi.BillingMiddleware` calls ``from_scope``
+    directly and skips building a :class:`~starlette.requests.Request` for requests it admits.
+    """
+
+    __slots__ = ("from_scope",)
+
+    def __init__(self, from_scope: Callable[[Scope], Answer]) -> None:
+        self.from_scope = from_scope
+
+    def __call__(self, request: Request) -> Answer:
+        return self.from_scope(request.scope)
+
+
+def from_user(attribute: str = "identity") -> ScopeResolver:
     """The user Starlette's ``AuthenticationMiddleware`` put in ``scope["user"]`` (when authenticated).
 
     ``attribute`` names the user attribute holding the customer id (``identity`` by default).
     """
 
-    def resolve(request: Request) -> str | None:
-        user = request.scope.get("user")
+    def resolve(scope: Scope) -> str | None:
+        user = scope.get("user")
         if user is None or not getattr(user, "is_authenticated", False):
             return None
         value = getattr(user, attribute, None)
         return None if value is None else str(value)
 
-    return resolve
+    return ScopeResolver(resolve)
 
 
-def from_state(attribute: str = "customer_id") -> CustomerResolver:
+def from_state(attribute: str = "customer_id") -> ScopeResolver:
     """An attribute of ``request.state`` set by the app's own auth middleware (placed outside ours)."""
 
-    def resolve(request: Request) -> str | None:
-        value = request.scope.get("state", {}).get(attribute)
+    def resolve(scope: Scope) -> str | None:
+        value = scope.get("state", {}).get(attribute)
         return None if value is None else str(value)
 
-    return resolve
+    return ScopeResolver(resolve)
 
 
 def from_api_key(
@@ -51,34 +70,44 @@ def from_api_key(
     header: str = "x-api-key",
     cache_size: int = 10_000,
     ttl: float = 300.0,
-) -> CustomerResolver:
+) -> ScopeResolver:
     """An API key header mapped to its customer by ``lookup(key)`` (sync or async; None = unknown key).
 
-    Answers, unknown keys included, are cached (bounded LRU with TTL) so the lookup runs once per
+    Answers, unknown keys included, are cached (bounded, with TTL) so the lookup runs once per
     key per ``ttl`` seconds, not once per request.
     """
     if cache_size < 1 or ttl <= 0:
         raise ValueError("cache_size must be >= 1 and ttl > 0")
     header_name = header.lower().encode("latin-1")
-    cache: TTLCache[bytes, str | None] = TTLCache(maxsize=cache_size, ttl=ttl)
+    # key -> (customer, expiry). A plain dict in insertion order, oldest evicted first: every entry
+    # lives ttl seconds from its insertion, so the oldest is also the one to expire first. A third
+    # of cachetools.TTLCache's cost per hit, and this lookup runs on every request.
+    answers: dict[bytes, tuple[str | None, float]] = {}
     is_async = inspect.iscoroutinefunction(lookup)
 
-    def resolve(request: Request) -> str | None | Awaitable[str | None]:
+    def resolve(scope: Scope) -> Answer:
         # Sync on a cache hit (the common case: no coroutine per request); a miss is awaited.
-        key = next((value for name, value in request.scope["headers"] if name == header_name), None)
+        for name, key in scope["headers"]:  # noqa: B007 - the loop stops at the key, used below
+            if name == header_name:
+                break
+        else:
+            return None
         if not key:
             return None
-        try:
-            return cache[key]
-        except KeyError:
-            return look_up(key)
+        answer = answers.get(key)
+        if answer is not None and answer[1] > monotonic():
+            return answer[0]
+        return look_up(key)
 
     async def look_up(key: bytes) -> str | None:
         answer = lookup(key.decode("latin-1"))
         if is_async or inspect.isawaitable(answer):
             answer = await answer  # type: ignore[misc]
         customer = None if answer is None else str(answer)
-        cache[key] = customer
+        answers.pop(key, None)  # re-inserted last: the order stays the expiry order
+        while len(answers) >= cache_size:
+            del answers[next(iter(answers))]
+        answers[key] = (customer, monotonic() + ttl)
         return customer
 
-    return resolve
+    return ScopeResolver(resolve)

@@ -36,7 +36,7 @@ from .cache import (
     Refresh,
 )
 from .context import UsageContext, _current
-from .customers import CustomerResolver
+from .customers import CustomerResolver, ScopeResolver
 from .events import UsageEvent
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
@@ -80,7 +80,7 @@ _UUID4_BITS = (0x4 << 76) | (0x2 << 62)  # version 4, RFC 4122 variant
 
 def new_request_id() -> str:
     """A random (version 4) UUID in its 32-hex-digit form, at a tenth of ``str(uuid.uuid4())``'s cost."""
-    return f"{_random.getrandbits(128) & _UUID4_MASK | _UUID4_BITS:032x}"
+    return "%032x" % (_random.getrandbits(128) & _UUID4_MASK | _UUID4_BITS)
 
 
 #: A usage event without the named tuple's Python-level ``__new__`` (one is made per request).
@@ -180,6 +180,7 @@ class BillingMiddleware:
             outbox=None if outbox is None else Outbox(outbox, max_events=max_queue),
         )
         self._resolve = customer
+        self._resolve_scope = customer.from_scope if isinstance(customer, ScopeResolver) else None
         self._resolve_is_async = inspect.iscoroutinefunction(customer) or inspect.iscoroutinefunction(
             getattr(customer, "__call__", None)  # noqa: B004 - an async callable object
         )
@@ -221,14 +222,15 @@ class BillingMiddleware:
     # -- the decision table --
 
     async def _metered(self, scope: Scope, receive: Receive, send: Send, metered: Metered) -> None:
-        request = Request(scope, receive)
+        # No Request is built for an admitted request unless a user hook needs one.
         feature = metered.feature
         customer: str | None = None
         quota: Quota | None = None
         resolve = None if metered.late else self._resolve  # None: the app names the customer (late)
         if resolve is not None:
             try:
-                answer = resolve(request)
+                by_scope = self._resolve_scope
+                answer = by_scope(scope) if by_scope is not None else resolve(Request(scope, receive))
                 if self._resolve_is_async or not isinstance(answer, str):
                     customer = await self._checked_customer(answer)
                 elif len(answer) > 255 or not answer.strip():
@@ -237,14 +239,14 @@ class BillingMiddleware:
                     customer = answer
             except Exception:
                 logger.exception("customer resolver failed on %s %s", scope["method"], scope["path"])
-                await self._on_error(request, feature, "the customer resolver failed", scope, receive, send)
+                await self._on_error(feature, "the customer resolver failed", scope, receive, send)
                 return
             if not customer:
-                await self._deny(Denial(401, _SIGN_IN, request, feature), scope, receive, send)
+                await self._deny(Denial(401, _SIGN_IN, Request(scope, receive), feature), scope, receive, send)
                 return
             quota = self.cache.get(customer, feature)
             if quota is None:
-                fetched = await self._fetch(request, feature, customer)
+                fetched = await self._fetch(Request(scope, receive), feature, customer)
                 if isinstance(fetched, Denial):
                     await self._deny(fetched, scope, receive, send)
                     return
@@ -252,22 +254,22 @@ class BillingMiddleware:
         quantity = metered.quantity
         if quantity is None or callable(quantity):
             try:
-                quantity = await self._quantity(metered, request)
+                quantity = await self._quantity(metered, Request(scope, receive))
             except Exception:
                 logger.exception("quantity function of %r failed", feature)
-                await self._on_error(request, feature, "the quantity function failed", scope, receive, send)
+                await self._on_error(feature, "the quantity function failed", scope, receive, send)
                 return
         if quota is not None:
             status = quota.admit(quantity)
             if status:
-                denial = self._denial(status, request, feature, customer or "", quota)
+                denial = self._denial(status, Request(scope, receive), feature, customer or "", quota)
                 await self._deny(denial, scope, receive, send)
                 return
 
         # Admitted (or, when identified late, still to be gated by the app): call the app, watching
         # whether its response succeeds and completes.
         request_id = (self._trust_request_id and _trusted_request_id(scope)) or new_request_id()
-        gate = functools.partial(self._identify_late, request) if resolve is None else None
+        gate = functools.partial(self._identify_late, Request(scope, receive)) if resolve is None else None
         context = UsageContext(request_id, customer, feature, quantity, quota, gate)
         scope.setdefault("state", {})["billing"] = context
         status = 0
@@ -403,14 +405,12 @@ class BillingMiddleware:
             raise TypeError(f"quantity function of {metered.feature!r} returned {value!r}, not a finite number >= 0")
         return float(value)
 
-    async def _on_error(
-        self, request: Request, feature: str, detail: str, scope: Scope, receive: Receive, send: Send
-    ) -> None:
+    async def _on_error(self, feature: str, detail: str, scope: Scope, receive: Receive, send: Send) -> None:
         """A hook failed: let the request through unbilled, or answer 503, as ``on_error`` says."""
         if self._allow_on_error:
             await self.app(scope, receive, send)
         else:
-            await self._deny(Denial(503, detail, request, feature), scope, receive, send)
+            await self._deny(Denial(503, detail, Request(scope, receive), feature), scope, receive, send)
 
     # -- answers --
 

@@ -68,7 +68,7 @@ class RouteTable:
         default_feature: str | Metered | None = None,
         exclude: Iterable[str] = (),
     ) -> None:
-        self._static: dict[tuple[str | None, str], Metered] = {}
+        self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
         for key, value in (routes or {}).items():
             method, path = _split_key(key)
@@ -77,9 +77,13 @@ class RouteTable:
             if convertors:
                 self._dynamic.append((method, regex, metered))
             else:
-                if (method, path) in self._static:
+                by_method = self._static.setdefault(path, {})
+                if method in by_method:
                     raise ValueError(f"routes: {key!r} is configured twice")
-                self._static[(method, path)] = metered
+                by_method[method] = metered
+        for by_method in self._static.values():
+            if "GET" in by_method:  # HEAD is GET without the body, unless configured on its own
+                by_method.setdefault("HEAD", by_method["GET"])
         if isinstance(default_feature, str):
             default_feature = Metered(default_feature)
         self._default = default_feature
@@ -107,11 +111,9 @@ class RouteTable:
         """The metering of ``method path``, or None when it is not metered or is excluded."""
         if path in self._excluded:
             return None
-        static = self._static
-        if static:
-            if method == "HEAD":
-                method = "GET"
-            found = static.get((method, path)) or static.get((None, path))
+        by_method = self._static.get(path)
+        if by_method is not None:
+            found = by_method.get(method) or by_method.get(None)
             if found is not None:
                 return found
         if self._simple:

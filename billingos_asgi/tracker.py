@@ -160,12 +160,13 @@ class Tracker:
         return True
 
     def _enqueue(self, event: UsageEvent) -> None:
-        group = self._pending.get((event.customer_id, event.feature_key))
-        if group is None:
-            self._pending[(event.customer_id, event.feature_key)] = [event]
-        else:
+        key = (event.customer_id, event.feature_key)
+        group = self._pending.get(key)
+        if group is not None:
             group.append(event)
-        if self._window is not None:
+            return
+        self._pending[key] = [event]
+        if self._window is not None:  # the first event of a window wakes the flusher
             self._window.set()
             self._window = None
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+
+import anyio
+import pytest
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser, SimpleUser
 from starlette.middleware import Middleware
@@ -12,6 +16,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, from_api_key, from_state, from_user, get_usage_context
+from billingos_asgi.customers import CustomerResolver
 from tests.asgi import serve
 
 KEYS = {"key-free": "user_free", "key-pro": "user_pro"}
@@ -73,6 +78,53 @@ async def test_from_api_key_with_an_async_lookup_and_custom_header(billing: Loca
     assert ok.json() == {"customer": "user_pro"}
     assert wrong_header.status_code == 401
     assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+def keyed(key: str) -> Request:
+    return Request({"type": "http", "headers": [(b"host", b"x"), (b"x-api-key", key.encode())]})
+
+
+async def resolved(resolver: CustomerResolver, key: str) -> str | None:
+    answer = resolver(keyed(key))
+    return await answer if inspect.isawaitable(answer) else answer
+
+
+async def test_from_api_key_cache_is_bounded_oldest_first() -> None:
+    lookups: list[str] = []
+
+    def lookup(key: str) -> str:
+        lookups.append(key)
+        return f"owner-of-{key}"
+
+    resolver = from_api_key(lookup, cache_size=2)
+    for key in ["a", "b", "a", "c", "b", "a"]:
+        assert await resolved(resolver, key) == f"owner-of-{key}"
+    # c evicted a (the oldest, though used since: eviction follows insertion), b was still cached.
+    assert lookups == ["a", "b", "c", "a"]
+
+
+async def test_from_api_key_answers_expire_after_ttl() -> None:
+    lookups: list[str] = []
+    owners = {"k": "first-owner"}
+
+    def lookup(key: str) -> str | None:
+        lookups.append(key)
+        return owners.get(key)
+
+    resolver = from_api_key(lookup, ttl=0.05)
+    assert await resolved(resolver, "k") == "first-owner"
+    owners["k"] = "second-owner"  # the key was reassigned (or revoked) in the app's store
+    assert await resolved(resolver, "k") == "first-owner"  # cached
+    await anyio.sleep(0.1)
+    assert await resolved(resolver, "k") == "second-owner"
+    assert lookups == ["k", "k"]
+
+
+def test_from_api_key_refuses_a_bad_cache_configuration() -> None:
+    with pytest.raises(ValueError, match="cache_size"):
+        from_api_key(KEYS.get, cache_size=0)
+    with pytest.raises(ValueError, match="ttl"):
+        from_api_key(KEYS.get, ttl=0)
 
 
 class TokenBackend(AuthenticationBackend):

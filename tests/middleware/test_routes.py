@@ -14,6 +14,7 @@ from starlette.routing import Mount, Route
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered
 from billingos_asgi.local.background import serve_in_thread
+from billingos_asgi.routes import RouteTable
 from tests.asgi import serve
 
 from .support import PLANS, as_customer, by_header
@@ -149,6 +150,51 @@ async def test_head_is_metered_like_get(billing: LocalBilling, routes: dict[str,
     assert anonymous.status_code == 401
     assert paid.status_code == 200 and paid.headers["x-request-id"] and paid.content == b""
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+def test_route_table_prefers_the_method_then_any_method_then_the_default() -> None:
+    table = RouteTable(
+        {
+            "GET /a": "reads",
+            "/a": "other_methods",
+            "HEAD /b": "heads",
+            "GET /b": "reads",
+            "POST /c": "writes",
+            "/d/{n:int}": "templated",
+        },
+        default_feature="everything",
+        exclude=["/health", "/static/*"],
+    )
+    feature = {
+        (method, path): (None if metered is None else metered.feature)
+        for method, path in [
+            ("GET", "/a"),
+            ("HEAD", "/a"),
+            ("DELETE", "/a"),
+            ("HEAD", "/b"),
+            ("GET", "/b"),
+            ("POST", "/c"),
+            ("GET", "/c"),
+            ("PUT", "/d/3"),
+            ("GET", "/health"),
+            ("GET", "/static/app.js"),
+            ("GET", "/elsewhere"),
+        ]
+        for metered in [table.match(method, path)]
+    }
+    assert feature == {
+        ("GET", "/a"): "reads",
+        ("HEAD", "/a"): "reads",  # HEAD follows GET
+        ("DELETE", "/a"): "other_methods",
+        ("HEAD", "/b"): "heads",  # configured on its own
+        ("GET", "/b"): "reads",
+        ("POST", "/c"): "writes",
+        ("GET", "/c"): "everything",
+        ("PUT", "/d/3"): "templated",
+        ("GET", "/health"): None,
+        ("GET", "/static/app.js"): None,
+        ("GET", "/elsewhere"): "everything",
+    }
 
 
 @pytest.mark.parametrize(
