@@ -1,8 +1,8 @@
 """The entitlement cache: one upstream check per (customer, feature) at a time, and local accounting.
 
 Each cached :class:`Quota` holds the last upstream answer plus the units this process has let
-through but not yet seen confirmed (``reserved`` while the request runs, ``unconfirmed`` while
-its usage event is on its way), so that a process never admits more than the limit between two
+through but not yet seen confirmed (``local``: admitted while the request runs, then while its
+usage event is on its way), so that a process never admits more than the limit between two
 upstream answers. All bookkeeping is synchronous: no lock, no await on the request path.
 """
 
@@ -51,57 +51,46 @@ class Quota:
     limit: float | None = None  # a consumable quota's limit; None: not counted here
     usage: float = 0.0  # confirmed upstream, in the current period
     resets_at: float | None = None  # Unix time the period ends
-    reserved: float = 0.0  # admitted requests still running
-    unconfirmed: float = 0.0  # finished requests whose usage is not confirmed yet
+    # Admitted here and not yet confirmed upstream: running requests' units, then their events'.
+    # A request that succeeds with the units it was admitted for leaves it as it is.
+    local: float = 0.0
+    refusal: int = 403  # 403 when the entitlement refuses whatever the usage, else 0
     tracked: bool = True  # False for flags and numeric limits: gated, never tracked
     fresh_until: float = -math.inf  # (monotonic) served as is until then
     usable_until: float = -math.inf  # (monotonic) served stale, while one refresh runs, until then
     refreshing: bool = False
     retry_at: float = 0.0  # no background refresh before this (monotonic) time
 
-    @property
-    def remaining(self) -> float | None:
-        if self.limit is None:
-            return None
-        return max(0.0, self.limit - self.usage - self.reserved - self.unconfirmed)
-
     def admit(self, quantity: float) -> int:
-        """Reserve ``quantity`` units and return 0, or return the status refusing the request (403/429)."""
-        entitlement = self.entitlement
-        if entitlement is None:
-            return 403
+        """Count ``quantity`` units in and return 0, or return the status refusing the request (403/429)."""
+        if self.refusal:
+            return self.refusal
         limit = self.limit
-        if limit is None:
-            if not entitlement.has_access:
-                return 403
-        elif not entitlement.has_access and entitlement.reason != "quota_exceeded":
-            return 403
-        else:
-            pending = self.usage + self.reserved + self.unconfirmed
+        if limit is not None:
+            pending = self.usage + self.local
             # A request whose size the endpoint reports later (quantity 0) needs at least something left.
             if pending + quantity > limit + _EPSILON or (quantity == 0 and pending >= limit - _EPSILON):
                 return 429
-        self.reserved += quantity
+        self.local += quantity
         return 0
-
-    def release(self, quantity: float) -> None:
-        """An admitted request finished: its units are either dropped or now counted as unconfirmed."""
-        self.reserved -= quantity
 
     def renew(self, entitlement: Entitlement | None) -> None:
         """Take a newer upstream answer, keeping this process's accounting (usage only grows within a period)."""
         self.entitlement = entitlement
         self.refreshing = False
         if entitlement is None:
-            self.limit, self.resets_at = None, None
+            self.limit, self.resets_at, self.refusal = None, None, 403
             return
         counted = entitlement.type in (None, "usage_quota")
+        limit = entitlement.limit if counted else None
+        # Out of quota is decided from the usage figures (they change); anything else refuses as is.
+        refused = not entitlement.has_access and (limit is None or entitlement.reason != "quota_exceeded")
+        self.refusal = 403 if refused else 0
         resets_at = entitlement.resets_at.timestamp() if entitlement.resets_at else None
         usage = entitlement.usage or 0.0
         if resets_at == self.resets_at and self.usage > usage:
             usage = self.usage  # a check answered before our last confirmed track
-        self.limit = entitlement.limit if counted else None
-        self.usage, self.resets_at, self.tracked = usage, resets_at, counted
+        self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
 
 
 class _Flight:
@@ -239,7 +228,7 @@ class EntitlementCache:
         quota = self._entries.get((customer_id, feature_key))
         if quota is None or quota.entitlement is None:
             return
-        quota.unconfirmed = max(0.0, quota.unconfirmed - units)
+        quota.local = max(0.0, quota.local - units)
         usage = result.usage
         period_end = usage.period_end.timestamp()
         if quota.resets_at is None or period_end > quota.resets_at:
@@ -254,7 +243,7 @@ class EntitlementCache:
         quota = self._entries.get((customer_id, feature_key))
         if quota is None:
             return
-        quota.unconfirmed = max(0.0, quota.unconfirmed - units)
+        quota.local = max(0.0, quota.local - units)
         if error is None:
             return  # dropped here, not refused upstream: the cached answer still holds
         if isinstance(error, QuotaExceededError) and quota.limit is not None:

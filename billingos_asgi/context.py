@@ -23,14 +23,14 @@ Gate = Callable[["UsageContext", "str | None"], Awaitable[None]]
 class UsageContext:
     """The billing side of one metered request, shared by reference between middleware and app.
 
-    Also at ``request.state.billing``. ``entitlement`` is the customer's entitlement as the
-    gate saw it. ``report(units)`` adds units the endpoint measured itself
+    Also at ``request.state.billing``. ``entitlement`` is the customer's entitlement as this
+    process knows it. ``report(units)`` adds units the endpoint measured itself
     (tokens an LLM call used, bytes stored); they are billed after the response completes.
     On a route identified late (``Metered(late=True)``, or no ``customer=`` resolver),
     ``customer_id`` is None until the app calls :meth:`identify` (or :func:`set_customer`).
     """
 
-    __slots__ = ("_gate", "customer_id", "entitlement", "feature", "quantity", "quota", "reported", "request_id")
+    __slots__ = ("_gate", "customer_id", "feature", "quantity", "quota", "reported", "request_id")
 
     def __init__(
         self,
@@ -46,8 +46,6 @@ class UsageContext:
         self.feature = feature
         self.quantity = quantity
         self.quota = quota  # this process's accounting of the customer's feature; None: not gated
-        # The entitlement as cached when the request was admitted (None: not known, or billing unreachable).
-        self.entitlement: Entitlement | None = None if quota is None else quota.entitlement
         self.reported = 0.0
         self._gate = gate
 
@@ -56,6 +54,11 @@ class UsageContext:
             f"UsageContext(request_id={self.request_id!r}, customer_id={self.customer_id!r}, "
             f"feature={self.feature!r}, quantity={self.quantity!r}, reported={self.reported!r})"
         )
+
+    @property
+    def entitlement(self) -> Entitlement | None:
+        """The cached entitlement (None: the customer is unknown, or billing was unreachable)."""
+        return None if self.quota is None else self.quota.entitlement
 
     def report(self, units: float) -> None:
         """Add ``units`` (a finite number > 0) to this request's usage."""

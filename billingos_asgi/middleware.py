@@ -271,7 +271,10 @@ class BillingMiddleware:
         request_id = (self._trust_request_id and _trusted_request_id(scope)) or new_request_id()
         gate = functools.partial(self._identify_late, Request(scope, receive)) if resolve is None else None
         context = UsageContext(request_id, customer, feature, quantity, quota, gate)
-        scope.setdefault("state", {})["billing"] = context
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["billing"] = context
         status = 0
         completed = False
         disconnected = False
@@ -290,7 +293,7 @@ class BillingMiddleware:
                 status = message["status"]
                 gated = context.quota
                 if gated is not None and gated.limit is not None:
-                    left = gated.limit - gated.usage - gated.reserved - gated.unconfirmed  # clamped at 0 there
+                    left = gated.limit - gated.usage - gated.local  # clamped at 0 there
                     message["headers"] = [
                         *message.get("headers", ()),
                         (b"x-request-id", request_id.encode()),
@@ -308,48 +311,47 @@ class BillingMiddleware:
         try:
             await self.app(scope, watch_receive, watch_send)
         except BaseException as exc:
-            if context.quota is not None:
-                context.quota.release(quantity)
             if isinstance(exc, BillingDenied) and not status:
+                self._settle(context, quantity, 0.0)
                 await exc.response(scope, receive, send)  # the app's late gate refused the request
                 return
-            if metered.bill_partial and context.reported and isinstance(exc, (OSError, ClientDisconnect)):
-                # The client went away mid-response (ASGI 2.4 servers raise from send).
-                unsent = self._bill(context, context.reported)
-                if unsent is not None:
-                    await self.tracker.send(unsent)
+            # The client went away mid-response (ASGI 2.4 servers raise from send).
+            aborted = metered.bill_partial and isinstance(exc, (OSError, ClientDisconnect))
+            unsent = self._settle(context, quantity, context.reported if aborted else 0.0)
+            if unsent is not None:
+                await self.tracker.send(unsent)
             raise
         finally:
             _current.reset(token)
-        if context.quota is not None:
-            context.quota.release(quantity)
         if completed and status < 400:
-            unsent = self._bill(context, quantity + context.reported)
+            unsent = self._settle(context, quantity, quantity + context.reported)
         else:
-            unsent = self._bill(context, context.reported) if metered.bill_partial else None
+            unsent = self._settle(context, quantity, context.reported if metered.bill_partial else 0.0)
         if unsent is not None:
             await self.tracker.send(unsent)  # no lifespan: the response is already complete
 
-    def _bill(self, context: UsageContext, used: float) -> UsageEvent | None:
-        """Queue the request's usage event; returns it when no worker runs (the caller sends it inline)."""
-        if used <= 0:
-            return None
+    def _settle(self, context: UsageContext, admitted: float, used: float) -> UsageEvent | None:
+        """Bill the finished request ``used`` units: its usage event is queued, or returned when no
+        worker runs (the caller sends it inline). The quota counts what is billed instead of what
+        was admitted, until upstream confirms it."""
+        quota = context.quota
         customer = context.customer_id
-        if customer is None:
-            self.unidentified += 1
-            logger.warning(
-                "%s: a late-identified request succeeded but the app never named its customer: %g unit(s) not billed",
-                context.feature,
-                used,
-            )
+        if used <= 0 or customer is None or (quota is not None and not quota.tracked):
+            if quota is not None:
+                quota.local -= admitted  # nothing on its way (flags and numeric limits are never tracked)
+            if used > 0 and customer is None:
+                self.unidentified += 1
+                logger.warning(
+                    "%s: a late-identified request succeeded but the app never named its customer: "
+                    "%g unit(s) not billed",
+                    context.feature,
+                    used,
+                )
             return None
+        if quota is not None and used != admitted:
+            quota.local += used - admitted
         feature = context.feature
         event: UsageEvent = _new_event((customer, feature, used, f"{context.request_id}:{feature}", None))
-        quota = context.quota
-        if quota is not None:
-            if not quota.tracked:
-                return None  # flags and numeric limits are gated, never counted
-            quota.unconfirmed += used
         return None if self.tracker.submit(event) else event
 
     async def _fetch(self, request: Request, feature: str, customer: str) -> Quota | Denial | None:
@@ -378,7 +380,6 @@ class BillingMiddleware:
             status = quota.admit(context.quantity)
             if status:
                 raise self._refusal(self._denial(status, request, feature, customer, quota))
-            context.entitlement = quota.entitlement
         context.customer_id, context.quota = customer, quota
 
     # -- user hooks, called so that their failure cannot take a request down silently --
@@ -430,7 +431,7 @@ class BillingMiddleware:
             feature,
             customer,
             limit=quota.limit,
-            usage=None if quota.limit is None else quota.usage + quota.reserved + quota.unconfirmed,
+            usage=None if quota.limit is None else quota.usage + quota.local,
             resets_at=quota.resets_at,
             upgrade_url=self._upgrade_url,
         )

@@ -109,12 +109,9 @@ async def test_a_refresh_while_requests_run_keeps_their_accounting(billing: Loca
     assert quota.admit(1) == 0 and quota.admit(1) == 0  # two requests running
     clocks.advance(31)
     refreshed = await cache.fetch("c1", "api_calls")
-    # The requests finish on the entry they were admitted by: one succeeded, one failed.
-    quota.release(1)
-    quota.unconfirmed += 1
-    quota.release(1)
-    assert refreshed.reserved == 0 and refreshed.unconfirmed == 1
-    assert refreshed.remaining == 4
+    # The requests finish on the entry they were admitted by: one succeeded, one failed (settled).
+    quota.local -= 1
+    assert refreshed is quota and refreshed.local == 1  # the success's unit, on its way upstream
     for _ in range(4):
         assert refreshed.admit(1) == 0
     assert refreshed.admit(1) == 429
