@@ -13,7 +13,6 @@ import functools
 import inspect
 import logging
 import os
-import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -72,15 +71,26 @@ _PATHSEND = "http.response.pathsend"
 _MAX_REQUEST_ID = 128
 
 
-_random = random.Random()  # its own generator: a user's random.seed() must not repeat request ids
-os.register_at_fork(after_in_child=_random.seed)  # nor a forked worker its parent's
-_UUID4_MASK = ((1 << 128) - 1) & ~(0xF << 76) & ~(0x3 << 62)
-_UUID4_BITS = (0x4 << 76) | (0x2 << 62)  # version 4, RFC 4122 variant
+_request_ids: list[str] = []  # made in batches: one urandom call and one hex conversion per batch
+os.register_at_fork(after_in_child=_request_ids.clear)  # a forked worker must not reuse its parent's
+_VERSION_4 = bytes(byte & 0x0F | 0x40 for byte in range(256))  # byte 6 of a version 4 UUID
+_VARIANT = bytes(byte & 0x3F | 0x80 for byte in range(256))  # byte 8: the RFC 4122 variant
+
+
+def _make_request_ids(count: int = 256) -> None:
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = raw[6::16].translate(_VERSION_4)
+    raw[8::16] = raw[8::16].translate(_VARIANT)
+    _request_ids.extend(raw.hex(" ", 16).split(" "))  # 32 hex digits each, with no loop in Python
 
 
 def new_request_id() -> str:
-    """A random (version 4) UUID in its 32-hex-digit form, at a tenth of ``str(uuid.uuid4())``'s cost."""
-    return "%032x" % (_random.getrandbits(128) & _UUID4_MASK | _UUID4_BITS)
+    """A random (version 4) UUID in its 32-hex-digit form, at a fraction of ``uuid.uuid4().hex``'s cost."""
+    try:
+        return _request_ids.pop()
+    except IndexError:
+        _make_request_ids()
+        return _request_ids.pop()
 
 
 #: A usage event without the named tuple's Python-level ``__new__`` (one is made per request).

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import anyio
 import httpx
+import pytest
 from fastapi import FastAPI
 from fastapi import Request as FastAPIRequest
 from starlette.applications import Starlette
@@ -419,6 +422,24 @@ def test_request_ids_are_version_4_uuids_that_a_seeded_random_cannot_repeat() ->
     random.seed(7)  # an app (or its tests) seeding the global generator must not replay ids
     second = [new_request_id() for _ in range(1_000)]
     assert len(set(first + second)) == 2_000
-    for text in first[:50]:
+    for text in first + second:
         parsed = uuid.UUID(text)
         assert parsed.hex == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_never_reuses_its_parents_request_ids() -> None:
+    from billingos_asgi.middleware import new_request_id
+
+    new_request_id()  # the parent holds a batch of ids made in advance
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        os.write(write, " ".join(new_request_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child_ids = pipe.read().split()
+    os.waitpid(child, 0)
+    parent_ids = [new_request_id() for _ in range(100)]
+    assert len(child_ids) == 100 and not set(child_ids) & set(parent_ids)
