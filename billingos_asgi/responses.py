@@ -41,10 +41,11 @@ class Denial:
 
     @property
     def retry_after(self) -> int | None:
-        """Seconds until the quota resets (429), or a short wait when billing is unavailable (503)."""
+        """Seconds until the billing period ends (429 and 403, when the feature has a period; SPEC
+        section 5), or a short wait when billing is unavailable (503)."""
         if self.status == 503:
             return 5
-        if self.status == 429 and self.resets_at is not None:
+        if self.resets_at is not None and self.status in (403, 429):
             return max(1, math.ceil(self.resets_at - time.time()))
         return None
 

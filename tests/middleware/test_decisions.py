@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -171,11 +173,28 @@ async def test_no_access_answers_403_without_entering_the_handler(
         )
         assert "upgrade_url" not in body
         assert "x-request-id" not in response.headers
+        # SPEC section 5: the period's end when the feature has one (nothing to wait for otherwise).
+        if body["resets_at"] is None:
+            assert "retry-after" not in response.headers
+        else:
+            resets_at = datetime.fromisoformat(body["resets_at"].replace("Z", "+00:00")).timestamp()
+            assert 0 < int(response.headers["retry-after"]) <= math.ceil(resets_at - time.time()) + 1
     assert calls == []
     assert middleware.upstream.checks == 1  # the refusal is cached too
     assert middleware.tracker.stats.queued == 0
     if customer != "user_nobody":
         assert await billing.recorded_units(customer, feature) == 0
+
+
+def test_refusals_say_when_to_retry_where_there_is_something_to_wait_for() -> None:
+    request = Request({"type": "http", "headers": []})
+    in_an_hour = time.time() + 3_600
+    assert Denial(429, "used up", request, "api_calls", resets_at=in_an_hour).retry_after in (3_599, 3_600, 3_601)
+    assert Denial(403, "not in plan", request, "api_calls", resets_at=in_an_hour).retry_after in (3_599, 3_600, 3_601)
+    assert Denial(429, "used up", request, "api_calls", resets_at=time.time() - 5).retry_after == 1  # ended: soon
+    assert Denial(403, "unknown customer", request, "api_calls").retry_after is None  # no period: nothing to await
+    assert Denial(401, "sign in", request, "api_calls", resets_at=in_an_hour).retry_after is None
+    assert Denial(503, "billing down", request, "api_calls").retry_after == 5
 
 
 async def test_403_details_tell_the_reasons_apart(billing: LocalBilling) -> None:
