@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from starlette.requests import Request
 
@@ -16,8 +18,19 @@ if TYPE_CHECKING:
 
 __all__ = ["UsageContext", "get_usage_context", "report_usage", "set_customer"]
 
-#: The middleware's gate for a late-identified request: admits the customer or raises BillingDenied.
-Gate = Callable[["UsageContext", "str | None"], Awaitable[None]]
+logger = logging.getLogger("billingos_asgi")
+
+Subject = TypeVar("Subject")
+
+
+class Gate(Protocol):
+    """The middleware's gate for a late-identified request."""
+
+    async def admit(self, context: UsageContext, customer_id: str | None) -> None:
+        """Admit the request for ``customer_id``, or raise BillingDenied (401, 403, 429, 503)."""
+
+    def hook_failed(self, context: UsageContext, detail: str) -> None:
+        """A user hook naming the customer failed: return (on_error="allow") or raise BillingDenied (503)."""
 
 
 class UsageContext:
@@ -73,9 +86,37 @@ class UsageContext:
         """
         if self._same_customer(customer_id):
             return
+        await self._the_gate().admit(self, customer_id)
+
+    async def identify_by(
+        self, customer_of: Callable[[Subject], str | None | Awaitable[str | None]], subject: Subject
+    ) -> None:
+        """:meth:`identify` with the customer that ``customer_of(subject)`` (sync or async) names.
+
+        For framework adapters calling the app's own function: one that raises, or answers
+        anything but a customer id (a non-empty string) or None, is logged and handled by the
+        middleware's ``on_error`` policy (the request goes on unbilled, or a 503), never a 500.
+        Not called at all when the request already has its customer.
+        """
+        if self.customer_id is not None:
+            return
+        gate = self._the_gate()
+        try:
+            answer = customer_of(subject)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            if answer is not None and not (isinstance(answer, str) and 0 < len(answer) <= 255 and answer.strip()):
+                raise TypeError(f"returned {answer!r}, not a customer id (a non-empty string) or None")
+        except Exception:
+            logger.exception("the customer function %r failed on a %s request", customer_of, self.feature)
+            gate.hook_failed(self, "the customer function failed")
+            return
+        await gate.admit(self, answer)
+
+    def _the_gate(self) -> Gate:
         if self._gate is None:
             raise RuntimeError("identify() needs a request that BillingMiddleware is metering")
-        await self._gate(self, customer_id)
+        return self._gate
 
     def _same_customer(self, customer_id: str | None) -> bool:
         if self.customer_id is None:

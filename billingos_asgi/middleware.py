@@ -279,7 +279,7 @@ class BillingMiddleware:
         # Admitted (or, when identified late, still to be gated by the app): call the app, watching
         # whether its response succeeds and completes.
         request_id = (self._trust_request_id and _trusted_request_id(scope)) or new_request_id()
-        gate = functools.partial(self._identify_late, Request(scope, receive)) if resolve is None else None
+        gate = _LateGate(self, Request(scope, receive)) if resolve is None else None
         context = UsageContext(request_id, customer, feature, quantity, quota, gate)
         state = scope.get("state")
         if state is None:
@@ -373,7 +373,7 @@ class BillingMiddleware:
             return None if self._allow_on_error else Denial(503, "billing is unavailable", request, feature, customer)
 
     async def _identify_late(self, request: Request, context: UsageContext, customer: str | None) -> None:
-        """The gate of a late-identified request, run when the app names its customer."""
+        """The gate of a late-identified request (:class:`_LateGate`), run when the app names its customer."""
         feature = context.feature
         if customer is None:
             raise self._refusal(Denial(401, _SIGN_IN, request, feature))
@@ -519,3 +519,21 @@ class BillingMiddleware:
     async def _stop(self) -> None:
         self.cache.spawn = None
         await self.tracker.stop()
+
+
+class _LateGate:
+    """The gate of one late-identified request, held by its :class:`UsageContext`."""
+
+    __slots__ = ("_middleware", "_request")
+
+    def __init__(self, middleware: BillingMiddleware, request: Request) -> None:
+        self._middleware = middleware
+        self._request = request
+
+    async def admit(self, context: UsageContext, customer_id: str | None) -> None:
+        await self._middleware._identify_late(self._request, context, customer_id)
+
+    def hook_failed(self, context: UsageContext, detail: str) -> None:
+        middleware = self._middleware
+        if not middleware._allow_on_error:
+            raise middleware._refusal(Denial(503, detail, self._request, context.feature))

@@ -22,7 +22,6 @@ answers the ASGI lifespan that Django refuses, so its tracker starts and drains 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable
 
 from asgiref.sync import markcoroutinefunction
@@ -48,9 +47,9 @@ class IdentifyCustomerMiddleware:
     """Name the paying customer of a metered request once Django's auth has run, and gate it.
 
     ``BILLINGOS_CUSTOMER`` (a callable or its dotted path, given the request, sync or async)
-    says who pays; it is called only on metered requests not identified yet. A refusal (401 when
-    it answers None, 403, 429, 503) is answered here, as BillingOS's problem response: raised
-    further, Django would turn it into a 500.
+    says who pays; it is called only on metered requests not identified yet (if it raises, the
+    middleware's ``on_error`` decides). A refusal (401 when it answers None, 403, 429, 503) is
+    answered here, as BillingOS's problem response: raised further, Django would make it a 500.
     """
 
     sync_capable = False
@@ -64,12 +63,9 @@ class IdentifyCustomerMiddleware:
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         context = get_usage_context()
-        if context is not None and context.customer_id is None:
-            customer = self.customer(request)
-            if inspect.isawaitable(customer):
-                customer = await customer
+        if context is not None:
             try:
-                await context.identify(customer)
+                await context.identify_by(self.customer, request)
             except BillingDenied as denied:
                 return django_response(denied)
         return await self.get_response(request)

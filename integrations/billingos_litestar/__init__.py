@@ -19,7 +19,6 @@ guard finds the customer known and does nothing.)
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,9 +41,10 @@ class BillingPlugin(InitPlugin):
 
     ``customer(connection)`` (sync or async) says who pays, from what the app's auth put in
     ``connection.user``; it is called only on metered requests not identified yet, and None
-    answers 401. Guards run after every middleware, authentication included, whatever their
-    order. A refusal (``BillingDenied``, from the guard or a handler's own ``identify``) is
-    answered with BillingOS's problem response rather than Litestar's 500.
+    answers 401 (if it raises, the middleware's ``on_error`` decides). Guards run after every
+    middleware, authentication included, whatever their order. A refusal (``BillingDenied``,
+    from the guard or a handler's own ``identify``) is answered with BillingOS's problem response
+    rather than Litestar's 500.
     """
 
     __slots__ = ("customer",)
@@ -60,12 +60,8 @@ class BillingPlugin(InitPlugin):
     async def identify(self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         """The guard: name the customer of a request the middleware left unidentified, and gate it."""
         context = get_usage_context()
-        if context is None or context.customer_id is not None:
-            return
-        customer = self.customer(connection)
-        if inspect.isawaitable(customer):
-            customer = await customer
-        await context.identify(customer)
+        if context is not None:
+            await context.identify_by(self.customer, connection)
 
 
 def refusal(request: Request[Any, Any, Any], denied: BillingDenied) -> Response[bytes]:

@@ -64,6 +64,11 @@ async def by_username(request: HttpRequest) -> str | None:
     return f"user_{user.get_username()}" if user.is_authenticated else None
 
 
+def session_store_down(request: HttpRequest) -> str | None:
+    """A ``BILLINGOS_CUSTOMER`` that fails (the app's bug or outage, not a refusal)."""
+    raise ConnectionError("session store unreachable")
+
+
 @pytest.fixture(scope="module")
 def sessions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, dict[str, str]]]:
     """Django set up once; per user, the default customer id (the pk) and a signed-in session cookie."""
@@ -158,6 +163,25 @@ async def test_the_customer_setting_names_who_pays(
     assert answers == [200] * 37 + [429]  # user_37's plan: 37 calls
     assert await billing.recorded_units("user_37", "api_calls") == 37
     assert await billing.recorded_units(pk, "api_calls") == 0
+
+
+@pytest.mark.parametrize(("on_error", "expected"), [("allow", 200), ("deny", 503)])
+async def test_a_failing_customer_setting_follows_on_error_not_a_500(
+    billing: LocalBilling,
+    sessions: dict[str, tuple[str, dict[str, str]]],
+    entered: list[str],
+    on_error: str,
+    expected: int,
+) -> None:
+    pro, as_pro = sessions["pro"]
+    await billing.set_plan(pro, "pro")
+    with override_settings(BILLINGOS_CUSTOMER=f"{__name__}.session_store_down"):
+        app = build(billing, on_error=on_error)
+    async with serve(app) as client:
+        answer = await client.get("/v1/search", headers=as_pro)
+    assert answer.status_code == expected
+    assert entered == (["search"] if expected == 200 else [])  # let through unbilled, or refused before the view
+    assert await billing.recorded_units(pro, "api_calls") == 0
 
 
 async def test_the_middleware_answers_the_lifespan_django_refuses(

@@ -7,6 +7,7 @@ the middleware still decides (through ``identify``) and tracks.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import anyio
 import pytest
@@ -195,6 +196,66 @@ async def test_billing_unreachable_at_identification_follows_on_error(
         async with serve(app) as client:
             answer = await client.get("/v1/search", headers=bearer("token-free"))
     assert answer.status_code == expected
+
+
+def by_app_function(billing: LocalBilling, customer_of: Any, on_error: str) -> Starlette:
+    """An adapter's pattern: the app's own function of the request names the customer."""
+
+    async def endpoint(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        await context.identify_by(customer_of, request)
+        return JSONResponse({"customer": context.customer_id})
+
+    app = Starlette(routes=[Route("/v1/search", endpoint)])
+    app.add_middleware(
+        BillingMiddleware,
+        billing=billing,
+        default_feature="api_calls",
+        on_error=on_error,  # type: ignore[arg-type]
+    )
+    return app
+
+
+async def test_identify_by_names_the_customer_with_the_apps_function_sync_or_async(billing: LocalBilling) -> None:
+    async def async_signed_in(request: Request) -> str | None:
+        return signed_in(request)
+
+    for customer_of in (signed_in, async_signed_in):
+        async with serve(by_app_function(billing, customer_of, "deny")) as client:
+            paid = await client.get("/v1/search", headers=bearer("token-pro"))
+            anonymous = await client.get("/v1/search")
+        assert paid.json() == {"customer": "user_pro"} and anonymous.status_code == 401
+    assert await billing.recorded_units("user_pro", "api_calls") == 2
+
+
+def broken(request: Request) -> str | None:
+    raise KeyError("session store unreachable")
+
+
+def answers_an_object(request: Request) -> Any:
+    return {"id": "user_pro"}  # a user object instead of its id
+
+
+async def answers_blank(request: Request) -> str | None:
+    return "   "
+
+
+@pytest.mark.parametrize("customer_of", [broken, answers_an_object, answers_blank])
+@pytest.mark.parametrize(("on_error", "expected"), [("allow", 200), ("deny", 503)])
+async def test_a_failing_customer_function_follows_on_error_never_a_500(
+    billing: LocalBilling, customer_of: Any, on_error: str, expected: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = by_app_function(billing, customer_of, on_error)
+    async with serve(app) as client:
+        answer = await client.get("/v1/search", headers=bearer("token-pro"))
+    assert answer.status_code == expected
+    if expected == 200:
+        assert answer.json() == {"customer": None}  # let through, unbilled (counted as unidentified)
+    else:
+        assert answer.headers["content-type"] == "application/problem+json" and answer.headers["retry-after"] == "5"
+    assert "the customer function" in caplog.text
+    assert await billing.recorded_units("user_pro", "api_calls") == 0
 
 
 async def test_identify_outside_the_middleware_is_an_error_and_denial_carries_the_response() -> None:
