@@ -102,6 +102,41 @@ class _Flight:
         self.error: Exception | None = None
 
 
+class _Entries(LRUCache[Key, Quota]):
+    """The LRU of entries. One evicted while units are open on it (requests running, events on
+    their way) is set aside until they settle: a new entry for its key would forget them, and let
+    through more than the limit."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.aside: dict[Key, Quota] = {}
+        self._sweep_at = maxsize
+
+    def popitem(self) -> tuple[Key, Quota]:
+        key, quota = super().popitem()
+        if quota.local > _EPSILON:
+            aside = self.aside
+            if len(aside) >= self._sweep_at:  # forget those settled since (their requests failed)
+                for settled in [k for k, q in aside.items() if q.local <= _EPSILON]:
+                    del aside[settled]
+                self._sweep_at = max(self.maxsize, 2 * len(aside))  # amortized: no sweep per eviction
+            aside[key] = quota
+        return key, quota
+
+    def settle(self, key: Key, units: float) -> Quota | None:
+        """Close ``units`` on the entry of ``key`` (cached or set aside: let go once nothing is open)."""
+        quota = self.get(key) or self.aside.get(key)
+        if quota is not None:
+            quota.local = max(0.0, quota.local - units)
+            if quota.local <= _EPSILON and key in self.aside:
+                del self.aside[key]
+        return quota
+
+    def recall(self, key: Key) -> Quota | None:
+        """The entry of ``key``, taken back from aside when it was set there."""
+        return self.get(key) or self.aside.pop(key, None)
+
+
 class EntitlementCache:
     """Bounded LRU of :class:`Quota` with TTL, stale-while-revalidate and single-flight misses.
 
@@ -130,7 +165,7 @@ class EntitlementCache:
         self._negative_ttl = negative_ttl
         self._clock = clock
         self._wall_clock = wall_clock
-        self._entries: LRUCache[Key, Quota] = LRUCache(maxsize=max_size)
+        self._entries = _Entries(max_size)
         self._flights: dict[Key, _Flight] = {}
         self.spawn: Spawn | None = None
 
@@ -182,7 +217,7 @@ class EntitlementCache:
             # The leader was cancelled (its client went away): take over.
 
     async def _load(self, key: Key) -> Quota:
-        previous = self._entries.get(key)
+        previous = self._entries.recall(key)
         try:
             # With an answer to fall back on, a request never waits for a budget token.
             wait = 0.0 if previous is not None else CHECK_WAIT
@@ -191,6 +226,7 @@ class EntitlementCache:
             entitlement = None
         except Exception:
             if previous is not None:  # upstream is down or busy: a stale answer beats none
+                self._entries[key] = previous  # (back, if it was set aside)
                 previous.refreshing = False
                 previous.retry_at = self._clock() + REFRESH_RETRY
                 logger.debug("billing check for %s/%s failed; using the cached answer", *key, exc_info=True)
@@ -225,10 +261,9 @@ class EntitlementCache:
 
     def confirm(self, customer_id: str, feature_key: str, units: float, result: TrackUsageResult) -> None:
         """Upstream recorded ``units``: the track answer's usage figures refresh the entry."""
-        quota = self._entries.get((customer_id, feature_key))
+        quota = self._entries.settle((customer_id, feature_key), units)
         if quota is None or quota.entitlement is None:
             return
-        quota.local = max(0.0, quota.local - units)
         usage = result.usage
         period_end = usage.period_end.timestamp()
         if quota.resets_at is None or period_end > quota.resets_at:
@@ -240,10 +275,9 @@ class EntitlementCache:
 
     def reject(self, customer_id: str, feature_key: str, units: float, error: Exception | None) -> None:
         """``units`` will not be recorded: stop counting them; after an upstream refusal, re-check the entry."""
-        quota = self._entries.get((customer_id, feature_key))
+        quota = self._entries.settle((customer_id, feature_key), units)
         if quota is None:
             return
-        quota.local = max(0.0, quota.local - units)
         if error is None:
             return  # dropped here, not refused upstream: the cached answer still holds
         if isinstance(error, QuotaExceededError) and quota.limit is not None:

@@ -117,6 +117,39 @@ async def test_a_refresh_while_requests_run_keeps_their_accounting(billing: Loca
     assert refreshed.admit(1) == 429
 
 
+async def test_an_entry_evicted_with_units_open_keeps_them(billing: LocalBilling, clocks: Clocks) -> None:
+    cache, _ = cache_for(billing, clocks, max_size=1)
+    quota = await cache.fetch("c1", "api_calls")
+    for _ in range(4):
+        assert quota.admit(1) == 0  # four requests let through, their usage not confirmed yet
+    await cache.fetch("c1", "export")  # evicts the quota (a cache of one entry)
+    assert len(cache) == 1 and cache.get("c1", "api_calls") is None
+    again = await cache.fetch("c1", "api_calls")
+    assert again is quota and again.local == 4  # the same accounting, not a fresh one forgetting them
+    assert again.admit(1) == 0 and again.admit(1) == 429  # the limit of 5 holds
+    # Evicted again; confirmations and refusals still find it, and it is let go once settled.
+    await cache.fetch("c1", "export")
+    result = await billing.track_usage("c1", "api_calls", 4, "four")
+    cache.confirm("c1", "api_calls", 4, result)
+    assert quota.local == 1 and quota.usage == 4
+    cache.reject("c1", "api_calls", 1, None)
+    assert quota.local == 0 and not cache._entries.aside
+
+
+def test_entries_set_aside_are_bounded_by_what_is_still_open() -> None:
+    from billingos_asgi.cache import Quota, _Entries
+
+    entries = _Entries(2)
+    quotas = [Quota(None, local=1.0) for _ in range(40)]
+    for i, quota in enumerate(quotas):
+        entries[(f"c{i}", "api_calls")] = quota
+        if i >= 2 and i % 2:
+            quotas[i - 2].local = 0.0  # set aside, then its request failed: nothing open, never confirmed
+    evicted = range(38)
+    assert {(f"c{i}", "api_calls") for i in evicted if i % 2 == 0} <= set(entries.aside)  # open: all kept
+    assert len(entries.aside) < 30  # the settled ones were swept as the aside grew
+
+
 async def test_a_failed_check_falls_back_to_the_stale_answer(tmp_path: Path, clocks: Clocks) -> None:
     billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db", clock=lambda: clocks.wall)
     cache, _ = cache_for(billing, clocks, ttl=30)
