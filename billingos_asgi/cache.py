@@ -110,7 +110,7 @@ class _Entries(LRUCache[Key, Quota]):
     def __init__(self, maxsize: int) -> None:
         super().__init__(maxsize)
         self.aside: dict[Key, Quota] = {}
-        self._sweep_at = maxsize
+        self._sweep_at: float = maxsize
 
     def popitem(self) -> tuple[Key, Quota]:
         key, quota = super().popitem()
