@@ -36,6 +36,13 @@ def check_id(name: str, value: object) -> str:
     return value
 
 
+def customer_answer(answer: object, source: str) -> str | None:
+    """What an app's customer function answered, if it is a customer id or None; else a TypeError."""
+    if answer is None or (isinstance(answer, str) and len(answer) <= MAX_ID_LENGTH and answer.strip()):
+        return answer
+    raise TypeError(f"{source} returned {answer!r}, not a customer id (a non-empty string) or None")
+
+
 def check_quantity(value: object) -> float:
     """Return ``value`` as a float if it is a finite quantity > 0 within upstream's precision."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from starlette.requests import Request
 
 from ._models import Entitlement
-from ._validation import check_id, check_quantity
+from ._validation import check_id, check_quantity, customer_answer
 
 if TYPE_CHECKING:
     from .cache import Quota
@@ -105,13 +105,12 @@ class UsageContext:
             answer = customer_of(subject)
             if inspect.isawaitable(answer):
                 answer = await answer
-            if answer is not None and not (isinstance(answer, str) and 0 < len(answer) <= 255 and answer.strip()):
-                raise TypeError(f"returned {answer!r}, not a customer id (a non-empty string) or None")
+            customer_id = customer_answer(answer, "the customer function")
         except Exception:
             logger.exception("the customer function %r failed on a %s request", customer_of, self.feature)
             gate.hook_failed(self, "the customer function failed")
             return
-        await gate.admit(self, answer)
+        await gate.admit(self, customer_id)
 
     def _the_gate(self) -> Gate:
         if self._gate is None:

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ._validation import check_id
+from ._validation import MAX_ID_LENGTH, check_id, customer_answer
 from .backend import BillingBackend
 from .cache import (
     DEFAULT_MAX_SIZE,
@@ -242,11 +242,13 @@ class BillingMiddleware:
                 by_scope = self._resolve_scope
                 answer = by_scope(scope) if by_scope is not None else resolve(Request(scope, receive))
                 if self._resolve_is_async or not isinstance(answer, str):
-                    customer = await self._checked_customer(answer)
-                elif len(answer) > 255 or not answer.strip():
-                    raise TypeError(f"customer resolver returned {answer!r}, not a usable customer id")
+                    if inspect.isawaitable(answer):
+                        answer = await answer
+                    customer = customer_answer(answer, "customer resolver")
+                elif len(answer) > MAX_ID_LENGTH or not answer.strip():
+                    customer = customer_answer(answer, "customer resolver")  # raises: not an id
                 else:
-                    customer = answer
+                    customer = answer  # the common case, checked inline
             except Exception:
                 logger.exception("customer resolver failed on %s %s", scope["method"], scope["path"])
                 await self._on_error(feature, "the customer resolver failed", scope, receive, send)
@@ -393,15 +395,6 @@ class BillingMiddleware:
         context.customer_id, context.quota = customer, quota
 
     # -- user hooks, called so that their failure cannot take a request down silently --
-
-    @staticmethod
-    async def _checked_customer(answer: object) -> str | None:
-        """An async resolver's answer, awaited and checked (a sync ``str`` answer skips this)."""
-        if inspect.isawaitable(answer):
-            answer = await answer
-        if answer is None or (isinstance(answer, str) and len(answer) <= 255 and answer.strip()):
-            return answer
-        raise TypeError(f"customer resolver returned {answer!r}, not a customer id (a non-empty string) or None")
 
     @staticmethod
     async def _quantity(metered: Metered, request: Request) -> float:
