@@ -448,7 +448,11 @@ class BillingMiddleware:
     def _response(self, denial: Denial) -> Response:
         if self._problem_factory is not None:
             try:
-                return self._problem_factory(denial)
+                response = self._problem_factory(denial)
+                # A body the framework adapters can copy: not a streaming or file response.
+                if not isinstance(response, Response) or not isinstance(getattr(response, "body", None), bytes):
+                    raise TypeError(f"returned {response!r}, not a Response with its body")
+                return response
             except Exception:
                 logger.exception("problem_factory failed; answering with the default problem response")
         return problem_response(denial)

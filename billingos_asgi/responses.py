@@ -50,8 +50,9 @@ class Denial:
         return None
 
 
-#: Makes the answer to a refusal; a plain ``Response`` with its body (the Django and Litestar
-#: adapters copy ``body`` and headers into their own response types), not a streaming one.
+#: Makes the answer to a refusal: a ``Response`` with its body (the Django and Litestar adapters
+#: copy ``body`` and headers into their own response types); anything else, like a failure, is
+#: logged and answered with the default problem response.
 ProblemFactory = Callable[[Denial], Response]
 
 

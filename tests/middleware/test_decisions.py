@@ -12,7 +12,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from billingos_asgi import BillingMiddleware, BillingOS, Denial, LocalBilling, Metered, RetryPolicy
@@ -410,10 +410,22 @@ async def test_problem_factory_replaces_the_answer(billing: LocalBilling) -> Non
     assert calls == []
 
 
-async def test_problem_factory_that_raises_falls_back_to_the_default_problem(billing: LocalBilling) -> None:
-    def factory(denial: Denial) -> Response:
-        raise RuntimeError("broken hook")
+def broken_factory(denial: Denial) -> Response:
+    raise RuntimeError("broken hook")
 
+
+def streaming_factory(denial: Denial) -> Response:
+    return StreamingResponse(iter([b"no"]), denial.status)  # no body for an adapter to copy
+
+
+def not_a_response_factory(denial: Denial) -> Any:
+    return {"error": denial.detail}
+
+
+@pytest.mark.parametrize("factory", [broken_factory, streaming_factory, not_a_response_factory])
+async def test_problem_factory_that_fails_falls_back_to_the_default_problem(
+    billing: LocalBilling, factory: Any
+) -> None:
     calls: list[str] = []
     middleware = BillingMiddleware(
         recording_app(calls), billing=billing, customer=by_header, routes={"/x": "api_calls"}, problem_factory=factory
