@@ -35,7 +35,7 @@ from .cache import (
     Refresh,
 )
 from .context import UsageContext, _current
-from .customers import CustomerResolver, ScopeResolver
+from .customers import Answer, CustomerResolver, ScopeResolver
 from .events import UsageEvent
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
@@ -103,6 +103,17 @@ def _trusted_request_id(scope: Scope) -> str | None:
             text: str = value.decode("latin-1")
             return text if 0 < len(text) <= _MAX_REQUEST_ID and text.isascii() and text.isprintable() else None
     return None
+
+
+def _of_scope(customer: CustomerResolver) -> Callable[[Scope], Answer]:
+    """The resolver as a function of the scope: a :class:`ScopeResolver` needs no Request built.
+
+    Another gets a Request without the receive channel: a resolver never reads the body (SPEC
+    section 5), which is the app's to read.
+    """
+    if isinstance(customer, ScopeResolver):
+        return customer.from_scope
+    return lambda scope: customer(Request(scope))
 
 
 class BillingMiddleware:
@@ -189,11 +200,7 @@ class BillingMiddleware:
             deduplicate=trust_request_id,
             outbox=None if outbox is None else Outbox(outbox, max_events=max_queue),
         )
-        self._resolve = customer
-        self._resolve_scope = customer.from_scope if isinstance(customer, ScopeResolver) else None
-        self._resolve_is_async = inspect.iscoroutinefunction(customer) or inspect.iscoroutinefunction(
-            getattr(customer, "__call__", None)  # noqa: B004 - an async callable object
-        )
+        self._customer_of = None if customer is None else _of_scope(customer)
         self._allow_on_error = on_error == "allow"
         self._trust_request_id = trust_request_id
         self._problem_factory = problem_factory
@@ -236,12 +243,11 @@ class BillingMiddleware:
         feature = metered.feature
         customer: str | None = None
         quota: Quota | None = None
-        resolve = None if metered.late else self._resolve  # None: the app names the customer (late)
-        if resolve is not None:
+        customer_of = None if metered.late else self._customer_of  # None: the app names the customer (late)
+        if customer_of is not None:
             try:
-                by_scope = self._resolve_scope
-                answer = by_scope(scope) if by_scope is not None else resolve(Request(scope, receive))
-                if self._resolve_is_async or not isinstance(answer, str):
+                answer = customer_of(scope)
+                if not isinstance(answer, str):  # None, awaitable (async), or not an id
                     if inspect.isawaitable(answer):
                         answer = await answer
                     customer = customer_answer(answer, "customer resolver")
@@ -281,10 +287,10 @@ class BillingMiddleware:
         # Admitted (or, when identified late, still to be gated by the app): call the app, watching
         # whether its response succeeds and completes.
         request_id = (self._trust_request_id and _trusted_request_id(scope)) or new_request_id()
-        gate = _LateGate(self, Request(scope, receive)) if resolve is None else None
+        gate = _LateGate(self, Request(scope, receive)) if customer_of is None else None
         context = UsageContext(request_id, customer, feature, quantity, quota, gate)
         state = scope.get("state")
-        if state is None:
+        if state is None:  # a server without lifespan state
             state = scope["state"] = {}
         state["billing"] = context
         status = 0
