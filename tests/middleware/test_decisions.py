@@ -471,6 +471,21 @@ async def test_failing_customer_resolver_follows_on_error(billing: LocalBilling,
     assert await billing.recorded_units("user_free", "api_calls") == 0
 
 
+async def test_a_resolver_cannot_take_the_body_from_the_app(billing: LocalBilling) -> None:
+    async def reads_the_body(request: Request) -> str | None:
+        return (await request.json())["customer"]  # SPEC section 5: the body is the app's, never ours
+
+    async def echo(request: Request) -> Response:
+        return Response(await request.body())
+
+    app = Starlette(routes=[Route("/x", echo, methods=["POST"])])
+    middleware = BillingMiddleware(app, billing=billing, customer=reads_the_body, routes={"/x": "api_calls"})
+    async with serve(middleware) as client:
+        answer = await client.post("/x", json={"customer": "user_free"})
+    assert answer.status_code == 200 and answer.json() == {"customer": "user_free"}  # intact, for the app
+    assert await billing.recorded_units("user_free", "api_calls") == 0  # a failed resolver: let through unbilled
+
+
 def raising_quantity(request: Request) -> float:
     raise ValueError("no size")
 
