@@ -272,7 +272,7 @@ class BillingMiddleware:
         quantity = metered.quantity
         if quantity is None or callable(quantity):
             try:
-                quantity = await self._quantity(metered, Request(scope, receive))
+                quantity = await self._quantity(metered, Request(scope))  # the body stays the app's
             except Exception:
                 logger.exception("quantity function of %r failed", feature)
                 await self._on_error(feature, "the quantity function failed", scope, receive, send)

@@ -26,8 +26,8 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 class Metered:
     """A metered route: its feature and how many units one successful request uses.
 
-    ``quantity`` is a number, a callable of the request (sync or async; it must not read the
-    body), or None when the endpoint reports its own units with :func:`report_usage` (for
+    ``quantity`` is a number, a callable of the request (sync or async; the body is the app's:
+    its Request has no receive channel), or None when the endpoint reports its own units with :func:`report_usage` (for
     instance the tokens an LLM call used). Reported units add to a fixed quantity too.
     ``bill_partial``: keep the units reported before a client disconnect (default: an aborted
     response is not billed). ``late``: the app names the customer itself, where its own auth
