@@ -12,12 +12,14 @@ import inspect
 from collections.abc import Awaitable, Callable
 from time import monotonic
 
+import anyio
 from starlette.requests import Request
 from starlette.types import Scope
 
 __all__ = ["CustomerResolver", "ScopeResolver", "from_api_key", "from_state", "from_user"]
 
 Answer = str | None | Awaitable[str | None]
+MAX_KEY_BYTES = 1024
 CustomerResolver = Callable[[Request], Answer]
 KeyLookup = Callable[[str], str | None | Awaitable[str | None]]
 
@@ -74,7 +76,8 @@ def from_api_key(
     """An API key header mapped to its customer by ``lookup(key)`` (sync or async; None = unknown key).
 
     Answers, unknown keys included, are cached (bounded, with TTL) so the lookup runs once per
-    key per ``ttl`` seconds, not once per request.
+    key per ``ttl`` seconds, not once per request, and once for all the requests that miss on a
+    key together. A key longer than 1,024 bytes is no key (401), looked up and cached never.
     """
     if cache_size < 1 or ttl <= 0:
         raise ValueError("cache_size must be >= 1 and ttl > 0")
@@ -83,6 +86,7 @@ def from_api_key(
     # lives ttl seconds from its insertion, so the oldest is also the one to expire first. A third
     # of cachetools.TTLCache's cost per hit, and this lookup runs on every request.
     answers: dict[bytes, tuple[str | None, float]] = {}
+    flights: dict[bytes, anyio.Event] = {}  # keys being looked up, for the requests that wait on them
     is_async = inspect.iscoroutinefunction(lookup)
 
     def resolve(scope: Scope) -> Answer:
@@ -92,7 +96,7 @@ def from_api_key(
                 break
         else:
             return None
-        if not key:
+        if not key or len(key) > MAX_KEY_BYTES:
             return None
         answer = answers.get(key)
         if answer is not None and answer[1] > monotonic():
@@ -100,14 +104,25 @@ def from_api_key(
         return look_up(key)
 
     async def look_up(key: bytes) -> str | None:
-        answer = lookup(key.decode("latin-1"))
-        if is_async or inspect.isawaitable(answer):
-            answer = await answer  # type: ignore[misc]
-        customer = None if answer is None else str(answer)
-        answers.pop(key, None)  # re-inserted last: the order stays the expiry order
-        while len(answers) >= cache_size:
-            del answers[next(iter(answers))]
-        answers[key] = (customer, monotonic() + ttl)
-        return customer
+        while (flight := flights.get(key)) is not None:
+            await flight.wait()
+            found = answers.get(key)
+            if found is not None and found[1] > monotonic():
+                return found[0]
+            # The lookup failed (or was cancelled): try it here.
+        flights[key] = flight = anyio.Event()
+        try:
+            answer = lookup(key.decode("latin-1"))
+            if is_async or inspect.isawaitable(answer):
+                answer = await answer  # type: ignore[misc]
+            customer = None if answer is None else str(answer)
+            answers.pop(key, None)  # re-inserted last: the order stays the expiry order
+            while len(answers) >= cache_size:
+                del answers[next(iter(answers))]
+            answers[key] = (customer, monotonic() + ttl)
+            return customer
+        finally:
+            del flights[key]
+            flight.set()
 
     return ScopeResolver(resolve)

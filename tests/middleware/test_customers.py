@@ -120,6 +120,54 @@ async def test_from_api_key_answers_expire_after_ttl() -> None:
     assert lookups == ["k", "k"]
 
 
+async def concurrently(resolver: CustomerResolver, key: str, count: int) -> tuple[list[str | None], int]:
+    """``count`` requests resolving ``key`` together: their answers, and how many failed."""
+    answers: list[str | None] = []
+    failed = 0
+
+    async def one() -> None:
+        nonlocal failed
+        try:
+            answers.append(await resolved(resolver, key))
+        except ConnectionError:
+            failed += 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(count):
+            tg.start_soon(one)
+    return answers, failed
+
+
+async def test_from_api_key_looks_a_key_up_once_for_all_that_miss_together() -> None:
+    attempts: list[str] = []
+
+    async def slow_lookup(key: str) -> str | None:
+        attempts.append(key)
+        await anyio.sleep(0.05)
+        if key == "flaky" and attempts.count(key) == 1:
+            raise ConnectionError("key store unreachable")
+        return f"owner-of-{key}"
+
+    resolver = from_api_key(slow_lookup)
+    assert await concurrently(resolver, "k", 50) == (["owner-of-k"] * 50, 0)
+    # The first lookup fails for the request that made it; one waiting request tries again for the rest.
+    assert await concurrently(resolver, "flaky", 50) == (["owner-of-flaky"] * 49, 1)
+    assert attempts == ["k", "flaky", "flaky"]
+
+
+async def test_from_api_key_never_looks_up_or_keeps_an_oversized_key() -> None:
+    lookups: list[str] = []
+
+    def lookup(key: str) -> str:
+        lookups.append(key)
+        return "someone"
+
+    resolver = from_api_key(lookup)
+    assert await resolved(resolver, "k" * 1025) is None  # 401: no key
+    assert await resolved(resolver, "k" * 1024) == "someone"
+    assert [len(key) for key in lookups] == [1024]
+
+
 def test_from_api_key_refuses_a_bad_cache_configuration() -> None:
     with pytest.raises(ValueError, match="cache_size"):
         from_api_key(KEYS.get, cache_size=0)
