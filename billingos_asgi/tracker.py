@@ -378,7 +378,7 @@ class Tracker:
     async def _deliver(self, batch: Batch, first_attempt: float, *, counted: bool, fix: bool, background: bool) -> None:
         """Record ``batch`` upstream; outcomes are counted and fed back into the cache, never raised.
 
-        ``counted``: its units are in the cache's unconfirmed figures (not for a replay).
+        ``counted``: its units are among the cache's local (not yet confirmed) units (not for a replay).
         ``fix``: stamp the batch in the outbox before its first attempt. ``background``: the
         budget token for the first attempt is taken, and transient failures are retried.
         """
