@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -53,6 +54,21 @@ def by_header(request: Request) -> str | None:
 
 def as_customer(customer: str, **extra: str) -> dict[str, str]:
     return {CUSTOMER_HEADER: customer, **extra}
+
+
+async def concurrent_statuses(
+    client: httpx.AsyncClient, count: int, headers: dict[str, str], path: str = "/x"
+) -> list[int]:
+    """The statuses of ``count`` GET requests sent at once."""
+    statuses: list[int] = []
+
+    async def one() -> None:
+        statuses.append((await client.get(path, headers=headers)).status_code)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(count):
+            tg.start_soon(one)
+    return statuses
 
 
 def closed_port_url() -> str:

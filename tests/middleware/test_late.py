@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import anyio
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,7 +27,7 @@ from billingos_asgi import (
 )
 from tests.asgi import serve
 
-from .support import as_customer, closed_port_url
+from .support import as_customer, closed_port_url, concurrent_statuses
 
 TOKENS = {"token-free": "user_free", "token-pro": "user_pro", "token-37": "user_37", "token-ghost": "user_ghost"}
 
@@ -116,15 +115,8 @@ async def test_the_app_names_the_customer_and_the_gate_runs_there(billing: Local
 
 async def test_concurrent_late_requests_never_overshoot_the_quota(billing: LocalBilling) -> None:
     app = late_app(billing, [])
-    statuses: list[int] = []
     async with serve(app) as client:
-
-        async def one() -> None:
-            statuses.append((await client.get("/v1/search", headers=bearer("token-37"))).status_code)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(100):
-                tg.start_soon(one)
+        statuses = await concurrent_statuses(client, 100, bearer("token-37"), "/v1/search")
     assert sorted(statuses) == [200] * 37 + [429] * 63
     assert await billing.recorded_units("user_37", "api_calls") == 37
 

@@ -102,25 +102,13 @@ async def test_exact_counts_over_the_network(local_server: RunningServer) -> Non
     assert (stats.sent, stats.dead_lettered, stats.dropped) == (32, 0, 0)
 
 
-async def concurrent_statuses(client: httpx.AsyncClient, customer: str, count: int) -> list[int]:
-    statuses: list[int] = []
-
-    async def one() -> None:
-        statuses.append((await client.get("/x", headers=as_customer(customer))).status_code)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(count):
-            tg.start_soon(one)
-    return statuses
-
-
 async def test_concurrent_requests_over_the_network_local_server(local_server: RunningServer) -> None:
     async with BillingOS(SECRET_KEY, base_url=local_server.base_url) as remote:
         middleware = BillingMiddleware(
             recording_app([]), billing=remote, customer=by_header, routes={"/x": "api_calls"}
         )
         async with serve(middleware) as client:
-            statuses = await concurrent_statuses(client, "user_free", 100)
+            statuses = await support.concurrent_statuses(client, 100, as_customer("user_free"))
     assert (statuses.count(200), statuses.count(429)) == (10, 90)
     assert middleware.upstream.checks == 1
     assert await local_server.billing.recorded_units("user_free", "api_calls") == 10
@@ -132,7 +120,7 @@ async def test_concurrent_37_over_the_network(server37: RunningServer) -> None:
             recording_app([]), billing=remote, customer=by_header, routes={"/x": "api_calls"}
         )
         async with serve(middleware) as client:
-            statuses = await concurrent_statuses(client, "user_37", 100)
+            statuses = await support.concurrent_statuses(client, 100, as_customer("user_37"))
     assert (statuses.count(200), statuses.count(429), len(statuses)) == (37, 63, 100)
     assert middleware.upstream.checks == 1
     assert (middleware.tracker.stats.sent, middleware.tracker.stats.rejected) == (37, 0)

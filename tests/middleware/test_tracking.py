@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import warnings
 
-import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -20,7 +19,7 @@ from starlette.routing import Route
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, get_usage_context, report_usage
 from tests.asgi import lifespan, serve
 
-from .support import as_customer, by_header, recording_app
+from .support import as_customer, by_header, concurrent_statuses, recording_app
 
 
 async def test_n_successful_requests_record_exactly_n_units(billing: LocalBilling) -> None:
@@ -170,15 +169,8 @@ async def test_concurrent_requests_never_exceed_the_quota(billing: LocalBilling)
     middleware = BillingMiddleware(
         recording_app(calls), billing=billing, customer=by_header, routes={"/x": "api_calls"}
     )
-    statuses: list[int] = []
     async with serve(middleware) as client:
-
-        async def one() -> None:
-            statuses.append((await client.get("/x", headers=as_customer("user_37"))).status_code)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(100):
-                tg.start_soon(one)
+        statuses = await concurrent_statuses(client, 100, as_customer("user_37"))
     assert (statuses.count(200), statuses.count(429), len(statuses)) == (37, 63, 100)
     assert len(calls) == 37
     assert await billing.recorded_units("user_37", "api_calls") == 37
@@ -187,15 +179,8 @@ async def test_concurrent_requests_never_exceed_the_quota(billing: LocalBilling)
 
 async def test_single_flight_cold_requests_check_upstream_once(billing: LocalBilling) -> None:
     middleware = BillingMiddleware(recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"})
-    statuses: list[int] = []
     async with serve(middleware) as client:
-
-        async def one() -> None:
-            statuses.append((await client.get("/x", headers=as_customer("user_pro"))).status_code)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(200):
-                tg.start_soon(one)
+        statuses = await concurrent_statuses(client, 200, as_customer("user_pro"))
     assert statuses == [200] * 200
     assert middleware.upstream.checks == 1
     assert await billing.recorded_units("user_pro", "api_calls") == 200
