@@ -123,18 +123,22 @@ class _Entries(LRUCache[Key, Quota]):
             aside[key] = quota
         return key, quota
 
+    def __setitem__(self, key: Key, quota: Quota) -> None:
+        self.aside.pop(key, None)  # cached again
+        super().__setitem__(key, quota)
+
+    def find(self, key: Key) -> Quota | None:
+        """The entry of ``key``, cached or set aside."""
+        return self.get(key) or self.aside.get(key)
+
     def settle(self, key: Key, units: float) -> Quota | None:
-        """Close ``units`` on the entry of ``key`` (cached or set aside: let go once nothing is open)."""
-        quota = self.get(key) or self.aside.get(key)
+        """Close ``units`` on the entry of ``key`` (one set aside is let go once nothing is open)."""
+        quota = self.find(key)
         if quota is not None:
             quota.local = max(0.0, quota.local - units)
             if quota.local <= _EPSILON and key in self.aside:
                 del self.aside[key]
         return quota
-
-    def recall(self, key: Key) -> Quota | None:
-        """The entry of ``key``, taken back from aside when it was set there."""
-        return self.get(key) or self.aside.pop(key, None)
 
 
 class EntitlementCache:
@@ -217,7 +221,7 @@ class EntitlementCache:
             # The leader was cancelled (its client went away): take over.
 
     async def _load(self, key: Key) -> Quota:
-        previous = self._entries.recall(key)
+        previous = self._entries.find(key)  # left aside meanwhile: confirmations still find it there
         try:
             # With an answer to fall back on, a request never waits for a budget token.
             wait = 0.0 if previous is not None else CHECK_WAIT
