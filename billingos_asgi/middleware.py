@@ -247,14 +247,12 @@ class BillingMiddleware:
         if customer_of is not None:
             try:
                 answer = customer_of(scope)
-                if not isinstance(answer, str):  # None, awaitable (async), or not an id
+                if isinstance(answer, str) and len(answer) <= MAX_ID_LENGTH and answer.strip():
+                    customer = answer  # the common case, checked inline
+                else:  # None, an awaitable (an async resolver), or not a customer id (raises)
                     if inspect.isawaitable(answer):
                         answer = await answer
                     customer = customer_answer(answer, "customer resolver")
-                elif len(answer) > MAX_ID_LENGTH or not answer.strip():
-                    customer = customer_answer(answer, "customer resolver")  # raises: not an id
-                else:
-                    customer = answer  # the common case, checked inline
             except Exception:
                 logger.exception("customer resolver failed on %s %s", scope["method"], scope["path"])
                 await self._on_error(feature, "the customer resolver failed", scope, receive, send)
