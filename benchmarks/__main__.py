@@ -106,6 +106,19 @@ def goals(sections: dict[str, Section]) -> list[Goal]:
                 ours["ratio"] >= THROUGHPUT_GOAL,
             )
         )
+    if counted is not None and counted.data.get("served"):
+        served: dict[str, float] = counted.data["served"]
+        (_, bare_cost), (_, our_cost), *peers = served.items()
+        found.append(
+            Goal(
+                "... the same by CPU instructions per request served (callgrind: no noise)",
+                f">= {THROUGHPUT_GOAL:.2f}x",
+                f"{bare_cost / our_cost:.2f}x (peers: "
+                + ", ".join(f"{short(name)} {bare_cost / n:.2f}x" for name, n in peers)
+                + ")",
+                bare_cost / our_cost >= THROUGHPUT_GOAL,
+            )
+        )
     memory = sections.get("memory")
     if memory is not None:
         series = [sample["rss_mb"] for sample in memory.data["samples"]]

@@ -2,8 +2,11 @@
 
 Timings on a shared machine drift by tens of percent; instruction counts do not (valgrind's
 callgrind counts the same total for the same program and input whatever else runs). Each app
-runs in-process (as in ``bench_middleware``) under callgrind twice, for two request counts; the
-difference divided by the difference in requests is its cost per request, start-up excluded.
+runs under callgrind twice, for two request counts; the difference divided by the difference in
+requests is its cost per request, start-up and shutdown excluded. Twice over: in-process (as in
+``bench_middleware``), and served by uvicorn (as in ``bench_server``) to requests sent one after
+another on one keep-alive connection, which counts the server's share too (parsing, the extra
+header bytes it checks and writes, the event loop) and so the throughput the CPU allows.
 Skipped, with a note, where valgrind is not installed.
 """
 
@@ -12,12 +15,18 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import anyio
 
-from ._util import Section, Table, command, scaled
+from . import bench_server
+from ._util import Section, Table, command, free_port, scaled
 
 APPS = {  # name in this module -> row label
     "starlette": "bare Starlette",
@@ -25,8 +34,12 @@ APPS = {  # name in this module -> row label
     "slowapi": "+ slowapi (SlowAPIASGIMiddleware)",
     "correlation_id": "+ asgi-correlation-id",
 }
+SERVED = ("starlette", "billing", "correlation_id", "slowapi")  # bench_server names, same labels
 FEW, MANY = scaled(500, 50), scaled(2_500, 150)
+SERVED_FEW, SERVED_MANY = scaled(200, 10), scaled(1_200, 30)
 _COLLECTED = re.compile(rb"Collected : (\d+)")
+_REQUEST = f"GET /v1/search HTTP/1.1\r\nhost: 127.0.0.1\r\n{bench_server.CUSTOMER_HEADER}\r\n\r\n".encode()
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
 
 
 def instructions(app: str, requests: int) -> int:
@@ -40,8 +53,65 @@ def instructions(app: str, requests: int) -> int:
     return int(found.group(1))
 
 
-def per_request(app: str) -> float:
-    return (instructions(app, MANY) - instructions(app, FEW)) / (MANY - FEW)
+def served_instructions(app: str, requests: int) -> int:
+    """Instructions callgrind counts for a uvicorn process serving ``app``: start-up, ``requests``
+    requests one after another on one connection, and a graceful shutdown (SIGTERM)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        log = Path(scratch, "callgrind.log")
+        wrapper = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", f"--log-file={log}"]
+        port = free_port()
+        server = bench_server.start_app(app, port, wrapper=wrapper, core=None, timeout=300)
+        try:
+            send_one_by_one(port, requests)
+        finally:
+            bench_server.stop_app(server, timeout=300)
+        found = _COLLECTED.search(log.read_bytes())
+    if found is None:
+        raise RuntimeError(f"callgrind printed no total for uvicorn serving {app}")
+    return int(found.group(1))
+
+
+def send_one_by_one(port: int, requests: int) -> None:
+    """``requests`` GETs on one keep-alive connection, each sent once the last answer is read in full."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        unread = b""
+        for _ in range(requests):
+            connection.sendall(_REQUEST)
+            while True:
+                head_end = unread.find(b"\r\n\r\n")
+                if head_end >= 0:
+                    length = _CONTENT_LENGTH.search(unread, 0, head_end)
+                    if length is None or not unread.startswith(b"HTTP/1.1 200 "):
+                        raise RuntimeError(f"unexpected answer: {unread[:200]!r}")
+                    end = head_end + 4 + int(length.group(1))
+                    if len(unread) >= end:
+                        unread = unread[end:]
+                        break
+                chunk = connection.recv(65536)
+                if not chunk:
+                    raise RuntimeError("the server closed the connection")
+                unread += chunk
+
+
+def per_request(count: Callable[[str, int], int], app: str, few: int, many: int) -> float:
+    """The cost of one request: two runs (in parallel, as callgrind's counts do not mind), differenced."""
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda n: count(app, n), (few, many))
+    return (second - first) / (many - few)
+
+
+def rows(counts: dict[str, float], *, throughput: bool) -> list[tuple[str, ...]]:
+    """Table rows; the ratio to bare is of cost (as in-process timings) or of the throughput it allows."""
+    bare = counts["starlette"]
+    return [
+        (
+            APPS[app],
+            f"{n:,.0f}",
+            "-" if app == "starlette" else f"{n - bare:+,.0f}",
+            f"{bare / n:.2f}x" if throughput else f"{n / bare:.2f}x",
+        )
+        for app, n in counts.items()
+    ]
 
 
 def run_sync() -> Section:
@@ -51,19 +121,30 @@ def run_sync() -> Section:
         "Ours resolves the customer from an API key, decides from the warm cache, adds its headers "
         "and queues the usage event."
     )
+    served_measures = (
+        f"The same apps served by uvicorn (as in the server table: asyncio, {bench_server.http_implementation()}, "
+        f"one worker), {SERVED_FEW:,} and {SERVED_MANY:,} requests sent one after another on one keep-alive "
+        "connection, the difference per request: everything the server process does for a request, its own "
+        "parsing and writing of the extra headers and the tracker's background delivery included. Its ratio "
+        "is the throughput that CPU cost allows, bare = 1."
+    )
     header = ("app", "instructions/request", "overhead", "vs bare")
+    title, served_title = "Instructions per request (callgrind)", "Under uvicorn: instructions per request served"
     if shutil.which("valgrind") is None:
-        table = Table("Instructions per request (callgrind)", measures, command("instructions"), header, [])
+        table = Table(title, measures, command("instructions"), header, [])
         table.notes.append("valgrind is not installed (Debian: apt-get install valgrind): skipped.")
         return Section("instructions", [table], {})
-    counts = {app: per_request(app) for app in APPS}
-    bare = counts["starlette"]
-    rows = [
-        (APPS[app], f"{n:,.0f}", "-" if app == "starlette" else f"{n - bare:+,.0f}", f"{n / bare:.2f}x")
-        for app, n in counts.items()
+    counts = {app: per_request(instructions, app, FEW, MANY) for app in APPS}
+    served = {app: per_request(served_instructions, app, SERVED_FEW, SERVED_MANY) for app in SERVED}
+    tables = [
+        Table(title, measures, command("instructions"), header, rows(counts, throughput=False)),
+        Table(served_title, served_measures, command("instructions"), header, rows(served, throughput=True)),
     ]
-    table = Table("Instructions per request (callgrind)", measures, command("instructions"), header, rows)
-    return Section("instructions", [table], {"per_request": {APPS[app]: n for app, n in counts.items()}})
+    data = {
+        "per_request": {APPS[app]: n for app, n in counts.items()},
+        "served": {APPS[app]: n for app, n in served.items()},
+    }
+    return Section("instructions", tables, data)
 
 
 async def run() -> Section:

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -56,14 +56,18 @@ def http_implementation() -> str:
     return "httptools" if importlib.util.find_spec("httptools") else "h11"
 
 
-def start_app(name: str, port: int) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "uvicorn", "benchmarks.apps:served", "--factory", "--host", "127.0.0.1"]
+def start_app(
+    name: str, port: int, *, wrapper: Sequence[str] = (), core: int | None = SERVER_CORE, timeout: float = 20.0
+) -> subprocess.Popen[bytes]:
+    """uvicorn serving app ``name`` on ``port`` (run by ``wrapper``, e.g. valgrind, when given), once it answers."""
+    argv = [*wrapper, sys.executable, "-m", "uvicorn", "benchmarks.apps:served", "--factory", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--loop", "asyncio", "--http", http_implementation(), "--workers", "1"]
     argv += ["--no-access-log", "--log-level", "warning", "--lifespan", "on"]
     env = {**os.environ, "BENCH_APP": name}
     # stdout: moesifasgi prints on every failed post to its (closed) API port
-    server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, preexec_fn=pinned(SERVER_CORE))
-    deadline = time.monotonic() + 20
+    preexec = None if core is None else pinned(core)
+    server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, preexec_fn=preexec)
+    deadline = time.monotonic() + timeout
     name_, _, value = CUSTOMER_HEADER.partition(": ")
     while time.monotonic() < deadline:
         try:
@@ -72,13 +76,14 @@ def start_app(name: str, port: int) -> subprocess.Popen[bytes]:
         except httpx.TransportError:
             time.sleep(0.1)
     server.kill()
-    raise RuntimeError(f"uvicorn serving {name!r} did not answer 200 within 20 s")
+    raise RuntimeError(f"uvicorn serving {name!r} did not answer 200 within {timeout:g} s")
 
 
-def stop_app(server: subprocess.Popen[bytes]) -> None:
+def stop_app(server: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """A graceful shutdown (SIGTERM: the lifespan drains), killed when it takes over ``timeout`` seconds."""
     server.terminate()
     try:
-        server.wait(15)
+        server.wait(timeout)
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()

@@ -110,7 +110,7 @@ def charts(directory: Path, sections: dict[str, Section], target_us: float) -> d
 
 HEADINGS = {
     "middleware": "In-process: the middleware's own cost, side by side with peers",
-    "instructions": "In-process, counted: CPU instructions per request",
+    "instructions": "Counted: CPU instructions per request, in-process and under uvicorn",
     "server": "Under a real server: uvicorn on loopback",
     "pipeline": "Delivery pipeline",
     "memory": "Memory",

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from benchmarks.__main__ import goals
-from benchmarks._util import Section, Table, percentile
+from benchmarks._util import Section, Table, free_port, percentile
+from benchmarks.bench_instructions import send_one_by_one
 from benchmarks.bench_pipeline import FEATURE, delivery_lags
-from benchmarks.bench_server import parse_wrk
+from benchmarks.bench_server import parse_wrk, start_app, stop_app
 from benchmarks.report import markdown, write
 from billingos_asgi.events import Batch, UsageEvent
 
@@ -43,8 +44,11 @@ def sections() -> dict[str, Section]:
         "labels": labels,
     }
     samples = [{"requests": n * 100_000, "rss_mb": 40.0 + min(n, 3)} for n in range(11)]
+    counted = {"bare Starlette": 100_000.0, "+ ours": 150_000.0, "+ slowapi": 400_000.0, "+ a peer": 120_000.0}
+    served = {"bare Starlette": 250_000.0, "+ ours": 300_000.0, "+ a peer": 275_000.0}
     return {
         "middleware": middleware,
+        "instructions": Section("instructions", [], {"per_request": counted, "served": served}),
         "server": Section("server", [], server),
         "memory": Section("memory", [], {"samples": samples, "plateau": True}),
         "profile": Section("profile", [], {"blocks": [["a profile", "100% requests"]]}),
@@ -58,6 +62,19 @@ def test_goals_say_met_or_missed_with_the_figures() -> None:
     assert "cheapest peer: asgi-correlation-id" in found["... and below every peer's overhead"].measured
     assert found["throughput under uvicorn vs. bare Starlette"].measured.startswith("0.95x")
     assert found["flat memory, metered requests over many customers"].met
+    counted = found["... the same in CPU instructions (callgrind: no noise)"]
+    assert not counted.met and counted.measured == "+50,000 vs. peers +300,000, +20,000"
+    served = found["... the same by CPU instructions per request served (callgrind: no noise)"]
+    assert not served.met and served.measured == "0.83x (peers: a peer 0.91x)"
+
+
+def test_instructions_load_reads_every_answer_on_one_connection() -> None:
+    port = free_port()
+    server = start_app("starlette", port)
+    try:
+        send_one_by_one(port, 3)  # raises on anything but three whole 200 answers
+    finally:
+        stop_app(server)
 
 
 def test_page_has_the_stamp_the_goals_and_every_table() -> None:
