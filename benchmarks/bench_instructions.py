@@ -37,20 +37,26 @@ APPS = {  # name in this module -> row label
 SERVED = ("starlette", "billing", "correlation_id", "slowapi")  # bench_server names, same labels
 FEW, MANY = scaled(500, 50), scaled(2_500, 150)
 SERVED_FEW, SERVED_MANY = scaled(200, 10), scaled(1_200, 30)
+_CALLGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
 _COLLECTED = re.compile(rb"Collected : (\d+)")
 _REQUEST = f"GET /v1/search HTTP/1.1\r\nhost: 127.0.0.1\r\n{bench_server.CUSTOMER_HEADER}\r\n\r\n".encode()
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
 
 
+def collected(output: bytes, what: str) -> int:
+    """The total instructions in callgrind's closing summary (``output``) of the run of ``what``."""
+    found = _COLLECTED.search(output)
+    if found is None:
+        raise RuntimeError(f"callgrind printed no total for {what}: {output[-500:]!r}")
+    return int(found.group(1))
+
+
 def instructions(app: str, requests: int) -> int:
     """Instructions callgrind counts for a process serving ``requests`` requests to ``app``."""
-    argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
-    argv += ["-m", "benchmarks.bench_instructions", "--app", app, "--requests", str(requests)]
+    argv = [*_CALLGRIND, sys.executable, "-m", "benchmarks.bench_instructions"]
+    argv += ["--app", app, "--requests", str(requests)]
     done = subprocess.run(argv, capture_output=True, timeout=600, check=True)
-    found = _COLLECTED.search(done.stderr)
-    if found is None:
-        raise RuntimeError(f"callgrind printed no total for {app}: {done.stderr[-500:]!r}")
-    return int(found.group(1))
+    return collected(done.stderr, app)
 
 
 def served_instructions(app: str, requests: int) -> int:
@@ -58,17 +64,13 @@ def served_instructions(app: str, requests: int) -> int:
     requests one after another on one connection, and a graceful shutdown (SIGTERM)."""
     with tempfile.TemporaryDirectory() as scratch:
         log = Path(scratch, "callgrind.log")
-        wrapper = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", f"--log-file={log}"]
         port = free_port()
-        server = bench_server.start_app(app, port, wrapper=wrapper, core=None, timeout=300)
+        server = bench_server.start_app(app, port, wrapper=[*_CALLGRIND, f"--log-file={log}"], core=None, timeout=300)
         try:
             send_one_by_one(port, requests)
         finally:
             bench_server.stop_app(server, timeout=300)
-        found = _COLLECTED.search(log.read_bytes())
-    if found is None:
-        raise RuntimeError(f"callgrind printed no total for uvicorn serving {app}")
-    return int(found.group(1))
+        return collected(log.read_bytes(), f"uvicorn serving {app}")
 
 
 def send_one_by_one(port: int, requests: int) -> None:
