@@ -17,7 +17,7 @@ from ._exceptions import ValidationError
 MAX_ID_LENGTH = 255
 #: Upstream stores DECIMAL(20,6): 14 integer digits and 6 decimals.
 MAX_QUANTITY = 10**14 - 1
-QUANTITY_RESOLUTION = 1e-6
+MICRO = 1_000_000  # units are stored as integer micro-units: upstream's DECIMAL(20,6)
 MAX_METADATA_BYTES = 8192
 MIN_SESSION_TTL = 60
 MAX_SESSION_TTL = 86400
@@ -47,13 +47,16 @@ def check_quantity(value: object) -> float:
     """Return ``value`` as a float if it is a finite quantity > 0 within upstream's precision."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         raise ValidationError(f"quantity must be a number, got {type(value).__name__}")
-    quantity = float(value)
+    try:
+        quantity = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValidationError(f"quantity is above the maximum of {MAX_QUANTITY}") from None
     if not math.isfinite(quantity):
         raise ValidationError(f"quantity must be a finite number, got {value!r}")
     if quantity <= 0:
         raise ValidationError(f"quantity must be greater than 0, got {value!r}")
-    if quantity < QUANTITY_RESOLUTION / 2:
-        raise ValidationError(f"quantity {value!r} is below the resolution of {QUANTITY_RESOLUTION:g} units")
+    if round(quantity * MICRO) == 0:  # would be stored as 0
+        raise ValidationError(f"quantity {value!r} is below the resolution of {1 / MICRO:g} units")
     if quantity > MAX_QUANTITY:
         raise ValidationError(f"quantity {value!r} is above the maximum of {MAX_QUANTITY}")
     return quantity
@@ -67,7 +70,7 @@ def check_metadata(value: object, name: str = "metadata") -> dict[str, Any] | No
         raise ValidationError(f"{name} must be an object, got {type(value).__name__}")
     try:
         encoded = json.dumps(value, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ValidationError(f"{name} must be JSON-serialisable: {exc}") from None
     if len(encoded) > MAX_METADATA_BYTES:
         raise ValidationError(f"{name} is {len(encoded)} bytes as JSON; the maximum is {MAX_METADATA_BYTES}")

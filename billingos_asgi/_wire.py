@@ -108,9 +108,15 @@ def _number(value: Any, key: str, body: Any) -> float:
             value = float(value)
         except ValueError:
             raise _fail(f"{key!r} is not a number: {value!r}", body) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(f"{key!r} is not a number: {value!r}", body)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        raise _fail(f"{key!r} is out of range", body) from None
+    if not math.isfinite(number):
+        raise _fail(f"{key!r} is not a number: {value!r}", body)
+    return number
 
 
 def _optional_number(value: Any, key: str, body: Any) -> float | None:

@@ -772,6 +772,7 @@ async def test_201_non_json_track_is_invalid_response() -> None:
         with_changes(CHECK_BODY, has_access="yes"),
         with_changes(CHECK_BODY, has_access=1),
         with_changes(CHECK_BODY, limit="lots"),
+        with_changes(CHECK_BODY, limit=10**400),  # too large for a float
         with_changes(CHECK_BODY, usage=[1]),
         with_changes(CHECK_BODY, reason=3),
         with_changes(CHECK_BODY, metadata="nope"),

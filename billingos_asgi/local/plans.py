@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._validation import MAX_QUANTITY, check_id
+from .._validation import MAX_QUANTITY, MICRO, check_id
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,7 +23,6 @@ else:  # pragma: no cover
 FEATURE_TYPES = ("boolean_flag", "usage_quota", "numeric_limit")
 INTERVALS = ("day", "week", "month", "year")
 UNLIMITED = "unlimited"
-MICRO = 1_000_000
 
 
 class PlansError(ValueError):

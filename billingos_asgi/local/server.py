@@ -93,6 +93,8 @@ async def _json_object(request: Request) -> dict[str, Any]:
         if isinstance(exc, ValidationError):
             raise
         raise ValidationError(f"Invalid JSON body: {exc}") from None
+    except RecursionError:
+        raise ValidationError("Invalid JSON body: nested too deeply") from None
     if not isinstance(data, dict):
         raise ValidationError("Request body must be a JSON object")
     return data

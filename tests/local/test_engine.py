@@ -785,6 +785,10 @@ class NotJSON:
     pass
 
 
+DEEP: list[object] = []
+for _ in range(100_000):  # nested deeper than JSON encoding allows
+    DEEP = [DEEP]
+
 BAD_TRACKS = [
     pytest.param({"customer_id": ""}, "customer_id must not be empty", id="empty-customer"),
     pytest.param({"customer_id": "   "}, "customer_id must not be empty", id="whitespace-customer"),
@@ -806,12 +810,15 @@ BAD_TRACKS = [
     pytest.param({"quantity": "5"}, "quantity must be a number, got str", id="string"),
     pytest.param({"quantity": None}, "quantity must be a number, got NoneType", id="none"),
     pytest.param({"quantity": 1e-9}, "quantity 1e-09 is below the resolution of 1e-06 units", id="below-resolution"),
+    pytest.param({"quantity": 5e-7}, "quantity 5e-07 is below the resolution of 1e-06 units", id="rounds-to-zero"),
+    pytest.param({"quantity": 10**400}, "quantity is above the maximum of 99999999999999", id="int-beyond-float"),
     pytest.param({"quantity": 2e14}, "quantity 200000000000000.0 is above the maximum of 99999999999999", id="huge"),
     pytest.param({"quantity": 10**14}, "quantity 100000000000000 is above the maximum of 99999999999999", id="1e14"),
     pytest.param({"metadata": ["a", "b"]}, "metadata must be an object, got list", id="metadata-list"),
     pytest.param({"metadata": "{}"}, "metadata must be an object, got str", id="metadata-str"),
     pytest.param({"metadata": {"x": NotJSON()}}, "metadata must be JSON-serialisable: ", id="metadata-object"),
     pytest.param({"metadata": {"x": math.nan}}, "metadata must be JSON-serialisable: ", id="metadata-nan"),
+    pytest.param({"metadata": {"x": DEEP}}, "metadata must be JSON-serialisable: ", id="metadata-too-deep"),
     pytest.param({"metadata": {"x": "y" * 9000}}, "metadata is 9008 bytes as JSON; the maximum is 8192", id="big"),
     pytest.param({"idempotency_key": ""}, "idempotency_key must not be empty", id="empty-idempotency-key"),
     pytest.param(

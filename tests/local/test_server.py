@@ -163,6 +163,15 @@ BAD_TRACK_BODIES = [
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "metadata": [1]}', "metadata"),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "idempotency_key": 7}', "string"),
     (b'{"customer_id": "user_free", "feature_key": "", "quantity": 1}', "feature_key must not be empty"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1' + b"0" * 400 + b"}", "maximum"),
+    (
+        b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "metadata": '
+        + b"[" * 30_000
+        + b"]" * 30_000
+        + b"}",
+        "nested too deeply",
+    ),
+    (b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
 ]
 
 
