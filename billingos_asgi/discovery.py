@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Host, Mount, Route
 
 from .routes import Metered, QuantityFunction
 
@@ -62,8 +62,13 @@ def route_table(
 
 
 def route_keys(path: str, methods: Iterable[str] | None) -> list[str]:
-    """``"METHOD /path"`` keys of a route (HEAD follows GET, so it is left out)."""
-    return [f"{method} {path}" for method in sorted(set(methods or {"GET"}) - {"HEAD"})]
+    """``"METHOD /path"`` keys of a route (HEAD follows GET, so it is left out).
+
+    No methods (a class-based ``HTTPEndpoint``): the route answers every method, so its key has none.
+    """
+    if methods is None:
+        return [path]
+    return [f"{method} {path}" for method in sorted(set(methods) - {"HEAD"})]
 
 
 def declared_routes(
@@ -80,14 +85,18 @@ Expander = Callable[[BaseRoute, str], Iterable[tuple[str, Metered]]]
 def declarations(
     routes: Iterable[BaseRoute], *, find: Finder = metering_of, expand: Expander | None = None, prefix: str = ""
 ) -> Iterator[tuple[str, Metered]]:
-    """``("METHOD /full/path", Metered)`` for each declared route, through mounts.
+    """``("METHOD /full/path", Metered)`` for each declared route, through mounts and hosts.
 
     ``find`` reads a route's declaration; ``expand`` handles route kinds a framework adds
-    (given the route and its path prefix).
+    (given the route and its path prefix). The table has no host: a ``Host``'s routes are
+    metered by path. A mounted app wrapped in middleware shows no routes: pass its declarations
+    with ``also=``, or give it a middleware of its own.
     """
     for route in routes:
         if isinstance(route, Mount):
             yield from declarations(route.routes, find=find, expand=expand, prefix=prefix + route.path)
+        elif isinstance(route, Host):
+            yield from declarations(route.routes, find=find, expand=expand, prefix=prefix)
         elif isinstance(route, Route):
             declaration = find(route)
             if declaration is not None:

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from . import _wire
 from ._exceptions import BillingOSError, CustomerNotFoundError
 from ._models import UsageMetrics
+from ._validation import check_id, customer_answer
 from .backend import BillingBackend
 from .customers import CustomerResolver
 from .responses import Denial, problem_response
@@ -52,17 +53,29 @@ class UsageEndpoints:
         self._token_lifetime = token_lifetime
         self._metrics: TTLCache[str, UsageMetrics] = TTLCache(cache_size, usage_ttl)
 
-    async def _customer(self, request: Request) -> str | None:
-        answer = self._resolve(request)
-        if inspect.isawaitable(answer):
-            answer = await answer
-        return answer if isinstance(answer, str) and answer.strip() else None
+    async def _customer(self, request: Request, endpoint: str) -> str | Response:
+        """The signed-in customer, or the answer: 401 for nobody, 503 when the resolver fails.
+
+        A resolver that raises or names no valid customer id is the app's fault, not the caller's:
+        it is logged, and answered like the middleware's ``on_error="deny"``.
+        """
+        try:
+            answer = self._resolve(request)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            if answer is not None:
+                return check_id("customer_id", customer_answer(answer, "customer resolver"))
+        except Exception:
+            logger.exception("customer resolver failed on %s", request.url.path)
+            return problem_response(Denial(503, "the customer resolver failed", request, endpoint))
+        detail = "sign in to see your usage" if endpoint == "usage" else "sign in to get a session token"
+        return problem_response(Denial(401, detail, request, endpoint))
 
     async def usage(self, request: Request) -> Response:
         """The signed-in customer's usage metrics (every feature, or ``?feature_key=``)."""
-        customer = await self._customer(request)
-        if customer is None:
-            return problem_response(Denial(401, "sign in to see your usage", request, "usage"))
+        customer = await self._customer(request, "usage")
+        if not isinstance(customer, str):
+            return customer
         metrics = self._metrics.get(customer)
         if metrics is None:
             try:
@@ -80,9 +93,9 @@ class UsageEndpoints:
 
     async def session_token(self, request: Request) -> Response:
         """A BillingOS session token for the signed-in customer (for the React SDK), whatever the body says."""
-        customer = await self._customer(request)
-        if customer is None:
-            return problem_response(Denial(401, "sign in to get a session token", request, "session-token"))
+        customer = await self._customer(request, "session-token")
+        if not isinstance(customer, str):
+            return customer
         try:
             token = await self._billing.create_session_token(customer, expires_in=self._token_lifetime)
         except BillingOSError:

@@ -19,4 +19,5 @@ async def serve(app: ASGIApp, *, with_lifespan: bool = True, **client: Any) -> A
     async with contextlib.AsyncExitStack() as stack:
         if with_lifespan:
             await stack.enter_async_context(lifespan(app))
-        yield await stack.enter_async_context(httpx.AsyncClient(transport=transport, base_url="http://app", **client))
+        client.setdefault("base_url", "http://app")
+        yield await stack.enter_async_context(httpx.AsyncClient(transport=transport, **client))

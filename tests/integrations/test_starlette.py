@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from starlette.applications import Starlette
+from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Host, Mount, Route, Router
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered
 from billingos_asgi.discovery import declared_routes
@@ -73,3 +74,54 @@ def test_a_path_declared_two_ways_is_refused(billing: LocalBilling) -> None:
     with pytest.raises(ValueError, match="GET /v1/search"):
         declared(app, also={"GET /v1/search": "tokens"})()
     assert declared(app, also={"GET /v1/search": Metered("api_calls"), "/other": "x"})()["/other"] == "x"
+
+
+async def test_a_class_endpoint_is_gated_for_every_method_and_a_hosts_routes_too(billing: LocalBilling) -> None:
+    entered: list[str] = []
+
+    @metered("api_calls")
+    class Search(HTTPEndpoint):
+        async def get(self, request: Request) -> JSONResponse:
+            entered.append("GET")
+            return JSONResponse({"ok": True})
+
+        async def post(self, request: Request) -> JSONResponse:
+            entered.append("POST")
+            return JSONResponse({"ok": True})
+
+    @metered("api_calls")
+    async def hosted(request: Request) -> JSONResponse:
+        entered.append("host")
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/search", Search), Host("api.example.com", Router([Route("/hosted", hosted)]))])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app, base_url="http://api.example.com") as client:
+        anonymous = [(await client.request(method, "/search")).status_code for method in ("GET", "POST", "PUT")]
+        anonymous.append((await client.get("/hosted")).status_code)
+        posts = [(await client.post("/search", headers=as_customer("user_free"))).status_code for _ in range(11)]
+        hosted_answer = await client.get("/hosted", headers=as_customer("user_free"))
+    assert anonymous == [401, 401, 401, 401]
+    assert posts == [200] * 10 + [429] and hosted_answer.status_code == 429
+    assert entered == ["POST"] * 10
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+async def test_the_usage_routes_answer_a_failing_resolver_with_a_problem(billing: LocalBilling) -> None:
+    def broken(request: Request) -> str | None:
+        header = request.headers.get("x-session", "")
+        if header == "down":
+            raise ConnectionError("session store unreachable")
+        return {"blank": " ", "control": "user\tfree", "long": "u" * 300}[header]
+
+    app = Starlette(routes=[usage_routes(billing, broken)])
+    async with serve(app) as client:
+        answers = [
+            await client.request(method, path, headers={"x-session": session})
+            for session in ("down", "blank", "control", "long")
+            for method, path in (("GET", "/billing/usage"), ("POST", "/billing/session-token"))
+        ]
+    assert {(answer.status_code, answer.headers["content-type"]) for answer in answers} == {
+        (503, "application/problem+json")
+    }
+    assert {answer.json()["detail"] for answer in answers} == {"the customer resolver failed"}
