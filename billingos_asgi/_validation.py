@@ -37,10 +37,18 @@ def check_id(name: str, value: object) -> str:
 
 
 def customer_answer(answer: object, source: str) -> str | None:
-    """What an app's customer function answered, if it is a customer id or None; else a TypeError."""
-    if answer is None or (isinstance(answer, str) and len(answer) <= MAX_ID_LENGTH and answer.strip()):
-        return answer
-    raise TypeError(f"{source} returned {answer!r}, not a customer id (a non-empty string) or None")
+    """What an app's customer function answered: a customer id, or None for nobody (None or a blank
+    string: an app's "no user" must never let a request through ungated); else a TypeError."""
+    if isinstance(answer, str):
+        if len(answer) <= MAX_ID_LENGTH and answer.strip():
+            return answer
+        if not answer.strip():
+            return None
+    elif answer is None:
+        return None
+    raise TypeError(
+        f"{source} returned {answer!r:.80}, not a customer id (a string of at most {MAX_ID_LENGTH}) or None"
+    )
 
 
 def check_quantity(value: object) -> float:

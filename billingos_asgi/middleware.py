@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from ._exceptions import ValidationError
 from ._validation import MAX_ID_LENGTH, check_id, customer_answer
 from .backend import BillingBackend
 from .cache import (
@@ -262,6 +263,14 @@ class BillingMiddleware:
                 return
             quota = self.cache.get(customer, feature)
             if quota is None:
+                try:
+                    check_id("customer_id", customer)  # the rest of the rules, once per cache miss
+                except ValidationError:
+                    logger.exception(
+                        "customer resolver answered an invalid id on %s %s", scope["method"], scope["path"]
+                    )
+                    await self._on_error(feature, "the customer resolver failed", scope, receive, send)
+                    return
                 fetched = await self._fetch(Request(scope, receive), feature, customer)
                 if isinstance(fetched, Denial):
                     await self._deny(fetched, scope, receive, send)

@@ -57,7 +57,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"description": "The customer's plan does not include this feature", "content": _PROBLEM},
     429: {"description": "The feature's quota for this period is used up (see Retry-After)", "content": _PROBLEM},
 }
-_STATE_FLAG = "billingos_declared"
+_COLLECTED = "__billingos_collected__"  # set on a metered() dependency found by declared()
 
 
 def metered(
@@ -76,7 +76,7 @@ def metered(
     declaration = Metered(feature, quantity, bill_partial, late=customer is not None)
 
     def context_of(request: Request) -> UsageContext | None:
-        if not getattr(request.app.state, _STATE_FLAG, False):
+        if not getattr(billing_gate, _COLLECTED, False):
             # Fail closed: a route declared metered must never run unmetered by mistake.
             raise RuntimeError(
                 f"route declared metered({feature!r}) but BillingMiddleware was not given routes=declared(app)"
@@ -139,14 +139,23 @@ def _expand(route: BaseRoute, prefix: str) -> Iterator[tuple[str, Metered]]:
 
 
 def _declared_on(route: APIRoute, dependant: Dependant) -> Metered | None:
+    """The route's declaration: ``@metered``, or a :func:`metered` dependency at any depth."""
     declaration = metering_of(route)
-    for dependency in dependant.dependencies:
-        found = getattr(dependency.call, MARK, None)
-        if isinstance(found, Metered):
-            if declaration is not None and found != declaration:
-                raise ValueError(f"{route.path}: metered twice, as {declaration!r} and {found!r}")
-            declaration = found
+    for call in _metered_calls(dependant):
+        found: Metered = getattr(call, MARK)
+        if declaration is not None and found != declaration:
+            raise ValueError(f"{route.path}: metered twice, as {declaration!r} and {found!r}")
+        declaration = found
+        setattr(call, _COLLECTED, True)
     return declaration
+
+
+def _metered_calls(dependant: Dependant) -> Iterator[Any]:
+    """The :func:`metered` dependencies of a route, also inside the app's own shared dependencies."""
+    for dependency in dependant.dependencies:
+        if isinstance(getattr(dependency.call, MARK, None), Metered):
+            yield dependency.call
+        yield from _metered_calls(dependency)
 
 
 def _document(*responses: dict[int | str, dict[str, Any]]) -> None:
@@ -166,7 +175,6 @@ def declared(
 
     def collect() -> dict[str, str | Metered]:
         table = route_table(declarations(app.routes, find=_find, expand=_expand), also)
-        setattr(app.state, _STATE_FLAG, True)
         app.openapi_schema = None  # regenerated with the documented answers
         return table
 

@@ -191,3 +191,39 @@ async def test_late_identification_gates_at_dependency_time_with_the_apps_own_au
     assert {"401", "403", "429"} <= set(schema["paths"]["/v1/search"]["get"]["responses"])
     assert await billing.recorded_units("user_free", "api_calls") == 10
     assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+async def test_metered_inside_a_shared_dependency_and_in_a_mounted_app_are_gated(billing: SpyBilling) -> None:
+    entered: list[str] = []
+
+    billed = metered("api_calls")
+
+    def signed_in_and_metered(_: Any = billed) -> None:
+        """The app's own shared dependency, with the metering inside it."""
+
+    app = FastAPI()
+
+    @app.get("/v1/search", dependencies=[Depends(signed_in_and_metered)])
+    async def search() -> dict[str, str]:
+        entered.append("search")
+        return {}
+
+    sub = FastAPI()
+
+    @sub.get("/search", dependencies=[metered("api_calls")])
+    async def sub_search() -> dict[str, str]:
+        entered.append("sub")
+        return {}
+
+    app.mount("/sub", sub)
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = [(await client.get(path)).status_code for path in ("/v1/search", "/sub/search")]
+        paid = [
+            (await client.get(path, headers=as_customer("user_free"))).status_code
+            for path in ("/v1/search", "/sub/search") * 6
+        ]
+    assert anonymous == [401, 401]
+    assert paid == [200] * 10 + [429, 429]
+    assert entered == ["search", "sub"] * 5
+    assert await billing.recorded_units("user_free", "api_calls") == 10

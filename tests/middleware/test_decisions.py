@@ -448,8 +448,15 @@ async def async_raising_resolver(request: Request) -> str | None:
 
 @pytest.mark.parametrize(
     "resolver",
-    [raising_resolver, async_raising_resolver, lambda request: 42, lambda request: "", lambda request: b"user_free"],
-    ids=["raises", "async-raises", "int", "empty", "bytes"],
+    [
+        raising_resolver,
+        async_raising_resolver,
+        lambda request: 42,
+        lambda request: b"user_free",
+        lambda request: "user\tfree",
+        lambda request: "u" * 256,
+    ],
+    ids=["raises", "async-raises", "int", "bytes", "control-character", "too-long"],
 )
 async def test_failing_customer_resolver_follows_on_error(billing: LocalBilling, resolver: Any) -> None:
     allowed_calls: list[str] = []
@@ -469,6 +476,23 @@ async def test_failing_customer_resolver_follows_on_error(billing: LocalBilling,
     assert problem(denied)["type"] == PROBLEM + "billing-unavailable"
     assert allow.tracker.stats.queued == 0 and deny.tracker.stats.queued == 0
     assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t"])
+@pytest.mark.parametrize("on_error", ["allow", "deny"])
+async def test_a_blank_customer_id_is_nobody(billing: LocalBilling, blank: str, on_error: Any) -> None:
+    calls: list[str] = []
+    middleware = BillingMiddleware(
+        recording_app(calls),
+        billing=billing,
+        customer=lambda request: blank,
+        routes={"/x": "api_calls"},
+        on_error=on_error,
+    )
+    async with serve(middleware) as client:
+        answer = await client.get("/x")
+    assert answer.status_code == 401 and problem(answer)["type"] == PROBLEM + "unauthenticated"
+    assert calls == []
 
 
 async def test_a_resolver_cannot_take_the_body_from_the_app(billing: LocalBilling) -> None:

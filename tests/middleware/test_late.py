@@ -229,11 +229,11 @@ def answers_an_object(request: Request) -> Any:
     return {"id": "user_pro"}  # a user object instead of its id
 
 
-async def answers_blank(request: Request) -> str | None:
-    return "   "
+async def answers_a_control_character(request: Request) -> str | None:
+    return "user\tpro"
 
 
-@pytest.mark.parametrize("customer_of", [broken, answers_an_object, answers_blank])
+@pytest.mark.parametrize("customer_of", [broken, answers_an_object, answers_a_control_character])
 @pytest.mark.parametrize(("on_error", "expected"), [("allow", 200), ("deny", 503)])
 async def test_a_failing_customer_function_follows_on_error_never_a_500(
     billing: LocalBilling, customer_of: Any, on_error: str, expected: int, caplog: pytest.LogCaptureFixture
@@ -248,6 +248,16 @@ async def test_a_failing_customer_function_follows_on_error_never_a_500(
         assert answer.headers["content-type"] == "application/problem+json" and answer.headers["retry-after"] == "5"
     assert "the customer function" in caplog.text
     assert await billing.recorded_units("user_pro", "api_calls") == 0
+
+
+@pytest.mark.parametrize("on_error", ["allow", "deny"])
+async def test_a_blank_answer_of_the_customer_function_is_nobody(billing: LocalBilling, on_error: str) -> None:
+    async def answers_blank(request: Request) -> str | None:
+        return "   "
+
+    async with serve(by_app_function(billing, answers_blank, on_error)) as client:
+        answer = await client.get("/v1/search", headers=bearer("token-pro"))
+    assert answer.status_code == 401 and answer.headers["content-type"] == "application/problem+json"
 
 
 async def test_identify_outside_the_middleware_is_an_error_and_denial_carries_the_response() -> None:
