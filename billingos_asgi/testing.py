@@ -15,27 +15,58 @@ __all__ = ["assert_recorded", "lifespan"]
 
 @contextlib.asynccontextmanager
 async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
-    """Run ``app``'s ASGI lifespan as a server does: startup on entry, shutdown (and the usage drain) on exit."""
+    """Run ``app``'s ASGI lifespan as a server does: startup on entry, shutdown (and the usage drain) on exit.
+
+    An app that returns without answering does not support lifespan: the block runs without it,
+    as under a server. An app that fails, or answers with a failure, raises ``RuntimeError``.
+    """
     to_app, app_inbox = anyio.create_memory_object_stream[Message](4)
     app_outbox, from_app = anyio.create_memory_object_stream[Message](4)
     scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    failed: list[Exception] = []
 
     async def run() -> None:
-        await app(scope, app_inbox.receive, app_outbox.send)
+        try:
+            await app(scope, app_inbox.receive, app_outbox.send)
+        except Exception as exc:
+            failed.append(exc)
+        finally:
+            app_outbox.close()  # the app is done: nothing more will come
 
+    async def answer() -> Message | None:
+        with contextlib.suppress(anyio.EndOfStream):
+            return await from_app.receive()
+        return None  # the app has returned (or raised)
+
+    # Exceptions are raised after the task group has closed, so that they come out as they are.
+    raised: BaseException | None = None
+    failure: str | None = None
     async with anyio.create_task_group() as tg, to_app, from_app, app_inbox, app_outbox:
         tg.start_soon(run)
         await to_app.send({"type": "lifespan.startup"})
-        started = await from_app.receive()
-        if started["type"] != "lifespan.startup.complete":
-            raise RuntimeError(f"the app's lifespan startup failed: {started}")
-        try:
-            yield
-        finally:
-            await to_app.send({"type": "lifespan.shutdown"})
-            stopped = await from_app.receive()
-            if stopped["type"] != "lifespan.shutdown.complete":
-                raise RuntimeError(f"the app's lifespan shutdown failed: {stopped}")
+        started = await answer()
+        if started is None and not failed:  # lifespan not supported: run the block without it
+            try:
+                yield
+            except BaseException as exc:
+                raised = exc
+        elif started is not None and started["type"] == "lifespan.startup.complete":
+            try:
+                yield
+            except BaseException as exc:
+                raised = exc
+            if not isinstance(raised, anyio.get_cancelled_exc_class()):
+                await to_app.send({"type": "lifespan.shutdown"})
+                stopped = await answer()
+                if stopped is None or stopped["type"] != "lifespan.shutdown.complete":
+                    failure = f"the app's lifespan shutdown failed: {stopped or failed}"
+        else:
+            failure = f"the app's lifespan startup failed: {started or failed}"
+        tg.cancel_scope.cancel()
+    if raised is not None:
+        raise raised
+    if failure is not None:
+        raise RuntimeError(failure) from (failed[0] if failed else None)
 
 
 async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Mapping[str, float]) -> None:

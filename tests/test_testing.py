@@ -1,0 +1,69 @@
+"""``billingos_asgi.testing.lifespan`` with apps that support lifespan, ignore it, or fail it."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.types import Message, Receive, Scope, Send
+
+from billingos_asgi.testing import lifespan
+
+
+class LifespanApp:
+    """Answers the lifespan as told, noting the messages it receives."""
+
+    def __init__(self, startup: str = "lifespan.startup.complete") -> None:
+        self.startup = startup
+        self.received: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "lifespan"
+        while True:
+            message: Message = await receive()
+            self.received.append(message["type"])
+            if message["type"] == "lifespan.startup":
+                await send({"type": self.startup})
+                if self.startup != "lifespan.startup.complete":
+                    return
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def test_startup_and_shutdown_run_around_the_block() -> None:
+    app = LifespanApp()
+    async with lifespan(app):
+        assert app.received == ["lifespan.startup"]
+    assert app.received == ["lifespan.startup", "lifespan.shutdown"]
+
+
+async def test_an_app_without_lifespan_support_runs_the_block_without_it() -> None:
+    entered = False
+
+    async def http_only(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # what the ASGI spec allows: the server goes on without lifespan
+
+    async with lifespan(http_only):
+        entered = True
+    assert entered
+
+
+async def test_a_failed_startup_is_a_runtime_error() -> None:
+    async def refuses(scope: Scope, receive: Receive, send: Send) -> None:
+        raise ValueError("only http")
+
+    with pytest.raises(RuntimeError, match="startup failed") as caught:
+        async with lifespan(refuses):
+            pytest.fail("the block ran")
+    assert isinstance(caught.value.__cause__, ValueError)
+    with pytest.raises(RuntimeError, match="lifespan.startup.failed"):
+        async with lifespan(LifespanApp(startup="lifespan.startup.failed")):
+            pytest.fail("the block ran")
+
+
+async def test_an_error_in_the_block_comes_out_as_it_is_after_shutdown() -> None:
+    app = LifespanApp()
+    with pytest.raises(KeyError):
+        async with lifespan(app):
+            raise KeyError("the test's own failure")
+    assert app.received == ["lifespan.startup", "lifespan.shutdown"]
