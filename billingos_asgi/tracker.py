@@ -391,7 +391,8 @@ class Tracker:
         n = len(batch.events)
         while True:
             if self._clock() - first_attempt > IDEMPOTENCY_HORIZON:
-                self._give_up(batch.events, "dead_lettered", "first attempted more than 24 h ago: not resent blindly")
+                reason = "first attempted more than 24 h ago: not resent blindly"
+                self._give_up(batch.events, "dead_lettered", reason, counted=counted)
                 return
             self.stats.in_flight += n
             try:
@@ -436,7 +437,7 @@ class Tracker:
                 await self._deliver(sub, self._clock(), counted=counted, fix=True, background=background)
             return
         reason = "quota_exceeded" if isinstance(error, QuotaExceededError) else str(error)
-        self._give_up(batch.events, "rejected", reason, error)
+        self._give_up(batch.events, "rejected", reason, error, counted=counted)
 
     # -- reporting --
 
@@ -447,13 +448,20 @@ class Tracker:
             self._wake_writer()
 
     def _give_up(
-        self, events: tuple[UsageEvent, ...], outcome: str, reason: str, error: Exception | None = None
+        self,
+        events: tuple[UsageEvent, ...],
+        outcome: str,
+        reason: str,
+        error: Exception | None = None,
+        *,
+        counted: bool = True,
     ) -> None:
-        """Count, log and report events that will not be recorded; stop counting their units locally."""
+        """Count, log and report events that will not be recorded; stop counting their units locally
+        (``counted``: they are among them; a replayed event's are not)."""
         if outcome != "dropped":  # dropped events never reached the outbox
             self._forget(events)
         for event in events:
-            self._cache.reject(event.customer_id, event.feature_key, event.quantity, error)
+            self._cache.reject(event.customer_id, event.feature_key, event.quantity if counted else 0.0, error)
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
             category = f"{outcome}: {reason if error is None else type(error).__name__}"  # bounded set of keys
             self.stats.reasons[category] = self.stats.reasons.get(category, 0) + 1

@@ -13,6 +13,7 @@ import pytest
 from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEvent
 from billingos_asgi.cache import EntitlementCache
 from billingos_asgi.events import Batch
+from billingos_asgi.outbox import Outbox
 from billingos_asgi.tracker import Tracker
 from billingos_asgi.upstream import Upstream
 
@@ -188,3 +189,22 @@ async def test_a_shutdown_drain_may_use_the_checks_reserve_of_the_budget(billing
     assert (tracker.stats.sent, tracker.stats.dropped, upstream.tracks) == (4, 0, 4)
     for i in range(4):
         assert await billing.recorded_units(f"c{i}", "api_calls") == 1
+
+
+async def test_a_replayed_event_given_up_leaves_the_units_of_running_requests_counted(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    left_by_a_crash = Outbox(tmp_path / "outbox.db", max_events=10)
+    left_by_a_crash.open()
+    left_by_a_crash.add([event("before-the-crash", quantity=11)])  # more than the limit of 10: refused
+    left_by_a_crash.close()
+    upstream = Upstream(billing)
+    cache = EntitlementCache(upstream)
+    tracker = Tracker(upstream, cache, outbox=Outbox(tmp_path / "outbox.db", max_events=10), flush_interval=0)
+    quota = await cache.fetch("c0", "api_calls")
+    assert quota.admit(4) == 0  # four units of requests running now
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        await tracker.stop()
+    assert (tracker.stats.replayed, tracker.stats.rejected) == (1, 1)
+    assert quota.local == 4  # the replayed event's units were never among them
