@@ -340,9 +340,12 @@ class BillingMiddleware:
                 self._settle(context, quantity, 0.0)
                 await exc.response(scope, receive, send)  # the app's late gate refused the request
                 return
-            # The client went away mid-response (ASGI 2.4 servers raise from send).
-            aborted = metered.bill_partial and isinstance(exc, (OSError, ClientDisconnect))
-            unsent = self._settle(context, quantity, context.reported if aborted else 0.0)
+            if completed and status < 400:  # answered in full; what failed after (a background task) is the app's
+                used = quantity + context.reported
+            else:  # the client went away mid-response (ASGI 2.4 servers raise from send), or the app failed
+                aborted = metered.bill_partial and isinstance(exc, (OSError, ClientDisconnect))
+                used = context.reported if aborted else 0.0
+            unsent = self._settle(context, quantity, used)
             if unsent is not None:
                 await self.tracker.send(unsent)
             raise

@@ -269,6 +269,29 @@ async def test_background_task_runs_and_request_is_billed_once(billing: LocalBil
     assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
+async def test_a_background_task_failing_after_a_complete_answer_leaves_the_request_billed(
+    billing: LocalBilling,
+) -> None:
+    def send_email() -> None:
+        raise ConnectionError("mail server down")
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("done", background=BackgroundTask(send_email))
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/job", endpoint, methods=["POST"])]),
+        billing=billing,
+        customer=by_header,
+        routes={"POST /job": "api_calls"},
+    )
+    async with lifespan(middleware):
+        transport = httpx.ASGITransport(app=middleware, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            response = await client.post("/job", headers=as_customer("user_free"))
+    assert response.status_code == 200 and response.text == "done"
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
 # -- without lifespan -------------------------------------------------------------------------------
 
 
