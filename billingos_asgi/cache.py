@@ -229,7 +229,8 @@ class EntitlementCache:
         except CustomerNotFoundError:
             entitlement = None
         except Exception:
-            if previous is not None:  # upstream is down or busy: a stale answer beats none
+            # Upstream is down or busy: a stale answer beats none, unless its period has ended.
+            if previous is not None and (previous.resets_at is None or previous.resets_at > self._wall_clock()):
                 self._entries[key] = previous  # (back, if it was set aside)
                 previous.refreshing = False
                 previous.retry_at = self._clock() + REFRESH_RETRY

@@ -161,6 +161,17 @@ async def test_a_failed_check_falls_back_to_the_stale_answer(tmp_path: Path, clo
         await cache.fetch("c1", "export")  # nothing to fall back on
 
 
+async def test_a_failed_check_never_falls_back_to_an_ended_period(tmp_path: Path, clocks: Clocks) -> None:
+    billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db", clock=lambda: clocks.wall)
+    cache, _ = cache_for(billing, clocks, ttl=30)
+    quota = await cache.fetch("c1", "api_calls")
+    await billing.aclose()  # upstream gone
+    assert quota.resets_at is not None
+    clocks.advance(quota.resets_at - clocks.wall.timestamp() + 1)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the closed engine raises
+        await cache.fetch("c1", "api_calls")  # last period's figures would refuse or admit wrongly
+
+
 async def test_concurrent_misses_make_one_check(billing: LocalBilling, clocks: Clocks) -> None:
     cache, upstream = cache_for(billing, clocks)
     answers = []
