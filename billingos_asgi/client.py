@@ -7,6 +7,7 @@ failure into the :mod:`billingos_asgi._exceptions` tree.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import uuid
@@ -104,9 +105,11 @@ def _parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError):

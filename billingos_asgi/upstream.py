@@ -11,6 +11,7 @@ water before traffic resumes.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, TypeVar
@@ -41,6 +42,8 @@ DEFAULT_BURST = 10
 #: How long a request waits for a budget token before billing counts as unavailable for it.
 CHECK_WAIT = 1.0
 DEFAULT_FAILURE_THRESHOLD = 5
+#: Upstream's limits are per minute: a 429 asking for a longer pause (a bug, or a proxy's) is cut to this.
+MAX_PAUSE = 60.0
 DEFAULT_COOLDOWN = 15.0
 #: Failures that say upstream is unwell (a 429 only says "slower": it pauses the budget instead).
 _UNWELL = (NetworkError, ServerError, InvalidResponseError, AuthenticationError)
@@ -106,8 +109,9 @@ class Budget:
         return True
 
     def pause(self, seconds: float) -> None:
-        """Upstream said 429: no call for ``seconds``, and the bucket starts empty after."""
+        """Upstream said 429: no call for ``seconds`` (at most :data:`MAX_PAUSE`), and the bucket starts empty after."""
         self._refill()
+        seconds = 1.0 if math.isnan(seconds) else min(seconds, MAX_PAUSE)  # NaN: as without a value
         self._paused_until = max(self._paused_until, self._clock() + seconds)
         self._tokens = 0.0
 

@@ -479,6 +479,17 @@ async def test_429_with_http_date_in_the_past_retries_without_waiting(sleeps: li
     assert sleeps == [0.0]
 
 
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+async def test_a_retry_after_that_is_no_number_of_seconds_is_ignored(sleeps: list[float], value: str) -> None:
+    server = FakeServer(
+        respond(429, nest_error(429, "Too Many Requests"), headers={"Retry-After": value}), respond(200, CHECK_BODY)
+    )
+    async with make_client(server) as billing:
+        await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 2
+    assert len(sleeps) == 1 and 0 <= sleeps[0] <= 0.25  # the first backoff step, as without the header
+
+
 async def test_retry_after_above_max_fails_at_once(sleeps: list[float]) -> None:
     body = nest_error(429, "Too Many Requests", "Too Many Requests")
     server = FakeServer(respond(429, body, headers={"Retry-After": "120"}), respond(200, CHECK_BODY))

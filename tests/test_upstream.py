@@ -61,6 +61,14 @@ def test_a_pause_empties_the_budget_until_it_ends() -> None:
     assert budget.try_take()
 
 
+@pytest.mark.parametrize(("asked", "paused"), [(86_400, 60), (float("inf"), 60), (float("nan"), 1)])
+def test_a_pause_is_bounded_whatever_a_429_asks(asked: float, paused: float) -> None:
+    clock = Clock()
+    budget = Budget(60, burst=5, clock=clock)
+    budget.pause(asked)
+    assert budget.wait_time() == pytest.approx(paused + 1)  # then the first token refills
+
+
 @pytest.mark.parametrize("args", [(0, 1), (-5, 1), (60, 0), (float("nan"), 1)])
 def test_bad_budgets_are_refused(args: tuple[float, int]) -> None:
     with pytest.raises(ValueError, match="budget"):
