@@ -100,7 +100,10 @@ class Tracker:
         self._outbox = outbox
         self._clock = clock
         # Only trusted (client-supplied) request ids can repeat; remember them for upstream's 24 h.
-        self._seen: TTLCache[str, bool] | None = TTLCache(100_000, IDEMPOTENCY_HORIZON) if deduplicate else None
+        # (customer, key): upstream's idempotency is per customer, and so is this filter.
+        self._seen: TTLCache[tuple[str, str], bool] | None = (
+            TTLCache(100_000, IDEMPOTENCY_HORIZON) if deduplicate else None
+        )
         self._unwritten: list[UsageEvent] = []  # accepted, on their way into the outbox
         self._pending: dict[Key, list[UsageEvent]] = {}  # in the current flush window, grouped as they come
         self._due: dict[Key, list[UsageEvent]] = {}  # window closed, waiting for a sender and a token
@@ -141,15 +144,16 @@ class Tracker:
         """Queue ``event`` without waiting; False when no worker runs (the caller sends it itself)."""
         if not self.running:
             return False
-        if self._seen is not None:
-            if event.idempotency_key in self._seen:
-                self.stats.duplicates += 1
-                self._cache.reject(event.customer_id, event.feature_key, event.quantity, None)
-                return True
-            self._seen[event.idempotency_key] = True
+        seen = self._seen
+        if seen is not None and (event.customer_id, event.idempotency_key) in seen:
+            self.stats.duplicates += 1
+            self._cache.reject(event.customer_id, event.feature_key, event.quantity, None)
+            return True
         if self._queued_events >= self._max_queue:
             self._give_up((event,), "dropped", "queue full")
             return True
+        if seen is not None:  # (a dropped event is not seen: its request may be retried)
+            seen[event.customer_id, event.idempotency_key] = True
         self._queued_events += 1
         self.stats.queued += 1
         if self._outbox is None:

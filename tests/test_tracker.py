@@ -157,6 +157,28 @@ async def test_trusted_duplicate_keys_count_once(billing: LocalBilling) -> None:
     assert await billing.recorded_units("c0", "api_calls") == 2
 
 
+async def test_trusted_keys_are_per_customer_as_upstream_idempotency_is(billing: LocalBilling) -> None:
+    tracker = tracker_for(billing, flush_interval=0.05, deduplicate=True)
+    await run_tracker(tracker, [event("gateway-id", customer="c0"), event("gateway-id", customer="c1")])
+    assert (tracker.stats.sent, tracker.stats.duplicates) == (2, 0)
+    assert await billing.recorded_units("c1", "api_calls") == 1
+
+
+async def test_a_trusted_key_dropped_on_a_full_queue_is_not_taken_for_a_duplicate_later(billing: LocalBilling) -> None:
+    tracker = tracker_for(billing, flush_interval=0.05, deduplicate=True, max_queue=1)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        assert tracker.submit(event("first"))
+        assert tracker.submit(event("retried"))  # dropped: the queue is full
+        for _ in range(500):  # until the first is sent (within 5 s)
+            if not tracker.backlog:
+                break
+            await anyio.sleep(0.01)
+        assert tracker.submit(event("retried"))  # the client's retry, once there is room
+        await tracker.stop()
+    assert (tracker.stats.dropped, tracker.stats.duplicates, tracker.stats.sent) == (1, 0, 2)
+
+
 async def test_submit_without_a_worker_asks_the_caller_to_send(billing: LocalBilling) -> None:
     tracker = tracker_for(billing)
     assert tracker.submit(event("k")) is False
