@@ -59,7 +59,10 @@ def _split_key(key: str) -> tuple[str | None, str]:
 
 
 class RouteTable:
-    """Which feature (if any) a request meters: exclusions first, then routes, then the default."""
+    """Which feature (if any) a request meters: its route, else the default, unless excluded.
+
+    A configured route that an exclusion also covers is refused at construction.
+    """
 
     def __init__(
         self,
@@ -103,9 +106,23 @@ class RouteTable:
                 excluded_paths.add(path)
         self._excluded = frozenset(excluded_paths)
         self._excluded_prefixes = tuple(prefixes)
+        self._refuse_conflicts(routes or {})
         # Static (method, path) lookups, dynamic routes and the default need no per-request work
         # beyond a dict lookup when nothing dynamic or excluded-by-pattern is configured.
         self._simple = not self._dynamic and not self._excluded_patterns and not prefixes
+
+    def _refuse_conflicts(self, routes: Mapping[str, str | Metered]) -> None:
+        """A route that an exclusion covers is refused: which of the two the user meant is not for us to guess."""
+        for key in routes:
+            path = _split_key(key)[1]
+            static = "{" not in path
+            covered = (
+                path in self._excluded
+                or path.startswith(self._excluded_prefixes)
+                or (static and any(pattern.match(path) for pattern in self._excluded_patterns))
+            )
+            if covered:
+                raise ValueError(f"routes: {key!r} is also excluded (exclude=): configure it in one place")
 
     def match(self, method: str, path: str) -> Metered | None:
         """The metering of ``method path``, or None when it is not metered or is excluded."""

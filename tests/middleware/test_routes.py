@@ -208,8 +208,25 @@ def test_route_table_prefers_the_method_then_any_method_then_the_default() -> No
         ({"/x": "api_calls", "ANY /y": "api_calls"}, ()),
         ({}, ("health",)),
         ({"/x": "api_calls", " /x": "api_calls"}, ()),
+        ({"/internal/items": "api_calls"}, ("/internal/*",)),
+        ({"GET /internal/items/{id}": "api_calls"}, ("/internal/*",)),
+        ({"/health": "api_calls"}, ("/health",)),
+        ({"/items/7": "api_calls"}, ("/items/{id:int}",)),
     ],
-    ids=["unknown-method", "no-slash", "method-no-slash", "method-only", "empty-feature", "any", "exclude", "twice"],
+    ids=[
+        "unknown-method",
+        "no-slash",
+        "method-no-slash",
+        "method-only",
+        "empty-feature",
+        "any",
+        "exclude",
+        "twice",
+        "excluded-prefix",
+        "template-in-excluded-prefix",
+        "excluded-path",
+        "excluded-template",
+    ],
 )
 def test_invalid_configuration_raises_at_construction(
     billing: LocalBilling, routes: dict[str, str], exclude: tuple[str, ...]
