@@ -41,6 +41,8 @@ DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_CONCURRENCY = 4
 RETRY_BASE = 0.5
 RETRY_MAX = 30.0
+#: Without a worker (no lifespan), how long a request's task may go on delivering usage after its response.
+INLINE_DEADLINE = 30.0
 #: Upstream forgets idempotency keys after 24 h; resending older events could count them twice.
 IDEMPOTENCY_HORIZON = 24 * 3600 - 300
 _REPORT_INTERVAL = 1.0
@@ -110,6 +112,7 @@ class Tracker:
         # From the outbox of a previous run: resent as they were (first attempt time, if any).
         self._fixed: deque[tuple[Batch, float | None]] = deque()
         self._in_flight: set[Batch] = set()
+        self._riders: dict[Key, list[UsageEvent]] = {}  # without a worker: events waiting for a send running
         self._confirmed: list[str] = []  # keys to remove from the outbox
         self._queued_events = 0  # unwritten, pending, due and fixed
         self._idle: list[anyio.Event] = []  # one per sender waiting for work
@@ -376,8 +379,35 @@ class Tracker:
         await self._upstream.ready_to_track(reserve=not self._flushed)
 
     async def send(self, event: UsageEvent) -> None:
-        """Deliver one event now, one attempt (the backend's own retries aside): for apps without a lifespan."""
-        await self._deliver(Batch.of((event,)), self._clock(), counted=True, fix=False, background=False)
+        """Deliver ``event`` from its request's task, its response complete: for apps without a lifespan.
+
+        Events of one (customer, feature) that finish while a send for it runs ride along with
+        its next call, so a burst costs a few calls, not one each. The sending task waits for the
+        call budget and retries as the worker does, shielded from cancellation, for at most
+        :data:`INLINE_DEADLINE`; what is left then is reported as dropped.
+        """
+        key = (event.customer_id, event.feature_key)
+        riders = self._riders.get(key)
+        if riders is not None:
+            if len(riders) >= self._max_queue:
+                self._give_up((event,), "dropped", "queue full")
+            else:
+                riders.append(event)
+            return
+        riders = self._riders[key] = [event]
+        sending: tuple[UsageEvent, ...] = ()
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + INLINE_DEADLINE) as scope:
+            while riders:
+                sending = tuple(riders)
+                riders.clear()
+                self.stats.coalesced += len(sending) - 1
+                await self._ready()
+                await self._deliver(Batch.of(sending), self._clock(), counted=True, fix=False, background=True)
+                sending = ()
+        del self._riders[key]
+        if scope.cancelled_caught:
+            cut_off = (*sending, *riders)
+            self._give_up(cut_off, "dropped", f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan")
 
     async def _deliver(self, batch: Batch, first_attempt: float, *, counted: bool, fix: bool, background: bool) -> None:
         """Record ``batch`` upstream; outcomes are counted and fed back into the cache, never raised.

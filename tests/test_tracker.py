@@ -230,3 +230,61 @@ async def test_a_replayed_event_given_up_leaves_the_units_of_running_requests_co
         await tracker.stop()
     assert (tracker.stats.replayed, tracker.stats.rejected) == (1, 1)
     assert quota.local == 4  # the replayed event's units were never among them
+
+
+class Gated:
+    """A real LocalBilling whose track calls wait until the test opens the gate."""
+
+    def __init__(self, billing: LocalBilling) -> None:
+        self.billing = billing
+        self.gate = anyio.Event()
+        self.calls = 0
+
+    async def track_usage(self, *args: Any, **kwargs: Any) -> TrackUsageResult:
+        self.calls += 1
+        await self.gate.wait()
+        return await self.billing.track_usage(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+
+async def test_inline_sends_of_one_key_ride_along_with_the_one_running(billing: LocalBilling) -> None:
+    backend = Gated(billing)
+    tracker = tracker_for(backend)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tracker.send, event("first"))
+        await anyio.sleep(0.05)  # the first is on its way
+        for i in range(5):
+            await tracker.send(event(f"rider{i}"))  # returns at once: rides with the next call
+        tg.start_soon(tracker.send, event("other customer", customer="c1"))  # a key of its own: a call
+        await anyio.sleep(0.05)
+        backend.gate.set()
+    assert (backend.calls, tracker.stats.sent, tracker.stats.coalesced) == (3, 7, 4)
+    assert await billing.recorded_units("c0", "api_calls") == 6
+
+
+async def test_an_inline_send_outlives_the_cancellation_of_its_task(billing: LocalBilling) -> None:
+    backend = Gated(billing)
+    tracker = tracker_for(backend)
+
+    async def open_later() -> None:
+        await anyio.sleep(0.2)
+        backend.gate.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(open_later)
+        with anyio.move_on_after(0.05) as request_task:  # the server cancels the request's task
+            await tracker.send(event("k"))
+    assert request_task.cancel_called
+    assert tracker.stats.sent == 1 and await billing.recorded_units("c0", "api_calls") == 1
+
+
+async def test_an_inline_send_cut_off_by_its_deadline_is_reported(
+    billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("billingos_asgi.tracker.INLINE_DEADLINE", 0.1)
+    rejected: list[str] = []
+    tracker = tracker_for(Gated(billing), on_rejected=lambda e, r: rejected.append(r))  # the gate never opens
+    await tracker.send(event("k"))
+    assert tracker.stats.dropped == 1 and rejected == ["not confirmed within 0.1 s without a lifespan"]

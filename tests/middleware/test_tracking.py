@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -307,6 +308,26 @@ async def test_without_lifespan_usage_is_sent_inline(billing: LocalBilling) -> N
     assert anonymous.status_code == 401
     assert await billing.recorded_units("user_free", "api_calls") == 10
     assert middleware.tracker.stats.sent == 10 and middleware.tracker.stats.queued == 0
+
+
+async def test_without_lifespan_a_burst_beyond_the_call_budget_is_all_recorded(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(  # the default budget: 90 calls/min, 10 at once
+        recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"}
+    )
+    statuses: list[int] = []
+    async with serve(middleware, with_lifespan=False) as client:
+
+        async def one(customer: str) -> None:
+            statuses.append((await client.get("/x", headers=as_customer(customer))).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for customer in ("user_free", "user_pro", "user_37"):
+                for _ in range(10):
+                    tg.start_soon(one, customer)
+    assert statuses == [200] * 30
+    assert [await billing.recorded_units(c, "api_calls") for c in ("user_free", "user_pro", "user_37")] == [10] * 3
+    stats = middleware.tracker.stats
+    assert (stats.sent, stats.dropped) == (30, 0) and middleware.upstream.tracks < 30
 
 
 # -- request ids ------------------------------------------------------------------------------------
