@@ -264,6 +264,19 @@ class EntitlementCache:
             if quota is not None:
                 quota.refreshing = False
 
+    def reopen(self, customer_id: str, feature_key: str, quota: Quota) -> Quota:
+        """The entry on which a finished request counts units it was not admitted with (reported).
+
+        ``quota``, the entry it was admitted on; unless that was evicted while nothing was open
+        on it (admitted with 0 units): then it is set aside again, or the newer entry of its key
+        counts them, where their confirmation will settle them.
+        """
+        key = (customer_id, feature_key)
+        current = self._entries.find(key)
+        if current is None:
+            current = self._entries.aside[key] = quota
+        return current
+
     def confirm(self, customer_id: str, feature_key: str, units: float, result: TrackUsageResult) -> None:
         """Upstream recorded ``units``: the track answer's usage figures refresh the entry."""
         quota = self._entries.settle((customer_id, feature_key), units)

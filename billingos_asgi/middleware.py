@@ -376,9 +376,11 @@ class BillingMiddleware:
                     used,
                 )
             return None
-        if quota is not None and used != admitted:
-            quota.local += used - admitted
         feature = context.feature
+        if quota is not None and used != admitted:
+            if used > admitted:  # units the endpoint reported
+                quota = self.cache.reopen(customer, feature, quota)
+            quota.local += used - admitted
         event: UsageEvent = _new_event((customer, feature, used, f"{context.request_id}:{feature}", None))
         return None if self.tracker.submit(event) else event
 

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, get_usage_context, report_usage
 from tests.asgi import lifespan, serve
 
-from .support import as_customer, by_header, concurrent_statuses, recording_app
+from .support import CUSTOMER_HEADER, as_customer, by_header, concurrent_statuses, recording_app
 
 
 async def test_n_successful_requests_record_exactly_n_units(billing: LocalBilling) -> None:
@@ -291,6 +291,43 @@ async def test_a_background_task_failing_after_a_complete_answer_leaves_the_requ
             response = await client.post("/job", headers=as_customer("user_free"))
     assert response.status_code == 200 and response.text == "done"
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_units_reported_after_the_entry_was_evicted_still_count_against_the_quota(
+    billing: LocalBilling,
+) -> None:
+    """Admitted with 0 units (it reports its own), the request leaves its cache entry nothing to
+    keep it by; evicted meanwhile, the entry must still learn the units the request reports."""
+    release = anyio.Event()
+
+    async def llm(request: Request) -> Response:
+        if request.headers[CUSTOMER_HEADER] == "user_free":
+            await release.wait()
+        report_usage(100)  # user_free's whole quota of tokens
+        return PlainTextResponse("answer")
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/llm", llm)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/llm": Metered("tokens", quantity=None)},
+        cache_size=1,
+        flush_interval=5,  # the units stay unconfirmed: only this process's accounting knows them
+    )
+    statuses: list[int] = []
+    async with serve(middleware) as client:
+
+        async def ask(customer: str) -> None:
+            statuses.append((await client.get("/llm", headers=as_customer(customer))).status_code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "user_free")
+            await anyio.sleep(0.1)
+            await ask("user_pro")  # evicts user_free's entry while its request runs
+            release.set()
+        await ask("user_free")
+    assert statuses == [200, 200, 429]
+    assert await billing.recorded_units("user_free", "tokens") == 100
 
 
 # -- without lifespan -------------------------------------------------------------------------------
