@@ -55,6 +55,7 @@ class Quota:
     # A request that succeeds with the units it was admitted for leaves it as it is.
     local: float = 0.0
     refusal: int = 403  # 403 when the entitlement refuses whatever the usage, else 0
+    guessed: bool = False  # usage raised here after a quota refusal: upstream's next figure replaces it
     tracked: bool = True  # False for flags and numeric limits: gated, never tracked
     fresh_until: float = -math.inf  # (monotonic) served as is until then
     usable_until: float = -math.inf  # (monotonic) served stale, while one refresh runs, until then
@@ -88,9 +89,10 @@ class Quota:
         self.refusal = 403 if refused else 0
         resets_at = entitlement.resets_at.timestamp() if entitlement.resets_at else None
         usage = entitlement.usage or 0.0
-        if resets_at == self.resets_at and self.usage > usage:
+        if resets_at == self.resets_at and self.usage > usage and not self.guessed:
             usage = self.usage  # a check answered before our last confirmed track
         self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
+        self.guessed = False
 
 
 class _Flight:
@@ -284,8 +286,8 @@ class EntitlementCache:
             return
         usage = result.usage
         period_end = usage.period_end.timestamp()
-        if quota.resets_at is None or period_end > quota.resets_at:
-            quota.usage, quota.resets_at = usage.consumed_units, period_end
+        if quota.resets_at is None or period_end > quota.resets_at or quota.guessed:
+            quota.usage, quota.resets_at, quota.guessed = usage.consumed_units, period_end, False
         elif period_end == quota.resets_at:
             quota.usage = max(quota.usage, usage.consumed_units)
         quota.limit = usage.limit_units  # admission compares usage with the limit itself
@@ -299,5 +301,6 @@ class EntitlementCache:
         if error is None:
             return  # dropped here, not refused upstream: the cached answer still holds
         if isinstance(error, QuotaExceededError) and quota.limit is not None:
-            quota.usage = max(quota.usage, quota.limit)
+            # Full, as far as we know: refused (even stale) until upstream says how full it is.
+            quota.usage, quota.guessed = max(quota.usage, quota.limit), True
         quota.fresh_until = quota.usable_until = -math.inf

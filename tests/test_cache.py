@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from billingos_asgi import LocalBilling
+from billingos_asgi import LocalBilling, QuotaExceededError
 from billingos_asgi.cache import EntitlementCache, Refresh
 from billingos_asgi.upstream import Upstream
 
@@ -183,3 +183,16 @@ async def test_concurrent_misses_make_one_check(billing: LocalBilling, clocks: C
         for _ in range(50):
             tg.start_soon(miss)
     assert upstream.checks == 1 and len({id(a) for a in answers}) == 1
+
+
+async def test_after_a_quota_refusal_upstreams_next_figure_replaces_the_guess(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    cache, _ = cache_for(billing, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    await billing.track_usage("c1", "api_calls", 2)
+    assert quota.admit(4) == 0  # four more units on their way: 6 of 5, refused as a batch upstream
+    cache.reject("c1", "api_calls", 4, QuotaExceededError("Usage would exceed limit"))
+    assert cache.get("c1", "api_calls") is None and quota.admit(1) == 429  # full, as far as we know
+    assert await cache.fetch("c1", "api_calls") is quota
+    assert (quota.usage, quota.admit(3), quota.admit(1)) == (2, 0, 429)  # upstream: 2 of 5 used
