@@ -23,18 +23,55 @@ from .events import Batch, UsageEvent
 
 __all__ = ["Outbox", "OutboxError", "Stored"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    idempotency_key TEXT PRIMARY KEY,
+#: Marks our files (``PRAGMA application_id``): another SQLite database is never taken over.
+_APPLICATION_ID = 0x6F627831  # "obx1"
+#: ``PRAGMA user_version``: 2 keys rows by customer and key (upstream's idempotency is per
+#: customer); the first, unmarked layout keyed them by key alone, and is moved over on open.
+_LAYOUT = 2
+_TABLE = """
+CREATE TABLE outbox (
     customer_id TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
     feature_key TEXT NOT NULL,
     quantity TEXT NOT NULL,
     metadata TEXT,
     batch_key TEXT,
-    first_attempt REAL
+    first_attempt REAL,
+    PRIMARY KEY (customer_id, idempotency_key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS outbox_batch ON outbox (batch_key);
+CREATE INDEX outbox_batch ON outbox (batch_key);
 """
+_COLUMNS = "customer_id, idempotency_key, feature_key, quantity, metadata, batch_key, first_attempt"
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    """Create, or check and bring up to date, the layout of the file (in one transaction)."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    (application_id,) = db.execute("PRAGMA application_id").fetchone()
+    if application_id != _APPLICATION_ID and tables - {"outbox"}:
+        raise sqlite3.DatabaseError(f"it is another application's database (tables {sorted(tables)})")
+    (layout,) = db.execute("PRAGMA user_version").fetchone()
+    if layout > _LAYOUT:
+        raise sqlite3.DatabaseError(f"its layout {layout} is from a newer billingos-asgi")
+    if application_id == _APPLICATION_ID and layout == _LAYOUT:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if "outbox" in tables:  # the first layout
+            db.execute("ALTER TABLE outbox RENAME TO outbox_first")
+            db.execute("DROP INDEX IF EXISTS outbox_batch")
+        for statement in _TABLE.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        if "outbox" in tables:
+            db.execute(f"INSERT INTO outbox ({_COLUMNS}) SELECT {_COLUMNS} FROM outbox_first")
+            db.execute("DROP TABLE outbox_first")
+        db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+        db.execute(f"PRAGMA user_version = {_LAYOUT}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 class OutboxError(RuntimeError):
@@ -72,12 +109,12 @@ class Outbox:
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; WAL keeps it consistent
-            db.executescript(_SCHEMA)
             db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at the first write
             db.execute("COMMIT")
+            _prepare(db)
             rows = db.execute(
                 "SELECT idempotency_key, customer_id, feature_key, quantity, metadata, batch_key, first_attempt"
-                " FROM outbox ORDER BY first_attempt IS NULL, batch_key"
+                " FROM outbox ORDER BY first_attempt IS NULL, batch_key, customer_id, idempotency_key"
             ).fetchall()
         except sqlite3.Error as exc:
             if db is not None:
@@ -117,18 +154,18 @@ class Outbox:
             " VALUES (?, ?, ?, ?, ?)",
             rows,
         )
-        return len(rows)
+        return len(rows)  # (an event already there, same customer and key, is there once)
 
     def fix(self, batch: Batch, first_attempt: float) -> None:
         """Stamp ``batch`` on its events before its first attempt: a replay resends it unchanged."""
         self._write(
-            "UPDATE outbox SET batch_key = ?, first_attempt = ? WHERE idempotency_key = ?",
-            [(batch.idempotency_key, first_attempt, e.idempotency_key) for e in batch.events],
+            "UPDATE outbox SET batch_key = ?, first_attempt = ? WHERE customer_id = ? AND idempotency_key = ?",
+            [(batch.idempotency_key, first_attempt, batch.customer_id, e.idempotency_key) for e in batch.events],
         )
 
-    def remove(self, keys: Iterable[str]) -> None:
-        """Forget confirmed (or definitively refused) events."""
-        self.size -= self._write("DELETE FROM outbox WHERE idempotency_key = ?", [(k,) for k in keys])
+    def remove(self, events: Iterable[tuple[str, str]]) -> None:
+        """Forget confirmed (or definitively refused) events, by (customer id, idempotency key)."""
+        self.size -= self._write("DELETE FROM outbox WHERE customer_id = ? AND idempotency_key = ?", list(events))
 
     def close(self) -> None:
         with self._lock:

@@ -113,7 +113,7 @@ class Tracker:
         self._fixed: deque[tuple[Batch, float | None]] = deque()
         self._in_flight: set[Batch] = set()
         self._riders: dict[Key, list[UsageEvent]] = {}  # without a worker: events waiting for a send running
-        self._confirmed: list[str] = []  # keys to remove from the outbox
+        self._confirmed: list[tuple[str, str]] = []  # (customer, key) of events to remove from the outbox
         self._queued_events = 0  # unwritten, pending, due and fixed
         self._idle: list[anyio.Event] = []  # one per sender waiting for work
         self._window: anyio.Event | None = None  # set when the first event of a window arrives
@@ -281,7 +281,11 @@ class Tracker:
                     if confirmed:
                         await anyio.to_thread.run_sync(outbox.remove, confirmed)
                 except Exception:
+                    # Kept, they would be resent after a restart (once upstream: their batches are stamped).
                     logger.exception("the usage outbox %s failed to forget confirmed events", outbox.path)
+                    if not self._senders_done:
+                        self._confirmed[:0] = confirmed  # tried again in a second
+                        await anyio.sleep(1.0)
                 finally:
                     self._writing = False
                 continue
@@ -416,11 +420,19 @@ class Tracker:
         ``fix``: stamp the batch in the outbox before its first attempt. ``background``: the
         budget token for the first attempt is taken, and transient failures are retried.
         """
-        if fix and self._outbox is not None:
+        delay = RETRY_BASE
+        while fix and self._outbox is not None:
+            # Never a first attempt without the stamp: replayed unstamped, its events could form
+            # another batch under another key, and be counted twice.
             try:
                 await anyio.to_thread.run_sync(self._outbox.fix, batch, first_attempt)
-            except Exception:
-                logger.exception("could not stamp batch %s in the outbox", batch.idempotency_key)
+                break
+            except Exception as exc:
+                self._log(
+                    logging.ERROR, "could not stamp batch %s in the outbox (%r); holding it", batch.idempotency_key, exc
+                )
+                await anyio.sleep(delay)
+                delay = min(RETRY_MAX, delay * 2)
         attempt = 0
         n = len(batch.events)
         while True:
@@ -478,7 +490,7 @@ class Tracker:
     def _forget(self, events: tuple[UsageEvent, ...]) -> None:
         """Done with ``events`` for good: their outbox rows can go."""
         if self._outbox is not None:
-            self._confirmed.extend(event.idempotency_key for event in events)
+            self._confirmed.extend((event.customer_id, event.idempotency_key) for event in events)
             self._wake_writer()
 
     def _give_up(

@@ -37,7 +37,7 @@ def test_events_round_trip_with_their_batches_and_first_attempts(tmp_path: Path)
     stored = again.open()
     assert stored.batches == [(batch, 1234.5)]
     assert stored.events == [events[2]]
-    again.remove(["k1", "k2"])
+    again.remove([("c0", "k1"), ("c0", "k2")])
     assert again.size == 1
     again.close()
     assert len(Outbox(tmp_path / "outbox.db", max_events=10).open()) == 1
@@ -48,7 +48,7 @@ def test_the_outbox_is_bounded(tmp_path: Path) -> None:
     outbox.open()
     assert outbox.add([event(f"k{i}") for i in range(3)]) == 2
     assert outbox.add([event("k9")]) == 0
-    outbox.remove(["k0"])
+    outbox.remove([("c0", "k0")])
     assert outbox.add([event("k9")]) == 1
 
 
@@ -74,6 +74,92 @@ def test_a_file_that_is_not_an_outbox_is_refused(tmp_path: Path) -> None:
         Outbox(other, max_events=10).open()
     with pytest.raises(ValueError, match="max_events"):
         Outbox(other, max_events=0)
+
+
+def test_another_applications_database_is_never_taken_over(tmp_path: Path) -> None:
+    other = tmp_path / "app.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE users (name TEXT)")
+    db.commit()
+    db.close()
+    with pytest.raises(OutboxError, match="another application's database"):
+        Outbox(other, max_events=10).open()
+    db = sqlite3.connect(other)
+    assert db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("users",)]
+    db.close()
+
+
+def test_an_outbox_of_the_first_layout_keeps_its_events(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE outbox (
+            idempotency_key TEXT PRIMARY KEY, customer_id TEXT NOT NULL, feature_key TEXT NOT NULL,
+            quantity TEXT NOT NULL, metadata TEXT, batch_key TEXT, first_attempt REAL
+        ) WITHOUT ROWID;
+        CREATE INDEX outbox_batch ON outbox (batch_key);
+        INSERT INTO outbox VALUES ('k1', 'c0', 'api_calls', '1.0', NULL, 'b1', 1234.5);
+        INSERT INTO outbox VALUES ('k2', 'c1', 'api_calls', '2.5', NULL, NULL, NULL);
+        """
+    )
+    db.close()
+    stored = Outbox(path, max_events=10).open()
+    assert stored.batches == [(Batch.of((event("k1"),), "b1"), 1234.5)]
+    assert stored.events == [event("k2", "c1", quantity=2.5)]
+
+
+def test_two_customers_may_use_one_key(tmp_path: Path) -> None:
+    """Trusted request ids come from outside: two customers can send the same one."""
+    outbox = Outbox(tmp_path / "outbox.db", max_events=10)
+    outbox.open()
+    assert outbox.add([event("gateway-id", "c0"), event("gateway-id", "c1")]) == 2 and outbox.size == 2
+    outbox.remove([("c0", "gateway-id")])
+    outbox.close()
+    assert Outbox(tmp_path / "outbox.db", max_events=10).open().events == [event("gateway-id", "c1")]
+
+
+class StampFails(Outbox):
+    """An outbox whose disk fills up after the events were written: stamps fail."""
+
+    def fix(self, batch: Batch, first_attempt: float) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+class RemoveFailsOnce(Outbox):
+    failures = 1
+
+    def remove(self, events: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        super().remove(events)
+
+
+async def test_a_batch_that_cannot_be_stamped_is_never_sent(billing: LocalBilling, tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    first = tracker_for(billing, flush_interval=0.05, drain_timeout=0.5, outbox=StampFails(path, max_events=100))
+    await run_tracker(first, [event("k1"), event("k2")])
+    assert (first.stats.sent, first.stats.deferred) == (0, 2)
+    assert await billing.recorded_units("c0", "api_calls") == 0  # unstamped, it could be re-formed after a crash
+    second = tracker_for(billing, flush_interval=0.05, outbox=Outbox(path, max_events=100))
+    await run_tracker(second, [])
+    assert await billing.recorded_units("c0", "api_calls") == 2 and rows(path) == []
+
+
+async def test_confirmed_events_that_could_not_be_forgotten_are_forgotten_later(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    path = tmp_path / "outbox.db"
+    outbox = RemoveFailsOnce(path, max_events=100)
+    tracker = tracker_for(billing, flush_interval=0.05, outbox=outbox)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        tracker.submit(event("k1"))
+        await anyio.sleep(1.5)  # sent, forgetting failed once, tried again a second later
+        assert outbox.size == 0
+        await tracker.stop()
+    assert rows(path) == [] and await billing.recorded_units("c0", "api_calls") == 1
 
 
 class Unreachable:
