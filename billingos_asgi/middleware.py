@@ -208,6 +208,7 @@ class BillingMiddleware:
         self._upgrade_url = upgrade_url
         self._metrics_path = metrics_path
         self.unidentified = 0  # late-identified requests that succeeded without naming a customer
+        self._lifespan_owner: object | None = None  # the lifespan running the tracker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -478,62 +479,79 @@ class BillingMiddleware:
     # -- lifespan: the tracker's worker and the cache's refreshes live in one task group --
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        owner = object()  # this lifespan stops only the tracker it started
         async with anyio.create_task_group() as task_group:
-            listened = False
+            listened = failed = False
 
             async def lifespan_receive() -> Message:
-                nonlocal listened
+                nonlocal listened, failed
                 listened = True
                 message = await receive()
                 if message["type"] == "lifespan.startup":
-                    await self._start(task_group)
+                    try:
+                        await self._start(task_group, owner)
+                    except Exception as exc:
+                        # Told here: raised from the app's first receive, a server in "auto" mode
+                        # would take it for no lifespan support and serve without the tracker.
+                        failed = True
+                        await send({"type": "lifespan.startup.failed", "message": f"billing: {exc}"})
+                        raise
                 elif message["type"] == "lifespan.shutdown":
-                    await self._stop()  # before the app's own shutdown closes the billing client
+                    await self._stop(owner)  # before the app's own shutdown closes the billing client
                 return message
+
+            async def lifespan_send(message: Message) -> None:
+                if not (failed and message["type"].startswith("lifespan.startup.")):  # the server knows
+                    await send(message)
 
             try:
                 try:
-                    await self.app(scope, lifespan_receive, send)
+                    await self.app(scope, lifespan_receive, lifespan_send)
                 except Exception:
                     if listened:
                         raise
                     logger.info("the app refuses the ASGI lifespan (Django does): BillingMiddleware answers it")
-                    await self._own_lifespan(task_group, receive, send)
+                    await self._own_lifespan(task_group, owner, receive, send)
                 else:
                     if not listened:  # the app ignores lifespan: the server still waits for an answer
-                        await self._own_lifespan(task_group, receive, send)
+                        await self._own_lifespan(task_group, owner, receive, send)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await self._stop()
+                    await self._stop(owner)
                 task_group.cancel_scope.cancel()
 
-    async def _own_lifespan(self, task_group: TaskGroup, receive: Receive, send: Send) -> None:
+    async def _own_lifespan(self, task_group: TaskGroup, owner: object, receive: Receive, send: Send) -> None:
         """The lifespan protocol for an app without one, so that the tracker still starts and drains."""
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    await self._start(task_group)
+                    await self._start(task_group, owner)
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": f"billing: {exc}"})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self._stop()
+                await self._stop(owner)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _start(self, task_group: TaskGroup) -> None:
+    async def _start(self, task_group: TaskGroup, owner: object) -> None:
+        if self._lifespan_owner is not None:
+            raise RuntimeError("this BillingMiddleware is already running in another lifespan")
         await self.tracker.start(task_group)
+        self._lifespan_owner = owner
 
         def spawn(refresh: Refresh) -> None:
             task_group.start_soon(refresh)
 
         self.cache.spawn = spawn
 
-    async def _stop(self) -> None:
-        self.cache.spawn = None
-        await self.tracker.stop()
+    async def _stop(self, owner: object) -> None:
+        if self._lifespan_owner is owner:
+            self._lifespan_owner = None
+            self.cache.spawn = None
+            await self.tracker.stop()
 
 
 class _LateGate:

@@ -15,7 +15,7 @@ from starlette.background import BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from billingos_asgi import BillingMiddleware, LocalBilling
@@ -186,4 +186,39 @@ async def test_an_app_whose_lifespan_fails_after_starting_still_fails(billing: L
         async with lifespan(middleware):
             raise AssertionError("started")
     assert "the app's own start-up failed" in "".join(traceback.format_exception(caught.value))
+    assert not middleware.tracker.running
+
+
+async def test_an_unusable_outbox_fails_the_startup_where_the_server_sees_it(
+    billing: LocalBilling, tmp_path: Any
+) -> None:
+    """Starlette reads its first lifespan message outside its own error handling: raised from
+    there, the failure would look like "no lifespan support" to a server in auto mode, which
+    would then serve without the tracker and its outbox."""
+    junk = tmp_path / "usage.db"
+    junk.write_bytes(b"not a database" * 100)
+    middleware = BillingMiddleware(
+        Starlette(), billing=billing, customer=by_header, default_feature="api_calls", outbox=junk
+    )
+    told: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        told.append(message)
+
+    with pytest.raises(Exception):  # noqa: B017 - the app's own failure, as the server sees it after
+        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    assert [message["type"] for message in told] == ["lifespan.startup.failed"]
+    assert "usage.db" in told[0]["message"] and not middleware.tracker.running
+
+
+async def test_a_second_lifespan_fails_and_leaves_the_first_running(billing: LocalBilling) -> None:
+    middleware = BillingMiddleware(Starlette(), billing=billing, customer=by_header, default_feature="api_calls")
+    async with lifespan(middleware):
+        with pytest.raises(RuntimeError, match="already running"):
+            async with lifespan(middleware):
+                raise AssertionError("started twice")
+        assert middleware.tracker.running
     assert not middleware.tracker.running
