@@ -26,6 +26,7 @@ from anyio.abc import TaskGroup
 from cachetools import TTLCache
 
 from ._exceptions import NotFoundError, QuotaExceededError, ValidationError
+from ._validation import MAX_QUANTITY
 from .cache import EntitlementCache
 from .events import Batch, UsageEvent
 from .outbox import Outbox
@@ -373,7 +374,7 @@ class Tracker:
             self._queued_events -= len(batch.events)
             self._in_flight.add(batch)
             first_attempt = self._clock() if stamped is None else stamped
-            await self._deliver(batch, first_attempt, counted=counted, fix=stamped is None, background=True)
+            await self._deliver(batch, first_attempt, counted=counted, fix=stamped is None)
             self._in_flight.discard(batch)  # not on cancellation: _work reports what was cut off
 
     # -- delivery --
@@ -406,20 +407,23 @@ class Tracker:
                 riders.clear()
                 self.stats.coalesced += len(sending) - 1
                 await self._ready()
-                await self._deliver(Batch.of(sending), self._clock(), counted=True, fix=False, background=True)
+                await self._deliver(Batch.of(sending), self._clock(), counted=True, fix=False)
                 sending = ()
         del self._riders[key]
         if scope.cancelled_caught:
             cut_off = (*sending, *riders)
             self._give_up(cut_off, "dropped", f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan")
 
-    async def _deliver(self, batch: Batch, first_attempt: float, *, counted: bool, fix: bool, background: bool) -> None:
-        """Record ``batch`` upstream; outcomes are counted and fed back into the cache, never raised.
+    async def _deliver(self, batch: Batch, first_attempt: float, *, counted: bool, fix: bool) -> None:
+        """Record ``batch`` upstream (the budget token for its first attempt is taken), retrying
+        transient failures; outcomes are counted and fed back into the cache, never raised.
 
         ``counted``: its units are among the cache's local (not yet confirmed) units (not for a replay).
-        ``fix``: stamp the batch in the outbox before its first attempt. ``background``: the
-        budget token for the first attempt is taken, and transient failures are retried.
+        ``fix``: stamp the batch in the outbox before its first attempt.
         """
+        if len(batch.events) > 1 and batch.quantity > MAX_QUANTITY:  # valid events no single call can carry
+            await self._halve(batch, counted=counted, paid=True)
+            return
         delay = RETRY_BASE
         while fix and self._outbox is not None:
             # Never a first attempt without the stamp: replayed unstamped, its events could form
@@ -448,7 +452,6 @@ class Tracker:
                     batch.quantity,
                     batch.idempotency_key,
                     batch.metadata,
-                    paid=background,
                 )
             except Exception as exc:
                 error = exc
@@ -461,9 +464,6 @@ class Tracker:
                 self.stats.in_flight -= n
             if isinstance(error, _PERMANENT):
                 break
-            if not background:
-                self._give_up(batch.events, "dropped", f"billing unreachable ({type(error).__name__})", error)
-                return
             delay = min(RETRY_MAX, random.uniform(0, RETRY_BASE * 2**attempt))
             retry_after = getattr(error, "retry_after", None)
             if retry_after is not None:
@@ -475,15 +475,19 @@ class Tracker:
             await self._ready()
         if isinstance(error, QuotaExceededError) and n > 1:
             # Nothing was recorded: halve until what fits is recorded and the rest is refused.
-            half = n // 2
-            for part in (batch.events[:half], batch.events[half:]):
-                if background:
-                    await self._ready()
-                sub = Batch.of(part)
-                await self._deliver(sub, self._clock(), counted=counted, fix=True, background=background)
+            await self._halve(batch, counted=counted, paid=False)
             return
         reason = "quota_exceeded" if isinstance(error, QuotaExceededError) else str(error)
         self._give_up(batch.events, "rejected", reason, error, counted=counted)
+
+    async def _halve(self, batch: Batch, *, counted: bool, paid: bool) -> None:
+        """Deliver ``batch`` as two, each under its own key (``paid``: a token is taken for the first)."""
+        half = len(batch.events) // 2
+        for part in (batch.events[:half], batch.events[half:]):
+            if not paid:
+                await self._ready()
+            paid = False
+            await self._deliver(Batch.of(part), self._clock(), counted=counted, fix=True)
 
     # -- reporting --
 

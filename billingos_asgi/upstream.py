@@ -207,12 +207,8 @@ class Upstream:
         quantity: float,
         idempotency_key: str,
         metadata: Mapping[str, Any] | None,
-        *,
-        paid: bool,
     ) -> TrackUsageResult:
-        """A track; ``paid`` when :meth:`ready_to_track` already took its token."""
-        if not paid:
-            await self._admit(CHECK_WAIT)
+        """A track, once :meth:`ready_to_track` has taken its token."""
         self.tracks += 1
         return await self._guarded(
             self.backend.track_usage(customer_id, feature_key, quantity, idempotency_key, metadata)

@@ -288,3 +288,12 @@ async def test_an_inline_send_cut_off_by_its_deadline_is_reported(
     tracker = tracker_for(Gated(billing), on_rejected=lambda e, r: rejected.append(r))  # the gate never opens
     await tracker.send(event("k"))
     assert tracker.stats.dropped == 1 and rejected == ["not confirmed within 0.1 s without a lifespan"]
+
+
+async def test_valid_events_whose_sum_no_call_can_carry_are_sent_in_parts(tmp_path: Path) -> None:
+    plans = {**PLANS, "plans": {"small": {"features": {"api_calls": "unlimited", "tokens": "unlimited"}}}}
+    async with LocalBilling.from_dict(plans, tmp_path / "billing.db") as billing:
+        tracker = tracker_for(billing, flush_interval=0.05)
+        await run_tracker(tracker, [event(f"k{i}", quantity=6e13) for i in range(3)])  # 1.8e14 > 1e14 - 1
+        assert (tracker.stats.sent, tracker.stats.rejected) == (3, 0)
+        assert await billing.recorded_units("c0", "api_calls") == 1.8e14
