@@ -18,6 +18,7 @@ MAX_ID_LENGTH = 255
 #: Upstream stores DECIMAL(20,6): 14 integer digits and 6 decimals.
 MAX_QUANTITY = 10**14 - 1
 MICRO = 1_000_000  # units are stored as integer micro-units: upstream's DECIMAL(20,6)
+QUANTITY_DECIMALS = 6
 MAX_METADATA_BYTES = 8192
 MIN_SESSION_TTL = 60
 MAX_SESSION_TTL = 86400

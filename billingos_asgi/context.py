@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from starlette.requests import Request
 
 from ._models import Entitlement
-from ._validation import check_id, check_quantity, customer_answer
+from ._validation import QUANTITY_DECIMALS, check_id, check_quantity, customer_answer
 
 if TYPE_CHECKING:
     from .cache import Quota
@@ -74,8 +74,8 @@ class UsageContext:
         return None if self.quota is None else self.quota.entitlement
 
     def report(self, units: float) -> None:
-        """Add ``units`` (a finite number > 0) to this request's usage."""
-        self.reported += check_quantity(units)
+        """Add ``units`` (a finite number > 0, at upstream's resolution of 1e-6) to this request's usage."""
+        self.reported += round(check_quantity(units), QUANTITY_DECIMALS)
 
     async def identify(self, customer_id: str | None) -> None:
         """Name the paying customer and run the gate, where the app's own auth has just run.

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ._exceptions import ValidationError
-from ._validation import MAX_ID_LENGTH, check_id, customer_answer
+from ._validation import MAX_ID_LENGTH, QUANTITY_DECIMALS, check_id, customer_answer
 from .backend import BillingBackend
 from .cache import (
     DEFAULT_MAX_SIZE,
@@ -426,7 +426,7 @@ class BillingMiddleware:
             value = await value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             raise TypeError(f"quantity function of {metered.feature!r} returned {value!r}, not a finite number >= 0")
-        return float(value)
+        return round(value, QUANTITY_DECIMALS)  # what upstream stores; below it, the request is free
 
     async def _on_error(self, feature: str, detail: str, scope: Scope, receive: Receive, send: Send) -> None:
         """A hook failed: let the request through unbilled, or answer 503, as ``on_error`` says."""

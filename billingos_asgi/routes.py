@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.routing import compile_path
 
-from ._validation import check_id
+from ._validation import QUANTITY_DECIMALS, check_id
 
 __all__ = ["Metered", "RouteTable"]
 
@@ -29,6 +29,8 @@ class Metered:
     ``quantity`` is a number, a callable of the request (sync or async; the body is the app's:
     its Request has no receive channel), or None when the endpoint reports its own units with :func:`report_usage` (for
     instance the tokens an LLM call used). Reported units add to a fixed quantity too.
+    Quantities are in upstream's resolution (6 decimals): a fixed one may have no more, and what a
+    quantity function returns is rounded to it (a request whose quantity rounds to 0 is free).
     ``bill_partial``: keep the units reported before a client disconnect (default: an aborted
     response is not billed). ``late``: the app names the customer itself, where its own auth
     runs (``await UsageContext.identify(customer_id)``, which also runs the gate, or
@@ -46,6 +48,8 @@ class Metered:
         if q is not None and not callable(q):
             if isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0 or q == float("inf"):
                 raise ValueError(f"Metered({self.feature!r}): quantity must be a finite number >= 0, got {q!r}")
+            if q != round(q, QUANTITY_DECIMALS):
+                raise ValueError(f"Metered({self.feature!r}): quantity {q!r} has more decimals than upstream's 6")
 
 
 def _split_key(key: str) -> tuple[str | None, str]:

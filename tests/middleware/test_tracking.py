@@ -77,6 +77,27 @@ async def test_quantity_function_of_the_request(billing: LocalBilling) -> None:
     assert await billing.recorded_units("user_free", "tokens") == 99.5
 
 
+async def test_quantities_are_rounded_to_upstreams_resolution(billing: LocalBilling) -> None:
+    """A quantity in gigabytes of an 11-byte upload is below what upstream can store: free, and
+    billed the same whether it travels alone or in a batch; not a rejected event."""
+
+    def gigabytes(request: Request) -> float:
+        return float(request.headers["x-bytes"]) / 1e9
+
+    middleware = BillingMiddleware(
+        recording_app([]),
+        billing=billing,
+        customer=by_header,
+        routes={"/upload": Metered("tokens", quantity=gigabytes)},
+    )
+    async with serve(middleware) as client:
+        tiny = [await client.get("/upload", headers=as_customer("user_free", **{"x-bytes": "11"})) for _ in range(3)]
+        large = await client.get("/upload", headers=as_customer("user_free", **{"x-bytes": "1500000400"}))
+    assert [r.status_code for r in (*tiny, large)] == [200] * 4
+    assert await billing.recorded_units("user_free", "tokens") == 1.5
+    assert (middleware.tracker.stats.sent, middleware.tracker.stats.rejected) == (1, 0)
+
+
 async def test_endpoint_reported_units(billing: LocalBilling) -> None:
     async def via_function(request: Request) -> Response:
         report_usage(7)
