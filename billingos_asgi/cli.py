@@ -22,6 +22,12 @@ def _rate_limit(text: str) -> int:
     return int(match.group(1))
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
 def _secret_key(text: str) -> str:
     if not text.startswith("sk_"):
         raise argparse.ArgumentTypeError("the secret key must start with 'sk_'")
@@ -35,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--plans", required=True, help="plans file (TOML)")
     serve.add_argument("--db", default=":memory:", help="SQLite database file (default: in memory)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8787)
+    serve.add_argument("--port", type=_port, default=8787, help="0: any free port (default %(default)s)")
     serve.add_argument(
         "--secret-key", type=_secret_key, default=DEFAULT_SECRET_KEY, help="the one key accepted (default %(default)s)"
     )

@@ -38,7 +38,9 @@ def test_missing_plans_file_is_refused(tmp_path: Path) -> None:
         (["--rate-limit", "fast"], "expected N/min"),
         (["--rate-limit", "0/min"], "expected N/min"),
         (["--secret-key", "pk_live_x"], "must start with 'sk_'"),
-        (["--port", "http"], "invalid int value"),
+        (["--port", "http"], "expected a port number"),
+        (["--port", "99999"], "expected a port number from 0 to 65535, got '99999'"),
+        (["--port", "-1"], "expected a port number"),
     ],
 )
 def test_bad_options_are_refused(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
