@@ -56,7 +56,7 @@ def show(who: str, method: str, path: str, response: httpx.Response) -> None:
     detail = ""
     if response.headers.get("content-type", "").startswith("application/problem+json"):
         detail = "  " + response.json()["detail"]
-    print(f"  {who:<9} {method:<4} {path:<18} -> {response.status_code}  remaining {left:>4}{detail}")
+    print(f"  {who:<9} {method:<4} {path:<18} -> {response.status_code}  remaining {left:>6}{detail}")
 
 
 def drive(base_url: str) -> None:
