@@ -279,6 +279,11 @@ class EntitlementCache:
             current = self._entries.aside[key] = quota
         return current
 
+    def known_full(self, customer_id: str, feature_key: str) -> bool:
+        """Whether the entry of the key has nothing left (as after a quota refusal, until upstream says more)."""
+        quota = self._entries.find((customer_id, feature_key))
+        return quota is not None and quota.limit is not None and quota.usage >= quota.limit - _EPSILON
+
     def confirm(self, customer_id: str, feature_key: str, units: float, result: TrackUsageResult) -> None:
         """Upstream recorded ``units``: the track answer's usage figures refresh the entry."""
         quota = self._entries.settle((customer_id, feature_key), units)

@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from cachetools import TTLCache
 
 from ._exceptions import NotFoundError, QuotaExceededError, ValidationError
-from ._validation import MAX_QUANTITY
+from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS
 from .cache import EntitlementCache
 from .events import Batch, UsageEvent
 from .outbox import Outbox
@@ -42,6 +42,8 @@ DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_CONCURRENCY = 4
 RETRY_BASE = 0.5
 RETRY_MAX = 30.0
+#: After a check found a quota used up, events refused for it are rejected without asking again for this long.
+FULL_FOR = 10.0
 #: Without a worker (no lifespan), how long a request's task may go on delivering usage after its response.
 INLINE_DEADLINE = 30.0
 #: Upstream forgets idempotency keys after 24 h; resending older events could count them twice.
@@ -113,6 +115,7 @@ class Tracker:
         # From the outbox of a previous run: resent as they were (first attempt time, if any).
         self._fixed: deque[tuple[Batch, float | None]] = deque()
         self._in_flight: set[Batch] = set()
+        self._full: TTLCache[Key, bool] = TTLCache(10_000, FULL_FOR)  # checked: nothing left of the quota
         self._riders: dict[Key, list[UsageEvent]] = {}  # without a worker: events waiting for a send running
         self._confirmed: list[tuple[str, str]] = []  # (customer, key) of events to remove from the outbox
         self._queued_events = 0  # unwritten, pending, due and fixed
@@ -414,12 +417,15 @@ class Tracker:
             cut_off = (*sending, *riders)
             self._give_up(cut_off, "dropped", f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan")
 
-    async def _deliver(self, batch: Batch, first_attempt: float, *, counted: bool, fix: bool) -> None:
+    async def _deliver(
+        self, batch: Batch, first_attempt: float, *, counted: bool, fix: bool, part: bool = False
+    ) -> None:
         """Record ``batch`` upstream (the budget token for its first attempt is taken), retrying
         transient failures; outcomes are counted and fed back into the cache, never raised.
 
         ``counted``: its units are among the cache's local (not yet confirmed) units (not for a replay).
-        ``fix``: stamp the batch in the outbox before its first attempt.
+        ``fix``: stamp the batch in the outbox before its first attempt. ``part``: the part of a
+        refused event that fitted (refused again, it is not cut once more).
         """
         if len(batch.events) > 1 and batch.quantity > MAX_QUANTITY:  # valid events no single call can carry
             await self._halve(batch, counted=counted, paid=True)
@@ -477,8 +483,36 @@ class Tracker:
             # Nothing was recorded: halve until what fits is recorded and the rest is refused.
             await self._halve(batch, counted=counted, paid=False)
             return
+        if isinstance(error, QuotaExceededError) and not part:
+            await self._record_what_fits(batch.events[0], error, counted=counted)
+            return
         reason = "quota_exceeded" if isinstance(error, QuotaExceededError) else str(error)
         self._give_up(batch.events, "rejected", reason, error, counted=counted)
+
+    async def _record_what_fits(self, event: UsageEvent, error: Exception, *, counted: bool) -> None:
+        """One event refused for quota: record the part of it that is left in the quota, under a
+        key derived from its own (a replay records it once), and reject the rest."""
+        fit = 0.0
+        key = (event.customer_id, event.feature_key)
+        if key not in self._full and not self._cache.known_full(*key):  # a check per refusal, not per event
+            try:
+                entitlement = await self._upstream.check_entitlement(*key, wait=RETRY_MAX)
+            except Exception as exc:
+                self._log(logging.WARNING, "could not learn what is left of %s's %s quota: %r", *key, exc)
+            else:
+                if entitlement.remaining is not None:
+                    fit = round(min(max(entitlement.remaining, 0.0), event.quantity), QUANTITY_DECIMALS)
+                if fit <= 0:
+                    self._full[key] = True
+        if fit > 0:
+            part = UsageEvent(event.customer_id, event.feature_key, fit, f"{event.idempotency_key}:fit", event.metadata)
+            await self._ready()
+            await self._deliver(Batch.of((part,)), self._clock(), counted=counted, fix=False, part=True)
+            event = event._replace(quantity=round(event.quantity - fit, QUANTITY_DECIMALS))
+        if event.quantity > 0:
+            self._give_up((event,), "rejected", "quota_exceeded", error, counted=counted)
+        else:
+            self._forget((event,))
 
     async def _halve(self, batch: Batch, *, counted: bool, paid: bool) -> None:
         """Deliver ``batch`` as two, each under its own key (``paid``: a token is taken for the first)."""

@@ -66,11 +66,11 @@ async def test_llm_example_bills_the_tokens_it_streamed(tmp_path: Path) -> None:
                 answers.append((response.status_code, len(response.text.split()) if response.status_code == 200 else 0))
                 await anyio.sleep(1.2)  # one flush window each: usage is confirmed between calls
             team = await client.post("/v1/chat?prompt=dogs", headers={"X-API-Key": "key_bob"})
-        # 9 tokens an answer on a quota of 25: the third starts with some left and overshoots (its
-        # units are refused upstream and reported); the fourth finds the quota used up.
+        # 9 tokens an answer on a quota of 25: the third starts with 7 left and overshoots (the 7 are
+        # recorded, the 2 beyond the limit reported as rejected); the fourth finds the quota used up.
         assert answers == [(200, 9), (200, 9), (200, 9), (429, 0)]
         assert team.status_code == 200
-        assert await billing.recorded_units("alice", "tokens") == 18
+        assert await billing.recorded_units("alice", "tokens") == 25
         assert await billing.recorded_units("bob", "tokens") == 9
 
 

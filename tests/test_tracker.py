@@ -297,3 +297,25 @@ async def test_valid_events_whose_sum_no_call_can_carry_are_sent_in_parts(tmp_pa
         await run_tracker(tracker, [event(f"k{i}", quantity=6e13) for i in range(3)])  # 1.8e14 > 1e14 - 1
         assert (tracker.stats.sent, tracker.stats.rejected) == (3, 0)
         assert await billing.recorded_units("c0", "api_calls") == 1.8e14
+
+
+async def test_a_refused_event_records_the_part_that_fits_and_reports_the_rest(billing: LocalBilling) -> None:
+    rejected: list[tuple[str, float]] = []
+    await billing.track_usage("c0", "api_calls", 7.5)  # 2.5 of 10 left
+    tracker = tracker_for(
+        billing, flush_interval=0, on_rejected=lambda e, r: rejected.append((e.idempotency_key, e.quantity))
+    )
+    await run_tracker(tracker, [event("big", quantity=4)])
+    assert await billing.recorded_units("c0", "api_calls") == 10
+    assert rejected == [("big", 1.5)] and (tracker.stats.sent, tracker.stats.rejected) == (1, 1)
+    # Replayed (say after a crash before the rest was reported): nothing is left, nothing more recorded.
+    again = tracker_for(billing, flush_interval=0)
+    await run_tracker(again, [event("big", quantity=4)])
+    assert await billing.recorded_units("c0", "api_calls") == 10 and again.stats.rejected == 1
+
+
+async def test_events_refused_for_a_used_up_quota_cost_one_check_between_them(billing: LocalBilling) -> None:
+    await billing.track_usage("c0", "api_calls", 10)
+    tracker = tracker_for(billing, flush_interval=0.05)
+    await run_tracker(tracker, [event(f"k{i}") for i in range(20)])
+    assert tracker.stats.rejected == 20 and tracker.upstream.checks == 1

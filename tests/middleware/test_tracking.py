@@ -476,8 +476,11 @@ async def test_request_body_is_left_to_the_app(billing: LocalBilling) -> None:
     assert await billing.recorded_units("user_free", "storage_gb") == 0.25
 
 
-async def test_reported_units_beyond_the_quota_are_reported_as_rejected(billing: LocalBilling) -> None:
-    """Upstream refuses an event that would pass the limit: it is not recorded, and it is reported."""
+async def test_of_reported_units_beyond_the_quota_what_fits_is_recorded_and_the_rest_reported(
+    billing: LocalBilling,
+) -> None:
+    """Upstream refuses (all or nothing) an event that would pass the limit: the part of it that is
+    left in the quota is recorded under a key of its own, and the rest is reported as rejected."""
     rejected: list[tuple[str, float, str]] = []
 
     async def generate(request: Request) -> Response:
@@ -494,9 +497,9 @@ async def test_reported_units_beyond_the_quota_are_reported_as_rejected(billing:
     async with serve(middleware) as client:
         response = await client.post("/generate", headers=as_customer("user_free"))
     assert response.status_code == 200
-    assert rejected == [("user_free", 150, "quota_exceeded")]
-    assert (middleware.tracker.stats.sent, middleware.tracker.stats.rejected) == (0, 1)
-    assert await billing.recorded_units("user_free", "tokens") == 0
+    assert rejected == [("user_free", 50, "quota_exceeded")]
+    assert (middleware.tracker.stats.sent, middleware.tracker.stats.rejected) == (1, 1)
+    assert await billing.recorded_units("user_free", "tokens") == 100
 
 
 def test_request_ids_are_version_4_uuids_that_a_seeded_random_cannot_repeat() -> None:
