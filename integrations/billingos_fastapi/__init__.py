@@ -76,12 +76,15 @@ def metered(
     declaration = Metered(feature, quantity, bill_partial, late=customer is not None)
 
     def context_of(request: Request) -> UsageContext | None:
+        # Fail closed: a route declared metered must never run unmetered by mistake.
         if not getattr(billing_gate, _COLLECTED, False):
-            # Fail closed: a route declared metered must never run unmetered by mistake.
             raise RuntimeError(
                 f"route declared metered({feature!r}) but BillingMiddleware was not given routes=declared(app)"
             )
-        return get_usage_context(request)
+        state = request.scope.get("state") or {}
+        if "billing" not in state:  # the middleware did not take this request for the route
+            raise RuntimeError(f"metered({feature!r}) route reached unmetered, as {request.url.path!r}")
+        return get_usage_context(request)  # None: let through unmetered on purpose (on_error="allow")
 
     billing_gate: Callable[..., Any] = context_of
     if customer is not None:

@@ -227,3 +227,21 @@ async def test_metered_inside_a_shared_dependency_and_in_a_mounted_app_are_gated
     assert paid == [200] * 10 + [429, 429]
     assert entered == ["search", "sub"] * 5
     assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+async def test_a_declared_route_the_middleware_did_not_take_fails_closed(billing: SpyBilling) -> None:
+    """Collected, but the middleware's table does not match the request (as a path variant once did)."""
+    app = FastAPI()
+    entered: list[str] = []
+
+    @app.get("/v1/search", dependencies=[metered("api_calls")])
+    async def search() -> dict[str, str]:
+        entered.append("search")
+        return {}
+
+    collect = declared(app)
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=lambda: collect() and {})
+    async with serve(app) as client:
+        with pytest.raises(RuntimeError, match="reached unmetered"):
+            await client.get("/v1/search", headers=as_customer("user_free"))
+    assert entered == []

@@ -271,3 +271,26 @@ async def test_routes_are_metered_when_served_under_a_root_path(tmp_path: Path) 
         assert await billing.recorded_units("user_free", "api_calls") == 1
     finally:
         await billing.aclose()
+
+
+async def test_a_final_newline_in_the_path_does_not_slip_past_the_gate(billing: LocalBilling) -> None:
+    """Starlette's route patterns end in "$", which also matches before a final newline:
+    "/v1/export%0A" reaches the /v1/export endpoint, so it must be metered as /v1/export."""
+    calls: list[str] = []
+
+    async def export(request: Request) -> Response:
+        calls.append(request.url.path)
+        return PlainTextResponse("started")
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/v1/export", export, methods=["POST"])]),
+        billing=billing,
+        customer=by_header,
+        routes={"POST /v1/export": "export"},
+        exclude=["/health"],
+    )
+    async with serve(middleware) as client:
+        anonymous = await client.post("/v1/export%0A")
+        free = await client.post("/v1/export%0A", headers=as_customer("user_free"))  # the free plan has no export
+    assert (anonymous.status_code, free.status_code, calls) == (401, 403, [])
+    assert middleware.routes.match("GET", "/health\n") is None
