@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -29,8 +30,9 @@ def _port(text: str) -> int:
 
 
 def _secret_key(text: str) -> str:
-    if not text.startswith("sk_"):
-        raise argparse.ArgumentTypeError("the secret key must start with 'sk_'")
+    text = text.strip()
+    if not text.startswith("sk_") or not (text.isascii() and text.isprintable()) or " " in text:
+        raise argparse.ArgumentTypeError("the secret key must start with 'sk_' and be printable ASCII without spaces")
     return text
 
 
@@ -43,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8787, help="0: any free port (default %(default)s)")
     serve.add_argument(
-        "--secret-key", type=_secret_key, default=DEFAULT_SECRET_KEY, help="the one key accepted (default %(default)s)"
+        "--secret-key",
+        type=_secret_key,
+        default=os.environ.get("BILLINGOS_SECRET_KEY", DEFAULT_SECRET_KEY),
+        help=f"the one key accepted (default: $BILLINGOS_SECRET_KEY, else {DEFAULT_SECRET_KEY}; the environment "
+        "keeps a real key out of the process list)",
     )
     serve.add_argument("--rate-limit", type=_rate_limit, metavar="N/min", help="emulate the hosted rate limit")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -81,8 +81,13 @@ def _resolve_secret_key(secret_key: str | None) -> str:
     key = secret_key if secret_key is not None else os.environ.get("BILLINGOS_SECRET_KEY")
     if not key:
         raise ValidationError("no BillingOS secret key: pass secret_key= or set BILLINGOS_SECRET_KEY")
-    if not isinstance(key, str) or not key.startswith("sk_"):
+    if not isinstance(key, str):
+        raise ValidationError("the BillingOS secret key must be a string")
+    key = key.strip()  # read from a file or an env var, it often ends in a newline
+    if not key.startswith("sk_"):
         raise ValidationError("the BillingOS secret key must start with 'sk_'")
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        raise ValidationError("the BillingOS secret key must be printable ASCII without spaces")
     return key
 
 
@@ -277,12 +282,12 @@ class BillingOS:
         while True:
             try:
                 response = await self._http.request(method, path, params=params, json=json)
+            # The transport's own error is not chained: its text may quote the request's headers.
             except httpx.TimeoutException as exc:
                 error: BillingOSError = NetworkError(f"BillingOS {method} {path} timed out ({type(exc).__name__})")
-                error.__cause__ = exc
             except httpx.TransportError as exc:
-                error = NetworkError(f"cannot reach BillingOS for {method} {path}: {type(exc).__name__}")
-                error.__cause__ = exc
+                detail = _redact(str(exc), self._secret_key)
+                error = NetworkError(f"cannot reach BillingOS for {method} {path}: {type(exc).__name__}: {detail}")
             else:
                 if response.status_code < 400:
                     try:

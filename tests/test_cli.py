@@ -87,3 +87,8 @@ def test_serve_answers_on_its_port(tmp_path: Path) -> None:
         finally:
             process.terminate()
             process.communicate(timeout=10)
+
+
+def test_the_secret_key_may_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLINGOS_SECRET_KEY", "sk_test_from_env\n")
+    assert build_parser().parse_args(["serve", "--plans", "p.toml"]).secret_key == "sk_test_from_env"

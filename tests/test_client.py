@@ -546,7 +546,7 @@ async def test_timeout_on_every_attempt_raises_network_error(sleeps: list[float]
     assert len(keys) == 1
     assert len(server.bodies) == 4
     assert caught.value.status is None
-    assert isinstance(caught.value.__cause__, httpx.ReadTimeout)
+    assert "timed out (ReadTimeout)" in str(caught.value)
 
 
 async def test_timeout_then_success_returns_result() -> None:
@@ -565,7 +565,7 @@ async def test_connect_error_raises_network_error(sleeps: list[float]) -> None:
     assert server.attempts == 3
     assert len(sleeps) == 2
     assert caught.value.status is None
-    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+    assert "ConnectError" in str(caught.value)
 
 
 @pytest.mark.parametrize("exc_type", [httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError])
@@ -578,7 +578,8 @@ async def test_other_transport_errors_raise_network_error(
             await billing.get_usage_metrics("user_123")
     assert server.attempts == 2
     assert len(sleeps) == 1
-    assert isinstance(caught.value.__cause__, exc_type)
+    assert f"{exc_type.__name__}: connection reset" in str(caught.value)
+    assert caught.value.__cause__ is None  # a transport error's text may quote the request's headers
 
 
 async def test_non_json_502_every_attempt_raises_server_error(sleeps: list[float]) -> None:
@@ -1020,13 +1021,31 @@ def test_empty_secret_key_is_refused() -> None:
         BillingOS(secret_key="", base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
 
 
-@pytest.mark.parametrize("key", ["pk_test_hushhush", "hushhush", "SK_test_hushhush", " sk_test_hushhush"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "pk_test_hushhush",
+        "hushhush",
+        "SK_test_hushhush",
+        "sk_test_hush hush",
+        "sk_test_hush\x00hush",
+        "sk_tëst_hushhush",
+    ],
+)
 def test_key_without_sk_prefix_is_refused_without_echoing_it(key: str) -> None:
     with pytest.raises(ValidationError) as caught:
         BillingOS(secret_key=key, base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
     assert "hushhush" not in str(caught.value)
     assert "hushhush" not in repr(caught.value)
     assert isinstance(caught.value, ValueError)
+
+
+async def test_a_key_read_with_its_final_newline_is_used_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLINGOS_SECRET_KEY", SECRET + "\n")
+    server = FakeServer(respond(200, CHECK_BODY))
+    async with BillingOS(base_url=BASE_URL, transport=server.transport) as billing:
+        await billing.check_entitlement("user_123", "api_calls")
+    assert server.requests[0].headers["authorization"] == f"Bearer {SECRET}"
 
 
 def test_key_without_sk_prefix_from_env_is_refused_without_echoing_it(monkeypatch: pytest.MonkeyPatch) -> None:
