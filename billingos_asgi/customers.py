@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from time import monotonic
+from typing import TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -77,7 +78,9 @@ def from_api_key(
 
     Answers, unknown keys included, are cached (bounded, with TTL) so the lookup runs once per
     key per ``ttl`` seconds, not once per request, and once for all the requests that miss on a
-    key together. A key longer than 1,024 bytes is no key (401), looked up and cached never.
+    key together. Unknown keys have a cache of their own (``cache_size`` too), so that a flood of
+    made-up keys never pushes out the good ones. A key longer than 1,024 bytes is no key (401),
+    looked up and cached never.
     """
     if cache_size < 1 or ttl <= 0:
         raise ValueError("cache_size must be >= 1 and ttl > 0")
@@ -85,9 +88,19 @@ def from_api_key(
     # key -> (customer, expiry). A plain dict in insertion order, oldest evicted first: every entry
     # lives ttl seconds from its insertion, so the oldest is also the one to expire first. A third
     # of cachetools.TTLCache's cost per hit, and this lookup runs on every request.
-    answers: dict[bytes, tuple[str | None, float]] = {}
+    answers: dict[bytes, tuple[str, float]] = {}
+    # Keys no customer has, apart (key -> expiry): a flood of made-up keys never pushes out good ones.
+    unknown: dict[bytes, float] = {}
     flights: dict[bytes, anyio.Event] = {}  # keys being looked up, for the requests that wait on them
     is_async = inspect.iscoroutinefunction(lookup)
+
+    def cached(key: bytes) -> tuple[bool, str | None]:
+        """Whether ``key``'s answer is cached, and its customer (None: no customer has the key)."""
+        answer = answers.get(key)
+        if answer is not None and answer[1] > monotonic():
+            return True, answer[0]
+        expiry = unknown.get(key)
+        return expiry is not None and expiry > monotonic(), None
 
     def resolve(scope: Scope) -> Answer:
         # Sync on a cache hit (the common case: no coroutine per request); a miss is awaited.
@@ -101,14 +114,15 @@ def from_api_key(
         answer = answers.get(key)
         if answer is not None and answer[1] > monotonic():
             return answer[0]
-        return look_up(key)
+        hit, customer = cached(key)
+        return customer if hit else look_up(key)
 
     async def look_up(key: bytes) -> str | None:
         while (flight := flights.get(key)) is not None:
             await flight.wait()
-            found = answers.get(key)
-            if found is not None and found[1] > monotonic():
-                return found[0]
+            hit, customer = cached(key)
+            if hit:
+                return customer
             # The lookup failed (or was cancelled): try it here.
         flights[key] = flight = anyio.Event()
         try:
@@ -116,13 +130,25 @@ def from_api_key(
             if is_async or inspect.isawaitable(answer):
                 answer = await answer  # type: ignore[misc]
             customer = None if answer is None else str(answer)
-            answers.pop(key, None)  # re-inserted last: the order stays the expiry order
-            while len(answers) >= cache_size:
-                del answers[next(iter(answers))]
-            answers[key] = (customer, monotonic() + ttl)
+            expiry = monotonic() + ttl
+            if customer is None:
+                _insert_last(unknown, key, expiry, cache_size)
+            else:
+                _insert_last(answers, key, (customer, expiry), cache_size)
             return customer
         finally:
             del flights[key]
             flight.set()
 
     return ScopeResolver(resolve)
+
+
+V = TypeVar("V")
+
+
+def _insert_last(entries: dict[bytes, V], key: bytes, value: V, size: int) -> None:
+    """Insert ``key`` last (the order stays the expiry order), evicting the oldest beyond ``size``."""
+    entries.pop(key, None)
+    while len(entries) >= size:
+        del entries[next(iter(entries))]
+    entries[key] = value

@@ -103,6 +103,22 @@ async def test_from_api_key_cache_is_bounded_oldest_first() -> None:
     assert lookups == ["a", "b", "c", "a"]
 
 
+async def test_from_api_key_made_up_keys_never_push_out_good_ones() -> None:
+    lookups: list[str] = []
+
+    def lookup(key: str) -> str | None:
+        lookups.append(key)
+        return "customer_free" if key == "good" else None
+
+    resolver = from_api_key(lookup, cache_size=3)
+    assert await resolved(resolver, "good") == "customer_free"
+    for i in range(100):  # a flood of made-up keys
+        assert await resolved(resolver, f"made-up-{i}") is None
+    assert await resolved(resolver, "made-up-99") is None  # remembered, within its own bound
+    assert await resolved(resolver, "good") == "customer_free"
+    assert lookups.count("good") == 1 and lookups.count("made-up-99") == 1
+
+
 async def test_from_api_key_answers_expire_after_ttl() -> None:
     lookups: list[str] = []
     owners = {"k": "first-owner"}
