@@ -167,6 +167,10 @@ class Outbox:
         """Forget confirmed (or definitively refused) events, by (customer id, idempotency key)."""
         self.size -= self._write("DELETE FROM outbox WHERE customer_id = ? AND idempotency_key = ?", list(events))
 
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
     def close(self) -> None:
         with self._lock:
             if self._db is not None:

@@ -42,6 +42,8 @@ DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_CONCURRENCY = 4
 RETRY_BASE = 0.5
 RETRY_MAX = 30.0
+#: How long a batch waits for its stamp in a failing outbox before it goes up without.
+STAMP_HOLD = 60.0
 #: After a check found a quota used up, events refused for it are rejected without asking again for this long.
 FULL_FOR = 10.0
 #: Without a worker (no lifespan), how long a request's task may go on delivering usage after its response.
@@ -114,7 +116,9 @@ class Tracker:
         self._due: dict[Key, list[UsageEvent]] = {}  # window closed, waiting for a sender and a token
         # From the outbox of a previous run: resent as they were (first attempt time, if any).
         self._fixed: deque[tuple[Batch, float | None]] = deque()
-        self._in_flight: set[Batch] = set()
+        # Events handed to a delivery and not yet settled (recorded, or given up), by identity:
+        # what a deadline cuts off is exactly these (a split batch may be part recorded already).
+        self._unsettled: dict[int, UsageEvent] = {}
         self._full: TTLCache[Key, bool] = TTLCache(10_000, FULL_FOR)  # checked: nothing left of the quota
         self._riders: dict[Key, list[UsageEvent]] = {}  # without a worker: events waiting for a send running
         self._confirmed: list[tuple[str, str]] = []  # (customer, key) of events to remove from the outbox
@@ -151,16 +155,12 @@ class Tracker:
         """Queue ``event`` without waiting; False when no worker runs (the caller sends it itself)."""
         if not self.running:
             return False
-        seen = self._seen
-        if seen is not None and (event.customer_id, event.idempotency_key) in seen:
-            self.stats.duplicates += 1
-            self._cache.reject(event.customer_id, event.feature_key, event.quantity, None)
+        if self._is_duplicate(event):
             return True
         if self._queued_events >= self._max_queue:
             self._give_up((event,), "dropped", "queue full")
             return True
-        if seen is not None:  # (a dropped event is not seen: its request may be retried)
-            seen[event.customer_id, event.idempotency_key] = True
+        self._see(event)
         self._queued_events += 1
         self.stats.queued += 1
         if self._outbox is None:
@@ -168,6 +168,19 @@ class Tracker:
         else:  # durable first: it joins the window once its row is written
             self._unwritten.append(event)
             self._wake_writer()
+        return True
+
+    def _see(self, event: UsageEvent) -> None:
+        """Remember a trusted request id once its event is accepted (a dropped one may be retried)."""
+        if self._seen is not None:
+            self._seen[event.customer_id, event.idempotency_key] = True
+
+    def _is_duplicate(self, event: UsageEvent) -> bool:
+        """A trusted request id seen before for this customer: counted once (its units released)."""
+        if self._seen is None or (event.customer_id, event.idempotency_key) not in self._seen:
+            return False
+        self.stats.duplicates += 1
+        self._cache.reject(event.customer_id, event.feature_key, event.quantity, None)
         return True
 
     def _enqueue(self, event: UsageEvent) -> None:
@@ -216,7 +229,7 @@ class Tracker:
         with anyio.move_on_after(self._drain_timeout):
             await done.wait()
         if not done.is_set():
-            left = self._queued_events + sum(len(batch.events) for batch in self._in_flight)
+            left = self._queued_events + len(self._unsettled)
             logger.error("usage drain deadline (%.1fs) passed with %d events unsent", self._drain_timeout, left)
             scope.cancel()
             with anyio.CancelScope(shield=True):
@@ -244,11 +257,11 @@ class Tracker:
 
     def _account_for_cut_off(self) -> None:
         """Report what the deadline cut off: kept in the outbox for the next start, or dropped."""
-        unsent = [event for batch in self._in_flight for event in batch.events]
+        unsent = list(self._unsettled.values())
         unsent += [event for batch, _ in self._fixed for event in batch.events]
         unsent += [event for group in self._due.values() for event in group]
         unsent += [event for group in self._pending.values() for event in group]
-        self._in_flight.clear()
+        self._unsettled.clear()
         self._fixed.clear()
         self._due.clear()
         self._pending.clear()
@@ -279,6 +292,7 @@ class Tracker:
             if self._unwritten or self._confirmed:
                 events, self._unwritten = self._unwritten, []
                 confirmed, self._confirmed = self._confirmed, []
+                retry = False
                 self._writing = True
                 try:
                     await self._persist(outbox, events)
@@ -287,11 +301,13 @@ class Tracker:
                 except Exception:
                     # Kept, they would be resent after a restart (once upstream: their batches are stamped).
                     logger.exception("the usage outbox %s failed to forget confirmed events", outbox.path)
-                    if not self._senders_done:
-                        self._confirmed[:0] = confirmed  # tried again in a second
-                        await anyio.sleep(1.0)
+                    retry = not closing.is_set()
+                    if retry:
+                        self._confirmed[:0] = confirmed
                 finally:
                     self._writing = False
+                if retry:
+                    await anyio.sleep(1.0)
                 continue
             if self._senders_done:
                 return
@@ -375,10 +391,10 @@ class Tracker:
                     batch, stamped, counted = Batch.of(tuple(events)), None, True
                     self.stats.coalesced += len(events) - 1 if len(events) > 1 else 0
             self._queued_events -= len(batch.events)
-            self._in_flight.add(batch)
+            self._unsettled.update((id(event), event) for event in batch.events)
             first_attempt = self._clock() if stamped is None else stamped
             await self._deliver(batch, first_attempt, counted=counted, fix=stamped is None)
-            self._in_flight.discard(batch)  # not on cancellation: _work reports what was cut off
+            self._settled(batch.events)  # (they are: recorded or given up; not on cancellation)
 
     # -- delivery --
 
@@ -392,30 +408,37 @@ class Tracker:
         Events of one (customer, feature) that finish while a send for it runs ride along with
         its next call, so a burst costs a few calls, not one each. The sending task waits for the
         call budget and retries as the worker does, shielded from cancellation, for at most
-        :data:`INLINE_DEADLINE`; what is left then is reported as dropped.
+        :data:`INLINE_DEADLINE` a call; what is unsettled then is reported as dropped.
         """
+        if self._is_duplicate(event):
+            return
         key = (event.customer_id, event.feature_key)
         riders = self._riders.get(key)
         if riders is not None:
             if len(riders) >= self._max_queue:
                 self._give_up((event,), "dropped", "queue full")
             else:
+                self._see(event)
                 riders.append(event)
             return
+        self._see(event)
         riders = self._riders[key] = [event]
-        sending: tuple[UsageEvent, ...] = ()
-        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + INLINE_DEADLINE) as scope:
+        try:
             while riders:
                 sending = tuple(riders)
                 riders.clear()
                 self.stats.coalesced += len(sending) - 1
-                await self._ready()
-                await self._deliver(Batch.of(sending), self._clock(), counted=True, fix=False)
-                sending = ()
-        del self._riders[key]
-        if scope.cancelled_caught:
-            cut_off = (*sending, *riders)
-            self._give_up(cut_off, "dropped", f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan")
+                self._unsettled.update((id(e), e) for e in sending)
+                with anyio.CancelScope(shield=True, deadline=anyio.current_time() + INLINE_DEADLINE) as scope:
+                    await self._ready()
+                    await self._deliver(Batch.of(sending), self._clock(), counted=True, fix=False)
+                if scope.cancelled_caught:
+                    cut_off = tuple(e for e in sending if id(e) in self._unsettled)
+                    reason = f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan"
+                    self._give_up(cut_off, "dropped", reason)
+                self._settled(sending)
+        finally:
+            del self._riders[key]
 
     async def _deliver(
         self, batch: Batch, first_attempt: float, *, counted: bool, fix: bool, part: bool = False
@@ -430,19 +453,8 @@ class Tracker:
         if len(batch.events) > 1 and batch.quantity > MAX_QUANTITY:  # valid events no single call can carry
             await self._halve(batch, counted=counted, paid=True)
             return
-        delay = RETRY_BASE
-        while fix and self._outbox is not None:
-            # Never a first attempt without the stamp: replayed unstamped, its events could form
-            # another batch under another key, and be counted twice.
-            try:
-                await anyio.to_thread.run_sync(self._outbox.fix, batch, first_attempt)
-                break
-            except Exception as exc:
-                self._log(
-                    logging.ERROR, "could not stamp batch %s in the outbox (%r); holding it", batch.idempotency_key, exc
-                )
-                await anyio.sleep(delay)
-                delay = min(RETRY_MAX, delay * 2)
+        if fix and self._outbox is not None and self._outbox.is_open:
+            await self._stamp(self._outbox, batch, first_attempt)
         attempt = 0
         n = len(batch.events)
         while True:
@@ -464,6 +476,7 @@ class Tracker:
             else:
                 self.stats.sent += n
                 self._cache.confirm(batch.customer_id, batch.feature_key, batch.quantity if counted else 0.0, result)
+                self._settled(batch.events)
                 self._forget(batch.events)
                 return
             finally:
@@ -489,6 +502,31 @@ class Tracker:
         reason = "quota_exceeded" if isinstance(error, QuotaExceededError) else str(error)
         self._give_up(batch.events, "rejected", reason, error, counted=counted)
 
+    async def _stamp(self, outbox: Outbox, batch: Batch, first_attempt: float) -> None:
+        """Stamp ``batch`` on its rows before its first attempt: replayed unstamped, its events could
+        form another batch under another key, and be counted twice. A failing disk holds it for
+        :data:`STAMP_HOLD` at most, then billing goes on without (and says so)."""
+        give_up_at = self._clock() + STAMP_HOLD
+        delay = RETRY_BASE
+        while True:
+            try:
+                await anyio.to_thread.run_sync(outbox.fix, batch, first_attempt)
+                return
+            except Exception as exc:
+                if self._clock() >= give_up_at:
+                    logger.error(
+                        "could not stamp batch %s in the outbox %s for %g s (%r): sent unstamped, its events "
+                        "could be counted twice if the process dies before they are confirmed",
+                        batch.idempotency_key,
+                        outbox.path,
+                        STAMP_HOLD,
+                        exc,
+                    )
+                    return
+                self._log(logging.ERROR, "could not stamp batch %s (%r); holding it", batch.idempotency_key, exc)
+                await anyio.sleep(delay)
+                delay = min(RETRY_MAX, delay * 2)
+
     async def _record_what_fits(self, event: UsageEvent, error: Exception, *, counted: bool) -> None:
         """One event refused for quota: record the part of it that is left in the quota, under a
         key derived from its own (a replay records it once), and reject the rest."""
@@ -504,15 +542,17 @@ class Tracker:
                     fit = round(min(max(entitlement.remaining, 0.0), event.quantity), QUANTITY_DECIMALS)
                 if fit <= 0:
                     self._full[key] = True
+        rest = event
         if fit > 0:
             part = UsageEvent(event.customer_id, event.feature_key, fit, f"{event.idempotency_key}:fit", event.metadata)
             await self._ready()
             await self._deliver(Batch.of((part,)), self._clock(), counted=counted, fix=False, part=True)
-            event = event._replace(quantity=round(event.quantity - fit, QUANTITY_DECIMALS))
-        if event.quantity > 0:
-            self._give_up((event,), "rejected", "quota_exceeded", error, counted=counted)
+            rest = event._replace(quantity=round(event.quantity - fit, QUANTITY_DECIMALS))
+        if rest.quantity > 0:
+            self._give_up((rest,), "rejected", "quota_exceeded", error, counted=counted)
         else:
-            self._forget((event,))
+            self._forget((rest,))
+        self._settled((event,))
 
     async def _halve(self, batch: Batch, *, counted: bool, paid: bool) -> None:
         """Deliver ``batch`` as two, each under its own key (``paid``: a token is taken for the first)."""
@@ -524,6 +564,12 @@ class Tracker:
             await self._deliver(Batch.of(part), self._clock(), counted=counted, fix=True)
 
     # -- reporting --
+
+    def _settled(self, events: tuple[UsageEvent, ...]) -> None:
+        """``events`` are recorded or given up: a deadline no longer cuts them off."""
+        unsettled = self._unsettled
+        for event in events:
+            unsettled.pop(id(event), None)
 
     def _forget(self, events: tuple[UsageEvent, ...]) -> None:
         """Done with ``events`` for good: their outbox rows can go."""
@@ -542,6 +588,7 @@ class Tracker:
     ) -> None:
         """Count, log and report events that will not be recorded; stop counting their units locally
         (``counted``: they are among them; a replayed event's are not)."""
+        self._settled(events)
         if outcome != "dropped":  # dropped events never reached the outbox
             self._forget(events)
         for event in events:

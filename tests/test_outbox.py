@@ -136,7 +136,7 @@ class RemoveFailsOnce(Outbox):
         super().remove(events)
 
 
-async def test_a_batch_that_cannot_be_stamped_is_never_sent(billing: LocalBilling, tmp_path: Path) -> None:
+async def test_a_batch_that_cannot_be_stamped_is_held(billing: LocalBilling, tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     first = tracker_for(billing, flush_interval=0.05, drain_timeout=0.5, outbox=StampFails(path, max_events=100))
     await run_tracker(first, [event("k1"), event("k2")])
@@ -160,6 +160,36 @@ async def test_confirmed_events_that_could_not_be_forgotten_are_forgotten_later(
         assert outbox.size == 0
         await tracker.stop()
     assert rows(path) == [] and await billing.recorded_units("c0", "api_calls") == 1
+
+
+async def test_a_batch_held_for_its_stamp_goes_up_without_after_a_while(
+    billing: LocalBilling, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("billingos_asgi.tracker.STAMP_HOLD", 0.3)
+    tracker = tracker_for(billing, flush_interval=0.05, outbox=StampFails(tmp_path / "outbox.db", max_events=100))
+    await run_tracker(tracker, [event("k1"), event("k2")])
+    assert tracker.stats.sent == 2 and await billing.recorded_units("c0", "api_calls") == 2
+    assert "sent unstamped" in caplog.text
+
+
+class RemoveFails(Outbox):
+    def remove(self, events: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+async def test_a_failing_forget_does_not_hold_the_shutdown_to_its_deadline(
+    billing: LocalBilling, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = tracker_for(
+        billing, flush_interval=0.05, drain_timeout=5, outbox=RemoveFails(tmp_path / "outbox.db", max_events=100)
+    )
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        for i in range(3):
+            tracker.submit(event(f"k{i}"))
+        await anyio.sleep(0.5)  # sent; forgetting them fails, and is tried again
+        await tracker.stop()
+    assert tracker.stats.sent == 3 and "drain deadline" not in caplog.text
 
 
 class Unreachable:

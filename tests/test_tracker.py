@@ -319,3 +319,58 @@ async def test_events_refused_for_a_used_up_quota_cost_one_check_between_them(bi
     tracker = tracker_for(billing, flush_interval=0.05)
     await run_tracker(tracker, [event(f"k{i}") for i in range(20)])
     assert tracker.stats.rejected == 20 and tracker.upstream.checks == 1
+
+
+class Slow:
+    """A real LocalBilling whose track calls take a while."""
+
+    def __init__(self, billing: LocalBilling, seconds: float) -> None:
+        self.billing = billing
+        self.seconds = seconds
+
+    async def track_usage(self, *args: Any, **kwargs: Any) -> TrackUsageResult:
+        await anyio.sleep(self.seconds)
+        return await self.billing.track_usage(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+
+async def test_a_steady_stream_of_inline_sends_is_never_cut_off(
+    billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline bounds each call of the sending task, not its turn as the sender."""
+    monkeypatch.setattr("billingos_asgi.tracker.INLINE_DEADLINE", 0.3)
+    tracker = tracker_for(Slow(billing, 0.1), on_rejected=lambda e, r: pytest.fail(f"{e} {r}"))
+    async with anyio.create_task_group() as tg:
+        for i in range(20):  # for a second: three times the deadline
+            tg.start_soon(tracker.send, event(f"k{i}", customer="c0", feature="tokens"))
+            await anyio.sleep(0.05)
+    assert tracker.stats.sent == 20 and await billing.recorded_units("c0", "tokens") == 20
+
+
+async def test_inline_sends_of_one_trusted_request_id_count_once(billing: LocalBilling) -> None:
+    backend = Gated(billing)
+    tracker = tracker_for(backend, deduplicate=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tracker.send, event("first"))
+        await anyio.sleep(0.05)
+        await tracker.send(event("gateway-id"))
+        await tracker.send(event("gateway-id"))  # the client's retry, riding in the same batch
+        backend.gate.set()
+    assert tracker.stats.duplicates == 1 and await billing.recorded_units("c0", "api_calls") == 2
+
+
+async def test_an_inline_split_never_waits_for_an_outbox_that_is_not_open(
+    billing: LocalBilling, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("billingos_asgi.tracker.INLINE_DEADLINE", 2.0)
+    backend = Gated(billing)
+    tracker = tracker_for(backend, outbox=Outbox(tmp_path / "outbox.db", max_events=10))  # no lifespan: never opened
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tracker.send, event("first", quantity=4))
+        await anyio.sleep(0.05)
+        for key in ("second", "third"):
+            await tracker.send(event(key, quantity=4))  # 12 of 10: refused together, then split
+        backend.gate.set()
+    assert tracker.stats.dropped == 0 and await billing.recorded_units("c0", "api_calls") == 10
