@@ -372,7 +372,8 @@ class BillingMiddleware:
                 self.unidentified += 1
                 logger.warning(
                     "%s: a late-identified request succeeded but the app never named its customer: "
-                    "%g unit(s) not billed",
+                    "%g unit(s) not billed (is the framework's adapter in place: Django's "
+                    "IdentifyCustomerMiddleware, Litestar's BillingPlugin, a metered(customer=...) dependency?)",
                     context.feature,
                     used,
                 )
