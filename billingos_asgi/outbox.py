@@ -167,6 +167,37 @@ class Outbox:
         """Forget confirmed (or definitively refused) events, by (customer id, idempotency key)."""
         self.size -= self._write("DELETE FROM outbox WHERE customer_id = ? AND idempotency_key = ?", list(events))
 
+    def split(self, event: UsageEvent, part: UsageEvent, first_attempt: float) -> None:
+        """``event`` was refused for quota and ``part`` of it fits: keep the part, stamped (a replay
+        resends it under its own key) and what is left of the event, in one transaction."""
+        rest = repr(round(event.quantity - part.quantity, 6))
+        with self._lock:
+            if self._db is None:
+                raise OutboxError(f"the outbox {self.path} is not open")
+            self._db.execute("BEGIN")
+            try:
+                self.size += self._db.execute(
+                    "INSERT OR IGNORE INTO outbox (customer_id, idempotency_key, feature_key, quantity, metadata,"
+                    " batch_key, first_attempt) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        part.customer_id,
+                        part.idempotency_key,
+                        part.feature_key,
+                        repr(part.quantity),
+                        None if part.metadata is None else json.dumps(part.metadata),
+                        part.idempotency_key,
+                        first_attempt,
+                    ),
+                ).rowcount
+                self._db.execute(
+                    "UPDATE outbox SET quantity = ? WHERE customer_id = ? AND idempotency_key = ?",
+                    (rest, event.customer_id, event.idempotency_key),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     @property
     def is_open(self) -> bool:
         return self._db is not None

@@ -119,6 +119,7 @@ class Tracker:
         # Events handed to a delivery and not yet settled (recorded, or given up), by identity:
         # what a deadline cuts off is exactly these (a split batch may be part recorded already).
         self._unsettled: dict[int, UsageEvent] = {}
+        self._inline: dict[int, UsageEvent] = {}  # the same, for the sends of request tasks (no worker)
         self._full: TTLCache[Key, bool] = TTLCache(10_000, FULL_FOR)  # checked: nothing left of the quota
         self._riders: dict[Key, list[UsageEvent]] = {}  # without a worker: events waiting for a send running
         self._confirmed: list[tuple[str, str]] = []  # (customer, key) of events to remove from the outbox
@@ -428,12 +429,12 @@ class Tracker:
                 sending = tuple(riders)
                 riders.clear()
                 self.stats.coalesced += len(sending) - 1
-                self._unsettled.update((id(e), e) for e in sending)
+                self._inline.update((id(e), e) for e in sending)
                 with anyio.CancelScope(shield=True, deadline=anyio.current_time() + INLINE_DEADLINE) as scope:
                     await self._ready()
                     await self._deliver(Batch.of(sending), self._clock(), counted=True, fix=False)
                 if scope.cancelled_caught:
-                    cut_off = tuple(e for e in sending if id(e) in self._unsettled)
+                    cut_off = tuple(e for e in sending if id(e) in self._inline)
                     reason = f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan"
                     self._give_up(cut_off, "dropped", reason)
                 self._settled(sending)
@@ -545,6 +546,11 @@ class Tracker:
         rest = event
         if fit > 0:
             part = UsageEvent(event.customer_id, event.feature_key, fit, f"{event.idempotency_key}:fit", event.metadata)
+            if self._outbox is not None and self._outbox.is_open:  # a replay resends the part, not the event
+                try:
+                    await anyio.to_thread.run_sync(self._outbox.split, event, part, self._clock())
+                except Exception:
+                    logger.exception("could not write the split of %s to the outbox", event.idempotency_key)
             await self._ready()
             await self._deliver(Batch.of((part,)), self._clock(), counted=counted, fix=False, part=True)
             rest = event._replace(quantity=round(event.quantity - fit, QUANTITY_DECIMALS))
@@ -567,9 +573,10 @@ class Tracker:
 
     def _settled(self, events: tuple[UsageEvent, ...]) -> None:
         """``events`` are recorded or given up: a deadline no longer cuts them off."""
-        unsettled = self._unsettled
+        unsettled, inline = self._unsettled, self._inline
         for event in events:
             unsettled.pop(id(event), None)
+            inline.pop(id(event), None)
 
     def _forget(self, events: tuple[UsageEvent, ...]) -> None:
         """Done with ``events`` for good: their outbox rows can go."""
@@ -591,6 +598,9 @@ class Tracker:
         self._settled(events)
         if outcome != "dropped":  # dropped events never reached the outbox
             self._forget(events)
+        elif self._seen is not None:  # a request retried with the same trusted id is billed
+            for event in events:
+                self._seen.pop((event.customer_id, event.idempotency_key), None)
         for event in events:
             self._cache.reject(event.customer_id, event.feature_key, event.quantity if counted else 0.0, error)
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)

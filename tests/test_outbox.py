@@ -274,3 +274,25 @@ async def test_a_locked_outbox_fails_the_start(billing: LocalBilling, tmp_path: 
     with pytest.RaisesGroup(pytest.RaisesExc(OutboxError, match="another process")):
         async with anyio.create_task_group() as tg:
             await tracker.start(tg)
+
+
+async def test_a_replay_resends_the_part_that_fitted_not_the_whole_event(billing: LocalBilling, tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    await billing.track_usage("c0", "api_calls", 7)  # 3 of 10 left
+    reports: list[tuple[str, float]] = []
+    first = tracker_for(
+        billing,
+        flush_interval=0.05,
+        on_rejected=lambda e, r: reports.append((e.idempotency_key, e.quantity)),
+        outbox=RemoveFails(path, max_events=100),  # what is confirmed stays on disk, as after a crash
+    )
+    await run_tracker(first, [event("req-1", quantity=5)])
+    assert reports == [("req-1", 2.0)] and await billing.recorded_units("c0", "api_calls") == 10
+    second = tracker_for(
+        billing,
+        on_rejected=lambda e, r: reports.append((e.idempotency_key, e.quantity)),
+        outbox=Outbox(path, max_events=100),
+    )
+    await run_tracker(second, [])
+    assert await billing.recorded_units("c0", "api_calls") == 10  # the part went up again under its own key
+    assert reports[1:] == [("req-1", 2.0)] and rows(path) == []

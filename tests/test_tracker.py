@@ -374,3 +374,17 @@ async def test_an_inline_split_never_waits_for_an_outbox_that_is_not_open(
             await tracker.send(event(key, quantity=4))  # 12 of 10: refused together, then split
         backend.gate.set()
     assert tracker.stats.dropped == 0 and await billing.recorded_units("c0", "api_calls") == 10
+
+
+async def test_an_inline_send_during_the_shutdown_drain_is_not_the_workers_to_report(billing: LocalBilling) -> None:
+    reported: list[str] = []
+    backend = Gated(billing)
+    tracker = tracker_for(backend, flush_interval=0.05, on_rejected=lambda e, r: reported.append(r))
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        tg.start_soon(tracker.send, event("finished-during-the-drain"))  # no worker takes it any more
+        await anyio.sleep(0.05)
+        await tracker.stop()
+        backend.gate.set()
+    assert reported == [] and tracker.stats.dropped == 0
+    assert await billing.recorded_units("c0", "api_calls") == 1
