@@ -156,12 +156,13 @@ class Tracker:
         """Queue ``event`` without waiting; False when no worker runs (the caller sends it itself)."""
         if not self.running:
             return False
-        if self._is_duplicate(event):
+        if self._seen is not None and self._is_duplicate(event):
             return True
         if self._queued_events >= self._max_queue:
             self._give_up((event,), "dropped", "queue full")
             return True
-        self._see(event)
+        if self._seen is not None:
+            self._see(event)
         self._queued_events += 1
         self.stats.queued += 1
         if self._outbox is None:
@@ -392,10 +393,11 @@ class Tracker:
                     batch, stamped, counted = Batch.of(tuple(events)), None, True
                     self.stats.coalesced += len(events) - 1 if len(events) > 1 else 0
             self._queued_events -= len(batch.events)
-            self._unsettled.update((id(event), event) for event in batch.events)
+            unsettled = self._unsettled
+            for event in batch.events:
+                unsettled[id(event)] = event
             first_attempt = self._clock() if stamped is None else stamped
             await self._deliver(batch, first_attempt, counted=counted, fix=stamped is None)
-            self._settled(batch.events)  # (they are: recorded or given up; not on cancellation)
 
     # -- delivery --
 
@@ -573,10 +575,13 @@ class Tracker:
 
     def _settled(self, events: tuple[UsageEvent, ...]) -> None:
         """``events`` are recorded or given up: a deadline no longer cuts them off."""
-        unsettled, inline = self._unsettled, self._inline
+        unsettled = self._unsettled
         for event in events:
             unsettled.pop(id(event), None)
-            inline.pop(id(event), None)
+        inline = self._inline
+        if inline:
+            for event in events:
+                inline.pop(id(event), None)
 
     def _forget(self, events: tuple[UsageEvent, ...]) -> None:
         """Done with ``events`` for good: their outbox rows can go."""
