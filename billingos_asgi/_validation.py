@@ -38,18 +38,14 @@ def check_id(name: str, value: object) -> str:
 
 
 def customer_answer(answer: object, source: str) -> str | None:
-    """What an app's customer function answered: a customer id, or None for nobody (None or a blank
-    string: an app's "no user" must never let a request through ungated); else a TypeError."""
-    if isinstance(answer, str):
-        if len(answer) <= MAX_ID_LENGTH and answer.strip():
-            return answer
-        if not answer.strip():
-            return None
-    elif answer is None:
+    """What an app's customer function answered: a customer id (by :func:`check_id`'s rules), or None
+    for nobody (None or a blank string: an app's "no user" must never let a request through
+    ungated); anything else raises (TypeError, or ValidationError naming the fault)."""
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
         return None
-    raise TypeError(
-        f"{source} returned {answer!r:.80}, not a customer id (a string of at most {MAX_ID_LENGTH}) or None"
-    )
+    if not isinstance(answer, str):
+        raise TypeError(f"{source} returned {answer!r:.80}, not a customer id (a string) or None")
+    return check_id("customer_id", answer)
 
 
 def check_quantity(value: object) -> float:

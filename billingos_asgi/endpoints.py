@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from . import _wire
 from ._exceptions import BillingOSError, CustomerNotFoundError
 from ._models import UsageMetrics
-from ._validation import check_id, customer_answer
+from ._validation import customer_answer
 from .backend import BillingBackend
 from .customers import CustomerResolver
 from .responses import Denial, problem_response
@@ -63,8 +63,9 @@ class UsageEndpoints:
             answer = self._resolve(request)
             if inspect.isawaitable(answer):
                 answer = await answer
-            if answer is not None:
-                return check_id("customer_id", customer_answer(answer, "customer resolver"))
+            customer = customer_answer(answer, "customer resolver")
+            if customer is not None:
+                return customer
         except Exception:
             logger.exception("customer resolver failed on %s", request.url.path)
             return problem_response(Denial(503, "the customer resolver failed", request, endpoint))

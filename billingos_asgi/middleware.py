@@ -432,10 +432,7 @@ class BillingMiddleware:
     async def _on_error(self, feature: str, detail: str, scope: Scope, receive: Receive, send: Send) -> None:
         """A hook failed: let the request through unbilled, or answer 503, as ``on_error`` says."""
         if self._allow_on_error:
-            state = scope.get("state")
-            if state is None:
-                state = scope["state"] = {}
-            state["billing"] = None  # let through on purpose: a framework's declared gate must not fail closed
+            scope.setdefault("state", {})["billing"] = None  # let through on purpose: declared gates let it be
             await self.app(scope, receive, send)
         else:
             await self._deny(Denial(503, detail, Request(scope, receive), feature), scope, receive, send)

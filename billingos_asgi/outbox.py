@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,25 @@ CREATE TABLE outbox (
 CREATE INDEX outbox_batch ON outbox (batch_key);
 """
 _COLUMNS = "customer_id, idempotency_key, feature_key, quantity, metadata, batch_key, first_attempt"
+_INSERT = f"INSERT OR IGNORE INTO outbox ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
+def _row(event: UsageEvent, batch_key: str | None = None, first_attempt: float | None = None) -> tuple[object, ...]:
+    """``event`` as a row, in the order of ``_COLUMNS``."""
+    metadata = None if event.metadata is None else json.dumps(event.metadata)
+    quantity = repr(event.quantity)
+    return (event.customer_id, event.idempotency_key, event.feature_key, quantity, metadata, batch_key, first_attempt)
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
+    db.execute(begin)
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _prepare(db: sqlite3.Connection) -> None:
@@ -55,8 +75,7 @@ def _prepare(db: sqlite3.Connection) -> None:
         raise sqlite3.DatabaseError(f"its layout {layout} is from a newer billingos-asgi")
     if application_id == _APPLICATION_ID and layout == _LAYOUT:
         return
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db, "BEGIN IMMEDIATE"):
         if "outbox" in tables:  # the first layout
             db.execute("ALTER TABLE outbox RENAME TO outbox_first")
             db.execute("DROP INDEX IF EXISTS outbox_batch")
@@ -68,10 +87,6 @@ def _prepare(db: sqlite3.Connection) -> None:
             db.execute("DROP TABLE outbox_first")
         db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
         db.execute(f"PRAGMA user_version = {_LAYOUT}")
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
 
 
 class OutboxError(RuntimeError):
@@ -139,21 +154,8 @@ class Outbox:
     def add(self, events: Sequence[UsageEvent]) -> int:
         """Write ``events`` (in one transaction); returns how many fitted under ``max_events``."""
         room = max(0, self.max_events - self.size)
-        rows = [
-            (
-                e.idempotency_key,
-                e.customer_id,
-                e.feature_key,
-                repr(e.quantity),
-                None if e.metadata is None else json.dumps(e.metadata),
-            )
-            for e in events[:room]
-        ]
-        self.size += self._write(
-            "INSERT OR IGNORE INTO outbox (idempotency_key, customer_id, feature_key, quantity, metadata)"
-            " VALUES (?, ?, ?, ?, ?)",
-            rows,
-        )
+        rows = [_row(event) for event in events[:room]]
+        self.size += self._write(_INSERT, rows)
         return len(rows)  # (an event already there, same customer and key, is there once)
 
     def fix(self, batch: Batch, first_attempt: float) -> None:
@@ -171,32 +173,12 @@ class Outbox:
         """``event`` was refused for quota and ``part`` of it fits: keep the part, stamped (a replay
         resends it under its own key) and what is left of the event, in one transaction."""
         rest = repr(round(event.quantity - part.quantity, 6))
-        with self._lock:
-            if self._db is None:
-                raise OutboxError(f"the outbox {self.path} is not open")
-            self._db.execute("BEGIN")
-            try:
-                self.size += self._db.execute(
-                    "INSERT OR IGNORE INTO outbox (customer_id, idempotency_key, feature_key, quantity, metadata,"
-                    " batch_key, first_attempt) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        part.customer_id,
-                        part.idempotency_key,
-                        part.feature_key,
-                        repr(part.quantity),
-                        None if part.metadata is None else json.dumps(part.metadata),
-                        part.idempotency_key,
-                        first_attempt,
-                    ),
-                ).rowcount
-                self._db.execute(
-                    "UPDATE outbox SET quantity = ? WHERE customer_id = ? AND idempotency_key = ?",
-                    (rest, event.customer_id, event.idempotency_key),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._writing() as db:
+            self.size += db.execute(_INSERT, _row(part, part.idempotency_key, first_attempt)).rowcount
+            db.execute(
+                "UPDATE outbox SET quantity = ? WHERE customer_id = ? AND idempotency_key = ?",
+                (rest, event.customer_id, event.idempotency_key),
+            )
 
     @property
     def is_open(self) -> bool:
@@ -210,14 +192,14 @@ class Outbox:
 
     def _write(self, sql: str, rows: Sequence[tuple[object, ...]]) -> int:
         """Run ``sql`` for every row in one transaction; the number of rows changed."""
+        with self._writing() as db:
+            return db.executemany(sql, rows).rowcount
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """The open file, in a transaction, for one thread at a time."""
         with self._lock:
             if self._db is None:
                 raise OutboxError(f"the outbox {self.path} is not open")
-            self._db.execute("BEGIN")
-            try:
-                changed = self._db.executemany(sql, rows).rowcount
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            return changed
+            with _transaction(self._db) as db:
+                yield db

@@ -77,10 +77,12 @@ class RouteTable:
     ) -> None:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
+        configured: list[tuple[str, str, bool]] = []  # key, path, whether static
         for key, value in (routes or {}).items():
             method, path = _split_key(key)
             metered = value if isinstance(value, Metered) else Metered(value)
             regex, _, convertors = compile_path(path)
+            configured.append((key, path, not convertors))
             if convertors:
                 self._dynamic.append((method, regex, metered))
             else:
@@ -110,16 +112,14 @@ class RouteTable:
                 excluded_paths.add(path)
         self._excluded = frozenset(excluded_paths)
         self._excluded_prefixes = tuple(prefixes)
-        self._refuse_conflicts(routes or {})
+        self._refuse_conflicts(configured)
         # Static (method, path) lookups, dynamic routes and the default need no per-request work
         # beyond a dict lookup when nothing dynamic or excluded-by-pattern is configured.
         self._simple = not self._dynamic and not self._excluded_patterns and not prefixes
 
-    def _refuse_conflicts(self, routes: Mapping[str, str | Metered]) -> None:
+    def _refuse_conflicts(self, configured: Iterable[tuple[str, str, bool]]) -> None:
         """A route that an exclusion covers is refused: which of the two the user meant is not for us to guess."""
-        for key in routes:
-            path = _split_key(key)[1]
-            static = "{" not in path
+        for key, path, static in configured:
             covered = (
                 path in self._excluded
                 or path.startswith(self._excluded_prefixes)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,22 @@ async def test_openapi_documents_the_answers_of_metered_routes_only(billing: Spy
     assert "401" in paths["/billing/usage"]["get"]["responses"]
 
 
-async def test_a_declared_route_without_the_middleware_fails_closed(billing: SpyBilling) -> None:
+def no_middleware(app: FastAPI, billing: SpyBilling) -> None:
+    """The middleware forgotten: the route was never collected."""
+
+
+def a_table_without_it(app: FastAPI, billing: SpyBilling) -> None:
+    """Collected, but the middleware's table does not match the request (as a path variant once did)."""
+    collect = declared(app)
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=lambda: collect() and {})
+
+
+@pytest.mark.parametrize(
+    ("misconfigure", "message"), [(no_middleware, "routes=declared"), (a_table_without_it, "reached unmetered")]
+)
+async def test_a_declared_route_the_middleware_did_not_take_fails_closed(
+    billing: SpyBilling, misconfigure: Callable[[FastAPI, SpyBilling], None], message: str
+) -> None:
     app = FastAPI()
     entered: list[str] = []
 
@@ -116,8 +131,9 @@ async def test_a_declared_route_without_the_middleware_fails_closed(billing: Spy
         entered.append("search")
         return {}
 
+    misconfigure(app, billing)
     async with serve(app) as client:
-        with pytest.raises(RuntimeError, match="routes=declared"):
+        with pytest.raises(RuntimeError, match=message):
             await client.get("/v1/search", headers=as_customer("user_free"))
     assert entered == []
 
@@ -227,21 +243,3 @@ async def test_metered_inside_a_shared_dependency_and_in_a_mounted_app_are_gated
     assert paid == [200] * 10 + [429, 429]
     assert entered == ["search", "sub"] * 5
     assert await billing.recorded_units("user_free", "api_calls") == 10
-
-
-async def test_a_declared_route_the_middleware_did_not_take_fails_closed(billing: SpyBilling) -> None:
-    """Collected, but the middleware's table does not match the request (as a path variant once did)."""
-    app = FastAPI()
-    entered: list[str] = []
-
-    @app.get("/v1/search", dependencies=[metered("api_calls")])
-    async def search() -> dict[str, str]:
-        entered.append("search")
-        return {}
-
-    collect = declared(app)
-    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=lambda: collect() and {})
-    async with serve(app) as client:
-        with pytest.raises(RuntimeError, match="reached unmetered"):
-            await client.get("/v1/search", headers=as_customer("user_free"))
-    assert entered == []
