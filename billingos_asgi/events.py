@@ -8,7 +8,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ._validation import MAX_ID_LENGTH
+
 __all__ = ["Batch", "UsageEvent"]
+
+#: The key of the part of a quota-refused event that still fits: the event's key, suffixed.
+FIT_SUFFIX = ":fit"
+_MAX_EVENT_KEY = MAX_ID_LENGTH - len(FIT_SUFFIX)
+
+
+def event_key(request_id: str, feature: str) -> str:
+    """The idempotency key of a request's usage of ``feature``: ``request_id:feature``, or, where a
+    long feature name would make it longer than upstream takes (with room for :data:`FIT_SUFFIX`),
+    the request id and a digest of the feature, so that the event is still recorded."""
+    key = f"{request_id}:{feature}"
+    if len(key) <= _MAX_EVENT_KEY:
+        return key
+    return f"{request_id}:{hashlib.sha256(feature.encode()).hexdigest()[:32]}"
 
 
 class UsageEvent(NamedTuple):

@@ -37,7 +37,7 @@ from .cache import (
 )
 from .context import UsageContext, _current
 from .customers import Answer, CustomerResolver, ScopeResolver
-from .events import UsageEvent
+from .events import UsageEvent, event_key
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
 from .responses import BillingDenied, Denial, ProblemFactory, problem_response, quota_headers
@@ -383,7 +383,7 @@ class BillingMiddleware:
             if used > admitted:  # units the endpoint reported
                 quota = self.cache.reopen(customer, feature, quota)
             quota.local += used - admitted
-        event: UsageEvent = _new_event((customer, feature, used, f"{context.request_id}:{feature}", None))
+        event: UsageEvent = _new_event((customer, feature, used, event_key(context.request_id, feature), None))
         return None if self.tracker.submit(event) else event
 
     async def _fetch(self, request: Request, feature: str, customer: str) -> Quota | Denial | None:

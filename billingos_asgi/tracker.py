@@ -28,7 +28,7 @@ from cachetools import TTLCache
 from ._exceptions import NotFoundError, QuotaExceededError, ValidationError
 from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS
 from .cache import EntitlementCache
-from .events import Batch, UsageEvent
+from .events import FIT_SUFFIX, Batch, UsageEvent
 from .outbox import Outbox
 from .upstream import Upstream
 
@@ -547,7 +547,7 @@ class Tracker:
                     self._full[key] = True
         rest = event
         if fit > 0:
-            part = UsageEvent(event.customer_id, event.feature_key, fit, f"{event.idempotency_key}:fit", event.metadata)
+            part = event._replace(quantity=fit, idempotency_key=event.idempotency_key + FIT_SUFFIX)
             if self._outbox is not None and self._outbox.is_open:  # a replay resends the part, not the event
                 try:
                     await anyio.to_thread.run_sync(self._outbox.split, event, part, self._clock())

@@ -12,7 +12,7 @@ import pytest
 
 from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEvent
 from billingos_asgi.cache import EntitlementCache
-from billingos_asgi.events import Batch
+from billingos_asgi.events import FIT_SUFFIX, Batch, event_key
 from billingos_asgi.outbox import Outbox
 from billingos_asgi.tracker import Tracker
 from billingos_asgi.upstream import Upstream
@@ -81,6 +81,15 @@ def test_batch_keys_are_deterministic_and_single_events_keep_theirs() -> None:
     assert Batch.of((a, b, c)).idempotency_key == Batch.of((a, b, c)).idempotency_key  # not random
     assert Batch.of((a, b)).idempotency_key != Batch.of((a, c)).idempotency_key
     assert Batch.of((event("f1", quantity=0.1), event("f2", quantity=0.2))).quantity == 0.3
+
+
+def test_event_keys_fit_upstream_whatever_the_feature_name() -> None:
+    request_id = "r" * 128  # the longest trusted X-Request-ID
+    assert event_key("0f" * 16, "api_calls") == f"{'0f' * 16}:api_calls"  # readable where it fits
+    long_a, long_b = "a" * 254 + "x", "a" * 254 + "y"  # valid feature names (255 characters)
+    keys = {event_key(request_id, long_a), event_key(request_id, long_b), event_key("other", long_a)}
+    assert len(keys) == 3 and event_key(request_id, long_a) == event_key(request_id, long_a)
+    assert all(len(key + FIT_SUFFIX) <= 255 for key in keys)  # the split part's key fits too
 
 
 async def test_events_of_one_window_go_up_as_one_call_per_customer_and_feature(billing: LocalBilling) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import anyio
 import httpx
@@ -37,6 +38,16 @@ async def test_n_successful_requests_record_exactly_n_units(billing: LocalBillin
     assert [(m.feature_key, m.consumed, m.remaining) for m in metrics.metrics] == [("api_calls", 7, 3)]
     stats = middleware.tracker.stats
     assert (stats.queued, stats.sent, stats.dead_lettered, stats.rejected, stats.dropped) == (32, 32, 0, 0, 0)
+
+
+async def test_a_feature_with_a_long_name_is_still_recorded(tmp_path: Path) -> None:
+    feature = "f" * 255  # request id + ":" + feature would be longer than upstream's idempotency keys
+    plans = {"features": {feature: {"type": "usage_quota"}}, "plans": {"p": {"features": {feature: 5}}}}
+    async with LocalBilling.from_dict({**plans, "customers": {"user_a": "p"}}, tmp_path / "b.db") as billing:
+        middleware = BillingMiddleware(recording_app([]), billing=billing, customer=by_header, routes={"/x": feature})
+        async with serve(middleware) as client:  # one request: its event goes up alone, under its own key
+            assert (await client.get("/x", headers=as_customer("user_a"))).status_code == 200
+        assert await billing.recorded_units("user_a", feature) == 1 and middleware.tracker.stats.rejected == 0
 
 
 async def test_fractional_quantity(billing: LocalBilling) -> None:
