@@ -84,13 +84,12 @@ def _policy(feature: str, limit: float) -> tuple[bytes, bytes]:
 def quota_headers(feature: str, limit: float, remaining: float, resets_at: float | None) -> list[tuple[bytes, bytes]]:
     """IETF ``RateLimit-Policy`` and ``RateLimit`` fields (raw ASGI headers) for a feature's quota."""
     name, policy = _policy(feature, limit)
-    if remaining < 0:
-        remaining = 0
+    left_units = int(remaining) if remaining > 0 else 0  # an int: %d of a float costs twice as much
     if resets_at is None:
-        value = b"%s;r=%d" % (name, remaining)
+        value = b"%s;r=%d" % (name, left_units)
     else:
         left = math.ceil(resets_at - time.time())
-        value = b"%s;r=%d;t=%d" % (name, remaining, left if left > 0 else 0)
+        value = b"%s;r=%d;t=%d" % (name, left_units, left if left > 0 else 0)
     return [(b"ratelimit-policy", policy), (b"ratelimit", value)]
 
 
