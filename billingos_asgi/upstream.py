@@ -181,8 +181,9 @@ class Upstream:
 
     @property
     def track_reserve(self) -> float:
-        """Tokens tracks leave for checks: half the burst."""
-        return 0.0 if self.budget is None else self.budget.burst / 2
+        """Tokens tracks leave for checks: half the burst, and never so many that no token is left for
+        tracks (a burst of 1 keeps none: a bucket holding 1 token cannot give one beyond a reserve)."""
+        return 0.0 if self.budget is None else min(self.budget.burst / 2, self.budget.burst - 1.0)
 
     async def ready_to_track(self, *, reserve: bool = True) -> None:
         """Wait until the breaker lets a track go and the budget has a token for it (taken).

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from billingos_asgi import (
@@ -15,7 +16,10 @@ from billingos_asgi import (
     LocalBilling,
     NetworkError,
     RateLimitError,
+    UsageEvent,
 )
+from billingos_asgi.cache import EntitlementCache
+from billingos_asgi.tracker import Tracker
 from billingos_asgi.upstream import Budget, CircuitBreaker, Upstream
 
 from .test_tracker import PLANS
@@ -48,6 +52,26 @@ def test_a_reserve_keeps_tokens_for_callers_with_priority() -> None:
     assert budget.try_take(reserve=2) and budget.try_take(reserve=2)
     assert not budget.try_take(reserve=2)  # the last two are kept for checks
     assert budget.try_take() and budget.try_take() and not budget.try_take()
+
+
+@pytest.mark.parametrize("burst", [1, 2, 3, 10])
+async def test_tracks_can_always_get_a_token_whatever_the_burst(billing: LocalBilling, burst: int) -> None:
+    budget = Budget(60, burst=burst, clock=Clock())
+    upstream = Upstream(billing, budget=budget)
+    assert budget.try_take(reserve=upstream.track_reserve)  # a full bucket has one for a track
+
+
+async def test_a_burst_of_one_still_delivers(billing: LocalBilling) -> None:
+    upstream = Upstream(billing, budget=Budget(600, burst=1))
+    tracker = Tracker(upstream, EntitlementCache(upstream), flush_interval=0.01, drain_timeout=5)
+    async with anyio.create_task_group() as task_group:
+        await tracker.start(task_group)
+        tracker.submit(UsageEvent("c0", "api_calls", 1, "k1"))
+        with anyio.fail_after(5):
+            while not tracker.stats.sent:  # noqa: ASYNC110 - polling a counter
+                await anyio.sleep(0.01)
+        await tracker.stop()
+    assert await billing.recorded_units("c0", "api_calls") == 1
 
 
 def test_a_pause_empties_the_budget_until_it_ends() -> None:
