@@ -138,17 +138,18 @@ class Outbox:
             raise OutboxError(f"cannot use {self.path} as the usage outbox: {exc}{hint}") from exc
         self._db = db
         self.size = len(rows)
-        groups: dict[str, list[UsageEvent]] = {}
-        attempted: dict[str, float] = {}
+        # A batch is one customer's (two may send the same trusted request id) and one feature's.
+        groups: dict[tuple[str, str, str], list[UsageEvent]] = {}
+        attempted: dict[tuple[str, str, str], float] = {}
         fresh: list[UsageEvent] = []
         for key, customer, feature, quantity, metadata, batch_key, first_attempt in rows:
             event = UsageEvent(customer, feature, float(quantity), key, json.loads(metadata) if metadata else None)
             if batch_key is None:
                 fresh.append(event)
             else:
-                groups.setdefault(batch_key, []).append(event)
-                attempted[batch_key] = first_attempt
-        batches = [(Batch.of(tuple(e), k), attempted[k]) for k, e in groups.items()]
+                groups.setdefault((customer, feature, batch_key), []).append(event)
+                attempted[customer, feature, batch_key] = first_attempt
+        batches = [(Batch.of(tuple(e), g[2]), attempted[g]) for g, e in groups.items()]
         return Stored(batches, fresh)
 
     def add(self, events: Sequence[UsageEvent]) -> int:

@@ -119,6 +119,21 @@ def test_two_customers_may_use_one_key(tmp_path: Path) -> None:
     assert Outbox(tmp_path / "outbox.db", max_events=10).open().events == [event("gateway-id", "c1")]
 
 
+def test_stamped_batches_of_two_customers_under_one_key_are_replayed_apart(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db", max_events=10)
+    outbox.open()
+    alice, bob = event("gateway-id", "c0"), event("gateway-id", "c1")  # lone events: the batch key is theirs
+    outbox.add([alice, bob])
+    outbox.fix(Batch.of((alice,)), 1.0)
+    outbox.fix(Batch.of((bob,)), 2.0)
+    outbox.close()
+    replayed = Outbox(tmp_path / "outbox.db", max_events=10).open().batches
+    assert sorted((batch.customer_id, batch.events, first) for batch, first in replayed) == [
+        ("c0", (alice,), 1.0),
+        ("c1", (bob,), 2.0),
+    ]
+
+
 class StampFails(Outbox):
     """An outbox whose disk fills up after the events were written: stamps fail."""
 
