@@ -62,13 +62,16 @@ def route_table(
 
 
 def route_keys(path: str, methods: Iterable[str] | None) -> list[str]:
-    """``"METHOD /path"`` keys of a route (HEAD follows GET, so it is left out).
+    """``"METHOD /path"`` keys of a route (HEAD follows GET in the table, so beside GET it is left out).
 
     No methods (a class-based ``HTTPEndpoint``): the route answers every method, so its key has none.
     """
     if methods is None:
         return [path]
-    return [f"{method} {path}" for method in sorted(set(methods) - {"HEAD"})]
+    keys = set(methods)
+    if "GET" in keys:
+        keys.discard("HEAD")
+    return [f"{method} {path}" for method in sorted(keys)]
 
 
 def declared_routes(

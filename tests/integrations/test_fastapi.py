@@ -243,3 +243,18 @@ async def test_metered_inside_a_shared_dependency_and_in_a_mounted_app_are_gated
     assert paid == [200] * 10 + [429, 429]
     assert entered == ["search", "sub"] * 5
     assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+async def test_a_head_only_route_is_metered(billing: SpyBilling) -> None:
+    app = FastAPI()
+
+    @app.head("/probe", dependencies=[metered("api_calls")])
+    async def probe() -> None:
+        return None
+
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = await client.head("/probe")
+        paid = await client.head("/probe", headers=as_customer("user_free"))
+    assert (anonymous.status_code, paid.status_code) == (401, 200)
+    assert await billing.recorded_units("user_free", "api_calls") == 1

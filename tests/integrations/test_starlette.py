@@ -125,3 +125,18 @@ async def test_the_usage_routes_answer_a_failing_resolver_with_a_problem(billing
         (503, "application/problem+json")
     }
     assert {answer.json()["detail"] for answer in answers} == {"the customer resolver failed"}
+
+
+async def test_a_head_only_route_is_metered(billing: LocalBilling) -> None:
+    @metered("api_calls")
+    async def probe(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/probe", probe, methods=["HEAD"])])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = await client.head("/probe")
+        paid = await client.head("/probe", headers=as_customer("user_free"))
+    assert declared_routes(app.routes) == {"HEAD /probe": Metered("api_calls")}
+    assert (anonymous.status_code, paid.status_code) == (401, 200)
+    assert await billing.recorded_units("user_free", "api_calls") == 1
