@@ -10,19 +10,15 @@ from typing import Any, NamedTuple
 
 from ._validation import MAX_ID_LENGTH
 
-__all__ = ["Batch", "UsageEvent"]
-
-#: The key of the part of a quota-refused event that still fits: the event's key, suffixed.
-FIT_SUFFIX = ":fit"
-_MAX_EVENT_KEY = MAX_ID_LENGTH - len(FIT_SUFFIX)
+__all__ = ["Batch", "UsageEvent", "event_key", "part_key"]
 
 
 def event_key(request_id: str, feature: str) -> str:
     """The idempotency key of a request's usage of ``feature``: ``request_id:feature``, or, where a
-    long feature name would make it longer than upstream takes (with room for :data:`FIT_SUFFIX`),
-    the request id and a digest of the feature, so that the event is still recorded."""
+    long feature name would make it longer than upstream takes, the request id and a digest of the
+    feature, so that the event is still recorded."""
     key = f"{request_id}:{feature}"
-    if len(key) <= _MAX_EVENT_KEY:
+    if len(key) <= MAX_ID_LENGTH:
         return key
     return f"{request_id}:{hashlib.sha256(feature.encode()).hexdigest()[:32]}"
 
@@ -70,3 +66,11 @@ class Batch:
     def metadata(self) -> Mapping[str, Any] | None:
         """A lone event's metadata goes up with it; a batch's events have no single one."""
         return self.events[0].metadata if len(self.events) == 1 else None
+
+
+def part_key(event: UsageEvent) -> str:
+    """The key of the part of ``event`` that fits what is left of a quota: derived from the event's
+    key and its quantity when split, so that a replay of this split resends the part under the same
+    key, and a later split of what was left (a smaller quantity) gets a key of its own."""
+    digest = hashlib.sha256(f"{event.idempotency_key}\n{event.quantity!r}".encode()).hexdigest()
+    return f"part-{digest[:40]}"

@@ -28,7 +28,7 @@ from cachetools import TTLCache
 from ._exceptions import NotFoundError, QuotaExceededError, ValidationError
 from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS
 from .cache import EntitlementCache
-from .events import FIT_SUFFIX, Batch, UsageEvent
+from .events import Batch, UsageEvent, part_key
 from .outbox import Outbox
 from .upstream import Upstream
 
@@ -547,7 +547,7 @@ class Tracker:
                     self._full[key] = True
         rest = event
         if fit > 0:
-            part = event._replace(quantity=fit, idempotency_key=event.idempotency_key + FIT_SUFFIX)
+            part = event._replace(quantity=fit, idempotency_key=part_key(event))
             if self._outbox is not None and self._outbox.is_open:  # a replay resends the part, not the event
                 try:
                     await anyio.to_thread.run_sync(self._outbox.split, event, part, self._clock())

@@ -311,3 +311,56 @@ async def test_a_replay_resends_the_part_that_fitted_not_the_whole_event(billing
     await run_tracker(second, [])
     assert await billing.recorded_units("c0", "api_calls") == 10  # the part went up again under its own key
     assert reports[1:] == [("req-1", 2.0)] and rows(path) == []
+
+
+class PartStuck:
+    """The real LocalBilling, where the track of a split's part hangs, before or after it is recorded."""
+
+    def __init__(self, billing: LocalBilling, *, recorded: bool) -> None:
+        self.billing = billing
+        self.recorded = recorded
+
+    async def track_usage(
+        self, customer: str, feature: str, quantity: float, key: str | None = None, metadata: Any = None
+    ) -> TrackUsageResult:
+        if key is not None and key.startswith("part-"):
+            if self.recorded:
+                await self.billing.track_usage(customer, feature, quantity, key, metadata)
+            await anyio.sleep_forever()
+        return await self.billing.track_usage(customer, feature, quantity, key, metadata)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+
+@pytest.mark.parametrize(("quantity", "part_recorded"), [(3, False), (12, True)])
+async def test_a_replayed_split_accounts_for_every_unit(tmp_path: Path, quantity: float, part_recorded: bool) -> None:
+    """Stopped while a split's part is in flight, the event's rest and the part both stay on disk; the
+    replay may split the rest again (the customer upgraded meanwhile): under a key of its own."""
+    plans = {**PLANS, "plans": {**PLANS["plans"], "bigger": {"features": {"api_calls": 15}}}}
+    rejected: list[float] = []
+    path = tmp_path / "outbox.db"
+    async with LocalBilling.from_dict(plans, tmp_path / "billing.db") as billing:
+        await billing.track_usage("c0", "api_calls", 9)  # 1 of 10 left
+
+        def tracker(backend: Any) -> Any:
+            return tracker_for(
+                backend,
+                flush_interval=0,
+                drain_timeout=0.5,
+                max_concurrency=1,
+                outbox=Outbox(path, max_events=100),
+                on_rejected=lambda e, r: rejected.append(e.quantity),
+            )
+
+        first = tracker(PartStuck(billing, recorded=part_recorded))
+        async with anyio.create_task_group() as tg:
+            await first.start(tg)
+            first.submit(event("req-1:api_calls", quantity=quantity))
+            await anyio.sleep(0.3)  # refused: 1 unit split off, its track hanging
+            await first.stop()  # the drain deadline cuts it off: both rows stay
+        assert len(rows(path)) == 2
+        await billing.set_plan("c0", "bigger")  # 6 of 15 left, or 5 if the part was recorded
+        await run_tracker(tracker(billing), [])
+        recorded = await billing.recorded_units("c0", "api_calls") - 9
+    assert recorded + sum(rejected) == quantity and recorded == min(quantity, 6) and rows(path) == []

@@ -12,7 +12,7 @@ import pytest
 
 from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEvent
 from billingos_asgi.cache import EntitlementCache
-from billingos_asgi.events import FIT_SUFFIX, Batch, event_key
+from billingos_asgi.events import Batch, event_key, part_key
 from billingos_asgi.outbox import Outbox
 from billingos_asgi.tracker import Tracker
 from billingos_asgi.upstream import Upstream
@@ -89,7 +89,14 @@ def test_event_keys_fit_upstream_whatever_the_feature_name() -> None:
     long_a, long_b = "a" * 254 + "x", "a" * 254 + "y"  # valid feature names (255 characters)
     keys = {event_key(request_id, long_a), event_key(request_id, long_b), event_key("other", long_a)}
     assert len(keys) == 3 and event_key(request_id, long_a) == event_key(request_id, long_a)
-    assert all(len(key + FIT_SUFFIX) <= 255 for key in keys)  # the split part's key fits too
+    assert all(len(key) <= 255 for key in keys)
+
+
+def test_each_split_of_an_event_has_a_key_of_its_own() -> None:
+    whole = event("r1:api_calls", quantity=3)
+    rest = whole._replace(quantity=2)  # what was left after a first split
+    assert part_key(whole) == part_key(event("r1:api_calls", quantity=3))  # a replayed split: the same key
+    assert len({part_key(whole), part_key(rest), part_key(event("r2:api_calls", quantity=3))}) == 3
 
 
 async def test_events_of_one_window_go_up_as_one_call_per_customer_and_feature(billing: LocalBilling) -> None:
