@@ -127,18 +127,24 @@ def _find(route: Route) -> Metered | None:
 
 
 def _expand(route: BaseRoute, prefix: str) -> Iterator[tuple[str, Metered]]:
-    """A lazily included router (FastAPI >= 0.16x): its routes, with their full paths."""
+    """A lazily included router (FastAPI >= 0.16x): its routes, with their full paths.
+
+    Its Starlette routes, mounts and hosts come as copies carrying the router's prefix
+    (``starlette_route``), walked like the app's own.
+    """
     contexts = getattr(route, "effective_route_contexts", None)
     if not callable(contexts):
         return
     for context in contexts():
         original = context.original_route
-        if isinstance(original, APIRoute) and context.dependant is not None:
-            found = _declared_on(original, context.dependant)
+        if isinstance(original, APIRoute):
+            found = None if context.dependant is None else _declared_on(original, context.dependant)
             if found is not None:
                 _document(context.responses, original.responses)
                 for key in route_keys(prefix + context.path, context.methods):
                     yield key, found
+        elif context.starlette_route is not None:
+            yield from declarations([context.starlette_route], find=_find, expand=_expand, prefix=prefix)
 
 
 def _declared_on(route: APIRoute, dependant: Dependant) -> Metered | None:

@@ -258,3 +258,42 @@ async def test_a_head_only_route_is_metered(billing: SpyBilling) -> None:
         paid = await client.head("/probe", headers=as_customer("user_free"))
     assert (anonymous.status_code, paid.status_code) == (401, 200)
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_an_included_routers_starlette_routes_and_mounts_are_gated(billing: SpyBilling) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from billingos_asgi.discovery import metered as metered_endpoint
+
+    entered: list[str] = []
+
+    @metered_endpoint("api_calls")
+    async def legacy(request: Request) -> JSONResponse:
+        entered.append(request.url.path)
+        return JSONResponse({})
+
+    sub = FastAPI()
+
+    @sub.get("/hello", dependencies=[metered("api_calls")])
+    async def hello() -> dict[str, str]:
+        entered.append("/api/sub/hello")
+        return {}
+
+    router = APIRouter()
+    router.add_route("/legacy", legacy, methods=["GET"])
+    router.mount("/sub", sub)
+    router.mount("/starlette", Starlette(routes=[Route("/legacy", legacy)]))
+    app = FastAPI()
+    app.include_router(router, prefix="/api")
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    paths = ("/api/legacy", "/api/sub/hello", "/api/starlette/legacy")
+    async with serve(app) as client:
+        anonymous = [(await client.get(path)).status_code for path in paths]
+        paid = [(await client.get(path, headers=as_customer("user_free"))).status_code for path in paths * 4]
+    assert anonymous == [401] * 3
+    assert paid == [200] * 10 + [429] * 2
+    assert entered == [*paths * 3, *paths[:1]]
+    assert await billing.recorded_units("user_free", "api_calls") == 10
