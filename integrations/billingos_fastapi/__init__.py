@@ -17,7 +17,7 @@ The middleware gates a declared route before routing (the handler never runs on 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
@@ -25,7 +25,7 @@ from fastapi.routing import APIRoute
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from billingos_asgi import BillingBackend, Metered, UsageContext, get_usage_context
+from billingos_asgi import BillingBackend, BillingDenied, Metered, UsageContext, get_usage_context
 from billingos_asgi.customers import CustomerResolver
 from billingos_asgi.discovery import MARK, declarations, metering_of, route_keys, route_table
 from billingos_asgi.endpoints import UsageEndpoints
@@ -179,8 +179,13 @@ def declared(
     """The middleware's ``routes=``: every route with a :func:`metered` dependency, plus ``also``.
 
     Collected when the middleware stack is built (at start-up); also documents the 401/403/429
-    answers in the OpenAPI schema of those routes.
+    answers in the OpenAPI schema of those routes. Answers a late gate's refusal
+    (:class:`BillingDenied`, raised in a ``metered(customer=...)`` dependency) inside the app:
+    with the middleware wrapped around the app from outside, Starlette's error middleware
+    would otherwise make it a 500 before the middleware saw it.
     """
+    if BillingDenied not in app.exception_handlers:  # the app's own handler, if any, decides
+        app.add_exception_handler(BillingDenied, _refusal)
 
     def collect() -> dict[str, str | Metered]:
         table = route_table(declarations(app.routes, find=_find, expand=_expand), also)
@@ -188,6 +193,11 @@ def declared(
         return table
 
     return collect
+
+
+async def _refusal(request: Request, denied: Exception) -> Response:
+    """The refusal's own answer (its problem response, or what the ``problem_factory`` made)."""
+    return cast(BillingDenied, denied).response  # registered for BillingDenied only
 
 
 def usage_router(

@@ -297,3 +297,44 @@ async def test_an_included_routers_starlette_routes_and_mounts_are_gated(billing
     assert paid == [200] * 10 + [429] * 2
     assert entered == [*paths * 3, *paths[:1]]
     assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+@pytest.mark.parametrize("outside", [False, True], ids=["add_middleware", "wrapped"])
+async def test_a_late_refusal_is_answered_however_the_middleware_is_installed(
+    billing: SpyBilling, outside: bool
+) -> None:
+    from fastapi import Header
+
+    async def current_customer(x_token: str = Header("")) -> str | None:
+        return {"token-free": "user_free"}.get(x_token)
+
+    app = FastAPI()
+    entered: list[str] = []
+
+    @app.get("/v1/search", dependencies=[metered("api_calls", customer=current_customer)])
+    async def search() -> dict[str, str]:
+        entered.append("search")
+        return {}
+
+    @app.post("/v1/exports", dependencies=[metered("export", customer=current_customer)])
+    async def export() -> dict[str, str]:
+        entered.append("export")
+        return {}
+
+    served: Any = app
+    if outside:
+        served = BillingMiddleware(app, billing=billing, routes=declared(app))
+    else:
+        app.add_middleware(BillingMiddleware, billing=billing, routes=declared(app))
+    free = {"x-token": "token-free"}
+    async with serve(served) as client:
+        anonymous = await client.get("/v1/search")
+        forbidden = await client.post("/v1/exports", headers=free)
+        answers = [(await client.get("/v1/search", headers=free)).status_code for _ in range(10)]
+        exhausted = await client.get("/v1/search", headers=free)
+    assert (anonymous.status_code, forbidden.status_code, exhausted.status_code) == (401, 403, 429)
+    assert {anonymous.headers["content-type"], exhausted.headers["content-type"]} == {"application/problem+json"}
+    assert int(exhausted.headers["retry-after"]) > 0 and exhausted.json()["feature"] == "api_calls"
+    assert answers == [200] * 10 and entered == ["search"] * 10
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+    assert await billing.recorded_units("user_free", "export") == 0
