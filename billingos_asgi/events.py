@@ -34,6 +34,10 @@ class UsageEvent(NamedTuple):
     quantity: float
     idempotency_key: str
     metadata: Mapping[str, Any] | None = None
+    #: Its units are among this process's pending units of the quota (the request was admitted on
+    #: a cached answer): its confirmation or refusal settles them. Not for a request let through
+    #: with nothing cached, nor for one replayed from the outbox after a restart.
+    counted: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,7 @@ class Batch:
     events: tuple[UsageEvent, ...]
     idempotency_key: str
     quantity: float
+    counted: float  # the units of its events that are counted (:attr:`UsageEvent.counted`)
 
     @classmethod
     def of(cls, events: tuple[UsageEvent, ...], key: str | None = None) -> Batch:
@@ -60,7 +65,12 @@ class Batch:
             digest = hashlib.sha256("\n".join([e.idempotency_key for e in events]).encode()).hexdigest()
             key = f"batch-{digest[:40]}"
         quantity = round(math.fsum([e.quantity for e in events]), 6)
-        return cls(first.customer_id, first.feature_key, events, key, quantity)
+        counted = (
+            quantity
+            if all([e.counted for e in events])
+            else round(math.fsum([e.quantity for e in events if e.counted]), 6)
+        )
+        return cls(first.customer_id, first.feature_key, events, key, quantity, counted)
 
     @property
     def metadata(self) -> Mapping[str, Any] | None:

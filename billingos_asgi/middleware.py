@@ -383,7 +383,8 @@ class BillingMiddleware:
             if used > admitted:  # units the endpoint reported
                 quota = self.cache.reopen(customer, feature, quota)
             quota.local += used - admitted
-        event: UsageEvent = _new_event((customer, feature, used, event_key(context.request_id, feature), None))
+        counted = quota is not None  # let through with nothing cached: its units are not counted here
+        event: UsageEvent = _new_event((customer, feature, used, event_key(context.request_id, feature), None, counted))
         return None if self.tracker.submit(event) else event
 
     async def _fetch(self, request: Request, feature: str, customer: str) -> Quota | Denial | None:

@@ -143,7 +143,10 @@ class Outbox:
         attempted: dict[tuple[str, str, str], float] = {}
         fresh: list[UsageEvent] = []
         for key, customer, feature, quantity, metadata, batch_key, first_attempt in rows:
-            event = UsageEvent(customer, feature, float(quantity), key, json.loads(metadata) if metadata else None)
+            # Replayed: its units are not among this process's pending units.
+            event = UsageEvent(
+                customer, feature, float(quantity), key, json.loads(metadata) if metadata else None, False
+            )
             if batch_key is None:
                 fresh.append(event)
             else:

@@ -182,7 +182,7 @@ class Tracker:
         if self._seen is None or (event.customer_id, event.idempotency_key) not in self._seen:
             return False
         self.stats.duplicates += 1
-        self._cache.reject(event.customer_id, event.feature_key, event.quantity, None)
+        self._cache.reject(event.customer_id, event.feature_key, event.quantity if event.counted else 0.0, None)
         return True
 
     def _enqueue(self, event: UsageEvent) -> None:
@@ -385,19 +385,18 @@ class Tracker:
                     continue  # the previous payer took the last work
                 # Meanwhile the groups keep growing; a shutdown may use the checks' reserve too.
                 await self._ready()
-                counted = False  # a replayed event's units are not in this process's cache figures
                 if self._fixed:
                     batch, stamped = self._fixed.popleft()
                 else:
                     events = self._due.pop(next(iter(self._due)))
-                    batch, stamped, counted = Batch.of(tuple(events)), None, True
+                    batch, stamped = Batch.of(tuple(events)), None
                     self.stats.coalesced += len(events) - 1 if len(events) > 1 else 0
             self._queued_events -= len(batch.events)
             unsettled = self._unsettled
             for event in batch.events:
                 unsettled[id(event)] = event
             first_attempt = self._clock() if stamped is None else stamped
-            await self._deliver(batch, first_attempt, counted=counted, fix=stamped is None)
+            await self._deliver(batch, first_attempt, fix=stamped is None)
 
     # -- delivery --
 
@@ -434,7 +433,7 @@ class Tracker:
                 self._inline.update((id(e), e) for e in sending)
                 with anyio.CancelScope(shield=True, deadline=anyio.current_time() + INLINE_DEADLINE) as scope:
                     await self._ready()
-                    await self._deliver(Batch.of(sending), self._clock(), counted=True, fix=False)
+                    await self._deliver(Batch.of(sending), self._clock(), fix=False)
                 if scope.cancelled_caught:
                     cut_off = tuple(e for e in sending if id(e) in self._inline)
                     reason = f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan"
@@ -443,18 +442,15 @@ class Tracker:
         finally:
             del self._riders[key]
 
-    async def _deliver(
-        self, batch: Batch, first_attempt: float, *, counted: bool, fix: bool, part: bool = False
-    ) -> None:
+    async def _deliver(self, batch: Batch, first_attempt: float, *, fix: bool, part: bool = False) -> None:
         """Record ``batch`` upstream (the budget token for its first attempt is taken), retrying
         transient failures; outcomes are counted and fed back into the cache, never raised.
 
-        ``counted``: its units are among the cache's local (not yet confirmed) units (not for a replay).
         ``fix``: stamp the batch in the outbox before its first attempt. ``part``: the part of a
         refused event that fitted (refused again, it is not cut once more).
         """
         if len(batch.events) > 1 and batch.quantity > MAX_QUANTITY:  # valid events no single call can carry
-            await self._halve(batch, counted=counted, paid=True)
+            await self._halve(batch, paid=True)
             return
         if fix and self._outbox is not None and self._outbox.is_open:
             await self._stamp(self._outbox, batch, first_attempt)
@@ -463,7 +459,7 @@ class Tracker:
         while True:
             if self._clock() - first_attempt > IDEMPOTENCY_HORIZON:
                 reason = "first attempted more than 24 h ago: not resent blindly"
-                self._give_up(batch.events, "dead_lettered", reason, counted=counted)
+                self._give_up(batch.events, "dead_lettered", reason)
                 return
             self.stats.in_flight += n
             try:
@@ -478,7 +474,7 @@ class Tracker:
                 error = exc
             else:
                 self.stats.sent += n
-                self._cache.confirm(batch.customer_id, batch.feature_key, batch.quantity if counted else 0.0, result)
+                self._cache.confirm(batch.customer_id, batch.feature_key, batch.counted, result)
                 self._settled(batch.events)
                 self._forget(batch.events)
                 return
@@ -497,13 +493,13 @@ class Tracker:
             await self._ready()
         if isinstance(error, QuotaExceededError) and n > 1:
             # Nothing was recorded: halve until what fits is recorded and the rest is refused.
-            await self._halve(batch, counted=counted, paid=False)
+            await self._halve(batch, paid=False)
             return
         if isinstance(error, QuotaExceededError) and not part:
-            await self._record_what_fits(batch.events[0], error, counted=counted)
+            await self._record_what_fits(batch.events[0], error)
             return
         reason = "quota_exceeded" if isinstance(error, QuotaExceededError) else str(error)
-        self._give_up(batch.events, "rejected", reason, error, counted=counted)
+        self._give_up(batch.events, "rejected", reason, error)
 
     async def _stamp(self, outbox: Outbox, batch: Batch, first_attempt: float) -> None:
         """Stamp ``batch`` on its rows before its first attempt: replayed unstamped, its events could
@@ -530,7 +526,7 @@ class Tracker:
                 await anyio.sleep(delay)
                 delay = min(RETRY_MAX, delay * 2)
 
-    async def _record_what_fits(self, event: UsageEvent, error: Exception, *, counted: bool) -> None:
+    async def _record_what_fits(self, event: UsageEvent, error: Exception) -> None:
         """One event refused for quota: record the part of it that is left in the quota, under a
         key derived from its own (a replay records it once), and reject the rest."""
         fit = 0.0
@@ -554,22 +550,22 @@ class Tracker:
                 except Exception:
                     logger.exception("could not write the split of %s to the outbox", event.idempotency_key)
             await self._ready()
-            await self._deliver(Batch.of((part,)), self._clock(), counted=counted, fix=False, part=True)
+            await self._deliver(Batch.of((part,)), self._clock(), fix=False, part=True)
             rest = event._replace(quantity=round(event.quantity - fit, QUANTITY_DECIMALS))
         if rest.quantity > 0:
-            self._give_up((rest,), "rejected", "quota_exceeded", error, counted=counted)
+            self._give_up((rest,), "rejected", "quota_exceeded", error)
         else:
             self._forget((rest,))
         self._settled((event,))
 
-    async def _halve(self, batch: Batch, *, counted: bool, paid: bool) -> None:
+    async def _halve(self, batch: Batch, *, paid: bool) -> None:
         """Deliver ``batch`` as two, each under its own key (``paid``: a token is taken for the first)."""
         half = len(batch.events) // 2
         for part in (batch.events[:half], batch.events[half:]):
             if not paid:
                 await self._ready()
             paid = False
-            await self._deliver(Batch.of(part), self._clock(), counted=counted, fix=True)
+            await self._deliver(Batch.of(part), self._clock(), fix=True)
 
     # -- reporting --
 
@@ -595,11 +591,9 @@ class Tracker:
         outcome: str,
         reason: str,
         error: Exception | None = None,
-        *,
-        counted: bool = True,
     ) -> None:
-        """Count, log and report events that will not be recorded; stop counting their units locally
-        (``counted``: they are among them; a replayed event's are not)."""
+        """Count, log and report events that will not be recorded; stop counting the units of those
+        this process counts (:attr:`UsageEvent.counted`)."""
         self._settled(events)
         if outcome != "dropped":  # dropped events never reached the outbox
             self._forget(events)
@@ -607,7 +601,7 @@ class Tracker:
             for event in events:
                 self._seen.pop((event.customer_id, event.idempotency_key), None)
         for event in events:
-            self._cache.reject(event.customer_id, event.feature_key, event.quantity if counted else 0.0, error)
+            self._cache.reject(event.customer_id, event.feature_key, event.quantity if event.counted else 0.0, error)
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
             category = f"{outcome}: {reason if error is None else type(error).__name__}"  # bounded set of keys
             self.stats.reasons[category] = self.stats.reasons.get(category, 0) + 1

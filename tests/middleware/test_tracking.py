@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -18,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from billingos_asgi import BillingMiddleware, LocalBilling, Metered, get_usage_context, report_usage
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered, NetworkError, get_usage_context, report_usage
 from tests.asgi import lifespan, serve
 
 from .support import CUSTOMER_HEADER, as_customer, by_header, concurrent_statuses, recording_app
@@ -547,3 +548,56 @@ def test_a_forked_worker_never_reuses_its_parents_request_ids() -> None:
     os.waitpid(child, 0)
     parent_ids = [new_request_id() for _ in range(100)]
     assert len(child_ids) == 100 and not set(child_ids) & set(parent_ids)
+
+
+class FirstCheckFails:
+    """The real LocalBilling, whose first entitlement check fails (a network blip)."""
+
+    def __init__(self, billing: LocalBilling) -> None:
+        self.billing = billing
+        self.failed = False
+
+    async def check_entitlement(self, customer_id: str, feature_key: str) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise NetworkError("blip")
+        return await self.billing.check_entitlement(customer_id, feature_key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+
+async def test_a_request_let_through_uncounted_leaves_the_others_pending_units_alone(billing: LocalBilling) -> None:
+    """Let through with nothing cached (on_error="allow"), a request's units were never counted here:
+    their confirmation must not take units off the requests still running (or more get through)."""
+    gate = anyio.Event()
+
+    async def fast(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    async def slow(request: Request) -> PlainTextResponse:
+        await gate.wait()
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/fast", fast), Route("/slow", slow)])
+    middleware = BillingMiddleware(
+        app, billing=FirstCheckFails(billing), customer=by_header, default_feature="api_calls", flush_interval=0.01
+    )
+    statuses: list[int] = []
+    async with serve(middleware) as client:
+        statuses.append((await client.get("/fast", headers=as_customer("user_free"))).status_code)  # let through
+
+        async def slow_one() -> None:
+            statuses.append((await client.get("/slow", headers=as_customer("user_free"))).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(9):
+                tg.start_soon(slow_one)  # 9 units admitted, running
+            with anyio.fail_after(5):
+                while middleware.tracker.stats.sent < 1:  # noqa: ASYNC110 - polling a counter
+                    await anyio.sleep(0.01)
+            # 1 recorded + 9 running: the limit of 10 is reached.
+            statuses.append((await client.get("/fast", headers=as_customer("user_free"))).status_code)
+            gate.set()
+    assert sorted(statuses) == [200] * 10 + [429]
+    assert await billing.recorded_units("user_free", "api_calls") == 10 and middleware.tracker.stats.rejected == 0
