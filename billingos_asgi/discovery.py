@@ -9,14 +9,18 @@ is built, at start-up, after every route has been added.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import logging
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from starlette.routing import BaseRoute, Host, Mount, Route
+from starlette.routing import BaseRoute, Host, Mount, Route, compile_path
 
-from .routes import Metered, QuantityFunction
+from .routes import _METHODS, Metered, QuantityFunction
 
-__all__ = ["declarations", "declared_routes", "metered", "metering_of", "route_keys", "route_table"]
+__all__ = ["declarations", "declared_routes", "metered", "metering_of", "route_keys", "route_table", "walk"]
+
+logger = logging.getLogger("billingos_asgi")
 
 MARK = "__billingos_metered__"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -82,13 +86,60 @@ def declared_routes(
 
 
 Finder = Callable[[Route], Metered | None]
-Expander = Callable[[BaseRoute, str], Iterable[tuple[str, Metered]]]
+#: A route as the app routes it: its full path, its methods (None: every method), its declaration if any.
+Found = tuple[str, Collection[str] | None, Metered | None]
+Expander = Callable[[BaseRoute, str], Iterable[Found]]
 
 
 def declarations(
     routes: Iterable[BaseRoute], *, find: Finder = metering_of, expand: Expander | None = None, prefix: str = ""
 ) -> Iterator[tuple[str, Metered]]:
-    """``("METHOD /full/path", Metered)`` for each declared route, through mounts and hosts.
+    """``("METHOD /full/path", Metered)`` for each declared route, through mounts and hosts (see :func:`walk`).
+
+    The app routes a request to the first route that matches it, the middleware's table to a
+    static path before any template: a declared static route that an earlier route already
+    answers (``/reports/export`` after ``/reports/{report_id}``) is never reached, so it is left
+    out, with a warning, rather than billed for the request the earlier route serves.
+    """
+    earlier: list[tuple[re.Pattern[str], Collection[str] | None]] = []
+    for path, methods, declaration in walk(routes, find=find, expand=expand, prefix=prefix):
+        regex, _, convertors = compile_path(path)
+        if declaration is not None:
+            reachable = methods if convertors else _reachable(path, methods, earlier)
+            if reachable != methods:
+                lost = set(_METHODS if methods is None else methods) - set(reachable or ())
+                logger.warning(
+                    "%s %s: an earlier route answers it first (the app takes the first match): not metered as %r",
+                    ",".join(sorted(lost)),
+                    path,
+                    declaration.feature,
+                )
+            for key in route_keys(path, reachable):
+                yield key, declaration
+        earlier.append((regex, methods))
+
+
+def _reachable(
+    path: str, methods: Collection[str] | None, earlier: Iterable[tuple[re.Pattern[str], Collection[str] | None]]
+) -> Collection[str] | None:
+    """The methods of a static route that no earlier route answers (None: every method)."""
+    taken: set[str] = set()
+    for regex, answered in earlier:
+        if regex.match(path):
+            if answered is None:
+                return set()
+            taken.update(answered)
+    if not taken:
+        return methods
+    return set(_METHODS if methods is None else methods) - taken
+
+
+def walk(
+    routes: Iterable[BaseRoute], *, find: Finder = metering_of, expand: Expander | None = None, prefix: str = ""
+) -> Iterator[Found]:
+    """Every route in the order the app tries them, through mounts and hosts, declared or not.
+
+    A ``Mount`` comes after its routes as one more, answering every path under it.
 
     ``find`` reads a route's declaration; ``expand`` handles route kinds a framework adds
     (given the route and its path prefix). The table has no host: a ``Host``'s routes are
@@ -97,13 +148,11 @@ def declarations(
     """
     for route in routes:
         if isinstance(route, Mount):
-            yield from declarations(route.routes, find=find, expand=expand, prefix=prefix + route.path)
+            yield from walk(route.routes, find=find, expand=expand, prefix=prefix + route.path)
+            yield prefix + route.path + "/{path:path}", None, None  # the rest of its path: its own 404 or 405
         elif isinstance(route, Host):
-            yield from declarations(route.routes, find=find, expand=expand, prefix=prefix)
+            yield from walk(route.routes, find=find, expand=expand, prefix=prefix)
         elif isinstance(route, Route):
-            declaration = find(route)
-            if declaration is not None:
-                for key in route_keys(prefix + route.path, route.methods):
-                    yield key, declaration
+            yield prefix + route.path, route.methods, find(route)
         elif expand is not None:
             yield from expand(route, prefix)

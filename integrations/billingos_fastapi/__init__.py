@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Route
 
 from billingos_asgi import BillingBackend, BillingDenied, Metered, UsageContext, get_usage_context
 from billingos_asgi.customers import CustomerResolver
-from billingos_asgi.discovery import MARK, declarations, metering_of, route_keys, route_table
+from billingos_asgi.discovery import MARK, Found, declarations, metering_of, route_table, walk
 from billingos_asgi.endpoints import UsageEndpoints
 from billingos_asgi.routes import QuantityFunction
 
@@ -84,7 +84,12 @@ def metered(
         state = request.scope.get("state") or {}
         if "billing" not in state:  # the middleware did not take this request for the route
             raise RuntimeError(f"metered({feature!r}) route reached unmetered, as {request.url.path!r}")
-        return get_usage_context(request)  # None: let through unmetered on purpose (on_error="allow")
+        context = get_usage_context(request)  # None: let through unmetered on purpose (on_error="allow")
+        if context is not None and context.feature != feature:  # the table took it for another route
+            raise RuntimeError(
+                f"metered({feature!r}) route reached metered as {context.feature!r}, as {request.url.path!r}"
+            )
+        return context
 
     billing_gate: Callable[..., Any] = context_of
     if customer is not None:
@@ -126,7 +131,7 @@ def _find(route: Route) -> Metered | None:
     return found
 
 
-def _expand(route: BaseRoute, prefix: str) -> Iterator[tuple[str, Metered]]:
+def _expand(route: BaseRoute, prefix: str) -> Iterator[Found]:
     """A lazily included router (FastAPI >= 0.16x): its routes, with their full paths.
 
     Its Starlette routes, mounts and hosts come as copies carrying the router's prefix
@@ -141,10 +146,9 @@ def _expand(route: BaseRoute, prefix: str) -> Iterator[tuple[str, Metered]]:
             found = None if context.dependant is None else _declared_on(original, context.dependant)
             if found is not None:
                 _document(context.responses, original.responses)
-                for key in route_keys(prefix + context.path, context.methods):
-                    yield key, found
+            yield prefix + context.path, context.methods, found
         elif context.starlette_route is not None:
-            yield from declarations([context.starlette_route], find=_find, expand=_expand, prefix=prefix)
+            yield from walk([context.starlette_route], find=_find, expand=_expand, prefix=prefix)
 
 
 def _declared_on(route: APIRoute, dependant: Dependant) -> Metered | None:

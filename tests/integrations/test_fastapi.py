@@ -117,8 +117,20 @@ def a_table_without_it(app: FastAPI, billing: SpyBilling) -> None:
     app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=lambda: collect() and {})
 
 
+def a_table_with_another_feature(app: FastAPI, billing: SpyBilling) -> None:
+    """The middleware takes the request for another route than the app (as route precedence once did)."""
+    collect = declared(app)
+    routes = lambda: collect() and {"GET /v1/search": "tokens"}  # noqa: E731
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=routes)
+
+
 @pytest.mark.parametrize(
-    ("misconfigure", "message"), [(no_middleware, "routes=declared"), (a_table_without_it, "reached unmetered")]
+    ("misconfigure", "message"),
+    [
+        (no_middleware, "routes=declared"),
+        (a_table_without_it, "reached unmetered"),
+        (a_table_with_another_feature, "reached metered as 'tokens'"),
+    ],
 )
 async def test_a_declared_route_the_middleware_did_not_take_fails_closed(
     billing: SpyBilling, misconfigure: Callable[[FastAPI, SpyBilling], None], message: str
@@ -338,3 +350,24 @@ async def test_a_late_refusal_is_answered_however_the_middleware_is_installed(
     assert answers == [200] * 10 and entered == ["search"] * 10
     assert await billing.recorded_units("user_free", "api_calls") == 10
     assert await billing.recorded_units("user_free", "export") == 0
+
+
+async def test_a_route_the_app_never_reaches_is_not_metered_in_its_place(
+    billing: SpyBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = FastAPI()
+
+    @app.get("/reports/{report_id}", dependencies=[metered("api_calls")])
+    async def report(report_id: str, billing: Billing) -> dict[str, str | None]:
+        return {"report": report_id, "billed_as": billing and billing.feature}
+
+    @app.get("/reports/export", dependencies=[metered("export")])  # shadowed: FastAPI takes the first match
+    async def export() -> dict[str, str]:
+        return {"export": "started"}
+
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        answer = await client.get("/reports/export", headers=as_customer("user_free"))
+    assert (answer.status_code, answer.json()) == (200, {"report": "export", "billed_as": "api_calls"})
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+    assert "GET /reports/export: an earlier route answers it first" in caplog.text

@@ -140,3 +140,55 @@ async def test_a_head_only_route_is_metered(billing: LocalBilling) -> None:
     assert declared_routes(app.routes) == {"HEAD /probe": Metered("api_calls")}
     assert (anonymous.status_code, paid.status_code) == (401, 200)
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_a_static_route_an_earlier_route_answers_is_left_out(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    @metered("api_calls")
+    async def report(request: Request) -> JSONResponse:
+        return JSONResponse({"report": request.path_params["report_id"]})
+
+    @metered("export")
+    async def export(request: Request) -> JSONResponse:
+        return JSONResponse({"export": "started"})
+
+    async def item(request: Request) -> JSONResponse:
+        return JSONResponse({"item": request.path_params["item_id"]})
+
+    @metered("export")
+    class Special(HTTPEndpoint):
+        async def get(self, request: Request) -> JSONResponse:
+            return JSONResponse({"special": True})
+
+        async def post(self, request: Request) -> JSONResponse:
+            return JSONResponse({"special": True})
+
+    app = Starlette(
+        routes=[
+            Route("/reports/{report_id}", report),
+            Route("/reports/export", export),  # never reached: the route above takes it
+            Route("/reports/export", export, methods=["POST"]),  # reached: the routes above answer GET only
+            Route("/items/{item_id}", item),  # not metered, and first
+            Route("/items/special", Special),  # reached by every method but GET and HEAD
+            Mount("/files", routes=[]),
+            Route("/files/export", export),  # never reached: the mount answers all of /files (404)
+        ]
+    )
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    calls = [("POST", "/reports/export", "user_free"), ("GET", "/items/special", ""), ("POST", "/items/special", "")]
+    calls.append(("GET", "/files/export", ""))
+    async with serve(app) as client:
+        report_answer = await client.get("/reports/export", headers=as_customer("user_free"))
+        statuses = [(await client.request(m, path, headers=as_customer(who))).status_code for m, path, who in calls]
+    others = ("CONNECT", "DELETE", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
+    assert declared_routes(app.routes) == {
+        "GET /reports/{report_id}": Metered("api_calls"),
+        "POST /reports/export": Metered("export"),
+        **{f"{method} /items/special": Metered("export") for method in others},
+    }
+    assert (report_answer.status_code, report_answer.json()) == (200, {"report": "export"})
+    assert statuses == [403, 200, 401, 404]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+    assert "GET,HEAD /reports/export: an earlier route answers it first" in caplog.text
+    assert "GET,HEAD /items/special: an earlier route answers it first" in caplog.text
