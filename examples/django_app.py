@@ -59,9 +59,10 @@ from django.db.models.signals import post_migrate  # noqa: E402
 from django.http import HttpRequest, JsonResponse  # noqa: E402
 from django.urls import path  # noqa: E402
 from django.views.decorators.csrf import csrf_exempt  # noqa: E402
-from django.views.decorators.http import require_POST  # noqa: E402
+from django.views.decorators.http import require_POST, require_safe  # noqa: E402
 
 from billingos_asgi import BillingBackend, BillingMiddleware, BillingOS, LocalBilling  # noqa: E402
+from billingos_django import metered  # noqa: E402
 
 
 async def customer_of(request: HttpRequest) -> str | None:
@@ -84,11 +85,18 @@ async def health(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+# A route key with a method ("GET /v1/search") meters only that method (and HEAD beside GET), while
+# a Django view answers every method unless told otherwise: require_safe (GET and HEAD) keeps a POST
+# from running the view unbilled, and @metered makes a view the middleware did not meter fail closed.
+@require_safe
+@metered("api_calls")
 async def search(request: HttpRequest) -> JsonResponse:
     q = request.GET.get("q", "")
     return JsonResponse({"query": q, "results": [f"result for {q!r}"]})
 
 
+@require_safe
+@metered("export")
 async def export(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"export": "started"})
 

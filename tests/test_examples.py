@@ -162,6 +162,8 @@ async def test_django_example_bills_the_signed_in_user_under_uvicorn(tmp_path: P
                 signed_in = await client.post("/login", data={"username": name, "password": f"{name}-password"})
                 assert signed_in.status_code == 200, signed_in.text
             searches = [(await alice.get("/v1/search?q=x")).status_code for _ in range(11)]
+            alice.cookies.set("csrftoken", "t" * 32)  # past Django's CSRF check, to the view's own methods
+            posted = await alice.post("/v1/search?q=x", headers={"x-csrftoken": "t" * 32})  # not metered
             forbidden = await alice.get("/v1/export")
             exported = await bob.get("/v1/export")
             searched = await bob.get("/v1/search")
@@ -173,6 +175,7 @@ async def test_django_example_bills_the_signed_in_user_under_uvicorn(tmp_path: P
     assert anonymous.status_code == 401 and anonymous.headers["content-type"] == "application/problem+json"
     assert wrong.status_code == 401
     assert searches == [200] * 10 + [429]
+    assert posted.status_code == 405  # the route key meters GET: the view answers nothing else
     assert (forbidden.status_code, exported.status_code, searched.status_code) == (403, 200, 200)
     async with LocalBilling.from_file(ROOT / "examples" / "plans.toml", tmp_path / "billing.db") as billing:
         assert await billing.recorded_units("user_123", "api_calls") == 10

@@ -11,7 +11,12 @@
     BILLINGOS_CUSTOMER = "myapp.billing.customer_of"  # optional; default: the signed-in user's pk
 
     # asgi.py
-    application = BillingMiddleware(get_asgi_application(), billing=billing, routes={...})
+    application = BillingMiddleware(get_asgi_application(), billing=billing, routes={"GET /v1/search": "api_calls"})
+
+    # views.py: "GET /v1/search" meters GET (and HEAD) only, so the view must accept no other method
+    @require_safe
+    @metered("api_calls")  # reached without the middleware metering it as api_calls, it fails closed
+    async def search(request): ...
 
 ``BillingMiddleware`` wraps Django as a plain ASGI app. ``request.user`` only exists inside
 Django's middleware chain, so the middleware gets no ``customer=`` resolver: each metered request
@@ -22,9 +27,11 @@ answers the ASGI lifespan that Django refuses, so its tracker starts and drains 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
-from asgiref.sync import markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
@@ -32,9 +39,10 @@ from django.utils.module_loading import import_string
 
 from billingos_asgi import BillingDenied, get_usage_context
 
-__all__ = ["CustomerOf", "IdentifyCustomerMiddleware", "signed_in_user"]
+__all__ = ["CustomerOf", "IdentifyCustomerMiddleware", "metered", "signed_in_user"]
 
 CustomerOf = Callable[[HttpRequest], str | None | Awaitable[str | None]]
+View = TypeVar("View", bound=Callable[..., Any])
 
 
 async def signed_in_user(request: HttpRequest) -> str | None:
@@ -74,3 +82,41 @@ class IdentifyCustomerMiddleware:
 def django_response(denied: BillingDenied) -> HttpResponse:
     """The refusal (a Starlette response) as Django's, body and headers as they are."""
     return HttpResponse(denied.response.body, status=denied.response.status_code, headers=denied.headers)
+
+
+def metered(feature: str) -> Callable[[View], View]:
+    """Declare a view metered as ``feature``: run without BillingMiddleware metering it so, it fails closed.
+
+    The middleware's ``routes=`` says what is metered; a request it does not meter as ``feature``
+    (a method or path missing from ``routes=``, another feature) raises here, a 500 rather than a
+    free request. Put it under method decorators (``@require_safe``), which answer 405 first.
+    """
+
+    def check(request: HttpRequest) -> None:
+        state = getattr(request, "scope", {}).get("state") or {}
+        if "billing" not in state:
+            raise RuntimeError(f"view metered({feature!r}) reached unmetered, as {request.method} {request.path}")
+        context = state["billing"]  # None: let through unmetered on purpose (on_error="allow")
+        if context is not None and context.feature != feature:
+            raise RuntimeError(
+                f"view metered({feature!r}) reached metered as {context.feature!r}, as {request.method} {request.path}"
+            )
+
+    def decorate(view: View) -> View:
+        if iscoroutinefunction(view):
+
+            @functools.wraps(view)
+            async def checked_async(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+                check(request)
+                return await view(request, *args, **kwargs)
+
+            return cast(View, checked_async)
+
+        @functools.wraps(view)
+        def checked(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+            check(request)
+            return view(request, *args, **kwargs)
+
+        return cast(View, checked)
+
+    return decorate

@@ -23,6 +23,7 @@ from django.urls import path  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling  # noqa: E402
 from billingos_asgi.testing import lifespan  # noqa: E402
+from billingos_django import metered  # noqa: E402
 
 from ..asgi import serve  # noqa: E402
 
@@ -49,13 +50,33 @@ async def health(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+@metered("api_calls")
+async def declared(request: HttpRequest) -> JsonResponse:
+    ENTERED.append("declared")
+    return JsonResponse({"results": []})
+
+
+@metered("export")
+def mislabelled(request: HttpRequest) -> JsonResponse:  # a sync view
+    ENTERED.append("mislabelled")
+    return JsonResponse({"export": "started"})
+
+
 urlpatterns = [
     path("v1/search", search),
     path("v1/exports", export),
     path("v1/broken", broken),
+    path("v1/declared", declared),
+    path("v1/mislabelled", mislabelled),
     path("health", health),
 ]
-ROUTES = {"GET /v1/search": "api_calls", "POST /v1/exports": "export", "/v1/broken": "api_calls"}
+ROUTES = {
+    "GET /v1/search": "api_calls",
+    "POST /v1/exports": "export",
+    "/v1/broken": "api_calls",
+    "GET /v1/declared": "api_calls",
+    "GET /v1/mislabelled": "api_calls",
+}
 
 
 async def by_username(request: HttpRequest) -> str | None:
@@ -197,3 +218,17 @@ async def test_the_middleware_answers_the_lifespan_django_refuses(
             assert (await client.get("/v1/search", headers=as_pro)).status_code == 200
         assert await billing.recorded_units(pro, "api_calls") == 0  # queued in the running tracker's window
     assert await billing.recorded_units(pro, "api_calls") == 3  # drained at shutdown
+
+
+async def test_a_metered_view_the_middleware_did_not_meter_as_declared_fails_closed(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], entered: list[str]
+) -> None:
+    pro, as_pro = sessions["pro"]
+    await billing.set_plan(pro, "pro")
+    async with serve(build(billing)) as client:
+        metered_get = await client.get("/v1/declared", headers=as_pro)
+        unmetered_post = await client.post("/v1/declared", headers=as_pro)  # the key names GET only
+        mislabelled = await client.get("/v1/mislabelled", headers=as_pro)  # routes= says api_calls
+    assert (metered_get.status_code, unmetered_post.status_code, mislabelled.status_code) == (200, 500, 500)
+    assert entered == ["declared"]
+    assert await billing.recorded_units(pro, "api_calls") == 1
