@@ -446,8 +446,8 @@ class Tracker:
         """Record ``batch`` upstream (the budget token for its first attempt is taken), retrying
         transient failures; outcomes are counted and fed back into the cache, never raised.
 
-        ``fix``: stamp the batch in the outbox before its first attempt. ``part``: the part of a
-        refused event that fitted (refused again, it is not cut once more).
+        ``fix``: stamp the batch in the outbox before its first attempt. ``part``: what was found to
+        fit of a refused batch or event (refused again, it is not fitted once more).
         """
         if len(batch.events) > 1 and batch.quantity > MAX_QUANTITY:  # valid events no single call can carry
             await self._halve(batch, paid=True)
@@ -492,8 +492,10 @@ class Tracker:
             await anyio.sleep(delay)
             await self._ready()
         if isinstance(error, QuotaExceededError) and n > 1:
-            # Nothing was recorded: halve until what fits is recorded and the rest is refused.
-            await self._halve(batch, paid=False)
+            if part:  # events thought to fit, refused after all (the quota moved): no second guess
+                await self._halve(batch, paid=False)
+            else:
+                await self._record_what_fits_of(batch, error)
             return
         if isinstance(error, QuotaExceededError) and not part:
             await self._record_what_fits(batch.events[0], error)
@@ -526,31 +528,59 @@ class Tracker:
                 await anyio.sleep(delay)
                 delay = min(RETRY_MAX, delay * 2)
 
+    async def _left(self, customer_id: str, feature_key: str) -> float | None:
+        """What is left of a quota that refused a track (None: not known); one check per refusal, not
+        per event: a quota found used up is remembered for :data:`FULL_FOR` seconds."""
+        key = (customer_id, feature_key)
+        if key in self._full or self._cache.known_full(*key):
+            return 0.0
+        try:
+            entitlement = await self._upstream.check_entitlement(*key, wait=RETRY_MAX)
+        except Exception as exc:
+            self._log(logging.WARNING, "could not learn what is left of %s's %s quota: %r", *key, exc)
+            return None
+        left = 0.0 if entitlement.remaining is None else round(max(entitlement.remaining, 0.0), QUANTITY_DECIMALS)
+        if left <= 0:
+            self._full[key] = True
+        return left
+
+    async def _record_what_fits_of(self, batch: Batch, error: Exception) -> None:
+        """A batch refused for quota (nothing of it recorded): its first events that fit what is left
+        go up as a batch of their own, the next one is split, the others are rejected; a few calls
+        whatever its size. Where what is left is not known, it is halved instead."""
+        left = await self._left(batch.customer_id, batch.feature_key)
+        if left is None:
+            await self._halve(batch, paid=False)
+            return
+        events, taken, fitting = batch.events, 0.0, 0
+        while fitting < len(events) and round(taken + events[fitting].quantity, QUANTITY_DECIMALS) <= left:
+            taken += events[fitting].quantity
+            fitting += 1
+        if fitting:
+            await self._ready()
+            await self._deliver(Batch.of(events[:fitting]), self._clock(), fix=True, part=True)
+        if fitting < len(events):
+            await self._record_what_fits(events[fitting], error)  # what is left now is its, if any
+            self._give_up(events[fitting + 1 :], "rejected", "quota_exceeded", error)
+
     async def _record_what_fits(self, event: UsageEvent, error: Exception) -> None:
         """One event refused for quota: record the part of it that is left in the quota, under a
         key derived from its own (a replay records it once), and reject the rest."""
-        fit = 0.0
-        key = (event.customer_id, event.feature_key)
-        if key not in self._full and not self._cache.known_full(*key):  # a check per refusal, not per event
-            try:
-                entitlement = await self._upstream.check_entitlement(*key, wait=RETRY_MAX)
-            except Exception as exc:
-                self._log(logging.WARNING, "could not learn what is left of %s's %s quota: %r", *key, exc)
-            else:
-                if entitlement.remaining is not None:
-                    fit = round(min(max(entitlement.remaining, 0.0), event.quantity), QUANTITY_DECIMALS)
-                if fit <= 0:
-                    self._full[key] = True
+        left = await self._left(event.customer_id, event.feature_key) or 0.0
+        fit = min(left, event.quantity)
         rest = event
         if fit > 0:
             part = event._replace(quantity=fit, idempotency_key=part_key(event))
-            if self._outbox is not None and self._outbox.is_open:  # a replay resends the part, not the event
+            # A replay resends the part, not the event (an inline send's event is not on disk).
+            if self._outbox is not None and self._outbox.is_open and id(event) not in self._inline:
                 try:
                     await anyio.to_thread.run_sync(self._outbox.split, event, part, self._clock())
                 except Exception:
                     logger.exception("could not write the split of %s to the outbox", event.idempotency_key)
             await self._ready()
             await self._deliver(Batch.of((part,)), self._clock(), fix=False, part=True)
+            if fit >= left:  # what was left is this part's now
+                self._full[event.customer_id, event.feature_key] = True
             rest = event._replace(quantity=round(event.quantity - fit, QUANTITY_DECIMALS))
         if rest.quantity > 0:
             self._give_up((rest,), "rejected", "quota_exceeded", error)

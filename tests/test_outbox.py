@@ -368,3 +368,46 @@ async def test_a_replayed_split_accounts_for_every_unit(tmp_path: Path, quantity
         await run_tracker(tracker(billing), [])
         recorded = await billing.recorded_units("c0", "api_calls") - 9
     assert recorded + sum(rejected) == quantity and recorded == min(quantity, 6) and rows(path) == []
+
+
+class Gates:
+    """The real LocalBilling, holding c1's tracks (the drain lasts) and split parts (until told)."""
+
+    def __init__(self, billing: LocalBilling) -> None:
+        self.billing = billing
+        self.drain = anyio.Event()
+        self.part = anyio.Event()
+
+    async def track_usage(
+        self, customer: str, feature: str, quantity: float, key: str | None = None, metadata: Any = None
+    ) -> TrackUsageResult:
+        if customer == "c1":
+            await self.drain.wait()
+        if key is not None and key.startswith("part-"):
+            await self.part.wait()
+        return await self.billing.track_usage(customer, feature, quantity, key, metadata)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+
+async def test_an_inline_split_during_the_drain_leaves_no_row_behind(billing: LocalBilling, tmp_path: Path) -> None:
+    """A request finishing during the shutdown drain sends its own event, never written to disk: its
+    split must not be either (confirmed after the writer has gone, the row would stay for good)."""
+    path = tmp_path / "outbox.db"
+    await billing.track_usage("c0", "api_calls", 8)  # 2 of 10 left
+    gates = Gates(billing)
+    tracker = tracker_for(gates, flush_interval=0, outbox=Outbox(path, max_events=100))
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        tracker.submit(event("w", "c1"))
+        await anyio.sleep(0.1)
+        tg.start_soon(tracker.stop)
+        await anyio.sleep(0.01)
+        assert not tracker.running  # a request finishing now sends its event itself
+        tg.start_soon(tracker.send, event("r", quantity=5))
+        await anyio.sleep(0.3)  # refused (8 + 5 > 10): 2 fit
+        gates.drain.set()  # the drain ends: the writer is gone, the outbox closed
+        await anyio.sleep(0.2)
+        gates.part.set()
+    assert await billing.recorded_units("c0", "api_calls") == 10 and rows(path) == []

@@ -335,6 +335,20 @@ async def test_events_refused_for_a_used_up_quota_cost_one_check_between_them(bi
     tracker = tracker_for(billing, flush_interval=0.05)
     await run_tracker(tracker, [event(f"k{i}") for i in range(20)])
     assert tracker.stats.rejected == 20 and tracker.upstream.checks == 1
+    assert tracker.upstream.tracks == 1  # the batch refused, then no halving: nothing would fit
+
+
+@pytest.mark.parametrize(("left", "recorded", "rejected"), [(3, 10, 61), (2.5, 10, 62)])
+async def test_a_refused_batch_costs_a_few_calls_whatever_its_size(
+    billing: LocalBilling, left: float, recorded: float, rejected: int
+) -> None:
+    await billing.track_usage("c0", "api_calls", 10 - left)
+    reports: list[float] = []
+    tracker = tracker_for(billing, flush_interval=0.05, on_rejected=lambda e, r: reports.append(e.quantity))
+    await run_tracker(tracker, [event(f"k{i}") for i in range(64)])
+    assert await billing.recorded_units("c0", "api_calls") == recorded and tracker.stats.rejected == rejected
+    assert await billing.recorded_units("c0", "api_calls") - (10 - left) + sum(reports) == 64  # every unit
+    assert tracker.upstream.tracks <= 3 and tracker.upstream.checks <= 2  # halving took 2 x 64 - 1 calls
 
 
 class Slow:
