@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from billingos_asgi import BillingBackend, BillingMiddleware, BillingOS, LocalBilling, from_state
+from billingos_asgi import BillingBackend, BillingMiddleware, BillingOS, LocalBilling, from_state, report_usage
 from billingos_starlette import declared, metered, usage_routes
 
 PLANS = Path(__file__).with_name("plans.toml")
@@ -43,18 +43,22 @@ class SessionAuth:
         await self.app(scope, receive, send)
 
 
-def upload_size_gb(request: Request) -> float:
-    return int(request.headers.get("content-length", "0")) / 1e9
-
-
 @metered("api_calls")
 async def search(request: Request) -> JSONResponse:
     return JSONResponse({"results": [request.query_params.get("q", "")]})
 
 
-@metered("storage_gb", quantity=upload_size_gb)
+@metered("storage_gb", quantity=None)  # the handler reports what it stored
 async def upload(request: Request) -> JSONResponse:
-    return JSONResponse({"stored": True}, 201)
+    # Billed by the bytes received, not the client's Content-Length: a chunked upload sends none,
+    # and a client may send any. The middleware never reads the body; the handler does.
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)  # a real app writes the chunk to its storage here
+    gigabytes = round(size / 1e9, 6)  # upstream counts in millionths: a few hundred bytes are free
+    if gigabytes:
+        report_usage(gigabytes)
+    return JSONResponse({"stored": size}, 201)
 
 
 @metered("export")

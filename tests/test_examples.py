@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -45,13 +46,21 @@ async def test_starlette_example_meters_each_route_by_its_declaration(tmp_path: 
             forbidden = await client.post("/v1/export", headers=alice)
             exported = await client.post("/v1/export", headers=bob)
             stored = await client.post("/v1/files", headers=bob, content=b"x" * 2_000_000)
+            chunked = await client.post("/v1/files", headers=bob, content=chunks(10, b"x" * 100_000))  # no length
             anonymous = await client.get("/v1/search")
             usage = await client.get("/billing/usage", headers=alice)
         assert searches == [200] * 10 + [429]
         assert (forbidden.status_code, exported.status_code, stored.status_code) == (403, 200, 201)
+        assert chunked.request.headers.get("transfer-encoding") == "chunked" and chunked.json() == {"stored": 1_000_000}
         assert anonymous.status_code == 401 and usage.json()["customer_id"] == "user_123"
         assert await billing.recorded_units("user_123", "api_calls") == 10
-        assert await billing.recorded_units("user_456", "storage_gb") == 0.002
+        assert await billing.recorded_units("user_456", "storage_gb") == 0.003
+
+
+async def chunks(count: int, chunk: bytes) -> AsyncIterator[bytes]:
+    """A streamed request body: httpx sends it chunked, with no Content-Length."""
+    for _ in range(count):
+        yield chunk
 
 
 async def test_llm_example_bills_the_tokens_it_streamed(tmp_path: Path) -> None:
