@@ -215,13 +215,23 @@ def usage_router(
     """``GET {prefix}/usage`` and ``POST {prefix}/session-token`` for the signed-in customer."""
     endpoints = UsageEndpoints(billing, customer, **options)
     router = APIRouter(prefix=prefix, tags=list(tags or ["billing"]))
-    unauthenticated: dict[int | str, dict[str, Any]] = {401: PROBLEM_RESPONSES[401]}
+    # What UsageEndpoints answers besides its success (a token is created: 201).
+    unavailable = {"description": "Billing is unavailable, or the customer resolver failed", "content": _PROBLEM}
+    token_answers: dict[int | str, dict[str, Any]] = {401: PROBLEM_RESPONSES[401], 503: unavailable}
+    unknown = {"description": "Billing does not know the signed-in customer", "content": _PROBLEM}
+    usage_answers: dict[int | str, dict[str, Any]] = {**token_answers, 403: unknown}
 
-    @router.get("/usage", response_model=None, responses=unauthenticated, summary="Your usage this period")
+    @router.get("/usage", response_model=None, responses=usage_answers, summary="Your usage this period")
     async def usage(request: Request) -> Response:
         return await endpoints.usage(request)
 
-    @router.post("/session-token", response_model=None, responses=unauthenticated, summary="A BillingOS session token")
+    @router.post(
+        "/session-token",
+        status_code=201,
+        response_model=None,
+        responses=token_answers,
+        summary="A BillingOS session token",
+    )
     async def session_token(request: Request) -> Response:
         return await endpoints.session_token(request)
 

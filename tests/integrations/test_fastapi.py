@@ -104,7 +104,8 @@ async def test_openapi_documents_the_answers_of_metered_routes_only(billing: Spy
         assert {"401", "403", "429"} <= set(responses), (path, responses)
         assert "application/problem+json" in responses["429"]["content"]
     assert "429" not in paths["/health"]["get"]["responses"]
-    assert "401" in paths["/billing/usage"]["get"]["responses"]
+    assert set(paths["/billing/usage"]["get"]["responses"]) == {"200", "401", "403", "503"}
+    assert set(paths["/billing/session-token"]["post"]["responses"]) == {"201", "401", "503"}  # as it answers
 
 
 def no_middleware(app: FastAPI, billing: SpyBilling) -> None:
