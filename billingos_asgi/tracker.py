@@ -305,7 +305,7 @@ class Tracker:
                     logger.exception("the usage outbox %s failed to forget confirmed events", outbox.path)
                     retry = not closing.is_set()
                     if retry:
-                        self._confirmed[:0] = confirmed
+                        self._keep_to_forget(confirmed)
                 finally:
                     self._writing = False
                 if retry:
@@ -315,6 +315,15 @@ class Tracker:
                 return
             self._disk = anyio.Event()
             await self._disk.wait()
+
+    def _keep_to_forget(self, confirmed: list[tuple[str, str]]) -> None:
+        """Keep ``confirmed`` to forget later, within the queue's bound while the disk keeps failing:
+        rows not forgotten are resent after a restart, under the keys that upstream has seen."""
+        self._confirmed[:0] = confirmed
+        excess = len(self._confirmed) - self._max_queue
+        if excess > 0:
+            del self._confirmed[:excess]
+            self._log(logging.ERROR, "%d confirmed usage events may be resent after a restart", excess)
 
     async def _persist(self, outbox: Outbox, events: list[UsageEvent]) -> None:
         if not events:

@@ -196,6 +196,20 @@ class RemoveFails(Outbox):
         raise sqlite3.OperationalError("disk I/O error")
 
 
+async def test_what_is_left_to_forget_stays_bounded_while_the_disk_fails(billing: LocalBilling, tmp_path: Path) -> None:
+    outbox = RemoveFails(tmp_path / "outbox.db", max_events=100)
+    tracker = tracker_for(billing, flush_interval=0.01, max_queue=5, outbox=outbox)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        for second in range(4):  # the writer tries to forget once a second
+            for i in range(5):
+                assert tracker.submit(event(f"k{second}-{i}", feature="tokens"))
+            await anyio.sleep(1.1)  # sent, and their rows not forgotten
+        assert len(tracker._confirmed) <= 2 * 5  # kept, and confirmed since the last try
+        await tracker.stop()
+    assert await billing.recorded_units("c0", "tokens") == 20 and tracker.stats.sent == 20
+
+
 async def test_a_failing_forget_does_not_hold_the_shutdown_to_its_deadline(
     billing: LocalBilling, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
