@@ -41,7 +41,7 @@ from .events import UsageEvent, event_key
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
 from .responses import BillingDenied, Denial, ProblemFactory, problem_response, quota_headers
-from .routes import Metered, RouteTable
+from .routes import Metered, RouteTable, redirects_to_itself
 from .tracker import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
@@ -104,6 +104,14 @@ def _trusted_request_id(scope: Scope) -> str | None:
             text: str = value.decode("latin-1")
             return text if 0 < len(text) <= _MAX_REQUEST_ID and text.isascii() and text.isprintable() else None
     return None
+
+
+def _to_itself(path: str, start: Message) -> bool:
+    """Whether a response (its start message) redirects ``path`` to itself, slashes aside."""
+    for name, value in start.get("headers", ()):
+        if name.lower() == b"location":
+            return redirects_to_itself(path, value.decode("latin-1"))
+    return False
 
 
 def _of_scope(customer: CustomerResolver) -> Callable[[Scope], Answer]:
@@ -219,8 +227,8 @@ class BillingMiddleware:
             return
         path = scope["path"]
         root_path = scope.get("root_path")
-        if root_path and path.startswith(root_path):  # route on what the app routes on, as Starlette does
-            path = path[len(root_path) :]
+        if root_path and path.startswith(root_path) and path[len(root_path) : len(root_path) + 1] in ("/", ""):
+            path = path[len(root_path) :]  # route on what the app routes on, as Starlette does
         if path == self._metrics_path:
             await serve_prometheus(self, scope, receive, send)
             return
@@ -304,6 +312,7 @@ class BillingMiddleware:
         status = 0
         completed = False
         disconnected = False
+        to_itself = False  # a framework's redirect to the canonical path: the request after it is billed
 
         async def watch_receive() -> Message:
             nonlocal disconnected
@@ -313,10 +322,12 @@ class BillingMiddleware:
             return message
 
         async def watch_send(message: Message) -> None:
-            nonlocal status, completed
+            nonlocal status, completed, to_itself
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
+                if 300 <= status < 400:
+                    to_itself = _to_itself(scope["path"], message)
                 gated = context.quota
                 if gated is not None and gated.limit is not None:
                     left = gated.limit - gated.usage - gated.local  # clamped at 0 there
@@ -329,7 +340,7 @@ class BillingMiddleware:
                     message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             elif (kind == "http.response.body" and not message.get("more_body", False)) or kind == _PATHSEND:
                 await send(message)
-                completed = not disconnected
+                completed = not disconnected and not to_itself
                 return
             await send(message)
 

@@ -2,7 +2,11 @@
 
 Keys are Starlette path templates with an optional method: ``"POST /v1/search"``,
 ``"/v1/items/{item_id:int}"``. Paths are the full request path (mount prefixes included), so a
-route inside a ``Mount`` is configured by the path the client calls.
+route inside a ``Mount`` is configured by the path the client calls. Paths are compared in their
+canonical form (no repeated or trailing slash), as some frameworks route them (Litestar serves
+``/v1/search/`` and ``/v1//search`` as ``/v1/search``): a route is never reached unmetered by a
+slash. Where the framework answers such a path with a redirect to the canonical one instead
+(Starlette, Django), that redirect is not billed: the request that follows it is.
 """
 
 from __future__ import annotations
@@ -10,13 +14,14 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 from starlette.requests import Request
 from starlette.routing import compile_path
 
 from ._validation import QUANTITY_DECIMALS, check_id
 
-__all__ = ["Metered", "RouteTable"]
+__all__ = ["Metered", "RouteTable", "canonical", "redirects_to_itself"]
 
 QuantityFunction = Callable[[Request], float | Awaitable[float]]
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
@@ -52,6 +57,24 @@ class Metered:
                 raise ValueError(f"Metered({self.feature!r}): quantity {q!r} has more decimals than upstream's 6")
 
 
+_SLASHES = re.compile(r"//+")
+
+
+def canonical(path: str) -> str:
+    """``path`` without repeated slashes and without a trailing one (``/`` stays)."""
+    return _SLASHES.sub("/", path).rstrip("/") or "/"
+
+
+def redirects_to_itself(path: str, location: str) -> bool:
+    """Whether a redirect from ``path`` to ``location`` only adds or removes slashes (a framework's
+    canonical URL), as opposed to an endpoint's own redirect (a download link), which is billed."""
+    try:
+        target = unquote(urlsplit(location).path)
+    except ValueError:  # not a URL: not ours to judge
+        return False
+    return bool(target) and canonical(target) == canonical(path)
+
+
 def _split_key(key: str) -> tuple[str | None, str]:
     prefix, _, path = key.strip().rpartition(" ")
     method = prefix.strip().upper() or None
@@ -59,7 +82,7 @@ def _split_key(key: str) -> tuple[str | None, str]:
         raise ValueError(f"routes: {key!r}: unknown HTTP method {method!r}")
     if not path.startswith("/"):
         raise ValueError(f"routes: {key!r}: the path must start with '/'")
-    return method, path
+    return method, canonical(path)
 
 
 class RouteTable:
@@ -103,8 +126,9 @@ class RouteTable:
             if not path.startswith("/"):
                 raise ValueError(f"exclude: {path!r}: the path must start with '/'")
             if path.endswith("*"):
-                prefixes.append(path[:-1])
+                prefixes.append(_SLASHES.sub("/", path[:-1]))  # "/static/*" keeps its slash: "/staticky" is not in
                 continue
+            path = canonical(path)
             regex, _, convertors = compile_path(path)
             if convertors:
                 self._excluded_patterns.append(regex)
@@ -130,6 +154,9 @@ class RouteTable:
 
     def match(self, method: str, path: str) -> Metered | None:
         """The metering of ``method path``, or None when it is not metered or is excluded."""
+        raw = path
+        if "//" in path or (path[-1:] == "/" and path != "/"):
+            path = canonical(path)
         if path in self._excluded:
             return None
         by_method = self._static.get(path)
@@ -141,8 +168,10 @@ class RouteTable:
             return self.match(method, path[:-1])  # newline: "/v1/export%0A" reaches /v1/export
         if self._simple:
             return self._default
-        if path.startswith(self._excluded_prefixes) and self._excluded_prefixes:
-            return None
+        if self._excluded_prefixes and (
+            path.startswith(self._excluded_prefixes) or raw.startswith(self._excluded_prefixes)
+        ):
+            return None  # ("/static/*" takes "/static/", not "/static")
         for pattern in self._excluded_patterns:
             if pattern.match(path):
                 return None

@@ -151,3 +151,13 @@ async def test_a_customer_resolved_before_litestar_is_left_alone(billing: LocalB
     assert answers == [200, 401]
     assert asked == [] and entered == ["search"]
     assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+async def test_slashes_do_not_take_a_request_past_the_gate(billing: LocalBilling, entered: list[str]) -> None:
+    """Litestar serves "/v1/search/" and "/v1//search" as "/v1/search": metered the same."""
+    async with serve(build(billing)) as client:
+        searches = [await client.get(path, headers=bearer("token-free")) for path in ("/v1/search/", "/v1//search/")]
+        forbidden = await client.post("/v1/exports/", headers=bearer("token-free"))
+    assert [r.status_code for r in searches] == [200] * 2 and all("x-request-id" in r.headers for r in searches)
+    assert forbidden.status_code == 403 and "export" not in entered
+    assert await billing.recorded_units("user_free", "api_calls") == 2

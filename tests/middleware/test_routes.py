@@ -9,7 +9,7 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered
@@ -294,3 +294,48 @@ async def test_a_final_newline_in_the_path_does_not_slip_past_the_gate(billing: 
         free = await client.post("/v1/export%0A", headers=as_customer("user_free"))  # the free plan has no export
     assert (anonymous.status_code, free.status_code, calls) == (401, 403, [])
     assert middleware.routes.match("GET", "/health\n") is None
+
+
+def test_paths_are_matched_in_their_canonical_form() -> None:
+    table = RouteTable(
+        {"GET /v1/search": "api_calls", "/v1/items/{item_id}/": "tokens"}, exclude=["/health/", "/static/*"]
+    )
+    for path in ("/v1/search", "/v1/search/", "/v1//search", "//v1/search//"):
+        found = table.match("GET", path)
+        assert found is not None and found.feature == "api_calls", path
+    for path in ("/v1/items/7", "/v1/items/7/", "/v1//items/7"):
+        found = table.match("POST", path)
+        assert found is not None and found.feature == "tokens", path
+    assert table.match("GET", "/health") is None and table.match("GET", "//health/") is None
+    assert table.match("GET", "/static/") is None and table.match("GET", "//static/app.js") is None
+    with pytest.raises(ValueError, match="configured twice"):
+        RouteTable({"/v1/search": "api_calls", "/v1/search/": "tokens"})
+
+
+async def test_a_redirect_to_the_canonical_path_is_not_billed_the_request_after_it_is(billing: LocalBilling) -> None:
+    async def moved(request: Request) -> Response:
+        return RedirectResponse("https://files.example/report.pdf")  # the endpoint's own answer: billed
+
+    app = Starlette(routes=[Route("/v1/search", hello), Route("/v1/report", moved)])  # "/v1/search/": a 307
+    middleware = BillingMiddleware(
+        app, billing=billing, customer=by_header, routes={"/v1/search": "api_calls", "/v1/report": "api_calls"}
+    )
+    async with serve(middleware, follow_redirects=True) as client:
+        anonymous = await client.get("/v1/search/")
+        searched = await client.get("/v1/search/", headers=as_customer("user_free"))
+        report = await client.get("/v1/report", headers=as_customer("user_free"), follow_redirects=False)
+    assert anonymous.status_code == 401
+    assert searched.status_code == 200 and [r.status_code for r in searched.history] == [307]
+    assert report.status_code == 307
+    assert await billing.recorded_units("user_free", "api_calls") == 2  # the search once, the report
+
+
+async def test_a_root_path_is_a_whole_segment(billing: LocalBilling) -> None:
+    """Under root_path "/api", "/apiusage" is the app's "/apiusage", not "usage" (as Starlette routes it)."""
+    app = Starlette(routes=[Route("/apiusage", hello), Route("/api/usage", hello)])
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes={"/apiusage": "api_calls"})
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=middleware, root_path="/api"), base_url="http://a"
+    ) as client:
+        anonymous = await client.get("/apiusage")
+    assert anonymous.status_code == 401
