@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-__all__ = ["BillingDenied", "Denial", "ProblemFactory", "problem_response"]
+__all__ = ["BillingDenied", "Denial", "ProblemFactory", "answer_refusal", "problem_response"]
 
 PROBLEM_TYPE = "https://docs.billingos.dev/problems/"
 _TITLES = {
@@ -72,6 +72,15 @@ class BillingDenied(Exception):
     def headers(self) -> dict[str, str]:
         """The answer's headers as text, for a framework that builds its own response from them."""
         return {name.decode("latin-1"): value.decode("latin-1") for name, value in self.response.raw_headers}
+
+
+async def answer_refusal(request: Request, denied: Exception) -> Response:
+    """A Starlette exception handler for :class:`BillingDenied`: the refusal's own answer. An app
+    the middleware wraps from outside needs it: its error middleware would make the refusal a 500
+    before the middleware saw it."""
+    if not isinstance(denied, BillingDenied):
+        raise denied  # registered for BillingDenied only
+    return denied.response
 
 
 @functools.lru_cache(maxsize=1024)

@@ -17,7 +17,7 @@ The middleware gates a declared route before routing (the handler never runs on 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
@@ -29,6 +29,7 @@ from billingos_asgi import BillingBackend, BillingDenied, Metered, UsageContext,
 from billingos_asgi.customers import CustomerResolver
 from billingos_asgi.discovery import MARK, Found, declarations, metering_of, route_table, walk
 from billingos_asgi.endpoints import UsageEndpoints
+from billingos_asgi.responses import answer_refusal
 from billingos_asgi.routes import QuantityFunction
 
 __all__ = ["Billing", "PROBLEM_RESPONSES", "declared", "metered", "usage_router"]
@@ -189,7 +190,7 @@ def declared(
     would otherwise make it a 500 before the middleware saw it.
     """
     if BillingDenied not in app.exception_handlers:  # the app's own handler, if any, decides
-        app.add_exception_handler(BillingDenied, _refusal)
+        app.add_exception_handler(BillingDenied, answer_refusal)
 
     def collect() -> dict[str, str | Metered]:
         table = route_table(declarations(app.routes, find=_find, expand=_expand), also)
@@ -197,11 +198,6 @@ def declared(
         return table
 
     return collect
-
-
-async def _refusal(request: Request, denied: Exception) -> Response:
-    """The refusal's own answer (its problem response, or what the ``problem_factory`` made)."""
-    return cast(BillingDenied, denied).response  # registered for BillingDenied only
 
 
 def usage_router(

@@ -16,10 +16,11 @@ from typing import Any
 
 from starlette.routing import Mount, Route
 
-from billingos_asgi import BillingBackend, Metered
+from billingos_asgi import BillingBackend, BillingDenied, Metered
 from billingos_asgi.customers import CustomerResolver
 from billingos_asgi.discovery import declared_routes, metered
 from billingos_asgi.endpoints import UsageEndpoints
+from billingos_asgi.responses import answer_refusal
 
 __all__ = ["declared", "metered", "usage_routes"]
 
@@ -29,8 +30,12 @@ def declared(app: Any, *, also: Mapping[str, str | Metered] | None = None) -> Ca
 
     Collected when the middleware stack is built (at start-up), so routes added after
     ``add_middleware`` count too. A path declared twice with different features is refused.
+    Answers a late gate's refusal (:class:`BillingDenied`, from an endpoint's ``identify``)
+    inside the app, so that it is answered however the middleware is installed.
     """
-
+    handlers = getattr(app, "exception_handlers", None)
+    if isinstance(handlers, dict) and BillingDenied not in handlers:  # the app's own handler, if any, decides
+        app.add_exception_handler(BillingDenied, answer_refusal)
     return lambda: declared_routes(app.routes, also=also)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
@@ -9,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Host, Mount, Route, Router
 
-from billingos_asgi import BillingMiddleware, LocalBilling, Metered
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered, get_usage_context
 from billingos_asgi.discovery import declared_routes
 from billingos_starlette import declared, metered, usage_routes
 
@@ -192,3 +194,31 @@ async def test_a_static_route_an_earlier_route_answers_is_left_out(
     assert await billing.recorded_units("user_free", "api_calls") == 1
     assert "GET,HEAD /reports/export: an earlier route answers it first" in caplog.text
     assert "GET,HEAD /items/special: an earlier route answers it first" in caplog.text
+
+
+@pytest.mark.parametrize("outside", [False, True], ids=["add_middleware", "wrapped"])
+async def test_a_late_refusal_is_answered_however_the_middleware_is_installed(
+    billing: LocalBilling, outside: bool
+) -> None:
+    entered: list[str] = []
+
+    @metered("export", late=True)
+    async def export(request: Request) -> JSONResponse:
+        context = get_usage_context(request)
+        assert context is not None
+        await context.identify(by_header(request))  # the app's own auth names the customer here
+        entered.append("export")
+        return JSONResponse({"export": "started"})
+
+    app = Starlette(routes=[Route("/v1/exports", export, methods=["POST"])])
+    served: Any = app
+    if outside:
+        served = BillingMiddleware(app, billing=billing, routes=declared(app))
+    else:
+        app.add_middleware(BillingMiddleware, billing=billing, routes=declared(app))
+    async with serve(served) as client:
+        anonymous = await client.post("/v1/exports")
+        forbidden = await client.post("/v1/exports", headers=as_customer("user_free"))
+        exported = await client.post("/v1/exports", headers=as_customer("user_pro"))
+    assert (anonymous.status_code, forbidden.status_code, exported.status_code) == (401, 403, 200)
+    assert forbidden.headers["content-type"] == "application/problem+json" and entered == ["export"]
