@@ -41,7 +41,7 @@ from .events import UsageEvent, event_key
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
 from .responses import BillingDenied, Denial, ProblemFactory, problem_response, quota_headers
-from .routes import Metered, RouteTable, redirects_to_itself
+from .routes import EXCLUDED, Metered, RouteTable, redirects_to_itself
 from .tracker import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
@@ -235,8 +235,11 @@ class BillingMiddleware:
         metered = self.routes.match(scope["method"], path)
         if metered is None:
             await self.app(scope, receive, send)
-            return
-        await self._metered(scope, receive, send, metered)
+        elif metered is EXCLUDED:  # unmetered on purpose: a declared gate inside lets it be
+            scope.setdefault("state", {})["billing"] = None
+            await self.app(scope, receive, send)
+        else:
+            await self._metered(scope, receive, send, metered)
 
     def metrics(self) -> dict[str, float | str]:
         """Delivery counters and gauges by name (events by outcome, upstream calls, breaker state...)."""

@@ -21,7 +21,7 @@ from starlette.routing import compile_path
 
 from ._validation import QUANTITY_DECIMALS, check_id
 
-__all__ = ["Metered", "RouteTable", "canonical", "redirects_to_itself"]
+__all__ = ["EXCLUDED", "Metered", "RouteTable", "canonical", "redirects_to_itself"]
 
 QuantityFunction = Callable[[Request], float | Awaitable[float]]
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
@@ -56,6 +56,10 @@ class Metered:
             if q != round(q, QUANTITY_DECIMALS):
                 raise ValueError(f"Metered({self.feature!r}): quantity {q!r} has more decimals than upstream's 6")
 
+
+#: What :meth:`RouteTable.match` answers for an excluded path: passed through unmetered on purpose,
+#: which the framework adapters' declarations accept (an exclusion carved out of a metered template).
+EXCLUDED = Metered("excluded by the exclude= option")
 
 _SLASHES = re.compile(r"//+")
 
@@ -153,12 +157,12 @@ class RouteTable:
                 raise ValueError(f"routes: {key!r} is also excluded (exclude=): configure it in one place")
 
     def match(self, method: str, path: str) -> Metered | None:
-        """The metering of ``method path``, or None when it is not metered or is excluded."""
+        """The metering of ``method path``: None when it is not metered, :data:`EXCLUDED` when excluded."""
         raw = path
         if "//" in path or (path[-1:] == "/" and path != "/"):
             path = canonical(path)
         if path in self._excluded:
-            return None
+            return EXCLUDED
         by_method = self._static.get(path)
         if by_method is not None:
             found = by_method.get(method) or by_method.get(None)
@@ -171,10 +175,10 @@ class RouteTable:
         if self._excluded_prefixes and (
             path.startswith(self._excluded_prefixes) or raw.startswith(self._excluded_prefixes)
         ):
-            return None  # ("/static/*" takes "/static/", not "/static")
+            return EXCLUDED  # ("/static/*" takes "/static/", not "/static")
         for pattern in self._excluded_patterns:
             if pattern.match(path):
-                return None
+                return EXCLUDED
         for route_method, regex, metered in self._dynamic:
             if (route_method is None or route_method == method or (method == "HEAD" and route_method == "GET")) and (
                 regex.match(path)

@@ -372,3 +372,23 @@ async def test_a_route_the_app_never_reaches_is_not_metered_in_its_place(
     assert (answer.status_code, answer.json()) == (200, {"report": "export", "billed_as": "api_calls"})
     assert await billing.recorded_units("user_free", "api_calls") == 1
     assert "GET /reports/export: an earlier route answers it first" in caplog.text
+
+
+async def test_a_path_excluded_from_a_declared_template_is_served_unmetered(billing: SpyBilling) -> None:
+    """``exclude=`` carves a free path out of a metered template: the route's declaration lets it be."""
+    app = FastAPI()
+
+    @app.get("/files/{name}", dependencies=[metered("api_calls")])
+    async def file(name: str, billing: Billing) -> dict[str, bool]:
+        return {"metered": billing is not None}
+
+    app.add_middleware(
+        BillingMiddleware, billing=billing, customer=by_header, routes=declared(app), exclude=["/files/public"]
+    )
+    async with serve(app) as client:
+        public = await client.get("/files/public")
+        private = await client.get("/files/report", headers=as_customer("user_free"))
+        anonymous = await client.get("/files/report")
+    assert (public.status_code, public.json()) == (200, {"metered": False}) and "x-request-id" not in public.headers
+    assert (private.status_code, private.json()) == (200, {"metered": True}) and anonymous.status_code == 401
+    assert await billing.recorded_units("user_free", "api_calls") == 1

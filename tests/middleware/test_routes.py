@@ -14,7 +14,7 @@ from starlette.routing import Mount, Route
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered
 from billingos_asgi.local.background import serve_in_thread
-from billingos_asgi.routes import RouteTable
+from billingos_asgi.routes import EXCLUDED, RouteTable
 from tests.asgi import serve
 
 from .support import PLANS, as_customer, by_header
@@ -166,7 +166,7 @@ def test_route_table_prefers_the_method_then_any_method_then_the_default() -> No
         exclude=["/health", "/static/*"],
     )
     feature = {
-        (method, path): (None if metered is None else metered.feature)
+        (method, path): (None if metered is None or metered is EXCLUDED else metered.feature)
         for method, path in [
             ("GET", "/a"),
             ("HEAD", "/a"),
@@ -293,7 +293,7 @@ async def test_a_final_newline_in_the_path_does_not_slip_past_the_gate(billing: 
         anonymous = await client.post("/v1/export%0A")
         free = await client.post("/v1/export%0A", headers=as_customer("user_free"))  # the free plan has no export
     assert (anonymous.status_code, free.status_code, calls) == (401, 403, [])
-    assert middleware.routes.match("GET", "/health\n") is None
+    assert middleware.routes.match("GET", "/health\n") is EXCLUDED
 
 
 def test_paths_are_matched_in_their_canonical_form() -> None:
@@ -306,8 +306,8 @@ def test_paths_are_matched_in_their_canonical_form() -> None:
     for path in ("/v1/items/7", "/v1/items/7/", "/v1//items/7"):
         found = table.match("POST", path)
         assert found is not None and found.feature == "tokens", path
-    assert table.match("GET", "/health") is None and table.match("GET", "//health/") is None
-    assert table.match("GET", "/static/") is None and table.match("GET", "//static/app.js") is None
+    assert table.match("GET", "/health") is EXCLUDED and table.match("GET", "//health/") is EXCLUDED
+    assert table.match("GET", "/static/") is EXCLUDED and table.match("GET", "//static/app.js") is EXCLUDED
     with pytest.raises(ValueError, match="configured twice"):
         RouteTable({"/v1/search": "api_calls", "/v1/search/": "tokens"})
 
