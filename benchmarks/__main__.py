@@ -20,6 +20,7 @@ from pathlib import Path
 import anyio
 
 from ._util import Section, Table, quick, stamp
+from .bench_instructions import APPS as APP_LABELS
 from .report import THROUGHPUT_GOAL, Goal, write
 
 #: Part name -> module; run in this order.
@@ -34,6 +35,7 @@ PARTS = {
     "profile": "profile_hot_path",
 }
 OVERHEAD_GOAL_US = 12.0
+TRACKING_GOAL = 0.9  # throughput with tracking on, of that with it off
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -117,6 +119,27 @@ def goals(sections: dict[str, Section]) -> list[Goal]:
                 + ", ".join(f"{short(name)} {bare_cost / n:.2f}x" for name, n in peers)
                 + ")",
                 bare_cost / our_cost >= THROUGHPUT_GOAL,
+            )
+        )
+    pipeline = sections.get("pipeline")
+    if pipeline is not None:
+        ratio = pipeline.data["tracking_ratio"]
+        found.append(
+            Goal(
+                "app throughput with tracking on vs. off (issue 4)",
+                f">= {TRACKING_GOAL:.2f}x",
+                f"{ratio:.2f}x",
+                ratio >= TRACKING_GOAL,
+            )
+        )
+    if counted is not None and counted.data.get("untracked"):
+        on_cost, off_cost = counted.data["per_request"][APP_LABELS["billing"]], counted.data["untracked"]
+        found.append(
+            Goal(
+                "... the same by CPU instructions per request, in-process (callgrind: no noise)",
+                f">= {TRACKING_GOAL:.2f}x",
+                f"{off_cost / on_cost:.2f}x ({on_cost - off_cost:+,.0f} instructions a request)",
+                off_cost / on_cost >= TRACKING_GOAL,
             )
         )
     memory = sections.get("memory")

@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -35,6 +36,9 @@ APPS = {  # name in this module -> row label
     "correlation_id": "+ asgi-correlation-id",
 }
 SERVED = ("starlette", "billing", "correlation_id", "slowapi")  # bench_server names, same labels
+#: Ours with its usage events discarded: what tracking (queueing and delivering them) costs.
+UNTRACKED = "untracked"
+UNTRACKED_LABEL = "+ BillingMiddleware, events discarded (tracking off)"
 FEW, MANY = scaled(500, 50), scaled(2_500, 150)
 SERVED_FEW, SERVED_MANY = scaled(200, 10), scaled(1_200, 30)
 _CALLGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
@@ -140,14 +144,24 @@ def run_sync() -> Section:
         table.notes.append("valgrind is not installed (Debian: apt-get install valgrind): skipped.")
         return Section("instructions", [table], {})
     counts = {app: per_request(instructions, app, FEW, MANY) for app in APPS}
+    untracked = per_request(instructions, UNTRACKED, FEW, MANY)
     served = {app: per_request(served_instructions, app, SERVED_FEW, SERVED_MANY) for app in SERVED}
+    table = Table(title, measures, command("instructions"), header, rows(counts, throughput=False))
+    bare = counts["starlette"]
+    table.rows.append((UNTRACKED_LABEL, f"{untracked:,.0f}", f"{untracked - bare:+,.0f}", f"{untracked / bare:.2f}x"))
+    table.notes.append(
+        f"tracking (queueing each event and delivering it, coalesced, through the in-memory backend) costs "
+        f"{counts['billing'] - untracked:+,.0f} instructions a request: the app's throughput with tracking on "
+        f"is {untracked / counts['billing']:.2f}x that with it off, as far as the CPU goes"
+    )
     tables = [
-        Table(title, measures, command("instructions"), header, rows(counts, throughput=False)),
+        table,
         Table(served_title, served_measures, command("instructions"), header, rows(served, throughput=True)),
     ]
     data = {
         "per_request": {APPS[app]: n for app, n in counts.items()},
         "served": {APPS[app]: n for app, n in served.items()},
+        "untracked": untracked,
     }
     return Section("instructions", tables, data)
 
@@ -160,12 +174,20 @@ async def run() -> Section:
 
 async def serve(app_name: str, requests: int) -> None:
     """The measured process: build ``app_name`` and serve ``requests`` requests to it in-process."""
-    from .apps import InMemoryBackend, billing_app, correlation_id_app, slowapi_app, starlette_app
+    from billingos_asgi import BillingMiddleware
+
+    from .apps import InMemoryBackend, billing_app, billing_middleware, correlation_id_app, slowapi_app, starlette_app
     from .bench_middleware import drive, with_lifespan
 
-    factories = {
+    def untracked() -> BillingMiddleware:
+        middleware = billing_middleware(starlette_app(), InMemoryBackend())
+        middleware.tracker.submit = lambda event: True  # type: ignore[method-assign]  # events discarded
+        return middleware
+
+    factories: dict[str, Callable[[], Any]] = {
         "starlette": starlette_app,
         "billing": lambda: billing_app(InMemoryBackend()),
+        UNTRACKED: untracked,
         "slowapi": slowapi_app,
         "correlation_id": correlation_id_app,
     }
@@ -179,7 +201,7 @@ async def serve(app_name: str, requests: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--app", choices=APPS, required=True)
+    parser.add_argument("--app", choices=[*APPS, UNTRACKED], required=True)
     parser.add_argument("--requests", type=int, required=True)
     args = parser.parse_args()
     anyio.run(serve, args.app, args.requests)
