@@ -398,7 +398,10 @@ class BillingMiddleware:
                 quota = self.cache.reopen(customer, feature, quota)
             quota.local += used - admitted
         counted = quota is not None  # let through with nothing cached: its units are not counted here
-        event: UsageEvent = _new_event((customer, feature, used, event_key(context.request_id, feature), None, counted))
+        key = f"{context.request_id}:{feature}"
+        if len(key) > MAX_ID_LENGTH:  # a long feature name
+            key = event_key(context.request_id, feature)
+        event: UsageEvent = _new_event((customer, feature, used, key, None, counted))
         return None if self.tracker.submit(event) else event
 
     async def _fetch(self, request: Request, feature: str, customer: str) -> Quota | Denial | None:

@@ -156,24 +156,26 @@ class RouteTable:
             if covered:
                 raise ValueError(f"routes: {key!r} is also excluded (exclude=): configure it in one place")
 
-    def match(self, method: str, path: str) -> Metered | None:
-        """The metering of ``method path``: None when it is not metered, :data:`EXCLUDED` when excluded."""
-        raw = path
-        if "//" in path or (path[-1:] == "/" and path != "/"):
-            path = canonical(path)
+    def match(self, method: str, path: str, *, raw: str | None = None) -> Metered | None:
+        """The metering of ``method path``: None when it is not metered, :data:`EXCLUDED` when excluded.
+
+        (``raw``: the path as requested, when ``path`` is its canonical form.)
+        """
         if path in self._excluded:
             return EXCLUDED
-        by_method = self._static.get(path)
+        by_method = self._static.get(path)  # (keys are canonical: a path found is one)
         if by_method is not None:
             found = by_method.get(method) or by_method.get(None)
             if found is not None:
                 return found
         elif path[-1:] == "\n":  # Starlette's route patterns end in "$", which matches before a final
             return self.match(method, path[:-1])  # newline: "/v1/export%0A" reaches /v1/export
+        elif raw is None and ("//" in path or (path[-1:] == "/" and path != "/")):
+            return self.match(method, canonical(path), raw=path)
         if self._simple:
             return self._default
         if self._excluded_prefixes and (
-            path.startswith(self._excluded_prefixes) or raw.startswith(self._excluded_prefixes)
+            path.startswith(self._excluded_prefixes) or (raw or path).startswith(self._excluded_prefixes)
         ):
             return EXCLUDED  # ("/static/*" takes "/static/", not "/static")
         for pattern in self._excluded_patterns:
