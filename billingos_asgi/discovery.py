@@ -86,8 +86,9 @@ def declared_routes(
 
 
 Finder = Callable[[Route], Metered | None]
-#: A route as the app routes it: its full path, its methods (None: every method), its declaration if any.
-Found = tuple[str, Collection[str] | None, Metered | None]
+#: A route as the app routes it: its full path, its methods (None: every method), its declaration if
+#: any, and whether it answers on every host (not a ``Host``'s: those are tried for one host only).
+Found = tuple[str, Collection[str] | None, Metered | None, bool]
 Expander = Callable[[BaseRoute, str], Iterable[Found]]
 
 
@@ -102,7 +103,7 @@ def declarations(
     out, with a warning, rather than billed for the request the earlier route serves.
     """
     earlier: list[tuple[re.Pattern[str], Collection[str] | None]] = []
-    for path, methods, declaration in walk(routes, find=find, expand=expand, prefix=prefix):
+    for path, methods, declaration, every_host in walk(routes, find=find, expand=expand, prefix=prefix):
         regex, _, convertors = compile_path(path)
         if declaration is not None:
             reachable = methods if convertors else _reachable(path, methods, earlier)
@@ -116,7 +117,8 @@ def declarations(
                 )
             for key in route_keys(path, reachable):
                 yield key, declaration
-        earlier.append((regex, methods))
+        if every_host:  # a Host's route takes only its host's requests: the others reach the later route
+            earlier.append((regex, methods))
 
 
 def _reachable(
@@ -149,10 +151,11 @@ def walk(
     for route in routes:
         if isinstance(route, Mount):
             yield from walk(route.routes, find=find, expand=expand, prefix=prefix + route.path)
-            yield prefix + route.path + "/{path:path}", None, None  # the rest of its path: its own 404 or 405
+            yield prefix + route.path + "/{path:path}", None, None, True  # the rest of its path: its own 404 or 405
         elif isinstance(route, Host):
-            yield from walk(route.routes, find=find, expand=expand, prefix=prefix)
+            for path, methods, declaration, _ in walk(route.routes, find=find, expand=expand, prefix=prefix):
+                yield path, methods, declaration, False
         elif isinstance(route, Route):
-            yield prefix + route.path, route.methods, find(route)
+            yield prefix + route.path, route.methods, find(route), True
         elif expand is not None:
             yield from expand(route, prefix)

@@ -106,12 +106,23 @@ def _trusted_request_id(scope: Scope) -> str | None:
     return None
 
 
-def _to_itself(path: str, start: Message) -> bool:
-    """Whether a response (its start message) redirects ``path`` to itself, slashes aside."""
+#: A framework's slash redirect: Starlette answers 307, Django 301 (never 303, "see other").
+_SLASH_REDIRECTS = frozenset({301, 302, 307, 308})
+
+
+def _to_itself(scope: Scope, start: Message) -> bool:
+    """Whether a response (its start message) redirects the request to its own URL, slashes aside."""
+    if start["status"] not in _SLASH_REDIRECTS:
+        return False
+    location = host = None
     for name, value in start.get("headers", ()):
         if name.lower() == b"location":
-            return redirects_to_itself(path, value.decode("latin-1"))
-    return False
+            location = value.decode("latin-1")
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value.decode("latin-1")
+    query = scope.get("query_string", b"").decode("latin-1")
+    return location is not None and redirects_to_itself(scope["path"], query, host, location)
 
 
 def _of_scope(customer: CustomerResolver) -> Callable[[Scope], Answer]:
@@ -330,7 +341,7 @@ class BillingMiddleware:
             if kind == "http.response.start":
                 status = message["status"]
                 if 300 <= status < 400:
-                    to_itself = _to_itself(scope["path"], message)
+                    to_itself = _to_itself(scope, message)
                 gated = context.quota
                 if gated is not None and gated.limit is not None:
                     left = gated.limit - gated.usage - gated.local  # clamped at 0 there

@@ -69,14 +69,21 @@ def canonical(path: str) -> str:
     return _SLASHES.sub("/", path).rstrip("/") or "/"
 
 
-def redirects_to_itself(path: str, location: str) -> bool:
-    """Whether a redirect from ``path`` to ``location`` only adds or removes slashes (a framework's
-    canonical URL), as opposed to an endpoint's own redirect (a download link), which is billed."""
+def redirects_to_itself(path: str, query: str, host: str | None, location: str) -> bool:
+    """Whether a redirect of ``path?query`` (on ``host``) to ``location`` only adds or removes
+    slashes: a framework's canonical URL, as opposed to an endpoint's own redirect (a download
+    link, a form's next page, even to its own path), which is billed."""
     try:
-        target = unquote(urlsplit(location).path)
+        target = urlsplit(location)
     except ValueError:  # not a URL: not ours to judge
         return False
-    return bool(target) and canonical(target) == canonical(path)
+    target_path = unquote(target.path)
+    return (
+        target_path != path
+        and canonical(target_path) == canonical(path)
+        and target.query == query
+        and target.netloc in ("", host)
+    )
 
 
 def _split_key(key: str) -> tuple[str | None, str]:
@@ -168,10 +175,10 @@ class RouteTable:
             found = by_method.get(method) or by_method.get(None)
             if found is not None:
                 return found
-        elif path[-1:] == "\n":  # Starlette's route patterns end in "$", which matches before a final
-            return self.match(method, path[:-1])  # newline: "/v1/export%0A" reaches /v1/export
-        elif raw is None and ("//" in path or (path[-1:] == "/" and path != "/")):
-            return self.match(method, canonical(path), raw=path)
+        elif raw is None and (path[-1:] in ("\n", "/") and path != "/" or "//" in path):
+            # Once, in one step: Starlette's route patterns end in "$", which matches before a final
+            # newline ("/v1/export%0A" reaches /v1/export), and Litestar routes the canonical path.
+            return self.match(method, canonical(path.rstrip("\n")), raw=path)
         if self._simple:
             return self._default
         if self._excluded_prefixes and (

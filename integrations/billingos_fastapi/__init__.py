@@ -147,7 +147,7 @@ def _expand(route: BaseRoute, prefix: str) -> Iterator[Found]:
             found = None if context.dependant is None else _declared_on(original, context.dependant)
             if found is not None:
                 _document(context.responses, original.responses)
-            yield prefix + context.path, context.methods, found
+            yield prefix + context.path, context.methods, found, True
         elif context.starlette_route is not None:
             yield from walk([context.starlette_route], find=_find, expand=_expand, prefix=prefix)
 

@@ -222,3 +222,22 @@ async def test_a_late_refusal_is_answered_however_the_middleware_is_installed(
         exported = await client.post("/v1/exports", headers=as_customer("user_pro"))
     assert (anonymous.status_code, forbidden.status_code, exported.status_code) == (401, 403, 200)
     assert forbidden.headers["content-type"] == "application/problem+json" and entered == ["export"]
+
+
+async def test_a_hosts_routes_do_not_hide_later_routes_from_other_hosts(billing: LocalBilling) -> None:
+    async def admin_page(request: Request) -> JSONResponse:
+        return JSONResponse({"admin": True})
+
+    @metered("api_calls")
+    async def search(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    app = Starlette(
+        routes=[Host("admin.example.com", Router(routes=[Route("/{page}", admin_page)])), Route("/search", search)]
+    )
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app, base_url="http://api.example.com") as client:
+        anonymous = await client.get("/search")
+        paid = await client.get("/search", headers=as_customer("user_free"))
+    assert (anonymous.status_code, paid.status_code) == (401, 200)
+    assert await billing.recorded_units("user_free", "api_calls") == 1

@@ -339,3 +339,37 @@ async def test_a_root_path_is_a_whole_segment(billing: LocalBilling) -> None:
     ) as client:
         anonymous = await client.get("/apiusage")
     assert anonymous.status_code == 401
+
+
+async def test_an_endpoints_own_redirects_are_billed(billing: LocalBilling) -> None:
+    """Only a redirect to the same URL with slashes added or removed is a framework's: a form's
+    next page on the same path, another query or another host is the endpoint's answer."""
+
+    async def upload(request: Request) -> Response:
+        return RedirectResponse("/v1/upload", status_code=303)  # Post/Redirect/Get
+
+    async def search(request: Request) -> Response:
+        return RedirectResponse("/v1/search?page=2", status_code=302)
+
+    async def region(request: Request) -> Response:
+        return RedirectResponse("https://eu.example.com/v1/region/", status_code=307)
+
+    app = Starlette(
+        routes=[Route("/v1/upload", upload, methods=["POST"]), Route("/v1/search", search), Route("/v1/region", region)]
+    )
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, default_feature="api_calls")
+    async with serve(middleware) as client:
+        answers = [
+            (await client.post("/v1/upload", headers=as_customer("user_free"))).status_code,
+            (await client.get("/v1/search", headers=as_customer("user_free"))).status_code,
+            (await client.get("/v1/region", headers=as_customer("user_free"))).status_code,
+        ]
+    assert answers == [303, 302, 307]
+    assert await billing.recorded_units("user_free", "api_calls") == 3
+
+
+@pytest.mark.parametrize("path", ["/v1/search" + "/\n" * 2_000, "/v1/search" + "\n" * 5_000, "/" * 100_000])
+def test_odd_paths_are_matched_without_recursing(path: str) -> None:
+    table = RouteTable({"/v1/search": "api_calls", "/v1/items/{n}": "tokens"}, exclude=["/static/*"])
+    found = table.match("GET", path)
+    assert found is None or found.feature == "api_calls"
