@@ -34,6 +34,10 @@ def check_id(name: str, value: object) -> str:
         raise ValidationError(f"{name} is {len(value)} characters long; the maximum is {MAX_ID_LENGTH}")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
         raise ValidationError(f"{name} must not contain control characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for it, on the wire or on disk
+        raise ValidationError(f"{name} is not valid Unicode text (a lone surrogate)") from None
     return value
 
 

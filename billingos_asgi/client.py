@@ -153,6 +153,8 @@ def _error_for(response: httpx.Response, secret: str) -> BillingOSError:
     retry_after = _parse_retry_after(response.headers.get("retry-after"))
     if status == 429:
         return RateLimitError(message, status=status, body=body, retry_after=retry_after)
+    if status == 408:  # the server gave up waiting for the request: a timeout, as transient as ours
+        return NetworkError(message, status=status, body=body, retry_after=retry_after)
     if status >= 500:
         return ServerError(message, status=status, body=body, retry_after=retry_after)
     if status in (401, 403):
@@ -288,6 +290,10 @@ class BillingOS:
             except httpx.TransportError as exc:
                 detail = _redact(str(exc), self._secret_key)
                 error = NetworkError(f"cannot reach BillingOS for {method} {path}: {type(exc).__name__}: {detail}")
+            except httpx.DecodingError as exc:  # a body its Content-Encoding does not decode
+                raise InvalidResponseError(
+                    f"BillingOS answered {method} {path} with a body that does not decode: {type(exc).__name__}"
+                ) from None
             else:
                 if response.status_code < 400:
                     try:

@@ -434,6 +434,31 @@ async def test_503_then_200_retries_with_same_generated_idempotency_key(sleeps: 
     assert len(sleeps) == 1
 
 
+async def test_a_408_is_a_timeout_retried_under_the_same_key(sleeps: list[float]) -> None:
+    server = FakeServer(respond(408, nest_error(408, "Request Timeout", "Request Timeout")), respond(201, TRACK_BODY))
+    async with make_client(server) as billing:
+        assert await billing.track_usage("user_123", "api_calls", 5) == TRACK_RESULT
+    first, second = server.bodies
+    assert server.attempts == 2 and first["idempotency_key"] == second["idempotency_key"]
+
+
+async def test_a_body_that_does_not_decode_is_an_invalid_response() -> None:
+    server = FakeServer(respond(201, text="not gzip at all", headers={"content-encoding": "gzip"}))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError, match="does not decode"):
+            await billing.track_usage("user_123", "api_calls", 5)
+
+
+@pytest.mark.parametrize("field", ["customer_id", "feature_key", "idempotency_key"])
+async def test_a_lone_surrogate_in_an_id_is_refused_before_any_call(field: str) -> None:
+    server = FakeServer(respond(201, TRACK_BODY))
+    arguments = {"customer_id": "user_123", "feature_key": "api_calls", "idempotency_key": "k1", field: "a\ud800"}
+    async with make_client(server) as billing:
+        with pytest.raises(ValidationError, match=f"{field} is not valid Unicode"):
+            await billing.track_usage(quantity=1, **arguments)
+    assert server.attempts == 0
+
+
 async def test_retry_keeps_caller_idempotency_key() -> None:
     server = FakeServer(respond(500, nest_error(500, "oops", "Internal Server Error")), respond(201, TRACK_BODY))
     async with make_client(server) as billing:

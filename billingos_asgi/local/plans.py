@@ -154,6 +154,8 @@ def _grant(feature: Feature, value: Any, fail: Any) -> Grant | None:
         raise fail(f"{feature.type} takes a number or {UNLIMITED!r}, got {value!r}")
     if not 0 <= value <= MAX_QUANTITY:
         raise fail(f"limit must be between 0 and {MAX_QUANTITY}, got {value!r}")
+    if value and not to_micro(value):  # would be 0: a typo must not silently block the feature
+        raise fail(f"limit {value!r} is below the resolution of {1 / MICRO:g} units")
     return Grant(feature, to_micro(value))
 
 

@@ -800,6 +800,7 @@ BAD_TRACKS = [
     pytest.param({"customer_id": 42}, "customer_id must be a string, got int", id="customer-int"),
     pytest.param({"feature_key": ""}, "feature_key must not be empty", id="empty-feature"),
     pytest.param({"feature_key": "api\x7fcalls"}, "feature_key must not contain control characters", id="feature-del"),
+    pytest.param({"customer_id": "a\ud800"}, "customer_id is not valid Unicode text", id="customer-surrogate"),
     pytest.param({"quantity": 0}, "quantity must be greater than 0, got 0", id="zero"),
     pytest.param({"quantity": 0.0}, "quantity must be greater than 0, got 0.0", id="zero-float"),
     pytest.param({"quantity": -1}, "quantity must be greater than 0, got -1", id="negative"),

@@ -288,6 +288,11 @@ INVALID_FILES = [
         id="negative-fractional-limit",
     ),
     pytest.param(
+        FEATURES_TOML + "\n[plans.free]\nfeatures = { api_calls = 0.0000001 }\n",
+        "plans.free.features.api_calls: limit 1e-07 is below the resolution of 1e-06 units",
+        id="limit-below-resolution",
+    ),
+    pytest.param(
         FEATURES_TOML + "\n[plans.free]\nfeatures = { api_calls = 100_000_000_000_000 }\n",
         "plans.free.features.api_calls: limit must be between 0 and 99999999999999, got 100000000000000",
         id="limit-above-decimal-20-6",

@@ -163,6 +163,11 @@ BAD_TRACK_BODIES = [
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "metadata": [1]}', "metadata"),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "idempotency_key": 7}', "string"),
     (b'{"customer_id": "user_free", "feature_key": "", "quantity": 1}', "feature_key must not be empty"),
+    (b'{"customer_id": "u\\ud800", "feature_key": "api_calls", "quantity": 1}', "customer_id is not valid Unicode"),
+    (
+        b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "idempotency_key": "\\udfff"}',
+        "idempotency_key is not valid Unicode",
+    ),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1' + b"0" * 400 + b"}", "maximum"),
     (
         b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "metadata": '
