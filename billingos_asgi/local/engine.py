@@ -128,7 +128,8 @@ class LocalBilling:
     async def set_plan(self, customer_id: str, plan_key: str | None, *, started_at: datetime | None = None) -> None:
         """Subscribe a customer (created if new) to ``plan_key``, or to nothing with None.
 
-        A changed plan keeps the current period and its usage unless ``started_at`` re-anchors it.
+        A changed plan keeps the current period and its usage unless ``started_at`` re-anchors it,
+        or the new plan bills by another interval (month, year...): then a new period starts now.
         """
         check_id("customer_id", customer_id)
         if started_at is not None and started_at.tzinfo is None:

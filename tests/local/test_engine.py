@@ -658,6 +658,25 @@ async def test_set_plan_started_at_reanchors_the_period(billing: LocalBilling, c
     assert result.usage.period_start == datetime(2024, 1, 1, 9, tzinfo=timezone.utc)
 
 
+async def test_a_plan_of_another_interval_starts_a_new_period(billing: LocalBilling, clock: Clock) -> None:
+    """Usage is kept per period start: a daily period starting where a monthly one did must not
+    read the month's usage (nor a month the days'), so changing the interval starts a period now."""
+    clock.now = datetime(2024, 1, 10, tzinfo=timezone.utc)
+    await billing.set_plan("carol", "free")
+    clock.now = datetime(2024, 3, 10, 8, tzinfo=timezone.utc)
+    await billing.track_usage("carol", "api_calls", 3)
+    await billing.set_plan("carol", "fifty")  # the same interval: the period and its usage are kept
+    assert (await billing.check_entitlement("carol", "api_calls")).usage == 3
+    await billing.set_plan("carol", "daily")
+    daily = await billing.check_entitlement("carol", "api_calls")
+    assert (daily.usage, daily.resets_at) == (0, datetime(2024, 3, 11, 8, tzinfo=timezone.utc))
+    await billing.track_usage("carol", "api_calls", 2)
+    clock.now = datetime(2024, 3, 10, 9, tzinfo=timezone.utc)
+    await billing.set_plan("carol", "fifty")
+    monthly = await billing.check_entitlement("carol", "api_calls")
+    assert (monthly.usage, monthly.resets_at) == (0, datetime(2024, 4, 10, 9, tzinfo=timezone.utc))
+
+
 async def test_set_plan_started_at_must_be_aware(billing: LocalBilling) -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         await billing.set_plan("alice", "pro", started_at=datetime(2024, 1, 1))
