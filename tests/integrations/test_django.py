@@ -131,6 +131,14 @@ def entered() -> Iterator[list[str]]:
     yield ENTERED
 
 
+@pytest.fixture
+async def pro(billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]]) -> tuple[str, dict[str, str]]:
+    """The signed-in user on the pro plan: their customer id and session headers."""
+    customer, headers = sessions["pro"]
+    await billing.set_plan(customer, "pro")
+    return customer, headers
+
+
 def build(billing: LocalBilling, **options: Any) -> BillingMiddleware:
     return BillingMiddleware(get_asgi_application(), billing=billing, routes=ROUTES, **options)
 
@@ -161,16 +169,15 @@ async def test_the_signed_in_user_pays_and_views_run_only_once_admitted(
 
 
 async def test_a_failing_answer_is_not_billed(
-    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], entered: list[str]
+    billing: LocalBilling, pro: tuple[str, dict[str, str]], entered: list[str]
 ) -> None:
-    pro, as_pro = sessions["pro"]
-    await billing.set_plan(pro, "pro")
+    pro_id, as_pro = pro
     async with serve(build(billing)) as client:
         failed = await client.get("/v1/broken", headers=as_pro)
         succeeded = await client.get("/v1/search", headers=as_pro)
     assert (failed.status_code, succeeded.status_code) == (400, 200)
     assert entered == ["broken", "search"]
-    assert await billing.recorded_units(pro, "api_calls") == 1
+    assert await billing.recorded_units(pro_id, "api_calls") == 1
 
 
 async def test_the_customer_setting_names_who_pays(
@@ -189,46 +196,43 @@ async def test_the_customer_setting_names_who_pays(
 @pytest.mark.parametrize(("on_error", "expected"), [("allow", 200), ("deny", 503)])
 async def test_a_failing_customer_setting_follows_on_error_not_a_500(
     billing: LocalBilling,
-    sessions: dict[str, tuple[str, dict[str, str]]],
+    pro: tuple[str, dict[str, str]],
     entered: list[str],
     on_error: str,
     expected: int,
 ) -> None:
-    pro, as_pro = sessions["pro"]
-    await billing.set_plan(pro, "pro")
+    pro_id, as_pro = pro
     with override_settings(BILLINGOS_CUSTOMER=f"{__name__}.session_store_down"):
         app = build(billing, on_error=on_error)
     async with serve(app) as client:
         answer = await client.get("/v1/search", headers=as_pro)
     assert answer.status_code == expected
     assert entered == (["search"] if expected == 200 else [])  # let through unbilled, or refused before the view
-    assert await billing.recorded_units(pro, "api_calls") == 0
+    assert await billing.recorded_units(pro_id, "api_calls") == 0
 
 
 async def test_the_middleware_answers_the_lifespan_django_refuses(
-    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]]
+    billing: LocalBilling, pro: tuple[str, dict[str, str]]
 ) -> None:
-    pro, as_pro = sessions["pro"]
-    await billing.set_plan(pro, "pro")
+    pro_id, as_pro = pro
     with pytest.raises(RuntimeError, match="not lifespan"):  # Django alone
         async with lifespan(get_asgi_application()):
             pass
     async with serve(build(billing, flush_interval=30)) as client:
         for _ in range(3):
             assert (await client.get("/v1/search", headers=as_pro)).status_code == 200
-        assert await billing.recorded_units(pro, "api_calls") == 0  # queued in the running tracker's window
-    assert await billing.recorded_units(pro, "api_calls") == 3  # drained at shutdown
+        assert await billing.recorded_units(pro_id, "api_calls") == 0  # queued in the running tracker's window
+    assert await billing.recorded_units(pro_id, "api_calls") == 3  # drained at shutdown
 
 
 async def test_a_metered_view_the_middleware_did_not_meter_as_declared_fails_closed(
-    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], entered: list[str]
+    billing: LocalBilling, pro: tuple[str, dict[str, str]], entered: list[str]
 ) -> None:
-    pro, as_pro = sessions["pro"]
-    await billing.set_plan(pro, "pro")
+    pro_id, as_pro = pro
     async with serve(build(billing)) as client:
         metered_get = await client.get("/v1/declared", headers=as_pro)
         unmetered_post = await client.post("/v1/declared", headers=as_pro)  # the key names GET only
         mislabelled = await client.get("/v1/mislabelled", headers=as_pro)  # routes= says api_calls
     assert (metered_get.status_code, unmetered_post.status_code, mislabelled.status_code) == (200, 500, 500)
     assert entered == ["declared"]
-    assert await billing.recorded_units(pro, "api_calls") == 1
+    assert await billing.recorded_units(pro_id, "api_calls") == 1
