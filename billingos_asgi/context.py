@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from starlette.requests import Request
 
@@ -134,6 +134,19 @@ def get_usage_context(request: Request | None = None) -> UsageContext | None:
         context = request.scope.get("state", {}).get("billing")
         return context if isinstance(context, UsageContext) else None
     return _current.get()
+
+
+def declared_context(scope: Mapping[str, Any], feature: str, where: str) -> UsageContext | None:
+    """The usage context of a request to a route or view declared metered as ``feature``, failing
+    closed (RuntimeError: a 500, not a free request) where the middleware did not meter it so.
+    None: let through unmetered on purpose (excluded, or ``on_error="allow"``)."""
+    state = scope.get("state") or {}
+    if "billing" not in state:  # the middleware did not take this request for the route
+        raise RuntimeError(f"metered({feature!r}) {where} reached unmetered")
+    context: UsageContext | None = state["billing"]
+    if context is not None and context.feature != feature:  # the table took it for another route
+        raise RuntimeError(f"metered({feature!r}) {where} reached metered as {context.feature!r}")
+    return context
 
 
 def _running() -> UsageContext:

@@ -114,8 +114,8 @@ def from_api_key(
         answer = answers.get(key)
         if answer is not None and answer[1] > monotonic():
             return answer[0]
-        expiry = unknown.get(key)
-        return None if expiry is not None and expiry > monotonic() else look_up(key)
+        hit, customer = cached(key)  # (an unknown key's answer, then)
+        return customer if hit else look_up(key)
 
     async def look_up(key: bytes) -> str | None:
         while (flight := flights.get(key)) is not None:

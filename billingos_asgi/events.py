@@ -49,7 +49,6 @@ class Batch:
     events: tuple[UsageEvent, ...]
     idempotency_key: str
     quantity: float
-    counted: float  # the units of its events that are counted (:attr:`UsageEvent.counted`)
 
     @classmethod
     def of(cls, events: tuple[UsageEvent, ...], key: str | None = None) -> Batch:
@@ -65,12 +64,12 @@ class Batch:
             digest = hashlib.sha256("\n".join([e.idempotency_key for e in events]).encode()).hexdigest()
             key = f"batch-{digest[:40]}"
         quantity = round(math.fsum([e.quantity for e in events]), 6)
-        counted = (
-            quantity
-            if all([e.counted for e in events])
-            else round(math.fsum([e.quantity for e in events if e.counted]), 6)
-        )
-        return cls(first.customer_id, first.feature_key, events, key, quantity, counted)
+        return cls(first.customer_id, first.feature_key, events, key, quantity)
+
+    @property
+    def counted(self) -> float:
+        """The units of its events that this process counts (:attr:`UsageEvent.counted`)."""
+        return round(math.fsum([e.quantity for e in self.events if e.counted]), 6)
 
     @property
     def metadata(self) -> Mapping[str, Any] | None:

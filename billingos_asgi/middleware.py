@@ -246,9 +246,8 @@ class BillingMiddleware:
         metered = self.routes.match(scope["method"], path)
         if metered is None:
             await self.app(scope, receive, send)
-        elif metered is EXCLUDED:  # unmetered on purpose: a declared gate inside lets it be
-            scope.setdefault("state", {})["billing"] = None
-            await self.app(scope, receive, send)
+        elif metered is EXCLUDED:
+            await self._unmetered(scope, receive, send)
         else:
             await self._metered(scope, receive, send, metered)
 
@@ -409,9 +408,7 @@ class BillingMiddleware:
                 quota = self.cache.reopen(customer, feature, quota)
             quota.local += used - admitted
         counted = quota is not None  # let through with nothing cached: its units are not counted here
-        key = f"{context.request_id}:{feature}"
-        if len(key) > MAX_ID_LENGTH:  # a long feature name
-            key = event_key(context.request_id, feature)
+        key = event_key(context.request_id, feature)
         event: UsageEvent = _new_event((customer, feature, used, key, None, counted))
         return None if self.tracker.submit(event) else event
 
@@ -458,11 +455,16 @@ class BillingMiddleware:
             raise TypeError(f"quantity function of {metered.feature!r} returned {value!r}, not a finite number >= 0")
         return round(value, QUANTITY_DECIMALS)  # what upstream stores; below it, the request is free
 
+    async def _unmetered(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Call the app unmetered on purpose (excluded, or let through by ``on_error``): marked so in
+        the request state, which the framework adapters' declared gates accept."""
+        scope.setdefault("state", {})["billing"] = None
+        await self.app(scope, receive, send)
+
     async def _on_error(self, feature: str, detail: str, scope: Scope, receive: Receive, send: Send) -> None:
         """A hook failed: let the request through unbilled, or answer 503, as ``on_error`` says."""
         if self._allow_on_error:
-            scope.setdefault("state", {})["billing"] = None  # let through on purpose: declared gates let it be
-            await self.app(scope, receive, send)
+            await self._unmetered(scope, receive, send)
         else:
             await self._deny(Denial(503, detail, Request(scope, receive), feature), scope, receive, send)
 

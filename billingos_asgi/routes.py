@@ -182,7 +182,7 @@ class RouteTable:
         if self._simple:
             return self._default
         if self._excluded_prefixes and (
-            path.startswith(self._excluded_prefixes) or (raw or path).startswith(self._excluded_prefixes)
+            path.startswith(self._excluded_prefixes) or (raw is not None and raw.startswith(self._excluded_prefixes))
         ):
             return EXCLUDED  # ("/static/*" takes "/static/", not "/static")
         for pattern in self._excluded_patterns:

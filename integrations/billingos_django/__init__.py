@@ -38,6 +38,7 @@ from django.http.response import HttpResponseBase
 from django.utils.module_loading import import_string
 
 from billingos_asgi import BillingDenied, get_usage_context
+from billingos_asgi.context import declared_context
 
 __all__ = ["CustomerOf", "IdentifyCustomerMiddleware", "metered", "signed_in_user"]
 
@@ -93,14 +94,7 @@ def metered(feature: str) -> Callable[[View], View]:
     """
 
     def check(request: HttpRequest) -> None:
-        state = getattr(request, "scope", {}).get("state") or {}
-        if "billing" not in state:
-            raise RuntimeError(f"view metered({feature!r}) reached unmetered, as {request.method} {request.path}")
-        context = state["billing"]  # None: let through unmetered on purpose (on_error="allow")
-        if context is not None and context.feature != feature:
-            raise RuntimeError(
-                f"view metered({feature!r}) reached metered as {context.feature!r}, as {request.method} {request.path}"
-            )
+        declared_context(getattr(request, "scope", {}), feature, f"view {request.method} {request.path}")
 
     def decorate(view: View) -> View:
         if iscoroutinefunction(view):

@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from billingos_asgi import BillingBackend, BillingDenied, Metered, UsageContext, get_usage_context
+from billingos_asgi.context import declared_context
 from billingos_asgi.customers import CustomerResolver
 from billingos_asgi.discovery import MARK, Found, declarations, metering_of, route_table, walk
 from billingos_asgi.endpoints import UsageEndpoints
@@ -82,15 +83,7 @@ def metered(
             raise RuntimeError(
                 f"route declared metered({feature!r}) but BillingMiddleware was not given routes=declared(app)"
             )
-        state = request.scope.get("state") or {}
-        if "billing" not in state:  # the middleware did not take this request for the route
-            raise RuntimeError(f"metered({feature!r}) route reached unmetered, as {request.url.path!r}")
-        context = get_usage_context(request)  # None: let through unmetered on purpose (on_error="allow")
-        if context is not None and context.feature != feature:  # the table took it for another route
-            raise RuntimeError(
-                f"metered({feature!r}) route reached metered as {context.feature!r}, as {request.url.path!r}"
-            )
-        return context
+        return declared_context(request.scope, feature, f"route {request.url.path!r}")
 
     billing_gate: Callable[..., Any] = context_of
     if customer is not None:
