@@ -85,14 +85,14 @@ def goals(sections: dict[str, Section]) -> list[Goal]:
     counted = sections.get("instructions")
     if counted is not None and counted.data:
         per_request: dict[str, float] = counted.data["per_request"]
-        bare, *others = per_request.values()
-        ours, *peers = (n - bare for n in others)
+        bare_count, *others = per_request.values()
+        our_extra, *peer_extras = (n - bare_count for n in others)
         found.append(
             Goal(
                 "... the same in CPU instructions (callgrind: no noise)",
                 "below every peer's",
-                f"{ours:+,.0f} vs. peers " + ", ".join(f"{n:+,.0f}" for n in peers),
-                all(ours < n for n in peers),
+                f"{our_extra:+,.0f} vs. peers " + ", ".join(f"{n:+,.0f}" for n in peer_extras),
+                all(our_extra < n for n in peer_extras),
             )
         )
     server = sections.get("server")
@@ -110,13 +110,13 @@ def goals(sections: dict[str, Section]) -> list[Goal]:
         )
     if counted is not None and counted.data.get("served"):
         served: dict[str, float] = counted.data["served"]
-        (_, bare_cost), (_, our_cost), *peers = served.items()
+        (_, bare_cost), (_, our_cost), *served_peers = served.items()
         found.append(
             Goal(
                 "... the same by CPU instructions per request served (callgrind: no noise)",
                 f">= {THROUGHPUT_GOAL:.2f}x",
                 f"{bare_cost / our_cost:.2f}x (peers: "
-                + ", ".join(f"{short(name)} {bare_cost / n:.2f}x" for name, n in peers)
+                + ", ".join(f"{short(name)} {bare_cost / n:.2f}x" for name, n in served_peers)
                 + ")",
                 bare_cost / our_cost >= THROUGHPUT_GOAL,
             )

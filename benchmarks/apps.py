@@ -145,8 +145,8 @@ def moesif_app() -> ASGIApp:
     event loop and queues it; APScheduler threads batch the queue every second and post it with
     ``requests`` (here: connection refused at once). That thread work is part of its real cost.
     """
-    import moesifapi.http.requests_client  # type: ignore[import-untyped]
-    from moesifasgi import MoesifMiddleware  # type: ignore[import-untyped]
+    import moesifapi.http.requests_client
+    from moesifasgi import MoesifMiddleware
 
     # Keep the benchmark's output clean: it calls logging.basicConfig (a no-op while the root logger
     # has a handler), logs and prints every failed post.

@@ -146,9 +146,9 @@ def run_sync() -> Section:
     counts = {app: per_request(instructions, app, FEW, MANY) for app in APPS}
     untracked = per_request(instructions, UNTRACKED, FEW, MANY)
     served = {app: per_request(served_instructions, app, SERVED_FEW, SERVED_MANY) for app in SERVED}
-    table = Table(title, measures, command("instructions"), header, rows(counts, throughput=False))
     bare = counts["starlette"]
-    table.rows.append((UNTRACKED_LABEL, f"{untracked:,.0f}", f"{untracked - bare:+,.0f}", f"{untracked / bare:.2f}x"))
+    untracked_row = (UNTRACKED_LABEL, f"{untracked:,.0f}", f"{untracked - bare:+,.0f}", f"{untracked / bare:.2f}x")
+    table = Table(title, measures, command("instructions"), header, [*rows(counts, throughput=False), untracked_row])
     table.notes.append(
         f"tracking (queueing each event and delivering it, coalesced, through the in-memory backend) costs "
         f"{counts['billing'] - untracked:+,.0f} instructions a request: the app's throughput with tracking on "

@@ -120,7 +120,7 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 # -- canned bodies ------------------------------------------------------------------------------
 
-TRACK_BODY = {
+TRACK_BODY: dict[str, Any] = {
     "success": True,
     "feature_key": "api_calls",
     "quantity": 5,
@@ -227,7 +227,7 @@ async def test_track_without_metadata_omits_it() -> None:
 async def test_track_sends_decimal_quantity_as_json_number() -> None:
     server = FakeServer(respond(201, TRACK_BODY))
     async with make_client(server) as billing:
-        await billing.track_usage("user_123", "storage_gb", Decimal("1.25"), idempotency_key="k1")
+        await billing.track_usage("user_123", "storage_gb", Decimal("1.25"), idempotency_key="k1")  # type: ignore[arg-type]
     assert server.bodies[0]["quantity"] == 1.25
     assert b'"quantity":1.25' in server.requests[0].content.replace(b" ", b"")
 
@@ -452,7 +452,12 @@ async def test_a_body_that_does_not_decode_is_an_invalid_response() -> None:
 @pytest.mark.parametrize("field", ["customer_id", "feature_key", "idempotency_key"])
 async def test_a_lone_surrogate_in_an_id_is_refused_before_any_call(field: str) -> None:
     server = FakeServer(respond(201, TRACK_BODY))
-    arguments = {"customer_id": "user_123", "feature_key": "api_calls", "idempotency_key": "k1", field: "a\ud800"}
+    arguments: dict[str, Any] = {
+        "customer_id": "user_123",
+        "feature_key": "api_calls",
+        "idempotency_key": "k1",
+        field: "a\ud800",
+    }
     async with make_client(server) as billing:
         with pytest.raises(ValidationError, match=f"{field} is not valid Unicode"):
             await billing.track_usage(quantity=1, **arguments)

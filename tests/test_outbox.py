@@ -278,6 +278,7 @@ async def test_events_never_attempted_are_replayed_too(billing: LocalBilling, tm
         await anyio.sleep(0.2)  # written, still in the flush window
         assert first.outbox is not None and first.outbox.size == 4
         tg.cancel_scope.cancel()  # torn down without a drain (a real SIGKILL is in test_crash.py)
+    assert first.outbox is not None
     first.outbox.close()
     second = tracker_for(billing, flush_interval=0.05, outbox=Outbox(path, max_events=100))
     await run_tracker(second, [])

@@ -216,7 +216,7 @@ async def test_the_middleware_answers_the_lifespan_django_refuses(
 ) -> None:
     pro_id, as_pro = pro
     with pytest.raises(RuntimeError, match="not lifespan"):  # Django alone
-        async with lifespan(get_asgi_application()):
+        async with lifespan(get_asgi_application()):  # type: ignore[arg-type]  # Django types its scopes its own way
             pass
     async with serve(build(billing, flush_interval=30)) as client:
         for _ in range(3):

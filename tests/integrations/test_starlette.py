@@ -110,7 +110,7 @@ async def test_a_class_endpoint_is_gated_for_every_method_and_a_hosts_routes_too
 
 
 async def test_the_usage_routes_answer_a_failing_resolver_with_a_problem(billing: LocalBilling) -> None:
-    def broken(request: Request) -> str | None:
+    def broken(request: Request) -> Any:  # anything but a customer id
         header = request.headers.get("x-session", "")
         if header == "down":
             raise ConnectionError("session store unreachable")

@@ -9,8 +9,8 @@ import pytest
 from billingos_asgi.local.periods import current_period
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=timezone.utc)
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, micro: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, micro, tzinfo=timezone.utc)
 
 
 # -- fixed intervals --

@@ -19,8 +19,9 @@ from billingos_asgi import (
     RetryPolicy,
     ValidationError,
 )
+from billingos_asgi.local.background import serve_in_thread
 from billingos_asgi.local.server import create_app
-from tests.conftest import PLANS, SECRET_KEY, RunningServer, serve_in_thread
+from tests.conftest import PLANS, SECRET_KEY, RunningServer
 
 AUTH = {"Authorization": f"Bearer {SECRET_KEY}"}
 

@@ -497,7 +497,8 @@ async def test_a_blank_customer_id_is_nobody(billing: LocalBilling, blank: str, 
 
 async def test_a_resolver_cannot_take_the_body_from_the_app(billing: LocalBilling) -> None:
     async def reads_the_body(request: Request) -> str | None:
-        return (await request.json())["customer"]  # SPEC section 5: the body is the app's, never ours
+        customer: str | None = (await request.json())["customer"]
+        return customer  # SPEC section 5: the body is the app's, never ours
 
     async def echo(request: Request) -> Response:
         return Response(await request.body())

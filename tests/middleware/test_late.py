@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from billingos_asgi import (
+    BillingBackend,
     BillingDenied,
     BillingMiddleware,
     BillingOS,
@@ -42,7 +43,7 @@ def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-def late_app(billing: object, entered: list[str], **options: object) -> Starlette:
+def late_app(billing: BillingBackend, entered: list[str], **options: Any) -> Starlette:
     async def search(request: Request) -> Response:
         context = get_usage_context(request)
         assert context is not None and context.customer_id is None  # nobody named yet
@@ -88,7 +89,7 @@ def late_app(billing: object, entered: list[str], **options: object) -> Starlett
         billing=billing,
         default_feature="api_calls",
         flush_interval=0.05,
-        **options,  # type: ignore[arg-type]
+        **options,
     )
     return app
 

@@ -19,7 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from billingos_asgi import BillingMiddleware, LocalBilling
-from tests.asgi import lifespan, serve
+from billingos_asgi.testing import lifespan
+from tests.asgi import serve
 
 from .support import PLANS, as_customer, by_header, websocket_echo_session
 

@@ -21,7 +21,8 @@ from starlette.types import Message
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usage
 from billingos_asgi.local.background import serve_in_thread
-from tests.asgi import lifespan, serve
+from billingos_asgi.testing import lifespan
+from tests.asgi import serve
 
 from .support import CUSTOMER_HEADER, PLANS, by_header, call_raw, http_scope
 

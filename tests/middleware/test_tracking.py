@@ -20,7 +20,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, NetworkError, get_usage_context, report_usage
-from tests.asgi import lifespan, serve
+from billingos_asgi.testing import lifespan
+from tests.asgi import serve
 
 from .support import CUSTOMER_HEADER, as_customer, by_header, concurrent_statuses, recording_app
 
@@ -435,12 +436,12 @@ async def test_trusted_request_id_is_the_idempotency_key(billing: LocalBilling) 
 
 
 async def test_request_state_request_id_matches_the_response_header(billing: LocalBilling) -> None:
-    seen: list[tuple[str, str, str, float]] = []
+    seen: list[tuple[str, str | None, str, float]] = []
 
     async def endpoint(request: Request) -> Response:
         state = request.state.billing
         context = get_usage_context()
-        assert context is state
+        assert context is state is not None
         seen.append((state.request_id, state.customer_id, state.feature, state.quantity))
         return PlainTextResponse("ok")
 
