@@ -30,7 +30,7 @@ from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS
 from .cache import EntitlementCache
 from .events import Batch, UsageEvent, part_key
 from .outbox import Outbox
-from .upstream import Upstream
+from .upstream import MAX_PAUSE, Upstream
 
 __all__ = ["Tracker", "TrackerStats"]
 
@@ -120,6 +120,7 @@ class Tracker:
         # what a deadline cuts off is exactly these (a split batch may be part recorded already).
         self._unsettled: dict[int, UsageEvent] = {}
         self._inline: dict[int, UsageEvent] = {}  # the same, for the sends of request tasks (no worker)
+        self._volatile: dict[int, UsageEvent] = {}  # queued, unsettled, and not in the outbox: its write failed
         self._full: TTLCache[Key, bool] = TTLCache(10_000, FULL_FOR)  # checked: nothing left of the quota
         self._riders: dict[Key, list[UsageEvent]] = {}  # without a worker: events waiting for a send running
         self._confirmed: list[tuple[str, str]] = []  # (customer, key) of events to remove from the outbox
@@ -259,10 +260,20 @@ class Tracker:
 
     def _account_for_cut_off(self) -> None:
         """Report what the deadline cut off: kept in the outbox for the next start, or dropped."""
-        unsent = list(self._unsettled.values())
-        unsent += [event for batch, _ in self._fixed for event in batch.events]
-        unsent += [event for group in self._due.values() for event in group]
-        unsent += [event for group in self._pending.values() for event in group]
+        attempted = list(self._unsettled.values())
+        waiting = [event for batch, _ in self._fixed for event in batch.events]
+        waiting += [event for group in self._due.values() for event in group]
+        waiting += [event for group in self._pending.values() for event in group]
+        if self._volatile:  # not on disk, whatever the outbox would say at the next start
+            volatile = self._volatile
+            self._unwritten += [event for event in waiting if id(event) in volatile]  # a last try
+            waiting = [event for event in waiting if id(event) not in volatile]
+            # One sent already may be recorded upstream: written now, unstamped, it could count twice.
+            lost = tuple(event for event in attempted if id(event) in volatile)
+            attempted = [event for event in attempted if id(event) not in volatile]
+            self._give_up(lost, "dropped", "shutdown deadline passed during its delivery (outbox write failed)")
+            volatile.clear()
+        unsent = attempted + waiting
         self._unsettled.clear()
         self._fixed.clear()
         self._due.clear()
@@ -274,7 +285,7 @@ class Tracker:
                 logger.exception("could not write %d usage events to the outbox", len(self._unwritten))
                 written = 0
             unsent += self._unwritten[:written]
-            self._give_up(tuple(self._unwritten[written:]), "dropped", "shutdown deadline passed (outbox full)")
+            self._give_up(tuple(self._unwritten[written:]), "dropped", "shutdown deadline passed (not in the outbox)")
         elif self._unwritten:
             unsent += self._unwritten
         self._unwritten.clear()
@@ -336,6 +347,7 @@ class Tracker:
                 "not durable: outbox write failed", 0
             ) + len(events)
             written = len(events)
+            self._volatile.update((id(event), event) for event in events)
         for event in events[:written]:
             self._enqueue(event)
         if written < len(events):
@@ -434,6 +446,7 @@ class Tracker:
             return
         self._see(event)
         riders = self._riders[key] = [event]
+        sending: tuple[UsageEvent, ...] = ()
         try:
             while riders:
                 sending = tuple(riders)
@@ -448,6 +461,12 @@ class Tracker:
                     reason = f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan"
                     self._give_up(cut_off, "dropped", reason)
                 self._settled(sending)
+        except BaseException:
+            # Cancelled natively (asyncio's task.cancel() goes through anyio's shield), or a fault:
+            # what this call was to deliver is reported, and its units no longer held.
+            cut_off = (*(e for e in sending if id(e) in self._inline), *riders)
+            self._give_up(cut_off, "dropped", "the request's task stopped while delivering it")
+            raise
         finally:
             del self._riders[key]
 
@@ -491,10 +510,11 @@ class Tracker:
                 self.stats.in_flight -= n
             if isinstance(error, _PERMANENT):
                 break
-            delay = min(RETRY_MAX, random.uniform(0, RETRY_BASE * 2**attempt))
+            # (The exponent is capped: an outage of hours runs to thousands of attempts.)
+            delay = min(RETRY_MAX, random.uniform(0, RETRY_BASE * 2 ** min(attempt, 16)))
             retry_after = getattr(error, "retry_after", None)
-            if retry_after is not None:
-                delay = max(delay, min(retry_after, RETRY_MAX))
+            if retry_after is not None:  # honoured as the budget honours it (none may be configured)
+                delay = max(delay, min(retry_after, MAX_PAUSE))
             self.stats.retried += 1
             self._log(logging.WARNING, "track of %d events failed (%r); retry in %.1fs", n, error, delay)
             attempt += 1
@@ -613,14 +633,15 @@ class Tracker:
         unsettled = self._unsettled
         for event in events:
             unsettled.pop(id(event), None)
-        inline = self._inline
-        if inline:
-            for event in events:
-                inline.pop(id(event), None)
+        for kept in (self._inline, self._volatile):
+            if kept:
+                for event in events:
+                    kept.pop(id(event), None)
 
     def _forget(self, events: tuple[UsageEvent, ...]) -> None:
-        """Done with ``events`` for good: their outbox rows can go."""
-        if self._outbox is not None:
+        """Done with ``events`` for good: their outbox rows can go (none while it is closed: events
+        sent without a worker are never written to it)."""
+        if self._outbox is not None and self._outbox.is_open:
             self._confirmed.extend((event.customer_id, event.idempotency_key) for event in events)
             self._wake_writer()
 

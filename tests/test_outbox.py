@@ -14,7 +14,7 @@ from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEv
 from billingos_asgi.events import Batch
 from billingos_asgi.outbox import Outbox, OutboxError
 
-from .test_tracker import PLANS, FlakyAfterForwarding, event, run_tracker, tracker_for
+from .test_tracker import PLANS, FlakyAfterForwarding, Gated, event, run_tracker, tracker_for
 
 
 @pytest.fixture
@@ -223,6 +223,48 @@ async def test_a_failing_forget_does_not_hold_the_shutdown_to_its_deadline(
         await anyio.sleep(0.5)  # sent; forgetting them fails, and is tried again
         await tracker.stop()
     assert tracker.stats.sent == 3 and "drain deadline" not in caplog.text
+
+
+class AddFailsOnce(Outbox):
+    """An outbox whose first write fails: those events go on in memory only."""
+
+    failures = 1
+
+    def add(self, events: Any) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().add(events)
+
+
+async def test_events_the_outbox_could_not_write_are_not_said_to_be_kept_in_it(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    path = tmp_path / "outbox.db"
+    reported: list[str] = []
+    tracker = tracker_for(
+        Gated(billing),  # never answers: the drain deadline cuts everything off
+        flush_interval=0.05,
+        drain_timeout=0.3,
+        max_concurrency=4,
+        outbox=AddFailsOnce(path, max_events=100),
+        on_rejected=lambda e, r: reported.append(r),
+    )
+    await run_tracker(tracker, [event(f"k{i}", customer=f"c{i}") for i in range(6)])
+    # Four were on their way (possibly recorded: not written now, they could count twice), two waited
+    # for a sender: written at the deadline, they are resent at the next start.
+    assert (tracker.stats.dropped, tracker.stats.deferred) == (4, 2)
+    assert reported == ["shutdown deadline passed during its delivery (outbox write failed)"] * 4
+    assert len(rows(path)) == 2
+
+
+async def test_without_a_worker_nothing_waits_to_be_forgotten_from_the_outbox(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    tracker = tracker_for(billing, outbox=Outbox(tmp_path / "outbox.db", max_events=100))  # never started
+    for i in range(20):
+        await tracker.send(event(f"k{i}", feature="tokens"))
+    assert tracker.stats.sent == 20 and tracker._confirmed == []
 
 
 class Unreachable:

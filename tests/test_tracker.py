@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -10,12 +12,12 @@ from typing import Any
 import anyio
 import pytest
 
-from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEvent
+from billingos_asgi import LocalBilling, NetworkError, RateLimitError, TrackUsageResult, UsageEvent
 from billingos_asgi.cache import EntitlementCache
 from billingos_asgi.events import Batch, event_key, part_key
 from billingos_asgi.outbox import Outbox
 from billingos_asgi.tracker import Tracker
-from billingos_asgi.upstream import Upstream
+from billingos_asgi.upstream import CircuitBreaker, Upstream
 
 PLANS: dict[str, Any] = {
     "features": {"api_calls": {"type": "usage_quota"}, "tokens": {"type": "usage_quota"}},
@@ -248,6 +250,47 @@ async def test_a_replayed_event_given_up_leaves_the_units_of_running_requests_co
     assert quota.local == 4  # the replayed event's units were never among them
 
 
+class Failing:
+    """Fault injection around a real LocalBilling: ``failures`` errors (nothing recorded), then records."""
+
+    def __init__(self, billing: LocalBilling, failures: int, error: Exception) -> None:
+        self.billing = billing
+        self.failures = failures
+        self.error = error
+
+    async def track_usage(self, *args: Any, **kwargs: Any) -> TrackUsageResult:
+        if self.failures:
+            self.failures -= 1
+            raise self.error
+        return await self.billing.track_usage(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+
+async def test_an_outage_of_thousands_of_attempts_keeps_the_tracker_retrying(
+    billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("billingos_asgi.tracker.RETRY_MAX", 0.0)  # hours of backoff, compressed
+    backend = Failing(billing, failures=1100, error=NetworkError("connection refused"))
+    upstream = Upstream(backend, breaker=CircuitBreaker(threshold=10**6))
+    tracker = Tracker(upstream, EntitlementCache(upstream), flush_interval=0, drain_timeout=60)
+    await run_tracker(tracker, [event("k1")])
+    assert (tracker.stats.retried, tracker.stats.sent) == (1100, 1)
+    assert await billing.recorded_units("c0", "api_calls") == 1
+
+
+async def test_a_retry_waits_as_long_as_a_429_asks_without_a_budget(
+    billing: LocalBilling, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("billingos_asgi.tracker.RETRY_MAX", 0.01)  # the backoff's own cap, below what is asked
+    backend = Failing(billing, failures=1, error=RateLimitError("slow down", status=429, retry_after=0.2))
+    tracker = tracker_for(backend, flush_interval=0)
+    with caplog.at_level(logging.WARNING, "billingos_asgi"):
+        await run_tracker(tracker, [event("k1")])
+    assert "retry in 0.2s" in caplog.text and tracker.stats.sent == 1
+
+
 class Gated:
     """A real LocalBilling whose track calls wait until the test opens the gate."""
 
@@ -294,6 +337,24 @@ async def test_an_inline_send_outlives_the_cancellation_of_its_task(billing: Loc
             await tracker.send(event("k"))
     assert request_task.cancel_called
     assert tracker.stats.sent == 1 and await billing.recorded_units("c0", "api_calls") == 1
+
+
+async def test_an_inline_send_cancelled_natively_reports_what_it_carried(billing: LocalBilling) -> None:
+    reported: list[str] = []
+    upstream = Upstream(Gated(billing))  # the gate never opens
+    cache = EntitlementCache(upstream)
+    tracker = Tracker(upstream, cache, on_rejected=lambda e, r: reported.append(r))
+    quota = await cache.fetch("c0", "api_calls")
+    assert quota is not None and [quota.admit(1) for _ in range(3)] == [0, 0, 0]
+    sending = asyncio.create_task(tracker.send(event("r1")))  # asyncio's cancel goes through anyio's shield
+    await asyncio.sleep(0.05)
+    await tracker.send(event("r2"))  # riders: return at once
+    await tracker.send(event("r3"))
+    sending.cancel()  # as uvicorn does when its graceful shutdown times out
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    assert tracker.stats.dropped == 3 and reported == ["the request's task stopped while delivering it"] * 3
+    assert quota.local == 0  # the three requests' units are no longer held
 
 
 async def test_an_inline_send_cut_off_by_its_deadline_is_reported(
