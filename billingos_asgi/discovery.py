@@ -50,18 +50,20 @@ def metering_of(route: Route) -> Metered | None:
 
 
 def route_table(
-    declarations: Iterable[tuple[str, Metered]], also: Mapping[str, str | Metered] | None = None
-) -> dict[str, str | Metered]:
-    """The middleware's ``routes=`` from ``("METHOD /path", Metered)`` pairs, plus ``also``.
+    declarations: Iterable[tuple[str, Metered | None]], also: Mapping[str, str | Metered | None] | None = None
+) -> dict[str, str | Metered | None]:
+    """The middleware's ``routes=`` from ``("METHOD /path", Metered or None)`` pairs, plus ``also``.
 
     A path declared twice differently, or given in ``also`` with another feature than its route
-    declares, is refused: which one would be billed is not for us to guess.
+    declares, is refused: which one would be billed is not for us to guess. A route found not
+    metered (None) is metered where ``also`` says so.
     """
-    table: dict[str, str | Metered] = {}
+    table: dict[str, str | Metered | None] = {}
     for key, declaration in [*declarations, *(also or {}).items()]:
-        if key in table and table[key] != declaration:
+        if table.get(key) is not None and declaration is not None and table[key] != declaration:
             raise ValueError(f"routes: {key!r} is declared both as {table[key]!r} and as {declaration!r}")
-        table[key] = declaration
+        if declaration is not None or key not in table:
+            table[key] = declaration
     return table
 
 
@@ -79,8 +81,8 @@ def route_keys(path: str, methods: Iterable[str] | None) -> list[str]:
 
 
 def declared_routes(
-    routes: Iterable[BaseRoute], *, also: Mapping[str, str | Metered] | None = None
-) -> dict[str, str | Metered]:
+    routes: Iterable[BaseRoute], *, also: Mapping[str, str | Metered | None] | None = None
+) -> dict[str, str | Metered | None]:
     """The table of every ``@metered`` endpoint in ``routes`` (mounts and sub-apps included), plus ``also``."""
     return route_table(declarations(routes), also)
 
@@ -94,17 +96,28 @@ Expander = Callable[[BaseRoute, str], Iterable[Found]]
 
 def declarations(
     routes: Iterable[BaseRoute], *, find: Finder = metering_of, expand: Expander | None = None, prefix: str = ""
-) -> Iterator[tuple[str, Metered]]:
+) -> Iterator[tuple[str, Metered | None]]:
     """``("METHOD /full/path", Metered)`` for each declared route, through mounts and hosts (see :func:`walk`).
 
     The app routes a request to the first route that matches it, the middleware's table to a
-    static path before any template: a declared static route that an earlier route already
-    answers (``/reports/export`` after ``/reports/{report_id}``) is never reached, so it is left
-    out, with a warning, rather than billed for the request the earlier route serves.
+    static path before any template. So a declared static route that an earlier route already
+    answers (``/reports/export`` after ``/reports/{report_id}``) is never reached: it is left
+    out, with a warning, rather than billed for the request the earlier route serves. And an
+    undeclared static route before a declared template taking its path (``/items/featured``
+    before ``/items/{item_id}``) comes as ``None``: the app serves it, not metered.
     """
+    found = [(*route, compile_path(route[0])) for route in walk(routes, find=find, expand=expand, prefix=prefix)]
+    declared_templates = [
+        (index, regex)
+        for index, (_, _, declared, _, (regex, _, convertors)) in enumerate(found)
+        if declared and convertors
+    ]
     earlier: list[tuple[re.Pattern[str], Collection[str] | None]] = []
-    for path, methods, declaration, every_host in walk(routes, find=find, expand=expand, prefix=prefix):
-        regex, _, convertors = compile_path(path)
+    for index, (path, methods, declaration, every_host, (regex, _, convertors)) in enumerate(found):
+        if declaration is None and every_host and not convertors:
+            if any(later > index and template.match(path) for later, template in declared_templates):
+                for key in route_keys(path, _reachable(path, methods, earlier)):
+                    yield key, None
         if declaration is not None:
             reachable = methods if convertors else _reachable(path, methods, earlier)
             if reachable != methods:

@@ -139,8 +139,9 @@ def _of_scope(customer: CustomerResolver) -> Callable[[Scope], Answer]:
 class BillingMiddleware:
     """Meter an ASGI app with BillingOS: ``app.add_middleware(BillingMiddleware, billing=..., customer=...)``.
 
-    ``routes`` maps ``"METHOD /path/{param}"`` (method optional) to a feature key or a
-    :class:`Metered` (or is a function returning that map, called when the stack is built);
+    ``routes`` maps ``"METHOD /path/{param}"`` (method optional) to a feature key, a
+    :class:`Metered`, or None for a route not metered whatever a template or the default says
+    (or is a function returning that map, called when the stack is built);
     ``default_feature`` meters every other route not in ``exclude`` (paths or templates; a
     trailing ``*`` excludes a prefix). ``on_error`` decides requests when billing
     is unreachable with nothing cached, or a user hook raises: ``"allow"`` (the default) lets
@@ -167,7 +168,7 @@ class BillingMiddleware:
         *,
         billing: BillingBackend,
         customer: CustomerResolver | None = None,
-        routes: Mapping[str, str | Metered] | Callable[[], Mapping[str, str | Metered]] | None = None,
+        routes: Mapping[str, str | Metered | None] | Callable[[], Mapping[str, str | Metered | None]] | None = None,
         default_feature: str | Metered | None = None,
         exclude: Iterable[str] = (),
         on_error: OnError = "allow",

@@ -7,6 +7,11 @@ canonical form (no repeated or trailing slash), as some frameworks route them (L
 ``/v1/search/`` and ``/v1//search`` as ``/v1/search``): a route is never reached unmetered by a
 slash. Where the framework answers such a path with a redirect to the canonical one instead
 (Starlette, Django), that redirect is not billed: the request that follows it is.
+
+Methods are compared in upper case (servers pass a method as the client spelt it; Django serves
+``get`` as ``GET``). A typed parameter (``{item_id:int}``, ``float``, ``uuid``) also takes the
+spellings that Python's ``int()``, ``float()`` and ``UUID()`` parse, where no other route of the
+table does: Litestar serves ``/items/+5`` and ``/items/5_0`` as ``{item_id:int}``.
 """
 
 from __future__ import annotations
@@ -60,8 +65,31 @@ class Metered:
 #: What :meth:`RouteTable.match` answers for an excluded path: passed through unmetered on purpose,
 #: which the framework adapters' declarations accept (an exclusion carved out of a metered template).
 EXCLUDED = Metered("excluded by the exclude= option")
+#: A route configured as not metered (``None``), in the table: a static route the app serves before
+#: a metered template that would take its path.
+_UNMETERED = Metered("not metered")
 
 _SLASHES = re.compile(r"//+")
+_PARAMETER = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")  # as Starlette's
+#: What each type's parser takes (a little more, never less: the worst case is a gate before a 404).
+_LOOSELY = {
+    "str": r"[^/]+",
+    "path": r".*",
+    "int": r"\s*[+-]?[\d_]+\s*",
+    "float": r"\s*[+-]?(?:[\d_.]+(?:[eE][+-]?[\d_]+)?|(?i:inf|infinity|nan))\s*",
+    "uuid": r"(?i:\s*(?:urn:)?(?:uuid:)?\{?[0-9a-f-]+\}?\s*)",
+}
+
+
+def _loosely(path: str) -> re.Pattern[str] | None:
+    """The pattern of a template whose typed parameters take what their parsers take; None: none typed."""
+    pattern, end, typed = "^", 0, False
+    for parameter in _PARAMETER.finditer(path):
+        kind = parameter.group(2) or "str"
+        typed = typed or kind not in ("str", "path")
+        pattern += re.escape(path[end : parameter.start()]) + f"(?:{_LOOSELY.get(kind, '[^/]+')})"
+        end = parameter.end()
+    return re.compile(pattern + re.escape(path[end:]) + "$") if typed else None
 
 
 def canonical(path: str) -> str:
@@ -99,26 +127,33 @@ def _split_key(key: str) -> tuple[str | None, str]:
 class RouteTable:
     """Which feature (if any) a request meters: its route, else the default, unless excluded.
 
-    A configured route that an exclusion also covers is refused at construction.
+    A route configured as ``None`` is not metered, whatever a template or the default would say
+    (a static route that the app serves before a metered template taking its path). A configured
+    route that an exclusion also covers is refused at construction.
     """
 
     def __init__(
         self,
-        routes: Mapping[str, str | Metered] | None = None,
+        routes: Mapping[str, str | Metered | None] | None = None,
         *,
         default_feature: str | Metered | None = None,
         exclude: Iterable[str] = (),
     ) -> None:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
+        self._loose: list[tuple[str | None, re.Pattern[str], Metered]] = []  # typed parameters, parsed
         configured: list[tuple[str, str, bool]] = []  # key, path, whether static
         for key, value in (routes or {}).items():
             method, path = _split_key(key)
-            metered = value if isinstance(value, Metered) else Metered(value)
+            metered = _UNMETERED if value is None else value if isinstance(value, Metered) else Metered(value)
             regex, _, convertors = compile_path(path)
-            configured.append((key, path, not convertors))
+            if value is not None:
+                configured.append((key, path, not convertors))
             if convertors:
                 self._dynamic.append((method, regex, metered))
+                loose = _loosely(path)
+                if loose is not None:
+                    self._loose.append((method, loose, metered))
             else:
                 by_method = self._static.setdefault(path, {})
                 if method in by_method:
@@ -174,7 +209,9 @@ class RouteTable:
         if by_method is not None:
             found = by_method.get(method) or by_method.get(None)
             if found is not None:
-                return found
+                return found if found is not _UNMETERED else None
+            if not method.isupper() and method.upper() != method:
+                return self.match(method.upper(), path, raw=raw)
         elif raw is None and (path[-1:] in ("\n", "/") and path != "/" or "//" in path):
             # Once, in one step: Starlette's route patterns end in "$", which matches before a final
             # newline ("/v1/export%0A" reaches /v1/export), and Litestar routes the canonical path.
@@ -188,9 +225,12 @@ class RouteTable:
         for pattern in self._excluded_patterns:
             if pattern.match(path):
                 return EXCLUDED
-        for route_method, regex, metered in self._dynamic:
-            if (route_method is None or route_method == method or (method == "HEAD" and route_method == "GET")) and (
-                regex.match(path)
-            ):
-                return metered
+        for routes in (self._dynamic, self._loose):
+            for route_method, regex, metered in routes:
+                if (
+                    route_method is None or route_method == method or (method == "HEAD" and route_method == "GET")
+                ) and regex.match(path):
+                    return metered if metered is not _UNMETERED else None
+        if not method.isupper() and method.upper() != method:
+            return self.match(method.upper(), path, raw=raw)
         return self._default

@@ -172,8 +172,8 @@ def _document(*responses: dict[int | str, dict[str, Any]]) -> None:
 
 
 def declared(
-    app: FastAPI, *, also: Mapping[str, str | Metered] | None = None
-) -> Callable[[], dict[str, str | Metered]]:
+    app: FastAPI, *, also: Mapping[str, str | Metered | None] | None = None
+) -> Callable[[], dict[str, str | Metered | None]]:
     """The middleware's ``routes=``: every route with a :func:`metered` dependency, plus ``also``.
 
     Collected when the middleware stack is built (at start-up); also documents the 401/403/429
@@ -185,7 +185,7 @@ def declared(
     if BillingDenied not in app.exception_handlers:  # the app's own handler, if any, decides
         app.add_exception_handler(BillingDenied, answer_refusal)
 
-    def collect() -> dict[str, str | Metered]:
+    def collect() -> dict[str, str | Metered | None]:
         table = route_table(declarations(app.routes, find=_find, expand=_expand), also)
         app.openapi_schema = None  # regenerated with the documented answers
         return table

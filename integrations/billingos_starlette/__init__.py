@@ -25,7 +25,9 @@ from billingos_asgi.responses import answer_refusal
 __all__ = ["declared", "metered", "usage_routes"]
 
 
-def declared(app: Any, *, also: Mapping[str, str | Metered] | None = None) -> Callable[[], dict[str, str | Metered]]:
+def declared(
+    app: Any, *, also: Mapping[str, str | Metered | None] | None = None
+) -> Callable[[], dict[str, str | Metered | None]]:
     """The middleware's ``routes=``: every ``@metered`` endpoint of ``app`` (mounts included), plus ``also``.
 
     Collected when the middleware stack is built (at start-up), so routes added after

@@ -241,3 +241,41 @@ async def test_a_hosts_routes_do_not_hide_later_routes_from_other_hosts(billing:
         paid = await client.get("/search", headers=as_customer("user_free"))
     assert (anonymous.status_code, paid.status_code) == (401, 200)
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_a_free_static_route_before_a_metered_template_stays_free(billing: LocalBilling) -> None:
+    @metered("api_calls")
+    async def item(request: Request) -> JSONResponse:
+        return JSONResponse({"item": request.path_params["item_id"]})
+
+    async def featured(request: Request) -> JSONResponse:
+        return JSONResponse({"featured": True})
+
+    @metered("export")
+    async def report(request: Request) -> JSONResponse:
+        return JSONResponse({"report": request.path_params["report_id"]})
+
+    app = Starlette(
+        routes=[
+            Route("/items/featured", featured),  # free, and the app serves it first
+            Route("/items/{item_id}", item),
+            Route("/reports/{report_id}", report),
+            Route("/reports/featured", featured),  # never reached: the metered template above serves it
+            Route("/{section}/{name}", item),
+        ]
+    )
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        free = [
+            (await client.get("/items/featured", headers=as_customer(who))).status_code for who in ("", "user_free")
+        ]
+        anonymous_item = await client.get("/items/7")
+        anonymous_report = await client.get("/reports/featured")
+    assert declared_routes(app.routes) == {
+        "GET /items/featured": None,
+        "GET /items/{item_id}": Metered("api_calls"),
+        "GET /reports/{report_id}": Metered("export"),
+        "GET /{section}/{name}": Metered("api_calls"),
+    }
+    assert free == [200, 200] and await billing.recorded_units("user_free", "api_calls") == 0
+    assert (anonymous_item.status_code, anonymous_report.status_code) == (401, 401)

@@ -11,13 +11,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered
 from billingos_asgi.local.background import serve_in_thread
 from billingos_asgi.routes import EXCLUDED, RouteTable
 from tests.asgi import serve
 
-from .support import PLANS, as_customer, by_header
+from .support import PLANS, as_customer, by_header, call_raw, http_scope
 
 
 async def hello(request: Request) -> Response:
@@ -373,3 +374,66 @@ def test_odd_paths_are_matched_without_recursing(path: str) -> None:
     table = RouteTable({"/v1/search": "api_calls", "/v1/items/{n}": "tokens"}, exclude=["/static/*"])
     found = table.match("GET", path)
     assert found is None or found.feature == "api_calls"
+
+
+def test_a_method_is_matched_whatever_its_case() -> None:
+    """Servers pass the method as the client spelt it; Django serves ``get`` as GET."""
+    table = RouteTable({"GET /v1/search": "api_calls", "POST /v1/items/{item_id}": "tokens", "/v1/any": "export"})
+    features = [
+        (found.feature if found else None)
+        for method, path in [("get", "/v1/search"), ("Get", "/v1/search"), ("post", "/v1/items/7"), ("get", "/v1/any")]
+        for found in [table.match(method, path)]
+    ]
+    assert features == ["api_calls", "api_calls", "tokens", "export"]
+    assert table.match("post", "/v1/search") is None and table.match("123", "/v1/search") is None
+
+
+async def test_a_lower_case_method_does_not_slip_past_the_gate(billing: LocalBilling) -> None:
+    async def any_case(scope: Scope, receive: Receive, send: Send) -> None:  # as Django: "get" is GET
+        await PlainTextResponse(f"searched by {scope['method'].upper()}")(scope, receive, send)
+
+    middleware = BillingMiddleware(
+        any_case, billing=billing, customer=by_header, routes={"GET /v1/search": "api_calls"}
+    )
+    anonymous = await call_raw(middleware, http_scope("/v1/search", method="get"))
+    paid = await call_raw(middleware, http_scope("/v1/search", method="get", headers=[("x-customer", "user_free")]))
+    assert (anonymous.status, paid.status, paid.body) == (401, 200, b"searched by GET")
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+def test_typed_parameters_take_every_spelling_their_parsers_take() -> None:
+    """Litestar parses ``{item_id:int}`` with ``int()``: ``+5``, ``5_0``, `` 5``, full-width digits."""
+    table = RouteTable(
+        {
+            "/items/{item_id:int}": "api_calls",
+            "/prices/{value:float}": "tokens",
+            "/orders/{order:uuid}": "export",
+            "/items/{slug}/reviews": "reviews",
+        }
+    )
+    taken = {
+        "/items/+5": "api_calls",
+        "/items/5_0": "api_calls",
+        "/items/ 5": "api_calls",
+        "/items/\uff15": "api_calls",
+        "/prices/1e3": "tokens",
+        "/prices/-inf": "tokens",
+        "/orders/{12345678-1234-5678-1234-567812345678}": "export",
+        "/orders/urn:uuid:12345678123456781234567812345678": "export",
+    }
+    for path, feature in taken.items():
+        found = table.match("GET", path)
+        assert found is not None and found.feature == feature, path
+    for path in ("/items/abc", "/prices/cheap", "/orders/not-hex"):  # no parser takes them: the app's 404
+        assert table.match("GET", path) is None, path
+
+
+def test_a_route_configured_as_none_is_not_metered_whatever_the_default() -> None:
+    table = RouteTable({"GET /items/featured": None, "/items/{item_id}": "api_calls"}, default_feature="everything")
+    features = [
+        (found.feature if found else None)
+        for method, path in [("GET", "/items/featured"), ("GET", "/items/7"), ("GET", "/other")]
+        + [("POST", "/items/featured")]  # not the static route's method: the template's
+        for found in [table.match(method, path)]
+    ]
+    assert features == [None, "api_calls", "everything", "api_calls"]
