@@ -43,7 +43,7 @@ class UsageContext:
     ``customer_id`` is None until the app calls :meth:`identify` (or :func:`set_customer`).
     """
 
-    __slots__ = ("_gate", "customer_id", "feature", "quantity", "quota", "reported", "request_id")
+    __slots__ = ("_gate", "customer_id", "feature", "quantity", "quota", "reported", "request_id", "settled")
 
     def __init__(
         self,
@@ -61,6 +61,7 @@ class UsageContext:
         self.quota = quota  # this process's accounting of the customer's feature; None: not gated
         self.reported = 0.0
         self._gate = gate
+        self.settled = False  # billed (or not) once the app returned: too late to report or identify
 
     def __repr__(self) -> str:
         return (
@@ -75,7 +76,9 @@ class UsageContext:
 
     def report(self, units: float) -> None:
         """Add ``units`` (a finite number > 0, at upstream's resolution of 1e-6) to this request's usage."""
-        self.reported += round(check_quantity(units), QUANTITY_DECIMALS)
+        units = round(check_quantity(units), QUANTITY_DECIMALS)
+        self._still_open("report_usage()")
+        self.reported += units
 
     async def identify(self, customer_id: str | None) -> None:
         """Name the paying customer and run the gate, where the app's own auth has just run.
@@ -112,7 +115,14 @@ class UsageContext:
             return
         await gate.admit(self, customer_id)
 
+    def _still_open(self, call: str) -> None:
+        """Refuse a change once the request is billed: a task outliving it (one the handler started)
+        would have its units or customer ignored in silence, or hold units of the quota for good."""
+        if self.settled:
+            raise RuntimeError(f"{call} after the {self.feature!r} request it belongs to was billed")
+
     def _the_gate(self) -> Gate:
+        self._still_open("identify()")
         if self._gate is None:
             raise RuntimeError("identify() needs a request that BillingMiddleware is metering")
         return self._gate
@@ -168,5 +178,6 @@ def set_customer(customer_id: str) -> None:
     ``await context.identify(...)`` where the answer may still be a refusal.
     """
     context = _running()
+    context._still_open("set_customer()")
     if not context._same_customer(check_id("customer_id", customer_id)):
         context.customer_id = customer_id

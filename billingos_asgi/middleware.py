@@ -69,6 +69,7 @@ AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 _REQUEST_ID_HEADER = b"x-request-id"
 _SIGN_IN = "this route is metered: sign in first"
 _PATHSEND = "http.response.pathsend"
+_ZEROCOPYSEND = "http.response.zerocopysend"
 _MAX_REQUEST_ID = 128
 
 
@@ -122,7 +123,9 @@ def _to_itself(scope: Scope, start: Message) -> bool:
         if name == b"host":
             host = value.decode("latin-1")
     query = scope.get("query_string", b"").decode("latin-1")
-    return location is not None and redirects_to_itself(scope["path"], query, host, location)
+    return location is not None and redirects_to_itself(
+        scope["path"], query, host, location, scope.get("scheme", "http")
+    )
 
 
 def _of_scope(customer: CustomerResolver) -> Callable[[Scope], Answer]:
@@ -352,7 +355,11 @@ class BillingMiddleware:
                     ]
                 else:
                     message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
-            elif (kind == "http.response.body" and not message.get("more_body", False)) or kind == _PATHSEND:
+            elif (
+                (kind == "http.response.body" or kind == _ZEROCOPYSEND)
+                and not message.get("more_body", False)
+                or (kind == _PATHSEND)
+            ):
                 await send(message)
                 completed = not disconnected and not to_itself
                 return
@@ -388,6 +395,7 @@ class BillingMiddleware:
         """Bill the finished request ``used`` units: its usage event is queued, or returned when no
         worker runs (the caller sends it inline). The quota counts what is billed instead of what
         was admitted, until upstream confirms it."""
+        context.settled = True
         quota = context.quota
         customer = context.customer_id
         if used <= 0 or customer is None or (quota is not None and not quota.tracked):

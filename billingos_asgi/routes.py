@@ -97,21 +97,22 @@ def canonical(path: str) -> str:
     return _SLASHES.sub("/", path).rstrip("/") or "/"
 
 
-def redirects_to_itself(path: str, query: str, host: str | None, location: str) -> bool:
-    """Whether a redirect of ``path?query`` (on ``host``) to ``location`` only adds or removes
-    slashes: a framework's canonical URL, as opposed to an endpoint's own redirect (a download
-    link, a form's next page, even to its own path), which is billed."""
+def redirects_to_itself(path: str, query: str, host: str | None, location: str, scheme: str = "http") -> bool:
+    """Whether a redirect of ``path?query`` (on ``host``, over ``scheme``) to ``location`` only adds
+    or removes slashes, or moves to another scheme on the same host (``HTTPSRedirectMiddleware``):
+    the framework's canonical URL, as opposed to an endpoint's own redirect (a download link, a
+    form's next page, even to its own path), which is billed."""
     try:
         target = urlsplit(location)
+        host_name = None if host is None else urlsplit("//" + host).hostname
     except ValueError:  # not a URL: not ours to judge
         return False
     target_path = unquote(target.path)
-    return (
-        target_path != path
-        and canonical(target_path) == canonical(path)
-        and target.query == query
-        and target.netloc in ("", host)
-    )
+    if canonical(target_path) != canonical(path) or target.query != query:
+        return False
+    if target.scheme and target.scheme != scheme:
+        return target.hostname is not None and target.hostname == host_name
+    return target_path != path and target.netloc in ("", host)
 
 
 def _split_key(key: str) -> tuple[str | None, str]:

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
 from starlette.applications import Starlette
+from starlette.middleware.httpsredirect import HTTPSRedirectMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -437,3 +438,14 @@ def test_a_route_configured_as_none_is_not_metered_whatever_the_default() -> Non
         for found in [table.match(method, path)]
     ]
     assert features == [None, "api_calls", "everything", "api_calls"]
+
+
+async def test_a_redirect_to_https_is_not_billed_the_request_after_it_is(billing: LocalBilling) -> None:
+    app = Starlette(routes=[Route("/v1/search", hello)])
+    app.add_middleware(HTTPSRedirectMiddleware)  # inside the billing middleware (added after it)
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes={"/v1/search": "api_calls"})
+    async with serve(app, base_url="http://api.example:8000", follow_redirects=True) as client:
+        searched = await client.get("/v1/search?q=1", headers=as_customer("user_free"))
+    assert searched.status_code == 200 and [r.status_code for r in searched.history] == [307]
+    assert str(searched.url) == "https://api.example:8000/v1/search?q=1"
+    assert await billing.recorded_units("user_free", "api_calls") == 1

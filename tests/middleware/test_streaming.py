@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Message
+from starlette.types import Message, Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usage
 from billingos_asgi.local.background import serve_in_thread
@@ -193,6 +193,25 @@ async def test_file_response_sent_with_pathsend_is_billed(billing: LocalBilling,
     assert [m["type"] for m in exchange.messages] == ["http.response.start", "http.response.pathsend"]
     assert exchange.messages[1]["path"] == str(report)
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+@pytest.mark.parametrize("more", [False, True], ids=["complete", "cut-short"])
+async def test_a_body_sent_with_zerocopysend_is_billed_once_complete(billing: LocalBilling, more: bool) -> None:
+    """``http.response.zerocopysend`` carries the body from a file descriptor, with ``more_body`` as
+    ``http.response.body`` has it: its last message completes the response."""
+
+    async def from_a_file(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan: the middleware answers it
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.zerocopysend", "file": 0, "count": 5, "more_body": more})
+
+    middleware = BillingMiddleware(from_a_file, billing=billing, customer=by_header, default_feature="api_calls")
+    scope = http_scope("/export", headers=FREE, extensions={"http.response.zerocopysend": {}})
+    async with lifespan(middleware):
+        exchange = await call_raw(middleware, scope)
+    assert exchange.error is None and exchange.status == 200
+    assert await billing.recorded_units("user_free", "api_calls") == (0 if more else 1)
 
 
 @pytest.mark.parametrize(("bill_partial", "billed"), [(False, 0), (True, 5)])

@@ -19,7 +19,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from billingos_asgi import BillingMiddleware, LocalBilling, Metered, NetworkError, get_usage_context, report_usage
+from billingos_asgi import (
+    BillingMiddleware,
+    LocalBilling,
+    Metered,
+    NetworkError,
+    UsageContext,
+    get_usage_context,
+    report_usage,
+)
 from billingos_asgi.testing import lifespan
 from tests.asgi import serve
 
@@ -362,6 +370,34 @@ async def test_units_reported_after_the_entry_was_evicted_still_count_against_th
         await ask("user_free")
     assert statuses == [200, 200, 429]
     assert await billing.recorded_units("user_free", "tokens") == 100
+
+
+async def test_a_task_outliving_its_request_cannot_report_to_it_or_identify_it(billing: LocalBilling) -> None:
+    """Units reported after the request was billed would be lost in silence, and a gate run then
+    would hold units of the quota for good: both are refused."""
+    contexts: list[UsageContext | None] = []
+
+    async def endpoint(request: Request) -> Response:
+        contexts.append(get_usage_context(request))  # as a task the handler starts and leaves running
+        return PlainTextResponse("answer")
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/llm", endpoint), Route("/late", endpoint)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/llm": Metered("tokens", quantity=None), "/late": Metered("api_calls", late=True)},
+    )
+    async with serve(middleware) as client:
+        for path in ("/llm", "/late"):
+            assert (await client.get(path, headers=as_customer("user_free"))).status_code == 200
+    reported, late = contexts
+    assert reported is not None and late is not None
+    with pytest.raises(RuntimeError, match="report_usage\\(\\) after the 'tokens' request it belongs to was billed"):
+        reported.report(5)
+    with pytest.raises(RuntimeError, match="identify\\(\\) after the 'api_calls' request"):
+        await late.identify("user_free")
+    assert reported.reported == 0 and late.customer_id is None
+    assert await billing.recorded_units("user_free", "api_calls") == 0
 
 
 # -- without lifespan -------------------------------------------------------------------------------
