@@ -1,8 +1,9 @@
 """Metering declared next to the routes, collected once when the middleware is built.
 
-``@metered("api_calls")`` marks a Starlette endpoint (FastAPI's adapter marks its dependencies
-the same way); :func:`declared_routes` walks an app's routes, through ``Mount`` s and sub-apps,
-and returns the ``"METHOD /full/path"`` table the middleware's ``routes=`` takes. Passed as a
+The framework adapters mark what they declare metered with :data:`MARK` (Starlette's
+``@metered("api_calls")`` an endpoint, FastAPI's ``metered()`` a dependency);
+:func:`declared_routes` walks an app's routes, through ``Mount`` s and sub-apps, and returns the
+``"METHOD /full/path"`` table the middleware's ``routes=`` takes. Passed as a
 function (``routes=lambda: declared_routes(app.routes)``), it runs when the middleware stack
 is built, at start-up, after every route has been added.
 """
@@ -12,35 +13,16 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from typing import Any, TypeVar
 
 from starlette.routing import BaseRoute, Host, Mount, Route, compile_path
 
-from .routes import _METHODS, Metered, QuantityFunction
+from .routes import _METHODS, Metered
 
-__all__ = ["declarations", "declared_routes", "metered", "metering_of", "route_keys", "route_table", "walk"]
+__all__ = ["MARK", "declarations", "declared_routes", "metering_of", "route_keys", "route_table", "walk"]
 
 logger = logging.getLogger("billingos_asgi")
 
 MARK = "__billingos_metered__"
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def metered(
-    feature: str,
-    *,
-    quantity: float | QuantityFunction | None = 1,
-    bill_partial: bool = False,
-    late: bool = False,
-) -> Callable[[F], F]:
-    """Declare an endpoint metered: ``@metered("api_calls")`` (see :class:`Metered` for the options)."""
-    declaration = Metered(feature, quantity, bill_partial, late)
-
-    def mark(endpoint: F) -> F:
-        setattr(endpoint, MARK, declaration)
-        return endpoint
-
-    return mark
 
 
 def metering_of(route: Route) -> Metered | None:

@@ -13,8 +13,9 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Host, Mount
 
-__all__ = ["BillingDenied", "Denial", "ProblemFactory", "answer_refusal", "problem_response"]
+__all__ = ["BillingDenied", "Denial", "ProblemFactory", "answer_refusal", "answer_refusals", "problem_response"]
 
 PROBLEM_TYPE = "https://docs.billingos.dev/problems/"
 _TITLES = {
@@ -81,6 +82,18 @@ async def answer_refusal(request: Request, denied: Exception) -> Response:
     if not isinstance(denied, BillingDenied):
         raise denied  # registered for BillingDenied only
     return denied.response
+
+
+def answer_refusals(app: Any) -> None:
+    """Register :func:`answer_refusal` on a Starlette (or FastAPI) ``app`` and on the apps mounted
+    in it, each of which answers its own routes' errors; an app's own handler, if any, decides.
+    (An app's handlers are read when its middleware stack is built: on its first call.)"""
+    handlers = getattr(app, "exception_handlers", None)
+    if isinstance(handlers, dict) and BillingDenied not in handlers:
+        app.add_exception_handler(BillingDenied, answer_refusal)
+    for route in getattr(app, "routes", ()):
+        if isinstance(route, (Mount, Host)):
+            answer_refusals(route.app)
 
 
 @functools.lru_cache(maxsize=1024)

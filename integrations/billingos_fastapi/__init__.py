@@ -25,12 +25,12 @@ from fastapi.routing import APIRoute
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from billingos_asgi import BillingBackend, BillingDenied, Metered, UsageContext, get_usage_context
+from billingos_asgi import BillingBackend, Metered, UsageContext, get_usage_context
 from billingos_asgi.context import declared_context
 from billingos_asgi.customers import CustomerResolver
 from billingos_asgi.discovery import MARK, Found, declarations, metering_of, route_table, walk
 from billingos_asgi.endpoints import UsageEndpoints
-from billingos_asgi.responses import answer_refusal
+from billingos_asgi.responses import answer_refusals
 from billingos_asgi.routes import QuantityFunction
 
 __all__ = ["Billing", "PROBLEM_RESPONSES", "declared", "metered", "usage_router"]
@@ -178,14 +178,15 @@ def declared(
 
     Collected when the middleware stack is built (at start-up); also documents the 401/403/429
     answers in the OpenAPI schema of those routes. Answers a late gate's refusal
-    (:class:`BillingDenied`, raised in a ``metered(customer=...)`` dependency) inside the app:
-    with the middleware wrapped around the app from outside, Starlette's error middleware
-    would otherwise make it a 500 before the middleware saw it.
+    (:class:`BillingDenied`, raised in a ``metered(customer=...)`` dependency) inside the app and
+    the apps mounted in it: with the middleware wrapped around the app from outside, or the route
+    in a mounted app, Starlette's error middleware would otherwise make it a 500 before the
+    middleware saw it.
     """
-    if BillingDenied not in app.exception_handlers:  # the app's own handler, if any, decides
-        app.add_exception_handler(BillingDenied, answer_refusal)
+    answer_refusals(app)  # now: the app reads its handlers when its stack is built, before collect()
 
     def collect() -> dict[str, str | Metered | None]:
+        answer_refusals(app)  # the apps mounted since
         table = route_table(declarations(app.routes, find=_find, expand=_expand), also)
         app.openapi_schema = None  # regenerated with the documented answers
         return table

@@ -11,18 +11,74 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar, cast
 
+from starlette._utils import is_async_callable
+from starlette.requests import Request
 from starlette.routing import Mount, Route
 
-from billingos_asgi import BillingBackend, BillingDenied, Metered
+from billingos_asgi import BillingBackend, Metered
+from billingos_asgi.context import declared_context
 from billingos_asgi.customers import CustomerResolver
-from billingos_asgi.discovery import declared_routes, metered
+from billingos_asgi.discovery import MARK, declared_routes
 from billingos_asgi.endpoints import UsageEndpoints
-from billingos_asgi.responses import answer_refusal
+from billingos_asgi.responses import answer_refusals
+from billingos_asgi.routes import QuantityFunction
 
 __all__ = ["declared", "metered", "usage_routes"]
+
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+def metered(
+    feature: str,
+    *,
+    quantity: float | QuantityFunction | None = 1,
+    bill_partial: bool = False,
+    late: bool = False,
+) -> Callable[[Endpoint], Endpoint]:
+    """Declare an endpoint (a function of the request, or an ``HTTPEndpoint``) metered:
+    ``@metered("api_calls")``; see :class:`Metered` for the options.
+
+    Fails closed: a request that reaches it without BillingMiddleware metering it so (a route
+    :func:`declared` could not see, in a mounted app wrapped in middleware or added after the
+    stack was built) raises, a 500 rather than a free request.
+    """
+    declaration = Metered(feature, quantity, bill_partial, late)
+
+    def decorate(endpoint: Endpoint) -> Endpoint:
+        where = f"endpoint {endpoint.__qualname__}"
+        checked: Any
+        if inspect.isclass(endpoint):  # an HTTPEndpoint: its dispatch checks, whatever the method
+            dispatch = endpoint.dispatch  # type: ignore[attr-defined]
+
+            async def checked_dispatch(self: Any) -> None:
+                declared_context(self.scope, feature, where)
+                await dispatch(self)
+
+            endpoint.dispatch = checked_dispatch  # type: ignore[attr-defined]
+            checked = endpoint
+        elif is_async_callable(endpoint):
+
+            @functools.wraps(endpoint)
+            async def checked(request: Request) -> Any:
+                declared_context(request.scope, feature, where)
+                return await endpoint(request)
+
+        else:
+
+            @functools.wraps(endpoint)
+            def checked(request: Request) -> Any:
+                declared_context(request.scope, feature, where)
+                return endpoint(request)
+
+        setattr(checked, MARK, declaration)
+        return cast(Endpoint, checked)
+
+    return decorate
 
 
 def declared(
@@ -33,12 +89,16 @@ def declared(
     Collected when the middleware stack is built (at start-up), so routes added after
     ``add_middleware`` count too. A path declared twice with different features is refused.
     Answers a late gate's refusal (:class:`BillingDenied`, from an endpoint's ``identify``)
-    inside the app, so that it is answered however the middleware is installed.
+    inside the app and the apps mounted in it, so that it is answered however the middleware is
+    installed.
     """
-    handlers = getattr(app, "exception_handlers", None)
-    if isinstance(handlers, dict) and BillingDenied not in handlers:  # the app's own handler, if any, decides
-        app.add_exception_handler(BillingDenied, answer_refusal)
-    return lambda: declared_routes(app.routes, also=also)
+    answer_refusals(app)  # now: the app reads its handlers when its stack is built, before collecting
+
+    def collect() -> dict[str, str | Metered | None]:
+        answer_refusals(app)  # the apps mounted since
+        return declared_routes(app.routes, also=also)
+
+    return collect
 
 
 def usage_routes(

@@ -279,7 +279,7 @@ async def test_an_included_routers_starlette_routes_and_mounts_are_gated(billing
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from billingos_asgi.discovery import metered as metered_endpoint
+    from billingos_starlette import metered as metered_endpoint
 
     entered: list[str] = []
 
@@ -351,6 +351,30 @@ async def test_a_late_refusal_is_answered_however_the_middleware_is_installed(
     assert answers == [200] * 10 and entered == ["search"] * 10
     assert await billing.recorded_units("user_free", "api_calls") == 10
     assert await billing.recorded_units("user_free", "export") == 0
+
+
+async def test_a_late_refusal_in_a_mounted_app_is_answered_not_a_500(billing: SpyBilling) -> None:
+    from fastapi import Header
+
+    async def current_customer(x_token: str = Header("")) -> str | None:
+        return {"token-free": "user_free", "token-unknown": "nobody"}.get(x_token)
+
+    sub = FastAPI()
+
+    @sub.post("/exports", dependencies=[metered("export", customer=current_customer)])
+    async def export() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    app.add_middleware(BillingMiddleware, billing=billing, routes=declared(app))
+    app.mount("/v2", sub)  # mounted after declared(): found when the stack is built
+    async with serve(app) as client:
+        answers = [
+            await client.post("/v2/exports", headers={"x-token": token})
+            for token in ("", "token-unknown", "token-free")
+        ]
+    assert [answer.status_code for answer in answers] == [401, 403, 403]
+    assert {answer.headers["content-type"] for answer in answers} == {"application/problem+json"}
 
 
 async def test_a_route_the_app_never_reaches_is_not_metered_in_its_place(

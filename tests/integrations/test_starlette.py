@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Host, Mount, Route, Router
@@ -279,3 +280,28 @@ async def test_a_free_static_route_before_a_metered_template_stays_free(billing:
     }
     assert free == [200, 200] and await billing.recorded_units("user_free", "api_calls") == 0
     assert (anonymous_item.status_code, anonymous_report.status_code) == (401, 401)
+
+
+async def test_a_metered_endpoint_the_middleware_could_not_see_fails_closed(billing: LocalBilling) -> None:
+    """In a mounted app wrapped in middleware, declared() sees no routes: the endpoint raises
+    rather than serve the request free."""
+
+    @metered("api_calls")
+    async def search(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    @metered("export")
+    class Export(HTTPEndpoint):
+        async def post(self, request: Request) -> JSONResponse:
+            return JSONResponse({"export": "started"})
+
+    hidden = Starlette(routes=[Route("/search", search), Route("/export", Export)])
+    app = Starlette(routes=[Route("/v1/search", search), Mount("/v2", app=GZipMiddleware(hidden))])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        assert (await client.get("/v1/search")).status_code == 401
+        with pytest.raises(RuntimeError, match="metered\\('api_calls'\\) endpoint .*search reached unmetered"):
+            await client.get("/v2/search", headers=as_customer("user_free"))
+        with pytest.raises(RuntimeError, match="metered\\('export'\\) endpoint .*Export reached unmetered"):
+            await client.post("/v2/export", headers=as_customer("user_pro"))
+    assert await billing.recorded_units("user_free", "api_calls") == 0
