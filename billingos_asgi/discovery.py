@@ -94,8 +94,15 @@ def declarations(
         for index, (_, _, declared, _, (regex, _, convertors)) in enumerate(found)
         if declared and convertors
     ]
+    undeclared = {path for path, _, declaration, *_ in found if declaration is None}
     earlier: list[tuple[re.Pattern[str], Collection[str] | None]] = []
     for index, (path, methods, declaration, every_host, (regex, _, convertors)) in enumerate(found):
+        if declaration is not None and not every_host and path in undeclared:
+            logger.warning(
+                "%s: metered on a Host's route, and served unmetered by another: the table has no host, "
+                "so it is metered on every host (give the hosts different paths, or one app each)",
+                path,
+            )
         if declaration is None and every_host and not convertors:
             if any(later > index and template.match(path) for later, template in declared_templates):
                 for key in route_keys(path, _reachable(path, methods, earlier)):

@@ -305,3 +305,18 @@ async def test_a_metered_endpoint_the_middleware_could_not_see_fails_closed(bill
         with pytest.raises(RuntimeError, match="metered\\('export'\\) endpoint .*Export reached unmetered"):
             await client.post("/v2/export", headers=as_customer("user_pro"))
     assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+def test_a_path_metered_on_one_host_and_free_on_another_is_warned_about(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    @metered("api_calls")
+    async def api_search(request: Request) -> JSONResponse:
+        return JSONResponse({"results": []})
+
+    async def site_search(request: Request) -> JSONResponse:
+        return JSONResponse({"page": "search"})
+
+    routes = [Host("api.example.com", Router(routes=[Route("/search", api_search)])), Route("/search", site_search)]
+    assert declared_routes(routes) == {"GET /search": Metered("api_calls")}
+    assert "/search: metered on a Host's route, and served unmetered by another" in caplog.text
