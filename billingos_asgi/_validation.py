@@ -60,6 +60,8 @@ def check_quantity(value: object) -> float:
         quantity = float(value)
     except OverflowError:  # an int too large for a float
         raise ValidationError(f"quantity is above the maximum of {MAX_QUANTITY}") from None
+    except ValueError:  # Decimal("sNaN"): a signalling NaN refuses to become a float
+        raise ValidationError(f"quantity must be a finite number, got {value!r}") from None
     if not math.isfinite(quantity):
         raise ValidationError(f"quantity must be a finite number, got {value!r}")
     if quantity <= 0:
@@ -78,9 +80,13 @@ def check_metadata(value: object, name: str = "metadata") -> dict[str, Any] | No
     if not isinstance(value, Mapping):
         raise ValidationError(f"{name} must be an object, got {type(value).__name__}")
     try:
-        encoded = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValidationError(f"{name} must be JSON-serialisable: {exc}") from None
+    try:
+        encoded = text.encode()  # UTF-8, as httpx sends it; ensure_ascii=True would hide a lone surrogate
+    except UnicodeEncodeError:
+        raise ValidationError(f"{name} is not valid Unicode text (a lone surrogate)") from None
     if len(encoded) > MAX_METADATA_BYTES:
         raise ValidationError(f"{name} is {len(encoded)} bytes as JSON; the maximum is {MAX_METADATA_BYTES}")
     return dict(value)

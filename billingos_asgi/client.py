@@ -47,6 +47,7 @@ DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 _USER_AGENT = "billingos-asgi/0.1"
 _MAX_ERROR_TEXT = 2000
+_MASK = "sk_***"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,8 @@ class RetryPolicy:
     """Exponential backoff with full jitter, for network errors, 5xx and 429 only.
 
     ``max_retries`` counts retries after the first attempt. A ``Retry-After`` longer than
-    ``max_retry_after`` is not waited for: the call fails at once with :class:`RateLimitError`.
+    ``max_retry_after`` is not waited for: the call fails at once with :class:`RateLimitError`; a
+    shorter one is waited for, but never less than the backoff.
     """
 
     max_retries: int = 3
@@ -72,9 +74,11 @@ class RetryPolicy:
         """Seconds to wait before retry number ``retry`` (0-based), or None to give up."""
         if retry >= self.max_retries:
             return None
-        if retry_after is not None:
-            return retry_after if retry_after <= self.max_retry_after else None
-        return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**retry))
+        if retry_after is not None and retry_after > self.max_retry_after:
+            return None
+        backoff = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**retry))
+        # A Retry-After of 0 (or a date already past) must not turn into back-to-back retries.
+        return backoff if retry_after is None else max(retry_after, backoff)
 
 
 def _resolve_secret_key(secret_key: str | None) -> str:
@@ -92,16 +96,23 @@ def _resolve_secret_key(secret_key: str | None) -> str:
 
 
 def _resolve_base_url(base_url: str | None, secret_key: str) -> str:
+    setting = "base_url" if base_url else "BILLINGOS_API_URL"
     url = base_url or os.environ.get("BILLINGOS_API_URL")
     if not url:
         if secret_key.startswith("sk_test_"):
-            url = SANDBOX_URL
-        elif secret_key.startswith("sk_live_"):
-            url = LIVE_URL
-        else:
-            raise ValidationError("cannot tell the API URL from this key: pass base_url= or set BILLINGOS_API_URL")
-    if not url.startswith(("http://", "https://")):
-        raise ValidationError(f"base_url must be an http(s) URL, got {url!r}")
+            return SANDBOX_URL
+        if secret_key.startswith("sk_live_"):
+            return LIVE_URL
+        raise ValidationError("cannot tell the API URL from this key: pass base_url= or set BILLINGOS_API_URL")
+    if not isinstance(url, str):
+        raise ValidationError(f"{setting} must be a string, got {type(url).__name__}")
+    url = url.strip()  # read from a file or an env var, it often ends in a newline
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:  # checked here, or the client's constructor raises it unexplained
+        raise ValidationError(f"{setting} is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValidationError(f"{setting} must be an http(s) URL with a host, got {url!r}")
     return url.rstrip("/")
 
 
@@ -113,8 +124,8 @@ def _parse_retry_after(value: str | None) -> float | None:
         seconds = float(value)
     except ValueError:
         pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
+    else:  # NaN says nothing; inf is a wait too long to make (RetryPolicy gives up on it)
+        return None if math.isnan(seconds) else max(0.0, seconds)
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -124,17 +135,20 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (moment - datetime.now(timezone.utc)).total_seconds())
 
 
-def _decode_body(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return response.text[:_MAX_ERROR_TEXT]
+def _json_body(response: httpx.Response, secret: str) -> Any:
+    """The body as JSON with ``secret`` masked; ValueError or RecursionError (nested too deeply) if it is not."""
+    return _redact(response.json(), secret)
+
+
+def _text_body(response: httpx.Response, secret: str) -> str:
+    """The body's text, masked before it is cut (a cut could leave part of the key)."""
+    return response.text.replace(secret, _MASK)[:_MAX_ERROR_TEXT]
 
 
 def _redact(value: Any, secret: str) -> Any:
-    """``value`` with ``secret`` masked, should a server ever echo the key back."""
+    """``value`` with ``secret`` masked, should a server (or an echoing proxy) ever send the key back."""
     if isinstance(value, str):
-        return value.replace(secret, "sk_***")
+        return value.replace(secret, _MASK)
     if isinstance(value, dict):
         return {key: _redact(item, secret) for key, item in value.items()}
     if isinstance(value, list):
@@ -145,7 +159,10 @@ def _redact(value: Any, secret: str) -> Any:
 def _error_for(response: httpx.Response, secret: str) -> BillingOSError:
     """Translate an HTTP error answer into the matching exception."""
     status = response.status_code
-    body = _redact(_decode_body(response), secret)
+    try:
+        body = _json_body(response, secret)
+    except (ValueError, RecursionError):
+        body = _text_body(response, secret)
     raw = body.get("message") if isinstance(body, dict) else None
     if isinstance(raw, list):  # NestJS validation pipes answer with a list of messages
         raw = "; ".join(str(item) for item in raw)
@@ -296,13 +313,14 @@ class BillingOS:
                 ) from None
             else:
                 if response.status_code < 400:
+                    # Masked too: a malformed answer's body travels in InvalidResponseError.
                     try:
-                        return response.json()
-                    except ValueError:
+                        return _json_body(response, self._secret_key)
+                    except (ValueError, RecursionError):
                         raise InvalidResponseError(
                             f"BillingOS answered {response.status_code} to {method} {path} with a non-JSON body",
                             status=response.status_code,
-                            body=response.text[:_MAX_ERROR_TEXT],
+                            body=_text_body(response, self._secret_key),
                         ) from None
                 error = _error_for(response, self._secret_key)
             delay = self.retry.delay(retry, error.retry_after) if _retryable(error) else None

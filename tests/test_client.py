@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import types
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -464,6 +465,37 @@ async def test_a_lone_surrogate_in_an_id_is_refused_before_any_call(field: str) 
     assert server.attempts == 0
 
 
+@pytest.mark.parametrize("metadata", [{"route": "a\ud800"}, {"\udc80": 1}, {"nested": ["\udfff"]}])
+async def test_a_lone_surrogate_in_metadata_is_refused_before_any_call(metadata: dict[str, Any]) -> None:
+    server = FakeServer(respond(201, TRACK_BODY))
+    async with make_client(server) as billing:
+        with pytest.raises(ValidationError, match="metadata is not valid Unicode"):
+            await billing.track_usage("user_123", "api_calls", 1, metadata=metadata)
+        with pytest.raises(ValidationError, match="metadata is not valid Unicode"):
+            await billing.create_session_token("user_123", metadata=metadata)
+    assert server.attempts == 0
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+
+
+async def test_a_success_body_nested_too_deeply_is_an_invalid_response() -> None:
+    server = FakeServer(respond(200, text=DEEP_JSON))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError) as caught:
+            await billing.check_entitlement("user_123", "api_calls")
+    assert caught.value.status == 200 and caught.value.body == DEEP_JSON[:2000]
+
+
+async def test_an_error_body_nested_too_deeply_keeps_its_text(sleeps: list[float]) -> None:
+    server = FakeServer(respond(400, text=DEEP_JSON))
+    async with make_client(server) as billing:
+        with pytest.raises(ValidationError) as caught:
+            await billing.check_entitlement("user_123", "api_calls")
+    assert caught.value.status == 400 and caught.value.message == "BillingOS answered 400 Bad Request"
+    assert caught.value.body == DEEP_JSON[:2000]
+
+
 async def test_retry_keeps_caller_idempotency_key() -> None:
     server = FakeServer(respond(500, nest_error(500, "oops", "Internal Server Error")), respond(201, TRACK_BODY))
     async with make_client(server) as billing:
@@ -498,26 +530,41 @@ async def test_429_with_http_date_retry_after_is_honoured(sleeps: list[float]) -
     assert 27.0 <= sleeps[0] <= 30.5
 
 
-async def test_429_with_http_date_in_the_past_retries_without_waiting(sleeps: list[float]) -> None:
-    server = FakeServer(
-        respond(429, nest_error(429, "Too Many Requests"), headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}),
-        respond(200, CHECK_BODY),
-    )
-    async with make_client(server) as billing:
-        await billing.check_entitlement("user_123", "api_calls")
-    assert server.attempts == 2
-    assert sleeps == [0.0]
-
-
-@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
-async def test_a_retry_after_that_is_no_number_of_seconds_is_ignored(sleeps: list[float], value: str) -> None:
+@pytest.mark.parametrize("value", ["0", "-5", "-inf", "Wed, 21 Oct 2015 07:28:00 GMT"])
+async def test_a_retry_after_of_no_wait_still_waits_the_backoff(
+    monkeypatch: pytest.MonkeyPatch, sleeps: list[float], value: str
+) -> None:
+    """Zero, negative or a date already past: never back-to-back retries, but the jittered backoff."""
+    monkeypatch.setattr(client_module, "random", types.SimpleNamespace(uniform=lambda a, b: b))
     server = FakeServer(
         respond(429, nest_error(429, "Too Many Requests"), headers={"Retry-After": value}), respond(200, CHECK_BODY)
+    )
+    async with make_client(server, RetryPolicy(backoff_base=0.5)) as billing:
+        await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 2
+    assert sleeps == [0.5]
+
+
+async def test_a_retry_after_of_nan_is_ignored(sleeps: list[float]) -> None:
+    server = FakeServer(
+        respond(429, nest_error(429, "Too Many Requests"), headers={"Retry-After": "nan"}), respond(200, CHECK_BODY)
     )
     async with make_client(server) as billing:
         await billing.check_entitlement("user_123", "api_calls")
     assert server.attempts == 2
     assert len(sleeps) == 1 and 0 <= sleeps[0] <= 0.25  # the first backoff step, as without the header
+
+
+@pytest.mark.parametrize("value", ["inf", "1e999"])
+async def test_an_infinite_retry_after_is_too_long_to_wait(sleeps: list[float], value: str) -> None:
+    server = FakeServer(
+        respond(429, nest_error(429, "Too Many Requests"), headers={"Retry-After": value}), respond(200, CHECK_BODY)
+    )
+    async with make_client(server) as billing:
+        with pytest.raises(RateLimitError) as caught:
+            await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 1 and sleeps == []
+    assert caught.value.retry_after == math.inf
 
 
 async def test_retry_after_above_max_fails_at_once(sleeps: list[float]) -> None:
@@ -952,6 +999,7 @@ LONG_ID = "x" * 256
         ("track_usage", ("user_123", "api_calls", "5"), {}),
         ("track_usage", ("user_123", "api_calls", None), {}),
         ("track_usage", ("user_123", "api_calls", Decimal("NaN")), {}),
+        ("track_usage", ("user_123", "api_calls", Decimal("sNaN")), {}),
         ("track_usage", ("user_123", "api_calls", 1e-9), {}),
         ("track_usage", ("user_123", "api_calls", 10**15), {}),
         # metadata
@@ -1155,6 +1203,38 @@ async def test_explicit_secret_key_wins_over_env(monkeypatch: pytest.MonkeyPatch
     assert server.requests[0].headers["Authorization"] == "Bearer sk_test_arg"
 
 
+async def test_a_base_url_read_with_surrounding_whitespace_is_used_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLINGOS_API_URL", " http://env.test:8787/\n")
+    server = FakeServer(respond(200, CHECK_BODY))
+    billing = BillingOS(secret_key=SECRET, transport=server.transport)
+    assert billing.base_url == "http://env.test:8787"
+    assert await _first_url(billing, server) == "http://env.test:8787/v1/usage/check"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1", "is not a valid URL: Invalid port"),
+        ("http://billing.test/a\tb", "is not a valid URL: Invalid non-printable"),
+        ("ftp://billing.test", "must be an http(s) URL with a host"),
+        ("http://", "must be an http(s) URL with a host"),
+        ("localhost:8787", "must be an http(s) URL with a host"),
+    ],
+)
+@pytest.mark.parametrize("setting", ["base_url", "BILLINGOS_API_URL"])
+def test_a_bad_base_url_is_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, setting: str, url: str, message: str
+) -> None:
+    arguments: dict[str, Any] = {}
+    if setting == "base_url":
+        arguments["base_url"] = url
+    else:
+        monkeypatch.setenv("BILLINGOS_API_URL", url)
+    with pytest.raises(ValidationError, match=rf"^{setting} {re.escape(message)}") as caught:
+        BillingOS(secret_key=SECRET, transport=FakeServer(respond(200, {})).transport, **arguments)
+    assert isinstance(caught.value, ValueError)
+
+
 def test_repr_shows_base_url() -> None:
     billing = BillingOS(secret_key=SECRET, base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
     assert repr(billing) == "BillingOS(base_url='http://billing.test')"
@@ -1192,3 +1272,30 @@ async def test_a_key_echoed_by_the_server_is_masked() -> None:
             await billing.check_entitlement("user_123", "api_calls")
     assert secret not in str(caught.value) and secret not in json.dumps(caught.value.body)
     assert caught.value.message == "bad key sk_***"
+
+
+async def test_a_key_echoed_in_a_success_answer_is_masked() -> None:
+    """A base URL pointed at an echoing proxy: the 2xx answer is malformed, and its body travels in the error."""
+    secret = "sk_test_echoed999"
+
+    def echo_headers(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"headers": dict(request.headers)})
+
+    def echo_text(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="x" * 1980 + request.headers["authorization"])
+
+    for answer in (echo_headers, echo_text):
+        async with make_client(FakeServer(answer), secret_key=secret) as billing:
+            with pytest.raises(InvalidResponseError) as caught:
+                await billing.check_entitlement("user_123", "api_calls")
+        assert "sk_test_echo" not in json.dumps(caught.value.body)  # masked before the text is cut
+        assert "sk_***" in json.dumps(caught.value.body)
+
+
+async def test_an_error_text_is_masked_before_it_is_cut() -> None:
+    secret = "sk_test_echoed999"
+    server = FakeServer(respond(400, text="x" * 1995 + secret))
+    async with make_client(server, secret_key=secret) as billing:
+        with pytest.raises(ValidationError) as caught:
+            await billing.check_entitlement("user_123", "api_calls")
+    assert caught.value.body == "x" * 1995 + "sk_**"
