@@ -11,7 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from billingos_asgi import LocalBilling
 from billingos_asgi.cli import build_parser
+from tests.local.conftest import write_locked
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -30,6 +32,17 @@ def test_invalid_plans_file_is_refused_with_file_key_and_fault(tmp_path: Path) -
 def test_missing_plans_file_is_refused(tmp_path: Path) -> None:
     result = run_cli("serve", "--plans", str(tmp_path / "absent.toml"))
     assert result.returncode == 2 and "cannot read the plans file" in result.stderr
+
+
+def test_a_database_locked_by_another_process_is_refused_in_one_line(tmp_path: Path) -> None:
+    plans = tmp_path / "plans.toml"
+    plans.write_text('[features.api_calls]\ntype = "usage_quota"\n[plans.free]\nfeatures = { api_calls = 5 }\n')
+    database = tmp_path / "billing.db"
+    LocalBilling.from_file(plans, database).close()
+    with write_locked(database):
+        result = run_cli("serve", "--plans", str(plans), "--db", str(database), "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr == f"billingos-asgi: {database}: cannot open the billing database: database is locked\n"
 
 
 @pytest.mark.parametrize(

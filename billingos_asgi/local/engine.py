@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -15,7 +16,7 @@ from anyio import to_thread
 from .._models import Entitlement, SessionToken, TrackUsageResult, UsageMetrics
 from .._validation import check_expires_in, check_id, check_metadata, check_operations, check_quantity
 from .plans import Catalog, load_plans, parse_plans, to_micro
-from .store import Store
+from .store import Store, unavailable
 
 __all__ = ["LocalBilling"]
 
@@ -32,7 +33,8 @@ class LocalBilling:
 
     Every call runs in a worker thread, so the event loop never blocks on disk, and each call is
     one SQLite transaction, so concurrent tracks can never push usage past a limit nor count an
-    idempotency key twice. ``database`` is a file path (WAL mode) or ``":memory:"``.
+    idempotency key twice. ``database`` is a file path (WAL mode) or ``":memory:"``. A file that
+    cannot serve a call (locked by another process, damaged, full) raises :class:`ServerError` (503).
     """
 
     def __init__(self, catalog: Catalog, database: str | Path = ":memory:", *, clock: Clock = utc_now) -> None:
@@ -71,7 +73,14 @@ class LocalBilling:
         self._store.close()
 
     async def _run(self, func: Callable[[], T]) -> T:
-        return await to_thread.run_sync(func)
+        """``func`` in a worker thread; a database that cannot serve it raises ServerError (503)."""
+        try:
+            return await to_thread.run_sync(func)
+        except sqlite3.DatabaseError as exc:
+            error = unavailable(exc)
+            if error is None:
+                raise
+            raise error from exc
 
     # -- the BillingBackend protocol --
 

@@ -77,6 +77,16 @@ def _reject_constant(name: str) -> Any:
     raise ValidationError(f"Invalid JSON: {name} is not a valid number")
 
 
+def _expires_in(value: Any) -> Any:
+    """``expiresIn`` as the reference service reads it: null is absent (NestJS's @IsOptional), and
+    JavaScript does not tell 3600.0 from 3600; anything else is left to LocalBilling to check."""
+    if value is None:
+        return 3600
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
     """The request body as a JSON object, read with a size cap."""
     declared = request.headers.get("content-length")
@@ -129,7 +139,11 @@ def create_app(
             try:
                 response = await handler(request)
             except BillingOSError as exc:
-                response = error_response(exc.status or 400, exc.message)
+                status = exc.status or 400
+                if status >= 500:  # the billing database failed: the operator needs to know why
+                    logger.warning("local BillingOS server: %s %s: %s", request.method, request.url.path, exc.message)
+                retry = {} if exc.retry_after is None else {"Retry-After": str(math.ceil(exc.retry_after))}
+                response = error_response(status, exc.message, retry)
             response.headers.update(headers)
             return response
 
@@ -175,7 +189,7 @@ def create_app(
         token = await billing.create_session_token(
             data["externalUserId"],
             external_organization_id=data.get("externalOrganizationId"),
-            expires_in=data.get("expiresIn", 3600),
+            expires_in=_expires_in(data.get("expiresIn")),
             allowed_operations=data.get("allowedOperations"),
             metadata=data.get("metadata"),
         )

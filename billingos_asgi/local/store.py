@@ -3,6 +3,7 @@
 Synchronous on purpose: :class:`~billingos_asgi.local.engine.LocalBilling` runs every call in a
 worker thread. Each call is one ``BEGIN IMMEDIATE`` transaction under a process lock, so the
 read-check-write of a track is atomic against other tasks, threads and processes sharing the file.
+SQLite's own errors leave this module as they are; the engine translates them (:func:`unavailable`).
 """
 
 from __future__ import annotations
@@ -10,18 +11,22 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from math import ceil, floor
 from typing import Any
 
-from .._exceptions import CustomerNotFoundError, NotFoundError, QuotaExceededError, ValidationError
+from .._exceptions import CustomerNotFoundError, NotFoundError, QuotaExceededError, ServerError, ValidationError
 from .._models import Entitlement, TrackUsageResult, UsageMetric, UsageMetrics, UsageSnapshot
 from .periods import current_period
 from .plans import Catalog, Grant, Plan, from_micro
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 _PURGE_EVERY = 1000
+#: Seconds a call waits for the process lock, then as long for a lock another process holds on the
+#: file: twice this stays under the client's 10 s read timeout, so a locked file answers 503 in time.
+BUSY_TIMEOUT = 4.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS subscriptions (
@@ -75,27 +80,41 @@ class Store:
         self._lock = threading.Lock()
         self._tracks = 0
         try:
-            self._db = sqlite3.connect(database, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(database, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             if database != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise ValueError(f"{database}: cannot open the billing database: {exc}") from None
-        with self._transaction(write=True):
-            for customer_id, plan_key in catalog.customers.items():
-                self._db.execute(
+            with self._transaction(write=True):  # a file locked by another process is refused here too
+                self._db.executemany(
                     "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
                     "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key",
-                    (customer_id, plan_key, _ts(now)),
+                    [(customer_id, plan_key, _ts(now)) for customer_id, plan_key in catalog.customers.items()],
                 )
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"{database}: cannot open the billing database: {exc}") from None
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _transaction(self, *, write: bool = False) -> _Transaction:
-        return _Transaction(self._db, self._lock, "BEGIN IMMEDIATE" if write else "BEGIN")
+    @contextmanager
+    def _transaction(self, *, write: bool = False) -> Iterator[None]:
+        """One transaction (``BEGIN IMMEDIATE`` for writes) under the process lock; rolled back on any error."""
+        # The lock's wait is bounded too: calls queued behind one that waits for another process
+        # must not each add a busy timeout to theirs.
+        if not self._lock.acquire(timeout=BUSY_TIMEOUT):
+            raise sqlite3.OperationalError("database is locked (this process's other calls hold it)")
+        try:
+            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # not after a failed BEGIN, nor when SQLite rolled back itself
+                self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._lock.release()
 
     # -- subscriptions --
 
@@ -316,24 +335,12 @@ def _snapshot(grant: Grant, consumed: int, start: datetime, end: datetime) -> Us
     )
 
 
-class _Transaction:
-    """A transaction under the process lock (``BEGIN IMMEDIATE`` for writes); rolled back on any error."""
-
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock, begin: str) -> None:
-        self._db = db
-        self._lock = lock
-        self._begin = begin
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        try:
-            self._db.execute(self._begin)
-        except BaseException:
-            self._lock.release()
-            raise
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        try:
-            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        finally:
-            self._lock.release()
+def unavailable(exc: sqlite3.DatabaseError) -> ServerError | None:
+    """The 503 a database failure means to callers (locked: try again shortly; damaged, full,
+    read-only: say why), or None for an error that is a bug (a constraint, a misuse)."""
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        message = "the billing database is locked by another connection; try again shortly"
+        return ServerError(message, status=503, retry_after=1.0)
+    if isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError:
+        return ServerError(f"the billing database cannot be used: {exc}", status=503)
+    return None

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import math
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from billingos_asgi._exceptions import (
     CustomerNotFoundError,
     NotFoundError,
     QuotaExceededError,
+    ServerError,
     ValidationError,
 )
 from billingos_asgi._models import (
@@ -29,6 +32,7 @@ from billingos_asgi._models import (
     UsageMetrics,
     UsageSnapshot,
 )
+from tests.local.conftest import write_locked
 
 START = datetime(2024, 1, 15, 12, 0, tzinfo=timezone.utc)
 PERIOD_END = datetime(2024, 2, 15, 12, 0, tzinfo=timezone.utc)
@@ -782,6 +786,48 @@ async def test_database_file_is_in_wal_mode(billing: LocalBilling, database: Pat
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+async def test_a_database_locked_by_another_process_is_unavailable_in_time(
+    database: Path, clock: Clock, busy_timeout: float
+) -> None:
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as billing:
+        with write_locked(database):
+            started = time.monotonic()
+            with pytest.raises(ServerError) as caught:
+                await billing.track_usage("alice", "api_calls", 1)
+            assert time.monotonic() - started < 5 * busy_timeout
+            assert (caught.value.status, caught.value.retry_after) == (503, 1.0)
+            assert caught.value.message == "the billing database is locked by another connection; try again shortly"
+            assert await consumed(billing, "alice") == 0.0  # reads still answer (WAL)
+        await billing.track_usage("alice", "api_calls", 1)  # and writes do once the lock is gone
+        assert await consumed(billing, "alice") == 1.0
+
+
+async def test_opening_a_database_locked_by_another_process_is_refused(
+    database: Path, clock: Clock, busy_timeout: float
+) -> None:
+    """Seeding the catalog's customers writes: refused like any unusable file, in one line (the CLI prints it)."""
+    LocalBilling.from_dict(PLANS, database, clock=clock).close()
+    with write_locked(database), pytest.raises(ValueError) as caught:
+        LocalBilling.from_dict(PLANS, database, clock=clock)
+    assert str(caught.value) == f"{database}: cannot open the billing database: database is locked"
+
+
+async def test_a_damaged_database_is_unavailable_with_the_reason(database: Path, clock: Clock) -> None:
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as billing:
+        await billing.track_usage("alice", "api_calls", 1)
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'usage_totals'").fetchone()
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    with database.open("r+b") as file:  # the usage table's page: the file still opens, then fails on use
+        file.seek((root - 1) * page_size)
+        file.write(b"\xff" * page_size)
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as billing:
+        with pytest.raises(ServerError) as caught:
+            await billing.check_entitlement("alice", "api_calls")
+    assert (caught.value.status, caught.value.retry_after) == (503, None)
+    assert caught.value.message == "the billing database cannot be used: database disk image is malformed"
+
+
 async def test_memory_database_works(clock: Clock) -> None:
     async with LocalBilling.from_dict(PLANS, ":memory:", clock=clock) as billing:
         await billing.track_usage("alice", "api_calls", 2)
@@ -826,6 +872,9 @@ BAD_TRACKS = [
     pytest.param({"quantity": math.nan}, "quantity must be a finite number, got nan", id="nan"),
     pytest.param({"quantity": math.inf}, "quantity must be a finite number, got inf", id="inf"),
     pytest.param({"quantity": -math.inf}, "quantity must be a finite number, got -inf", id="minus-inf"),
+    pytest.param(
+        {"quantity": Decimal("sNaN")}, "quantity must be a finite number, got Decimal('sNaN')", id="signalling-nan"
+    ),
     pytest.param({"quantity": True}, "quantity must be a number, got bool", id="bool"),
     pytest.param({"quantity": "5"}, "quantity must be a number, got str", id="string"),
     pytest.param({"quantity": None}, "quantity must be a number, got NoneType", id="none"),
@@ -840,6 +889,8 @@ BAD_TRACKS = [
     pytest.param({"metadata": {"x": math.nan}}, "metadata must be JSON-serialisable: ", id="metadata-nan"),
     pytest.param({"metadata": {"x": DEEP}}, "metadata must be JSON-serialisable: ", id="metadata-too-deep"),
     pytest.param({"metadata": {"x": "y" * 9000}}, "metadata is 9008 bytes as JSON; the maximum is 8192", id="big"),
+    pytest.param({"metadata": {"x": "\ud800"}}, "metadata is not valid Unicode text", id="metadata-surrogate"),
+    pytest.param({"metadata": {"\udfff": 1}}, "metadata is not valid Unicode text", id="metadata-key-surrogate"),
     pytest.param({"idempotency_key": ""}, "idempotency_key must not be empty", id="empty-idempotency-key"),
     pytest.param(
         {"idempotency_key": "k" * 256},
@@ -948,6 +999,7 @@ async def test_session_token_bounds_accepted(billing: LocalBilling, expires_in: 
         ({"allowed_operations": "read_usage"}, "allowedOperations must be a list of strings"),
         ({"allowed_operations": ["ok", ""]}, "allowedOperations[] must not be empty"),
         ({"metadata": [1]}, "metadata must be an object, got list"),
+        ({"metadata": {"a": "\ud800"}}, "metadata is not valid Unicode text (a lone surrogate)"),
     ],
 )
 async def test_session_token_bad_input(billing: LocalBilling, kwargs: dict[str, Any], message: str) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
-from datetime import timezone
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,11 +20,13 @@ from billingos_asgi import (
     QuotaExceededError,
     RateLimitError,
     RetryPolicy,
+    ServerError,
     ValidationError,
 )
 from billingos_asgi.local.background import serve_in_thread
 from billingos_asgi.local.server import create_app
-from tests.conftest import PLANS, SECRET_KEY, RunningServer
+from tests.conftest import PLANS, SECRET_KEY, RunningServer, running_server
+from tests.local.conftest import write_locked
 
 AUTH = {"Authorization": f"Bearer {SECRET_KEY}"}
 
@@ -178,6 +183,14 @@ BAD_TRACK_BODIES = [
         "nested too deeply",
     ),
     (b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
+    (
+        b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "metadata": {"a": "\\ud800"}}',
+        "metadata is not valid Unicode",
+    ),
+    (
+        b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "metadata": {"\\udfff": 1}}',
+        "metadata is not valid Unicode",
+    ),
 ]
 
 
@@ -227,6 +240,45 @@ async def test_bad_queries_are_400(raw: httpx.AsyncClient, path: str, params: di
 async def test_bad_session_token_requests_are_400(raw: httpx.AsyncClient, body: object, message: str) -> None:
     response = await raw.post("/v1/session-tokens", json=body, headers=AUTH)
     assert response.status_code == 400 and message in response.json()["message"]
+
+
+async def test_a_lone_surrogate_in_session_metadata_is_400(raw: httpx.AsyncClient) -> None:
+    body = b'{"externalUserId": "u", "metadata": {"a": "\\ud800"}}'
+    response = await raw.post("/v1/session-tokens", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400 and "metadata is not valid Unicode" in response.json()["message"]
+
+
+@pytest.mark.parametrize(("expires_in", "seconds"), [(None, 3600), (3600.0, 3600), (600.0, 600)])
+async def test_session_token_expires_in_null_is_absent_and_a_whole_float_is_an_integer(
+    raw: httpx.AsyncClient, expires_in: float | None, seconds: int
+) -> None:
+    before = datetime.now(timezone.utc) - timedelta(seconds=1)  # the answer keeps milliseconds
+    response = await raw.post("/v1/session-tokens", json={"externalUserId": "u", "expiresIn": expires_in}, headers=AUTH)
+    assert response.status_code == 201, response.text
+    lifetime = datetime.fromisoformat(response.json()["expiresAt"].replace("Z", "+00:00")) - before
+    assert timedelta(seconds=seconds) <= lifetime <= timedelta(seconds=seconds + 2)
+
+
+async def test_a_database_locked_by_another_process_answers_503_in_time(tmp_path: Path, busy_timeout: float) -> None:
+    """Every call answers within about two lock waits (under the client's read timeout), even queued
+    behind others: a 503 with Retry-After that the client retries, and nothing is recorded."""
+    track = {"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1}
+    with running_server(PLANS, tmp_path / "billing.db") as server:
+        async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH) as raw:
+            with write_locked(server.database):
+                started = time.monotonic()
+                answers = await asyncio.gather(*(raw.post("/v1/usage/track", json=track) for _ in range(10)))
+                assert time.monotonic() - started < 5 * busy_timeout  # not 10 waits one after the other
+                async with BillingOS(SECRET_KEY, base_url=server.base_url, retry=RetryPolicy(max_retries=0)) as client:
+                    with pytest.raises(ServerError) as caught:
+                        await client.track_usage("user_free", "api_calls", 1)
+            assert (await raw.post("/v1/usage/track", json=track)).status_code == 201
+        assert await server.billing.recorded_units("user_free", "api_calls") == 1
+    message = "the billing database is locked by another connection; try again shortly"
+    for answer in answers:
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+        assert answer.json() == {"statusCode": 503, "message": message, "error": "Service Unavailable"}
+    assert (caught.value.status, caught.value.message, caught.value.retry_after) == (503, message, 1.0)
 
 
 async def test_unknown_route_and_method_answer_like_nestjs(raw: httpx.AsyncClient) -> None:
