@@ -76,7 +76,7 @@ class RetryPolicy:
             return None
         if retry_after is not None and retry_after > self.max_retry_after:
             return None
-        backoff = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**retry))
+        backoff = random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** min(retry, 64)))  # no overflow
         # A Retry-After of 0 (or a date already past) must not turn into back-to-back retries.
         return backoff if retry_after is None else max(retry_after, backoff)
 

@@ -1299,3 +1299,10 @@ async def test_an_error_text_is_masked_before_it_is_cut() -> None:
         with pytest.raises(ValidationError) as caught:
             await billing.check_entitlement("user_123", "api_calls")
     assert caught.value.body == "x" * 1995 + "sk_**"
+
+
+def test_a_policy_of_thousands_of_retries_keeps_its_backoff_bounded() -> None:
+    policy = RetryPolicy(max_retries=5_000, backoff_base=0.25, backoff_max=8.0)
+    delays = [policy.delay(retry, None) for retry in (0, 1_100, 4_999)]
+    assert all(delay is not None and 0 <= delay <= 8.0 for delay in delays)
+    assert policy.delay(5_000, None) is None
