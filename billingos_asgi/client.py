@@ -116,6 +116,10 @@ def _resolve_base_url(base_url: str | None, secret_key: str) -> str:
     return url.rstrip("/")
 
 
+#: The longest ``Retry-After`` kept, in seconds (a year): an error's ``retry_after`` stays a finite number.
+_LONGEST_WAIT = 365 * 24 * 3600.0
+
+
 def _parse_retry_after(value: str | None) -> float | None:
     """``Retry-After`` as seconds: either delta-seconds or an HTTP date."""
     if not value:
@@ -124,8 +128,8 @@ def _parse_retry_after(value: str | None) -> float | None:
         seconds = float(value)
     except ValueError:
         pass
-    else:  # NaN says nothing; inf is a wait too long to make (RetryPolicy gives up on it)
-        return None if math.isnan(seconds) else max(0.0, seconds)
+    else:  # NaN says nothing; inf is a wait too long to make (RetryPolicy gives up on it), kept finite
+        return None if math.isnan(seconds) else min(max(0.0, seconds), _LONGEST_WAIT)
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError):

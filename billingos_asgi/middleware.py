@@ -123,9 +123,8 @@ def _to_itself(scope: Scope, start: Message) -> bool:
         if name == b"host":
             host = value.decode("latin-1")
     query = scope.get("query_string", b"").decode("latin-1")
-    return location is not None and redirects_to_itself(
-        scope["path"], query, host, location, scope.get("scheme", "http")
-    )
+    scheme = scope.get("scheme", "http")
+    return location is not None and redirects_to_itself(scope["path"], query, host, location, scheme, start["status"])
 
 
 def _of_scope(customer: CustomerResolver) -> Callable[[Scope], Answer]:
@@ -146,11 +145,14 @@ class BillingMiddleware:
     :class:`Metered`, or None for a route not metered whatever a template or the default says
     (or is a function returning that map, called when the stack is built);
     ``default_feature`` meters every other route not in ``exclude`` (paths or templates; a
-    trailing ``*`` excludes a prefix). ``on_error`` decides requests when billing
-    is unreachable with nothing cached, or a user hook raises: ``"allow"`` (the default) lets
-    them through, ``"deny"`` answers 503. A client-sent ``X-Request-ID`` becomes the idempotency
-    key only with ``trust_request_id=True`` (behind a gateway that sets it); otherwise every
-    request gets a fresh id, so a client repeating an id is still billed for every request.
+    trailing ``*`` excludes a prefix). ``parsed_parameters=True`` lets a typed parameter
+    (``{item_id:int}``) take every spelling its type's parser takes, for a framework that routes
+    by parsing (Litestar serves ``/items/+5`` as ``{item_id:int}``; Starlette routes it elsewhere).
+    ``on_error`` decides requests when billing is unreachable with nothing cached, or a user hook
+    raises: ``"allow"`` (the default) lets them through, ``"deny"`` answers 503. A client-sent
+    ``X-Request-ID`` becomes the idempotency key only with ``trust_request_id=True`` (behind a
+    gateway that sets it); otherwise every request gets a fresh id, so a client repeating an id
+    is still billed for every request.
 
     Where the app's own auth runs inside the app (FastAPI dependencies, Django, Litestar), the
     app names the customer late: ``customer=None`` (or ``Metered(late=True)`` per route) runs the
@@ -174,6 +176,7 @@ class BillingMiddleware:
         routes: Mapping[str, str | Metered | None] | Callable[[], Mapping[str, str | Metered | None]] | None = None,
         default_feature: str | Metered | None = None,
         exclude: Iterable[str] = (),
+        parsed_parameters: bool = False,
         on_error: OnError = "allow",
         trust_request_id: bool = False,
         problem_factory: ProblemFactory | None = None,
@@ -201,7 +204,9 @@ class BillingMiddleware:
         self.billing = billing
         if callable(routes):  # declared next to the app's routes: collected now, when the stack is built
             routes = routes()
-        self.routes = RouteTable(routes, default_feature=default_feature, exclude=exclude)
+        self.routes = RouteTable(
+            routes, default_feature=default_feature, exclude=exclude, parsed_parameters=parsed_parameters
+        )
         self.upstream = Upstream(
             billing,
             budget=None if calls_per_minute is None else Budget(calls_per_minute, call_burst),
@@ -443,6 +448,7 @@ class BillingMiddleware:
             quota = fetched
             if context._same_customer(customer):
                 return  # identified by a concurrent call meanwhile
+        context._still_open("identify()")  # (a task outliving the request may have waited for the check)
         if quota is not None:
             status = quota.admit(context.quantity)
             if status:

@@ -9,9 +9,11 @@ slash. Where the framework answers such a path with a redirect to the canonical 
 (Starlette, Django), that redirect is not billed: the request that follows it is.
 
 Methods are compared in upper case (servers pass a method as the client spelt it; Django serves
-``get`` as ``GET``). A typed parameter (``{item_id:int}``, ``float``, ``uuid``) also takes the
-spellings that Python's ``int()``, ``float()`` and ``UUID()`` parse, where no other route of the
-table does: Litestar serves ``/items/+5`` and ``/items/5_0`` as ``{item_id:int}``.
+``get`` as ``GET``). A typed parameter (``{item_id:int}``, ``float``, ``uuid``) takes what
+Starlette's pattern takes (Starlette, FastAPI and Django route ``/items/+5`` elsewhere); with
+``parsed_parameters``, also the spellings that Python's ``int()``, ``float()`` and ``UUID()``
+parse, where no other route of the table does, as Litestar routes them (``/items/+5`` and
+``/items/5_0`` are ``{item_id:int}`` there).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from starlette.convertors import CONVERTOR_TYPES
 from starlette.requests import Request
 from starlette.routing import compile_path
 
@@ -72,24 +75,23 @@ _UNMETERED = Metered("not metered")
 _SLASHES = re.compile(r"//+")
 _PARAMETER = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")  # as Starlette's
 #: What each type's parser takes (a little more, never less: the worst case is a gate before a 404).
-_LOOSELY = {
-    "str": r"[^/]+",
-    "path": r".*",
+_PARSED = {
     "int": r"\s*[+-]?[\d_]+\s*",
     "float": r"\s*[+-]?(?:[\d_.]+(?:[eE][+-]?[\d_]+)?|(?i:inf|infinity|nan))\s*",
     "uuid": r"(?i:\s*(?:urn:)?(?:uuid:)?\{?[0-9a-f-]+\}?\s*)",
 }
 
 
-def _loosely(path: str) -> re.Pattern[str] | None:
-    """The pattern of a template whose typed parameters take what their parsers take; None: none typed."""
-    pattern, end, typed = "^", 0, False
+def _parsed(path: str) -> re.Pattern[str] | None:
+    """The pattern of a template whose typed parameters take what their parsers take; None: none is."""
+    pattern, end, parsed = "^", 0, False
     for parameter in _PARAMETER.finditer(path):
         kind = parameter.group(2) or "str"
-        typed = typed or kind not in ("str", "path")
-        pattern += re.escape(path[end : parameter.start()]) + f"(?:{_LOOSELY.get(kind, '[^/]+')})"
+        parsed = parsed or kind in _PARSED
+        taken = _PARSED.get(kind) or CONVERTOR_TYPES[kind].regex
+        pattern += re.escape(path[end : parameter.start()]) + f"(?:{taken})"
         end = parameter.end()
-    return re.compile(pattern + re.escape(path[end:]) + "$") if typed else None
+    return re.compile(pattern + re.escape(path[end:]) + "$") if parsed else None
 
 
 def canonical(path: str) -> str:
@@ -97,11 +99,14 @@ def canonical(path: str) -> str:
     return _SLASHES.sub("/", path).rstrip("/") or "/"
 
 
-def redirects_to_itself(path: str, query: str, host: str | None, location: str, scheme: str = "http") -> bool:
+def redirects_to_itself(
+    path: str, query: str, host: str | None, location: str, scheme: str = "http", status: int = 307
+) -> bool:
     """Whether a redirect of ``path?query`` (on ``host``, over ``scheme``) to ``location`` only adds
-    or removes slashes, or moves to another scheme on the same host (``HTTPSRedirectMiddleware``):
-    the framework's canonical URL, as opposed to an endpoint's own redirect (a download link, a
-    form's next page, even to its own path), which is billed."""
+    or removes slashes, or is a permanent or method-keeping move from http to https on the same
+    host (Starlette's ``HTTPSRedirectMiddleware``, Django's ``SECURE_SSL_REDIRECT``): the
+    framework's canonical URL, as opposed to an endpoint's own redirect (a download link, a form's
+    next page, even to its own path), which is billed."""
     try:
         target = urlsplit(location)
         host_name = None if host is None else urlsplit("//" + host).hostname
@@ -111,7 +116,8 @@ def redirects_to_itself(path: str, query: str, host: str | None, location: str, 
     if canonical(target_path) != canonical(path) or target.query != query:
         return False
     if target.scheme and target.scheme != scheme:
-        return target.hostname is not None and target.hostname == host_name
+        to_https = scheme == "http" and target.scheme == "https" and status in (301, 307, 308)
+        return to_https and target.hostname is not None and target.hostname == host_name
     return target_path != path and target.netloc in ("", host)
 
 
@@ -139,10 +145,11 @@ class RouteTable:
         *,
         default_feature: str | Metered | None = None,
         exclude: Iterable[str] = (),
+        parsed_parameters: bool = False,
     ) -> None:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
-        self._loose: list[tuple[str | None, re.Pattern[str], Metered]] = []  # typed parameters, parsed
+        self._parsed: list[tuple[str | None, re.Pattern[str], Metered]] = []  # typed parameters, as parsed
         configured: list[tuple[str, str, bool]] = []  # key, path, whether static
         for key, value in (routes or {}).items():
             method, path = _split_key(key)
@@ -152,9 +159,9 @@ class RouteTable:
                 configured.append((key, path, not convertors))
             if convertors:
                 self._dynamic.append((method, regex, metered))
-                loose = _loosely(path)
-                if loose is not None:
-                    self._loose.append((method, loose, metered))
+                parsed = _parsed(path) if parsed_parameters else None
+                if parsed is not None:
+                    self._parsed.append((method, parsed, metered))
             else:
                 by_method = self._static.setdefault(path, {})
                 if method in by_method:
@@ -206,13 +213,13 @@ class RouteTable:
         """
         if path in self._excluded:
             return EXCLUDED
+        if not method.isupper():
+            method = method.upper()
         by_method = self._static.get(path)  # (keys are canonical: a path found is one)
         if by_method is not None:
             found = by_method.get(method) or by_method.get(None)
             if found is not None:
                 return found if found is not _UNMETERED else None
-            if not method.isupper() and method.upper() != method:
-                return self.match(method.upper(), path, raw=raw)
         elif raw is None and (path[-1:] in ("\n", "/") and path != "/" or "//" in path):
             # Once, in one step: Starlette's route patterns end in "$", which matches before a final
             # newline ("/v1/export%0A" reaches /v1/export), and Litestar routes the canonical path.
@@ -226,12 +233,10 @@ class RouteTable:
         for pattern in self._excluded_patterns:
             if pattern.match(path):
                 return EXCLUDED
-        for routes in (self._dynamic, self._loose):
+        for routes in (self._dynamic, self._parsed):
             for route_method, regex, metered in routes:
                 if (
                     route_method is None or route_method == method or (method == "HEAD" and route_method == "GET")
                 ) and regex.match(path):
                     return metered if metered is not _UNMETERED else None
-        if not method.isupper() and method.upper() != method:
-            return self.match(method.upper(), path, raw=raw)
         return self._default

@@ -74,7 +74,8 @@ def create_app(billing: BillingBackend) -> BillingMiddleware:
         middleware=[DefineMiddleware(TokenAuth, exclude=["/health"])],
         plugins=[BillingPlugin(customer=lambda connection: connection.user.customer_id)],
     )
-    return BillingMiddleware(app, billing=billing, routes={"GET /v1/search": "api_calls", "POST /v1/export": "export"})
+    routes = {"GET /v1/search": "api_calls", "POST /v1/export": "export"}
+    return BillingMiddleware(app, billing=billing, routes=routes, parsed_parameters=True)  # as Litestar parses
 
 
 app = create_app(default_billing())

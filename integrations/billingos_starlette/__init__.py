@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 from starlette._utils import is_async_callable
 from starlette.requests import Request
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from billingos_asgi import BillingBackend, Metered
 from billingos_asgi.context import declared_context
@@ -50,17 +51,22 @@ def metered(
     declaration = Metered(feature, quantity, bill_partial, late)
 
     def decorate(endpoint: Endpoint) -> Endpoint:
-        where = f"endpoint {endpoint.__qualname__}"
+        where = f"endpoint {getattr(endpoint, '__qualname__', None) or repr(endpoint)}"
         checked: Any
         if inspect.isclass(endpoint):  # an HTTPEndpoint: its dispatch checks, whatever the method
+            # A decorated base's dispatch is checked for the base's feature: wrap what it wraps.
             dispatch = endpoint.dispatch  # type: ignore[attr-defined]
+            dispatch = getattr(dispatch, _UNCHECKED, dispatch)
 
             async def checked_dispatch(self: Any) -> None:
                 declared_context(self.scope, feature, where)
                 await dispatch(self)
 
+            setattr(checked_dispatch, _UNCHECKED, dispatch)
             endpoint.dispatch = checked_dispatch  # type: ignore[attr-defined]
             checked = endpoint
+        elif not _request_response(endpoint):  # an ASGI app: Route calls it as one
+            checked = _CheckedApp(endpoint, feature, where)
         elif is_async_callable(endpoint):
 
             @functools.wraps(endpoint)
@@ -79,6 +85,31 @@ def metered(
         return cast(Endpoint, checked)
 
     return decorate
+
+
+_UNCHECKED = "__billingos_unchecked__"
+
+
+def _request_response(endpoint: Any) -> bool:
+    """Whether ``Route`` calls ``endpoint`` with the request (a function or method, partials
+    unwrapped), rather than as an ASGI app."""
+    while isinstance(endpoint, functools.partial):
+        endpoint = endpoint.func
+    return inspect.isfunction(endpoint) or inspect.ismethod(endpoint)
+
+
+class _CheckedApp:
+    """An ASGI app endpoint that fails closed as a function endpoint does."""
+
+    def __init__(self, app: ASGIApp, feature: str, where: str) -> None:
+        self.app = app
+        self.feature = feature
+        self.where = where
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared_context(scope, self.feature, self.where)
+        await self.app(scope, receive, send)
 
 
 def declared(

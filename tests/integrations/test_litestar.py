@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("litestar")
 
-from litestar import Litestar, Response, get, post  # noqa: E402
+from litestar import Litestar, Request, Response, get, post  # noqa: E402
 from litestar.connection import ASGIConnection  # noqa: E402
 from litestar.exceptions import NotAuthorizedException  # noqa: E402
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware  # noqa: E402
@@ -161,3 +161,26 @@ async def test_slashes_do_not_take_a_request_past_the_gate(billing: LocalBilling
     assert [r.status_code for r in searches] == [200] * 2 and all("x-request-id" in r.headers for r in searches)
     assert forbidden.status_code == 403 and "export" not in entered
     assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
+@get("/v1/items/{item_id:int}")
+async def item(request: Request[Any, Any, Any]) -> dict[str, int]:
+    ENTERED.append("item")
+    return {"item": request.path_params["item_id"]}  # as Litestar parsed it
+
+
+async def test_a_typed_parameter_is_metered_in_every_spelling_litestar_parses(
+    billing: LocalBilling, entered: list[str]
+) -> None:
+    app = Litestar(
+        route_handlers=[item], plugins=[BillingPlugin(customer=lambda connection: "user_free")], logging_config=None
+    )
+    metered = BillingMiddleware(
+        app, billing=billing, routes={"GET /v1/items/{item_id:int}": "api_calls"}, parsed_parameters=True
+    )
+    paths = ["/v1/items/5", "/v1/items/+5", "/v1/items/5_0", "/v1/items/%205", "/v1/items/%EF%BC%95"]
+    async with serve(metered) as client:
+        answers = [await client.get(path) for path in paths]
+    assert [answer.json() for answer in answers] == [{"item": 5}] * 2 + [{"item": 50}] + [{"item": 5}] * 2
+    assert all("x-request-id" in answer.headers for answer in answers)
+    assert await billing.recorded_units("user_free", "api_calls") == 5

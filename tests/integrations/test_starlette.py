@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Host, Mount, Route, Router
+from starlette.types import Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, get_usage_context
 from billingos_asgi.discovery import declared_routes
@@ -320,3 +322,45 @@ def test_a_path_metered_on_one_host_and_free_on_another_is_warned_about(
     routes = [Host("api.example.com", Router(routes=[Route("/search", api_search)])), Route("/search", site_search)]
     assert declared_routes(routes) == {"GET /search": Metered("api_calls")}
     assert "/search: metered on a Host's route, and served unmetered by another" in caplog.text
+
+
+async def test_metered_takes_every_endpoint_a_route_takes(billing: LocalBilling) -> None:
+    """A partial, an ASGI app, and an HTTPEndpoint subclass metered otherwise than its base."""
+
+    async def greet(greeting: str, request: Request) -> JSONResponse:
+        return JSONResponse({"greeting": greeting})
+
+    async def raw(scope: Scope, receive: Receive, send: Send) -> None:
+        await JSONResponse({"raw": True})(scope, receive, send)
+
+    class Raw:  # an ASGI app instance: Route calls it as one
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await raw(scope, receive, send)
+
+    @metered("api_calls")
+    class Base(HTTPEndpoint):
+        async def get(self, request: Request) -> JSONResponse:
+            return JSONResponse({"class": type(self).__name__})
+
+    @metered("tokens")
+    class Child(Base):
+        pass
+
+    app = Starlette(
+        routes=[
+            Route("/hello", metered("api_calls")(functools.partial(greet, "hello"))),
+            Route("/raw", metered("api_calls")(Raw())),
+            Route("/base", Base),
+            Route("/child", Child),
+        ]
+    )
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = [(await client.get(path)).status_code for path in ("/hello", "/raw", "/base", "/child")]
+        free = [(await client.get(path, headers=as_customer("user_free"))) for path in ("/hello", "/raw", "/base")]
+        child = await client.get("/child", headers=as_customer("user_pro"))
+    assert anonymous == [401] * 4
+    assert [answer.json() for answer in free] == [{"greeting": "hello"}, {"raw": True}, {"class": "Base"}]
+    assert child.json() == {"class": "Child"}
+    assert await billing.recorded_units("user_free", "api_calls") == 3
+    assert await billing.recorded_units("user_pro", "tokens") == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -20,9 +21,11 @@ from billingos_asgi import (
     BillingDenied,
     BillingMiddleware,
     BillingOS,
+    Entitlement,
     LocalBilling,
     Metered,
     RetryPolicy,
+    UsageContext,
     get_usage_context,
     set_customer,
 )
@@ -262,10 +265,54 @@ async def test_a_blank_answer_of_the_customer_function_is_nobody(billing: LocalB
 
 
 async def test_identify_outside_the_middleware_is_an_error_and_denial_carries_the_response() -> None:
-    from billingos_asgi import UsageContext
-
     with pytest.raises(RuntimeError, match="BillingMiddleware"):
         await UsageContext("r", None, "api_calls", 1.0).identify("user_free")
     with pytest.raises(LookupError):
         set_customer("user_free")
     assert issubclass(BillingDenied, Exception) and not issubclass(BillingDenied, ValueError)
+
+
+class HeldChecks:
+    """A real LocalBilling whose entitlement checks wait until the test lets them through."""
+
+    def __init__(self, billing: LocalBilling) -> None:
+        self.billing = billing
+        self.gate = anyio.Event()
+
+    async def check_entitlement(self, customer_id: str, feature_key: str) -> Entitlement:
+        await self.gate.wait()
+        return await self.billing.check_entitlement(customer_id, feature_key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+
+async def test_an_identify_still_waiting_when_its_request_is_billed_holds_no_units(billing: LocalBilling) -> None:
+    backend = HeldChecks(billing)
+    failures: list[BaseException] = []
+
+    async with anyio.create_task_group() as outliving:
+
+        async def identify_later(context: UsageContext) -> None:
+            try:
+                await context.identify("user_free")
+            except RuntimeError as exc:
+                failures.append(exc)
+
+        async def endpoint(request: Request) -> Response:
+            context = get_usage_context(request)
+            assert context is not None
+            outliving.start_soon(identify_later, context)  # left running: its check waits
+            await anyio.sleep(0.05)
+            return JSONResponse({})
+
+        app = Starlette(routes=[Route("/late", endpoint)])
+        middleware = BillingMiddleware(app, billing=backend, routes={"/late": Metered("api_calls", late=True)})
+        async with serve(middleware) as client:
+            assert (await client.get("/late")).status_code == 200
+            backend.gate.set()  # the check answers after the request was billed
+    assert [str(failure) for failure in failures] == [
+        "identify() after the 'api_calls' request it belongs to was billed"
+    ]
+    quota = middleware.cache.get("user_free", "api_calls")
+    assert quota is not None and quota.local == 0

@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered
 from billingos_asgi.local.background import serve_in_thread
-from billingos_asgi.routes import EXCLUDED, RouteTable
+from billingos_asgi.routes import EXCLUDED, RouteTable, redirects_to_itself
 from tests.asgi import serve
 
 from .support import PLANS, as_customer, by_header, call_raw, http_scope
@@ -379,14 +379,21 @@ def test_odd_paths_are_matched_without_recursing(path: str) -> None:
 
 def test_a_method_is_matched_whatever_its_case() -> None:
     """Servers pass the method as the client spelt it; Django serves ``get`` as GET."""
-    table = RouteTable({"GET /v1/search": "api_calls", "POST /v1/items/{item_id}": "tokens", "/v1/any": "export"})
+    table = RouteTable(
+        {
+            "GET /v1/search": "api_calls",
+            "/v1/search": "other_methods",
+            "POST /v1/items/{item_id}": "tokens",
+            "/v1/any": "export",
+        }
+    )
     features = [
         (found.feature if found else None)
         for method, path in [("get", "/v1/search"), ("Get", "/v1/search"), ("post", "/v1/items/7"), ("get", "/v1/any")]
         for found in [table.match(method, path)]
     ]
     assert features == ["api_calls", "api_calls", "tokens", "export"]
-    assert table.match("post", "/v1/search") is None and table.match("123", "/v1/search") is None
+    assert table.match("get", "/v1/items/7") is None and table.match("123", "/v1/elsewhere") is None
 
 
 async def test_a_lower_case_method_does_not_slip_past_the_gate(billing: LocalBilling) -> None:
@@ -402,16 +409,15 @@ async def test_a_lower_case_method_does_not_slip_past_the_gate(billing: LocalBil
     assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
-def test_typed_parameters_take_every_spelling_their_parsers_take() -> None:
+def test_typed_parameters_take_every_spelling_their_parsers_take_when_parsed() -> None:
     """Litestar parses ``{item_id:int}`` with ``int()``: ``+5``, ``5_0``, `` 5``, full-width digits."""
-    table = RouteTable(
-        {
-            "/items/{item_id:int}": "api_calls",
-            "/prices/{value:float}": "tokens",
-            "/orders/{order:uuid}": "export",
-            "/items/{slug}/reviews": "reviews",
-        }
-    )
+    routes = {
+        "/items/{item_id:int}": "api_calls",
+        "/prices/{value:float}": "tokens",
+        "/orders/{order:uuid}": "export",
+        "/items/{slug}/reviews": "reviews",
+    }
+    parsed, strict = RouteTable(routes, parsed_parameters=True), RouteTable(routes)
     taken = {
         "/items/+5": "api_calls",
         "/items/5_0": "api_calls",
@@ -423,10 +429,28 @@ def test_typed_parameters_take_every_spelling_their_parsers_take() -> None:
         "/orders/urn:uuid:12345678123456781234567812345678": "export",
     }
     for path, feature in taken.items():
-        found = table.match("GET", path)
+        found = parsed.match("GET", path)
         assert found is not None and found.feature == feature, path
+        assert strict.match("GET", path) is None, path  # Starlette routes these elsewhere
     for path in ("/items/abc", "/prices/cheap", "/orders/not-hex"):  # no parser takes them: the app's 404
-        assert table.match("GET", path) is None, path
+        assert parsed.match("GET", path) is None, path
+
+
+async def test_a_free_route_starlette_serves_after_a_typed_one_is_not_billed(billing: LocalBilling) -> None:
+    async def slug_page(request: Request) -> Response:
+        return PlainTextResponse(f"page {request.path_params['slug']}")
+
+    app = Starlette(routes=[Route("/items/{item_id:int}", hello), Route("/items/{slug}", slug_page)])
+    middleware = BillingMiddleware(
+        app, billing=billing, customer=by_header, routes={"/items/{item_id:int}": "api_calls"}
+    )
+    async with serve(middleware) as client:
+        anonymous = await client.get("/items/+5")
+        free = await client.get("/items/5_0", headers=as_customer("user_free"))
+        metered = await client.get("/items/5")
+    assert (anonymous.status_code, anonymous.text, free.text) == (200, "page +5", "page 5_0")
+    assert "ratelimit" not in free.headers and metered.status_code == 401
+    assert await billing.recorded_units("user_free", "api_calls") == 0
 
 
 def test_a_route_configured_as_none_is_not_metered_whatever_the_default() -> None:
@@ -449,3 +473,20 @@ async def test_a_redirect_to_https_is_not_billed_the_request_after_it_is(billing
     assert searched.status_code == 200 and [r.status_code for r in searched.history] == [307]
     assert str(searched.url) == "https://api.example:8000/v1/search?q=1"
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "location", "to_itself"),
+    [
+        (307, "https://api.example/v1/jobs", True),  # Starlette's HTTPSRedirectMiddleware
+        (301, "https://api.example:8443/v1/jobs", True),  # Django's SECURE_SSL_REDIRECT, another port
+        (302, "https://api.example/v1/jobs", False),  # Post/Redirect/Get to the app's https URL: billed
+        (303, "https://api.example/v1/jobs", False),
+        (307, "https://other.example/v1/jobs", False),
+        (307, "https://api.example/v1/other", False),
+        (307, "ftp://api.example/v1/jobs", False),
+    ],
+)
+def test_only_a_frameworks_move_to_https_is_a_redirect_to_itself(status: int, location: str, to_itself: bool) -> None:
+    assert redirects_to_itself("/v1/jobs", "", "api.example", location, "http", status) is to_itself
+    assert not redirects_to_itself("/v1/jobs", "", "api.example", location.replace("https:", "http:"), "https", status)
