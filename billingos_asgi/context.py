@@ -136,6 +136,9 @@ class UsageContext:
 
 
 _current: ContextVar[UsageContext | None] = ContextVar("billingos_usage_context", default=None)
+#: The running context of a request let through unmetered on purpose (excluded, or billing
+#: unreachable with ``on_error="allow"``): what its handler reports has no one to bill.
+LET_THROUGH = UsageContext("", None, "let through unmetered", 0.0)
 
 
 def get_usage_context(request: Request | None = None) -> UsageContext | None:
@@ -143,7 +146,8 @@ def get_usage_context(request: Request | None = None) -> UsageContext | None:
     if request is not None:
         context = request.scope.get("state", {}).get("billing")
         return context if isinstance(context, UsageContext) else None
-    return _current.get()
+    context = _current.get()
+    return None if context is LET_THROUGH else context
 
 
 def declared_context(scope: Mapping[str, Any], feature: str, where: str) -> UsageContext | None:
@@ -159,16 +163,25 @@ def declared_context(scope: Mapping[str, Any], feature: str, where: str) -> Usag
     return context
 
 
-def _running() -> UsageContext:
+def _running() -> UsageContext | None:
+    """The running metered request's context; None for one let through unmetered on purpose."""
     context = _current.get()
     if context is None:
         raise LookupError("called outside a metered request")
-    return context
+    return None if context is LET_THROUGH else context
 
 
 def report_usage(units: float) -> None:
-    """Add ``units`` to the running metered request's usage (raises LookupError outside one)."""
-    _running().report(units)
+    """Add ``units`` to the running metered request's usage (raises LookupError outside one).
+
+    Nothing to add for a request let through unmetered (excluded, or billing unreachable with
+    ``on_error="allow"``), but the units are checked all the same.
+    """
+    context = _running()
+    if context is None:
+        check_quantity(units)
+    else:
+        context.report(units)
 
 
 def set_customer(customer_id: str) -> None:
@@ -177,7 +190,10 @@ def set_customer(customer_id: str) -> None:
     For routes identified late whose handler learns the customer itself; use
     ``await context.identify(...)`` where the answer may still be a refusal.
     """
+    check_id("customer_id", customer_id)
     context = _running()
+    if context is None:  # let through unmetered: no one to bill
+        return
     context._still_open("set_customer()")
-    if not context._same_customer(check_id("customer_id", customer_id)):
+    if not context._same_customer(customer_id):
         context.customer_id = customer_id

@@ -35,7 +35,7 @@ from .cache import (
     Quota,
     Refresh,
 )
-from .context import UsageContext, _current
+from .context import LET_THROUGH, UsageContext, _current
 from .customers import Answer, CustomerResolver, ScopeResolver
 from .events import UsageEvent, event_key
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
@@ -127,6 +127,26 @@ def _to_itself(scope: Scope, start: Message) -> bool:
     return location is not None and redirects_to_itself(scope["path"], query, host, location, scheme, start["status"])
 
 
+def _check_options(**options: Any) -> None:
+    """Refuse, by name, what would otherwise fail on every request or never take effect."""
+    billing = options["billing"]
+    if not all(callable(getattr(billing, call, None)) for call in ("check_entitlement", "track_usage")):
+        raise ValueError(f"billing must be a BillingOS, a LocalBilling or another BillingBackend, got {billing!r}")
+    if options["on_error"] not in ("allow", "deny"):
+        raise ValueError(f"on_error must be 'allow' or 'deny', got {options['on_error']!r}")
+    for flag in ("trust_request_id", "parsed_parameters"):
+        if not isinstance(options[flag], bool):  # "false" from an environment variable is true
+            raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
+    for hook in ("customer", "problem_factory", "on_rejected"):
+        if options[hook] is not None and not callable(options[hook]):
+            raise ValueError(f"{hook} must be a function (or None), got {options[hook]!r}")
+    if options["upgrade_url"] is not None and not isinstance(options["upgrade_url"], str):
+        raise ValueError(f"upgrade_url must be a URL string, got {options['upgrade_url']!r}")
+    path = options["metrics_path"]
+    if path is not None and not (isinstance(path, str) and path.startswith("/")):
+        raise ValueError(f"metrics_path must be a path starting with '/', got {path!r}")
+
+
 def _of_scope(customer: CustomerResolver) -> Callable[[Scope], Answer]:
     """The resolver as a function of the scope: a :class:`ScopeResolver` needs no Request built.
 
@@ -196,10 +216,17 @@ class BillingMiddleware:
         breaker_cooldown: float = DEFAULT_COOLDOWN,
         metrics_path: str | None = None,
     ) -> None:
-        if on_error not in ("allow", "deny"):
-            raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
-        if customer is not None and not callable(customer):
-            raise ValueError("customer must be a callable taking the request and returning a customer id or None")
+        _check_options(
+            billing=billing,
+            customer=customer,
+            on_error=on_error,
+            trust_request_id=trust_request_id,
+            parsed_parameters=parsed_parameters,
+            problem_factory=problem_factory,
+            on_rejected=on_rejected,
+            upgrade_url=upgrade_url,
+            metrics_path=metrics_path,
+        )
         self.app = app
         self.billing = billing
         if callable(routes):  # declared next to the app's routes: collected now, when the stack is built
@@ -351,8 +378,8 @@ class BillingMiddleware:
                 if 300 <= status < 400:
                     to_itself = _to_itself(scope, message)
                 gated = context.quota
-                if gated is not None and gated.limit is not None:
-                    left = gated.limit - gated.usage - gated.local  # clamped at 0 there
+                if gated is not None and gated.limit is not None and status < 400 and not to_itself:  # billed
+                    left = gated.limit - gated.usage - gated.local - context.reported  # clamped at 0 there
                     message["headers"] = [
                         *message.get("headers", ()),
                         (b"x-request-id", request_id.encode()),
@@ -474,7 +501,11 @@ class BillingMiddleware:
         """Call the app unmetered on purpose (excluded, or let through by ``on_error``): marked so in
         the request state, which the framework adapters' declared gates accept."""
         scope.setdefault("state", {})["billing"] = None
-        await self.app(scope, receive, send)
+        token = _current.set(LET_THROUGH)  # report_usage() in its handler has nothing to do
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _current.reset(token)
 
     async def _on_error(self, feature: str, detail: str, scope: Scope, receive: Receive, send: Send) -> None:
         """A hook failed: let the request through unbilled, or answer 503, as ``on_error`` says."""

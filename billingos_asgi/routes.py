@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from starlette.convertors import CONVERTOR_TYPES
@@ -121,7 +122,29 @@ def redirects_to_itself(
     return target_path != path and target.netloc in ("", host)
 
 
+def _metered(value: object, where: str) -> Metered:
+    """A feature key or a :class:`Metered`, as the metering of a route; a clear error otherwise."""
+    if isinstance(value, Metered):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: a feature key or a Metered(...), got {value!r}")
+    try:
+        return Metered(value)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _compiled(path: str, where: str) -> tuple[re.Pattern[str], str, dict[str, Any]]:
+    """Starlette's pattern of a path template, its faults named with the setting they come from."""
+    try:
+        return compile_path(path)
+    except (AssertionError, ValueError) as exc:  # an unknown convertor is an assertion there
+        raise ValueError(f"{where}: {exc}") from None
+
+
 def _split_key(key: str) -> tuple[str | None, str]:
+    if not isinstance(key, str):
+        raise ValueError(f'routes: keys are "METHOD /path" strings, got {key!r}')
     prefix, _, path = key.strip().rpartition(" ")
     method = prefix.strip().upper() or None
     if method is not None and method not in _METHODS:
@@ -151,10 +174,14 @@ class RouteTable:
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._parsed: list[tuple[str | None, re.Pattern[str], Metered]] = []  # typed parameters, as parsed
         configured: list[tuple[str, str, bool]] = []  # key, path, whether static
+        if not isinstance(routes, Mapping | None):
+            raise ValueError(f'routes must map "METHOD /path" to a feature, got {routes!r}')
+        if isinstance(exclude, str):
+            raise ValueError(f"exclude must be a list of paths, got the string {exclude!r}")
         for key, value in (routes or {}).items():
             method, path = _split_key(key)
-            metered = _UNMETERED if value is None else value if isinstance(value, Metered) else Metered(value)
-            regex, _, convertors = compile_path(path)
+            metered = _UNMETERED if value is None else _metered(value, f"routes: {key!r}")
+            regex, _, convertors = _compiled(path, f"routes: {key!r}")
             if value is not None:
                 configured.append((key, path, not convertors))
             if convertors:
@@ -170,9 +197,7 @@ class RouteTable:
         for by_method in self._static.values():
             if "GET" in by_method:  # HEAD is GET without the body, unless configured on its own
                 by_method.setdefault("HEAD", by_method["GET"])
-        if isinstance(default_feature, str):
-            default_feature = Metered(default_feature)
-        self._default = default_feature
+        self._default = None if default_feature is None else _metered(default_feature, "default_feature")
         excluded_paths: set[str] = set()
         prefixes: list[str] = []
         self._excluded_patterns: list[re.Pattern[str]] = []
@@ -183,7 +208,7 @@ class RouteTable:
                 prefixes.append(_SLASHES.sub("/", path[:-1]))  # "/static/*" keeps its slash: "/staticky" is not in
                 continue
             path = canonical(path)
-            regex, _, convertors = compile_path(path)
+            regex, _, convertors = _compiled(path, f"exclude: {path!r}")
             if convertors:
                 self._excluded_patterns.append(regex)
             else:

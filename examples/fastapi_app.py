@@ -50,7 +50,7 @@ def create_app(billing: BillingBackend) -> FastAPI:
         customer=from_api_key(API_KEYS.get),
         default_feature="api_calls",
         routes={"POST /v1/export": "export"},  # a flag: gated, not counted
-        exclude=["/health", "/docs", "/docs/*", "/openapi.json"],
+        exclude=["/health", "/docs", "/docs/*", "/redoc", "/openapi.json"],
         upgrade_url="https://example.com/pricing",
     )
     return app

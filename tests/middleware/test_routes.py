@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,7 +16,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from billingos_asgi import BillingMiddleware, LocalBilling, Metered
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usage
 from billingos_asgi.local.background import serve_in_thread
 from billingos_asgi.routes import EXCLUDED, RouteTable, redirects_to_itself
 from tests.asgi import serve
@@ -490,3 +492,49 @@ async def test_a_redirect_to_https_is_not_billed_the_request_after_it_is(billing
 def test_only_a_frameworks_move_to_https_is_a_redirect_to_itself(status: int, location: str, to_itself: bool) -> None:
     assert redirects_to_itself("/v1/jobs", "", "api.example", location, "http", status) is to_itself
     assert not redirects_to_itself("/v1/jobs", "", "api.example", location.replace("https:", "http:"), "https", status)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"billing": None}, "billing must be a BillingOS, a LocalBilling or another BillingBackend, got None"),
+        ({"trust_request_id": "false"}, "trust_request_id must be True or False, got 'false'"),
+        ({"parsed_parameters": 1}, "parsed_parameters must be True or False"),
+        ({"customer": "user_123"}, "customer must be a function"),
+        ({"problem_factory": "x"}, "problem_factory must be a function"),
+        ({"on_rejected": "x"}, "on_rejected must be a function"),
+        ({"upgrade_url": 5}, "upgrade_url must be a URL string"),
+        ({"metrics_path": "metrics"}, "metrics_path must be a path starting with '/'"),
+        ({"on_error": "ignore"}, "on_error must be 'allow' or 'deny'"),
+        ({"default_feature": 5}, "default_feature: a feature key or a Metered"),
+        ({"routes": ["/a"]}, "routes must map"),
+        ({"routes": {"/a": 5}}, "routes: '/a': a feature key or a Metered"),
+        ({"routes": {"/a": " "}}, "routes: '/a': feature"),
+        ({"routes": {7: "api_calls"}}, "routes: keys are"),
+        ({"routes": {"/a/{x:money}": "api_calls"}}, "routes: '/a/{x:money}': Unknown path convertor 'money'"),
+        ({"exclude": "/health"}, "exclude must be a list of paths, got the string '/health'"),
+        ({"exclude": ["/a/{x:money}"]}, "exclude: '/a/{x:money}': Unknown path convertor"),
+    ],
+)
+def test_wrong_options_are_refused_by_name(billing: LocalBilling, options: dict[str, Any], message: str) -> None:
+    settings: dict[str, Any] = {"billing": billing, "customer": by_header, **options}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BillingMiddleware(Starlette(), **settings)
+
+
+async def test_quota_headers_show_what_is_left_once_billed_and_only_on_answers_billed(billing: LocalBilling) -> None:
+    async def llm(request: Request) -> Response:
+        report_usage(30)  # before the response starts: in its headers
+        return PlainTextResponse("answer")
+
+    async def missing(request: Request) -> Response:
+        return PlainTextResponse("no such item", status_code=404)
+
+    app = Starlette(routes=[Route("/llm", llm), Route("/items", missing)])
+    routes: dict[str, str | Metered | None] = {"/llm": Metered("tokens", quantity=None), "/items": "tokens"}
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes=routes)
+    async with serve(middleware) as client:
+        answered = await client.get("/llm", headers=as_customer("user_free"))
+        not_found = await client.get("/items", headers=as_customer("user_free"))
+    assert answered.headers["ratelimit"].startswith('"tokens";r=70;')  # of 100
+    assert "ratelimit" not in not_found.headers and not_found.headers["x-request-id"]

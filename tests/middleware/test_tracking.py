@@ -196,12 +196,45 @@ async def test_reported_units_from_fastapi_sync_and_async_endpoints(billing: Loc
 
 
 async def test_report_usage_outside_a_metered_request_raises() -> None:
-    try:
+    with pytest.raises(LookupError, match="outside a metered request"):
         report_usage(1)
-    except LookupError:
-        pass
-    else:
-        raise AssertionError("report_usage outside a metered request must raise LookupError")
+
+
+async def test_report_usage_in_a_request_let_through_unmetered_does_nothing(billing: LocalBilling) -> None:
+    """Excluded, or let through by a failing resolver with on_error="allow": the handler that
+    reports its units is served as on any other request, with no one to bill."""
+
+    def resolver(request: Request) -> str | None:
+        if request.headers.get(CUSTOMER_HEADER) == "broken":
+            raise ConnectionError("session store unreachable")
+        return by_header(request)
+
+    async def upload(request: Request) -> Response:
+        report_usage(2)
+        with pytest.raises(ValueError, match="quantity"):
+            report_usage(-1)  # still checked
+        return JSONResponse({"billing": request.state.billing and request.state.billing.feature})
+
+    app = Starlette(
+        routes=[Route("/upload", upload, methods=["POST"]), Route("/free/upload", upload, methods=["POST"])]
+    )
+    app.add_middleware(
+        BillingMiddleware,
+        billing=billing,
+        customer=resolver,
+        default_feature=Metered("tokens", quantity=None),
+        exclude=["/free/*"],
+    )
+    async with serve(app) as client:
+        answers = [
+            await client.post("/free/upload", headers=as_customer("user_free")),
+            await client.post("/upload", headers=as_customer("broken")),
+            await client.post("/upload", headers=as_customer("user_free")),
+        ]
+    assert [(a.status_code, a.json()) for a in answers] == [(200, {"billing": None})] * 2 + [
+        (200, {"billing": "tokens"})
+    ]
+    assert await billing.recorded_units("user_free", "tokens") == 2  # the metered request's only
 
 
 # -- concurrency ----------------------------------------------------------------------------------
