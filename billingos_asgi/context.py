@@ -136,8 +136,8 @@ class UsageContext:
 
 
 _current: ContextVar[UsageContext | None] = ContextVar("billingos_usage_context", default=None)
-#: The running context of a request let through unmetered on purpose (excluded, or billing
-#: unreachable with ``on_error="allow"``): what its handler reports has no one to bill.
+#: The running context of a request let through unmetered on purpose (excluded, or a user hook
+#: failed with ``on_error="allow"``): what its handler reports has no one to bill.
 LET_THROUGH = UsageContext("", None, "let through unmetered", 0.0)
 
 
@@ -174,7 +174,7 @@ def _running() -> UsageContext | None:
 def report_usage(units: float) -> None:
     """Add ``units`` to the running metered request's usage (raises LookupError outside one).
 
-    Nothing to add for a request let through unmetered (excluded, or billing unreachable with
+    Nothing to add for a request let through unmetered (excluded, or a user hook failed with
     ``on_error="allow"``), but the units are checked all the same.
     """
     context = _running()

@@ -134,9 +134,10 @@ def _check_options(**options: Any) -> None:
         raise ValueError(f"billing must be a BillingOS, a LocalBilling or another BillingBackend, got {billing!r}")
     if options["on_error"] not in ("allow", "deny"):
         raise ValueError(f"on_error must be 'allow' or 'deny', got {options['on_error']!r}")
-    for flag in ("trust_request_id", "parsed_parameters"):
-        if not isinstance(options[flag], bool):  # "false" from an environment variable is true
-            raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
+    if not isinstance(options["trust_request_id"], bool):  # "false" from an environment variable is true
+        raise ValueError(f"trust_request_id must be True or False, got {options['trust_request_id']!r}")
+    if not isinstance(options["parsed_parameters"], bool | None):
+        raise ValueError(f"parsed_parameters must be True, False or None, got {options['parsed_parameters']!r}")
     for hook in ("customer", "problem_factory", "on_rejected"):
         if options[hook] is not None and not callable(options[hook]):
             raise ValueError(f"{hook} must be a function (or None), got {options[hook]!r}")
@@ -145,6 +146,12 @@ def _check_options(**options: Any) -> None:
     path = options["metrics_path"]
     if path is not None and not (isinstance(path, str) and path.startswith("/")):
         raise ValueError(f"metrics_path must be a path starting with '/', got {path!r}")
+
+
+def _parses_parameters(app: object) -> bool:
+    """Whether ``app`` routes a typed path parameter by parsing it: Litestar does (``int()`` takes
+    ``+5``); Starlette, FastAPI and Django match a pattern."""
+    return type(app).__module__.partition(".")[0] == "litestar"
 
 
 def _of_scope(customer: CustomerResolver) -> Callable[[Scope], Answer]:
@@ -167,7 +174,9 @@ class BillingMiddleware:
     ``default_feature`` meters every other route not in ``exclude`` (paths or templates; a
     trailing ``*`` excludes a prefix). ``parsed_parameters=True`` lets a typed parameter
     (``{item_id:int}``) take every spelling its type's parser takes, for a framework that routes
-    by parsing (Litestar serves ``/items/+5`` as ``{item_id:int}``; Starlette routes it elsewhere).
+    by parsing (Litestar serves ``/items/+5`` as ``{item_id:int}``; Starlette routes it
+    elsewhere); None (the default) sets it for a Litestar app (wrapped in other middleware
+    first, say True).
     ``on_error`` decides requests when billing is unreachable with nothing cached, or a user hook
     raises: ``"allow"`` (the default) lets them through, ``"deny"`` answers 503. A client-sent
     ``X-Request-ID`` becomes the idempotency key only with ``trust_request_id=True`` (behind a
@@ -196,7 +205,7 @@ class BillingMiddleware:
         routes: Mapping[str, str | Metered | None] | Callable[[], Mapping[str, str | Metered | None]] | None = None,
         default_feature: str | Metered | None = None,
         exclude: Iterable[str] = (),
-        parsed_parameters: bool = False,
+        parsed_parameters: bool | None = None,
         on_error: OnError = "allow",
         trust_request_id: bool = False,
         problem_factory: ProblemFactory | None = None,
@@ -231,6 +240,8 @@ class BillingMiddleware:
         self.billing = billing
         if callable(routes):  # declared next to the app's routes: collected now, when the stack is built
             routes = routes()
+        if parsed_parameters is None:
+            parsed_parameters = _parses_parameters(app)
         self.routes = RouteTable(
             routes, default_feature=default_feature, exclude=exclude, parsed_parameters=parsed_parameters
         )
@@ -501,6 +512,9 @@ class BillingMiddleware:
         """Call the app unmetered on purpose (excluded, or let through by ``on_error``): marked so in
         the request state, which the framework adapters' declared gates accept."""
         scope.setdefault("state", {})["billing"] = None
+        if _current.get() is not None:  # metered by a middleware outside this one: its request still
+            await self.app(scope, receive, send)
+            return
         token = _current.set(LET_THROUGH)  # report_usage() in its handler has nothing to do
         try:
             await self.app(scope, receive, send)

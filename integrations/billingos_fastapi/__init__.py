@@ -111,7 +111,7 @@ def _usage_context(request: Request) -> UsageContext | None:
 
 
 #: The handler's view of its metered request: ``billing.entitlement``, ``billing.report(tokens)``
-#: (None when the request was let through unmetered, e.g. billing unreachable with ``on_error="allow"``).
+#: (None when the request was let through unmetered: excluded, or a user hook failed with ``on_error="allow"``).
 Billing = Annotated[UsageContext | None, Depends(_usage_context)]
 
 

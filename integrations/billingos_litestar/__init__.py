@@ -7,14 +7,14 @@
         middleware=[DefineMiddleware(TokenAuth)],  # sets connection.user
         plugins=[BillingPlugin(customer=lambda connection: connection.user.customer_id)],
     )
-    app = BillingMiddleware(app, billing=billing, routes={"GET /v1/search": "api_calls"}, parsed_parameters=True)
+    app = BillingMiddleware(app, billing=billing, routes={"GET /v1/search": "api_calls"})
 
 ``BillingMiddleware`` wraps the Litestar app as a plain ASGI app. Litestar authenticates inside
 the app, after routing, so the middleware gets no ``customer=`` resolver: each metered request
 reaches Litestar unidentified, and the plugin's guard names its customer and runs the gate there,
 before the handler and its dependencies. The middleware outside still records the usage afterwards.
-``parsed_parameters=True``: Litestar parses typed path parameters (``int()`` takes ``+5``), and
-the route table must take every spelling it serves.
+Litestar parses typed path parameters (``int()`` takes ``+5``): the middleware sees a Litestar app
+and matches them as parsed (``parsed_parameters``; wrapped in other middleware first, say True).
 (An API key can also be mapped at the ASGI level with ``customer=from_api_key(lookup)``: then the
 guard finds the customer known and does nothing.)
 """

@@ -54,12 +54,14 @@ def metered(
         where = f"endpoint {getattr(endpoint, '__qualname__', None) or repr(endpoint)}"
         checked: Any
         if inspect.isclass(endpoint):  # an HTTPEndpoint: its dispatch checks, whatever the method
-            # A decorated base's dispatch is checked for the base's feature: wrap what it wraps.
+            # A decorated base's dispatch wraps the original: wrap that. The check is the class's
+            # own (a subclass's dispatch may call its base's, checked too).
             dispatch = endpoint.dispatch  # type: ignore[attr-defined]
             dispatch = getattr(dispatch, _UNCHECKED, dispatch)
 
             async def checked_dispatch(self: Any) -> None:
-                declared_context(self.scope, feature, where)
+                own: Metered = getattr(type(self), MARK)
+                declared_context(self.scope, own.feature, f"endpoint {type(self).__qualname__}")
                 await dispatch(self)
 
             setattr(checked_dispatch, _UNCHECKED, dispatch)
@@ -105,6 +107,7 @@ class _CheckedApp:
         self.app = app
         self.feature = feature
         self.where = where
+        self.__name__ = getattr(app, "__name__", type(app).__name__)  # the Route's name, as without us
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

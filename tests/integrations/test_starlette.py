@@ -364,3 +364,27 @@ async def test_metered_takes_every_endpoint_a_route_takes(billing: LocalBilling)
     assert child.json() == {"class": "Child"}
     assert await billing.recorded_units("user_free", "api_calls") == 3
     assert await billing.recorded_units("user_pro", "tokens") == 1
+
+
+async def test_a_subclass_overriding_dispatch_is_checked_for_its_own_feature(billing: LocalBilling) -> None:
+    @metered("api_calls")
+    class Base(HTTPEndpoint):
+        async def get(self, request: Request) -> JSONResponse:
+            return JSONResponse({"class": type(self).__name__})
+
+    @metered("tokens")
+    class Child(Base):
+        async def dispatch(self) -> None:
+            await super().dispatch()  # the base's, checked too: for the request's own class
+
+    class Search:  # an ASGI app
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await JSONResponse({"searched": True})(scope, receive, send)
+
+    app = Starlette(routes=[Route("/child", Child), Route("/search", metered("api_calls")(Search()))])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        child = await client.get("/child", headers=as_customer("user_pro"))
+    assert child.json() == {"class": "Child"}
+    assert await billing.recorded_units("user_pro", "tokens") == 1
+    assert [route.name for route in app.routes if isinstance(route, Route)] == ["Child", "Search"]  # as without us

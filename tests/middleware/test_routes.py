@@ -499,7 +499,7 @@ def test_only_a_frameworks_move_to_https_is_a_redirect_to_itself(status: int, lo
     [
         ({"billing": None}, "billing must be a BillingOS, a LocalBilling or another BillingBackend, got None"),
         ({"trust_request_id": "false"}, "trust_request_id must be True or False, got 'false'"),
-        ({"parsed_parameters": 1}, "parsed_parameters must be True or False"),
+        ({"parsed_parameters": 1}, "parsed_parameters must be True, False or None"),
         ({"customer": "user_123"}, "customer must be a function"),
         ({"problem_factory": "x"}, "problem_factory must be a function"),
         ({"on_rejected": "x"}, "on_rejected must be a function"),

@@ -671,3 +671,19 @@ async def test_a_request_let_through_uncounted_leaves_the_others_pending_units_a
             gate.set()
     assert sorted(statuses) == [200] * 10 + [429]
     assert await billing.recorded_units("user_free", "api_calls") == 10 and middleware.tracker.stats.rejected == 0
+
+
+async def test_a_path_an_inner_middleware_excludes_still_reports_to_the_outer_one(billing: LocalBilling) -> None:
+    async def llm(request: Request) -> Response:
+        report_usage(5)
+        return PlainTextResponse("answer")
+
+    inner = BillingMiddleware(
+        Starlette(routes=[Route("/llm", llm)]), billing=billing, customer=by_header, exclude=["/llm"]
+    )
+    outer = BillingMiddleware(
+        inner, billing=billing, customer=by_header, routes={"/llm": Metered("tokens", quantity=None)}
+    )
+    async with serve(outer) as client:
+        assert (await client.get("/llm", headers=as_customer("user_free"))).status_code == 200
+    assert await billing.recorded_units("user_free", "tokens") == 5
