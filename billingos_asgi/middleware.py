@@ -183,8 +183,9 @@ class BillingMiddleware:
     gateway that sets it); otherwise every request gets a fresh id, so a client repeating an id
     is still billed for every request.
 
-    Where the app's own auth runs inside the app (FastAPI dependencies, Django, Litestar), the
-    app names the customer late: ``customer=None`` (or ``Metered(late=True)`` per route) runs the
+    ``customer`` is required: a resolver of the request, or None where the app's own auth runs
+    inside the app (FastAPI dependencies, Django, Litestar) and the app names the customer
+    late: ``customer=None`` (or ``Metered(late=True)`` per route) runs the
     app with an unidentified :class:`UsageContext` whose ``identify(customer_id)`` gates the
     request there, raising :class:`BillingDenied` for this middleware to answer with.
 
@@ -201,7 +202,7 @@ class BillingMiddleware:
         app: AnyASGIApp,
         *,
         billing: BillingBackend,
-        customer: CustomerResolver | None = None,
+        customer: CustomerResolver | None,
         routes: Mapping[str, str | Metered | None] | Callable[[], Mapping[str, str | Metered | None]] | None = None,
         default_feature: str | Metered | None = None,
         exclude: Iterable[str] = (),

@@ -129,6 +129,7 @@ def create_app(billing: BillingBackend) -> BillingMiddleware:
     return BillingMiddleware(
         get_asgi_application(),
         billing=billing,
+        customer=None,
         routes={"GET /v1/search": "api_calls", "GET /v1/export": "export"},
     )
 

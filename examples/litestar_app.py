@@ -75,7 +75,7 @@ def create_app(billing: BillingBackend) -> BillingMiddleware:
         plugins=[BillingPlugin(customer=lambda connection: connection.user.customer_id)],
     )
     routes = {"GET /v1/search": "api_calls", "POST /v1/export": "export"}
-    return BillingMiddleware(app, billing=billing, routes=routes)
+    return BillingMiddleware(app, billing=billing, customer=None, routes=routes)
 
 
 app = create_app(default_billing())

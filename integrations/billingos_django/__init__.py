@@ -11,7 +11,9 @@
     BILLINGOS_CUSTOMER = "myapp.billing.customer_of"  # optional; default: the signed-in user's pk
 
     # asgi.py
-    application = BillingMiddleware(get_asgi_application(), billing=billing, routes={"GET /v1/search": "api_calls"})
+    application = BillingMiddleware(
+        get_asgi_application(), billing=billing, customer=None, routes={"GET /v1/search": "api_calls"}
+    )
 
     # views.py: "GET /v1/search" meters GET (and HEAD) only, so the view must accept no other method
     @require_safe

@@ -7,7 +7,7 @@
         middleware=[DefineMiddleware(TokenAuth)],  # sets connection.user
         plugins=[BillingPlugin(customer=lambda connection: connection.user.customer_id)],
     )
-    app = BillingMiddleware(app, billing=billing, routes={"GET /v1/search": "api_calls"})
+    app = BillingMiddleware(app, billing=billing, customer=None, routes={"GET /v1/search": "api_calls"})
 
 ``BillingMiddleware`` wraps the Litestar app as a plain ASGI app. Litestar authenticates inside
 the app, after routing, so the middleware gets no ``customer=`` resolver: each metered request

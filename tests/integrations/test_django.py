@@ -140,7 +140,7 @@ async def pro(billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, st
 
 
 def build(billing: LocalBilling, **options: Any) -> BillingMiddleware:
-    return BillingMiddleware(get_asgi_application(), billing=billing, routes=ROUTES, **options)
+    return BillingMiddleware(get_asgi_application(), billing=billing, customer=None, routes=ROUTES, **options)
 
 
 async def test_the_signed_in_user_pays_and_views_run_only_once_admitted(

@@ -207,7 +207,9 @@ async def test_late_identification_gates_at_dependency_time_with_the_apps_own_au
         assert billing is not None and billing.customer_id == customer and billing.entitlement is not None
         return {"customer": billing.customer_id}
 
-    app.add_middleware(BillingMiddleware, billing=billing, routes=declared(app), flush_interval=0.05)  # no resolver
+    app.add_middleware(
+        BillingMiddleware, billing=billing, customer=None, routes=declared(app), flush_interval=0.05
+    )  # no resolver
     free, pro = {"authorization": "Bearer token-free"}, {"authorization": "Bearer token-pro"}
     async with serve(app) as client:
         anonymous = await client.get("/v1/search", headers=as_customer("user_pro"))  # a client-sent id is ignored
@@ -336,9 +338,9 @@ async def test_a_late_refusal_is_answered_however_the_middleware_is_installed(
 
     served: Any = app
     if outside:
-        served = BillingMiddleware(app, billing=billing, routes=declared(app))
+        served = BillingMiddleware(app, billing=billing, customer=None, routes=declared(app))
     else:
-        app.add_middleware(BillingMiddleware, billing=billing, routes=declared(app))
+        app.add_middleware(BillingMiddleware, billing=billing, customer=None, routes=declared(app))
     free = {"x-token": "token-free"}
     async with serve(served) as client:
         anonymous = await client.get("/v1/search")
@@ -366,7 +368,7 @@ async def test_a_late_refusal_in_a_mounted_app_is_answered_not_a_500(billing: Sp
         return {}
 
     app = FastAPI()
-    app.add_middleware(BillingMiddleware, billing=billing, routes=declared(app))
+    app.add_middleware(BillingMiddleware, billing=billing, customer=None, routes=declared(app))
     app.mount("/v2", sub)  # mounted after declared(): found when the stack is built
     async with serve(app) as client:
         answers = [

@@ -88,7 +88,7 @@ def build(billing: LocalBilling, **options: Any) -> BillingMiddleware:
         plugins=[BillingPlugin(customer=account_of)],
         logging_config=None,  # leave the test process's logging alone
     )
-    return BillingMiddleware(app, billing=billing, routes=ROUTES, **options)
+    return BillingMiddleware(app, billing=billing, customer=None, routes=ROUTES, **options)
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -175,7 +175,9 @@ async def test_a_typed_parameter_is_metered_in_every_spelling_litestar_parses(
     app = Litestar(
         route_handlers=[item], plugins=[BillingPlugin(customer=lambda connection: "user_free")], logging_config=None
     )
-    metered = BillingMiddleware(app, billing=billing, routes={"GET /v1/items/{item_id:int}": "api_calls"})
+    metered = BillingMiddleware(
+        app, billing=billing, customer=None, routes={"GET /v1/items/{item_id:int}": "api_calls"}
+    )
     assert metered.routes.match("GET", "/v1/items/+5") is not None  # Litestar's app: matched as it parses
     paths = ["/v1/items/5", "/v1/items/+5", "/v1/items/5_0", "/v1/items/%205", "/v1/items/%EF%BC%95"]
     async with serve(metered) as client:

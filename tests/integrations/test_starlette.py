@@ -216,9 +216,9 @@ async def test_a_late_refusal_is_answered_however_the_middleware_is_installed(
     app = Starlette(routes=[Route("/v1/exports", export, methods=["POST"])])
     served: Any = app
     if outside:
-        served = BillingMiddleware(app, billing=billing, routes=declared(app))
+        served = BillingMiddleware(app, billing=billing, customer=None, routes=declared(app))
     else:
-        app.add_middleware(BillingMiddleware, billing=billing, routes=declared(app))
+        app.add_middleware(BillingMiddleware, billing=billing, customer=None, routes=declared(app))
     async with serve(served) as client:
         anonymous = await client.post("/v1/exports")
         forbidden = await client.post("/v1/exports", headers=as_customer("user_free"))

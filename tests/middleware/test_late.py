@@ -90,6 +90,7 @@ def late_app(billing: BillingBackend, entered: list[str], **options: Any) -> Sta
     app.add_middleware(
         BillingMiddleware,
         billing=billing,
+        customer=None,
         default_feature="api_calls",
         flush_interval=0.05,
         **options,
@@ -207,6 +208,7 @@ def by_app_function(billing: LocalBilling, customer_of: Any, on_error: str) -> S
     app.add_middleware(
         BillingMiddleware,
         billing=billing,
+        customer=None,
         default_feature="api_calls",
         on_error=on_error,  # type: ignore[arg-type]
     )
@@ -307,7 +309,9 @@ async def test_an_identify_still_waiting_when_its_request_is_billed_holds_no_uni
             return JSONResponse({})
 
         app = Starlette(routes=[Route("/late", endpoint)])
-        middleware = BillingMiddleware(app, billing=backend, routes={"/late": Metered("api_calls", late=True)})
+        middleware = BillingMiddleware(
+            app, billing=backend, customer=None, routes={"/late": Metered("api_calls", late=True)}
+        )
         async with serve(middleware) as client:
             assert (await client.get("/late")).status_code == 200
             backend.gate.set()  # the check answers after the request was billed

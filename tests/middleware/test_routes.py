@@ -538,3 +538,10 @@ async def test_quota_headers_show_what_is_left_once_billed_and_only_on_answers_b
         not_found = await client.get("/items", headers=as_customer("user_free"))
     assert answered.headers["ratelimit"].startswith('"tokens";r=70;')  # of 100
     assert "ratelimit" not in not_found.headers and not_found.headers["x-request-id"]
+
+
+def test_leaving_out_the_customer_is_an_error_not_an_app_served_free(billing: LocalBilling) -> None:
+    with pytest.raises(TypeError, match="customer"):
+        BillingMiddleware(Starlette(), billing=billing, default_feature="api_calls")  # type: ignore[call-arg]
+    late = BillingMiddleware(Starlette(), billing=billing, customer=None, default_feature="api_calls")  # said so
+    assert late.routes.match("GET", "/") is not None
