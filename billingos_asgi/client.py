@@ -154,7 +154,7 @@ def _redact(value: Any, secret: str) -> Any:
     if isinstance(value, str):
         return value.replace(secret, _MASK)
     if isinstance(value, dict):
-        return {key: _redact(item, secret) for key, item in value.items()}
+        return {_redact(key, secret): _redact(item, secret) for key, item in value.items()}
     if isinstance(value, list):
         return [_redact(item, secret) for item in value]
     return value

@@ -126,9 +126,12 @@ def from_api_key(
             # The lookup failed (or was cancelled): try it here.
         flights[key] = flight = anyio.Event()
         try:
-            answer = lookup(key.decode("latin-1"))
-            if is_async or inspect.isawaitable(answer):
-                answer = await answer  # type: ignore[misc]
+            try:
+                answer = lookup(key.decode("latin-1"))
+                if is_async or inspect.isawaitable(answer):
+                    answer = await answer  # type: ignore[misc]
+            except Exception as exc:  # its message may quote the key (a database error's parameters)
+                raise LookupError(f"the API key lookup failed with {type(exc).__name__} (the key left out)") from None
             customer = None if answer is None else str(answer)
             expiry = monotonic() + ttl
             if customer is None:

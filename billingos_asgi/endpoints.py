@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import _wire
 from ._exceptions import BillingOSError, CustomerNotFoundError
-from ._models import UsageMetrics
+from ._models import SessionToken, UsageMetrics
 from ._validation import customer_answer
 from .backend import BillingBackend
 from .customers import CustomerResolver
@@ -34,7 +34,8 @@ DEFAULT_TOKEN_LIFETIME = 3600
 class UsageEndpoints:
     """``usage`` and ``session_token``: Starlette endpoints over a billing backend and a customer resolver.
 
-    Usage metrics are cached per customer for ``usage_ttl`` seconds (front ends poll them).
+    Usage metrics are cached per customer for ``usage_ttl`` seconds (front ends poll them), and a
+    session token for half its lifetime.
     """
 
     def __init__(
@@ -52,6 +53,9 @@ class UsageEndpoints:
         self._resolve = customer
         self._token_lifetime = token_lifetime
         self._metrics: TTLCache[str, UsageMetrics] = TTLCache(cache_size, usage_ttl)
+        # A customer's token is handed out again for half its lifetime: a client minting in a loop
+        # must not spend the secret key's upstream call limit, which every customer shares.
+        self._tokens: TTLCache[str, SessionToken] = TTLCache(cache_size, token_lifetime / 2)
 
     async def _customer(self, request: Request, endpoint: str) -> str | Response:
         """The signed-in customer, or the answer: 401 for nobody, 503 when the resolver fails.
@@ -97,9 +101,12 @@ class UsageEndpoints:
         customer = await self._customer(request, "session-token")
         if not isinstance(customer, str):
             return customer
-        try:
-            token = await self._billing.create_session_token(customer, expires_in=self._token_lifetime)
-        except BillingOSError:
-            logger.warning("session token for %s failed", customer, exc_info=True)
-            return problem_response(Denial(503, "billing is unavailable", request, "session-token", customer))
+        token = self._tokens.get(customer)
+        if token is None:
+            try:
+                token = await self._billing.create_session_token(customer, expires_in=self._token_lifetime)
+            except BillingOSError:
+                logger.warning("session token for %s failed", customer, exc_info=True)
+                return problem_response(Denial(503, "billing is unavailable", request, "session-token", customer))
+            self._tokens[customer] = token
         return JSONResponse(_wire.session_token_to_json(token), 201)

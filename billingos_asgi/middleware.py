@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ._exceptions import ValidationError
+from ._logging import Throttled
 from ._validation import MAX_ID_LENGTH, QUANTITY_DECIMALS, check_id, customer_answer
 from .backend import BillingBackend
 from .cache import (
@@ -100,11 +101,18 @@ _new_event = functools.partial(tuple.__new__, UsageEvent)
 
 
 def _trusted_request_id(scope: Scope) -> str | None:
+    """The request's one ``X-Request-ID``; None for none, a bad one, or several (a gateway that
+    appends its own to the client's: which one is the gateway's is not ours to guess)."""
+    found: bytes | None = None
     for name, value in scope["headers"]:
         if name == _REQUEST_ID_HEADER:
-            text: str = value.decode("latin-1")
-            return text if 0 < len(text) <= _MAX_REQUEST_ID and text.isascii() and text.isprintable() else None
-    return None
+            if found is not None:
+                return None
+            found = value
+    if found is None:
+        return None
+    text = found.decode("latin-1")
+    return text if 0 < len(text) <= _MAX_REQUEST_ID and text.isascii() and text.isprintable() else None
 
 
 #: A framework's slash redirect: Starlette answers 307, Django 301 (never 303, "see other").
@@ -275,6 +283,7 @@ class BillingMiddleware:
         self._upgrade_url = upgrade_url
         self._metrics_path = metrics_path
         self.unidentified = 0  # late-identified requests that succeeded without naming a customer
+        self._log = Throttled()  # failures of every request alike (billing down, a broken resolver): one line a second
         self._lifespan_owner: object | None = None  # the lifespan running the tracker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -325,7 +334,7 @@ class BillingMiddleware:
                         answer = await answer
                     customer = customer_answer(answer, "customer resolver")
             except Exception:
-                logger.exception("customer resolver failed on %s %s", scope["method"], scope["path"])
+                self._log.log(logging.ERROR, "customer resolver failed on %s", feature, exc_info=True)
                 await self._on_error(feature, "the customer resolver failed", scope, receive, send)
                 return
             if not customer:
@@ -336,8 +345,8 @@ class BillingMiddleware:
                 try:
                     check_id("customer_id", customer)  # the rest of the rules, once per cache miss
                 except ValidationError:
-                    logger.exception(
-                        "customer resolver answered an invalid id on %s %s", scope["method"], scope["path"]
+                    self._log.log(
+                        logging.ERROR, "customer resolver answered an invalid id on %s", feature, exc_info=True
                     )
                     await self._on_error(feature, "the customer resolver failed", scope, receive, send)
                     return
@@ -351,7 +360,7 @@ class BillingMiddleware:
             try:
                 quantity = await self._quantity(metered, Request(scope))  # the body stays the app's
             except Exception:
-                logger.exception("quantity function of %r failed", feature)
+                self._log.log(logging.ERROR, "quantity function of %r failed", feature, exc_info=True)
                 await self._on_error(feature, "the quantity function failed", scope, receive, send)
                 return
         if quota is not None:
@@ -447,7 +456,8 @@ class BillingMiddleware:
                 quota.local -= admitted  # nothing on its way (flags and numeric limits are never tracked)
             if used > 0 and customer is None:
                 self.unidentified += 1
-                logger.warning(
+                self._log.log(
+                    logging.WARNING,
                     "%s: a late-identified request succeeded but the app never named its customer: "
                     "%g unit(s) not billed (is the framework's adapter in place: Django's "
                     "IdentifyCustomerMiddleware, Litestar's BillingPlugin, a metered(customer=...) dependency?)",
@@ -470,7 +480,7 @@ class BillingMiddleware:
         try:
             return await self.cache.fetch(customer, feature)
         except Exception:
-            logger.warning("billing check for %s/%s failed with nothing cached", customer, feature, exc_info=True)
+            self._log.log(logging.WARNING, "billing check of %s failed with nothing cached", feature, exc_info=True)
             return None if self._allow_on_error else Denial(503, "billing is unavailable", request, feature, customer)
 
     async def _identify_late(self, request: Request, context: UsageContext, customer: str | None) -> None:

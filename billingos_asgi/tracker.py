@@ -26,6 +26,7 @@ from anyio.abc import TaskGroup
 from cachetools import TTLCache
 
 from ._exceptions import NotFoundError, QuotaExceededError, ValidationError
+from ._logging import Throttled
 from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS
 from .cache import EntitlementCache
 from .events import Batch, UsageEvent, part_key
@@ -50,7 +51,6 @@ FULL_FOR = 10.0
 INLINE_DEADLINE = 30.0
 #: Upstream forgets idempotency keys after 24 h; resending older events could count them twice.
 IDEMPOTENCY_HORIZON = 24 * 3600 - 300
-_REPORT_INTERVAL = 1.0
 #: Definitive refusals (nothing was recorded): never retried. Anything else may pass later.
 _PERMANENT = (ValidationError, NotFoundError, QuotaExceededError)
 
@@ -137,8 +137,7 @@ class Tracker:
         self._paying: anyio.Lock | None = None  # one sender at a time waits for the call budget
         self.running = False  # taking events: between start() and stop()
         self.stats = TrackerStats()
-        self._last_report = -_REPORT_INTERVAL
-        self._unreported = 0
+        self._throttled = Throttled()
 
     @property
     def outbox(self) -> Outbox | None:
@@ -683,11 +682,4 @@ class Tracker:
 
     def _log(self, level: int, message: str, *args: object) -> None:
         """Log, summarising storms: at most one line per second, with the count of lines held back."""
-        now = time.monotonic()
-        if now - self._last_report < _REPORT_INTERVAL:
-            self._unreported += 1
-            return
-        if self._unreported:
-            message += f" ({self._unreported} similar lines held back)"
-        self._last_report, self._unreported = now, 0
-        logger.log(level, message, *args)
+        self._throttled.log(level, message, *args)

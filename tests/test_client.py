@@ -1284,7 +1284,10 @@ async def test_a_key_echoed_in_a_success_answer_is_masked() -> None:
     def echo_text(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, text="x" * 1980 + request.headers["authorization"])
 
-    for answer in (echo_headers, echo_text):
+    def echo_as_key(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={request.headers["authorization"]: "seen"})
+
+    for answer in (echo_headers, echo_text, echo_as_key):
         async with make_client(FakeServer(answer), secret_key=secret) as billing:
             with pytest.raises(InvalidResponseError) as caught:
                 await billing.check_entitlement("user_123", "api_calls")

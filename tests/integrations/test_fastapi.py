@@ -183,6 +183,17 @@ async def test_the_session_token_route_never_mints_for_another_customer(billing:
     assert billing.minted_for == ["user_free"]
 
 
+async def test_a_client_minting_in_a_loop_gets_its_token_again_not_an_upstream_call_each(billing: SpyBilling) -> None:
+    app = build(billing, [])
+    async with serve(app) as client:
+        tokens = [
+            (await client.post("/billing/session-token", headers=as_customer(who))).json()["sessionToken"]
+            for who in ["user_free"] * 20 + ["user_pro"]
+        ]
+    assert len(set(tokens[:20])) == 1 and tokens[20] != tokens[0]
+    assert billing.minted_for == ["user_free", "user_pro"]
+
+
 async def _wait_for_units(billing: LocalBilling, units: int) -> None:
     with anyio.fail_after(5):
         while await billing.recorded_units("user_free", "api_calls") < units:  # noqa: ASYNC110 - polls a database

@@ -145,7 +145,8 @@ async def concurrently(resolver: CustomerResolver, key: str, count: int) -> tupl
         nonlocal failed
         try:
             answers.append(await resolved(resolver, key))
-        except ConnectionError:
+        except LookupError as failure:  # the lookup's own error, its message left out (it may quote the key)
+            assert str(failure) == "the API key lookup failed with ConnectionError (the key left out)"
             failed += 1
 
     async with anyio.create_task_group() as tg:
@@ -263,3 +264,28 @@ async def test_async_resolver_and_async_callable_object(billing: LocalBilling) -
         assert ok.json() == {"customer": "user_free"}
         assert anonymous.status_code == 401
     assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
+async def test_a_failing_lookup_never_puts_the_key_in_the_log(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database error quotes its parameters; the key must not reach the log through it, and a
+    flood of such keys makes one line a second, not one a request."""
+
+    def lookup(key: str) -> str | None:
+        raise RuntimeError(f"(psycopg.errors.DataError) invalid input [parameters: ('{key}',)]")
+
+    async def search(request: Request) -> Response:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/v1/search", search)])
+    app.add_middleware(
+        BillingMiddleware, billing=billing, customer=from_api_key(lookup), default_feature="api_calls", on_error="deny"
+    )
+    async with serve(app) as client:
+        answers = [
+            (await client.get("/v1/search", headers={"x-api-key": f"sk-secret-{i}"})).status_code for i in range(20)
+        ]
+    assert answers == [503] * 20
+    assert "sk-secret" not in caplog.text
+    assert caplog.text.count("customer resolver failed") == 1

@@ -504,6 +504,18 @@ async def test_trusted_request_id_is_the_idempotency_key(billing: LocalBilling) 
     assert await billing.recorded_units("user_free", "api_calls") == 3
 
 
+async def test_a_request_with_two_request_ids_gets_a_fresh_one(billing: LocalBilling) -> None:
+    """A gateway that appends its id to the client's: the client's, first, must not decide."""
+    middleware = BillingMiddleware(
+        recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"}, trust_request_id=True
+    )
+    headers = [("x-customer", "user_free"), ("x-request-id", "client-repeats-me"), ("x-request-id", "gateway-id")]
+    async with serve(middleware) as client:
+        answers = [await client.get("/x", headers=headers) for _ in range(3)]
+    assert len({answer.headers["x-request-id"] for answer in answers} - {"client-repeats-me", "gateway-id"}) == 3
+    assert await billing.recorded_units("user_free", "api_calls") == 3
+
+
 async def test_request_state_request_id_matches_the_response_header(billing: LocalBilling) -> None:
     seen: list[tuple[str, str | None, str, float]] = []
 
