@@ -283,7 +283,7 @@ class BillingMiddleware:
         self._upgrade_url = upgrade_url
         self._metrics_path = metrics_path
         self.unidentified = 0  # late-identified requests that succeeded without naming a customer
-        self._log = Throttled()  # failures of every request alike (billing down, a broken resolver): one line a second
+        self._log = Throttled().log  # failures of every request alike (billing down, a broken resolver)
         self._lifespan_owner: object | None = None  # the lifespan running the tracker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -334,7 +334,7 @@ class BillingMiddleware:
                         answer = await answer
                     customer = customer_answer(answer, "customer resolver")
             except Exception:
-                self._log.log(logging.ERROR, "customer resolver failed on %s", feature, exc_info=True)
+                self._log(logging.ERROR, "customer resolver failed on %s", feature, exc_info=True)
                 await self._on_error(feature, "the customer resolver failed", scope, receive, send)
                 return
             if not customer:
@@ -345,9 +345,7 @@ class BillingMiddleware:
                 try:
                     check_id("customer_id", customer)  # the rest of the rules, once per cache miss
                 except ValidationError:
-                    self._log.log(
-                        logging.ERROR, "customer resolver answered an invalid id on %s", feature, exc_info=True
-                    )
+                    self._log(logging.ERROR, "customer resolver answered an invalid id on %s", feature, exc_info=True)
                     await self._on_error(feature, "the customer resolver failed", scope, receive, send)
                     return
                 fetched = await self._fetch(Request(scope, receive), feature, customer)
@@ -360,7 +358,7 @@ class BillingMiddleware:
             try:
                 quantity = await self._quantity(metered, Request(scope))  # the body stays the app's
             except Exception:
-                self._log.log(logging.ERROR, "quantity function of %r failed", feature, exc_info=True)
+                self._log(logging.ERROR, "quantity function of %r failed", feature, exc_info=True)
                 await self._on_error(feature, "the quantity function failed", scope, receive, send)
                 return
         if quota is not None:
@@ -456,7 +454,7 @@ class BillingMiddleware:
                 quota.local -= admitted  # nothing on its way (flags and numeric limits are never tracked)
             if used > 0 and customer is None:
                 self.unidentified += 1
-                self._log.log(
+                self._log(
                     logging.WARNING,
                     "%s: a late-identified request succeeded but the app never named its customer: "
                     "%g unit(s) not billed (is the framework's adapter in place: Django's "
@@ -480,7 +478,7 @@ class BillingMiddleware:
         try:
             return await self.cache.fetch(customer, feature)
         except Exception:
-            self._log.log(logging.WARNING, "billing check of %s failed with nothing cached", feature, exc_info=True)
+            self._log(logging.WARNING, "billing check of %s failed with nothing cached", feature, exc_info=True)
             return None if self._allow_on_error else Denial(503, "billing is unavailable", request, feature, customer)
 
     async def _identify_late(self, request: Request, context: UsageContext, customer: str | None) -> None:
@@ -523,14 +521,13 @@ class BillingMiddleware:
         """Call the app unmetered on purpose (excluded, or let through by ``on_error``): marked so in
         the request state, which the framework adapters' declared gates accept."""
         scope.setdefault("state", {})["billing"] = None
-        if _current.get() is not None:  # metered by a middleware outside this one: its request still
-            await self.app(scope, receive, send)
-            return
-        token = _current.set(LET_THROUGH)  # report_usage() in its handler has nothing to do
+        # report_usage() in its handler has nothing to do, unless a middleware outside this one meters it.
+        token = _current.set(LET_THROUGH) if _current.get() is None else None
         try:
             await self.app(scope, receive, send)
         finally:
-            _current.reset(token)
+            if token is not None:
+                _current.reset(token)
 
     async def _on_error(self, feature: str, detail: str, scope: Scope, receive: Receive, send: Send) -> None:
         """A hook failed: let the request through unbilled, or answer 503, as ``on_error`` says."""

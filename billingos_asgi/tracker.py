@@ -137,7 +137,7 @@ class Tracker:
         self._paying: anyio.Lock | None = None  # one sender at a time waits for the call budget
         self.running = False  # taking events: between start() and stop()
         self.stats = TrackerStats()
-        self._throttled = Throttled()
+        self._log = Throttled().log  # storms summarised: one line a second, with the count held back
 
     @property
     def outbox(self) -> Outbox | None:
@@ -679,7 +679,3 @@ class Tracker:
                     self._on_rejected(event, reason)
                 except Exception:
                     logger.exception("on_rejected callback failed")
-
-    def _log(self, level: int, message: str, *args: object) -> None:
-        """Log, summarising storms: at most one line per second, with the count of lines held back."""
-        self._throttled.log(level, message, *args)

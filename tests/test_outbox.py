@@ -14,7 +14,7 @@ from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEv
 from billingos_asgi.events import Batch
 from billingos_asgi.outbox import Outbox, OutboxError
 
-from .test_tracker import PLANS, FlakyAfterForwarding, Gated, event, run_tracker, tracker_for
+from .test_tracker import PLANS, Around, FlakyAfterForwarding, Gated, event, run_tracker, tracker_for
 
 
 @pytest.fixture
@@ -374,11 +374,11 @@ async def test_a_replay_resends_the_part_that_fitted_not_the_whole_event(billing
     assert reports[1:] == [("req-1", 2.0)] and rows(path) == []
 
 
-class PartStuck:
-    """The real LocalBilling, where the track of a split's part hangs, before or after it is recorded."""
+class PartStuck(Around):
+    """The track of a split's part hangs, before or after it is recorded."""
 
     def __init__(self, billing: LocalBilling, *, recorded: bool) -> None:
-        self.billing = billing
+        super().__init__(billing)
         self.recorded = recorded
 
     async def track_usage(
@@ -389,9 +389,6 @@ class PartStuck:
                 await self.billing.track_usage(customer, feature, quantity, key, metadata)
             await anyio.sleep_forever()
         return await self.billing.track_usage(customer, feature, quantity, key, metadata)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.billing, name)
 
 
 @pytest.mark.parametrize(("quantity", "part_recorded"), [(3, False), (12, True)])
@@ -427,11 +424,11 @@ async def test_a_replayed_split_accounts_for_every_unit(tmp_path: Path, quantity
     assert recorded + sum(rejected) == quantity and recorded == min(quantity, 6) and rows(path) == []
 
 
-class Gates:
-    """The real LocalBilling, holding c1's tracks (the drain lasts) and split parts (until told)."""
+class Gates(Around):
+    """Holds c1's tracks (the drain lasts) and split parts (until told)."""
 
     def __init__(self, billing: LocalBilling) -> None:
-        self.billing = billing
+        super().__init__(billing)
         self.drain = anyio.Event()
         self.part = anyio.Event()
 
@@ -443,9 +440,6 @@ class Gates:
         if key is not None and key.startswith("part-"):
             await self.part.wait()
         return await self.billing.track_usage(customer, feature, quantity, key, metadata)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.billing, name)
 
 
 async def test_an_inline_split_during_the_drain_leaves_no_row_behind(billing: LocalBilling, tmp_path: Path) -> None:

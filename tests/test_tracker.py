@@ -30,11 +30,21 @@ def event(key: str, customer: str = "c0", feature: str = "api_calls", quantity: 
     return UsageEvent(customer, feature, quantity, key, **kw)
 
 
-class FlakyAfterForwarding:
-    """Fault injection around a real LocalBilling: records the track, then reports a network error."""
+class Around:
+    """Fault injection around a real LocalBilling: what a subclass does not override, it does."""
+
+    def __init__(self, billing: LocalBilling) -> None:
+        self.billing = billing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+
+class FlakyAfterForwarding(Around):
+    """Records the track, then reports a network error."""
 
     def __init__(self, billing: LocalBilling, failures: int) -> None:
-        self.billing = billing
+        super().__init__(billing)
         self.failures = failures
         self.keys: list[str | None] = []
 
@@ -52,9 +62,6 @@ class FlakyAfterForwarding:
             self.failures -= 1
             raise NetworkError("connection reset after the request was sent")
         return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.billing, name)
 
 
 @pytest.fixture
@@ -250,11 +257,11 @@ async def test_a_replayed_event_given_up_leaves_the_units_of_running_requests_co
     assert quota.local == 4  # the replayed event's units were never among them
 
 
-class Failing:
-    """Fault injection around a real LocalBilling: ``failures`` errors (nothing recorded), then records."""
+class Failing(Around):
+    """``failures`` errors (nothing recorded), then records."""
 
     def __init__(self, billing: LocalBilling, failures: int, error: Exception) -> None:
-        self.billing = billing
+        super().__init__(billing)
         self.failures = failures
         self.error = error
 
@@ -263,9 +270,6 @@ class Failing:
             self.failures -= 1
             raise self.error
         return await self.billing.track_usage(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.billing, name)
 
 
 async def test_an_outage_of_thousands_of_attempts_keeps_the_tracker_retrying(
@@ -291,11 +295,11 @@ async def test_a_retry_waits_as_long_as_a_429_asks_without_a_budget(
     assert "retry in 0.2s" in caplog.text and tracker.stats.sent == 1
 
 
-class Gated:
-    """A real LocalBilling whose track calls wait until the test opens the gate."""
+class Gated(Around):
+    """Track calls wait until the test opens the gate."""
 
     def __init__(self, billing: LocalBilling) -> None:
-        self.billing = billing
+        super().__init__(billing)
         self.gate = anyio.Event()
         self.calls = 0
 
@@ -303,9 +307,6 @@ class Gated:
         self.calls += 1
         await self.gate.wait()
         return await self.billing.track_usage(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.billing, name)
 
 
 async def test_inline_sends_of_one_key_ride_along_with_the_one_running(billing: LocalBilling) -> None:
@@ -412,19 +413,16 @@ async def test_a_refused_batch_costs_a_few_calls_whatever_its_size(
     assert tracker.upstream.tracks <= 3 and tracker.upstream.checks <= 2  # halving took 2 x 64 - 1 calls
 
 
-class Slow:
-    """A real LocalBilling whose track calls take a while."""
+class Slow(Around):
+    """Track calls take a while."""
 
     def __init__(self, billing: LocalBilling, seconds: float) -> None:
-        self.billing = billing
+        super().__init__(billing)
         self.seconds = seconds
 
     async def track_usage(self, *args: Any, **kwargs: Any) -> TrackUsageResult:
         await anyio.sleep(self.seconds)
         return await self.billing.track_usage(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.billing, name)
 
 
 async def test_a_steady_stream_of_inline_sends_is_never_cut_off(

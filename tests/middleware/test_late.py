@@ -30,6 +30,7 @@ from billingos_asgi import (
     set_customer,
 )
 from tests.asgi import serve
+from tests.test_tracker import Around
 
 from .support import as_customer, closed_port_url, concurrent_statuses
 
@@ -274,19 +275,16 @@ async def test_identify_outside_the_middleware_is_an_error_and_denial_carries_th
     assert issubclass(BillingDenied, Exception) and not issubclass(BillingDenied, ValueError)
 
 
-class HeldChecks:
-    """A real LocalBilling whose entitlement checks wait until the test lets them through."""
+class HeldChecks(Around):
+    """Entitlement checks wait until the test lets them through."""
 
     def __init__(self, billing: LocalBilling) -> None:
-        self.billing = billing
+        super().__init__(billing)
         self.gate = anyio.Event()
 
     async def check_entitlement(self, customer_id: str, feature_key: str) -> Entitlement:
         await self.gate.wait()
         return await self.billing.check_entitlement(customer_id, feature_key)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.billing, name)
 
 
 async def test_an_identify_still_waiting_when_its_request_is_billed_holds_no_units(billing: LocalBilling) -> None:
