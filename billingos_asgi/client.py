@@ -113,6 +113,9 @@ def _resolve_base_url(base_url: str | None, secret_key: str) -> str:
         raise ValidationError(f"{setting} is not a valid URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValidationError(f"{setting} must be an http(s) URL with a host, got {url!r}")
+    port = parsed.port
+    if any(char.isspace() for char in url) or not (port is None or 0 < port < 65536):
+        raise ValidationError(f"{setting} is not a valid URL (a space in it, or a port out of range): {url!r}")
     return url.rstrip("/")
 
 

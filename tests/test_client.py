@@ -1219,6 +1219,9 @@ async def test_a_base_url_read_with_surrounding_whitespace_is_used_without_it(mo
         ("ftp://billing.test", "must be an http(s) URL with a host"),
         ("http://", "must be an http(s) URL with a host"),
         ("localhost:8787", "must be an http(s) URL with a host"),
+        ("http://billing test/", "is not a valid URL (a space in it, or a port out of range)"),
+        ("http://billing.test:99999", "is not a valid URL (a space in it, or a port out of range)"),
+        ("http://billing.test:0", "is not a valid URL (a space in it, or a port out of range)"),
     ],
 )
 @pytest.mark.parametrize("setting", ["base_url", "BILLINGOS_API_URL"])
