@@ -110,6 +110,15 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return data
 
 
+def _query(request: Request, name: str) -> str | None:
+    """A query parameter given at most once: a repeated one is an array to the reference service,
+    refused as not a string (taking one of them would act on a customer the caller may not mean)."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise ValidationError(f"{name} must be a string, given {len(values)} times")
+    return values[0] if values else None
+
+
 def create_app(
     billing: LocalBilling,
     *,
@@ -166,8 +175,8 @@ def create_app(
 
     @endpoint
     async def check(request: Request) -> Response:
-        customer_id = request.query_params.get("customer_id")
-        feature_key = request.query_params.get("feature_key")
+        customer_id = _query(request, "customer_id")
+        feature_key = _query(request, "feature_key")
         if not customer_id or not feature_key:
             raise ValidationError("customer_id and feature_key are required")
         entitlement = await billing.check_entitlement(customer_id, feature_key)
@@ -175,10 +184,10 @@ def create_app(
 
     @endpoint
     async def metrics(request: Request) -> Response:
-        customer_id = request.query_params.get("customer_id")
+        customer_id = _query(request, "customer_id")
         if not customer_id:
             raise ValidationError("customer_id is required")
-        feature_key = request.query_params.get("feature_key") or None
+        feature_key = _query(request, "feature_key") or None
         return JSONResponse(_wire.metrics_to_json(await billing.get_usage_metrics(customer_id, feature_key)))
 
     @endpoint

@@ -220,9 +220,21 @@ async def test_oversized_body_is_413(raw: httpx.AsyncClient, local_server: Runni
         ("/v1/usage/check", {"feature_key": "api_calls"}, "customer_id and feature_key are required"),
         ("/v1/usage/check", {"customer_id": "u" * 300, "feature_key": "api_calls"}, "maximum is 255"),
         ("/v1/usage/metrics", {}, "customer_id is required"),
+        (
+            "/v1/usage/check",
+            "customer_id=user_free&customer_id=user_pro&feature_key=api_calls",
+            "customer_id must be a string, given 2 times",
+        ),
+        (
+            "/v1/usage/metrics",
+            "customer_id=user_free&feature_key=a&feature_key=b",
+            "feature_key must be a string, given 2 times",
+        ),
     ],
 )
-async def test_bad_queries_are_400(raw: httpx.AsyncClient, path: str, params: dict[str, str], message: str) -> None:
+async def test_bad_queries_are_400(
+    raw: httpx.AsyncClient, path: str, params: dict[str, str] | str, message: str
+) -> None:
     response = await raw.get(path, params=params, headers=AUTH)
     assert response.status_code == 400
     assert message in response.json()["message"]
