@@ -16,12 +16,14 @@ The middleware gates a declared route before routing (the handler never runs on 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -34,6 +36,8 @@ from billingos_asgi.responses import answer_refusals
 from billingos_asgi.routes import QuantityFunction
 
 __all__ = ["Billing", "PROBLEM_RESPONSES", "declared", "metered", "usage_router"]
+
+logger = logging.getLogger("billingos_asgi")
 
 _PROBLEM = {
     "application/problem+json": {
@@ -76,21 +80,36 @@ def metered(
     middleware's ``customer=`` resolver is not used for the route.
     """
     declaration = Metered(feature, quantity, bill_partial, late=customer is not None)
+    websockets_told = False
 
-    def context_of(request: Request) -> UsageContext | None:
+    def context_of(connection: HTTPConnection) -> UsageContext | None:
+        nonlocal websockets_told
+        if connection.scope["type"] != "http":
+            # A router's (or the app's) dependencies apply to its websocket routes too, which
+            # pass through the middleware unmetered (SPEC section 5): said once, not a failure.
+            if not websockets_told:
+                websockets_told = True
+                logger.warning(
+                    "metered(%r) on websocket route %s: websockets are not metered, it is served free",
+                    feature,
+                    connection.url.path,
+                )
+            return None
         # Fail closed: a route declared metered must never run unmetered by mistake.
         if not getattr(billing_gate, _COLLECTED, False):
             raise RuntimeError(
                 f"route declared metered({feature!r}) but BillingMiddleware was not given routes=declared(app)"
             )
-        return declared_context(request.scope, feature, f"route {request.url.path!r}")
+        return declared_context(connection.scope, feature, f"route {connection.url.path!r}")
 
     billing_gate: Callable[..., Any] = context_of
     if customer is not None:
 
-        async def identified(request: Request, customer_id: str | None = Depends(customer)) -> UsageContext | None:
-            context = context_of(request)
-            if context is not None:  # None: let through unmetered by on_error="allow"
+        async def identified(
+            connection: HTTPConnection, customer_id: str | None = Depends(customer)
+        ) -> UsageContext | None:
+            context = context_of(connection)
+            if context is not None:  # None: let through unmetered by on_error="allow", or a websocket
                 # Raises BillingDenied for the middleware to answer; an answer that is no customer id
                 # (the dependency's bug) is handled by on_error, as the middleware's own resolver's.
                 await context.identify_by(_as_produced, customer_id)

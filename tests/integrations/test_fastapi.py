@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from fastapi import APIRouter, Depends, FastAPI  # noqa: E402
+from fastapi import APIRouter, Depends, FastAPI, WebSocket  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling, SessionToken  # noqa: E402
 from billingos_fastapi import Billing, declared, metered, usage_router  # noqa: E402
@@ -428,4 +428,78 @@ async def test_a_path_excluded_from_a_declared_template_is_served_unmetered(bill
         anonymous = await client.get("/files/report")
     assert (public.status_code, public.json()) == (200, {"metered": False}) and "x-request-id" not in public.headers
     assert (private.status_code, private.json()) == (200, {"metered": True}) and anonymous.status_code == 401
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def _websocket_session(app: Any, path: str) -> list[dict[str, Any]]:
+    """Connect to ``path`` and disconnect at once; every message the app sent (the error it raised, as is)."""
+    inbox: list[dict[str, Any]] = [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}]
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "ws",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"app"), (b"x-customer", b"user_free")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("app", 80),
+        "subprotocols": [],
+        "state": {},
+    }
+
+    async def receive() -> dict[str, Any]:
+        if inbox:
+            return inbox.pop(0)
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(10):
+        await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["resolver", "late"])
+async def test_a_websocket_route_under_a_metered_router_passes_through(
+    billing: SpyBilling, late: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A router's (or app's) metering applies to its websocket routes too: they pass through (SPEC section 5)."""
+    from fastapi import Header
+
+    async def current_customer(x_customer: str = Header("")) -> str | None:
+        return x_customer or None
+
+    router = APIRouter(
+        prefix="/v1/chat", dependencies=[metered("api_calls", customer=current_customer if late else None)]
+    )
+    entered: list[str] = []
+
+    @router.post("")
+    async def chat() -> dict[str, str]:
+        entered.append("chat")
+        return {}
+
+    @router.websocket("/live")
+    async def live(websocket: WebSocket) -> None:
+        await websocket.accept()
+        entered.append("live")
+        await websocket.send_text("hello")
+        await websocket.close()
+
+    app = FastAPI()
+    app.include_router(router)
+    app.add_middleware(BillingMiddleware, billing=billing, customer=None if late else by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = await client.post("/v1/chat")
+        paid = await client.post("/v1/chat", headers=as_customer("user_free"))
+        sent = await _websocket_session(app, "/v1/chat/live")
+    assert (anonymous.status_code, paid.status_code) == (401, 200)
+    assert [message["type"] for message in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert entered == ["chat", "live"]
+    assert "websocket" in caplog.text and "not metered" in caplog.text
     assert await billing.recorded_units("user_free", "api_calls") == 1
