@@ -158,7 +158,9 @@ def _expand(route: BaseRoute, prefix: str) -> Iterator[Found]:
         if isinstance(original, APIRoute):
             found = None if context.dependant is None else _declared_on(original, context.dependant)
             if found is not None:
-                _document(context.responses, original.responses)
+                _document(context.responses)
+                if _declared_on(original, original.dependant) is not None:  # metered wherever it is included
+                    _document(original.responses)
             yield prefix + context.path, context.methods, found, True
         elif context.starlette_route is not None:
             yield from walk([context.starlette_route], find=_find, expand=_expand, prefix=prefix)

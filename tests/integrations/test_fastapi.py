@@ -503,3 +503,24 @@ async def test_a_websocket_route_under_a_metered_router_passes_through(
     assert entered == ["chat", "live"]
     assert "websocket" in caplog.text and "not metered" in caplog.text
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_a_router_included_metered_and_free_is_documented_metered_only_where_it_is(
+    billing: SpyBilling,
+) -> None:
+    reports = APIRouter()
+
+    @reports.get("/report")
+    async def report() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    app.include_router(reports, prefix="/paid", dependencies=[metered("api_calls")])
+    app.include_router(reports, prefix="/internal")
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        paid, internal = await client.get("/paid/report"), await client.get("/internal/report")
+        paths = (await client.get("/openapi.json")).json()["paths"]
+    assert (paid.status_code, internal.status_code) == (401, 200)
+    assert {"401", "403", "429"} <= set(paths["/paid/report"]["get"]["responses"])
+    assert set(paths["/internal/report"]["get"]["responses"]) == {"200"}  # served free: no 401/403/429
