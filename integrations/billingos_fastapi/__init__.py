@@ -78,6 +78,9 @@ def metered(
     ``customer``: the app's own auth dependency returning the customer id (or None). The gate
     then runs at dependency time with what it produced (late identification), and the
     middleware's ``customer=`` resolver is not used for the route.
+
+    One request meters one feature: a route declared twice differently (on its router and on
+    itself, say) is refused when the middleware stack is built; neither declaration wins.
     """
     declaration = Metered(feature, quantity, bill_partial, late=customer is not None)
     websockets_told = False
@@ -138,7 +141,7 @@ def _find(route: Route) -> Metered | None:
     """A route's declaration (a :func:`metered` dependency, or ``@metered``), documented in OpenAPI."""
     if not isinstance(route, APIRoute):
         return metering_of(route)
-    found = _declared_on(route, route.dependant)
+    found = _declared_on(route, route.dependant, route.path)
     if found is not None:
         _document(route.responses)
     return found
@@ -156,23 +159,28 @@ def _expand(route: BaseRoute, prefix: str) -> Iterator[Found]:
     for context in contexts():
         original = context.original_route
         if isinstance(original, APIRoute):
-            found = None if context.dependant is None else _declared_on(original, context.dependant)
+            path = prefix + context.path
+            found = None if context.dependant is None else _declared_on(original, context.dependant, path)
             if found is not None:
                 _document(context.responses)
-                if _declared_on(original, original.dependant) is not None:  # metered wherever it is included
+                if _declared_on(original, original.dependant, path) is not None:  # metered wherever it is included
                     _document(original.responses)
-            yield prefix + context.path, context.methods, found, True
+            yield path, context.methods, found, True
         elif context.starlette_route is not None:
             yield from walk([context.starlette_route], find=_find, expand=_expand, prefix=prefix)
 
 
-def _declared_on(route: APIRoute, dependant: Dependant) -> Metered | None:
-    """The route's declaration: ``@metered``, or a :func:`metered` dependency at any depth."""
+def _declared_on(route: APIRoute, dependant: Dependant, path: str) -> Metered | None:
+    """The route's declaration: ``@metered``, or a :func:`metered` dependency at any depth.
+
+    Two different ones (its router's and its own, say) are refused: neither wins, as one request
+    is billed for one feature; ``path`` (the route's, as the client calls it) says where.
+    """
     declaration = metering_of(route)
     for call in _metered_calls(dependant):
         found: Metered = getattr(call, MARK)
         if declaration is not None and found != declaration:
-            raise ValueError(f"{route.path}: metered twice, as {declaration!r} and {found!r}")
+            raise ValueError(f"{path}: metered twice, as {declaration!r} and {found!r}: declare one")
         declaration = found
         setattr(call, _COLLECTED, True)
     return declaration

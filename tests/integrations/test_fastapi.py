@@ -524,3 +524,21 @@ async def test_a_router_included_metered_and_free_is_documented_metered_only_whe
     assert (paid.status_code, internal.status_code) == (401, 200)
     assert {"401", "403", "429"} <= set(paths["/paid/report"]["get"]["responses"])
     assert set(paths["/internal/report"]["get"]["responses"]) == {"200"}  # served free: no 401/403/429
+
+
+async def test_a_route_metered_on_its_router_and_on_itself_is_refused_at_start_up_by_its_full_path(
+    billing: SpyBilling,
+) -> None:
+    """Neither declaration wins (one route meters one feature): the app does not start, and says where."""
+    exports = APIRouter(prefix="/v1", dependencies=[metered("api_calls")])
+
+    @exports.post("/export", dependencies=[metered("export")])
+    async def export() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    app.include_router(exports, prefix="/api")
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    with pytest.raises(RuntimeError, match=r"/api/v1/export: metered twice, as .*'api_calls'.* and .*'export'"):
+        async with serve(app):
+            pass
