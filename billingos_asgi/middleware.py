@@ -115,6 +115,12 @@ def _trusted_request_id(scope: Scope) -> str | None:
     return text if 0 < len(text) <= _MAX_REQUEST_ID and text.isascii() and text.isprintable() else None
 
 
+def _is_preflight(scope: Scope) -> bool:
+    """A CORS preflight: the browser's own question before a cross-origin call, sent without
+    credentials (so never identified) and never billed; the app's CORS middleware answers it."""
+    return any(name == b"access-control-request-method" for name, _ in scope["headers"])
+
+
 #: A framework's slash redirect: Starlette answers 307, Django 301 (never 303, "see other").
 _SLASH_REDIRECTS = frozenset({301, 302, 307, 308})
 
@@ -180,9 +186,9 @@ class BillingMiddleware:
     :class:`Metered`, or None for a route not metered whatever a template or the default says
     (or is a function returning that map, called when the stack is built);
     ``default_feature`` meters every other route not in ``exclude`` (paths or templates; a
-    trailing ``*`` excludes a prefix). ``parsed_parameters=True`` lets a typed parameter
-    (``{item_id:int}``) take every spelling its type's parser takes, for a framework that routes
-    by parsing (Litestar serves ``/items/+5`` as ``{item_id:int}``; Starlette routes it
+    trailing ``*`` excludes a prefix); a CORS preflight is never metered. ``parsed_parameters=True``
+    lets a typed parameter (``{item_id:int}``) take every spelling its type's parser takes, for a
+    framework that routes by parsing (Litestar serves ``/items/+5`` as ``{item_id:int}``; Starlette routes it
     elsewhere); None (the default) sets it for a Litestar app (wrapped in other middleware
     first, say True).
     ``on_error`` decides requests when billing is unreachable with nothing cached, or a user hook
@@ -303,7 +309,7 @@ class BillingMiddleware:
         metered = self.routes.match(scope["method"], path)
         if metered is None:
             await self.app(scope, receive, send)
-        elif metered is EXCLUDED:
+        elif metered is EXCLUDED or scope["method"] == "OPTIONS" and _is_preflight(scope):
             await self._unmetered(scope, receive, send)
         else:
             await self._metered(scope, receive, send, metered)

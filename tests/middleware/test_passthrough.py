@@ -12,6 +12,7 @@ import anyio
 import pytest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTasks
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -141,6 +142,41 @@ async def test_background_tasks_run_after_the_response(billing: LocalBilling) ->
         assert ran == ["first", "second"]
     assert response.status_code == 202 and response.text == "accepted"
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+@pytest.mark.parametrize("identified", ["by resolver", "late"])
+async def test_a_cors_preflight_passes_through_unmetered_to_the_cors_middleware_inside(
+    billing: LocalBilling, identified: str
+) -> None:
+    resolved: list[str] = []
+
+    def resolver(request: Request) -> str | None:
+        resolved.append(request.method)
+        return by_header(request)
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/x", endpoint, methods=["GET", "OPTIONS"])])
+    middleware = BillingMiddleware(
+        CORSMiddleware(app, allow_origins=["https://app.test"], allow_methods=["*"]),  # inside
+        billing=billing,
+        customer=resolver if identified == "by resolver" else None,
+        default_feature="api_calls",
+    )
+    preflight = {"origin": "https://app.test", "access-control-request-method": "GET"}
+    async with serve(middleware) as client:
+        answered = await client.options("/x", headers=preflight)
+        plain = await client.options("/x", headers={"origin": "https://app.test"})  # not a preflight: metered
+    assert answered.status_code == 200
+    assert answered.headers["access-control-allow-origin"] == "https://app.test"
+    assert "x-request-id" not in answered.headers
+    assert middleware.upstream.checks == 0
+    if identified == "by resolver":
+        assert resolved == ["OPTIONS"] and plain.status_code == 401  # the plain OPTIONS only
+    else:
+        assert "x-request-id" in plain.headers and middleware.unidentified == 1
+    assert await billing.recorded_units("user_free", "api_calls") == 0
 
 
 def lifespan_less(*, refuse: bool) -> ASGIApp:
