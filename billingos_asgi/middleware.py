@@ -186,11 +186,11 @@ class BillingMiddleware:
     :class:`Metered`, or None for a route not metered whatever a template or the default says
     (or is a function returning that map, called when the stack is built);
     ``default_feature`` meters every other route not in ``exclude`` (paths or templates; a
-    trailing ``*`` excludes a prefix); a CORS preflight is never metered. ``parsed_parameters=True``
-    lets a typed parameter (``{item_id:int}``) take every spelling its type's parser takes, for a
-    framework that routes by parsing (Litestar serves ``/items/+5`` as ``{item_id:int}``; Starlette routes it
-    elsewhere); None (the default) sets it for a Litestar app (wrapped in other middleware
-    first, say True).
+    trailing ``*`` excludes a prefix); a CORS preflight is never metered.
+    ``parsed_parameters=True`` lets a typed parameter (``{item_id:int}``) take every spelling its
+    type's parser takes, for a framework that routes by parsing (Litestar serves ``/items/+5`` as
+    ``{item_id:int}``; Starlette routes it elsewhere); None (the default) sets it for a Litestar
+    app (wrapped in other middleware first, say True).
     ``on_error`` decides requests when billing is unreachable with nothing cached, or a user hook
     raises: ``"allow"`` (the default) lets them through, ``"deny"`` answers 503. A client-sent
     ``X-Request-ID`` becomes the idempotency key only with ``trust_request_id=True`` (behind a
