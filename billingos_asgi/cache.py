@@ -20,7 +20,7 @@ from cachetools import LRUCache
 
 from ._exceptions import CustomerNotFoundError, QuotaExceededError
 from ._models import Entitlement, TrackUsageResult
-from .upstream import CHECK_WAIT, Upstream
+from .upstream import CHECK_TIMEOUT, CHECK_WAIT, Upstream
 
 __all__ = ["EntitlementCache", "Quota"]
 
@@ -227,7 +227,9 @@ class EntitlementCache:
         try:
             # With an answer to fall back on, a request never waits for a budget token.
             wait = 0.0 if previous is not None else CHECK_WAIT
-            entitlement: Entitlement | None = await self._upstream.check_entitlement(*key, wait=wait)
+            entitlement: Entitlement | None = await self._upstream.check_entitlement(
+                *key, wait=wait, answer_within=CHECK_TIMEOUT
+            )
         except CustomerNotFoundError:
             entitlement = None
         except Exception:

@@ -41,6 +41,9 @@ DEFAULT_CALLS_PER_MINUTE = 90.0
 DEFAULT_BURST = 10
 #: How long a request waits for a budget token before billing counts as unavailable for it.
 CHECK_WAIT = 1.0
+#: How long a request waits for a check's answer: the client's own retries of a hanging upstream
+#: would hold it for 40 s and more (four attempts of a 10 s read timeout) before ``on_error`` decides.
+CHECK_TIMEOUT = 5.0
 DEFAULT_FAILURE_THRESHOLD = 5
 #: Upstream's limits are per minute: a 429 asking for a longer pause (a bug, or a proxy's) is cut to this.
 MAX_PAUSE = 60.0
@@ -195,11 +198,19 @@ class Upstream:
         if self.budget is not None:
             await self.budget.take(reserve=self.track_reserve if reserve else 0.0)
 
-    async def check_entitlement(self, customer_id: str, feature_key: str, *, wait: float) -> Entitlement:
-        """A check, when the breaker and the budget allow within ``wait`` seconds; else an error at once."""
+    async def check_entitlement(
+        self, customer_id: str, feature_key: str, *, wait: float, answer_within: float | None = None
+    ) -> Entitlement:
+        """A check, when the breaker and the budget allow within ``wait`` seconds; else an error at once.
+
+        No answer within ``answer_within`` seconds is a :class:`NetworkError`, and a failure for the breaker.
+        """
         await self._admit(wait)
         self.checks += 1
-        return await self._guarded(self.backend.check_entitlement(customer_id, feature_key))
+        with anyio.move_on_after(answer_within):
+            return await self._guarded(self.backend.check_entitlement(customer_id, feature_key))
+        self.breaker.failed()
+        raise NetworkError(f"billing check unanswered after {answer_within} s")
 
     async def track_usage(
         self,

@@ -8,6 +8,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -373,6 +374,37 @@ async def test_unreachable_billing_deny_answers_503() -> None:
         assert int(response.headers["retry-after"]) > 0
         assert calls == []
         assert middleware.tracker.stats.queued == 0
+
+
+class Hanging:
+    """A billing service that accepts calls and never answers them."""
+
+    async def check_entitlement(self, customer_id: str, feature_key: str) -> Any:
+        await anyio.sleep_forever()
+
+    async def track_usage(self, *args: Any, **kwargs: Any) -> Any:
+        await anyio.sleep_forever()
+
+
+@pytest.mark.parametrize(("on_error", "status"), [("allow", 200), ("deny", 503)])
+async def test_a_hanging_billing_check_is_decided_by_on_error_in_bounded_time(
+    monkeypatch: pytest.MonkeyPatch, on_error: Any, status: int
+) -> None:
+    # Without a deadline of its own, the request waited on the client's retries (40 s and more).
+    monkeypatch.setattr("billingos_asgi.cache.CHECK_TIMEOUT", 0.2)
+    middleware = BillingMiddleware(
+        recording_app([]),
+        billing=Hanging(),  # type: ignore[arg-type]
+        customer=by_header,
+        routes={"/x": "api_calls"},
+        on_error=on_error,
+        drain_timeout=0.1,
+    )
+    async with serve(middleware) as client:
+        with anyio.fail_after(5):
+            response = await client.get("/x", headers=as_customer("user_free"))
+    assert response.status_code == status
+    assert middleware.upstream.breaker.failures >= 1
 
 
 def test_on_error_must_be_allow_or_deny(billing: LocalBilling) -> None:
