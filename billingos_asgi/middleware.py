@@ -141,6 +141,16 @@ def _to_itself(scope: Scope, start: Message) -> bool:
     return location is not None and redirects_to_itself(scope["path"], query, host, location, scheme, start["status"])
 
 
+#: The options in seconds, and whether each may be 0.
+_SECONDS = (
+    ("cache_ttl", False),
+    ("cache_stale_ttl", False),
+    ("cache_negative_ttl", False),
+    ("flush_interval", True),
+    ("drain_timeout", True),
+)
+
+
 def _check_options(**options: Any) -> None:
     """Refuse, by name, what would otherwise fail on every request or never take effect."""
     billing = options["billing"]
@@ -160,6 +170,19 @@ def _check_options(**options: Any) -> None:
     path = options["metrics_path"]
     if path is not None and not (isinstance(path, str) and path.startswith("/")):
         raise ValueError(f"metrics_path must be a path starting with '/', got {path!r}")
+    # By the option's name (the cache and the tracker would name their own parameters), NaN included.
+    for name, zero in _SECONDS:
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0 if zero else value > 0):
+            raise ValueError(f"{name} must be a number of seconds {'>= 0' if zero else '> 0'}, got {value!r}")
+    if not options["cache_stale_ttl"] >= options["cache_ttl"]:
+        raise ValueError(
+            f"cache_stale_ttl ({options['cache_stale_ttl']!r}) must be >= cache_ttl ({options['cache_ttl']!r}):"
+            " raise it with cache_ttl"
+        )
+    for name in ("cache_size", "max_queue"):
+        if isinstance(options[name], bool) or not isinstance(options[name], int) or options[name] < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {options[name]!r}")
 
 
 def _parses_parameters(app: object) -> bool:
@@ -250,6 +273,13 @@ class BillingMiddleware:
             on_rejected=on_rejected,
             upgrade_url=upgrade_url,
             metrics_path=metrics_path,
+            cache_ttl=cache_ttl,
+            cache_stale_ttl=cache_stale_ttl,
+            cache_negative_ttl=cache_negative_ttl,
+            cache_size=cache_size,
+            flush_interval=flush_interval,
+            max_queue=max_queue,
+            drain_timeout=drain_timeout,
         )
         self.app = app
         self.billing = billing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -514,6 +515,13 @@ def test_only_a_frameworks_move_to_https_is_a_redirect_to_itself(status: int, lo
         ({"routes": {"/a/{x:money}": "api_calls"}}, "routes: '/a/{x:money}': Unknown path convertor 'money'"),
         ({"exclude": "/health"}, "exclude must be a list of paths, got the string '/health'"),
         ({"exclude": ["/a/{x:money}"]}, "exclude: '/a/{x:money}': Unknown path convertor"),
+        ({"cache_ttl": 900}, "cache_stale_ttl (600.0) must be >= cache_ttl (900)"),
+        ({"cache_ttl": math.nan}, "cache_ttl must be a number of seconds > 0, got nan"),
+        ({"cache_negative_ttl": "30"}, "cache_negative_ttl must be a number of seconds > 0, got '30'"),
+        ({"flush_interval": math.nan}, "flush_interval must be a number of seconds >= 0, got nan"),
+        ({"drain_timeout": -1}, "drain_timeout must be a number of seconds >= 0, got -1"),
+        ({"max_queue": 1.5}, "max_queue must be a whole number >= 1, got 1.5"),
+        ({"cache_size": 0}, "cache_size must be a whole number >= 1, got 0"),
     ],
 )
 def test_wrong_options_are_refused_by_name(billing: LocalBilling, options: dict[str, Any], message: str) -> None:
