@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Mapping
 import anyio
 from starlette.types import ASGIApp, Message
 
+from ._exceptions import CustomerNotFoundError
 from .local import LocalBilling
 
 __all__ = ["assert_recorded", "lifespan"]
@@ -70,7 +71,17 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
 
 
 async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Mapping[str, float]) -> None:
-    """Assert the units recorded for ``customer_id``, by feature (run it after the lifespan has drained)."""
+    """Assert the units recorded for ``customer_id``, by feature (run it after the lifespan has drained).
+
+    A customer or feature the billing does not know fails, rather than pass as "nothing recorded".
+    """
+    unknown = sorted(set(expected) - set(billing.catalog.features))
+    if unknown:
+        raise AssertionError(f"unknown features {unknown}: the plans declare {sorted(billing.catalog.features)}")
+    try:
+        await billing.get_usage_metrics(customer_id)
+    except CustomerNotFoundError:
+        raise AssertionError(f"unknown customer {customer_id!r}") from None
     recorded = {feature: await billing.recorded_units(customer_id, feature) for feature in expected}
     wrong = {f: (recorded[f], units) for f, units in expected.items() if abs(recorded[f] - units) > 1e-9}
     if wrong:

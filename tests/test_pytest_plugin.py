@@ -50,6 +50,14 @@ async def test_a_wrong_expectation_names_the_difference(billing):
         await assert_recorded(billing, "customer_pro", {"api_calls": 5})
 
 
+@pytest.mark.asyncio
+async def test_a_misspelt_customer_or_feature_fails_rather_than_pass_as_nothing_recorded(billing):
+    with pytest.raises(AssertionError, match="unknown customer 'customer_fre'"):
+        await assert_recorded(billing, "customer_fre", {"api_calls": 0})
+    with pytest.raises(AssertionError, match="unknown features .'api_cals'."):
+        await assert_recorded(billing, "customer_free", {"api_cals": 0})
+
+
 class TestOwnPlans:
     @pytest.fixture
     def billing_plans(self):
@@ -72,4 +80,4 @@ def test_a_user_tests_their_metered_app_with_the_billing_fixture(pytester: pytes
     pytester.makepyfile(test_user_app=USER_TESTS)
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=4)
