@@ -79,6 +79,8 @@ class UsageMetric:
 
 @dataclass(frozen=True, slots=True)
 class UsageMetrics:
+    """A customer's usage quotas, one :class:`UsageMetric` each (``get_usage_metrics``' answer)."""
+
     customer_id: str
     metrics: tuple[UsageMetric, ...]
 

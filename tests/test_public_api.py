@@ -11,6 +11,12 @@ def test_all_is_sorted_and_importable() -> None:
         assert getattr(billingos_asgi, name) is not None
 
 
+def test_every_public_name_says_what_it_is() -> None:
+    for name in billingos_asgi.__all__:
+        doc = getattr(billingos_asgi, name).__doc__ or ""
+        assert doc.strip() and not doc.startswith(f"{name}("), name  # not a dataclass's generated signature
+
+
 def test_spec_names_are_exported() -> None:
     for name in ("BillingOS", "LocalBilling", "BillingOSError", "Entitlement", "TrackUsageResult", "UsageMetrics"):
         assert name in billingos_asgi.__all__
