@@ -39,6 +39,7 @@ from .cache import (
 from .context import LET_THROUGH, UsageContext, _current
 from .customers import Answer, CustomerResolver, ScopeResolver
 from .events import UsageEvent, event_key
+from .local import LocalBilling
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
 from .responses import BillingDenied, Denial, ProblemFactory, problem_response, quota_headers
@@ -185,6 +186,17 @@ def _check_options(**options: Any) -> None:
             raise ValueError(f"{name} must be a whole number >= 1, got {options[name]!r}")
 
 
+def _warn_of_unknown_features(metered: Iterable[str], declared: Iterable[str]) -> None:
+    """A feature no plan can grant (a typo, most likely) answers every request 403, silently."""
+    unknown = sorted(set(metered) - set(declared))
+    if unknown:
+        logger.warning(
+            "features %s are metered but not in the plans (which declare %s): every request to them is answered 403",
+            unknown,
+            sorted(declared),
+        )
+
+
 def _parses_parameters(app: object) -> bool:
     """Whether ``app`` routes a typed path parameter by parsing it: Litestar does (``int()`` takes
     ``+5``); Starlette, FastAPI and Django match a pattern."""
@@ -290,6 +302,8 @@ class BillingMiddleware:
         self.routes = RouteTable(
             routes, default_feature=default_feature, exclude=exclude, parsed_parameters=parsed_parameters
         )
+        if isinstance(billing, LocalBilling):
+            _warn_of_unknown_features(self.routes.features, billing.catalog.features)
         self.upstream = Upstream(
             billing,
             budget=None if calls_per_minute is None else Budget(calls_per_minute, call_burst),

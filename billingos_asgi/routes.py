@@ -220,6 +220,15 @@ class RouteTable:
         # beyond a dict lookup when nothing dynamic or excluded-by-pattern is configured.
         self._simple = not self._dynamic and not self._excluded_patterns and not prefixes
 
+    @property
+    def features(self) -> frozenset[str]:
+        """The features that requests may meter here (to check against the plans)."""
+        metered = [m for by_method in self._static.values() for m in by_method.values()]
+        metered += [m for _, _, m in self._dynamic]
+        if self._default is not None:
+            metered.append(self._default)
+        return frozenset(m.feature for m in metered if m is not _UNMETERED)
+
     def _refuse_conflicts(self, configured: Iterable[tuple[str, str, bool]]) -> None:
         """A route that an exclusion covers is refused: which of the two the user meant is not for us to guess."""
         for key, path, static in configured:

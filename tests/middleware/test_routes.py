@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -528,6 +529,19 @@ def test_wrong_options_are_refused_by_name(billing: LocalBilling, options: dict[
     settings: dict[str, Any] = {"billing": billing, "customer": by_header, **options}
     with pytest.raises(ValueError, match=re.escape(message)):
         BillingMiddleware(Starlette(), **settings)
+
+
+def test_a_feature_the_local_plans_do_not_declare_is_warned_of_at_construction(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    routes: dict[str, str | Metered | None] = {"/a": "api_calls", "/b/{id}": "exprot", "/c": None}
+    BillingMiddleware(Starlette(), billing=billing, customer=by_header, routes=routes, default_feature="api_cals")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("features ['api_cals', 'exprot'] are metered but not in the plans")
+    caplog.clear()
+    known: dict[str, str | Metered | None] = {"/a": "export"}
+    BillingMiddleware(Starlette(), billing=billing, customer=by_header, routes=known, default_feature="tokens")
+    assert not caplog.records
 
 
 async def test_quota_headers_show_what_is_left_once_billed_and_only_on_answers_billed(billing: LocalBilling) -> None:
