@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -61,6 +61,8 @@ class Quota:
     usable_until: float = -math.inf  # (monotonic) served stale, while one refresh runs, until then
     refreshing: bool = False
     retry_at: float = 0.0  # no background refresh before this (monotonic) time
+    key: Key | None = None  # its (customer, feature) in ``home``, the cache's entries
+    home: _Entries | None = field(default=None, repr=False)
 
     def admit(self, quantity: float) -> int:
         """Count ``quantity`` units in and return 0, or return the status refusing the request (403/429)."""
@@ -74,6 +76,21 @@ class Quota:
                 return 429
         self.local += quantity
         return 0
+
+    def hold(self, units: float) -> Quota:
+        """Count in ``units`` that a running request reported, and return the entry counting them:
+        this one, unless it was evicted with nothing open on it (its request admitted with 0 units);
+        then it is set aside again, or the newer entry of its key counts them."""
+        quota = self
+        home, key = self.home, self.key
+        if self.local <= _EPSILON and home is not None and key is not None:
+            current = home.find(key)
+            if current is None:
+                home.aside[key] = self
+            else:
+                quota = current
+        quota.local += units
+        return quota
 
     def renew(self, entitlement: Entitlement | None) -> None:
         """Take a newer upstream answer, keeping this process's accounting (usage only grows within a period)."""
@@ -241,7 +258,7 @@ class EntitlementCache:
                 logger.debug("billing check for %s/%s failed; using the cached answer", *key, exc_info=True)
                 return previous
             raise
-        quota = Quota(None) if previous is None else previous
+        quota = Quota(None, key=key, home=self._entries) if previous is None else previous
         quota.renew(entitlement)
         self._stamp(quota)
         self._entries[key] = quota  # (again, if it was evicted meanwhile)
@@ -267,19 +284,6 @@ class EntitlementCache:
             quota = self._entries.get(key)
             if quota is not None:
                 quota.refreshing = False
-
-    def reopen(self, customer_id: str, feature_key: str, quota: Quota) -> Quota:
-        """The entry on which a finished request counts units it was not admitted with (reported).
-
-        ``quota``, the entry it was admitted on; unless that was evicted while nothing was open
-        on it (admitted with 0 units): then it is set aside again, or the newer entry of its key
-        counts them, where their confirmation will settle them.
-        """
-        key = (customer_id, feature_key)
-        current = self._entries.find(key)
-        if current is None:
-            current = self._entries.aside[key] = quota
-        return current
 
     def known_full(self, customer_id: str, feature_key: str) -> bool:
         """Whether the entry of the key has nothing left (as after a quota refusal, until upstream says more)."""

@@ -79,6 +79,9 @@ class UsageContext:
         units = round(check_quantity(units), QUANTITY_DECIMALS)
         self._still_open("report_usage()")
         self.reported += units
+        quota = self.quota
+        if quota is not None and quota.tracked:  # pending from now on: requests admitted meanwhile see them
+            self.quota = quota.hold(units)
 
     async def identify(self, customer_id: str | None) -> None:
         """Name the paying customer and run the gate, where the app's own auth has just run.

@@ -448,7 +448,7 @@ class BillingMiddleware:
                     to_itself = _to_itself(scope, message)
                 gated = context.quota
                 if gated is not None and gated.limit is not None and status < 400 and not to_itself:  # billed
-                    left = gated.limit - gated.usage - gated.local - context.reported  # clamped at 0 there
+                    left = gated.limit - gated.usage - gated.local  # (its reported units included) clamped at 0 there
                     message["headers"] = [
                         *message.get("headers", ()),
                         (b"x-request-id", request_id.encode()),
@@ -499,6 +499,9 @@ class BillingMiddleware:
         context.settled = True
         quota = context.quota
         customer = context.customer_id
+        reported = context.reported
+        if reported and quota is not None and quota.tracked:
+            admitted += reported  # held on the quota as they were reported
         if used <= 0 or customer is None or (quota is not None and not quota.tracked):
             if quota is not None:
                 quota.local -= admitted  # nothing on its way (flags and numeric limits are never tracked)
@@ -514,9 +517,7 @@ class BillingMiddleware:
                 )
             return None
         feature = context.feature
-        if quota is not None and used != admitted:
-            if used > admitted:  # units the endpoint reported
-                quota = self.cache.reopen(customer, feature, quota)
+        if quota is not None and used != admitted:  # billed less than it holds (a partial answer)
             quota.local += used - admitted
         counted = quota is not None  # let through with nothing cached: its units are not counted here
         key = event_key(context.request_id, feature)
@@ -550,6 +551,8 @@ class BillingMiddleware:
             status = quota.admit(context.quantity)
             if status:
                 raise self._refusal(self._denial(status, request, feature, customer, quota))
+            if context.reported and quota.tracked:  # reported before the app knew whose they were
+                quota = quota.hold(context.reported)
         context.customer_id, context.quota = customer, quota
 
     # -- user hooks, called so that their failure cannot take a request down silently --

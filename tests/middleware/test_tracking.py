@@ -699,3 +699,43 @@ async def test_a_path_an_inner_middleware_excludes_still_reports_to_the_outer_on
     async with serve(outer) as client:
         assert (await client.get("/llm", headers=as_customer("user_free"))).status_code == 200
     assert await billing.recorded_units("user_free", "tokens") == 5
+
+
+async def test_units_a_running_request_reported_are_pending_for_the_requests_admitted_meanwhile(
+    billing: LocalBilling,
+) -> None:
+    """A streaming answer that has reported the whole quota while it runs leaves nothing for a
+    request admitted before it ends: zero overshoot counts the units this process knows of."""
+    reported = anyio.Event()
+    release = anyio.Event()
+
+    async def llm(request: Request) -> Response:
+        report_usage(100)  # user_free's whole quota of tokens, before the answer is complete
+        reported.set()
+        await release.wait()
+        return PlainTextResponse("answer")
+
+    async def one(request: Request) -> Response:
+        return PlainTextResponse("one")
+
+    rejected: list[float] = []
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/llm", llm), Route("/one", one)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/llm": Metered("tokens", quantity=None), "/one": Metered("tokens", quantity=1)},
+        on_rejected=lambda event, reason: rejected.append(event.quantity),
+    )
+    statuses: list[int] = []
+    async with serve(middleware) as client:
+
+        async def ask(path: str) -> None:
+            statuses.append((await client.get(path, headers=as_customer("user_free"))).status_code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "/llm")
+            await reported.wait()
+            await ask("/one")  # nothing is left: the running request's 100 tokens are pending here
+            release.set()
+    assert statuses == [429, 200]
+    assert rejected == [] and await billing.recorded_units("user_free", "tokens") == 100
