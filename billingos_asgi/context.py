@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import anyio.from_thread
 from starlette.requests import Request
 
 from ._models import Entitlement
@@ -77,11 +78,21 @@ class UsageContext:
     def report(self, units: float) -> None:
         """Add ``units`` (a finite number > 0, at upstream's resolution of 1e-6) to this request's usage."""
         units = round(check_quantity(units), QUANTITY_DECIMALS)
-        self._still_open("report_usage()")
+        try:  # from a sync endpoint's worker thread: added on the event loop, which owns the quotas
+            added = anyio.from_thread.run_sync(self._add, units)
+        except RuntimeError:  # on the event loop already (or in a thread that AnyIO did not start)
+            added = self._add(units)
+        if not added:
+            self._still_open("report_usage()")
+
+    def _add(self, units: float) -> bool:
+        if self.settled:
+            return False
         self.reported += units
         quota = self.quota
         if quota is not None and quota.tracked:  # pending from now on: requests admitted meanwhile see them
             self.quota = quota.hold(units)
+        return True
 
     async def identify(self, customer_id: str | None) -> None:
         """Name the paying customer and run the gate, where the app's own auth has just run.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -28,6 +30,7 @@ from billingos_asgi import (
     get_usage_context,
     report_usage,
 )
+from billingos_asgi.cache import Quota
 from billingos_asgi.testing import lifespan
 from tests.asgi import serve
 
@@ -701,19 +704,36 @@ async def test_a_path_an_inner_middleware_excludes_still_reports_to_the_outer_on
     assert await billing.recorded_units("user_free", "tokens") == 5
 
 
+@pytest.mark.parametrize("endpoint", ["async", "sync (in a worker thread)"])
 async def test_units_a_running_request_reported_are_pending_for_the_requests_admitted_meanwhile(
-    billing: LocalBilling,
+    billing: LocalBilling, endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A streaming answer that has reported the whole quota while it runs leaves nothing for a
     request admitted before it ends: zero overshoot counts the units this process knows of."""
     reported = anyio.Event()
     release = anyio.Event()
 
-    async def llm(request: Request) -> Response:
+    async def async_llm(request: Request) -> Response:
         report_usage(100)  # user_free's whole quota of tokens, before the answer is complete
         reported.set()
         await release.wait()
         return PlainTextResponse("answer")
+
+    def sync_llm(request: Request) -> Response:
+        report_usage(100)
+        anyio.from_thread.run_sync(reported.set)
+        anyio.from_thread.run(release.wait)
+        return PlainTextResponse("answer")
+
+    llm = async_llm if endpoint == "async" else sync_llm
+    holding_threads: list[int] = []  # the quotas are the event loop's: a worker thread hands its units over
+    hold = Quota.hold
+
+    def spied_hold(quota: Quota, units: float) -> Quota:
+        holding_threads.append(threading.get_ident())
+        return hold(quota, units)
+
+    monkeypatch.setattr(Quota, "hold", spied_hold)
 
     async def one(request: Request) -> Response:
         return PlainTextResponse("one")
@@ -739,3 +759,4 @@ async def test_units_a_running_request_reported_are_pending_for_the_requests_adm
             release.set()
     assert statuses == [429, 200]
     assert rejected == [] and await billing.recorded_units("user_free", "tokens") == 100
+    assert holding_threads == [threading.get_ident()]
