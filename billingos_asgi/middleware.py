@@ -461,8 +461,14 @@ class BillingMiddleware:
                 and not message.get("more_body", False)
                 or (kind == _PATHSEND)
             ):
-                await send(message)
+                # Complete unless the client left before, or the send fails: a server may take the
+                # last bytes and yield, and the client, served, close meanwhile (Hypercorn does).
                 completed = not disconnected and not to_itself
+                try:
+                    await send(message)
+                except BaseException:
+                    completed = False
+                    raise
                 return
             await send(message)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -173,6 +174,7 @@ async def call_raw(
     disconnect_after_chunks: int | None = None,
     raise_on_chunk: int | None = None,
     on_send: OnSend | None = None,
+    yield_in_last_send: bool = False,
 ) -> RawExchange:
     """Run one HTTP request through ``app`` with hand-made ``receive`` / ``send``.
 
@@ -180,8 +182,9 @@ async def call_raw(
     once the response is complete (as servers do), or once ``disconnect_after_chunks`` body
     chunks have been sent (a client going away mid-body). ``raise_on_chunk``: ``send`` raises
     ``OSError`` on that body chunk (1-based), as an ASGI 2.4 server does for a vanished client.
-    ``on_send`` sees every message before it is recorded. An exception the app raises is kept in
-    ``error`` rather than raised.
+    ``on_send`` sees every message before it is recorded. ``yield_in_last_send``: the last send
+    yields once it has the bytes, and the client, served, closes meanwhile (Hypercorn does, on a
+    ``Connection: close``). An exception the app raises is kept in ``error`` rather than raised.
     """
     exchange = RawExchange()
     gone = anyio.Event()
@@ -210,6 +213,10 @@ async def call_raw(
         if message["type"] == "http.response.body":
             if not message.get("more_body", False):
                 gone.set()
+                if yield_in_last_send:
+                    with anyio.CancelScope(shield=True):  # the bytes are the server's: not taken back
+                        for _ in range(3):
+                            await anyio.lowlevel.checkpoint()
             elif disconnect_after_chunks is not None and body_chunks >= disconnect_after_chunks:
                 gone.set()
 

@@ -119,6 +119,22 @@ async def test_client_disconnect_mid_stream(
     assert middleware.tracker.stats.queued == (1 if billed else 0)
 
 
+async def test_a_client_closing_once_served_while_the_last_send_yields_is_billed(billing: LocalBilling) -> None:
+    """Hypercorn's last send yields after taking the bytes; a client that closes its connection
+    then (``Connection: close``) was served in full, and Starlette's disconnect listener sees it."""
+    middleware = BillingMiddleware(
+        streaming_app(report=5),
+        billing=billing,
+        customer=by_header,
+        routes={"/stream": Metered("tokens", quantity=1)},
+    )
+    async with lifespan(middleware):
+        with anyio.fail_after(10):
+            exchange = await call_raw(middleware, http_scope("/stream", headers=FREE), yield_in_last_send=True)
+    assert exchange.error is None and exchange.status == 200 and exchange.complete
+    assert await billing.recorded_units("user_free", "tokens") == 6
+
+
 async def test_aborted_streams_release_their_reserved_units(billing: LocalBilling) -> None:
     app = Starlette(
         routes=[Route("/stall", stream_endpoint(stall_after_first=True)), Route("/stream", stream_endpoint())]
