@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .local.engine import LocalBilling
 from .local.plans import PlansError
 from .local.server import DEFAULT_SECRET_KEY, create_app
@@ -38,11 +39,14 @@ def _secret_key(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="billingos-asgi", description="billingos-asgi tools")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the local BillingOS API server")
     serve.add_argument("--plans", required=True, help="plans file (TOML)")
     serve.add_argument("--db", default=":memory:", help="SQLite database file (default: in memory)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)"
+    )
     serve.add_argument("--port", type=_port, default=8787, help="0: any free port (default %(default)s)")
     serve.add_argument(
         "--secret-key",

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import billingos_asgi
 from billingos_asgi import LocalBilling
 from billingos_asgi.cli import build_parser
 from tests.local.conftest import write_locked
@@ -61,6 +62,11 @@ def test_bad_options_are_refused(args: list[str], message: str, capsys: pytest.C
         build_parser().parse_args(["serve", "--plans", "p.toml", *args])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_version_is_the_package_version() -> None:
+    answered = run_cli("--version")
+    assert answered.returncode == 0 and answered.stdout == f"billingos-asgi {billingos_asgi.__version__}\n"
 
 
 def test_rate_limit_accepts_n_per_min() -> None:
