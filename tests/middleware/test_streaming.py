@@ -171,12 +171,14 @@ async def test_client_disconnect_seen_as_oserror_on_send(
     assert await billing.recorded_units("user_free", "tokens") == billed
 
 
-async def test_stream_that_fails_mid_body_is_not_billed(billing: LocalBilling) -> None:
+@pytest.mark.parametrize("bill_partial", [False, True])
+async def test_stream_that_fails_mid_body_is_not_billed(billing: LocalBilling, bill_partial: bool) -> None:
+    """``bill_partial`` keeps what a client's disconnect cut short; an app that fails is not billed at all."""
     middleware = BillingMiddleware(
         streaming_app(fail_after_first=True, report=5),
         billing=billing,
         customer=by_header,
-        routes={"/stream": Metered("tokens", quantity=1)},
+        routes={"/stream": Metered("tokens", quantity=1, bill_partial=bill_partial)},
     )
     async with lifespan(middleware):
         exchange = await call_raw(middleware, http_scope("/stream", headers=FREE))
