@@ -171,6 +171,57 @@ async def test_client_disconnect_seen_as_oserror_on_send(
     assert await billing.recorded_units("user_free", "tokens") == billed
 
 
+async def test_a_last_chunk_the_server_could_not_send_is_not_billed(billing: LocalBilling) -> None:
+    """ASGI 2.4: the send of the last chunk raises (the client went away as it was sent): the
+    response did not complete, so nothing is billed and its units are released."""
+    middleware = BillingMiddleware(
+        streaming_app(report=5),
+        billing=billing,
+        customer=by_header,
+        routes={"/stream": Metered("tokens", quantity=95)},
+    )
+    async with lifespan(middleware):
+        # Chunks 1-3 carry the body; the 4th, empty, closes it.
+        failed = await call_raw(middleware, http_scope("/stream", headers=FREE, spec_version="2.4"), raise_on_chunk=4)
+        served = await call_raw(middleware, http_scope("/stream", headers=FREE))  # 100 tokens: needs all of them
+    assert isinstance(failed.error, ClientDisconnect) and failed.body == b"first;second;third"
+    assert served.error is None and served.status == 200 and served.complete
+    assert await billing.recorded_units("user_free", "tokens") == 100
+    assert middleware.tracker.stats.queued == 1
+
+
+async def test_a_body_finished_after_the_client_left_is_not_billed(billing: LocalBilling) -> None:
+    """ASGI < 2.4: once the client is gone a server's ``send`` does nothing (uvicorn's). An app
+    that hears the ``http.disconnect`` and still finishes its body has not served anyone."""
+
+    async def finishes_anyway(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan: the middleware answers it
+        await receive()  # the request body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first;", "more_body": True})
+        assert (await receive())["type"] == "http.disconnect"
+        await send({"type": "http.response.body", "body": b"rest", "more_body": False})
+
+    middleware = BillingMiddleware(finishes_anyway, billing=billing, customer=by_header, default_feature="api_calls")
+    delivered: list[Message] = []
+    inbox: list[Message] = [{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}]
+
+    async def receive() -> Message:
+        return inbox.pop(0)
+
+    async def send(message: Message) -> None:
+        if not inbox:  # the client is gone: the bytes go nowhere
+            return
+        delivered.append(message)
+
+    async with lifespan(middleware):
+        await middleware(http_scope("/export", headers=FREE), receive, send)
+    assert [m["type"] for m in delivered] == ["http.response.start", "http.response.body"]
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+    assert middleware.tracker.stats.queued == 0
+
+
 @pytest.mark.parametrize("bill_partial", [False, True])
 async def test_stream_that_fails_mid_body_is_not_billed(billing: LocalBilling, bill_partial: bool) -> None:
     """``bill_partial`` keeps what a client's disconnect cut short; an app that fails is not billed at all."""
