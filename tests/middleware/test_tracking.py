@@ -760,3 +760,25 @@ async def test_units_a_running_request_reported_are_pending_for_the_requests_adm
     assert statuses == [429, 200]
     assert rejected == [] and await billing.recorded_units("user_free", "tokens") == 100
     assert holding_threads == [threading.get_ident()]
+
+
+async def test_reported_units_leave_the_quota_as_billed_whatever_the_answer(billing: LocalBilling) -> None:
+    """Units a request reports are held as it reports them, then settled with the request: billed
+    when it succeeds, released when it fails; never held on after (user_free has 100 tokens)."""
+
+    async def llm(request: Request) -> Response:
+        report_usage(int(request.path_params["tokens"]))
+        return PlainTextResponse("answer", status_code=int(request.path_params["status"]))
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/llm/{tokens}/{status}", llm)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/llm/{tokens}/{status}": Metered("tokens", quantity=None)},
+    )
+    statuses = []
+    async with serve(middleware, with_lifespan=False) as client:  # each delivered before its answer returns
+        for path in ("/llm/60/500", "/llm/30/200", "/llm/30/200", "/llm/40/200", "/llm/1/200"):
+            statuses.append((await client.get(path, headers=as_customer("user_free"))).status_code)
+    assert statuses == [500, 200, 200, 200, 429]
+    assert await billing.recorded_units("user_free", "tokens") == 100
