@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from billingos_asgi import (
@@ -34,7 +34,7 @@ from billingos_asgi.cache import Quota
 from billingos_asgi.testing import lifespan
 from tests.asgi import serve
 
-from .support import CUSTOMER_HEADER, as_customer, by_header, concurrent_statuses, recording_app
+from .support import CUSTOMER_HEADER, as_customer, by_header, call_raw, concurrent_statuses, http_scope, recording_app
 
 
 async def test_n_successful_requests_record_exactly_n_units(billing: LocalBilling) -> None:
@@ -782,3 +782,29 @@ async def test_reported_units_leave_the_quota_as_billed_whatever_the_answer(bill
             statuses.append((await client.get(path, headers=as_customer("user_free"))).status_code)
     assert statuses == [500, 200, 200, 200, 429]
     assert await billing.recorded_units("user_free", "tokens") == 100
+
+
+async def test_a_partly_billed_abort_releases_the_units_it_was_not_billed_for(billing: LocalBilling) -> None:
+    """``bill_partial``: a client that leaves mid-stream is billed what was reported (10), not
+    the fixed 50 it was admitted for; those 50 are free for the next request again."""
+
+    async def chunks() -> Any:
+        report_usage(10)
+        yield b"first;"
+        yield b"second"
+
+    async def stream(request: Request) -> Response:
+        return StreamingResponse(chunks())
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/stream", stream)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/stream": Metered("tokens", quantity=50, bill_partial=True)},
+    )
+    scope = http_scope("/stream", headers=[(CUSTOMER_HEADER, "user_free")], spec_version="2.4")
+    aborted = await call_raw(middleware, scope, raise_on_chunk=2)  # no lifespan: delivered inline
+    assert aborted.body == b"first;" and await billing.recorded_units("user_free", "tokens") == 10
+    served = await call_raw(middleware, http_scope("/stream", headers=[(CUSTOMER_HEADER, "user_free")]))
+    assert served.status == 200 and served.complete  # 10 + 50 + 10 of 100
+    assert await billing.recorded_units("user_free", "tokens") == 70
