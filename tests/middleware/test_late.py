@@ -318,3 +318,36 @@ async def test_an_identify_still_waiting_when_its_request_is_billed_holds_no_uni
     ]
     quota = middleware.cache.get("user_free", "api_calls")
     assert quota is not None and quota.local == 0
+
+
+@pytest.mark.parametrize(("status", "left"), [(200, 4), (500, 10)])
+async def test_units_reported_before_the_customer_is_named_count_on_the_quota(
+    billing: LocalBilling, status: int, left: int
+) -> None:
+    """A handler that reports 5 units before its auth names the customer: they are pending from
+    then on (billed with its answer, released if it fails), so the quota of 10 admits exactly
+    what is left of it while the usage is still on its way (no flush before the drain)."""
+
+    async def early(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        context.report(5)
+        await context.identify(signed_in(request))
+        return JSONResponse({}, status)
+
+    async def search(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        await context.identify(signed_in(request))
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/v1/early", early), Route("/v1/search", search)])
+    app.add_middleware(
+        BillingMiddleware, billing=billing, customer=None, default_feature="api_calls", flush_interval=60
+    )
+    async with serve(app) as client:
+        first = await client.get("/v1/early", headers=bearer("token-free"))
+        statuses = [(await client.get("/v1/search", headers=bearer("token-free"))).status_code for _ in range(11)]
+    assert first.status_code == status
+    assert statuses == [200] * left + [429] * (11 - left)
+    assert await billing.recorded_units("user_free", "api_calls") == 10
