@@ -351,3 +351,30 @@ async def test_units_reported_before_the_customer_is_named_count_on_the_quota(
     assert first.status_code == status
     assert statuses == [200] * left + [429] * (11 - left)
     assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+async def test_two_concurrent_identifications_admit_the_request_once(billing: LocalBilling) -> None:
+    """Two parts of a handler name the customer at once, while the check of a cold cache runs:
+    the request is admitted once, and holds one unit of the quota, not two."""
+
+    async def both(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(context.identify, "user_free")
+            tg.start_soon(context.identify, "user_free")
+        return JSONResponse({})
+
+    async def one(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        await context.identify("user_free")
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/v1/both", both), Route("/v1/one", one)])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=None, default_feature="api_calls")
+    async with serve(app, with_lifespan=False) as client:  # each delivered before its answer returns
+        statuses = [(await client.get("/v1/both")).status_code for _ in range(10)]
+        statuses.append((await client.get("/v1/one")).status_code)
+    assert statuses == [200] * 10 + [429]
+    assert await billing.recorded_units("user_free", "api_calls") == 10
