@@ -167,6 +167,24 @@ async def test_a_batch_still_failing_a_day_after_its_first_attempt_is_dead_lette
     assert rejected == ["first attempted more than 24 h ago: not resent blindly"]
 
 
+@pytest.mark.parametrize(("elapsed", "recorded"), [(23 * 3600, 1), (24 * 3600 + 60, 0)], ids=["23 h", "24 h 1 min"])
+async def test_a_retry_is_sent_within_upstreams_24_hours_and_never_after(
+    billing: LocalBilling, elapsed: float, recorded: float
+) -> None:
+    """Upstream forgets idempotency keys after 24 h: a retry a minute past that could count twice."""
+    start = time.time()
+    readings = [start, start]  # the first attempt's time, and its check; every later reading is `elapsed` on
+
+    def clock() -> float:
+        return readings.pop(0) if readings else start + elapsed
+
+    backend = Failing(billing, failures=1, error=NetworkError("connection reset"))
+    tracker = tracker_for(backend, flush_interval=0, clock=clock)
+    await run_tracker(tracker, [event("k1")])
+    assert (tracker.stats.retried, tracker.stats.sent, tracker.stats.dead_lettered) == (1, recorded, 1 - recorded)
+    assert await billing.recorded_units("c0", "api_calls") == recorded
+
+
 async def test_a_full_queue_drops_and_counts(billing: LocalBilling) -> None:
     rejected: list[str] = []
     tracker = tracker_for(billing, max_queue=3, on_rejected=lambda e, r: rejected.append(r))
