@@ -196,3 +196,17 @@ async def test_after_a_quota_refusal_upstreams_next_figure_replaces_the_guess(
     assert cache.get("c1", "api_calls") is None and quota.admit(1) == 429  # full, as far as we know
     assert await cache.fetch("c1", "api_calls") is quota
     assert (quota.usage, quota.admit(3), quota.admit(1)) == (2, 0, 429)  # upstream: 2 of 5 used
+
+
+async def test_a_track_answer_arriving_late_never_lowers_the_usage(billing: LocalBilling, clocks: Clocks) -> None:
+    """Two batches of one key in flight at once (two senders, two flush windows): the answer of
+    the first recorded may arrive last; its smaller figure must not undo the later one's."""
+    cache, _ = cache_for(billing, clocks)
+    quota = await cache.fetch("c1", "api_calls")  # 5 units
+    assert quota.admit(1) == 0 and quota.admit(2) == 0
+    earlier = await billing.track_usage("c1", "api_calls", 1, "window-1")  # consumed: 1
+    later = await billing.track_usage("c1", "api_calls", 2, "window-2")  # consumed: 3
+    cache.confirm("c1", "api_calls", 2, later)
+    cache.confirm("c1", "api_calls", 1, earlier)
+    assert (quota.usage, quota.local) == (3, 0)
+    assert quota.admit(2) == 0 and quota.admit(1) == 429
