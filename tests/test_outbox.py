@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -462,3 +463,26 @@ async def test_an_inline_split_during_the_drain_leaves_no_row_behind(billing: Lo
         await anyio.sleep(0.2)
         gates.part.set()
     assert await billing.recorded_units("c0", "api_calls") == 10 and rows(path) == []
+
+
+async def test_a_batch_first_attempted_a_day_ago_is_dead_lettered_at_the_restart_not_resent(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    """Its key may be forgotten upstream by now: resent, it could count twice. Its first attempt
+    is the one stamped on disk before the crash, not the time of its replay."""
+    path = tmp_path / "outbox.db"
+    left_by_a_crash = Outbox(path, max_events=10)
+    left_by_a_crash.open()
+    events = [event("k1"), event("k2")]
+    left_by_a_crash.add(events)
+    left_by_a_crash.fix(Batch.of(tuple(events)), time.time() - 25 * 3600)
+    left_by_a_crash.close()
+    reasons: list[str] = []
+    tracker = tracker_for(
+        billing, flush_interval=0, outbox=Outbox(path, max_events=10), on_rejected=lambda e, r: reasons.append(r)
+    )
+    await run_tracker(tracker, [])
+    assert (tracker.stats.replayed, tracker.stats.dead_lettered, tracker.stats.sent) == (2, 2, 0)
+    assert reasons == ["first attempted more than 24 h ago: not resent blindly"] * 2
+    assert await billing.recorded_units("c0", "api_calls") == 0
+    assert rows(path) == []
