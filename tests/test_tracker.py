@@ -185,6 +185,17 @@ async def test_a_retry_is_sent_within_upstreams_24_hours_and_never_after(
     assert await billing.recorded_units("c0", "api_calls") == recorded
 
 
+async def test_an_event_refused_for_no_subscription_is_rejected_at_once(billing: LocalBilling) -> None:
+    """A 404 (no active subscription with the feature) is definitive: reported, never retried."""
+    await billing.cancel_subscription("c3")
+    reasons: list[str] = []
+    tracker = tracker_for(billing, flush_interval=0, drain_timeout=2, on_rejected=lambda e, r: reasons.append(r))
+    await run_tracker(tracker, [event("k1", customer="c3")])
+    stats = tracker.stats
+    assert (stats.rejected, stats.retried, stats.dropped, tracker.upstream.tracks) == (1, 0, 0, 1)
+    assert reasons == ["No active subscription with this feature"]
+
+
 async def test_a_full_queue_drops_and_counts(billing: LocalBilling) -> None:
     rejected: list[str] = []
     tracker = tracker_for(billing, max_queue=3, on_rejected=lambda e, r: rejected.append(r))
