@@ -442,6 +442,17 @@ async def test_a_refused_batch_costs_a_few_calls_whatever_its_size(
     assert tracker.upstream.tracks <= 3 and tracker.upstream.checks <= 2  # halving took 2 x 64 - 1 calls
 
 
+async def test_events_that_fill_what_is_left_exactly_go_up_together(billing: LocalBilling) -> None:
+    """3 units left and a refused batch of five: the first three fit to the unit, and go up as
+    one batch under their own keys; no event of them is split."""
+    await billing.track_usage("c0", "api_calls", 7)
+    reports: list[str] = []
+    tracker = tracker_for(billing, flush_interval=0.05, on_rejected=lambda e, r: reports.append(e.idempotency_key))
+    await run_tracker(tracker, [event(f"k{i}") for i in range(5)])
+    assert await billing.recorded_units("c0", "api_calls") == 10 and reports == ["k3", "k4"]
+    assert tracker.upstream.tracks == 2  # the batch refused, then its first three
+
+
 class Slow(Around):
     """Track calls take a while."""
 
