@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from billingos_asgi import LocalBilling, NetworkError, RateLimitError, TrackUsageResult, UsageEvent
+from billingos_asgi import LocalBilling, NetworkError, QuotaExceededError, RateLimitError, TrackUsageResult, UsageEvent
 from billingos_asgi.cache import EntitlementCache
 from billingos_asgi.events import Batch, event_key, part_key
 from billingos_asgi.outbox import Outbox
@@ -451,6 +451,29 @@ async def test_events_that_fill_what_is_left_exactly_go_up_together(billing: Loc
     await run_tracker(tracker, [event(f"k{i}") for i in range(5)])
     assert await billing.recorded_units("c0", "api_calls") == 10 and reports == ["k3", "k4"]
     assert tracker.upstream.tracks == 2  # the batch refused, then its first three
+
+
+class UpgradedOnRefusal(Around):
+    """The customer upgrades (to 100 units) right as upstream refuses a track for quota."""
+
+    async def track_usage(self, *args: Any, **kwargs: Any) -> TrackUsageResult:
+        try:
+            return await self.billing.track_usage(*args, **kwargs)
+        except QuotaExceededError:
+            await self.billing.set_plan(args[0], "big")
+            raise
+
+
+async def test_an_event_refused_for_quota_never_records_more_than_its_own_units(tmp_path: Path) -> None:
+    """What is left may have grown by the time it is asked (an upgrade, a new period): the part
+    recorded of a refused event is at most the event."""
+    plans = {**PLANS, "plans": {**PLANS["plans"], "big": {"features": {"api_calls": 100}}}}
+    async with LocalBilling.from_dict(plans, tmp_path / "billing.db") as billing:
+        await billing.track_usage("c0", "api_calls", 9)
+        tracker = tracker_for(UpgradedOnRefusal(billing), flush_interval=0, on_rejected=lambda e, r: pytest.fail(r))
+        await run_tracker(tracker, [event("k1", quantity=4)])
+        assert await billing.recorded_units("c0", "api_calls") == 9 + 4
+        assert (tracker.stats.sent, tracker.stats.rejected) == (1, 0)
 
 
 class Slow(Around):
