@@ -476,6 +476,17 @@ async def test_an_event_refused_for_quota_never_records_more_than_its_own_units(
         assert (tracker.stats.sent, tracker.stats.rejected) == (1, 0)
 
 
+async def test_what_the_drain_deadline_cuts_off_without_an_outbox_is_reported_dropped(billing: LocalBilling) -> None:
+    """Nothing is dropped silently, not even at shutdown: each event is counted and reported."""
+    reasons: list[str] = []
+    tracker = tracker_for(
+        Gated(billing), flush_interval=0.05, drain_timeout=0.2, on_rejected=lambda e, r: reasons.append(r)
+    )
+    await run_tracker(tracker, [event("k1"), event("k2", customer="c1")])  # the gate never opens
+    assert (tracker.stats.sent, tracker.stats.dropped) == (0, 2)
+    assert reasons == ["shutdown deadline passed"] * 2
+
+
 class Slow(Around):
     """Track calls take a while."""
 
