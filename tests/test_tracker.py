@@ -551,3 +551,18 @@ async def test_an_inline_send_during_the_shutdown_drain_is_not_the_workers_to_re
         backend.gate.set()
     assert reported == [] and tracker.stats.dropped == 0
     assert await billing.recorded_units("c0", "api_calls") == 1
+
+
+async def test_a_trusted_key_dropped_at_its_deadline_is_billed_when_the_client_retries(
+    billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dropped (reported, never recorded): the client's retry with the same request id is not a duplicate."""
+    monkeypatch.setattr("billingos_asgi.tracker.INLINE_DEADLINE", 0.1)
+    backend = Gated(billing)
+    tracker = tracker_for(backend, deduplicate=True)
+    await tracker.send(event("gateway-id"))  # the gate is shut: cut off by the deadline
+    assert tracker.stats.dropped == 1
+    backend.gate.set()
+    await tracker.send(event("gateway-id"))
+    assert (tracker.stats.duplicates, tracker.stats.sent) == (0, 1)
+    assert await billing.recorded_units("c0", "api_calls") == 1
