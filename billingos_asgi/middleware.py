@@ -142,6 +142,25 @@ def _to_itself(scope: Scope, start: Message) -> bool:
     return location is not None and redirects_to_itself(scope["path"], query, host, location, scheme, start["status"])
 
 
+#: Statuses whose response has no body (RFC 9110 section 6.4.1).
+_BODILESS = frozenset({204, 304})
+
+
+def _served(scope: Scope, start: Message, sent: int) -> bool:
+    """Whether the client has every byte of a started response once ``sent`` body bytes are out:
+    one without a body (HEAD, 204, 304), or one whose ``Content-Length`` is reached. Such a client
+    may close before the app's last (empty) message, as a server may stop the app at its headers."""
+    if scope["method"] == "HEAD" or start["status"] in _BODILESS:
+        return True
+    for name, value in start.get("headers", ()):
+        if name.lower() == b"content-length":
+            try:
+                return int(value) <= sent
+            except ValueError:
+                return False
+    return False
+
+
 #: The options in seconds, and whether each may be 0.
 _SECONDS = (
     ("cache_ttl", False),
@@ -428,21 +447,27 @@ class BillingMiddleware:
             state = scope["state"] = {}
         state["billing"] = context
         status = 0
+        start: Message | None = None
+        sent = 0  # body bytes sent before the last message
         completed = False
         disconnected = False
         to_itself = False  # a framework's redirect to the canonical path: the request after it is billed
 
         async def watch_receive() -> Message:
-            nonlocal disconnected
+            nonlocal disconnected, completed
             message = await receive()
             if message["type"] == "http.disconnect" and not completed:
-                disconnected = True
+                if start is not None and not to_itself and _served(scope, start, sent):
+                    completed = True  # the client had it all, and left before the app's last message
+                else:
+                    disconnected = True
             return message
 
         async def watch_send(message: Message) -> None:
-            nonlocal status, completed, to_itself
+            nonlocal status, start, sent, completed, to_itself
             kind = message["type"]
             if kind == "http.response.start":
+                start = message
                 status = message["status"]
                 if 300 <= status < 400:
                     to_itself = _to_itself(scope, message)
@@ -467,8 +492,12 @@ class BillingMiddleware:
                 try:
                     await send(message)
                 except BaseException:
-                    completed = False
+                    completed = completed and start is not None and _served(scope, start, sent)
                     raise
+                return
+            elif kind == "http.response.body":
+                await send(message)
+                sent += len(message.get("body", b""))  # once the server has taken them
                 return
             await send(message)
 

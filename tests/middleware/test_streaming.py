@@ -135,6 +135,74 @@ async def test_a_client_closing_once_served_while_the_last_send_yields_is_billed
     assert await billing.recorded_units("user_free", "tokens") == 6
 
 
+def sized_stream_app(status: int = 200, *, pause_at_end: bool = False) -> Starlette:
+    """``/sized``: three chunks of 10 bytes under ``Content-Length: 30``; ``/stall``: one chunk, then
+    nothing until a disconnect. ``pause_at_end``: a pause after the last chunk, before the app's
+    last (empty) message."""
+
+    async def sized(request: Request) -> Response:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield b"0123456789"
+            if pause_at_end:
+                await anyio.sleep(0.05)
+
+        return StreamingResponse(chunks(), headers={"content-length": "30"})
+
+    async def stall(request: Request) -> Response:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b""
+            await anyio.sleep_forever()  # a server that sends no body ends it through a disconnect
+            yield b""
+
+        return StreamingResponse(chunks(), status_code=status)
+
+    return Starlette(routes=[Route("/sized", sized), Route("/stall", stall, methods=["GET", "HEAD"])])
+
+
+@pytest.mark.parametrize(
+    ("spec_version", "after", "billed"),
+    [("2.0", 3, 1), ("2.4", 3, 1), ("2.0", 2, 0), ("2.4", 2, 0)],
+    ids=["listened-served", "raised-served", "listened-cut-short", "raised-cut-short"],
+)
+async def test_a_client_leaving_with_every_byte_of_its_content_length_is_billed(
+    billing: LocalBilling, spec_version: str, after: int, billed: float
+) -> None:
+    """Starlette's StreamingResponse ends with an empty last message; a client that has every byte
+    of the declared length may close before it (curl, an HTTP/1.0 proxy): it was served in full,
+    whether the app hears of it by ``http.disconnect`` or by a last send that raises."""
+    middleware = BillingMiddleware(
+        sized_stream_app(pause_at_end=spec_version == "2.0"),
+        billing=billing,
+        customer=by_header,
+        routes={"/sized": "api_calls"},
+    )
+    scope = http_scope("/sized", headers=FREE, spec_version=spec_version)
+    async with lifespan(middleware):
+        with anyio.fail_after(10):
+            exchange = await call_raw(middleware, scope, disconnect_after_chunks=after)
+    assert exchange.status == 200 and exchange.body == b"0123456789" * after and not exchange.complete
+    assert await billing.recorded_units("user_free", "api_calls") == billed
+
+
+@pytest.mark.parametrize(("method", "status"), [("HEAD", 200), ("GET", 204), ("GET", 304)])
+async def test_a_response_without_a_body_is_billed_once_its_headers_are_out(
+    billing: LocalBilling, method: str, status: int
+) -> None:
+    """A server sends no body for HEAD, 204 or 304: once the headers are out the client is served,
+    and may close (Granian even ends the app there) before a streaming app's last message."""
+    middleware = BillingMiddleware(
+        sized_stream_app(status), billing=billing, customer=by_header, routes={"/stall": "api_calls"}
+    )
+    async with lifespan(middleware):
+        with anyio.fail_after(10):
+            exchange = await call_raw(
+                middleware, http_scope("/stall", method=method, headers=FREE), disconnect_after_chunks=1
+            )
+    assert exchange.error is None and exchange.status == status and not exchange.complete
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
 async def test_aborted_streams_release_their_reserved_units(billing: LocalBilling) -> None:
     app = Starlette(
         routes=[Route("/stall", stream_endpoint(stall_after_first=True)), Route("/stream", stream_endpoint())]
