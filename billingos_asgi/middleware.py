@@ -451,13 +451,16 @@ class BillingMiddleware:
         sent = 0  # body bytes sent before the last message
         completed = False
         disconnected = False
+        left_once_sent = False  # the client left while (or after) the last message was being sent
         to_itself = False  # a framework's redirect to the canonical path: the request after it is billed
 
         async def watch_receive() -> Message:
-            nonlocal disconnected, completed
+            nonlocal disconnected, completed, left_once_sent
             message = await receive()
-            if message["type"] == "http.disconnect" and not completed:
-                if start is not None and not to_itself and _served(scope, start, sent):
+            if message["type"] == "http.disconnect":
+                if completed:
+                    left_once_sent = True
+                elif start is not None and not to_itself and _served(scope, start, sent):
                     completed = True  # the client had it all, and left before the app's last message
                 else:
                     disconnected = True
@@ -487,12 +490,14 @@ class BillingMiddleware:
                 or (kind == _PATHSEND)
             ):
                 # Complete unless the client left before, or the send fails: a server may take the
-                # last bytes and yield, and the client, served, close meanwhile (Hypercorn does).
+                # last bytes and yield, and the client, served, close meanwhile (Hypercorn does);
+                # under trio the app's disconnect listener (Starlette's) then cancels this send.
                 completed = not disconnected and not to_itself
                 try:
                     await send(message)
-                except BaseException:
-                    completed = completed and start is not None and _served(scope, start, sent)
+                except BaseException as exc:
+                    cancelled_by_close = left_once_sent and isinstance(exc, anyio.get_cancelled_exc_class())
+                    completed = completed and (cancelled_by_close or start is not None and _served(scope, start, sent))
                     raise
                 return
             elif kind == "http.response.body":

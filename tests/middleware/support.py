@@ -175,6 +175,7 @@ async def call_raw(
     raise_on_chunk: int | None = None,
     on_send: OnSend | None = None,
     yield_in_last_send: bool = False,
+    cancellable_last_send: bool = False,
 ) -> RawExchange:
     """Run one HTTP request through ``app`` with hand-made ``receive`` / ``send``.
 
@@ -184,7 +185,9 @@ async def call_raw(
     ``OSError`` on that body chunk (1-based), as an ASGI 2.4 server does for a vanished client.
     ``on_send`` sees every message before it is recorded. ``yield_in_last_send``: the last send
     yields once it has the bytes, and the client, served, closes meanwhile (Hypercorn does, on a
-    ``Connection: close``). An exception the app raises is kept in ``error`` rather than raised.
+    ``Connection: close``); ``cancellable_last_send``: that yield is not shielded, so the app's
+    disconnect listener cancels the send (Hypercorn under trio). An exception the app raises is
+    kept in ``error`` rather than raised.
     """
     exchange = RawExchange()
     gone = anyio.Event()
@@ -214,7 +217,7 @@ async def call_raw(
             if not message.get("more_body", False):
                 gone.set()
                 if yield_in_last_send:
-                    with anyio.CancelScope(shield=True):  # the bytes are the server's: not taken back
+                    with anyio.CancelScope(shield=not cancellable_last_send):  # the bytes are the server's
                         for _ in range(3):
                             await anyio.lowlevel.checkpoint()
             elif disconnect_after_chunks is not None and body_chunks >= disconnect_after_chunks:

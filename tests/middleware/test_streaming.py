@@ -119,9 +119,13 @@ async def test_client_disconnect_mid_stream(
     assert middleware.tracker.stats.queued == (1 if billed else 0)
 
 
-async def test_a_client_closing_once_served_while_the_last_send_yields_is_billed(billing: LocalBilling) -> None:
+@pytest.mark.parametrize("cancellable", [False, True], ids=["asyncio", "trio"])
+async def test_a_client_closing_once_served_while_the_last_send_yields_is_billed(
+    billing: LocalBilling, cancellable: bool
+) -> None:
     """Hypercorn's last send yields after taking the bytes; a client that closes its connection
-    then (``Connection: close``) was served in full, and Starlette's disconnect listener sees it."""
+    then (``Connection: close``) was served in full, and Starlette's disconnect listener sees it
+    (under trio it cancels that send: the bytes stay sent)."""
     middleware = BillingMiddleware(
         streaming_app(report=5),
         billing=billing,
@@ -130,7 +134,12 @@ async def test_a_client_closing_once_served_while_the_last_send_yields_is_billed
     )
     async with lifespan(middleware):
         with anyio.fail_after(10):
-            exchange = await call_raw(middleware, http_scope("/stream", headers=FREE), yield_in_last_send=True)
+            exchange = await call_raw(
+                middleware,
+                http_scope("/stream", headers=FREE),
+                yield_in_last_send=True,
+                cancellable_last_send=cancellable,
+            )
     assert exchange.error is None and exchange.status == 200 and exchange.complete
     assert await billing.recorded_units("user_free", "tokens") == 6
 
