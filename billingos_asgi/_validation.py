@@ -66,10 +66,11 @@ def check_quantity(value: object) -> float:
         raise ValidationError(f"quantity must be a finite number, got {value!r}")
     if quantity <= 0:
         raise ValidationError(f"quantity must be greater than 0, got {value!r}")
-    if round(quantity * MICRO) == 0:  # would be stored as 0
-        raise ValidationError(f"quantity {value!r} is below the resolution of {1 / MICRO:g} units")
+    # The maximum first: a huge float times MICRO is inf, which round() cannot turn into an int.
     if quantity > MAX_QUANTITY:
         raise ValidationError(f"quantity {value!r} is above the maximum of {MAX_QUANTITY}")
+    if round(quantity * MICRO) == 0:  # would be stored as 0
+        raise ValidationError(f"quantity {value!r} is below the resolution of {1 / MICRO:g} units")
     return quantity
 
 

@@ -1002,6 +1002,7 @@ LONG_ID = "x" * 256
         ("track_usage", ("user_123", "api_calls", Decimal("sNaN")), {}),
         ("track_usage", ("user_123", "api_calls", 1e-9), {}),
         ("track_usage", ("user_123", "api_calls", 10**15), {}),
+        ("track_usage", ("user_123", "api_calls", 1e303), {}),  # times 10**6 overflows to inf
         # metadata
         ("track_usage", ("user_123", "api_calls", 1), {"metadata": "route=/x"}),
         ("track_usage", ("user_123", "api_calls", 1), {"metadata": [("route", "/x")]}),

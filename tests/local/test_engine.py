@@ -883,6 +883,7 @@ BAD_TRACKS = [
     pytest.param({"quantity": 10**400}, "quantity is above the maximum of 99999999999999", id="int-beyond-float"),
     pytest.param({"quantity": 2e14}, "quantity 200000000000000.0 is above the maximum of 99999999999999", id="huge"),
     pytest.param({"quantity": 10**14}, "quantity 100000000000000 is above the maximum of 99999999999999", id="1e14"),
+    pytest.param({"quantity": 1e308}, "quantity 1e+308 is above the maximum of 99999999999999", id="micro-overflows"),
     pytest.param({"metadata": ["a", "b"]}, "metadata must be an object, got list", id="metadata-list"),
     pytest.param({"metadata": "{}"}, "metadata must be an object, got str", id="metadata-str"),
     pytest.param({"metadata": {"x": NotJSON()}}, "metadata must be JSON-serialisable: ", id="metadata-object"),

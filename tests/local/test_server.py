@@ -152,6 +152,7 @@ BAD_TRACK_BODIES = [
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": NaN}', "NaN is not a valid number"),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": Infinity}', "Infinity"),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1e999}', "finite"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1e308}', "above the maximum"),
     (b"[1, 2]", "must be a JSON object"),
     (b'"text"', "must be a JSON object"),
     (b"", "Invalid JSON body"),
