@@ -10,10 +10,11 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
-from .._validation import MAX_QUANTITY, MICRO, check_id
+from .._validation import MAX_QUANTITY, MICRO, QUANTITY_DECIMALS, check_id
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -160,8 +161,14 @@ def _grant(feature: Feature, value: Any, fail: Any) -> Grant | None:
 
 
 def to_micro(value: float) -> int:
-    """Units to integer micro-units (upstream's DECIMAL(20,6)), so sums never drift."""
-    return round(value * MICRO) if isinstance(value, float) else value * MICRO
+    """Units to integer micro-units (upstream's DECIMAL(20,6)), so sums never drift.
+
+    Through the float's shortest decimal, not ``value * MICRO``: 14 integer digits times 10**6 is
+    beyond a float's 53 bits, and that product could round past a limit the same quantity equals.
+    """
+    if isinstance(value, float):
+        return int(Decimal(repr(value)).scaleb(QUANTITY_DECIMALS).to_integral_value(ROUND_HALF_EVEN))
+    return value * MICRO
 
 
 def from_micro(value: int) -> float:

@@ -1008,3 +1008,14 @@ async def test_session_token_bad_input(billing: LocalBilling, kwargs: dict[str, 
     with pytest.raises(ValidationError) as excinfo:
         await billing.create_session_token(call.pop("external_user_id"), **call)
     assert str(excinfo.value) == message
+
+
+@pytest.mark.parametrize("limit", [12_345_678_901_233, 99_999_999_999_999, 98_765_432_109_876.5])
+async def test_a_large_quota_can_be_used_exactly_to_its_limit(clock: Clock, limit: float) -> None:
+    """Micro-units are exact for every quantity of DECIMAL(20,6): 14 digits times 10**6 is beyond a
+    float's 53 bits, so a float product would round past the limit and refuse a track that lands on it."""
+    plans = {"features": {"tokens": {"type": "usage_quota"}}, "plans": {"big": {"features": {"tokens": limit}}}}
+    async with LocalBilling.from_dict({**plans, "customers": {"carol": "big"}}, clock=clock) as billing:
+        result = await billing.track_usage("carol", "tokens", limit)
+        assert (result.usage.consumed_units, result.usage.remaining_units) == (limit, 0)
+        assert await billing.recorded_units("carol", "tokens") == limit
