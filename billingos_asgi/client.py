@@ -11,12 +11,12 @@ import math
 import os
 import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from anyio import sleep as _sleep
@@ -38,6 +38,8 @@ from ._models import Entitlement, SessionToken, TrackUsageResult, UsageMetrics
 from ._validation import check_expires_in, check_id, check_metadata, check_operations, check_quantity
 
 __all__ = ["BillingOS", "RetryPolicy"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger("billingos_asgi")
 
@@ -245,7 +247,7 @@ class BillingOS:
             "customer_id": check_id("customer_id", customer_id),
             "feature_key": check_id("feature_key", feature_key),
         }
-        return _wire.entitlement_from_json(await self._request("GET", "/v1/usage/check", params=params))
+        return await self._request("GET", "/v1/usage/check", _wire.entitlement_from_json, params=params)
 
     async def track_usage(
         self,
@@ -268,13 +270,13 @@ class BillingOS:
         checked_metadata = check_metadata(metadata)
         if checked_metadata is not None:
             payload["metadata"] = checked_metadata
-        return _wire.track_result_from_json(await self._request("POST", "/v1/usage/track", json=payload))
+        return await self._request("POST", "/v1/usage/track", _wire.track_result_from_json, json=payload)
 
     async def get_usage_metrics(self, customer_id: str, feature_key: str | None = None) -> UsageMetrics:
         params = {"customer_id": check_id("customer_id", customer_id)}
         if feature_key is not None:
             params["feature_key"] = check_id("feature_key", feature_key)
-        return _wire.metrics_from_json(await self._request("GET", "/v1/usage/metrics", params=params))
+        return await self._request("GET", "/v1/usage/metrics", _wire.metrics_from_json, params=params)
 
     async def create_session_token(
         self,
@@ -298,12 +300,21 @@ class BillingOS:
         checked_metadata = check_metadata(metadata)
         if checked_metadata is not None:
             payload["metadata"] = checked_metadata
-        return _wire.session_token_from_json(await self._request("POST", "/v1/session-tokens", json=payload))
+        return await self._request("POST", "/v1/session-tokens", _wire.session_token_from_json, json=payload)
 
     async def _request(
-        self, method: str, path: str, *, params: Mapping[str, str] | None = None, json: Any = None
-    ) -> Any:
-        """Send one call, retrying transient failures; the payload (and its key) never changes."""
+        self,
+        method: str,
+        path: str,
+        decode: Callable[[Any], T],
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+    ) -> T:
+        """Send one call, retrying transient failures, and decode its answer with ``decode``.
+
+        The payload (and its idempotency key) never changes between attempts.
+        """
         retry = 0
         while True:
             try:
@@ -322,13 +333,18 @@ class BillingOS:
                 if response.status_code < 400:
                     # Masked too: a malformed answer's body travels in InvalidResponseError.
                     try:
-                        return _json_body(response, self._secret_key)
+                        body = _json_body(response, self._secret_key)
                     except (ValueError, RecursionError):
                         raise InvalidResponseError(
                             f"BillingOS answered {response.status_code} to {method} {path} with a non-JSON body",
                             status=response.status_code,
                             body=_text_body(response, self._secret_key),
                         ) from None
+                    try:
+                        return decode(body)
+                    except InvalidResponseError as exc:
+                        exc.status = response.status_code  # the decoder sees the body only
+                        raise
                 error = _error_for(response, self._secret_key)
             delay = self.retry.delay(retry, error.retry_after) if _retryable(error) else None
             if delay is None:

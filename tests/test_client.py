@@ -905,6 +905,15 @@ async def test_malformed_track_answer_is_invalid_response(body: Any) -> None:
     assert server.attempts == 1
 
 
+async def test_a_malformed_answer_carries_its_status_and_body() -> None:
+    """SPEC 4: every error carries status, message and the response body."""
+    server = FakeServer(respond(201, {"success": True}))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError) as caught:
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    assert (caught.value.status, caught.value.body) == (201, {"success": True})
+
+
 @pytest.mark.parametrize("success", ["false", "yes", 1, None])
 async def test_track_success_of_wrong_type_is_invalid_response(success: Any) -> None:
     """``success`` must be a JSON boolean; the string "false" must not be read as True."""
