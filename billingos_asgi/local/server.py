@@ -88,7 +88,7 @@ def _expires_in(value: Any) -> Any:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, read with a size cap."""
+    """The request body as a JSON object, read with a size cap (empty unless sent as JSON)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise HTTPException(413, f"Request body is larger than {MAX_BODY_BYTES} bytes")
@@ -97,6 +97,8 @@ async def _json_object(request: Request) -> dict[str, Any]:
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise HTTPException(413, f"Request body is larger than {MAX_BODY_BYTES} bytes")
+    if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+        return {}  # the reference service parses JSON bodies only: another reaches its handler empty
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except ValueError as exc:

@@ -29,6 +29,7 @@ from tests.conftest import PLANS, SECRET_KEY, RunningServer, running_server
 from tests.local.conftest import write_locked
 
 AUTH = {"Authorization": f"Bearer {SECRET_KEY}"}
+TRACK_JSON = b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1}'
 
 
 @pytest.fixture
@@ -205,6 +206,25 @@ async def test_bad_track_bodies_are_400_and_record_nothing(
     assert payload["statusCode"] == 400 and payload["error"] == "Bad Request"
     assert message in payload["message"]
     assert await local_server.billing.recorded_units("user_free", "api_calls") == 0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}],
+    ids=["none", "text", "form"],
+)
+async def test_a_body_not_sent_as_json_is_read_empty_as_upstream_does_and_records_nothing(
+    raw: httpx.AsyncClient, local_server: RunningServer, headers: dict[str, str]
+) -> None:
+    response = await raw.post("/v1/usage/track", content=TRACK_JSON, headers={**AUTH, **headers})
+    assert response.status_code == 400
+    assert response.json()["message"] == "customer_id, feature_key, and quantity are required"
+    assert await local_server.billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_a_json_content_type_with_parameters_is_read(raw: httpx.AsyncClient) -> None:
+    headers = {**AUTH, "Content-Type": "Application/JSON; charset=utf-8"}
+    assert (await raw.post("/v1/usage/track", content=TRACK_JSON, headers=headers)).status_code == 201
 
 
 async def test_oversized_body_is_413(raw: httpx.AsyncClient, local_server: RunningServer) -> None:
