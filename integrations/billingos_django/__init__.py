@@ -44,6 +44,9 @@ from billingos_asgi.context import declared_context
 
 __all__ = ["CustomerOf", "IdentifyCustomerMiddleware", "metered", "signed_in_user"]
 
+#: Set on a request that IdentifyCustomerMiddleware has identified (or let through by ``on_error``).
+_IDENTIFIED = "_billingos_identified"
+
 CustomerOf = Callable[[HttpRequest], str | None | Awaitable[str | None]]
 View = TypeVar("View", bound=Callable[..., Any])
 
@@ -79,6 +82,7 @@ class IdentifyCustomerMiddleware:
                 await context.identify_by(self.customer, request)
             except BillingDenied as denied:
                 return django_response(denied)
+            setattr(request, _IDENTIFIED, True)
         return await self.get_response(request)
 
 
@@ -92,11 +96,18 @@ def metered(feature: str) -> Callable[[View], View]:
 
     The middleware's ``routes=`` says what is metered; a request it does not meter as ``feature``
     (a method or path missing from ``routes=``, another feature) raises here, a 500 rather than a
-    free request. Put it under method decorators (``@require_safe``), which answer 405 first.
+    free request. So does a request that nothing identified and gated (``IdentifyCustomerMiddleware``
+    missing from ``MIDDLEWARE``). Put it under method decorators (``@require_safe``), which answer 405 first.
     """
 
     def check(request: HttpRequest) -> None:
-        declared_context(getattr(request, "scope", {}), feature, f"view {request.method} {request.path}")
+        where = f"view {request.method} {request.path}"
+        context = declared_context(getattr(request, "scope", {}), feature, where)
+        if context is not None and context.customer_id is None and not getattr(request, _IDENTIFIED, False):
+            raise RuntimeError(
+                f"metered({feature!r}) {where} reached with no customer identified:"
+                " is billingos_django.IdentifyCustomerMiddleware in MIDDLEWARE, after the app's authentication?"
+            )
 
     def decorate(view: View) -> View:
         if iscoroutinefunction(view):

@@ -236,3 +236,19 @@ async def test_a_metered_view_the_middleware_did_not_meter_as_declared_fails_clo
     assert (metered_get.status_code, unmetered_post.status_code, mislabelled.status_code) == (200, 500, 500)
     assert entered == ["declared"]
     assert await billing.recorded_units(pro_id, "api_calls") == 1
+
+
+async def test_a_metered_view_fails_closed_where_no_middleware_identified_the_customer(
+    billing: LocalBilling, pro: tuple[str, dict[str, str]], entered: list[str]
+) -> None:
+    """Without IdentifyCustomerMiddleware in MIDDLEWARE nothing gates the request: @metered refuses to run free."""
+    pro_id, as_pro = pro
+    without = [name for name in settings.MIDDLEWARE if name != "billingos_django.IdentifyCustomerMiddleware"]
+    with override_settings(MIDDLEWARE=without):
+        app = build(billing)  # the handler reads its middleware settings when built
+    async with serve(app) as client:
+        declared_view = await client.get("/v1/declared", headers=as_pro)
+        plain_view = await client.get("/v1/search", headers=as_pro)  # not declared: let through, with a warning
+    assert (declared_view.status_code, plain_view.status_code) == (500, 200)
+    assert entered == ["search"]
+    assert await billing.recorded_units(pro_id, "api_calls") == 0
