@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.from_thread
+import anyio.lowlevel
 from starlette.requests import Request
 
 from ._models import Entitlement
@@ -44,7 +46,7 @@ class UsageContext:
     ``customer_id`` is None until the app calls :meth:`identify` (or :func:`set_customer`).
     """
 
-    __slots__ = ("_gate", "customer_id", "feature", "quantity", "quota", "reported", "request_id", "settled")
+    __slots__ = ("_gate", "_loop", "customer_id", "feature", "quantity", "quota", "reported", "request_id", "settled")
 
     def __init__(
         self,
@@ -62,6 +64,7 @@ class UsageContext:
         self.quota = quota  # this process's accounting of the customer's feature; None: not gated
         self.reported = 0.0
         self._gate = gate
+        self._loop: tuple[anyio.lowlevel.EventLoopToken, int] | None = None  # see bind_loop()
         self.settled = False  # billed (or not) once the app returned: too late to report or identify
 
     def __repr__(self) -> str:
@@ -80,10 +83,19 @@ class UsageContext:
         units = round(check_quantity(units), QUANTITY_DECIMALS)
         try:  # from a sync endpoint's worker thread: added on the event loop, which owns the quotas
             added = anyio.from_thread.run_sync(self._add, units)
-        except RuntimeError:  # on the event loop already (or in a thread that AnyIO did not start)
-            added = self._add(units)
+        except RuntimeError:  # on the event loop already, or in a thread that AnyIO did not start
+            loop = self._loop
+            if loop is not None and loop[1] != threading.get_ident():
+                added = anyio.from_thread.run_sync(self._add, units, token=loop[0])
+            else:
+                added = self._add(units)
         if not added:
             self._still_open("report_usage()")
+
+    def bind_loop(self) -> None:
+        """Called on the event loop serving this request, by an adapter whose framework runs sync
+        endpoints in threads that AnyIO did not start: what they report is added on this loop."""
+        self._loop = (anyio.lowlevel.current_token(), threading.get_ident())
 
     def _add(self, units: float) -> bool:
         if self.settled:

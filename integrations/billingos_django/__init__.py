@@ -78,6 +78,7 @@ class IdentifyCustomerMiddleware:
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         context = get_usage_context()
         if context is not None:
+            context.bind_loop()  # sync views run in asgiref's threads: their report_usage() comes back here
             try:
                 await context.identify_by(self.customer, request)
             except BillingDenied as denied:

@@ -7,6 +7,7 @@ Django's ASGI handler with no ``customer=``; ``IdentifyCustomerMiddleware`` iden
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +22,8 @@ from django.http import HttpRequest, JsonResponse  # noqa: E402
 from django.test import override_settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
-from billingos_asgi import BillingMiddleware, LocalBilling  # noqa: E402
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usage  # noqa: E402
+from billingos_asgi.context import UsageContext  # noqa: E402
 from billingos_asgi.testing import lifespan  # noqa: E402
 from billingos_django import metered  # noqa: E402
 
@@ -50,6 +52,12 @@ async def health(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+def tokens(request: HttpRequest) -> JsonResponse:  # a sync view: Django runs it in asgiref's thread pool
+    ENTERED.append("tokens")
+    report_usage(7)
+    return JsonResponse({"tokens": 7})
+
+
 @metered("api_calls")
 async def declared(request: HttpRequest) -> JsonResponse:
     ENTERED.append("declared")
@@ -68,14 +76,16 @@ urlpatterns = [
     path("v1/broken", broken),
     path("v1/declared", declared),
     path("v1/mislabelled", mislabelled),
+    path("v1/tokens", tokens),
     path("health", health),
 ]
-ROUTES = {
+ROUTES: dict[str, str | Metered | None] = {
     "GET /v1/search": "api_calls",
     "POST /v1/exports": "export",
     "/v1/broken": "api_calls",
     "GET /v1/declared": "api_calls",
     "GET /v1/mislabelled": "api_calls",
+    "GET /v1/tokens": Metered("tokens", quantity=None),
 }
 
 
@@ -252,3 +262,24 @@ async def test_a_metered_view_fails_closed_where_no_middleware_identified_the_cu
     assert (declared_view.status_code, plain_view.status_code) == (500, 200)
     assert entered == ["search"]
     assert await billing.recorded_units(pro_id, "api_calls") == 0
+
+
+async def test_units_reported_from_a_sync_view_are_counted_on_the_event_loop(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quotas belong to the event loop: a sync view's report reaches them there, not from asgiref's thread."""
+    free, as_free = sessions["free"]
+    await billing.set_plan(free, "free")
+    counted_in: list[int] = []
+    add = UsageContext._add
+
+    def spy(context: UsageContext, units: float) -> bool:
+        counted_in.append(threading.get_ident())
+        return add(context, units)
+
+    monkeypatch.setattr(UsageContext, "_add", spy)
+    async with serve(build(billing)) as client:
+        answers = [(await client.get("/v1/tokens", headers=as_free)).status_code for _ in range(3)]
+    assert answers == [200] * 3
+    assert counted_in == [threading.get_ident()] * 3  # this test's event loop thread
+    assert await billing.recorded_units(free, "tokens") == 21
