@@ -126,17 +126,20 @@ def _is_preflight(scope: Scope) -> bool:
 _SLASH_REDIRECTS = frozenset({301, 302, 307, 308})
 
 
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The value of header ``name`` (lower case) in raw ASGI headers, or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
 def _to_itself(scope: Scope, start: Message) -> bool:
     """Whether a response (its start message) redirects the request to its own URL, slashes aside."""
     if start["status"] not in _SLASH_REDIRECTS:
         return False
-    location = host = None
-    for name, value in start.get("headers", ()):
-        if name.lower() == b"location":
-            location = value.decode("latin-1")
-    for name, value in scope["headers"]:
-        if name == b"host":
-            host = value.decode("latin-1")
+    location = _header(start.get("headers", ()), b"location")
+    host = _header(scope["headers"], b"host")
     query = scope.get("query_string", b"").decode("latin-1")
     scheme = scope.get("scheme", "http")
     return location is not None and redirects_to_itself(scope["path"], query, host, location, scheme, start["status"])
@@ -152,13 +155,8 @@ def _served(scope: Scope, start: Message, sent: int) -> bool:
     may close before the app's last (empty) message, as a server may stop the app at its headers."""
     if scope["method"] == "HEAD" or start["status"] in _BODILESS:
         return True
-    for name, value in start.get("headers", ()):
-        if name.lower() == b"content-length":
-            try:
-                return int(value) <= sent
-            except ValueError:
-                return False
-    return False
+    length = _header(start.get("headers", ()), b"content-length")
+    return length is not None and length.isdigit() and int(length) <= sent
 
 
 #: The options in seconds, and whether each may be 0.

@@ -55,10 +55,13 @@ def streaming_app(**options: Any) -> Starlette:
     return Starlette(routes=[Route("/stream", stream_endpoint(**options))])
 
 
+def metered_stream(billing: LocalBilling, metered: str | Metered, **options: Any) -> BillingMiddleware:
+    """:func:`streaming_app` with ``/stream`` metered as ``metered``, the customer named by header."""
+    return BillingMiddleware(streaming_app(**options), billing=billing, customer=by_header, routes={"/stream": metered})
+
+
 async def test_streaming_response_is_billed_once_after_its_last_chunk(billing: LocalBilling) -> None:
-    middleware = BillingMiddleware(
-        streaming_app(), billing=billing, customer=by_header, routes={"/stream": "api_calls"}
-    )
+    middleware = metered_stream(billing, "api_calls")
     observed: list[tuple[bool, int, float]] = []
 
     async def on_send(message: Message) -> None:
@@ -79,9 +82,7 @@ async def test_streaming_response_is_billed_once_after_its_last_chunk(billing: L
 
 
 async def test_streaming_response_through_httpx_is_billed_once(billing: LocalBilling) -> None:
-    middleware = BillingMiddleware(
-        streaming_app(report=3), billing=billing, customer=by_header, routes={"/stream": Metered("tokens", quantity=1)}
-    )
+    middleware = metered_stream(billing, Metered("tokens", quantity=1), report=3)
     async with serve(middleware) as client:
         async with client.stream("GET", "/stream", headers={CUSTOMER_HEADER: "user_free"}) as response:
             body = b"".join([chunk async for chunk in response.aiter_bytes()])
@@ -104,12 +105,7 @@ async def test_client_disconnect_mid_stream(
     billing: LocalBilling, metered: Metered, feature: str, billed: float
 ) -> None:
     """The client goes away after the first chunk: ``receive`` answers ``http.disconnect`` (ASGI < 2.4)."""
-    middleware = BillingMiddleware(
-        streaming_app(stall_after_first=True, report=5),
-        billing=billing,
-        customer=by_header,
-        routes={"/stream": metered},
-    )
+    middleware = metered_stream(billing, metered, stall_after_first=True, report=5)
     async with lifespan(middleware):
         with anyio.fail_after(10):
             exchange = await call_raw(middleware, http_scope("/stream", headers=FREE), disconnect_after_chunks=1)
@@ -126,12 +122,7 @@ async def test_a_client_closing_once_served_while_the_last_send_yields_is_billed
     """Hypercorn's last send yields after taking the bytes; a client that closes its connection
     then (``Connection: close``) was served in full, and Starlette's disconnect listener sees it
     (under trio it cancels that send: the bytes stay sent)."""
-    middleware = BillingMiddleware(
-        streaming_app(report=5),
-        billing=billing,
-        customer=by_header,
-        routes={"/stream": Metered("tokens", quantity=1)},
-    )
+    middleware = metered_stream(billing, Metered("tokens", quantity=1), report=5)
     async with lifespan(middleware):
         with anyio.fail_after(10):
             exchange = await call_raw(
@@ -235,12 +226,7 @@ async def test_client_disconnect_seen_as_oserror_on_send(
     """ASGI spec 2.4: a server raises ``OSError`` from ``send`` once the client is gone, and Starlette's
     ``StreamingResponse`` turns it into ``ClientDisconnect``. With ``bill_partial=True`` the units
     reported before the disconnect must still be billed (SPEC section 5, streaming)."""
-    middleware = BillingMiddleware(
-        streaming_app(report=5),
-        billing=billing,
-        customer=by_header,
-        routes={"/stream": Metered("tokens", quantity=None, bill_partial=bill_partial)},
-    )
+    middleware = metered_stream(billing, Metered("tokens", quantity=None, bill_partial=bill_partial), report=5)
     async with lifespan(middleware):
         exchange = await call_raw(middleware, http_scope("/stream", headers=FREE, spec_version="2.4"), raise_on_chunk=2)
     assert isinstance(exchange.error, ClientDisconnect)
@@ -251,12 +237,7 @@ async def test_client_disconnect_seen_as_oserror_on_send(
 async def test_a_last_chunk_the_server_could_not_send_is_not_billed(billing: LocalBilling) -> None:
     """ASGI 2.4: the send of the last chunk raises (the client went away as it was sent): the
     response did not complete, so nothing is billed and its units are released."""
-    middleware = BillingMiddleware(
-        streaming_app(report=5),
-        billing=billing,
-        customer=by_header,
-        routes={"/stream": Metered("tokens", quantity=95)},
-    )
+    middleware = metered_stream(billing, Metered("tokens", quantity=95), report=5)
     async with lifespan(middleware):
         # Chunks 1-3 carry the body; the 4th, empty, closes it.
         failed = await call_raw(middleware, http_scope("/stream", headers=FREE, spec_version="2.4"), raise_on_chunk=4)
@@ -302,11 +283,8 @@ async def test_a_body_finished_after_the_client_left_is_not_billed(billing: Loca
 @pytest.mark.parametrize("bill_partial", [False, True])
 async def test_stream_that_fails_mid_body_is_not_billed(billing: LocalBilling, bill_partial: bool) -> None:
     """``bill_partial`` keeps what a client's disconnect cut short; an app that fails is not billed at all."""
-    middleware = BillingMiddleware(
-        streaming_app(fail_after_first=True, report=5),
-        billing=billing,
-        customer=by_header,
-        routes={"/stream": Metered("tokens", quantity=1, bill_partial=bill_partial)},
+    middleware = metered_stream(
+        billing, Metered("tokens", quantity=1, bill_partial=bill_partial), fail_after_first=True, report=5
     )
     async with lifespan(middleware):
         exchange = await call_raw(middleware, http_scope("/stream", headers=FREE))
@@ -366,11 +344,8 @@ async def test_client_disconnect_under_uvicorn(tmp_path: Path, bill_partial: boo
     ends through the server noticing the disconnect."""
     billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db")
     try:
-        middleware = BillingMiddleware(
-            streaming_app(stall_after_first=True, report=5),
-            billing=billing,
-            customer=by_header,
-            routes={"/stream": Metered("tokens", quantity=None, bill_partial=bill_partial)},
+        middleware = metered_stream(
+            billing, Metered("tokens", quantity=None, bill_partial=bill_partial), stall_after_first=True, report=5
         )
         with serve_in_thread(middleware) as base_url:
             async with httpx.AsyncClient(base_url=base_url) as client:
