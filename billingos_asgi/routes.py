@@ -3,10 +3,11 @@
 Keys are Starlette path templates with an optional method: ``"POST /v1/search"``,
 ``"/v1/items/{item_id:int}"``. Paths are the full request path (mount prefixes included), so a
 route inside a ``Mount`` is configured by the path the client calls. Paths are compared in their
-canonical form (no repeated or trailing slash), as some frameworks route them (Litestar serves
-``/v1/search/`` and ``/v1//search`` as ``/v1/search``): a route is never reached unmetered by a
-slash. Where the framework answers such a path with a redirect to the canonical one instead
-(Starlette, Django), that redirect is not billed: the request that follows it is.
+canonical form (one leading slash, no repeated or trailing one), as some frameworks route them
+(Litestar serves ``/v1/search/``, ``/v1//search`` and ``v1/search``, a request target without its
+leading slash, as ``/v1/search``): a route is never reached unmetered by a slash. Where the
+framework answers such a path with a redirect to the canonical one instead (Starlette, Django),
+that redirect is not billed: the request that follows it is.
 
 Methods are compared in upper case (servers pass a method as the client spelt it; Django serves
 ``get`` as ``GET``). A typed parameter (``{item_id:int}``, ``float``, ``uuid``) takes what
@@ -254,10 +255,11 @@ class RouteTable:
             found = by_method.get(method) or by_method.get(None)
             if found is not None:
                 return found if found is not _UNMETERED else None
-        elif raw is None and (path[-1:] in ("\n", "/") and path != "/" or "//" in path):
+        elif raw is None and (path[-1:] in ("\n", "/") and path != "/" or "//" in path or path[:1] != "/"):
             # Once, in one step: Starlette's route patterns end in "$", which matches before a final
-            # newline ("/v1/export%0A" reaches /v1/export), and Litestar routes the canonical path.
-            return self.match(method, canonical(path.rstrip("\n")), raw=path)
+            # newline ("/v1/export%0A" reaches /v1/export), and Litestar routes the canonical path,
+            # with a leading slash where the request target had none ("GET v1/search HTTP/1.1").
+            return self.match(method, canonical("/" + path.rstrip("\n")), raw=path)
         if self._simple:
             return self._default
         if self._excluded_prefixes and (

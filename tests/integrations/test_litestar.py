@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,9 +17,11 @@ from litestar.exceptions import NotAuthorizedException  # noqa: E402
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling, from_api_key  # noqa: E402
+from billingos_asgi.local.background import serve_in_thread  # noqa: E402
 from billingos_litestar import BillingPlugin  # noqa: E402
 
 from ..asgi import serve  # noqa: E402
+from ..middleware.support import PLANS, raw_http  # noqa: E402
 
 TOKENS = {"token-free": "user_free", "token-pro": "user_pro"}
 ENTERED: list[str] = []  # the handlers a request reached, in order
@@ -185,3 +188,25 @@ async def test_a_typed_parameter_is_metered_in_every_spelling_litestar_parses(
     assert [answer.json() for answer in answers] == [{"item": 5}] * 2 + [{"item": 50}] + [{"item": 5}] * 2
     assert all("x-request-id" in answer.headers for answer in answers)
     assert await billing.recorded_units("user_free", "api_calls") == 5
+
+
+async def test_a_request_target_without_its_leading_slash_is_metered(tmp_path: Path, entered: list[str]) -> None:
+    """Litestar routes a path as it normalizes it: uvicorn passes "GET v1/search HTTP/1.1" on as the
+    path "v1/search" (no leading slash), which Litestar serves as /v1/search: metered the same."""
+    billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db")
+    try:
+        with serve_in_thread(build(billing)) as base_url:
+            answers = [
+                await raw_http(
+                    base_url,
+                    b"GET %s HTTP/1.1\r\nHost: app\r\nAuthorization: Bearer token-free\r\nConnection: close\r\n\r\n"
+                    % target,
+                )
+                for target in (b"v1/search", b"v1/search/", b"v1//search")
+            ]
+        assert [answer.split(b" ", 2)[1] for answer in answers] == [b"200"] * 3
+        assert all(b"\r\nx-request-id: " in answer for answer in answers)
+        assert entered == ["search"] * 3
+        assert await billing.recorded_units("user_free", "api_calls") == 3
+    finally:
+        await billing.aclose()

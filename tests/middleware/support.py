@@ -6,12 +6,14 @@ SQLite file (or the real client against the real local server), the apps are rea
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.lowlevel
@@ -78,6 +80,20 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+async def raw_http(base_url: str, request: bytes) -> bytes:
+    """Send ``request`` byte for byte on a new connection to ``base_url`` and read until the server
+    closes it (ask for ``Connection: close``): for requests an HTTP client will not make."""
+    url = urlsplit(base_url)
+    assert url.hostname is not None and url.port is not None, base_url
+    received = b""
+    async with await anyio.connect_tcp(url.hostname, url.port) as stream:
+        await stream.send(request)
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+            while True:
+                received += await stream.receive()
+    return received
 
 
 def seconds_until(moment: float, start: float, end: float) -> tuple[int, int]:

@@ -306,13 +306,14 @@ def test_paths_are_matched_in_their_canonical_form() -> None:
     table = RouteTable(
         {"GET /v1/search": "api_calls", "/v1/items/{item_id}/": "tokens"}, exclude=["/health/", "/static/*"]
     )
-    for path in ("/v1/search", "/v1/search/", "/v1//search", "//v1/search//"):
+    for path in ("/v1/search", "/v1/search/", "/v1//search", "//v1/search//", "v1/search", "v1/search/\n"):
         found = table.match("GET", path)
         assert found is not None and found.feature == "api_calls", path
     for path in ("/v1/items/7", "/v1/items/7/", "/v1//items/7"):
         found = table.match("POST", path)
         assert found is not None and found.feature == "tokens", path
     assert table.match("GET", "/health") is EXCLUDED and table.match("GET", "//health/") is EXCLUDED
+    assert table.match("GET", "health") is EXCLUDED and table.match("GET", "") is None
     assert table.match("GET", "/static/") is EXCLUDED and table.match("GET", "//static/app.js") is EXCLUDED
     with pytest.raises(ValueError, match="configured twice"):
         RouteTable({"/v1/search": "api_calls", "/v1/search/": "tokens"})
