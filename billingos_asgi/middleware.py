@@ -362,8 +362,13 @@ class BillingMiddleware:
             return
         path = scope["path"]
         root_path = scope.get("root_path")
-        if root_path and path.startswith(root_path) and path[len(root_path) : len(root_path) + 1] in ("/", ""):
-            path = path[len(root_path) :]  # route on what the app routes on, as Starlette does
+        if root_path and path.startswith(root_path):
+            if path[len(root_path) : len(root_path) + 1] in ("/", ""):
+                path = path[len(root_path) :]  # route on what the app routes on, as Starlette does
+            elif self.routes.match(scope["method"], path) is None:
+                # "GET v1/search" under root "/api" (uvicorn prepends it): Starlette routes the
+                # whole path "/apiv1/search", Litestar what follows the root path, "/v1/search".
+                path = path[len(root_path) :]
         if path == self._metrics_path:
             await serve_prometheus(self, scope, receive, send)
             return

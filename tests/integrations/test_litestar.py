@@ -190,12 +190,16 @@ async def test_a_typed_parameter_is_metered_in_every_spelling_litestar_parses(
     assert await billing.recorded_units("user_free", "api_calls") == 5
 
 
-async def test_a_request_target_without_its_leading_slash_is_metered(tmp_path: Path, entered: list[str]) -> None:
+@pytest.mark.parametrize("root_path", ["", "/api"])
+async def test_a_request_target_without_its_leading_slash_is_metered(
+    tmp_path: Path, entered: list[str], root_path: str
+) -> None:
     """Litestar routes a path as it normalizes it: uvicorn passes "GET v1/search HTTP/1.1" on as the
-    path "v1/search" (no leading slash), which Litestar serves as /v1/search: metered the same."""
+    path "v1/search" (no leading slash), which Litestar serves as /v1/search: metered the same.
+    Under ``--root-path /api`` the path is "/apiv1/search", and Litestar routes what follows "/api"."""
     billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db")
     try:
-        with serve_in_thread(build(billing)) as base_url:
+        with serve_in_thread(build(billing), root_path=root_path) as base_url:
             answers = [
                 await raw_http(
                     base_url,
