@@ -142,7 +142,10 @@ def _to_itself(scope: Scope, start: Message) -> bool:
     host = _header(scope["headers"], b"host")
     query = scope.get("query_string", b"").decode("latin-1")
     scheme = scope.get("scheme", "http")
-    return location is not None and redirects_to_itself(scope["path"], query, host, location, scheme, start["status"])
+    status = start["status"]
+    return location is not None and redirects_to_itself(
+        scope["path"], query, host, location, scheme, status, scope.get("server")
+    )
 
 
 #: Statuses whose response has no body (RFC 9110 section 6.4.1).

@@ -102,25 +102,56 @@ def canonical(path: str) -> str:
 
 
 def redirects_to_itself(
-    path: str, query: str, host: str | None, location: str, scheme: str = "http", status: int = 307
+    path: str,
+    query: str,
+    host: str | None,
+    location: str,
+    scheme: str = "http",
+    status: int = 307,
+    server: tuple[str, int | None] | None = None,
 ) -> bool:
     """Whether a redirect of ``path?query`` (on ``host``, over ``scheme``) to ``location`` only adds
     or removes slashes, or is a permanent or method-keeping move from http to https on the same
     host (Starlette's ``HTTPSRedirectMiddleware``, Django's ``SECURE_SSL_REDIRECT``): the
     framework's canonical URL, as opposed to an endpoint's own redirect (a download link, a form's
-    next page, even to its own path), which is billed."""
+    next page, even to its own path), which is billed. ``server``: the ASGI scope's, whose address
+    Starlette names instead of a Host header it cannot use (none, or one with a path or user info)."""
     try:
         target = urlsplit(location)
-        host_name = None if host is None else urlsplit("//" + host).hostname
     except ValueError:  # not a URL: not ours to judge
         return False
     target_path = unquote(target.path)
-    if canonical(target_path) != canonical(path) or target.query != query:
+    # A raw "#" in the request's query comes back as it is, where it starts a fragment.
+    target_query = f"{target.query}#{target.fragment}" if "#" in location else target.query
+    if canonical(target_path) != canonical(path) or target_query != query:
         return False
+    netlocs, names = _authorities(host, server, scheme)
     if target.scheme and target.scheme != scheme:
         to_https = scheme == "http" and target.scheme == "https" and status in (301, 307, 308)
-        return to_https and target.hostname is not None and target.hostname == host_name
-    return target_path != path and target.netloc in ("", host)
+        return to_https and target.hostname is not None and target.hostname in names
+    return target_path != path and (not target.netloc or target.netloc in netlocs)
+
+
+def _authorities(host: str | None, server: tuple[str, int | None] | None, scheme: str) -> tuple[list[str], list[str]]:
+    """The netlocs a framework may name this request's origin by (its Host header, or the server's
+    address as Starlette writes it), and their host names."""
+    netlocs: list[str] = []
+    names: list[str] = []
+    if host is not None:
+        netlocs.append(host)
+        try:
+            name = urlsplit("//" + host).hostname
+        except ValueError:  # "[::1": Starlette names the server instead
+            name = None
+        if name:
+            names.append(name)
+    if server is not None:
+        address, port = server
+        names.append(address.strip("[]").lower())
+        if ":" in address and not address.startswith("["):
+            address = f"[{address}]"
+        netlocs.append(address if port == {"http": 80, "https": 443}.get(scheme) else f"{address}:{port}")
+    return netlocs, names
 
 
 def _metered(value: object, where: str) -> Metered:

@@ -23,7 +23,7 @@ from billingos_asgi.local.background import serve_in_thread
 from billingos_asgi.routes import EXCLUDED, RouteTable, redirects_to_itself
 from tests.asgi import serve
 
-from .support import PLANS, as_customer, by_header, call_raw, http_scope
+from .support import PLANS, as_customer, by_header, call_raw, http_scope, raw_http
 
 
 async def hello(request: Request) -> Response:
@@ -337,6 +337,38 @@ async def test_a_redirect_to_the_canonical_path_is_not_billed_the_request_after_
     assert await billing.recorded_units("user_free", "api_calls") == 2  # the search once, the report
 
 
+async def test_a_slash_redirect_without_a_usable_host_header_is_not_billed(tmp_path: Path) -> None:
+    """Without a Host header it can use (HTTP/1.0 without one, a Host with a path), Starlette's slash
+    redirect names the server's address; a query with a raw "#" comes back with it in the Location
+    (a fragment there). Neither is an endpoint's own answer: the redirect is not billed either way."""
+    billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db")
+    calls: list[str] = []
+
+    async def search(request: Request) -> Response:
+        calls.append(request.url.path)
+        return PlainTextResponse("results")
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/v1/search", search)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/v1/search": "api_calls"},
+    )
+    requests = [
+        b"GET /v1/search/ HTTP/1.0\r\nx-customer: user_free\r\n\r\n",
+        b"GET /v1/search/ HTTP/1.1\r\nHost: app/x\r\nx-customer: user_free\r\nConnection: close\r\n\r\n",
+        b"GET /v1/search/?q=a#b HTTP/1.1\r\nHost: app\r\nx-customer: user_free\r\nConnection: close\r\n\r\n",
+    ]
+    try:
+        with serve_in_thread(middleware) as base_url:
+            answers = [await raw_http(base_url, request) for request in requests]
+        assert [answer.split(b" ", 2)[1] for answer in answers] == [b"307"] * 3, answers
+        assert calls == []
+        assert await billing.recorded_units("user_free", "api_calls") == 0
+    finally:
+        await billing.aclose()
+
+
 async def test_a_root_path_is_a_whole_segment(billing: LocalBilling) -> None:
     """Under root_path "/api", "/apiusage" is the app's "/apiusage", not "usage" (as Starlette routes it)."""
     app = Starlette(routes=[Route("/apiusage", hello), Route("/api/usage", hello)])
@@ -495,6 +527,16 @@ async def test_a_redirect_to_https_is_not_billed_the_request_after_it_is(billing
 def test_only_a_frameworks_move_to_https_is_a_redirect_to_itself(status: int, location: str, to_itself: bool) -> None:
     assert redirects_to_itself("/v1/jobs", "", "api.example", location, "http", status) is to_itself
     assert not redirects_to_itself("/v1/jobs", "", "api.example", location.replace("https:", "http:"), "https", status)
+
+
+def test_a_redirect_names_the_request_by_its_host_header_or_by_the_servers_address() -> None:
+    server = ("10.0.0.5", 8000)
+    assert redirects_to_itself("/v1/jobs/", "", None, "http://10.0.0.5:8000/v1/jobs", "http", 307, server)
+    assert redirects_to_itself("/v1/jobs", "", None, "https://10.0.0.5:8000/v1/jobs", "http", 307, server)
+    assert redirects_to_itself("/v1/jobs/", "", "[::1", "http://[::1]:8000/v1/jobs", "http", 307, ("::1", 8000))
+    assert not redirects_to_itself("/v1/jobs/", "", None, "http://10.0.0.6:8000/v1/jobs", "http", 307, server)
+    assert redirects_to_itself("/v1/jobs/", "q=a#b", "app", "http://app/v1/jobs?q=a#b")
+    assert not redirects_to_itself("/v1/jobs/", "", "app", "http://app/v1/jobs#top")  # the endpoint's own
 
 
 @pytest.mark.parametrize(
