@@ -120,10 +120,11 @@ def redirects_to_itself(
         target = urlsplit(location)
     except ValueError:  # not a URL: not ours to judge
         return False
-    target_path = unquote(target.path)
+    # Django quotes the path it redirects to; Starlette leaves a "%" of it as it is ("/a%41" for "/a%2541").
+    target_path = next((p for p in (unquote(target.path), target.path) if canonical(p) == canonical(path)), None)
     # A raw "#" in the request's query comes back as it is, where it starts a fragment.
     target_query = f"{target.query}#{target.fragment}" if "#" in location else target.query
-    if canonical(target_path) != canonical(path) or target_query != query:
+    if target_path is None or target_query != query:
         return False
     netlocs, names = _authorities(host, server, scheme)
     if target.scheme and target.scheme != scheme:

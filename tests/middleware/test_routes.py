@@ -340,7 +340,8 @@ async def test_a_redirect_to_the_canonical_path_is_not_billed_the_request_after_
 async def test_a_slash_redirect_without_a_usable_host_header_is_not_billed(tmp_path: Path) -> None:
     """Without a Host header it can use (HTTP/1.0 without one, a Host with a path), Starlette's slash
     redirect names the server's address; a query with a raw "#" comes back with it in the Location
-    (a fragment there). Neither is an endpoint's own answer: the redirect is not billed either way."""
+    (a fragment there), and a path with a "%" (from "%25") comes back with it unquoted. None is an
+    endpoint's own answer: the redirect is not billed either way."""
     billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db")
     calls: list[str] = []
 
@@ -349,12 +350,13 @@ async def test_a_slash_redirect_without_a_usable_host_header_is_not_billed(tmp_p
         return PlainTextResponse("results")
 
     middleware = BillingMiddleware(
-        Starlette(routes=[Route("/v1/search", search)]),
+        Starlette(routes=[Route("/v1/search", search), Route("/v1/items/{name}", search)]),
         billing=billing,
         customer=by_header,
-        routes={"/v1/search": "api_calls"},
+        routes={"/v1/search": "api_calls", "/v1/items/{name}": "api_calls"},
     )
     requests = [
+        b"GET /v1/items/%2541/ HTTP/1.1\r\nHost: app\r\nx-customer: user_free\r\nConnection: close\r\n\r\n",
         b"GET /v1/search/ HTTP/1.0\r\nx-customer: user_free\r\n\r\n",
         b"GET /v1/search/ HTTP/1.1\r\nHost: app/x\r\nx-customer: user_free\r\nConnection: close\r\n\r\n",
         b"GET /v1/search/?q=a#b HTTP/1.1\r\nHost: app\r\nx-customer: user_free\r\nConnection: close\r\n\r\n",
@@ -362,7 +364,7 @@ async def test_a_slash_redirect_without_a_usable_host_header_is_not_billed(tmp_p
     try:
         with serve_in_thread(middleware) as base_url:
             answers = [await raw_http(base_url, request) for request in requests]
-        assert [answer.split(b" ", 2)[1] for answer in answers] == [b"307"] * 3, answers
+        assert [answer.split(b" ", 2)[1] for answer in answers] == [b"307"] * 4, answers
         assert calls == []
         assert await billing.recorded_units("user_free", "api_calls") == 0
     finally:
