@@ -305,6 +305,7 @@ class RouteTable:
             for route_method, regex, metered in routes:
                 if (
                     route_method is None or route_method == method or (method == "HEAD" and route_method == "GET")
-                ) and regex.match(path):
+                ) and (regex.match(path) or raw is not None and regex.match(raw)):
+                    # (A template takes the path as requested too: "[^/]+" takes "/v1/search/\n"'s "\n".)
                     return metered if metered is not _UNMETERED else None
         return self._default

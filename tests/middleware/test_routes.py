@@ -302,6 +302,31 @@ async def test_a_final_newline_in_the_path_does_not_slip_past_the_gate(billing: 
     assert middleware.routes.match("GET", "/health\n") is EXCLUDED
 
 
+async def test_a_parameter_of_newlines_does_not_slip_past_the_gate(billing: LocalBilling) -> None:
+    """Starlette's "[^/]+" takes a newline: "/v1/search/%0A" reaches /v1/search/{query} with the
+    query "\\n". With its final newline stripped, the path "/v1/search" matched no template."""
+    queries: list[str] = []
+
+    async def search(request: Request) -> Response:
+        queries.append(request.path_params["query"])
+        return PlainTextResponse("results")
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/v1/search/{query}", search)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/v1/search/{query}": "api_calls"},
+    )
+    async with serve(middleware) as client:
+        anonymous = await client.get("/v1/search/%0A")
+        paid = [
+            await client.get(path, headers=as_customer("user_free")) for path in ("/v1/search/%0A", "/v1/search/%0A%0A")
+        ]
+    assert anonymous.status_code == 401
+    assert [answer.status_code for answer in paid] == [200, 200] and queries == ["\n", "\n\n"]
+    assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
 def test_paths_are_matched_in_their_canonical_form() -> None:
     table = RouteTable(
         {"GET /v1/search": "api_calls", "/v1/items/{item_id}/": "tokens"}, exclude=["/health/", "/static/*"]
