@@ -76,8 +76,10 @@ _UNMETERED = Metered("not metered")
 
 _SLASHES = re.compile(r"//+")
 _PARAMETER = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")  # as Starlette's
-#: What each type's parser takes (a little more, never less: the worst case is a gate before a 404).
+#: What each type's parser takes (a little more, never less: the worst case is a gate before a 404);
+#: a path parameter takes newlines too.
 _PARSED = {
+    "path": r"(?s:.*)",
     "int": r"\s*[+-]?[\d_]+\s*",
     "float": r"\s*[+-]?(?:[\d_.]+(?:[eE][+-]?[\d_]+)?|(?i:inf|infinity|nan))\s*",
     "uuid": r"(?i:\s*(?:urn:)?(?:uuid:)?\{?[0-9a-f-]+\}?\s*)",
@@ -273,10 +275,11 @@ class RouteTable:
             if covered:
                 raise ValueError(f"routes: {key!r} is also excluded (exclude=): configure it in one place")
 
-    def match(self, method: str, path: str, *, raw: str | None = None) -> Metered | None:
+    def match(self, method: str, path: str, *, raw: str | None = None, collapsed: str = "") -> Metered | None:
         """The metering of ``method path``: None when it is not metered, :data:`EXCLUDED` when excluded.
 
-        (``raw``: the path as requested, when ``path`` is its canonical form.)
+        (``raw``: the path as requested, when ``path`` is its canonical form; ``collapsed``: ``raw``
+        with one leading slash and no repeated one, its final newlines kept, as Litestar routes it.)
         """
         if path in self._excluded:
             return EXCLUDED
@@ -291,7 +294,9 @@ class RouteTable:
             # Once, in one step: Starlette's route patterns end in "$", which matches before a final
             # newline ("/v1/export%0A" reaches /v1/export), and Litestar routes the canonical path,
             # with a leading slash where the request target had none ("GET v1/search HTTP/1.1").
-            return self.match(method, canonical("/" + path.rstrip("\n")), raw=path)
+            return self.match(
+                method, canonical("/" + path.rstrip("\n")), raw=path, collapsed=_SLASHES.sub("/", "/" + path)
+            )
         if self._simple:
             return self._default
         if self._excluded_prefixes and (
@@ -305,7 +310,7 @@ class RouteTable:
             for route_method, regex, metered in routes:
                 if (
                     route_method is None or route_method == method or (method == "HEAD" and route_method == "GET")
-                ) and (regex.match(path) or raw is not None and regex.match(raw)):
+                ) and (regex.match(path) or raw is not None and (regex.match(raw) or regex.match(collapsed))):
                     # (A template takes the path as requested too: "[^/]+" takes "/v1/search/\n"'s "\n".)
                     return metered if metered is not _UNMETERED else None
         return self._default

@@ -214,3 +214,39 @@ async def test_a_request_target_without_its_leading_slash_is_metered(
         assert await billing.recorded_units("user_free", "api_calls") == 3
     finally:
         await billing.aclose()
+
+
+@get("/v1/files/{name:path}")
+async def file(request: Request[Any, Any, Any]) -> dict[str, str]:
+    ENTERED.append(request.path_params["name"])
+    return {"file": request.path_params["name"]}
+
+
+@get("/v1/notes/{title:str}")
+async def note(request: Request[Any, Any, Any]) -> dict[str, str]:
+    ENTERED.append(request.path_params["title"])
+    return {"note": request.path_params["title"]}
+
+
+async def test_a_parameter_with_newlines_is_metered_as_litestar_routes_it(
+    billing: LocalBilling, entered: list[str]
+) -> None:
+    """Litestar's path parameters take newlines anywhere ("/v1/files/a%0Ab"), and it collapses the
+    slashes before a final one ("/v1/notes//%0A" is the note "\\n"): both reach their handler."""
+    app = Litestar(
+        route_handlers=[file, note],
+        plugins=[BillingPlugin(customer=lambda connection: "user_free")],
+        logging_config=None,
+    )
+    metered = BillingMiddleware(
+        app,
+        billing=billing,
+        customer=None,
+        routes={"GET /v1/files/{name:path}": "api_calls", "GET /v1/notes/{title}": "api_calls"},
+    )
+    async with serve(metered) as client:
+        answers = [await client.get(path) for path in ("/v1/files/a%0Ab", "/v1/notes//%0A", "/v1//notes/%0A%0A")]
+    assert [answer.status_code for answer in answers] == [200] * 3
+    assert all("x-request-id" in answer.headers for answer in answers)
+    assert entered == ["/a\nb", "\n", "\n\n"]
+    assert await billing.recorded_units("user_free", "api_calls") == 3
