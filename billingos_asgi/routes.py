@@ -124,9 +124,10 @@ def redirects_to_itself(
         return False
     # Django quotes the path it redirects to; Starlette leaves a "%" of it as it is ("/a%41" for "/a%2541").
     target_path = next((p for p in (unquote(target.path), target.path) if canonical(p) == canonical(path)), None)
-    # A raw "#" in the request's query comes back as it is, where it starts a fragment.
+    # A raw "#" in the request's query comes back as it is, where it starts a fragment; a raw "|"
+    # or "{" (browsers send them so) comes back quoted.
     target_query = f"{target.query}#{target.fragment}" if "#" in location else target.query
-    if target_path is None or target_query != query:
+    if target_path is None or target_query != query and unquote(target_query) != unquote(query):
         return False
     netlocs, names = _authorities(host, server, scheme)
     if target.scheme and target.scheme != scheme:

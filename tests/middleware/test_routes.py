@@ -365,8 +365,9 @@ async def test_a_redirect_to_the_canonical_path_is_not_billed_the_request_after_
 async def test_a_slash_redirect_without_a_usable_host_header_is_not_billed(tmp_path: Path) -> None:
     """Without a Host header it can use (HTTP/1.0 without one, a Host with a path), Starlette's slash
     redirect names the server's address; a query with a raw "#" comes back with it in the Location
-    (a fragment there), and a path with a "%" (from "%25") comes back with it unquoted. None is an
-    endpoint's own answer: the redirect is not billed either way."""
+    (a fragment there), one with a "|" or "{" (which browsers send as they are) comes back quoted,
+    and a path with a "%" (from "%25") comes back with it unquoted. None is an endpoint's own
+    answer: the redirect is not billed either way."""
     billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db")
     calls: list[str] = []
 
@@ -385,11 +386,12 @@ async def test_a_slash_redirect_without_a_usable_host_header_is_not_billed(tmp_p
         b"GET /v1/search/ HTTP/1.0\r\nx-customer: user_free\r\n\r\n",
         b"GET /v1/search/ HTTP/1.1\r\nHost: app/x\r\nx-customer: user_free\r\nConnection: close\r\n\r\n",
         b"GET /v1/search/?q=a#b HTTP/1.1\r\nHost: app\r\nx-customer: user_free\r\nConnection: close\r\n\r\n",
+        b"GET /v1/search/?q=a|{b} HTTP/1.1\r\nHost: app\r\nx-customer: user_free\r\nConnection: close\r\n\r\n",
     ]
     try:
         with serve_in_thread(middleware) as base_url:
             answers = [await raw_http(base_url, request) for request in requests]
-        assert [answer.split(b" ", 2)[1] for answer in answers] == [b"307"] * 4, answers
+        assert [answer.split(b" ", 2)[1] for answer in answers] == [b"307"] * 5, answers
         assert calls == []
         assert await billing.recorded_units("user_free", "api_calls") == 0
     finally:
@@ -563,6 +565,8 @@ def test_a_redirect_names_the_request_by_its_host_header_or_by_the_servers_addre
     assert redirects_to_itself("/v1/jobs/", "", "[::1", "http://[::1]:8000/v1/jobs", "http", 307, ("::1", 8000))
     assert not redirects_to_itself("/v1/jobs/", "", None, "http://10.0.0.6:8000/v1/jobs", "http", 307, server)
     assert redirects_to_itself("/v1/jobs/", "q=a#b", "app", "http://app/v1/jobs?q=a#b")
+    assert redirects_to_itself("/v1/jobs/", "q=a|{b}", "app", "http://app/v1/jobs?q=a%7C%7Bb%7D")
+    assert not redirects_to_itself("/v1/jobs/", "q=a", "app", "http://app/v1/jobs?q=b")
     assert not redirects_to_itself("/v1/jobs/", "", "app", "http://app/v1/jobs#top")  # the endpoint's own
 
 
