@@ -118,8 +118,10 @@ def _trusted_request_id(scope: Scope) -> str | None:
 
 def _is_preflight(scope: Scope) -> bool:
     """A CORS preflight: the browser's own question before a cross-origin call, sent without
-    credentials (so never identified) and never billed; the app's CORS middleware answers it."""
-    return any(name == b"access-control-request-method" for name, _ in scope["headers"])
+    credentials (so never identified) and never billed; the app's CORS middleware answers it.
+    Both headers, as Starlette's CORSMiddleware asks: one alone does not skip the gate."""
+    names = {name for name, _ in scope["headers"]}
+    return b"access-control-request-method" in names and b"origin" in names
 
 
 #: A framework's slash redirect: Starlette answers 307, Django 301 (never 303, "see other").

@@ -168,14 +168,17 @@ async def test_a_cors_preflight_passes_through_unmetered_to_the_cors_middleware_
     async with serve(middleware) as client:
         answered = await client.options("/x", headers=preflight)
         plain = await client.options("/x", headers={"origin": "https://app.test"})  # not a preflight: metered
+        # Nor without its Origin (no browser sends one so): a handler of OPTIONS would run unbilled.
+        no_origin = await client.options("/x", headers={"access-control-request-method": "GET"})
     assert answered.status_code == 200
     assert answered.headers["access-control-allow-origin"] == "https://app.test"
     assert "x-request-id" not in answered.headers
     assert middleware.upstream.checks == 0
     if identified == "by resolver":
-        assert resolved == ["OPTIONS"] and plain.status_code == 401  # the plain OPTIONS only
+        assert resolved == ["OPTIONS"] * 2 and plain.status_code == no_origin.status_code == 401
     else:
-        assert "x-request-id" in plain.headers and middleware.unidentified == 1
+        assert "x-request-id" in plain.headers and "x-request-id" in no_origin.headers
+        assert middleware.unidentified == 2
     assert await billing.recorded_units("user_free", "api_calls") == 0
 
 
