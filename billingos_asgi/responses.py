@@ -98,9 +98,11 @@ def answer_refusals(app: Any) -> None:
 
 @functools.lru_cache(maxsize=1024)
 def _policy(feature: str, limit: float) -> tuple[bytes, bytes]:
-    """The feature as an sf-string, and the ``RateLimit-Policy`` value (a few per plan: cached)."""
+    """The feature as an sf-string, and the ``RateLimit-Policy`` value (a few per plan: cached).
+
+    Its quota ``q`` is an sf-integer, as ``r`` is: a fractional limit (1.5 GB) is given whole units."""
     name = json.dumps(feature).encode()
-    return name, name + b";q=" + _number(limit).encode()
+    return name, b"%s;q=%d" % (name, int(limit) if limit > 0 else 0)
 
 
 def quota_headers(feature: str, limit: float, remaining: float, resets_at: float | None) -> list[tuple[bytes, bytes]]:
@@ -113,10 +115,6 @@ def quota_headers(feature: str, limit: float, remaining: float, resets_at: float
         left = math.ceil(resets_at - time.time())
         value = b"%s;r=%d;t=%d" % (name, left_units, left if left > 0 else 0)
     return [(b"ratelimit-policy", policy), (b"ratelimit", value)]
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def problem_response(denial: Denial) -> Response:

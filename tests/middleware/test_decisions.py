@@ -301,6 +301,19 @@ async def test_success_carries_request_id_and_quota_headers(billing: LocalBillin
     assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
+async def test_a_fractional_quota_is_given_in_whole_units_in_its_headers(billing: LocalBilling) -> None:
+    # RateLimit's q and r are sf-integers: "q=1.5" is not one, so a strict parser drops the field.
+    middleware = BillingMiddleware(
+        recording_app([]), billing=billing, customer=by_header, routes={"/v1/upload": Metered("storage_gb", 0.5)}
+    )
+    async with serve(middleware) as client:
+        answers = [await client.get("/v1/upload", headers=as_customer("user_free")) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert {a.headers["ratelimit-policy"] for a in answers} == {'"storage_gb";q=1'}
+    assert [a.headers["ratelimit"].split(";")[1] for a in answers] == ["r=1", "r=0", "r=0"]
+    assert await billing.recorded_units("user_free", "storage_gb") == 1.5
+
+
 async def test_unlimited_quota_success_has_no_rate_limit_headers(billing: LocalBilling) -> None:
     middleware = BillingMiddleware(recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"})
     async with serve(middleware) as client:
