@@ -477,8 +477,26 @@ class Tracker:
         fit of a refused batch or event (refused again, it is not fitted once more).
         """
         if len(batch.events) > 1 and batch.quantity > MAX_QUANTITY:  # valid events no single call can carry
-            await self._halve(batch, paid=True)
+            await self._halve(batch)
             return
+        error = await self._attempt(batch, first_attempt, fix=fix)
+        if error is None:
+            return
+        if isinstance(error, QuotaExceededError) and len(batch.events) > 1:
+            if part:  # events thought to fit, refused after all (the quota moved): no second guess
+                await self._fit_by_halves(batch.events, error)
+            else:
+                await self._record_what_fits_of(batch, error)
+            return
+        if isinstance(error, QuotaExceededError) and not part:
+            await self._record_what_fits(batch.events[0], error)
+            return
+        reason = "quota_exceeded" if isinstance(error, QuotaExceededError) else str(error)
+        self._give_up(batch.events, "rejected", reason, error)
+
+    async def _attempt(self, batch: Batch, first_attempt: float, *, fix: bool) -> Exception | None:
+        """Record ``batch`` as it is, retrying transient failures: None once it is settled (recorded,
+        or dead-lettered), else the definitive refusal (nothing of it recorded, nothing settled)."""
         if fix and self._outbox is not None and self._outbox.is_open:
             await self._stamp(self._outbox, batch, first_attempt)
         attempt = 0
@@ -487,7 +505,7 @@ class Tracker:
             if self._clock() - first_attempt > IDEMPOTENCY_HORIZON:
                 reason = "first attempted more than 24 h ago: not resent blindly"
                 self._give_up(batch.events, "dead_lettered", reason)
-                return
+                return None
             self.stats.in_flight += n
             try:
                 result = await self._upstream.track_usage(
@@ -504,11 +522,11 @@ class Tracker:
                 self._cache.confirm(batch.customer_id, batch.feature_key, batch.counted, result)
                 self._settled(batch.events)
                 self._forget(batch.events)
-                return
+                return None
             finally:
                 self.stats.in_flight -= n
             if isinstance(error, _PERMANENT):
-                break
+                return error
             # (The exponent is capped: an outage of hours runs to thousands of attempts.)
             delay = min(RETRY_MAX, random.uniform(0, RETRY_BASE * 2 ** min(attempt, 16)))
             retry_after = getattr(error, "retry_after", None)
@@ -519,17 +537,6 @@ class Tracker:
             attempt += 1
             await anyio.sleep(delay)
             await self._ready()
-        if isinstance(error, QuotaExceededError) and n > 1:
-            if part:  # events thought to fit, refused after all (the quota moved): no second guess
-                await self._halve(batch, paid=False)
-            else:
-                await self._record_what_fits_of(batch, error)
-            return
-        if isinstance(error, QuotaExceededError) and not part:
-            await self._record_what_fits(batch.events[0], error)
-            return
-        reason = "quota_exceeded" if isinstance(error, QuotaExceededError) else str(error)
-        self._give_up(batch.events, "rejected", reason, error)
 
     async def _stamp(self, outbox: Outbox, batch: Batch, first_attempt: float) -> None:
         """Stamp ``batch`` on its rows before its first attempt: replayed unstamped, its events could
@@ -575,10 +582,10 @@ class Tracker:
     async def _record_what_fits_of(self, batch: Batch, error: Exception) -> None:
         """A batch refused for quota (nothing of it recorded): its first events that fit what is left
         go up as a batch of their own, the next one is split, the others are rejected; a few calls
-        whatever its size. Where what is left is not known, it is halved instead."""
+        whatever its size. Where what is left is not known, it is halved until its first events that fit are found."""
         left = await self._left(batch.customer_id, batch.feature_key)
         if left is None:
-            await self._halve(batch, paid=False)
+            await self._fit_by_halves(batch.events, error)
             return
         events, taken, fitting = batch.events, 0.0, 0
         while fitting < len(events) and round(taken + events[fitting].quantity, QUANTITY_DECIMALS) <= left:
@@ -616,14 +623,32 @@ class Tracker:
             self._forget((rest,))
         self._settled((event,))
 
-    async def _halve(self, batch: Batch, *, paid: bool) -> None:
-        """Deliver ``batch`` as two, each under its own key (``paid``: a token is taken for the first)."""
+    async def _fit_by_halves(self, events: tuple[UsageEvent, ...], error: Exception) -> None:
+        """``events`` were refused together for quota, and what is left is not known: their first half
+        goes up as a batch of its own; refused too, the second half is rejected and the first is halved
+        again; recorded, what is left is less than the second half, which is halved in turn. One track
+        per halving, about log2 of the events (halving every half, each asking what is left, took
+        2n - 1 tracks and as many checks), and as when what is left is known, the events after the
+        first that does not fit are rejected."""
+        while len(events) > 1:
+            half = len(events) // 2
+            await self._ready()
+            refused = await self._attempt(Batch.of(events[:half]), self._clock(), fix=True)
+            if isinstance(refused, QuotaExceededError):
+                self._give_up(events[half:], "rejected", "quota_exceeded", error)
+                events, error = events[:half], refused
+                continue
+            if refused is not None:
+                self._give_up(events[:half], "rejected", str(refused), refused)
+            events = events[half:]
+        await self._record_what_fits(events[0], error)
+
+    async def _halve(self, batch: Batch) -> None:
+        """Deliver ``batch`` as two, each under its own key (the token for the first is taken)."""
         half = len(batch.events) // 2
-        for part in (batch.events[:half], batch.events[half:]):
-            if not paid:
-                await self._ready()
-            paid = False
-            await self._deliver(Batch.of(part), self._clock(), fix=True)
+        await self._deliver(Batch.of(batch.events[:half]), self._clock(), fix=True)
+        await self._ready()
+        await self._deliver(Batch.of(batch.events[half:]), self._clock(), fix=True)
 
     # -- reporting --
 

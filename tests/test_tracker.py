@@ -442,6 +442,27 @@ async def test_a_refused_batch_costs_a_few_calls_whatever_its_size(
     assert tracker.upstream.tracks <= 3 and tracker.upstream.checks <= 2  # halving took 2 x 64 - 1 calls
 
 
+class Unchecked(Around):
+    """Checks fail (upstream unreachable for them); tracks are recorded."""
+
+    async def check_entitlement(self, *args: Any, **kwargs: Any) -> Any:
+        raise NetworkError("connection refused")
+
+
+@pytest.mark.parametrize(("left", "recorded"), [(0, 0), (3, 3)])
+async def test_a_refused_batch_costs_a_few_calls_even_when_what_is_left_cannot_be_checked(
+    billing: LocalBilling, left: float, recorded: float
+) -> None:
+    """Halved one track a half: 64 events refused with nothing left took 2 x 64 - 1 tracks and as many checks."""
+    await billing.track_usage("c0", "api_calls", 10 - left)
+    reports: list[float] = []
+    tracker = tracker_for(Unchecked(billing), flush_interval=0.05, on_rejected=lambda e, r: reports.append(e.quantity))
+    await run_tracker(tracker, [event(f"k{i}") for i in range(64)])
+    assert await billing.recorded_units("c0", "api_calls") == 10 - left + recorded
+    assert (tracker.stats.sent, tracker.stats.rejected, sum(reports)) == (recorded, 64 - recorded, 64 - recorded)
+    assert tracker.upstream.tracks <= 1 + 6 + 1 and tracker.upstream.checks <= 2  # the refusal, log2(64) halves
+
+
 async def test_events_that_fill_what_is_left_exactly_go_up_together(billing: LocalBilling) -> None:
     """3 units left and a refused batch of five: the first three fit to the unit, and go up as
     one batch under their own keys; no event of them is split."""
