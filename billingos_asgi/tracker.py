@@ -347,6 +347,9 @@ class Tracker:
             ) + len(events)
             written = len(events)
             self._volatile.update((id(event), event) for event in events)
+        except BaseException:  # cut off by the drain deadline before the write: the last write takes them
+            self._unwritten[:0] = events
+            raise
         for event in events[:written]:
             self._enqueue(event)
         if written < len(events):

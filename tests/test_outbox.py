@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -486,3 +487,46 @@ async def test_a_batch_first_attempted_a_day_ago_is_dead_lettered_at_the_restart
     assert reasons == ["first attempted more than 24 h ago: not resent blindly"] * 2
     assert await billing.recorded_units("c0", "api_calls") == 0
     assert rows(path) == []
+
+
+class RemoveHeld(Outbox):
+    """Forgetting confirmed rows blocks until the test lets it go."""
+
+    def __init__(self, path: Path, *, max_events: int) -> None:
+        super().__init__(path, max_events=max_events)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def remove(self, events: Any) -> None:
+        self.entered.set()
+        self.release.wait(30)
+        super().remove(events)
+
+
+async def test_events_the_writer_took_as_the_deadline_passed_stay_on_disk(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    """Cut off while it forgot confirmed rows (a thread call, shielded), the writer took the events
+    queued meanwhile for its next write and was cancelled before it: neither written nor reported."""
+    path = tmp_path / "outbox.db"
+    outbox = RemoveHeld(path, max_events=100)
+    reported: list[str] = []
+    tracker = tracker_for(
+        billing, flush_interval=0, drain_timeout=0, outbox=outbox, on_rejected=lambda e, r: reported.append(r)
+    )
+
+    async def release_once_cut_off() -> None:
+        while tracker._scope is None or not tracker._scope.cancel_called:  # noqa: ASYNC110 - no event to wait on
+            await anyio.sleep(0.01)
+        outbox.release.set()
+
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        assert tracker.submit(event("k1"))
+        await anyio.to_thread.run_sync(outbox.entered.wait, 30)  # k1 recorded, its row being forgotten
+        assert tracker.submit(event("k2"))  # waits for the writer
+        tg.start_soon(release_once_cut_off)
+        await tracker.stop()
+    assert (tracker.stats.sent, tracker.stats.deferred + tracker.stats.dropped) == (1, 1)
+    await run_tracker(tracker_for(billing, flush_interval=0, outbox=Outbox(path, max_events=100)), [])
+    assert await billing.recorded_units("c0", "api_calls") == 2 and reported == []
