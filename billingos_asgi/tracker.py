@@ -277,6 +277,12 @@ class Tracker:
         self._fixed.clear()
         self._due.clear()
         self._pending.clear()
+        if self._outbox is not None and self._confirmed:
+            try:  # kept, they would be resent at the next start (a refused one could be recorded then)
+                self._outbox.remove(self._confirmed)
+            except Exception:
+                logger.exception("the usage outbox %s failed to forget confirmed events", self._outbox.path)
+            self._confirmed.clear()
         if self._outbox is not None and self._unwritten:
             try:  # a last write, on the loop: the process is shutting down anyway
                 written = self._outbox.add(self._unwritten)
@@ -316,6 +322,9 @@ class Tracker:
                     retry = not closing.is_set()
                     if retry:
                         self._keep_to_forget(confirmed)
+                except BaseException:  # cut off by the drain deadline: forgotten at the deadline instead
+                    self._confirmed[:0] = confirmed
+                    raise
                 finally:
                     self._writing = False
                 if retry:

@@ -530,3 +530,51 @@ async def test_events_the_writer_took_as_the_deadline_passed_stay_on_disk(
     assert (tracker.stats.sent, tracker.stats.deferred + tracker.stats.dropped) == (1, 1)
     await run_tracker(tracker_for(billing, flush_interval=0, outbox=Outbox(path, max_events=100)), [])
     assert await billing.recorded_units("c0", "api_calls") == 2 and reported == []
+
+
+class AfterAForget(Around):
+    """c3's tracks wait until the outbox is forgetting rows."""
+
+    def __init__(self, billing: LocalBilling, outbox: RemoveHeld) -> None:
+        super().__init__(billing)
+        self.outbox = outbox
+
+    async def track_usage(self, customer: str, *args: Any) -> TrackUsageResult:
+        if customer == "c3":
+            await anyio.to_thread.run_sync(self.outbox.entered.wait, 30)
+        return await self.billing.track_usage(customer, *args)
+
+
+async def test_an_event_refused_as_the_deadline_passed_is_not_resent_at_the_next_start(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    """Its row, to forget when the deadline cut the writer off, stayed: replayed, it was recorded
+    once the customer subscribed, after being reported rejected."""
+    path = tmp_path / "outbox.db"
+    await billing.cancel_subscription("c3")
+    outbox = RemoveHeld(path, max_events=100)
+    reported: list[str] = []
+    tracker = tracker_for(
+        AfterAForget(billing, outbox),
+        flush_interval=0,
+        drain_timeout=0,
+        outbox=outbox,
+        on_rejected=lambda e, r: reported.append(r),
+    )
+
+    async def release_once_cut_off() -> None:
+        while tracker._scope is None or not tracker._scope.cancel_called:  # noqa: ASYNC110 - no event to wait on
+            await anyio.sleep(0.01)
+        outbox.release.set()
+
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        assert tracker.submit(event("k1")) and tracker.submit(event("k2", customer="c3"))
+        while not reported:  # noqa: ASYNC110 - refused once k1's row is being forgotten
+            await anyio.sleep(0.01)
+        tg.start_soon(release_once_cut_off)
+        await tracker.stop()
+    assert reported == ["No active subscription with this feature"] and rows(path) == []
+    await billing.set_plan("c3", "small")
+    await run_tracker(tracker_for(billing, flush_interval=0, outbox=Outbox(path, max_events=100)), [])
+    assert await billing.recorded_units("c3", "api_calls") == 0
