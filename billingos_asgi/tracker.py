@@ -554,14 +554,14 @@ class Tracker:
         """Stamp ``batch`` on its rows before its first attempt: replayed unstamped, its events could
         form another batch under another key, and be counted twice. A failing disk holds it for
         :data:`STAMP_HOLD` at most, then billing goes on without (and says so)."""
-        give_up_at = self._clock() + STAMP_HOLD
+        give_up_at = anyio.current_time() + STAMP_HOLD  # not the wall clock: set back, it would hold for as long
         delay = RETRY_BASE
         while True:
             try:
                 await anyio.to_thread.run_sync(outbox.fix, batch, first_attempt)
                 return
             except Exception as exc:
-                if self._clock() >= give_up_at:
+                if anyio.current_time() >= give_up_at:
                     logger.error(
                         "could not stamp batch %s in the outbox %s for %g s (%r): sent unstamped, its events "
                         "could be counted twice if the process dies before they are confirmed",

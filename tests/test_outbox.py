@@ -193,6 +193,23 @@ async def test_a_batch_held_for_its_stamp_goes_up_without_after_a_while(
     assert "sent unstamped" in caplog.text
 
 
+async def test_a_batch_held_for_its_stamp_goes_up_without_when_the_clock_steps_back(
+    billing: LocalBilling, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hold was timed on the wall clock: set back an hour (NTP, a VM resumed), it held for an hour."""
+    monkeypatch.setattr("billingos_asgi.tracker.STAMP_HOLD", 0.3)
+    readings = [time.time()] * 2  # the batch's first attempt, and the start of its hold; then an hour earlier
+
+    def clock() -> float:
+        return readings.pop() if readings else time.time() - 3600
+
+    outbox = StampFails(tmp_path / "outbox.db", max_events=100)
+    tracker = tracker_for(billing, flush_interval=0.05, drain_timeout=5, outbox=outbox, clock=clock)
+    await run_tracker(tracker, [event("k1"), event("k2")])
+    assert (tracker.stats.sent, tracker.stats.deferred) == (2, 0)
+    assert await billing.recorded_units("c0", "api_calls") == 2
+
+
 class RemoveFails(Outbox):
     def remove(self, events: Any) -> None:
         raise sqlite3.OperationalError("disk I/O error")
