@@ -299,6 +299,9 @@ class Tracker:
             self.stats.deferred += len(unsent)
             if unsent:
                 logger.warning("%d usage events stay in %s for the next start", len(unsent), self._outbox.path)
+            for event in unsent:  # the next start replays them as not counted: held, they would count twice
+                if event.counted:
+                    self._cache.reject(event.customer_id, event.feature_key, event.quantity, None)
         else:
             self._give_up(tuple(unsent), "dropped", "shutdown deadline passed")
 

@@ -13,8 +13,11 @@ import anyio
 import pytest
 
 from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEvent
+from billingos_asgi.cache import EntitlementCache
 from billingos_asgi.events import Batch
 from billingos_asgi.outbox import Outbox, OutboxError
+from billingos_asgi.tracker import Tracker
+from billingos_asgi.upstream import Upstream
 
 from .test_tracker import PLANS, Around, FlakyAfterForwarding, Gated, event, run_tracker, tracker_for
 
@@ -595,3 +598,25 @@ async def test_an_event_refused_as_the_deadline_passed_is_not_resent_at_the_next
     await billing.set_plan("c3", "small")
     await run_tracker(tracker_for(billing, flush_interval=0, outbox=Outbox(path, max_events=100)), [])
     assert await billing.recorded_units("c3", "api_calls") == 0
+
+
+async def test_events_kept_in_the_outbox_at_shutdown_no_longer_hold_their_units(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    """Deferred at the drain deadline, their units stayed among the cache's pending units for good:
+    replayed and recorded by the next lifespan of the same process, they were counted twice, and
+    requests that fitted the quota were refused."""
+    path = tmp_path / "outbox.db"
+    gated = Gated(billing)  # shut for the first lifespan
+    upstream = Upstream(gated)
+    cache = EntitlementCache(upstream)
+    quota = await cache.fetch("c0", "api_calls")
+    assert [quota.admit(1) for _ in range(4)] == [0] * 4  # four requests' units (limit 10)
+    first = Tracker(upstream, cache, flush_interval=0, drain_timeout=0.3, outbox=Outbox(path, max_events=10))
+    await run_tracker(first, [event(f"k{i}") for i in range(4)])
+    assert first.stats.deferred == 4 and quota.local == 0
+    gated.gate.set()
+    second = Tracker(upstream, cache, flush_interval=0, outbox=Outbox(path, max_events=10))
+    await run_tracker(second, [])
+    assert second.stats.sent == 4 and await billing.recorded_units("c0", "api_calls") == 4
+    assert quota.admit(6) == 0  # 4 used of 10
