@@ -13,6 +13,7 @@ All methods block on disk: the tracker calls them from a worker thread, never on
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -89,6 +90,14 @@ def _prepare(db: sqlite3.Connection) -> None:
         db.execute(f"PRAGMA user_version = {_LAYOUT}")
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
 class OutboxError(RuntimeError):
     """The outbox file cannot be used (locked by another process, not an outbox, unwritable)."""
 
@@ -114,6 +123,8 @@ class Outbox:
         self.max_events = max_events
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._where = os.path.abspath(self.path)  # (a later chdir cannot move it)
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file opened
         self.size = 0
 
     def open(self) -> Stored:
@@ -137,6 +148,7 @@ class Outbox:
             hint = " (another process has it open?)" if "locked" in str(exc) else ""
             raise OutboxError(f"cannot use {self.path} as the usage outbox: {exc}{hint}") from exc
         self._db = db
+        self._file = _identity(self._where)
         self.size = len(rows)
         # A batch is one customer's (two may send the same trusted request id) and one feature's.
         groups: dict[tuple[str, str, str], list[UsageEvent]] = {}
@@ -187,6 +199,12 @@ class Outbox:
     @property
     def is_open(self) -> bool:
         return self._db is not None
+
+    @property
+    def is_in_place(self) -> bool:
+        """Whether the file opened is still at :attr:`path`: SQLite goes on writing to a file deleted
+        (or replaced) while open, and what it holds is gone once it is closed."""
+        return self._file is not None and _identity(self._where) == self._file
 
     def close(self) -> None:
         with self._lock:

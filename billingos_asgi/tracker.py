@@ -295,7 +295,11 @@ class Tracker:
             unsent += self._unwritten
         self._unwritten.clear()
         self._queued_events = 0
-        if self._outbox is not None:
+        if self._outbox is not None and not self._outbox.is_in_place:
+            logger.error("the usage outbox %s was deleted or replaced while in use", self._outbox.path)
+            reason = "shutdown deadline passed (the outbox file was deleted or replaced)"
+            self._give_up(tuple(unsent), "dropped", reason)
+        elif self._outbox is not None:
             self.stats.deferred += len(unsent)
             if unsent:
                 logger.warning("%d usage events stay in %s for the next start", len(unsent), self._outbox.path)

@@ -620,3 +620,34 @@ async def test_events_kept_in_the_outbox_at_shutdown_no_longer_hold_their_units(
     await run_tracker(second, [])
     assert second.stats.sent == 4 and await billing.recorded_units("c0", "api_calls") == 4
     assert quota.admit(6) == 0  # 4 used of 10
+
+
+def delete_outbox(path: Path) -> None:
+    for file in path.parent.glob(f"{path.name}*"):  # with its -wal file
+        file.unlink()
+
+
+async def test_events_left_to_an_outbox_file_deleted_meanwhile_are_reported_dropped(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    """SQLite goes on writing to a deleted file: the events were said to stay for the next start,
+    which found a new, empty outbox."""
+    path = tmp_path / "outbox.db"
+    reported: list[str] = []
+    tracker = tracker_for(
+        Gated(billing),  # never answers: the drain deadline cuts everything off
+        flush_interval=0,
+        drain_timeout=0.3,
+        outbox=Outbox(path, max_events=100),
+        on_rejected=lambda e, r: reported.append(r),
+    )
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        for i in range(3):
+            assert tracker.submit(event(f"k{i}", customer=f"c{i}"))
+        while tracker.outbox is None or tracker.outbox.size < 3:  # noqa: ASYNC110 - written in the writer's thread
+            await anyio.sleep(0.01)
+        await anyio.to_thread.run_sync(delete_outbox, path)  # a clean-up script, a redeploy
+        await tracker.stop()
+    assert (tracker.stats.deferred, tracker.stats.dropped) == (0, 3)
+    assert reported == ["shutdown deadline passed (the outbox file was deleted or replaced)"] * 3
