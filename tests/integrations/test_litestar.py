@@ -199,7 +199,8 @@ async def test_a_request_target_without_its_leading_slash_is_metered(
     Under ``--root-path /api`` the path is "/apiv1/search", and Litestar routes what follows "/api"."""
     billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db")
     try:
-        with serve_in_thread(build(billing), root_path=root_path) as base_url:
+        # (h11 takes such a target; httptools, where installed, refuses it with a 400 itself.)
+        with serve_in_thread(build(billing), root_path=root_path, http="h11") as base_url:
             answers = [
                 await raw_http(
                     base_url,
