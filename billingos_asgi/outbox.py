@@ -147,23 +147,27 @@ class Outbox:
                 db.close()
             hint = " (another process has it open?)" if "locked" in str(exc) else ""
             raise OutboxError(f"cannot use {self.path} as the usage outbox: {exc}{hint}") from exc
-        self._db = db
-        self._file = _identity(self._where)
-        self.size = len(rows)
         # A batch is one customer's (two may send the same trusted request id) and one feature's.
         groups: dict[tuple[str, str, str], list[UsageEvent]] = {}
         attempted: dict[tuple[str, str, str], float] = {}
         fresh: list[UsageEvent] = []
         for key, customer, feature, quantity, metadata, batch_key, first_attempt in rows:
-            # Replayed: its units are not among this process's pending units.
-            event = UsageEvent(
-                customer, feature, float(quantity), key, json.loads(metadata) if metadata else None, False
-            )
+            try:  # Replayed: its units are not among this process's pending units.
+                event = UsageEvent(
+                    customer, feature, float(quantity), key, json.loads(metadata) if metadata else None, False
+                )
+            except (TypeError, ValueError) as exc:  # edited by hand: left for whoever edited it to mend
+                db.close()
+                where = f"cannot use {self.path} as the usage outbox: its event {key!r} is malformed"
+                raise OutboxError(f"{where}: {exc}") from exc
             if batch_key is None:
                 fresh.append(event)
             else:
                 groups.setdefault((customer, feature, batch_key), []).append(event)
                 attempted[customer, feature, batch_key] = first_attempt
+        self._db = db
+        self._file = _identity(self._where)
+        self.size = len(rows)
         batches = [(Batch.of(tuple(e), g[2]), attempted[g]) for g, e in groups.items()]
         return Stored(batches, fresh)
 

@@ -85,6 +85,23 @@ def test_a_file_that_is_not_an_outbox_is_refused(tmp_path: Path) -> None:
         Outbox(other, max_events=0)
 
 
+@pytest.mark.parametrize(("column", "value"), [("quantity", "lots"), ("metadata", "{not json")])
+def test_an_event_edited_into_nonsense_is_named_and_kept(tmp_path: Path, column: str, value: str) -> None:
+    outbox = Outbox(tmp_path / "outbox.db", max_events=10)
+    outbox.open()
+    outbox.add([event("k1"), event("k2")])
+    outbox.close()
+    db = sqlite3.connect(tmp_path / "outbox.db")
+    db.execute(f"UPDATE outbox SET {column} = ? WHERE idempotency_key = 'k2'", (value,))
+    db.commit()
+    db.close()
+    with pytest.raises(OutboxError, match=r"outbox\.db as the usage outbox: its event 'k2' is malformed"):
+        Outbox(tmp_path / "outbox.db", max_events=10).open()
+    db = sqlite3.connect(tmp_path / "outbox.db")  # not left locked, and nothing removed
+    assert db.execute("SELECT count(*) FROM outbox").fetchone() == (2,)
+    db.close()
+
+
 def test_another_applications_database_is_never_taken_over(tmp_path: Path) -> None:
     other = tmp_path / "app.db"
     db = sqlite3.connect(other)
