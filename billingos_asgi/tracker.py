@@ -138,6 +138,7 @@ class Tracker:
         self.running = False  # taking events: between start() and stop()
         self.stats = TrackerStats()
         self._log = Throttled().log  # storms summarised: one line a second, with the count held back
+        self._log_callback = Throttled().log
 
     @property
     def outbox(self) -> Outbox | None:
@@ -721,5 +722,5 @@ class Tracker:
             if self._on_rejected is not None:
                 try:
                     self._on_rejected(event, reason)
-                except Exception:
-                    logger.exception("on_rejected callback failed")
+                except Exception:  # failing alike for every event of a refused batch: one line a second
+                    self._log_callback(logging.ERROR, "on_rejected callback failed", exc_info=True)

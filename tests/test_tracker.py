@@ -131,6 +131,19 @@ async def test_a_batch_refused_for_quota_is_split_so_what_fits_is_recorded(billi
     assert rejected == [("k10", "quota_exceeded"), ("k11", "quota_exceeded")]
 
 
+async def test_a_failing_on_rejected_callback_is_logged_without_a_flood(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    def on_rejected(event: UsageEvent, reason: str) -> None:
+        raise RuntimeError("the reconciliation queue is down")
+
+    tracker = tracker_for(billing, flush_interval=0.2, on_rejected=on_rejected)
+    await run_tracker(tracker, [event(f"k{i}") for i in range(60)])
+    assert (tracker.stats.sent, tracker.stats.rejected) == (10, 50)
+    failures = [r for r in caplog.records if r.getMessage().startswith("on_rejected callback failed")]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+
+
 async def test_a_retry_after_an_unknown_outcome_reuses_the_key_and_counts_once(billing: LocalBilling) -> None:
     flaky = FlakyAfterForwarding(billing, failures=2)
     tracker = tracker_for(flaky, flush_interval=0.05)
