@@ -31,7 +31,7 @@ from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS
 from .cache import EntitlementCache
 from .events import Batch, UsageEvent, part_key
 from .outbox import Outbox
-from .upstream import MAX_PAUSE, Upstream
+from .upstream import CHECK_TIMEOUT, MAX_PAUSE, Upstream
 
 __all__ = ["Tracker", "TrackerStats"]
 
@@ -590,7 +590,7 @@ class Tracker:
         if key in self._full or self._cache.known_full(*key):
             return 0.0
         try:
-            entitlement = await self._upstream.check_entitlement(*key, wait=RETRY_MAX)
+            entitlement = await self._upstream.check_entitlement(*key, wait=RETRY_MAX, answer_within=CHECK_TIMEOUT)
         except Exception as exc:
             self._log(logging.WARNING, "could not learn what is left of %s's %s quota: %r", *key, exc)
             return None

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
+import billingos_asgi.tracker as tracker_module
 from billingos_asgi import LocalBilling, NetworkError, QuotaExceededError, RateLimitError, TrackUsageResult, UsageEvent
 from billingos_asgi.cache import EntitlementCache
 from billingos_asgi.events import Batch, event_key, part_key
@@ -474,6 +475,24 @@ async def test_a_refused_batch_costs_a_few_calls_even_when_what_is_left_cannot_b
     assert await billing.recorded_units("c0", "api_calls") == 10 - left + recorded
     assert (tracker.stats.sent, tracker.stats.rejected, sum(reports)) == (recorded, 64 - recorded, 64 - recorded)
     assert tracker.upstream.tracks <= 1 + 6 + 1 and tracker.upstream.checks <= 2  # the refusal, log2(64) halves
+
+
+class Unanswered(Around):
+    """Checks hang (upstream holds the connection open); tracks are recorded."""
+
+    async def check_entitlement(self, *args: Any, **kwargs: Any) -> Any:
+        await anyio.sleep_forever()
+
+
+async def test_a_refused_batch_whose_check_hangs_is_halved_once_the_check_times_out(
+    billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tracker_module, "CHECK_TIMEOUT", 0.1)
+    await billing.track_usage("c0", "api_calls", 8)
+    tracker = tracker_for(Unanswered(billing), flush_interval=0.05, drain_timeout=5)
+    await run_tracker(tracker, [event(f"k{i}") for i in range(4)])
+    assert await billing.recorded_units("c0", "api_calls") == 10  # not held past the drain deadline
+    assert (tracker.stats.sent, tracker.stats.rejected, tracker.stats.dropped) == (2, 2, 0)
 
 
 async def test_events_that_fill_what_is_left_exactly_go_up_together(billing: LocalBilling) -> None:
