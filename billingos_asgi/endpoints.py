@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from . import _wire
 from ._exceptions import BillingOSError, CustomerNotFoundError
 from ._models import SessionToken, UsageMetrics
-from ._validation import customer_answer
+from ._validation import MAX_SESSION_TTL, MIN_SESSION_TTL, customer_answer
 from .backend import BillingBackend
 from .customers import CustomerResolver
 from .responses import Denial, problem_response
@@ -49,6 +49,20 @@ class UsageEndpoints:
     ) -> None:
         if not callable(customer):
             raise ValueError("customer must be a callable taking the request and returning a customer id or None")
+        # Refused here, by name: each would otherwise fail every request (a 500, or upstream's 400 as a 503).
+        if isinstance(usage_ttl, bool) or not isinstance(usage_ttl, int | float) or not usage_ttl >= 0:
+            raise ValueError(f"usage_ttl must be a number of seconds >= 0, got {usage_ttl!r}")
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+            raise ValueError(f"cache_size must be a whole number >= 1, got {cache_size!r}")
+        if (
+            isinstance(token_lifetime, bool)
+            or not isinstance(token_lifetime, int)
+            or not MIN_SESSION_TTL <= token_lifetime <= MAX_SESSION_TTL
+        ):
+            raise ValueError(
+                f"token_lifetime must be a whole number of seconds from {MIN_SESSION_TTL} to {MAX_SESSION_TTL}"
+                f" (what BillingOS accepts), got {token_lifetime!r}"
+            )
         self._billing = billing
         self._resolve = customer
         self._token_lifetime = token_lifetime

@@ -132,6 +132,23 @@ async def test_the_usage_routes_answer_a_failing_resolver_with_a_problem(billing
     assert {answer.json()["detail"] for answer in answers} == {"the customer resolver failed"}
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("cache_size", 0),  # every request raised "value too large": a 500
+        ("token_lifetime", 30),  # below upstream's 60 s: every token request a 503
+        ("token_lifetime", 2 * 86400),  # above its 86,400 s
+        ("token_lifetime", 1800.5),  # not whole seconds
+        ("usage_ttl", -1),
+    ],
+)
+async def test_the_usage_routes_refuse_a_bad_option_when_built_not_at_each_request(
+    billing: LocalBilling, option: str, value: Any
+) -> None:
+    with pytest.raises(ValueError, match=option):
+        usage_routes(billing, by_header, **{option: value})
+
+
 async def test_a_head_only_route_is_metered(billing: LocalBilling) -> None:
     @metered("api_calls")
     async def probe(request: Request) -> JSONResponse:
