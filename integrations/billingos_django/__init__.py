@@ -35,6 +35,7 @@ from typing import Any, TypeVar, cast
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils.module_loading import import_string
@@ -73,6 +74,8 @@ class IdentifyCustomerMiddleware:
         self.get_response = get_response
         customer = getattr(settings, "BILLINGOS_CUSTOMER", signed_in_user)
         self.customer: CustomerOf = import_string(customer) if isinstance(customer, str) else customer
+        if not callable(self.customer):  # it would fail, and on_error decide, on every metered request
+            raise ImproperlyConfigured(f"BILLINGOS_CUSTOMER must be a function of the request, got {customer!r}")
         markcoroutinefunction(self)
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:

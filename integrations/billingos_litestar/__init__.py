@@ -52,6 +52,8 @@ class BillingPlugin(InitPlugin):
     __slots__ = ("customer",)
 
     def __init__(self, customer: CustomerOf) -> None:
+        if not callable(customer):  # (a dotted path, say): it would fail, and on_error decide, on every request
+            raise ValueError(f"customer must be a function of the connection, got {customer!r}")
         self.customer = customer
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:

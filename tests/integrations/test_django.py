@@ -18,6 +18,7 @@ pytest.importorskip("django")
 import django  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.http import HttpRequest, JsonResponse  # noqa: E402
 from django.test import override_settings  # noqa: E402
 from django.urls import path  # noqa: E402
@@ -219,6 +220,17 @@ async def test_a_failing_customer_setting_follows_on_error_not_a_500(
     assert answer.status_code == expected
     assert entered == (["search"] if expected == 200 else [])  # let through unbilled, or refused before the view
     assert await billing.recorded_units(pro_id, "api_calls") == 0
+
+
+def test_a_customer_setting_that_names_no_function_is_refused_at_start_up(
+    sessions: dict[str, tuple[str, dict[str, str]]],
+) -> None:
+    """It failed on every metered request, which on_error="allow" then served unbilled to anyone."""
+    with (
+        override_settings(BILLINGOS_CUSTOMER=f"{__name__}.ROUTES"),
+        pytest.raises(ImproperlyConfigured, match="ROUTES"),
+    ):
+        get_asgi_application()  # Django builds its middleware here, at start-up
 
 
 async def test_the_middleware_answers_the_lifespan_django_refuses(

@@ -130,6 +130,13 @@ async def test_the_authenticated_account_pays_and_handlers_run_only_once_admitte
     assert await billing.recorded_units("user_free", "api_calls") == 10
 
 
+def test_a_customer_that_is_no_function_is_refused_at_start_up() -> None:
+    """A dotted path (as Django's BILLINGOS_CUSTOMER takes) failed in the guard of every metered request,
+    which on_error="allow" then served unbilled to anyone, signed in or not."""
+    with pytest.raises(ValueError, match="customer must be a function"):
+        BillingPlugin(customer=f"{__name__}.account_of")  # type: ignore[arg-type]
+
+
 async def test_a_failing_answer_is_not_billed(billing: LocalBilling, entered: list[str]) -> None:
     async with serve(build(billing)) as client:
         failed = await client.get("/v1/broken", headers=bearer("token-pro"))
