@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 from starlette.routing import BaseRoute, Host, Mount, Route, compile_path
 
-from .routes import _METHODS, Metered
+from .routes import _METHODS, UNDECLARED, Metered
 
 __all__ = ["MARK", "declarations", "declared_routes", "metering_of", "route_keys", "route_table", "walk"]
 
@@ -38,13 +38,14 @@ def route_table(
 
     A path declared twice differently, or given in ``also`` with another feature than its route
     declares, is refused: which one would be billed is not for us to guess. A route found not
-    metered (None) is metered where ``also`` says so.
+    metered (None, or :data:`UNDECLARED`) is metered where ``also`` says so.
     """
     table: dict[str, str | Metered | None] = {}
     for key, declaration in [*declarations, *(also or {}).items()]:
-        if table.get(key) is not None and declaration is not None and table[key] != declaration:
+        declares = declaration is not None and declaration is not UNDECLARED
+        if declares and table.get(key) not in (None, UNDECLARED) and table[key] != declaration:
             raise ValueError(f"routes: {key!r} is declared both as {table[key]!r} and as {declaration!r}")
-        if declaration is not None or key not in table:
+        if declares or key not in table:
             table[key] = declaration
     return table
 
@@ -78,7 +79,7 @@ Expander = Callable[[BaseRoute, str], Iterable[Found]]
 
 def declarations(
     routes: Iterable[BaseRoute], *, find: Finder = metering_of, expand: Expander | None = None, prefix: str = ""
-) -> Iterator[tuple[str, Metered | None]]:
+) -> Iterator[tuple[str, Metered]]:
     """``("METHOD /full/path", Metered)`` for each declared route, through mounts and hosts (see :func:`walk`).
 
     The app routes a request to the first route that matches it, the middleware's table to a
@@ -86,7 +87,8 @@ def declarations(
     answers (``/reports/export`` after ``/reports/{report_id}``) is never reached: it is left
     out, with a warning, rather than billed for the request the earlier route serves. And an
     undeclared static route before a declared template taking its path (``/items/featured``
-    before ``/items/{item_id}``) comes as ``None``: the app serves it, not metered.
+    before ``/items/{item_id}``) comes as :data:`UNDECLARED`: the app serves it, metered as the
+    routes missing from the table are (``default_feature``, or not at all), never as the template.
     """
     found = [(*route, compile_path(route[0])) for route in walk(routes, find=find, expand=expand, prefix=prefix)]
     declared_templates = [
@@ -106,7 +108,7 @@ def declarations(
         if declaration is None and every_host and not convertors:
             if any(later > index and template.match(path) for later, template in declared_templates):
                 for key in route_keys(path, _reachable(path, methods, earlier)):
-                    yield key, None
+                    yield key, UNDECLARED
         if declaration is not None:
             reachable = methods if convertors else _reachable(path, methods, earlier)
             if reachable != methods:

@@ -31,7 +31,7 @@ from starlette.routing import compile_path
 
 from ._validation import QUANTITY_DECIMALS, check_id
 
-__all__ = ["EXCLUDED", "Metered", "RouteTable", "canonical", "redirects_to_itself"]
+__all__ = ["EXCLUDED", "UNDECLARED", "Metered", "RouteTable", "canonical", "redirects_to_itself"]
 
 QuantityFunction = Callable[[Request], float | Awaitable[float]]
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
@@ -73,6 +73,10 @@ EXCLUDED = Metered("excluded by the exclude= option")
 #: A route configured as not metered (``None``), in the table: a static route the app serves before
 #: a metered template that would take its path.
 _UNMETERED = Metered("not metered")
+#: What route discovery gives a route the app serves undeclared where a declared template would
+#: take its path: metered as a route missing from the table is (``default_feature``, or not at all,
+#: an exclusion deciding first), never as the template.
+UNDECLARED = Metered("undeclared: metered as default_feature")
 
 _SLASHES = re.compile(r"//+")
 _PARAMETER = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")  # as Starlette's
@@ -214,11 +218,16 @@ class RouteTable:
             raise ValueError(f'routes must map "METHOD /path" to a feature, got {routes!r}')
         if isinstance(exclude, str):
             raise ValueError(f"exclude must be a list of paths, got the string {exclude!r}")
+        self._default = None if default_feature is None else _metered(default_feature, "default_feature")
+        undeclared: list[tuple[str, str | None]] = []  # static UNDECLARED routes: an exclusion decides first
         for key, value in (routes or {}).items():
             method, path = _split_key(key)
-            metered = _UNMETERED if value is None else _metered(value, f"routes: {key!r}")
+            if value is UNDECLARED:
+                metered = self._default or _UNMETERED
+            else:
+                metered = _UNMETERED if value is None else _metered(value, f"routes: {key!r}")
             regex, _, convertors = _compiled(path, f"routes: {key!r}")
-            if value is not None:
+            if value is not None and value is not UNDECLARED:
                 configured.append((key, path, not convertors))
             if convertors:
                 self._dynamic.append((method, regex, metered))
@@ -230,10 +239,8 @@ class RouteTable:
                 if method in by_method:
                     raise ValueError(f"routes: {key!r} is configured twice")
                 by_method[method] = metered
-        for by_method in self._static.values():
-            if "GET" in by_method:  # HEAD is GET without the body, unless configured on its own
-                by_method.setdefault("HEAD", by_method["GET"])
-        self._default = None if default_feature is None else _metered(default_feature, "default_feature")
+                if value is UNDECLARED:
+                    undeclared.append((path, method))
         excluded_paths: set[str] = set()
         prefixes: list[str] = []
         self._excluded_patterns: list[re.Pattern[str]] = []
@@ -252,6 +259,12 @@ class RouteTable:
         self._excluded = frozenset(excluded_paths)
         self._excluded_prefixes = tuple(prefixes)
         self._refuse_conflicts(configured)
+        for path, method in undeclared:  # (a static route is looked up before the prefixes and patterns)
+            if self._covered(path, True):
+                self._static[path][method] = EXCLUDED
+        for by_method in self._static.values():
+            if "GET" in by_method:  # HEAD is GET without the body, unless configured on its own
+                by_method.setdefault("HEAD", by_method["GET"])
         # Static (method, path) lookups, dynamic routes and the default need no per-request work
         # beyond a dict lookup when nothing dynamic or excluded-by-pattern is configured.
         self._simple = not self._dynamic and not self._excluded_patterns and not prefixes
@@ -263,18 +276,21 @@ class RouteTable:
         metered += [m for _, _, m in self._dynamic]
         if self._default is not None:
             metered.append(self._default)
-        return frozenset(m.feature for m in metered if m is not _UNMETERED)
+        return frozenset(m.feature for m in metered if m is not _UNMETERED and m is not EXCLUDED)
 
     def _refuse_conflicts(self, configured: Iterable[tuple[str, str, bool]]) -> None:
         """A route that an exclusion covers is refused: which of the two the user meant is not for us to guess."""
         for key, path, static in configured:
-            covered = (
-                path in self._excluded
-                or path.startswith(self._excluded_prefixes)
-                or (static and any(pattern.match(path) for pattern in self._excluded_patterns))
-            )
-            if covered:
+            if self._covered(path, static):
                 raise ValueError(f"routes: {key!r} is also excluded (exclude=): configure it in one place")
+
+    def _covered(self, path: str, static: bool) -> bool:
+        """Whether an exclusion covers the route ``path`` (a template: by a path or prefix only)."""
+        return (
+            path in self._excluded
+            or path.startswith(self._excluded_prefixes)
+            or (static and any(pattern.match(path) for pattern in self._excluded_patterns))
+        )
 
     def match(self, method: str, path: str, *, raw: str | None = None, collapsed: str = "") -> Metered | None:
         """The metering of ``method path``: None when it is not metered, :data:`EXCLUDED` when excluded.

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, get_usage_context
 from billingos_asgi.discovery import declared_routes
+from billingos_asgi.routes import UNDECLARED
 from billingos_starlette import declared, metered, usage_routes
 
 from ..asgi import serve
@@ -292,13 +293,37 @@ async def test_a_free_static_route_before_a_metered_template_stays_free(billing:
         anonymous_item = await client.get("/items/7")
         anonymous_report = await client.get("/reports/featured")
     assert declared_routes(app.routes) == {
-        "GET /items/featured": None,
+        "GET /items/featured": UNDECLARED,  # metered as default_feature (none here)
         "GET /items/{item_id}": Metered("api_calls"),
         "GET /reports/{report_id}": Metered("export"),
         "GET /{section}/{name}": Metered("api_calls"),
     }
     assert free == [200, 200] and await billing.recorded_units("user_free", "api_calls") == 0
     assert (anonymous_item.status_code, anonymous_report.status_code) == (401, 401)
+
+
+async def test_an_undeclared_route_before_a_declared_template_is_metered_by_the_default(billing: LocalBilling) -> None:
+    """With default_feature, an undeclared route is metered as the default: also where a declared template
+    after it would take its path (it was served free to anyone, as if excluded)."""
+
+    @metered("tokens")
+    async def item(request: Request) -> JSONResponse:
+        return JSONResponse({"item": request.path_params["item_id"]})
+
+    async def featured(request: Request) -> JSONResponse:
+        return JSONResponse({"featured": True})
+
+    app = Starlette(routes=[Route("/items/featured", featured), Route("/items/{item_id}", item)])
+    app.add_middleware(
+        BillingMiddleware, billing=billing, customer=by_header, routes=declared(app), default_feature="api_calls"
+    )
+    async with serve(app) as client:
+        anonymous = await client.get("/items/featured")
+        paid = await client.get("/items/featured", headers=as_customer("user_free"))
+        item_answer = await client.get("/items/7", headers=as_customer("user_pro"))
+    assert (anonymous.status_code, paid.status_code, item_answer.status_code) == (401, 200, 200)
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+    assert await billing.recorded_units("user_pro", "tokens") == 1
 
 
 async def test_a_metered_endpoint_the_middleware_could_not_see_fails_closed(billing: LocalBilling) -> None:

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usage
 from billingos_asgi.local.background import serve_in_thread
-from billingos_asgi.routes import EXCLUDED, RouteTable, redirects_to_itself
+from billingos_asgi.routes import EXCLUDED, UNDECLARED, RouteTable, redirects_to_itself
 from tests.asgi import serve
 
 from .support import PLANS, as_customer, by_header, call_raw, http_scope, raw_http
@@ -528,6 +528,18 @@ def test_a_route_configured_as_none_is_not_metered_whatever_the_default() -> Non
         for found in [table.match(method, path)]
     ]
     assert features == [None, "api_calls", "everything", "api_calls"]
+
+
+def test_a_route_found_undeclared_is_metered_as_the_default_an_exclusion_deciding_first() -> None:
+    routes: dict[str, str | Metered | None] = {"GET /items/featured": UNDECLARED, "GET /pub/featured": UNDECLARED}
+    routes |= {"/items/{item_id}": "api_calls", "/pub/{page_id:int}": "api_calls"}
+    table = RouteTable(routes, default_feature="everything", exclude=["/pub/{page}"])
+    assert table.match("GET", "/items/featured") == Metered("everything")
+    assert table.match("HEAD", "/items/featured") == Metered("everything")
+    assert table.match("GET", "/pub/featured") is EXCLUDED and table.match("HEAD", "/pub/featured") is EXCLUDED
+    assert table.features == {"api_calls", "everything"}
+    without_default = RouteTable(routes)
+    assert without_default.match("GET", "/items/featured") is None and without_default.features == {"api_calls"}
 
 
 async def test_a_redirect_to_https_is_not_billed_the_request_after_it_is(billing: LocalBilling) -> None:
