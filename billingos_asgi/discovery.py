@@ -10,13 +10,15 @@ is built, at start-up, after every route has been added.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 from starlette.routing import BaseRoute, Host, Mount, Route, compile_path
 
-from .routes import _METHODS, UNDECLARED, Metered
+from .routes import _METHODS, _PARAMETER, UNDECLARED, Metered
 
 __all__ = ["MARK", "declarations", "declared_routes", "metering_of", "route_keys", "route_table", "walk"]
 
@@ -89,14 +91,17 @@ def declarations(
     undeclared static route before a declared template taking its path (``/items/featured``
     before ``/items/{item_id}``) comes as :data:`UNDECLARED`: the app serves it, metered as the
     routes missing from the table are (``default_feature``, or not at all), never as the template.
+    So does an undeclared template before a declared one sharing paths with it (``/users/{name}``
+    before ``/users/{user_id:int}``), in the table's templates before it.
     """
     found = [(*route, compile_path(route[0])) for route in walk(routes, find=find, expand=expand, prefix=prefix)]
     declared_templates = [
-        (index, regex)
-        for index, (_, _, declared, _, (regex, _, convertors)) in enumerate(found)
+        (index, path, methods, regex)
+        for index, (path, methods, declared, _, (regex, _, convertors)) in enumerate(found)
         if declared and convertors
     ]
     undeclared = {path for path, _, declaration, *_ in found if declaration is None}
+    undeclared_keys: set[str] = set()  # of templates: a declared template with the same key is never reached
     earlier: list[tuple[re.Pattern[str], Collection[str] | None]] = []
     for index, (path, methods, declaration, every_host, (regex, _, convertors)) in enumerate(found):
         if declaration is not None and not every_host and path in undeclared:
@@ -106,11 +111,19 @@ def declarations(
                 path,
             )
         if declaration is None and every_host and not convertors:
-            if any(later > index and template.match(path) for later, template in declared_templates):
+            if any(later > index and template.match(path) for later, _, _, template in declared_templates):
                 for key in route_keys(path, _reachable(path, methods, earlier)):
                     yield key, UNDECLARED
+        elif declaration is None and every_host and declared_templates and declared_templates[-1][0] > index:
+            later_ones = [(other, taken, template) for i, other, taken, template in declared_templates if i > index]
+            for key in route_keys(path, _shared_methods(path, methods, regex, later_ones)):
+                undeclared_keys.add(key)
+                yield key, UNDECLARED
         if declaration is not None:
-            reachable = methods if convertors else _reachable(path, methods, earlier)
+            if convertors:
+                reachable = _untaken(path, methods, undeclared_keys)
+            else:
+                reachable = _reachable(path, methods, earlier)
             if reachable != methods:
                 lost = set(_METHODS if methods is None else methods) - set(reachable or ())
                 logger.warning(
@@ -123,6 +136,59 @@ def declarations(
                 yield key, declaration
         if every_host:  # a Host's route takes only its host's requests: the others reach the later route
             earlier.append((regex, methods))
+
+
+def _shared_methods(
+    path: str,
+    methods: Collection[str] | None,
+    regex: re.Pattern[str],
+    later: Iterable[tuple[str, Collection[str] | None, re.Pattern[str]]],
+) -> Collection[str] | None:
+    """The methods of an undeclared template's route that a later declared template also takes,
+    on a path both take (None: every method)."""
+    shared: set[str] = set()
+    lead = path.partition("{")[0]
+    for other, taken, template in later:
+        other_lead = other.partition("{")[0]  # what precedes the first parameter: both must start alike
+        if not (lead.startswith(other_lead) or other_lead.startswith(lead)):
+            continue
+        if any(template.match(example) for example in _examples(path)) or any(
+            regex.match(example) for example in _examples(other)
+        ):
+            if methods is None and taken is None:
+                return None
+            shared |= set(_METHODS if methods is None else methods) & set(_METHODS if taken is None else taken)
+    return shared
+
+
+#: What a parameter of each type takes, to find paths two templates share (a miss leaves it as it was).
+_SAMPLES = {
+    "str": ("0", "x"),
+    "path": ("0", "x", "x/0"),
+    "int": ("0",),
+    "float": ("0", "0.5"),
+    "uuid": ("00000000-0000-0000-0000-000000000000",),
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def _examples(path: str) -> tuple[str, ...]:
+    """Paths the template ``path`` takes, its parameters given sample values of their types (64 at most)."""
+    parts = _PARAMETER.split(path)  # literal, name, type, literal, name, type, ..., literal
+    choices: list[tuple[str, ...]] = [(parts[0],)]
+    for at in range(1, len(parts), 3):
+        choices += [_SAMPLES.get(parts[at + 1] or "str", _SAMPLES["str"]), (parts[at + 2],)]
+    return tuple("".join(example) for example in itertools.islice(itertools.product(*choices), 64))
+
+
+def _untaken(path: str, methods: Collection[str] | None, taken_keys: Collection[str]) -> Collection[str] | None:
+    """The methods of a declared template whose keys no earlier undeclared template holds (None: every method)."""
+    if methods is None:
+        return set() if path in taken_keys else None
+    taken = {method for method in methods if f"{method} {path}" in taken_keys}
+    if "GET" in taken:  # (HEAD follows GET in the table)
+        taken.add("HEAD")
+    return set(methods) - taken if taken else methods
 
 
 def _reachable(

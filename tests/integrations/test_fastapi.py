@@ -411,6 +411,42 @@ async def test_a_route_the_app_never_reaches_is_not_metered_in_its_place(
     assert "GET /reports/export: an earlier route answers it first" in caplog.text
 
 
+async def test_a_free_template_before_a_declared_one_taking_its_paths_is_not_billed_for_it(
+    billing: SpyBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FastAPI takes the first route that matches: /users/5 is the free profile's, not the metered
+    lookup's after it (it was refused 401 anonymous, and billed signed in, as the lookup)."""
+    app = FastAPI()
+
+    @app.get("/users/{name}")
+    async def profile(name: str, billing: Billing) -> dict[str, Any]:
+        return {"profile": name, "metered": billing is not None}
+
+    @app.get("/users/{user_id:int}", dependencies=[metered("api_calls")])  # shadowed by the profile
+    async def lookup(user_id: int) -> dict[str, int]:
+        return {"user": user_id}
+
+    @app.get("/users/{name}/orders", dependencies=[metered("api_calls")])  # not shadowed
+    async def orders(name: str) -> dict[str, str]:
+        return {"orders": name}
+
+    @app.get("/users/{name}", dependencies=[metered("api_calls")])  # the same template: never reached
+    async def again(name: str) -> dict[str, str]:
+        return {"again": name}
+
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = await client.get("/users/5")
+        signed_in = await client.get("/users/5", headers=as_customer("user_free"))
+        anonymous_orders = await client.get("/users/5/orders")
+        paid_orders = await client.get("/users/5/orders", headers=as_customer("user_free"))
+    assert (anonymous.status_code, anonymous.json()) == (200, {"profile": "5", "metered": False})
+    assert (signed_in.status_code, signed_in.json()) == (200, {"profile": "5", "metered": False})
+    assert (anonymous_orders.status_code, paid_orders.status_code) == (401, 200)
+    assert await billing.recorded_units("user_free", "api_calls") == 1  # the orders only
+    assert "GET /users/{name}: an earlier route answers it first" in caplog.text
+
+
 async def test_a_path_excluded_from_a_declared_template_is_served_unmetered(billing: SpyBilling) -> None:
     """``exclude=`` carves a free path out of a metered template: the route's declaration lets it be."""
     app = FastAPI()
