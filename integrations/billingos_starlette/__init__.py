@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 from starlette._utils import is_async_callable
-from starlette.requests import Request
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -72,16 +71,16 @@ def metered(
         elif is_async_callable(endpoint):
 
             @functools.wraps(endpoint)
-            async def checked(request: Request) -> Any:
-                declared_context(request.scope, feature, where)
-                return await endpoint(request)
+            async def checked(*args: Any) -> Any:  # (request), or (self, request) for a method
+                declared_context(args[-1].scope, feature, where)
+                return await endpoint(*args)
 
         else:
 
             @functools.wraps(endpoint)
-            def checked(request: Request) -> Any:
-                declared_context(request.scope, feature, where)
-                return endpoint(request)
+            def checked(*args: Any) -> Any:
+                declared_context(args[-1].scope, feature, where)
+                return endpoint(*args)
 
         setattr(checked, MARK, declaration)
         return cast(Endpoint, checked)

@@ -351,6 +351,32 @@ async def test_a_metered_endpoint_the_middleware_could_not_see_fails_closed(bill
     assert await billing.recorded_units("user_free", "api_calls") == 0
 
 
+async def test_metered_takes_a_method_of_the_apps_own_class(billing: LocalBilling) -> None:
+    """Route calls a bound method with the request: the check found the instance in its place (a TypeError, a 500)."""
+
+    class Search:
+        def __init__(self, index: list[str]) -> None:
+            self.index = index
+
+        @metered("api_calls")
+        async def search(self, request: Request) -> JSONResponse:
+            return JSONResponse({"results": self.index})
+
+        @metered("api_calls")
+        def count(self, request: Request) -> JSONResponse:  # a sync one: Starlette runs it in a thread
+            return JSONResponse({"count": len(self.index)})
+
+    endpoints = Search(["a", "b"])
+    app = Starlette(routes=[Route("/search", endpoints.search), Route("/count", endpoints.count)])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = [(await client.get(path)).status_code for path in ("/search", "/count")]
+        paid = [(await client.get(path, headers=as_customer("user_free"))).json() for path in ("/search", "/count")]
+    assert anonymous == [401, 401]
+    assert paid == [{"results": ["a", "b"]}, {"count": 2}]
+    assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
 def test_a_path_metered_on_one_host_and_free_on_another_is_warned_about(
     billing: LocalBilling, caplog: pytest.LogCaptureFixture
 ) -> None:
