@@ -48,7 +48,9 @@ def customer_answer(answer: object, source: str) -> str | None:
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         return None
     if not isinstance(answer, str):
-        raise TypeError(f"{source} returned {answer!r:.80}, not a customer id (a string) or None")
+        # Its type only: what an auth function answers (credentials, a user) may hold a secret.
+        kind = type(answer).__qualname__
+        raise TypeError(f"{source} returned an object of type {kind}, not a customer id (a string) or None")
     return check_id("customer_id", answer)
 
 

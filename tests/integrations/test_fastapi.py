@@ -447,6 +447,27 @@ async def test_a_free_template_before_a_declared_one_taking_its_paths_is_not_bil
     assert "GET /users/{name}: an earlier route answers it first" in caplog.text
 
 
+async def test_a_customer_dependency_answering_no_customer_id_is_logged_without_its_value(
+    billing: SpyBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FastAPI's HTTPBearer answers the credentials, not a customer id: the log named the type and
+    quoted the value, the caller's bearer token with it."""
+    from fastapi.security import HTTPBearer
+
+    app = FastAPI()
+
+    @app.get("/v1/search", dependencies=[metered("api_calls", customer=HTTPBearer())])
+    async def search() -> dict[str, str]:
+        return {}
+
+    app.add_middleware(BillingMiddleware, billing=billing, customer=None, routes=declared(app), on_error="deny")
+    async with serve(app) as client:
+        answer = await client.get("/v1/search", headers={"authorization": "Bearer tok_alice_0123456789"})
+    assert answer.status_code == 503
+    assert "returned an object of type HTTPAuthorizationCredentials, not a customer id" in caplog.text
+    assert "tok_alice" not in caplog.text
+
+
 async def test_a_path_excluded_from_a_declared_template_is_served_unmetered(billing: SpyBilling) -> None:
     """``exclude=`` carves a free path out of a metered template: the route's declaration lets it be."""
     app = FastAPI()
