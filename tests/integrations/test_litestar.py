@@ -258,3 +258,5 @@ async def test_a_parameter_with_newlines_is_metered_as_litestar_routes_it(
     assert all("x-request-id" in answer.headers for answer in answers)
     assert entered == ["/a\nb", "\n", "\n\n"]
     assert await billing.recorded_units("user_free", "api_calls") == 3
+    # "GET v1/notes/%0A HTTP/1.1" (h11 passes it on without its leading slash): the note "\n" too.
+    assert metered.routes.match("GET", "v1/notes/\n") is not None

@@ -344,6 +344,14 @@ def test_paths_are_matched_in_their_canonical_form() -> None:
         RouteTable({"/v1/search": "api_calls", "/v1/search/": "tokens"})
 
 
+def test_the_root_and_an_excluded_prefix_are_matched_where_no_route_is_a_template() -> None:
+    table = RouteTable({"GET /": "tokens"}, default_feature="api_calls", exclude=["/static/*"])
+    for path in ("/", "//"):
+        found = table.match("GET", path)
+        assert found is not None and found.feature == "tokens", path
+    assert table.match("GET", "/static/app.js") is EXCLUDED and table.match("GET", "/static/") is EXCLUDED
+
+
 async def test_a_redirect_to_the_canonical_path_is_not_billed_the_request_after_it_is(billing: LocalBilling) -> None:
     async def moved(request: Request) -> Response:
         return RedirectResponse("https://files.example/report.pdf")  # the endpoint's own answer: billed
@@ -480,6 +488,7 @@ def test_typed_parameters_take_every_spelling_their_parsers_take_when_parsed() -
     routes = {
         "/items/{item_id:int}": "api_calls",
         "/prices/{value:float}": "tokens",
+        "/prices/{value:float}/{currency}": "tokens",  # a typed parameter before an untyped one
         "/orders/{order:uuid}": "export",
         "/items/{slug}/reviews": "reviews",
     }
@@ -491,6 +500,7 @@ def test_typed_parameters_take_every_spelling_their_parsers_take_when_parsed() -
         "/items/\uff15": "api_calls",
         "/prices/1e3": "tokens",
         "/prices/-inf": "tokens",
+        "/prices/1e3/eur": "tokens",
         "/orders/{12345678-1234-5678-1234-567812345678}": "export",
         "/orders/urn:uuid:12345678123456781234567812345678": "export",
     }
@@ -500,6 +510,9 @@ def test_typed_parameters_take_every_spelling_their_parsers_take_when_parsed() -
         assert strict.match("GET", path) is None, path  # Starlette routes these elsewhere
     for path in ("/items/abc", "/prices/cheap", "/orders/not-hex"):  # no parser takes them: the app's 404
         assert parsed.match("GET", path) is None, path
+    # Only where no template takes the path as written: "/items/+5" is the slug's here.
+    found = RouteTable({**routes, "/items/{slug}": "reviews"}, parsed_parameters=True).match("GET", "/items/+5")
+    assert found is not None and found.feature == "reviews"
 
 
 async def test_a_free_route_starlette_serves_after_a_typed_one_is_not_billed(billing: LocalBilling) -> None:
@@ -520,14 +533,18 @@ async def test_a_free_route_starlette_serves_after_a_typed_one_is_not_billed(bil
 
 
 def test_a_route_configured_as_none_is_not_metered_whatever_the_default() -> None:
-    table = RouteTable({"GET /items/featured": None, "/items/{item_id}": "api_calls"}, default_feature="everything")
+    table = RouteTable(
+        {"GET /items/featured": None, "/items/{item_id}": "api_calls", "/items/{item_id}/preview": None},
+        default_feature="everything",
+    )
     features = [
         (found.feature if found else None)
         for method, path in [("GET", "/items/featured"), ("GET", "/items/7"), ("GET", "/other")]
         + [("POST", "/items/featured")]  # not the static route's method: the template's
+        + [("GET", "/items/7/preview")]  # a template configured as None
         for found in [table.match(method, path)]
     ]
-    assert features == [None, "api_calls", "everything", "api_calls"]
+    assert features == [None, "api_calls", "everything", "api_calls", None]
 
 
 def test_a_route_found_undeclared_is_metered_as_the_default_an_exclusion_deciding_first() -> None:
