@@ -29,6 +29,7 @@ from billingos_asgi.testing import lifespan  # noqa: E402
 from billingos_django import metered  # noqa: E402
 
 from ..asgi import serve  # noqa: E402
+from ..middleware.support import as_customer, by_header  # noqa: E402
 
 ENTERED: list[str] = []  # the views a request reached, in order
 
@@ -59,6 +60,11 @@ def tokens(request: HttpRequest) -> JsonResponse:  # a sync view: Django runs it
     return JsonResponse({"tokens": 7})
 
 
+async def note(request: HttpRequest, title: str) -> JsonResponse:
+    ENTERED.append(title)
+    return JsonResponse({"note": title})
+
+
 @metered("api_calls")
 async def declared(request: HttpRequest) -> JsonResponse:
     ENTERED.append("declared")
@@ -79,6 +85,7 @@ urlpatterns = [
     path("v1/mislabelled", mislabelled),
     path("v1/tokens", tokens),
     path("health", health),
+    path("v1/notes/<str:title>/", note),
 ]
 ROUTES: dict[str, str | Metered | None] = {
     "GET /v1/search": "api_calls",
@@ -295,3 +302,19 @@ async def test_units_reported_from_a_sync_view_are_counted_on_the_event_loop(
     assert answers == [200] * 3
     assert counted_in == [threading.get_ident()] * 3  # this test's event loop thread
     assert await billing.recorded_units(free, "tokens") == 21
+
+
+async def test_a_slash_redirect_of_common_middleware_is_not_billed_the_request_after_it_is(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], entered: list[str]
+) -> None:
+    """APPEND_SLASH: Django answers "/v1/notes/café" with a 301 to "/v1/notes/caf%C3%A9/", a path
+    (no host) and quoted; the framework's redirect to the canonical path, not the view's answer."""
+    with override_settings(MIDDLEWARE=["django.middleware.common.CommonMiddleware"]):
+        app = BillingMiddleware(
+            get_asgi_application(), billing=billing, customer=by_header, routes={"/v1/notes/{title}": "api_calls"}
+        )
+    async with serve(app, follow_redirects=True) as client:
+        answer = await client.get("/v1/notes/café", headers=as_customer("user_free"))
+    assert answer.status_code == 200 and [r.status_code for r in answer.history] == [301]
+    assert answer.history[0].headers["location"] == "/v1/notes/caf%C3%A9/" and entered == ["café"]
+    assert await billing.recorded_units("user_free", "api_calls") == 1

@@ -366,6 +366,7 @@ async def test_a_redirect_to_the_canonical_path_is_not_billed_the_request_after_
         report = await client.get("/v1/report", headers=as_customer("user_free"), follow_redirects=False)
     assert anonymous.status_code == 401
     assert searched.status_code == 200 and [r.status_code for r in searched.history] == [307]
+    assert "ratelimit" not in searched.history[0].headers  # not billed: no quota spent on it
     assert report.status_code == 307
     assert await billing.recorded_units("user_free", "api_calls") == 2  # the search once, the report
 
@@ -442,6 +443,26 @@ async def test_an_endpoints_own_redirects_are_billed(billing: LocalBilling) -> N
         ]
     assert answers == [303, 302, 307]
     assert await billing.recorded_units("user_free", "api_calls") == 3
+
+
+@pytest.mark.parametrize(("status", "billed"), [(301, 1), (302, 1), (308, 1), (303, 2)])
+async def test_a_slash_redirect_is_not_billed_whatever_its_status_but_see_other(
+    billing: LocalBilling, status: int, billed: int
+) -> None:
+    """Frameworks answer a slash with 301 (Django), 302, 307 (Starlette) or 308 (Werkzeug, under
+    Quart), here over https; a 303 ("see other") is an endpoint's own answer, billed."""
+
+    async def search(request: Request) -> Response:
+        if request.url.path.endswith("/"):
+            return RedirectResponse("https://app/v1/search", status_code=status)
+        return PlainTextResponse("results")
+
+    app = Starlette(routes=[Route("/v1/search", search), Route("/v1/search/", search)])
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes={"/v1/search": "api_calls"})
+    async with serve(middleware, base_url="https://app", follow_redirects=True) as client:
+        searched = await client.get("/v1/search/", headers=as_customer("user_free"))
+    assert searched.status_code == 200 and [r.status_code for r in searched.history] == [status]
+    assert await billing.recorded_units("user_free", "api_calls") == billed
 
 
 @pytest.mark.parametrize("path", ["/v1/search" + "/\n" * 2_000, "/v1/search" + "\n" * 5_000, "/" * 100_000])
@@ -574,6 +595,7 @@ async def test_a_redirect_to_https_is_not_billed_the_request_after_it_is(billing
     ("status", "location", "to_itself"),
     [
         (307, "https://api.example/v1/jobs", True),  # Starlette's HTTPSRedirectMiddleware
+        (308, "https://api.example/v1/jobs", True),  # a permanent move that keeps the method
         (301, "https://api.example:8443/v1/jobs", True),  # Django's SECURE_SSL_REDIRECT, another port
         (302, "https://api.example/v1/jobs", False),  # Post/Redirect/Get to the app's https URL: billed
         (303, "https://api.example/v1/jobs", False),
@@ -593,10 +615,18 @@ def test_a_redirect_names_the_request_by_its_host_header_or_by_the_servers_addre
     assert redirects_to_itself("/v1/jobs", "", None, "https://10.0.0.5:8000/v1/jobs", "http", 307, server)
     assert redirects_to_itself("/v1/jobs/", "", "[::1", "http://[::1]:8000/v1/jobs", "http", 307, ("::1", 8000))
     assert not redirects_to_itself("/v1/jobs/", "", None, "http://10.0.0.6:8000/v1/jobs", "http", 307, server)
+    # Starlette leaves out the scheme's default port, and brackets an IPv6 address (unless it is).
+    assert redirects_to_itself("/v1/jobs/", "", None, "http://10.0.0.5/v1/jobs", "http", 307, ("10.0.0.5", 80))
+    assert redirects_to_itself("/v1/jobs/", "", None, "https://10.0.0.5/v1/jobs", "https", 307, ("10.0.0.5", 443))
+    bracketed = ("[FE80::1]", 8000)
+    assert redirects_to_itself("/v1/jobs/", "", None, "http://[FE80::1]:8000/v1/jobs", "http", 307, bracketed)
+    assert redirects_to_itself("/v1/jobs", "", None, "https://[FE80::1]:8000/v1/jobs", "http", 307, bracketed)
     assert redirects_to_itself("/v1/jobs/", "q=a#b", "app", "http://app/v1/jobs?q=a#b")
+    assert redirects_to_itself("/v1/jobs/", "q=a#", "app", "http://app/v1/jobs?q=a#")  # an empty fragment
     assert redirects_to_itself("/v1/jobs/", "q=a|{b}", "app", "http://app/v1/jobs?q=a%7C%7Bb%7D")
     assert not redirects_to_itself("/v1/jobs/", "q=a", "app", "http://app/v1/jobs?q=b")
     assert not redirects_to_itself("/v1/jobs/", "", "app", "http://app/v1/jobs#top")  # the endpoint's own
+    assert not redirects_to_itself("/v1/jobs", "", "app", "http://app/v1/jobs", "http", 302)  # to itself as asked
 
 
 @pytest.mark.parametrize(
