@@ -418,6 +418,23 @@ async def test_a_root_path_is_a_whole_segment(billing: LocalBilling) -> None:
     assert anonymous.status_code == 401
 
 
+async def test_the_root_path_itself_and_a_path_outside_it_are_routed_as_starlette_routes_them(
+    billing: LocalBilling,
+) -> None:
+    """Under root_path "/api", "/api" is the app's "" (its "/", free here: Starlette redirects it to
+    "/api/"), and "/v1/usage", which a server left the root path out of, is "/v1/usage", not "/usage"."""
+    app = Starlette(routes=[Route("/", hello), Route("/v1/usage", hello)])
+    middleware = BillingMiddleware(
+        app, billing=billing, customer=by_header, routes={"/": None, "/v1/usage": None}, default_feature="api_calls"
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=middleware, root_path="/api"), base_url="http://a"
+    ) as client:
+        root = await client.get("/api")
+        outside = await client.get("/v1/usage")
+    assert (root.status_code, outside.status_code) == (307, 200)
+
+
 async def test_an_endpoints_own_redirects_are_billed(billing: LocalBilling) -> None:
     """Only a redirect to the same URL with slashes added or removed is a framework's: a form's
     next page on the same path, another query or another host is the endpoint's answer."""
