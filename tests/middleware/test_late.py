@@ -7,13 +7,14 @@ the middleware still decides (through ``identify``) and tracks.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from billingos_asgi import (
@@ -32,7 +33,7 @@ from billingos_asgi import (
 from tests.asgi import serve
 from tests.test_tracker import Around
 
-from .support import as_customer, closed_port_url, concurrent_statuses
+from .support import as_customer, call_raw, closed_port_url, concurrent_statuses, http_scope
 
 TOKENS = {"token-free": "user_free", "token-pro": "user_pro", "token-37": "user_37", "token-ghost": "user_ghost"}
 
@@ -145,12 +146,33 @@ async def test_a_request_never_identified_is_counted_and_logged_not_billed(
     app = late_app(billing, [])
     async with serve(app) as client:
         assert (await client.get("/v1/forgetful")).status_code == 200
+        assert (await client.get("/v1/nowhere")).status_code == 404  # nothing to bill: not counted
         middleware = app.middleware_stack
         while not isinstance(middleware, BillingMiddleware):
             middleware = middleware.app  # type: ignore[union-attr]
         assert middleware.metrics()["requests_unidentified"] == 1
         assert "billingos_requests_unidentified_total 1" in middleware.prometheus()
     assert "never named its customer" in caplog.text
+
+
+async def test_a_refusal_once_the_response_started_is_raised_not_answered_twice(billing: LocalBilling) -> None:
+    """identify() in a streaming body: the headers are out, so the refusal is the app's error."""
+
+    async def chunks(context: UsageContext) -> AsyncIterator[bytes]:
+        yield b"first;"
+        await context.identify("user_free")  # whose plan has no export: 403
+        yield b"rest"
+
+    async def export(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        return StreamingResponse(chunks(context))
+
+    app = Starlette(routes=[Route("/v1/export", export)])
+    middleware = BillingMiddleware(app, billing=billing, customer=None, routes={"/v1/export": "export"})
+    exchange = await call_raw(middleware, http_scope("/v1/export"))
+    assert isinstance(exchange.error, BillingDenied) and exchange.status == 200  # one response start only
+    assert exchange.body == b"first;" and not exchange.complete
 
 
 async def test_a_route_marked_late_skips_the_resolver(billing: LocalBilling) -> None:

@@ -170,15 +170,17 @@ async def test_a_cors_preflight_passes_through_unmetered_to_the_cors_middleware_
         plain = await client.options("/x", headers={"origin": "https://app.test"})  # not a preflight: metered
         # Nor without its Origin (no browser sends one so): a handler of OPTIONS would run unbilled.
         no_origin = await client.options("/x", headers={"access-control-request-method": "GET"})
+        disguised = await client.get("/x", headers=preflight)  # a GET is never a preflight: metered
     assert answered.status_code == 200
     assert answered.headers["access-control-allow-origin"] == "https://app.test"
     assert "x-request-id" not in answered.headers
     assert middleware.upstream.checks == 0
     if identified == "by resolver":
-        assert resolved == ["OPTIONS"] * 2 and plain.status_code == no_origin.status_code == 401
+        assert resolved == ["OPTIONS"] * 2 + ["GET"]
+        assert plain.status_code == no_origin.status_code == disguised.status_code == 401
     else:
-        assert "x-request-id" in plain.headers and "x-request-id" in no_origin.headers
-        assert middleware.unidentified == 2
+        assert all("x-request-id" in answer.headers for answer in (plain, no_origin, disguised))
+        assert middleware.unidentified == 3
     assert await billing.recorded_units("user_free", "api_calls") == 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -277,6 +278,88 @@ async def test_a_body_finished_after_the_client_left_is_not_billed(billing: Loca
         await middleware(http_scope("/export", headers=FREE), receive, send)
     assert [m["type"] for m in delivered] == ["http.response.start", "http.response.body"]
     assert await billing.recorded_units("user_free", "api_calls") == 0
+    assert middleware.tracker.stats.queued == 0
+
+
+async def test_a_slash_redirect_the_client_left_once_served_is_not_billed(billing: LocalBilling) -> None:
+    """A redirect to the canonical path whose (empty) Content-Length is out has served its client,
+    which may close before the app's last message: still the framework's redirect, not billed."""
+
+    async def redirects(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan: the middleware answers it
+        await receive()  # the request body
+        headers = [(b"location", b"http://app/export"), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 307, "headers": headers})
+        await send({"type": "http.response.body", "body": b"", "more_body": True})
+        assert (await receive())["type"] == "http.disconnect"  # the server stops the app there
+
+    middleware = BillingMiddleware(redirects, billing=billing, customer=by_header, default_feature="api_calls")
+    inbox: list[Message] = [{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}]
+
+    async def receive() -> Message:
+        return inbox.pop(0)
+
+    async def send(message: Message) -> None:
+        pass
+
+    async with lifespan(middleware):
+        await middleware(http_scope("/export/", headers=FREE), receive, send)
+    assert middleware.tracker.stats.queued == 0
+
+
+def waiting_client() -> tuple[Receive, anyio.Event]:
+    """The request, then an ``http.disconnect`` once the returned event is set (the client closes)."""
+    inbox: list[Message] = [{"type": "http.request", "body": b"", "more_body": False}]
+    gone = anyio.Event()
+
+    async def receive() -> Message:
+        if inbox:
+            return inbox.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    return receive, gone
+
+
+def is_last(message: Message) -> bool:
+    return message["type"] == "http.response.body" and not message.get("more_body", False)
+
+
+async def test_a_last_send_cancelled_while_the_client_waits_is_not_billed(billing: LocalBilling) -> None:
+    """Cancelled by something else than the client's close (a server's timeout), the last send may
+    not have sent its bytes: the response did not complete."""
+    middleware = metered_stream(billing, "api_calls")
+    receive, _ = waiting_client()
+    async with lifespan(middleware):
+        with anyio.CancelScope() as timeout:
+
+            async def send(message: Message) -> None:
+                if is_last(message):
+                    timeout.cancel()
+                    await anyio.lowlevel.checkpoint()
+
+            await middleware(http_scope("/stream", headers=FREE), receive, send)
+    assert timeout.cancelled_caught and middleware.tracker.stats.queued == 0
+
+
+async def test_a_last_send_failing_after_the_client_closed_is_not_billed(billing: LocalBilling) -> None:
+    """The client closes as the last chunk goes (the app's disconnect listener hears it), and the
+    server cannot send it: an error, not the cancellation of a send whose bytes were the server's."""
+    middleware = metered_stream(billing, "api_calls")
+    receive, gone = waiting_client()
+
+    async def send(message: Message) -> None:
+        if is_last(message):
+            gone.set()
+            with anyio.CancelScope(shield=True):
+                for _ in range(3):
+                    await anyio.lowlevel.checkpoint()
+            raise OSError("the client closed before the last bytes left")
+
+    async with lifespan(middleware):
+        with pytest.raises(OSError, match="last bytes"):
+            await middleware(http_scope("/stream", headers=FREE), receive, send)
     assert middleware.tracker.stats.queued == 0
 
 

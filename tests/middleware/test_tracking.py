@@ -348,14 +348,17 @@ async def test_background_task_runs_and_request_is_billed_once(billing: LocalBil
     assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
+@pytest.mark.parametrize(("status", "billed"), [(200, 1), (400, 0)])
 async def test_a_background_task_failing_after_a_complete_answer_leaves_the_request_billed(
-    billing: LocalBilling,
+    billing: LocalBilling, status: int, billed: int
 ) -> None:
+    """Billed as answered: a success stays billed, a refusal (400) stays unbilled."""
+
     def send_email() -> None:
         raise ConnectionError("mail server down")
 
     async def endpoint(request: Request) -> Response:
-        return PlainTextResponse("done", background=BackgroundTask(send_email))
+        return PlainTextResponse("done", status_code=status, background=BackgroundTask(send_email))
 
     middleware = BillingMiddleware(
         Starlette(routes=[Route("/job", endpoint, methods=["POST"])]),
@@ -367,8 +370,8 @@ async def test_a_background_task_failing_after_a_complete_answer_leaves_the_requ
         transport = httpx.ASGITransport(app=middleware, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
             response = await client.post("/job", headers=as_customer("user_free"))
-    assert response.status_code == 200 and response.text == "done"
-    assert await billing.recorded_units("user_free", "api_calls") == 1
+    assert response.status_code == status and response.text == "done"
+    assert await billing.recorded_units("user_free", "api_calls") == billed
 
 
 async def test_units_reported_after_the_entry_was_evicted_still_count_against_the_quota(
