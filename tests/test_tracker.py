@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -18,7 +19,7 @@ from billingos_asgi.cache import EntitlementCache
 from billingos_asgi.events import Batch, event_key, part_key
 from billingos_asgi.outbox import Outbox
 from billingos_asgi.tracker import Tracker
-from billingos_asgi.upstream import CircuitBreaker, Upstream
+from billingos_asgi.upstream import Budget, CircuitBreaker, Upstream
 
 PLANS: dict[str, Any] = {
     "features": {"api_calls": {"type": "usage_quota"}, "tokens": {"type": "usage_quota"}},
@@ -263,8 +264,6 @@ async def test_bad_settings_are_refused(billing: LocalBilling, kwargs: dict[str,
 
 
 async def test_a_shutdown_drain_may_use_the_checks_reserve_of_the_budget(billing: LocalBilling) -> None:
-    from billingos_asgi.upstream import Budget
-
     frozen = Budget(90, 10, clock=lambda: 0.0)  # no refill: only the tokens in the bucket now
     for _ in range(6):
         assert frozen.try_take()  # the checks of the period took six: four left, within the reserve of five
@@ -443,6 +442,26 @@ async def test_events_refused_for_a_used_up_quota_cost_one_check_between_them(bi
     assert tracker.upstream.tracks == 1  # the batch refused, then no halving: nothing would fit
 
 
+async def test_a_part_that_takes_what_was_left_leaves_nothing_to_check_for_the_next_refusal(
+    billing: LocalBilling,
+) -> None:
+    await billing.track_usage("c0", "api_calls", 7.5)
+    tracker = tracker_for(billing)
+    await tracker.send(event("big", quantity=4))  # 2.5 of it fits
+    await tracker.send(event("next"))
+    assert (tracker.stats.sent, tracker.stats.rejected, tracker.upstream.checks) == (1, 2, 1)
+
+
+async def test_a_quota_the_cache_knows_is_used_up_is_not_checked_again(billing: LocalBilling) -> None:
+    await billing.track_usage("c0", "api_calls", 10)
+    upstream = Upstream(billing)
+    cache = EntitlementCache(upstream)
+    await cache.fetch("c0", "api_calls")  # a request found it used up (and was answered 429)
+    tracker = Tracker(upstream, cache, flush_interval=0.05)
+    await run_tracker(tracker, [event("k0"), event("k1")])
+    assert tracker.stats.rejected == 2 and upstream.checks == 1  # the request's check only
+
+
 @pytest.mark.parametrize(("left", "recorded", "rejected"), [(3, 10, 61), (2.5, 10, 62)])
 async def test_a_refused_batch_costs_a_few_calls_whatever_its_size(
     billing: LocalBilling, left: float, recorded: float, rejected: int
@@ -477,6 +496,75 @@ async def test_a_refused_batch_costs_a_few_calls_even_when_what_is_left_cannot_b
     assert tracker.upstream.tracks <= 1 + 6 + 1 and tracker.upstream.checks <= 2  # the refusal, log2(64) halves
 
 
+class CancelledOnRefusal(Around):
+    """The customer cancels right as upstream refuses a track for quota; checks fail, or answer."""
+
+    def __init__(self, billing: LocalBilling, *, checked: bool) -> None:
+        super().__init__(billing)
+        self.checked = checked
+
+    async def track_usage(self, *args: Any, **kwargs: Any) -> TrackUsageResult:
+        try:
+            return await self.billing.track_usage(*args, **kwargs)
+        except QuotaExceededError:
+            await self.billing.cancel_subscription(args[0])
+            raise
+
+    async def check_entitlement(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.checked:
+            raise NetworkError("connection refused")
+        return await self.billing.check_entitlement(*args, **kwargs)  # no subscription: nothing left
+
+
+@pytest.mark.parametrize("checked", [False, True])
+async def test_the_halves_of_a_refused_batch_refused_for_another_reason_are_reported(
+    billing: LocalBilling, checked: bool
+) -> None:
+    """The customer cancels as the batch is refused: halved (what is left not known), a half refused
+    for no subscription is rejected with that reason; checked, nothing is left. Every unit is reported."""
+    await billing.track_usage("c0", "api_calls", 8)
+    reports: list[float] = []
+    backend = CancelledOnRefusal(billing, checked=checked)
+    tracker = tracker_for(backend, flush_interval=0.05, on_rejected=lambda e, r: reports.append(e.quantity))
+    await run_tracker(tracker, [event(f"k{i}") for i in range(4)])
+    assert await billing.recorded_units("c0", "api_calls") == 8
+    assert (tracker.stats.sent, tracker.stats.rejected, sum(reports)) == (0, 4, 4)
+
+
+class UncheckedOnce(Around):
+    """The first check fails (a blip); the next ones are answered."""
+
+    failed = False
+
+    async def check_entitlement(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise NetworkError("connection reset")
+        return await self.billing.check_entitlement(*args, **kwargs)
+
+
+async def test_the_last_event_of_a_halved_batch_records_the_part_that_fits(billing: LocalBilling) -> None:
+    """Halved while what is left could not be checked, the event that does not fit is split as
+    when it is known, once a check answers: 12 units refused of 10 left, 10 recorded."""
+    reports: list[float] = []
+    tracker = tracker_for(
+        UncheckedOnce(billing), flush_interval=0.05, on_rejected=lambda e, r: reports.append(e.quantity)
+    )
+    await run_tracker(tracker, [event(f"k{i}", quantity=4) for i in range(3)])
+    assert await billing.recorded_units("c0", "api_calls") == 10 and reports == [2.0]
+
+
+@pytest.mark.parametrize("checked", [True, False])
+async def test_every_call_for_a_refused_batch_takes_a_token_of_the_budget(billing: LocalBilling, checked: bool) -> None:
+    budget = Budget(600, 100, clock=lambda: 0.0)  # no refill: what was taken stays taken
+    await billing.track_usage("c0", "api_calls", 7)
+    upstream = Upstream(billing if checked else Unchecked(billing), budget=budget)
+    tracker = Tracker(upstream, EntitlementCache(upstream), flush_interval=0.05)
+    await run_tracker(tracker, [event(f"k{i}") for i in range(5)])
+    assert await billing.recorded_units("c0", "api_calls") == 10
+    assert budget.tokens == 100 - upstream.tracks - upstream.checks
+
+
 class Unanswered(Around):
     """Checks hang (upstream holds the connection open); tracks are recorded."""
 
@@ -495,15 +583,44 @@ async def test_a_refused_batch_whose_check_hangs_is_halved_once_the_check_times_
     assert (tracker.stats.sent, tracker.stats.rejected, tracker.stats.dropped) == (2, 2, 0)
 
 
-async def test_events_that_fill_what_is_left_exactly_go_up_together(billing: LocalBilling) -> None:
+@pytest.mark.parametrize("unit", [1, 0.1])
+async def test_events_that_fill_what_is_left_exactly_go_up_together(billing: LocalBilling, unit: float) -> None:
     """3 units left and a refused batch of five: the first three fit to the unit, and go up as
-    one batch under their own keys; no event of them is split."""
-    await billing.track_usage("c0", "api_calls", 7)
+    one batch under their own keys; no event of them is split (nor where 0.1 + 0.2 > 0.3 in floats)."""
+    await billing.track_usage("c0", "api_calls", 10 - 3 * unit)
     reports: list[str] = []
     tracker = tracker_for(billing, flush_interval=0.05, on_rejected=lambda e, r: reports.append(e.idempotency_key))
-    await run_tracker(tracker, [event(f"k{i}") for i in range(5)])
+    await run_tracker(tracker, [event(f"k{i}", quantity=unit) for i in range(5)])
     assert await billing.recorded_units("c0", "api_calls") == 10 and reports == ["k3", "k4"]
     assert tracker.upstream.tracks == 2  # the batch refused, then its first three
+
+
+class TakenMeanwhile(Around):
+    """Another process of the customer uses a unit right after each check (while there is one)."""
+
+    taken = 0
+
+    async def check_entitlement(self, *args: Any, **kwargs: Any) -> Any:
+        answer = await self.billing.check_entitlement(*args, **kwargs)
+        with contextlib.suppress(QuotaExceededError):
+            await self.billing.track_usage(args[0], args[1], 1)
+            self.taken += 1
+        return answer
+
+
+@pytest.mark.parametrize(("quantities", "checks"), [([4], 1), ([1] * 5, 2)])
+async def test_what_was_found_to_fit_and_is_refused_after_all_is_not_fitted_again(
+    billing: LocalBilling, quantities: list[float], checks: int
+) -> None:
+    """The quota shrinks between the check and the track: what was found to fit is refused too,
+    and not checked for again (each check would chase a moving quota); every unit is reported."""
+    await billing.track_usage("c0", "api_calls", 7)
+    backend = TakenMeanwhile(billing)
+    reports: list[float] = []
+    tracker = tracker_for(backend, flush_interval=0.05, on_rejected=lambda e, r: reports.append(e.quantity))
+    await run_tracker(tracker, [event(f"k{i}", quantity=q) for i, q in enumerate(quantities)])
+    recorded = await billing.recorded_units("c0", "api_calls") - 7 - backend.taken
+    assert recorded + sum(reports) == sum(quantities) and tracker.upstream.checks == checks
 
 
 class UpgradedOnRefusal(Around):
@@ -523,10 +640,19 @@ async def test_an_event_refused_for_quota_never_records_more_than_its_own_units(
     plans = {**PLANS, "plans": {**PLANS["plans"], "big": {"features": {"api_calls": 100}}}}
     async with LocalBilling.from_dict(plans, tmp_path / "billing.db") as billing:
         await billing.track_usage("c0", "api_calls", 9)
-        tracker = tracker_for(UpgradedOnRefusal(billing), flush_interval=0, on_rejected=lambda e, r: pytest.fail(r))
+        outbox = tmp_path / "outbox.db"
+        tracker = tracker_for(
+            UpgradedOnRefusal(billing),
+            flush_interval=0,
+            on_rejected=lambda e, r: pytest.fail(r),
+            outbox=Outbox(outbox, max_events=10),
+        )
         await run_tracker(tracker, [event("k1", quantity=4)])
         assert await billing.recorded_units("c0", "api_calls") == 9 + 4
         assert (tracker.stats.sent, tracker.stats.rejected) == (1, 0)
+        again = tracker_for(billing, outbox=Outbox(outbox, max_events=10))
+        await run_tracker(again, [])
+        assert again.stats.replayed == 0  # all of it went up as the part: its row is gone
 
 
 async def test_what_the_drain_deadline_cuts_off_without_an_outbox_is_reported_dropped(billing: LocalBilling) -> None:
