@@ -19,7 +19,7 @@ from billingos_asgi.outbox import Outbox, OutboxError
 from billingos_asgi.tracker import Tracker
 from billingos_asgi.upstream import Upstream
 
-from .test_tracker import PLANS, Around, FlakyAfterForwarding, Gated, event, run_tracker, tracker_for
+from .test_tracker import PLANS, Around, FlakyAfterForwarding, Gated, Unchecked, event, run_tracker, tracker_for
 
 
 @pytest.fixture
@@ -249,6 +249,12 @@ async def test_what_is_left_to_forget_stays_bounded_while_the_disk_fails(billing
     assert await billing.recorded_units("c0", "tokens") == 20 and tracker.stats.sent == 20
 
 
+async def test_what_is_kept_to_forget_is_bounded_by_the_queue_exactly(billing: LocalBilling) -> None:
+    tracker = tracker_for(billing, max_queue=5)
+    tracker._keep_to_forget([("c0", f"k{i}") for i in range(6)])
+    assert tracker._confirmed == [("c0", f"k{i}") for i in range(1, 6)]  # the oldest is given up
+
+
 async def test_a_failing_forget_does_not_hold_the_shutdown_to_its_deadline(
     billing: LocalBilling, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -382,6 +388,23 @@ async def test_a_full_outbox_drops_and_reports(billing: LocalBilling, tmp_path: 
     assert (tracker.stats.queued, tracker.stats.dropped, tracker.stats.deferred) == (3, 2, 3)
 
 
+async def test_events_a_full_outbox_dropped_leave_the_backlog(tmp_path: Path) -> None:
+    """Counted in the backlog, they would take room in the queue for good (dropping, "queue full",
+    events that fit)."""
+    tracker = tracker_for(
+        Unreachable(), flush_interval=10, drain_timeout=0.2, outbox=Outbox(tmp_path / "o.db", max_events=3)
+    )
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        for i in range(5):
+            assert tracker.submit(event(f"k{i}"))
+        while tracker.stats.dropped < 2:  # noqa: ASYNC110 - written in the writer's thread
+            await anyio.sleep(0.01)
+        assert tracker.backlog == 3
+        await tracker.stop()
+    assert tracker.stats.reasons == {"dropped: outbox full": 2} and tracker.stats.deferred == 3
+
+
 async def test_a_locked_outbox_fails_the_start(billing: LocalBilling, tmp_path: Path) -> None:
     holder = Outbox(tmp_path / "outbox.db", max_events=10)
     holder.open()
@@ -411,6 +434,27 @@ async def test_a_replay_resends_the_part_that_fitted_not_the_whole_event(billing
     await run_tracker(second, [])
     assert await billing.recorded_units("c0", "api_calls") == 10  # the part went up again under its own key
     assert reports[1:] == [("req-1", 2.0)] and rows(path) == []
+
+
+@pytest.mark.parametrize("checked", [True, False])
+async def test_what_fitted_of_a_refused_batch_is_replayed_under_the_key_it_went_up_with(
+    tmp_path: Path, checked: bool
+) -> None:
+    """What fitted of a refused batch went up as batches of their own (what is left known, or
+    halved), stamped so: replayed once the customer upgraded, it is not recorded a second time under
+    the refused batch's key (the two events refused then fit now, and are recorded)."""
+    plans = {**PLANS, "plans": {**PLANS["plans"], "big": {"features": {"api_calls": 100}}}}
+    path = tmp_path / "outbox.db"
+    async with LocalBilling.from_dict(plans, tmp_path / "billing.db") as billing:
+        await billing.track_usage("c0", "api_calls", 7)  # 3 of 10 left
+        backend = billing if checked else Unchecked(billing)
+        # What is confirmed stays on disk, as after a crash.
+        first = tracker_for(backend, flush_interval=0.05, outbox=RemoveFails(path, max_events=100))
+        await run_tracker(first, [event(f"k{i}") for i in range(5)])
+        assert (first.stats.sent, first.stats.rejected) == (3, 2)
+        await billing.set_plan("c0", "big")
+        await run_tracker(tracker_for(backend, outbox=Outbox(path, max_events=100)), [])
+        assert await billing.recorded_units("c0", "api_calls") == 7 + 5 and rows(path) == []
 
 
 class PartStuck(Around):
@@ -540,13 +584,15 @@ class RemoveHeld(Outbox):
         super().remove(events)
 
 
+@pytest.mark.parametrize(("room", "kept"), [(100, 2), (1, 1)])
 async def test_events_the_writer_took_as_the_deadline_passed_stay_on_disk(
-    billing: LocalBilling, tmp_path: Path
+    billing: LocalBilling, tmp_path: Path, room: int, kept: int
 ) -> None:
     """Cut off while it forgot confirmed rows (a thread call, shielded), the writer took the events
-    queued meanwhile for its next write and was cancelled before it: neither written nor reported."""
+    queued meanwhile for its next write and was cancelled before it: neither written nor reported.
+    The deadline writes them; what no longer fits in the outbox is reported dropped."""
     path = tmp_path / "outbox.db"
-    outbox = RemoveHeld(path, max_events=100)
+    outbox = RemoveHeld(path, max_events=room)
     reported: list[str] = []
     tracker = tracker_for(
         billing, flush_interval=0, drain_timeout=0, outbox=outbox, on_rejected=lambda e, r: reported.append(r)
@@ -561,12 +607,13 @@ async def test_events_the_writer_took_as_the_deadline_passed_stay_on_disk(
         await tracker.start(tg)
         assert tracker.submit(event("k1"))
         await anyio.to_thread.run_sync(outbox.entered.wait, 30)  # k1 recorded, its row being forgotten
-        assert tracker.submit(event("k2"))  # waits for the writer
+        assert tracker.submit(event("k2")) and tracker.submit(event("k3"))  # wait for the writer
         tg.start_soon(release_once_cut_off)
         await tracker.stop()
-    assert (tracker.stats.sent, tracker.stats.deferred + tracker.stats.dropped) == (1, 1)
+    assert (tracker.stats.sent, tracker.stats.deferred) == (1, kept)
+    assert reported == ["shutdown deadline passed (not in the outbox)"] * (2 - kept)
     await run_tracker(tracker_for(billing, flush_interval=0, outbox=Outbox(path, max_events=100)), [])
-    assert await billing.recorded_units("c0", "api_calls") == 2 and reported == []
+    assert await billing.recorded_units("c0", "api_calls") == 1 + kept
 
 
 class AfterAForget(Around):
@@ -628,15 +675,16 @@ async def test_events_kept_in_the_outbox_at_shutdown_no_longer_hold_their_units(
     upstream = Upstream(gated)
     cache = EntitlementCache(upstream)
     quota = await cache.fetch("c0", "api_calls")
-    assert [quota.admit(1) for _ in range(4)] == [0] * 4  # four requests' units (limit 10)
+    assert [quota.admit(1) for _ in range(5)] == [0] * 5  # five requests' units (limit 10), one still running
     first = Tracker(upstream, cache, flush_interval=0, drain_timeout=0.3, outbox=Outbox(path, max_events=10))
-    await run_tracker(first, [event(f"k{i}") for i in range(4)])
-    assert first.stats.deferred == 4 and quota.local == 0
+    uncounted = event("k4", counted=False)  # let through with nothing cached: its unit never held
+    await run_tracker(first, [event(f"k{i}") for i in range(4)] + [uncounted])
+    assert first.stats.deferred == 5 and quota.local == 1  # the running request's unit, still held
     gated.gate.set()
     second = Tracker(upstream, cache, flush_interval=0, outbox=Outbox(path, max_events=10))
     await run_tracker(second, [])
-    assert second.stats.sent == 4 and await billing.recorded_units("c0", "api_calls") == 4
-    assert quota.admit(6) == 0  # 4 used of 10
+    assert second.stats.sent == 5 and await billing.recorded_units("c0", "api_calls") == 5
+    assert quota.admit(4) == 0  # 5 used and 1 running, of 10
 
 
 def delete_outbox(path: Path) -> None:
