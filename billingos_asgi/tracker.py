@@ -15,6 +15,7 @@ moment they are queued until upstream confirms them, and a restart resends what 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -594,7 +595,10 @@ class Tracker:
         except Exception as exc:
             self._log(logging.WARNING, "could not learn what is left of %s's %s quota: %r", *key, exc)
             return None
-        left = 0.0 if entitlement.remaining is None else round(max(entitlement.remaining, 0.0), QUANTITY_DECIMALS)
+        if entitlement.remaining is not None:
+            left = round(max(entitlement.remaining, 0.0), QUANTITY_DECIMALS)
+        else:  # not counted: unlimited now (an upgrade since the refusal), or no longer granted
+            left = math.inf if entitlement.has_access else 0.0
         if left <= 0:
             self._full[key] = True
         return left

@@ -624,7 +624,7 @@ async def test_what_was_found_to_fit_and_is_refused_after_all_is_not_fitted_agai
 
 
 class UpgradedOnRefusal(Around):
-    """The customer upgrades (to 100 units) right as upstream refuses a track for quota."""
+    """The customer upgrades (to the plan "big") right as upstream refuses a track for quota."""
 
     async def track_usage(self, *args: Any, **kwargs: Any) -> TrackUsageResult:
         try:
@@ -634,10 +634,13 @@ class UpgradedOnRefusal(Around):
             raise
 
 
-async def test_an_event_refused_for_quota_never_records_more_than_its_own_units(tmp_path: Path) -> None:
+@pytest.mark.parametrize("upgrade", [100, "unlimited"])
+async def test_an_event_refused_for_quota_never_records_more_than_its_own_units(
+    tmp_path: Path, upgrade: float | str
+) -> None:
     """What is left may have grown by the time it is asked (an upgrade, a new period): the part
-    recorded of a refused event is at most the event."""
-    plans = {**PLANS, "plans": {**PLANS["plans"], "big": {"features": {"api_calls": 100}}}}
+    recorded of a refused event is at most the event (all of it, upgraded to unlimited)."""
+    plans = {**PLANS, "plans": {**PLANS["plans"], "big": {"features": {"api_calls": upgrade}}}}
     async with LocalBilling.from_dict(plans, tmp_path / "billing.db") as billing:
         await billing.track_usage("c0", "api_calls", 9)
         outbox = tmp_path / "outbox.db"
