@@ -583,6 +583,12 @@ class RemoveHeld(Outbox):
         self.release.wait(30)
         super().remove(events)
 
+    async def release_once_cut_off(self, tracker: Tracker) -> None:
+        """Let the forgetting go once the drain deadline has cut ``tracker``'s workers off."""
+        while tracker._scope is None or not tracker._scope.cancel_called:  # noqa: ASYNC110 - no event to wait on
+            await anyio.sleep(0.01)
+        self.release.set()
+
 
 @pytest.mark.parametrize(("room", "kept"), [(100, 2), (1, 1)])
 async def test_events_the_writer_took_as_the_deadline_passed_stay_on_disk(
@@ -598,17 +604,12 @@ async def test_events_the_writer_took_as_the_deadline_passed_stay_on_disk(
         billing, flush_interval=0, drain_timeout=0, outbox=outbox, on_rejected=lambda e, r: reported.append(r)
     )
 
-    async def release_once_cut_off() -> None:
-        while tracker._scope is None or not tracker._scope.cancel_called:  # noqa: ASYNC110 - no event to wait on
-            await anyio.sleep(0.01)
-        outbox.release.set()
-
     async with anyio.create_task_group() as tg:
         await tracker.start(tg)
         assert tracker.submit(event("k1"))
         await anyio.to_thread.run_sync(outbox.entered.wait, 30)  # k1 recorded, its row being forgotten
         assert tracker.submit(event("k2")) and tracker.submit(event("k3"))  # wait for the writer
-        tg.start_soon(release_once_cut_off)
+        tg.start_soon(outbox.release_once_cut_off, tracker)
         await tracker.stop()
     assert (tracker.stats.sent, tracker.stats.deferred) == (1, kept)
     assert reported == ["shutdown deadline passed (not in the outbox)"] * (2 - kept)
@@ -646,17 +647,12 @@ async def test_an_event_refused_as_the_deadline_passed_is_not_resent_at_the_next
         on_rejected=lambda e, r: reported.append(r),
     )
 
-    async def release_once_cut_off() -> None:
-        while tracker._scope is None or not tracker._scope.cancel_called:  # noqa: ASYNC110 - no event to wait on
-            await anyio.sleep(0.01)
-        outbox.release.set()
-
     async with anyio.create_task_group() as tg:
         await tracker.start(tg)
         assert tracker.submit(event("k1")) and tracker.submit(event("k2", customer="c3"))
         while not reported:  # noqa: ASYNC110 - refused once k1's row is being forgotten
             await anyio.sleep(0.01)
-        tg.start_soon(release_once_cut_off)
+        tg.start_soon(outbox.release_once_cut_off, tracker)
         await tracker.stop()
     assert reported == ["No active subscription with this feature"] and rows(path) == []
     await billing.set_plan("c3", "small")
