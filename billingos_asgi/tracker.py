@@ -230,17 +230,19 @@ class Tracker:
         self.running = False
         if self._window is not None:
             self._window.set()
-        with anyio.move_on_after(self._drain_timeout):
-            await done.wait()
-        if not done.is_set():
-            left = self._queued_events + len(self._unsettled)
-            logger.error("usage drain deadline (%.1fs) passed with %d events unsent", self._drain_timeout, left)
-            scope.cancel()
-            with anyio.CancelScope(shield=True):
+        try:
+            with anyio.move_on_after(self._drain_timeout):
                 await done.wait()
-        self._done = None
-        if self._outbox is not None:
-            self._outbox.close()
+        finally:  # cancelled too (a server's own shutdown timeout): the outbox is not left locked
+            if not done.is_set():
+                left = self._queued_events + len(self._unsettled)
+                logger.error("usage drain cut off (deadline %.1fs) with %d events unsent", self._drain_timeout, left)
+                scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await done.wait()
+            self._done = None
+            if self._outbox is not None:
+                self._outbox.close()
 
     async def _work(self, done: anyio.Event, scope: anyio.CancelScope, closing: anyio.Event) -> None:
         try:

@@ -373,6 +373,24 @@ async def test_events_never_attempted_are_replayed_too(billing: LocalBilling, tm
     assert rows(path) == []
 
 
+async def test_a_drain_cancelled_from_outside_leaves_the_outbox_unlocked(billing: LocalBilling, tmp_path: Path) -> None:
+    """A server that stops waiting for the lifespan cancels the drain: the events stay on disk and
+    the file is released, so the next start (in this process too) replays them."""
+    path = tmp_path / "outbox.db"
+    first = tracker_for(Unreachable(), flush_interval=0.01, drain_timeout=30, outbox=Outbox(path, max_events=100))
+    async with anyio.create_task_group() as tg:
+        await first.start(tg)
+        assert first.submit(event("k1"))
+        with anyio.move_on_after(0.3) as server:
+            await first.stop()
+        assert server.cancel_called
+    assert first.outbox is not None and not first.outbox.is_open
+    assert first.stats.deferred == 1
+    second = tracker_for(billing, flush_interval=0.05, outbox=Outbox(path, max_events=100))
+    await run_tracker(second, [])
+    assert await billing.recorded_units("c0", "api_calls") == 1 and rows(path) == []
+
+
 async def test_a_full_outbox_drops_and_reports(billing: LocalBilling, tmp_path: Path) -> None:
     reasons: list[str] = []
     tracker = tracker_for(
