@@ -12,7 +12,6 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -21,11 +20,10 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usage
-from billingos_asgi.local.background import serve_in_thread
 from billingos_asgi.testing import lifespan
 from tests.asgi import serve
 
-from .support import CUSTOMER_HEADER, PLANS, by_header, call_raw, http_scope
+from .support import CUSTOMER_HEADER, by_header, call_raw, http_scope
 
 FREE = [(CUSTOMER_HEADER, "user_free")]
 
@@ -419,25 +417,3 @@ async def test_a_body_sent_with_zerocopysend_is_billed_once_complete(billing: Lo
         exchange = await call_raw(middleware, scope)
     assert exchange.error is None and exchange.status == 200
     assert await billing.recorded_units("user_free", "api_calls") == (0 if more else 1)
-
-
-@pytest.mark.parametrize(("bill_partial", "billed"), [(False, 0), (True, 5)])
-async def test_client_disconnect_under_uvicorn(tmp_path: Path, bill_partial: bool, billed: float) -> None:
-    """A real client over a real socket reads the first chunk and hangs up; the stream then only
-    ends through the server noticing the disconnect."""
-    billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db")
-    try:
-        middleware = metered_stream(
-            billing, Metered("tokens", quantity=None, bill_partial=bill_partial), stall_after_first=True, report=5
-        )
-        with serve_in_thread(middleware) as base_url:
-            async with httpx.AsyncClient(base_url=base_url) as client:
-                async with client.stream("GET", "/stream", headers={CUSTOMER_HEADER: "user_free"}) as response:
-                    assert response.status_code == 200
-                    first = await response.aiter_raw().__anext__()
-            assert first == b"first;"
-        # Leaving serve_in_thread waited for the request to end and for the lifespan's drain.
-        assert middleware.tracker.stats.queued == (1 if billed else 0)
-        assert await billing.recorded_units("user_free", "tokens") == billed
-    finally:
-        await billing.aclose()
