@@ -130,6 +130,28 @@ async def test_litestar_example_bills_the_account_its_auth_signed_in(tmp_path: P
         assert await billing.recorded_units("user_456", "api_calls") == 1
 
 
+async def test_quart_example_bills_the_account_its_auth_signed_in(tmp_path: Path) -> None:
+    pytest.importorskip("quart")
+    from examples.quart_app import PLANS, create_app
+
+    async with LocalBilling.from_file(PLANS, tmp_path / "billing.db") as billing:
+        app = create_app(billing)
+        alice, bob = {"authorization": "Bearer token-alice"}, {"authorization": "Bearer token-bob"}
+        async with app.test_app() as test_app:  # Quart's own test client, inside the lifespan
+            client = test_app.test_client()
+            searches = [(await client.get("/v1/search?q=x", headers=alice)).status_code for _ in range(11)]
+            forbidden = await client.post("/v1/export", headers=alice)
+            exported = await client.post("/v1/export", headers=bob)
+            searched = await client.get("/v1/search", headers=bob)
+            anonymous = await client.get("/v1/search")
+            health = await client.get("/health")
+        assert searches == [200] * 10 + [429]
+        assert (forbidden.status_code, exported.status_code, searched.status_code) == (403, 201, 200)
+        assert (anonymous.status_code, health.status_code) == (401, 200)
+        assert await billing.recorded_units("user_123", "api_calls") == 10
+        assert await billing.recorded_units("user_456", "api_calls") == 1
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,0 +1,76 @@
+"""billingos-asgi for Quart: the customer named where Quart's own auth has run.
+
+::
+
+    app = Quart(__name__)
+
+    @app.before_request
+    async def authenticate() -> None:  # the app's own auth: a session, a token, Quart-Auth...
+        g.account = await account_for(request.headers.get("authorization"))
+
+    Billing(app, customer=lambda request: g.account.customer_id if g.account else None)  # after it
+    routes = {"GET /v1/search": "api_calls"}
+    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=routes)
+
+``BillingMiddleware`` wraps Quart's ``asgi_app``, as Quart documents for ASGI middleware. Quart
+authenticates inside the app, so the middleware gets no ``customer=`` resolver: each metered
+request reaches Quart unidentified, and the ``before_request`` hook that :class:`Billing`
+registers, after the app's own hooks, names its customer and runs the gate there, before the view.
+The middleware outside still records the usage afterwards. Quart hands sync views to executor
+threads: what they report with ``report_usage()`` comes back to the event loop that owns the quotas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from quart import Quart, Request, Response, request
+
+from billingos_asgi import BillingDenied, get_usage_context
+
+__all__ = ["Billing", "CustomerOf"]
+
+CustomerOf = Callable[[Request], str | None | Awaitable[str | None]]
+_SET_BY_QUART = frozenset({"content-length", "content-type"})
+
+
+class Billing:
+    """Identify metered requests in a ``before_request`` hook, and answer BillingOS's refusals.
+
+    ``customer(request)`` (sync or async) says who pays, from what the app's auth established (in
+    ``g``, a session, Quart-Auth's ``current_user``); it is called only on metered requests not
+    identified yet, and None answers 401 (if it raises, the middleware's ``on_error`` decides).
+    Quart runs ``before_request`` hooks in the order they were registered: create this after the
+    app's authentication hooks. A refusal (``BillingDenied``, from the hook or a view's own
+    ``identify``) is answered with BillingOS's problem response rather than Quart's 500.
+    """
+
+    __slots__ = ("customer",)
+
+    def __init__(self, app: Quart | None = None, *, customer: CustomerOf) -> None:
+        if not callable(customer):  # (a dotted path, say): it would fail, and on_error decide, on every request
+            raise ValueError(f"customer must be a function of the request, got {customer!r}")
+        self.customer = customer
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Quart) -> None:
+        """Register the hook and the refusal's answer on ``app`` (for an app made in a factory)."""
+        app.before_request(self.identify)
+        app.register_error_handler(BillingDenied, refusal)
+
+    async def identify(self) -> None:
+        """The hook: name the customer of a request the middleware left unidentified, and gate it."""
+        context = get_usage_context()
+        if context is not None:
+            context.bind_loop()  # sync views run in executor threads: their report_usage() comes back here
+            await context.identify_by(self.customer, request)
+
+
+async def refusal(denied: BillingDenied) -> Response:
+    """The refusal (a Starlette response) as Quart's, body and headers as they are."""
+    response = denied.response
+    headers = {name: value for name, value in denied.headers.items() if name not in _SET_BY_QUART}
+    return Response(
+        bytes(response.body), status=response.status_code, headers=headers, content_type=response.media_type
+    )

@@ -1,0 +1,190 @@
+"""Quart, through its own test client and lifespan: its auth hook names the customer, the Billing
+extension's hook gates before the view runs, the middleware around ``asgi_app`` records the usage."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+pytest.importorskip("quart")
+
+from quart import Quart, Request, g, request  # noqa: E402
+
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered, from_api_key, report_usage  # noqa: E402
+from billingos_asgi.context import UsageContext  # noqa: E402
+from billingos_quart import Billing, CustomerOf  # noqa: E402
+
+TOKENS = {"token-free": "user_free", "token-pro": "user_pro"}
+ROUTES: dict[str, str | Metered] = {
+    "GET /v1/search": "api_calls",
+    "POST /v1/exports": "export",
+    "/v1/broken": "api_calls",
+    "GET /v1/items/{item_id:int}": "api_calls",
+    "POST /v1/tokens": Metered("tokens", quantity=None),
+}
+
+
+@dataclass
+class Account:
+    customer_id: str
+
+
+def account_of(request: Request) -> str | None:
+    account: Account | None = g.get("account")
+    return None if account is None else account.customer_id
+
+
+def build(
+    billing: LocalBilling, customer: CustomerOf = account_of, resolver: Any = None, **options: Any
+) -> tuple[Quart, list[str]]:
+    """The app, the middleware around its ``asgi_app`` (``resolver``: its ``customer=``), and its log
+    of the views entered."""
+    app = Quart(__name__)
+    entered: list[str] = []
+
+    @app.before_request
+    async def authenticate() -> None:  # the app's own auth, registered before Billing's hook
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        customer_id = TOKENS.get(token) if scheme == "Bearer" else None
+        g.account = None if customer_id is None else Account(customer_id)
+
+    Billing(app, customer=customer)
+
+    @app.get("/v1/search")
+    async def search() -> dict[str, list[str]]:
+        entered.append("search")
+        return {"results": []}
+
+    @app.post("/v1/exports")
+    async def export() -> tuple[dict[str, str], int]:
+        entered.append("export")
+        return {"export": "started"}, 201
+
+    @app.get("/v1/broken")
+    async def broken() -> tuple[dict[str, str], int]:
+        entered.append("broken")
+        return {"error": "bad input"}, 400
+
+    @app.get("/v1/items/<int:item_id>")
+    async def item(item_id: int) -> dict[str, int]:
+        entered.append("item")
+        return {"item": item_id}
+
+    @app.post("/v1/tokens")
+    def complete() -> dict[str, str]:  # a sync view: Quart runs it in an executor thread
+        entered.append("tokens")
+        report_usage(7)
+        return {"completion": "..."}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        entered.append("health")
+        return {"status": "ok"}
+
+    middleware = BillingMiddleware(app.asgi_app, billing=billing, customer=resolver, routes=ROUTES, **options)
+    app.asgi_app = middleware  # type: ignore[assignment,method-assign]
+    return app, entered
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+async def test_the_signed_in_account_pays_and_views_run_only_once_admitted(billing: LocalBilling) -> None:
+    app, entered = build(billing)
+    async with app.test_app() as test_app:  # the lifespan: the tracker starts, and drains on exit
+        client = test_app.test_client()
+        anonymous = await client.get("/v1/search")
+        searches = [await client.get("/v1/search", headers=bearer("token-free")) for _ in range(11)]
+        forbidden = await client.post("/v1/exports", headers=bearer("token-free"))
+        exported = await client.post("/v1/exports", headers=bearer("token-pro"))
+        healthy = await client.get("/health", headers=bearer("token-free"))
+    assert anonymous.status_code == 401 and anonymous.content_type == "application/problem+json"
+    assert (await anonymous.get_json())["feature"] == "api_calls"
+    assert [r.status_code for r in searches] == [200] * 10 + [429]
+    refused = searches[-1]
+    assert refused.content_type == "application/problem+json" and int(refused.headers["retry-after"]) > 0
+    assert (await refused.get_json())["feature"] == "api_calls"
+    assert refused.headers["ratelimit"].startswith('"api_calls";r=0')
+    assert searches[0].headers["ratelimit"].startswith('"api_calls";r=9')
+    assert forbidden.status_code == 403
+    assert (await forbidden.get_json())["detail"] == "your plan does not include export"
+    assert exported.status_code == 201 and "x-request-id" in exported.headers
+    assert healthy.status_code == 200 and "x-request-id" not in healthy.headers
+    assert entered == ["search"] * 10 + ["export", "health"]
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+async def test_a_failing_answer_is_not_billed_and_a_typed_parameter_is_metered(billing: LocalBilling) -> None:
+    app, entered = build(billing)
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        failed = await client.get("/v1/broken", headers=bearer("token-pro"))
+        item = await client.get("/v1/items/5", headers=bearer("token-pro"))
+        unknown = await client.get("/v1/items/x", headers=bearer("token-pro"))  # Quart's 404: not metered
+    assert (failed.status_code, item.status_code, unknown.status_code) == (400, 200, 404)
+    assert await item.get_json() == {"item": 5} and "x-request-id" in item.headers
+    assert entered == ["broken", "item"]
+    assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+async def test_units_reported_from_a_sync_view_are_counted_on_the_event_loop(
+    billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quotas belong to the event loop: a sync view's report reaches them there, not from Quart's executor."""
+    counted_in: set[int] = set()
+    add = UsageContext._add
+
+    def spy(context: UsageContext, units: float) -> bool:
+        counted_in.add(threading.get_ident())
+        return add(context, units)
+
+    monkeypatch.setattr(UsageContext, "_add", spy)
+    app, entered = build(billing)
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        answers = [await client.post("/v1/tokens", headers=bearer("token-free")) for _ in range(16)]
+    # 100 tokens: 14 views reported 7 each (98); the 15th, admitted with 2 left, reported 7 (the 2
+    # that fit are recorded, 5 rejected); the 16th was refused before its view ran.
+    assert [r.status_code for r in answers] == [200] * 15 + [429]
+    assert entered == ["tokens"] * 15
+    assert await billing.recorded_units("user_free", "tokens") == 100
+    assert counted_in == {threading.get_ident()}  # this test's event loop thread
+
+
+async def test_a_failing_customer_function_follows_on_error_not_a_500(billing: LocalBilling) -> None:
+    def broken_customer(request: Request) -> str | None:
+        raise RuntimeError("the session store is down")
+
+    for on_error, expected in (("allow", 200), ("deny", 503)):
+        app, entered = build(billing, customer=broken_customer, on_error=on_error)
+        async with app.test_app() as test_app:
+            answer = await test_app.test_client().get("/v1/search", headers=bearer("token-free"))
+        assert answer.status_code == expected
+        assert entered == (["search"] if expected == 200 else [])
+    assert await billing.recorded_units("user_free", "api_calls") == 0  # served unbilled, as on_error says
+
+
+async def test_a_customer_resolved_before_quart_is_left_alone(billing: LocalBilling) -> None:
+    asked: list[str] = []
+
+    def not_expected(request: Request) -> str | None:
+        asked.append(request.path)
+        return None
+
+    keys = {"key-pro": "user_pro"}
+    app, entered = build(billing, customer=not_expected, resolver=from_api_key(keys.get))
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        answers = [(await client.get("/v1/search", headers={"x-api-key": key})).status_code for key in ("key-pro", "x")]
+    assert answers == [200, 401]
+    assert asked == [] and entered == ["search"]
+    assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+def test_a_customer_that_is_no_function_is_refused_at_start_up() -> None:
+    with pytest.raises(ValueError, match="customer must be a function"):
+        Billing(Quart(__name__), customer="myapp.billing.customer_of")  # type: ignore[arg-type]
