@@ -1,24 +1,24 @@
 """Serve an ASGI app on a loopback port under a real ASGI server, in a background thread.
 
 uvicorn through the library's own :func:`serve_in_thread`; Hypercorn (HTTP/1.1 and HTTP/2 with
-prior knowledge) through its asyncio ``serve``. Leaving the block stops the server gracefully:
+prior knowledge) through its asyncio or trio ``serve``. Leaving the block stops the server gracefully:
 it waits for open requests and runs the lifespan's shutdown (the tracker's drain) before returning.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 
+import anyio.from_thread
 from starlette.types import ASGIApp
 
 from billingos_asgi.local.background import serve_in_thread
 
-SERVERS = ["uvicorn", "hypercorn"]
+SERVERS = ["uvicorn", "hypercorn", "hypercorn-trio"]
 
 
 @contextlib.contextmanager
@@ -27,17 +27,22 @@ def served(server: str, app: ASGIApp) -> Iterator[str]:
     if server == "uvicorn":
         with serve_in_thread(app) as base_url:
             yield base_url
-    elif server == "hypercorn":
-        with _hypercorn_in_thread(app) as base_url:
+    elif server in ("hypercorn", "hypercorn-trio"):
+        with _hypercorn_in_thread(app, trio=server == "hypercorn-trio") as base_url:
             yield base_url
     else:
         raise ValueError(f"unknown server {server!r}")
 
 
 @contextlib.contextmanager
-def _hypercorn_in_thread(app: ASGIApp) -> Iterator[str]:
-    from hypercorn.asyncio import serve
+def _hypercorn_in_thread(app: ASGIApp, *, trio: bool) -> Iterator[str]:
+    """Hypercorn's asyncio or trio worker, on an event loop of its own in a portal's thread."""
     from hypercorn.config import Config
+
+    if trio:
+        from hypercorn.trio import serve
+    else:
+        from hypercorn.asyncio import serve  # type: ignore[assignment]
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -46,37 +51,28 @@ def _hypercorn_in_thread(app: ASGIApp) -> Iterator[str]:
     config.bind = [f"fd://{sock.detach()}"]  # Hypercorn owns (and closes) the bound socket
     config.graceful_timeout = 10
     config.loglevel = "WARNING"
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    failed: list[BaseException] = []
+    with anyio.from_thread.start_blocking_portal("trio" if trio else "asyncio") as portal:
+        stop = portal.call(anyio.Event)
 
-    def run() -> None:
+        async def serve_until_stopped() -> None:
+            await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+        serving = portal.start_task_soon(serve_until_stopped)
+        _wait_for_port(port, serving)
         try:
-            loop.run_until_complete(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
-            failed.append(exc)
+            yield f"http://127.0.0.1:{port}"
         finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, name="billingos-hypercorn", daemon=True)
-    thread.start()
-    _wait_for_port(port, thread)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(15)
-        if failed:
-            raise RuntimeError("hypercorn failed") from failed[0]
+            portal.call(stop.set)
+            serving.result(timeout=15)
 
 
-def _wait_for_port(port: int, thread: threading.Thread) -> None:
+def _wait_for_port(port: int, serving: Future[None]) -> None:
     deadline = time.monotonic() + 10
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
-            if not thread.is_alive() or time.monotonic() > deadline:
+            if serving.done() or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start on port {port}") from None
             time.sleep(0.01)

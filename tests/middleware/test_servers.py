@@ -6,7 +6,8 @@ raises once the client has gone, how a disconnect reaches ``receive``, and the l
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from billingos_asgi import BillingMiddleware, LocalBilling, Metered
+from billingos_asgi import BillingMiddleware, BillingOS, LocalBilling, Metered
+from billingos_asgi.local.background import serve_in_thread
+from billingos_asgi.local.server import create_app
 
+from ..conftest import SECRET_KEY
 from ..servers import served
 from .support import CUSTOMER_HEADER, PLANS, as_customer, by_header
 from .test_streaming import stream_endpoint
 
 pytest.importorskip("hypercorn")
 
-PROTOCOLS = [("uvicorn", "http1"), ("hypercorn", "http1"), ("hypercorn", "http2")]
+PROTOCOLS = [("uvicorn", "http1"), ("hypercorn", "http1"), ("hypercorn", "http2"), ("hypercorn-trio", "http1")]
 
 
 @pytest.fixture(params=PROTOCOLS, ids=["-".join(p) for p in PROTOCOLS])
@@ -147,3 +151,32 @@ async def test_a_client_leaving_mid_stream_is_not_billed(
     assert middleware.tracker.stats.queued == (2 if billed else 1)
     assert await billing.recorded_units("user_free", "tokens") == billed
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_through_the_client_with_an_outbox_every_unit_arrives_once(
+    protocol: tuple[str, str], billing: LocalBilling, tmp_path: Path
+) -> None:
+    """The whole pipeline on the server's own event loop (trio's too): the hosted client (httpx)
+    against the local BillingOS server, coalescing, the outbox on disk, the drain at shutdown,
+    then the app's own shutdown closing the client, as an app does."""
+    server, http = protocol
+    with serve_in_thread(create_app(billing, secret_key=SECRET_KEY)) as billing_url:
+        remote = BillingOS(SECRET_KEY, base_url=billing_url)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            yield
+            await remote.aclose()  # after the middleware's drain
+
+        app = Starlette(routes=[Route("/v1/search", search)], lifespan=lifespan)
+        middleware = BillingMiddleware(
+            app, billing=remote, customer=by_header, default_feature="api_calls", outbox=tmp_path / "outbox.db"
+        )
+        with served(server, middleware) as base_url:
+            async with client_for(base_url, http) as client:
+                for customer in ("user_free", "user_free", "user_pro", "user_free", "user_pro"):
+                    assert (await client.get("/v1/search", headers=as_customer(customer))).status_code == 200
+        assert middleware.tracker.stats.sent == 5 and middleware.tracker.stats.deferred == 0
+        assert middleware.tracker.outbox is not None and not middleware.tracker.outbox.is_open
+        assert await billing.recorded_units("user_free", "api_calls") == 3
+        assert await billing.recorded_units("user_pro", "api_calls") == 2
