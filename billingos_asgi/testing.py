@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextvars import ContextVar
 
 import anyio
 from starlette.types import ASGIApp, Message
@@ -12,6 +13,19 @@ from ._exceptions import CustomerNotFoundError
 from .local import LocalBilling
 
 __all__ = ["assert_recorded", "lifespan"]
+
+#: How many ``lifespan`` blocks enclose the running code: usage is only all recorded once they have exited.
+_lifespans_open: ContextVar[int] = ContextVar("billingos_asgi_testing_lifespans_open", default=0)
+
+
+@contextlib.contextmanager
+def _inside_lifespan() -> Iterator[None]:
+    depth = _lifespans_open.get()
+    _lifespans_open.set(depth + 1)
+    try:
+        yield
+    finally:
+        _lifespans_open.set(depth)  # not token.reset: an async fixture may exit in another context
 
 
 @contextlib.asynccontextmanager
@@ -48,12 +62,14 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
         started = await answer()
         if started is None and not failed:  # lifespan not supported: run the block without it
             try:
-                yield
+                with _inside_lifespan():
+                    yield
             except BaseException as exc:
                 raised = exc
         elif started is not None and started["type"] == "lifespan.startup.complete":
             try:
-                yield
+                with _inside_lifespan():
+                    yield
             except BaseException as exc:
                 raised = exc
             if not isinstance(raised, anyio.get_cancelled_exc_class()):
@@ -73,8 +89,15 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
 async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Mapping[str, float]) -> None:
     """Assert the units recorded for ``customer_id``, by feature (run it after the lifespan has drained).
 
-    A customer or feature the billing does not know fails, rather than pass as "nothing recorded".
+    A customer or feature the billing does not know fails, rather than pass as "nothing recorded";
+    so does a call inside ``async with lifespan(app)``, where the tracker has not delivered the
+    usage yet and an expected 0 would pass whatever the app did.
     """
+    if _lifespans_open.get():
+        raise RuntimeError(
+            "assert_recorded inside `async with lifespan(app)`: usage is delivered in the background "
+            "and drained when the block exits; assert after the block"
+        )
     unknown = sorted(set(expected) - set(billing.catalog.features))
     if unknown:
         raise AssertionError(f"unknown features {unknown}: the plans declare {sorted(billing.catalog.features)}")

@@ -1,11 +1,16 @@
-"""``billingos_asgi.testing.lifespan`` with apps that support lifespan, ignore it, or fail it."""
+"""The test kit: ``lifespan`` with apps that support lifespan, ignore it, or fail it; ``assert_recorded``."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from billingos_asgi.testing import lifespan
+from billingos_asgi import BillingMiddleware, LocalBilling
+from billingos_asgi.testing import assert_recorded, lifespan
 
 
 class LifespanApp:
@@ -67,3 +72,27 @@ async def test_an_error_in_the_block_comes_out_as_it_is_after_shutdown() -> None
         async with lifespan(app):
             raise KeyError("the test's own failure")
     assert app.received == ["lifespan.startup", "lifespan.shutdown"]
+
+
+def metered_search(billing: LocalBilling) -> BillingMiddleware:
+    async def search(request: object) -> PlainTextResponse:
+        return PlainTextResponse("results")
+
+    return BillingMiddleware(
+        Starlette(routes=[Route("/search", search)]),
+        billing=billing,
+        customer=lambda request: "customer_free",
+        default_feature="api_calls",
+    )
+
+
+async def test_assert_recorded_inside_the_lifespan_is_refused_rather_than_pass_before_the_drain(
+    billing: LocalBilling,
+) -> None:
+    app = metered_search(billing)
+    async with lifespan(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            assert (await client.get("/search")).status_code == 200
+        with pytest.raises(RuntimeError, match="inside `async with lifespan.app.`.*assert after the block"):
+            await assert_recorded(billing, "customer_free", {"api_calls": 0})  # still queued: would pass
+    await assert_recorded(billing, "customer_free", {"api_calls": 1})
