@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextvars import ContextVar
 
@@ -98,6 +99,7 @@ async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Map
             "assert_recorded inside `async with lifespan(app)`: usage is delivered in the background "
             "and drained when the block exits; assert after the block"
         )
+    _check_expected(expected)
     unknown = sorted(set(expected) - set(billing.catalog.features))
     if unknown:
         raise AssertionError(f"unknown features {unknown}: the plans declare {sorted(billing.catalog.features)}")
@@ -110,3 +112,12 @@ async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Map
     if wrong:
         details = ", ".join(f"{f}: recorded {got:g}, expected {want:g}" for f, (got, want) in wrong.items())
         raise AssertionError(f"usage of {customer_id!r}: {details}")
+
+
+def _check_expected(expected: Mapping[str, float]) -> None:
+    """Refuse an expectation that no usage could fail: none at all, or units that compare with nothing (NaN)."""
+    if not isinstance(expected, Mapping) or not expected:
+        raise ValueError(f"expected must name units by feature, e.g. {{'api_calls': 3}}; got {expected!r}")
+    for feature, units in expected.items():
+        if isinstance(units, bool) or not isinstance(units, (int, float)) or not math.isfinite(units) or units < 0:
+            raise ValueError(f"expected units of {feature!r} must be a finite number >= 0, got {units!r}")

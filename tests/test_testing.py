@@ -96,3 +96,21 @@ async def test_assert_recorded_inside_the_lifespan_is_refused_rather_than_pass_b
         with pytest.raises(RuntimeError, match="inside `async with lifespan.app.`.*assert after the block"):
             await assert_recorded(billing, "customer_free", {"api_calls": 0})  # still queued: would pass
     await assert_recorded(billing, "customer_free", {"api_calls": 1})
+
+
+@pytest.mark.parametrize(
+    ("expected", "fault"),
+    [
+        ({}, "must name units by feature"),
+        ({"api_calls": float("nan")}, "'api_calls' must be a finite number >= 0, got nan"),
+        ({"api_calls": -1}, "must be a finite number >= 0, got -1"),
+        ({"api_calls": "1"}, "must be a finite number >= 0, got '1'"),
+        ({"api_calls": True}, "must be a finite number >= 0, got True"),
+    ],
+)
+async def test_assert_recorded_refuses_an_expectation_that_no_usage_could_fail(
+    billing: LocalBilling, expected: dict[str, object], fault: str
+) -> None:
+    await billing.track_usage("customer_free", "api_calls", 1)
+    with pytest.raises(ValueError, match=fault):
+        await assert_recorded(billing, "customer_free", expected)  # type: ignore[arg-type]
