@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
@@ -14,9 +15,12 @@ import anyio
 import httpx
 import pytest
 
-from billingos_asgi import LocalBilling
+from billingos_asgi import BillingOS, LocalBilling
+from billingos_asgi.local.background import serve_in_thread
+from billingos_asgi.local.server import create_app as create_server
 
 from .asgi import serve
+from .conftest import SECRET_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,6 +154,44 @@ async def test_quart_example_bills_the_account_its_auth_signed_in(tmp_path: Path
         assert (anonymous.status_code, health.status_code) == (401, 200)
         assert await billing.recorded_units("user_123", "api_calls") == 10
         assert await billing.recorded_units("user_456", "api_calls") == 1
+
+
+@pytest.mark.parametrize(
+    ("example", "method", "path", "headers", "customer", "feature", "units"),
+    [
+        ("fastapi_app", "GET", "/v1/search", {"x-api-key": "key_alice"}, "user_123", "api_calls", 1),
+        ("api_key_app", "GET", "/v1/search", {"authorization": "Bearer key_alice"}, "user_123", "api_calls", 1),
+        ("starlette_routes", "GET", "/v1/search", {"cookie": "session=session-alice"}, "user_123", "api_calls", 1),
+        ("litestar_app", "GET", "/v1/search", {"authorization": "Bearer token-alice"}, "user_123", "api_calls", 1),
+        ("quart_app", "GET", "/v1/search", {"authorization": "Bearer token-alice"}, "user_123", "api_calls", 1),
+        ("llm_streaming", "POST", "/v1/chat?prompt=cats", {"x-api-key": "key_alice"}, "alice", "tokens", 9),
+    ],
+)
+async def test_each_example_bills_the_hosted_api_when_a_secret_key_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    example: str,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    customer: str,
+    feature: str,
+    units: int,
+) -> None:
+    """``default_billing()`` with BILLINGOS_SECRET_KEY: the HTTP client, at BILLINGOS_API_URL (the local API here)."""
+    if example in ("litestar_app", "quart_app"):
+        pytest.importorskip(example.removesuffix("_app"))
+    module = importlib.import_module(f"examples.{example}")
+    async with LocalBilling.from_file(module.PLANS, tmp_path / "hosted.db") as hosted:
+        with serve_in_thread(create_server(hosted, secret_key=SECRET_KEY)) as base_url:
+            monkeypatch.setenv("BILLINGOS_SECRET_KEY", SECRET_KEY)
+            monkeypatch.setenv("BILLINGOS_API_URL", base_url)
+            billing = module.default_billing()
+            assert isinstance(billing, BillingOS) and billing.base_url == base_url
+            async with billing, serve(module.create_app(billing)) as client:
+                response = await client.request(method, path, headers=headers)
+            assert response.status_code == 200, response.text
+            assert await hosted.recorded_units(customer, feature) == units
 
 
 def free_port() -> int:
