@@ -4,6 +4,7 @@ Customers authenticate with an API key (`X-API-Key`); every route is metered as 
 except the health check and the docs, and `/v1/export` is gated by the `export` flag.
 
 Run it:  uvicorn examples.fastapi_app:app --port 8000
+         curl -H "X-API-Key: key_alice" "localhost:8000/v1/search?q=cats"
 Billing: the embedded engine with `plans.toml` beside this file, or the hosted BillingOS API when
 BILLINGOS_SECRET_KEY is set.
 """

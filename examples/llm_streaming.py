@@ -5,6 +5,9 @@ last chunk has gone out (a client that disconnects mid-stream is not billed, unl
 `bill_partial=True`). Customers authenticate with an API key.
 
 Run it:  uvicorn examples.llm_streaming:app --port 8000
+         curl -X POST -H "X-API-Key: key_alice" "localhost:8000/v1/chat?prompt=cats"
+Billing: the embedded engine with `llm_plans.toml` beside this file, or the hosted BillingOS API
+when BILLINGOS_SECRET_KEY is set.
 """
 
 from __future__ import annotations

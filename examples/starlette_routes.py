@@ -4,6 +4,10 @@
 (mounts included). The app's own auth puts the customer in `request.state.customer_id`.
 
 Run it:  uvicorn examples.starlette_routes:app --port 8000
+         curl -b session=session-alice "localhost:8000/v1/search?q=cats"
+         curl -b session=session-alice localhost:8000/billing/usage
+Billing: the embedded engine with `plans.toml` beside this file, or the hosted BillingOS API when
+BILLINGOS_SECRET_KEY is set.
 """
 
 from __future__ import annotations
