@@ -61,19 +61,14 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
         tg.start_soon(run)
         await to_app.send({"type": "lifespan.startup"})
         started = await answer()
-        if started is None and not failed:  # lifespan not supported: run the block without it
+        supported = started is not None and started["type"] == "lifespan.startup.complete"
+        if supported or (started is None and not failed):  # not supported: run the block without it
             try:
                 with _inside_lifespan():
                     yield
             except BaseException as exc:
                 raised = exc
-        elif started is not None and started["type"] == "lifespan.startup.complete":
-            try:
-                with _inside_lifespan():
-                    yield
-            except BaseException as exc:
-                raised = exc
-            if not isinstance(raised, anyio.get_cancelled_exc_class()):
+            if supported and not isinstance(raised, anyio.get_cancelled_exc_class()):
                 await to_app.send({"type": "lifespan.shutdown"})
                 stopped = await answer()
                 if stopped is None or stopped["type"] != "lifespan.shutdown.complete":
