@@ -165,10 +165,12 @@ def entitlement_from_json(body: Any) -> Entitlement:
 
 
 def track_result_from_json(body: Any) -> TrackUsageResult:
-    usage = _field(body, "usage", body)
     success = _field(body, "success", body)
     if not isinstance(success, bool):
         raise _fail(f"'success' is not a boolean: {success!r}", body)
+    if not success:  # not a recording: read as one, the usage would go unbilled (and is never resent)
+        raise _fail("'success' is false: the usage may not be recorded", body)
+    usage = _field(body, "usage", body)
     return TrackUsageResult(
         success=success,
         feature_key=_string(_field(body, "feature_key", body), "feature_key", body),

@@ -3,9 +3,10 @@
 The delivery guarantees (every admitted request counted exactly once) are only worth something
 under the failures a real network produces: a call lost before it arrives, a call recorded whose
 answer is lost (the dangerous case), a connection reset, a hang past the client's timeout, a 429
-storm, an outage. This proxy produces each of them on demand, between the real client and the
-real server, from a seeded random draw per ``POST /v1/usage/track`` (every call with
-``all_calls``). It runs on its own event loop in a background thread, like the server does.
+storm, an outage, a 2xx saying ``success: false`` for a call not recorded. This proxy produces each
+of them on demand, between the real client and the real server, from a seeded random draw per
+``POST /v1/usage/track`` (every call with ``all_calls``). It runs on its own event loop in a
+background thread, like the server does.
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ from http import HTTPStatus
 
 import httpx
 
+#: A network's faults, which :meth:`FaultPlan.mixed` mixes evenly.
 KINDS = ("before", "after", "after_reset", "hang", "reset", "throttle")
+#: With a proxy's 2xx refusal, drawn only when a plan asks for it by name.
+ALL_KINDS = (*KINDS, "unsuccessful")
 _HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "content-encoding"}
 _TRACK = ("POST", "/v1/usage/track")
+_UNSUCCESSFUL_TRACK = (
+    b'{"success":false,"feature_key":"api_calls","quantity":1,"recorded_at":"2025-01-01T00:00:00.000Z",'
+    b'"usage":{"consumed_units":0,"limit_units":null,"remaining_units":null,'
+    b'"period_start":"2025-01-01T00:00:00.000Z","period_end":"2025-02-01T00:00:00.000Z"}}'
+)
 
 
 @dataclass
@@ -39,6 +48,7 @@ class FaultPlan:
     hang: float = 0.0  # not forwarded; no answer for hang_seconds, then the connection closes
     reset: float = 0.0  # not forwarded; the connection is aborted
     throttle: float = 0.0  # 429 with Retry-After: 1, not forwarded
+    unsuccessful: float = 0.0  # not forwarded; 201 with a well-formed track answer saying success: false
     seed: int = 0
     all_calls: bool = False
     down: bool = False  # an outage: every connection is aborted at once
@@ -52,14 +62,14 @@ class FaultPlan:
         return cls(share, share, share, share, share, share, seed=seed, all_calls=all_calls)
 
     def __post_init__(self) -> None:
-        if sum(getattr(self, kind) for kind in KINDS) > 1:
+        if sum(getattr(self, kind) for kind in ALL_KINDS) > 1:
             raise ValueError("fault probabilities add up to more than 1")
         self.rng = random.Random(self.seed)
 
     def pick(self) -> str | None:
         """The fault for one call (the next draw of this plan's seeded generator), or None to pass it."""
         roll, edge = self.rng.random(), 0.0
-        for kind in KINDS:
+        for kind in ALL_KINDS:
             edge += getattr(self, kind)
             if roll < edge:
                 return kind
@@ -74,7 +84,7 @@ class FaultProxy:
         self.upstream_base_url = upstream_base_url.rstrip("/")
         self.plan = plan
         self.base_url = ""
-        self.counts: dict[str, int] = dict.fromkeys((*KINDS, "passed", "unfaulted", "down"), 0)
+        self.counts: dict[str, int] = dict.fromkeys((*ALL_KINDS, "passed", "unfaulted", "down"), 0)
         self._upstream: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -83,7 +93,7 @@ class FaultProxy:
     @property
     def draws(self) -> int:
         """Calls the plan drew a fault (or none) for."""
-        return sum(self.counts[kind] for kind in KINDS) + self.counts["passed"]
+        return sum(self.counts[kind] for kind in ALL_KINDS) + self.counts["passed"]
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -121,6 +131,8 @@ class FaultProxy:
             await _answer(writer, 503, b'{"statusCode":503,"message":"injected: before"}')
         elif kind == "throttle":
             await _answer(writer, 429, b'{"statusCode":429,"message":"injected: throttle"}', {"Retry-After": "1"})
+        elif kind == "unsuccessful":
+            await _answer(writer, 201, _UNSUCCESSFUL_TRACK)
         elif kind == "hang":
             await asyncio.sleep(self.plan.hang_seconds)
             return False

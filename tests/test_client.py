@@ -923,6 +923,17 @@ async def test_track_success_of_wrong_type_is_invalid_response(success: Any) -> 
             await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
 
 
+async def test_a_track_answered_2xx_with_success_false_is_an_invalid_response() -> None:
+    """A proxy's 2xx saying ``success: false`` is not a recording: taken for one, the usage would go
+    unbilled and never be resent; as an error, the tracker resends it under the same key."""
+    body = with_changes(TRACK_BODY, success=False)
+    server = FakeServer(respond(201, body))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError, match="'success' is false") as caught:
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    assert (caught.value.status, caught.value.body) == (201, body)
+
+
 @pytest.mark.parametrize(
     "body",
     [

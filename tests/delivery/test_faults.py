@@ -149,6 +149,20 @@ async def test_one_fault_kind_at_half_the_calls(server: RunningServer, proxy: Fa
     assert all(proxy.counts[other] == 0 for other in KINDS if other != kind), proxy.counts
 
 
+async def test_a_2xx_saying_success_false_is_resent_until_recorded(server: RunningServer, proxy: FaultProxy) -> None:
+    """A quarter of the track calls are answered 201 ``success: false`` and not recorded (the odds the
+    kinds above give each attempt: the client retries those once itself, not a malformed answer).
+    Taken for recordings, their units would be lost; resent under their keys, each counts once."""
+    proxy.plan = FaultPlan(seed=7, unsuccessful=0.25)
+    total = 30
+    async with metered_app(proxy) as (middleware, client):
+        statuses = await send_waves(client, total, waves=5)
+    assert statuses == [200] * total
+    assert await recorded(server) == expected(total)
+    assert_all_sent(middleware, total)
+    assert proxy.counts["unsuccessful"] > 0, proxy.counts
+
+
 @pytest.mark.parametrize("calls_per_minute", [None, 600.0], ids=["no-budget", "budget"])
 async def test_429_storm(server: RunningServer, proxy: FaultProxy, calls_per_minute: float | None) -> None:
     """For 3 s, nine track calls in ten are answered 429 (Retry-After: 1), then the storm passes:
