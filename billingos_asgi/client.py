@@ -113,6 +113,11 @@ def _resolve_base_url(base_url: str | None, secret_key: str) -> str:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:  # checked here, or the client's constructor raises it unexplained
         raise ValidationError(f"{setting} is not a valid URL: {exc}") from None
+    # A query or fragment would swallow every call's path; a user:password would replace the key
+    # with Basic auth (and show in repr and in the messages below).
+    if parsed.userinfo or "?" in url or "#" in url:
+        shown = parsed.copy_with(userinfo=b"***") if parsed.userinfo else url
+        raise ValidationError(f"{setting} must not carry a user, password, query or fragment, got {str(shown)!r}")
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValidationError(f"{setting} must be an http(s) URL with a host, got {url!r}")
     port = parsed.port

@@ -1243,6 +1243,12 @@ async def test_a_base_url_read_with_surrounding_whitespace_is_used_without_it(mo
         ("http://billing test/", "is not a valid URL (a space in it, or a port out of range)"),
         ("http://billing.test:99999", "is not a valid URL (a space in it, or a port out of range)"),
         ("http://billing.test:0", "is not a valid URL (a space in it, or a port out of range)"),
+        # A query or fragment swallowed every call's path; a user:password replaced the key with Basic auth.
+        ("http://billing.test/?region=eu", "must not carry a user, password, query or fragment"),
+        ("http://billing.test/billing?", "must not carry a user, password, query or fragment"),
+        ("http://billing.test/#v1", "must not carry a user, password, query or fragment"),
+        ("http://gateway:hunter2@billing.test/", "must not carry a user, password, query or fragment"),
+        ("ftp://gateway:hunter2@billing.test:99999/", "must not carry a user, password, query or fragment"),
     ],
 )
 @pytest.mark.parametrize("setting", ["base_url", "BILLINGOS_API_URL"])
@@ -1257,6 +1263,7 @@ def test_a_bad_base_url_is_refused_naming_the_setting(
     with pytest.raises(ValidationError, match=rf"^{setting} {re.escape(message)}") as caught:
         BillingOS(secret_key=SECRET, transport=FakeServer(respond(200, {})).transport, **arguments)
     assert isinstance(caught.value, ValueError)
+    assert "hunter2" not in str(caught.value)
 
 
 def test_repr_shows_base_url() -> None:
