@@ -82,6 +82,7 @@ def check_metadata(value: object, name: str = "metadata") -> dict[str, Any] | No
         return None
     if not isinstance(value, Mapping):
         raise ValidationError(f"{name} must be an object, got {type(value).__name__}")
+    value = dict(value)  # json.dumps takes dicts only: a read-only or custom Mapping is an object too
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as exc:
@@ -92,7 +93,7 @@ def check_metadata(value: object, name: str = "metadata") -> dict[str, Any] | No
         raise ValidationError(f"{name} is not valid Unicode text (a lone surrogate)") from None
     if len(encoded) > MAX_METADATA_BYTES:
         raise ValidationError(f"{name} is {len(encoded)} bytes as JSON; the maximum is {MAX_METADATA_BYTES}")
-    return dict(value)
+    return value
 
 
 def check_expires_in(value: object) -> int:

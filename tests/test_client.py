@@ -233,6 +233,15 @@ async def test_track_sends_decimal_quantity_as_json_number() -> None:
     assert b'"quantity":1.25' in server.requests[0].content.replace(b" ", b"")
 
 
+async def test_track_sends_metadata_given_as_any_mapping() -> None:
+    """The signature takes a Mapping: a read-only one is not refused as "not JSON-serialisable"."""
+    server = FakeServer(respond(201, TRACK_BODY))
+    async with make_client(server) as billing:
+        metadata = types.MappingProxyType({"route": "/v1/search"})
+        await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k1", metadata=metadata)
+    assert server.bodies[0]["metadata"] == {"route": "/v1/search"}
+
+
 async def test_track_without_idempotency_key_generates_a_unique_one() -> None:
     server = FakeServer(respond(201, TRACK_BODY))
     async with make_client(server) as billing:
