@@ -324,33 +324,36 @@ class BillingOS:
         while True:
             try:
                 response = await self._http.request(method, path, params=params, json=json)
-            # The transport's own error is not chained: its text may quote the request's headers.
+            # Every error is raised below, out of its except block: not even as a suppressed __context__
+            # does httpx's error travel with it (its request holds the key, its text may quote headers).
             except httpx.TimeoutException as exc:
                 error: BillingOSError = NetworkError(f"BillingOS {method} {path} timed out ({type(exc).__name__})")
             except httpx.TransportError as exc:
                 detail = _redact(str(exc), self._secret_key)
                 error = NetworkError(f"cannot reach BillingOS for {method} {path}: {type(exc).__name__}: {detail}")
             except httpx.DecodingError as exc:  # a body its Content-Encoding does not decode
-                raise InvalidResponseError(
+                error = InvalidResponseError(
                     f"BillingOS answered {method} {path} with a body that does not decode: {type(exc).__name__}"
-                ) from None
+                )
             else:
-                if response.status_code < 400:
+                if response.status_code >= 400:
+                    error = _error_for(response, self._secret_key)
+                else:
                     # Masked too: a malformed answer's body travels in InvalidResponseError.
                     try:
                         body = _json_body(response, self._secret_key)
-                    except (ValueError, RecursionError):
-                        raise InvalidResponseError(
+                    except (ValueError, RecursionError):  # (a JSONDecodeError holds the unmasked text)
+                        error = InvalidResponseError(
                             f"BillingOS answered {response.status_code} to {method} {path} with a non-JSON body",
                             status=response.status_code,
                             body=_text_body(response, self._secret_key),
-                        ) from None
-                    try:
-                        return decode(body)
-                    except InvalidResponseError as exc:
-                        exc.status = response.status_code  # the decoder sees the body only
-                        raise
-                error = _error_for(response, self._secret_key)
+                        )
+                    else:
+                        try:
+                            return decode(body)
+                        except InvalidResponseError as exc:
+                            exc.status = response.status_code  # the decoder sees the body only
+                            raise
             delay = self.retry.delay(retry, error.retry_after) if _retryable(error) else None
             if delay is None:
                 raise error

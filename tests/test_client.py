@@ -1073,6 +1073,33 @@ async def test_boundary_inputs_are_accepted() -> None:
 # -- secrets ------------------------------------------------------------------------------------
 
 
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception it carries as ``__cause__`` or ``__context__``, suppressed or not."""
+    chain = [error]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(inner)
+    return chain
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        respond(201, text="not gzip at all", headers={"content-encoding": "gzip"}),  # DecodingError: .request
+        respond(200, text="{oops: sk_test_supersecret123"),  # JSONDecodeError: .doc, the text unmasked
+    ],
+    ids=["undecodable", "non-json"],
+)
+async def test_a_malformed_answer_carries_no_httpx_error_holding_the_key(answer: Answer) -> None:
+    """httpx's error holds the request (its Authorization header), a JSONDecodeError the raw text: kept
+    as a suppressed ``__context__``, either was one attribute away from the key."""
+    secret = "sk_test_supersecret123"
+    async with make_client(FakeServer(answer), secret_key=secret) as billing:
+        with pytest.raises(InvalidResponseError) as caught:
+            await billing.track_usage("user_123", "api_calls", 5, idempotency_key="k")
+    assert _chain(caught.value) == [caught.value]
+    assert secret not in str(caught.value) and secret not in str(caught.value.body)
+
+
 async def test_secret_never_in_repr_exceptions_or_logs(caplog: pytest.LogCaptureFixture) -> None:
     secret = "sk_test_supersecret123"
     caplog.set_level(logging.DEBUG)
@@ -1106,6 +1133,7 @@ async def test_secret_never_in_repr_exceptions_or_logs(caplog: pytest.LogCapture
         assert server.requests[0].headers["Authorization"] == f"Bearer {secret}"
     assert len(errors) == 2 * len(scenarios)
     for error in errors:
+        assert _chain(error) == [error]
         assert secret not in str(error)
         assert secret not in repr(error)
         assert "supersecret" not in str(error)
