@@ -6,12 +6,13 @@ failure into the :mod:`billingos_asgi._exceptions` tree.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 import random
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -225,6 +226,7 @@ class BillingOS:
         self.base_url = _resolve_base_url(base_url, key)
         self.retry = retry or RetryPolicy()
         self._secret_key = key
+        self._before_retry: Callable[[], Awaitable[None]] | None = None
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {key}", "User-Agent": _USER_AGENT, "Accept": "application/json"},
@@ -246,6 +248,14 @@ class BillingOS:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def budgeted(self, before_retry: Callable[[], Awaitable[None]]) -> BillingOS:
+        """This client (its connection pool and key) awaiting ``before_retry()`` before each retry: a
+        caller with a call budget takes a token there, so that every attempt is a call it counted.
+        Closing either closes both."""
+        twin = copy.copy(self)
+        twin._before_retry = before_retry
+        return twin
 
     async def check_entitlement(self, customer_id: str, feature_key: str) -> Entitlement:
         params = {
@@ -360,3 +370,5 @@ class BillingOS:
             retry += 1
             logger.warning("BillingOS %s %s failed (%s); retry %d in %.2fs", method, path, error.message, retry, delay)
             await _sleep(delay)
+            if self._before_retry is not None:
+                await self._before_retry()

@@ -30,6 +30,7 @@ from ._exceptions import (
 )
 from ._models import Entitlement, TrackUsageResult
 from .backend import BillingBackend
+from .client import BillingOS
 
 __all__ = ["Budget", "CircuitBreaker", "Upstream"]
 
@@ -174,11 +175,13 @@ class Upstream:
         budget: Budget | None = None,
         breaker: CircuitBreaker | None = None,
     ) -> None:
-        self.backend = backend
         self.budget = budget
+        # Each of the client's own retries is a call too: unbudgeted, a 5xx storm made up to four of each.
+        self.backend = backend.budgeted(self._take_for_retry) if isinstance(backend, BillingOS) else backend
         self.breaker = breaker or CircuitBreaker()
         self.checks = 0
         self.tracks = 0
+        self.retries = 0  # the client's own retries of checks and tracks: calls too, within the budget
         self.throttled = 0  # 429s seen
         self.refused_by_budget = 0  # checks not made: no token in time
 
@@ -225,6 +228,11 @@ class Upstream:
         return await self._guarded(
             self.backend.track_usage(customer_id, feature_key, quantity, idempotency_key, metadata)
         )
+
+    async def _take_for_retry(self) -> None:
+        self.retries += 1
+        if self.budget is not None:
+            await self.budget.take()
 
     async def _admit(self, wait: float) -> None:
         if not self.breaker.allow():

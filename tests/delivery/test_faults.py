@@ -20,8 +20,9 @@ import anyio
 import httpx
 import pytest
 
-from billingos_asgi import BillingMiddleware, BillingOS
+from billingos_asgi import BillingMiddleware, BillingOS, ServerError
 from billingos_asgi.client import RetryPolicy
+from billingos_asgi.upstream import Budget, Upstream
 from tests.asgi import serve
 from tests.conftest import SECRET_KEY, RunningServer
 from tests.faultproxy import KINDS, FaultPlan, FaultProxy, serve_fault_proxy
@@ -110,6 +111,24 @@ def draws_to_see_every_kind(plan: FaultPlan) -> int:
         if kind is not None:
             seen.add(kind)
     return draws
+
+
+async def test_each_retry_of_the_client_is_a_call_within_the_budget(server: RunningServer, proxy: FaultProxy) -> None:
+    """The client's own retries (three by default) made four calls of each one the budget counted:
+    in a 5xx storm, four times the budget upstream. Each retry now takes a token of its own."""
+    proxy.plan = FaultPlan(before=1.0, all_calls=True)
+    async with BillingOS(SECRET_KEY, base_url=proxy.base_url, retry=RetryPolicy(backoff_base=0.01)) as remote:
+        upstream = Upstream(remote, budget=Budget(calls_per_minute=1, burst=10))  # no refill to speak of
+        await upstream.ready_to_track()
+        with pytest.raises(ServerError):
+            await upstream.track_usage("user_pro", FEATURE, 1, "k1", None)
+        with pytest.raises(ServerError):
+            await upstream.check_entitlement("user_pro", FEATURE, wait=1)
+        assert (proxy.draws, upstream.retries) == (8, 6)
+        assert upstream.budget is not None and 2 <= upstream.budget.tokens < 2.5  # 10 - 8 calls
+        with pytest.raises(ServerError):  # the client itself is left as it was: not budgeted
+            await remote.track_usage("user_pro", FEATURE, 1, idempotency_key="k2")
+        assert (proxy.draws, upstream.retries) == (12, 6)
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ async def test_counters_after_traffic_in_python_and_prometheus_text(billing: Loc
     samples = [line for line in scrape.text.splitlines() if not line.startswith("#")]
     assert samples and all(SAMPLE.match(line) for line in samples), samples
     assert 'billingos_upstream_calls_total{call="check"} 2' in samples
+    assert 'billingos_upstream_calls_total{call="retry"} 0' in samples
     assert 'billingos_breaker_state{state="closed"} 1' in samples
     assert 'billingos_breaker_state{state="open"} 0' in samples
     text = middleware.prometheus()
