@@ -88,15 +88,18 @@ def _expires_in(value: Any) -> Any:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, read with a size cap (empty unless sent as JSON)."""
+    """The request body as a JSON object, read with a size cap (empty unless sent as JSON).
+
+    Too large is a billing error like any other bad input, so its 413 carries the rate-limit headers too."""
+    too_large = ValidationError(f"Request body is larger than {MAX_BODY_BYTES} bytes", status=413)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise HTTPException(413, f"Request body is larger than {MAX_BODY_BYTES} bytes")
+        raise too_large
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(413, f"Request body is larger than {MAX_BODY_BYTES} bytes")
+            raise too_large
     if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
         return {}  # the reference service parses JSON bodies only: another reaches its handler empty
     try:

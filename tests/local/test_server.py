@@ -338,3 +338,15 @@ async def test_rate_limit_emulation(tmp_path: object) -> None:
             with pytest.raises(RateLimitError) as caught:
                 await client.track_usage("user_free", "api_calls", 1)
         assert caught.value.retry_after is not None and caught.value.retry_after >= 1
+
+
+async def test_an_oversized_body_is_counted_and_answered_with_the_rate_limit_headers() -> None:
+    billing = LocalBilling.from_dict(PLANS)
+    with serve_in_thread(create_app(billing, secret_key=SECRET_KEY, rate_limit=3)) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, headers=AUTH) as raw:
+            first = await raw.post("/v1/usage/track", content=b"x" * 70_000)
+            second = await raw.post("/v1/usage/track", content=TRACK_JSON, headers={"Content-Type": "application/json"})
+    assert first.status_code == 413 and first.json()["statusCode"] == 413
+    assert (first.headers["X-RateLimit-Limit"], first.headers["X-RateLimit-Remaining"]) == ("3", "2")
+    assert 1 <= int(first.headers["X-RateLimit-Reset"]) <= 60
+    assert second.status_code == 201 and second.headers["X-RateLimit-Remaining"] == "1"
