@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -117,11 +118,22 @@ async def _json_object(request: Request) -> dict[str, Any]:
 
 def _query(request: Request, name: str) -> str | None:
     """A query parameter given at most once: a repeated one is an array to the reference service,
-    refused as not a string (taking one of them would act on a customer the caller may not mean)."""
-    values = request.query_params.getlist(name)
+    refused as not a string (taking one of them would act on a customer the caller may not mean).
+
+    Bytes that are not UTF-8 once percent-decoded (``%ff``) are refused too: Starlette would turn
+    them into U+FFFD and look up a customer nobody named."""
+    query = request.scope["query_string"].decode("utf-8", "surrogateescape")
+    pairs = parse_qsl(query, keep_blank_values=True, errors="surrogateescape")
+    values: list[str] = [value for key, value in pairs if key == name]
     if len(values) > 1:
         raise ValidationError(f"{name} must be a string, given {len(values)} times")
-    return values[0] if values else None
+    if not values:
+        return None
+    try:
+        values[0].encode()
+    except UnicodeEncodeError:  # the surrogates that stand for bytes that are not UTF-8
+        raise ValidationError(f"{name} is not UTF-8 text once percent-decoded") from None
+    return values[0]
 
 
 def create_app(

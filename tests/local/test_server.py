@@ -118,6 +118,13 @@ async def test_error_answers(client: BillingOS) -> None:
         await client.track_usage("user_pro", "export", 1)
 
 
+async def test_percent_encoded_utf8_query_values_are_decoded(raw: httpx.AsyncClient) -> None:
+    query = "customer%5Fid=user%5Ffree&feature_key=api%5Fcalls"
+    assert (await raw.get(f"/v1/usage/check?{query}", headers=AUTH)).json()["has_access"] is True
+    unknown = await raw.get("/v1/usage/check?customer_id=%C3%A9+x&feature_key=api_calls", headers=AUTH)
+    assert unknown.json()["message"] == "Customer not found: \u00e9 x"
+
+
 async def test_session_token(client: BillingOS) -> None:
     token = await client.create_session_token("user_free", expires_in=120, allowed_operations=["read_usage"])
     assert token.token.startswith("bos_sess_") and token.expires_at.tzinfo == timezone.utc
@@ -251,12 +258,18 @@ async def test_oversized_body_is_413(raw: httpx.AsyncClient, local_server: Runni
             "customer_id=user_free&feature_key=a&feature_key=b",
             "feature_key must be a string, given 2 times",
         ),
+        ("/v1/usage/check", "customer_id=%ff&feature_key=api_calls", "customer_id is not UTF-8 text"),
+        ("/v1/usage/check", "customer_id=user_free&feature_key=api%ED%A0%80", "feature_key is not UTF-8 text"),
+        ("/v1/usage/metrics", "customer_id=user%C3", "customer_id is not UTF-8 text"),
+        ("/v1/usage/metrics", "customer_id=user_free&feature_key=%ff", "feature_key is not UTF-8 text"),
     ],
 )
 async def test_bad_queries_are_400(
     raw: httpx.AsyncClient, path: str, params: dict[str, str] | str, message: str
 ) -> None:
-    response = await raw.get(path, params=params, headers=AUTH)
+    # A query string goes into the URL as written: params= would re-encode bytes that are not UTF-8.
+    url, query = (path, params) if isinstance(params, dict) else (f"{path}?{params}", None)
+    response = await raw.get(url, params=query, headers=AUTH)
     assert response.status_code == 400
     assert message in response.json()["message"]
 
