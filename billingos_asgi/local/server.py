@@ -136,6 +136,14 @@ def _query(request: Request, name: str) -> str | None:
     return values[0]
 
 
+def _original_url(request: Request) -> str:
+    """The request target as sent, percent-encoded and with its query: Express's ``originalUrl``,
+    which NestJS names in its 404 message."""
+    path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    query: bytes = request.scope["query_string"]
+    return (path + b"?" + query if query else path).decode("latin-1")
+
+
 def create_app(
     billing: LocalBilling,
     *,
@@ -227,7 +235,7 @@ def create_app(
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
         if status in (404, 405):  # NestJS answers an unknown method or path the same way
-            return error_response(404, f"Cannot {request.method} {request.url.path}")
+            return error_response(404, f"Cannot {request.method} {_original_url(request)}")
         return error_response(status, str(getattr(exc, "detail", "")))
 
     async def server_error(request: Request, exc: Exception) -> Response:

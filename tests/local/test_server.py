@@ -333,6 +333,12 @@ async def test_unknown_route_and_method_answer_like_nestjs(raw: httpx.AsyncClien
     assert missing.json() == {"statusCode": 404, "message": "Cannot GET /v1/nothing", "error": "Not Found"}
     wrong_method = await raw.put("/v1/usage/track", headers=AUTH)
     assert wrong_method.status_code == 404 and wrong_method.json()["message"] == "Cannot PUT /v1/usage/track"
+    # NestJS names the URL as sent (Express's originalUrl): still percent-encoded, with its query.
+    as_sent = await raw.get("/v1/caf%C3%A9%ff?customer_id=user%5Ffree&x", headers=AUTH)
+    assert as_sent.status_code == 404
+    assert as_sent.json()["message"] == "Cannot GET /v1/caf%C3%A9%ff?customer_id=user%5Ffree&x"
+    wrong_method = await raw.delete("/v1/usage/check?customer_id=user_free", headers=AUTH)
+    assert wrong_method.json()["message"] == "Cannot DELETE /v1/usage/check?customer_id=user_free"
 
 
 async def test_rate_limit_emulation(tmp_path: object) -> None:
