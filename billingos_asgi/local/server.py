@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -97,10 +97,13 @@ async def _json_object(request: Request) -> dict[str, Any]:
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise too_large
+    except ClientDisconnect:  # bad input like any other: nobody reads the answer, nor a traceback in the log
+        raise ValidationError("The client disconnected before sending the whole body") from None
     if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
         return {}  # the reference service parses JSON bodies only: another reaches its handler empty
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.types import Message
 
 from billingos_asgi import (
     AuthenticationError,
@@ -227,6 +228,31 @@ async def test_a_body_not_sent_as_json_is_read_empty_as_upstream_does_and_record
     assert response.status_code == 400
     assert response.json()["message"] == "customer_id, feature_key, and quantity are required"
     assert await local_server.billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_a_client_gone_mid_body_is_no_server_failure(caplog: pytest.LogCaptureFixture) -> None:
+    """A client that hangs up during its upload (its own timeout, say) is not logged as a server
+    error with a traceback, and nothing is recorded."""
+    billing = LocalBilling.from_dict(PLANS)
+    incoming: list[Message] = [
+        {"type": "http.request", "body": TRACK_JSON[:20], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    headers = [(b"authorization", AUTH["Authorization"].encode()), (b"content-type", b"application/json")]
+    scope = {"type": "http", "method": "POST", "path": "/v1/usage/track", "query_string": b"", "headers": headers}
+    await create_app(billing, secret_key=SECRET_KEY)(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+    await billing.aclose()
 
 
 async def test_a_json_content_type_with_parameters_is_read(raw: httpx.AsyncClient) -> None:
