@@ -39,8 +39,12 @@ MAX_BODY_BYTES = 64 * 1024
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+#: NestJS's names where Python's differ (or changed: 413 is "Content Too Large" from Python 3.13 on).
+_NEST_PHRASES = {413: "Payload Too Large"}
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    phrase = HTTPStatus(status).phrase
+    phrase = _NEST_PHRASES.get(status) or HTTPStatus(status).phrase
     return JSONResponse({"statusCode": status, "message": message, "error": phrase}, status, headers=headers)
 
 
