@@ -161,7 +161,7 @@ def create_app(
     if not secret_key.startswith("sk_"):
         raise ValueError("secret_key must start with 'sk_'")
     expected = f"Bearer {secret_key}".encode()
-    limiter = RateLimiter(rate_limit) if rate_limit else None
+    limiter = None if rate_limit is None else RateLimiter(rate_limit)
 
     def endpoint(handler: Endpoint) -> Endpoint:
         """Authenticate, throttle, and turn billing errors into NestJS-style answers."""

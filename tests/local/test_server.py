@@ -400,3 +400,11 @@ async def test_an_oversized_body_is_counted_and_answered_with_the_rate_limit_hea
     assert (first.headers["X-RateLimit-Limit"], first.headers["X-RateLimit-Remaining"]) == ("3", "2")
     assert 1 <= int(first.headers["X-RateLimit-Reset"]) <= 60
     assert second.status_code == 201 and second.headers["X-RateLimit-Remaining"] == "1"
+
+
+@pytest.mark.parametrize("rate_limit", [0, -5])
+def test_a_rate_limit_below_one_per_minute_is_refused_not_ignored(rate_limit: int) -> None:
+    billing = LocalBilling.from_dict(PLANS)
+    with pytest.raises(ValueError, match="at least 1 request/min"):
+        create_app(billing, rate_limit=rate_limit)
+    billing.close()
