@@ -25,7 +25,7 @@ from billingos_asgi import (
     ValidationError,
 )
 from billingos_asgi.local.background import serve_in_thread
-from billingos_asgi.local.server import create_app
+from billingos_asgi.local.server import RateLimiter, create_app
 from tests.conftest import PLANS, SECRET_KEY, RunningServer, running_server
 from tests.local.conftest import write_locked
 
@@ -408,3 +408,21 @@ def test_a_rate_limit_below_one_per_minute_is_refused_not_ignored(rate_limit: in
     with pytest.raises(ValueError, match="at least 1 request/min"):
         create_app(billing, rate_limit=rate_limit)
     billing.close()
+
+
+def test_rate_limiter_window_counts_down_and_reopens_after_a_minute() -> None:
+    now = [1000.0]
+    limiter = RateLimiter(2, clock=lambda: now[0])
+    assert limiter.hit() == (True, {"X-RateLimit-Limit": "2", "X-RateLimit-Remaining": "1", "X-RateLimit-Reset": "60"})
+    now[0] += 15.5
+    assert limiter.hit()[1]["X-RateLimit-Reset"] == "45"
+    allowed, headers = limiter.hit()
+    assert not allowed and headers["Retry-After"] == headers["X-RateLimit-Reset"] == "45"
+    assert headers["X-RateLimit-Remaining"] == "0"
+    now[0] += 44.25  # 0.25 s before the window ends: still refused, told to wait a whole second
+    assert limiter.hit() == (
+        False,
+        {"X-RateLimit-Limit": "2", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1", "Retry-After": "1"},
+    )
+    now[0] += 0.25
+    assert limiter.hit() == (True, {"X-RateLimit-Limit": "2", "X-RateLimit-Remaining": "1", "X-RateLimit-Reset": "60"})
