@@ -21,9 +21,11 @@ from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import _wire
 from .._exceptions import BillingOSError, ValidationError
@@ -151,6 +153,20 @@ def _original_url(request: Request) -> str:
     return (path + b"?" + query if query else path).decode("latin-1")
 
 
+class _OneTrailingSlash:
+    """Route ``/v1/usage/check/`` as ``/v1/usage/check``, as Express (so NestJS) does by default,
+    where Starlette would answer a bare 307 redirect that an HTTP client does not follow."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path[:-1]}
+        await self.app(scope, receive, send)
+
+
 def create_app(
     billing: LocalBilling,
     *,
@@ -254,7 +270,7 @@ def create_app(
         yield
         await billing.aclose()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/usage/track", track, methods=["POST"]),
             Route("/v1/usage/check", check, methods=["GET"]),
@@ -262,6 +278,9 @@ def create_app(
             Route("/v1/session-tokens", session_token, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
         ],
+        middleware=[Middleware(_OneTrailingSlash)],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # a second trailing slash is unknown to Express too: 404
+    return app

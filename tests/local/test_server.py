@@ -372,6 +372,21 @@ async def test_unknown_route_and_method_answer_like_nestjs(raw: httpx.AsyncClien
     assert wrong_method.json()["message"] == "Cannot DELETE /v1/usage/check?customer_id=user_free"
 
 
+async def test_one_trailing_slash_reaches_the_route_as_in_nestjs(
+    raw: httpx.AsyncClient, local_server: RunningServer
+) -> None:
+    """Express routes match with or without one trailing slash; Starlette would answer a bare 307."""
+    params = {"customer_id": "user_free", "feature_key": "api_calls"}
+    check = await raw.get("/v1/usage/check/", params=params, headers=AUTH)
+    assert check.status_code == 200 and check.json()["feature_key"] == "api_calls"
+    track = await raw.post("/v1/usage/track/", content=TRACK_JSON, headers={**AUTH, "Content-Type": "application/json"})
+    assert track.status_code == 201
+    assert await local_server.billing.recorded_units("user_free", "api_calls") == 1
+    two = await raw.get("/v1/usage/check//?customer_id=user_free&feature_key=api_calls", headers=AUTH)
+    assert two.status_code == 404
+    assert two.json()["message"] == "Cannot GET /v1/usage/check//?customer_id=user_free&feature_key=api_calls"
+
+
 async def test_rate_limit_emulation(tmp_path: object) -> None:
     billing = LocalBilling.from_dict(PLANS)
     with serve_in_thread(create_app(billing, secret_key=SECRET_KEY, rate_limit=3)) as base_url:
