@@ -147,7 +147,7 @@ def _parse_retry_after(value: str | None) -> float | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return max(0.0, (moment - datetime.now(timezone.utc)).total_seconds())
+    return min(max(0.0, (moment - datetime.now(timezone.utc)).total_seconds()), _LONGEST_WAIT)
 
 
 def _json_body(response: httpx.Response, secret: str) -> Any:
@@ -348,6 +348,13 @@ class BillingOS:
             else:
                 if response.status_code >= 400:
                     error = _error_for(response, self._secret_key)
+                elif response.is_redirect:  # not followed: a POST would be resent as a GET, or not at all
+                    location = _redact(response.headers.get("location", ""), self._secret_key)
+                    error = InvalidResponseError(
+                        f"BillingOS answered {method} {path} with a redirect ({response.status_code}) to "
+                        f"{location!r}: is the base URL {self.base_url!r} right (https)?",
+                        status=response.status_code,
+                    )
                 else:
                     # Masked too: a malformed answer's body travels in InvalidResponseError.
                     try:

@@ -564,7 +564,7 @@ async def test_a_retry_after_of_nan_is_ignored(sleeps: list[float]) -> None:
     assert len(sleeps) == 1 and 0 <= sleeps[0] <= 0.25  # the first backoff step, as without the header
 
 
-@pytest.mark.parametrize("value", ["inf", "1e999"])
+@pytest.mark.parametrize("value", ["inf", "1e999", "Fri, 31 Dec 9999 23:59:59 GMT"])
 async def test_an_infinite_retry_after_is_too_long_to_wait(sleeps: list[float], value: str) -> None:
     server = FakeServer(
         respond(429, nest_error(429, "Too Many Requests"), headers={"Retry-After": value}), respond(200, CHECK_BODY)
@@ -1377,3 +1377,15 @@ def test_a_policy_of_thousands_of_retries_keeps_its_backoff_bounded() -> None:
     delays = [policy.delay(retry, None) for retry in (0, 1_100, 4_999)]
     assert all(delay is not None and 0 <= delay <= 8.0 for delay in delays)
     assert policy.delay(5_000, None) is None
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_names_where_it_points_not_a_body_problem(sleeps: list[float], status: int) -> None:
+    """A base URL on http:// that the API sends to https:// (a POST is not followed: it could become a GET)."""
+    target = "https://api.example.test/v1/usage/track"
+    server = FakeServer(respond(status, text="", headers={"Location": target}))
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError, match=r"redirect \(\d+\) to 'https://api\.example\.test/") as caught:
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    assert caught.value.status == status and "base URL" in caught.value.message
+    assert server.attempts == 1 and sleeps == []
