@@ -60,8 +60,29 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at);
 """
+_TABLES = {"subscriptions", "usage_totals", "usage_events", "idempotency"}
+#: Marks our files (``PRAGMA application_id``): another application's database is never written to.
+_APPLICATION_ID = 0x626F736C  # "bosl"
+#: ``PRAGMA user_version`` of the layout above; a file a newer billingos-asgi laid out is refused, not misread.
+_LAYOUT = 1
 
 _NO_SUBSCRIPTION = "No active subscription with this feature"
+
+
+def _check_layout(db: sqlite3.Connection) -> None:
+    """Refuse another application's database, or a newer billingos-asgi's, before writing to it.
+
+    A file from before the mark (our tables only, or none yet: a new file) is taken and marked.
+    """
+    (application_id,) = db.execute("PRAGMA application_id").fetchone()
+    rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite!_%' ESCAPE '!'")
+    tables = {name for (name,) in rows}  # (not SQLite's own, such as ANALYZE's sqlite_stat1)
+    if application_id != _APPLICATION_ID and (application_id or tables - _TABLES):
+        what = f"tables: {', '.join(sorted(tables))}" if tables else f"application_id {application_id:#x}"
+        raise sqlite3.DatabaseError(f"it is another application's database ({what})")
+    (layout,) = db.execute("PRAGMA user_version").fetchone()
+    if layout > _LAYOUT:
+        raise sqlite3.DatabaseError(f"its layout {layout} is from a newer billingos-asgi (this one reads {_LAYOUT})")
 
 
 def _ts(moment: datetime) -> float:
@@ -81,18 +102,30 @@ class Store:
         self._tracks = 0
         try:
             self._db = sqlite3.connect(database, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
-            if database != ":memory:":
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            with self._transaction(write=True):  # a file locked by another process is refused here too
-                self._db.executemany(
-                    "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
-                    "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key",
-                    [(customer_id, plan_key, _ts(now)) for customer_id, plan_key in catalog.customers.items()],
-                )
+            try:
+                self._prepare(database != ":memory:", catalog, now)
+            except BaseException:
+                self._db.close()
+                raise
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"{database}: cannot open the billing database: {exc}") from None
+
+    def _prepare(self, on_disk: bool, catalog: Catalog, now: datetime) -> None:
+        """Check the file is ours, create or mark its tables, and assign the catalog's customers."""
+        _check_layout(self._db)  # before anything is written: WAL mode is written to the file too
+        if on_disk:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._transaction(write=True):  # a file locked by another process is refused here too
+            for statement in _SCHEMA.split(";"):
+                self._db.execute(statement)
+            self._db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+            self._db.execute(f"PRAGMA user_version = {_LAYOUT}")
+            self._db.executemany(
+                "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
+                "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key",
+                [(customer_id, plan_key, _ts(now)) for customer_id, plan_key in catalog.customers.items()],
+            )
 
     def close(self) -> None:
         with self._lock:

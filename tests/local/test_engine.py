@@ -828,6 +828,54 @@ async def test_a_damaged_database_is_unavailable_with_the_reason(database: Path,
     assert caught.value.message == "the billing database cannot be used: database disk image is malformed"
 
 
+def test_another_applications_database_is_refused_untouched(database: Path, clock: Clock) -> None:
+    """A --db pointed at the wrong file must not get billing tables (nor WAL mode) added to it."""
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    with pytest.raises(ValueError) as caught:
+        LocalBilling.from_dict(PLANS, database, clock=clock)
+    assert (
+        str(caught.value)
+        == f"{database}: cannot open the billing database: it is another application's database (tables: users)"
+    )
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
+def test_a_database_marked_by_another_application_is_refused(database: Path, clock: Clock) -> None:
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.execute("PRAGMA application_id = 7")
+    with pytest.raises(ValueError) as caught:
+        LocalBilling.from_dict(PLANS, database, clock=clock)
+    assert str(caught.value).endswith(": it is another application's database (application_id 0x7)")
+
+
+def test_a_database_laid_out_by_a_newer_version_is_refused(database: Path, clock: Clock) -> None:
+    LocalBilling.from_dict(PLANS, database, clock=clock).close()
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.execute("PRAGMA user_version = 2")
+    with pytest.raises(ValueError) as caught:
+        LocalBilling.from_dict(PLANS, database, clock=clock)
+    assert str(caught.value) == (
+        f"{database}: cannot open the billing database: its layout 2 is from a newer billingos-asgi (this one reads 1)"
+    )
+
+
+async def test_a_database_from_before_the_mark_is_kept_and_marked(database: Path, clock: Clock) -> None:
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as billing:
+        await billing.track_usage("alice", "api_calls", 3)
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.execute("PRAGMA application_id = 0")
+        db.execute("PRAGMA user_version = 0")
+        db.execute("ANALYZE")  # SQLite's own sqlite_stat1 is not another application's table
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as billing:
+        assert await consumed(billing, "alice") == 3.0
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        assert db.execute("PRAGMA application_id").fetchone() != (0,)
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+
+
 async def test_memory_database_works(clock: Clock) -> None:
     async with LocalBilling.from_dict(PLANS, ":memory:", clock=clock) as billing:
         await billing.track_usage("alice", "api_calls", 2)
