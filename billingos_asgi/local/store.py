@@ -121,11 +121,8 @@ class Store:
                 self._db.execute(statement)
             self._db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
             self._db.execute(f"PRAGMA user_version = {_LAYOUT}")
-            self._db.executemany(
-                "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
-                "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key",
-                [(customer_id, plan_key, _ts(now)) for customer_id, plan_key in catalog.customers.items()],
-            )
+            for customer_id, plan_key in catalog.customers.items():  # a cancellation outlives a restart
+                self._assign(customer_id, plan_key, None, now, activate=False)
 
     def close(self) -> None:
         with self._lock:
@@ -154,21 +151,27 @@ class Store:
     def set_plan(self, customer_id: str, plan_key: str | None, started_at: datetime | None, now: datetime) -> None:
         if plan_key is not None and plan_key not in self.catalog.plans:
             raise ValidationError(f"unknown plan {plan_key!r} (known: {', '.join(sorted(self.catalog.plans))})")
-        # A new subscription starts now; a changed plan keeps its anchor (its period and usage) unless
-        # started_at moves it, or its interval differs: usage is kept per period start, and the other
-        # interval's periods would start elsewhere (a new period starts now, as a billing cycle does).
         with self._transaction(write=True):
-            row = self._db.execute(
-                "SELECT plan_key FROM subscriptions WHERE customer_id = ?", (customer_id,)
-            ).fetchone()
-            if started_at is None and row is not None and self._interval(row[0]) != self._interval(plan_key):
-                started_at = now
-            self._db.execute(
-                "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
-                "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key, status = 'active', "
-                "started_at = COALESCE(?, started_at)",
-                (customer_id, plan_key, _ts(started_at or now), None if started_at is None else _ts(started_at)),
-            )
+            self._assign(customer_id, plan_key, started_at, now, activate=True)
+
+    def _assign(
+        self, customer_id: str, plan_key: str | None, started_at: datetime | None, now: datetime, *, activate: bool
+    ) -> None:
+        """Subscribe ``customer_id`` to ``plan_key`` in the caller's transaction (reactivated if ``activate``).
+
+        A new subscription starts now; a changed plan keeps its anchor (its period and usage) unless
+        started_at moves it, or its interval differs: usage is kept per period start, and the other
+        interval's periods would start elsewhere (a new period starts now, as a billing cycle does).
+        """
+        row = self._db.execute("SELECT plan_key FROM subscriptions WHERE customer_id = ?", (customer_id,)).fetchone()
+        if started_at is None and row is not None and self._interval(row[0]) != self._interval(plan_key):
+            started_at = now
+        self._db.execute(
+            "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
+            "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key, "
+            "status = CASE WHEN ? THEN 'active' ELSE status END, started_at = COALESCE(?, started_at)",
+            (customer_id, plan_key, _ts(started_at or now), activate, None if started_at is None else _ts(started_at)),
+        )
 
     def _interval(self, plan_key: str | None) -> str | None:
         plan = None if plan_key is None else self.catalog.plans.get(plan_key)

@@ -779,6 +779,20 @@ async def test_state_survives_reopening_the_database(database: Path, clock: Cloc
         assert await billing.recorded_units("alice", "api_calls") == 3.0
 
 
+async def test_a_file_customer_moved_to_a_plan_of_another_interval_starts_a_new_period(
+    database: Path, clock: Clock
+) -> None:
+    """The file's assignment follows set_plan's rule: a daily period starting where the month did
+    must not read the month's usage."""
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as billing:
+        await billing.track_usage("alice", "api_calls", 4)
+    clock.advance(hours=1)
+    async with LocalBilling.from_dict({**PLANS, "customers": {"alice": "daily"}}, database, clock=clock) as billing:
+        entitlement = await billing.check_entitlement("alice", "api_calls")
+        assert (entitlement.limit, entitlement.usage) == (5.0, 0.0)
+        assert entitlement.resets_at == clock.now + timedelta(days=1)
+
+
 async def test_database_file_is_in_wal_mode(billing: LocalBilling, database: Path) -> None:
     await billing.track_usage("alice", "api_calls", 1)
     assert billing.database == str(database)
