@@ -61,7 +61,7 @@ class Catalog:
 
 
 def load_plans(path: str | Path) -> Catalog:
-    """Read and validate a TOML plans file."""
+    """Read and validate a TOML plans file; one that defines no plan is refused too."""
     source = str(path)
     try:
         with open(path, "rb") as fh:
@@ -70,7 +70,10 @@ def load_plans(path: str | Path) -> Catalog:
         raise PlansError(f"{source}: cannot read the plans file: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PlansError(f"{source}: not valid TOML: {exc}") from None
-    return parse_plans(data, source=source)
+    catalog = parse_plans(data, source=source)
+    if not catalog.plans:  # an empty or truncated file: every customer would be unknown or planless
+        raise PlansError(f"{source}: plans: no plan is defined (add a [plans.<key>] table)")
+    return catalog
 
 
 def parse_plans(data: Mapping[str, Any], *, source: str = "<plans>") -> Catalog:

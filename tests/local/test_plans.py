@@ -187,6 +187,15 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
     assert str(excinfo.value).startswith(f"{tmp_path}: cannot read the plans file: ")
 
 
+@pytest.mark.parametrize("text", ["", "# plans to come\n", FEATURES_TOML], ids=["empty", "comments", "features-only"])
+def test_a_file_without_plans_is_refused(tmp_path: Path, text: str) -> None:
+    """An empty or truncated file would serve every customer as unknown or planless: a mistake, not a setup."""
+    path = write(tmp_path, text)
+    with pytest.raises(PlansError) as excinfo:
+        load_plans(path)
+    assert str(excinfo.value) == f"{path}: plans: no plan is defined (add a [plans.<key>] table)"
+
+
 def test_from_file_with_corrupt_toml_raises_plans_error_a_value_error(tmp_path: Path) -> None:
     path = write(tmp_path, '[features.api_calls]\ntype = "usage_quota"\ngarbage = = =\n[plans\n')
     with pytest.raises(PlansError) as excinfo:
