@@ -139,6 +139,8 @@ class LocalBilling:
 
         A changed plan keeps the current period and its usage unless ``started_at`` re-anchors it,
         or the new plan bills by another interval (month, year...): then a new period starts now.
+        Periods fall on the anchor's day and time before it too: a ``started_at`` on the 1st of next
+        month aligns billing on the 1st, the current period ending then.
         """
         check_id("customer_id", customer_id)
         if started_at is not None and started_at.tzinfo is None:

@@ -662,6 +662,19 @@ async def test_set_plan_started_at_reanchors_the_period(billing: LocalBilling, c
     assert result.usage.period_start == datetime(2024, 1, 1, 9, tzinfo=timezone.utc)
 
 
+async def test_set_plan_started_at_in_the_future_aligns_the_current_period(billing: LocalBilling, clock: Clock) -> None:
+    """Billing on the 1st from next month: this period ends on the 1st, not a month after it."""
+    clock.now = datetime(2024, 1, 20, tzinfo=timezone.utc)
+    await billing.set_plan("alice", "free", started_at=datetime(2024, 2, 1, tzinfo=timezone.utc))
+    result = await billing.track_usage("alice", "api_calls", 10)
+    assert (result.usage.period_start, result.usage.period_end) == (
+        datetime(2024, 1, 1, tzinfo=timezone.utc),
+        datetime(2024, 2, 1, tzinfo=timezone.utc),
+    )
+    clock.now = datetime(2024, 2, 1, tzinfo=timezone.utc)
+    assert (await billing.check_entitlement("alice", "api_calls")).usage == 0.0
+
+
 async def test_a_plan_of_another_interval_starts_a_new_period(billing: LocalBilling, clock: Clock) -> None:
     """Usage is kept per period start: a daily period starting where a monthly one did must not
     read the month's usage (nor a month the days'), so changing the interval starts a period now."""
