@@ -65,7 +65,9 @@ def load_plans(path: str | Path) -> Catalog:
     source = str(path)
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            # A byte-order mark (Notepad's "UTF-8 with BOM") is not content: tomllib would refuse it
+            # as an "invalid statement" at line 1 of a file that looks right.
+            data = tomllib.loads(fh.read().decode("utf-8-sig"))
     except OSError as exc:
         raise PlansError(f"{source}: cannot read the plans file: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -100,6 +100,13 @@ def test_valid_toml_file_loads_features_plans_and_customers(tmp_path: Path) -> N
     assert (bare.name, bare.interval, dict(bare.grants)) == ("bare", "month", {})
 
 
+def test_a_byte_order_mark_is_not_content(tmp_path: Path) -> None:
+    """Windows editors may save "UTF-8 with BOM": the same plans, not an invalid statement at line 1."""
+    path = tmp_path / "plans.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + VALID_TOML.encode())
+    assert load_plans(path) == load_plans(write(tmp_path, VALID_TOML, name="plain.toml"))
+
+
 def test_export_false_is_not_granted(tmp_path: Path) -> None:
     catalog = load_plans(write(tmp_path, VALID_TOML))
     assert "export" not in catalog.plans["free"].grants
