@@ -29,6 +29,8 @@ logger = logging.getLogger("billingos_asgi")
 DEFAULT_USAGE_TTL = 10.0
 DEFAULT_USAGE_CACHE_SIZE = 10_000
 DEFAULT_TOKEN_LIFETIME = 3600
+#: One customer's answer: never stored by a browser or a shared cache (a CDN, a proxy) for the next caller.
+PRIVATE = {"Cache-Control": "no-store"}
 
 
 class UsageEndpoints:
@@ -108,7 +110,7 @@ class UsageEndpoints:
         feature = request.query_params.get("feature_key")
         if feature is not None:
             metrics = UsageMetrics(metrics.customer_id, tuple(m for m in metrics.metrics if m.feature_key == feature))
-        return JSONResponse(_wire.metrics_to_json(metrics))
+        return JSONResponse(_wire.metrics_to_json(metrics), headers=PRIVATE)
 
     async def session_token(self, request: Request) -> Response:
         """A BillingOS session token for the signed-in customer (for the React SDK), whatever the body says."""
@@ -123,4 +125,4 @@ class UsageEndpoints:
                 logger.warning("session token for %s failed", customer, exc_info=True)
                 return problem_response(Denial(503, "billing is unavailable", request, "session-token", customer))
             self._tokens[customer] = token
-        return JSONResponse(_wire.session_token_to_json(token), 201)
+        return JSONResponse(_wire.session_token_to_json(token), 201, headers=PRIVATE)

@@ -133,6 +133,16 @@ async def test_the_usage_routes_answer_a_failing_resolver_with_a_problem(billing
     assert {answer.json()["detail"] for answer in answers} == {"the customer resolver failed"}
 
 
+async def test_the_usage_routes_answers_are_stored_by_no_browser_or_shared_cache(billing: LocalBilling) -> None:
+    app = Starlette(routes=[usage_routes(billing, by_header)])
+    async with serve(app) as client:
+        usage = await client.get("/billing/usage", headers=as_customer("user_free"))
+        token = await client.post("/billing/session-token", headers=as_customer("user_free"))
+    # A CDN keeping one customer's usage, or anyone's session token, would hand it to the next caller.
+    assert (usage.status_code, token.status_code) == (200, 201)
+    assert usage.headers["cache-control"] == token.headers["cache-control"] == "no-store"
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
