@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import _wire
-from ._exceptions import BillingOSError, CustomerNotFoundError
+from ._exceptions import BillingOSError, CustomerNotFoundError, ValidationError
 from ._models import SessionToken, UsageMetrics
-from ._validation import MAX_SESSION_TTL, MIN_SESSION_TTL, customer_answer
+from ._validation import MAX_SESSION_TTL, MIN_SESSION_TTL, check_id, customer_answer
 from .backend import BillingBackend
 from .customers import CustomerResolver
 from .responses import Denial, problem_response
@@ -97,6 +97,13 @@ class UsageEndpoints:
         customer = await self._customer(request, "usage")
         if not isinstance(customer, str):
             return customer
+        # Empty means every feature, as upstream reads it; anything else must be a feature key.
+        feature = request.query_params.get("feature_key") or None
+        if feature is not None:
+            try:
+                check_id("feature_key", feature)
+            except ValidationError as exc:
+                return problem_response(Denial(400, exc.message, request, "usage", customer))
         metrics = self._metrics.get(customer)
         if metrics is None:
             try:
@@ -107,7 +114,6 @@ class UsageEndpoints:
                 logger.warning("usage metrics for %s failed", customer, exc_info=True)
                 return problem_response(Denial(503, "billing is unavailable", request, "usage", customer))
             self._metrics[customer] = metrics
-        feature = request.query_params.get("feature_key")
         if feature is not None:
             metrics = UsageMetrics(metrics.customer_id, tuple(m for m in metrics.metrics if m.feature_key == feature))
         return JSONResponse(_wire.metrics_to_json(metrics), headers=PRIVATE)

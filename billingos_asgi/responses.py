@@ -1,4 +1,4 @@
-"""The middleware's own answers (401 / 403 / 429 / 503) as RFC 9457 problem details, and the quota headers."""
+"""Refusals as RFC 9457 problem details (the middleware's, the usage endpoints'), and the quota headers."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ __all__ = ["BillingDenied", "Denial", "ProblemFactory", "answer_refusal", "answe
 
 PROBLEM_TYPE = "https://docs.billingos.dev/problems/"
 _TITLES = {
+    400: ("bad-request", "Bad request"),
     401: ("unauthenticated", "Authentication required"),
     403: ("no-access", "Feature not included in your plan"),
     429: ("quota-exceeded", "Usage quota exhausted"),

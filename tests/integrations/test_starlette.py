@@ -143,6 +143,26 @@ async def test_the_usage_routes_answers_are_stored_by_no_browser_or_shared_cache
     assert usage.headers["cache-control"] == token.headers["cache-control"] == "no-store"
 
 
+async def test_a_feature_key_that_is_no_feature_key_is_refused_by_name(billing: LocalBilling) -> None:
+    app = Starlette(routes=[usage_routes(billing, by_header)])
+    async with serve(app) as client:
+        refused = [
+            await client.get("/billing/usage", params={"feature_key": key}, headers=as_customer("user_free"))
+            for key in ("x" * 10_240, "api\tcalls")
+        ]
+        empty = await client.get("/billing/usage?feature_key=", headers=as_customer("user_free"))
+        anonymous = await client.get("/billing/usage", params={"feature_key": "x" * 10_240})
+    assert [(answer.status_code, answer.headers["content-type"]) for answer in refused] == [
+        (400, "application/problem+json")
+    ] * 2
+    assert [answer.json()["detail"] for answer in refused] == [
+        "feature_key is 10240 characters long; the maximum is 255",
+        "feature_key must not contain control characters",
+    ]
+    assert {m["feature_key"] for m in empty.json()["metrics"]} >= {"api_calls", "tokens"}  # as upstream: every one
+    assert anonymous.status_code == 401  # nobody learns anything before signing in
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
