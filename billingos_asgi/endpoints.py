@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import _wire
-from ._exceptions import BillingOSError, CustomerNotFoundError, ValidationError
+from ._exceptions import CustomerNotFoundError, ValidationError
 from ._models import SessionToken, UsageMetrics
 from ._validation import MAX_SESSION_TTL, MIN_SESSION_TTL, check_id, customer_answer
 from .backend import BillingBackend
@@ -110,7 +110,7 @@ class UsageEndpoints:
                 metrics = await self._billing.get_usage_metrics(customer)
             except CustomerNotFoundError:
                 return problem_response(Denial(403, "billing does not know this customer", request, "usage", customer))
-            except BillingOSError:
+            except Exception:  # any backend failure, as the middleware takes it: never a 500
                 logger.warning("usage metrics for %s failed", customer, exc_info=True)
                 return problem_response(Denial(503, "billing is unavailable", request, "usage", customer))
             self._metrics[customer] = metrics
@@ -127,7 +127,7 @@ class UsageEndpoints:
         if token is None:
             try:
                 token = await self._billing.create_session_token(customer, expires_in=self._token_lifetime)
-            except BillingOSError:
+            except Exception:  # any backend failure, as the middleware takes it: never a 500
                 logger.warning("session token for %s failed", customer, exc_info=True)
                 return problem_response(Denial(503, "billing is unavailable", request, "session-token", customer))
             self._tokens[customer] = token

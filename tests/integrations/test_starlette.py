@@ -163,6 +163,15 @@ async def test_a_feature_key_that_is_no_feature_key_is_refused_by_name(billing: 
     assert anonymous.status_code == 401  # nobody learns anything before signing in
 
 
+async def test_a_backend_failing_otherwise_than_billingoserror_is_a_503_not_a_500(billing: LocalBilling) -> None:
+    app = Starlette(routes=[usage_routes(billing, by_header)])
+    await billing.aclose()  # the app closed it early: sqlite3 raises ProgrammingError
+    async with serve(app) as client:
+        usage = await client.get("/billing/usage", headers=as_customer("user_free"))
+    assert (usage.status_code, usage.json()["detail"]) == (503, "billing is unavailable")
+    assert usage.headers["retry-after"] == "5"
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
