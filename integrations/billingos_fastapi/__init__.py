@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -35,7 +37,16 @@ from billingos_asgi.endpoints import UsageEndpoints
 from billingos_asgi.responses import answer_refusals
 from billingos_asgi.routes import QuantityFunction
 
-__all__ = ["Billing", "PROBLEM_RESPONSES", "declared", "metered", "usage_router"]
+__all__ = [
+    "Billing",
+    "BillingSessionToken",
+    "BillingUsage",
+    "BillingUsageMetric",
+    "PROBLEM_RESPONSES",
+    "declared",
+    "metered",
+    "usage_router",
+]
 
 logger = logging.getLogger("billingos_asgi")
 
@@ -223,6 +234,45 @@ def declared(
     return collect
 
 
+class BillingUsageMetric(BaseModel):
+    """One quota of the signed-in customer, as BillingOS reports it (a null limit: unlimited)."""
+
+    feature_key: str
+    feature_title: str
+    product_name: str
+    consumed: float
+    limit: float | None
+    remaining: float | None
+    percentage_used: int
+    period_start: datetime
+    period_end: datetime
+    resets_in_days: int
+
+
+class BillingUsage(BaseModel):
+    """What ``GET /billing/usage`` answers (documentation only: the endpoint writes the JSON itself)."""
+
+    metrics: list[BillingUsageMetric]
+    customer_id: str
+
+
+class BillingSessionToken(BaseModel):
+    """What ``POST /billing/session-token`` answers, for the React SDK."""
+
+    sessionToken: str  # noqa: N815 - BillingOS's wire names
+    expiresAt: datetime  # noqa: N815
+
+
+#: ``?feature_key=``, read by UsageEndpoints (which answers 400 for a value that is no feature key).
+_FEATURE_KEY = {
+    "name": "feature_key",
+    "in": "query",
+    "required": False,
+    "description": "One feature's usage only (empty or absent: every feature)",
+    "schema": {"type": "string", "maxLength": 255},
+}
+
+
 def usage_router(
     billing: BillingBackend,
     customer: CustomerResolver,
@@ -234,13 +284,20 @@ def usage_router(
     """``GET {prefix}/usage`` and ``POST {prefix}/session-token`` for the signed-in customer."""
     endpoints = UsageEndpoints(billing, customer, **options)
     router = APIRouter(prefix=prefix, tags=list(tags or ["billing"]))
-    # What UsageEndpoints answers besides its success (a token is created: 201).
+    # What UsageEndpoints answers (a token is created: 201).
     unavailable = {"description": "Billing is unavailable, or the customer resolver failed", "content": _PROBLEM}
     token_answers: dict[int | str, dict[str, Any]] = {401: PROBLEM_RESPONSES[401], 503: unavailable}
     unknown = {"description": "Billing does not know the signed-in customer", "content": _PROBLEM}
-    usage_answers: dict[int | str, dict[str, Any]] = {**token_answers, 403: unknown}
+    bad_feature = {"description": "feature_key is no feature key", "content": _PROBLEM}
+    usage_answers: dict[int | str, dict[str, Any]] = {**token_answers, 400: bad_feature, 403: unknown}
 
-    @router.get("/usage", response_model=None, responses=usage_answers, summary="Your usage this period")
+    @router.get(
+        "/usage",
+        response_model=None,
+        responses={200: {"model": BillingUsage, "description": "Your usage metrics"}, **usage_answers},
+        summary="Your usage this period",
+        openapi_extra={"parameters": [_FEATURE_KEY]},
+    )
     async def usage(request: Request) -> Response:
         return await endpoints.usage(request)
 
@@ -248,7 +305,7 @@ def usage_router(
         "/session-token",
         status_code=201,
         response_model=None,
-        responses=token_answers,
+        responses={201: {"model": BillingSessionToken, "description": "A session token"}, **token_answers},
         summary="A BillingOS session token",
     )
     async def session_token(request: Request) -> Response:

@@ -14,7 +14,14 @@ pytest.importorskip("fastapi")
 from fastapi import APIRouter, Depends, FastAPI, WebSocket  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling, SessionToken  # noqa: E402
-from billingos_fastapi import Billing, declared, metered, usage_router  # noqa: E402
+from billingos_fastapi import (  # noqa: E402
+    Billing,
+    BillingSessionToken,
+    BillingUsage,
+    declared,
+    metered,
+    usage_router,
+)
 
 from ..asgi import serve  # noqa: E402
 from ..middleware.support import PLANS, as_customer, by_header  # noqa: E402
@@ -104,8 +111,26 @@ async def test_openapi_documents_the_answers_of_metered_routes_only(billing: Spy
         assert {"401", "403", "429"} <= set(responses), (path, responses)
         assert "application/problem+json" in responses["429"]["content"]
     assert "429" not in paths["/health"]["get"]["responses"]
-    assert set(paths["/billing/usage"]["get"]["responses"]) == {"200", "401", "403", "503"}
+    assert set(paths["/billing/usage"]["get"]["responses"]) == {"200", "400", "401", "403", "503"}
     assert set(paths["/billing/session-token"]["post"]["responses"]) == {"201", "401", "503"}  # as it answers
+
+
+async def test_openapi_documents_the_usage_routes_parameter_and_what_they_answer(billing: SpyBilling) -> None:
+    app = build(billing, [])
+    async with serve(app) as client:
+        schema = (await client.get("/openapi.json")).json()
+        usage = await client.get("/billing/usage", headers=as_customer("user_free"))
+        token = await client.post("/billing/session-token", headers=as_customer("user_free"))
+    usage_doc, token_doc = schema["paths"]["/billing/usage"]["get"], schema["paths"]["/billing/session-token"]["post"]
+    # Documented for generated clients: the query parameter, and the success answers' shapes.
+    assert [(parameter["name"], parameter["in"]) for parameter in usage_doc["parameters"]] == [("feature_key", "query")]
+    usage_ref = usage_doc["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    token_ref = token_doc["responses"]["201"]["content"]["application/json"]["schema"]["$ref"]
+    assert (usage_ref, token_ref) == ("#/components/schemas/BillingUsage", "#/components/schemas/BillingSessionToken")
+    # The documented shapes are the real answers' (and say which figures may be null: unlimited).
+    assert BillingUsage.model_validate(usage.json()).customer_id == "user_free"
+    assert BillingSessionToken.model_validate(token.json()).sessionToken == token.json()["sessionToken"]
+    assert set(schema["components"]["schemas"]["BillingUsageMetric"]["properties"]) == set(usage.json()["metrics"][0])
 
 
 def no_middleware(app: FastAPI, billing: SpyBilling) -> None:
