@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import selectors
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -15,6 +20,12 @@ import billingos_asgi
 from billingos_asgi import LocalBilling
 from billingos_asgi.cli import build_parser
 from tests.local.conftest import write_locked
+
+PLANS = (
+    '[features.api_calls]\ntype = "usage_quota"\n[plans.free]\nfeatures = { api_calls = 5 }\n'
+    '[customers]\nalice = "free"\n'
+)
+SECRET = "sk_test_kept_secret_4f1c"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -75,10 +86,7 @@ def test_rate_limit_accepts_n_per_min() -> None:
 
 def test_serve_answers_on_its_port(tmp_path: Path) -> None:
     plans = tmp_path / "plans.toml"
-    plans.write_text(
-        '[features.api_calls]\ntype = "usage_quota"\n[plans.free]\nfeatures = { api_calls = 5 }\n'
-        '[customers]\nalice = "free"\n'
-    )
+    plans.write_text(PLANS)
     with httpx.Client() as probe:
         with socket.socket() as sock:  # a free port, released for the server to take
             sock.bind(("127.0.0.1", 0))
@@ -111,3 +119,77 @@ def test_serve_answers_on_its_port(tmp_path: Path) -> None:
 def test_the_secret_key_may_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BILLINGOS_SECRET_KEY", "sk_test_from_env\n")
     assert build_parser().parse_args(["serve", "--plans", "p.toml"]).secret_key == "sk_test_from_env"
+
+
+@contextmanager
+def serving(plans: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
+    """``serve --port 0`` in its own process: the process, the address its banner names, the lines so far."""
+    command = [sys.executable, "-m", "billingos_asgi", "serve", "--plans", str(plans), "--port", "0", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        assert process.stderr is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stderr, selectors.EVENT_READ)
+            deadline = time.monotonic() + 15
+            while not any("(Ctrl+C to stop)" in line for line in lines):
+                assert selector.select(max(0.0, deadline - time.monotonic())), f"no banner: {lines}"
+                line = process.stderr.readline()
+                assert line, f"the server exited: {lines}"
+                lines.append(line)
+        yield process, lines[-1].split(" on ")[1].split()[0], lines
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+
+
+def test_a_port_in_use_is_refused_in_one_line_before_the_app_starts(tmp_path: Path) -> None:
+    plans = tmp_path / "plans.toml"
+    plans.write_text(PLANS)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--plans", str(plans), "--port", str(port))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"billingos-asgi: cannot listen on 127.0.0.1:{port}: ")
+    assert result.stderr.count("\n") == 1  # not uvicorn's start-up and shut-down log around its error
+
+
+def test_an_unknown_host_is_refused_in_one_line(tmp_path: Path) -> None:
+    plans = tmp_path / "plans.toml"
+    plans.write_text(PLANS)
+    result = run_cli("serve", "--plans", str(plans), "--host", "no-such-host.invalid", "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr.startswith("billingos-asgi: cannot listen on no-such-host.invalid:0: ")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_server_cleanly_and_the_secret_key_is_never_shown(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    plans = tmp_path / "plans.toml"
+    plans.write_text(PLANS)
+    with serving(plans, "--secret-key", SECRET) as (process, address, lines):
+        assert address.startswith("http://127.0.0.1:") and not address.endswith(":0")  # the port it took
+        answer = httpx.get(
+            f"{address}/v1/usage/metrics?customer_id=alice", headers={"Authorization": f"Bearer {SECRET}"}
+        )
+        assert answer.status_code == 200
+        process.send_signal(stop)
+        out, err = process.communicate(timeout=15)
+    output = "".join(lines) + out + err
+    # Ctrl+C ends with status 0; SIGTERM is raised again once uvicorn has shut down, for the parent to see.
+    assert process.returncode == (0 if stop == signal.SIGINT else -stop)
+    assert "Application shutdown complete" in output and "Traceback" not in output
+    assert SECRET not in output
+
+
+def test_the_help_never_shows_the_secret_key_from_the_environment() -> None:
+    env = {**os.environ, "BILLINGOS_SECRET_KEY": SECRET}
+    result = subprocess.run(
+        [sys.executable, "-m", "billingos_asgi", "serve", "--help"], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert result.returncode == 0 and "--secret-key" in result.stdout and SECRET not in result.stdout
