@@ -35,7 +35,11 @@ def _port(text: str) -> int:
 def _secret_key(text: str) -> str:
     text = text.strip()
     if not text.startswith("sk_") or not (text.isascii() and text.isprintable()) or " " in text:
-        raise argparse.ArgumentTypeError("the secret key must start with 'sk_' and be printable ASCII without spaces")
+        # Where it came from too: the default is $BILLINGOS_SECRET_KEY, which argparse names --secret-key.
+        raise argparse.ArgumentTypeError(
+            "the secret key (--secret-key, else $BILLINGOS_SECRET_KEY) must start with 'sk_'"
+            " and be printable ASCII without spaces"
+        )
     return text
 
 

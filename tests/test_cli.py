@@ -193,3 +193,16 @@ def test_the_help_never_shows_the_secret_key_from_the_environment() -> None:
         [sys.executable, "-m", "billingos_asgi", "serve", "--help"], capture_output=True, text=True, timeout=30, env=env
     )
     assert result.returncode == 0 and "--secret-key" in result.stdout and SECRET not in result.stdout
+
+
+def test_a_bad_secret_key_in_the_environment_is_named_as_such_and_never_shown() -> None:
+    env = {**os.environ, "BILLINGOS_SECRET_KEY": "pk_live_kept_secret_4f1c"}
+    result = subprocess.run(
+        [sys.executable, "-m", "billingos_asgi", "serve", "--plans", "p.toml"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert result.returncode == 2 and "$BILLINGOS_SECRET_KEY" in result.stderr  # not only "--secret-key", never given
+    assert "kept_secret" not in result.stderr
