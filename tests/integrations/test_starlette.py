@@ -143,6 +143,19 @@ async def test_the_usage_routes_answers_are_stored_by_no_browser_or_shared_cache
     assert usage.headers["cache-control"] == token.headers["cache-control"] == "no-store"
 
 
+async def test_the_usage_cache_never_answers_one_customer_with_anothers_metrics(billing: LocalBilling) -> None:
+    app = Starlette(routes=[usage_routes(billing, by_header)])
+    async with serve(app) as client:
+        own = await client.get("/billing/usage?customer_id=user_pro", headers=as_customer("user_free"))  # now cached
+        # Ids differing only in case or spaces are other customers (unknown here), never user_free's cache entry.
+        others = [await client.get("/billing/usage", headers=as_customer(who)) for who in ("USER_FREE", "user_free ")]
+        pro = await client.get("/billing/usage", headers=as_customer("user_pro"))
+    assert own.json()["customer_id"] == "user_free"  # the query's customer_id is no one's say
+    assert [answer.status_code for answer in others] == [403, 403]
+    assert pro.json()["customer_id"] == "user_pro"
+    assert {m["feature_key"] for m in pro.json()["metrics"]} != {m["feature_key"] for m in own.json()["metrics"]}
+
+
 async def test_a_feature_key_that_is_no_feature_key_is_refused_by_name(billing: LocalBilling) -> None:
     app = Starlette(routes=[usage_routes(billing, by_header)])
     async with serve(app) as client:
