@@ -42,6 +42,7 @@ class LocalBilling:
         self.database = str(database)
         self._clock = clock
         self._store = Store(self.database, catalog, clock())
+        self._closed = False
 
     @classmethod
     def from_file(cls, path: str | Path, database: str | Path = ":memory:", *, clock: Clock = utc_now) -> LocalBilling:
@@ -66,14 +67,22 @@ class LocalBilling:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._run(self._store.close)
+        self._closed = True
+        await to_thread.run_sync(self._store.close)
 
     def close(self) -> None:
         """Close the database from synchronous code (a sync test fixture's teardown, say)."""
+        self._closed = True
         self._store.close()
+
+    def _check_open(self) -> None:
+        """Closed, every call is refused, session tokens too: none is answered as if billing still ran."""
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
 
     async def _run(self, func: Callable[[], T]) -> T:
         """``func`` in a worker thread; a database that cannot serve it raises ServerError (503)."""
+        self._check_open()
         try:
             return await to_thread.run_sync(func)
         except sqlite3.DatabaseError as exc:
@@ -123,6 +132,7 @@ class LocalBilling:
         metadata: Mapping[str, Any] | None = None,
     ) -> SessionToken:
         """Mint an opaque session token; the embedded engine keeps no session state."""
+        self._check_open()
         check_id("externalUserId", external_user_id)
         if external_organization_id is not None:
             check_id("externalOrganizationId", external_organization_id)

@@ -918,6 +918,28 @@ async def test_aclose_via_method(database: Path, clock: Clock) -> None:
     assert repr(billing) == f"LocalBilling(database={str(database)!r}, plans=['daily', 'fifty', 'free', 'pro'])"
 
 
+async def test_a_closed_engine_refuses_every_call_by_name(database: Path, clock: Clock) -> None:
+    """Not SQLite's "Cannot operate on a closed database", and no session token minted as if billing ran."""
+    billing = LocalBilling.from_dict(PLANS, database, clock=clock)
+    await billing.aclose()
+    await billing.aclose()  # twice is fine
+    calls = [
+        billing.check_entitlement("alice", "api_calls"),
+        billing.track_usage("alice", "api_calls", 1),
+        billing.get_usage_metrics("alice"),
+        billing.create_session_token("alice"),
+        billing.set_plan("alice", "pro"),
+        billing.recorded_units("alice", "api_calls"),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=r"LocalBilling\(database=.*\) is closed"):
+            await call
+    synchronous = LocalBilling.from_dict(PLANS, ":memory:", clock=clock)
+    synchronous.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        await synchronous.check_entitlement("alice", "api_calls")
+
+
 # -- bad input is refused before any write --
 
 
