@@ -65,8 +65,9 @@ def _transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[sqlit
         raise
 
 
-def _prepare(db: sqlite3.Connection) -> None:
-    """Create, or check and bring up to date, the layout of the file (in one transaction)."""
+def _layout(db: sqlite3.Connection) -> tuple[set[str], int, int]:
+    """The file's tables, application id and layout, refusing another application's database or a
+    newer billingos-asgi's before anything (WAL mode included) is written to it."""
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     (application_id,) = db.execute("PRAGMA application_id").fetchone()
     if application_id != _APPLICATION_ID and tables - {"outbox"}:
@@ -74,6 +75,11 @@ def _prepare(db: sqlite3.Connection) -> None:
     (layout,) = db.execute("PRAGMA user_version").fetchone()
     if layout > _LAYOUT:
         raise sqlite3.DatabaseError(f"its layout {layout} is from a newer billingos-asgi")
+    return tables, application_id, layout
+
+
+def _prepare(db: sqlite3.Connection, tables: set[str], application_id: int, layout: int) -> None:
+    """Create, or bring up to date, the layout of the file (in one transaction)."""
     if application_id == _APPLICATION_ID and layout == _LAYOUT:
         return
     with _transaction(db, "BEGIN IMMEDIATE"):
@@ -133,11 +139,12 @@ class Outbox:
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            found = _layout(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; WAL keeps it consistent
             db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at the first write
             db.execute("COMMIT")
-            _prepare(db)
+            _prepare(db, *found)
             rows = db.execute(
                 "SELECT idempotency_key, customer_id, feature_key, quantity, metadata, batch_key, first_attempt"
                 " FROM outbox ORDER BY first_attempt IS NULL, batch_key, customer_id, idempotency_key"

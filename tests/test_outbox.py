@@ -112,6 +112,7 @@ def test_another_applications_database_is_never_taken_over(tmp_path: Path) -> No
         Outbox(other, max_events=10).open()
     db = sqlite3.connect(other)
     assert db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("users",)]
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # not switched to WAL either
     db.close()
 
 
