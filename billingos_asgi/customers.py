@@ -82,6 +82,8 @@ def from_api_key(
     made-up keys never pushes out the good ones. A key longer than 1,024 bytes is no key (401),
     looked up and cached never.
     """
+    if not callable(lookup):  # the key store itself: every lookup would fail, and on_error decide
+        raise ValueError(f"from_api_key needs a function of the key (a dict's .get), got {type(lookup).__name__}")
     if cache_size < 1 or ttl <= 0:
         raise ValueError("cache_size must be >= 1 and ttl > 0")
     header_name = header.lower().encode("latin-1")

@@ -187,7 +187,14 @@ def _check_options(**options: Any) -> None:
         raise ValueError(f"parsed_parameters must be True, False or None, got {options['parsed_parameters']!r}")
     for hook in ("customer", "problem_factory", "on_rejected"):
         if options[hook] is not None and not callable(options[hook]):
-            raise ValueError(f"{hook} must be a function (or None), got {options[hook]!r}")
+            # By its type: a key store passed as the resolver would put every API key in the message.
+            raise ValueError(f"{hook} must be a function (or None), got {type(options[hook]).__name__}")
+    if isinstance(getattr(options["customer"], "__self__", None), Mapping):
+        # API_KEYS.get: called with the Request, it answers None, a 401 for every request.
+        raise ValueError(
+            "customer is a mapping's method, which the middleware would call with the request:"
+            " for an API key store, pass from_api_key(keys.get)"
+        )
     if options["upgrade_url"] is not None and not isinstance(options["upgrade_url"], str):
         raise ValueError(f"upgrade_url must be a URL string, got {options['upgrade_url']!r}")
     path = options["metrics_path"]

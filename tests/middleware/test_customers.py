@@ -185,6 +185,14 @@ async def test_from_api_key_never_looks_up_or_keeps_an_oversized_key() -> None:
     assert [len(key) for key in lookups] == [1024]
 
 
+def test_from_api_key_refuses_the_key_store_itself_without_showing_it() -> None:
+    """Passed the dict rather than its ``.get``, every request's lookup would fail (and be served
+    free under on_error="allow"): refused at once, by type, not by a repr listing every key."""
+    with pytest.raises(ValueError, match=r"a function of the key \(a dict's \.get\), got dict") as refused:
+        from_api_key(KEYS)  # type: ignore[arg-type]
+    assert "key-free" not in str(refused.value)
+
+
 def test_from_api_key_refuses_a_bad_cache_configuration() -> None:
     with pytest.raises(ValueError, match="cache_size"):
         from_api_key(KEYS.get, cache_size=0)

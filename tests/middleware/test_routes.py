@@ -652,7 +652,9 @@ def test_a_redirect_names_the_request_by_its_host_header_or_by_the_servers_addre
         ({"billing": None}, "billing must be a BillingOS, a LocalBilling or another BillingBackend, got None"),
         ({"trust_request_id": "false"}, "trust_request_id must be True or False, got 'false'"),
         ({"parsed_parameters": 1}, "parsed_parameters must be True, False or None"),
-        ({"customer": "user_123"}, "customer must be a function"),
+        ({"customer": "user_123"}, "customer must be a function (or None), got str"),
+        ({"customer": {"key_alice": "user_123"}}, "customer must be a function (or None), got dict"),
+        ({"customer": {"key_alice": "user_123"}.get}, "for an API key store, pass from_api_key(keys.get)"),
         ({"problem_factory": "x"}, "problem_factory must be a function"),
         ({"on_rejected": "x"}, "on_rejected must be a function"),
         ({"upgrade_url": 5}, "upgrade_url must be a URL string"),
@@ -677,8 +679,9 @@ def test_a_redirect_names_the_request_by_its_host_header_or_by_the_servers_addre
 )
 def test_wrong_options_are_refused_by_name(billing: LocalBilling, options: dict[str, Any], message: str) -> None:
     settings: dict[str, Any] = {"billing": billing, "customer": by_header, **options}
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
         BillingMiddleware(Starlette(), **settings)
+    assert "key_alice" not in str(refused.value)  # a key store passed by mistake is not shown
 
 
 def test_a_feature_the_local_plans_do_not_declare_is_warned_of_at_construction(
