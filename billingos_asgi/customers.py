@@ -9,6 +9,7 @@ read the ASGI scope only (:class:`ScopeResolver`), so the middleware need not bu
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import TypeVar
@@ -18,6 +19,8 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 __all__ = ["CustomerResolver", "ScopeResolver", "from_api_key", "from_state", "from_user"]
+
+logger = logging.getLogger("billingos_asgi")
 
 Answer = str | None | Awaitable[str | None]
 MAX_KEY_BYTES = 1024
@@ -45,10 +48,21 @@ def from_user(attribute: str = "identity") -> ScopeResolver:
     """The user Starlette's ``AuthenticationMiddleware`` put in ``scope["user"]`` (when authenticated).
 
     ``attribute`` names the user attribute holding the customer id (``identity`` by default).
+    A scope without ``"user"`` at all means the authentication runs inside the billing middleware
+    (added before it): every request is answered 401, so that is logged once.
     """
+    warned = False
 
     def resolve(scope: Scope) -> str | None:
+        nonlocal warned
         user = scope.get("user")
+        if user is None and "user" not in scope and not warned:
+            warned = True
+            logger.warning(
+                "from_user(): the request has no scope['user'], so every request is answered 401:"
+                " AuthenticationMiddleware must run first (app.add_middleware it after BillingMiddleware,"
+                " or list it before BillingMiddleware in middleware=[...])"
+            )
         if user is None or not getattr(user, "is_authenticated", False):
             return None
         value = getattr(user, attribute, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 
 import anyio
 import pytest
@@ -223,6 +224,40 @@ async def test_from_user_with_starlette_authentication(billing: LocalBilling) ->
     assert free.status_code == 200 and free.json() == {"customer": "user_free"}
     assert anonymous.status_code == 401 and bad.status_code == 401
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_from_user_with_authentication_inside_is_warned_of_once(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Authentication added before BillingMiddleware runs after it: no request has a user yet, so
+    every one is refused 401, which the log says once, with the fix; an anonymous request that
+    went through the authentication (auth outside) is no such mistake."""
+    inside = app(
+        [
+            Middleware(
+                BillingMiddleware, billing=billing, customer=from_user("username"), routes={"/v1/whoami": "api_calls"}
+            ),
+            Middleware(AuthenticationMiddleware, backend=TokenBackend()),  # inside: runs after billing
+        ]
+    )
+    async with serve(inside) as client:
+        answers = [(await client.get("/v1/whoami", headers={"authorization": "Bearer t-free"})) for _ in range(3)]
+    assert [r.status_code for r in answers] == [401] * 3
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "AuthenticationMiddleware must run first" in warned[0]
+
+    caplog.clear()
+    outside = app(
+        [
+            Middleware(AuthenticationMiddleware, backend=TokenBackend()),
+            Middleware(
+                BillingMiddleware, billing=billing, customer=from_user("username"), routes={"/v1/whoami": "api_calls"}
+            ),
+        ]
+    )
+    async with serve(outside) as client:
+        assert (await client.get("/v1/whoami")).status_code == 401
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 class StateAuth:
