@@ -69,7 +69,10 @@ def load_plans(path: str | Path) -> Catalog:
             # as an "invalid statement" at line 1 of a file that looks right.
             data = tomllib.loads(fh.read().decode("utf-8-sig"))
     except OSError as exc:
-        raise PlansError(f"{source}: cannot read the plans file: {exc.strerror or exc}") from None
+        # A relative path is the working directory's, which a server started elsewhere does not share.
+        relative = not Path(path).is_absolute()
+        where = f" ({Path(path).absolute()}: relative to the working directory)" if relative else ""
+        raise PlansError(f"{source}: cannot read the plans file: {exc.strerror or exc}{where}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PlansError(f"{source}: not valid TOML: {exc}") from None
     catalog = parse_plans(data, source=source)

@@ -188,6 +188,20 @@ def test_missing_file(tmp_path: Path) -> None:
     assert str(excinfo.value) == f"{path}: cannot read the plans file: No such file or directory"
 
 
+def test_a_missing_relative_path_names_the_directory_it_was_looked_for_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server started from another directory (a service, ``--app-dir``) resolves ``plans.toml``
+    elsewhere: the message says where."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PlansError) as excinfo:
+        LocalBilling.from_file("plans.toml")
+    assert str(excinfo.value) == (
+        f"plans.toml: cannot read the plans file: No such file or directory"
+        f" ({tmp_path / 'plans.toml'}: relative to the working directory)"
+    )
+
+
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(PlansError) as excinfo:
         load_plans(tmp_path)
