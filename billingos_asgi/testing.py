@@ -106,6 +106,11 @@ async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Map
     wrong = {f: (recorded[f], units) for f, units in expected.items() if abs(recorded[f] - units) > 1e-9}
     if wrong:
         details = ", ".join(f"{f}: recorded {got:g}, expected {want:g}" for f, (got, want) in wrong.items())
+        if not any(recorded.values()):  # the usual cause: the app under test bills another engine
+            details += (
+                " (nothing at all: does the app bill this `billing`? One that builds its own LocalBilling"
+                " at import bills that one: build the app from the fixture, create_app(billing))"
+            )
         raise AssertionError(f"usage of {customer_id!r}: {details}")
 
 

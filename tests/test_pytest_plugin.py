@@ -13,7 +13,8 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from billingos_asgi import BillingMiddleware
+from billingos_asgi import BillingMiddleware, LocalBilling
+from billingos_asgi.pytest_plugin import DEFAULT_PLANS
 from billingos_asgi.testing import assert_recorded, lifespan
 
 
@@ -46,8 +47,19 @@ async def test_a_wrong_expectation_names_the_difference(billing):
     app = create_app(billing)
     async with lifespan(app):
         await call(app, "customer_pro", 2)
-    with pytest.raises(AssertionError, match="api_calls: recorded 2, expected 5"):
+    with pytest.raises(AssertionError, match="api_calls: recorded 2, expected 5$"):
         await assert_recorded(billing, "customer_pro", {"api_calls": 5})
+
+
+APP_AT_IMPORT = create_app(LocalBilling.from_dict(DEFAULT_PLANS))  # an app module billing its own engine
+
+
+@pytest.mark.asyncio
+async def test_an_app_billing_another_engine_is_named_as_the_likely_cause(billing):
+    async with lifespan(APP_AT_IMPORT):
+        assert await call(APP_AT_IMPORT, "customer_free", 1) == [200]
+    with pytest.raises(AssertionError, match="recorded 0, expected 1 .nothing at all: does the app bill this"):
+        await assert_recorded(billing, "customer_free", {"api_calls": 1})
 
 
 @pytest.mark.asyncio
@@ -80,4 +92,4 @@ def test_a_user_tests_their_metered_app_with_the_billing_fixture(pytester: pytes
     pytester.makepyfile(test_user_app=USER_TESTS)
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
