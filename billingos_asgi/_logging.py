@@ -15,18 +15,26 @@ INTERVAL = 1.0
 class Throttled:
     """At most one line a second, which says how many similar lines it held back since the last."""
 
-    __slots__ = ("_held", "_last")
+    __slots__ = ("_held", "_held_level", "_last")
 
     def __init__(self) -> None:
         self._last = -INTERVAL
         self._held = 0
+        self._held_level = logging.NOTSET
 
     def log(self, level: int, message: str, *args: object, exc_info: bool = False) -> None:
         now = time.monotonic()
         if now - self._last < INTERVAL:
             self._held += 1
+            self._held_level = max(self._held_level, level)
             return
         if self._held:
             message += f" ({self._held} similar lines held back)"
-        self._last, self._held = now, 0
+        self._last, self._held, self._held_level = now, 0, logging.NOTSET
         logger.log(level, message, *args, exc_info=exc_info)
+
+    def flush(self) -> None:
+        """Say how many lines are held back, where no later line will (at shutdown)."""
+        if self._held:
+            logger.log(self._held_level, "%d similar lines held back since the last one", self._held)
+            self._held, self._held_level = 0, logging.NOTSET

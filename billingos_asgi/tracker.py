@@ -138,8 +138,10 @@ class Tracker:
         self._paying: anyio.Lock | None = None  # one sender at a time waits for the call budget
         self.running = False  # taking events: between start() and stop()
         self.stats = TrackerStats()
-        self._log = Throttled().log  # storms summarised: one line a second, with the count held back
-        self._log_callback = Throttled().log
+        self._throttled = Throttled()  # storms summarised: one line a second, with the count held back
+        self._callback_throttled = Throttled()
+        self._log = self._throttled.log
+        self._log_callback = self._callback_throttled.log
 
     @property
     def outbox(self) -> Outbox | None:
@@ -243,6 +245,8 @@ class Tracker:
             self._done = None
             if self._outbox is not None:
                 self._outbox.close()
+            self._throttled.flush()  # the last storm's count: no later line will carry it
+            self._callback_throttled.flush()
 
     async def _work(self, done: anyio.Event, scope: anyio.CancelScope, closing: anyio.Event) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -131,6 +132,21 @@ async def test_a_batch_refused_for_quota_is_split_so_what_fits_is_recorded(billi
     assert await billing.recorded_units("c0", "api_calls") == 10
     assert (tracker.stats.sent, tracker.stats.rejected) == (10, 2)
     assert rejected == [("k10", "quota_exceeded"), ("k11", "quota_exceeded")]
+
+
+async def test_the_lines_a_storm_held_back_are_counted_at_shutdown(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rejections log one line a second; the count held back rode on the next line only, and at
+    shutdown there is none: the log showed one rejected event of fifty."""
+    tracker = tracker_for(billing, flush_interval=0.2)
+    await run_tracker(tracker, [event(f"k{i}") for i in range(60)])
+    assert tracker.stats.rejected == 50
+    lines = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert sum(" rejected: quota_exceeded" in r.getMessage() for r in lines) >= 1
+    shown = sum(" rejected: " in r.getMessage() for r in lines)
+    held = sum(int(m.group(1)) for r in lines if (m := re.search(r"(\d+) similar lines held back", r.getMessage())))
+    assert shown + held == 50
 
 
 async def test_a_failing_on_rejected_callback_is_logged_without_a_flood(
