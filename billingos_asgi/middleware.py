@@ -189,7 +189,10 @@ def _check_options(**options: Any) -> None:
         if options[hook] is not None and not callable(options[hook]):
             # By its type: a key store passed as the resolver would put every API key in the message.
             raise ValueError(f"{hook} must be a function (or None), got {type(options[hook]).__name__}")
-    if isinstance(getattr(options["customer"], "__self__", None), Mapping):
+    customer = options["customer"]
+    if getattr(customer, "__name__", "") in ("get", "__getitem__") and isinstance(
+        getattr(customer, "__self__", None), Mapping
+    ):
         # API_KEYS.get: called with the Request, it answers None, a 401 for every request.
         raise ValueError(
             "customer is a mapping's method, which the middleware would call with the request:"

@@ -684,6 +684,16 @@ def test_wrong_options_are_refused_by_name(billing: LocalBilling, options: dict[
     assert "key_alice" not in str(refused.value)  # a key store passed by mistake is not shown
 
 
+def test_a_resolver_that_is_a_method_of_a_mapping_is_taken(billing: LocalBilling) -> None:
+    """Only a mapping's ``get`` or ``[]`` (a key store) is refused as the resolver, not another method of one."""
+
+    class Accounts(dict[str, str]):
+        def customer_of(self, request: Request) -> str | None:
+            return self.get(request.headers.get("x-api-key", ""))
+
+    BillingMiddleware(Starlette(), billing=billing, customer=Accounts().customer_of)
+
+
 def test_a_feature_the_local_plans_do_not_declare_is_warned_of_at_construction(
     billing: LocalBilling, caplog: pytest.LogCaptureFixture
 ) -> None:
