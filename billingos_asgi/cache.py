@@ -94,8 +94,11 @@ class Quota:
 
     def renew(self, entitlement: Entitlement | None) -> None:
         """Take a newer upstream answer, keeping this process's accounting (usage only grows within a period)."""
-        self.entitlement = entitlement
         self.refreshing = False
+        resets_at = entitlement.resets_at.timestamp() if entitlement and entitlement.resets_at else None
+        if resets_at is not None and self.resets_at is not None and resets_at < self.resets_at:
+            return  # answered in a period that a track answer has since shown over: ours are the newer figures
+        self.entitlement = entitlement
         if entitlement is None:
             self.limit, self.resets_at, self.refusal = None, None, 403
             return
@@ -104,7 +107,6 @@ class Quota:
         # Out of quota is decided from the usage figures (they change); anything else refuses as is.
         refused = not entitlement.has_access and (limit is None or entitlement.reason != "quota_exceeded")
         self.refusal = 403 if refused else 0
-        resets_at = entitlement.resets_at.timestamp() if entitlement.resets_at else None
         usage = entitlement.usage or 0.0
         if resets_at == self.resets_at and self.usage > usage and not self.guessed:
             usage = self.usage  # a check answered before our last confirmed track

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from billingos_asgi import LocalBilling, QuotaExceededError
+from billingos_asgi import Entitlement, LocalBilling, QuotaExceededError
 from billingos_asgi.cache import EntitlementCache, Refresh
 from billingos_asgi.upstream import Upstream
 
@@ -209,4 +209,48 @@ async def test_a_track_answer_arriving_late_never_lowers_the_usage(billing: Loca
     cache.confirm("c1", "api_calls", 2, later)
     cache.confirm("c1", "api_calls", 1, earlier)
     assert (quota.usage, quota.local) == (3, 0)
+    assert quota.admit(2) == 0 and quota.admit(1) == 429
+
+
+class Delayed:
+    """A real LocalBilling whose check answers, once ``held`` is set, are computed at once and
+    delivered when the test releases them (an answer still on the wire)."""
+
+    def __init__(self, billing: LocalBilling) -> None:
+        self.billing = billing
+        self.held: anyio.Event | None = None
+        self.answered = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+    async def check_entitlement(self, customer_id: str, feature_key: str) -> Entitlement:
+        answer = await self.billing.check_entitlement(customer_id, feature_key)
+        if self.held is not None:
+            self.answered.set()
+            await self.held.wait()
+        return answer
+
+
+async def test_a_check_answered_in_the_last_period_never_undoes_a_newer_track_answer(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    backend = Delayed(billing)
+    cache = EntitlementCache(
+        Upstream(backend), clock=lambda: clocks.monotonic, wall_clock=lambda: clocks.wall.timestamp()
+    )
+    quota = await cache.fetch("c1", "api_calls")  # 5 units a period
+    assert quota.resets_at is not None
+    await billing.track_usage("c1", "api_calls", 1, "last period")
+    clocks.advance(quota.resets_at - clocks.wall.timestamp() - 1)
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # answered a second before the period ends...
+        await backend.answered.wait()
+        clocks.advance(2)  # ...and delivered in the next one, after a track answer of the new period
+        assert quota.admit(3) == 0
+        cache.confirm("c1", "api_calls", 3, await billing.track_usage("c1", "api_calls", 3, "this period"))
+        period_end = quota.resets_at
+        backend.held.set()
+    assert (quota.usage, quota.resets_at) == (3, period_end)  # not last period's 1 of 5
     assert quota.admit(2) == 0 and quota.admit(1) == 429
