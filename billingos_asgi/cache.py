@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -115,12 +116,13 @@ class Quota:
 
 
 class _Flight:
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("done", "error", "origin", "result")
 
     def __init__(self) -> None:
         self.done = anyio.Event()
         self.result: Quota | None = None
         self.error: Exception | None = None
+        self.origin: TracebackType | None = None  # the error's traceback as the leader caught it
 
 
 class _Entries(LRUCache[Key, Quota]):
@@ -229,7 +231,7 @@ class EntitlementCache:
                     flight.result = await self._load(key)
                     return flight.result
                 except Exception as exc:
-                    flight.error = exc
+                    flight.error, flight.origin = exc, exc.__traceback__
                     raise
                 finally:
                     del self._flights[key]
@@ -238,7 +240,9 @@ class EntitlementCache:
             if flight.result is not None:
                 return flight.result
             if flight.error is not None:
-                raise flight.error
+                # From where the leader caught it: each follower raising the one shared error as it
+                # is would add its frames to those of the followers before it (memory, and logs).
+                raise flight.error.with_traceback(flight.origin)
             # The leader was cancelled (its client went away): take over.
 
     async def _load(self, key: Key) -> Quota:

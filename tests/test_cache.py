@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from billingos_asgi import Entitlement, LocalBilling, QuotaExceededError
+from billingos_asgi import Entitlement, LocalBilling, NetworkError, QuotaExceededError
 from billingos_asgi.cache import EntitlementCache, Refresh
 from billingos_asgi.upstream import Upstream
 
@@ -214,21 +215,27 @@ async def test_a_track_answer_arriving_late_never_lowers_the_usage(billing: Loca
 
 class Delayed:
     """A real LocalBilling whose check answers, once ``held`` is set, are computed at once and
-    delivered when the test releases them (an answer still on the wire)."""
+    delivered when the test releases them (an answer still on the wire); ``error`` arrives instead
+    of the answer when set."""
 
-    def __init__(self, billing: LocalBilling) -> None:
+    def __init__(self, billing: LocalBilling, error: Exception | None = None) -> None:
         self.billing = billing
         self.held: anyio.Event | None = None
         self.answered = anyio.Event()
+        self.error = error
+        self.calls = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.billing, name)
 
     async def check_entitlement(self, customer_id: str, feature_key: str) -> Entitlement:
+        self.calls += 1
         answer = await self.billing.check_entitlement(customer_id, feature_key)
         if self.held is not None:
             self.answered.set()
             await self.held.wait()
+        if self.error is not None:
+            raise self.error
         return answer
 
 
@@ -254,3 +261,28 @@ async def test_a_check_answered_in_the_last_period_never_undoes_a_newer_track_an
         backend.held.set()
     assert (quota.usage, quota.resets_at) == (3, period_end)  # not last period's 1 of 5
     assert quota.admit(2) == 0 and quota.admit(1) == 429
+
+
+async def test_requests_waiting_on_a_failed_check_each_get_its_error_with_a_traceback_of_their_own(
+    billing: LocalBilling,
+) -> None:
+    backend = Delayed(billing, NetworkError("connection refused"))
+    backend.held = anyio.Event()
+    cache = EntitlementCache(Upstream(backend))
+    depths: list[int] = []
+    joined = anyio.Event()
+
+    async def miss(number: int) -> None:
+        if number == 20:
+            joined.set()  # (every task waits on the one check from its first await on)
+        with pytest.raises(NetworkError) as failed:
+            await cache.fetch("c1", "api_calls")
+        depths.append(len(traceback.extract_tb(failed.value.__traceback__)))
+
+    async with anyio.create_task_group() as tg:
+        for number in range(1, 21):
+            tg.start_soon(miss, number)
+        await joined.wait()
+        backend.held.set()
+    assert backend.calls == 1 and len(depths) == 20
+    assert len(set(depths[1:])) == 1, depths  # not one frame more for each follower before
