@@ -256,8 +256,13 @@ class EntitlementCache:
         except CustomerNotFoundError:
             entitlement = None
         except Exception:
-            # Upstream is down or busy: a stale answer beats none, unless its period has ended.
-            if previous is not None and (previous.resets_at is None or previous.resets_at > self._wall_clock()):
+            # Upstream is down or busy: a stale answer beats none, unless its period has ended, or it
+            # said the customer is unknown (they may exist by now: as if nothing were cached).
+            if (
+                previous is not None
+                and previous.entitlement is not None
+                and (previous.resets_at is None or previous.resets_at > self._wall_clock())
+            ):
                 self._entries[key] = previous  # (back, if it was set aside)
                 previous.refreshing = False
                 previous.retry_at = self._clock() + REFRESH_RETRY

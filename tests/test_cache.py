@@ -162,6 +162,16 @@ async def test_a_failed_check_falls_back_to_the_stale_answer(tmp_path: Path, clo
         await cache.fetch("c1", "export")  # nothing to fall back on
 
 
+async def test_a_failed_check_never_falls_back_to_an_unknown_customer_answer(tmp_path: Path, clocks: Clocks) -> None:
+    billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db", clock=lambda: clocks.wall)
+    cache, _ = cache_for(billing, clocks, negative_ttl=10)
+    assert (await cache.fetch("nobody", "api_calls")).entitlement is None
+    await billing.aclose()  # upstream gone; meanwhile "nobody" may have signed up
+    clocks.advance(11)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the closed engine raises: on_error decides
+        await cache.fetch("nobody", "api_calls")  # not a 403 for as long as billing is down
+
+
 async def test_a_failed_check_never_falls_back_to_an_ended_period(tmp_path: Path, clocks: Clocks) -> None:
     billing = LocalBilling.from_dict(PLANS, tmp_path / "billing.db", clock=lambda: clocks.wall)
     cache, _ = cache_for(billing, clocks, ttl=30)
