@@ -12,7 +12,8 @@ import anyio
 import pytest
 
 from billingos_asgi import Entitlement, LocalBilling, NetworkError, QuotaExceededError
-from billingos_asgi.cache import EntitlementCache, Refresh
+from billingos_asgi.backend import BillingBackend
+from billingos_asgi.cache import EntitlementCache, Quota, Refresh
 from billingos_asgi.upstream import Upstream
 
 PLANS: dict[str, Any] = {
@@ -46,7 +47,7 @@ async def billing(tmp_path: Path, clocks: Clocks) -> AsyncIterator[LocalBilling]
         yield billing
 
 
-def cache_for(billing: LocalBilling, clocks: Clocks, **kwargs: Any) -> tuple[EntitlementCache, Upstream]:
+def cache_for(billing: BillingBackend, clocks: Clocks, **kwargs: Any) -> tuple[EntitlementCache, Upstream]:
     upstream = Upstream(billing)
     cache = EntitlementCache(
         upstream, clock=lambda: clocks.monotonic, wall_clock=lambda: clocks.wall.timestamp(), **kwargs
@@ -253,9 +254,7 @@ async def test_a_check_answered_in_the_last_period_never_undoes_a_newer_track_an
     billing: LocalBilling, clocks: Clocks
 ) -> None:
     backend = Delayed(billing)
-    cache = EntitlementCache(
-        Upstream(backend), clock=lambda: clocks.monotonic, wall_clock=lambda: clocks.wall.timestamp()
-    )
+    cache, _ = cache_for(backend, clocks)
     quota = await cache.fetch("c1", "api_calls")  # 5 units a period
     assert quota.resets_at is not None
     await billing.track_usage("c1", "api_calls", 1, "last period")
@@ -274,11 +273,11 @@ async def test_a_check_answered_in_the_last_period_never_undoes_a_newer_track_an
 
 
 async def test_requests_waiting_on_a_failed_check_each_get_its_error_with_a_traceback_of_their_own(
-    billing: LocalBilling,
+    billing: LocalBilling, clocks: Clocks
 ) -> None:
     backend = Delayed(billing, NetworkError("connection refused"))
     backend.held = anyio.Event()
-    cache = EntitlementCache(Upstream(backend))
+    cache, _ = cache_for(backend, clocks)
     depths: list[int] = []
     joined = anyio.Event()
 
@@ -296,3 +295,36 @@ async def test_requests_waiting_on_a_failed_check_each_get_its_error_with_a_trac
         backend.held.set()
     assert backend.calls == 1 and len(depths) == 20
     assert len(set(depths[1:])) == 1, depths  # not one frame more for each follower before
+
+
+async def test_when_the_check_leader_is_cancelled_one_waiting_request_asks_again_for_all(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    backend = Delayed(billing)
+    backend.held = anyio.Event()
+    cache, _ = cache_for(backend, clocks)
+    answers: list[Quota] = []
+    joined = anyio.Event()
+    leader = anyio.CancelScope()  # cancelled as a server does when the client goes away
+
+    async def lead() -> None:
+        with leader:
+            await cache.fetch("c1", "api_calls")
+
+    async def follower(number: int) -> None:
+        if number == 5:
+            joined.set()  # (every follower waits on the leader's check from its first await on)
+        answers.append(await cache.fetch("c1", "api_calls"))
+
+    with anyio.fail_after(10):  # (a hang guard only)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lead)
+            await backend.answered.wait()
+            for number in range(1, 6):
+                tg.start_soon(follower, number)
+            await joined.wait()
+            leader.cancel()
+            backend.held.set()
+    assert backend.calls == 2  # the leader's, and one for all five followers
+    assert len(answers) == 5 and all(answer is answers[0] for answer in answers)
+    assert cache.get("c1", "api_calls") is answers[0]
