@@ -238,12 +238,20 @@ class EntitlementCache:
                     flight.done.set()
             await flight.done.wait()
             if flight.result is not None:
-                return flight.result
+                return self._current(key, flight.result)
             if flight.error is not None:
                 # From where the leader caught it: each follower raising the one shared error as it
                 # is would add its frames to those of the followers before it (memory, and logs).
                 raise flight.error.with_traceback(flight.origin)
             # The leader was cancelled (its client went away): take over.
+
+    def _current(self, key: Key, answer: Quota) -> Quota:
+        """The entry of ``key`` for a request that waited on ``answer``: evicted before the request
+        resumed, units admitted on it would be counted where no later request looks."""
+        quota = self._entries.find(key)
+        if quota is None:
+            self._entries[key] = quota = answer
+        return quota
 
     async def _load(self, key: Key) -> Quota:
         previous = self._entries.find(key)  # left aside meanwhile: confirmations still find it there

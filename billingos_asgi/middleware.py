@@ -427,6 +427,15 @@ class BillingMiddleware:
             if not customer:
                 await self._deny(Denial(401, _SIGN_IN, Request(scope, receive), feature), scope, receive, send)
                 return
+        quantity = metered.quantity
+        if quantity is None or callable(quantity):  # before the lookup: awaited between it and the admission,
+            try:  # the entry could be evicted meanwhile, and units admitted on it counted where no one looks
+                quantity = await self._quantity(metered, Request(scope))  # the body stays the app's
+            except Exception:
+                self._log(logging.ERROR, "quantity function of %r failed", feature, exc_info=True)
+                await self._on_error(feature, "the quantity function failed", scope, receive, send)
+                return
+        if customer is not None:
             quota = self.cache.get(customer, feature)
             if quota is None:
                 try:
@@ -440,14 +449,6 @@ class BillingMiddleware:
                     await self._deny(fetched, scope, receive, send)
                     return
                 quota = fetched
-        quantity = metered.quantity
-        if quantity is None or callable(quantity):
-            try:
-                quantity = await self._quantity(metered, Request(scope))  # the body stays the app's
-            except Exception:
-                self._log(logging.ERROR, "quantity function of %r failed", feature, exc_info=True)
-                await self._on_error(feature, "the quantity function failed", scope, receive, send)
-                return
         if quota is not None:
             status = quota.admit(quantity)
             if status:

@@ -328,3 +328,32 @@ async def test_when_the_check_leader_is_cancelled_one_waiting_request_asks_again
     assert backend.calls == 2  # the leader's, and one for all five followers
     assert len(answers) == 5 and all(answer is answers[0] for answer in answers)
     assert cache.get("c1", "api_calls") is answers[0]
+
+
+async def test_a_waiting_request_gets_the_entry_back_if_it_was_evicted_before_it_resumed(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """The answer the requests waited on can be pushed out of a full cache before a waiting one
+    resumes: units admitted on that lost object would be counted where no later request looks."""
+    backend = Delayed(billing)
+    backend.held = anyio.Event()
+    cache, _ = cache_for(backend, clocks, max_size=1)
+    answers: list[Quota] = []
+
+    async def lead() -> None:
+        answers.append(await cache.fetch("c1", "api_calls"))
+        cache._entries["c1", "export"] = Quota(None)  # before the follower resumes: evicts it, nothing open
+
+    async def follow() -> None:
+        joined.set()  # (it waits on the leader's check from its first await on)
+        answers.append(await cache.fetch("c1", "api_calls"))
+
+    joined = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lead)
+        await backend.answered.wait()
+        tg.start_soon(follow)
+        await joined.wait()
+        backend.held.set()
+    assert backend.calls == 1 and answers[0] is answers[1]
+    assert cache.get("c1", "api_calls") is answers[1]  # cached again: what it admits, later requests see

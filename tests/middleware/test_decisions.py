@@ -19,7 +19,17 @@ from starlette.routing import Route
 from billingos_asgi import BillingMiddleware, BillingOS, Denial, LocalBilling, Metered, RetryPolicy
 from tests.asgi import serve
 
-from .support import PROBLEM, as_customer, by_header, closed_port_url, now, recording_app, seconds_until
+from .support import (
+    PROBLEM,
+    as_customer,
+    by_header,
+    call_raw,
+    closed_port_url,
+    http_scope,
+    now,
+    recording_app,
+    seconds_until,
+)
 
 RATE_LIMIT = re.compile(r'^"api_calls";r=(\d+);t=(\d+)$')
 
@@ -590,3 +600,41 @@ async def test_failing_quantity_function_follows_on_error(billing: LocalBilling,
 def test_customer_must_be_callable(billing: LocalBilling) -> None:
     with pytest.raises(ValueError):
         BillingMiddleware(recording_app([]), billing=billing, customer="user_free")  # type: ignore[arg-type]
+
+
+async def test_an_entry_evicted_while_an_async_quantity_runs_never_lets_the_limit_pass(
+    billing: LocalBilling,
+) -> None:
+    """The quantity function ran between the lookup and the admission: the entry evicted meanwhile
+    (a full cache), the request was admitted on the lost object and a new entry admitted the limit
+    besides. The quantity comes first now: the lookup and the admission have no await between."""
+    release, entered = anyio.Event(), anyio.Event()
+
+    async def slow_quantity(request: Request) -> float:
+        entered.set()
+        await release.wait()
+        return 1
+
+    middleware = BillingMiddleware(
+        recording_app([]),
+        billing=billing,
+        customer=by_header,
+        routes={"/slow": Metered("api_calls", quantity=slow_quantity), "/x": "api_calls", "/e": "export"},
+        cache_size=1,
+    )
+    headers = list(as_customer("user_free").items())
+    assert (await call_raw(middleware, http_scope("/x", headers=headers))).status == 200  # 1 of 10 used
+    statuses: list[int] = []
+
+    async def slow() -> None:
+        statuses.append((await call_raw(middleware, http_scope("/slow", headers=headers))).status)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slow)
+        await entered.wait()
+        assert (await call_raw(middleware, http_scope("/e", headers=headers))).status == 403  # evicts the entry
+        for _ in range(9):
+            statuses.append((await call_raw(middleware, http_scope("/x", headers=headers))).status)
+        release.set()
+    assert sorted(statuses) == [200] * 9 + [429]  # 10 in all: the limit holds
+    assert await billing.recorded_units("user_free", "api_calls") == 10
