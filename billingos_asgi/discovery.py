@@ -16,11 +16,21 @@ import logging
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
-from starlette.routing import BaseRoute, Host, Mount, Route, compile_path
+from starlette.routing import BaseRoute, Host, Mount, Route, WebSocketRoute, compile_path
 
-from .routes import _METHODS, _PARAMETER, UNDECLARED, Metered
+from .routes import _METHODS, _PARAMETER, UNDECLARED, Metered, _split_key
 
-__all__ = ["MARK", "declarations", "declared_routes", "metering_of", "route_keys", "route_table", "walk"]
+__all__ = [
+    "MARK",
+    "declarations",
+    "declared_routes",
+    "metering_of",
+    "route_keys",
+    "route_table",
+    "routes_of",
+    "unserved",
+    "walk",
+]
 
 logger = logging.getLogger("billingos_asgi")
 
@@ -229,3 +239,40 @@ def walk(
             yield prefix + route.path, route.methods, find(route), True
         elif expand is not None:
             yield from expand(route, prefix)
+
+
+def _any_path(route: BaseRoute, prefix: str) -> Iterator[Found]:
+    if not isinstance(route, WebSocketRoute):  # (never an HTTP request's)
+        yield prefix + "/{path:path}", None, None, True
+
+
+def routes_of(app: object) -> list[BaseRoute] | None:
+    """The routes of a Starlette or FastAPI app, through the middleware around its router; None
+    for an app that shows none (another framework, a raw ASGI app)."""
+    for _ in range(64):  # (a chain of middleware, each holding the next as .app)
+        routes = getattr(app, "routes", None)
+        if isinstance(routes, list) and all(isinstance(route, BaseRoute) for route in routes):
+            return routes
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+def unserved(routes: Iterable[BaseRoute], keys: Iterable[str]) -> list[str]:
+    """The ``"METHOD /path"`` keys that no route in ``routes`` serves: a typo, most likely, and the
+    route it meant served unmetered. A mount whose app shows no routes serves every path under it,
+    and a route of a kind unknown here (a framework's own) any path: of those, nothing is said."""
+    served = [(compile_path(path)[0], methods) for path, methods, _, _ in walk(routes, expand=_any_path)]
+    missing = []
+    for key in keys:
+        method, path = _split_key(key)
+        samples = _examples(path) if _PARAMETER.search(path) else (path,)
+        samples += tuple(sample + "/" for sample in samples)  # (a route "/items/" serves "/items" by a redirect)
+        if not any(
+            (methods is None or method is None or method in methods or method == "HEAD" and "GET" in methods)
+            and any(regex.match(sample) for sample in samples)
+            for regex, methods in served
+        ):
+            missing.append(key)
+    return missing

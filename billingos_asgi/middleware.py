@@ -38,12 +38,13 @@ from .cache import (
 )
 from .context import LET_THROUGH, UsageContext, _current
 from .customers import Answer, CustomerResolver, ScopeResolver
+from .discovery import routes_of, unserved
 from .events import UsageEvent, event_key
 from .local import LocalBilling
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
 from .responses import BillingDenied, Denial, ProblemFactory, problem_response, quota_headers
-from .routes import EXCLUDED, Metered, RouteTable, redirects_to_itself
+from .routes import EXCLUDED, UNDECLARED, Metered, RouteTable, redirects_to_itself
 from .tracker import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
@@ -229,6 +230,18 @@ def _warn_of_unknown_features(metered: Iterable[str], declared: Iterable[str]) -
         )
 
 
+def _warn_of_unserved_keys(app: object, keys: list[str]) -> None:
+    """A key no route of a Starlette or FastAPI app serves (a typo, most likely) leaves the route it
+    meant unmetered, silently: said once, at start-up, when every route has been added."""
+    routes = routes_of(app) if keys else None
+    missing = [] if routes is None else unserved(routes, keys)
+    if missing:
+        logger.warning(
+            "routes %s are metered but no route of the app serves them: a typo? (the routes meant go unmetered)",
+            missing,
+        )
+
+
 def _parses_parameters(app: object) -> bool:
     """Whether ``app`` routes a typed path parameter by parsing it: Litestar does (``int()`` takes
     ``+5``); Starlette, FastAPI and Django match a pattern."""
@@ -336,6 +349,7 @@ class BillingMiddleware:
         )
         if isinstance(billing, LocalBilling):
             _warn_of_unknown_features(self.routes.features, billing.catalog.features)
+        self._keys = [key for key, value in (routes or {}).items() if value is not None and value is not UNDECLARED]
         self.upstream = Upstream(
             billing,
             budget=None if calls_per_minute is None else Budget(calls_per_minute, call_burst),
@@ -754,6 +768,7 @@ class BillingMiddleware:
             raise RuntimeError("this BillingMiddleware is already running in another lifespan")
         await self.tracker.start(task_group)
         self._lifespan_owner = owner
+        _warn_of_unserved_keys(self.app, self._keys)
 
         def spawn(refresh: Refresh) -> None:
             task_group.start_soon(refresh)

@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usage
 from billingos_asgi.local.background import serve_in_thread
 from billingos_asgi.routes import EXCLUDED, UNDECLARED, RouteTable, redirects_to_itself
+from billingos_asgi.testing import lifespan
 from tests.asgi import serve
 
 from .support import PLANS, as_customer, by_header, call_raw, http_scope, raw_http
@@ -705,6 +706,52 @@ def test_a_feature_the_local_plans_do_not_declare_is_warned_of_at_construction(
     known: dict[str, str | Metered | None] = {"/a": "export"}
     BillingMiddleware(Starlette(), billing=billing, customer=by_header, routes=known, default_feature="tokens")
     assert not caplog.records
+
+
+async def test_a_key_no_route_serves_is_warned_of_at_start_up(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in ``routes=`` leaves the route it meant served unmetered: said once the app has all its routes."""
+
+    async def opaque(scope: Scope, receive: Receive, send: Send) -> None:
+        await PlainTextResponse("files")(scope, receive, send)
+
+    starlette = Starlette(
+        routes=[
+            Route("/v1/search", hello, methods=["POST"]),
+            Route("/v1/items/{item_id:int}", hello),
+            Route("/reports/", hello),
+            Mount("/files", app=opaque),  # shows no routes: it may serve any path under it
+        ]
+    )
+    routes: dict[str, str | Metered | None] = {
+        "POST /v1/search": "api_calls",
+        "GET /v1/item/{item_id:int}": "api_calls",  # the typo: /v1/items/... goes unmetered
+        "GET /v1/search": "api_calls",  # a method the route does not take (405)
+        "/v1/items/{id}": "api_calls",
+        "/reports": "api_calls",  # served by a redirect to "/reports/"
+        "/files/{name}": "api_calls",
+        "/free": None,
+    }
+    async with lifespan(BillingMiddleware(starlette, billing=billing, customer=by_header, routes=routes)):
+        pass
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "routes ['GET /v1/item/{item_id:int}', 'GET /v1/search'] are metered but no route of the app serves them:"
+        " a typo? (the routes meant go unmetered)"
+    ]
+    caplog.clear()
+
+    fastapi = FastAPI()
+
+    @fastapi.post("/v1/chat")
+    async def chat() -> dict[str, str]:
+        return {}
+
+    fastapi.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes={"POST /v1/chta": "tokens"})
+    async with lifespan(fastapi):
+        pass
+    assert "routes ['POST /v1/chta'] are metered but no route" in caplog.text
 
 
 async def test_quota_headers_show_what_is_left_once_billed_and_only_on_answers_billed(billing: LocalBilling) -> None:
