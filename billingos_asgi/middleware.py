@@ -379,7 +379,8 @@ class BillingMiddleware:
         self._upgrade_url = upgrade_url
         self._metrics_path = metrics_path
         self.unidentified = 0  # late-identified requests that succeeded without naming a customer
-        self._log = Throttled().log  # failures of every request alike (billing down, a broken resolver)
+        self._throttled = Throttled()  # failures of every request alike (billing down, a broken resolver)
+        self._log = self._throttled.log
         self._lifespan_owner: object | None = None  # the lifespan running the tracker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -780,6 +781,7 @@ class BillingMiddleware:
             self._lifespan_owner = None
             self.cache.spawn = None
             await self.tracker.stop()
+            self._throttled.flush()  # the last storm's count: no later line will carry it
 
 
 class _LateGate:
