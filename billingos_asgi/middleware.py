@@ -233,8 +233,12 @@ def _warn_of_unknown_features(metered: Iterable[str], declared: Iterable[str]) -
 def _warn_of_unserved_keys(app: object, keys: list[str]) -> None:
     """A key no route of a Starlette or FastAPI app serves (a typo, most likely) leaves the route it
     meant unmetered, silently: said once, at start-up, when every route has been added."""
-    routes = routes_of(app) if keys else None
-    missing = [] if routes is None else unserved(routes, keys)
+    try:
+        routes = routes_of(app) if keys else None
+        missing = [] if routes is None else unserved(routes, keys)
+    except Exception:  # a route of a shape not foreseen: a hint is not worth a failed start-up
+        logger.debug("could not tell which routes= keys the app serves", exc_info=True)
+        return
     if missing:
         logger.warning(
             "routes %s are metered but no route of the app serves them: a typo? (the routes meant go unmetered)",
