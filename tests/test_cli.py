@@ -132,7 +132,7 @@ def serving(plans: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], st
         with selectors.DefaultSelector() as selector:
             selector.register(process.stderr, selectors.EVENT_READ)
             deadline = time.monotonic() + 15
-            while not any("(Ctrl+C to stop)" in line for line in lines):
+            while not any("Uvicorn running on" in line for line in lines):
                 assert selector.select(max(0.0, deadline - time.monotonic())), f"no banner: {lines}"
                 line = process.stderr.readline()
                 assert line, f"the server exited: {lines}"
