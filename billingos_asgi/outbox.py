@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._sqlite import claim
 from .events import Batch, UsageEvent
 
 __all__ = ["Outbox", "OutboxError", "Stored"]
@@ -63,19 +64,6 @@ def _transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[sqlit
     except BaseException:
         db.execute("ROLLBACK")
         raise
-
-
-def _layout(db: sqlite3.Connection) -> tuple[set[str], int, int]:
-    """The file's tables, application id and layout, refusing another application's database or a
-    newer billingos-asgi's before anything (WAL mode included) is written to it."""
-    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    (application_id,) = db.execute("PRAGMA application_id").fetchone()
-    if application_id != _APPLICATION_ID and tables - {"outbox"}:
-        raise sqlite3.DatabaseError(f"it is another application's database (tables {sorted(tables)})")
-    (layout,) = db.execute("PRAGMA user_version").fetchone()
-    if layout > _LAYOUT:
-        raise sqlite3.DatabaseError(f"its layout {layout} is from a newer billingos-asgi")
-    return tables, application_id, layout
 
 
 def _prepare(db: sqlite3.Connection, tables: set[str], application_id: int, layout: int) -> None:
@@ -139,7 +127,7 @@ class Outbox:
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            found = _layout(db)
+            found = claim(db, _APPLICATION_ID, _LAYOUT, {"outbox"})
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; WAL keeps it consistent
             db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at the first write

@@ -19,6 +19,7 @@ from typing import Any
 
 from .._exceptions import CustomerNotFoundError, NotFoundError, QuotaExceededError, ServerError, ValidationError
 from .._models import Entitlement, TrackUsageResult, UsageMetric, UsageMetrics, UsageSnapshot
+from .._sqlite import claim
 from .periods import current_period
 from .plans import Catalog, Grant, Plan, from_micro
 
@@ -69,22 +70,6 @@ _LAYOUT = 1
 _NO_SUBSCRIPTION = "No active subscription with this feature"
 
 
-def _check_layout(db: sqlite3.Connection) -> None:
-    """Refuse another application's database, or a newer billingos-asgi's, before writing to it.
-
-    A file from before the mark (our tables only, or none yet: a new file) is taken and marked.
-    """
-    (application_id,) = db.execute("PRAGMA application_id").fetchone()
-    rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite!_%' ESCAPE '!'")
-    tables = {name for (name,) in rows}  # (not SQLite's own, such as ANALYZE's sqlite_stat1)
-    if application_id != _APPLICATION_ID and (application_id or tables - _TABLES):
-        what = f"tables: {', '.join(sorted(tables))}" if tables else f"application_id {application_id:#x}"
-        raise sqlite3.DatabaseError(f"it is another application's database ({what})")
-    (layout,) = db.execute("PRAGMA user_version").fetchone()
-    if layout > _LAYOUT:
-        raise sqlite3.DatabaseError(f"its layout {layout} is from a newer billingos-asgi (this one reads {_LAYOUT})")
-
-
 def _ts(moment: datetime) -> float:
     return moment.timestamp()
 
@@ -112,7 +97,7 @@ class Store:
 
     def _prepare(self, on_disk: bool, catalog: Catalog, now: datetime) -> None:
         """Check the file is ours, create or mark its tables, and assign the catalog's customers."""
-        _check_layout(self._db)  # before anything is written: WAL mode is written to the file too
+        claim(self._db, _APPLICATION_ID, _LAYOUT, _TABLES)  # before anything is written: WAL mode is too
         if on_disk:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
