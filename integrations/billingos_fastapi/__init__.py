@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -29,7 +30,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from billingos_asgi import BillingBackend, Metered, UsageContext, get_usage_context
+from billingos_asgi import BillingBackend, Metered, UsageContext, UsageMetric, get_usage_context
 from billingos_asgi.context import declared_context
 from billingos_asgi.customers import CustomerResolver
 from billingos_asgi.discovery import MARK, Found, declarations, metering_of, route_table, walk
@@ -234,19 +235,9 @@ def declared(
     return collect
 
 
-class BillingUsageMetric(BaseModel):
+@dataclass(frozen=True)
+class BillingUsageMetric(UsageMetric):
     """One quota of the signed-in customer, as BillingOS reports it (a null limit: unlimited)."""
-
-    feature_key: str
-    feature_title: str
-    product_name: str
-    consumed: float
-    limit: float | None
-    remaining: float | None
-    percentage_used: int
-    period_start: datetime
-    period_end: datetime
-    resets_in_days: int
 
 
 class BillingUsage(BaseModel):
