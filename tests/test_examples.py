@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -113,23 +114,28 @@ async def test_api_key_example_maps_keys_to_customers(tmp_path: Path) -> None:
         assert await billing.recorded_units("user_456", "api_calls") == 0  # the export route is a flag, not counted
 
 
+async def assert_bills_the_account_its_auth_signed_in(client: Any) -> None:
+    """The Litestar and Quart examples' scenario, through ``client`` (httpx's or the framework's own),
+    inside the app's lifespan: leaving it drains the usage, for the caller to read back."""
+    alice, bob = {"authorization": "Bearer token-alice"}, {"authorization": "Bearer token-bob"}
+    searches = [(await client.get("/v1/search?q=x", headers=alice)).status_code for _ in range(11)]
+    forbidden = await client.post("/v1/export", headers=alice)
+    exported = await client.post("/v1/export", headers=bob)
+    searched = await client.get("/v1/search", headers=bob)
+    anonymous = await client.get("/v1/search")
+    health = await client.get("/health")
+    assert searches == [200] * 10 + [429]
+    assert (forbidden.status_code, exported.status_code, searched.status_code) == (403, 201, 200)
+    assert (anonymous.status_code, health.status_code) == (401, 200)
+
+
 async def test_litestar_example_bills_the_account_its_auth_signed_in(tmp_path: Path) -> None:
     pytest.importorskip("litestar")
     from examples.litestar_app import PLANS, create_app
 
     async with LocalBilling.from_file(PLANS, tmp_path / "billing.db") as billing:
-        app = create_app(billing)
-        alice, bob = {"authorization": "Bearer token-alice"}, {"authorization": "Bearer token-bob"}
-        async with serve(app) as client:
-            searches = [(await client.get("/v1/search?q=x", headers=alice)).status_code for _ in range(11)]
-            forbidden = await client.post("/v1/export", headers=alice)
-            exported = await client.post("/v1/export", headers=bob)
-            searched = await client.get("/v1/search", headers=bob)
-            anonymous = await client.get("/v1/search")
-            health = await client.get("/health")
-        assert searches == [200] * 10 + [429]
-        assert (forbidden.status_code, exported.status_code, searched.status_code) == (403, 201, 200)
-        assert (anonymous.status_code, health.status_code) == (401, 200)
+        async with serve(create_app(billing)) as client:
+            await assert_bills_the_account_its_auth_signed_in(client)
         assert await billing.recorded_units("user_123", "api_calls") == 10
         assert await billing.recorded_units("user_456", "api_calls") == 1
 
@@ -139,19 +145,8 @@ async def test_quart_example_bills_the_account_its_auth_signed_in(tmp_path: Path
     from examples.quart_app import PLANS, create_app
 
     async with LocalBilling.from_file(PLANS, tmp_path / "billing.db") as billing:
-        app = create_app(billing)
-        alice, bob = {"authorization": "Bearer token-alice"}, {"authorization": "Bearer token-bob"}
-        async with app.test_app() as test_app:  # Quart's own test client, inside the lifespan
-            client = test_app.test_client()
-            searches = [(await client.get("/v1/search?q=x", headers=alice)).status_code for _ in range(11)]
-            forbidden = await client.post("/v1/export", headers=alice)
-            exported = await client.post("/v1/export", headers=bob)
-            searched = await client.get("/v1/search", headers=bob)
-            anonymous = await client.get("/v1/search")
-            health = await client.get("/health")
-        assert searches == [200] * 10 + [429]
-        assert (forbidden.status_code, exported.status_code, searched.status_code) == (403, 201, 200)
-        assert (anonymous.status_code, health.status_code) == (401, 200)
+        async with create_app(billing).test_app() as test_app:  # Quart's own test client, inside the lifespan
+            await assert_bills_the_account_its_auth_signed_in(test_app.test_client())
         assert await billing.recorded_units("user_123", "api_calls") == 10
         assert await billing.recorded_units("user_456", "api_calls") == 1
 

@@ -101,6 +101,19 @@ def assert_all_sent(middleware: BillingMiddleware, total: int) -> None:
     assert stats.in_flight == 0, stats
 
 
+async def assert_each_request_counted_once(
+    server: RunningServer, proxy: FaultProxy, plan: FaultPlan, total: int, waves: int
+) -> None:
+    """``total`` requests in ``waves`` through the proxy faulting as ``plan`` says: all answered,
+    each recorded upstream exactly once, every event sent."""
+    proxy.plan = plan
+    async with metered_app(proxy) as (middleware, client):
+        statuses = await send_waves(client, total, waves=waves)
+    assert statuses == [200] * total
+    assert await recorded(server) == expected(total)
+    assert_all_sent(middleware, total)
+
+
 def draws_to_see_every_kind(plan: FaultPlan) -> int:
     """How many draws of ``plan`` (fresh, so from its seed) it takes to meet every fault kind."""
     seen: set[str] = set()
@@ -140,13 +153,7 @@ async def test_mixed_faults_count_every_request_once(
     server: RunningServer, proxy: FaultProxy, rate: float, all_calls: bool, seed: int
 ) -> None:
     """Every fault kind mixed (``rate`` in all, evenly); with ``all_calls`` the checks fail too."""
-    proxy.plan = FaultPlan.mixed(rate, seed=seed, all_calls=all_calls)
-    total = 60
-    async with metered_app(proxy) as (middleware, client):
-        statuses = await send_waves(client, total, waves=10)
-    assert statuses == [200] * total
-    assert await recorded(server) == expected(total)
-    assert_all_sent(middleware, total)
+    await assert_each_request_counted_once(server, proxy, FaultPlan.mixed(rate, seed=seed, all_calls=all_calls), 60, 10)
     # The draws are seeded: once enough calls have drawn, every kind has happened.
     assert proxy.draws >= draws_to_see_every_kind(FaultPlan.mixed(rate, seed=seed)), proxy.counts
     assert all(proxy.counts[kind] > 0 for kind in KINDS), proxy.counts
@@ -157,13 +164,7 @@ async def test_one_fault_kind_at_half_the_calls(server: RunningServer, proxy: Fa
     """Half the track calls meet one fault kind, and only that one: still exactly one unit per request."""
     plan = FaultPlan(seed=7)
     setattr(plan, kind, 0.5)
-    proxy.plan = plan
-    total = 30
-    async with metered_app(proxy) as (middleware, client):
-        statuses = await send_waves(client, total, waves=5)
-    assert statuses == [200] * total
-    assert await recorded(server) == expected(total)
-    assert_all_sent(middleware, total)
+    await assert_each_request_counted_once(server, proxy, plan, 30, 5)
     assert proxy.counts[kind] > 0, proxy.counts
     assert all(proxy.counts[other] == 0 for other in KINDS if other != kind), proxy.counts
 
@@ -172,13 +173,7 @@ async def test_a_2xx_saying_success_false_is_resent_until_recorded(server: Runni
     """A quarter of the track calls are answered 201 ``success: false`` and not recorded (the odds the
     kinds above give each attempt: the client retries those once itself, not a malformed answer).
     Taken for recordings, their units would be lost; resent under their keys, each counts once."""
-    proxy.plan = FaultPlan(seed=7, unsuccessful=0.25)
-    total = 30
-    async with metered_app(proxy) as (middleware, client):
-        statuses = await send_waves(client, total, waves=5)
-    assert statuses == [200] * total
-    assert await recorded(server) == expected(total)
-    assert_all_sent(middleware, total)
+    await assert_each_request_counted_once(server, proxy, FaultPlan(seed=7, unsuccessful=0.25), 30, 5)
     assert proxy.counts["unsuccessful"] > 0, proxy.counts
 
 
