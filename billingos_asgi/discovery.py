@@ -224,13 +224,16 @@ def walk(
     A ``Mount`` comes after its routes as one more, answering every path under it.
 
     ``find`` reads a route's declaration; ``expand`` handles route kinds a framework adds
-    (given the route and its path prefix). The table has no host: a ``Host``'s routes are
-    metered by path. A mounted app wrapped in middleware shows no routes: pass its declarations
-    with ``also=``, or give it a middleware of its own.
+    (given the route and its path prefix), and a ``Mount`` once more after its routes, for what
+    its app tries when none of them matched (FastAPI's ``frontend()``). The table has no host:
+    a ``Host``'s routes are metered by path. A mounted app wrapped in middleware shows no
+    routes: pass its declarations with ``also=``, or give it a middleware of its own.
     """
     for route in routes:
         if isinstance(route, Mount):
             yield from walk(route.routes, find=find, expand=expand, prefix=prefix + route.path)
+            if expand is not None:
+                yield from expand(route, prefix)
             yield prefix + route.path + "/{path:path}", None, None, True  # the rest of its path: its own 404 or 405
         elif isinstance(route, Host):
             for path, methods, declaration, _ in walk(route.routes, find=find, expand=expand, prefix=prefix):
@@ -242,7 +245,7 @@ def walk(
 
 
 def _any_path(route: BaseRoute, prefix: str) -> Iterator[Found]:
-    if not isinstance(route, WebSocketRoute):  # (never an HTTP request's)
+    if not isinstance(route, WebSocketRoute | Mount):  # (never an HTTP request's; a mount's paths: walk's)
         yield prefix + "/{path:path}", None, None, True
 
 

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
+import fastapi.routing
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from billingos_asgi import BillingBackend, Metered, UsageContext, UsageMetric, get_usage_context
 from billingos_asgi.context import declared_context
@@ -160,11 +161,18 @@ def _find(route: Route) -> Metered | None:
 
 
 def _expand(route: BaseRoute, prefix: str) -> Iterator[Found]:
-    """A lazily included router (FastAPI >= 0.16x): its routes, with their full paths.
+    """A lazily included router (FastAPI >= 0.16x): its routes, with their full paths; a mount: the
+    frontends of the app mounted (see :func:`_frontends`).
 
     Its Starlette routes, mounts and hosts come as copies carrying the router's prefix
     (``starlette_route``), walked like the app's own.
     """
+    if isinstance(route, _TriedLast):
+        yield from _frontends(route.app, prefix)
+        return
+    if isinstance(route, Mount):
+        yield from _frontends(getattr(route, "_base_app", route.app), prefix + route.path)
+        return
     contexts = getattr(route, "effective_route_contexts", None)
     if not callable(contexts):
         return
@@ -182,13 +190,46 @@ def _expand(route: BaseRoute, prefix: str) -> Iterator[Found]:
             yield from walk([context.starlette_route], find=_find, expand=_expand, prefix=prefix)
 
 
-def _declared_on(route: APIRoute, dependant: Dependant, path: str) -> Metered | None:
+#: FastAPI's frontends (``frontend()``, FastAPI >= 0.16x): a router's group of them, and a group as
+#: a router including it sees it (its prefix and dependencies added); () before that FastAPI.
+_FRONTEND_GROUP: Any = getattr(fastapi.routing, "_FrontendRouteGroup", ())
+_INCLUDED: Any = getattr(fastapi.routing, "_EffectiveRouteContext", ())
+
+
+class _TriedLast(BaseRoute):
+    """Stands after an app's routes, in the walk, for the ones it tries when none of them matched."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+
+def _frontends(app: object, prefix: str) -> Iterator[Found]:
+    """The frontends of a FastAPI app or router: tried when none of its routes matched, the most
+    specific first, each serving GET (and HEAD) on its path and under it, with its router's dependencies."""
+    router = getattr(app, "router", app)
+    tried_last = getattr(router, "_iter_low_priority_routes", None)
+    found: list[Found] = []
+    for route in tried_last() if callable(tried_last) else ():
+        # (one a router included has that router's prefix, and its dependencies too)
+        group, under = (route.original_route, route.frontend_prefix) if isinstance(route, _INCLUDED) else (route, "")
+        if not isinstance(group, _FRONTEND_GROUP):
+            continue
+        paths = [prefix + (under + frontend.path if frontend.path != "/" else under) for frontend in group.routes]
+        declaration = _declared_on(group, route.dependant, ", ".join(path or "/" for path in paths))
+        for path, frontend in zip(paths, group.routes, strict=True):
+            keys = [path, path + "/{path:path}"] if path else ["/{path:path}"]  # (which takes "/" too)
+            found += [(key, frontend.methods, declaration, True) for key in keys]
+    found.sort(key=lambda route: len(route[0].removesuffix("/{path:path}")), reverse=True)  # as FastAPI picks
+    yield from found
+
+
+def _declared_on(route: BaseRoute, dependant: Dependant, path: str) -> Metered | None:
     """The route's declaration: ``@metered``, or a :func:`metered` dependency at any depth.
 
     Two different ones (its router's and its own, say) are refused: neither wins, as one request
     is billed for one feature; ``path`` (the route's, as the client calls it) says where.
     """
-    declaration = metering_of(route)
+    declaration = metering_of(route) if isinstance(route, Route) else None
     for call in _metered_calls(dependant):
         found: Metered = getattr(call, MARK)
         if declaration is not None and found != declaration:
@@ -228,7 +269,7 @@ def declared(
 
     def collect() -> dict[str, str | Metered | None]:
         answer_refusals(app)  # the apps mounted since
-        table = route_table(declarations(app.routes, find=_find, expand=_expand), also)
+        table = route_table(declarations([*app.routes, _TriedLast(app)], find=_find, expand=_expand), also)
         app.openapi_schema = None  # regenerated with the documented answers
         return table
 

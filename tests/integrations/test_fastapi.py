@@ -624,3 +624,36 @@ async def test_a_route_metered_on_its_router_and_on_itself_is_refused_at_start_u
     with pytest.raises(RuntimeError, match=r"/api/v1/export: metered twice, as .*'api_calls'.* and .*'export'"):
         async with serve(app):
             pass
+
+
+async def test_a_frontend_under_a_metered_router_is_metered_and_one_beside_it_stays_free(
+    billing: SpyBilling, tmp_path: Path
+) -> None:
+    """FastAPI's ``frontend()`` files are tried after every other route and take their router's
+    dependencies: under a metered router they are gated and billed (not a 500 each), the most
+    specific frontend deciding as the app does, while a free frontend and route beside them stay free."""
+    site = tmp_path / "dist"
+    site.mkdir()
+    (site / "index.html").write_text("<h1>app</h1>")
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {}
+
+    app.frontend("/", directory=site)
+    paid = APIRouter(prefix="/app", dependencies=[metered("api_calls")])
+    paid.frontend("/", directory=site)
+    app.include_router(paid)
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = await client.get("/app/index.html")
+        answers = [
+            await client.get(path, headers=as_customer("user_free"))
+            for path in ("/app/index.html", "/app/", "/index.html", "/health")
+        ]
+    assert anonymous.status_code == 401
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 200]
+    assert [answer.text for answer in answers[:3]] == ["<h1>app</h1>"] * 3
+    assert ["ratelimit" in answer.headers for answer in answers] == [True, True, False, False]
+    assert await billing.recorded_units("user_free", "api_calls") == 2
