@@ -118,7 +118,12 @@ def metered(
             )
         return declared_context(connection.scope, feature, f"route {connection.url.path!r}")
 
-    billing_gate: Callable[..., Any] = context_of
+    # The dependencies are async: FastAPI runs a sync one in its thread pool, where each metered
+    # request would wait for a thread behind the app's blocking sync endpoints.
+    async def gate(connection: HTTPConnection) -> UsageContext | None:
+        return context_of(connection)
+
+    billing_gate: Callable[..., Any] = gate
     if customer is not None:
 
         async def identified(
@@ -141,7 +146,7 @@ def _as_produced(customer_id: Any) -> Any:
     return customer_id
 
 
-def _usage_context(request: Request) -> UsageContext | None:
+async def _usage_context(request: Request) -> UsageContext | None:  # (async: see metered())
     return get_usage_context(request)
 
 

@@ -657,3 +657,35 @@ async def test_a_frontend_under_a_metered_router_is_metered_and_one_beside_it_st
     assert [answer.text for answer in answers[:3]] == ["<h1>app</h1>"] * 3
     assert ["ratelimit" in answer.headers for answer in answers] == [True, True, False, False]
     assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
+async def test_a_metered_async_route_waits_for_no_worker_thread(billing: SpyBilling) -> None:
+    """FastAPI runs a sync dependency in its thread pool: ``metered()`` and ``Billing`` run on the
+    event loop, so a metered async route is served while the app's sync endpoints hold every thread."""
+    app = FastAPI()
+
+    @app.get("/v1/search", dependencies=[metered("api_calls")])
+    async def search(billing: Billing) -> dict[str, str | None]:
+        return {"request_id": None if billing is None else billing.request_id}
+
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    answers: list[int] = []
+    async with serve(app) as client:
+        assert (await client.get("/v1/search", headers=as_customer("user_pro"))).status_code == 200  # (now cached)
+
+        async def search_once() -> None:
+            answers.append((await client.get("/v1/search", headers=as_customer("user_pro"))).status_code)
+
+        threads = anyio.to_thread.current_default_thread_limiter()
+        total, threads.total_tokens = threads.total_tokens, 1
+        busy = object()
+        await threads.acquire_on_behalf_of(busy)  # the one worker thread, taken (by a sync endpoint, say)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(search_once)
+                await anyio.wait_all_tasks_blocked()
+                served_meanwhile = list(answers)
+                threads.release_on_behalf_of(busy)
+        finally:
+            threads.total_tokens = total
+    assert served_meanwhile == [200]
