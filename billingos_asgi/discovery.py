@@ -29,6 +29,7 @@ __all__ = [
     "route_table",
     "routes_of",
     "unserved",
+    "unwrapped",
     "walk",
 ]
 
@@ -38,9 +39,16 @@ MARK = "__billingos_metered__"
 
 
 def metering_of(route: Route) -> Metered | None:
-    """The declaration on a route's endpoint (a function, or a class-based endpoint), if any."""
-    declaration = getattr(route.endpoint, MARK, None)
+    """The declaration on a route's endpoint (a function, a partial of one, or a class-based endpoint), if any."""
+    declaration = getattr(unwrapped(route.endpoint), MARK, None)
     return declaration if isinstance(declaration, Metered) else None
+
+
+def unwrapped(endpoint: object) -> object:
+    """``endpoint`` without the ``functools.partial`` s around it, as ``Route`` looks at it."""
+    while isinstance(endpoint, functools.partial):
+        endpoint = endpoint.func
+    return endpoint
 
 
 def route_table(

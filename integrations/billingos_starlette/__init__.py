@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from billingos_asgi import BillingBackend, Metered
 from billingos_asgi.context import declared_context
 from billingos_asgi.customers import CustomerResolver
-from billingos_asgi.discovery import MARK, declared_routes
+from billingos_asgi.discovery import MARK, declared_routes, unwrapped
 from billingos_asgi.endpoints import UsageEndpoints
 from billingos_asgi.responses import answer_refusals
 from billingos_asgi.routes import QuantityFunction
@@ -71,16 +71,16 @@ def metered(
         elif is_async_callable(endpoint):
 
             @functools.wraps(endpoint)
-            async def checked(*args: Any) -> Any:  # (request), or (self, request) for a method
+            async def checked(*args: Any, **keywords: Any) -> Any:  # (request), (self, request), or a partial's
                 declared_context(args[-1].scope, feature, where)
-                return await endpoint(*args)
+                return await endpoint(*args, **keywords)
 
         else:
 
             @functools.wraps(endpoint)
-            def checked(*args: Any) -> Any:
+            def checked(*args: Any, **keywords: Any) -> Any:
                 declared_context(args[-1].scope, feature, where)
-                return endpoint(*args)
+                return endpoint(*args, **keywords)
 
         setattr(checked, MARK, declaration)
         return cast(Endpoint, checked)
@@ -94,8 +94,7 @@ _UNCHECKED = "__billingos_unchecked__"
 def _request_response(endpoint: Any) -> bool:
     """Whether ``Route`` calls ``endpoint`` with the request (a function or method, partials
     unwrapped), rather than as an ASGI app."""
-    while isinstance(endpoint, functools.partial):
-        endpoint = endpoint.func
+    endpoint = unwrapped(endpoint)
     return inspect.isfunction(endpoint) or inspect.ismethod(endpoint)
 
 

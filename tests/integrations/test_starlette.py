@@ -492,3 +492,30 @@ async def test_metered_takes_every_endpoint_a_route_takes(billing: LocalBilling)
     assert await billing.recorded_units("user_pro", "tokens") == 1
     assert await billing.recorded_units("user_free", "tokens") == 1
     assert [route.name for route in app.routes if isinstance(route, Route)][1] == "Raw"  # as without us
+
+
+async def test_a_partial_of_a_metered_endpoint_is_found_and_given_its_keywords(billing: LocalBilling) -> None:
+    """``Route`` takes a partial (``functools.partial(search, index=...)``): declared() looks through it,
+    and the endpoint gets the partial's keywords (it failed closed, and the check dropped them: a 500)."""
+
+    @metered("api_calls")
+    async def search(request: Request, index: str = "") -> JSONResponse:
+        return JSONResponse({"index": index})
+
+    @metered("api_calls")
+    def count(request: Request, items: int = 0) -> JSONResponse:
+        return JSONResponse({"count": items})
+
+    app = Starlette(
+        routes=[
+            Route("/search", functools.partial(search, index="docs")),
+            Route("/count", functools.partial(count, items=3)),
+        ]
+    )
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = [(await client.get(path)).status_code for path in ("/search", "/count")]
+        paid = [(await client.get(path, headers=as_customer("user_free"))).json() for path in ("/search", "/count")]
+    assert anonymous == [401, 401]
+    assert paid == [{"index": "docs"}, {"count": 3}]
+    assert await billing.recorded_units("user_free", "api_calls") == 2
