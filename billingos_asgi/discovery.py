@@ -247,7 +247,8 @@ def walk(
             for path, methods, declaration, _ in walk(route.routes, find=find, expand=expand, prefix=prefix):
                 yield path, methods, declaration, False
         elif isinstance(route, Route):
-            yield prefix + route.path, route.methods, find(route), True
+            # (no methods, or none listed, as FastAPI copies an HTTPEndpoint's route: every method, to Starlette)
+            yield prefix + route.path, route.methods or None, find(route), True
         elif expand is not None:
             yield from expand(route, prefix)
 

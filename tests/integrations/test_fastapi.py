@@ -689,3 +689,36 @@ async def test_a_metered_async_route_waits_for_no_worker_thread(billing: SpyBill
         finally:
             threads.total_tokens = total
     assert served_meanwhile == [200]
+
+
+async def test_an_included_routers_class_endpoint_is_gated_for_every_method(billing: SpyBilling) -> None:
+    """FastAPI copies an included router's Starlette route with ``methods=[]`` for an ``HTTPEndpoint``
+    (no methods: every method, to Starlette): it was found with no method at all, a 500 each."""
+    from starlette.endpoints import HTTPEndpoint
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from billingos_starlette import metered as metered_endpoint
+
+    @metered_endpoint("api_calls")
+    class Search(HTTPEndpoint):
+        async def get(self, request: Request) -> JSONResponse:
+            return JSONResponse({"method": "GET"})
+
+        async def post(self, request: Request) -> JSONResponse:
+            return JSONResponse({"method": "POST"})
+
+    router = APIRouter()
+    router.add_route("/search", Search)  # type: ignore[arg-type]  # (a class endpoint: Starlette takes one)
+    app = FastAPI()
+    app.include_router(router, prefix="/v1")
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = [(await client.request(method, "/v1/search")).status_code for method in ("GET", "POST")]
+        paid = [
+            (await client.request(method, "/v1/search", headers=as_customer("user_free"))).json()
+            for method in ("GET", "POST")
+        ]
+    assert anonymous == [401, 401]
+    assert paid == [{"method": "GET"}, {"method": "POST"}]
+    assert await billing.recorded_units("user_free", "api_calls") == 2
