@@ -18,6 +18,7 @@ synchronous, so it works under pytest-asyncio, anyio's plugin or plain sync test
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -42,9 +43,13 @@ DEFAULT_PLANS: Mapping[str, Any] = {
 
 
 @pytest.fixture
-def billing_plans() -> Mapping[str, Any]:
-    """The plans the ``billing`` fixture starts from; override it to use your own."""
-    return DEFAULT_PLANS
+def billing_plans() -> dict[str, Any]:
+    """The plans the ``billing`` fixture starts from; override it to use your own.
+
+    A copy of :data:`DEFAULT_PLANS`, so that an override extending it (a customer added) changes
+    them for its own tests only, never for the rest of the session.
+    """
+    return dict(copy.deepcopy(DEFAULT_PLANS))
 
 
 @pytest.fixture

@@ -93,3 +93,38 @@ def test_a_user_tests_their_metered_app_with_the_billing_fixture(pytester: pytes
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
     result.assert_outcomes(passed=5)
+
+
+EXTENDING_THE_DEFAULT_PLANS = """
+import pytest
+
+from billingos_asgi.testing import assert_recorded
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+class TestWithCarol:
+    @pytest.fixture
+    def billing_plans(self, billing_plans):
+        billing_plans["customers"]["carol"] = "pro"  # the defaults, plus a customer of this class's own
+        return billing_plans
+
+    @pytest.mark.anyio
+    async def test_carol_is_a_customer(self, billing):
+        await assert_recorded(billing, "carol", {"api_calls": 0})
+
+
+@pytest.mark.anyio
+async def test_carol_is_not_a_customer_of_the_defaults(billing):
+    with pytest.raises(AssertionError, match="unknown customer 'carol'"):
+        await assert_recorded(billing, "carol", {"api_calls": 0})
+"""
+
+
+def test_a_test_extending_the_default_plans_leaves_them_as_they_are_for_the_next(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user_plans=EXTENDING_THE_DEFAULT_PLANS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:asyncio", "-W", "error")
+    result.assert_outcomes(passed=4)
