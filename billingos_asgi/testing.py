@@ -105,13 +105,18 @@ async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Map
     recorded = {feature: await billing.recorded_units(customer_id, feature) for feature in expected}
     wrong = {f: (recorded[f], units) for f, units in expected.items() if abs(recorded[f] - units) > 1e-9}
     if wrong:
-        details = ", ".join(f"{f}: recorded {got:g}, expected {want:g}" for f, (got, want) in wrong.items())
+        details = ", ".join(f"{f}: recorded {_units(got)}, expected {_units(want)}" for f, (got, want) in wrong.items())
         if not any(recorded.values()):  # the usual cause: the app under test bills another engine
             details += (
                 " (nothing at all: does the app bill this `billing`? One that builds its own LocalBilling"
                 " at import bills that one: build the app from the fixture, create_app(billing))"
             )
         raise AssertionError(f"usage of {customer_id!r}: {details}")
+
+
+def _units(value: float) -> str:
+    """Units as exactly as the float holds them (``:g`` said 1.23457e+06 for both 1234567 and 1234568)."""
+    return repr(float(value)).removesuffix(".0")
 
 
 def _check_expected(expected: Mapping[str, float]) -> None:

@@ -114,3 +114,19 @@ async def test_assert_recorded_refuses_an_expectation_that_no_usage_could_fail(
     await billing.track_usage("customer_free", "api_calls", 1)
     with pytest.raises(ValueError, match=fault):
         await assert_recorded(billing, "customer_free", expected)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("tracked", "expected", "difference"),
+    [
+        (1234567, 1234568, "recorded 1234567, expected 1234568$"),
+        (100000.5, 100000, "recorded 100000.5, expected 100000$"),
+        (0.000001, 0.0000012, "recorded 1e-06, expected 1.2e-06$"),
+    ],
+)
+async def test_assert_recorded_says_the_units_exactly_so_that_the_difference_shows(
+    billing: LocalBilling, tracked: float, expected: float, difference: str
+) -> None:
+    await billing.track_usage("customer_pro", "api_calls", tracked)
+    with pytest.raises(AssertionError, match=difference):
+        await assert_recorded(billing, "customer_pro", {"api_calls": expected})
