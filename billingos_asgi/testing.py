@@ -87,7 +87,8 @@ async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Map
 
     A customer or feature the billing does not know fails, rather than pass as "nothing recorded";
     so does a call inside ``async with lifespan(app)``, where the tracker has not delivered the
-    usage yet and an expected 0 would pass whatever the app did.
+    usage yet and an expected 0 would pass whatever the app did. A feature that never records
+    usage (a ``boolean_flag`` or ``numeric_limit``) is refused for the same reason.
     """
     if _lifespans_open.get():
         raise RuntimeError(
@@ -98,6 +99,10 @@ async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Map
     unknown = sorted(set(expected) - set(billing.catalog.features))
     if unknown:
         raise AssertionError(f"unknown features {unknown}: the plans declare {sorted(billing.catalog.features)}")
+    for feature in expected:  # a flag or a ceiling records nothing: 0 would pass whatever the app did
+        kind = billing.catalog.features[feature].type
+        if kind != "usage_quota":
+            raise ValueError(f"{feature!r} is a {kind} feature: only usage_quota features record usage")
     try:
         await billing.get_usage_metrics(customer_id)
     except CustomerNotFoundError:

@@ -130,3 +130,9 @@ async def test_assert_recorded_says_the_units_exactly_so_that_the_difference_sho
     await billing.track_usage("customer_pro", "api_calls", tracked)
     with pytest.raises(AssertionError, match=difference):
         await assert_recorded(billing, "customer_pro", {"api_calls": expected})
+
+
+async def test_assert_recorded_refuses_a_feature_that_never_records_usage(billing: LocalBilling) -> None:
+    await billing.track_usage("customer_pro", "api_calls", 1)
+    with pytest.raises(ValueError, match="'export' is a boolean_flag feature: only usage_quota features record usage"):
+        await assert_recorded(billing, "customer_pro", {"api_calls": 1, "export": 0})  # 0 whatever the app did
