@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from .local import LocalBilling
+from .local.plans import parse_plans
 
 __all__ = ["DEFAULT_PLANS", "billing", "billing_plans"]
 
@@ -55,7 +56,7 @@ def billing_plans() -> dict[str, Any]:
 @pytest.fixture
 def billing(billing_plans: Mapping[str, Any]) -> Iterator[LocalBilling]:
     """An in-memory :class:`LocalBilling` with ``billing_plans``, fresh for each test."""
-    engine = LocalBilling.from_dict(billing_plans, ":memory:")
+    engine = LocalBilling(parse_plans(billing_plans, source="billing_plans fixture"))  # a fault names it, not "<dict>"
     try:
         yield engine
     finally:

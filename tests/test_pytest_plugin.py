@@ -128,3 +128,24 @@ def test_a_test_extending_the_default_plans_leaves_them_as_they_are_for_the_next
     pytester.makepyfile(test_user_plans=EXTENDING_THE_DEFAULT_PLANS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:asyncio", "-W", "error")
     result.assert_outcomes(passed=4)
+
+
+BAD_PLANS = """
+import pytest
+
+
+@pytest.fixture
+def billing_plans():
+    return {"features": {"api_calls": {"type": "usage_quota"}}, "plans": {}, "customers": {"bob": "tiny"}}
+
+
+def test_uses_billing(billing):
+    pass
+"""
+
+
+def test_bad_plans_fail_the_setup_naming_the_fixture_key_and_fault(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user_plans=BAD_PLANS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:asyncio", "-W", "error")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*PlansError: billing_plans fixture: customers.bob: unknown plan 'tiny'"])
