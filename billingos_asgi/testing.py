@@ -34,7 +34,8 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
     """Run ``app``'s ASGI lifespan as a server does: startup on entry, shutdown (and the usage drain) on exit.
 
     An app that returns without answering does not support lifespan: the block runs without it,
-    as under a server. An app that fails, or answers with a failure, raises ``RuntimeError``.
+    as under a server; one that returns after its startup, without answering the shutdown, is done.
+    An app that fails, or answers with a failure, raises ``RuntimeError``.
     """
     to_app, app_inbox = anyio.create_memory_object_stream[Message](4)
     app_outbox, from_app = anyio.create_memory_object_stream[Message](4)
@@ -71,7 +72,9 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
             if supported and not isinstance(raised, anyio.get_cancelled_exc_class()):
                 await to_app.send({"type": "lifespan.shutdown"})
                 stopped = await answer()
-                if stopped is None or stopped["type"] != "lifespan.shutdown.complete":
+                # An app that returns without answering has not failed: uvicorn takes that as done too.
+                completed = stopped["type"] == "lifespan.shutdown.complete" if stopped else not failed
+                if not completed:
                     failure = f"the app's lifespan shutdown failed: {stopped or failed}"
         else:
             failure = f"the app's lifespan startup failed: {started or failed}"

@@ -74,6 +74,29 @@ async def test_an_error_in_the_block_comes_out_as_it_is_after_shutdown() -> None
     assert app.received == ["lifespan.startup", "lifespan.shutdown"]
 
 
+async def test_an_app_that_returns_after_startup_ends_the_block_without_failure() -> None:
+    async def no_shutdown(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})  # then returns: as uvicorn takes it, nothing failed
+
+    entered = False
+    async with lifespan(no_shutdown):
+        entered = True
+    assert entered
+
+
+async def test_a_failed_shutdown_is_a_runtime_error_with_the_app_s_message() -> None:
+    async def shutdown_fails(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.failed", "message": "database gone"})
+
+    with pytest.raises(RuntimeError, match="shutdown failed.*database gone"):
+        async with lifespan(shutdown_fails):
+            pass
+
+
 def metered_search(billing: LocalBilling) -> BillingMiddleware:
     async def search(request: object) -> PlainTextResponse:
         return PlainTextResponse("results")
