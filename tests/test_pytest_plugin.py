@@ -149,3 +149,43 @@ def test_bad_plans_fail_the_setup_naming_the_fixture_key_and_fault(pytester: pyt
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:asyncio", "-W", "error")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*PlansError: billing_plans fixture: customers.bob: unknown plan 'tiny'"])
+
+
+SYNC_TESTS_AND_INLINE_PLANS = """
+import anyio
+import pytest
+from starlette.testclient import TestClient
+
+from billingos_asgi.testing import assert_recorded
+from test_user_app import create_app
+
+
+def test_a_sync_test_asserts_after_the_test_client_drains(billing):
+    app = create_app(billing)
+    with TestClient(app) as client:  # the app runs in the client's own thread and event loop
+        assert [client.get("/search", headers={"x-user": "customer_free"}).status_code for _ in range(3)] == [200] * 3
+    anyio.run(assert_recorded, billing, "customer_free", {"api_calls": 3})
+
+
+@pytest.mark.parametrize(
+    "billing_plans",
+    [{"features": {"api_calls": {"type": "usage_quota"}}, "plans": {"one": {"features": {"api_calls": 1}}},
+      "customers": {"dan": "one"}}],
+)
+def test_plans_given_inline(billing):
+    with TestClient(create_app(billing)) as client:
+        assert [client.get("/search", headers={"x-user": "dan"}).status_code for _ in range(2)] == [200, 429]
+    anyio.run(assert_recorded, billing, "dan", {"api_calls": 1})
+"""
+
+
+def test_a_sync_test_with_starlette_s_test_client_and_plans_given_inline(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user_app=USER_TESTS, test_user_sync=SYNC_TESTS_AND_INLINE_PLANS)
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-W", "error",
+        # Starlette 1.x's TestClient asks for the httpx2 fork over plain httpx; the warning is not ours.
+        "-W", "ignore::starlette.exceptions.StarletteDeprecationWarning",
+        "test_user_sync.py",
+    )  # fmt: skip
+    result.assert_outcomes(passed=2)
