@@ -6,6 +6,7 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextvars import ContextVar
+from decimal import Decimal
 
 import anyio
 from starlette.types import ASGIApp, Message
@@ -85,7 +86,7 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
         raise RuntimeError(failure) from (failed[0] if failed else None)
 
 
-async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Mapping[str, float]) -> None:
+async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Mapping[str, float | Decimal]) -> None:
     """Assert the units recorded for ``customer_id``, by feature (run it after the lifespan has drained).
 
     A customer or feature the billing does not know fails, rather than pass as "nothing recorded";
@@ -98,11 +99,11 @@ async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Map
             "assert_recorded inside `async with lifespan(app)`: usage is delivered in the background "
             "and drained when the block exits; assert after the block"
         )
-    _check_expected(expected)
-    unknown = sorted(set(expected) - set(billing.catalog.features))
+    wanted = _expected_units(expected)
+    unknown = sorted(set(wanted) - set(billing.catalog.features))
     if unknown:
         raise AssertionError(f"unknown features {unknown}: the plans declare {sorted(billing.catalog.features)}")
-    for feature in expected:  # a flag or a ceiling records nothing: 0 would pass whatever the app did
+    for feature in wanted:  # a flag or a ceiling records nothing: 0 would pass whatever the app did
         kind = billing.catalog.features[feature].type
         if kind != "usage_quota":
             raise ValueError(f"{feature!r} is a {kind} feature: only usage_quota features record usage")
@@ -110,8 +111,8 @@ async def assert_recorded(billing: LocalBilling, customer_id: str, expected: Map
         await billing.get_usage_metrics(customer_id)
     except CustomerNotFoundError:
         raise AssertionError(f"unknown customer {customer_id!r}") from None
-    recorded = {feature: await billing.recorded_units(customer_id, feature) for feature in expected}
-    wrong = {f: (recorded[f], units) for f, units in expected.items() if abs(recorded[f] - units) > 1e-9}
+    recorded = {feature: await billing.recorded_units(customer_id, feature) for feature in wanted}
+    wrong = {f: (recorded[f], units) for f, units in wanted.items() if abs(recorded[f] - units) > 1e-9}
     if wrong:
         details = ", ".join(f"{f}: recorded {_units(got)}, expected {_units(want)}" for f, (got, want) in wrong.items())
         if not any(recorded.values()):  # the usual cause: the app under test bills another engine
@@ -127,10 +128,18 @@ def _units(value: float) -> str:
     return repr(float(value)).removesuffix(".0")
 
 
-def _check_expected(expected: Mapping[str, float]) -> None:
-    """Refuse an expectation that no usage could fail: none at all, or units that compare with nothing (NaN)."""
+def _expected_units(expected: Mapping[str, float | Decimal]) -> dict[str, float]:
+    """``expected`` as float units, refusing an expectation that no usage could fail: none at all, or
+    units that compare with nothing (NaN). A ``Decimal`` is taken, as ``track_usage`` takes it."""
     if not isinstance(expected, Mapping) or not expected:
         raise ValueError(f"expected must name units by feature, e.g. {{'api_calls': 3}}; got {expected!r}")
+    wanted: dict[str, float] = {}
     for feature, units in expected.items():
-        if isinstance(units, bool) or not isinstance(units, (int, float)) or not math.isfinite(units) or units < 0:
+        number = math.nan
+        if isinstance(units, (int, float, Decimal)) and not isinstance(units, bool):
+            with contextlib.suppress(OverflowError, ValueError):  # an int beyond a float's range; Decimal("sNaN")
+                number = float(units)
+        if not math.isfinite(number) or number < 0:
             raise ValueError(f"expected units of {feature!r} must be a finite number >= 0, got {units!r}")
+        wanted[feature] = number
+    return wanted

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -129,6 +131,9 @@ async def test_assert_recorded_inside_the_lifespan_is_refused_rather_than_pass_b
         ({"api_calls": -1}, "must be a finite number >= 0, got -1"),
         ({"api_calls": "1"}, "must be a finite number >= 0, got '1'"),
         ({"api_calls": True}, "must be a finite number >= 0, got True"),
+        ({"api_calls": 10**400}, "must be a finite number >= 0, got 1000"),
+        ({"api_calls": Decimal("sNaN")}, r"must be a finite number >= 0, got Decimal\('sNaN'\)"),
+        ({"api_calls": Decimal("-1")}, r"must be a finite number >= 0, got Decimal\('-1'\)"),
     ],
 )
 async def test_assert_recorded_refuses_an_expectation_that_no_usage_could_fail(
@@ -159,3 +164,10 @@ async def test_assert_recorded_refuses_a_feature_that_never_records_usage(billin
     await billing.track_usage("customer_pro", "api_calls", 1)
     with pytest.raises(ValueError, match="'export' is a boolean_flag feature: only usage_quota features record usage"):
         await assert_recorded(billing, "customer_pro", {"api_calls": 1, "export": 0})  # 0 whatever the app did
+
+
+async def test_assert_recorded_takes_units_as_a_decimal_as_track_usage_does(billing: LocalBilling) -> None:
+    await billing.track_usage("customer_pro", "api_calls", Decimal("1.5"))  # type: ignore[arg-type]
+    await assert_recorded(billing, "customer_pro", {"api_calls": Decimal("1.5")})
+    with pytest.raises(AssertionError, match="recorded 1.5, expected 2.5$"):
+        await assert_recorded(billing, "customer_pro", {"api_calls": Decimal("2.5")})
