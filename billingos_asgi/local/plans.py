@@ -61,7 +61,7 @@ class Catalog:
 
 
 def load_plans(path: str | Path) -> Catalog:
-    """Read and validate a TOML plans file; one that defines no plan is refused too."""
+    """Read and validate a TOML plans file."""
     source = str(path)
     try:
         with open(path, "rb") as fh:
@@ -75,10 +75,7 @@ def load_plans(path: str | Path) -> Catalog:
         raise PlansError(f"{source}: cannot read the plans file: {exc.strerror or exc}{where}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PlansError(f"{source}: not valid TOML: {exc}") from None
-    catalog = parse_plans(data, source=source)
-    if not catalog.plans:  # an empty or truncated file: every customer would be unknown or planless
-        raise PlansError(f"{source}: plans: no plan is defined (add a [plans.<key>] table)")
-    return catalog
+    return parse_plans(data, source=source)
 
 
 def parse_plans(data: Mapping[str, Any], *, source: str = "<plans>") -> Catalog:
@@ -148,6 +145,8 @@ def parse_plans(data: Mapping[str, Any], *, source: str = "<plans>") -> Catalog:
         if not isinstance(plan_key, str) or plan_key not in plans:
             raise fail(where, f"unknown plan {plan_key!r}")
         customers[key] = plan_key
+    if not plans:  # an empty or truncated file: every customer would be unknown or planless
+        raise fail("plans", "no plan is defined (add a [plans.<key>] table)")
     return Catalog(features=features, plans=plans, customers=customers)
 
 

@@ -157,9 +157,12 @@ def test_dict_load_with_all_intervals() -> None:
     assert dict(catalog.customers) == {"a": "day", "b": "year"}
 
 
-def test_empty_dict_is_an_empty_catalog() -> None:
-    catalog = parse_plans({})
-    assert (dict(catalog.features), dict(catalog.plans), dict(catalog.customers)) == ({}, {}, {})
+@pytest.mark.parametrize("data", [{}, {"features": {"api_calls": {"type": "usage_quota"}}}])
+def test_a_dict_without_plans_is_refused_as_a_file_is(data: dict[str, Any]) -> None:
+    # No customer could ever be subscribed: every check would answer "not found".
+    with pytest.raises(PlansError) as excinfo:
+        LocalBilling.from_dict(data)
+    assert str(excinfo.value) == "<dict>: plans: no plan is defined (add a [plans.<key>] table)"
 
 
 async def test_from_file_builds_a_working_engine(tmp_path: Path) -> None:
