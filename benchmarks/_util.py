@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import socket
@@ -149,11 +150,13 @@ def median(samples: Sequence[float]) -> float:
 
 
 def percentile(samples: Sequence[float], fraction: float) -> float:
-    """The ``fraction`` quantile (nearest rank) of ``samples``; NaN when there are none."""
+    """The ``fraction`` quantile (nearest rank: the ceiling of ``fraction * n``) of ``samples``; NaN when there
+    are none. The product is rounded first so that float error (0.07 * 100 = 7.000000000000001) moves no rank."""
     if not samples:
         return float("nan")
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
+    rank = math.ceil(round(fraction * len(ordered), 9))
+    return ordered[min(len(ordered), max(1, rank)) - 1]
 
 
 async def ops_per_second(operation: Callable[[int], Awaitable[object]], *, total: int, concurrency: int = 1) -> float:

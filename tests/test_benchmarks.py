@@ -144,3 +144,10 @@ def test_delivery_lags_match_each_confirmation_to_its_events() -> None:
 def test_percentile_is_nearest_rank() -> None:
     samples = [float(i) for i in range(1, 101)]
     assert (percentile(samples, 0.5), percentile(samples, 0.99), percentile(samples, 1.0)) == (50.0, 99.0, 100.0)
+
+
+def test_percentile_rounds_the_rank_up() -> None:
+    samples = [float(i) for i in range(1, 14)]  # 13 samples: the median is the 7th, the first quartile the 4th
+    assert (percentile(samples, 0.5), percentile(samples, 0.25)) == (7.0, 4.0)
+    assert percentile([float(i) for i in range(1, 11)], 0.25) == 3.0  # rank 2.5 -> 3, not 2
+    assert percentile([float(i) for i in range(1, 101)], 0.07) == 7.0  # 0.07 * 100 is 7.000000000000001
