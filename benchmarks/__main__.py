@@ -99,13 +99,14 @@ def goals(sections: dict[str, Section]) -> list[Goal]:
     if server is not None:
         summary = server.data["summary"]
         ours, bare = summary["billing"], summary["starlette"]
+        failed = ours["errors"] + bare["errors"]  # a 401 or a reset costs less than a request served
         found.append(
             Goal(
                 "throughput under uvicorn vs. bare Starlette",
-                f">= {THROUGHPUT_GOAL:.2f}x",
+                f">= {THROUGHPUT_GOAL:.2f}x, every answer a 2xx",
                 f"{ours['ratio']:.2f}x ({ours['rps']:,.0f} vs. {bare['rps']:,.0f} requests/s; by server CPU per "
-                f"request {ours['cpu_ratio']:.2f}x)",
-                ours["ratio"] >= THROUGHPUT_GOAL,
+                f"request {ours['cpu_ratio']:.2f}x)" + (f"; {failed:,.0f} failed answers" if failed else ""),
+                ours["ratio"] >= THROUGHPUT_GOAL and not failed,
             )
         )
     if counted is not None and counted.data.get("served"):

@@ -38,8 +38,8 @@ def sections() -> dict[str, Section]:
     labels = {"starlette": "bare Starlette", "billing": "+ ours"}
     server: dict[str, Any] = {
         "summary": {
-            "starlette": {"rps": 10_000.0, "p50_ms": 2.0, "p99_ms": 4.0, "ratio": 1.0, "cpu_ratio": 1.0},
-            "billing": {"rps": 9_500.0, "p50_ms": 2.1, "p99_ms": 4.5, "ratio": 0.95, "cpu_ratio": 0.93},
+            "starlette": {"rps": 10_000.0, "p50_ms": 2.0, "p99_ms": 4.0, "ratio": 1.0, "cpu_ratio": 1.0, "errors": 0.0},
+            "billing": {"rps": 9_500.0, "p50_ms": 2.1, "p99_ms": 4.5, "ratio": 0.95, "cpu_ratio": 0.93, "errors": 0.0},
         },
         "labels": labels,
     }
@@ -66,6 +66,14 @@ def test_goals_say_met_or_missed_with_the_figures() -> None:
     assert not counted.met and counted.measured == "+50,000 vs. peers +300,000, +20,000"
     served = found["... the same by CPU instructions per request served (callgrind: no noise)"]
     assert not served.met and served.measured == "0.83x (peers: a peer 0.91x)"
+
+
+def test_throughput_goal_is_missed_when_answers_failed() -> None:
+    """A 401 or a reset is cheaper than a served request: a fast run of failures meets no goal."""
+    found = sections()
+    found["server"].data["summary"]["billing"]["errors"] = 12.0
+    goal = next(goal for goal in goals(found) if goal.name == "throughput under uvicorn vs. bare Starlette")
+    assert not goal.met and "12 failed answers" in goal.measured
 
 
 def test_instructions_load_reads_every_answer_on_one_connection() -> None:
@@ -121,8 +129,12 @@ def test_parse_wrk() -> None:
         "p50_ms": 2.81,
         "p99_ms": pytest.approx(0.95),
         "errors": 3.0,
-        "socket_errors": 0.0,
     }
+
+
+def test_parse_wrk_counts_socket_errors() -> None:
+    failed = WRK.replace("  Non-2xx", "  Socket errors: connect 0, read 2, write 1, timeout 5\n  Non-2xx")
+    assert parse_wrk(failed)["errors"] == 11.0
 
 
 def key_of(customer: str, keys: list[str]) -> str:
