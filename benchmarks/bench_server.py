@@ -93,7 +93,8 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def parse_wrk(output: str) -> dict[str, float]:
-    """Requests/s, p50 and p99 (ms) and errors (non-2xx answers and socket errors) from ``wrk --latency`` output."""
+    """From ``wrk --latency`` output: requests answered, requests/s, p50 and p99 (ms), and errors (non-2xx
+    answers and socket errors)."""
 
     def latency(label: str) -> float:
         match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
@@ -102,13 +103,15 @@ def parse_wrk(output: str) -> dict[str, float]:
         return float(match.group(1)) * _UNITS[match.group(2)]
 
     rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
-    if rps is None:
-        raise ValueError(f"no Requests/sec in wrk output:\n{output}")
+    requests = re.search(r"^\s*(\d+) requests in ", output, re.MULTILINE)
+    if rps is None or requests is None:
+        raise ValueError(f"no Requests/sec or request count in wrk output:\n{output}")
     answers = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     # wrk prints this line only when some occurred: "Socket errors: connect 0, read 2, write 0, timeout 5"
     sockets = re.search(r"^\s*Socket errors:(.*)$", output, re.MULTILINE)
     failed = sum(int(n) for n in re.findall(r"\d+", sockets.group(1))) if sockets else 0
     return {
+        "requests": float(requests.group(1)),
         "rps": float(rps.group(1)),
         "p50_ms": latency("50"),
         "p99_ms": latency("99"),
@@ -159,9 +162,9 @@ def measure(name: str) -> dict[str, float]:
         after = cpu_seconds(server.pid)
     finally:
         stop_app(server)
-    served = result["rps"] * DURATION
-    if before is not None and after is not None and served:
-        result["cpu_us"] = (after - before) / served * 1e6
+    # The requests counted, not rps x DURATION: the load runs a little longer than its duration.
+    if before is not None and after is not None and result["requests"]:
+        result["cpu_us"] = (after - before) / result["requests"] * 1e6
     return result
 
 

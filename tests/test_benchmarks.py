@@ -125,6 +125,7 @@ Transfer/sec:      1.55MB
 
 def test_parse_wrk() -> None:
     assert parse_wrk(WRK) == {
+        "requests": 55234.0,
         "rps": 11046.8,
         "p50_ms": 2.81,
         "p99_ms": pytest.approx(0.95),
