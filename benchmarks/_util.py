@@ -1,4 +1,5 @@
-"""Small shared pieces of the benchmarks: plans, run size, timing, result tables, the machine stamp, a free port."""
+"""Small shared pieces of the benchmarks: plans, run size, timing, result tables, the machine stamp, a free port,
+starting and stopping a server process."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
 import anyio
+import httpx
 
 STAMPED_PACKAGES = (
     "billingos-asgi",
@@ -106,6 +109,43 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def wait_until_answering(
+    process: subprocess.Popen[bytes], url: str, what: str, *, timeout: float, headers: Mapping[str, str] | None = None
+) -> None:
+    """Return once ``url`` answers 200. A server that exits first, answers otherwise until ``timeout``, or is
+    interrupted (Ctrl-C) is killed and reaped before the error goes up: none outlives the run."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{what} exited (code {process.returncode}) before answering")
+            try:
+                status = httpx.get(url, headers=headers).status_code
+            except httpx.TransportError as exc:
+                last = type(exc).__name__
+            else:
+                if status == 200:
+                    return
+                last = f"status {status}"
+            time.sleep(0.05)
+        raise RuntimeError(f"{what} did not answer 200 within {timeout:g} s (last: {last})")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+
+
+def stop_server(server: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """A graceful shutdown (SIGTERM: the lifespan drains), killed when it takes over ``timeout`` seconds."""
+    server.terminate()
+    try:
+        server.wait(timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def cpu_model() -> str:

@@ -5,14 +5,21 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 from billingos_asgi import BillingOS
 
-from ._util import Section, Table, command, free_port, ops_per_second, plans_toml, scaled
+from ._util import (
+    Section,
+    Table,
+    command,
+    free_port,
+    ops_per_second,
+    plans_toml,
+    scaled,
+    stop_server,
+    wait_until_answering,
+)
 
 ROUND_TRIPS = scaled(3_000, 300)
 
@@ -24,15 +31,8 @@ def start_server(workdir: Path, port: int, customers: int = 100) -> subprocess.P
     command = [sys.executable, "-m", "billingos_asgi", "serve", "--plans", str(plans)]
     command += ["--db", str(workdir / "bench.db"), "--port", str(port), "--log-level", "warning"]
     process = subprocess.Popen(command)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("the local server did not start")
+    wait_until_answering(process, f"http://127.0.0.1:{port}/health", "the local server", timeout=15)
+    return process
 
 
 async def run() -> Section:
@@ -51,8 +51,7 @@ async def run() -> Section:
                     rate = await ops_per_second(track, total=ROUND_TRIPS, concurrency=concurrency)
                     rows.append((str(concurrency), f"{rate:,.0f}", f"{1e3 * concurrency / rate:.2f}"))
         finally:
-            server.terminate()
-            server.wait(10)
+            stop_server(server)
     table = Table(
         f"BillingOS client -> local server over loopback, {ROUND_TRIPS:,} tracks",
         "Track round trips per second from the async client to `billingos-asgi serve` (uvicorn, its own process, "

@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 
 from . import bench_server
-from ._util import Section, Table, command, free_port, scaled
+from ._util import Section, Table, command, free_port, scaled, stop_server
 
 APPS = {  # name in this module -> row label
     "starlette": "bare Starlette",
@@ -73,7 +73,7 @@ def served_instructions(app: str, requests: int) -> int:
         try:
             send_one_by_one(port, requests)
         finally:
-            bench_server.stop_app(server, timeout=300)
+            stop_server(server, timeout=300)
         return collected(log.read_bytes(), f"uvicorn serving {app}")
 
 

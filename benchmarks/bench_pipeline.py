@@ -29,7 +29,7 @@ from billingos_asgi.events import Batch, UsageEvent
 from billingos_asgi.testing import lifespan
 from billingos_asgi.upstream import DEFAULT_CALLS_PER_MINUTE
 
-from ._util import Section, Table, command, free_port, median, percentile, scaled
+from ._util import Section, Table, command, free_port, median, percentile, scaled, stop_server
 from .apps import customer_from_header, starlette_app
 from .bench_client_server import start_server
 from .bench_middleware import _receive, _send, scope_for, with_lifespan
@@ -142,8 +142,7 @@ async def steady_load(customers: int, calls_per_minute: float | None) -> dict[st
                 upstream = middleware.upstream
                 tracks, checks = upstream.tracks, upstream.checks
         finally:
-            server.terminate()
-            server.wait(10)
+            stop_server(server)
         async with LocalBilling.from_file(Path(workdir) / "plans.toml", Path(workdir) / "bench.db") as billing:
             recorded = sum([await billing.recorded_units(customer, FEATURE) for customer in order])
     lags = delivery_lags(backend.confirmed, ends, order)

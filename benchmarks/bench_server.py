@@ -18,13 +18,10 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import httpx
-
-from ._util import Section, Table, command, free_port, median, scaled
+from ._util import Section, Table, command, free_port, median, scaled, stop_server, wait_until_answering
 
 APPS = {  # BENCH_APP name -> row label
     "starlette": "bare Starlette",
@@ -67,26 +64,10 @@ def start_app(
     # stdout: moesifasgi prints on every failed post to its (closed) API port
     preexec = None if core is None else pinned(core)
     server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, preexec_fn=preexec)
-    deadline = time.monotonic() + timeout
     name_, _, value = CUSTOMER_HEADER.partition(": ")
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/search", headers={name_: value}).status_code == 200:
-                return server
-        except httpx.TransportError:
-            time.sleep(0.1)
-    server.kill()
-    raise RuntimeError(f"uvicorn serving {name!r} did not answer 200 within {timeout:g} s")
-
-
-def stop_app(server: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """A graceful shutdown (SIGTERM: the lifespan drains), killed when it takes over ``timeout`` seconds."""
-    server.terminate()
-    try:
-        server.wait(timeout)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+    url = f"http://127.0.0.1:{port}/v1/search"
+    wait_until_answering(server, url, f"uvicorn serving {name!r}", timeout=timeout, headers={name_: value})
+    return server
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -161,7 +142,7 @@ def measure(name: str) -> dict[str, float]:
         result = load(port, DURATION)
         after = cpu_seconds(server.pid)
     finally:
-        stop_app(server)
+        stop_server(server)
     # The requests counted, not rps x DURATION: the load runs a little longer than its duration.
     if before is not None and after is not None and result["requests"]:
         result["cpu_us"] = (after - before) / result["requests"] * 1e6

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp
 from billingos_asgi.testing import lifespan
 
 from . import bench_server
-from ._util import Section, Table, command, free_port, scaled
+from ._util import Section, Table, command, free_port, scaled, stop_server
 from .apps import InMemoryBackend, billing_app
 from .bench_middleware import _receive, _send, drive, scope_for
 
@@ -97,7 +97,7 @@ def sample_server(name: str, spy: str, output: Path) -> float:
         subprocess.run(argv, capture_output=True, timeout=SAMPLING_SECONDS + 30, check=True)
         loader.join()
     finally:
-        bench_server.stop_app(server)
+        stop_server(server)
     return result["rps"]
 
 

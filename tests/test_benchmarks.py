@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from benchmarks.__main__ import goals
-from benchmarks._util import Section, Table, free_port, percentile
+from benchmarks._util import Section, Table, free_port, percentile, stop_server
 from benchmarks.bench_instructions import send_one_by_one
 from benchmarks.bench_pipeline import FEATURE, delivery_lags
-from benchmarks.bench_server import parse_wrk, start_app, stop_app
+from benchmarks.bench_server import parse_wrk, start_app
 from benchmarks.report import markdown, write
 from billingos_asgi.events import Batch, UsageEvent
 
@@ -82,7 +82,12 @@ def test_instructions_load_reads_every_answer_on_one_connection() -> None:
     try:
         send_one_by_one(port, 3)  # raises on anything but three whole 200 answers
     finally:
-        stop_app(server)
+        stop_server(server)
+
+
+def test_a_server_that_exits_at_start_up_is_told_at_once() -> None:
+    with pytest.raises(RuntimeError, match=r"uvicorn serving 'no such app' exited \(code 1\) before answering"):
+        start_app("no such app", free_port())  # the factory's KeyError: uvicorn exits with 1
 
 
 def test_page_has_the_stamp_the_goals_and_every_table() -> None:
