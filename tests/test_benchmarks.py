@@ -12,10 +12,12 @@ import pytest
 
 from benchmarks.__main__ import goals
 from benchmarks._util import Section, Table, free_port, percentile, stop_server
+from benchmarks.bench_client_server import start_server, tracks_per_second
 from benchmarks.bench_instructions import send_one_by_one
 from benchmarks.bench_pipeline import FEATURE, delivery_lags
 from benchmarks.bench_server import parse_wrk, start_app
 from benchmarks.report import markdown, write
+from billingos_asgi import BillingOS, LocalBilling
 from billingos_asgi.events import Batch, UsageEvent
 
 STAMP = {"date": "2026-01-01 00:00 UTC", "machine": "2 cores (a CPU)", "packages": "starlette 1.0"}
@@ -169,3 +171,18 @@ def test_percentile_rounds_the_rank_up() -> None:
     assert (percentile(samples, 0.5), percentile(samples, 0.25)) == (7.0, 4.0)
     assert percentile([float(i) for i in range(1, 11)], 0.25) == 3.0  # rank 2.5 -> 3, not 2
     assert percentile([float(i) for i in range(1, 101)], 0.07) == 7.0  # 0.07 * 100 is 7.000000000000001
+
+
+async def test_client_server_warm_up_and_measured_tracks_are_all_recorded(tmp_path: Path) -> None:
+    """The warm-up's keys are not replayed by the measured run (replays are cheaper, and record nothing)."""
+    port = free_port()
+    server = start_server(tmp_path, port)
+    try:
+        async with BillingOS("sk_test_local", base_url=f"http://127.0.0.1:{port}") as client:
+            await tracks_per_second(client, total=4, concurrency=2, label="warm-up 2")
+            await tracks_per_second(client, total=6, concurrency=2, label="2")
+    finally:
+        stop_server(server)
+    async with LocalBilling.from_file(tmp_path / "plans.toml", tmp_path / "bench.db") as billing:
+        recorded = [await billing.recorded_units(f"customer_{i}", "api_calls") for i in range(6)]
+    assert recorded == [2.0, 2.0, 2.0, 2.0, 1.0, 1.0]
