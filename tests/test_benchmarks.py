@@ -14,7 +14,7 @@ from benchmarks.__main__ import goals
 from benchmarks._util import Section, Table, free_port, percentile, stop_server
 from benchmarks.bench_client_server import start_server, tracks_per_second
 from benchmarks.bench_instructions import send_one_by_one
-from benchmarks.bench_pipeline import FEATURE, delivery_lags
+from benchmarks.bench_pipeline import FEATURE, delivery_lags, full_speed, metered, plans
 from benchmarks.bench_server import parse_wrk, start_app
 from benchmarks.report import markdown, write
 from billingos_asgi import BillingOS, LocalBilling
@@ -186,3 +186,13 @@ async def test_client_server_warm_up_and_measured_tracks_are_all_recorded(tmp_pa
     async with LocalBilling.from_file(tmp_path / "plans.toml", tmp_path / "bench.db") as billing:
         recorded = [await billing.recorded_units(f"customer_{i}", "api_calls") for i in range(6)]
     assert recorded == [2.0, 2.0, 2.0, 2.0, 1.0, 1.0]
+
+
+async def test_a_tracking_round_is_timed_until_its_own_events_are_delivered(tmp_path: Path) -> None:
+    """Delivery left running after a round would be timed in the next one: the other variant's."""
+    async with LocalBilling.from_dict(plans(3), tmp_path / "billing.db") as billing:
+        tracked = metered(billing)
+        await full_speed(tracked, 3, requests=60)
+        stats = tracked.tracker.stats
+        assert (stats.queued, stats.sent, tracked.tracker.running) == (60, 60, False)  # through the queue, all sent
+        assert sum([await billing.recorded_units(f"customer_{i}", FEATURE) for i in range(3)]) == 60
