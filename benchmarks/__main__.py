@@ -8,12 +8,15 @@ itself, and like ``--only`` writes nothing unless ``--output`` says where.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -158,6 +161,8 @@ def goals(sections: dict[str, Section]) -> list[Goal]:
 
 
 _MARK = "BENCH-SECTION "
+PART_TIMEOUT = 1800  # seconds: far more than any part takes
+CHILD_GRACE = 30  # seconds for an interrupted part to clean up
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -168,12 +173,43 @@ def child(part: str) -> None:
     print(_MARK + json.dumps(dataclasses.asdict(section)), flush=True)
 
 
+def _signal_group(child: subprocess.Popen[bytes], signal_number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group is gone already
+        os.killpg(child.pid, signal_number)
+
+
+def run_child(argv: list[str], timeout: float) -> str:
+    """Run ``argv`` in a process group of its own and return its output; a failure raises.
+
+    Whatever it started (uvicorn servers, load generators, valgrind) goes with it, however it ends:
+    when it is interrupted (Ctrl-C) or overruns ``timeout``, its group gets SIGINT (a chance to remove
+    its temporary files and stop its servers), then SIGKILL for what is left after ``CHILD_GRACE``
+    seconds; when it ends by itself, anything it left running is killed. None outlives the run.
+    """
+    # A file, not a pipe: what it started may hold its output open after it has exited.
+    with tempfile.TemporaryFile("w+") as output:
+        child = subprocess.Popen(argv, cwd=ROOT, stdout=output, start_new_session=True)
+        try:
+            child.wait(timeout)
+        finally:
+            if child.poll() is None:
+                _signal_group(child, signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(CHILD_GRACE)
+            _signal_group(child, signal.SIGKILL)
+            child.wait()
+        output.seek(0)
+        printed = output.read()
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, argv, printed)
+    return printed
+
+
 def run_part(part: str) -> Section:
     """One part in its own process, so that no thread, cache or allocation of one part weighs on the next
     (moesifasgi's scheduler threads, for one, live as long as their process)."""
-    argv = [sys.executable, "-m", "benchmarks", "--child", part]
-    done = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=1800, check=True)
-    line = next(line for line in reversed(done.stdout.splitlines()) if line.startswith(_MARK))
+    output = run_child([sys.executable, "-m", "benchmarks", "--child", part], timeout=PART_TIMEOUT)
+    line = next(line for line in reversed(output.splitlines()) if line.startswith(_MARK))
     raw = json.loads(line.removeprefix(_MARK))
     tables = [
         Table(t["title"], t["measures"], t["command"], tuple(t["header"]), [tuple(r) for r in t["rows"]], t["notes"])

@@ -5,12 +5,17 @@ Nothing here is timed: the benchmarks themselves run with ``make bench``.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks.__main__ import goals
+from benchmarks.__main__ import goals, run_child
 from benchmarks._util import Section, Table, free_port, percentile, stop_server
 from benchmarks.bench_client_server import start_server, tracks_per_second
 from benchmarks.bench_instructions import send_one_by_one
@@ -196,3 +201,34 @@ async def test_a_tracking_round_is_timed_until_its_own_events_are_delivered(tmp_
         stats = tracked.tracker.stats
         assert (stats.queued, stats.sent, tracked.tracker.running) == (60, 60, False)  # through the queue, all sent
         assert sum([await billing.recorded_units(f"customer_{i}", FEATURE) for i in range(3)]) == 60
+
+
+def state_of(pid: int) -> str:
+    """The process's state letter (Z: a zombie, dead), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_what_a_part_started_does_not_outlive_it() -> None:
+    """A part that fails (or times out) leaves no server or load generator of its own running."""
+    part = (
+        "import subprocess, sys; "
+        "server = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        "print(server.pid, flush=True); sys.exit(3)"
+    )
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_child([sys.executable, "-c", part], timeout=120)
+    orphan = int(failed.value.output)
+    try:
+        assert failed.value.returncode == 3
+        for _ in range(1_000):  # a SIGKILL takes effect a moment after it is sent
+            if state_of(orphan) in ("Z", "gone"):
+                break
+            time.sleep(0.01)
+        assert state_of(orphan) in ("Z", "gone")
+    finally:
+        if state_of(orphan) not in ("Z", "gone"):
+            os.kill(orphan, signal.SIGKILL)
