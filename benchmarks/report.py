@@ -29,7 +29,19 @@ class Goal:
     met: bool
 
 
-def overhead_chart(path: Path, data: dict[str, Any], target_us: float) -> None:
+def save(fig: Any, path: Path, stamp: dict[str, str]) -> None:
+    """Save ``fig`` with the stamp under it and in the PNG's metadata: a chart shown alone still says
+    where and with what its figures were taken."""
+    import matplotlib.pyplot as plt
+
+    line = f"{stamp['date']}; {stamp['machine']}"
+    fig.text(0.01, 0.01, f"{line}\n{stamp['packages']}", fontsize=6, color="#555555", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110, metadata={"Description": f"{line}; {stamp['packages']}"})
+    plt.close(fig)
+
+
+def overhead_chart(path: Path, data: dict[str, Any], target_us: float, stamp: dict[str, str]) -> None:
     import matplotlib.pyplot as plt
 
     overheads: dict[str, float] = data["overhead_us"]
@@ -46,12 +58,10 @@ def overhead_chart(path: Path, data: dict[str, Any], target_us: float) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("overhead over the bare app, us/request, log scale (blue: ours, grey: peers)")
     ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, stamp)
 
 
-def server_chart(path: Path, data: dict[str, Any]) -> None:
+def server_chart(path: Path, data: dict[str, Any], stamp: dict[str, str]) -> None:
     import matplotlib.pyplot as plt
 
     summary: dict[str, dict[str, float]] = data["summary"]
@@ -67,12 +77,10 @@ def server_chart(path: Path, data: dict[str, Any]) -> None:
     right.barh([labels[n] for n in names], [summary[n]["p99_ms"] for n in names], color="#ff7f0e")
     right.set_xlabel("p99 latency, ms (lower is better)")
     left.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, stamp)
 
 
-def memory_chart(path: Path, data: dict[str, Any]) -> None:
+def memory_chart(path: Path, data: dict[str, Any], stamp: dict[str, str]) -> None:
     import matplotlib.pyplot as plt
 
     samples: list[dict[str, float]] = data["samples"]
@@ -82,13 +90,11 @@ def memory_chart(path: Path, data: dict[str, Any]) -> None:
     ax.set_ylabel("RSS, MiB")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, stamp)
 
 
-def charts(directory: Path, sections: dict[str, Section], target_us: float) -> dict[str, str]:
-    """Draw what the sections allow; return section name -> chart file name."""
+def charts(directory: Path, sections: dict[str, Section], target_us: float, stamp: dict[str, str]) -> dict[str, str]:
+    """Draw what the sections allow, each chart stamped; return section name -> chart file name."""
     try:
         import matplotlib
 
@@ -97,13 +103,13 @@ def charts(directory: Path, sections: dict[str, Section], target_us: float) -> d
         return {}
     drawn = {}
     if "middleware" in sections:
-        overhead_chart(directory / CHART_OVERHEAD, sections["middleware"].data, target_us)
+        overhead_chart(directory / CHART_OVERHEAD, sections["middleware"].data, target_us, stamp)
         drawn["middleware"] = CHART_OVERHEAD
     if "server" in sections:
-        server_chart(directory / CHART_SERVER, sections["server"].data)
+        server_chart(directory / CHART_SERVER, sections["server"].data, stamp)
         drawn["server"] = CHART_SERVER
     if "memory" in sections:
-        memory_chart(directory / CHART_MEMORY, sections["memory"].data)
+        memory_chart(directory / CHART_MEMORY, sections["memory"].data, stamp)
         drawn["memory"] = CHART_MEMORY
     return drawn
 
@@ -159,7 +165,7 @@ def write(
     directory: Path, stamp: dict[str, str], goals: Sequence[Goal], sections: dict[str, Section], target_us: float
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    drawn = charts(directory, sections, target_us)
+    drawn = charts(directory, sections, target_us, stamp)
     page = directory / "benchmarks.md"
     page.write_text(markdown(stamp, goals, sections, drawn))
     return page

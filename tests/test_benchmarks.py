@@ -118,6 +118,13 @@ def test_write_draws_the_charts(tmp_path: Path) -> None:
     }
 
 
+def test_every_chart_carries_the_stamp(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    write(tmp_path, STAMP, goals(sections()), sections(), 12.0)
+    for chart in tmp_path.glob("*.png"):
+        assert b"2 cores (a CPU)" in chart.read_bytes() and b"starlette 1.0" in chart.read_bytes(), chart.name
+
+
 WRK = """Running 5s test @ http://127.0.0.1:8000/v1/search
   1 threads and 32 connections
   Thread Stats   Avg      Stdev     Max   +/- Stdev
