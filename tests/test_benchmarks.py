@@ -239,3 +239,14 @@ def test_what_a_part_started_does_not_outlive_it() -> None:
     finally:
         if state_of(orphan) not in ("Z", "gone"):
             os.kill(orphan, signal.SIGKILL)
+
+
+async def test_the_in_process_driver_stops_at_an_app_that_refuses_rather_than_time_its_refusals() -> None:
+    from starlette.responses import PlainTextResponse
+
+    from benchmarks.apps import starlette_app
+    from benchmarks.bench_middleware import drive
+
+    assert await drive(starlette_app(), 2) > 0
+    with pytest.raises(RuntimeError, match="answered 401, not 200"):
+        await drive(PlainTextResponse("sign in", 401), 2)
