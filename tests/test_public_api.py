@@ -23,7 +23,7 @@ def test_spec_names_are_exported() -> None:
 
 
 def test_backends_satisfy_the_protocol() -> None:
-    billing = billingos_asgi.LocalBilling.from_dict({"features": {}, "plans": {}})
+    billing = billingos_asgi.LocalBilling.from_dict({"features": {}, "plans": {"free": {}}})
     client = billingos_asgi.BillingOS("sk_test_x", base_url="http://127.0.0.1:9")
     assert isinstance(billing, billingos_asgi.BillingBackend)
     assert isinstance(client, billingos_asgi.BillingBackend)
