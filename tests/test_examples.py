@@ -195,12 +195,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_django_example_bills_the_signed_in_user_under_uvicorn(tmp_path: Path) -> None:
-    """Run as its docstring says: `migrate`, then uvicorn; SIGTERM drains the usage into the billing file."""
+@pytest.mark.parametrize("billed", ["embedded", "hosted"])
+async def test_django_example_bills_the_signed_in_user_under_uvicorn(tmp_path: Path, billed: str) -> None:
+    """Run as its docstring says: `migrate`, then uvicorn; SIGTERM drains the usage into the billing file,
+    or, with BILLINGOS_SECRET_KEY set, into the hosted API (the local one here, on that file)."""
     pytest.importorskip("django")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DJANGO_DB": str(tmp_path / "django.sqlite3")}
-    env["BILLING_DB"] = str(tmp_path / "billing.db")
-    env.pop("BILLINGOS_SECRET_KEY", None)
+    for name in ("BILLINGOS_SECRET_KEY", "BILLINGOS_API_URL", "BILLING_DB"):
+        env.pop(name, None)
+    plans = ROOT / "examples" / "plans.toml"
+    if billed == "hosted":  # the app's own engine, if it took one, would bill memory: the file stays empty
+        async with LocalBilling.from_file(plans, tmp_path / "billing.db") as hosted:
+            with serve_in_thread(create_server(hosted, secret_key=SECRET_KEY)) as api_url:
+                await run_django_example({**env, "BILLINGOS_SECRET_KEY": SECRET_KEY, "BILLINGOS_API_URL": api_url})
+    else:
+        await run_django_example({**env, "BILLING_DB": str(tmp_path / "billing.db")})
+    async with LocalBilling.from_file(plans, tmp_path / "billing.db") as billing:
+        assert await billing.recorded_units("user_123", "api_calls") == 10
+        assert await billing.recorded_units("user_456", "api_calls") == 1
+
+
+async def run_django_example(env: dict[str, str]) -> None:
+    """`migrate`, then uvicorn until SIGTERM, driven as alice and bob; the usage is drained on return."""
     await anyio.run_process([sys.executable, "examples/django_app.py", "migrate"], cwd=ROOT, env=env)
     port = free_port()
     command = [
@@ -245,6 +261,3 @@ async def test_django_example_bills_the_signed_in_user_under_uvicorn(tmp_path: P
     assert searches == [200] * 10 + [429]
     assert posted.status_code == 405  # the route key meters GET: the view answers nothing else
     assert (forbidden.status_code, exported.status_code, searched.status_code) == (403, 200, 200)
-    async with LocalBilling.from_file(ROOT / "examples" / "plans.toml", tmp_path / "billing.db") as billing:
-        assert await billing.recorded_units("user_123", "api_calls") == 10
-        assert await billing.recorded_units("user_456", "api_calls") == 1
