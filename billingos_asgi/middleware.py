@@ -165,6 +165,19 @@ def _served(scope: Scope, start: Message, sent: int) -> bool:
     return length is not None and length.isdigit() and int(length) <= sent
 
 
+async def _with_request_id(response: Response, request_id: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """Send a refusal with its request's ``X-Request-ID``, as every answer on a metered route has one
+    (SPEC section 5): the id a client quotes to support for a 429 it did not expect."""
+    header = (_REQUEST_ID_HEADER, request_id.encode())
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    await response(scope, receive, send_with_id)
+
+
 #: The options in seconds, and whether each may be 0.
 _SECONDS = (
     ("cache_ttl", False),
@@ -550,7 +563,7 @@ class BillingMiddleware:
         except BaseException as exc:
             if isinstance(exc, BillingDenied) and not status:
                 self._settle(context, quantity, 0.0)
-                await exc.response(scope, receive, send)  # the app's late gate refused the request
+                await _with_request_id(exc.response, request_id, scope, receive, send)  # the app's late gate refused it
                 return
             if completed and status < 400:  # answered in full; what failed after (a background task) is the app's
                 used = quantity + context.reported
@@ -691,7 +704,8 @@ class BillingMiddleware:
         )
 
     async def _deny(self, denial: Denial, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._response(denial)(scope, receive, send)
+        request_id = (self._trust_request_id and _trusted_request_id(scope)) or new_request_id()
+        await _with_request_id(self._response(denial), request_id, scope, receive, send)
 
     def _refusal(self, denial: Denial) -> BillingDenied:
         return BillingDenied(denial, self._response(denial))

@@ -147,7 +147,7 @@ async def test_no_customer_answers_401_problem_without_entering_the_handler(bill
         "usage": None,
         "resets_at": None,
     }
-    assert "x-request-id" not in response.headers
+    assert len(response.headers["x-request-id"]) == 32  # every answer on a metered route has its id (SPEC section 5)
     assert calls == []
     assert middleware.upstream.checks == 0
     assert await billing.recorded_units("user_free", "api_calls") == 0
@@ -173,6 +173,7 @@ async def test_no_access_answers_403_without_entering_the_handler(
     async with serve(middleware) as client:
         first = await client.get("/x", headers=as_customer(customer))
         second = await client.get("/x", headers=as_customer(customer))
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]  # each refusal its own id
     for response in (first, second):
         assert response.status_code == 403
         body = problem(response)
@@ -183,7 +184,6 @@ async def test_no_access_answers_403_without_entering_the_handler(
             feature,
         )
         assert "upgrade_url" not in body
-        assert "x-request-id" not in response.headers
         # SPEC section 5: the period's end when the feature has one (nothing to wait for otherwise).
         if body["resets_at"] is None:
             assert "retry-after" not in response.headers
@@ -268,6 +268,21 @@ async def test_exhausted_quota_answers_429_with_retry_after_and_quota_headers(bi
     assert calls == []
     assert middleware.tracker.stats.queued == 0
     assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+async def test_a_refusal_carries_the_request_id_the_gateway_set_when_trusted(billing: LocalBilling) -> None:
+    await billing.track_usage("user_free", "api_calls", 10)
+    app = recording_app([])
+    routes = {"/v1/search": "api_calls"}
+    trusting = BillingMiddleware(app, billing=billing, customer=by_header, routes=routes, trust_request_id=True)
+    wary = BillingMiddleware(app, billing=billing, customer=by_header, routes=routes)
+    gateway_id = {**as_customer("user_free"), "x-request-id": "gw-7f3a"}
+    async with serve(trusting) as client:
+        trusted = await client.get("/v1/search", headers=gateway_id)
+    async with serve(wary) as client:
+        ignored = await client.get("/v1/search", headers=gateway_id)
+    assert (trusted.status_code, trusted.headers["x-request-id"]) == (429, "gw-7f3a")
+    assert ignored.status_code == 429 and len(ignored.headers["x-request-id"]) == 32
 
 
 async def test_quota_used_up_by_requests_then_429(billing: LocalBilling) -> None:

@@ -114,6 +114,7 @@ async def test_the_app_names_the_customer_and_the_gate_runs_there(billing: Local
     assert answers[-1].json()["feature"] == "api_calls" and int(answers[-1].headers["retry-after"]) > 0
     assert answers[0].headers["ratelimit"].startswith('"api_calls";r=9')  # the quota headers, as when gated early
     assert answers[0].json()["request_id"] == answers[0].headers["x-request-id"]
+    assert len({answer.headers["x-request-id"] for answer in (anonymous, ghost, answers[-1])}) == 3  # refusals too
     assert spoofed.json()["customer"] == "user_pro"
     assert entered == ["user_free"] * 10 + ["user_pro"]  # the handler went no further on 401/403/429
     assert await billing.recorded_units("user_free", "api_calls") == 10
