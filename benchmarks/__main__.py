@@ -152,7 +152,7 @@ def goals(sections: dict[str, Section]) -> list[Goal]:
         found.append(
             Goal(
                 "flat memory, metered requests over many customers",
-                "RSS plateaus (last 3 samples within 5%)",
+                "RSS plateaus (the second half's samples within 5%)",
                 f"{series[0]:.0f} MiB at start, {series[-1]:.0f} MiB at the end",
                 bool(memory.data["plateau"]),
             )

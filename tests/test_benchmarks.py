@@ -250,3 +250,13 @@ async def test_the_in_process_driver_stops_at_an_app_that_refuses_rather_than_ti
     assert await drive(starlette_app(), 2) > 0
     with pytest.raises(RuntimeError, match="answered 401, not 200"):
         await drive(PlainTextResponse("sign in", 401), 2)
+
+
+def test_memory_plateaus_only_when_the_second_half_stays_flat() -> None:
+    from benchmarks.bench_memory import plateaus
+
+    noisy_but_flat = [40.0, 52.4, 52.1, 52.1, 51.4, 52.1, 52.7, 52.4, 51.8, 52.1]
+    leaking = [40.0 * 1.02**step for step in range(10)]  # 2% a sample: the last three are within 5%
+    assert plateaus(noisy_but_flat)
+    assert not plateaus(leaking)
+    assert not plateaus([52.0, 52.0])  # too few samples to tell
