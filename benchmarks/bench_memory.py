@@ -6,8 +6,8 @@ and every flush window holds one group per request for the tracker to deliver (t
 backend, no call budget). The run happens in a fresh process (``python -m
 benchmarks.bench_memory``) so earlier benchmarks do not weigh on its RSS; RSS (``VmRSS``) is
 sampled every 100,000 requests, and the series plateaus when every sample of its second half lies
-within ``PLATEAU`` of the others: by then the cache has been full for long, and a leak of even 1%
-per 100,000 requests adds up past it (the last three samples alone would call 2% flat).
+within ``PLATEAU`` of the others: by then the cache has been full for long, and a leak of 1.5%
+per 100,000 requests adds up past it over those five samples (the last three alone would call 2% flat).
 """
 
 from __future__ import annotations
