@@ -2,7 +2,9 @@
 
 Framework adapters mount these (``GET /billing/usage``, ``POST /billing/session-token``). The
 customer always comes from the app's own resolver, never from the request: a caller can read
-only its own usage and mint tokens only for itself.
+only its own usage and mint tokens only for itself. Their calls to billing go through the door
+of the middleware built over the same backend (its call budget and circuit breaker: upstream's
+limits are per secret key), or through one of their own when there is none.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ._validation import MAX_SESSION_TTL, MIN_SESSION_TTL, check_id, customer_an
 from .backend import BillingBackend
 from .customers import CustomerResolver
 from .responses import Denial, problem_response
+from .upstream import Budget, Upstream, door_of
 
 __all__ = ["UsageEndpoints"]
 
@@ -66,12 +69,22 @@ class UsageEndpoints:
                 f" (what BillingOS accepts), got {token_lifetime!r}"
             )
         self._billing = billing
+        self._own_door: Upstream | None = None
         self._resolve = customer
         self._token_lifetime = token_lifetime
         self._metrics: TTLCache[str, UsageMetrics] = TTLCache(cache_size, usage_ttl)
         # A customer's token is handed out again for half its lifetime: a client minting in a loop
         # must not spend the secret key's upstream call limit, which every customer shares.
         self._tokens: TTLCache[str, SessionToken] = TTLCache(cache_size, token_lifetime / 2)
+
+    def _door(self) -> Upstream:
+        """The middleware's door to this backend, or (without one, as yet) this router's own."""
+        door = door_of(self._billing)
+        if door is None:
+            if self._own_door is None:
+                self._own_door = Upstream(self._billing, budget=Budget())
+            door = self._own_door
+        return door
 
     async def _customer(self, request: Request, endpoint: str) -> str | Response:
         """The signed-in customer, or the answer: 401 for nobody, 503 when the resolver fails.
@@ -107,7 +120,7 @@ class UsageEndpoints:
         metrics = self._metrics.get(customer)
         if metrics is None:
             try:
-                metrics = await self._billing.get_usage_metrics(customer)
+                metrics = await self._door().get_usage_metrics(customer)
             except CustomerNotFoundError:
                 return problem_response(Denial(403, "billing does not know this customer", request, "usage", customer))
             except Exception:  # any backend failure, as the middleware takes it: never a 500
@@ -126,7 +139,7 @@ class UsageEndpoints:
         token = self._tokens.get(customer)
         if token is None:
             try:
-                token = await self._billing.create_session_token(customer, expires_in=self._token_lifetime)
+                token = await self._door().create_session_token(customer, expires_in=self._token_lifetime)
             except Exception:  # any backend failure, as the middleware takes it: never a 500
                 logger.warning("session token for %s failed", customer, exc_info=True)
                 return problem_response(Denial(503, "billing is unavailable", request, "session-token", customer))

@@ -60,6 +60,7 @@ from .upstream import (
     Budget,
     CircuitBreaker,
     Upstream,
+    share_door,
 )
 
 __all__ = ["BillingMiddleware"]
@@ -372,6 +373,7 @@ class BillingMiddleware:
             budget=None if calls_per_minute is None else Budget(calls_per_minute, call_burst),
             breaker=CircuitBreaker(breaker_threshold, breaker_cooldown),
         )
+        share_door(billing, self.upstream)  # the usage endpoints' calls count in its budget too
         self.cache = EntitlementCache(
             self.upstream,
             ttl=cache_ttl,

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, TypeVar
+from weakref import WeakKeyDictionary
 
 import anyio
 
@@ -28,11 +29,11 @@ from ._exceptions import (
     RateLimitError,
     ServerError,
 )
-from ._models import Entitlement, TrackUsageResult
+from ._models import Entitlement, SessionToken, TrackUsageResult, UsageMetrics
 from .backend import BillingBackend
 from .client import BillingOS
 
-__all__ = ["Budget", "CircuitBreaker", "Upstream"]
+__all__ = ["Budget", "CircuitBreaker", "Upstream", "door_of", "share_door"]
 
 T = TypeVar("T")
 BreakerState = Literal["closed", "open", "half_open"]
@@ -184,6 +185,7 @@ class Upstream:
         self.retries = 0  # the client's own retries of checks and tracks: calls too, within the budget
         self.throttled = 0  # 429s seen
         self.refused_by_budget = 0  # checks not made: no token in time
+        self.endpoint_calls = 0  # the usage endpoints' metrics and session tokens
 
     @property
     def track_reserve(self) -> float:
@@ -208,12 +210,26 @@ class Upstream:
 
         No answer within ``answer_within`` seconds is a :class:`NetworkError`, and a failure for the breaker.
         """
-        await self._admit(wait)
+        try:
+            await self._admit(wait)
+        except BudgetExhaustedError:
+            self.refused_by_budget += 1
+            raise
         self.checks += 1
-        with anyio.move_on_after(answer_within):
-            return await self._guarded(self.backend.check_entitlement(customer_id, feature_key))
-        self.breaker.failed()
-        raise NetworkError(f"billing check unanswered after {answer_within} s")
+        return await self._within(answer_within, self.backend.check_entitlement(customer_id, feature_key))
+
+    async def get_usage_metrics(self, customer_id: str) -> UsageMetrics:
+        """A usage endpoint's metrics, as a check is made, but leaving the checks' reserve to them:
+        a front end polling its usage widget must not keep a request waiting on its check."""
+        await self._admit(CHECK_WAIT, reserve=self.track_reserve)
+        self.endpoint_calls += 1
+        return await self._within(CHECK_TIMEOUT, self.backend.get_usage_metrics(customer_id))
+
+    async def create_session_token(self, customer_id: str, *, expires_in: int) -> SessionToken:
+        """A usage endpoint's session token, as :meth:`get_usage_metrics`."""
+        await self._admit(CHECK_WAIT, reserve=self.track_reserve)
+        self.endpoint_calls += 1
+        return await self._within(CHECK_TIMEOUT, self.backend.create_session_token(customer_id, expires_in=expires_in))
 
     async def track_usage(
         self,
@@ -234,16 +250,22 @@ class Upstream:
         if self.budget is not None:
             await self.budget.take()
 
-    async def _admit(self, wait: float) -> None:
+    async def _admit(self, wait: float, reserve: float = 0.0) -> None:
         if not self.breaker.allow():
             raise CircuitOpenError(
                 "billing calls are paused after repeated failures", retry_after=self.breaker.retry_after()
             )
-        if self.budget is not None and not await self.budget.take(wait=wait):
-            self.refused_by_budget += 1
+        if self.budget is not None and not await self.budget.take(reserve=reserve, wait=wait):
             raise BudgetExhaustedError(
-                "the upstream call budget is used up for now", retry_after=self.budget.wait_time()
+                "the upstream call budget is used up for now", retry_after=self.budget.wait_time(reserve)
             )
+
+    async def _within(self, seconds: float | None, call: Awaitable[T]) -> T:
+        """``call``, guarded; no answer within ``seconds`` is a :class:`NetworkError`, and a failure."""
+        with anyio.move_on_after(seconds):
+            return await self._guarded(call)
+        self.breaker.failed()
+        raise NetworkError(f"billing call unanswered after {seconds} s")
 
     async def _guarded(self, call: Awaitable[T]) -> T:
         try:
@@ -260,3 +282,25 @@ class Upstream:
             raise
         self.breaker.succeeded()
         return result
+
+
+#: The door of each backend a middleware is built over. Upstream's limits are per secret key, so
+#: the usage endpoints over the same backend call through it too: within the same budget, and
+#: answered at once while its breaker is open.
+_doors: WeakKeyDictionary[Any, Upstream] = WeakKeyDictionary()
+
+
+def share_door(backend: BillingBackend, upstream: Upstream) -> None:
+    """Make ``upstream`` the door of every other call to ``backend`` (the last middleware built wins)."""
+    try:
+        _doors[backend] = upstream
+    except TypeError:  # a backend that cannot be weakly referenced, or hashed: its calls stay unshared
+        pass
+
+
+def door_of(backend: BillingBackend) -> Upstream | None:
+    """The door :func:`share_door` gave ``backend``, if any."""
+    try:
+        return _doors.get(backend)
+    except TypeError:
+        return None

@@ -20,7 +20,7 @@ from billingos_asgi import (
 )
 from billingos_asgi.cache import EntitlementCache
 from billingos_asgi.tracker import Tracker
-from billingos_asgi.upstream import Budget, CircuitBreaker, Upstream
+from billingos_asgi.upstream import Budget, CircuitBreaker, Upstream, door_of, share_door
 
 from .test_tracker import PLANS
 
@@ -205,3 +205,18 @@ async def test_a_check_waits_briefly_for_a_token(billing: LocalBilling) -> None:
     with pytest.raises(BudgetExhaustedError):
         await upstream.check_entitlement("c0", "api_calls", wait=0)
     assert upstream.checks == 2
+
+
+def test_a_backend_is_shared_through_the_last_door_built_and_an_unhashable_one_stays_unshared(
+    billing: LocalBilling,
+) -> None:
+    class Unhashable(Scripted):  # as a class defining __eq__ alone
+        __hash__ = None  # type: ignore[assignment]
+
+    first, last = Upstream(billing), Upstream(billing)
+    share_door(billing, first)
+    share_door(billing, last)
+    assert door_of(billing) is last
+    unhashable = Unhashable(billing, [])
+    share_door(unhashable, first)  # type: ignore[arg-type]
+    assert door_of(unhashable) is None  # type: ignore[arg-type]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
+import anyio
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
@@ -183,6 +186,77 @@ async def test_a_backend_failing_otherwise_than_billingoserror_is_a_503_not_a_50
         usage = await client.get("/billing/usage", headers=as_customer("user_free"))
     assert (usage.status_code, usage.json()["detail"]) == (503, "billing is unavailable")
     assert usage.headers["retry-after"] == "5"
+
+
+def usage_app(billing: LocalBilling, entered: list[str]) -> Starlette:
+    """An export (a flag: checked, never tracked) and the usage routes, for a middleware to wrap."""
+
+    @metered("export")
+    async def export(request: Request) -> JSONResponse:
+        entered.append("export")
+        return JSONResponse({"export": "started"})
+
+    return Starlette(routes=[Route("/v1/export", export), usage_routes(billing, by_header)])
+
+
+async def test_the_usage_routes_call_within_the_middlewares_budget_leaving_its_checks_their_reserve(
+    billing: LocalBilling,
+) -> None:
+    # Upstream's limits are per secret key: a usage widget polling for every customer must not
+    # spend the calls the middleware needs, nor keep a request waiting on its check.
+    entered: list[str] = []
+    app = usage_app(billing, entered)
+    middleware = BillingMiddleware(  # two tokens, one of them the checks' reserve; none more for 100 s
+        app, billing=billing, customer=by_header, routes=declared(app), calls_per_minute=0.6, call_burst=2
+    )
+    async with serve(middleware) as client:
+        usage = [await client.get("/billing/usage", headers=as_customer(who)) for who in ("user_free", "user_pro")]
+        token = await client.post("/billing/session-token", headers=as_customer("user_free"))
+        export = await client.get("/v1/export", headers=as_customer("user_pro"))
+    assert [answer.status_code for answer in (*usage, token, export)] == [200, 503, 503, 200]
+    assert usage[1].json()["detail"] == "billing is unavailable" and usage[1].headers["retry-after"] == "5"
+    assert entered == ["export"]
+    metrics = middleware.metrics()
+    assert (metrics["endpoint_calls"], metrics["check_calls"], metrics["checks_refused_by_budget"]) == (1, 1, 0)
+    assert 'billingos_upstream_calls_total{call="endpoint"} 1' in middleware.prometheus()
+
+
+async def test_the_usage_routes_are_answered_at_once_while_the_middlewares_breaker_is_open(
+    billing: LocalBilling,
+) -> None:
+    app = usage_app(billing, [])
+    middleware = BillingMiddleware(
+        app, billing=billing, customer=by_header, routes=declared(app), breaker_threshold=1, breaker_cooldown=60
+    )
+    await billing.aclose()  # every call fails now: the first opens the breaker
+    async with serve(middleware) as client:
+        answers = [await client.get("/billing/usage", headers=as_customer(who)) for who in ("user_free", "user_pro")]
+        answers.append(await client.post("/billing/session-token", headers=as_customer("user_pro")))
+    assert [(answer.status_code, answer.json()["detail"]) for answer in answers] == [
+        (503, "billing is unavailable")
+    ] * 3
+    metrics = middleware.metrics()
+    assert (metrics["endpoint_calls"], metrics["breaker_state"], metrics["breaker_opened"]) == (1, "open", 1)
+
+
+async def test_usage_routes_without_a_middleware_keep_within_a_budget_of_their_own(billing: LocalBilling) -> None:
+    app = Starlette(routes=[usage_routes(billing, by_header)])
+    statuses: list[int] = []
+
+    async def ask(client: httpx.AsyncClient, who: str) -> None:
+        statuses.append((await client.get("/billing/usage", headers=as_customer(who))).status_code)
+
+    async with serve(app) as client:  # unknown customers: each a call, none cached
+        started = time.monotonic()
+        async with anyio.create_task_group() as group:
+            for n in range(30):
+                group.start_soon(ask, client, f"stranger_{n}")
+        elapsed = time.monotonic() - started
+    # The default budget: a burst of 10, half of it kept for checks, then 1.5 calls a second;
+    # what cannot have a call within 1 s is refused.
+    calls = statuses.count(403)
+    assert sorted(set(statuses)) == [403, 503] and calls + statuses.count(503) == 30
+    assert 5 <= calls <= 5 + 1.5 * elapsed + 1, (calls, elapsed)
 
 
 @pytest.mark.parametrize(
