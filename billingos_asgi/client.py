@@ -90,11 +90,12 @@ def _resolve_secret_key(secret_key: str | None) -> str:
         raise ValidationError("no BillingOS secret key: pass secret_key= or set BILLINGOS_SECRET_KEY")
     if not isinstance(key, str):
         raise ValidationError("the BillingOS secret key must be a string")
+    where = "secret_key=" if secret_key is not None else "BILLINGOS_SECRET_KEY"  # which one to fix
     key = key.strip()  # read from a file or an env var, it often ends in a newline
     if not key.startswith("sk_"):
-        raise ValidationError("the BillingOS secret key must start with 'sk_'")
+        raise ValidationError(f"the BillingOS secret key ({where}) must start with 'sk_'")
     if not (key.isascii() and key.isprintable()) or " " in key:
-        raise ValidationError("the BillingOS secret key must be printable ASCII without spaces")
+        raise ValidationError(f"the BillingOS secret key ({where}) must be printable ASCII without spaces")
     return key
 
 

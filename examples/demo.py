@@ -7,6 +7,7 @@ remaining quota), then the usage table each customer would see. No account, no i
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ import anyio
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.pop("BILLINGOS_SECRET_KEY", None)  # the demo runs on the embedded engine, whatever the shell holds
 
 from billingos_asgi import LocalBilling, UsageMetrics  # noqa: E402
 from billingos_asgi.local.background import serve_in_thread  # noqa: E402

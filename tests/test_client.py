@@ -1173,7 +1173,7 @@ def test_key_without_sk_prefix_is_refused_without_echoing_it(key: str) -> None:
         BillingOS(secret_key=key, base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
     assert "hushhush" not in str(caught.value)
     assert "hushhush" not in repr(caught.value)
-    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, ValueError) and "(secret_key=)" in str(caught.value)
 
 
 async def test_a_key_read_with_its_final_newline_is_used_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1189,6 +1189,7 @@ def test_key_without_sk_prefix_from_env_is_refused_without_echoing_it(monkeypatc
     with pytest.raises(ValidationError) as caught:
         BillingOS(base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
     assert "hushhush" not in str(caught.value)
+    assert str(caught.value) == "the BillingOS secret key (BILLINGOS_SECRET_KEY) must start with 'sk_'"
 
 
 def test_unknown_key_kind_without_url_is_refused_without_echoing_it() -> None:

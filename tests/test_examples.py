@@ -26,9 +26,18 @@ from .conftest import SECRET_KEY
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_make_demo_meters_two_customers_until_one_runs_out() -> None:
+@pytest.mark.parametrize("shell_key", [None, "not a key"])  # whatever the shell holds: the embedded engine
+def test_make_demo_meters_two_customers_until_one_runs_out(shell_key: str | None) -> None:
+    env = {name: value for name, value in os.environ.items() if name != "BILLINGOS_SECRET_KEY"}
+    if shell_key is not None:
+        env["BILLINGOS_SECRET_KEY"] = shell_key
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py")], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [sys.executable, str(ROOT / "examples" / "demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
