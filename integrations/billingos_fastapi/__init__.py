@@ -16,6 +16,7 @@ The middleware gates a declared route before routing (the handler never runs on 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import fastapi.routing
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, params
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
@@ -86,7 +87,8 @@ def metered(
     bill_partial: bool = False,
     customer: Callable[..., Any] | None = None,
 ) -> Any:
-    """A dependency declaring the route metered: ``dependencies=[metered("api_calls")]`` (on a route or router).
+    """A dependency declaring the route metered: ``dependencies=[metered("api_calls")]`` (on a route or
+    router; ``Depends(metered("api_calls"))`` works too).
 
     ``customer``: the app's own auth dependency returning the customer id (or None). The gate
     then runs at dependency time with what it produced (late identification), and the
@@ -138,7 +140,25 @@ def metered(
 
         billing_gate = identified
     setattr(billing_gate, MARK, declaration)
-    return Depends(billing_gate)
+    return _Declaration(billing_gate)
+
+
+class _Declaration(params.Depends):
+    """What :func:`metered` returns: the gate's ``Depends``, which FastAPI's habit of wrapping it
+    again (``Depends(metered(...))``) also takes, as a dependency calling the gate."""
+
+    def __init__(self, gate: Callable[..., Any]) -> None:
+        super().__init__(gate)
+        object.__setattr__(self, "__wrapped__", gate)  # FastAPI reads the gate's signature through it
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> UsageContext | None:
+        gate = self.dependency
+        assert gate is not None  # (set in __init__)
+        result: UsageContext | None = await gate(*args, **kwargs)
+        return result
+
+    def __getattr__(self, name: str) -> Any:  # the gate's marks (MARK, _COLLECTED), read by declared()
+        return getattr(self.dependency, name)
 
 
 def _as_produced(customer_id: Any) -> Any:
@@ -240,7 +260,7 @@ def _declared_on(route: BaseRoute, dependant: Dependant, path: str) -> Metered |
         if declaration is not None and found != declaration:
             raise ValueError(f"{path}: metered twice, as {declaration!r} and {found!r}: declare one")
         declaration = found
-        setattr(call, _COLLECTED, True)
+        setattr(inspect.unwrap(call), _COLLECTED, True)  # (on the gate, wrapped or not)
     return declaration
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 
 from fastapi import APIRouter, Depends, FastAPI, WebSocket  # noqa: E402
 
-from billingos_asgi import BillingMiddleware, LocalBilling, SessionToken  # noqa: E402
+from billingos_asgi import BillingMiddleware, LocalBilling, SessionToken, UsageContext  # noqa: E402
 from billingos_fastapi import (  # noqa: E402
     Billing,
     BillingSessionToken,
@@ -46,23 +46,34 @@ async def billing(tmp_path: Path) -> AsyncIterator[SpyBilling]:
         yield billing
 
 
-def build(billing: LocalBilling, entered: list[str]) -> FastAPI:
+def as_is(declaration: Any) -> Any:
+    """``dependencies=[metered(...)]``: the declaration as :func:`metered` returns it."""
+    return declaration
+
+
+#: Each way of declaring: as metered() returns it, and wrapped again as FastAPI users habitually write.
+DECLARED_AS = pytest.mark.parametrize("declare", [as_is, Depends], ids=["metered()", "Depends(metered())"])
+
+
+def build(billing: LocalBilling, entered: list[str], declare: Callable[[Any], Any] = as_is) -> FastAPI:
     app = FastAPI()
 
-    @app.get("/v1/search", dependencies=[metered("api_calls")])
+    @app.get("/v1/search", dependencies=[declare(metered("api_calls"))])
     async def search(billing: Billing) -> dict[str, Any]:
         entered.append("search")
         assert billing is not None and billing.entitlement is not None
         return {"request_id": billing.request_id, "limit": billing.entitlement.limit}
 
-    @app.post("/v1/chat", dependencies=[metered("tokens", quantity=None)])
-    async def chat(billing: Billing) -> dict[str, str]:
+    tokens = declare(metered("tokens", quantity=None))  # as a parameter: the handler gets its context
+
+    @app.post("/v1/chat")
+    async def chat(billing: UsageContext | None = tokens) -> dict[str, str]:
         entered.append("chat")
         assert billing is not None
         billing.report(7)  # tokens the model used
         return {"answer": "42"}
 
-    exports = APIRouter(prefix="/v1/exports", dependencies=[metered("export")])
+    exports = APIRouter(prefix="/v1/exports", dependencies=[declare(metered("export"))])
 
     @exports.post("")
     async def export() -> dict[str, str]:
@@ -83,9 +94,12 @@ def build(billing: LocalBilling, entered: list[str]) -> FastAPI:
     return app
 
 
-async def test_declared_routes_are_gated_before_the_handler_runs(billing: SpyBilling) -> None:
+@DECLARED_AS
+async def test_declared_routes_are_gated_before_the_handler_runs(
+    billing: SpyBilling, declare: Callable[[Any], Any]
+) -> None:
     entered: list[str] = []
-    app = build(billing, entered)
+    app = build(billing, entered, declare)
     async with serve(app) as client:
         assert (await client.get("/v1/search")).status_code == 401
         assert (await client.post("/v1/exports", headers=as_customer("user_free"))).status_code == 403
@@ -101,8 +115,11 @@ async def test_declared_routes_are_gated_before_the_handler_runs(billing: SpyBil
     assert await billing.recorded_units("user_free", "tokens") == 7
 
 
-async def test_openapi_documents_the_answers_of_metered_routes_only(billing: SpyBilling) -> None:
-    app = build(billing, [])
+@DECLARED_AS
+async def test_openapi_documents_the_answers_of_metered_routes_only(
+    billing: SpyBilling, declare: Callable[[Any], Any]
+) -> None:
+    app = build(billing, [], declare)
     async with serve(app) as client:
         schema = (await client.get("/openapi.json")).json()
     paths = schema["paths"]
@@ -158,13 +175,17 @@ def a_table_with_another_feature(app: FastAPI, billing: SpyBilling) -> None:
         (a_table_with_another_feature, "reached metered as 'tokens'"),
     ],
 )
+@DECLARED_AS
 async def test_a_declared_route_the_middleware_did_not_take_fails_closed(
-    billing: SpyBilling, misconfigure: Callable[[FastAPI, SpyBilling], None], message: str
+    billing: SpyBilling,
+    misconfigure: Callable[[FastAPI, SpyBilling], None],
+    message: str,
+    declare: Callable[[Any], Any],
 ) -> None:
     app = FastAPI()
     entered: list[str] = []
 
-    @app.get("/v1/search", dependencies=[metered("api_calls")])
+    @app.get("/v1/search", dependencies=[declare(metered("api_calls"))])
     async def search() -> dict[str, str]:
         entered.append("search")
         return {}
@@ -225,7 +246,10 @@ async def _wait_for_units(billing: LocalBilling, units: int) -> None:
             await anyio.sleep(0.02)
 
 
-async def test_late_identification_gates_at_dependency_time_with_the_apps_own_auth(billing: SpyBilling) -> None:
+@DECLARED_AS
+async def test_late_identification_gates_at_dependency_time_with_the_apps_own_auth(
+    billing: SpyBilling, declare: Callable[[Any], Any]
+) -> None:
     from fastapi import Header
 
     tokens = {"token-free": "user_free", "token-pro": "user_pro"}
@@ -237,7 +261,7 @@ async def test_late_identification_gates_at_dependency_time_with_the_apps_own_au
     app = FastAPI()
     entered: list[str] = []
 
-    @app.get("/v1/search", dependencies=[metered("api_calls", customer=current_customer)])
+    @app.get("/v1/search", dependencies=[declare(metered("api_calls", customer=current_customer))])
     async def search(billing: Billing, customer: str | None = Depends(current_customer)) -> dict[str, Any]:
         entered.append(str(customer))
         assert billing is not None and billing.customer_id == customer and billing.entitlement is not None
