@@ -149,7 +149,9 @@ class _Declaration(params.Depends):
 
     def __init__(self, gate: Callable[..., Any]) -> None:
         super().__init__(gate)
-        object.__setattr__(self, "__wrapped__", gate)  # FastAPI reads the gate's signature through it
+        # What FastAPI reads of a dependency: the gate's parameters, their annotations resolved
+        # (its older releases look for the names in the dependency's own __globals__).
+        object.__setattr__(self, "__signature__", inspect.signature(gate, eval_str=True))
 
     async def __call__(self, *args: Any, **kwargs: Any) -> UsageContext | None:
         gate = self.dependency
@@ -157,8 +159,12 @@ class _Declaration(params.Depends):
         result: UsageContext | None = await gate(*args, **kwargs)
         return result
 
-    def __getattr__(self, name: str) -> Any:  # the gate's marks (MARK, _COLLECTED), read by declared()
-        return getattr(self.dependency, name)
+    def __getattr__(self, name: str) -> Any:
+        """The gate's marks, which :func:`declared` reads (and nothing else: a copy made without
+        ``__init__`` has no gate to ask)."""
+        if name in (MARK, _COLLECTED):
+            return getattr(self.__dict__["dependency"], name)
+        raise AttributeError(name)
 
 
 def _as_produced(customer_id: Any) -> Any:
@@ -260,7 +266,7 @@ def _declared_on(route: BaseRoute, dependant: Dependant, path: str) -> Metered |
         if declaration is not None and found != declaration:
             raise ValueError(f"{path}: metered twice, as {declaration!r} and {found!r}: declare one")
         declaration = found
-        setattr(inspect.unwrap(call), _COLLECTED, True)  # (on the gate, wrapped or not)
+        setattr(call.dependency if isinstance(call, _Declaration) else call, _COLLECTED, True)  # (on the gate)
     return declaration
 
 

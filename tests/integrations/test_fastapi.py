@@ -339,7 +339,7 @@ async def test_an_included_routers_starlette_routes_and_mounts_are_gated(billing
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
-    from starlette.routing import Route
+    from starlette.routing import Match, Route
 
     from billingos_starlette import metered as metered_endpoint
 
@@ -363,6 +363,9 @@ async def test_an_included_routers_starlette_routes_and_mounts_are_gated(billing
     router.mount("/starlette", Starlette(routes=[Route("/legacy", legacy)]))
     app = FastAPI()
     app.include_router(router, prefix="/api")
+    mounted = {"type": "http", "method": "GET", "path": "/api/starlette/legacy", "root_path": ""}
+    if not any(route.matches(mounted)[0] is not Match.NONE for route in app.routes):
+        pytest.skip("this FastAPI's include_router leaves a router's mounts out (as 0.115.7 does)")
     app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
     paths = ("/api/legacy", "/api/sub/hello", "/api/starlette/legacy")
     async with serve(app) as client:
@@ -656,6 +659,8 @@ async def test_a_frontend_under_a_metered_router_is_metered_and_one_beside_it_st
     """FastAPI's ``frontend()`` files are tried after every other route and take their router's
     dependencies: under a metered router they are gated and billed (not a 500 each), the most
     specific frontend deciding as the app does, while a free frontend and route beside them stay free."""
+    if not hasattr(FastAPI, "frontend"):
+        pytest.skip("this FastAPI has no frontend() (added after our minimum, 0.115.7)")
     site = tmp_path / "dist"
     site.mkdir()
     (site / "index.html").write_text("<h1>app</h1>")
