@@ -144,7 +144,7 @@ def _parse_retry_after(value: str | None) -> float | None:
         return None if math.isnan(seconds) else min(max(0.0, seconds), _LONGEST_WAIT)
     try:
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a day or hour too large for a C long
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)

@@ -564,6 +564,20 @@ async def test_a_retry_after_of_nan_is_ignored(sleeps: list[float]) -> None:
     assert len(sleeps) == 1 and 0 <= sleeps[0] <= 0.25  # the first backoff step, as without the header
 
 
+@pytest.mark.parametrize(
+    "value", ["Fri, 99999999999999999999 Dec 2024 07:28:00 GMT", "Fri, 31 Dec 2024 99999999999999999999:00:00 GMT"]
+)
+async def test_a_date_retry_after_with_an_out_of_range_number_is_ignored(sleeps: list[float], value: str) -> None:
+    """email.utils raises OverflowError on such a date: it is a header to ignore, not a crash of the call."""
+    server = FakeServer(
+        respond(429, nest_error(429, "Too Many Requests"), headers={"Retry-After": value}), respond(200, CHECK_BODY)
+    )
+    async with make_client(server) as billing:
+        await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 2
+    assert len(sleeps) == 1 and 0 <= sleeps[0] <= 0.25  # the first backoff step, as without the header
+
+
 @pytest.mark.parametrize("value", ["inf", "1e999", "Fri, 31 Dec 9999 23:59:59 GMT"])
 async def test_an_infinite_retry_after_is_too_long_to_wait(sleeps: list[float], value: str) -> None:
     server = FakeServer(
