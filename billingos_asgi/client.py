@@ -68,10 +68,18 @@ class RetryPolicy:
     max_retry_after: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        if self.backoff_base < 0 or self.backoff_max < 0 or self.max_retry_after < 0:
-            raise ValueError("backoff_base, backoff_max and max_retry_after must be >= 0")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
+        # NaN passes any comparison (a NaN sleep fails each retry, a NaN cap waits out any Retry-After),
+        # and an infinite backoff sleeps forever; an infinite max_retry_after is "always wait".
+        for name, value, finite in (
+            ("backoff_base", self.backoff_base, True),
+            ("backoff_max", self.backoff_max, True),
+            ("max_retry_after", self.max_retry_after, False),
+        ):
+            if math.isnan(value) or value < 0 or (finite and math.isinf(value)):
+                kind = "a finite number" if finite else "a number"
+                raise ValueError(f"{name} must be {kind} >= 0, got {value!r}")
 
     def delay(self, retry: int, retry_after: float | None) -> float | None:
         """Seconds to wait before retry number ``retry`` (0-based), or None to give up."""

@@ -755,6 +755,21 @@ def test_retry_policy_refuses_negative_values() -> None:
         RetryPolicy(backoff_base=-0.1)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"backoff_max": math.nan},  # every retry's sleep would be NaN: anyio refuses it with a bare ValueError
+        {"backoff_base": math.inf, "backoff_max": math.inf},  # a retry would sleep forever
+        {"max_retry_after": math.nan},  # would wait out any Retry-After, a year included
+        {"max_retries": 2.5},
+        {"max_retries": True},
+    ],
+)
+def test_retry_policy_refuses_values_that_are_not_finite_numbers(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        RetryPolicy(**kwargs)
+
+
 # -- error mapping ------------------------------------------------------------------------------
 
 
