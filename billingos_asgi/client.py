@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -107,6 +108,10 @@ def _resolve_secret_key(secret_key: str | None) -> str:
     return key
 
 
+#: Anything shaped like a secret key, masked in what a bad URL setting is told with.
+_KEY_LIKE = re.compile(r"sk_\w+")
+
+
 def _resolve_base_url(base_url: str | None, secret_key: str) -> str:
     setting = "base_url" if base_url else "BILLINGOS_API_URL"
     url = base_url or os.environ.get("BILLINGOS_API_URL")
@@ -119,20 +124,23 @@ def _resolve_base_url(base_url: str | None, secret_key: str) -> str:
     if not isinstance(url, str):
         raise ValidationError(f"{setting} must be a string, got {type(url).__name__}")
     url = url.strip()  # read from a file or an env var, it often ends in a newline
+    # The two settings swapped (in a .env file, say) put a key here: the refusals below must not show it.
+    shown = _KEY_LIKE.sub(_MASK, url)
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:  # checked here, or the client's constructor raises it unexplained
-        raise ValidationError(f"{setting} is not a valid URL: {exc}") from None
+        raise ValidationError(f"{setting} is not a valid URL: {_KEY_LIKE.sub(_MASK, str(exc))}") from None
     # A query or fragment would swallow every call's path; a user:password would replace the key
     # with Basic auth (and show in repr and in the messages below).
     if parsed.userinfo or "?" in url or "#" in url:
-        shown = parsed.copy_with(userinfo=b"***") if parsed.userinfo else url
-        raise ValidationError(f"{setting} must not carry a user, password, query or fragment, got {str(shown)!r}")
+        if parsed.userinfo:
+            shown = _KEY_LIKE.sub(_MASK, str(parsed.copy_with(userinfo=b"***")))
+        raise ValidationError(f"{setting} must not carry a user, password, query or fragment, got {shown!r}")
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValidationError(f"{setting} must be an http(s) URL with a host, got {url!r}")
+        raise ValidationError(f"{setting} must be an http(s) URL with a host, got {shown!r}")
     port = parsed.port
     if any(char.isspace() for char in url) or not (port is None or 0 < port < 65536):
-        raise ValidationError(f"{setting} is not a valid URL (a space in it, or a port out of range): {url!r}")
+        raise ValidationError(f"{setting} is not a valid URL (a space in it, or a port out of range): {shown!r}")
     return url.rstrip("/")
 
 

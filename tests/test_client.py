@@ -1333,6 +1333,25 @@ def test_a_bad_base_url_is_refused_naming_the_setting(
     assert "hunter2" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [SECRET, f"{SECRET}\n", "sk_live_other", f"ftp://{SECRET}", f"http://billing.test:99999/{SECRET}", "http://[sk_x]"],
+)
+@pytest.mark.parametrize("setting", ["base_url", "BILLINGOS_API_URL"])
+def test_a_secret_key_given_as_the_base_url_is_never_shown(
+    monkeypatch: pytest.MonkeyPatch, setting: str, url: str
+) -> None:
+    """The two settings swapped (in a .env file, say): the refusal names the setting, not the key it holds."""
+    arguments: dict[str, Any] = {}
+    if setting == "base_url":
+        arguments["base_url"] = url
+    else:
+        monkeypatch.setenv("BILLINGOS_API_URL", url)
+    with pytest.raises(ValidationError, match=rf"^{setting} ") as caught:
+        BillingOS(secret_key=SECRET, transport=FakeServer(respond(200, {})).transport, **arguments)
+    assert "sk_" not in str(caught.value).replace("sk_***", "")
+
+
 def test_repr_shows_base_url() -> None:
     billing = BillingOS(secret_key=SECRET, base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
     assert repr(billing) == "BillingOS(base_url='http://billing.test')"
