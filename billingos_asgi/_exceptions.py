@@ -14,7 +14,8 @@
     ├── ServerError                5xx
     ├── NetworkError               connection failures and timeouts (no answer at all)
     │   └── CircuitOpenError       not sent: calls are paused after repeated failures
-    └── InvalidResponseError       an answer that is not the JSON the protocol promises
+    └── InvalidResponseError       an answer that is not the JSON the protocol promises (a 404 from
+                                   no such route too: a wrong base URL)
 
 Every error carries ``status`` (None when no HTTP answer was involved), ``message``, ``body``
 (the decoded response body, or its text when it was not JSON) and ``retry_after`` (the seconds a

@@ -213,7 +213,14 @@ def _error_for(response: httpx.Response, secret: str) -> BillingOSError:
     if message.startswith("Customer not found"):
         return CustomerNotFoundError(message, status=status, body=body)
     if status == 404:
-        return NotFoundError(message, status=status, body=body)
+        if raw and not message.startswith("Cannot "):  # the protocol's 404: no subscription to the feature
+            return NotFoundError(message, status=status, body=body)
+        # NestJS's "Cannot POST /x" (no such route), or a proxy's page: the base URL is wrong, or the
+        # service is mid-deploy. Not the customer's fault: nothing of theirs is refused for it.
+        route = f"{response.request.method} {response.request.url.path}"
+        return InvalidResponseError(
+            f"BillingOS has no route {route} (404: {message}): is the base URL right?", status=status, body=body
+        )
     return ValidationError(message, status=status, body=body)
 
 

@@ -834,6 +834,25 @@ async def test_plain_404_is_not_customer_not_found() -> None:
     assert not isinstance(caught.value, CustomerNotFoundError)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        respond(404, nest_error(404, "Cannot POST /billing/v1/usage/track", "Not Found")),  # NestJS: no such route
+        respond(404, text="<html><h1>404 Not Found</h1></html>"),  # a proxy's page
+    ],
+)
+async def test_a_404_from_no_such_route_says_the_base_url_is_wrong_not_that_the_customer_lacks_the_feature(
+    answer: Answer, sleeps: list[float]
+) -> None:
+    server = FakeServer(answer)
+    async with make_client(server) as billing:
+        with pytest.raises(InvalidResponseError) as caught:
+            await billing.track_usage("user_123", "api_calls", 1, idempotency_key="k")
+    assert not isinstance(caught.value, NotFoundError) and caught.value.status == 404
+    assert "no route POST /v1/usage/track" in caught.value.message and "is the base URL right?" in caught.value.message
+    assert server.attempts == 1 and sleeps == []  # (the tracker keeps its events and retries: not the client)
+
+
 async def test_validation_error_from_server_is_a_value_error() -> None:
     server = FakeServer(respond(400, nest_error(400, "customer_id, feature_key, and quantity are required")))
     async with make_client(server) as billing:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -222,3 +223,43 @@ async def test_outage_longer_than_the_flush_window(server: RunningServer, proxy:
     assert await recorded(server) == expected(total)
     assert_all_sent(middleware, total)
     assert middleware.upstream.breaker.state == "closed"
+
+
+async def test_a_base_url_missing_its_path_keeps_every_event_for_a_restart_with_the_right_one(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """Every call answered 404 "Cannot POST ..." (no such route): a wrong base URL, not a customer
+    without the feature. Its events are kept, not rejected, and delivered once after the fix."""
+    outbox = tmp_path / "outbox.db"
+
+    @asynccontextmanager
+    async def metered_over(base_url: str) -> AsyncIterator[tuple[BillingMiddleware, httpx.AsyncClient]]:
+        async with BillingOS(SECRET_KEY, base_url=base_url) as remote:
+            middleware = BillingMiddleware(
+                recording_app([]),
+                billing=remote,
+                customer=by_header,
+                routes={"/x": FEATURE},
+                flush_interval=0.05,
+                drain_timeout=0.5,
+                calls_per_minute=None,
+                outbox=outbox,
+            )
+            async with serve(middleware) as client:
+                yield middleware, client
+
+    async with metered_over(server.base_url + "/billing") as (wrong, client):
+        statuses = [(await client.get("/x", headers=as_customer(CUSTOMERS[0]))).status_code for _ in range(5)]
+        with anyio.fail_after(10):
+            while wrong.upstream.tracks == 0:  # noqa: ASYNC110 - polling a counter
+                await anyio.sleep(0.01)
+    assert statuses == [200] * 5  # checks fail too: let through, on_error="allow"
+    assert (wrong.tracker.stats.rejected, wrong.tracker.stats.sent) == (0, 0)
+    assert await recorded(server) == [0.0, 0.0, 0.0]
+
+    async with metered_over(server.base_url) as (right, _):
+        with anyio.fail_after(10):
+            while right.tracker.stats.sent < 5:  # noqa: ASYNC110 - polling a counter
+                await anyio.sleep(0.01)
+    assert await recorded(server) == [5.0, 0.0, 0.0]
+    assert right.tracker.stats.replayed == 5
