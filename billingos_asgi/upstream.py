@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, TypeVar
-from weakref import WeakKeyDictionary
 
 import anyio
 
@@ -286,21 +286,23 @@ class Upstream:
 
 #: The door of each backend a middleware is built over. Upstream's limits are per secret key, so
 #: the usage endpoints over the same backend call through it too: within the same budget, and
-#: answered at once while its breaker is open.
-_doors: WeakKeyDictionary[Any, Upstream] = WeakKeyDictionary()
+#: answered at once while its breaker is open. Both weakly held (a door holds its backend): a
+#: middleware gone, its door and backend go with it, not kept for the life of the process.
+_doors: weakref.WeakKeyDictionary[Any, weakref.ref[Upstream]] = weakref.WeakKeyDictionary()
 
 
 def share_door(backend: BillingBackend, upstream: Upstream) -> None:
     """Make ``upstream`` the door of every other call to ``backend`` (the last middleware built wins)."""
     try:
-        _doors[backend] = upstream
+        _doors[backend] = weakref.ref(upstream)
     except TypeError:  # a backend that cannot be weakly referenced, or hashed: its calls stay unshared
         pass
 
 
 def door_of(backend: BillingBackend) -> Upstream | None:
-    """The door :func:`share_door` gave ``backend``, if any."""
+    """The door :func:`share_door` gave ``backend``, while it is in use."""
     try:
-        return _doors.get(backend)
+        door = _doors.get(backend)
     except TypeError:
         return None
+    return None if door is None else door()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -220,3 +222,20 @@ def test_a_backend_is_shared_through_the_last_door_built_and_an_unhashable_one_s
     unhashable = Unhashable(billing, [])
     share_door(unhashable, first)  # type: ignore[arg-type]
     assert door_of(unhashable) is None  # type: ignore[arg-type]
+
+
+async def test_a_shared_door_keeps_neither_its_backend_nor_itself_alive(tmp_path: Path) -> None:
+    # A door holds its backend: a registry holding the door would keep both (and the backend's
+    # database) for the life of the process, and lend a middleware gone to the next usage endpoints.
+    async with LocalBilling.from_dict(PLANS, tmp_path / "billing.db") as billing:
+        door = Upstream(billing)
+        share_door(billing, door)
+        assert door_of(billing) is door
+        door_gone = weakref.ref(door)
+        backend_gone = weakref.ref(billing)
+    del door
+    gc.collect()
+    assert door_gone() is None and door_of(billing) is None
+    del billing
+    gc.collect()
+    assert backend_gone() is None
