@@ -15,7 +15,7 @@ import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import anyio
 
@@ -151,10 +151,10 @@ class CircuitBreaker:
         return True
 
     def retry_after(self) -> float:
-        """Seconds until a call may go."""
+        """Seconds until a call may go: 0 exactly when :meth:`allow` would let one go (same arithmetic)."""
         if self.state == "closed":
             return 0.0
-        return max(0.0, self._since + self.cooldown - self._clock())
+        return max(0.0, self.cooldown - (self._clock() - self._since))
 
     def succeeded(self) -> None:
         self.state, self.failures = "closed", 0
@@ -198,10 +198,13 @@ class Upstream:
 
         ``reserve``: leave the checks' reserve alone (not when draining at shutdown).
         """
-        while not self.breaker.allow():  # noqa: ASYNC110 - the breaker is a clock, not an event
-            await anyio.sleep(max(self.breaker.retry_after(), 0.01))
-        if self.budget is not None:
-            await self.budget.take(reserve=self.track_reserve if reserve else 0.0)
+        while True:
+            while self.breaker.retry_after() > 0:  # noqa: ASYNC110 - the breaker is a clock, not an event
+                await anyio.sleep(max(self.breaker.retry_after(), 0.01))
+            if self.budget is not None:
+                await self.budget.take(reserve=self.track_reserve if reserve else 0.0)
+            if self.breaker.allow():  # else another call became the probe while this one waited: its token is spent
+                return
 
     async def check_entitlement(
         self, customer_id: str, feature_key: str, *, wait: float, answer_within: float | None = None
@@ -251,14 +254,21 @@ class Upstream:
             await self.budget.take()
 
     async def _admit(self, wait: float, reserve: float = 0.0) -> None:
-        if not self.breaker.allow():
-            raise CircuitOpenError(
-                "billing calls are paused after repeated failures", retry_after=self.breaker.retry_after()
-            )
+        """Let a call go, or raise. The breaker's probe is claimed once the call has its token: claimed
+        before, by a call then refused by the budget, it would keep the breaker shut for a cooldown more."""
+        if self.breaker.retry_after() > 0:
+            self._refuse_open()
         if self.budget is not None and not await self.budget.take(reserve=reserve, wait=wait):
             raise BudgetExhaustedError(
                 "the upstream call budget is used up for now", retry_after=self.budget.wait_time(reserve)
             )
+        if not self.breaker.allow():  # another call became the probe while this one waited: its token is spent
+            self._refuse_open()
+
+    def _refuse_open(self) -> NoReturn:
+        raise CircuitOpenError(
+            "billing calls are paused after repeated failures", retry_after=self.breaker.retry_after()
+        )
 
     async def _within(self, seconds: float | None, call: Awaitable[T]) -> T:
         """``call``, guarded; no answer within ``seconds`` is a :class:`NetworkError`, and a failure."""

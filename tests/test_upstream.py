@@ -239,3 +239,33 @@ async def test_a_shared_door_keeps_neither_its_backend_nor_itself_alive(tmp_path
     del billing
     gc.collect()
     assert backend_gone() is None
+
+
+def starved_door(billing: LocalBilling, clock: Clock) -> Upstream:
+    """A door whose breaker has just ended its cooldown, its budget holding a token for a check but
+    none for a track or a usage call (a burst of 2, one of them the checks' reserve; one a 100 s)."""
+    budget = Budget(0.6, burst=2, clock=clock)
+    upstream = Upstream(billing, budget=budget, breaker=CircuitBreaker(1, cooldown=15, clock=clock))
+    assert budget.try_take()
+    upstream.breaker.failed()
+    clock.now += 15
+    return upstream
+
+
+async def test_a_usage_call_refused_by_the_budget_leaves_the_breakers_probe_to_a_check(billing: LocalBilling) -> None:
+    # Taken and not made, the probe would keep every check answered "circuit open" for a cooldown more.
+    upstream = starved_door(billing, Clock())
+    with pytest.raises(BudgetExhaustedError):
+        await upstream.get_usage_metrics("c0")
+    assert (await upstream.check_entitlement("c0", "api_calls", wait=0)).has_access
+    assert upstream.breaker.state == "closed" and upstream.checks == 1 and upstream.endpoint_calls == 0
+
+
+async def test_a_track_waiting_for_a_token_leaves_the_breakers_probe_to_a_check(billing: LocalBilling) -> None:
+    upstream = starved_door(billing, Clock())
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(upstream.ready_to_track)
+        await anyio.wait_all_tasks_blocked()  # the track waits for a token beyond the checks' reserve
+        assert (await upstream.check_entitlement("c0", "api_calls", wait=0)).has_access
+        task_group.cancel_scope.cancel()
+    assert upstream.breaker.state == "closed" and upstream.checks == 1
