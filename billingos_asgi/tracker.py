@@ -253,7 +253,7 @@ class Tracker:
             with scope:
                 async with anyio.create_task_group() as outer:
                     if self._outbox is not None:
-                        outer.start_soon(self._writer, closing)
+                        outer.start_soon(self._writer)
                     async with anyio.create_task_group() as workers:
                         workers.start_soon(self._flusher, closing)
                         for _ in range(self._max_concurrency):
@@ -317,7 +317,7 @@ class Tracker:
         else:
             self._give_up(tuple(unsent), "dropped", "shutdown deadline passed")
 
-    async def _writer(self, closing: anyio.Event) -> None:
+    async def _writer(self) -> None:
         """Write accepted events to the outbox (then queue them) and forget confirmed ones, in batches."""
         outbox = self._outbox
         assert outbox is not None  # noqa: S101 - only started with an outbox
@@ -332,17 +332,18 @@ class Tracker:
                     if confirmed:
                         await anyio.to_thread.run_sync(outbox.remove, confirmed)
                 except Exception:
-                    # Kept, they would be resent after a restart (once upstream: their batches are stamped).
+                    # Left, they would be resent after a restart (a refused one could be recorded then).
                     logger.exception("the usage outbox %s failed to forget confirmed events", outbox.path)
-                    retry = not closing.is_set()
-                    if retry:
-                        self._keep_to_forget(confirmed)
+                    retry = True
+                    self._keep_to_forget(confirmed)
                 except BaseException:  # cut off by the drain deadline: forgotten at the deadline instead
                     self._confirmed[:0] = confirmed
                     raise
                 finally:
                     self._writing = False
                 if retry:
+                    if self._senders_done:
+                        return  # the drain's end tries once more
                     await anyio.sleep(1.0)
                 continue
             if self._senders_done:

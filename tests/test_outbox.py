@@ -271,6 +271,19 @@ async def test_a_failing_forget_does_not_hold_the_shutdown_to_its_deadline(
     assert tracker.stats.sent == 3 and "drain deadline" not in caplog.text
 
 
+async def test_events_settled_during_the_drain_are_forgotten_though_the_disk_failed_once(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    # Left in the file, they would be resent at the next start: one refused (and reported) could be recorded then.
+    path = tmp_path / "outbox.db"
+    tracker = tracker_for(billing, flush_interval=60, outbox=RemoveFailsOnce(path, max_events=100))
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        tracker.submit(event("k1"))
+        await tracker.stop()  # flushed at once and sent; forgetting it fails once, during the drain
+    assert tracker.stats.sent == 1 and rows(path) == []
+
+
 class AddFailsOnce(Outbox):
     """An outbox whose first write fails: those events go on in memory only."""
 
