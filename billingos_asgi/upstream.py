@@ -182,7 +182,7 @@ class Upstream:
         self.breaker = breaker or CircuitBreaker()
         self.checks = 0
         self.tracks = 0
-        self.retries = 0  # the client's own retries of checks and tracks: calls too, within the budget
+        self.retries = 0  # the client's own retries (of any call): calls too, within the budget
         self.throttled = 0  # 429s seen
         self.refused_by_budget = 0  # checks not made: no token in time
         self.endpoint_calls = 0  # the usage endpoints' metrics and session tokens
