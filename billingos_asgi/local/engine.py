@@ -155,6 +155,8 @@ class LocalBilling:
         check_id("customer_id", customer_id)
         if started_at is not None and started_at.tzinfo is None:
             raise ValueError("started_at must be timezone-aware")
+        if started_at is not None and started_at.year >= 9999:  # a period ending past 9999 has no datetime
+            raise ValueError(f"started_at must be before the year 9999, got {started_at.isoformat()}")
         await self._run(partial(self._store.set_plan, customer_id, plan_key, started_at, self._clock()))
 
     async def cancel_subscription(self, customer_id: str) -> None:

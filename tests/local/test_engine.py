@@ -700,6 +700,15 @@ async def test_set_plan_started_at_must_be_aware(billing: LocalBilling) -> None:
     assert (await billing.check_entitlement("alice", "export")).has_access is False
 
 
+async def test_set_plan_refuses_a_start_whose_periods_end_past_the_last_datetime(billing: LocalBilling) -> None:
+    last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)  # accepted, it broke every later call
+    with pytest.raises(ValueError, match="started_at must be before the year 9999"):
+        await billing.set_plan("alice", "pro", started_at=last)
+    assert (await billing.check_entitlement("alice", "export")).has_access is False  # nothing assigned
+    await billing.set_plan("alice", "pro", started_at=datetime(9998, 12, 31, 23, 59, tzinfo=timezone.utc))
+    assert (await billing.check_entitlement("alice", "export")).has_access is True
+
+
 # -- concurrency (real SQLite file) --
 
 
