@@ -15,6 +15,7 @@ import itertools
 import logging
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from typing import Any
 
 from starlette.routing import BaseRoute, Host, Mount, Route, WebSocketRoute, compile_path
 
@@ -27,6 +28,7 @@ __all__ = [
     "metering_of",
     "route_keys",
     "route_table",
+    "routed_app",
     "routes_of",
     "unserved",
     "unwrapped",
@@ -258,17 +260,23 @@ def _any_path(route: BaseRoute, prefix: str) -> Iterator[Found]:
         yield prefix + "/{path:path}", None, None, True
 
 
-def routes_of(app: object) -> list[BaseRoute] | None:
-    """The routes of a Starlette or FastAPI app, through the middleware around its router; None
-    for an app that shows none (another framework, a raw ASGI app)."""
+def routed_app(app: object) -> Any:
+    """The Starlette or FastAPI app (or router) holding the routes, through the middleware around
+    it; None for an app that shows none (another framework, a raw ASGI app)."""
     for _ in range(64):  # (a chain of middleware, each holding the next as .app)
         routes = getattr(app, "routes", None)
         if isinstance(routes, list) and all(isinstance(route, BaseRoute) for route in routes):
-            return routes
+            return app
         app = getattr(app, "app", None)
         if app is None:
             return None
     return None
+
+
+def routes_of(app: object) -> list[BaseRoute] | None:
+    """The routes of :func:`routed_app`, if any."""
+    routed = routed_app(app)
+    return None if routed is None else routed.routes
 
 
 def unserved(routes: Iterable[BaseRoute], keys: Iterable[str]) -> list[str]:

@@ -38,7 +38,7 @@ from .cache import (
 )
 from .context import LET_THROUGH, UsageContext, _current
 from .customers import Answer, CustomerResolver, ScopeResolver
-from .discovery import routes_of, unserved
+from .discovery import routed_app, routes_of, unserved
 from .events import UsageEvent, event_key
 from .local import LocalBilling
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
@@ -260,6 +260,13 @@ def _warn_of_unserved_keys(app: object, keys: list[str]) -> None:
         )
 
 
+def _own_root_path(app: object) -> str:
+    """The root path a FastAPI app sets on each request itself (``FastAPI(root_path="/api")``):
+    wrapped from outside, the middleware sees the request before that, and routes as it will."""
+    root_path = getattr(routed_app(app), "root_path", "")
+    return root_path if isinstance(root_path, str) else ""
+
+
 def _parses_parameters(app: object) -> bool:
     """Whether ``app`` routes a typed path parameter by parsing it: Litestar does (``int()`` takes
     ``+5``); Starlette, FastAPI and Django match a pattern."""
@@ -362,6 +369,7 @@ class BillingMiddleware:
             routes = routes()
         if parsed_parameters is None:
             parsed_parameters = _parses_parameters(app)
+        self._root_path = _own_root_path(app)
         self.routes = RouteTable(
             routes, default_feature=default_feature, exclude=exclude, parsed_parameters=parsed_parameters
         )
@@ -410,7 +418,7 @@ class BillingMiddleware:
                 await self.app(scope, receive, send)
             return
         path = scope["path"]
-        root_path = scope.get("root_path")
+        root_path = self._root_path or scope.get("root_path")
         if root_path and path.startswith(root_path):
             if path[len(root_path) : len(root_path) + 1] in ("/", ""):
                 path = path[len(root_path) :]  # route on what the app routes on, as Starlette does

@@ -751,3 +751,28 @@ async def test_an_included_routers_class_endpoint_is_gated_for_every_method(bill
     assert anonymous == [401, 401]
     assert paid == [{"method": "GET"}, {"method": "POST"}]
     assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
+@pytest.mark.filterwarnings("ignore:The `root_path` parameter is deprecated")  # (since after our minimum FastAPI)
+async def test_an_app_with_its_own_root_path_wrapped_from_outside_is_metered_as_it_routes(
+    billing: SpyBilling,
+) -> None:
+    """``FastAPI(root_path="/api")`` sets the root path on each request itself, after an outer
+    middleware has seen it: the middleware routes as the app will (it failed closed: a 500)."""
+    entered: list[str] = []
+    app = FastAPI(root_path="/api")
+
+    @app.get("/v1/search", dependencies=[metered("api_calls")])
+    async def search() -> dict[str, str]:
+        entered.append("search")
+        return {}
+
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(middleware) as client:
+        anonymous = await client.get("/api/v1/search")
+        paid = [
+            (await client.get(path, headers=as_customer("user_free"))).status_code
+            for path in ("/api/v1/search", "/v1/search")  # (the app serves both)
+        ]
+    assert anonymous.status_code == 401 and paid == [200, 200] and entered == ["search"] * 2
+    assert await billing.recorded_units("user_free", "api_calls") == 2
