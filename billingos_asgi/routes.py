@@ -122,6 +122,7 @@ def redirects_to_itself(
     framework's canonical URL, as opposed to an endpoint's own redirect (a download link, a form's
     next page, even to its own path), which is billed. ``server``: the ASGI scope's, whose address
     Starlette names instead of a Host header it cannot use (none, or one with a path or user info)."""
+    host, location = _host_path_dropped(host, location)
     try:
         target = urlsplit(location)
     except ValueError:  # not a URL: not ours to judge
@@ -138,6 +139,19 @@ def redirects_to_itself(
         to_https = scheme == "http" and target.scheme == "https" and status in (301, 307, 308)
         return to_https and target.hostname is not None and target.hostname in names
     return target_path != path and (not target.netloc or target.netloc in netlocs)
+
+
+def _host_path_dropped(host: str | None, location: str) -> tuple[str | None, str]:
+    """A Host header with a path ("app/x") and a redirect's location, both without that path:
+    Starlette before 1.1 writes such a Host into the URL as it is, its path ahead of the request's
+    ("http://app/x/v1/jobs" for "/v1/jobs/"); later ones name the server's address instead."""
+    if host is None or "/" not in host:
+        return host, location
+    scheme, sep, rest = location.partition("://")
+    if not sep or not rest.startswith(host + "/"):
+        return host, location
+    name = host.partition("/")[0]
+    return name, f"{scheme}://{name}{rest[len(host) :]}"
 
 
 def _authorities(host: str | None, server: tuple[str, int | None] | None, scheme: str) -> tuple[list[str], list[str]]:

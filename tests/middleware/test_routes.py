@@ -643,6 +643,12 @@ def test_a_redirect_names_the_request_by_its_host_header_or_by_the_servers_addre
     assert redirects_to_itself("/v1/jobs/", "q=a#", "app", "http://app/v1/jobs?q=a#")  # an empty fragment
     assert redirects_to_itself("/v1/jobs/", "q=a|{b}", "app", "http://app/v1/jobs?q=a%7C%7Bb%7D")
     assert not redirects_to_itself("/v1/jobs/", "q=a", "app", "http://app/v1/jobs?q=b")
+    # A Host with a path: Starlette before 1.1 keeps it, its path ahead of the request's; later ones name the server.
+    assert redirects_to_itself("/v1/jobs/", "", "app/x", "http://app/x/v1/jobs", "http", 307, server)
+    assert redirects_to_itself("/v1/jobs", "", "app/x", "https://app/x/v1/jobs", "http", 307, server)
+    assert redirects_to_itself("/v1/jobs/", "", "app/x", "http://10.0.0.5:8000/v1/jobs", "http", 307, server)
+    assert not redirects_to_itself("/v1/jobs/", "", "app/x", "http://app/v1/jobs", "http", 307, server)
+    assert not redirects_to_itself("/v1/jobs/", "", "app/x", "http://app/y/v1/jobs", "http", 307, server)
     assert not redirects_to_itself("/v1/jobs/", "", "app", "http://app/v1/jobs#top")  # the endpoint's own
     assert not redirects_to_itself("/v1/jobs", "", "app", "http://app/v1/jobs", "http", 302)  # to itself as asked
 
