@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
 from billingos_asgi import get_usage_context
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 CUSTOMER_HEADER = "x-customer"
 PROBLEM = "https://docs.billingos.dev/problems/"
@@ -178,6 +182,14 @@ class RawExchange:
     def complete(self) -> bool:
         bodies = [m for m in self.messages if m["type"] == "http.response.body"]
         return bool(bodies) and not bodies[-1].get("more_body", False)
+
+
+def unwrapped(error: BaseException | None) -> BaseException | None:
+    """``error``, or the one exception of a group of one: Starlette before 0.46 runs a streaming
+    response in a task group, which wraps what the stream (or a ``send``) raised in a group."""
+    if isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        return error.exceptions[0]
+    return error
 
 
 OnSend = Callable[[Message], Awaitable[None]]

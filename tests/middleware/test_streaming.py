@@ -23,7 +23,7 @@ from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usag
 from billingos_asgi.testing import lifespan
 from tests.asgi import serve
 
-from .support import CUSTOMER_HEADER, by_header, call_raw, http_scope
+from .support import CUSTOMER_HEADER, by_header, call_raw, http_scope, unwrapped
 
 FREE = [(CUSTOMER_HEADER, "user_free")]
 
@@ -356,7 +356,8 @@ async def test_a_last_send_failing_after_the_client_closed_is_not_billed(billing
             raise OSError("the client closed before the last bytes left")
 
     async with lifespan(middleware):
-        with pytest.raises(OSError, match="last bytes"):
+        # (Starlette before 0.46 streams in a task group, which wraps the error in a group of one.)
+        with pytest.RaisesGroup(pytest.RaisesExc(OSError, match="last bytes"), allow_unwrapped=True):
             await middleware(http_scope("/stream", headers=FREE), receive, send)
     assert middleware.tracker.stats.queued == 0
 
@@ -369,7 +370,8 @@ async def test_stream_that_fails_mid_body_is_not_billed(billing: LocalBilling, b
     )
     async with lifespan(middleware):
         exchange = await call_raw(middleware, http_scope("/stream", headers=FREE))
-    assert isinstance(exchange.error, RuntimeError) and str(exchange.error) == "generator failed"
+    error = unwrapped(exchange.error)
+    assert isinstance(error, RuntimeError) and str(error) == "generator failed"
     assert not exchange.complete
     assert await billing.recorded_units("user_free", "tokens") == 0
     assert middleware.tracker.stats.queued == 0
@@ -395,6 +397,8 @@ async def test_file_response_sent_with_pathsend_is_billed(billing: LocalBilling,
     async with lifespan(middleware):
         exchange = await call_raw(middleware, scope)
     assert exchange.error is None and exchange.status == 200
+    if exchange.messages[-1]["type"] == "http.response.body":  # (Starlette's FileResponse sends pathsend since 0.46)
+        pytest.skip("this Starlette's FileResponse does not use http.response.pathsend")
     assert [m["type"] for m in exchange.messages] == ["http.response.start", "http.response.pathsend"]
     assert exchange.messages[1]["path"] == str(report)
     assert await billing.recorded_units("user_free", "api_calls") == 1
