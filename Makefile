@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: demo test lint typecheck unit bench serve clean
+.PHONY: demo test lint typecheck unit minimums bench serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
+# The suite with the lowest versions pyproject.toml declares (tests/minimums.txt), in a venv of its own.
+minimums:
+	test -x .venv-min/bin/python || $(PYTHON) -m venv .venv-min
+	.venv-min/bin/python -m pip install --quiet -e ".[dev]" -c tests/minimums.txt
+	.venv-min/bin/pytest
+
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	touch $(BENCH_STAMP)
@@ -39,4 +45,4 @@ serve: $(STAMP)
 	$(BIN)/billingos-asgi serve --plans examples/plans.toml
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-min .mypy_cache .pytest_cache .ruff_cache
