@@ -267,9 +267,10 @@ def _own_root_path(app: object) -> str:
     return root_path if isinstance(root_path, str) else ""
 
 
-def _parses_parameters(app: object) -> bool:
-    """Whether ``app`` routes a typed path parameter by parsing it: Litestar does (``int()`` takes
-    ``+5``); Starlette, FastAPI and Django match a pattern."""
+def _is_litestar(app: object) -> bool:
+    """Whether ``app`` is a Litestar app, which routes its own way: it parses a typed path parameter
+    (``int()`` takes ``+5``; Starlette, FastAPI and Django match a pattern), and it routes what
+    follows the root path wherever the path has it, not only at its start."""
     return type(app).__module__.partition(".")[0] == "litestar"
 
 
@@ -367,8 +368,9 @@ class BillingMiddleware:
         self.billing = billing
         if callable(routes):  # declared next to the app's routes: collected now, when the stack is built
             routes = routes()
+        self._litestar = _is_litestar(app)
         if parsed_parameters is None:
-            parsed_parameters = _parses_parameters(app)
+            parsed_parameters = self._litestar
         self._root_path = _own_root_path(app)
         self.routes = RouteTable(
             routes, default_feature=default_feature, exclude=exclude, parsed_parameters=parsed_parameters
@@ -426,6 +428,10 @@ class BillingMiddleware:
                 # "GET v1/search" under root "/api" (uvicorn prepends it): Starlette routes the
                 # whole path "/apiv1/search", Litestar what follows the root path, "/v1/search".
                 path = path[len(root_path) :]
+        elif root_path and self._litestar and root_path in path:
+            # "/x/api/v1/search" under "/api", from a server that leaves the path as requested
+            # (Hypercorn): Starlette routes the whole path, Litestar "/v1/search".
+            path = path.partition(root_path)[2]
         if path == self._metrics_path:
             await serve_prometheus(self, scope, receive, send)
             return

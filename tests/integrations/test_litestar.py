@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 pytest.importorskip("litestar")
@@ -18,6 +19,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 
 from billingos_asgi import BillingMiddleware, LocalBilling, from_api_key  # noqa: E402
 from billingos_asgi.local.background import serve_in_thread  # noqa: E402
+from billingos_asgi.testing import lifespan  # noqa: E402
 from billingos_litestar import BillingPlugin  # noqa: E402
 
 from ..asgi import serve  # noqa: E402
@@ -222,6 +224,22 @@ async def test_a_request_target_without_its_leading_slash_is_metered(
         assert await billing.recorded_units("user_free", "api_calls") == 3
     finally:
         await billing.aclose()
+
+
+async def test_a_root_path_inside_the_path_is_metered_as_litestar_routes_it(
+    billing: LocalBilling, entered: list[str]
+) -> None:
+    """Litestar routes what follows the root path's first occurrence, wherever it is: from a server
+    that leaves the path as requested (Hypercorn, given ``--root-path /api``), "/x/api/v1/search"
+    is /v1/search there, so it is metered (and gated) as /v1/search."""
+    transport = httpx.ASGITransport(app=build(billing), root_path="/api")  # (the path as requested)
+    async with lifespan(transport.app), httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        anonymous = await client.get("/x/api/v1/public")
+        searched = await client.get("/x/api/v1/search", headers=bearer("token-free"))
+    assert anonymous.status_code == 401 and anonymous.json()["feature"] == "tokens"
+    assert searched.status_code == 200 and searched.headers["ratelimit"].startswith('"api_calls";r=9')
+    assert entered == ["search"]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
 @get("/v1/files/{name:path}")
