@@ -261,9 +261,15 @@ def _warn_of_unserved_keys(app: object, keys: list[str]) -> None:
 
 
 def _own_root_path(app: object) -> str:
-    """The root path a FastAPI app sets on each request itself (``FastAPI(root_path="/api")``):
-    wrapped from outside, the middleware sees the request before that, and routes as it will."""
-    root_path = getattr(routed_app(app), "root_path", "")
+    """The root path an app sets on each request itself: ``FastAPI(root_path="/api")``, or Django's
+    ``FORCE_SCRIPT_NAME`` (its handler routes under it, whatever the server's root path). Wrapped
+    from outside, the middleware sees the request before that, and routes as the app will."""
+    if type(app).__module__.startswith("django."):  # its ASGI handler (or staticfiles' around it)
+        from django.conf import settings  # (set up: the handler exists)
+
+        root_path = getattr(settings, "FORCE_SCRIPT_NAME", None)
+    else:
+        root_path = getattr(routed_app(app), "root_path", "")
     return root_path if isinstance(root_path, str) else ""
 
 

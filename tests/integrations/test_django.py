@@ -186,6 +186,23 @@ async def test_the_signed_in_user_pays_and_views_run_only_once_admitted(
     assert await billing.recorded_units(free, "api_calls") == 10
 
 
+async def test_a_forced_script_name_is_routed_as_django_routes_it(
+    billing: LocalBilling, pro: tuple[str, dict[str, str]], entered: list[str]
+) -> None:
+    """With ``FORCE_SCRIPT_NAME = "/api"`` (an app behind a proxy's path), Django serves
+    "/api/v1/search" as its "v1/search", the script name set aside as a root path is: metered as
+    "GET /v1/search", not served free and ungated."""
+    pro_id, as_pro = pro
+    with override_settings(FORCE_SCRIPT_NAME="/api"):
+        async with serve(build(billing)) as client:
+            anonymous = await client.get("/api/v1/search")
+            searched = await client.get("/api/v1/search", headers=as_pro)
+    assert anonymous.status_code == 401 and anonymous.json()["feature"] == "api_calls"
+    assert searched.status_code == 200 and "x-request-id" in searched.headers
+    assert entered == ["search"]
+    assert await billing.recorded_units(pro_id, "api_calls") == 1
+
+
 async def test_a_failing_answer_is_not_billed(
     billing: LocalBilling, pro: tuple[str, dict[str, str]], entered: list[str]
 ) -> None:
