@@ -204,6 +204,8 @@ def _check_options(**options: Any) -> None:
         if options[hook] is not None and not callable(options[hook]):
             # By its type: a key store passed as the resolver would put every API key in the message.
             raise ValueError(f"{hook} must be a function (or None), got {type(options[hook]).__name__}")
+    if inspect.iscoroutinefunction(options["on_rejected"]):  # called from sync code: its coroutine would never run
+        raise ValueError("on_rejected must be a plain function, not async (start your async work from it)")
     customer = options["customer"]
     if getattr(customer, "__name__", "") in ("get", "__getitem__") and isinstance(
         getattr(customer, "__self__", None), Mapping

@@ -14,6 +14,7 @@ moment they are queued until upstream confirms them, and a restart resends what 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -732,6 +733,9 @@ class Tracker:
             )
             if self._on_rejected is not None:
                 try:
-                    self._on_rejected(event, reason)
+                    result = self._on_rejected(event, reason)
+                    if inspect.iscoroutine(result):  # async work started and never awaited: say so
+                        result.close()
+                        raise TypeError("on_rejected returned a coroutine, which nothing awaits: it must be sync")
                 except Exception:  # failing alike for every event of a refused batch: one line a second
                     self._log_callback(logging.ERROR, "on_rejected callback failed", exc_info=True)

@@ -162,6 +162,24 @@ async def test_a_failing_on_rejected_callback_is_logged_without_a_flood(
     assert len(failures) == 1 and failures[0].exc_info is not None
 
 
+async def test_an_on_rejected_callback_handing_back_a_coroutine_is_told_not_dropped(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A callback that only starts async work (``lambda e, r: alert(e, r)``) returns a coroutine that
+    nothing awaits: its reports were lost without a word (but Python's warning at collection)."""
+    reported: list[str] = []
+
+    async def alert(event: UsageEvent, reason: str) -> None:
+        reported.append(reason)
+
+    tracker = tracker_for(billing, flush_interval=0.2, on_rejected=lambda e, r: alert(e, r))
+    await run_tracker(tracker, [event(f"k{i}") for i in range(12)])
+    assert (tracker.stats.sent, tracker.stats.rejected, reported) == (10, 2, [])
+    failures = [r for r in caplog.records if r.getMessage().startswith("on_rejected callback failed")]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    assert "returned a coroutine" in str(failures[0].exc_info[1])
+
+
 async def test_a_retry_after_an_unknown_outcome_reuses_the_key_and_counts_once(billing: LocalBilling) -> None:
     flaky = FlakyAfterForwarding(billing, failures=2)
     tracker = tracker_for(flaky, flush_interval=0.05)

@@ -18,7 +18,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usage
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered, UsageEvent, report_usage
 from billingos_asgi.local.background import serve_in_thread
 from billingos_asgi.routes import EXCLUDED, UNDECLARED, RouteTable, redirects_to_itself
 from billingos_asgi.testing import lifespan
@@ -653,6 +653,10 @@ def test_a_redirect_names_the_request_by_its_host_header_or_by_the_servers_addre
     assert not redirects_to_itself("/v1/jobs", "", "app", "http://app/v1/jobs", "http", 302)  # to itself as asked
 
 
+async def alert_async(event: UsageEvent, reason: str) -> None:
+    """An async ``on_rejected``: called as events are rejected, it would return a coroutine nothing awaits."""
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -664,6 +668,7 @@ def test_a_redirect_names_the_request_by_its_host_header_or_by_the_servers_addre
         ({"customer": {"key_alice": "user_123"}.get}, "for an API key store, pass from_api_key(keys.get)"),
         ({"problem_factory": "x"}, "problem_factory must be a function"),
         ({"on_rejected": "x"}, "on_rejected must be a function"),
+        ({"on_rejected": alert_async}, "on_rejected must be a plain function, not async"),
         ({"upgrade_url": 5}, "upgrade_url must be a URL string"),
         ({"metrics_path": "metrics"}, "metrics_path must be a path starting with '/'"),
         ({"on_error": "ignore"}, "on_error must be 'allow' or 'deny'"),
