@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -681,6 +682,8 @@ class BillingMiddleware:
         value = quantity(request) if callable(quantity) else quantity  # callable here; narrows the type
         if inspect.isawaitable(value):
             value = await value
+        if isinstance(value, Decimal):  # (as report_usage and the client take it: counted as a float)
+            value = float("nan") if value.is_snan() else float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             raise TypeError(f"quantity function of {metered.feature!r} returned {value!r}, not a finite number >= 0")
         return round(value, QUANTITY_DECIMALS)  # what upstream stores; below it, the request is free

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -33,7 +34,7 @@ from ._validation import QUANTITY_DECIMALS, check_id
 
 __all__ = ["EXCLUDED", "UNDECLARED", "Metered", "RouteTable", "canonical", "redirects_to_itself"]
 
-QuantityFunction = Callable[[Request], float | Awaitable[float]]
+QuantityFunction = Callable[[Request], float | Decimal | Awaitable[float | Decimal]]
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
@@ -60,6 +61,9 @@ class Metered:
     def __post_init__(self) -> None:
         check_id("feature", self.feature)
         q = self.quantity
+        if isinstance(q, Decimal):  # (as report_usage and the client take it: counted as a float)
+            q = float("nan") if q.is_snan() else float(q)
+            object.__setattr__(self, "quantity", q)
         if q is not None and not callable(q):
             if isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0 or q == float("inf"):
                 raise ValueError(f"Metered({self.feature!r}): quantity must be a finite number >= 0, got {q!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -243,10 +244,11 @@ def test_invalid_configuration_raises_at_construction(
 
 
 def test_metered_quantity_is_validated() -> None:
-    for bad in (-1, float("inf"), float("nan"), True, "1", 1e-7, 0.1234567):
+    for bad in (-1, float("inf"), float("nan"), True, "1", 1e-7, 0.1234567, Decimal("NaN"), Decimal("sNaN")):
         with pytest.raises(ValueError):
             Metered("api_calls", quantity=bad)  # type: ignore[arg-type]
     assert Metered("api_calls", quantity=0.25).quantity == 0.25
+    assert Metered("api_calls", quantity=Decimal("0.25")).quantity == 0.25  # type: ignore[arg-type]
 
 
 async def test_routes_are_metered_when_served_under_a_root_path(tmp_path: Path) -> None:

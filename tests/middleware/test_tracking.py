@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,8 @@ async def test_fractional_quantity(billing: LocalBilling) -> None:
 
 
 async def test_quantity_function_of_the_request(billing: LocalBilling) -> None:
-    def from_header(request: Request) -> float:
-        return float(request.headers["x-units"])
+    def from_header(request: Request) -> Decimal:  # (a Decimal as report_usage takes one)
+        return Decimal(request.headers["x-units"])
 
     async def from_query(request: Request) -> float:
         return int(request.query_params["n"])
