@@ -207,6 +207,8 @@ def _check_options(**options: Any) -> None:
             raise ValueError(f"{hook} must be a function (or None), got {type(options[hook]).__name__}")
     if inspect.iscoroutinefunction(options["on_rejected"]):  # called from sync code: its coroutine would never run
         raise ValueError("on_rejected must be a plain function, not async (start your async work from it)")
+    if inspect.iscoroutinefunction(options["problem_factory"]):  # (each answer would be the default one, and logged)
+        raise ValueError("problem_factory must be a plain function returning a Response, not async")
     customer = options["customer"]
     if getattr(customer, "__name__", "") in ("get", "__getitem__") and isinstance(
         getattr(customer, "__self__", None), Mapping

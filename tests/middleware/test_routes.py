@@ -671,6 +671,7 @@ async def alert_async(event: UsageEvent, reason: str) -> None:
         ({"problem_factory": "x"}, "problem_factory must be a function"),
         ({"on_rejected": "x"}, "on_rejected must be a function"),
         ({"on_rejected": alert_async}, "on_rejected must be a plain function, not async"),
+        ({"problem_factory": alert_async}, "problem_factory must be a plain function returning a Response, not async"),
         ({"upgrade_url": 5}, "upgrade_url must be a URL string"),
         ({"metrics_path": "metrics"}, "metrics_path must be a path starting with '/'"),
         ({"on_error": "ignore"}, "on_error must be 'allow' or 'deny'"),
