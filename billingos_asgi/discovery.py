@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
-from starlette.routing import BaseRoute, Host, Mount, Route, WebSocketRoute, compile_path
+from starlette.routing import BaseRoute, Host, Match, Mount, Route, WebSocketRoute, compile_path
 
 from .routes import _METHODS, _PARAMETER, UNDECLARED, Metered, _split_key
 
@@ -255,11 +255,6 @@ def walk(
             yield from expand(route, prefix)
 
 
-def _any_path(route: BaseRoute, prefix: str) -> Iterator[Found]:
-    if not isinstance(route, WebSocketRoute | Mount):  # (never an HTTP request's; a mount's paths: walk's)
-        yield prefix + "/{path:path}", None, None, True
-
-
 def routed_app(app: object) -> Any:
     """The Starlette or FastAPI app (or router) holding the routes, through the middleware around
     it; None for an app that shows none (another framework, a raw ASGI app)."""
@@ -281,9 +276,17 @@ def routes_of(app: object) -> list[BaseRoute] | None:
 
 def unserved(routes: Iterable[BaseRoute], keys: Iterable[str]) -> list[str]:
     """The ``"METHOD /path"`` keys that no route in ``routes`` serves: a typo, most likely, and the
-    route it meant served unmetered. A mount whose app shows no routes serves every path under it,
-    and a route of a kind unknown here (a framework's own) any path: of those, nothing is said."""
-    served = [(compile_path(path)[0], methods) for path, methods, _, _ in walk(routes, expand=_any_path)]
+    route it meant served unmetered. A mount whose app shows no routes serves every path under it;
+    a route of a kind unknown here (FastAPI's included routers, a framework's own) is asked, through
+    Starlette's ``matches()``, and taken to serve any path when it cannot say."""
+    unknown: list[tuple[str, BaseRoute]] = []
+
+    def ask_later(route: BaseRoute, prefix: str) -> Iterator[Found]:
+        if not isinstance(route, WebSocketRoute | Mount):  # (never an HTTP request's; a mount's paths: walk's)
+            unknown.append((prefix, route))
+        return iter(())
+
+    served = [(compile_path(path)[0], methods) for path, methods, _, _ in walk(routes, expand=ask_later)]
     missing = []
     for key in keys:
         method, path = _split_key(key)
@@ -293,6 +296,24 @@ def unserved(routes: Iterable[BaseRoute], keys: Iterable[str]) -> list[str]:
             (methods is None or method is None or method in methods or method == "HEAD" and "GET" in methods)
             and any(regex.match(sample) for sample in samples)
             for regex, methods in served
-        ):
+        ) and not any(_serves(route, prefix, method, samples) for prefix, route in unknown):
             missing.append(key)
     return missing
+
+
+def _serves(route: BaseRoute, prefix: str, method: str | None, samples: Iterable[str]) -> bool:
+    """Whether ``route`` (under ``prefix``) takes a request for one of ``samples`` by ``method``
+    (None: any); True when it cannot tell (nothing is said of what it may serve)."""
+    methods = ("GET", "HEAD") if method == "HEAD" else (method or "GET",)  # (HEAD follows GET)
+    for sample in samples:
+        if not sample.startswith(prefix):
+            continue
+        for verb in methods:
+            scope = {"type": "http", "method": verb, "path": sample, "root_path": prefix, "headers": []}
+            try:
+                match, _ = route.matches(scope)
+            except Exception:
+                return True
+            if match is Match.FULL or (match is Match.PARTIAL and method is None):
+                return True
+    return False

@@ -768,6 +768,34 @@ async def test_a_key_no_route_serves_is_warned_of_at_start_up(
     assert "routes ['POST /v1/chta'] are metered but no route" in caplog.text
 
 
+async def test_a_key_no_route_of_an_included_fastapi_router_serves_is_warned_of_too(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FastAPI includes a router as a route of its own kind (``_IncludedRouter``), which the walk of
+    the routes cannot see into: it is asked whether it takes each key's path (it took every path)."""
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/search")
+    async def search() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    app.include_router(router)
+    routes: dict[str, str | Metered | None] = {
+        "/v1/search": "api_calls",
+        "HEAD /v1/search": "api_calls",  # (HEAD follows GET, as in the table)
+        "/v1/serch": "api_calls",  # the typo
+        "POST /v1/search": "api_calls",  # a method the route does not take
+    }
+    async with lifespan(BillingMiddleware(app, billing=billing, customer=by_header, routes=routes)):
+        pass
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "routes ['/v1/serch', 'POST /v1/search'] are metered but no route of the app serves them:"
+        " a typo? (the routes meant go unmetered)"
+    ]
+
+
 async def test_quota_headers_show_what_is_left_once_billed_and_only_on_answers_billed(billing: LocalBilling) -> None:
     async def llm(request: Request) -> Response:
         report_usage(30)  # before the response starts: in its headers
