@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 
-__all__ = ["Throttled"]
+from ._exceptions import ValidationError
+from ._validation import NotACustomerId
+
+__all__ = ["Throttled", "without_message"]
 
 logger = logging.getLogger("billingos_asgi")
 
@@ -38,3 +42,13 @@ class Throttled:
         if self._held:
             logger.log(self._held_level, "%d similar lines held back since the last one", self._held)
             self._held, self._held_level = 0, logging.NOTSET
+
+
+def without_message(exc: BaseException) -> str:
+    """``exc`` as its type and where it was raised, its message left out unless it is one of ours
+    that never quotes a value: a customer resolver's error may quote the credential it was given
+    (``KEYS[key]`` raises ``KeyError(key)``)."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    if isinstance(exc, ValidationError | NotACustomerId):
+        return f"{type(exc).__name__}: {exc}\n{frames}".rstrip()
+    return f"{type(exc).__name__} (its message left out: it may quote a credential)\n{frames}".rstrip()

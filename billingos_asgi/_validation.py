@@ -44,6 +44,11 @@ def check_id(name: str, value: object) -> str:
     return value
 
 
+class NotACustomerId(TypeError):
+    """What :func:`customer_answer` raises for an answer that is no string: its message names the
+    answer's type only, so it may be logged as it is."""
+
+
 def customer_answer(answer: object, source: str) -> str | None:
     """What an app's customer function answered: a customer id (by :func:`check_id`'s rules), or None
     for nobody (None or a blank string: an app's "no user" must never let a request through
@@ -53,7 +58,7 @@ def customer_answer(answer: object, source: str) -> str | None:
     if not isinstance(answer, str):
         # Its type only: what an auth function answers (credentials, a user) may hold a secret.
         kind = type(answer).__qualname__
-        raise TypeError(f"{source} returned an object of type {kind}, not a customer id (a string) or None")
+        raise NotACustomerId(f"{source} returned an object of type {kind}, not a customer id (a string) or None")
     return check_id("customer_id", answer)
 
 

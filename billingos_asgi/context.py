@@ -13,6 +13,7 @@ import anyio.from_thread
 import anyio.lowlevel
 from starlette.requests import Request
 
+from ._logging import without_message
 from ._models import Entitlement
 from ._validation import QUANTITY_DECIMALS, check_id, check_quantity, customer_answer
 
@@ -135,8 +136,10 @@ class UsageContext:
             if inspect.isawaitable(answer):
                 answer = await answer
             customer_id = customer_answer(answer, "the customer function")
-        except Exception:
-            logger.exception("the customer function %r failed on a %s request", customer_of, self.feature)
+        except Exception as exc:
+            logger.error(
+                "the customer function %r failed on a %s request: %s", customer_of, self.feature, without_message(exc)
+            )
             gate.hook_failed(self, "the customer function failed")
             return
         await gate.admit(self, customer_id)

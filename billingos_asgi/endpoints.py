@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import _wire
 from ._exceptions import CustomerNotFoundError, ValidationError
+from ._logging import without_message
 from ._models import SessionToken, UsageMetrics
 from ._validation import MAX_SESSION_TTL, MIN_SESSION_TTL, check_id, customer_answer
 from .backend import BillingBackend
@@ -99,8 +100,8 @@ class UsageEndpoints:
             customer = customer_answer(answer, "customer resolver")
             if customer is not None:
                 return customer
-        except Exception:
-            logger.exception("customer resolver failed on %s", request.url.path)
+        except Exception as exc:
+            logger.error("customer resolver failed on %s: %s", request.url.path, without_message(exc))
             return problem_response(Denial(503, "the customer resolver failed", request, endpoint))
         detail = "sign in to see your usage" if endpoint == "usage" else "sign in to get a session token"
         return problem_response(Denial(401, detail, request, endpoint))

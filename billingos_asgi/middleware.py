@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ._exceptions import ValidationError
-from ._logging import Throttled
+from ._logging import Throttled, without_message
 from ._validation import MAX_ID_LENGTH, QUANTITY_DECIMALS, check_id, customer_answer
 from .backend import BillingBackend
 from .cache import (
@@ -479,8 +479,8 @@ class BillingMiddleware:
                     if inspect.isawaitable(answer):
                         answer = await answer
                     customer = customer_answer(answer, "customer resolver")
-            except Exception:
-                self._log(logging.ERROR, "customer resolver failed on %s", feature, exc_info=True)
+            except Exception as exc:
+                self._log(logging.ERROR, "customer resolver failed on %s: %s", feature, without_message(exc))
                 await self._on_error(feature, "the customer resolver failed", scope, receive, send)
                 return
             if not customer:

@@ -335,3 +335,29 @@ async def test_a_failing_lookup_never_puts_the_key_in_the_log(
     assert caplog.text.count("customer resolver failed") == 1
     held = sum(int(count) for count in re.findall(r"(\d+) similar lines held back", caplog.text))
     assert held == 19 and "held back since the last one" in caplog.text  # the last count, said at shutdown
+
+
+async def test_a_failing_resolver_is_logged_by_its_type_and_frames_never_its_message(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``API_KEYS[key]`` raises ``KeyError(key)``: the key of a request must not reach the log
+    through the resolver's error, which is still found by its type and the line that raised it."""
+    keys = {"key_alice": "user_free"}
+
+    def resolver(request: Request) -> str | None:
+        return keys[request.headers.get("x-api-key", "")]
+
+    async def search(request: Request) -> Response:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/v1/search", search)])
+    middleware = BillingMiddleware(
+        app, billing=billing, customer=resolver, default_feature="api_calls", on_error="deny"
+    )
+    async with serve(middleware) as client:
+        refused = await client.get("/v1/search", headers={"x-api-key": "sk-guessed-secret"})
+        served = await client.get("/v1/search", headers={"x-api-key": "key_alice"})
+    assert (refused.status_code, served.status_code) == (503, 200)
+    assert "sk-guessed-secret" not in caplog.text
+    assert "customer resolver failed on api_calls: KeyError (its message left out" in caplog.text
+    assert "return keys[request.headers.get" in caplog.text  # where it was raised
