@@ -44,7 +44,7 @@ from .events import UsageEvent, event_key
 from .local import LocalBilling
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
-from .responses import BillingDenied, Denial, ProblemFactory, problem_response, quota_headers
+from .responses import BillingDenied, Denial, ProblemFactory, answer_refusals, problem_response, quota_headers
 from .routes import EXCLUDED, UNDECLARED, Metered, RouteTable, redirects_to_itself
 from .tracker import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -383,6 +383,9 @@ class BillingMiddleware:
         if parsed_parameters is None:
             parsed_parameters = self._litestar
         self._root_path = _own_root_path(app)
+        # Wrapped from outside, a late refusal would reach the app's error middleware first (a 500):
+        # the app answers it itself (registered before its first call, when it reads its handlers).
+        answer_refusals(routed_app(app))
         self.routes = RouteTable(
             routes, default_feature=default_feature, exclude=exclude, parsed_parameters=parsed_parameters
         )
