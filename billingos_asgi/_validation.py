@@ -44,6 +44,12 @@ def check_id(name: str, value: object) -> str:
     return value
 
 
+def float_of_decimal(value: Decimal) -> float:
+    """A Decimal quantity as the float the rest of the path counts in; a signalling NaN (which
+    refuses to convert) as NaN, refused with the other values that are not finite."""
+    return math.nan if value.is_snan() else float(value)
+
+
 class NotACustomerId(TypeError):
     """What :func:`customer_answer` raises for an answer that is no string: its message names the
     answer's type only, so it may be logged as it is."""

@@ -26,7 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ._exceptions import ValidationError
 from ._logging import Throttled, without_message
-from ._validation import MAX_ID_LENGTH, QUANTITY_DECIMALS, check_id, customer_answer
+from ._validation import MAX_ID_LENGTH, QUANTITY_DECIMALS, check_id, customer_answer, float_of_decimal
 from .backend import BillingBackend
 from .cache import (
     DEFAULT_MAX_SIZE,
@@ -265,16 +265,17 @@ def _warn_of_unserved_keys(app: object, keys: list[str]) -> None:
         )
 
 
-def _own_root_path(app: object) -> str:
-    """The root path an app sets on each request itself: ``FastAPI(root_path="/api")``, or Django's
-    ``FORCE_SCRIPT_NAME`` (its handler routes under it, whatever the server's root path). Wrapped
-    from outside, the middleware sees the request before that, and routes as the app will."""
+def _own_root_path(app: object, routed: object) -> str:
+    """The root path an app sets on each request itself: ``FastAPI(root_path="/api")`` (``routed``:
+    the app holding the routes), or Django's ``FORCE_SCRIPT_NAME`` (its handler routes under it,
+    whatever the server's root path). Wrapped from outside, the middleware sees the request before
+    that, and routes as the app will."""
     if type(app).__module__.startswith("django."):  # its ASGI handler (or staticfiles' around it)
         from django.conf import settings  # (set up: the handler exists)
 
         root_path = getattr(settings, "FORCE_SCRIPT_NAME", None)
     else:
-        root_path = getattr(routed_app(app), "root_path", "")
+        root_path = getattr(routed, "root_path", "")
     return root_path if isinstance(root_path, str) else ""
 
 
@@ -382,10 +383,11 @@ class BillingMiddleware:
         self._litestar = _is_litestar(app)
         if parsed_parameters is None:
             parsed_parameters = self._litestar
-        self._root_path = _own_root_path(app)
+        routed = routed_app(app)
+        self._root_path = _own_root_path(app, routed)
         # Wrapped from outside, a late refusal would reach the app's error middleware first (a 500):
         # the app answers it itself (registered before its first call, when it reads its handlers).
-        answer_refusals(routed_app(app))
+        answer_refusals(routed)
         self.routes = RouteTable(
             routes, default_feature=default_feature, exclude=exclude, parsed_parameters=parsed_parameters
         )
@@ -688,7 +690,7 @@ class BillingMiddleware:
         if inspect.isawaitable(value):
             value = await value
         if isinstance(value, Decimal):  # (as report_usage and the client take it: counted as a float)
-            value = float("nan") if value.is_snan() else float(value)
+            value = float_of_decimal(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             raise TypeError(f"quantity function of {metered.feature!r} returned {value!r}, not a finite number >= 0")
         return round(value, QUANTITY_DECIMALS)  # what upstream stores; below it, the request is free

@@ -30,7 +30,7 @@ from starlette.convertors import CONVERTOR_TYPES
 from starlette.requests import Request
 from starlette.routing import compile_path
 
-from ._validation import QUANTITY_DECIMALS, check_id
+from ._validation import QUANTITY_DECIMALS, check_id, float_of_decimal
 
 __all__ = ["EXCLUDED", "UNDECLARED", "Metered", "RouteTable", "canonical", "redirects_to_itself"]
 
@@ -62,7 +62,7 @@ class Metered:
         check_id("feature", self.feature)
         q = self.quantity
         if isinstance(q, Decimal):  # (as report_usage and the client take it: counted as a float)
-            q = float("nan") if q.is_snan() else float(q)
+            q = float_of_decimal(q)
             object.__setattr__(self, "quantity", q)
         if q is not None and not callable(q):
             if isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0 or q == float("inf"):

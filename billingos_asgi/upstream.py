@@ -222,17 +222,21 @@ class Upstream:
         return await self._within(answer_within, self.backend.check_entitlement(customer_id, feature_key))
 
     async def get_usage_metrics(self, customer_id: str) -> UsageMetrics:
-        """A usage endpoint's metrics, as a check is made, but leaving the checks' reserve to them:
-        a front end polling its usage widget must not keep a request waiting on its check."""
-        await self._admit(CHECK_WAIT, reserve=self.track_reserve)
-        self.endpoint_calls += 1
-        return await self._within(CHECK_TIMEOUT, self.backend.get_usage_metrics(customer_id))
+        """A usage endpoint's metrics (see :meth:`_for_endpoint`)."""
+        return await self._for_endpoint(lambda backend: backend.get_usage_metrics(customer_id))
 
     async def create_session_token(self, customer_id: str, *, expires_in: int) -> SessionToken:
-        """A usage endpoint's session token, as :meth:`get_usage_metrics`."""
+        """A usage endpoint's session token (see :meth:`_for_endpoint`)."""
+        return await self._for_endpoint(
+            lambda backend: backend.create_session_token(customer_id, expires_in=expires_in)
+        )
+
+    async def _for_endpoint(self, call: Callable[[BillingBackend], Awaitable[T]]) -> T:
+        """A usage endpoint's call, made as a check is, but leaving the checks' reserve to them: a
+        front end polling its usage widget must not keep a request waiting on its check."""
         await self._admit(CHECK_WAIT, reserve=self.track_reserve)
         self.endpoint_calls += 1
-        return await self._within(CHECK_TIMEOUT, self.backend.create_session_token(customer_id, expires_in=expires_in))
+        return await self._within(CHECK_TIMEOUT, call(self.backend))
 
     async def track_usage(
         self,

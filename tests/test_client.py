@@ -1318,6 +1318,14 @@ async def test_a_base_url_read_with_surrounding_whitespace_is_used_without_it(mo
     assert await _first_url(billing, server) == "http://env.test:8787/v1/usage/check"
 
 
+def base_url_given(monkeypatch: pytest.MonkeyPatch, setting: str, url: str) -> dict[str, Any]:
+    """BillingOS's arguments for ``url`` given by ``setting``: the argument, or the environment variable."""
+    if setting == "base_url":
+        return {"base_url": url}
+    monkeypatch.setenv("BILLINGOS_API_URL", url)
+    return {}
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
@@ -1341,11 +1349,7 @@ async def test_a_base_url_read_with_surrounding_whitespace_is_used_without_it(mo
 def test_a_bad_base_url_is_refused_naming_the_setting(
     monkeypatch: pytest.MonkeyPatch, setting: str, url: str, message: str
 ) -> None:
-    arguments: dict[str, Any] = {}
-    if setting == "base_url":
-        arguments["base_url"] = url
-    else:
-        monkeypatch.setenv("BILLINGOS_API_URL", url)
+    arguments = base_url_given(monkeypatch, setting, url)
     with pytest.raises(ValidationError, match=rf"^{setting} {re.escape(message)}") as caught:
         BillingOS(secret_key=SECRET, transport=FakeServer(respond(200, {})).transport, **arguments)
     assert isinstance(caught.value, ValueError)
@@ -1361,11 +1365,7 @@ def test_a_secret_key_given_as_the_base_url_is_never_shown(
     monkeypatch: pytest.MonkeyPatch, setting: str, url: str
 ) -> None:
     """The two settings swapped (in a .env file, say): the refusal names the setting, not the key it holds."""
-    arguments: dict[str, Any] = {}
-    if setting == "base_url":
-        arguments["base_url"] = url
-    else:
-        monkeypatch.setenv("BILLINGOS_API_URL", url)
+    arguments = base_url_given(monkeypatch, setting, url)
     with pytest.raises(ValidationError, match=rf"^{setting} ") as caught:
         BillingOS(secret_key=SECRET, transport=FakeServer(respond(200, {})).transport, **arguments)
     assert "sk_" not in str(caught.value).replace("sk_***", "")

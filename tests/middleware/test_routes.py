@@ -714,12 +714,21 @@ def test_a_feature_the_local_plans_do_not_declare_is_warned_of_at_construction(
 ) -> None:
     routes: dict[str, str | Metered | None] = {"/a": "api_calls", "/b/{id}": "exprot", "/c": None}
     BillingMiddleware(Starlette(), billing=billing, customer=by_header, routes=routes, default_feature="api_cals")
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warned = warnings_in(caplog)
     assert len(warned) == 1 and warned[0].startswith("features ['api_cals', 'exprot'] are metered but not in the plans")
     caplog.clear()
     known: dict[str, str | Metered | None] = {"/a": "export"}
     BillingMiddleware(Starlette(), billing=billing, customer=by_header, routes=known, default_feature="tokens")
     assert not caplog.records
+
+
+def warnings_in(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+
+
+def unserved_warning(keys: list[str]) -> str:
+    """What the middleware says at start-up of ``keys`` no route serves."""
+    return f"routes {keys} are metered but no route of the app serves them: a typo? (the routes meant go unmetered)"
 
 
 async def test_a_key_no_route_serves_is_warned_of_at_start_up(
@@ -749,11 +758,7 @@ async def test_a_key_no_route_serves_is_warned_of_at_start_up(
     }
     async with lifespan(BillingMiddleware(starlette, billing=billing, customer=by_header, routes=routes)):
         pass
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warned == [
-        "routes ['GET /v1/item/{item_id:int}', 'GET /v1/search'] are metered but no route of the app serves them:"
-        " a typo? (the routes meant go unmetered)"
-    ]
+    assert warnings_in(caplog) == [unserved_warning(["GET /v1/item/{item_id:int}", "GET /v1/search"])]
     caplog.clear()
 
     fastapi = FastAPI()
@@ -789,11 +794,7 @@ async def test_a_key_no_route_of_an_included_fastapi_router_serves_is_warned_of_
     }
     async with lifespan(BillingMiddleware(app, billing=billing, customer=by_header, routes=routes)):
         pass
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warned == [
-        "routes ['/v1/serch', 'POST /v1/search'] are metered but no route of the app serves them:"
-        " a typo? (the routes meant go unmetered)"
-    ]
+    assert warnings_in(caplog) == [unserved_warning(["/v1/serch", "POST /v1/search"])]
 
 
 async def test_quota_headers_show_what_is_left_once_billed_and_only_on_answers_billed(billing: LocalBilling) -> None:
