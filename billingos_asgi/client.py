@@ -43,6 +43,8 @@ __all__ = ["BillingOS", "RetryPolicy"]
 
 T = TypeVar("T")
 
+#: The entitlement check's path: its retries (see :meth:`BillingOS.budgeted`) are told apart by it.
+CHECK_PATH = "/v1/usage/check"
 logger = logging.getLogger("billingos_asgi")
 
 SANDBOX_URL = "https://sandbox-api.billingos.dev"
@@ -250,7 +252,7 @@ class BillingOS:
         self.base_url = _resolve_base_url(base_url, key)
         self.retry = retry or RetryPolicy()
         self._secret_key = key
-        self._before_retry: Callable[[], Awaitable[None]] | None = None
+        self._before_retry: Callable[[str], Awaitable[None]] | None = None
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {key}", "User-Agent": _USER_AGENT, "Accept": "application/json"},
@@ -273,9 +275,10 @@ class BillingOS:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    def budgeted(self, before_retry: Callable[[], Awaitable[None]]) -> BillingOS:
-        """This client (its connection pool and key) awaiting ``before_retry()`` before each retry: a
-        caller with a call budget takes a token there, so that every attempt is a call it counted.
+    def budgeted(self, before_retry: Callable[[str], Awaitable[None]]) -> BillingOS:
+        """This client (its connection pool and key) awaiting ``before_retry(path)`` before each retry
+        of a call to ``path``: a caller with a call budget takes a token there, so that every attempt
+        is a call it counted.
         Closing either closes both."""
         twin = copy.copy(self)
         twin._before_retry = before_retry
@@ -286,7 +289,7 @@ class BillingOS:
             "customer_id": check_id("customer_id", customer_id),
             "feature_key": check_id("feature_key", feature_key),
         }
-        return await self._request("GET", "/v1/usage/check", _wire.entitlement_from_json, params=params)
+        return await self._request("GET", CHECK_PATH, _wire.entitlement_from_json, params=params)
 
     async def track_usage(
         self,
@@ -402,4 +405,4 @@ class BillingOS:
             logger.warning("BillingOS %s %s failed (%s); retry %d in %.2fs", method, path, error.message, retry, delay)
             await _sleep(delay)
             if self._before_retry is not None:
-                await self._before_retry()
+                await self._before_retry(path)

@@ -31,7 +31,7 @@ from ._exceptions import (
 )
 from ._models import Entitlement, SessionToken, TrackUsageResult, UsageMetrics
 from .backend import BillingBackend
-from .client import BillingOS
+from .client import CHECK_PATH, BillingOS
 
 __all__ = ["Budget", "CircuitBreaker", "Upstream", "door_of", "share_door"]
 
@@ -252,10 +252,12 @@ class Upstream:
             self.backend.track_usage(customer_id, feature_key, quantity, idempotency_key, metadata)
         )
 
-    async def _take_for_retry(self) -> None:
+    async def _take_for_retry(self, path: str) -> None:
+        """A retry's token, from the same share of the bucket as its first attempt: a track (or a
+        usage endpoint's call) retried in a 5xx storm must not spend the reserve the checks wait on."""
         self.retries += 1
         if self.budget is not None:
-            await self.budget.take()
+            await self.budget.take(reserve=0.0 if path == CHECK_PATH else self.track_reserve)
 
     async def _admit(self, wait: float, reserve: float = 0.0) -> None:
         """Let a call go, or raise. The breaker's probe is claimed once the call has its token: claimed

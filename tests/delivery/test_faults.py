@@ -145,6 +145,21 @@ async def test_each_retry_of_the_client_is_a_call_within_the_budget(server: Runn
         assert (proxy.draws, upstream.retries) == (12, 6)
 
 
+async def test_a_tracks_retries_leave_the_checks_reserve_alone(server: RunningServer, proxy: FaultProxy) -> None:
+    """A track's first attempt leaves the checks their reserve of the bucket; its retries took from
+    it as well, so a 5xx storm on tracks left a request's check no token to go with."""
+    proxy.plan = FaultPlan(before=1.0)  # tracks fail; checks pass
+    async with BillingOS(SECRET_KEY, base_url=proxy.base_url, retry=RetryPolicy(backoff_base=0.01)) as remote:
+        upstream = Upstream(remote, budget=Budget(calls_per_minute=1, burst=4))  # no refill to speak of; reserve 2
+        await upstream.ready_to_track()
+        with anyio.move_on_after(0.5):  # its second retry waits for a token beyond the reserve (a minute)
+            await upstream.track_usage("user_pro", FEATURE, 1, "k1", None)
+        assert (proxy.draws, upstream.retries) == (2, 2)
+        assert upstream.budget is not None and 2 <= upstream.budget.tokens < 2.1
+        entitlement = await upstream.check_entitlement("user_pro", FEATURE, wait=0)
+        assert entitlement.has_access
+
+
 @pytest.mark.parametrize(
     ("rate", "all_calls", "seed"),
     [(0.2, False, 45), (0.4, False, 4), (0.4, True, 22)],
