@@ -15,6 +15,7 @@ import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, Literal, NoReturn, TypeVar
 
 import anyio
@@ -52,6 +53,9 @@ MAX_PAUSE = 60.0
 DEFAULT_COOLDOWN = 15.0
 #: Failures that say upstream is unwell (a 429 only says "slower": it pauses the budget instead).
 _UNWELL = (NetworkError, ServerError, InvalidResponseError, AuthenticationError)
+#: Whether the track this task is making left the checks their reserve (see :meth:`Upstream.ready_to_track`):
+#: its retries take their tokens as its first attempt did. Unset: a usage endpoint's call, which leaves it.
+_track_keeps_reserve: ContextVar[bool] = ContextVar("billingos_track_keeps_reserve", default=True)
 
 
 class Budget:
@@ -196,8 +200,10 @@ class Upstream:
     async def ready_to_track(self, *, reserve: bool = True) -> None:
         """Wait until the breaker lets a track go and the budget has a token for it (taken).
 
-        ``reserve``: leave the checks' reserve alone (not when draining at shutdown).
+        ``reserve``: leave the checks' reserve alone (not when draining at shutdown); the track's
+        retries, made in this task, take their tokens alike.
         """
+        _track_keeps_reserve.set(reserve)
         while True:
             while self.breaker.retry_after() > 0:  # noqa: ASYNC110 - the breaker is a clock, not an event
                 await anyio.sleep(max(self.breaker.retry_after(), 0.01))
@@ -257,7 +263,8 @@ class Upstream:
         usage endpoint's call) retried in a 5xx storm must not spend the reserve the checks wait on."""
         self.retries += 1
         if self.budget is not None:
-            await self.budget.take(reserve=0.0 if path == CHECK_PATH else self.track_reserve)
+            keeps_reserve = path != CHECK_PATH and _track_keeps_reserve.get()
+            await self.budget.take(reserve=self.track_reserve if keeps_reserve else 0.0)
 
     async def _admit(self, wait: float, reserve: float = 0.0) -> None:
         """Let a call go, or raise. The breaker's probe is claimed once the call has its token: claimed

@@ -160,6 +160,23 @@ async def test_a_tracks_retries_leave_the_checks_reserve_alone(server: RunningSe
         assert entitlement.has_access
 
 
+async def test_a_drains_retries_take_from_the_checks_reserve_as_its_first_attempt_did(
+    server: RunningServer, proxy: FaultProxy
+) -> None:
+    """At shutdown the drain's tracks take the checks' reserve too (no request is left to check);
+    their client's retries still waited for a token beyond it, behind the drain's next tracks,
+    until the drain's deadline cut them off."""
+    proxy.plan = FaultPlan(before=1.0)  # tracks fail; checks pass
+    retry = RetryPolicy(max_retries=2, backoff_base=0.01)
+    async with BillingOS(SECRET_KEY, base_url=proxy.base_url, retry=retry) as remote:
+        upstream = Upstream(remote, budget=Budget(calls_per_minute=1, burst=4))  # no refill to speak of; reserve 2
+        await upstream.ready_to_track(reserve=False)
+        with anyio.move_on_after(5), pytest.raises(ServerError):  # (waiting for a token beyond the reserve: a minute)
+            await upstream.track_usage("user_pro", FEATURE, 1, "k1", None)
+        assert (proxy.draws, upstream.retries) == (3, 2)
+        assert upstream.budget is not None and 1 <= upstream.budget.tokens < 1.1
+
+
 @pytest.mark.parametrize(
     ("rate", "all_calls", "seed"),
     [(0.2, False, 45), (0.4, False, 4), (0.4, True, 22)],
