@@ -110,8 +110,9 @@ def _resolve_secret_key(secret_key: str | None) -> str:
     return key
 
 
-#: Anything shaped like a secret key, masked in what a bad URL setting is told with.
-_KEY_LIKE = re.compile(r"sk_\w+")
+#: Anything shaped like a secret key, masked in what a bad URL setting is told with: up to what ends
+#: a URL's part or a quoted value (a key need only be printable ASCII: "-" and "." do not end it).
+_KEY_LIKE = re.compile(r"sk_[^\s/?#@'\"\[\]]+")
 
 
 def _resolve_base_url(base_url: str | None, secret_key: str) -> str:
@@ -215,10 +216,11 @@ def _error_for(response: httpx.Response, secret: str) -> BillingOSError:
     if message.startswith("Customer not found"):
         return CustomerNotFoundError(message, status=status, body=body)
     if status == 404:
-        if raw and not message.startswith("Cannot "):  # the protocol's 404: no subscription to the feature
-            return NotFoundError(message, status=status, body=body)
-        # NestJS's "Cannot POST /x" (no such route), or a proxy's page: the base URL is wrong, or the
-        # service is mid-deploy. Not the customer's fault: nothing of theirs is refused for it.
+        if isinstance(body, dict) and body.get("statusCode") == 404 and raw and not message.startswith("Cannot "):
+            return NotFoundError(message, status=status, body=body)  # the protocol's: no subscription to the feature
+        # NestJS's "Cannot POST /x" (no such route), or a proxy's or gateway's answer (its own body, not
+        # the service's): the base URL is wrong, or the service is mid-deploy. Not the customer's fault:
+        # nothing of theirs is refused for it.
         route = f"{response.request.method} {response.request.url.path}"
         return InvalidResponseError(
             f"BillingOS has no route {route} (404: {message}): is the base URL right?", status=status, body=body

@@ -750,6 +750,8 @@ class BillingMiddleware:
                 response = self._problem_factory(denial)
                 # A body the framework adapters can copy: not a streaming or file response.
                 if not isinstance(response, Response) or not isinstance(getattr(response, "body", None), bytes):
+                    if inspect.iscoroutine(response):  # closed, or Python warns later that it was never awaited
+                        response.close()
                     raise TypeError(f"returned {response!r}, not a Response with its body")
                 return response
             except Exception:

@@ -839,6 +839,8 @@ async def test_plain_404_is_not_customer_not_found() -> None:
     [
         respond(404, nest_error(404, "Cannot POST /billing/v1/usage/track", "Not Found")),  # NestJS: no such route
         respond(404, text="<html><h1>404 Not Found</h1></html>"),  # a proxy's page
+        respond(404, {"message": "no Route matched with those values"}),  # a gateway's JSON (Kong's), not NestJS's
+        respond(404, {"statusCode": "404", "message": "Not here"}),  # nor a status code of another type
     ],
 )
 async def test_a_404_from_no_such_route_says_the_base_url_is_wrong_not_that_the_customer_lacks_the_feature(
@@ -1369,6 +1371,14 @@ def test_a_secret_key_given_as_the_base_url_is_never_shown(
     with pytest.raises(ValidationError, match=rf"^{setting} ") as caught:
         BillingOS(secret_key=SECRET, transport=FakeServer(respond(200, {})).transport, **arguments)
     assert "sk_" not in str(caught.value).replace("sk_***", "")
+
+
+@pytest.mark.parametrize("key", ["sk_live_ab-cd.ef", "sk_live_ab~cd+ef=", "sk_live_ab$cd!ef"])
+def test_a_key_given_as_the_base_url_is_masked_whole(key: str) -> None:
+    """Keys need only be printable ASCII: one with a dash or a dot was masked up to it, the rest shown."""
+    with pytest.raises(ValidationError) as caught:
+        BillingOS(secret_key=SECRET, base_url=key, transport=FakeServer(respond(200, {})).transport)
+    assert "ab" not in str(caught.value).replace("sk_***", "") and "ef" not in str(caught.value)
 
 
 def test_repr_shows_base_url() -> None:

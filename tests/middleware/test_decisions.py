@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import time
@@ -506,6 +507,27 @@ async def test_problem_factory_that_fails_falls_back_to_the_default_problem(
     assert anonymous.status_code == 401 and problem(anonymous)["type"] == PROBLEM + "unauthenticated"
     assert forbidden.status_code == 403 and problem(forbidden)["type"] == PROBLEM + "no-access"
     assert calls == []
+
+
+async def test_a_problem_factory_handing_back_a_coroutine_has_it_closed(billing: LocalBilling) -> None:
+    """A sync factory calling an async one: the default answer, and the coroutine closed, not left for
+    Python to warn at some later collection that it was never awaited."""
+    returned: list[Any] = []
+
+    async def answer(denial: Denial) -> Response:
+        return JSONResponse({"error": denial.detail}, denial.status)
+
+    def factory(denial: Denial) -> Any:
+        returned.append(answer(denial))
+        return returned[-1]
+
+    middleware = BillingMiddleware(
+        recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"}, problem_factory=factory
+    )
+    async with serve(middleware) as client:
+        anonymous = await client.get("/x")
+    assert anonymous.status_code == 401 and problem(anonymous)["type"] == PROBLEM + "unauthenticated"
+    assert len(returned) == 1 and inspect.getcoroutinestate(returned[0]) == inspect.CORO_CLOSED
 
 
 def raising_resolver(request: Request) -> str | None:
