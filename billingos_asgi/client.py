@@ -216,11 +216,11 @@ def _error_for(response: httpx.Response, secret: str) -> BillingOSError:
     if message.startswith("Customer not found"):
         return CustomerNotFoundError(message, status=status, body=body)
     if status == 404:
-        if isinstance(body, dict) and body.get("statusCode") == 404 and raw and not message.startswith("Cannot "):
-            return NotFoundError(message, status=status, body=body)  # the protocol's: no subscription to the feature
-        # NestJS's "Cannot POST /x" (no such route), or a proxy's or gateway's answer (its own body, not
-        # the service's): the base URL is wrong, or the service is mid-deploy. Not the customer's fault:
-        # nothing of theirs is refused for it.
+        if message.startswith("No active subscription"):  # the protocol's only 404 (SPEC section 2)
+            return NotFoundError(message, status=status, body=body)
+        # NestJS's "Cannot POST /x" (no such route), a proxy's or an API gateway's page (JSON too): the
+        # base URL is wrong, or the service is mid-deploy. Not the customer's fault: nothing of theirs
+        # is refused for it.
         route = f"{response.request.method} {response.request.url.path}"
         return InvalidResponseError(
             f"BillingOS has no route {route} (404: {message}): is the base URL right?", status=status, body=body

@@ -839,8 +839,9 @@ async def test_plain_404_is_not_customer_not_found() -> None:
     [
         respond(404, nest_error(404, "Cannot POST /billing/v1/usage/track", "Not Found")),  # NestJS: no such route
         respond(404, text="<html><h1>404 Not Found</h1></html>"),  # a proxy's page
-        respond(404, {"message": "no Route matched with those values"}),  # a gateway's JSON (Kong's), not NestJS's
-        respond(404, {"statusCode": "404", "message": "Not here"}),  # nor a status code of another type
+        respond(404, {"message": "no Route matched with those values"}),  # an API gateway's JSON (Kong)
+        respond(404, {"message": "Not Found"}),  # another's (AWS API Gateway)
+        respond(404, nest_error(404, "Not Found", "Not Found")),  # NestJS-shaped, but not the protocol's
     ],
 )
 async def test_a_404_from_no_such_route_says_the_base_url_is_wrong_not_that_the_customer_lacks_the_feature(
