@@ -12,14 +12,15 @@
     ├── RateLimitError             429, with ``retry_after`` seconds when the service sent one
     │   └── BudgetExhaustedError   not sent: this process's upstream call budget is used up for now
     ├── ServerError                5xx
-    ├── NetworkError               connection failures and timeouts (no answer at all)
+    ├── NetworkError               connection failures and timeouts (no answer at all, or a 408)
     │   └── CircuitOpenError       not sent: calls are paused after repeated failures
     └── InvalidResponseError       an answer that is not the JSON the protocol promises (a 404 from
                                    no such route too: a wrong base URL)
 
 Every error carries ``status`` (None when no HTTP answer was involved), ``message``, ``body``
-(the decoded response body, or its text when it was not JSON) and ``retry_after`` (the seconds a
-429 or 503 asked to wait, else None).
+(the decoded response body, or its text when it was not JSON) and ``retry_after`` (the seconds to wait
+before trying again, when known: a 429, 408 or 5xx answer's ``Retry-After``, or, for a call not
+sent, the budget's or the breaker's wait; else None).
 """
 
 from __future__ import annotations

@@ -58,11 +58,12 @@ _MASK = "sk_***"
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter, for network errors, 5xx and 429 only.
+    """Exponential backoff with full jitter, for network errors (a 408 too), 5xx and 429 only.
 
     ``max_retries`` counts retries after the first attempt. A ``Retry-After`` longer than
-    ``max_retry_after`` is not waited for: the call fails at once with :class:`RateLimitError`; a
-    shorter one is waited for, but never less than the backoff.
+    ``max_retry_after`` is not waited for: the call fails at once with its error
+    (:class:`RateLimitError` for a 429, :class:`ServerError` for a 503); a shorter one is waited
+    for, but never less than the backoff.
     """
 
     max_retries: int = 3
