@@ -13,7 +13,7 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -265,12 +265,29 @@ def _warn_of_unserved_keys(app: object, keys: list[str]) -> None:
         )
 
 
+def _wrapped(app: object) -> Iterator[object]:
+    """``app`` and the apps inside it, as ASGI wrappers hold them: ``.app`` (middleware), Django's
+    ``.application`` (its static files handler), Channels' ``ProtocolTypeRouter`` (its HTTP app)."""
+    for _ in range(64):
+        yield app
+        mapping = getattr(app, "application_mapping", None)
+        inner = getattr(app, "app", None) or getattr(app, "application", None)
+        app = inner or (mapping.get("http") if isinstance(mapping, dict) else None)
+        if app is None:
+            return
+
+
+def _framework(app: object, name: str) -> object | None:
+    """The app of framework ``name`` (its top-level package) inside ``app``, if any."""
+    return next((inner for inner in _wrapped(app) if type(inner).__module__.partition(".")[0] == name), None)
+
+
 def _own_root_path(app: object, routed: object) -> str:
     """The root path an app sets on each request itself: ``FastAPI(root_path="/api")`` (``routed``:
     the app holding the routes), or Django's ``FORCE_SCRIPT_NAME`` (its handler routes under it,
     whatever the server's root path). Wrapped from outside, the middleware sees the request before
     that, and routes as the app will."""
-    if type(app).__module__.startswith("django."):  # its ASGI handler (or staticfiles' around it)
+    if _framework(app, "django") is not None:  # its ASGI handler, maybe inside others' wrappers
         from django.conf import settings  # (set up: the handler exists)
 
         root_path = getattr(settings, "FORCE_SCRIPT_NAME", None)
@@ -280,10 +297,10 @@ def _own_root_path(app: object, routed: object) -> str:
 
 
 def _is_litestar(app: object) -> bool:
-    """Whether ``app`` is a Litestar app, which routes its own way: it parses a typed path parameter
-    (``int()`` takes ``+5``; Starlette, FastAPI and Django match a pattern), and it routes what
-    follows the root path wherever the path has it, not only at its start."""
-    return type(app).__module__.partition(".")[0] == "litestar"
+    """Whether ``app`` is (or wraps) a Litestar app, which routes its own way: it parses a typed path
+    parameter (``int()`` takes ``+5``; Starlette, FastAPI and Django match a pattern), and it routes
+    what follows the root path wherever the path has it, not only at its start."""
+    return _framework(app, "litestar") is not None
 
 
 def _of_scope(customer: CustomerResolver) -> Callable[[Scope], Answer]:

@@ -203,6 +203,32 @@ async def test_a_forced_script_name_is_routed_as_django_routes_it(
     assert await billing.recorded_units(pro_id, "api_calls") == 1
 
 
+class Logged:
+    """An app's own pure ASGI middleware around Django's handler, inside ours."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+async def test_a_forced_script_name_is_seen_through_the_apps_own_wrappers(
+    billing: LocalBilling, pro: tuple[str, dict[str, str]], entered: list[str]
+) -> None:
+    """Django's handler inside another wrapper: the script name was looked for on the wrapper only,
+    and "/api/v1/search" served free and ungated."""
+    pro_id, as_pro = pro
+    with override_settings(FORCE_SCRIPT_NAME="/api"):
+        app = BillingMiddleware(Logged(get_asgi_application()), billing=billing, customer=None, routes=ROUTES)
+        async with serve(app) as client:
+            anonymous = await client.get("/api/v1/search")
+            searched = await client.get("/api/v1/search", headers=as_pro)
+    assert anonymous.status_code == 401 and searched.status_code == 200
+    assert entered == ["search"]
+    assert await billing.recorded_units(pro_id, "api_calls") == 1
+
+
 async def test_a_failing_answer_is_not_billed(
     billing: LocalBilling, pro: tuple[str, dict[str, str]], entered: list[str]
 ) -> None:

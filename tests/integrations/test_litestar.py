@@ -86,13 +86,25 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def build(billing: LocalBilling, **options: Any) -> BillingMiddleware:
-    app = Litestar(
+class Logged:
+    """An app's own pure ASGI middleware around Litestar, inside ours."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def build(billing: LocalBilling, *, wrapped: bool = False, **options: Any) -> BillingMiddleware:
+    app: Any = Litestar(
         route_handlers=[search, export, broken, public, health],
         middleware=[DefineMiddleware(TokenAuth, exclude=["/health", "/v1/public"])],
         plugins=[BillingPlugin(customer=account_of)],
         logging_config=None,  # leave the test process's logging alone
     )
+    if wrapped:
+        app = Logged(app)
     return BillingMiddleware(app, billing=billing, customer=None, routes=ROUTES, **options)
 
 
@@ -226,13 +238,15 @@ async def test_a_request_target_without_its_leading_slash_is_metered(
         await billing.aclose()
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["litestar", "inside-another-wrapper"])
 async def test_a_root_path_inside_the_path_is_metered_as_litestar_routes_it(
-    billing: LocalBilling, entered: list[str]
+    billing: LocalBilling, entered: list[str], wrapped: bool
 ) -> None:
     """Litestar routes what follows the root path's first occurrence, wherever it is: from a server
     that leaves the path as requested (Hypercorn, given ``--root-path /api``), "/x/api/v1/search"
-    is /v1/search there, so it is metered (and gated) as /v1/search."""
-    transport = httpx.ASGITransport(app=build(billing), root_path="/api")  # (the path as requested)
+    is /v1/search there, so it is metered (and gated) as /v1/search. Litestar is found inside the
+    app's own wrappers too."""
+    transport = httpx.ASGITransport(app=build(billing, wrapped=wrapped), root_path="/api")  # (the path as requested)
     async with lifespan(transport.app), httpx.AsyncClient(transport=transport, base_url="http://app") as client:
         anonymous = await client.get("/x/api/v1/public")
         searched = await client.get("/x/api/v1/search", headers=bearer("token-free"))
