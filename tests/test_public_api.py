@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
+import pytest
+
 import billingos_asgi
 
 
@@ -28,3 +32,27 @@ def test_backends_satisfy_the_protocol() -> None:
     assert isinstance(billing, billingos_asgi.BillingBackend)
     assert isinstance(client, billingos_asgi.BillingBackend)
     billing._store.close()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        billingos_asgi.AuthenticationError,
+        billingos_asgi.NotFoundError,
+        billingos_asgi.ValidationError,
+        billingos_asgi.QuotaExceededError,
+        billingos_asgi.RateLimitError,
+        billingos_asgi.ServerError,
+        billingos_asgi.NetworkError,
+    ],
+)
+def test_every_error_of_the_spec_is_a_billingos_error_carrying_status_message_and_body(
+    error: type[billingos_asgi.BillingOSError],
+) -> None:
+    raised = error("refused", status=400, body={"message": "refused"})
+    assert isinstance(raised, billingos_asgi.BillingOSError)
+    assert (raised.status, raised.message, raised.body) == (400, "refused", {"message": "refused"})
+
+
+def test_the_package_ships_its_type_information() -> None:
+    assert resources.files("billingos_asgi").joinpath("py.typed").is_file()

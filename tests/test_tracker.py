@@ -23,8 +23,12 @@ from billingos_asgi.tracker import Tracker
 from billingos_asgi.upstream import Budget, CircuitBreaker, Upstream
 
 PLANS: dict[str, Any] = {
-    "features": {"api_calls": {"type": "usage_quota"}, "tokens": {"type": "usage_quota"}},
-    "plans": {"small": {"features": {"api_calls": 10, "tokens": "unlimited"}}},
+    "features": {
+        "api_calls": {"type": "usage_quota"},
+        "tokens": {"type": "usage_quota"},
+        "seats": {"type": "numeric_limit"},
+    },
+    "plans": {"small": {"features": {"api_calls": 10, "tokens": "unlimited", "seats": 3}}},
     "customers": {f"c{i}": "small" for i in range(10)},
 }
 
@@ -234,15 +238,26 @@ async def test_a_retry_is_sent_within_upstreams_24_hours_and_never_after(
     assert await billing.recorded_units("c0", "api_calls") == recorded
 
 
-async def test_an_event_refused_for_no_subscription_is_rejected_at_once(billing: LocalBilling) -> None:
-    """A 404 (no active subscription with the feature) is definitive: reported, never retried."""
+@pytest.mark.parametrize(
+    ("customer", "feature", "reason"),
+    [
+        ("c3", "api_calls", "No active subscription with this feature"),  # 404
+        ("c0", "seats", "Feature is not a usage quota type"),  # 400
+        ("ghost", "api_calls", "Customer not found: ghost"),  # 400
+    ],
+    ids=["404 no subscription", "400 not a quota", "400 unknown customer"],
+)
+async def test_an_event_refused_as_invalid_is_rejected_at_once(
+    billing: LocalBilling, customer: str, feature: str, reason: str
+) -> None:
+    """A 400 or 404 refusal is definitive (SPEC section 6): reported with its reason, never retried."""
     await billing.cancel_subscription("c3")
     reasons: list[str] = []
     tracker = tracker_for(billing, flush_interval=0, drain_timeout=2, on_rejected=lambda e, r: reasons.append(r))
-    await run_tracker(tracker, [event("k1", customer="c3")])
+    await run_tracker(tracker, [event("k1", customer=customer, feature=feature)])
     stats = tracker.stats
     assert (stats.rejected, stats.retried, stats.dropped, tracker.upstream.tracks) == (1, 0, 0, 1)
-    assert reasons == ["No active subscription with this feature"]
+    assert reasons == [reason]
 
 
 async def test_a_full_queue_drops_and_counts(billing: LocalBilling) -> None:

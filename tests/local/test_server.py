@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
@@ -24,6 +25,7 @@ from billingos_asgi import (
     ServerError,
     ValidationError,
 )
+from billingos_asgi._wire import format_time
 from billingos_asgi.local.background import serve_in_thread
 from billingos_asgi.local.server import RateLimiter, create_app
 from tests.conftest import PLANS, SECRET_KEY, RunningServer, running_server
@@ -124,6 +126,37 @@ async def test_percent_encoded_utf8_query_values_are_decoded(raw: httpx.AsyncCli
     assert (await raw.get(f"/v1/usage/check?{query}", headers=AUTH)).json()["has_access"] is True
     unknown = await raw.get("/v1/usage/check?customer_id=%C3%A9+x&feature_key=api_calls", headers=AUTH)
     assert unknown.json()["message"] == "Customer not found: \u00e9 x"
+
+
+#: JavaScript's ``toISOString()``, as the reference service writes every time.
+ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+
+
+async def test_times_are_iso_8601_utc_strings(raw: httpx.AsyncClient) -> None:
+    """SPEC section 2: every time on the wire is an ISO-8601 UTC string."""
+    track = (
+        await raw.post("/v1/usage/track", content=TRACK_JSON, headers={**AUTH, "Content-Type": "application/json"})
+    ).json()
+    params = {"customer_id": "user_free", "feature_key": "api_calls"}
+    check = (await raw.get("/v1/usage/check", params=params, headers=AUTH)).json()
+    metric = (await raw.get("/v1/usage/metrics", params=params, headers=AUTH)).json()["metrics"][0]
+    token = (await raw.post("/v1/session-tokens", json={"externalUserId": "u"}, headers=AUTH)).json()
+    times = [
+        track["recorded_at"],
+        track["usage"]["period_start"],
+        track["usage"]["period_end"],
+        check["metadata"]["resets_at"],
+        metric["period_start"],
+        metric["period_end"],
+        token["expiresAt"],
+    ]
+    assert all(ISO_UTC.match(moment) for moment in times), times
+    assert check["metadata"]["resets_at"] == track["usage"]["period_end"] == metric["period_end"]
+
+
+def test_a_time_in_another_zone_is_written_in_utc() -> None:
+    paris = timezone(timedelta(hours=1))
+    assert format_time(datetime(2025, 1, 1, 0, 30, 0, 123999, tzinfo=paris)) == "2024-12-31T23:30:00.123Z"
 
 
 async def test_session_token(client: BillingOS) -> None:

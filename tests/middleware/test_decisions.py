@@ -221,11 +221,18 @@ async def test_403_details_tell_the_reasons_apart(billing: LocalBilling) -> None
     assert "not active" in cancelled["detail"]
 
 
-async def test_boolean_flag_in_plan_passes_and_is_never_tracked(billing: LocalBilling) -> None:
+@pytest.mark.parametrize(
+    ("feature", "customer"),
+    [("export", "user_pro"), ("seats", "user_free")],  # a flag; a ceiling of 1 seat, not consumed by requests
+    ids=["boolean_flag", "numeric_limit"],
+)
+async def test_a_flag_or_numeric_limit_in_plan_passes_and_is_never_tracked(
+    billing: LocalBilling, feature: str, customer: str
+) -> None:
     calls: list[str] = []
-    middleware = BillingMiddleware(recording_app(calls), billing=billing, customer=by_header, routes={"/e": "export"})
+    middleware = BillingMiddleware(recording_app(calls), billing=billing, customer=by_header, routes={"/e": feature})
     async with serve(middleware) as client:
-        responses = [await client.get("/e", headers=as_customer("user_pro")) for _ in range(3)]
+        responses = [await client.get("/e", headers=as_customer(customer)) for _ in range(3)]
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert all("ratelimit" not in r.headers and "ratelimit-policy" not in r.headers for r in responses)
     assert all(r.headers["x-request-id"] == r.json()["request_id"] for r in responses)
