@@ -617,7 +617,7 @@ class BillingMiddleware:
             if completed and status < 400:  # answered in full; what failed after (a background task) is the app's
                 used = quantity + context.reported
             else:  # the client went away mid-response (ASGI 2.4 servers raise from send), or the app failed
-                aborted = metered.bill_partial and isinstance(exc, (OSError, ClientDisconnect))
+                aborted = metered.bill_partial and status < 400 and isinstance(exc, (OSError, ClientDisconnect))
                 used = context.reported if aborted else 0.0
             unsent = self._settle(context, quantity, used)
             if unsent is not None:
@@ -627,8 +627,8 @@ class BillingMiddleware:
             _current.reset(token)
         if completed and status < 400:
             unsent = self._settle(context, quantity, quantity + context.reported)
-        else:
-            unsent = self._settle(context, quantity, context.reported if metered.bill_partial else 0.0)
+        else:  # bill_partial keeps what a disconnect cut short of a successful answer, never of an error answer
+            unsent = self._settle(context, quantity, context.reported if metered.bill_partial and status < 400 else 0.0)
         if unsent is not None:
             await self.tracker.send(unsent)  # no lifespan: the response is already complete
 

@@ -47,9 +47,10 @@ class Metered:
     instance the tokens an LLM call used). Reported units add to a fixed quantity too.
     Quantities are in upstream's resolution (6 decimals): a fixed one may have no more, and what a
     quantity function returns is rounded to it (a request whose quantity rounds to 0 is free).
-    ``bill_partial``: keep the units reported before a client disconnect (default: an aborted
-    response is not billed). ``late``: the app names the customer itself, where its own auth
-    runs (``await UsageContext.identify(customer_id)``, which also runs the gate, or
+    ``bill_partial``: keep the units reported before a client disconnect cut a response with status
+    < 400 short (default: an aborted response is not billed; an answer >= 400 never is).
+    ``late``: the app names the customer itself, where its own auth runs
+    (``await UsageContext.identify(customer_id)``, which also runs the gate, or
     :func:`set_customer`), instead of the middleware's resolver.
     """
 

@@ -377,6 +377,37 @@ async def test_stream_that_fails_mid_body_is_not_billed(billing: LocalBilling, b
     assert middleware.tracker.stats.queued == 0
 
 
+@pytest.mark.parametrize("status", [400, 500])
+@pytest.mark.parametrize("client_left", [False, True], ids=["answered", "client-left-mid-body"])
+async def test_an_error_answer_is_not_billed_even_with_bill_partial(
+    billing: LocalBilling, status: int, client_left: bool
+) -> None:
+    """``bill_partial`` keeps what a client's disconnect cut short of a successful answer; an answer
+    >= 400 is never billed (SPEC section 5), whether it completes or its client leaves mid-body."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        report_usage(5)
+        yield b"error;"
+        yield b"details"
+
+    async def failing(request: Request) -> Response:
+        return StreamingResponse(chunks(), status_code=status)
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/stream", failing)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/stream": Metered("tokens", quantity=None, bill_partial=True)},
+    )
+    scope = http_scope("/stream", headers=FREE, spec_version="2.4")
+    async with lifespan(middleware):
+        exchange = await call_raw(middleware, scope, raise_on_chunk=2 if client_left else None)
+    assert exchange.status == status and exchange.complete is not client_left
+    assert middleware.tracker.stats.queued == 0
+    assert await billing.recorded_units("user_free", "tokens") == 0
+    assert middleware.cache.get("user_free", "tokens").local == 0  # type: ignore[union-attr]
+
+
 async def test_file_response_sent_with_pathsend_is_billed(billing: LocalBilling, tmp_path: Path) -> None:
     """With the ``http.response.pathsend`` extension (zero-copy file sending, e.g. under Granian),
     Starlette's FileResponse completes its body with one ``http.response.pathsend`` message instead of
