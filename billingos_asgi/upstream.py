@@ -307,25 +307,29 @@ class Upstream:
         return result
 
 
-#: The door of each backend a middleware is built over. Upstream's limits are per secret key, so
+#: The door of each backend a middleware is built over, by the backend's identity (one that cannot
+#: be hashed, as a dataclass with ``eq=True``, shares it too). Upstream's limits are per secret key, so
 #: the usage endpoints over the same backend call through it too: within the same budget, and
 #: answered at once while its breaker is open. Both weakly held (a door holds its backend): a
 #: middleware gone, its door and backend go with it, not kept for the life of the process.
-_doors: weakref.WeakKeyDictionary[Any, weakref.ref[Upstream]] = weakref.WeakKeyDictionary()
+_doors: dict[int, tuple[weakref.ref[Any], weakref.ref[Upstream]]] = {}
 
 
 def share_door(backend: BillingBackend, upstream: Upstream) -> None:
     """Make ``upstream`` the door of every other call to ``backend`` (the last middleware built wins)."""
+    key = id(backend)
+
+    def forget(gone: weakref.ref[Any]) -> None:  # (the backend's id may be another's next)
+        if _doors.get(key, (None,))[0] is gone:
+            del _doors[key]
+
     try:
-        _doors[backend] = weakref.ref(upstream)
-    except TypeError:  # a backend that cannot be weakly referenced, or hashed: its calls stay unshared
+        _doors[key] = (weakref.ref(backend, forget), weakref.ref(upstream))
+    except TypeError:  # a backend that cannot be weakly referenced: its calls stay unshared
         pass
 
 
 def door_of(backend: BillingBackend) -> Upstream | None:
     """The door :func:`share_door` gave ``backend``, while it is in use."""
-    try:
-        door = _doors.get(backend)
-    except TypeError:
-        return None
-    return None if door is None else door()
+    entry = _doors.get(id(backend))
+    return None if entry is None or entry[0]() is not backend else entry[1]()

@@ -20,6 +20,7 @@ from billingos_asgi import (
     RateLimitError,
     UsageEvent,
 )
+from billingos_asgi import upstream as upstream_module
 from billingos_asgi.cache import EntitlementCache
 from billingos_asgi.tracker import Tracker
 from billingos_asgi.upstream import Budget, CircuitBreaker, Upstream, door_of, share_door
@@ -209,19 +210,27 @@ async def test_a_check_waits_briefly_for_a_token(billing: LocalBilling) -> None:
     assert upstream.checks == 2
 
 
-def test_a_backend_is_shared_through_the_last_door_built_and_an_unhashable_one_stays_unshared(
+def test_a_backend_is_shared_through_the_last_door_built_by_its_identity_hashable_or_not(
     billing: LocalBilling,
 ) -> None:
-    class Unhashable(Scripted):  # as a class defining __eq__ alone
+    class Unhashable(Scripted):  # as a class defining __eq__ alone (a dataclass's eq=True)
         __hash__ = None  # type: ignore[assignment]
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Unhashable)
 
     first, last = Upstream(billing), Upstream(billing)
     share_door(billing, first)
     share_door(billing, last)
     assert door_of(billing) is last
-    unhashable = Unhashable(billing, [])
+    unhashable, equal = Unhashable(billing, []), Unhashable(billing, [])
     share_door(unhashable, first)  # type: ignore[arg-type]
-    assert door_of(unhashable) is None  # type: ignore[arg-type]
+    assert door_of(unhashable) is first  # type: ignore[arg-type]
+    assert door_of(equal) is None  # type: ignore[arg-type]  # (equal, yet another backend: not its door)
+    gone, key = weakref.ref(unhashable), id(unhashable)
+    del unhashable
+    gc.collect()
+    assert gone() is None and key not in upstream_module._doors  # its entry goes with it: nothing leaks
 
 
 async def test_a_shared_door_keeps_neither_its_backend_nor_itself_alive(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -17,7 +19,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Host, Mount, Route, Router
 from starlette.types import Receive, Scope, Send
 
-from billingos_asgi import BillingMiddleware, LocalBilling, Metered, get_usage_context
+from billingos_asgi import (
+    BillingMiddleware,
+    Entitlement,
+    LocalBilling,
+    Metered,
+    SessionToken,
+    TrackUsageResult,
+    UsageMetrics,
+    get_usage_context,
+)
 from billingos_asgi.discovery import declared_routes
 from billingos_asgi.routes import UNDECLARED
 from billingos_starlette import declared, metered, usage_routes
@@ -219,6 +230,62 @@ async def test_the_usage_routes_call_within_the_middlewares_budget_leaving_its_c
     metrics = middleware.metrics()
     assert (metrics["endpoint_calls"], metrics["check_calls"], metrics["checks_refused_by_budget"]) == (1, 1, 0)
     assert 'billingos_upstream_calls_total{call="endpoint"} 1' in middleware.prometheus()
+
+
+@dataclass
+class Delegating:
+    """A user's own backend, as a dataclass writes it: ``eq=True`` sets ``__hash__ = None``."""
+
+    inner: LocalBilling
+
+    async def check_entitlement(self, customer_id: str, feature_key: str) -> Entitlement:
+        return await self.inner.check_entitlement(customer_id, feature_key)
+
+    async def track_usage(
+        self,
+        customer_id: str,
+        feature_key: str,
+        quantity: float,
+        idempotency_key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> TrackUsageResult:
+        return await self.inner.track_usage(customer_id, feature_key, quantity, idempotency_key, metadata)
+
+    async def get_usage_metrics(self, customer_id: str, feature_key: str | None = None) -> UsageMetrics:
+        return await self.inner.get_usage_metrics(customer_id, feature_key)
+
+    async def create_session_token(
+        self,
+        external_user_id: str,
+        *,
+        external_organization_id: str | None = None,
+        expires_in: int = 3600,
+        allowed_operations: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SessionToken:
+        return await self.inner.create_session_token(
+            external_user_id,
+            external_organization_id=external_organization_id,
+            expires_in=expires_in,
+            allowed_operations=allowed_operations,
+            metadata=metadata,
+        )
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_the_usage_routes_of_an_unhashable_backend_call_within_the_middlewares_budget_too(
+    billing: LocalBilling,
+) -> None:
+    backend = Delegating(billing)
+    app = Starlette(routes=[usage_routes(backend, by_header)])
+    # Two tokens, one of them the checks' reserve; none more for 100 s.
+    middleware = BillingMiddleware(app, billing=backend, customer=by_header, calls_per_minute=0.6, call_burst=2)
+    async with serve(middleware) as client:
+        usage = [await client.get("/billing/usage", headers=as_customer(who)) for who in ("user_free", "user_pro")]
+    assert [answer.status_code for answer in usage] == [200, 503]
+    assert middleware.metrics()["endpoint_calls"] == 1
 
 
 async def test_the_usage_routes_are_answered_at_once_while_the_middlewares_breaker_is_open(
