@@ -71,7 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the one key accepted (default: $BILLINGOS_SECRET_KEY, else {DEFAULT_SECRET_KEY}; the environment "
         "keeps a real key out of the process list)",
     )
-    serve.add_argument("--rate-limit", type=_rate_limit, metavar="N/min", help="emulate the hosted rate limit")
+    serve.add_argument(
+        "--rate-limit", type=_rate_limit, metavar="N/min", help="emulate the hosted global rate limit (100/min)"
+    )
+    serve.add_argument(
+        "--track-rate-limit",
+        type=_rate_limit,
+        metavar="N/min",
+        help="emulate the hosted per-customer limit on POST /v1/usage/track (1000/min)",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -95,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"billingos-asgi: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
-    app = create_app(billing, secret_key=args.secret_key, rate_limit=args.rate_limit)
+    app = create_app(
+        billing, secret_key=args.secret_key, rate_limit=args.rate_limit, track_rate_limit=args.track_rate_limit
+    )
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     # Ctrl+C: uvicorn shuts down cleanly, then raises it again (uvicorn.run ignores it, as here).
     with contextlib.suppress(KeyboardInterrupt):

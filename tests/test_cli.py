@@ -62,6 +62,7 @@ def test_a_database_locked_by_another_process_is_refused_in_one_line(tmp_path: P
     [
         (["--rate-limit", "fast"], "expected N/min"),
         (["--rate-limit", "0/min"], "expected N/min"),
+        (["--track-rate-limit", "1000/hour"], "expected N/min"),
         (["--secret-key", "pk_live_x"], "must start with 'sk_'"),
         (["--port", "http"], "expected a port number"),
         (["--port", "99999"], "expected a port number from 0 to 65535, got '99999'"),
@@ -82,6 +83,8 @@ def test_version_is_the_package_version() -> None:
 
 def test_rate_limit_accepts_n_per_min() -> None:
     assert build_parser().parse_args(["serve", "--plans", "p", "--rate-limit", "100/min"]).rate_limit == 100
+    args = build_parser().parse_args(["serve", "--plans", "p", "--track-rate-limit", "1000/min"])
+    assert (args.rate_limit, args.track_rate_limit) == (None, 1000)
 
 
 def test_serve_answers_on_its_port(tmp_path: Path) -> None:

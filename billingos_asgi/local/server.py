@@ -36,6 +36,7 @@ __all__ = ["RateLimiter", "create_app"]
 logger = logging.getLogger("billingos_asgi")
 
 DEFAULT_SECRET_KEY = "sk_test_local"
+THROTTLED = "ThrottlerException: Too Many Requests"
 MAX_BODY_BYTES = 64 * 1024
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -51,28 +52,33 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 
 class RateLimiter:
-    """A fixed one-minute window shared by every authenticated call, like the hosted global tier."""
+    """Fixed one-minute windows, one per key, like the hosted throttling: one key for every
+    authenticated call (the global tier), or one per customer (its limit on tracks)."""
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
         if per_minute < 1:
             raise ValueError(f"rate limit must be at least 1 request/min, got {per_minute}")
         self.per_minute = per_minute
         self._clock = clock
-        self._window_start = clock()
-        self._count = 0
+        self._windows: dict[str, tuple[float, int]] = {}  # key -> start, calls; in the order they started
 
-    def hit(self) -> tuple[bool, dict[str, str]]:
-        """Count one call; return whether it is allowed and the ``X-RateLimit-*`` headers."""
+    def hit(self, key: str = "") -> tuple[bool, dict[str, str]]:
+        """Count one call of ``key``; return whether it is allowed and the ``X-RateLimit-*`` headers."""
         now = self._clock()
-        if now - self._window_start >= 60:
-            self._window_start, self._count = now, 0
-        reset = max(1, math.ceil(self._window_start + 60 - now))
-        allowed = self._count < self.per_minute
+        while self._windows:  # the windows that ended, oldest first: a key is held a minute at most
+            oldest = next(iter(self._windows))
+            if now - self._windows[oldest][0] < 60:
+                break
+            del self._windows[oldest]
+        start, count = self._windows.get(key, (now, 0))
+        reset = max(1, math.ceil(start + 60 - now))
+        allowed = count < self.per_minute
         if allowed:
-            self._count += 1
+            count += 1
+        self._windows[key] = (start, count)
         headers = {
             "X-RateLimit-Limit": str(self.per_minute),
-            "X-RateLimit-Remaining": str(self.per_minute - self._count),
+            "X-RateLimit-Remaining": str(self.per_minute - count),
             "X-RateLimit-Reset": str(reset),
         }
         if not allowed:
@@ -174,12 +180,19 @@ def create_app(
     *,
     secret_key: str = DEFAULT_SECRET_KEY,
     rate_limit: int | None = None,
+    track_rate_limit: int | None = None,
 ) -> Starlette:
-    """A Starlette app answering the BillingOS API for ``billing``, accepting only ``secret_key``."""
+    """A Starlette app answering the BillingOS API for ``billing``, accepting only ``secret_key``.
+
+    ``rate_limit``: calls a minute in all, as the hosted global tier; ``track_rate_limit``: tracks
+    a minute per customer, as its limit on ``POST /v1/usage/track``. A call either refuses is
+    answered 429 with its ``X-RateLimit-*`` headers; one both allow, with the global tier's.
+    """
     if not secret_key.startswith("sk_"):
         raise ValueError("secret_key must start with 'sk_'")
     expected = f"Bearer {secret_key}".encode()
     limiter = None if rate_limit is None else RateLimiter(rate_limit)
+    track_limiter = None if track_rate_limit is None else RateLimiter(track_rate_limit)
 
     def endpoint(handler: Endpoint) -> Endpoint:
         """Authenticate, throttle, and turn billing errors into NestJS-style answers."""
@@ -194,7 +207,7 @@ def create_app(
             if limiter is not None:
                 allowed, headers = limiter.hit()
                 if not allowed:
-                    return error_response(429, "ThrottlerException: Too Many Requests", headers)
+                    return error_response(429, THROTTLED, headers)
             try:
                 response = await handler(request)
             except BillingOSError as exc:
@@ -203,7 +216,8 @@ def create_app(
                     logger.warning("local BillingOS server: %s %s: %s", request.method, request.url.path, exc.message)
                 retry = {} if exc.retry_after is None else {"Retry-After": str(math.ceil(exc.retry_after))}
                 response = error_response(status, exc.message, retry)
-            response.headers.update(headers)
+            if response.status_code != 429:  # (a customer's refusal keeps its own tier's headers)
+                response.headers.update(headers)
             return response
 
         return wrapped
@@ -211,6 +225,11 @@ def create_app(
     @endpoint
     async def track(request: Request) -> Response:
         data = await _json_object(request)
+        limits: dict[str, str] = {}
+        if track_limiter is not None and isinstance(data.get("customer_id"), str):  # (as a guard: before checks)
+            allowed, limits = track_limiter.hit(data["customer_id"])
+            if not allowed:
+                return error_response(429, THROTTLED, limits)
         if any(data.get(key) is None for key in ("customer_id", "feature_key", "quantity")):
             raise ValidationError("customer_id, feature_key, and quantity are required")
         # LocalBilling checks every field's type and range before anything is recorded.
@@ -221,7 +240,7 @@ def create_app(
             idempotency_key=data.get("idempotency_key"),
             metadata=data.get("metadata"),
         )
-        return JSONResponse(_wire.track_result_to_json(result), 201)
+        return JSONResponse(_wire.track_result_to_json(result), 201, headers=limits)
 
     @endpoint
     async def check(request: Request) -> Response:

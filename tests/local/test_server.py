@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -450,11 +451,63 @@ async def test_an_oversized_body_is_counted_and_answered_with_the_rate_limit_hea
     assert second.status_code == 201 and second.headers["X-RateLimit-Remaining"] == "1"
 
 
+async def test_the_per_customer_track_limit_refuses_one_customers_tracks_only() -> None:
+    # SPEC section 2: POST /v1/usage/track is limited per customer (1000/min upstream), beside the global tier.
+    billing = LocalBilling.from_dict(PLANS)
+    track = {"feature_key": "api_calls", "quantity": 1}
+    with serve_in_thread(create_app(billing, secret_key=SECRET_KEY, track_rate_limit=2)) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, headers=AUTH) as raw:
+            free = [await raw.post("/v1/usage/track", json={**track, "customer_id": "user_free"}) for _ in range(3)]
+            pro = await raw.post("/v1/usage/track", json={**track, "customer_id": "user_pro"})
+            params = {"customer_id": "user_free", "feature_key": "api_calls"}
+            checks = [await raw.get("/v1/usage/check", params=params) for _ in range(3)]
+        async with BillingOS(SECRET_KEY, base_url=base_url, retry=RetryPolicy(max_retry_after=0.5)) as client:
+            with pytest.raises(RateLimitError) as caught:
+                await client.track_usage("user_free", "api_calls", 1)
+        recorded = await billing.recorded_units("user_free", "api_calls")
+    assert recorded == 2  # nothing recorded when refused
+    assert [answer.status_code for answer in free] == [201, 201, 429]
+    assert [answer.headers["X-RateLimit-Remaining"] for answer in free] == ["1", "0", "0"]
+    refused = free[2]
+    assert refused.json() == {
+        "statusCode": 429,
+        "message": "ThrottlerException: Too Many Requests",
+        "error": "Too Many Requests",
+    }
+    assert refused.headers["X-RateLimit-Limit"] == "2"
+    assert 1 <= int(refused.headers["Retry-After"]) == int(refused.headers["X-RateLimit-Reset"]) <= 60
+    assert pro.status_code == 201 and pro.headers["X-RateLimit-Remaining"] == "1"  # a window of its own
+    assert [answer.status_code for answer in checks] == [200] * 3 and "X-RateLimit-Limit" not in checks[0].headers
+    assert caught.value.retry_after is not None and caught.value.retry_after >= 1
+
+
+async def test_with_both_limits_a_track_answers_the_global_tiers_headers_unless_its_customers_refuses_it() -> None:
+    billing = LocalBilling.from_dict(PLANS)
+    body = {"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1}
+    with serve_in_thread(create_app(billing, secret_key=SECRET_KEY, rate_limit=5, track_rate_limit=1)) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, headers=AUTH) as raw:
+            answers = [await raw.post("/v1/usage/track", json=body) for _ in range(2)]
+    assert [answer.status_code for answer in answers] == [201, 429]
+    assert [answer.headers["X-RateLimit-Limit"] for answer in answers] == ["5", "1"]
+    assert answers[0].headers["X-RateLimit-Remaining"] == "4"
+
+
+def test_rate_limiter_keeps_a_window_per_key_and_forgets_those_that_ended() -> None:
+    now = [0.0]
+    limiter = RateLimiter(1, clock=lambda: now[0])
+    assert limiter.hit("a")[0] and limiter.hit("b")[0] and not limiter.hit("a")[0]
+    now[0] += 60
+    assert limiter.hit("c")[0]
+    assert list(limiter._windows) == ["c"]  # a client naming a new customer every call holds a minute's only
+
+
+@pytest.mark.parametrize("option", ["rate_limit", "track_rate_limit"])
 @pytest.mark.parametrize("rate_limit", [0, -5])
-def test_a_rate_limit_below_one_per_minute_is_refused_not_ignored(rate_limit: int) -> None:
+def test_a_rate_limit_below_one_per_minute_is_refused_not_ignored(option: str, rate_limit: int) -> None:
     billing = LocalBilling.from_dict(PLANS)
     with pytest.raises(ValueError, match="at least 1 request/min"):
-        create_app(billing, rate_limit=rate_limit)
+        options: dict[str, Any] = {option: rate_limit}
+        create_app(billing, **options)
     billing.close()
 
 
