@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import _wire
 from .._exceptions import BillingOSError, ValidationError
+from .._validation import MAX_ID_LENGTH
 from .engine import LocalBilling
 
 __all__ = ["RateLimiter", "create_app"]
@@ -226,8 +227,9 @@ def create_app(
     async def track(request: Request) -> Response:
         data = await _json_object(request)
         limits: dict[str, str] = {}
-        if track_limiter is not None and isinstance(data.get("customer_id"), str):  # (as a guard: before checks)
-            allowed, limits = track_limiter.hit(data["customer_id"])
+        customer = data.get("customer_id")
+        if track_limiter is not None and isinstance(customer, str) and len(customer) <= MAX_ID_LENGTH:  # (a guard)
+            allowed, limits = track_limiter.hit(customer)  # (a longer id is refused below, and held in no window)
             if not allowed:
                 return error_response(429, THROTTLED, limits)
         if any(data.get(key) is None for key in ("customer_id", "feature_key", "quantity")):

@@ -481,6 +481,16 @@ async def test_the_per_customer_track_limit_refuses_one_customers_tracks_only() 
     assert caught.value.retry_after is not None and caught.value.retry_after >= 1
 
 
+async def test_an_id_too_long_to_be_a_customers_is_refused_as_such_and_held_in_no_window() -> None:
+    billing = LocalBilling.from_dict(PLANS)
+    body = {"customer_id": "u" * 256, "feature_key": "api_calls", "quantity": 1}
+    with serve_in_thread(create_app(billing, secret_key=SECRET_KEY, track_rate_limit=1)) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, headers=AUTH) as raw:
+            answers = [await raw.post("/v1/usage/track", json=body) for _ in range(2)]
+    assert [answer.status_code for answer in answers] == [400, 400]
+    assert "customer_id" in answers[1].json()["message"]
+
+
 async def test_with_both_limits_a_track_answers_the_global_tiers_headers_unless_its_customers_refuses_it() -> None:
     billing = LocalBilling.from_dict(PLANS)
     body = {"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1}
