@@ -260,11 +260,12 @@ class Upstream:
 
     async def _take_for_retry(self, path: str) -> None:
         """A retry's token, from the same share of the bucket as its first attempt: a track (or a
-        usage endpoint's call) retried in a 5xx storm must not spend the reserve the checks wait on."""
-        self.retries += 1
+        usage endpoint's call) retried in a 5xx storm must not spend the reserve the checks wait on.
+        Counted once it has its token: a retry cut off while it waits (a deadline) is never made."""
         if self.budget is not None:
             keeps_reserve = path != CHECK_PATH and _track_keeps_reserve.get()
             await self.budget.take(reserve=self.track_reserve if keeps_reserve else 0.0)
+        self.retries += 1
 
     async def _admit(self, wait: float, reserve: float = 0.0) -> None:
         """Let a call go, or raise. The breaker's probe is claimed once the call has its token: claimed
