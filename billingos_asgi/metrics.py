@@ -26,6 +26,7 @@ _EVENT_OUTCOMES = (
     "replayed",
     "duplicates",
     "coalesced",
+    "split",
 )
 _BREAKER_STATES = ("closed", "open", "half_open")
 
@@ -62,7 +63,7 @@ def prometheus_text(middleware: BillingMiddleware) -> str:
         "# HELP billingos_usage_events_total Usage events by outcome since start-up.",
         "# TYPE billingos_usage_events_total counter",
         *(f'billingos_usage_events_total{{outcome="{name}"}} {m["events_" + name]}' for name in _EVENT_OUTCOMES),
-        "# HELP billingos_usage_events_backlog Usage events queued and not yet sent.",
+        "# HELP billingos_usage_events_backlog Usage events accepted and not in a track call (queued, or to retry).",
         "# TYPE billingos_usage_events_backlog gauge",
         f"billingos_usage_events_backlog {m['events_backlog']}",
         "# HELP billingos_usage_events_in_flight Usage events in a track call right now.",

@@ -62,9 +62,14 @@ RejectedCallback = Callable[[UsageEvent, str], None]
 
 @dataclass(slots=True)
 class TrackerStats:
-    """Counters since start-up, in events unless named otherwise (per process)."""
+    """Counters since start-up, in events unless named otherwise (per process).
 
-    queued: int = 0
+    Every event handed over (``queued``), found in the outbox (``replayed``) or cut in two by a quota
+    refusal (``split``: its parts count apart) is, at any moment, under one outcome (sent, rejected,
+    dead-lettered, dropped, deferred), in the tracker's backlog, or in flight.
+    """
+
+    queued: int = 0  # handed to the tracker (a trusted duplicate aside), dropped on a full queue or not
     sent: int = 0  # recorded upstream
     rejected: int = 0  # refused by billing (quota, validation): never retried
     dead_lettered: int = 0  # older than upstream's idempotency window: not resent blindly
@@ -74,7 +79,8 @@ class TrackerStats:
     duplicates: int = 0  # a trusted request id seen twice: counted once
     retried: int = 0  # track calls retried after a transient failure
     coalesced: int = 0  # events that rode in a batch with others
-    in_flight: int = 0
+    split: int = 0  # events cut in two by a quota refusal: the part that fits, and the rest rejected
+    in_flight: int = 0  # in a track call right now
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -150,8 +156,10 @@ class Tracker:
 
     @property
     def backlog(self) -> int:
-        """Events accepted and not yet in a track call."""
-        return self._queued_events
+        """Events accepted and not yet in a track call: queued, riding along with an inline send, or
+        taken for delivery and waiting (to retry, for a token, for what is left of a quota)."""
+        riders = sum(len(riders) for riders in self._riders.values())
+        return self._queued_events + riders + len(self._unsettled) + len(self._inline) - self.stats.in_flight
 
     @property
     def upstream(self) -> Upstream:
@@ -163,13 +171,13 @@ class Tracker:
             return False
         if self._seen is not None and self._is_duplicate(event):
             return True
+        self.stats.queued += 1
         if self._queued_events >= self._max_queue:
             self._give_up((event,), "dropped", "queue full")
             return True
         if self._seen is not None:
             self._see(event)
         self._queued_events += 1
-        self.stats.queued += 1
         if self._outbox is None:
             self._enqueue(event)
         else:  # durable first: it joins the window once its row is written
@@ -463,6 +471,7 @@ class Tracker:
         """
         if self._is_duplicate(event):
             return
+        self.stats.queued += 1
         key = (event.customer_id, event.feature_key)
         riders = self._riders.get(key)
         if riders is not None:
@@ -649,6 +658,8 @@ class Tracker:
             if fit >= left:  # what was left is this part's now
                 self._full[event.customer_id, event.feature_key] = True
             rest = event._replace(quantity=round(event.quantity - fit, QUANTITY_DECIMALS))
+            if rest.quantity > 0:  # the part is counted under its outcome, the rest is about to be
+                self.stats.split += 1
         if rest.quantity > 0:
             self._give_up((rest,), "rejected", "quota_exceeded", error)
         else:

@@ -264,8 +264,9 @@ async def test_a_full_queue_drops_and_counts(billing: LocalBilling) -> None:
     rejected: list[str] = []
     tracker = tracker_for(billing, max_queue=3, on_rejected=lambda e, r: rejected.append(r))
     await run_tracker(tracker, [event(f"k{i}") for i in range(5)])
-    assert (tracker.stats.queued, tracker.stats.sent, tracker.stats.dropped) == (3, 3, 2)
-    assert rejected == ["queue full", "queue full"]
+    # Handed over, all five: the two dropped count among them, as unaccounted() has it.
+    assert (tracker.stats.queued, tracker.stats.sent, tracker.stats.dropped) == (5, 3, 2)
+    assert rejected == ["queue full", "queue full"] and unaccounted(tracker) == 0
 
 
 async def test_trusted_duplicate_keys_count_once(billing: LocalBilling) -> None:
@@ -797,3 +798,55 @@ async def test_a_trusted_key_dropped_at_its_deadline_is_billed_when_the_client_r
     await tracker.send(event("gateway-id"))
     assert (tracker.stats.duplicates, tracker.stats.sent) == (0, 1)
     assert await billing.recorded_units("c0", "api_calls") == 1
+
+
+def unaccounted(tracker: Tracker) -> int:
+    """Events handed to the tracker (or replayed, or cut in two) not found under an outcome, in the
+    backlog or in flight: the identity an operator checks the counters by. Zero at every moment."""
+    s = tracker.stats
+    handed = s.queued + s.replayed + s.split
+    ended = s.sent + s.rejected + s.dead_lettered + s.dropped + s.deferred
+    return handed - ended - tracker.backlog - s.in_flight
+
+
+async def test_events_waiting_to_retry_are_in_the_backlog(billing: LocalBilling) -> None:
+    """Between two attempts a batch is neither queued nor in a call: the backlog said 0 all through
+    an outage, as if nothing were waiting."""
+    backend = Failing(billing, failures=10**6, error=NetworkError("connection refused"))
+    upstream = Upstream(backend, breaker=CircuitBreaker(threshold=10**6))
+    tracker = Tracker(upstream, EntitlementCache(upstream), flush_interval=0, drain_timeout=0)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        for i in range(5):
+            assert tracker.submit(event(f"k{i}"))
+        with anyio.fail_after(10):
+            while tracker.stats.retried < 2:  # noqa: ASYNC110 - polling a counter
+                await anyio.sleep(0.01)
+        assert tracker.backlog + tracker.stats.in_flight == 5 and unaccounted(tracker) == 0
+        await tracker.stop()
+    assert (tracker.stats.dropped, tracker.backlog, unaccounted(tracker)) == (5, 0, 0)
+
+
+async def test_an_inline_send_counts_as_queued_and_its_riders_wait_in_the_backlog(billing: LocalBilling) -> None:
+    backend = Gated(billing)
+    tracker = tracker_for(backend, max_queue=2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tracker.send, event("first"))
+        with anyio.fail_after(10):
+            while backend.calls == 0:  # noqa: ASYNC110 - polling a counter
+                await anyio.sleep(0.01)
+        for i in range(3):  # two ride along, the third finds the riders full
+            await tracker.send(event(f"rider{i}"))
+        assert (tracker.stats.queued, tracker.backlog, tracker.stats.in_flight) == (4, 2, 1)
+        assert unaccounted(tracker) == 0
+        backend.gate.set()
+    assert (tracker.stats.sent, tracker.stats.dropped, unaccounted(tracker)) == (3, 1, 0)
+
+
+async def test_an_event_cut_in_two_by_a_refusal_counts_each_part_once(billing: LocalBilling) -> None:
+    """2.5 of its 4 units recorded, 1.5 rejected: one event, two outcomes, and the split says so."""
+    await billing.track_usage("c0", "api_calls", 7.5)
+    tracker = tracker_for(billing, flush_interval=0)
+    await run_tracker(tracker, [event("big", quantity=4), event("whole", customer="c1", quantity=4)])
+    stats = tracker.stats
+    assert (stats.queued, stats.split, stats.sent, stats.rejected, unaccounted(tracker)) == (2, 1, 2, 1, 0)

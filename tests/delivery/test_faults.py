@@ -28,6 +28,7 @@ from tests.asgi import serve
 from tests.conftest import SECRET_KEY, RunningServer
 from tests.faultproxy import KINDS, FaultPlan, FaultProxy, serve_fault_proxy
 from tests.middleware.support import as_customer, by_header, recording_app
+from tests.test_tracker import unaccounted
 
 CUSTOMERS = ("user_pro", "user_pro_b", "user_pro_c")  # all on "pro": api_calls unlimited, so every request is admitted
 FEATURE = "api_calls"
@@ -99,7 +100,7 @@ def assert_all_sent(middleware: BillingMiddleware, total: int) -> None:
     stats = middleware.tracker.stats
     assert (stats.queued, stats.sent) == (total, total), stats
     assert (stats.rejected, stats.dropped, stats.dead_lettered, stats.deferred) == (0, 0, 0, 0), stats
-    assert stats.in_flight == 0, stats
+    assert (stats.in_flight, middleware.tracker.backlog, unaccounted(middleware.tracker)) == (0, 0, 0), stats
 
 
 async def assert_each_request_counted_once(
@@ -249,6 +250,9 @@ async def test_outage_longer_than_the_flush_window(server: RunningServer, proxy:
         assert proxy.counts["down"] > 0
         assert await recorded(server) == expected(warm)  # nothing got through meanwhile
         assert middleware.tracker.stats.sent == warm
+        metrics = middleware.metrics()  # what an operator sees: the outage's events all waiting
+        assert int(metrics["events_backlog"]) + int(metrics["events_in_flight"]) == during, metrics
+        assert unaccounted(middleware.tracker) == 0
 
         proxy.plan.down = False
         assert await send_waves(client, after, waves=1) == [200] * after
