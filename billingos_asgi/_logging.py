@@ -17,31 +17,35 @@ INTERVAL = 1.0
 
 
 class Throttled:
-    """At most one line a second, which says how many similar lines it held back since the last."""
+    """At most one line a second of each kind (its message template), which says how many lines of
+    that kind it held back since the last: a storm of one kind never hides a line of another."""
 
-    __slots__ = ("_held", "_held_level", "_last")
+    __slots__ = ("_lines",)
 
     def __init__(self) -> None:
-        self._last = -INTERVAL
-        self._held = 0
-        self._held_level = logging.NOTSET
+        # template -> [when last logged, lines held back since, the highest level held]; a template
+        # is a literal of our code, so there are a handful of them.
+        self._lines: dict[str, list[float]] = {}
 
     def log(self, level: int, message: str, *args: object, exc_info: bool = False) -> None:
         now = time.monotonic()
-        if now - self._last < INTERVAL:
-            self._held += 1
-            self._held_level = max(self._held_level, level)
+        line = self._lines.setdefault(message, [-INTERVAL, 0, logging.NOTSET])
+        if now - line[0] < INTERVAL:
+            line[1] += 1
+            line[2] = max(line[2], level)
             return
-        if self._held:
-            message += f" ({self._held} similar lines held back)"
-        self._last, self._held, self._held_level = now, 0, logging.NOTSET
+        held = int(line[1])
+        line[:] = [now, 0, logging.NOTSET]
+        if held:
+            message += f" ({held} similar lines held back)"
         logger.log(level, message, *args, exc_info=exc_info)
 
     def flush(self) -> None:
-        """Say how many lines are held back, where no later line will (at shutdown)."""
-        if self._held:
-            logger.log(self._held_level, "%d similar lines held back since the last one", self._held)
-            self._held, self._held_level = 0, logging.NOTSET
+        """Say how many lines of each kind are held back, where no later line will (at shutdown)."""
+        for message, line in self._lines.items():
+            if line[1]:
+                logger.log(int(line[2]), "%d similar lines held back since the last one (%r)", line[1], message)
+                line[1:] = [0, logging.NOTSET]
 
 
 def without_message(exc: BaseException) -> str:

@@ -850,3 +850,19 @@ async def test_an_event_cut_in_two_by_a_refusal_counts_each_part_once(billing: L
     await run_tracker(tracker, [event("big", quantity=4), event("whole", customer="c1", quantity=4)])
     stats = tracker.stats
     assert (stats.queued, stats.split, stats.sent, stats.rejected, unaccounted(tracker)) == (2, 1, 2, 1, 0)
+
+
+async def test_a_storm_of_one_line_never_hides_another(billing: LocalBilling, caplog: pytest.LogCaptureFixture) -> None:
+    """One line a second was the tracker's budget for all its lines: a retry's warning held back the
+    rejections of the same second, which then showed only as a count on a later warning, and the
+    count said 'similar' of lines that were not. Each kind of line now has its second of its own."""
+    backend = Failing(billing, failures=1, error=NetworkError("connection refused"))
+    tracker = tracker_for(backend, flush_interval=0.2)
+    with caplog.at_level(logging.WARNING, "billingos_asgi"):
+        await run_tracker(tracker, [event("k1", customer="c1"), event("k2", customer="nobody")])
+    assert (tracker.stats.retried, tracker.stats.rejected) == (1, 1)
+    retries = [r for r in caplog.records if "failed" in r.getMessage() and "retry in" in r.getMessage()]
+    rejections = [r for r in caplog.records if "usage event k2 (nobody api_calls x1) rejected" in r.getMessage()]
+    assert len(retries) == 1 and retries[0].levelno == logging.WARNING, caplog.text
+    assert len(rejections) == 1 and rejections[0].levelno == logging.ERROR, caplog.text
+    assert "held back" not in caplog.text

@@ -332,7 +332,7 @@ async def test_a_failing_lookup_never_puts_the_key_in_the_log(
         ]
     assert answers == [503] * 20
     assert "sk-secret" not in caplog.text
-    assert caplog.text.count("customer resolver failed") == 1
+    assert sum(r.getMessage().startswith("customer resolver failed") for r in caplog.records) == 1
     held = sum(int(count) for count in re.findall(r"(\d+) similar lines held back", caplog.text))
     assert held == 19 and "held back since the last one" in caplog.text  # the last count, said at shutdown
 
