@@ -375,7 +375,14 @@ class Tracker:
         try:
             written = await anyio.to_thread.run_sync(outbox.add, events)
         except Exception:
-            logger.exception("could not write %d usage events to the outbox; queued in memory only", len(events))
+            self._log(
+                logging.ERROR,
+                "could not write %d usage events to the outbox %s; queued in memory only (a crash would lose them):"
+                " check its disk",
+                len(events),
+                outbox.path,
+                exc_info=True,
+            )
             self.stats.reasons["not durable: outbox write failed"] = self.stats.reasons.get(
                 "not durable: outbox write failed", 0
             ) + len(events)
@@ -571,7 +578,15 @@ class Tracker:
             if retry_after is not None:  # honoured as the budget honours it (none may be configured)
                 delay = max(delay, min(retry_after, MAX_PAUSE))
             self.stats.retried += 1
-            self._log(logging.WARNING, "track of %d events failed (%r); retry in %.1fs", n, error, delay)
+            self._log(
+                logging.WARNING,
+                "track of %d usage events of %s's %s failed (%r); retry in %.1fs",
+                n,
+                batch.customer_id,
+                batch.feature_key,
+                error,
+                delay,
+            )
             attempt += 1
             await anyio.sleep(delay)
             await self._ready()
@@ -652,7 +667,14 @@ class Tracker:
                 try:
                     await anyio.to_thread.run_sync(self._outbox.split, event, part, self._clock())
                 except Exception:
-                    logger.exception("could not write the split of %s to the outbox", event.idempotency_key)
+                    self._log(
+                        logging.ERROR,
+                        "could not write the split of usage event %s to the outbox %s (should the process die,"
+                        " the whole event is resent: its part could count twice): check its disk",
+                        event.idempotency_key,
+                        self._outbox.path,
+                        exc_info=True,
+                    )
             await self._ready()
             await self._deliver(Batch.of((part,)), self._clock(), fix=False, part=True)
             if fit >= left:  # what was left is this part's now

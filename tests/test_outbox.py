@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -304,6 +305,31 @@ class AddFailsOnce(Outbox):
             self.failures -= 1
             raise sqlite3.OperationalError("disk I/O error")
         return super().add(events)
+
+
+async def test_a_failing_disk_logs_one_line_a_second_not_one_per_write(
+    billing: LocalBilling, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each write the outbox failed logged its traceback, and the writer writes whenever events
+    arrive: a full disk under traffic flooded the log with one traceback per few requests."""
+    outbox = AddFailsOnce(tmp_path / "outbox.db", max_events=100)
+    outbox.failures = 10**6
+    tracker = tracker_for(billing, flush_interval=0.05, outbox=outbox)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        for i in range(20):
+            assert tracker.submit(event(f"k{i}", customer=f"c{i % 10}"))
+            with anyio.fail_after(10):
+                while tracker.stats.reasons.get("not durable: outbox write failed", 0) <= i:  # noqa: ASYNC110
+                    await anyio.sleep(0.001)  # until the writer has tried (and failed) to write it
+        await tracker.stop()
+    assert tracker.stats.sent == 20  # in memory only, and delivered
+    lines = [r for r in caplog.records if r.getMessage().startswith("could not write")]
+    assert len(lines) < 20 and lines[0].exc_info is not None, caplog.text
+    held = sum(
+        int(m.group(1)) for r in caplog.records if (m := re.search(r"(\d+) similar lines held back", r.getMessage()))
+    )
+    assert len(lines) + held == 20, caplog.text
 
 
 async def test_events_the_outbox_could_not_write_are_not_said_to_be_kept_in_it(

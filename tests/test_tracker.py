@@ -861,7 +861,9 @@ async def test_a_storm_of_one_line_never_hides_another(billing: LocalBilling, ca
     with caplog.at_level(logging.WARNING, "billingos_asgi"):
         await run_tracker(tracker, [event("k1", customer="c1"), event("k2", customer="nobody")])
     assert (tracker.stats.retried, tracker.stats.rejected) == (1, 1)
-    retries = [r for r in caplog.records if "failed" in r.getMessage() and "retry in" in r.getMessage()]
+    retries = [
+        r for r in caplog.records if "of c1's api_calls failed" in r.getMessage() and "retry in" in r.getMessage()
+    ]
     rejections = [r for r in caplog.records if "usage event k2 (nobody api_calls x1) rejected" in r.getMessage()]
     assert len(retries) == 1 and retries[0].levelno == logging.WARNING, caplog.text
     assert len(rejections) == 1 and rejections[0].levelno == logging.ERROR, caplog.text
