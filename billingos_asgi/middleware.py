@@ -546,70 +546,12 @@ class BillingMiddleware:
         if state is None:  # a server without lifespan state
             state = scope["state"] = {}
         state["billing"] = context
-        status = 0
-        start: Message | None = None
-        sent = 0  # body bytes sent before the last message
-        completed = False
-        disconnected = False
-        left_once_sent = False  # the client left while (or after) the last message was being sent
-        to_itself = False  # a framework's redirect to the canonical path: the request after it is billed
-
-        async def watch_receive() -> Message:
-            nonlocal disconnected, completed, left_once_sent
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if completed:
-                    left_once_sent = True
-                elif start is not None and not to_itself and _served(scope, start, sent):
-                    completed = True  # the client had it all, and left before the app's last message
-                else:
-                    disconnected = True
-            return message
-
-        async def watch_send(message: Message) -> None:
-            nonlocal status, start, sent, completed, to_itself
-            kind = message["type"]
-            if kind == "http.response.start":
-                start = message
-                status = message["status"]
-                if 300 <= status < 400:
-                    to_itself = _to_itself(scope, message)
-                gated = context.quota
-                if gated is not None and gated.limit is not None and status < 400 and not to_itself:  # billed
-                    left = gated.limit - gated.usage - gated.local  # (its reported units included) clamped at 0 there
-                    message["headers"] = [
-                        *message.get("headers", ()),
-                        (b"x-request-id", request_id.encode()),
-                        *quota_headers(feature, gated.limit, left, gated.resets_at),
-                    ]
-                else:
-                    message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
-            elif (
-                (kind == "http.response.body" or kind == _ZEROCOPYSEND)
-                and not message.get("more_body", False)
-                or (kind == _PATHSEND)
-            ):
-                # Complete unless the client left before, or the send fails: a server may take the
-                # last bytes and yield, and the client, served, close meanwhile (Hypercorn does);
-                # under trio the app's disconnect listener (Starlette's) then cancels this send.
-                completed = not disconnected and not to_itself
-                try:
-                    await send(message)
-                except BaseException as exc:
-                    cancelled_by_close = left_once_sent and isinstance(exc, anyio.get_cancelled_exc_class())
-                    completed = completed and (cancelled_by_close or start is not None and _served(scope, start, sent))
-                    raise
-                return
-            elif kind == "http.response.body":
-                await send(message)
-                sent += len(message.get("body", b""))  # once the server has taken them
-                return
-            await send(message)
-
+        watch = _Watch(scope, receive, send, context, request_id, feature)
         token = _current.set(context)
         try:
-            await self.app(scope, watch_receive, watch_send)
+            await self.app(scope, watch.receive, watch.send)
         except BaseException as exc:
+            status, completed = watch.status, watch.completed
             if isinstance(exc, BillingDenied) and not status:
                 self._settle(context, quantity, 0.0)
                 await _with_request_id(exc.response, request_id, scope, receive, send)  # the app's late gate refused it
@@ -625,6 +567,7 @@ class BillingMiddleware:
             raise
         finally:
             _current.reset(token)
+        status, completed = watch.status, watch.completed
         if completed and status < 400:
             unsent = self._settle(context, quantity, quantity + context.reported)
         else:  # bill_partial keeps what a disconnect cut short of a successful answer, never of an error answer
@@ -853,6 +796,101 @@ class BillingMiddleware:
             self.cache.spawn = None
             await self.tracker.stop()
             self._throttled.flush()  # the last storm's count: no later line will carry it
+
+
+class _Watch:
+    """What the app's response does, seen through the channels it is given (:meth:`receive` and
+    :meth:`send`): its status, and whether it completes (the client has every byte) or the client
+    leaves first. Also adds the request id and quota headers to the response's start.
+
+    A class with slots rather than two closures sharing their state: a closure's every variable
+    is a cell of its own, made and freed per request, which cost more than this object.
+    """
+
+    __slots__ = (
+        "_context",
+        "_feature",
+        "_receive",
+        "_request_id",
+        "_scope",
+        "_send",
+        "completed",
+        "disconnected",
+        "left_once_sent",
+        "sent",
+        "start",
+        "status",
+        "to_itself",
+    )
+
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, context: UsageContext, request_id: str, feature: str
+    ) -> None:
+        self._scope = scope
+        self._receive = receive
+        self._send = send
+        self._context = context
+        self._request_id = request_id
+        self._feature = feature
+        self.status = 0
+        self.start: Message | None = None
+        self.sent = 0  # body bytes sent before the last message
+        self.completed = False
+        self.disconnected = False
+        self.left_once_sent = False  # the client left while (or after) the last message was being sent
+        self.to_itself = False  # a framework's redirect to the canonical path: the request after it is billed
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            if self.completed:
+                self.left_once_sent = True
+            elif self.start is not None and not self.to_itself and _served(self._scope, self.start, self.sent):
+                self.completed = True  # the client had it all, and left before the app's last message
+            else:
+                self.disconnected = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.start = message
+            status = self.status = message["status"]
+            if 300 <= status < 400:
+                self.to_itself = _to_itself(self._scope, message)
+            gated = self._context.quota
+            if gated is not None and gated.limit is not None and status < 400 and not self.to_itself:  # billed
+                left = gated.limit - gated.usage - gated.local  # (its reported units included) clamped at 0 there
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-request-id", self._request_id.encode()),
+                    *quota_headers(self._feature, gated.limit, left, gated.resets_at),
+                ]
+            else:
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", self._request_id.encode())]
+        elif (
+            (kind == "http.response.body" or kind == _ZEROCOPYSEND)
+            and not message.get("more_body", False)
+            or (kind == _PATHSEND)
+        ):
+            # Complete unless the client left before, or the send fails: a server may take the
+            # last bytes and yield, and the client, served, close meanwhile (Hypercorn does);
+            # under trio the app's disconnect listener (Starlette's) then cancels this send.
+            self.completed = not self.disconnected and not self.to_itself
+            try:
+                await self._send(message)
+            except BaseException as exc:
+                cancelled_by_close = self.left_once_sent and isinstance(exc, anyio.get_cancelled_exc_class())
+                self.completed = self.completed and (
+                    cancelled_by_close or self.start is not None and _served(self._scope, self.start, self.sent)
+                )
+                raise
+            return
+        elif kind == "http.response.body":
+            await self._send(message)
+            self.sent += len(message.get("body", b""))  # once the server has taken them
+            return
+        await self._send(message)
 
 
 class _LateGate:
