@@ -284,6 +284,15 @@ class RouteTable:
         for by_method in self._static.values():
             if "GET" in by_method:  # HEAD is GET without the body, unless configured on its own
                 by_method.setdefault("HEAD", by_method["GET"])
+        # Every metered (method, path) of a static route, looked up in one step: the common case.
+        # (A path both configured as not metered and excluded is left to match(): excluded wins.)
+        self._exact: dict[tuple[str, str], Metered] = {
+            (method, path): found
+            for path, by_method in self._static.items()
+            if path not in self._excluded
+            for method in _METHODS
+            if (found := by_method.get(method) or by_method.get(None)) is not None and found is not _UNMETERED
+        }
         # Static (method, path) lookups, dynamic routes and the default need no per-request work
         # beyond a dict lookup when nothing dynamic or excluded-by-pattern is configured.
         self._simple = not self._dynamic and not self._excluded_patterns and not prefixes
@@ -317,6 +326,9 @@ class RouteTable:
         (``raw``: the path as requested, when ``path`` is its canonical form; ``collapsed``: ``raw``
         with one leading slash and no repeated one, its final newlines kept, as Litestar routes it.)
         """
+        found = self._exact.get((method, path))
+        if found is not None:
+            return found
         if path in self._excluded:
             return EXCLUDED
         if not method.isupper():
