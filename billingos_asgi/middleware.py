@@ -714,8 +714,14 @@ class BillingMiddleware:
                         response.close()
                     raise TypeError(f"returned {response!r}, not a Response with its body")
                 return response
-            except Exception:
-                logger.exception("problem_factory failed; answering with the default problem response")
+            except Exception:  # (failing alike for every refusal: one line a second)
+                self._log(
+                    logging.ERROR,
+                    "problem_factory failed on a %d for %s; answering with the default problem response",
+                    denial.status,
+                    denial.feature,
+                    exc_info=True,
+                )
         return problem_response(denial)
 
     # -- lifespan: the tracker's worker and the cache's refreshes live in one task group --

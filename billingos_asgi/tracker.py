@@ -78,7 +78,7 @@ class TrackerStats:
     replayed: int = 0  # found in the outbox at start-up
     duplicates: int = 0  # a trusted request id seen twice: counted once
     retried: int = 0  # track calls retried after a transient failure
-    coalesced: int = 0  # events that rode in a batch with others
+    coalesced: int = 0  # track calls saved by coalescing: n - 1 for a batch of n events
     split: int = 0  # events cut in two by a quota refusal: the part that fits, and the rest rejected
     in_flight: int = 0  # in a track call right now
     reasons: dict[str, int] = field(default_factory=dict)

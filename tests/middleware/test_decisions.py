@@ -502,15 +502,20 @@ def not_a_response_factory(denial: Denial) -> Any:
 
 @pytest.mark.parametrize("factory", [broken_factory, streaming_factory, not_a_response_factory])
 async def test_problem_factory_that_fails_falls_back_to_the_default_problem(
-    billing: LocalBilling, factory: Any
+    billing: LocalBilling, factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     calls: list[str] = []
     middleware = BillingMiddleware(
         recording_app(calls), billing=billing, customer=by_header, routes={"/x": "api_calls"}, problem_factory=factory
     )
     async with serve(middleware) as client:
-        anonymous = await client.get("/x")
-        forbidden = await client.get("/x", headers=as_customer("user_cancelled"))
+        with caplog.at_level("ERROR", logger="billingos_asgi"):
+            anonymous = await client.get("/x")
+            forbidden = await client.get("/x", headers=as_customer("user_cancelled"))
+    # Failing alike for every refusal (a 429 storm): a traceback each flooded the log; one a second.
+    failures = [record.getMessage() for record in caplog.records if "problem_factory failed" in record.getMessage()]
+    assert failures[0] == "problem_factory failed on a 401 for api_calls; answering with the default problem response"
+    assert len(failures) == 2 and failures[1].startswith("1 similar lines held back")  # said at shutdown
     assert anonymous.status_code == 401 and problem(anonymous)["type"] == PROBLEM + "unauthenticated"
     assert forbidden.status_code == 403 and problem(forbidden)["type"] == PROBLEM + "no-access"
     assert calls == []
