@@ -36,6 +36,7 @@ from ._exceptions import (
     ServerError,
     ValidationError,
 )
+from ._logging import Throttled
 from ._models import Entitlement, SessionToken, TrackUsageResult, UsageMetrics
 from ._validation import check_expires_in, check_id, check_metadata, check_operations, check_quantity
 
@@ -45,7 +46,6 @@ T = TypeVar("T")
 
 #: The entitlement check's path: its retries (see :meth:`BillingOS.budgeted`) are told apart by it.
 CHECK_PATH = "/v1/usage/check"
-logger = logging.getLogger("billingos_asgi")
 
 SANDBOX_URL = "https://sandbox-api.billingos.dev"
 LIVE_URL = "https://api.billingos.dev"
@@ -256,6 +256,7 @@ class BillingOS:
         self.retry = retry or RetryPolicy()
         self._secret_key = key
         self._before_retry: Callable[[str], Awaitable[None]] | None = None
+        self._log = Throttled().log  # retries of every call alike while billing is down: one line a second
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {key}", "User-Agent": _USER_AGENT, "Accept": "application/json"},
@@ -405,7 +406,15 @@ class BillingOS:
             if delay is None:
                 raise error
             retry += 1
-            logger.warning("BillingOS %s %s failed (%s); retry %d in %.2fs", method, path, error.message, retry, delay)
+            self._log(
+                logging.WARNING,
+                "BillingOS %s %s failed (%s); retry %d in %.2fs",
+                method,
+                path,
+                error.message,
+                retry,
+                delay,
+            )
             await _sleep(delay)
             if self._before_retry is not None:
                 await self._before_retry(path)

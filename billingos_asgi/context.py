@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
@@ -13,7 +12,6 @@ import anyio.from_thread
 import anyio.lowlevel
 from starlette.requests import Request
 
-from ._logging import without_message
 from ._models import Entitlement
 from ._validation import QUANTITY_DECIMALS, check_id, check_quantity, customer_answer
 
@@ -22,7 +20,6 @@ if TYPE_CHECKING:
 
 __all__ = ["UsageContext", "get_usage_context", "report_usage", "set_customer"]
 
-logger = logging.getLogger("billingos_asgi")
 
 Subject = TypeVar("Subject")
 
@@ -33,8 +30,9 @@ class Gate(Protocol):
     async def admit(self, context: UsageContext, customer_id: str | None) -> None:
         """Admit the request for ``customer_id``, or raise BillingDenied (401, 403, 429, 503)."""
 
-    def hook_failed(self, context: UsageContext, detail: str) -> None:
-        """A user hook naming the customer failed: return (on_error="allow") or raise BillingDenied (503)."""
+    def hook_failed(self, context: UsageContext, hook: object, exc: Exception) -> None:
+        """The app's customer function ``hook`` failed: logged (one line a second, as every request's
+        may fail alike), then return (on_error="allow") or raise BillingDenied (503)."""
 
 
 class UsageContext:
@@ -137,10 +135,7 @@ class UsageContext:
                 answer = await answer
             customer_id = customer_answer(answer, "the customer function")
         except Exception as exc:
-            logger.error(
-                "the customer function %r failed on a %s request: %s", customer_of, self.feature, without_message(exc)
-            )
-            gate.hook_failed(self, "the customer function failed")
+            gate.hook_failed(self, customer_of, exc)
             return
         await gate.admit(self, customer_id)
 

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import _wire
 from ._exceptions import CustomerNotFoundError, ValidationError
-from ._logging import without_message
+from ._logging import Throttled, without_message
 from ._models import SessionToken, UsageMetrics
 from ._validation import MAX_SESSION_TTL, MIN_SESSION_TTL, check_id, customer_answer
 from .backend import BillingBackend
@@ -28,7 +28,6 @@ from .upstream import Budget, Upstream, door_of
 
 __all__ = ["UsageEndpoints"]
 
-logger = logging.getLogger("billingos_asgi")
 
 DEFAULT_USAGE_TTL = 10.0
 DEFAULT_USAGE_CACHE_SIZE = 10_000
@@ -77,6 +76,8 @@ class UsageEndpoints:
         # A customer's token is handed out again for half its lifetime: a client minting in a loop
         # must not spend the secret key's upstream call limit, which every customer shares.
         self._tokens: TTLCache[str, SessionToken] = TTLCache(cache_size, token_lifetime / 2)
+        # Front ends poll these: a broken resolver or billing down fails every poll alike.
+        self._log = Throttled().log
 
     def _door(self) -> Upstream:
         """The middleware's door to this backend, or (without one, as yet) this router's own."""
@@ -101,7 +102,7 @@ class UsageEndpoints:
             if customer is not None:
                 return customer
         except Exception as exc:
-            logger.error("customer resolver failed on %s: %s", request.url.path, without_message(exc))
+            self._log(logging.ERROR, "customer resolver failed on %s: %s", request.url.path, without_message(exc))
             return problem_response(Denial(503, "the customer resolver failed", request, endpoint))
         detail = "sign in to see your usage" if endpoint == "usage" else "sign in to get a session token"
         return problem_response(Denial(401, detail, request, endpoint))
@@ -125,7 +126,7 @@ class UsageEndpoints:
             except CustomerNotFoundError:
                 return problem_response(Denial(403, "billing does not know this customer", request, "usage", customer))
             except Exception:  # any backend failure, as the middleware takes it: never a 500
-                logger.warning("usage metrics for %s failed", customer, exc_info=True)
+                self._log(logging.WARNING, "usage metrics for %s failed", customer, exc_info=True)
                 return problem_response(Denial(503, "billing is unavailable", request, "usage", customer))
             self._metrics[customer] = metrics
         if feature is not None:
@@ -142,7 +143,7 @@ class UsageEndpoints:
             try:
                 token = await self._door().create_session_token(customer, expires_in=self._token_lifetime)
             except Exception:  # any backend failure, as the middleware takes it: never a 500
-                logger.warning("session token for %s failed", customer, exc_info=True)
+                self._log(logging.WARNING, "session token for %s failed", customer, exc_info=True)
                 return problem_response(Denial(503, "billing is unavailable", request, "session-token", customer))
             self._tokens[customer] = token
         return JSONResponse(_wire.session_token_to_json(token), 201, headers=PRIVATE)

@@ -911,7 +911,11 @@ class _LateGate:
     async def admit(self, context: UsageContext, customer_id: str | None) -> None:
         await self._middleware._identify_late(self._request, context, customer_id)
 
-    def hook_failed(self, context: UsageContext, detail: str) -> None:
+    def hook_failed(self, context: UsageContext, hook: object, exc: Exception) -> None:
         middleware = self._middleware
+        feature = context.feature
+        middleware._log(
+            logging.ERROR, "the customer function %r failed on a %s request: %s", hook, feature, without_message(exc)
+        )
         if not middleware._allow_on_error:
-            raise middleware._refusal(Denial(503, detail, self._request, context.feature))
+            raise middleware._refusal(Denial(503, "the customer function failed", self._request, feature))

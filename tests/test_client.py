@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+import billingos_asgi._logging as _logging
 import billingos_asgi.client as client_module
 from billingos_asgi import (
     AuthenticationError,
@@ -1151,8 +1152,11 @@ async def test_a_malformed_answer_carries_no_httpx_error_holding_the_key(answer:
     assert secret not in str(caught.value) and secret not in str(caught.value.body)
 
 
-async def test_secret_never_in_repr_exceptions_or_logs(caplog: pytest.LogCaptureFixture) -> None:
+async def test_secret_never_in_repr_exceptions_or_logs(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secret = "sk_test_supersecret123"
+    monkeypatch.setattr(_logging, "INTERVAL", 0.0)  # every retry's line written, to be read here
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="billingos_asgi")
     scenarios: list[tuple[FakeServer, RetryPolicy]] = [
@@ -1194,6 +1198,20 @@ async def test_secret_never_in_repr_exceptions_or_logs(caplog: pytest.LogCapture
         assert secret not in record.getMessage()
         assert secret not in str(record.args)
     assert secret not in caplog.text
+
+
+async def test_retry_warnings_are_one_line_a_second(sleeps: list[float], caplog: pytest.LogCaptureFixture) -> None:
+    """Billing down, every call's retries failing alike: a line each flooded the log."""
+    server = FakeServer(*[respond(503, nest_error(503, "down"))] * 8)
+    with caplog.at_level(logging.WARNING, logger="billingos_asgi"):
+        async with make_client(server, RetryPolicy(max_retries=3)) as billing:
+            for _ in range(2):
+                with pytest.raises(ServerError):
+                    await billing.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 8 and len(sleeps) == 6
+    assert [record.getMessage() for record in caplog.records] == [
+        f"BillingOS GET /v1/usage/check failed (down); retry 1 in {sleeps[0]:.2f}s"
+    ]
 
 
 def test_missing_secret_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

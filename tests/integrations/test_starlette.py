@@ -127,7 +127,9 @@ async def test_a_class_endpoint_is_gated_for_every_method_and_a_hosts_routes_too
     assert await billing.recorded_units("user_free", "api_calls") == 10
 
 
-async def test_the_usage_routes_answer_a_failing_resolver_with_a_problem(billing: LocalBilling) -> None:
+async def test_the_usage_routes_answer_a_failing_resolver_with_a_problem(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
     def broken(request: Request) -> Any:  # anything but a customer id
         header = request.headers.get("x-session", "")
         if header == "down":
@@ -136,11 +138,15 @@ async def test_the_usage_routes_answer_a_failing_resolver_with_a_problem(billing
 
     app = Starlette(routes=[usage_routes(billing, broken)])
     async with serve(app) as client:
-        answers = [
-            await client.request(method, path, headers={"x-session": session})
-            for session in ("down", "control", "long", "int")
-            for method, path in (("GET", "/billing/usage"), ("POST", "/billing/session-token"))
-        ]
+        with caplog.at_level("ERROR", logger="billingos_asgi"):
+            answers = [
+                await client.request(method, path, headers={"x-session": session})
+                for session in ("down", "control", "long", "int")
+                for method, path in (("GET", "/billing/usage"), ("POST", "/billing/session-token"))
+            ]
+    # A front end polling with a broken resolver: one line a second, not one a poll.
+    failures = [record.getMessage() for record in caplog.records]
+    assert len(failures) == 1 and failures[0].startswith("customer resolver failed on /billing/usage: ConnectionError")
     assert {(answer.status_code, answer.headers["content-type"]) for answer in answers} == {
         (503, "application/problem+json")
     }
