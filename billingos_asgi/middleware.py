@@ -546,7 +546,7 @@ class BillingMiddleware:
         if state is None:  # a server without lifespan state
             state = scope["state"] = {}
         state["billing"] = context
-        watch = _Watch(scope, receive, send, context, request_id, feature)
+        watch = _Watch(scope, receive, send, context)
         token = _current.set(context)
         try:
             await self.app(scope, watch.receive, watch.send)
@@ -815,9 +815,7 @@ class _Watch:
 
     __slots__ = (
         "_context",
-        "_feature",
         "_receive",
-        "_request_id",
         "_scope",
         "_send",
         "completed",
@@ -829,15 +827,11 @@ class _Watch:
         "to_itself",
     )
 
-    def __init__(
-        self, scope: Scope, receive: Receive, send: Send, context: UsageContext, request_id: str, feature: str
-    ) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send, context: UsageContext) -> None:
         self._scope = scope
         self._receive = receive
         self._send = send
         self._context = context
-        self._request_id = request_id
-        self._feature = feature
         self.status = 0
         self.start: Message | None = None
         self.sent = 0  # body bytes sent before the last message
@@ -864,16 +858,17 @@ class _Watch:
             status = self.status = message["status"]
             if 300 <= status < 400:
                 self.to_itself = _to_itself(self._scope, message)
-            gated = self._context.quota
+            context = self._context
+            gated = context.quota
             if gated is not None and gated.limit is not None and status < 400 and not self.to_itself:  # billed
                 left = gated.limit - gated.usage - gated.local  # (its reported units included) clamped at 0 there
                 message["headers"] = [
                     *message.get("headers", ()),
-                    (b"x-request-id", self._request_id.encode()),
-                    *quota_headers(self._feature, gated.limit, left, gated.resets_at),
+                    (b"x-request-id", context.request_id.encode()),
+                    *quota_headers(context.feature, gated.limit, left, gated.resets_at),
                 ]
             else:
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", self._request_id.encode())]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", context.request_id.encode())]
         elif (
             (kind == "http.response.body" or kind == _ZEROCOPYSEND)
             and not message.get("more_body", False)
