@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +20,8 @@ from starlette.types import Receive, Scope, Send
 
 from billingos_asgi import (
     BillingMiddleware,
-    Entitlement,
     LocalBilling,
     Metered,
-    SessionToken,
-    TrackUsageResult,
-    UsageMetrics,
     get_usage_context,
 )
 from billingos_asgi.discovery import declared_routes
@@ -244,41 +239,8 @@ class Delegating:
 
     inner: LocalBilling
 
-    async def check_entitlement(self, customer_id: str, feature_key: str) -> Entitlement:
-        return await self.inner.check_entitlement(customer_id, feature_key)
-
-    async def track_usage(
-        self,
-        customer_id: str,
-        feature_key: str,
-        quantity: float,
-        idempotency_key: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> TrackUsageResult:
-        return await self.inner.track_usage(customer_id, feature_key, quantity, idempotency_key, metadata)
-
-    async def get_usage_metrics(self, customer_id: str, feature_key: str | None = None) -> UsageMetrics:
-        return await self.inner.get_usage_metrics(customer_id, feature_key)
-
-    async def create_session_token(
-        self,
-        external_user_id: str,
-        *,
-        external_organization_id: str | None = None,
-        expires_in: int = 3600,
-        allowed_operations: Sequence[str] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> SessionToken:
-        return await self.inner.create_session_token(
-            external_user_id,
-            external_organization_id=external_organization_id,
-            expires_in=expires_in,
-            allowed_operations=allowed_operations,
-            metadata=metadata,
-        )
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+    def __getattr__(self, name: str) -> Any:  # every call, LocalBilling's
+        return getattr(self.inner, name)
 
 
 async def test_the_usage_routes_of_an_unhashable_backend_call_within_the_middlewares_budget_too(
