@@ -6,6 +6,7 @@ nothing is added to the request path to collect them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from starlette.responses import PlainTextResponse
@@ -16,18 +17,10 @@ if TYPE_CHECKING:
 
 __all__ = ["metrics_snapshot", "prometheus_text", "serve_prometheus"]
 
-_EVENT_OUTCOMES = (
-    "queued",
-    "sent",
-    "rejected",
-    "dead_lettered",
-    "dropped",
-    "deferred",
-    "replayed",
-    "duplicates",
-    "coalesced",
-    "split",
-)
+#: Where each event ends (or waits, at shutdown): the outcomes, summed, count every event once.
+_EVENT_OUTCOMES = ("sent", "rejected", "dead_lettered", "dropped", "deferred")
+#: Where events come from: handed over by a request, found in the outbox, or a quota refusal's second part.
+_EVENT_SOURCES = (("request", "queued"), ("outbox", "replayed"), ("split", "split"))
 _BREAKER_STATES = ("closed", "open", "half_open")
 
 
@@ -36,7 +29,9 @@ def metrics_snapshot(middleware: BillingMiddleware) -> dict[str, float | str]:
     stats = middleware.tracker.stats
     upstream = middleware.upstream
     outbox = middleware.tracker.outbox
-    snapshot: dict[str, float | str] = {f"events_{name}": getattr(stats, name) for name in _EVENT_OUTCOMES}
+    names = (*_EVENT_OUTCOMES, *(name for _, name in _EVENT_SOURCES), "duplicates", "coalesced", "not_durable")
+    snapshot: dict[str, float | str] = {f"events_{name}": getattr(stats, name) for name in names}
+    snapshot.update({f"refused_{status}": count for status, count in middleware.refused.items()})
     snapshot.update(
         events_backlog=middleware.tracker.backlog,
         events_in_flight=stats.in_flight,
@@ -59,10 +54,29 @@ def metrics_snapshot(middleware: BillingMiddleware) -> dict[str, float | str]:
 def prometheus_text(middleware: BillingMiddleware) -> str:
     """The counters in the Prometheus text exposition format (version 0.0.4)."""
     m = metrics_snapshot(middleware)
+    refused = middleware.refused
     lines = [
+        "# HELP billingos_requests_refused_total Requests the middleware answered itself, by status.",
+        "# TYPE billingos_requests_refused_total counter",
+        *(f'billingos_requests_refused_total{{status="{status}"}} {m[f"refused_{status}"]}' for status in refused),
+        "# HELP billingos_usage_events_received_total Usage events to deliver, by source.",
+        "# TYPE billingos_usage_events_received_total counter",
+        *(f'billingos_usage_events_received_total{{source="{s}"}} {m["events_" + name]}' for s, name in _EVENT_SOURCES),
         "# HELP billingos_usage_events_total Usage events by outcome since start-up.",
         "# TYPE billingos_usage_events_total counter",
         *(f'billingos_usage_events_total{{outcome="{name}"}} {m["events_" + name]}' for name in _EVENT_OUTCOMES),
+        "# HELP billingos_usage_events_unrecorded_total Usage events not recorded, by outcome and reason.",
+        "# TYPE billingos_usage_events_unrecorded_total counter",
+        *_unrecorded(middleware.tracker.stats.reasons),
+        "# HELP billingos_usage_events_duplicates_total Events of a trusted request id seen before: counted once.",
+        "# TYPE billingos_usage_events_duplicates_total counter",
+        f"billingos_usage_events_duplicates_total {m['events_duplicates']}",
+        "# HELP billingos_usage_events_coalesced_total Track calls saved by coalescing (n - 1 for a batch of n).",
+        "# TYPE billingos_usage_events_coalesced_total counter",
+        f"billingos_usage_events_coalesced_total {m['events_coalesced']}",
+        "# HELP billingos_usage_events_not_durable_total Events kept in memory only: the outbox failed to write them.",
+        "# TYPE billingos_usage_events_not_durable_total counter",
+        f"billingos_usage_events_not_durable_total {m['events_not_durable']}",
         "# HELP billingos_usage_events_backlog Usage events accepted and not in a track call (queued, or to retry).",
         "# TYPE billingos_usage_events_backlog gauge",
         f"billingos_usage_events_backlog {m['events_backlog']}",
@@ -101,6 +115,14 @@ def prometheus_text(middleware: BillingMiddleware) -> str:
         f"billingos_requests_unidentified_total {m['requests_unidentified']}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _unrecorded(reasons: dict[str, int]) -> Iterator[str]:
+    """The samples of events not recorded, from the tracker's ``"outcome: reason"`` counts."""
+    for category, count in sorted(reasons.items()):
+        outcome, _, reason = category.partition(": ")
+        reason = reason.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")  # quoted as the format says
+        yield f'billingos_usage_events_unrecorded_total{{outcome="{outcome}",reason="{reason}"}} {count}'
 
 
 async def serve_prometheus(middleware: BillingMiddleware, scope: Scope, receive: Receive, send: Send) -> None:

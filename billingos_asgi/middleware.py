@@ -44,7 +44,15 @@ from .events import UsageEvent, event_key
 from .local import LocalBilling
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
-from .responses import BillingDenied, Denial, ProblemFactory, answer_refusals, problem_response, quota_headers
+from .responses import (
+    REFUSAL_STATUSES,
+    BillingDenied,
+    Denial,
+    ProblemFactory,
+    answer_refusals,
+    problem_response,
+    quota_headers,
+)
 from .routes import EXCLUDED, UNDECLARED, Metered, RouteTable, redirects_to_itself
 from .tracker import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -441,6 +449,7 @@ class BillingMiddleware:
         self._upgrade_url = upgrade_url
         self._metrics_path = metrics_path
         self.unidentified = 0  # late-identified requests that succeeded without naming a customer
+        self.refused = dict.fromkeys(REFUSAL_STATUSES, 0)  # requests answered by the middleware, by status
         self._throttled = Throttled()  # failures of every request alike (billing down, a broken resolver)
         self._log = self._throttled.log
         self._lifespan_owner: object | None = None  # the lifespan running the tracker
@@ -698,10 +707,12 @@ class BillingMiddleware:
         )
 
     async def _deny(self, denial: Denial, scope: Scope, receive: Receive, send: Send) -> None:
+        self.refused[denial.status] += 1
         request_id = (self._trust_request_id and _trusted_request_id(scope)) or new_request_id()
         await _with_request_id(self._response(denial), request_id, scope, receive, send)
 
     def _refusal(self, denial: Denial) -> BillingDenied:
+        self.refused[denial.status] += 1
         return BillingDenied(denial, self._response(denial))
 
     def _response(self, denial: Denial) -> Response:

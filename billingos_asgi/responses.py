@@ -15,7 +15,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Host, Mount
 
-__all__ = ["BillingDenied", "Denial", "ProblemFactory", "answer_refusal", "answer_refusals", "problem_response"]
+__all__ = [
+    "REFUSAL_STATUSES",
+    "BillingDenied",
+    "Denial",
+    "ProblemFactory",
+    "answer_refusal",
+    "answer_refusals",
+    "problem_response",
+]
 
 PROBLEM_TYPE = "https://docs.billingos.dev/problems/"
 _TITLES = {
@@ -25,6 +33,8 @@ _TITLES = {
     429: ("quota-exceeded", "Usage quota exhausted"),
     503: ("billing-unavailable", "Billing service unavailable"),
 }
+#: What the middleware answers in the app's stead (SPEC section 5); 400 is the usage endpoints'.
+REFUSAL_STATUSES = (401, 403, 429, 503)
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,7 +81,8 @@ class TrackerStats:
     coalesced: int = 0  # track calls saved by coalescing: n - 1 for a batch of n events
     split: int = 0  # events cut in two by a quota refusal: the part that fits, and the rest rejected
     in_flight: int = 0  # in a track call right now
-    reasons: dict[str, int] = field(default_factory=dict)
+    not_durable: int = 0  # kept in memory only: the outbox failed to write them (a crash would lose them)
+    reasons: dict[str, int] = field(default_factory=dict)  # "outcome: reason" of events not recorded
 
 
 class Tracker:
@@ -383,9 +384,7 @@ class Tracker:
                 outbox.path,
                 exc_info=True,
             )
-            self.stats.reasons["not durable: outbox write failed"] = self.stats.reasons.get(
-                "not durable: outbox write failed", 0
-            ) + len(events)
+            self.stats.not_durable += len(events)
             written = len(events)
             self._volatile.update((id(event), event) for event in events)
         except BaseException:  # cut off by the drain deadline before the write: the last write takes them
