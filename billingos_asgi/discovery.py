@@ -25,6 +25,7 @@ __all__ = [
     "MARK",
     "declarations",
     "declared_routes",
+    "framework_app",
     "metering_of",
     "route_keys",
     "route_table",
@@ -33,6 +34,7 @@ __all__ = [
     "unserved",
     "unwrapped",
     "walk",
+    "wrapped_apps",
 ]
 
 logger = logging.getLogger("billingos_asgi")
@@ -255,16 +257,30 @@ def walk(
             yield from expand(route, prefix)
 
 
+def wrapped_apps(app: object) -> Iterator[object]:
+    """``app`` and the apps inside it, as ASGI wrappers hold them: ``.app`` (middleware), Django's
+    ``.application`` (its static files handler), Channels' ``ProtocolTypeRouter`` (its HTTP app)."""
+    for _ in range(64):
+        yield app
+        mapping = getattr(app, "application_mapping", None)
+        inner = getattr(app, "app", None) or getattr(app, "application", None)
+        app = inner or (mapping.get("http") if isinstance(mapping, dict) else None)
+        if app is None:
+            return
+
+
+def framework_app(app: object, name: str) -> object | None:
+    """The app of framework ``name`` (its top-level package) in :func:`wrapped_apps`, if any."""
+    return next((inner for inner in wrapped_apps(app) if type(inner).__module__.partition(".")[0] == name), None)
+
+
 def routed_app(app: object) -> Any:
     """The Starlette or FastAPI app (or router) holding the routes, through the middleware around
     it; None for an app that shows none (another framework, a raw ASGI app)."""
-    for _ in range(64):  # (a chain of middleware, each holding the next as .app)
-        routes = getattr(app, "routes", None)
+    for inner in wrapped_apps(app):
+        routes = getattr(inner, "routes", None)
         if isinstance(routes, list) and all(isinstance(route, BaseRoute) for route in routes):
-            return app
-        app = getattr(app, "app", None)
-        if app is None:
-            return None
+            return inner
     return None
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -39,11 +38,12 @@ from .cache import (
 )
 from .context import LET_THROUGH, UsageContext, _current
 from .customers import Answer, CustomerResolver, ScopeResolver
-from .discovery import routed_app, routes_of, unserved
+from .discovery import framework_app, routed_app, routes_of, unserved
 from .events import UsageEvent, event_key
 from .local import LocalBilling
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
+from .request_ids import new_request_id, send_with_request_id, trusted_request_id
 from .responses import (
     REFUSAL_STATUSES,
     BillingDenied,
@@ -51,9 +51,8 @@ from .responses import (
     ProblemFactory,
     answer_refusals,
     problem_response,
-    quota_headers,
 )
-from .routes import EXCLUDED, UNDECLARED, Metered, RouteTable, redirects_to_itself
+from .routes import EXCLUDED, UNDECLARED, Metered, RouteTable
 from .tracker import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
@@ -71,6 +70,7 @@ from .upstream import (
     Upstream,
     share_door,
 )
+from .watch import ResponseWatch
 
 __all__ = ["BillingMiddleware"]
 
@@ -79,52 +79,11 @@ logger = logging.getLogger("billingos_asgi")
 OnError = Literal["allow", "deny"]
 #: Any framework's ASGI app (Litestar and Django type their scopes their own way).
 AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
-_REQUEST_ID_HEADER = b"x-request-id"
 _SIGN_IN = "this route is metered: sign in first"
-_PATHSEND = "http.response.pathsend"
-_ZEROCOPYSEND = "http.response.zerocopysend"
-_MAX_REQUEST_ID = 128
-
-
-_request_ids: list[str] = []  # made in batches: one urandom call and one hex conversion per batch
-os.register_at_fork(after_in_child=_request_ids.clear)  # a forked worker must not reuse its parent's
-_VERSION_4 = bytes(byte & 0x0F | 0x40 for byte in range(256))  # byte 6 of a version 4 UUID
-_VARIANT = bytes(byte & 0x3F | 0x80 for byte in range(256))  # byte 8: the RFC 4122 variant
-
-
-def _make_request_ids(count: int = 256) -> None:
-    raw = bytearray(os.urandom(16 * count))
-    raw[6::16] = raw[6::16].translate(_VERSION_4)
-    raw[8::16] = raw[8::16].translate(_VARIANT)
-    _request_ids.extend(raw.hex(" ", 16).split(" "))  # 32 hex digits each, with no loop in Python
-
-
-def new_request_id() -> str:
-    """A random (version 4) UUID in its 32-hex-digit form, at a fraction of ``uuid.uuid4().hex``'s cost."""
-    try:
-        return _request_ids.pop()
-    except IndexError:
-        _make_request_ids()
-        return _request_ids.pop()
 
 
 #: A usage event without the named tuple's Python-level ``__new__`` (one is made per request).
 _new_event = functools.partial(tuple.__new__, UsageEvent)
-
-
-def _trusted_request_id(scope: Scope) -> str | None:
-    """The request's one ``X-Request-ID``; None for none, a bad one, or several (a gateway that
-    appends its own to the client's: which one is the gateway's is not ours to guess)."""
-    found: bytes | None = None
-    for name, value in scope["headers"]:
-        if name == _REQUEST_ID_HEADER:
-            if found is not None:
-                return None
-            found = value
-    if found is None:
-        return None
-    text = found.decode("latin-1")
-    return text if 0 < len(text) <= _MAX_REQUEST_ID and text.isascii() and text.isprintable() else None
 
 
 def _is_preflight(scope: Scope) -> bool:
@@ -133,59 +92,6 @@ def _is_preflight(scope: Scope) -> bool:
     Both headers, as Starlette's CORSMiddleware asks: one alone does not skip the gate."""
     names = {name for name, _ in scope["headers"]}
     return b"access-control-request-method" in names and b"origin" in names
-
-
-#: A framework's slash redirect: Starlette answers 307, Django 301 (never 303, "see other").
-_SLASH_REDIRECTS = frozenset({301, 302, 307, 308})
-
-
-def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
-    """The value of header ``name`` (lower case) in raw ASGI headers, or None."""
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
-def _to_itself(scope: Scope, start: Message) -> bool:
-    """Whether a response (its start message) redirects the request to its own URL, slashes aside."""
-    if start["status"] not in _SLASH_REDIRECTS:
-        return False
-    location = _header(start.get("headers", ()), b"location")
-    host = _header(scope["headers"], b"host")
-    query = scope.get("query_string", b"").decode("latin-1")
-    scheme = scope.get("scheme", "http")
-    status = start["status"]
-    return location is not None and redirects_to_itself(
-        scope["path"], query, host, location, scheme, status, scope.get("server")
-    )
-
-
-#: Statuses whose response has no body (RFC 9110 section 6.4.1).
-_BODILESS = frozenset({204, 304})
-
-
-def _served(scope: Scope, start: Message, sent: int) -> bool:
-    """Whether the client has every byte of a started response once ``sent`` body bytes are out:
-    one without a body (HEAD, 204, 304), or one whose ``Content-Length`` is reached. Such a client
-    may close before the app's last (empty) message, as a server may stop the app at its headers."""
-    if scope["method"] == "HEAD" or start["status"] in _BODILESS:
-        return True
-    length = _header(start.get("headers", ()), b"content-length")
-    return length is not None and length.isdigit() and int(length) <= sent
-
-
-async def _with_request_id(response: Response, request_id: str, scope: Scope, receive: Receive, send: Send) -> None:
-    """Send a refusal with its request's ``X-Request-ID``, as every answer on a metered route has one
-    (SPEC section 5): the id a client quotes to support for a 429 it did not expect."""
-    header = (_REQUEST_ID_HEADER, request_id.encode())
-
-    async def send_with_id(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), header]
-        await send(message)
-
-    await response(scope, receive, send_with_id)
 
 
 #: The options in seconds, and whether each may be 0.
@@ -273,29 +179,12 @@ def _warn_of_unserved_keys(app: object, keys: list[str]) -> None:
         )
 
 
-def _wrapped(app: object) -> Iterator[object]:
-    """``app`` and the apps inside it, as ASGI wrappers hold them: ``.app`` (middleware), Django's
-    ``.application`` (its static files handler), Channels' ``ProtocolTypeRouter`` (its HTTP app)."""
-    for _ in range(64):
-        yield app
-        mapping = getattr(app, "application_mapping", None)
-        inner = getattr(app, "app", None) or getattr(app, "application", None)
-        app = inner or (mapping.get("http") if isinstance(mapping, dict) else None)
-        if app is None:
-            return
-
-
-def _framework(app: object, name: str) -> object | None:
-    """The app of framework ``name`` (its top-level package) inside ``app``, if any."""
-    return next((inner for inner in _wrapped(app) if type(inner).__module__.partition(".")[0] == name), None)
-
-
 def _own_root_path(app: object, routed: object) -> str:
     """The root path an app sets on each request itself: ``FastAPI(root_path="/api")`` (``routed``:
     the app holding the routes), or Django's ``FORCE_SCRIPT_NAME`` (its handler routes under it,
     whatever the server's root path). Wrapped from outside, the middleware sees the request before
     that, and routes as the app will."""
-    if _framework(app, "django") is not None:  # its ASGI handler, maybe inside others' wrappers
+    if framework_app(app, "django") is not None:  # its ASGI handler, maybe inside others' wrappers
         from django.conf import settings  # (set up: the handler exists)
 
         root_path = getattr(settings, "FORCE_SCRIPT_NAME", None)
@@ -308,7 +197,7 @@ def _is_litestar(app: object) -> bool:
     """Whether ``app`` is (or wraps) a Litestar app, which routes its own way: it parses a typed path
     parameter (``int()`` takes ``+5``; Starlette, FastAPI and Django match a pattern), and it routes
     what follows the root path wherever the path has it, not only at its start."""
-    return _framework(app, "litestar") is not None
+    return framework_app(app, "litestar") is not None
 
 
 def _of_scope(customer: CustomerResolver) -> Callable[[Scope], Answer]:
@@ -548,14 +437,14 @@ class BillingMiddleware:
 
         # Admitted (or, when identified late, still to be gated by the app): call the app, watching
         # whether its response succeeds and completes.
-        request_id = (self._trust_request_id and _trusted_request_id(scope)) or new_request_id()
+        request_id = (self._trust_request_id and trusted_request_id(scope)) or new_request_id()
         gate = _LateGate(self, Request(scope, receive)) if customer_of is None else None
         context = UsageContext(request_id, customer, feature, quantity, quota, gate)
         state = scope.get("state")
         if state is None:  # a server without lifespan state
             state = scope["state"] = {}
         state["billing"] = context
-        watch = _Watch(scope, receive, send, context)
+        watch = ResponseWatch(scope, receive, send, context)
         token = _current.set(context)
         try:
             await self.app(scope, watch.receive, watch.send)
@@ -563,7 +452,8 @@ class BillingMiddleware:
             status, completed = watch.status, watch.completed
             if isinstance(exc, BillingDenied) and not status:
                 self._settle(context, quantity, 0.0)
-                await _with_request_id(exc.response, request_id, scope, receive, send)  # the app's late gate refused it
+                # The app's late gate refused it.
+                await send_with_request_id(exc.response, request_id, scope, receive, send)
                 return
             if completed and status < 400:  # answered in full; what failed after (a background task) is the app's
                 used = quantity + context.reported
@@ -708,8 +598,8 @@ class BillingMiddleware:
 
     async def _deny(self, denial: Denial, scope: Scope, receive: Receive, send: Send) -> None:
         self.refused[denial.status] += 1
-        request_id = (self._trust_request_id and _trusted_request_id(scope)) or new_request_id()
-        await _with_request_id(self._response(denial), request_id, scope, receive, send)
+        request_id = (self._trust_request_id and trusted_request_id(scope)) or new_request_id()
+        await send_with_request_id(self._response(denial), request_id, scope, receive, send)
 
     def _refusal(self, denial: Denial) -> BillingDenied:
         self.refused[denial.status] += 1
@@ -813,96 +703,6 @@ class BillingMiddleware:
             self.cache.spawn = None
             await self.tracker.stop()
             self._throttled.flush()  # the last storm's count: no later line will carry it
-
-
-class _Watch:
-    """What the app's response does, seen through the channels it is given (:meth:`receive` and
-    :meth:`send`): its status, and whether it completes (the client has every byte) or the client
-    leaves first. Also adds the request id and quota headers to the response's start.
-
-    A class with slots rather than two closures sharing their state: a closure's every variable
-    is a cell of its own, made and freed per request, which cost more than this object.
-    """
-
-    __slots__ = (
-        "_context",
-        "_receive",
-        "_scope",
-        "_send",
-        "completed",
-        "disconnected",
-        "left_once_sent",
-        "sent",
-        "start",
-        "status",
-        "to_itself",
-    )
-
-    def __init__(self, scope: Scope, receive: Receive, send: Send, context: UsageContext) -> None:
-        self._scope = scope
-        self._receive = receive
-        self._send = send
-        self._context = context
-        self.status = 0
-        self.start: Message | None = None
-        self.sent = 0  # body bytes sent before the last message
-        self.completed = False
-        self.disconnected = False
-        self.left_once_sent = False  # the client left while (or after) the last message was being sent
-        self.to_itself = False  # a framework's redirect to the canonical path: the request after it is billed
-
-    async def receive(self) -> Message:
-        message = await self._receive()
-        if message["type"] == "http.disconnect":
-            if self.completed:
-                self.left_once_sent = True
-            elif self.start is not None and not self.to_itself and _served(self._scope, self.start, self.sent):
-                self.completed = True  # the client had it all, and left before the app's last message
-            else:
-                self.disconnected = True
-        return message
-
-    async def send(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            self.start = message
-            status = self.status = message["status"]
-            if 300 <= status < 400:
-                self.to_itself = _to_itself(self._scope, message)
-            context = self._context
-            gated = context.quota
-            if gated is not None and gated.limit is not None and status < 400 and not self.to_itself:  # billed
-                left = gated.limit - gated.usage - gated.local  # (its reported units included) clamped at 0 there
-                message["headers"] = [
-                    *message.get("headers", ()),
-                    (b"x-request-id", context.request_id.encode()),
-                    *quota_headers(context.feature, gated.limit, left, gated.resets_at),
-                ]
-            else:
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", context.request_id.encode())]
-        elif (
-            (kind == "http.response.body" or kind == _ZEROCOPYSEND)
-            and not message.get("more_body", False)
-            or (kind == _PATHSEND)
-        ):
-            # Complete unless the client left before, or the send fails: a server may take the
-            # last bytes and yield, and the client, served, close meanwhile (Hypercorn does);
-            # under trio the app's disconnect listener (Starlette's) then cancels this send.
-            self.completed = not self.disconnected and not self.to_itself
-            try:
-                await self._send(message)
-            except BaseException as exc:
-                cancelled_by_close = self.left_once_sent and isinstance(exc, anyio.get_cancelled_exc_class())
-                self.completed = self.completed and (
-                    cancelled_by_close or self.start is not None and _served(self._scope, self.start, self.sent)
-                )
-                raise
-            return
-        elif kind == "http.response.body":
-            await self._send(message)
-            self.sent += len(message.get("body", b""))  # once the server has taken them
-            return
-        await self._send(message)
 
 
 class _LateGate:

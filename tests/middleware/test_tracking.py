@@ -612,7 +612,7 @@ def test_request_ids_are_version_4_uuids_that_a_seeded_random_cannot_repeat() ->
     import random
     import uuid
 
-    from billingos_asgi.middleware import new_request_id
+    from billingos_asgi.request_ids import new_request_id
 
     random.seed(7)
     first = [new_request_id() for _ in range(1_000)]
@@ -626,7 +626,7 @@ def test_request_ids_are_version_4_uuids_that_a_seeded_random_cannot_repeat() ->
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_worker_never_reuses_its_parents_request_ids() -> None:
-    from billingos_asgi.middleware import new_request_id
+    from billingos_asgi.request_ids import new_request_id
 
     new_request_id()  # the parent holds a batch of ids made in advance
     read, write = os.pipe()

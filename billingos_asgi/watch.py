@@ -1,0 +1,147 @@
+"""Watching an app's response through the ``send`` and ``receive`` it is given: its status, and
+whether the client got all of it, which decides whether the request is billed (SPEC section 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import anyio
+from starlette.types import Message, Receive, Scope, Send
+
+from .context import UsageContext
+from .responses import quota_headers
+from .routes import redirects_to_itself
+
+__all__ = ["ResponseWatch"]
+
+_PATHSEND = "http.response.pathsend"
+_ZEROCOPYSEND = "http.response.zerocopysend"
+
+#: A framework's slash redirect: Starlette answers 307, Django 301 (never 303, "see other").
+_SLASH_REDIRECTS = frozenset({301, 302, 307, 308})
+
+
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The value of header ``name`` (lower case) in raw ASGI headers, or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _to_itself(scope: Scope, start: Message) -> bool:
+    """Whether a response (its start message) redirects the request to its own URL, slashes aside."""
+    if start["status"] not in _SLASH_REDIRECTS:
+        return False
+    location = _header(start.get("headers", ()), b"location")
+    host = _header(scope["headers"], b"host")
+    query = scope.get("query_string", b"").decode("latin-1")
+    scheme = scope.get("scheme", "http")
+    status = start["status"]
+    return location is not None and redirects_to_itself(
+        scope["path"], query, host, location, scheme, status, scope.get("server")
+    )
+
+
+#: Statuses whose response has no body (RFC 9110 section 6.4.1).
+_BODILESS = frozenset({204, 304})
+
+
+def _served(scope: Scope, start: Message, sent: int) -> bool:
+    """Whether the client has every byte of a started response once ``sent`` body bytes are out:
+    one without a body (HEAD, 204, 304), or one whose ``Content-Length`` is reached. Such a client
+    may close before the app's last (empty) message, as a server may stop the app at its headers."""
+    if scope["method"] == "HEAD" or start["status"] in _BODILESS:
+        return True
+    length = _header(start.get("headers", ()), b"content-length")
+    return length is not None and length.isdigit() and int(length) <= sent
+
+
+class ResponseWatch:
+    """What the app's response does, seen through the channels it is given (:meth:`receive` and
+    :meth:`send`): its status, and whether it completes (the client has every byte) or the client
+    leaves first. Also adds the request id and quota headers to the response's start.
+
+    A class with slots rather than two closures sharing their state: a closure's every variable
+    is a cell of its own, made and freed per request, which cost more than this object.
+    """
+
+    __slots__ = (
+        "_context",
+        "_receive",
+        "_scope",
+        "_send",
+        "completed",
+        "disconnected",
+        "left_once_sent",
+        "sent",
+        "start",
+        "status",
+        "to_itself",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, context: UsageContext) -> None:
+        self._scope = scope
+        self._receive = receive
+        self._send = send
+        self._context = context
+        self.status = 0
+        self.start: Message | None = None
+        self.sent = 0  # body bytes sent before the last message
+        self.completed = False
+        self.disconnected = False
+        self.left_once_sent = False  # the client left while (or after) the last message was being sent
+        self.to_itself = False  # a framework's redirect to the canonical path: the request after it is billed
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            if self.completed:
+                self.left_once_sent = True
+            elif self.start is not None and not self.to_itself and _served(self._scope, self.start, self.sent):
+                self.completed = True  # the client had it all, and left before the app's last message
+            else:
+                self.disconnected = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.start = message
+            status = self.status = message["status"]
+            if 300 <= status < 400:
+                self.to_itself = _to_itself(self._scope, message)
+            context = self._context
+            gated = context.quota
+            if gated is not None and gated.limit is not None and status < 400 and not self.to_itself:  # billed
+                left = gated.limit - gated.usage - gated.local  # (its reported units included) clamped at 0 there
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-request-id", context.request_id.encode()),
+                    *quota_headers(context.feature, gated.limit, left, gated.resets_at),
+                ]
+            else:
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", context.request_id.encode())]
+        elif (
+            (kind == "http.response.body" or kind == _ZEROCOPYSEND)
+            and not message.get("more_body", False)
+            or (kind == _PATHSEND)
+        ):
+            # Complete unless the client left before, or the send fails: a server may take the
+            # last bytes and yield, and the client, served, close meanwhile (Hypercorn does);
+            # under trio the app's disconnect listener (Starlette's) then cancels this send.
+            self.completed = not self.disconnected and not self.to_itself
+            try:
+                await self._send(message)
+            except BaseException as exc:
+                cancelled_by_close = self.left_once_sent and isinstance(exc, anyio.get_cancelled_exc_class())
+                self.completed = self.completed and (
+                    cancelled_by_close or self.start is not None and _served(self._scope, self.start, self.sent)
+                )
+                raise
+            return
+        elif kind == "http.response.body":
+            await self._send(message)
+            self.sent += len(message.get("body", b""))  # once the server has taken them
+            return
+        await self._send(message)
