@@ -375,7 +375,7 @@ class BillingMiddleware:
             await self._metered(scope, receive, send, metered)
 
     def metrics(self) -> dict[str, float | str]:
-        """Delivery counters and gauges by name (events by outcome, upstream calls, breaker state...)."""
+        """Counters and gauges by name: events by outcome, refusals by status, upstream calls, breaker state..."""
         return metrics_snapshot(self)
 
     def prometheus(self) -> str:
