@@ -160,6 +160,12 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self.cooldown - (self._clock() - self._since))
 
+    def abandoned(self) -> None:
+        """The probe was cancelled before its answer (its client went away): that says nothing of
+        upstream, so the next call is the probe, instead of none for a cooldown more."""
+        if self.state == "half_open":
+            self._since = self._clock() - self.cooldown
+
     def succeeded(self) -> None:
         self.state, self.failures = "closed", 0
 
@@ -292,6 +298,7 @@ class Upstream:
         raise NetworkError(f"billing call unanswered after {seconds} s")
 
     async def _guarded(self, call: Awaitable[T]) -> T:
+        probe = self.breaker.state == "half_open"  # this call is the probe: none other goes while it runs
         try:
             result = await call
         except BaseException as exc:
@@ -303,6 +310,8 @@ class Upstream:
                 self.breaker.failed()
             elif isinstance(exc, BillingOSError):
                 self.breaker.succeeded()  # a definite answer: upstream is up
+            elif probe:  # cancelled (a timeout of _within's is a failure: it says so next)
+                self.breaker.abandoned()
             raise
         self.breaker.succeeded()
         return result

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from billingos_asgi import LocalBilling
@@ -15,6 +16,9 @@ from billingos_asgi.local.background import serve_in_thread
 from billingos_asgi.local.server import create_app
 
 SECRET_KEY = "sk_test_local"
+
+#: A test's scenario, run by :func:`on_each_loop`.
+Scenario = Callable[[], Awaitable[object]]
 
 PLANS: dict[str, Any] = {
     "features": {
@@ -50,3 +54,14 @@ def running_server(plans: dict[str, Any], database: Path) -> Iterator[RunningSer
 def local_server(tmp_path: Path) -> Iterator[RunningServer]:
     with running_server(PLANS, tmp_path / "billing.db") as server:
         yield server
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def on_each_loop(request: pytest.FixtureRequest) -> Callable[[Scenario], None]:
+    """Runs a scenario on asyncio, then (as a test of its own) on trio, which delivers cancellation
+    otherwise (at every checkpoint of a cancelled scope). pytest-asyncio runs async tests on asyncio only."""
+
+    def run(scenario: Scenario) -> None:
+        anyio.run(scenario, backend=request.param)
+
+    return run

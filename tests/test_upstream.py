@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from billingos_asgi.cache import EntitlementCache
 from billingos_asgi.tracker import Tracker
 from billingos_asgi.upstream import Budget, CircuitBreaker, Upstream, door_of, share_door
 
+from .conftest import Scenario
+from .test_cache import Delayed
 from .test_tracker import PLANS
 
 
@@ -128,6 +130,67 @@ def test_the_breaker_opens_after_failures_in_a_row_then_probes_once() -> None:
     assert breaker.allow()
     breaker.succeeded()
     assert state(breaker) == "closed" and breaker.allow()
+
+
+def test_a_probe_cancelled_before_its_answer_hands_the_probe_to_the_next_call(
+    tmp_path: Path, on_each_loop: Callable[[Scenario], None]
+) -> None:
+    """The probe's request went away (its client disconnected) before upstream answered: that says
+    nothing of upstream, yet every call was kept out for one more cooldown, the request waiting on
+    the same check too. The next call is the probe now."""
+
+    async def scenario() -> None:
+        async with LocalBilling.from_dict(PLANS, tmp_path / "billing.db") as billing:
+            clock = Clock()
+            backend = Delayed(billing)
+            backend.held = anyio.Event()
+            upstream = Upstream(backend, breaker=CircuitBreaker(1, cooldown=15, clock=clock))
+            cache = EntitlementCache(upstream, clock=clock)
+            upstream.breaker.failed()
+            clock.now += 15
+            probe = anyio.CancelScope()
+            answers: list[bool] = []
+
+            async def probing() -> None:
+                with probe:
+                    await cache.fetch("c0", "api_calls")
+
+            async def waiting() -> None:
+                quota = await cache.fetch("c0", "api_calls")
+                answers.append(quota.entitlement is not None and quota.entitlement.has_access)
+
+            with anyio.fail_after(10):  # (a hang guard only)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(probing)
+                    await backend.answered.wait()
+                    tg.start_soon(waiting)
+                    await anyio.wait_all_tasks_blocked()
+                    probe.cancel()
+                    backend.held.set()
+            assert answers == [True] and backend.calls == 2
+            assert state(upstream.breaker) == "closed"
+
+    on_each_loop(scenario)
+
+
+def test_a_probe_unanswered_in_time_keeps_the_breaker_open_for_a_cooldown(
+    tmp_path: Path, on_each_loop: Callable[[Scenario], None]
+) -> None:
+    async def scenario() -> None:
+        async with LocalBilling.from_dict(PLANS, tmp_path / "billing.db") as billing:
+            clock = Clock()
+            backend = Delayed(billing)
+            backend.held = anyio.Event()  # never set: upstream hangs
+            upstream = Upstream(backend, breaker=CircuitBreaker(1, cooldown=15, clock=clock))
+            upstream.breaker.failed()
+            clock.now += 15
+            with pytest.raises(NetworkError, match="unanswered"):
+                await upstream.check_entitlement("c0", "api_calls", wait=0, answer_within=0.01)
+            assert state(upstream.breaker) == "open" and upstream.breaker.retry_after() == 15
+            with pytest.raises(CircuitOpenError):
+                await upstream.check_entitlement("c0", "api_calls", wait=0)
+
+    on_each_loop(scenario)
 
 
 def test_a_probe_that_vanished_is_replaced_after_a_cooldown() -> None:
