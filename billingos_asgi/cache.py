@@ -300,6 +300,7 @@ class EntitlementCache:
             await self.fetch(*key)
         except Exception:
             logger.warning("background refresh of %s/%s failed", *key, exc_info=True)
+        finally:  # failed, or cancelled with the lifespan's task group: the next request starts another
             quota = self._entries.get(key)
             if quota is not None:
                 quota.refreshing = False

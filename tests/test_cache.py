@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,8 @@ from billingos_asgi import Entitlement, LocalBilling, NetworkError, QuotaExceede
 from billingos_asgi.backend import BillingBackend
 from billingos_asgi.cache import EntitlementCache, Quota, Refresh
 from billingos_asgi.upstream import Upstream
+
+from .conftest import Scenario
 
 PLANS: dict[str, Any] = {
     "features": {"api_calls": {"type": "usage_quota"}, "export": {"type": "boolean_flag"}},
@@ -357,3 +359,38 @@ async def test_a_waiting_request_gets_the_entry_back_if_it_was_evicted_before_it
         backend.held.set()
     assert backend.calls == 1 and answers[0] is answers[1]
     assert cache.get("c1", "api_calls") is answers[1]  # cached again: what it admits, later requests see
+
+
+def test_a_refresh_cancelled_with_its_lifespan_leaves_the_entry_to_the_next_ones_refresh(
+    tmp_path: Path, clocks: Clocks, on_each_loop: Callable[[Scenario], None]
+) -> None:
+    """A refresh running when the lifespan ends is cancelled with its task group: the entry kept
+    saying a refresh was running, and the next lifespan served it stale without one until the
+    stale TTL ran out (ten minutes of answers a revoked plan no longer gives)."""
+
+    async def scenario() -> None:
+        async with LocalBilling.from_dict(PLANS, tmp_path / "billing.db", clock=lambda: clocks.wall) as billing:
+            backend = Delayed(billing)
+            cache, upstream = cache_for(backend, clocks, ttl=30, stale_ttl=600)
+            quota = await cache.fetch("c1", "api_calls")
+            clocks.advance(31)
+            backend.held = anyio.Event()  # the refresh's answer is still on the wire when the lifespan ends
+            with anyio.fail_after(10):  # (a hang guard only)
+                async with anyio.create_task_group() as lifespan:
+
+                    def spawn(refresh: Refresh) -> None:  # as the middleware's lifespan does
+                        lifespan.start_soon(refresh)
+
+                    cache.spawn = spawn
+                    assert cache.get("c1", "api_calls") is quota
+                    await backend.answered.wait()
+                    cache.spawn = None
+                    lifespan.cancel_scope.cancel()
+            backend.held = None
+            spawned: list[Refresh] = []
+            cache.spawn = spawned.append  # the next lifespan
+            assert cache.get("c1", "api_calls") is quota and len(spawned) == 1
+            await spawned[0]()
+            assert upstream.checks == 3 and cache.get("c1", "api_calls") is quota
+
+    on_each_loop(scenario)
