@@ -112,7 +112,7 @@ class Budget:
         deadline = None if wait is None else self._clock() + wait
         while not self.try_take(reserve):
             delay = self.wait_time(reserve)
-            if deadline is not None and self._clock() + delay > deadline:
+            if deadline is not None and delay > deadline - self._clock():  # (now + a tiny delay rounds to now)
                 return False
             await anyio.sleep(max(delay, 0.001))
         return True
@@ -302,8 +302,9 @@ class Upstream:
         try:
             result = await call
         except BaseException as exc:
-            if isinstance(exc, RateLimitError):
+            if isinstance(exc, RateLimitError):  # up, and busy: the budget keeps the wait it asks for
                 self.throttled += 1
+                self.breaker.succeeded()
                 if self.budget is not None:
                     self.budget.pause(exc.retry_after if exc.retry_after is not None else 1.0)
             elif isinstance(exc, _UNWELL) or (isinstance(exc, Exception) and not isinstance(exc, BillingOSError)):

@@ -341,3 +341,28 @@ async def test_a_track_waiting_for_a_token_leaves_the_breakers_probe_to_a_check(
         assert (await upstream.check_entitlement("c0", "api_calls", wait=0)).has_access
         task_group.cancel_scope.cancel()
     assert upstream.breaker.state == "closed" and upstream.checks == 1
+
+
+async def test_a_429_answering_the_probe_closes_the_breaker_and_the_budget_keeps_the_pause(
+    billing: LocalBilling,
+) -> None:
+    """A 429 is upstream answering: the breaker's question (is it up?) has its answer, and the
+    wait it asks for is the budget's to keep, not a cooldown more of the breaker's on top."""
+    clock = Clock()
+    backend = Scripted(billing, [NetworkError("down"), RateLimitError("slow down", status=429, retry_after=5)])
+    upstream = Upstream(
+        backend,  # type: ignore[arg-type]
+        budget=Budget(600, burst=5, clock=clock),
+        breaker=CircuitBreaker(1, cooldown=30, clock=clock),
+    )
+    with pytest.raises(NetworkError):
+        await upstream.check_entitlement("c0", "api_calls", wait=0)
+    clock.now += 30
+    with pytest.raises(RateLimitError):
+        await upstream.check_entitlement("c0", "api_calls", wait=0)  # the probe
+    assert upstream.breaker.state == "closed"
+    with pytest.raises(BudgetExhaustedError):
+        await upstream.check_entitlement("c0", "api_calls", wait=0)
+    clock.now += 5.2  # (the bucket starts empty after a pause: a token more than 0.1 s later)
+    assert (await upstream.check_entitlement("c0", "api_calls", wait=0)).has_access
+    assert backend.calls == 3
