@@ -243,12 +243,13 @@ class Tracker:
         if self._window is not None:
             self._window.set()
         try:
-            with anyio.move_on_after(self._drain_timeout):
+            with anyio.move_on_after(self._drain_timeout) as deadline:
                 await done.wait()
         finally:  # cancelled too (a server's own shutdown timeout): the outbox is not left locked
             if not done.is_set():
                 left = self._queued_events + len(self._unsettled)
-                logger.error("usage drain cut off (deadline %.1fs) with %d events unsent", self._drain_timeout, left)
+                by = f"its deadline ({self._drain_timeout:.1f}s)" if deadline.cancelled_caught else "a cancellation"
+                logger.error("usage drain cut off by %s with %d events unsent", by, left)
                 scope.cancel()
                 with anyio.CancelScope(shield=True):
                     await done.wait()

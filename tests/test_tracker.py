@@ -719,6 +719,25 @@ async def test_what_the_drain_deadline_cuts_off_without_an_outbox_is_reported_dr
     assert reasons == ["shutdown deadline passed"] * 2
 
 
+async def test_the_drain_log_says_whether_its_deadline_or_a_cancellation_cut_it_off(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server's own shutdown timeout cancels the drain before its deadline: blaming the deadline
+    would send the operator to raise ``drain_timeout``, which changes nothing."""
+    for drain_timeout, cancel_after in ((0.1, None), (30.0, 0.2)):
+        tracker = tracker_for(Gated(billing), flush_interval=0.01, drain_timeout=drain_timeout)
+        async with anyio.create_task_group() as tg:
+            await tracker.start(tg)
+            assert tracker.submit(event("k1"))
+            with anyio.move_on_after(cancel_after):
+                await tracker.stop()
+    cut_off = [r.getMessage() for r in caplog.records if "drain cut off" in r.getMessage()]
+    assert cut_off == [
+        "usage drain cut off by its deadline (0.1s) with 1 events unsent",
+        "usage drain cut off by a cancellation with 1 events unsent",
+    ]
+
+
 class Slow(Around):
     """Track calls take a while."""
 
