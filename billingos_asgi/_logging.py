@@ -16,36 +16,44 @@ logger = logging.getLogger("billingos_asgi")
 INTERVAL = 1.0
 
 
+class _Kind:
+    """One kind of line's state: when it was last logged, and what was held back since."""
+
+    __slots__ = ("held", "last", "level")
+
+    def __init__(self) -> None:
+        self.last = -INTERVAL
+        self.held = 0
+        self.level = logging.NOTSET  # the highest level held back
+
+
 class Throttled:
     """At most one line a second of each kind (its message template), which says how many lines of
     that kind it held back since the last: a storm of one kind never hides a line of another."""
 
-    __slots__ = ("_lines",)
+    __slots__ = ("_kinds",)
 
     def __init__(self) -> None:
-        # template -> [when last logged, lines held back since, the highest level held]; a template
-        # is a literal of our code, so there are a handful of them.
-        self._lines: dict[str, list[float]] = {}
+        self._kinds: dict[str, _Kind] = {}  # by template: a literal of our code, so a handful of them
 
     def log(self, level: int, message: str, *args: object, exc_info: bool = False) -> None:
         now = time.monotonic()
-        line = self._lines.setdefault(message, [-INTERVAL, 0, logging.NOTSET])
-        if now - line[0] < INTERVAL:
-            line[1] += 1
-            line[2] = max(line[2], level)
+        kind = self._kinds.get(message) or self._kinds.setdefault(message, _Kind())
+        if now - kind.last < INTERVAL:
+            kind.held += 1
+            kind.level = max(kind.level, level)
             return
-        held = int(line[1])
-        line[:] = [now, 0, logging.NOTSET]
-        if held:
-            message += f" ({held} similar lines held back)"
+        if kind.held:
+            message += f" ({kind.held} similar lines held back)"
+        kind.last, kind.held, kind.level = now, 0, logging.NOTSET
         logger.log(level, message, *args, exc_info=exc_info)
 
     def flush(self) -> None:
         """Say how many lines of each kind are held back, where no later line will (at shutdown)."""
-        for message, line in self._lines.items():
-            if line[1]:
-                logger.log(int(line[2]), "%d similar lines held back since the last one (%r)", line[1], message)
-                line[1:] = [0, logging.NOTSET]
+        for message, kind in self._kinds.items():
+            if kind.held:
+                logger.log(kind.level, "%d similar lines held back since the last one (%r)", kind.held, message)
+                kind.held, kind.level = 0, logging.NOTSET
 
 
 def without_message(exc: BaseException) -> str:

@@ -597,15 +597,15 @@ class BillingMiddleware:
         )
 
     async def _deny(self, denial: Denial, scope: Scope, receive: Receive, send: Send) -> None:
-        self.refused[denial.status] += 1
         request_id = (self._trust_request_id and trusted_request_id(scope)) or new_request_id()
         await send_with_request_id(self._response(denial), request_id, scope, receive, send)
 
     def _refusal(self, denial: Denial) -> BillingDenied:
-        self.refused[denial.status] += 1
         return BillingDenied(denial, self._response(denial))
 
     def _response(self, denial: Denial) -> Response:
+        """The answer to a refusal (every one is made here, and counted)."""
+        self.refused[denial.status] += 1
         if self._problem_factory is not None:
             try:
                 response = self._problem_factory(denial)
