@@ -154,6 +154,9 @@ def declarations(
                     path,
                     declaration.feature,
                 )
+            if reachable is not None and "GET" in reachable and "HEAD" not in reachable:
+                # (a GET route not serving HEAD, FastAPI's: the table's HEAD follows GET unless given first)
+                yield f"HEAD {path}", UNDECLARED
             for key in route_keys(path, reachable):
                 yield key, declaration
         if every_host:  # a Host's route takes only its host's requests: the others reach the later route

@@ -335,6 +335,38 @@ async def test_a_head_only_route_is_metered(billing: SpyBilling) -> None:
     assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
+async def test_head_on_a_get_only_route_is_answered_by_the_app_not_gated_as_get(billing: SpyBilling) -> None:
+    """FastAPI's GET routes answer HEAD 405: the table's HEAD-follows-GET must not refuse it first,
+    nor bill it as the GET's feature where another route serves HEAD on the path."""
+    app = FastAPI()
+
+    @app.get("/v1/search", dependencies=[metered("api_calls")])
+    async def search() -> dict[str, str]:
+        return {"found": "nothing"}
+
+    @app.get("/v1/report/{report_id}", dependencies=[metered("export")])
+    async def report(report_id: str) -> dict[str, str]:
+        return {"report": report_id}
+
+    @app.head("/v1/report/{report_id}")
+    async def report_exists(report_id: str) -> None:
+        return None
+
+    app.add_middleware(
+        BillingMiddleware, billing=billing, customer=by_header, routes=declared(app), default_feature=None
+    )
+    async with serve(app) as client:
+        anonymous = await client.head("/v1/search")
+        signed_in = await client.head("/v1/search", headers=as_customer("user_free"))
+        exists = await client.head("/v1/report/7", headers=as_customer("user_free"))
+        anonymous_exists = await client.head("/v1/report/7")
+        paid = await client.get("/v1/search", headers=as_customer("user_free"))
+    assert (anonymous.status_code, signed_in.status_code) == (405, 405)
+    assert (exists.status_code, anonymous_exists.status_code, paid.status_code) == (200, 200, 200)
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+    assert await billing.recorded_units("user_free", "export") == 0
+
+
 async def test_an_included_routers_starlette_routes_and_mounts_are_gated(billing: SpyBilling) -> None:
     from starlette.applications import Starlette
     from starlette.requests import Request
