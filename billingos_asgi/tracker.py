@@ -51,6 +51,8 @@ STAMP_HOLD = 60.0
 FULL_FOR = 10.0
 #: Without a worker (no lifespan), how long a request's task may go on delivering usage after its response.
 INLINE_DEADLINE = 30.0
+#: Said of an event given up while a call for it may have reached upstream: a new key could count it twice.
+IN_DOUBT = "it may be recorded upstream: resend it only under its idempotency key"
 #: Upstream forgets idempotency keys after 24 h; resending older events could count them twice.
 IDEMPOTENCY_HORIZON = 24 * 3600 - 300
 #: Definitive refusals (nothing was recorded): never retried. Anything else may pass later.
@@ -289,7 +291,8 @@ class Tracker:
             # One sent already may be recorded upstream: written now, unstamped, it could count twice.
             lost = tuple(event for event in attempted if id(event) in volatile)
             attempted = [event for event in attempted if id(event) not in volatile]
-            self._give_up(lost, "dropped", "shutdown deadline passed during its delivery (outbox write failed)")
+            reason = f"shutdown deadline passed during its delivery ({IN_DOUBT}; outbox write failed)"
+            self._give_up(lost, "dropped", reason)
             volatile.clear()
         unsent = attempted + waiting
         self._unsettled.clear()
@@ -310,8 +313,6 @@ class Tracker:
                 written = 0
             unsent += self._unwritten[:written]
             self._give_up(tuple(self._unwritten[written:]), "dropped", "shutdown deadline passed (not in the outbox)")
-        elif self._unwritten:
-            unsent += self._unwritten
         self._unwritten.clear()
         self._queued_events = 0
         if self._outbox is not None and not self._outbox.is_in_place:
@@ -326,7 +327,8 @@ class Tracker:
                 if event.counted:
                     self._cache.reject(event.customer_id, event.feature_key, event.quantity, None)
         else:
-            self._give_up(tuple(unsent), "dropped", "shutdown deadline passed")
+            self._give_up(tuple(attempted), "dropped", f"shutdown deadline passed during its delivery ({IN_DOUBT})")
+            self._give_up(tuple(waiting), "dropped", "shutdown deadline passed")
 
     async def _writer(self) -> None:
         """Write accepted events to the outbox (then queue them) and forget confirmed ones, in batches."""
@@ -502,14 +504,15 @@ class Tracker:
                     await self._deliver(Batch.of(sending), self._clock(), fix=False)
                 if scope.cancelled_caught:
                     cut_off = tuple(e for e in sending if id(e) in self._inline)
-                    reason = f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan"
+                    reason = f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan ({IN_DOUBT})"
                     self._give_up(cut_off, "dropped", reason)
                 self._settled(sending)
         except BaseException:
             # Cancelled natively (asyncio's task.cancel() goes through anyio's shield), or a fault:
             # what this call was to deliver is reported, and its units no longer held.
-            cut_off = (*(e for e in sending if id(e) in self._inline), *riders)
-            self._give_up(cut_off, "dropped", "the request's task stopped while delivering it")
+            cut_off = tuple(e for e in sending if id(e) in self._inline)
+            self._give_up(cut_off, "dropped", f"the request's task stopped while delivering it ({IN_DOUBT})")
+            self._give_up(tuple(riders), "dropped", "the request's task stopped before delivering it")
             raise
         finally:
             del self._riders[key]

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from billingos_asgi import BillingMiddleware, BillingOS, Denial, LocalBilling, Metered, RetryPolicy
+from billingos_asgi.tracker import IN_DOUBT
 from tests.asgi import serve
 
 from .support import (
@@ -403,7 +404,7 @@ async def test_unreachable_billing_allow_lets_requests_through() -> None:
         stats = middleware.tracker.stats
         assert (stats.queued, stats.sent, stats.dropped) == (1, 0, 1)
         assert middleware.upstream.tracks >= 1 and stats.retried >= 1
-        assert rejected == [("user_free", "shutdown deadline passed")]
+        assert rejected == [("user_free", f"shutdown deadline passed during its delivery ({IN_DOUBT})")]
 
 
 async def test_unreachable_billing_deny_answers_503() -> None:
