@@ -210,7 +210,17 @@ def _split_key(key: str) -> tuple[str | None, str]:
         raise ValueError(f"routes: {key!r}: unknown HTTP method {method!r}")
     if not path.startswith("/"):
         raise ValueError(f"routes: {key!r}: the path must start with '/'")
+    _check_template(path, f"routes: {key!r}")
     return method, canonical(path)
+
+
+def _check_template(path: str, where: str) -> None:
+    """Refuse what no request path holds: a query string or fragment, a brace outside a parameter."""
+    if "?" in path or "#" in path:
+        raise ValueError(f"{where}: a route is a path alone, without a query string ('?') or fragment ('#')")
+    literal = _PARAMETER.sub("", path)
+    if "{" in literal or "}" in literal:
+        raise ValueError(f"{where}: a brace outside a parameter (parameters are {{name}} or {{name:type}})")
 
 
 class RouteTable:
@@ -266,6 +276,7 @@ class RouteTable:
         for path in exclude:
             if not path.startswith("/"):
                 raise ValueError(f"exclude: {path!r}: the path must start with '/'")
+            _check_template(path, f"exclude: {path!r}")
             if path.endswith("*"):
                 prefixes.append(_SLASHES.sub("/", path[:-1]))  # "/static/*" keeps its slash: "/staticky" is not in
                 continue

@@ -220,6 +220,13 @@ def test_route_table_prefers_the_method_then_any_method_then_the_default() -> No
         ({"GET /internal/items/{id}": "api_calls"}, ("/internal/*",)),
         ({"/health": "api_calls"}, ("/health",)),
         ({"/items/7": "api_calls"}, ("/items/{id:int}",)),
+        ({"GET /v1/search?q=x": "api_calls"}, ()),
+        ({"GET /v1/search#top": "api_calls"}, ()),
+        ({"GET /items/{id": "api_calls"}, ()),
+        ({"GET /items/id}": "api_calls"}, ()),
+        ({"GET /items/{1st}": "api_calls"}, ()),
+        ({}, ("/health?probe=1",)),
+        ({}, ("/items/{id",)),
     ],
     ids=[
         "unknown-method",
@@ -234,6 +241,13 @@ def test_route_table_prefers_the_method_then_any_method_then_the_default() -> No
         "template-in-excluded-prefix",
         "excluded-path",
         "excluded-template",
+        "query-string",
+        "fragment",
+        "unclosed-brace",
+        "unopened-brace",
+        "bad-parameter-name",
+        "excluded-query-string",
+        "excluded-unclosed-brace",
     ],
 )
 def test_invalid_configuration_raises_at_construction(
