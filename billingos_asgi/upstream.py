@@ -143,6 +143,7 @@ class CircuitBreaker:
         self.state: BreakerState = "closed"
         self.failures = 0  # in a row
         self.opened = 0  # times it opened
+        self.probes = 0  # probes let go; the last one's number is the running probe's, in the half-open state
         self._since = 0.0  # when it opened, or when the probe started
 
     def allow(self) -> bool:
@@ -152,6 +153,7 @@ class CircuitBreaker:
         if self._clock() - self._since < self.cooldown:
             return False
         self.state, self._since = "half_open", self._clock()  # a probe (or a new one, if the last vanished)
+        self.probes += 1
         return True
 
     def retry_after(self) -> float:
@@ -160,10 +162,11 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self.cooldown - (self._clock() - self._since))
 
-    def abandoned(self) -> None:
-        """The probe was cancelled before its answer (its client went away): that says nothing of
-        upstream, so the next call is the probe, instead of none for a cooldown more."""
-        if self.state == "half_open":
+    def abandoned(self, probe: int) -> None:
+        """Probe number ``probe`` was cancelled before its answer (its client went away): that says
+        nothing of upstream, so the next call is the probe, instead of none for a cooldown more.
+        A probe that a later one replaced (it vanished for a cooldown) hands on nothing: the later runs."""
+        if self.state == "half_open" and probe == self.probes:
             self._since = self._clock() - self.cooldown
 
     def succeeded(self) -> None:
@@ -298,7 +301,8 @@ class Upstream:
         raise NetworkError(f"billing call unanswered after {seconds} s")
 
     async def _guarded(self, call: Awaitable[T]) -> T:
-        probe = self.breaker.state == "half_open"  # this call is the probe: none other goes while it runs
+        # This call is the probe (its number; 0: none): no other goes while it runs, for a cooldown.
+        probe = self.breaker.probes if self.breaker.state == "half_open" else 0
         try:
             result = await call
         except BaseException as exc:
@@ -312,7 +316,7 @@ class Upstream:
             elif isinstance(exc, BillingOSError):
                 self.breaker.succeeded()  # a definite answer: upstream is up
             elif probe:  # cancelled (a timeout of _within's is a failure: it says so next)
-                self.breaker.abandoned()
+                self.breaker.abandoned(probe)
             raise
         self.breaker.succeeded()
         return result

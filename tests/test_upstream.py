@@ -205,6 +205,22 @@ def test_a_probe_that_vanished_is_replaced_after_a_cooldown() -> None:
     assert breaker.allow()
 
 
+def test_a_replaced_probe_cancelled_late_lets_no_second_probe_go_beside_the_running_one() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, cooldown=5, clock=clock)
+    breaker.failed()
+    clock.now += 5
+    assert breaker.allow()
+    first = breaker.probes
+    clock.now += 5  # the first probe vanished for a cooldown: a second one goes
+    assert breaker.allow()
+    second = breaker.probes
+    breaker.abandoned(first)  # the first one's client went away at last: it says nothing of the second
+    assert not breaker.allow()
+    breaker.abandoned(second)  # the running probe's client went away: the next call is the probe
+    assert breaker.allow() and breaker.probes == second + 1
+
+
 @pytest.fixture
 async def billing(tmp_path: Path) -> AsyncIterator[LocalBilling]:
     async with LocalBilling.from_dict(PLANS, tmp_path / "billing.db") as billing:
