@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Host, Match, Mount, Route, WebSocketRoute, compile_path
 
+from ._overlap import overlap
 from .routes import _METHODS, _PARAMETER, UNDECLARED, Metered, _split_key
 
 __all__ = [
@@ -177,16 +178,20 @@ def _shared_methods(
         other_lead = other.partition("{")[0]  # what precedes the first parameter: both must start alike
         if not (lead.startswith(other_lead) or other_lead.startswith(lead)):
             continue
-        if any(template.match(example) for example in _examples(path)) or any(
-            regex.match(example) for example in _examples(other)
-        ):
+        shared_paths = overlap(path, other)
+        if shared_paths is None:  # a parameter type of the app's own: tried on sample paths of both
+            shared_paths = any(template.match(example) for example in _examples(path)) or any(
+                regex.match(example) for example in _examples(other)
+            )
+        if shared_paths:
             if methods is None and taken is None:
                 return None
             shared |= set(_METHODS if methods is None else methods) & set(_METHODS if taken is None else taken)
     return shared
 
 
-#: What a parameter of each type takes, to find paths two templates share (a miss leaves it as it was).
+#: What a parameter of each type takes: sample paths of a template, to find a route serving a configured
+#: key, or paths two templates share where a parameter type is the app's own (a miss leaves it as it was).
 _SAMPLES = {
     "str": ("0", "x"),
     "path": ("0", "x", "x/0"),
