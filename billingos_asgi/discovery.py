@@ -20,7 +20,7 @@ from typing import Any
 from starlette.routing import BaseRoute, Host, Match, Mount, Route, WebSocketRoute, compile_path
 
 from ._overlap import overlap
-from .routes import _METHODS, _PARAMETER, UNDECLARED, Metered, _split_key
+from .routes import _METHODS, _PARAMETER, UNDECLARED, FoundRoutes, Metered, _split_key
 
 __all__ = [
     "MARK",
@@ -58,15 +58,16 @@ def unwrapped(endpoint: object) -> object:
 
 def route_table(
     declarations: Iterable[tuple[str, Metered | None]], also: Mapping[str, str | Metered | None] | None = None
-) -> dict[str, str | Metered | None]:
+) -> FoundRoutes:
     """The middleware's ``routes=`` from ``("METHOD /path", Metered or None)`` pairs, plus ``also``.
 
     A path declared twice differently, or given in ``also`` with another feature than its route
     declares, is refused: which one would be billed is not for us to guess. A route found not
-    metered (None, or :data:`UNDECLARED`) is metered where ``also`` says so.
+    metered (None, or :data:`UNDECLARED`) is metered where ``also`` says so. A ``GET`` key of
+    ``also`` (written by hand, of routes not found) takes HEAD too, unless ``also`` gives HEAD its own.
     """
-    table: dict[str, str | Metered | None] = {}
-    for key, declaration in [*declarations, *(also or {}).items()]:
+    table = FoundRoutes()
+    for key, declaration in [*declarations, *_with_heads(also or {})]:
         declares = declaration is not None and declaration is not UNDECLARED
         if declares and table.get(key) not in (None, UNDECLARED) and table[key] != declaration:
             raise ValueError(f"routes: {key!r} is declared both as {table[key]!r} and as {declaration!r}")
@@ -75,22 +76,29 @@ def route_table(
     return table
 
 
+def _with_heads(also: Mapping[str, str | Metered | None]) -> Iterator[tuple[str, str | Metered | None]]:
+    """``also`` 's keys, and beside each GET one the same for HEAD, unless ``also`` has it."""
+    keys = {_split_key(key): key for key in also}
+    for key, value in also.items():
+        yield key, value
+        method, path = _split_key(key)
+        if method == "GET" and ("HEAD", path) not in keys:
+            yield f"HEAD {path}", value
+
+
 def route_keys(path: str, methods: Iterable[str] | None) -> list[str]:
-    """``"METHOD /path"`` keys of a route (HEAD follows GET in the table, so beside GET it is left out).
+    """``"METHOD /path"`` keys of a route, one per method it serves.
 
     No methods (a class-based ``HTTPEndpoint``): the route answers every method, so its key has none.
     """
     if methods is None:
         return [path]
-    keys = set(methods)
-    if "GET" in keys:
-        keys.discard("HEAD")
-    return [f"{method} {path}" for method in sorted(keys)]
+    return [f"{method} {path}" for method in sorted(set(methods))]
 
 
 def declared_routes(
     routes: Iterable[BaseRoute], *, also: Mapping[str, str | Metered | None] | None = None
-) -> dict[str, str | Metered | None]:
+) -> FoundRoutes:
     """The table of every ``@metered`` endpoint in ``routes`` (mounts and sub-apps included), plus ``also``."""
     return route_table(declarations(routes), also)
 
@@ -155,9 +163,6 @@ def declarations(
                     path,
                     declaration.feature,
                 )
-            if reachable is not None and "GET" in reachable and "HEAD" not in reachable:
-                # (a GET route not serving HEAD, FastAPI's: the table's HEAD follows GET unless given first)
-                yield f"HEAD {path}", UNDECLARED
             for key in route_keys(path, reachable):
                 yield key, declaration
         if every_host:  # a Host's route takes only its host's requests: the others reach the later route
@@ -216,8 +221,6 @@ def _untaken(path: str, methods: Collection[str] | None, taken_keys: Collection[
     if methods is None:
         return set() if path in taken_keys else None
     taken = {method for method in methods if f"{method} {path}" in taken_keys}
-    if "GET" in taken:  # (HEAD follows GET in the table)
-        taken.add("HEAD")
     return set(methods) - taken if taken else methods
 
 

@@ -32,7 +32,7 @@ from starlette.routing import compile_path
 
 from ._validation import QUANTITY_DECIMALS, check_id, float_of_decimal
 
-__all__ = ["EXCLUDED", "UNDECLARED", "Metered", "RouteTable", "canonical", "redirects_to_itself"]
+__all__ = ["EXCLUDED", "UNDECLARED", "FoundRoutes", "Metered", "RouteTable", "canonical", "redirects_to_itself"]
 
 QuantityFunction = Callable[[Request], float | Decimal | Awaitable[float | Decimal]]
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
@@ -82,6 +82,13 @@ _UNMETERED = Metered("not metered")
 #: take its path: metered as a route missing from the table is (``default_feature``, or not at all,
 #: an exclusion deciding first), never as the template.
 UNDECLARED = Metered("undeclared: metered as default_feature")
+
+
+class FoundRoutes(dict[str, "str | Metered | None"]):
+    """A ``routes=`` table found on the app's routes, whose keys name every method each route
+    serves: HEAD included where a route serves it (Starlette's beside GET), left out where it does
+    not (FastAPI's), so HEAD does not follow GET here as it does in a table written by hand."""
+
 
 _SLASHES = re.compile(r"//+")
 _PARAMETER = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")  # as Starlette's
@@ -249,6 +256,9 @@ class RouteTable:
             raise ValueError(f"exclude must be a list of paths, got the string {exclude!r}")
         self._default = None if default_feature is None else _metered(default_feature, "default_feature")
         undeclared: list[tuple[str, str | None]] = []  # static UNDECLARED routes: an exclusion decides first
+        # HEAD is GET without the body, unless configured on its own (or the table says what serves HEAD).
+        head_follows_get = not isinstance(routes, FoundRoutes)
+        heads = {path for method, path in map(_split_key, routes or {}) if method == "HEAD"}
         for key, value in (routes or {}).items():
             method, path = _split_key(key)
             if value is UNDECLARED:
@@ -259,10 +269,12 @@ class RouteTable:
             if value is not None and value is not UNDECLARED:
                 configured.append((key, path, not convertors))
             if convertors:
-                self._dynamic.append((method, regex, metered))
                 parsed = _parsed(path) if parsed_parameters else None
-                if parsed is not None:
-                    self._parsed.append((method, parsed, metered))
+                also_head = head_follows_get and method == "GET" and path not in heads
+                for taken in ("GET", "HEAD") if also_head else (method,):
+                    self._dynamic.append((taken, regex, metered))
+                    if parsed is not None:
+                        self._parsed.append((taken, parsed, metered))
             else:
                 by_method = self._static.setdefault(path, {})
                 if method in by_method:
@@ -292,8 +304,8 @@ class RouteTable:
         for path, method in undeclared:  # (a static route is looked up before the prefixes and patterns)
             if self._covered(path, True):
                 self._static[path][method] = EXCLUDED
-        for by_method in self._static.values():
-            if "GET" in by_method:  # HEAD is GET without the body, unless configured on its own
+        for by_method in self._static.values() if head_follows_get else ():
+            if "GET" in by_method:
                 by_method.setdefault("HEAD", by_method["GET"])
         # Every metered (method, path) of a static route, looked up in one step: the common case.
         # (A path both configured as not metered and excluded is left to match(): excluded wins.)
@@ -367,9 +379,9 @@ class RouteTable:
                 return EXCLUDED
         for routes in (self._dynamic, self._parsed):
             for route_method, regex, metered in routes:
-                if (
-                    route_method is None or route_method == method or (method == "HEAD" and route_method == "GET")
-                ) and (regex.match(path) or raw is not None and (regex.match(raw) or regex.match(collapsed))):
+                if (route_method is None or route_method == method) and (
+                    regex.match(path) or raw is not None and (regex.match(raw) or regex.match(collapsed))
+                ):
                     # (A template takes the path as requested too: "[^/]+" takes "/v1/search/\n"'s "\n".)
                     return metered if metered is not _UNMETERED else None
         return self._default

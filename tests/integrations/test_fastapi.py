@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import random
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from fastapi import APIRouter, Depends, FastAPI, WebSocket  # noqa: E402
+from starlette.types import ASGIApp  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling, SessionToken, UsageContext  # noqa: E402
 from billingos_fastapi import (  # noqa: E402
@@ -24,7 +26,7 @@ from billingos_fastapi import (  # noqa: E402
 )
 
 from ..asgi import serve  # noqa: E402
-from ..middleware.support import PLANS, as_customer, by_header  # noqa: E402
+from ..middleware.support import PLANS, RouteSpec, answer, as_customer, by_header, sweep  # noqa: E402
 
 
 class SpyBilling(LocalBilling):
@@ -365,6 +367,23 @@ async def test_head_on_a_get_only_route_is_answered_by_the_app_not_gated_as_get(
     assert (exists.status_code, anonymous_exists.status_code, paid.status_code) == (200, 200, 200)
     assert await billing.recorded_units("user_free", "api_calls") == 1
     assert await billing.recorded_units("user_free", "export") == 0
+
+
+async def test_the_table_meters_each_request_as_the_fastapi_route_that_serves_it() -> None:
+    """Random FastAPI apps of overlapping templates, free and metered, GET routes without HEAD and
+    HEAD routes of their own among them: every request the app serves is metered as its route is
+    (seeded: a failure reproduces)."""
+
+    def fastapi_app(specs: list[RouteSpec]) -> tuple[Mapping[str, Any], ASGIApp]:
+        app = FastAPI()
+        for index, (path, methods, feature) in enumerate(specs):
+            dependencies = [metered(feature)] if feature else None
+            app.add_api_route(path, answer(index), methods=methods, dependencies=dependencies)
+        return declared(app)(), app
+
+    methods = [["GET"], ["POST"], ["HEAD"], ["GET", "POST"], ["GET", "HEAD"]]
+    checked = await sweep(random.Random(20261203), methods, fastapi_app, apps=500)
+    assert checked > 800  # the sweep reaches served requests, not only 404s and 405s
 
 
 async def test_an_included_routers_starlette_routes_and_mounts_are_gated(billing: SpyBilling) -> None:

@@ -62,6 +62,7 @@ def test_declarations_are_found_through_mounts(billing: LocalBilling) -> None:
     app = build(billing, [])
     assert declared_routes(app.routes) == {
         "GET /v1/search": Metered("api_calls"),
+        "HEAD /v1/search": Metered("api_calls"),  # (Starlette serves HEAD beside GET)
         "POST /v1/exports/{kind}": Metered("export"),
     }
 
@@ -368,6 +369,7 @@ async def test_a_static_route_an_earlier_route_answers_is_left_out(
     others = ("CONNECT", "DELETE", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
     assert declared_routes(app.routes) == {
         "GET /reports/{report_id}": Metered("api_calls"),
+        "HEAD /reports/{report_id}": Metered("api_calls"),
         "POST /reports/export": Metered("export"),
         **{f"{method} /items/special": Metered("export") for method in others},
     }
@@ -455,9 +457,13 @@ async def test_a_free_static_route_before_a_metered_template_stays_free(billing:
         anonymous_report = await client.get("/reports/featured")
     assert declared_routes(app.routes) == {
         "GET /items/featured": UNDECLARED,  # metered as default_feature (none here)
+        "HEAD /items/featured": UNDECLARED,
         "GET /items/{item_id}": Metered("api_calls"),
+        "HEAD /items/{item_id}": Metered("api_calls"),
         "GET /reports/{report_id}": Metered("export"),
+        "HEAD /reports/{report_id}": Metered("export"),
         "GET /{section}/{name}": Metered("api_calls"),
+        "HEAD /{section}/{name}": Metered("api_calls"),
     }
     assert free == [200, 200] and await billing.recorded_units("user_free", "api_calls") == 0
     assert (anonymous_item.status_code, anonymous_report.status_code) == (401, 401)
@@ -549,7 +555,7 @@ def test_a_path_metered_on_one_host_and_free_on_another_is_warned_about(
         return JSONResponse({"page": "search"})
 
     routes = [Host("api.example.com", Router(routes=[Route("/search", api_search)])), Route("/search", site_search)]
-    assert declared_routes(routes) == {"GET /search": Metered("api_calls")}
+    assert declared_routes(routes) == {"GET /search": Metered("api_calls"), "HEAD /search": Metered("api_calls")}
     assert "/search: metered on a Host's route, and served unmetered by another" in caplog.text
 
 

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import random
-import re
+from collections.abc import Mapping
 
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route, Router
-from starlette.types import Message, Scope
+from starlette.types import ASGIApp
 
 from billingos_asgi import BillingMiddleware, LocalBilling
 from billingos_asgi._overlap import overlap
 from billingos_asgi.discovery import declared_routes
-from billingos_asgi.routes import RouteTable
+from billingos_asgi.routes import Metered
 from billingos_starlette import declared, metered
 
 from ..asgi import serve
-from .support import as_customer, by_header
+from .support import RouteSpec, answer, as_customer, by_header, sweep
 
 
 @pytest.mark.parametrize(
@@ -67,72 +67,16 @@ async def test_a_free_template_before_a_metered_one_sharing_a_path_no_sample_fin
     assert paid.text == "free" and await billing.recorded_units("user_free", "api_calls") == 0
 
 
-#: Path segments, a parameter's name left to fill in (a template names each parameter once).
-SEGMENTS = ["a", "b", "7", "0.5", "items", "{{p{}}}", "{{p{}:int}}", "{{p{}:float}}", "{{p{}:uuid}}", "f-{{p{}}}.txt"]
-PARAMETER = re.compile(r"{[^}]*}")
-REQUESTED = ["a", "b", "7", "0.5", "items", "x", "7/8", "f-1.txt", "00000000-0000-0000-0000-000000000000"]
-
-
-def random_app(rng: random.Random) -> tuple[list[Route], dict[str, str | None]]:
-    """Up to five routes on random templates and methods, some metered: the routes, and each endpoint's feature."""
-    routes: list[Route] = []
-    features: dict[str, str | None] = {}
-    for index in range(rng.randint(1, 5)):
-        path = "/" + "/".join(rng.choice(SEGMENTS).format(at) for at in range(rng.randint(1, 3)))
-        if rng.random() < 0.2:
-            path += "/{rest:path}"
-        name, feature = f"route{index}", rng.choice([None, f"feature{index}"])
-
-        async def endpoint(request: Request, name: str = name) -> PlainTextResponse:
-            return PlainTextResponse(name)
-
-        routes.append(Route(path, metered(feature)(endpoint) if feature else endpoint, methods=rng.choice(METHODS)))
-        features[name] = feature
-    return routes, features
-
-
-METHODS = [["GET"], ["POST"], ["GET", "POST"], None]
-
-
-async def served_by(router: Router, method: str, path: str) -> str | None:
-    """The route that serves the request (its name), as the app routes it; None: no route does."""
-    scope: Scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": [], "query_string": b""}
-    scope["state"] = {"billing": None}  # let through unmetered, as if excluded: no middleware runs here
-    answer: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        answer.append(message)
-
-    await router(scope, receive, send)
-    body = b"".join(message.get("body", b"") for message in answer).decode()
-    return body if answer[0]["status"] == 200 else None
-
-
 async def test_the_table_meters_each_request_as_the_route_that_serves_it() -> None:
     """Random apps of overlapping templates, free and metered: for every request the app serves,
     the table names the feature of the route that serves it (seeded: a failure reproduces)."""
-    rng = random.Random(20261201)
-    checked = 0
-    for _ in range(1_000):
-        routes, features = random_app(rng)
-        try:
-            table = RouteTable(declared_routes(routes))
-        except ValueError:  # a template declared twice with different features: refused, by design
-            continue
-        router = Router(routes=routes)
-        for _ in range(12):
-            method = rng.choice(["GET", "POST", "HEAD"])
-            if rng.random() < 0.5:  # one of a route's own paths, its parameters given any value
-                path = PARAMETER.sub(lambda _: rng.choice(REQUESTED), rng.choice(routes).path)
-            else:
-                path = "/" + "/".join(rng.choice(REQUESTED) for _ in range(rng.randint(1, 3)))
-            name = await served_by(router, method, path)
-            if name is None:
-                continue
-            metered_as = table.match(method, path)
-            assert (metered_as.feature if metered_as else None) == features[name], (method, path, routes)
-            checked += 1
+
+    def starlette_app(specs: list[RouteSpec]) -> tuple[Mapping[str, str | Metered | None], ASGIApp]:
+        routes = [
+            Route(path, metered(feature)(answer(index)) if feature else answer(index), methods=methods)
+            for index, (path, methods, feature) in enumerate(specs)
+        ]
+        return declared_routes(routes), Router(routes=routes)
+
+    checked = await sweep(random.Random(20261201), [["GET"], ["POST"], ["GET", "POST"], None], starlette_app)
     assert checked > 2_000  # the sweep reaches served requests, not only 404s and 405s

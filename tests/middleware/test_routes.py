@@ -20,8 +20,9 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, UsageEvent, report_usage
+from billingos_asgi.discovery import route_table
 from billingos_asgi.local.background import serve_in_thread
-from billingos_asgi.routes import EXCLUDED, UNDECLARED, RouteTable, redirects_to_itself
+from billingos_asgi.routes import EXCLUDED, UNDECLARED, FoundRoutes, RouteTable, redirects_to_itself
 from billingos_asgi.testing import lifespan
 from tests.asgi import serve
 
@@ -169,6 +170,9 @@ def test_route_table_prefers_the_method_then_any_method_then_the_default() -> No
             "GET /b": "reads",
             "POST /c": "writes",
             "/d/{n:int}": "templated",
+            "GET /e/{n}": "reads",
+            "GET /f/{n}": "reads",
+            "HEAD /f/{n}": "heads",
         },
         default_feature="everything",
         exclude=["/health", "/static/*"],
@@ -184,6 +188,8 @@ def test_route_table_prefers_the_method_then_any_method_then_the_default() -> No
             ("POST", "/c"),
             ("GET", "/c"),
             ("PUT", "/d/3"),
+            ("HEAD", "/e/1"),
+            ("HEAD", "/f/1"),
             ("GET", "/health"),
             ("GET", "/static/app.js"),
             ("GET", "/elsewhere"),
@@ -199,10 +205,34 @@ def test_route_table_prefers_the_method_then_any_method_then_the_default() -> No
         ("POST", "/c"): "writes",
         ("GET", "/c"): "everything",
         ("PUT", "/d/3"): "templated",
+        ("HEAD", "/e/1"): "reads",  # a template's too
+        ("HEAD", "/f/1"): "heads",
         ("GET", "/health"): None,
         ("GET", "/static/app.js"): None,
         ("GET", "/elsewhere"): "everything",
     }
+
+
+def test_a_found_table_names_what_serves_head_and_a_hand_written_get_takes_head_too() -> None:
+    """FastAPI's GET routes do not serve HEAD: in a table found on the routes, HEAD follows GET
+    only where ``also`` (written by hand, of routes not found) says GET."""
+    found = route_table(
+        [("GET /items", Metered("api_calls")), ("GET /items/{item_id}", Metered("api_calls"))],
+        also={"GET /mounted": "export", "GET /other": "export", "HEAD /other": "tokens"},
+    )
+    assert isinstance(found, FoundRoutes) and set(found) == {
+        "GET /items",
+        "GET /items/{item_id}",
+        "GET /mounted",
+        "HEAD /mounted",
+        "GET /other",
+        "HEAD /other",
+    }
+    table = RouteTable(found, default_feature="everything")
+    features = [metered.feature if (metered := table.match("HEAD", path)) else None for path in ("/items", "/items/7")]
+    assert features == ["everything", "everything"]  # as no route of the table serves it
+    assert table.match("HEAD", "/mounted") == Metered("export") and table.match("HEAD", "/other") == Metered("tokens")
+    assert RouteTable(dict(found)).match("HEAD", "/items/7") == Metered("api_calls")  # a plain dict: HEAD follows
 
 
 @pytest.mark.parametrize(
