@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["metrics_snapshot", "prometheus_text", "serve_prometheus"]
 
 #: Where each event ends (or waits, at shutdown): the outcomes, summed, count every event once.
-_EVENT_OUTCOMES = ("sent", "rejected", "dead_lettered", "dropped", "deferred")
+_EVENT_OUTCOMES = ("sent", "rejected", "dead_lettered", "dropped", "in_doubt", "deferred")
 #: Where events come from: handed over by a request, found in the outbox, or a quota refusal's second part.
 _EVENT_SOURCES = (("request", "queued"), ("outbox", "replayed"), ("split", "split"))
 _BREAKER_STATES = ("closed", "open", "half_open")

@@ -68,14 +68,15 @@ class TrackerStats:
 
     Every event handed over (``queued``), found in the outbox (``replayed``) or cut in two by a quota
     refusal (``split``: its parts count apart) is, at any moment, under one outcome (sent, rejected,
-    dead-lettered, dropped, deferred), in the tracker's backlog, or in flight.
+    dead-lettered, dropped, in doubt, deferred), in the tracker's backlog, or in flight.
     """
 
     queued: int = 0  # handed to the tracker (a trusted duplicate aside), dropped on a full queue or not
     sent: int = 0  # recorded upstream
     rejected: int = 0  # refused by billing (quota, validation): never retried
     dead_lettered: int = 0  # older than upstream's idempotency window: not resent blindly
-    dropped: int = 0  # queue full, or unsent when the shutdown deadline passed without an outbox
+    dropped: int = 0  # never sent: queue full, or the shutdown deadline passed without an outbox
+    in_doubt: int = 0  # given up while its track call was under way, with no outbox to keep it: maybe recorded
     deferred: int = 0  # unsent at shutdown, kept in the outbox for the next start
     replayed: int = 0  # found in the outbox at start-up
     duplicates: int = 0  # a trusted request id seen twice: counted once
@@ -279,7 +280,7 @@ class Tracker:
             done.set()
 
     def _account_for_cut_off(self) -> None:
-        """Report what the deadline cut off: kept in the outbox for the next start, or dropped."""
+        """Report what the deadline cut off: kept in the outbox for the next start, or given up."""
         attempted = list(self._unsettled.values())
         waiting = [event for batch, _ in self._fixed for event in batch.events]
         waiting += [event for group in self._due.values() for event in group]
@@ -292,7 +293,7 @@ class Tracker:
             lost = tuple(event for event in attempted if id(event) in volatile)
             attempted = [event for event in attempted if id(event) not in volatile]
             reason = f"shutdown deadline passed during its delivery ({IN_DOUBT}; outbox write failed)"
-            self._give_up(lost, "dropped", reason)
+            self._give_up(lost, "in_doubt", reason)
             volatile.clear()
         unsent = attempted + waiting
         self._unsettled.clear()
@@ -317,8 +318,9 @@ class Tracker:
         self._queued_events = 0
         if self._outbox is not None and not self._outbox.is_in_place:
             logger.error("the usage outbox %s was deleted or replaced while in use", self._outbox.path)
-            reason = "shutdown deadline passed (the outbox file was deleted or replaced)"
-            self._give_up(tuple(unsent), "dropped", reason)
+            reason = "shutdown deadline passed (the outbox file was deleted or replaced"
+            self._give_up(tuple(attempted), "in_doubt", f"{reason}; {IN_DOUBT})")
+            self._give_up(tuple(unsent[len(attempted) :]), "dropped", reason + ")")
         elif self._outbox is not None:
             self.stats.deferred += len(unsent)
             if unsent:
@@ -327,7 +329,7 @@ class Tracker:
                 if event.counted:
                     self._cache.reject(event.customer_id, event.feature_key, event.quantity, None)
         else:
-            self._give_up(tuple(attempted), "dropped", f"shutdown deadline passed during its delivery ({IN_DOUBT})")
+            self._give_up(tuple(attempted), "in_doubt", f"shutdown deadline passed during its delivery ({IN_DOUBT})")
             self._give_up(tuple(waiting), "dropped", "shutdown deadline passed")
 
     async def _writer(self) -> None:
@@ -476,7 +478,7 @@ class Tracker:
         Events of one (customer, feature) that finish while a send for it runs ride along with
         its next call, so a burst costs a few calls, not one each. The sending task waits for the
         call budget and retries as the worker does, shielded from cancellation, for at most
-        :data:`INLINE_DEADLINE` a call; what is unsettled then is reported as dropped.
+        :data:`INLINE_DEADLINE` a call; what is unsettled then is reported as in doubt.
         """
         if self._is_duplicate(event):
             return
@@ -505,13 +507,13 @@ class Tracker:
                 if scope.cancelled_caught:
                     cut_off = tuple(e for e in sending if id(e) in self._inline)
                     reason = f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan ({IN_DOUBT})"
-                    self._give_up(cut_off, "dropped", reason)
+                    self._give_up(cut_off, "in_doubt", reason)
                 self._settled(sending)
         except BaseException:
             # Cancelled natively (asyncio's task.cancel() goes through anyio's shield), or a fault:
             # what this call was to deliver is reported, and its units no longer held.
             cut_off = tuple(e for e in sending if id(e) in self._inline)
-            self._give_up(cut_off, "dropped", f"the request's task stopped while delivering it ({IN_DOUBT})")
+            self._give_up(cut_off, "in_doubt", f"the request's task stopped while delivering it ({IN_DOUBT})")
             self._give_up(tuple(riders), "dropped", "the request's task stopped before delivering it")
             raise
         finally:
@@ -747,7 +749,7 @@ class Tracker:
         """Count, log and report events that will not be recorded; stop counting the units of those
         this process counts (:attr:`UsageEvent.counted`)."""
         self._settled(events)
-        if outcome != "dropped":  # dropped events never reached the outbox
+        if outcome not in ("dropped", "in_doubt"):  # (such events are not in the outbox)
             self._forget(events)
         elif self._seen is not None:  # a request retried with the same trusted id is billed
             for event in events:

@@ -446,7 +446,7 @@ async def test_an_inline_send_cancelled_natively_reports_what_it_carried(billing
     sending.cancel()  # as uvicorn does when its graceful shutdown times out
     with pytest.raises(asyncio.CancelledError):
         await sending
-    assert tracker.stats.dropped == 3
+    assert (tracker.stats.in_doubt, tracker.stats.dropped) == (1, 2)
     assert reported == [
         f"the request's task stopped while delivering it ({IN_DOUBT})",  # r1: its call may have been recorded
         *["the request's task stopped before delivering it"] * 2,  # r2 and r3 never went up
@@ -461,7 +461,7 @@ async def test_an_inline_send_cut_off_by_its_deadline_is_reported(
     rejected: list[str] = []
     tracker = tracker_for(Gated(billing), on_rejected=lambda e, r: rejected.append(r))  # the gate never opens
     await tracker.send(event("k"))
-    assert tracker.stats.dropped == 1 and rejected == [f"not confirmed within 0.1 s without a lifespan ({IN_DOUBT})"]
+    assert tracker.stats.in_doubt == 1 and rejected == [f"not confirmed within 0.1 s without a lifespan ({IN_DOUBT})"]
 
 
 async def test_valid_events_whose_sum_no_call_can_carry_are_sent_in_parts(tmp_path: Path) -> None:
@@ -723,7 +723,7 @@ async def test_what_the_drain_deadline_cuts_off_without_an_outbox_is_reported_dr
         on_rejected=lambda e, r: reasons.append((e.customer_id, r)),
     )
     await run_tracker(tracker, [event("k1"), event("k2", customer="c1")])  # the gate never opens
-    assert (tracker.stats.sent, tracker.stats.dropped) == (0, 2)
+    assert (tracker.stats.sent, tracker.stats.in_doubt, tracker.stats.dropped) == (0, 1, 1)
     # The one sender's call hangs: that event may be recorded upstream, the other never went up.
     assert sorted(reasons) == [
         ("c0", f"shutdown deadline passed during its delivery ({IN_DOUBT})"),
@@ -819,12 +819,13 @@ async def test_an_inline_send_during_the_shutdown_drain_is_not_the_workers_to_re
 async def test_a_trusted_key_dropped_at_its_deadline_is_billed_when_the_client_retries(
     billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Dropped (reported, never recorded): the client's retry with the same request id is not a duplicate."""
+    """Given up (reported, maybe recorded): the client's retry with the same request id is not a
+    duplicate here, and upstream counts the key once."""
     monkeypatch.setattr("billingos_asgi.tracker.INLINE_DEADLINE", 0.1)
     backend = Gated(billing)
     tracker = tracker_for(backend, deduplicate=True)
     await tracker.send(event("gateway-id"))  # the gate is shut: cut off by the deadline
-    assert tracker.stats.dropped == 1
+    assert tracker.stats.in_doubt == 1
     backend.gate.set()
     await tracker.send(event("gateway-id"))
     assert (tracker.stats.duplicates, tracker.stats.sent) == (0, 1)
@@ -836,7 +837,7 @@ def unaccounted(tracker: Tracker) -> int:
     backlog or in flight: the identity an operator checks the counters by. Zero at every moment."""
     s = tracker.stats
     handed = s.queued + s.replayed + s.split
-    ended = s.sent + s.rejected + s.dead_lettered + s.dropped + s.deferred
+    ended = s.sent + s.rejected + s.dead_lettered + s.dropped + s.in_doubt + s.deferred
     return handed - ended - tracker.backlog - s.in_flight
 
 
@@ -855,7 +856,7 @@ async def test_events_waiting_to_retry_are_in_the_backlog(billing: LocalBilling)
                 await anyio.sleep(0.01)
         assert tracker.backlog + tracker.stats.in_flight == 5 and unaccounted(tracker) == 0
         await tracker.stop()
-    assert (tracker.stats.dropped, tracker.backlog, unaccounted(tracker)) == (5, 0, 0)
+    assert (tracker.stats.in_doubt, tracker.backlog, unaccounted(tracker)) == (5, 0, 0)  # each call was made
 
 
 async def test_an_inline_send_counts_as_queued_and_its_riders_wait_in_the_backlog(billing: LocalBilling) -> None:

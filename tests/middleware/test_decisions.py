@@ -400,9 +400,9 @@ async def test_unreachable_billing_allow_lets_requests_through() -> None:
         assert "ratelimit" not in response.headers
         assert calls == ["GET /x"]
         # Allowed requests are tracked: the event was retried until the shutdown deadline, then
-        # counted and reported as dropped (no outbox configured), never lost silently.
+        # counted and reported as in doubt (no outbox configured), never lost silently.
         stats = middleware.tracker.stats
-        assert (stats.queued, stats.sent, stats.dropped) == (1, 0, 1)
+        assert (stats.queued, stats.sent, stats.in_doubt) == (1, 0, 1)
         assert middleware.upstream.tracks >= 1 and stats.retried >= 1
         assert rejected == [("user_free", f"shutdown deadline passed during its delivery ({IN_DOUBT})")]
 

@@ -71,6 +71,6 @@ async def test_events_are_counted_once_by_outcome_and_those_not_recorded_by_reas
     # (delivered at shutdown)
     text = middleware.prometheus()
     outcomes = re.findall(r'^billingos_usage_events_total\{outcome="\w+"\} (\d+)$', text, re.MULTILINE)
-    assert len(outcomes) == 5 and sum(map(int, outcomes)) == 2
+    assert len(outcomes) == 6 and sum(map(int, outcomes)) == 2
     assert 'billingos_usage_events_total{outcome="rejected"} 2' in text
     assert 'billingos_usage_events_unrecorded_total{outcome="rejected",reason="QuotaExceededError"} 2' in text, text
