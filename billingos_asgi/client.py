@@ -229,8 +229,11 @@ def _error_for(response: httpx.Response, secret: str) -> BillingOSError:
     return ValidationError(message, status=status, body=body)
 
 
-def _retryable(error: BillingOSError) -> bool:
-    return isinstance(error, (NetworkError, ServerError, RateLimitError))
+def _retryable(error: BillingOSError, budgeted: bool) -> bool:
+    """Whether the client retries ``error`` itself. Budgeted, not a 429: its caller pauses every
+    call for the ``Retry-After``, where a retry sleeping here would leave the others calling (and a
+    request waiting for its check the whole time)."""
+    return isinstance(error, (NetworkError, ServerError)) or (isinstance(error, RateLimitError) and not budgeted)
 
 
 class BillingOS:
@@ -282,7 +285,7 @@ class BillingOS:
     def budgeted(self, before_retry: Callable[[str], Awaitable[None]]) -> BillingOS:
         """This client (its connection pool and key) awaiting ``before_retry(path)`` before each retry
         of a call to ``path``: a caller with a call budget takes a token there, so that every attempt
-        is a call it counted.
+        is a call it counted. A 429 is raised at once, not retried: the caller's budget honours it.
         Closing either closes both."""
         twin = copy.copy(self)
         twin._before_retry = before_retry
@@ -402,7 +405,8 @@ class BillingOS:
                         except InvalidResponseError as exc:
                             exc.status = response.status_code  # the decoder sees the body only
                             raise
-            delay = self.retry.delay(retry, error.retry_after) if _retryable(error) else None
+            retryable = _retryable(error, self._before_retry is not None)
+            delay = self.retry.delay(retry, error.retry_after) if retryable else None
             if delay is None:
                 raise error
             retry += 1

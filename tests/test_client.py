@@ -615,6 +615,25 @@ async def test_429_every_time_gives_up_with_rate_limit_error(sleeps: list[float]
     assert caught.value.retry_after == 2.0
 
 
+async def test_a_budgeted_client_leaves_a_429_to_its_budget_and_retries_a_503(sleeps: list[float]) -> None:
+    """Under the middleware's budget the 429 goes up at once (the budget pauses every call for
+    it); a 5xx is still retried here, after the budget's hook."""
+    hooked: list[str] = []
+
+    async def before_retry(path: str) -> None:
+        hooked.append(path)
+
+    throttled = respond(429, nest_error(429, "Too Many Requests"), headers={"Retry-After": "2"})
+    server = FakeServer(throttled, respond(503, nest_error(503, "Service Unavailable")), respond(200, CHECK_BODY))
+    async with make_client(server) as billing:
+        budgeted = billing.budgeted(before_retry)
+        with pytest.raises(RateLimitError) as caught:
+            await budgeted.check_entitlement("user_123", "api_calls")
+        assert (server.attempts, sleeps, hooked, caught.value.retry_after) == (1, [], [], 2.0)
+        await budgeted.check_entitlement("user_123", "api_calls")
+    assert server.attempts == 3 and hooked == ["/v1/usage/check"] and len(sleeps) == 1
+
+
 async def test_429_without_retry_after_uses_backoff(sleeps: list[float]) -> None:
     server = FakeServer(respond(429, nest_error(429, "Too Many Requests")), respond(200, CHECK_BODY))
     async with make_client(server, RetryPolicy(max_retries=3, backoff_base=0.5, backoff_max=8)) as billing:

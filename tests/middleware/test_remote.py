@@ -165,3 +165,36 @@ async def test_two_processes_sharing_a_quota_lose_nothing_silently(local_server:
     assert sent + refused == admitted
     assert len(rejected) == refused and all(reason == "quota_exceeded" for _, reason in rejected)
     assert first.tracker.stats.dropped + second.tracker.stats.dropped == 0
+
+
+async def test_a_429_on_a_check_pauses_the_budget_and_is_no_outage(tmp_path: Path) -> None:
+    """Over the global limit (3 calls here), upstream's 429 reaches the budget at once: later checks
+    wait for its Retry-After without calling, each request is decided by ``on_error`` then and
+    there, and the breaker stays closed (upstream is up). The client retrying the 429 itself slept
+    through the request's check timeout instead: 5 s a request, and an outage to the breaker."""
+    engine = LocalBilling.from_dict(support.PLANS, tmp_path / "limited.db")
+    asked = [
+        (customer, feature) for customer in ("user_free", "user_pro", "user_37") for feature in ("api_calls", "tokens")
+    ]
+    with serve_in_thread(create_app(engine, secret_key=SECRET_KEY, rate_limit=3)) as base_url:
+        async with BillingOS(SECRET_KEY, base_url=base_url) as remote:
+            middleware = BillingMiddleware(
+                recording_app([]),
+                billing=remote,
+                customer=by_header,
+                routes={"/a": "api_calls", "/t": "tokens"},
+                flush_interval=60,
+                drain_timeout=0,
+            )
+            async with serve(middleware) as client:
+                with anyio.fail_after(4):  # (well within one check timeout: nothing waits on the 429)
+                    statuses = [
+                        (
+                            await client.get("/a" if feature == "api_calls" else "/t", headers=as_customer(customer))
+                        ).status_code
+                        for customer, feature in asked
+                    ]
+    upstream = middleware.upstream
+    assert statuses == [200] * 6  # three checked, the rest let through by on_error="allow"
+    assert (upstream.checks, upstream.throttled, upstream.retries, upstream.refused_by_budget) == (4, 1, 0, 2)
+    assert (upstream.breaker.state, upstream.breaker.failures, upstream.breaker.opened) == ("closed", 0, 0)
