@@ -26,6 +26,8 @@ __all__ = [
 ]
 
 PROBLEM_TYPE = "https://docs.billingos.dev/problems/"
+#: The last second a datetime holds in UTC: upstream may name a period end past it ("9999-12-31T23:59:59-05:00").
+_LAST_SECOND = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 _TITLES = {
     400: ("bad-request", "Bad request"),
     401: ("unauthenticated", "Authentication required"),
@@ -128,6 +130,11 @@ def quota_headers(feature: str, limit: float, remaining: float, resets_at: float
     return [(b"ratelimit-policy", policy), (b"ratelimit", value)]
 
 
+def _utc_iso(timestamp: float) -> str:
+    """``timestamp`` as an ISO-8601 UTC time ("...Z"), the last one a datetime holds at most."""
+    return datetime.fromtimestamp(min(timestamp, _LAST_SECOND), timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def problem_response(denial: Denial) -> Response:
     """The default answer: ``application/problem+json`` with the quota's figures as extension members."""
     slug, title = _TITLES.get(denial.status, ("error", "Request refused"))
@@ -139,9 +146,7 @@ def problem_response(denial: Denial) -> Response:
         "feature": denial.feature,
         "limit": denial.limit,
         "usage": denial.usage,
-        "resets_at": None
-        if denial.resets_at is None
-        else datetime.fromtimestamp(denial.resets_at, timezone.utc).isoformat().replace("+00:00", "Z"),
+        "resets_at": None if denial.resets_at is None else _utc_iso(denial.resets_at),
     }
     if denial.upgrade_url and denial.status in (403, 429):
         body["upgrade_url"] = denial.upgrade_url

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import re
 import time
@@ -18,6 +19,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from billingos_asgi import BillingMiddleware, BillingOS, Denial, LocalBilling, Metered, RetryPolicy
+from billingos_asgi._wire import entitlement_from_json
+from billingos_asgi.responses import problem_response
 from billingos_asgi.tracker import IN_DOUBT
 from tests.asgi import serve
 
@@ -208,6 +211,29 @@ def test_refusals_say_when_to_retry_where_there_is_something_to_wait_for() -> No
     assert Denial(403, "unknown customer", request, "api_calls").retry_after is None  # no period: nothing to await
     assert Denial(401, "sign in", request, "api_calls", resets_at=in_an_hour).retry_after is None
     assert Denial(503, "billing down", request, "api_calls").retry_after == 5
+
+
+@pytest.mark.parametrize("period_end", ["9999-12-31T23:59:59-05:00", "9999-12-31T23:59:59.999999Z"])
+def test_a_period_end_at_the_end_of_time_is_answered_not_a_500(period_end: str) -> None:
+    """A period end past what a datetime holds in UTC (an offset beyond year 9999, or a float
+    timestamp rounding past it) is shown as the last second there is."""
+    request = Request({"type": "http", "headers": []})
+    entitlement = entitlement_from_json(
+        {
+            "feature_key": "api_calls",
+            "has_access": False,
+            "reason": "quota_exceeded",
+            "limit": 10,
+            "usage": 10,
+            "metadata": {"remaining": 0, "resets_at": period_end, "type": "usage_quota"},
+        }
+    )
+    assert entitlement.resets_at is not None
+    denial = Denial(
+        429, "used up", request, "api_calls", limit=10, usage=10, resets_at=entitlement.resets_at.timestamp()
+    )
+    response = problem_response(denial)
+    assert response.status_code == 429 and json.loads(bytes(response.body))["resets_at"] == "9999-12-31T23:59:59Z"
 
 
 async def test_403_details_tell_the_reasons_apart(billing: LocalBilling) -> None:
