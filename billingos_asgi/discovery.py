@@ -281,8 +281,13 @@ def wrapped_apps(app: object) -> Iterator[object]:
 
 
 def framework_app(app: object, name: str) -> object | None:
-    """The app of framework ``name`` (its top-level package) in :func:`wrapped_apps`, if any."""
-    return next((inner for inner in wrapped_apps(app) if type(inner).__module__.partition(".")[0] == name), None)
+    """The app of framework ``name`` (its top-level package) in :func:`wrapped_apps`, if any; a
+    bound method's (Quart's ``asgi_app``, which its middleware wraps) is its instance's."""
+    for inner in wrapped_apps(app):
+        owner = getattr(inner, "__self__", inner)
+        if type(owner).__module__.partition(".")[0] == name:
+            return owner
+    return None
 
 
 def routed_app(app: object) -> Any:

@@ -195,9 +195,16 @@ def _own_root_path(app: object, routed: object) -> str:
 
 def _is_litestar(app: object) -> bool:
     """Whether ``app`` is (or wraps) a Litestar app, which routes its own way: it parses a typed path
-    parameter (``int()`` takes ``+5``; Starlette, FastAPI and Django match a pattern), and it routes
-    what follows the root path wherever the path has it, not only at its start."""
+    parameter (``int()`` takes ``+5``; Starlette, FastAPI and Django match a pattern), it routes
+    what follows the root path wherever the path has it, not only at its start, and it routes a
+    path without its trailing slash."""
     return framework_app(app, "litestar") is not None
+
+
+def _is_quart(app: object) -> bool:
+    """Whether ``app`` is (or wraps) a Quart app, whose typed parameters (Werkzeug's) take every
+    Unicode digit (``\\d``), and which routes what follows the root path, slash or not."""
+    return framework_app(app, "quart") is not None
 
 
 def _of_scope(customer: CustomerResolver) -> Callable[[Scope], Answer]:
@@ -221,8 +228,8 @@ class BillingMiddleware:
     trailing ``*`` excludes a prefix); a CORS preflight is never metered.
     ``parsed_parameters=True`` lets a typed parameter (``{item_id:int}``) take every spelling its
     type's parser takes, for a framework that routes by parsing (Litestar serves ``/items/+5`` as
-    ``{item_id:int}``; Starlette routes it elsewhere); None (the default) sets it for a Litestar
-    app (wrapped in other middleware first, say True).
+    ``{item_id:int}``, Quart ``/items/٥``; Starlette routes them elsewhere); None (the default)
+    sets it for a Litestar or Quart app (wrapped in other middleware first, say True).
     ``on_error`` decides requests when billing is unreachable with nothing cached, or a user hook
     raises: ``"allow"`` (the default) lets them through, ``"deny"`` answers 503. A client-sent
     ``X-Request-ID`` becomes the idempotency key only with ``trust_request_id=True`` (behind a
@@ -295,15 +302,22 @@ class BillingMiddleware:
         if callable(routes):  # declared next to the app's routes: collected now, when the stack is built
             routes = routes()
         self._litestar = _is_litestar(app)
+        # Routed after the root path wherever it ends ("/apiv1/x" under "/api" is "v1/x"), as
+        # Starlette does only where a slash follows it.
+        self._strips_root_path = self._litestar or _is_quart(app)
         if parsed_parameters is None:
-            parsed_parameters = self._litestar
+            parsed_parameters = self._strips_root_path
         routed = routed_app(app)
         self._root_path = _own_root_path(app, routed)
         # Wrapped from outside, a late refusal would reach the app's error middleware first (a 500):
         # the app answers it itself (registered before its first call, when it reads its handlers).
         answer_refusals(routed)
         self.routes = RouteTable(
-            routes, default_feature=default_feature, exclude=exclude, parsed_parameters=parsed_parameters
+            routes,
+            default_feature=default_feature,
+            exclude=exclude,
+            parsed_parameters=parsed_parameters,
+            canonical_paths=self._litestar,
         )
         if isinstance(billing, LocalBilling):
             _warn_of_unknown_features(self.routes.features, billing.catalog.features)
@@ -355,9 +369,9 @@ class BillingMiddleware:
         if root_path and path.startswith(root_path):
             if path[len(root_path) : len(root_path) + 1] in ("/", ""):
                 path = path[len(root_path) :]  # route on what the app routes on, as Starlette does
-            elif self.routes.match(scope["method"], path) is None:
+            elif self._strips_root_path or self.routes.match(scope["method"], path) is None:
                 # "GET v1/search" under root "/api" (uvicorn prepends it): Starlette routes the
-                # whole path "/apiv1/search", Litestar what follows the root path, "/v1/search".
+                # whole path "/apiv1/search", Litestar and Quart what follows the root path, "/v1/search".
                 path = path[len(root_path) :]
         elif root_path and self._litestar and root_path in path:
             # "/x/api/v1/search" under "/api", from a server that leaves the path as requested

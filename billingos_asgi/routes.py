@@ -235,7 +235,8 @@ class RouteTable:
 
     A route configured as ``None`` is not metered, whatever a template or the default would say
     (a static route that the app serves before a metered template taking its path). A configured
-    route that an exclusion also covers is refused at construction.
+    route that an exclusion also covers is refused at construction. ``canonical_paths``: the app
+    routes a path without its repeated or trailing slashes (Litestar), so that path alone decides.
     """
 
     def __init__(
@@ -245,6 +246,7 @@ class RouteTable:
         default_feature: str | Metered | None = None,
         exclude: Iterable[str] = (),
         parsed_parameters: bool = False,
+        canonical_paths: bool = False,
     ) -> None:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
@@ -300,6 +302,9 @@ class RouteTable:
                 excluded_paths.add(path)
         self._excluded = frozenset(excluded_paths)
         self._excluded_prefixes = tuple(prefixes)
+        # Where the app routes the canonical path (Litestar serves "/v1/files/" as "/v1/files"), that
+        # path alone says whether a prefix excludes it; elsewhere "/static/*" takes "/static/" too.
+        self._raw_prefixes = () if canonical_paths else self._excluded_prefixes
         self._refuse_conflicts(configured)
         for path, method in undeclared:  # (a static route is looked up before the prefixes and patterns)
             if self._covered(path, True):
@@ -371,7 +376,7 @@ class RouteTable:
         if self._simple:
             return self._default
         if self._excluded_prefixes and (
-            path.startswith(self._excluded_prefixes) or (raw is not None and raw.startswith(self._excluded_prefixes))
+            path.startswith(self._excluded_prefixes) or (raw is not None and raw.startswith(self._raw_prefixes))
         ):
             return EXCLUDED  # ("/static/*" takes "/static/", not "/static")
         for pattern in self._excluded_patterns:

@@ -256,6 +256,24 @@ async def test_a_root_path_inside_the_path_is_metered_as_litestar_routes_it(
     assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
+async def test_what_follows_the_root_path_is_metered_as_litestar_routes_it(
+    billing: LocalBilling, entered: list[str]
+) -> None:
+    """ "/apiv1/exports" under "/api" is /v1/exports to Litestar: gated as that route, not as the
+    default feature taking the whole path."""
+    transport = httpx.ASGITransport(app=build(billing, default_feature="api_calls"), root_path="/api")
+    async with lifespan(transport.app), httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        refused = await client.post("/apiv1/exports", headers=bearer("token-free"))
+    assert refused.status_code == 403 and refused.json()["feature"] == "export"
+    assert entered == [] and await billing.recorded_units("user_free", "api_calls") == 0
+
+
+@get("/v1/files")
+async def listing() -> dict[str, list[str]]:
+    ENTERED.append("listing")
+    return {"files": []}
+
+
 @get("/v1/files/{name:path}")
 async def file(request: Request[Any, Any, Any]) -> dict[str, str]:
     ENTERED.append(request.path_params["name"])
@@ -292,3 +310,18 @@ async def test_a_parameter_with_newlines_is_metered_as_litestar_routes_it(
     assert await billing.recorded_units("user_free", "api_calls") == 3
     # "GET v1/notes/%0A HTTP/1.1" (h11 passes it on without its leading slash): the note "\n" too.
     assert metered.routes.match("GET", "v1/notes/\n") is not None
+
+
+async def test_a_prefix_exclusion_leaves_the_route_litestar_serves_a_slash_as_metered(
+    billing: LocalBilling, entered: list[str]
+) -> None:
+    """Litestar serves "/v1/files/" as the listing at /v1/files: excluding the files ("/v1/files/*")
+    leaves the listing metered, its slash or not."""
+    app = Litestar(route_handlers=[listing, file], plugins=[BillingPlugin(customer=account_of)], logging_config=None)
+    metered = BillingMiddleware(
+        app, billing=billing, customer=None, default_feature="api_calls", exclude=["/v1/files/*"]
+    )
+    async with serve(metered) as client:
+        answers = [await client.get(path) for path in ("/v1/files", "/v1/files/", "/v1/files/a.txt")]
+    assert [answer.status_code for answer in answers] == [401, 401, 200]
+    assert entered == ["/a.txt"]

@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 
 pytest.importorskip("quart")
@@ -129,6 +130,34 @@ async def test_a_failing_answer_is_not_billed_and_a_typed_parameter_is_metered(b
     assert await item.get_json() == {"item": 5} and "x-request-id" in item.headers
     assert entered == ["broken", "item"]
     assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+async def test_a_typed_parameter_in_any_digits_werkzeug_takes_is_metered(billing: LocalBilling) -> None:
+    """Werkzeug's ``<int:...>`` takes every Unicode digit ("/v1/items/٥" is item 5): gated as the route."""
+    app, entered = build(billing)
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        anonymous = await client.get("/v1/items/\u0665")
+        paid = [
+            await client.get(path, headers=bearer("token-free")) for path in ("/v1/items/\u0665", "/v1/items/\uff15")
+        ]
+    assert anonymous.status_code == 401 and [r.status_code for r in paid] == [200, 200]
+    assert [await r.get_json() for r in paid] == [{"item": 5}] * 2 and entered == ["item"] * 2
+    assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
+async def test_what_follows_the_root_path_is_metered_as_quart_routes_it(billing: LocalBilling) -> None:
+    """Quart routes what follows the root path, slash or not ("/apiv1/exports" under "/api" is
+    /v1/exports): gated as that route, not as the default feature taking the whole path."""
+    app, entered = build(billing, default_feature="api_calls")
+    async with app.test_app():  # (the lifespan)
+        transport = httpx.ASGITransport(app=app, root_path="/api")  # type: ignore[arg-type]  # (the path as requested)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            refused = await client.post("/apiv1/exports", headers=bearer("token-free"))
+            exported = await client.post("/apiv1/exports", headers=bearer("token-pro"))
+    assert (refused.status_code, exported.status_code) == (403, 201)
+    assert refused.json()["feature"] == "export" and entered == ["export"]
+    assert await billing.recorded_units("user_free", "api_calls") == 0
 
 
 async def test_units_reported_from_a_sync_view_are_counted_on_the_event_loop(
