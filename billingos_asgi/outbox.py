@@ -5,7 +5,10 @@ process opening it gets a clear error instead of sending the same events twice).
 row is written before the event joins the delivery queue and deleted once upstream has recorded
 (or definitively refused) it. Before a batch's first attempt its rows are stamped with the
 batch's key and the attempt time, so that after a crash the same events are resent as the same
-batch under the same key, and upstream's 24 h idempotency keeps them counted once.
+batch under the same key, and upstream's 24 h idempotency keeps them counted once. An event
+refused for good is marked with its reason before it is reported: a crash before its row is
+deleted leaves it to be reported again at the next start, never to be sent (and recorded) after
+it was reported refused.
 
 All methods block on disk: the tracker calls them from a worker thread, never on the event loop.
 """
@@ -18,7 +21,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._sqlite import claim
@@ -28,9 +31,10 @@ __all__ = ["Outbox", "OutboxError", "Stored"]
 
 #: Marks our files (``PRAGMA application_id``): another SQLite database is never taken over.
 _APPLICATION_ID = 0x6F627831  # "obx1"
-#: ``PRAGMA user_version``: 2 keys rows by customer and key (upstream's idempotency is per
-#: customer); the first, unmarked layout keyed them by key alone, and is moved over on open.
-_LAYOUT = 2
+#: ``PRAGMA user_version``: 3 marks refused events; 2 keys rows by customer and key (upstream's
+#: idempotency is per customer); the first, unmarked layout keyed them by key alone. Older
+#: layouts are brought up to date on open.
+_LAYOUT = 3
 _TABLE = """
 CREATE TABLE outbox (
     customer_id TEXT NOT NULL,
@@ -40,6 +44,7 @@ CREATE TABLE outbox (
     metadata TEXT,
     batch_key TEXT,
     first_attempt REAL,
+    refused TEXT,
     PRIMARY KEY (customer_id, idempotency_key)
 ) WITHOUT ROWID;
 CREATE INDEX outbox_batch ON outbox (batch_key);
@@ -71,15 +76,19 @@ def _prepare(db: sqlite3.Connection, tables: set[str], application_id: int, layo
     if application_id == _APPLICATION_ID and layout == _LAYOUT:
         return
     with _transaction(db, "BEGIN IMMEDIATE"):
-        if "outbox" in tables:  # the first layout
-            db.execute("ALTER TABLE outbox RENAME TO outbox_first")
-            db.execute("DROP INDEX IF EXISTS outbox_batch")
-        for statement in _TABLE.split(";"):
-            if statement.strip():
-                db.execute(statement)
-        if "outbox" in tables:
-            db.execute(f"INSERT INTO outbox ({_COLUMNS}) SELECT {_COLUMNS} FROM outbox_first")
-            db.execute("DROP TABLE outbox_first")
+        if application_id == _APPLICATION_ID and layout == 2:
+            db.execute("ALTER TABLE outbox ADD COLUMN refused TEXT")
+        else:
+            first = "outbox" in tables  # the first layout (or a new file)
+            if first:
+                db.execute("ALTER TABLE outbox RENAME TO outbox_first")
+                db.execute("DROP INDEX IF EXISTS outbox_batch")
+            for statement in _TABLE.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if first:
+                db.execute(f"INSERT INTO outbox ({_COLUMNS}) SELECT {_COLUMNS} FROM outbox_first")
+                db.execute("DROP TABLE outbox_first")
         db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
         db.execute(f"PRAGMA user_version = {_LAYOUT}")
 
@@ -98,12 +107,15 @@ class OutboxError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """What a previous run left: fixed batches (attempted before; resent as they were) and fresh events."""
+    """What a previous run left: fixed batches (attempted before; resent as they were), fresh
+    events, and events refused for good (with the reason), to report and never to send."""
 
     batches: list[tuple[Batch, float]]  # with the time of their first attempt
     events: list[UsageEvent]
+    refused: list[tuple[UsageEvent, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
+        """The events to send."""
         return sum(len(batch.events) for batch, _ in self.batches) + len(self.events)
 
 
@@ -134,8 +146,8 @@ class Outbox:
             db.execute("COMMIT")
             _prepare(db, *found)
             rows = db.execute(
-                "SELECT idempotency_key, customer_id, feature_key, quantity, metadata, batch_key, first_attempt"
-                " FROM outbox ORDER BY first_attempt IS NULL, batch_key, customer_id, idempotency_key"
+                "SELECT idempotency_key, customer_id, feature_key, quantity, metadata, batch_key, first_attempt,"
+                " refused FROM outbox ORDER BY first_attempt IS NULL, batch_key, customer_id, idempotency_key"
             ).fetchall()
         except sqlite3.Error as exc:
             if db is not None:
@@ -146,7 +158,8 @@ class Outbox:
         groups: dict[tuple[str, str, str], list[UsageEvent]] = {}
         attempted: dict[tuple[str, str, str], float] = {}
         fresh: list[UsageEvent] = []
-        for key, customer, feature, quantity, metadata, batch_key, first_attempt in rows:
+        refused: list[tuple[UsageEvent, str]] = []
+        for key, customer, feature, quantity, metadata, batch_key, first_attempt, reason in rows:
             try:  # Replayed: its units are not among this process's pending units.
                 event = UsageEvent(
                     customer, feature, float(quantity), key, json.loads(metadata) if metadata else None, False
@@ -155,7 +168,9 @@ class Outbox:
                 db.close()
                 where = f"cannot use {self.path} as the usage outbox: its event {key!r} is malformed"
                 raise OutboxError(f"{where}: {exc}") from exc
-            if batch_key is None:
+            if reason is not None:
+                refused.append((event, reason))
+            elif batch_key is None:
                 fresh.append(event)
             else:
                 groups.setdefault((customer, feature, batch_key), []).append(event)
@@ -164,7 +179,7 @@ class Outbox:
         self._file = _identity(self._where)
         self.size = len(rows)
         batches = [(Batch.of(tuple(e), g[2]), attempted[g]) for g, e in groups.items()]
-        return Stored(batches, fresh)
+        return Stored(batches, fresh, refused)
 
     def add(self, events: Sequence[UsageEvent]) -> int:
         """Write ``events`` (in one transaction); returns how many fitted under ``max_events``."""
@@ -178,6 +193,14 @@ class Outbox:
         self._write(
             "UPDATE outbox SET batch_key = ?, first_attempt = ? WHERE customer_id = ? AND idempotency_key = ?",
             [(batch.idempotency_key, first_attempt, batch.customer_id, e.idempotency_key) for e in batch.events],
+        )
+
+    def refuse(self, events: Iterable[tuple[str, str]], reason: str) -> None:
+        """Mark events (by customer id and idempotency key) refused for good, before they are
+        reported so: left by a crash, they are reported again, never sent."""
+        self._write(
+            "UPDATE outbox SET refused = ? WHERE customer_id = ? AND idempotency_key = ?",
+            [(reason, customer, key) for customer, key in events],
         )
 
     def remove(self, events: Iterable[tuple[str, str]]) -> None:

@@ -227,7 +227,9 @@ class Tracker:
                 groups.setdefault((event.customer_id, event.feature_key), []).append(event)
             self._fixed.extend((Batch.of(tuple(group)), None) for group in groups.values())
             self._queued_events += len(stored)
-            self.stats.replayed += len(stored)
+            self.stats.replayed += len(stored) + len(stored.refused)
+            for event, reason in stored.refused:  # its report may not have been made: made again
+                self._give_up((event,), "rejected", f"{reason} (refused before a restart)", kind="before a restart")
         self._closing_event = anyio.Event()
         self._flushed = self._senders_done = False
         self._done = anyio.Event()
@@ -542,7 +544,7 @@ class Tracker:
             await self._record_what_fits(batch.events[0], error)
             return
         reason = "quota_exceeded" if isinstance(error, QuotaExceededError) else str(error)
-        self._give_up(batch.events, "rejected", reason, error)
+        await self._refuse(batch.events, "rejected", reason, error)
 
     async def _attempt(self, batch: Batch, first_attempt: float, *, fix: bool) -> Exception | None:
         """Record ``batch`` as it is, retrying transient failures: None once it is settled (recorded,
@@ -554,7 +556,7 @@ class Tracker:
         while True:
             if self._clock() - first_attempt > IDEMPOTENCY_HORIZON:
                 reason = "first attempted more than 24 h ago: not resent blindly"
-                self._give_up(batch.events, "dead_lettered", reason)
+                await self._refuse(batch.events, "dead_lettered", reason)
                 return None
             self.stats.in_flight += n
             try:
@@ -657,7 +659,7 @@ class Tracker:
             await self._deliver(Batch.of(events[:fitting]), self._clock(), fix=True, part=True)
         if fitting < len(events):
             await self._record_what_fits(events[fitting], error)  # what is left now is its, if any
-            self._give_up(events[fitting + 1 :], "rejected", "quota_exceeded", error)
+            await self._refuse(events[fitting + 1 :], "rejected", "quota_exceeded", error)
 
     async def _record_what_fits(self, event: UsageEvent, error: Exception) -> None:
         """One event refused for quota: record the part of it that is left in the quota, under a
@@ -688,7 +690,7 @@ class Tracker:
             if rest.quantity > 0:  # the part is counted under its outcome, the rest is about to be
                 self.stats.split += 1
         if rest.quantity > 0:
-            self._give_up((rest,), "rejected", "quota_exceeded", error)
+            await self._refuse((rest,), "rejected", "quota_exceeded", error)
         else:
             self._forget((rest,))
         self._settled((event,))
@@ -705,11 +707,11 @@ class Tracker:
             await self._ready()
             refused = await self._attempt(Batch.of(events[:half]), self._clock(), fix=True)
             if isinstance(refused, QuotaExceededError):
-                self._give_up(events[half:], "rejected", "quota_exceeded", error)
+                await self._refuse(events[half:], "rejected", "quota_exceeded", error)
                 events, error = events[:half], refused
                 continue
             if refused is not None:
-                self._give_up(events[:half], "rejected", str(refused), refused)
+                await self._refuse(events[:half], "rejected", str(refused), refused)
             events = events[half:]
         await self._record_what_fits(events[0], error)
 
@@ -739,12 +741,35 @@ class Tracker:
             self._confirmed.extend((event.customer_id, event.idempotency_key) for event in events)
             self._wake_writer()
 
+    async def _refuse(
+        self, events: tuple[UsageEvent, ...], outcome: str, reason: str, error: Exception | None = None
+    ) -> None:
+        """Give up ``events`` for good (rejected, dead-lettered), marked so in the outbox first: a
+        crash before their rows are deleted leaves them to be reported again, never to be sent."""
+        outbox = self._outbox
+        if events and outbox is not None and outbox.is_open:
+            keys = [(event.customer_id, event.idempotency_key) for event in events]
+            try:
+                await anyio.to_thread.run_sync(outbox.refuse, keys, reason)
+            except Exception:
+                self._log(
+                    logging.ERROR,
+                    "could not mark %d refused usage events in the outbox %s (should the process die before"
+                    " they are deleted, they are resent): check its disk",
+                    len(events),
+                    outbox.path,
+                    exc_info=True,
+                )
+        self._give_up(events, outcome, reason, error)
+
     def _give_up(
         self,
         events: tuple[UsageEvent, ...],
         outcome: str,
         reason: str,
         error: Exception | None = None,
+        *,
+        kind: str | None = None,
     ) -> None:
         """Count, log and report events that will not be recorded; stop counting the units of those
         this process counts (:attr:`UsageEvent.counted`)."""
@@ -757,7 +782,7 @@ class Tracker:
         for event in events:
             self._cache.reject(event.customer_id, event.feature_key, event.quantity if event.counted else 0.0, error)
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-            category = f"{outcome}: {reason if error is None else type(error).__name__}"  # bounded set of keys
+            category = f"{outcome}: {kind or (reason if error is None else type(error).__name__)}"  # bounded keys
             self.stats.reasons[category] = self.stats.reasons.get(category, 0) + 1
             self._log(
                 logging.ERROR,

@@ -147,6 +147,35 @@ def test_an_outbox_of_the_first_layout_keeps_its_events(tmp_path: Path) -> None:
     assert stored.events == [replayed(event("k2", "c1", quantity=2.5))]
 
 
+def test_an_outbox_of_the_second_layout_keeps_its_events_and_marks_refusals(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE outbox (
+            customer_id TEXT NOT NULL, idempotency_key TEXT NOT NULL, feature_key TEXT NOT NULL,
+            quantity TEXT NOT NULL, metadata TEXT, batch_key TEXT, first_attempt REAL,
+            PRIMARY KEY (customer_id, idempotency_key)
+        ) WITHOUT ROWID;
+        CREATE INDEX outbox_batch ON outbox (batch_key);
+        INSERT INTO outbox VALUES ('c0', 'k1', 'api_calls', '1.0', NULL, 'b1', 1234.5);
+        INSERT INTO outbox VALUES ('c1', 'k2', 'api_calls', '2.5', NULL, NULL, NULL);
+        PRAGMA application_id = 1868724273;
+        PRAGMA user_version = 2;
+        """
+    )
+    db.close()
+    outbox = Outbox(path, max_events=10)
+    stored = outbox.open()
+    assert stored.batches == [(Batch.of((replayed(event("k1")),), "b1"), 1234.5)]
+    assert stored.events == [replayed(event("k2", "c1", quantity=2.5))] and stored.refused == []
+    outbox.refuse([("c1", "k2")], "quota_exceeded")
+    outbox.close()
+    again = Outbox(path, max_events=10).open()
+    assert again.events == [] and again.refused == [(replayed(event("k2", "c1", quantity=2.5)), "quota_exceeded")]
+    assert len(again) == 1  # (the events to send)
+
+
 def test_two_customers_may_use_one_key(tmp_path: Path) -> None:
     """Trusted request ids come from outside: two customers can send the same one."""
     outbox = Outbox(tmp_path / "outbox.db", max_events=10)
@@ -510,7 +539,8 @@ async def test_what_fitted_of_a_refused_batch_is_replayed_under_the_key_it_went_
 ) -> None:
     """What fitted of a refused batch went up as batches of their own (what is left known, or
     halved), stamped so: replayed once the customer upgraded, it is not recorded a second time under
-    the refused batch's key (the two events refused then fit now, and are recorded)."""
+    the refused batch's key; the two events refused then (and reported so) are reported again, never
+    sent, though they would fit now."""
     plans = {**PLANS, "plans": {**PLANS["plans"], "big": {"features": {"api_calls": 100}}}}
     path = tmp_path / "outbox.db"
     async with LocalBilling.from_dict(plans, tmp_path / "billing.db") as billing:
@@ -521,8 +551,38 @@ async def test_what_fitted_of_a_refused_batch_is_replayed_under_the_key_it_went_
         await run_tracker(first, [event(f"k{i}") for i in range(5)])
         assert (first.stats.sent, first.stats.rejected) == (3, 2)
         await billing.set_plan("c0", "big")
-        await run_tracker(tracker_for(backend, outbox=Outbox(path, max_events=100)), [])
-        assert await billing.recorded_units("c0", "api_calls") == 7 + 5 and rows(path) == []
+        second = tracker_for(backend, outbox=Outbox(path, max_events=100))
+        await run_tracker(second, [])
+        assert (second.stats.replayed, second.stats.sent, second.stats.rejected) == (5, 3, 2)
+        assert await billing.recorded_units("c0", "api_calls") == 7 + 3 and rows(path) == []
+
+
+async def test_an_event_reported_refused_before_a_crash_is_reported_again_never_sent(tmp_path: Path) -> None:
+    """Refused for quota and reported so, its row left on disk (a crash before the writer deleted
+    it): the next start reports it again, and sends nothing, though the customer upgraded since."""
+    plans = {**PLANS, "plans": {**PLANS["plans"], "big": {"features": {"api_calls": 100}}}}
+    path = tmp_path / "outbox.db"
+    reports: list[tuple[str, str]] = []
+    async with LocalBilling.from_dict(plans, tmp_path / "billing.db") as billing:
+        await billing.track_usage("c0", "api_calls", 10)  # used up
+        first = tracker_for(
+            billing,
+            flush_interval=0.05,
+            outbox=RemoveFails(path, max_events=100),
+            on_rejected=lambda e, r: reports.append((e.idempotency_key, r)),
+        )
+        await run_tracker(first, [event("req-1", quantity=5)])
+        assert first.stats.rejected == 1 and len(rows(path)) == 1
+        await billing.set_plan("c0", "big")
+        second = tracker_for(
+            billing,
+            outbox=Outbox(path, max_events=100),
+            on_rejected=lambda e, r: reports.append((e.idempotency_key, r)),
+        )
+        await run_tracker(second, [])
+        assert (second.stats.replayed, second.stats.sent, second.stats.rejected, unaccounted(second)) == (1, 0, 1, 0)
+        assert await billing.recorded_units("c0", "api_calls") == 10 and rows(path) == []
+    assert reports == [("req-1", "quota_exceeded"), ("req-1", "quota_exceeded (refused before a restart)")]
 
 
 class PartStuck(Around):
