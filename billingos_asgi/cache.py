@@ -62,6 +62,7 @@ class Quota:
     usable_until: float = -math.inf  # (monotonic) served stale, while one refresh runs, until then
     refreshing: bool = False
     retry_at: float = 0.0  # no background refresh before this (monotonic) time
+    confirmed: int = 0  # the cache's count of track answers when the last one refreshed it
     key: Key | None = None  # its (customer, feature) in ``home``, the cache's entries
     home: _Entries | None = field(default=None, repr=False)
 
@@ -93,8 +94,13 @@ class Quota:
         quota.local += units
         return quota
 
-    def renew(self, entitlement: Entitlement | None) -> None:
-        """Take a newer upstream answer, keeping this process's accounting (usage only grows within a period)."""
+    def renew(self, entitlement: Entitlement | None, *, raced: bool = False) -> None:
+        """Take a newer upstream answer, keeping this process's accounting (usage only grows within a period).
+
+        ``raced``: a track answer refreshed the entry while this check was on its way; which of the
+        two is newer is not known, so of two limits in one period the lower holds (until the next
+        answer, asked for at once).
+        """
         self.refreshing = False
         resets_at = entitlement.resets_at.timestamp() if entitlement and entitlement.resets_at else None
         if resets_at is not None and self.resets_at is not None and resets_at < self.resets_at:
@@ -111,6 +117,8 @@ class Quota:
         usage = entitlement.usage or 0.0
         if resets_at == self.resets_at and self.usage > usage and not self.guessed:
             usage = self.usage  # a check answered before our last confirmed track
+        if raced and resets_at == self.resets_at and limit is not None and self.limit is not None:
+            limit = min(limit, self.limit)
         self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
         self.guessed = False
 
@@ -194,6 +202,7 @@ class EntitlementCache:
         self._wall_clock = wall_clock
         self._entries = _Entries(max_size)
         self._flights: dict[Key, _Flight] = {}
+        self._confirms = 0  # track answers taken: orders them against the checks on their way
         self.spawn: Spawn | None = None
 
     def __len__(self) -> int:
@@ -255,6 +264,7 @@ class EntitlementCache:
 
     async def _load(self, key: Key) -> Quota:
         previous = self._entries.find(key)  # left aside meanwhile: confirmations still find it there
+        asked = self._confirms
         try:
             # With an answer to fall back on, a request never waits for a budget token.
             wait = 0.0 if previous is not None else CHECK_WAIT
@@ -277,9 +287,14 @@ class EntitlementCache:
                 logger.debug("billing check for %s/%s failed; using the cached answer", *key, exc_info=True)
                 return previous
             raise
-        quota = Quota(None, key=key, home=self._entries) if previous is None else previous
-        quota.renew(entitlement)
+        # The entry as it is now: one set aside while the check was on its way holds units a running
+        # request reported on it (a new entry in its place would forget them).
+        quota = self._entries.find(key) or previous or Quota(None, key=key, home=self._entries)
+        raced = quota.confirmed > asked
+        quota.renew(entitlement, raced=raced)
         self._stamp(quota)
+        if raced:  # stale at once: the next request has it asked again
+            quota.fresh_until = self._clock()
         self._entries[key] = quota  # (again, if it was evicted meanwhile)
         return quota
 
@@ -322,6 +337,8 @@ class EntitlementCache:
         elif period_end == quota.resets_at:
             quota.usage = max(quota.usage, usage.consumed_units)
         quota.limit = usage.limit_units  # admission compares usage with the limit itself
+        self._confirms += 1
+        quota.confirmed = self._confirms
         self._stamp(quota)
 
     def reject(self, customer_id: str, feature_key: str, units: float, error: Exception | None) -> None:

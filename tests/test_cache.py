@@ -20,7 +20,7 @@ from .conftest import Scenario
 
 PLANS: dict[str, Any] = {
     "features": {"api_calls": {"type": "usage_quota"}, "export": {"type": "boolean_flag"}},
-    "plans": {"small": {"features": {"api_calls": 5, "export": True}}},
+    "plans": {"small": {"features": {"api_calls": 5, "export": True}}, "big": {"features": {"api_calls": 100}}},
     "customers": {"c1": "small"},
 }
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -272,6 +272,56 @@ async def test_a_check_answered_in_the_last_period_never_undoes_a_newer_track_an
         backend.held.set()
     assert (quota.usage, quota.resets_at) == (3, period_end)  # not last period's 1 of 5
     assert quota.admit(2) == 0 and quota.admit(1) == 429
+
+
+async def test_units_reported_on_an_evicted_entry_while_its_check_is_on_its_way_are_kept(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A request admitted with 0 units (it reports its own), its entry evicted with nothing open on
+    it; another request's check for the key is on its way when the first reports 5 units: the
+    answer lands on the entry holding them, not on a new one forgetting them."""
+    backend = Delayed(billing)
+    cache, _ = cache_for(backend, clocks, max_size=1)
+    quota = await cache.fetch("c1", "api_calls")  # 5 units a period
+    assert quota.admit(0) == 0
+    await cache.fetch("c1", "export")  # evicts it: nothing open on it, it is let go
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")
+        await backend.answered.wait()
+        assert quota.hold(5) is quota  # the running request reports its units: set aside
+        backend.held.set()
+    again = cache.get("c1", "api_calls")
+    assert again is quota and again.local == 5 and again.admit(1) == 429
+
+
+async def test_a_check_on_its_way_while_a_track_answer_lowers_the_limit_never_raises_it_back(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """Which of the two answers is newer is not known: the lower limit holds, and the entry is
+    asked again at once (here: a downgrade from 100 to 5 that the older check would undo)."""
+    await billing.set_plan("c1", "big")
+    backend = Delayed(billing)
+    cache, upstream = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert quota.limit == 100
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # answered with the limit of 100...
+        await backend.answered.wait()
+        await billing.set_plan("c1", "small")
+        assert quota.admit(1) == 0
+        cache.confirm("c1", "api_calls", 1, await billing.track_usage("c1", "api_calls", 1, "after"))
+        assert quota.limit == 5
+        backend.held.set()  # ...delivered after the track answer of the limit of 5
+    assert (quota.limit, quota.usage) == (5, 1)
+    assert [quota.admit(1) for _ in range(5)] == [0, 0, 0, 0, 429]
+    spawned: list[Refresh] = []
+    cache.spawn = spawned.append
+    assert cache.get("c1", "api_calls") is quota and len(spawned) == 1  # asked again at once
+    backend.held = None
+    await spawned[0]()
+    assert quota.limit == 5 and upstream.checks == 3
 
 
 async def test_requests_waiting_on_a_failed_check_each_get_its_error_with_a_traceback_of_their_own(
