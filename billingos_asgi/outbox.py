@@ -195,12 +195,12 @@ class Outbox:
             [(batch.idempotency_key, first_attempt, batch.customer_id, e.idempotency_key) for e in batch.events],
         )
 
-    def refuse(self, events: Iterable[tuple[str, str]], reason: str) -> None:
-        """Mark events (by customer id and idempotency key) refused for good, before they are
-        reported so: left by a crash, they are reported again, never sent."""
+    def refuse(self, events: Iterable[tuple[str, str]], refusal: str) -> None:
+        """Mark events (by customer id and idempotency key) refused for good (``refusal``: "outcome:
+        reason"), before they are reported so: left by a crash, they are reported again, never sent."""
         self._write(
             "UPDATE outbox SET refused = ? WHERE customer_id = ? AND idempotency_key = ?",
-            [(reason, customer, key) for customer, key in events],
+            [(refusal, customer, key) for customer, key in events],
         )
 
     def remove(self, events: Iterable[tuple[str, str]]) -> None:

@@ -228,8 +228,9 @@ class Tracker:
             self._fixed.extend((Batch.of(tuple(group)), None) for group in groups.values())
             self._queued_events += len(stored)
             self.stats.replayed += len(stored) + len(stored.refused)
-            for event, reason in stored.refused:  # its report may not have been made: made again
-                self._give_up((event,), "rejected", f"{reason} (refused before a restart)", kind="before a restart")
+            for event, refusal in stored.refused:  # its report may not have been made: made again
+                outcome, _, reason = refusal.partition(": ")
+                self._give_up((event,), outcome, f"{reason} (refused before a restart)", kind="before a restart")
         self._closing_event = anyio.Event()
         self._flushed = self._senders_done = False
         self._done = anyio.Event()
@@ -750,7 +751,7 @@ class Tracker:
         if events and outbox is not None and outbox.is_open:
             keys = [(event.customer_id, event.idempotency_key) for event in events]
             try:
-                await anyio.to_thread.run_sync(outbox.refuse, keys, reason)
+                await anyio.to_thread.run_sync(outbox.refuse, keys, f"{outcome}: {reason}")
             except Exception:
                 self._log(
                     logging.ERROR,

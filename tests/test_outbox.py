@@ -169,10 +169,11 @@ def test_an_outbox_of_the_second_layout_keeps_its_events_and_marks_refusals(tmp_
     stored = outbox.open()
     assert stored.batches == [(Batch.of((replayed(event("k1")),), "b1"), 1234.5)]
     assert stored.events == [replayed(event("k2", "c1", quantity=2.5))] and stored.refused == []
-    outbox.refuse([("c1", "k2")], "quota_exceeded")
+    outbox.refuse([("c1", "k2")], "rejected: quota_exceeded")
     outbox.close()
     again = Outbox(path, max_events=10).open()
-    assert again.events == [] and again.refused == [(replayed(event("k2", "c1", quantity=2.5)), "quota_exceeded")]
+    refused = [(replayed(event("k2", "c1", quantity=2.5)), "rejected: quota_exceeded")]
+    assert again.events == [] and again.refused == refused
     assert len(again) == 1  # (the events to send)
 
 
@@ -583,6 +584,24 @@ async def test_an_event_reported_refused_before_a_crash_is_reported_again_never_
         assert (second.stats.replayed, second.stats.sent, second.stats.rejected, unaccounted(second)) == (1, 0, 1, 0)
         assert await billing.recorded_units("c0", "api_calls") == 10 and rows(path) == []
     assert reports == [("req-1", "quota_exceeded"), ("req-1", "quota_exceeded (refused before a restart)")]
+
+
+async def test_an_event_marked_dead_lettered_is_reported_so_again(billing: LocalBilling, tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    outbox = Outbox(path, max_events=10)
+    outbox.open()
+    outbox.add([event("old")])
+    outbox.refuse([("c0", "old")], "dead_lettered: first attempted more than 24 h ago")
+    outbox.close()
+    tracker = tracker_for(billing, outbox=Outbox(path, max_events=10))
+    await run_tracker(tracker, [])
+    assert (tracker.stats.dead_lettered, tracker.stats.rejected, tracker.stats.sent, unaccounted(tracker)) == (
+        1,
+        0,
+        0,
+        0,
+    )
+    assert tracker.stats.reasons == {"dead_lettered: before a restart": 1} and rows(path) == []
 
 
 class PartStuck(Around):
