@@ -88,8 +88,8 @@ _new_event = functools.partial(tuple.__new__, UsageEvent)
 
 def _is_preflight(scope: Scope) -> bool:
     """A CORS preflight: the browser's own question before a cross-origin call, sent without
-    credentials (so never identified) and never billed; the app's CORS middleware answers it.
-    Both headers, as Starlette's CORSMiddleware asks: one alone does not skip the gate."""
+    credentials; the app's CORS middleware answers it. Both headers, as Starlette's CORSMiddleware
+    asks: one alone is an ordinary OPTIONS request."""
     names = {name for name, _ in scope["headers"]}
     return b"access-control-request-method" in names and b"origin" in names
 
@@ -383,8 +383,10 @@ class BillingMiddleware:
         metered = self.routes.match(scope["method"], path)
         if metered is None:
             await self.app(scope, receive, send)
-        elif metered is EXCLUDED or scope["method"] == "OPTIONS" and _is_preflight(scope):
+        elif metered is EXCLUDED:
             await self._unmetered(scope, receive, send)
+        elif scope["method"] == "OPTIONS" and _is_preflight(scope):
+            await self._metered(scope, receive, send, metered, preflight=True)
         else:
             await self._metered(scope, receive, send, metered)
 
@@ -398,7 +400,13 @@ class BillingMiddleware:
 
     # -- the decision table --
 
-    async def _metered(self, scope: Scope, receive: Receive, send: Send, metered: Metered) -> None:
+    async def _metered(
+        self, scope: Scope, receive: Receive, send: Send, metered: Metered, preflight: bool = False
+    ) -> None:
+        """The decision table, then the app, watched. A CORS ``preflight`` without a customer is
+        never answered 401 here: it goes on unidentified, as a late one, for the app's CORS
+        middleware to answer (not billed), or for its own gate (a framework adapter's, before a
+        view that answers OPTIONS itself: a Django view) to gate and bill like any request."""
         # No Request is built for an admitted request unless a user hook needs one.
         feature = metered.feature
         customer: str | None = None
@@ -417,7 +425,9 @@ class BillingMiddleware:
                 self._log(logging.ERROR, "customer resolver failed on %s: %s", feature, without_message(exc))
                 await self._on_error(feature, "the customer resolver failed", scope, receive, send)
                 return
-            if not customer:
+            if preflight and not customer:
+                customer_of = None
+            elif not customer:
                 await self._deny(Denial(401, _SIGN_IN, Request(scope, receive), feature), scope, receive, send)
                 return
         quantity = metered.quantity
@@ -469,7 +479,9 @@ class BillingMiddleware:
                 # The app's late gate refused it.
                 await send_with_request_id(exc.response, request_id, scope, receive, send)
                 return
-            if completed and status < 400:  # answered in full; what failed after (a background task) is the app's
+            if preflight and context.customer_id is None:
+                used = 0.0  # no gate of the app's took it: its CORS middleware, or nothing, answered
+            elif completed and status < 400:  # answered in full; what failed after (a background task) is the app's
                 used = quantity + context.reported
             else:  # the client went away mid-response (ASGI 2.4 servers raise from send), or the app failed
                 aborted = metered.bill_partial and status < 400 and isinstance(exc, (OSError, ClientDisconnect))
@@ -481,7 +493,9 @@ class BillingMiddleware:
         finally:
             _current.reset(token)
         status, completed = watch.status, watch.completed
-        if completed and status < 400:
+        if preflight and context.customer_id is None:  # no gate of the app's took it (see above)
+            unsent = self._settle(context, quantity, 0.0)
+        elif completed and status < 400:
             unsent = self._settle(context, quantity, quantity + context.reported)
         else:  # bill_partial keeps what a disconnect cut short of a successful answer, never of an error answer
             unsent = self._settle(context, quantity, context.reported if metered.bill_partial and status < 400 else 0.0)

@@ -60,11 +60,25 @@ class Billing:
         app.register_error_handler(BillingDenied, refusal)
 
     async def identify(self) -> None:
-        """The hook: name the customer of a request the middleware left unidentified, and gate it."""
+        """The hook: name the customer of a request the middleware left unidentified, and gate it.
+
+        Not a CORS preflight that Quart answers itself (its automatic OPTIONS, no view): the
+        browser sends it without credentials, and the app's CORS extension answers it, unbilled."""
         context = get_usage_context()
-        if context is not None:
+        if context is not None and not _automatic_preflight():
             context.bind_loop()  # sync views run in executor threads: their report_usage() comes back here
             await context.identify_by(self.customer, request)
+
+
+def _automatic_preflight() -> bool:
+    rule = request.url_rule
+    return (
+        request.method == "OPTIONS"
+        and rule is not None
+        and rule.provide_automatic_options
+        and "origin" in request.headers
+        and "access-control-request-method" in request.headers
+    )
 
 
 async def refusal(denied: BillingDenied) -> Response:

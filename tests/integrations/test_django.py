@@ -49,6 +49,11 @@ async def broken(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"error": "bad input"}, status=400)
 
 
+async def any_method(request: HttpRequest) -> JsonResponse:  # a function view: every method, OPTIONS too
+    ENTERED.append(f"any {request.method}")
+    return JsonResponse({"results": []})
+
+
 async def health(request: HttpRequest) -> JsonResponse:
     ENTERED.append("health")
     return JsonResponse({"status": "ok"})
@@ -84,6 +89,7 @@ urlpatterns = [
     path("v1/declared", declared),
     path("v1/mislabelled", mislabelled),
     path("v1/tokens", tokens),
+    path("v1/any", any_method),
     path("health", health),
     path("v1/notes/<str:title>/", note),
 ]
@@ -91,6 +97,7 @@ ROUTES: dict[str, str | Metered | None] = {
     "GET /v1/search": "api_calls",
     "POST /v1/exports": "export",
     "/v1/broken": "api_calls",
+    "/v1/any": "api_calls",
     "GET /v1/declared": "api_calls",
     "GET /v1/mislabelled": "api_calls",
     "GET /v1/tokens": Metered("tokens", quantity=None),
@@ -227,6 +234,22 @@ async def test_a_forced_script_name_is_seen_through_the_apps_own_wrappers(
     assert anonymous.status_code == 401 and searched.status_code == 200
     assert entered == ["search"]
     assert await billing.recorded_units(pro_id, "api_calls") == 1
+
+
+async def test_a_cors_preflight_to_a_view_that_answers_it_is_gated_there(
+    billing: LocalBilling, pro: tuple[str, dict[str, str]], entered: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A function view answers OPTIONS as any method: the preflight's two headers must not take a
+    request past the gate, free. Identified there (none: a 401), it is gated and billed as any."""
+    pro_id, as_pro = pro
+    preflight = {"origin": "https://app.test", "access-control-request-method": "GET"}
+    async with serve(build(billing)) as client:
+        anonymous = await client.options("/v1/any", headers=preflight)
+        signed_in = await client.options("/v1/any", headers={**preflight, **as_pro})
+    assert anonymous.status_code == 401 and anonymous.json()["feature"] == "api_calls"
+    assert signed_in.status_code == 200 and entered == ["any OPTIONS"]
+    assert await billing.recorded_units(pro_id, "api_calls") == 1
+    assert "never named its customer" not in caplog.text
 
 
 async def test_a_failing_answer_is_not_billed(

@@ -160,6 +160,24 @@ async def test_what_follows_the_root_path_is_metered_as_quart_routes_it(billing:
     assert await billing.recorded_units("user_free", "api_calls") == 0
 
 
+async def test_a_cors_preflight_quart_answers_itself_passes_unbilled(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Quart's automatic OPTIONS answers a preflight without a view: not gated (a browser sends it
+    without credentials), not billed; an ordinary OPTIONS to a route keyed without a method is."""
+    app, entered = build(billing)
+    preflight = {"origin": "https://app.test", "access-control-request-method": "GET"}
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        answered = await client.options("/v1/broken", headers=preflight)
+        anonymous = await client.options("/v1/broken")
+        paid = await client.options("/v1/broken", headers=bearer("token-pro"))
+    assert (answered.status_code, anonymous.status_code, paid.status_code) == (200, 401, 200)
+    assert "GET" in answered.headers["allow"] and entered == []
+    assert await billing.recorded_units("user_pro", "api_calls") == 1
+    assert "never named its customer" not in caplog.text
+
+
 async def test_units_reported_from_a_sync_view_are_counted_on_the_event_loop(
     billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
 ) -> None:
