@@ -10,6 +10,7 @@ import re
 import socket
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .local.engine import LocalBilling
@@ -53,8 +54,19 @@ def _check_address(host: str, port: int) -> None:
         probe.bind((host, port))
 
 
+#: A secret key in an argument argparse quotes back ("invalid choice: 'sk_live_...'"): masked there.
+_KEY_LIKE = re.compile(r"sk_[^\s'\"]+")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, its error messages without the secret keys they would quote (CI logs keep them)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(_KEY_LIKE.sub("sk_***", message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="billingos-asgi", description="billingos-asgi tools")
+    parser = _Parser(prog="billingos-asgi", description="billingos-asgi tools")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the local BillingOS API server")

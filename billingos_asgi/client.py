@@ -202,7 +202,8 @@ def _error_for(response: httpx.Response, secret: str) -> BillingOSError:
     raw = body.get("message") if isinstance(body, dict) else None
     if isinstance(raw, list):  # NestJS validation pipes answer with a list of messages
         raw = "; ".join(str(item) for item in raw)
-    message = str(raw) if raw else f"BillingOS answered {status} {response.reason_phrase}".rstrip()
+    reason = _redact(response.reason_phrase, secret)  # (an echoing proxy's status line too)
+    message = str(raw) if raw else f"BillingOS answered {status} {reason}".rstrip()
     retry_after = _parse_retry_after(response.headers.get("retry-after"))
     if status == 429:
         return RateLimitError(message, status=status, body=body, retry_after=retry_after)

@@ -76,6 +76,22 @@ def test_bad_options_are_refused(args: list[str], message: str, capsys: pytest.C
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--secret-key", "sk_live_SECRET1", "serve", "--plans", "p.toml"],  # the option before its command
+        ["serve", "--plans", "p.toml", "--secret_key", "sk_live_SECRET1"],  # a misspelt option
+    ],
+)
+def test_a_secret_key_argparse_quotes_in_an_error_is_masked(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "sk_***" in error and "SECRET1" not in error
+
+
 def test_version_is_the_package_version() -> None:
     answered = run_cli("--version")
     assert answered.returncode == 0 and answered.stdout == f"billingos-asgi {billingos_asgi.__version__}\n"

@@ -634,6 +634,17 @@ async def test_a_budgeted_client_leaves_a_429_to_its_budget_and_retries_a_503(sl
     assert server.attempts == 3 and hooked == ["/v1/usage/check"] and len(sleeps) == 1
 
 
+async def test_a_reason_phrase_echoing_the_key_is_masked(sleeps: list[float], caplog: pytest.LogCaptureFixture) -> None:
+    """A proxy that echoes the Authorization header in its status line: no body message to use."""
+    reason = {"reason_phrase": f"Bearer {SECRET}".encode()}
+    server = FakeServer(lambda request: httpx.Response(502, content=b"", extensions=reason))
+    async with make_client(server, RetryPolicy(max_retries=1)) as billing:
+        with pytest.raises(ServerError) as caught:
+            await billing.check_entitlement("user_123", "api_calls")
+    assert caught.value.message == "BillingOS answered 502 Bearer sk_***"
+    assert SECRET not in repr(caught.value) and SECRET not in caplog.text
+
+
 async def test_429_without_retry_after_uses_backoff(sleeps: list[float]) -> None:
     server = FakeServer(respond(429, nest_error(429, "Too Many Requests")), respond(200, CHECK_BODY))
     async with make_client(server, RetryPolicy(max_retries=3, backoff_base=0.5, backoff_max=8)) as billing:
