@@ -585,9 +585,12 @@ class BillingMiddleware:
     async def _unmetered(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Call the app unmetered on purpose (excluded, or let through by ``on_error``): marked so in
         the request state, which the framework adapters' declared gates accept."""
-        scope.setdefault("state", {})["billing"] = None
-        # report_usage() in its handler has nothing to do, unless a middleware outside this one meters it.
-        token = _current.set(LET_THROUGH) if _current.get() is None else None
+        # report_usage() in its handler has nothing to do, unless a middleware outside this one meters
+        # it: then its context stays, in the request state too (request.state.billing.report()).
+        outer = _current.get()
+        if outer is None or outer is LET_THROUGH:
+            scope.setdefault("state", {})["billing"] = None
+        token = _current.set(LET_THROUGH) if outer is None else None
         try:
             await self.app(scope, receive, send)
         finally:
