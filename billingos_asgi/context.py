@@ -108,10 +108,12 @@ class UsageContext:
     async def identify(self, customer_id: str | None) -> None:
         """Name the paying customer and run the gate, where the app's own auth has just run.
 
-        Raises :class:`~billingos_asgi.BillingDenied` (401 for None, 403, 429, or 503) for the
+        Raises :class:`~billingos_asgi.BillingDenied` (401 for None or blank, 403, 429, or 503) for the
         middleware to answer with; returns when the request is admitted. Naming the customer the
         request already has is a no-op; naming another one is a ``ValueError``.
         """
+        if isinstance(customer_id, str) and not customer_id.strip():
+            customer_id = None  # blank: nobody (a 401), as a resolver's answer
         if self._same_customer(customer_id):
             return
         await self._the_gate().admit(self, customer_id)

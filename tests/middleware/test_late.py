@@ -312,6 +312,20 @@ async def test_a_blank_answer_of_the_customer_function_is_nobody(billing: LocalB
     assert answer.status_code == 401 and answer.headers["content-type"] == "application/problem+json"
 
 
+async def test_identify_with_a_blank_id_is_nobody(billing: LocalBilling) -> None:
+    async def blank(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        await context.identify(request.query_params["who"])
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/v1/blank", blank)])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=None, default_feature="api_calls")
+    async with serve(app) as client:
+        answers = [await client.get("/v1/blank", params={"who": who}) for who in ("", "   ")]
+    assert [(a.status_code, a.headers["content-type"]) for a in answers] == [(401, "application/problem+json")] * 2
+
+
 async def test_identify_outside_the_middleware_is_an_error_and_denial_carries_the_response() -> None:
     with pytest.raises(RuntimeError, match="BillingMiddleware"):
         await UsageContext("r", None, "api_calls", 1.0).identify("user_free")
