@@ -94,6 +94,15 @@ def _is_preflight(scope: Scope) -> bool:
     return b"access-control-request-method" in names and b"origin" in names
 
 
+def _refusal_in(exc: BaseException) -> BillingDenied | None:
+    """``exc`` if a refusal, or the first refusal of a group (a task group's) of nothing else."""
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, tuple) and inner:
+        found = [_refusal_in(each) for each in inner]
+        return found[0] if all(found) else None
+    return exc if isinstance(exc, BillingDenied) else None
+
+
 #: The options in seconds, and whether each may be 0.
 _SECONDS = (
     ("cache_ttl", False),
@@ -474,10 +483,11 @@ class BillingMiddleware:
             await self.app(scope, watch.receive, watch.send)
         except BaseException as exc:
             status, completed = watch.status, watch.completed
-            if isinstance(exc, BillingDenied) and not status:
+            denied = _refusal_in(exc)
+            if denied is not None and (watch.refused or not status):
                 self._settle(context, quantity, 0.0)
-                # The app's late gate refused it.
-                await send_with_request_id(exc.response, request_id, scope, receive, send)
+                if not status:  # the app's late gate refused it (answered here, unless the watch did)
+                    await send_with_request_id(denied.response, request_id, scope, receive, send)
                 return
             if preflight and context.customer_id is None:
                 used = 0.0  # no gate of the app's took it: its CORS middleware, or nothing, answered
@@ -737,16 +747,23 @@ class BillingMiddleware:
 
 
 class _LateGate:
-    """The gate of one late-identified request, held by its :class:`UsageContext`."""
+    """The gate of one late-identified request, held by its :class:`UsageContext`. It keeps the
+    refusal it raised: one that reaches the app's error handling wrapped (an ExceptionGroup, from
+    a task group) is answered all the same, instead of the 500 the app makes of it."""
 
-    __slots__ = ("_middleware", "_request")
+    __slots__ = ("_middleware", "_request", "refused")
 
     def __init__(self, middleware: BillingMiddleware, request: Request) -> None:
         self._middleware = middleware
         self._request = request
+        self.refused: BillingDenied | None = None
 
     async def admit(self, context: UsageContext, customer_id: str | None) -> None:
-        await self._middleware._identify_late(self._request, context, customer_id)
+        try:
+            await self._middleware._identify_late(self._request, context, customer_id)
+        except BillingDenied as denied:
+            self.refused = denied
+            raise
 
     def hook_failed(self, context: UsageContext, hook: object, exc: Exception) -> None:
         middleware = self._middleware
@@ -755,4 +772,5 @@ class _LateGate:
             logging.ERROR, "the customer function %r failed on a %s request: %s", hook, feature, without_message(exc)
         )
         if not middleware._allow_on_error:
-            raise middleware._refusal(Denial(503, "the customer function failed", self._request, feature))
+            self.refused = middleware._refusal(Denial(503, "the customer function failed", self._request, feature))
+            raise self.refused

@@ -57,6 +57,10 @@ def _served(scope: Scope, start: Message, sent: int) -> bool:
     return length is not None and length.isdigit() and int(length) <= sent
 
 
+async def _nowhere(message: Message) -> None:
+    """Where the app's messages go once its answer was replaced."""
+
+
 class ResponseWatch:
     """What the app's response does, seen through the channels it is given (:meth:`receive` and
     :meth:`send`): its status, and whether it completes (the client has every byte) or the client
@@ -74,6 +78,7 @@ class ResponseWatch:
         "completed",
         "disconnected",
         "left_once_sent",
+        "refused",
         "sent",
         "start",
         "status",
@@ -92,6 +97,23 @@ class ResponseWatch:
         self.disconnected = False
         self.left_once_sent = False  # the client left while (or after) the last message was being sent
         self.to_itself = False  # a framework's redirect to the canonical path: the request after it is billed
+        self.refused = False  # the app's 500 was replaced by the refusal the late gate raised
+
+    async def _answer_refusal(self) -> bool:
+        """Send the refusal the late gate raised, if any, in place of the app's 500 (what the app
+        sends after it goes nowhere): a refusal the app's error handling could not tell for one."""
+        gate = self._context._gate
+        denied = getattr(gate, "refused", None)
+        if denied is None:
+            return False
+        response = denied.response
+        self.refused, self.status = True, response.status_code
+        headers = [*response.raw_headers, (b"x-request-id", self._context.request_id.encode())]
+        send, self._send = self._send, _nowhere
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        body = b"" if self._scope["method"] == "HEAD" else bytes(response.body)
+        await send({"type": "http.response.body", "body": body})
+        return True
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -111,6 +133,8 @@ class ResponseWatch:
             status = self.status = message["status"]
             if 300 <= status < 400:
                 self.to_itself = _to_itself(self._scope, message)
+            elif status >= 500 and await self._answer_refusal():
+                return
             context = self._context
             gated = context.quota
             if gated is not None and gated.limit is not None and status < 400 and not self.to_itself:  # billed

@@ -326,6 +326,38 @@ async def test_identify_with_a_blank_id_is_nobody(billing: LocalBilling) -> None
     assert [(a.status_code, a.headers["content-type"]) for a in answers] == [(401, "application/problem+json")] * 2
 
 
+@pytest.mark.parametrize("wrapped", ["inside the app", "around the app"])
+async def test_a_refusal_raised_in_a_task_group_is_answered_not_a_500(billing: LocalBilling, wrapped: str) -> None:
+    """The task group wraps the refusal in an ExceptionGroup, which the app's handlers cannot tell
+    for one (around the app, its error middleware answers 500 first): answered all the same."""
+
+    async def concurrent(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(context.identify, signed_in(request))
+            tg.start_soon(anyio.sleep, 0)  # the handler's other work
+        return JSONResponse({"customer": context.customer_id})
+
+    app = Starlette(routes=[Route("/v1/concurrent", concurrent)])
+    options: dict[str, Any] = {"billing": billing, "customer": None, "default_feature": "api_calls"}
+    if wrapped == "inside the app":
+        app.add_middleware(BillingMiddleware, **options)
+        served: Any = app
+    else:
+        served = BillingMiddleware(app, **options)
+    async with serve(served) as client:
+        anonymous = await client.get("/v1/concurrent")
+        ghost = await client.get("/v1/concurrent", headers=bearer("token-ghost"))
+        admitted = await client.get("/v1/concurrent", headers=bearer("token-free"))
+    assert [(r.status_code, r.headers["content-type"]) for r in (anonymous, ghost)] == [
+        (401, "application/problem+json"),
+        (403, "application/problem+json"),
+    ]
+    assert "x-request-id" in anonymous.headers and admitted.json() == {"customer": "user_free"}
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
 async def test_identify_outside_the_middleware_is_an_error_and_denial_carries_the_response() -> None:
     with pytest.raises(RuntimeError, match="BillingMiddleware"):
         await UsageContext("r", None, "api_calls", 1.0).identify("user_free")
