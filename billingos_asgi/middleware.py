@@ -412,15 +412,17 @@ class BillingMiddleware:
     async def _metered(
         self, scope: Scope, receive: Receive, send: Send, metered: Metered, preflight: bool = False
     ) -> None:
-        """The decision table, then the app, watched. A CORS ``preflight`` without a customer is
-        never answered 401 here: it goes on unidentified, as a late one, for the app's CORS
-        middleware to answer (not billed), or for its own gate (a framework adapter's, before a
-        view that answers OPTIONS itself: a Django view) to gate and bill like any request."""
+        """The decision table, then the app, watched. A CORS ``preflight`` is never gated here: it
+        goes on unidentified, as a late one, for the app's CORS middleware to answer (not billed),
+        or for its own gate (a framework adapter's, before a view that answers OPTIONS itself: a
+        Django view) to gate and bill like any request."""
         # No Request is built for an admitted request unless a user hook needs one.
         feature = metered.feature
         customer: str | None = None
         quota: Quota | None = None
-        customer_of = None if metered.late else self._customer_of  # None: the app names the customer (late)
+        # None: the app names the customer (late); a preflight's too, whatever its URL says (a browser
+        # keeps the query string, ?api_key= included): only a gate of the app's, before a view, takes it.
+        customer_of = None if metered.late or preflight else self._customer_of
         if customer_of is not None:
             try:
                 answer = customer_of(scope)
@@ -434,9 +436,7 @@ class BillingMiddleware:
                 self._log(logging.ERROR, "customer resolver failed on %s: %s", feature, without_message(exc))
                 await self._on_error(feature, "the customer resolver failed", scope, receive, send)
                 return
-            if preflight and not customer:
-                customer_of = None
-            elif not customer:
+            if not customer:
                 await self._deny(Denial(401, _SIGN_IN, Request(scope, receive), feature), scope, receive, send)
                 return
         quantity = metered.quantity
@@ -595,12 +595,10 @@ class BillingMiddleware:
     async def _unmetered(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Call the app unmetered on purpose (excluded, or let through by ``on_error``): marked so in
         the request state, which the framework adapters' declared gates accept."""
+        scope.setdefault("state", {})["billing"] = None
         # report_usage() in its handler has nothing to do, unless a middleware outside this one meters
-        # it: then its context stays, in the request state too (request.state.billing.report()).
-        outer = _current.get()
-        if outer is None or outer is LET_THROUGH:
-            scope.setdefault("state", {})["billing"] = None
-        token = _current.set(LET_THROUGH) if outer is None else None
+        # it (request.state.billing is this one's: None, as the declared gates of its routes expect).
+        token = _current.set(LET_THROUGH) if _current.get() is None else None
         try:
             await self.app(scope, receive, send)
         finally:

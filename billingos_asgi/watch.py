@@ -101,7 +101,8 @@ class ResponseWatch:
 
     async def _answer_refusal(self) -> bool:
         """Send the refusal the late gate raised, if any, in place of the app's 500 (what the app
-        sends after it goes nowhere): a refusal the app's error handling could not tell for one."""
+        sends after it goes nowhere): a refusal the app's error handling could not tell for one (an
+        answer of the app's own handler of refusals, a 503 say, stays)."""
         gate = self._context._gate
         denied = getattr(gate, "refused", None)
         if denied is None:
@@ -133,7 +134,7 @@ class ResponseWatch:
             status = self.status = message["status"]
             if 300 <= status < 400:
                 self.to_itself = _to_itself(self._scope, message)
-            elif status >= 500 and await self._answer_refusal():
+            elif status == 500 and await self._answer_refusal():
                 return
             context = self._context
             gated = context.quota

@@ -62,23 +62,18 @@ class Billing:
     async def identify(self) -> None:
         """The hook: name the customer of a request the middleware left unidentified, and gate it.
 
-        Not a CORS preflight that Quart answers itself (its automatic OPTIONS, no view): the
-        browser sends it without credentials, and the app's CORS extension answers it, unbilled."""
+        Not a CORS preflight: the browser sends it without credentials, and Quart (its automatic
+        OPTIONS) or the app's CORS extension (quart-cors' ``route_cors``, in the view) answers it,
+        unbilled."""
         context = get_usage_context()
-        if context is not None and not _automatic_preflight():
+        if context is not None and not _is_preflight():
             context.bind_loop()  # sync views run in executor threads: their report_usage() comes back here
             await context.identify_by(self.customer, request)
 
 
-def _automatic_preflight() -> bool:
-    rule = request.url_rule
-    return (
-        request.method == "OPTIONS"
-        and rule is not None
-        and rule.provide_automatic_options
-        and "origin" in request.headers
-        and "access-control-request-method" in request.headers
-    )
+def _is_preflight() -> bool:
+    headers = request.headers
+    return request.method == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers
 
 
 async def refusal(denied: BillingDenied) -> Response:

@@ -13,9 +13,10 @@ import pytest
 pytest.importorskip("fastapi")
 
 from fastapi import APIRouter, Depends, FastAPI, WebSocket  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.types import ASGIApp  # noqa: E402
 
-from billingos_asgi import BillingMiddleware, LocalBilling, SessionToken, UsageContext  # noqa: E402
+from billingos_asgi import BillingDenied, BillingMiddleware, LocalBilling, SessionToken, UsageContext  # noqa: E402
 from billingos_fastapi import (  # noqa: E402
     Billing,
     BillingSessionToken,
@@ -367,6 +368,27 @@ async def test_head_on_a_get_only_route_is_answered_by_the_app_not_gated_as_get(
     assert (exists.status_code, anonymous_exists.status_code, paid.status_code) == (200, 200, 200)
     assert await billing.recorded_units("user_free", "api_calls") == 1
     assert await billing.recorded_units("user_free", "export") == 0
+
+
+async def test_the_apps_own_answer_to_a_refusal_stays(billing: SpyBilling) -> None:
+    """An app's handler of BillingDenied decides its answer (a 503 here): never replaced."""
+    app = FastAPI()
+
+    @app.exception_handler(BillingDenied)
+    async def own_answer(request: Any, denied: BillingDenied) -> JSONResponse:
+        return JSONResponse({"error": "ours"}, status_code=denied.response.status_code, headers={"x-ours": "1"})
+
+    async def not_an_id() -> Any:
+        return 42  # the app's auth dependency's bug: on_error="deny" answers 503
+
+    @app.get("/v1/search", dependencies=[metered("api_calls", customer=not_an_id)])
+    async def search() -> dict[str, bool]:
+        return {"ok": True}
+
+    app.add_middleware(BillingMiddleware, billing=billing, customer=None, routes=declared(app), on_error="deny")
+    async with serve(app) as client:
+        answer = await client.get("/v1/search")
+    assert (answer.status_code, answer.headers["x-ours"], answer.json()) == (503, "1", {"error": "ours"})
 
 
 async def test_the_table_meters_each_request_as_the_fastapi_route_that_serves_it() -> None:

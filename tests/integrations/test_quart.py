@@ -178,6 +178,21 @@ async def test_a_cors_preflight_quart_answers_itself_passes_unbilled(
     assert "never named its customer" not in caplog.text
 
 
+async def test_a_cors_preflight_a_view_answers_itself_is_not_refused(billing: LocalBilling) -> None:
+    """quart-cors' ``route_cors`` answers the preflight in the view: no credentials, never a 401."""
+    app, entered = build(billing, default_feature="api_calls")
+
+    @app.route("/v1/cors", methods=["GET", "OPTIONS"])
+    async def cors() -> tuple[str, int, dict[str, str]]:
+        entered.append(request.method)
+        return "", 200, {"access-control-allow-origin": "https://app.test"}
+
+    preflight = {"origin": "https://app.test", "access-control-request-method": "GET"}
+    async with app.test_app() as test_app:
+        answered = await test_app.test_client().options("/v1/cors", headers=preflight)
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == "https://app.test"
+
+
 async def test_units_reported_from_a_sync_view_are_counted_on_the_event_loop(
     billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
 ) -> None:

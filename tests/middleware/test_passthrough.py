@@ -175,11 +175,31 @@ async def test_a_cors_preflight_passes_through_unbilled_to_the_cors_middleware_i
     assert answered.headers["access-control-allow-origin"] == "https://app.test"
     assert middleware.upstream.checks == 0
     if identified == "by resolver":
-        assert resolved == ["OPTIONS"] * 3 + ["GET"]  # (a preflight naming a customer would be gated)
+        assert resolved == ["OPTIONS"] * 2 + ["GET"]  # never the preflight's (its URL may name one)
         assert plain.status_code == no_origin.status_code == disguised.status_code == 401
     else:
         assert all("x-request-id" in answer.headers for answer in (plain, no_origin, disguised))
         assert middleware.unidentified == 3
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_a_preflight_whose_url_names_a_customer_is_not_billed(billing: LocalBilling) -> None:
+    """A browser keeps the query string on its preflight (?api_key=...): still the CORS middleware's."""
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/x", endpoint)])
+    middleware = BillingMiddleware(
+        CORSMiddleware(app, allow_origins=["https://app.test"], allow_methods=["*"]),
+        billing=billing,
+        customer=lambda request: request.query_params.get("api_key"),
+        default_feature="api_calls",
+    )
+    preflight = {"origin": "https://app.test", "access-control-request-method": "GET"}
+    async with serve(middleware) as client:
+        answers = [await client.options("/x?api_key=user_free", headers=preflight) for _ in range(12)]
+    assert [answer.status_code for answer in answers] == [200] * 12
     assert await billing.recorded_units("user_free", "api_calls") == 0
 
 
