@@ -62,10 +62,19 @@ class BillingPlugin(InitPlugin):
         return app_config
 
     async def identify(self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        """The guard: name the customer of a request the middleware left unidentified, and gate it."""
+        """The guard: name the customer of a request the middleware left unidentified, and gate it.
+
+        Not a CORS preflight: the browser sends it without credentials, and Litestar (its automatic
+        OPTIONS handler, or ``cors_config``) answers it, unbilled."""
         context = get_usage_context()
-        if context is not None:
+        if context is not None and not _is_preflight(connection):
             await context.identify_by(self.customer, connection)
+
+
+def _is_preflight(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    headers = connection.headers
+    method = connection.scope.get("method")
+    return method == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers
 
 
 def refusal(request: Request[Any, Any, Any], denied: BillingDenied) -> Response[bytes]:

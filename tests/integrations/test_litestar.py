@@ -325,3 +325,23 @@ async def test_a_prefix_exclusion_leaves_the_route_litestar_serves_a_slash_as_me
         answers = [await client.get(path) for path in ("/v1/files", "/v1/files/", "/v1/files/a.txt")]
     assert [answer.status_code for answer in answers] == [401, 401, 200]
     assert entered == ["/a.txt"]
+
+
+@pytest.mark.parametrize("cors", [True, False], ids=["cors_config", "automatic OPTIONS"])
+async def test_a_cors_preflight_is_answered_by_litestar_unbilled(
+    billing: LocalBilling, entered: list[str], cors: bool
+) -> None:
+    from litestar.config.cors import CORSConfig
+
+    app = Litestar(
+        route_handlers=[search],
+        plugins=[BillingPlugin(customer=account_of)],
+        cors_config=CORSConfig(allow_origins=["https://app.test"]) if cors else None,
+        logging_config=None,
+    )
+    metered = BillingMiddleware(app, billing=billing, customer=None, default_feature="api_calls")
+    preflight = {"origin": "https://app.test", "access-control-request-method": "GET"}
+    async with serve(metered) as client:
+        answered = await client.options("/v1/search", headers=preflight)
+    assert answered.status_code == 204 and entered == [] and metered.unidentified == 0
+    assert answered.headers.get("access-control-allow-origin") == ("https://app.test" if cors else None)
