@@ -51,6 +51,7 @@ from .responses import (
     ProblemFactory,
     answer_refusals,
     problem_response,
+    refusal_in,
 )
 from .routes import EXCLUDED, UNDECLARED, Metered, RouteTable
 from .tracker import (
@@ -92,15 +93,6 @@ def _is_preflight(scope: Scope) -> bool:
     asks: one alone is an ordinary OPTIONS request."""
     names = {name for name, _ in scope["headers"]}
     return b"access-control-request-method" in names and b"origin" in names
-
-
-def _refusal_in(exc: BaseException) -> BillingDenied | None:
-    """``exc`` if a refusal, or the first refusal of a group (a task group's) of nothing else."""
-    inner = getattr(exc, "exceptions", None)
-    if isinstance(inner, tuple) and inner:
-        found = [_refusal_in(each) for each in inner]
-        return found[0] if all(found) else None
-    return exc if isinstance(exc, BillingDenied) else None
 
 
 #: The options in seconds, and whether each may be 0.
@@ -440,7 +432,9 @@ class BillingMiddleware:
                 await self._deny(Denial(401, _SIGN_IN, Request(scope, receive), feature), scope, receive, send)
                 return
         quantity = metered.quantity
-        if quantity is None or callable(quantity):  # before the lookup: awaited between it and the admission,
+        if preflight and (quantity is None or callable(quantity)):
+            quantity = 0.0  # (a preflight has no body, no Content-Length: a quantity function is not asked)
+        elif quantity is None or callable(quantity):  # before the lookup: awaited between it and the admission,
             try:  # the entry could be evicted meanwhile, and units admitted on it counted where no one looks
                 quantity = await self._quantity(metered, Request(scope))  # the body stays the app's
             except Exception:
@@ -483,7 +477,7 @@ class BillingMiddleware:
             await self.app(scope, watch.receive, watch.send)
         except BaseException as exc:
             status, completed = watch.status, watch.completed
-            denied = _refusal_in(exc)
+            denied = refusal_in(exc)
             if denied is not None and (watch.refused or not status):
                 self._settle(context, quantity, 0.0)
                 if not status:  # the app's late gate refused it (answered here, unless the watch did)
@@ -745,23 +739,16 @@ class BillingMiddleware:
 
 
 class _LateGate:
-    """The gate of one late-identified request, held by its :class:`UsageContext`. It keeps the
-    refusal it raised: one that reaches the app's error handling wrapped (an ExceptionGroup, from
-    a task group) is answered all the same, instead of the 500 the app makes of it."""
+    """The gate of one late-identified request, held by its :class:`UsageContext`."""
 
-    __slots__ = ("_middleware", "_request", "refused")
+    __slots__ = ("_middleware", "_request")
 
     def __init__(self, middleware: BillingMiddleware, request: Request) -> None:
         self._middleware = middleware
         self._request = request
-        self.refused: BillingDenied | None = None
 
     async def admit(self, context: UsageContext, customer_id: str | None) -> None:
-        try:
-            await self._middleware._identify_late(self._request, context, customer_id)
-        except BillingDenied as denied:
-            self.refused = denied
-            raise
+        await self._middleware._identify_late(self._request, context, customer_id)
 
     def hook_failed(self, context: UsageContext, hook: object, exc: Exception) -> None:
         middleware = self._middleware
@@ -770,5 +757,4 @@ class _LateGate:
             logging.ERROR, "the customer function %r failed on a %s request: %s", hook, feature, without_message(exc)
         )
         if not middleware._allow_on_error:
-            self.refused = middleware._refusal(Denial(503, "the customer function failed", self._request, feature))
-            raise self.refused
+            raise middleware._refusal(Denial(503, "the customer function failed", self._request, feature))

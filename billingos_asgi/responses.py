@@ -23,6 +23,7 @@ __all__ = [
     "answer_refusal",
     "answer_refusals",
     "problem_response",
+    "refusal_in",
 ]
 
 PROBLEM_TYPE = "https://docs.billingos.dev/problems/"
@@ -95,6 +96,15 @@ async def answer_refusal(request: Request, denied: Exception) -> Response:
     if not isinstance(denied, BillingDenied):
         raise denied  # registered for BillingDenied only
     return denied.response
+
+
+def refusal_in(exc: BaseException | None) -> BillingDenied | None:
+    """``exc`` if a refusal, or the first refusal of a group (a task group's) of nothing else."""
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, tuple) and inner:
+        found = [refusal_in(each) for each in inner]
+        return found[0] if all(found) else None
+    return exc if isinstance(exc, BillingDenied) else None
 
 
 def answer_refusals(app: Any) -> None:

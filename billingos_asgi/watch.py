@@ -3,18 +3,20 @@ whether the client got all of it, which decides whether the request is billed (S
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import anyio
 from starlette.types import Message, Receive, Scope, Send
 
 from .context import UsageContext
-from .responses import quota_headers
+from .responses import quota_headers, refusal_in
 from .routes import redirects_to_itself
 
 __all__ = ["ResponseWatch"]
 
 _PATHSEND = "http.response.pathsend"
+_CORS = (b"access-control-", b"vary")
 _ZEROCOPYSEND = "http.response.zerocopysend"
 
 #: A framework's slash redirect: Starlette answers 307, Django 301 (never 303, "see other").
@@ -99,17 +101,18 @@ class ResponseWatch:
         self.to_itself = False  # a framework's redirect to the canonical path: the request after it is billed
         self.refused = False  # the app's 500 was replaced by the refusal the late gate raised
 
-    async def _answer_refusal(self) -> bool:
-        """Send the refusal the late gate raised, if any, in place of the app's 500 (what the app
-        sends after it goes nowhere): a refusal the app's error handling could not tell for one (an
-        answer of the app's own handler of refusals, a 503 say, stays)."""
-        gate = self._context._gate
-        denied = getattr(gate, "refused", None)
+    async def _answer_refusal(self, start: Message) -> bool:
+        """Send the refusal that the app's 500 answers, if it answers one (the exception its error
+        handling is handling: a refusal its handlers could not tell for one, wrapped in a task
+        group's ExceptionGroup), in its place; what the app sends after goes nowhere. The 500's
+        CORS headers (the app's CORS layer's) stay, so that the page can read the refusal."""
+        denied = refusal_in(sys.exc_info()[1])
         if denied is None:
             return False
         response = denied.response
         self.refused, self.status = True, response.status_code
-        headers = [*response.raw_headers, (b"x-request-id", self._context.request_id.encode())]
+        cors = [(name, value) for name, value in start.get("headers", ()) if name.lower().startswith(_CORS)]
+        headers = [*response.raw_headers, *cors, (b"x-request-id", self._context.request_id.encode())]
         send, self._send = self._send, _nowhere
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         body = b"" if self._scope["method"] == "HEAD" else bytes(response.body)
@@ -134,7 +137,7 @@ class ResponseWatch:
             status = self.status = message["status"]
             if 300 <= status < 400:
                 self.to_itself = _to_itself(self._scope, message)
-            elif status == 500 and await self._answer_refusal():
+            elif status == 500 and await self._answer_refusal(message):
                 return
             context = self._context
             gated = context.quota

@@ -345,3 +345,31 @@ async def test_a_cors_preflight_is_answered_by_litestar_unbilled(
         answered = await client.options("/v1/search", headers=preflight)
     assert answered.status_code == 204 and entered == [] and metered.unidentified == 0
     assert answered.headers.get("access-control-allow-origin") == ("https://app.test" if cors else None)
+
+
+@get("/v1/concurrent")
+async def concurrent(request: Request[Any, Any, Any]) -> dict[str, str | None]:
+    import anyio
+
+    from billingos_asgi import get_usage_context
+
+    context = get_usage_context()
+    assert context is not None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(context.identify, None)  # nobody: refused inside a task group
+    return {"customer": context.customer_id}
+
+
+async def test_a_refusal_litestar_makes_a_500_of_is_answered_with_its_cors_headers(billing: LocalBilling) -> None:
+    """Raised in a task group, the refusal reaches Litestar as an ExceptionGroup (its 500, with the
+    CORS headers of its cors_config): answered as the refusal, those headers kept for the page."""
+    from litestar.config.cors import CORSConfig
+
+    app = Litestar(
+        route_handlers=[concurrent], cors_config=CORSConfig(allow_origins=["https://app.test"]), logging_config=None
+    )
+    metered = BillingMiddleware(app, billing=billing, customer=None, default_feature="api_calls")
+    async with serve(metered) as client:
+        answer = await client.get("/v1/concurrent", headers={"origin": "https://app.test"})
+    assert (answer.status_code, answer.headers["content-type"]) == (401, "application/problem+json")
+    assert answer.headers["access-control-allow-origin"] == "https://app.test"

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,6 +31,7 @@ from billingos_asgi import (
     get_usage_context,
     set_customer,
 )
+from billingos_asgi.testing import lifespan
 from tests.asgi import serve
 from tests.test_tracker import Around
 
@@ -356,6 +358,26 @@ async def test_a_refusal_raised_in_a_task_group_is_answered_not_a_500(billing: L
     ]
     assert "x-request-id" in anonymous.headers and admitted.json() == {"customer": "user_free"}
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_a_500_after_a_refusal_the_app_caught_stays_a_500(billing: LocalBilling) -> None:
+    """The app caught the refusal and failed after, for a reason of its own: its 500 is not the refusal's."""
+
+    async def fallback(request: Request) -> Response:
+        context = get_usage_context(request)
+        assert context is not None
+        try:
+            await context.identify(signed_in(request))
+        except BillingDenied:
+            raise TypeError("the fallback's own bug") from None
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/v1/fallback", fallback)])
+    middleware = BillingMiddleware(app, billing=billing, customer=None, default_feature="api_calls")
+    transport = httpx.ASGITransport(app=middleware, raise_app_exceptions=False)  # (a server answers the 500)
+    async with lifespan(middleware), httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        answer = await client.get("/v1/fallback")
+    assert answer.status_code == 500 and "retry-after" not in answer.headers
 
 
 async def test_identify_outside_the_middleware_is_an_error_and_denial_carries_the_response() -> None:

@@ -19,7 +19,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from billingos_asgi import BillingMiddleware, LocalBilling
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered
 from billingos_asgi.testing import lifespan
 from tests.asgi import serve
 
@@ -201,6 +201,30 @@ async def test_a_preflight_whose_url_names_a_customer_is_not_billed(billing: Loc
         answers = [await client.options("/x?api_key=user_free", headers=preflight) for _ in range(12)]
     assert [answer.status_code for answer in answers] == [200] * 12
     assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_a_preflight_never_asks_the_quantity_function(billing: LocalBilling) -> None:
+    """A preflight has no body to size: a quantity function reading Content-Length is not asked
+    (it would fail, and on_error="deny" answer the browser 503)."""
+
+    def size(request: Request) -> float:
+        return int(request.headers["content-length"]) / 1e9
+
+    async def upload(request: Request) -> Response:
+        return PlainTextResponse("stored")
+
+    app = Starlette(routes=[Route("/v1/upload", upload, methods=["POST"])])
+    middleware = BillingMiddleware(
+        CORSMiddleware(app, allow_origins=["https://app.test"], allow_methods=["*"]),
+        billing=billing,
+        customer=by_header,
+        routes={"/v1/upload": Metered("storage_gb", quantity=size)},
+        on_error="deny",
+    )
+    preflight = {"origin": "https://app.test", "access-control-request-method": "POST"}
+    async with serve(middleware) as client:
+        answered = await client.options("/v1/upload", headers=preflight)
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == "https://app.test"
 
 
 def lifespan_less(*, refuse: bool) -> ASGIApp:
