@@ -99,7 +99,7 @@ class ResponseWatch:
         self.disconnected = False
         self.left_once_sent = False  # the client left while (or after) the last message was being sent
         self.to_itself = False  # a framework's redirect to the canonical path: the request after it is billed
-        self.refused = False  # the app's 500 was replaced by the refusal the late gate raised
+        self.refused = False  # the app's 500 was replaced by the refusal it was made of
 
     async def _answer_refusal(self, start: Message) -> bool:
         """Send the refusal that the app's 500 answers, if it answers one (the exception its error
