@@ -22,16 +22,11 @@ threads: what they report with ``report_usage()`` comes back to the event loop t
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Awaitable, Callable
 
 from quart import Quart, Request, Response, request
 
 from billingos_asgi import BillingDenied, get_usage_context
-from billingos_asgi.responses import refusal_in
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import ExceptionGroup
 
 __all__ = ["Billing", "CustomerOf"]
 
@@ -63,8 +58,6 @@ class Billing:
         """Register the hook and the refusal's answer on ``app`` (for an app made in a factory)."""
         app.before_request(self.identify)
         app.register_error_handler(BillingDenied, refusal)
-        if not any(ExceptionGroup in handlers for handlers in app.error_handler_spec[None].values()):
-            app.register_error_handler(ExceptionGroup, refusals)  # (one of the app's own decides)
 
     async def identify(self) -> None:
         """The hook: name the customer of a request the middleware left unidentified, and gate it.
@@ -81,15 +74,6 @@ class Billing:
 def _is_preflight() -> bool:
     headers = request.headers
     return request.method == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers
-
-
-async def refusals(group: ExceptionGroup[Exception]) -> Response:
-    """A refusal raised in a task group (``identify()`` run in one), which wraps it: answered as
-    itself; a group of anything else is Quart's to handle (a 500)."""
-    denied = refusal_in(group)
-    if denied is None:
-        raise group
-    return await refusal(denied)
 
 
 async def refusal(denied: BillingDenied) -> Response:

@@ -7,7 +7,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 
@@ -15,14 +14,7 @@ pytest.importorskip("quart")
 
 from quart import Quart, Request, g, request  # noqa: E402
 
-from billingos_asgi import (  # noqa: E402
-    BillingMiddleware,
-    LocalBilling,
-    Metered,
-    from_api_key,
-    get_usage_context,
-    report_usage,
-)
+from billingos_asgi import BillingMiddleware, LocalBilling, Metered, from_api_key, report_usage  # noqa: E402
 from billingos_asgi.context import UsageContext  # noqa: E402
 from billingos_quart import Billing, CustomerOf  # noqa: E402
 
@@ -199,40 +191,6 @@ async def test_a_cors_preflight_a_view_answers_itself_is_not_refused(billing: Lo
     async with app.test_app() as test_app:
         answered = await test_app.test_client().options("/v1/cors", headers=preflight)
     assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == "https://app.test"
-
-
-async def test_a_refusal_raised_in_a_task_group_is_answered_not_a_500(billing: LocalBilling) -> None:
-    """The task group wraps the refusal in an ExceptionGroup: Billing's handler answers it all the same."""
-
-    def unknown(request: Request) -> str | None:
-        raise LookupError("the hook cannot tell: the view names the customer")  # on_error="allow": goes on
-
-    app, entered = build(billing, customer=unknown, default_feature="api_calls")
-
-    @app.get("/v1/concurrent")
-    async def concurrent() -> dict[str, str | None]:
-        context = get_usage_context()
-        assert context is not None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(context.identify, "user_ghost")  # unknown to billing: a 403
-        return {"customer": context.customer_id}
-
-    @app.get("/v1/bug")
-    async def bug() -> dict[str, str]:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_fail)
-        return {}
-
-    async with app.test_app() as test_app:
-        client = test_app.test_client()
-        refused = await client.get("/v1/concurrent")
-        failed = await client.get("/v1/bug")
-    assert (refused.status_code, refused.content_type) == (403, "application/problem+json")
-    assert failed.status_code == 500  # a group of anything else stays Quart's
-
-
-async def _fail() -> None:
-    raise RuntimeError("the view's own bug")
 
 
 async def test_units_reported_from_a_sync_view_are_counted_on_the_event_loop(
