@@ -432,15 +432,16 @@ class BillingMiddleware:
                 await self._deny(Denial(401, _SIGN_IN, Request(scope, receive), feature), scope, receive, send)
                 return
         quantity = metered.quantity
-        if preflight and (quantity is None or callable(quantity)):
-            quantity = 0.0  # (a preflight has no body, no Content-Length: a quantity function is not asked)
-        elif quantity is None or callable(quantity):  # before the lookup: awaited between it and the admission,
+        if quantity is None or callable(quantity):  # before the lookup: awaited between it and the admission,
             try:  # the entry could be evicted meanwhile, and units admitted on it counted where no one looks
                 quantity = await self._quantity(metered, Request(scope))  # the body stays the app's
             except Exception:
-                self._log(logging.ERROR, "quantity function of %r failed", feature, exc_info=True)
-                await self._on_error(feature, "the quantity function failed", scope, receive, send)
-                return
+                if not preflight:
+                    self._log(logging.ERROR, "quantity function of %r failed", feature, exc_info=True)
+                    await self._on_error(feature, "the quantity function failed", scope, receive, send)
+                    return
+                # A preflight has no body to size (no Content-Length): 0 units, should a gate of the app's take it.
+                quantity = 0.0
         if customer is not None:
             quota = self.cache.get(customer, feature)
             if quota is None:

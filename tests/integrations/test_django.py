@@ -54,6 +54,10 @@ async def any_method(request: HttpRequest) -> JsonResponse:  # a function view: 
     return JsonResponse({"results": []})
 
 
+def pages(request: Any) -> float:
+    return float(request.query_params.get("pages", "1"))
+
+
 async def health(request: HttpRequest) -> JsonResponse:
     ENTERED.append("health")
     return JsonResponse({"status": "ok"})
@@ -90,6 +94,7 @@ urlpatterns = [
     path("v1/mislabelled", mislabelled),
     path("v1/tokens", tokens),
     path("v1/any", any_method),
+    path("v1/convert", any_method),
     path("health", health),
     path("v1/notes/<str:title>/", note),
 ]
@@ -98,6 +103,7 @@ ROUTES: dict[str, str | Metered | None] = {
     "POST /v1/exports": "export",
     "/v1/broken": "api_calls",
     "/v1/any": "api_calls",
+    "/v1/convert": Metered("api_calls", quantity=pages),
     "GET /v1/declared": "api_calls",
     "GET /v1/mislabelled": "api_calls",
     "GET /v1/tokens": Metered("tokens", quantity=None),
@@ -250,6 +256,19 @@ async def test_a_cors_preflight_to_a_view_that_answers_it_is_gated_there(
     assert signed_in.status_code == 200 and entered == ["any OPTIONS"]
     assert await billing.recorded_units(pro_id, "api_calls") == 1
     assert "never named its customer" not in caplog.text
+
+
+async def test_a_forged_preflight_is_sized_by_the_quantity_function_as_any_request(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], entered: list[str]
+) -> None:
+    free, as_free = sessions["free"]
+    await billing.set_plan(free, "free")  # 10 api_calls
+    preflight = {"origin": "https://app.test", "access-control-request-method": "GET"}
+    async with serve(build(billing)) as client:
+        refused = await client.options("/v1/convert?pages=500", headers={**preflight, **as_free})
+        served = await client.options("/v1/convert?pages=3", headers={**preflight, **as_free})
+    assert (refused.status_code, served.status_code) == (429, 200) and entered == ["any OPTIONS"]
+    assert await billing.recorded_units(free, "api_calls") == 3
 
 
 async def test_a_failing_answer_is_not_billed(
