@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__
+from .client import _KEY_LIKE, _MASK
 from .local.engine import LocalBilling
 from .local.plans import PlansError
 from .local.server import DEFAULT_SECRET_KEY, create_app
@@ -54,15 +55,12 @@ def _check_address(host: str, port: int) -> None:
         probe.bind((host, port))
 
 
-#: A secret key in an argument argparse quotes back ("invalid choice: 'sk_live_...'"): masked there.
-_KEY_LIKE = re.compile(r"sk_[^\s'\"]+")
-
-
 class _Parser(argparse.ArgumentParser):
-    """argparse, its error messages without the secret keys they would quote (CI logs keep them)."""
+    """argparse, its error messages without the secret keys they would quote ("invalid choice:
+    'sk_live_...'": CI logs keep them), masked as the client masks them."""
 
     def error(self, message: str) -> NoReturn:
-        super().error(_KEY_LIKE.sub("sk_***", message))
+        super().error(_KEY_LIKE.sub(_MASK, message))
 
 
 def build_parser() -> argparse.ArgumentParser:

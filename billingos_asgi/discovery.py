@@ -78,11 +78,12 @@ def route_table(
 
 def _with_heads(also: Mapping[str, str | Metered | None]) -> Iterator[tuple[str, str | Metered | None]]:
     """``also`` 's keys, and beside each GET one the same for HEAD, unless ``also`` has it."""
-    keys = {_split_key(key): key for key in also}
+    split = {key: _split_key(key) for key in also}
+    given = set(split.values())
     for key, value in also.items():
         yield key, value
-        method, path = _split_key(key)
-        if method == "GET" and ("HEAD", path) not in keys:
+        method, path = split[key]
+        if method == "GET" and ("HEAD", path) not in given:
             yield f"HEAD {path}", value
 
 

@@ -73,7 +73,7 @@ from .upstream import (
 )
 from .watch import ResponseWatch
 
-__all__ = ["BillingMiddleware"]
+__all__ = ["BillingMiddleware", "is_preflight"]
 
 logger = logging.getLogger("billingos_asgi")
 
@@ -87,10 +87,12 @@ _SIGN_IN = "this route is metered: sign in first"
 _new_event = functools.partial(tuple.__new__, UsageEvent)
 
 
-def _is_preflight(scope: Scope) -> bool:
-    """A CORS preflight: the browser's own question before a cross-origin call, sent without
-    credentials; the app's CORS middleware answers it. Both headers, as Starlette's CORSMiddleware
-    asks: one alone is an ordinary OPTIONS request."""
+def is_preflight(scope: Mapping[str, Any]) -> bool:
+    """Whether a request (its ASGI scope) is a CORS preflight: the browser's own question before a
+    cross-origin call, sent without credentials; the app's CORS middleware answers it. Both
+    headers, as Starlette's CORSMiddleware asks: one alone is an ordinary OPTIONS request."""
+    if scope["method"] != "OPTIONS":
+        return False
     names = {name for name, _ in scope["headers"]}
     return b"access-control-request-method" in names and b"origin" in names
 
@@ -386,7 +388,7 @@ class BillingMiddleware:
             await self.app(scope, receive, send)
         elif metered is EXCLUDED:
             await self._unmetered(scope, receive, send)
-        elif scope["method"] == "OPTIONS" and _is_preflight(scope):
+        elif scope["method"] == "OPTIONS" and is_preflight(scope):
             await self._metered(scope, receive, send, metered, preflight=True)
         else:
             await self._metered(scope, receive, send, metered)
@@ -484,33 +486,33 @@ class BillingMiddleware:
                 if not status:  # the app's late gate refused it (answered here, unless the watch did)
                     await send_with_request_id(denied.response, request_id, scope, receive, send)
                 return
-            if preflight and context.customer_id is None:
-                used = 0.0  # no gate of the app's took it: its CORS middleware, or nothing, answered
-            elif completed and status < 400:  # answered in full; what failed after (a background task) is the app's
+            if completed and status < 400:  # answered in full; what failed after (a background task) is the app's
                 used = quantity + context.reported
             else:  # the client went away mid-response (ASGI 2.4 servers raise from send), or the app failed
                 aborted = metered.bill_partial and status < 400 and isinstance(exc, (OSError, ClientDisconnect))
                 used = context.reported if aborted else 0.0
-            unsent = self._settle(context, quantity, used)
+            unsent = self._settle(context, quantity, used, unnamed_ok=preflight)
             if unsent is not None:
                 await self.tracker.send(unsent)
             raise
         finally:
             _current.reset(token)
         status, completed = watch.status, watch.completed
-        if preflight and context.customer_id is None:  # no gate of the app's took it (see above)
-            unsent = self._settle(context, quantity, 0.0)
-        elif completed and status < 400:
-            unsent = self._settle(context, quantity, quantity + context.reported)
+        if completed and status < 400:
+            used = quantity + context.reported
         else:  # bill_partial keeps what a disconnect cut short of a successful answer, never of an error answer
-            unsent = self._settle(context, quantity, context.reported if metered.bill_partial and status < 400 else 0.0)
+            used = context.reported if metered.bill_partial and status < 400 else 0.0
+        unsent = self._settle(context, quantity, used, unnamed_ok=preflight)
         if unsent is not None:
             await self.tracker.send(unsent)  # no lifespan: the response is already complete
 
-    def _settle(self, context: UsageContext, admitted: float, used: float) -> UsageEvent | None:
+    def _settle(
+        self, context: UsageContext, admitted: float, used: float, unnamed_ok: bool = False
+    ) -> UsageEvent | None:
         """Bill the finished request ``used`` units: its usage event is queued, or returned when no
         worker runs (the caller sends it inline). The quota counts what is billed instead of what
-        was admitted, until upstream confirms it."""
+        was admitted, until upstream confirms it. A late request that succeeded unnamed is not
+        billed, and said so unless ``unnamed_ok`` (a preflight, which the app's CORS layer answers)."""
         context.settled = True
         quota = context.quota
         customer = context.customer_id
@@ -520,7 +522,7 @@ class BillingMiddleware:
         if used <= 0 or customer is None or (quota is not None and not quota.tracked):
             if quota is not None:
                 quota.local -= admitted  # nothing on its way (flags and numeric limits are never tracked)
-            if used > 0 and customer is None:
+            if used > 0 and customer is None and not unnamed_ok:
                 self.unidentified += 1
                 self._log(
                     logging.WARNING,

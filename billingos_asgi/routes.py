@@ -260,9 +260,9 @@ class RouteTable:
         undeclared: list[tuple[str, str | None]] = []  # static UNDECLARED routes: an exclusion decides first
         # HEAD is GET without the body, unless configured on its own (or the table says what serves HEAD).
         head_follows_get = not isinstance(routes, FoundRoutes)
-        heads = {path for method, path in map(_split_key, routes or {}) if method == "HEAD"}
-        for key, value in (routes or {}).items():
-            method, path = _split_key(key)
+        entries = [(key, value, *_split_key(key)) for key, value in (routes or {}).items()]
+        heads = {path for _, _, method, path in entries if method == "HEAD"}
+        for key, value, method, path in entries:
             if value is UNDECLARED:
                 metered = self._default or _UNMETERED
             else:

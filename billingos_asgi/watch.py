@@ -16,8 +16,9 @@ from .routes import redirects_to_itself
 __all__ = ["ResponseWatch"]
 
 _PATHSEND = "http.response.pathsend"
-_CORS = (b"access-control-", b"vary")
 _ZEROCOPYSEND = "http.response.zerocopysend"
+#: The headers of an app's CORS layer, kept on a refusal sent in place of the app's 500.
+_CORS = (b"access-control-", b"vary")
 
 #: A framework's slash redirect: Starlette answers 307, Django 301 (never 303, "see other").
 _SLASH_REDIRECTS = frozenset({301, 302, 307, 308})

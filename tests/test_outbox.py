@@ -127,10 +127,17 @@ def test_another_applications_database_is_never_taken_over(tmp_path: Path) -> No
     db.close()
 
 
-def test_an_outbox_of_the_first_layout_keeps_its_events(tmp_path: Path) -> None:
-    path = tmp_path / "outbox.db"
+def written(path: Path, script: str) -> Path:
+    """A file as an older billingos-asgi left it (``script``: its SQL)."""
     db = sqlite3.connect(path)
-    db.executescript(
+    db.executescript(script)
+    db.close()
+    return path
+
+
+def test_an_outbox_of_the_first_layout_keeps_its_events(tmp_path: Path) -> None:
+    path = written(
+        tmp_path / "outbox.db",
         """
         CREATE TABLE outbox (
             idempotency_key TEXT PRIMARY KEY, customer_id TEXT NOT NULL, feature_key TEXT NOT NULL,
@@ -139,18 +146,16 @@ def test_an_outbox_of_the_first_layout_keeps_its_events(tmp_path: Path) -> None:
         CREATE INDEX outbox_batch ON outbox (batch_key);
         INSERT INTO outbox VALUES ('k1', 'c0', 'api_calls', '1.0', NULL, 'b1', 1234.5);
         INSERT INTO outbox VALUES ('k2', 'c1', 'api_calls', '2.5', NULL, NULL, NULL);
-        """
+        """,
     )
-    db.close()
     stored = Outbox(path, max_events=10).open()
     assert stored.batches == [(Batch.of((replayed(event("k1")),), "b1"), 1234.5)]
     assert stored.events == [replayed(event("k2", "c1", quantity=2.5))]
 
 
 def test_an_outbox_of_the_second_layout_keeps_its_events_and_marks_refusals(tmp_path: Path) -> None:
-    path = tmp_path / "outbox.db"
-    db = sqlite3.connect(path)
-    db.executescript(
+    path = written(
+        tmp_path / "outbox.db",
         """
         CREATE TABLE outbox (
             customer_id TEXT NOT NULL, idempotency_key TEXT NOT NULL, feature_key TEXT NOT NULL,
@@ -162,9 +167,8 @@ def test_an_outbox_of_the_second_layout_keeps_its_events_and_marks_refusals(tmp_
         INSERT INTO outbox VALUES ('c1', 'k2', 'api_calls', '2.5', NULL, NULL, NULL);
         PRAGMA application_id = 1868724273;
         PRAGMA user_version = 2;
-        """
+        """,
     )
-    db.close()
     outbox = Outbox(path, max_events=10)
     stored = outbox.open()
     assert stored.batches == [(Batch.of((replayed(event("k1")),), "b1"), 1234.5)]

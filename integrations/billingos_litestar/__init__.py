@@ -31,6 +31,7 @@ from litestar.handlers import BaseRouteHandler
 from litestar.plugins import InitPlugin
 
 from billingos_asgi import BillingDenied, get_usage_context
+from billingos_asgi.middleware import is_preflight
 
 __all__ = ["BillingPlugin", "CustomerOf"]
 
@@ -67,14 +68,8 @@ class BillingPlugin(InitPlugin):
         Not a CORS preflight: the browser sends it without credentials, and Litestar (its automatic
         OPTIONS handler, or ``cors_config``) answers it, unbilled."""
         context = get_usage_context()
-        if context is not None and not _is_preflight(connection):
+        if context is not None and not is_preflight(connection.scope):
             await context.identify_by(self.customer, connection)
-
-
-def _is_preflight(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
-    headers = connection.headers
-    method = connection.scope.get("method")
-    return method == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers
 
 
 def refusal(request: Request[Any, Any, Any], denied: BillingDenied) -> Response[bytes]:

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from quart import Quart, Request, Response, request
 
 from billingos_asgi import BillingDenied, get_usage_context
+from billingos_asgi.middleware import is_preflight
 
 __all__ = ["Billing", "CustomerOf"]
 
@@ -66,14 +67,9 @@ class Billing:
         OPTIONS) or the app's CORS extension (quart-cors' ``route_cors``, in the view) answers it,
         unbilled."""
         context = get_usage_context()
-        if context is not None and not _is_preflight():
+        if context is not None and not is_preflight(request.scope):
             context.bind_loop()  # sync views run in executor threads: their report_usage() comes back here
             await context.identify_by(self.customer, request)
-
-
-def _is_preflight() -> bool:
-    headers = request.headers
-    return request.method == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers
 
 
 async def refusal(denied: BillingDenied) -> Response:
