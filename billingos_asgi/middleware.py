@@ -527,8 +527,8 @@ class BillingMiddleware:
                 self._log(
                     logging.WARNING,
                     "%s: a late-identified request succeeded but the app never named its customer: "
-                    "%g unit(s) not billed (is the framework's adapter in place: Django's "
-                    "IdentifyCustomerMiddleware, Litestar's BillingPlugin, a metered(customer=...) dependency?)",
+                    "%g unit(s) not billed (is the framework's adapter in place: Django's IdentifyCustomerMiddleware, "
+                    "Litestar's BillingPlugin, Quart's Billing, a metered(customer=...) dependency?)",
                     context.feature,
                     used,
                 )

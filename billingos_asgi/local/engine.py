@@ -153,10 +153,8 @@ class LocalBilling:
         month aligns billing on the 1st, the current period ending then.
         """
         check_id("customer_id", customer_id)
-        if started_at is not None and started_at.tzinfo is None:
-            raise ValueError("started_at must be timezone-aware")
-        if started_at is not None and started_at.year >= 9999:  # a period ending past 9999 has no datetime
-            raise ValueError(f"started_at must be before the year 9999, got {started_at.isoformat()}")
+        if started_at is not None:
+            _check_start(started_at)
         await self._run(partial(self._store.set_plan, customer_id, plan_key, started_at, self._clock()))
 
     async def cancel_subscription(self, customer_id: str) -> None:
@@ -167,3 +165,16 @@ class LocalBilling:
     async def recorded_units(self, customer_id: str, feature_key: str) -> float:
         """Every unit ever recorded for the customer's feature, across all periods."""
         return await self._run(partial(self._store.recorded_units, customer_id, feature_key))
+
+
+def _check_start(started_at: datetime) -> None:
+    """Refuse a subscription start that every later call would fail to read back, in UTC as it is
+    stored (year 1 at 02:00+05:00 is year 0 there), or whose periods would end past the last datetime."""
+    if started_at.tzinfo is None:
+        raise ValueError("started_at must be timezone-aware")
+    try:
+        year = started_at.astimezone(timezone.utc).year
+    except OverflowError:
+        year = 0
+    if not 1 <= year < 9999:
+        raise ValueError(f"started_at must fall between the years 1 and 9999 (UTC), got {started_at.isoformat()}")

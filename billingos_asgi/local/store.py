@@ -147,10 +147,14 @@ class Store:
         A new subscription starts now; a changed plan keeps its anchor (its period and usage) unless
         started_at moves it, or its interval differs: usage is kept per period start, and the other
         interval's periods would start elsewhere (a new period starts now, as a billing cycle does).
+        No plan has no interval: a customer dropped to none and back keeps the period's usage, as
+        after a cancellation, rather than getting a fresh quota.
         """
         row = self._db.execute("SELECT plan_key FROM subscriptions WHERE customer_id = ?", (customer_id,)).fetchone()
-        if started_at is None and row is not None and self._interval(row[0]) != self._interval(plan_key):
-            started_at = now
+        if started_at is None and row is not None:
+            old, new = self._interval(row[0]), self._interval(plan_key)
+            if old is not None and new is not None and old != new:
+                started_at = now
         self._db.execute(
             "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
             "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key, "

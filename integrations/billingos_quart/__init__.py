@@ -15,7 +15,8 @@
 ``BillingMiddleware`` wraps Quart's ``asgi_app``, as Quart documents for ASGI middleware. Quart
 authenticates inside the app, so the middleware gets no ``customer=`` resolver: each metered
 request reaches Quart unidentified, and the ``before_request`` hook that :class:`Billing`
-registers, after the app's own hooks, names its customer and runs the gate there, before the view.
+registers, after the app's own hooks, names its customer and runs the gate there, before the view
+(answering a refusal itself: a blueprint's catch-all error handler would make it its own 500).
 The middleware outside still records the usage afterwards. Quart hands sync views to executor
 threads: what they report with ``report_usage()`` comes back to the event loop that owns the quotas.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from quart import Quart, Request, Response, request
+from quart import Blueprint, Quart, Request, Response, request
 
 from billingos_asgi import BillingDenied, get_usage_context
 from billingos_asgi.middleware import is_preflight
@@ -41,35 +42,44 @@ class Billing:
     ``customer(request)`` (sync or async) says who pays, from what the app's auth established (in
     ``g``, a session, Quart-Auth's ``current_user``); it is called only on metered requests not
     identified yet, and None answers 401 (if it raises, the middleware's ``on_error`` decides).
-    Quart runs ``before_request`` hooks in the order they were registered: create this after the
-    app's authentication hooks. A refusal (``BillingDenied``, from the hook or a view's own
-    ``identify``) is answered with BillingOS's problem response rather than Quart's 500.
+    Quart runs ``before_request`` hooks in the order they were registered, an app's before its
+    blueprints': create this after the app's authentication hooks, or on the blueprint whose hooks
+    authenticate (``Billing(blueprint, ...)``). A refusal (``BillingDenied``, from the hook or a
+    view's own ``identify``) is answered with BillingOS's problem response rather than Quart's 500.
     """
 
     __slots__ = ("customer",)
 
-    def __init__(self, app: Quart | None = None, *, customer: CustomerOf) -> None:
+    def __init__(self, app: Quart | Blueprint | None = None, *, customer: CustomerOf) -> None:
         if not callable(customer):  # (a dotted path, say): it would fail, and on_error decide, on every request
             raise ValueError(f"customer must be a function of the request, got {customer!r}")
         self.customer = customer
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Quart) -> None:
-        """Register the hook and the refusal's answer on ``app`` (for an app made in a factory)."""
+    def init_app(self, app: Quart | Blueprint) -> None:
+        """Register the hook and the refusal's answer on ``app`` (for an app made in a factory), or
+        on a blueprint (its requests only)."""
         app.before_request(self.identify)
         app.register_error_handler(BillingDenied, refusal)
 
-    async def identify(self) -> None:
-        """The hook: name the customer of a request the middleware left unidentified, and gate it.
+    async def identify(self) -> Response | None:
+        """The hook: name the customer of a request the middleware left unidentified, and gate it;
+        a refusal is its answer (returned: raised, a blueprint's own handler of every ``Exception``
+        would take it before the app's handler of refusals).
 
         Not a CORS preflight: the browser sends it without credentials, and Quart (its automatic
         OPTIONS) or the app's CORS extension (quart-cors' ``route_cors``, in the view) answers it,
         unbilled."""
         context = get_usage_context()
-        if context is not None and not is_preflight(request.scope):
-            context.bind_loop()  # sync views run in executor threads: their report_usage() comes back here
+        if context is None or is_preflight(request.scope):
+            return None
+        context.bind_loop()  # sync views run in executor threads: their report_usage() comes back here
+        try:
             await context.identify_by(self.customer, request)
+        except BillingDenied as denied:
+            return await refusal(denied)
+        return None
 
 
 async def refusal(denied: BillingDenied) -> Response:

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("quart")
 
-from quart import Quart, Request, g, request  # noqa: E402
+from quart import Blueprint, Quart, Request, g, request  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, from_api_key, report_usage  # noqa: E402
 from billingos_asgi.context import UsageContext  # noqa: E402
@@ -245,6 +245,68 @@ async def test_a_customer_resolved_before_quart_is_left_alone(billing: LocalBill
     assert answers == [200, 401]
     assert asked == [] and entered == ["search"]
     assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+def with_blueprint(billing: LocalBilling, api: Blueprint, routes: dict[str, str]) -> tuple[Quart, list[str]]:
+    """An app serving ``api`` (its ``GET /api/export`` view added here), metered by ``routes``, and
+    its log of the views entered."""
+    app = Quart(__name__)
+    entered: list[str] = []
+
+    @api.get("/export")
+    async def export() -> dict[str, str]:
+        entered.append("export")
+        return {"export": "started"}
+
+    app.register_blueprint(api)
+    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=routes)  # type: ignore[assignment,method-assign]
+    return app, entered
+
+
+async def authenticate() -> None:
+    """The app's auth, as a ``before_request`` hook of an app or a blueprint."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    g.account = Account(TOKENS[token]) if scheme == "Bearer" and token in TOKENS else None
+
+
+async def test_a_refusal_is_answered_past_a_blueprints_catch_all_error_handler(billing: LocalBilling) -> None:
+    """Quart asks a blueprint's error handlers before the app's: one of every Exception would take a
+    refusal raised by the hook and answer its own 500. The hook answers it instead."""
+    api = Blueprint("api", __name__, url_prefix="/api")
+
+    @api.errorhandler(Exception)
+    async def internal_error(error: Exception) -> tuple[dict[str, str], int]:
+        return {"error": "internal"}, 500
+
+    app, entered = with_blueprint(billing, api, {"GET /api/export": "export"})
+    app.before_request(authenticate)
+    Billing(app, customer=account_of)
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        anonymous = await client.get("/api/export")
+        free = await client.get("/api/export", headers=bearer("token-free"))
+        pro = await client.get("/api/export", headers=bearer("token-pro"))
+    assert (anonymous.status_code, free.status_code, pro.status_code) == (401, 403, 200)
+    assert anonymous.content_type == free.content_type == "application/problem+json"
+    assert (await free.get_json())["detail"] == "your plan does not include export"
+    assert entered == ["export"]
+
+
+async def test_billing_on_a_blueprint_gates_after_the_blueprints_own_auth(billing: LocalBilling) -> None:
+    """An app's before_request hooks run before its blueprints', whatever the order they were made
+    in: where a blueprint authenticates, Billing goes on the blueprint."""
+    api = Blueprint("api", __name__, url_prefix="/api")
+    api.before_request(authenticate)
+    Billing(api, customer=account_of)
+    app, entered = with_blueprint(billing, api, {"GET /api/export": "api_calls"})
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        answers = [await client.get("/api/export", headers=bearer("token-free")) for _ in range(11)]
+        anonymous = await client.get("/api/export")
+    assert [r.status_code for r in answers] == [200] * 10 + [429]
+    assert anonymous.status_code == 401 and anonymous.content_type == "application/problem+json"
+    assert entered == ["export"] * 10
+    assert await billing.recorded_units("user_free", "api_calls") == 10
 
 
 def test_a_customer_that_is_no_function_is_refused_at_start_up() -> None:

@@ -702,11 +702,36 @@ async def test_set_plan_started_at_must_be_aware(billing: LocalBilling) -> None:
 
 async def test_set_plan_refuses_a_start_whose_periods_end_past_the_last_datetime(billing: LocalBilling) -> None:
     last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)  # accepted, it broke every later call
-    with pytest.raises(ValueError, match="started_at must be before the year 9999"):
-        await billing.set_plan("alice", "pro", started_at=last)
+    new_year_in_utc = datetime(9998, 12, 31, 23, 59, tzinfo=timezone(timedelta(hours=-5)))
+    for refused in (last, new_year_in_utc):
+        with pytest.raises(ValueError, match=r"started_at must fall between the years 1 and 9999 \(UTC\)"):
+            await billing.set_plan("alice", "pro", started_at=refused)
     assert (await billing.check_entitlement("alice", "export")).has_access is False  # nothing assigned
     await billing.set_plan("alice", "pro", started_at=datetime(9998, 12, 31, 23, 59, tzinfo=timezone.utc))
     assert (await billing.check_entitlement("alice", "export")).has_access is True
+
+
+async def test_set_plan_refuses_a_start_before_the_year_1_in_utc(billing: LocalBilling) -> None:
+    """Year 1 at 02:00+05:00 is year 0 in UTC, as it is stored: accepted, no call of the customer's
+    could read it back (a 500 on every call of the server's)."""
+    with pytest.raises(ValueError, match="started_at must fall between the years 1 and 9999"):
+        await billing.set_plan("alice", "pro", started_at=datetime(1, 1, 1, 2, tzinfo=timezone(timedelta(hours=5))))
+    assert (await billing.check_entitlement("alice", "export")).has_access is False  # nothing assigned
+    await billing.set_plan("alice", "pro", started_at=datetime(1, 1, 1, 2, tzinfo=timezone.utc))
+    assert (await billing.check_entitlement("alice", "export")).has_access is True
+
+
+async def test_no_plan_and_back_keeps_the_periods_usage(billing: LocalBilling, clock: Clock) -> None:
+    """A customer dropped to no plan for a moment (a failed payment) and put back on it gets no fresh
+    quota, as after a cancellation: no plan has no interval, so the anchor stays."""
+    await billing.track_usage("alice", "api_calls", 10)
+    clock.advance(days=3)
+    await billing.set_plan("alice", None)
+    await billing.set_plan("alice", "free")
+    entitlement = await billing.check_entitlement("alice", "api_calls")
+    assert (entitlement.has_access, entitlement.usage, entitlement.resets_at) == (False, 10.0, PERIOD_END)
+    with pytest.raises(QuotaExceededError):
+        await billing.track_usage("alice", "api_calls", 1)
 
 
 # -- concurrency (real SQLite file) --

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
@@ -537,3 +538,25 @@ def test_rate_limiter_window_counts_down_and_reopens_after_a_minute() -> None:
     )
     now[0] += 0.25
     assert limiter.hit() == (True, {"X-RateLimit-Limit": "2", "X-RateLimit-Remaining": "1", "X-RateLimit-Reset": "60"})
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_served_in_a_thread_on_an_ipv6_address() -> None:
+    with serve_in_thread(create_app(LocalBilling.from_dict(PLANS), secret_key=SECRET_KEY), host="::1") as base_url:
+        assert re.fullmatch(r"http://\[::1\]:\d+", base_url)
+        async with BillingOS(SECRET_KEY, base_url=base_url) as client:
+            assert (await client.check_entitlement("user_free", "api_calls")).limit == 10
+
+
+def test_a_host_serve_in_thread_cannot_bind_leaves_no_socket_open() -> None:
+    with pytest.raises(OSError), serve_in_thread(create_app(LocalBilling.from_dict(PLANS)), host="203.0.113.1"):
+        pass  # (TEST-NET-3: no interface of this machine has it)
