@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -297,6 +298,15 @@ def declared(
     middleware saw it.
     """
     answer_refusals(app)  # now: the app reads its handlers when its stack is built, before collect()
+    schema_of = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The app's schema, also when asked before its first request (a script exporting it)."""
+        if app.openapi_schema is None:
+            deque(walk([*app.routes, _TriedLast(app)], find=_find, expand=_expand), maxlen=0)  # (documents them)
+        return schema_of()
+
+    app.openapi = openapi  # type: ignore[method-assign]  # (as FastAPI documents for extending the schema)
 
     def collect() -> dict[str, str | Metered | None]:
         answer_refusals(app)  # the apps mounted since

@@ -124,7 +124,16 @@ async def test_openapi_documents_the_answers_of_metered_routes_only(
 ) -> None:
     app = build(billing, [], declare)
     async with serve(app) as client:
-        schema = (await client.get("/openapi.json")).json()
+        assert_documented((await client.get("/openapi.json")).json())
+
+
+@DECLARED_AS
+def test_openapi_documents_them_before_the_first_request(billing: SpyBilling, declare: Callable[[Any], Any]) -> None:
+    """A script exporting the schema (to generate a client) asks the app before it ever served a request."""
+    assert_documented(build(billing, [], declare).openapi())
+
+
+def assert_documented(schema: dict[str, Any]) -> None:
     paths = schema["paths"]
     for path, method in (("/v1/search", "get"), ("/v1/chat", "post"), ("/v1/exports", "post")):
         responses = paths[path][method]["responses"]
