@@ -56,7 +56,7 @@ class Quota:
     # A request that succeeds with the units it was admitted for leaves it as it is.
     local: float = 0.0
     refusal: int = 403  # 403 when the entitlement refuses whatever the usage, else 0
-    guessed: bool = False  # usage raised here after a quota refusal: upstream's next figure replaces it
+    guessed: bool = False  # usage raised here after a quota refusal: the next check's figure replaces it
     tracked: bool = True  # False for flags and numeric limits: gated, never tracked
     fresh_until: float = -math.inf  # (monotonic) served as is until then
     usable_until: float = -math.inf  # (monotonic) served stale, while one refresh runs, until then
@@ -328,12 +328,14 @@ class EntitlementCache:
     def confirm(self, customer_id: str, feature_key: str, units: float, result: TrackUsageResult) -> None:
         """Upstream recorded ``units``: the track answer's usage figures refresh the entry."""
         quota = self._entries.settle((customer_id, feature_key), units)
-        if quota is None or quota.entitlement is None:
+        if quota is None or quota.entitlement is None or quota.guessed:
+            # Guessed full after a refusal, it stays so until a check says how full: this answer may
+            # be a retry's, which upstream answers with its first call's figures, older than the refusal.
             return
         usage = result.usage
         period_end = usage.period_end.timestamp()
-        if quota.resets_at is None or period_end > quota.resets_at or quota.guessed:
-            quota.usage, quota.resets_at, quota.guessed = usage.consumed_units, period_end, False
+        if quota.resets_at is None or period_end > quota.resets_at:
+            quota.usage, quota.resets_at = usage.consumed_units, period_end
         elif period_end == quota.resets_at:
             quota.usage = max(quota.usage, usage.consumed_units)
         quota.limit = usage.limit_units  # admission compares usage with the limit itself

@@ -212,6 +212,27 @@ async def test_after_a_quota_refusal_upstreams_next_figure_replaces_the_guess(
     assert (quota.usage, quota.admit(3), quota.admit(1)) == (2, 0, 429)  # upstream: 2 of 5 used
 
 
+async def test_after_a_quota_refusal_a_track_answer_leaves_the_guess_to_a_check(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A retry's answer is upstream's answer to its first call, whose figures may be older than the
+    refusal: had it replaced the guess, the quota would have looked open again for a TTL, every
+    request admitted on it served, then refused upstream (unbilled)."""
+    cache, _ = cache_for(billing, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert quota.admit(2) == 0
+    first = await billing.track_usage("c1", "api_calls", 2, "r1")  # recorded; its answer lost on the way
+    await billing.track_usage("c1", "api_calls", 3, "another-process")  # 5 of 5
+    assert quota.admit(1) == 0
+    cache.reject("c1", "api_calls", 1, QuotaExceededError("Usage would exceed limit"))
+    replay = await billing.track_usage("c1", "api_calls", 2, "r1")  # r1 retried: the first call's answer
+    assert replay == first and replay.usage.consumed_units == 2
+    cache.confirm("c1", "api_calls", 2, replay)
+    assert cache.get("c1", "api_calls") is None and quota.admit(1) == 429  # still full: a check is asked
+    assert await cache.fetch("c1", "api_calls") is quota
+    assert (quota.usage, quota.local, quota.admit(1)) == (5, 0, 429)
+
+
 async def test_a_track_answer_arriving_late_never_lowers_the_usage(billing: LocalBilling, clocks: Clocks) -> None:
     """Two batches of one key in flight at once (two senders, two flush windows): the answer of
     the first recorded may arrive last; its smaller figure must not undo the later one's."""
