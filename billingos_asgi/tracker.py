@@ -176,7 +176,7 @@ class Tracker:
         if self._seen is not None and self._is_duplicate(event):
             return True
         self.stats.queued += 1
-        if self._queued_events >= self._max_queue:
+        if self._queued_events + len(self._unsettled) >= self._max_queue:  # (with those a sender retries)
             self._give_up((event,), "dropped", "queue full")
             return True
         if self._seen is not None:

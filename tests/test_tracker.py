@@ -859,6 +859,25 @@ async def test_events_waiting_to_retry_are_in_the_backlog(billing: LocalBilling)
     assert (tracker.stats.in_doubt, tracker.backlog, unaccounted(tracker)) == (5, 0, 0)  # each call was made
 
 
+async def test_events_a_sender_retries_count_against_max_queue(billing: LocalBilling) -> None:
+    """Through an outage each sender holds its batch, retrying: those events left the queue's
+    count, and the queue refilled behind them, up to (senders + 1) x max_queue events in memory."""
+    backend = Failing(billing, failures=10**6, error=NetworkError("connection refused"))
+    upstream = Upstream(backend, breaker=CircuitBreaker(threshold=10**6))
+    tracker = Tracker(upstream, EntitlementCache(upstream), flush_interval=0, max_queue=10, drain_timeout=0)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        for wave in range(5):  # a customer each: each wave is a batch of its own, taken by a sender
+            for i in range(10):
+                tracker.submit(event(f"w{wave}-{i}", customer=f"c{wave}"))
+            with anyio.fail_after(10):  # taken by a sender (its first attempt failed), or dropped
+                while tracker.stats.retried + tracker.stats.dropped // 10 <= wave:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+        assert tracker.backlog + tracker.stats.in_flight == 10
+        assert (tracker.stats.queued, tracker.stats.dropped, unaccounted(tracker)) == (50, 40, 0)
+        await tracker.stop()
+
+
 async def test_an_inline_send_counts_as_queued_and_its_riders_wait_in_the_backlog(billing: LocalBilling) -> None:
     backend = Gated(billing)
     tracker = tracker_for(backend, max_queue=2)
