@@ -137,6 +137,7 @@ class Tracker:
         self._riders: dict[Key, list[UsageEvent]] = {}  # without a worker: events waiting for a send running
         self._confirmed: list[tuple[str, str]] = []  # (customer, key) of events to remove from the outbox
         self._queued_events = 0  # unwritten, pending, due and fixed
+        self._room = max_queue  # for queued events: max_queue less those the senders hold (unsettled)
         self._idle: list[anyio.Event] = []  # one per sender waiting for work
         self._window: anyio.Event | None = None  # set when the first event of a window arrives
         self._disk: anyio.Event | None = None  # set when the outbox writer has work
@@ -176,7 +177,7 @@ class Tracker:
         if self._seen is not None and self._is_duplicate(event):
             return True
         self.stats.queued += 1
-        if self._queued_events + len(self._unsettled) >= self._max_queue:  # (with those a sender retries)
+        if self._queued_events >= self._room:
             self._give_up((event,), "dropped", "queue full")
             return True
         if self._seen is not None:
@@ -300,6 +301,7 @@ class Tracker:
             volatile.clear()
         unsent = attempted + waiting
         self._unsettled.clear()
+        self._room = self._max_queue
         self._fixed.clear()
         self._due.clear()
         self._pending.clear()
@@ -466,6 +468,7 @@ class Tracker:
             unsettled = self._unsettled
             for event in batch.events:
                 unsettled[id(event)] = event
+            self._room = self._max_queue - len(unsettled)  # held while retried: the queue's bound counts them
             first_attempt = self._clock() if stamped is None else stamped
             await self._deliver(batch, first_attempt, fix=stamped is None)
 
@@ -730,6 +733,7 @@ class Tracker:
         unsettled = self._unsettled
         for event in events:
             unsettled.pop(id(event), None)
+        self._room = self._max_queue - len(unsettled)
         for kept in (self._inline, self._volatile):
             if kept:
                 for event in events:
