@@ -130,7 +130,12 @@ def _time(value: Any, key: str, body: Any) -> datetime:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise _fail(f"{key!r} is not an ISO-8601 timestamp: {value!r}", body) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    try:  # in UTC, as the wire has it: one that has no UTC datetime would fail whoever formats it next
+        return moment.astimezone(timezone.utc)
+    except OverflowError:
+        raise _fail(f"{key!r} is out of range in UTC: {value!r}", body) from None
 
 
 def _optional_time(value: Any, key: str, body: Any) -> datetime | None:

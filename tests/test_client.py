@@ -986,6 +986,9 @@ async def test_malformed_check_answer_is_invalid_response(body: Any) -> None:
         with_changes(TRACK_BODY, feature_key=7),
         with_changes(TRACK_BODY, usage=without(TRACK_BODY["usage"], "period_end")),
         with_changes(TRACK_BODY, usage=with_changes(TRACK_BODY["usage"], consumed_units=None)),
+        # No UTC datetime: accepted, they made whatever formatted them next fail (the usage endpoints: a 500).
+        with_changes(TRACK_BODY, usage=with_changes(TRACK_BODY["usage"], period_end="9999-12-31T23:59:59-23:59")),
+        with_changes(TRACK_BODY, recorded_at="0001-01-01T00:00:00+01:00"),
     ],
 )
 async def test_malformed_track_answer_is_invalid_response(body: Any) -> None:
