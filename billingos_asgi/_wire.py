@@ -18,7 +18,7 @@ JSON = dict[str, Any]
 
 def format_time(moment: datetime) -> str:
     """ISO-8601 UTC with milliseconds and ``Z``, as JavaScript's ``toISOString()`` writes it."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def format_number(value: float | None) -> float | int | None:
@@ -132,10 +132,10 @@ def _time(value: Any, key: str, body: Any) -> datetime:
         raise _fail(f"{key!r} is not an ISO-8601 timestamp: {value!r}", body) from None
     if moment.tzinfo is None:
         return moment.replace(tzinfo=timezone.utc)
-    try:  # in UTC, as the wire has it: one that has no UTC datetime would fail whoever formats it next
+    try:  # in UTC, as the wire has it: one without a UTC datetime would fail whoever formats it next
         return moment.astimezone(timezone.utc)
-    except OverflowError:
-        raise _fail(f"{key!r} is out of range in UTC: {value!r}", body) from None
+    except OverflowError:  # hours past the first or last datetime: the first or last there is
+        return (datetime.max if moment.year > 1 else datetime.min).replace(tzinfo=timezone.utc)
 
 
 def _optional_time(value: Any, key: str, body: Any) -> datetime | None:

@@ -42,6 +42,7 @@ from billingos_asgi import (
     UsageSnapshot,
     ValidationError,
 )
+from billingos_asgi._wire import track_result_to_json
 
 SECRET = "sk_test_abc"
 BASE_URL = "http://billing.test"
@@ -309,6 +310,23 @@ async def test_check_parses_numbers_given_as_strings() -> None:
     assert entitlement.usage == 2.5
     assert entitlement.remaining == 7.5
     assert entitlement.resets_at == datetime(2025, 2, 1, tzinfo=UTC)
+
+
+async def test_timestamps_past_the_first_or_last_utc_datetime_are_clamped_to_it() -> None:
+    """An offset hours past either end of time: no UTC datetime holds it, and whatever formatted it
+    next failed (the usage endpoints answered 500, and cached the answer that made them)."""
+    body = with_changes(
+        TRACK_BODY,
+        recorded_at="0001-01-01T00:00:00+01:00",
+        usage=with_changes(TRACK_BODY["usage"], period_end="9999-12-31T23:59:59-23:59"),
+    )
+    server = FakeServer(respond(201, body))
+    async with make_client(server) as billing:
+        result = await billing.track_usage("user_123", "api_calls", 5, idempotency_key="k")
+    first, last = datetime.min.replace(tzinfo=timezone.utc), datetime.max.replace(tzinfo=timezone.utc)
+    assert (result.recorded_at, result.usage.period_end) == (first, last)
+    assert track_result_to_json(result)["recorded_at"] == "0001-01-01T00:00:00.000Z"  # (strftime: "1-01-01...")
+    assert track_result_to_json(result)["usage"]["period_end"] == "9999-12-31T23:59:59.999Z"
 
 
 async def test_track_parses_string_numbers_and_z_timestamps_as_aware_utc() -> None:
@@ -986,9 +1004,6 @@ async def test_malformed_check_answer_is_invalid_response(body: Any) -> None:
         with_changes(TRACK_BODY, feature_key=7),
         with_changes(TRACK_BODY, usage=without(TRACK_BODY["usage"], "period_end")),
         with_changes(TRACK_BODY, usage=with_changes(TRACK_BODY["usage"], consumed_units=None)),
-        # No UTC datetime: accepted, they made whatever formatted them next fail (the usage endpoints: a 500).
-        with_changes(TRACK_BODY, usage=with_changes(TRACK_BODY["usage"], period_end="9999-12-31T23:59:59-23:59")),
-        with_changes(TRACK_BODY, recorded_at="0001-01-01T00:00:00+01:00"),
     ],
 )
 async def test_malformed_track_answer_is_invalid_response(body: Any) -> None:
