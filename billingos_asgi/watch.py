@@ -17,6 +17,8 @@ __all__ = ["ResponseWatch"]
 
 _PATHSEND = "http.response.pathsend"
 _ZEROCOPYSEND = "http.response.zerocopysend"
+#: The last message of a response whose start announced trailers (ASGI's HTTP trailers extension).
+_TRAILERS = "http.response.trailers"
 #: The headers of an app's CORS layer, kept on a refusal sent in place of the app's 500.
 _CORS = (b"access-control-", b"vary")
 
@@ -86,6 +88,7 @@ class ResponseWatch:
         "start",
         "status",
         "to_itself",
+        "trailers",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, context: UsageContext) -> None:
@@ -101,6 +104,7 @@ class ResponseWatch:
         self.left_once_sent = False  # the client left while (or after) the last message was being sent
         self.to_itself = False  # a framework's redirect to the canonical path: the request after it is billed
         self.refused = False  # the app's 500 was replaced by the refusal it was made of
+        self.trailers = False  # announced by the start: the last message is the trailers, not the body
 
     async def _answer_refusal(self, start: Message) -> bool:
         """Send the refusal that the app's 500 answers, if it answers one (the exception its error
@@ -125,7 +129,11 @@ class ResponseWatch:
         if message["type"] == "http.disconnect":
             if self.completed:
                 self.left_once_sent = True
-            elif self.start is not None and not self.to_itself and _served(self._scope, self.start, self.sent):
+            elif (
+                self.start is not None
+                and not (self.to_itself or self.trailers)
+                and _served(self._scope, self.start, self.sent)
+            ):
                 self.completed = True  # the client had it all, and left before the app's last message
             else:
                 self.disconnected = True
@@ -134,28 +142,33 @@ class ResponseWatch:
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            self.start = message
+            context = self._context
+            # A new message: the app's may be one it sends again (a constant), and its headers any
+            # iterable, a generator even, read once here.
+            headers = [*message.get("headers", ()), (b"x-request-id", context.request_id.encode())]
+            if "trailers" in message:  # (the HTTP trailers extension: the response ends with them)
+                self.trailers = bool(message["trailers"])
+            message = self.start = message.copy()
+            message["headers"] = headers
             status = self.status = message["status"]
             if 300 <= status < 400:
                 self.to_itself = _to_itself(self._scope, message)
             elif status == 500 and await self._answer_refusal(message):
                 return
-            context = self._context
             gated = context.quota
             if gated is not None and gated.limit is not None and status < 400 and not self.to_itself:  # billed
                 left = gated.limit - gated.usage - gated.local  # (its reported units included) clamped at 0 there
-                message["headers"] = [
-                    *message.get("headers", ()),
-                    (b"x-request-id", context.request_id.encode()),
-                    *quota_headers(context.feature, gated.limit, left, gated.resets_at),
-                ]
-            else:
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", context.request_id.encode())]
+                headers += quota_headers(context.feature, gated.limit, left, gated.resets_at)
         elif (
             (kind == "http.response.body" or kind == _ZEROCOPYSEND)
             and not message.get("more_body", False)
+            and not self.trailers
             or (kind == _PATHSEND)
+            or (kind == _TRAILERS and not message.get("more_trailers", False))
         ):
+            if self.completed:  # a second last message (which the server refuses): the first decided
+                await self._send(message)
+                return
             # Complete unless the client left before, or the send fails: a server may take the
             # last bytes and yield, and the client, served, close meanwhile (Hypercorn does);
             # under trio the app's disconnect listener (Starlette's) then cancels this send.
@@ -165,7 +178,10 @@ class ResponseWatch:
             except BaseException as exc:
                 cancelled_by_close = self.left_once_sent and isinstance(exc, anyio.get_cancelled_exc_class())
                 self.completed = self.completed and (
-                    cancelled_by_close or self.start is not None and _served(self._scope, self.start, self.sent)
+                    cancelled_by_close
+                    or self.start is not None
+                    and not self.trailers
+                    and _served(self._scope, self.start, self.sent)
                 )
                 raise
             return

@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usage
 from billingos_asgi.testing import lifespan
@@ -452,3 +452,128 @@ async def test_a_body_sent_with_zerocopysend_is_billed_once_complete(billing: Lo
         exchange = await call_raw(middleware, scope)
     assert exchange.error is None and exchange.status == 200
     assert await billing.recorded_units("user_free", "api_calls") == (0 if more else 1)
+
+
+# -- the app's messages, as the ASGI spec allows them --
+
+START: Message = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+BODY: Message = {"type": "http.response.body", "body": b"ok"}
+
+
+async def test_a_start_message_the_app_sends_again_is_left_as_it_was(billing: LocalBilling) -> None:
+    """A raw app's constant start message: the headers added to one answer went into it, and so into
+    every later answer, another customer's request id and quota into a free route's."""
+
+    async def constant(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await send(START)
+            await send(BODY)
+
+    middleware = BillingMiddleware(constant, billing=billing, customer=by_header, routes={"/metered": "api_calls"})
+    async with lifespan(middleware):
+        metered = [await call_raw(middleware, http_scope("/metered", headers=FREE)) for _ in range(3)]
+        free = await call_raw(middleware, http_scope("/free", headers=FREE))
+    assert START["headers"] == [(b"content-type", b"text/plain")]
+    assert free.headers == [(b"content-type", b"text/plain")]
+    assert len({answer.header("x-request-id") for answer in metered}) == 3  # (one each: header() asserts it)
+    assert [answer.header("ratelimit").partition(";t=")[0] for answer in metered] == [  # type: ignore[union-attr]
+        f'"api_calls";r={left}' for left in (9, 8, 7)
+    ]
+
+
+async def test_headers_given_as_a_generator_are_all_sent_on_a_redirect(billing: LocalBilling) -> None:
+    """Headers may be any iterable: read once to tell a redirect to itself, they were gone when sent."""
+
+    async def redirect(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = [(b"content-type", b"text/plain"), (b"location", b"https://example.com/next")]
+            await send({"type": "http.response.start", "status": 302, "headers": (h for h in headers)})
+            await send(BODY)
+
+    middleware = BillingMiddleware(redirect, billing=billing, customer=by_header, default_feature="api_calls")
+    async with lifespan(middleware):
+        answer = await call_raw(middleware, http_scope("/old", headers=FREE))
+    assert (answer.header("location"), answer.header("content-type")) == ("https://example.com/next", "text/plain")
+    assert await billing.recorded_units("user_free", "api_calls") == 1  # (a redirect elsewhere is an answer)
+
+
+def with_trailers(fail_before_trailers: bool = False) -> ASGIApp:
+    """A raw app announcing trailers (ASGI's HTTP trailers extension): the response ends with them."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": True})
+        await send({"type": "http.response.body", "body": b"payload"})
+        if fail_before_trailers:
+            raise RuntimeError("the checksum could not be computed")
+        await send({"type": "http.response.trailers", "headers": [(b"x-checksum", b"abc")]})
+
+    return app
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["trailers sent", "failed before them"])
+async def test_a_response_with_trailers_is_billed_once_they_are_sent(billing: LocalBilling, fail: bool) -> None:
+    middleware = BillingMiddleware(
+        with_trailers(fail), billing=billing, customer=by_header, default_feature="api_calls"
+    )
+    scope = http_scope("/checked", headers=FREE, extensions={"http.response.trailers": {}})
+    async with lifespan(middleware):
+        exchange = await call_raw(middleware, scope)
+    assert [m["type"] for m in exchange.messages][-1] == ("http.response.body" if fail else "http.response.trailers")
+    assert await billing.recorded_units("user_free", "api_calls") == (0 if fail else 1)
+
+
+@pytest.mark.parametrize("heard", [True, False], ids=["the app hears it", "the server's send fails"])
+async def test_a_client_leaving_before_the_trailers_is_not_billed(billing: LocalBilling, heard: bool) -> None:
+    """Every byte of the body is out, and still the response is not complete without its trailers."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"7")], "trailers": True}
+        )
+        await send({"type": "http.response.body", "body": b"payload"})
+        if heard:
+            assert (await receive())["type"] == "http.disconnect"
+        await send({"type": "http.response.trailers", "headers": [(b"x-checksum", b"abc")]})
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.trailers":
+            raise OSError("client went away")
+
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, default_feature="api_calls")
+    scope = http_scope("/checked", headers=FREE, extensions={"http.response.trailers": {}})
+    async with lifespan(middleware):
+        with pytest.raises(OSError, match="went away"):
+            await middleware(scope, receive, send)
+    assert middleware.tracker.stats.queued == 0
+
+
+async def test_a_second_last_message_the_server_refuses_leaves_the_answer_billed(billing: LocalBilling) -> None:
+    """The first last message completed the response; a stray one after it, refused by the server,
+    made it look cut short (as a plain error after a complete answer does not)."""
+
+    async def twice(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send(BODY)
+            await send(BODY)
+
+    async def on_send(message: Message) -> None:
+        if message is not BODY and message["type"] == "http.response.body":
+            return
+        if on_send.completed:  # type: ignore[attr-defined]
+            raise RuntimeError("Unexpected ASGI message 'http.response.body' sent, after response already completed.")
+        on_send.completed = message["type"] == "http.response.body"  # type: ignore[attr-defined]
+
+    on_send.completed = False  # type: ignore[attr-defined]
+    middleware = BillingMiddleware(twice, billing=billing, customer=by_header, default_feature="api_calls")
+    async with lifespan(middleware):
+        exchange = await call_raw(middleware, http_scope("/twice", headers=FREE), on_send=on_send)
+    assert isinstance(exchange.error, RuntimeError)
+    assert await billing.recorded_units("user_free", "api_calls") == 1
