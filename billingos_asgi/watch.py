@@ -148,7 +148,7 @@ class ResponseWatch:
             headers = [*message.get("headers", ()), (b"x-request-id", context.request_id.encode())]
             if "trailers" in message:  # (the HTTP trailers extension: the response ends with them)
                 self.trailers = bool(message["trailers"])
-            message = self.start = message.copy()
+            message = self.start = dict(message)
             message["headers"] = headers
             status = self.status = message["status"]
             if 300 <= status < 400:
