@@ -433,8 +433,8 @@ class BillingMiddleware:
             if not customer:
                 await self._deny(Denial(401, _SIGN_IN, Request(scope, receive), feature), scope, receive, send)
                 return
-        quantity = metered.quantity
-        if quantity is None or callable(quantity):  # before the lookup: awaited between it and the admission,
+        quantity = metered.fixed
+        if quantity is None:  # before the lookup: awaited between it and the admission,
             try:  # the entry could be evicted meanwhile, and units admitted on it counted where no one looks
                 quantity = await self._quantity(metered, Request(scope))  # the body stays the app's
             except Exception:
@@ -537,7 +537,9 @@ class BillingMiddleware:
         if quota is not None and used != admitted:  # billed less than it holds (a partial answer)
             quota.local += used - admitted
         counted = quota is not None  # let through with nothing cached: its units are not counted here
-        key = event_key(context.request_id, feature)
+        key = f"{context.request_id}:{feature}"  # event_key's common case, inline: a call less a request
+        if len(key) > MAX_ID_LENGTH:
+            key = event_key(context.request_id, feature)
         event: UsageEvent = _new_event((customer, feature, used, key, None, counted))
         return None if self.tracker.submit(event) else event
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -58,6 +58,8 @@ class Metered:
     quantity: float | QuantityFunction | None = 1
     bill_partial: bool = False
     late: bool = False
+    #: The quantity when it is a number (None: asked of the function, or reported), for the request path.
+    fixed: float | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         check_id("feature", self.feature)
@@ -70,6 +72,7 @@ class Metered:
                 raise ValueError(f"Metered({self.feature!r}): quantity must be a finite number >= 0, got {q!r}")
             if q != round(q, QUANTITY_DECIMALS):
                 raise ValueError(f"Metered({self.feature!r}): quantity {q!r} has more decimals than upstream's 6")
+            object.__setattr__(self, "fixed", q)
 
 
 #: What :meth:`RouteTable.match` answers for an excluded path: passed through unmetered on purpose,
