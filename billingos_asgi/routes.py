@@ -254,6 +254,7 @@ class RouteTable:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._parsed: list[tuple[str | None, re.Pattern[str], Metered]] = []  # typed parameters, as parsed
+        self._canonical_paths = canonical_paths
         configured: list[tuple[str, str, bool]] = []  # key, path, whether static
         if not isinstance(routes, Mapping | None):
             raise ValueError(f'routes must map "METHOD /path" to a feature, got {routes!r}')
@@ -355,7 +356,8 @@ class RouteTable:
         """The metering of ``method path``: None when it is not metered, :data:`EXCLUDED` when excluded.
 
         (``raw``: the path as requested, when ``path`` is its canonical form; ``collapsed``: ``raw``
-        with one leading slash and no repeated one, its final newlines kept, as Litestar routes it.)
+        with one leading slash and no repeated one, its final newlines kept, and with canonical
+        paths no trailing slash either: as Litestar routes it.)
         """
         found = self._exact.get((method, path))
         if found is not None:
@@ -373,9 +375,10 @@ class RouteTable:
             # Once, in one step: Starlette's route patterns end in "$", which matches before a final
             # newline ("/v1/export%0A" reaches /v1/export), and Litestar routes the canonical path,
             # with a leading slash where the request target had none ("GET v1/search HTTP/1.1").
-            return self.match(
-                method, canonical("/" + path.rstrip("\n")), raw=path, collapsed=_SLASHES.sub("/", "/" + path)
-            )
+            collapsed = _SLASHES.sub("/", "/" + path)
+            if self._canonical_paths:  # Litestar serves "/v1/files/" as "/v1/files" (a final newline stays)
+                collapsed = collapsed.rstrip("/") or "/"
+            return self.match(method, canonical("/" + path.rstrip("\n")), raw=path, collapsed=collapsed)
         if self._simple:
             return self._default
         if self._excluded_prefixes and (
@@ -388,8 +391,11 @@ class RouteTable:
         for routes in (self._dynamic, self._parsed):
             for route_method, regex, metered in routes:
                 if (route_method is None or route_method == method) and (
-                    regex.match(path) or raw is not None and (regex.match(raw) or regex.match(collapsed))
+                    regex.match(path)
+                    or raw is not None
+                    and (regex.match(collapsed) or not self._canonical_paths and regex.match(raw))
                 ):
-                    # (A template takes the path as requested too: "[^/]+" takes "/v1/search/\n"'s "\n".)
+                    # (A template takes the path as requested too, where the app routes it so: "[^/]+"
+                    # takes "/v1/search/\n"'s "\n"; with canonical paths, only as the app routes it.)
                     return metered if metered is not _UNMETERED else None
         return self._default

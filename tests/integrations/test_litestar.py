@@ -327,6 +327,25 @@ async def test_a_prefix_exclusion_leaves_the_route_litestar_serves_a_slash_as_me
     assert entered == ["/a.txt"]
 
 
+async def test_a_slash_litestar_serves_from_a_free_route_is_not_metered_as_a_template(
+    billing: LocalBilling, entered: list[str]
+) -> None:
+    """Litestar serves "/v1/files/" as the free listing at /v1/files, not as the metered
+    "/v1/files/{name:path}" that the path as requested matched: it was gated and billed."""
+    app = Litestar(
+        route_handlers=[listing, file],
+        plugins=[BillingPlugin(customer=lambda connection: "user_free")],
+        logging_config=None,
+    )
+    metered = BillingMiddleware(app, billing=billing, customer=None, routes={"GET /v1/files/{name:path}": "api_calls"})
+    async with serve(metered) as client:
+        answers = [await client.get(path) for path in ("/v1/files/", "/v1/files//", "/v1/files//a")]
+    assert [answer.status_code for answer in answers] == [200] * 3
+    assert ["ratelimit" in answer.headers for answer in answers] == [False, False, True]
+    assert entered == ["listing", "listing", "/a"]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
 @pytest.mark.parametrize("cors", [True, False], ids=["cors_config", "automatic OPTIONS"])
 async def test_a_cors_preflight_is_answered_by_litestar_unbilled(
     billing: LocalBilling, entered: list[str], cors: bool
