@@ -30,10 +30,11 @@ answers the ASGI lifespan that Django refuses, so its tracker starts and drains 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
@@ -45,6 +46,8 @@ from billingos_asgi.context import declared_context
 
 __all__ = ["CustomerOf", "IdentifyCustomerMiddleware", "metered", "signed_in_user"]
 
+logger = logging.getLogger("billingos_asgi")
+
 #: Set on a request that IdentifyCustomerMiddleware has identified (or let through by ``on_error``).
 _IDENTIFIED = "_billingos_identified"
 
@@ -52,17 +55,47 @@ CustomerOf = Callable[[HttpRequest], str | None | Awaitable[str | None]]
 View = TypeVar("View", bound=Callable[..., Any])
 
 
+_told_of_no_user = False
+
+
 async def signed_in_user(request: HttpRequest) -> str | None:
-    """The default ``BILLINGOS_CUSTOMER``: the signed-in user's primary key (None when anonymous)."""
-    user = await request.auser()
+    """The default ``BILLINGOS_CUSTOMER``: the signed-in user's primary key (None when anonymous).
+
+    No user at all (Django's ``AuthenticationMiddleware`` missing, or after ours) is nobody: a 401,
+    said once, rather than a failure that ``on_error="allow"`` would let through unbilled."""
+    global _told_of_no_user
+    auser = getattr(request, "auser", None)
+    if auser is None:
+        if not _told_of_no_user:
+            _told_of_no_user = True
+            logger.warning(
+                "billingos_django: the request has no user, so every metered request is answered 401:"
+                " django.contrib.auth.middleware.AuthenticationMiddleware must come before"
+                " billingos_django.IdentifyCustomerMiddleware in MIDDLEWARE"
+            )
+        return None
+    user = await auser()
     return str(user.pk) if user.is_authenticated else None
+
+
+def _in_djangos_thread(customer: Callable[[HttpRequest], Any]) -> CustomerOf:
+    """A sync ``BILLINGOS_CUSTOMER`` run as Django runs sync code under ASGI (its thread, not the
+    event loop): ``request.user`` queries the database, which Django refuses on the loop."""
+    run = sync_to_async(customer, thread_sensitive=True)
+
+    @functools.wraps(customer)
+    async def customer_of(request: HttpRequest) -> Any:
+        return await run(request)
+
+    return customer_of
 
 
 class IdentifyCustomerMiddleware:
     """Name the paying customer of a metered request once Django's auth has run, and gate it.
 
-    ``BILLINGOS_CUSTOMER`` (a callable or its dotted path, given the request, sync or async)
-    says who pays; it is called only on metered requests not identified yet (if it raises, the
+    ``BILLINGOS_CUSTOMER`` (a callable or its dotted path, given the request, sync or async: a
+    sync one runs in Django's thread for sync code, so it may read ``request.user``) says who
+    pays; it is called only on metered requests not identified yet (if it raises, the
     middleware's ``on_error`` decides). A refusal (401 when it answers None, 403, 429, 503) is
     answered here, as BillingOS's problem response: raised further, Django would make it a 500.
     """
@@ -76,6 +109,8 @@ class IdentifyCustomerMiddleware:
         self.customer: CustomerOf = import_string(customer) if isinstance(customer, str) else customer
         if not callable(self.customer):  # it would fail, and on_error decide, on every metered request
             raise ImproperlyConfigured(f"BILLINGOS_CUSTOMER must be a function of the request, got {customer!r}")
+        if not iscoroutinefunction(self.customer):
+            self.customer = _in_djangos_thread(self.customer)
         markcoroutinefunction(self)
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:

@@ -116,6 +116,12 @@ async def by_username(request: HttpRequest) -> str | None:
     return f"user_{user.get_username()}" if user.is_authenticated else None
 
 
+def signed_in_pk(request: HttpRequest) -> str | None:
+    """A sync ``BILLINGOS_CUSTOMER`` reading ``request.user``: a database query, which Django refuses
+    on the event loop (SynchronousOnlyOperation), so that on_error let signed-in users through free."""
+    return str(request.user.pk) if request.user.is_authenticated else None
+
+
 def session_store_down(request: HttpRequest) -> str | None:
     """A ``BILLINGOS_CUSTOMER`` that fails (the app's bug or outage, not a refusal)."""
     raise ConnectionError("session store unreachable")
@@ -294,6 +300,49 @@ async def test_the_customer_setting_names_who_pays(
     assert answers == [200] * 37 + [429]  # user_37's plan: 37 calls
     assert await billing.recorded_units("user_37", "api_calls") == 37
     assert await billing.recorded_units(pk, "api_calls") == 0
+
+
+async def test_a_sync_customer_setting_may_read_the_user(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]]
+) -> None:
+    pk, as_37 = sessions["37"]
+    await billing.set_plan(pk, "free")
+    with override_settings(BILLINGOS_CUSTOMER=f"{__name__}.signed_in_pk"):
+        app = build(billing)
+    async with serve(app) as client:
+        answers = [(await client.get("/v1/search", headers=as_37)).status_code for _ in range(11)]
+        anonymous = await client.get("/v1/search")
+    assert (answers, anonymous.status_code) == ([200] * 10 + [429], 401)
+    assert await billing.recorded_units(pk, "api_calls") == 10
+    assert app.unidentified == 0
+
+
+@pytest.mark.parametrize(
+    "middleware",
+    [
+        ["billingos_django.IdentifyCustomerMiddleware"],
+        [
+            "django.contrib.sessions.middleware.SessionMiddleware",
+            "billingos_django.IdentifyCustomerMiddleware",
+            "django.contrib.auth.middleware.AuthenticationMiddleware",
+        ],
+    ],
+    ids=["no auth middleware", "auth after ours"],
+)
+async def test_without_django_auth_before_it_every_metered_request_is_answered_401(
+    billing: LocalBilling,
+    pro: tuple[str, dict[str, str]],
+    entered: list[str],
+    middleware: list[str],
+) -> None:
+    """No request.user: the default customer function failed, and on_error="allow" served everyone free."""
+    pro_id, as_pro = pro
+    with override_settings(MIDDLEWARE=middleware):
+        app = build(billing)
+    async with serve(app) as client:
+        answers = [(await client.get("/v1/search", headers=headers)).status_code for headers in (as_pro, {})]
+    assert answers == [401, 401] and entered == []
+    assert await billing.recorded_units(pro_id, "api_calls") == 0
 
 
 @pytest.mark.parametrize(("on_error", "expected"), [("allow", 200), ("deny", 503)])
