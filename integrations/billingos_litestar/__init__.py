@@ -21,12 +21,15 @@ guard finds the customer known and does nothing.)
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from litestar import Request, Response
 from litestar.config.app import AppConfig
 from litestar.connection import ASGIConnection
+from litestar.exceptions import ImproperlyConfiguredException
 from litestar.handlers import BaseRouteHandler
 from litestar.plugins import InitPlugin
 
@@ -44,18 +47,20 @@ class BillingPlugin(InitPlugin):
 
     ``customer(connection)`` (sync or async) says who pays, from what the app's auth put in
     ``connection.user``; it is called only on metered requests not identified yet, and None
-    answers 401 (if it raises, the middleware's ``on_error`` decides). Guards run after every
+    answers 401 (if it raises, the middleware's ``on_error`` decides; reading a ``connection.user``
+    that the auth did not set, as Litestar's skips OPTIONS and excluded paths, is nobody: a 401). Guards run after every
     middleware, authentication included, whatever their order. A refusal (``BillingDenied``,
     from the guard or a handler's own ``identify``) is answered with BillingOS's problem response
     rather than Litestar's 500.
     """
 
-    __slots__ = ("customer",)
+    __slots__ = ("_customer_of", "customer")
 
     def __init__(self, customer: CustomerOf) -> None:
         if not callable(customer):  # (a dotted path, say): it would fail, and on_error decide, on every request
             raise ValueError(f"customer must be a function of the connection, got {customer!r}")
         self.customer = customer
+        self._customer_of = _nobody_without_user(customer)
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         app_config.guards.append(self.identify)
@@ -69,7 +74,23 @@ class BillingPlugin(InitPlugin):
         OPTIONS handler, or ``cors_config``) answers it, unbilled."""
         context = get_usage_context()
         if context is not None and not is_preflight(connection.scope):
-            await context.identify_by(self.customer, connection)
+            await context.identify_by(self._customer_of, connection)
+
+
+def _nobody_without_user(customer: CustomerOf) -> CustomerOf:
+    """``customer``, answering None where it reads a ``connection.user`` that the app's auth did not set."""
+
+    @functools.wraps(customer)
+    async def customer_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+        try:
+            answer = customer(connection)
+            return await answer if inspect.isawaitable(answer) else answer
+        except ImproperlyConfiguredException:
+            if "user" in connection.scope:
+                raise
+            return None  # the app's auth left this request alone: nobody signed in
+
+    return customer_of
 
 
 def refusal(request: Request[Any, Any, Any], denied: BillingDenied) -> Response[bytes]:

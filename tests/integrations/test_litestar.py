@@ -327,6 +327,27 @@ async def test_a_prefix_exclusion_leaves_the_route_litestar_serves_a_slash_as_me
     assert entered == ["/a.txt"]
 
 
+@pytest.mark.parametrize("on_error", ["allow", "deny"])
+async def test_a_user_litestars_auth_did_not_set_is_nobody(
+    billing: LocalBilling, entered: list[str], on_error: str
+) -> None:
+    """Litestar's auth middleware skips OPTIONS: reading connection.user then raises, and a customer
+    function that reads it (the README's) failed, on_error deciding: served free, or a 503."""
+    app = Litestar(
+        route_handlers=[search, broken],
+        middleware=[DefineMiddleware(TokenAuth)],
+        plugins=[BillingPlugin(customer=lambda connection: connection.user.customer_id)],
+        logging_config=None,
+    )
+    metered = BillingMiddleware(app, billing=billing, customer=None, routes=ROUTES, on_error=on_error)
+    async with serve(metered) as client:
+        options = await client.options("/v1/broken", headers=bearer("token-free"))  # (no Origin: no preflight)
+        searched = await client.get("/v1/search", headers=bearer("token-free"))
+    assert (options.status_code, options.headers["content-type"]) == (401, "application/problem+json")
+    assert searched.status_code == 200 and entered == ["search"]
+    assert metered.unidentified == 0
+
+
 async def test_a_slash_litestar_serves_from_a_free_route_is_not_metered_as_a_template(
     billing: LocalBilling, entered: list[str]
 ) -> None:
