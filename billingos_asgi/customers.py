@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import TypeVar
@@ -98,8 +99,11 @@ def from_api_key(
     """
     if not callable(lookup):  # the key store itself: every lookup would fail, and on_error decide
         raise ValueError(f"from_api_key needs a function of the key (a dict's .get), got {type(lookup).__name__}")
-    if cache_size < 1 or ttl <= 0:
-        raise ValueError("cache_size must be >= 1 and ttl > 0")
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+        raise ValueError(f"cache_size must be a whole number >= 1, got {cache_size!r}")
+    # Finite: a key revoked in the app's store must stop working here too, in time.
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        raise ValueError(f"ttl must be a number of seconds > 0, got {ttl!r}")
     header_name = header.lower().encode("latin-1")
     # key -> (customer, expiry). A plain dict in insertion order, oldest evicted first: every entry
     # lives ttl seconds from its insertion, so the oldest is also the one to expire first. A third
@@ -134,12 +138,17 @@ def from_api_key(
         return customer if hit else look_up(key)
 
     async def look_up(key: bytes) -> str | None:
+        failed = 0
         while (flight := flights.get(key)) is not None:
             await flight.wait()
             hit, customer = cached(key)
             if hit:
                 return customer
-            # The lookup failed (or was cancelled): try it here.
+            # The lookup failed (or was cancelled): one of the requests that waited tries again, once
+            # (a key store that is down would otherwise be asked by each of them in turn).
+            failed += 1
+            if failed > 1:
+                raise LookupError("the API key lookup failed twice while this request waited (the key left out)")
         flights[key] = flight = anyio.Event()
         try:
             try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -329,7 +329,7 @@ async def test_a_prefix_exclusion_leaves_the_route_litestar_serves_a_slash_as_me
 
 @pytest.mark.parametrize("on_error", ["allow", "deny"])
 async def test_a_user_litestars_auth_did_not_set_is_nobody(
-    billing: LocalBilling, entered: list[str], on_error: str
+    billing: LocalBilling, entered: list[str], on_error: Literal["allow", "deny"]
 ) -> None:
     """Litestar's auth middleware skips OPTIONS: reading connection.user then raises, and a customer
     function that reads it (the README's) failed, on_error deciding: served free, or a 503."""
