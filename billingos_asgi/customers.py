@@ -19,6 +19,8 @@ import anyio
 from starlette.requests import Request
 from starlette.types import Scope
 
+from ._validation import customer_answer
+
 __all__ = ["CustomerResolver", "ScopeResolver", "from_api_key", "from_state", "from_user"]
 
 logger = logging.getLogger("billingos_asgi")
@@ -66,8 +68,7 @@ def from_user(attribute: str = "identity") -> ScopeResolver:
             )
         if user is None or not getattr(user, "is_authenticated", False):
             return None
-        value = getattr(user, attribute, None)
-        return None if value is None else str(value)
+        return _stored_id(getattr(user, attribute, None), f"from_user({attribute!r})")
 
     return ScopeResolver(resolve)
 
@@ -76,8 +77,7 @@ def from_state(attribute: str = "customer_id") -> ScopeResolver:
     """An attribute of ``request.state`` set by the app's own auth middleware (placed outside ours)."""
 
     def resolve(scope: Scope) -> str | None:
-        value = scope.get("state", {}).get(attribute)
-        return None if value is None else str(value)
+        return _stored_id(scope.get("state", {}).get(attribute), f"from_state({attribute!r})")
 
     return ScopeResolver(resolve)
 
@@ -157,7 +157,7 @@ def from_api_key(
                     answer = await answer  # type: ignore[misc]
             except Exception as exc:  # its message may quote the key (a database error's parameters)
                 raise LookupError(f"the API key lookup failed with {type(exc).__name__} (the key left out)") from None
-            customer = None if answer is None else str(answer)
+            customer = _stored_id(answer, "the API key lookup")
             expiry = monotonic() + ttl
             if customer is None:
                 _insert_last(unknown, key, expiry, cache_size)
@@ -169,6 +169,17 @@ def from_api_key(
             flight.set()
 
     return ScopeResolver(resolve)
+
+
+def _stored_id(value: object, source: str) -> str | None:
+    """The customer id an app stored: a string, or an integer (a database key) in digits. Anything
+    else is refused by its type: ``str()`` of a record (an API key row) would send it, secrets
+    and all, upstream as the customer id."""
+    if isinstance(value, str):
+        return value  # (checked as any resolver's answer is)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return customer_answer(value, source)  # None, or refused
 
 
 V = TypeVar("V")

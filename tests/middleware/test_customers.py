@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -314,6 +315,35 @@ async def test_from_state_set_by_an_outer_middleware(billing: LocalBilling) -> N
     assert [r.json() for r in pro] == [{"customer": "user_pro"}] * 2
     assert anonymous.status_code == 401
     assert await billing.recorded_units("user_pro", "api_calls") == 2
+
+
+@dataclass
+class ApiKeyRow:
+    """What a key store's lookup may return by mistake: the record, secret key and all."""
+
+    key: str
+    customer_id: str
+
+
+async def test_the_ready_resolvers_take_a_string_or_a_database_key_and_nothing_else() -> None:
+    """Anything else was made a string: an API key's record went upstream as the customer id (its
+    key in it, and back in the "Customer not found" message), bytes as "b'user_123'"."""
+    row = ApiKeyRow("ck_live_SECRET", "user_123")
+    keys: dict[str, object] = {"by-id": "user_123", "by-pk": 42, "by-row": row}
+    lookup = from_api_key(keys.get)
+    assert [await resolved(lookup, key) for key in ("by-id", "by-pk")] == ["user_123", "42"]
+    with pytest.raises(TypeError, match="the API key lookup returned an object of type ApiKeyRow") as refused:
+        await resolved(lookup, "by-row")
+    assert "SECRET" not in str(refused.value)
+    for state, expected in (("user_123", "user_123"), (7, "7"), (None, None)):
+        assert from_state().from_scope({"state": {"customer_id": state}}) == expected
+    for wrong in (b"user_123", True, {"id": "user_123"}):
+        with pytest.raises(TypeError, match=r"from_state\('customer_id'\) returned an object of type"):
+            from_state().from_scope({"state": {"customer_id": wrong}})
+    user = SimpleUser("user_123")
+    assert from_user().from_scope({"user": user}) == "user_123"
+    with pytest.raises(TypeError, match=r"from_user\('tokens'\) returned an object of type dict"):
+        from_user("tokens").from_scope({"user": type("User", (), {"is_authenticated": True, "tokens": {}})()})
 
 
 async def test_async_resolver_and_async_callable_object(billing: LocalBilling) -> None:
