@@ -237,6 +237,19 @@ def _retryable(error: BillingOSError, budgeted: bool) -> bool:
     return isinstance(error, (NetworkError, ServerError)) or (isinstance(error, RateLimitError) and not budgeted)
 
 
+def _check_timeout(timeout: object) -> None:
+    """A timeout in seconds (or an ``httpx.Timeout`` of them), finite and > 0: NaN was taken, and
+    failed every call with a bare ValueError from deep in the network code, which was retried forever."""
+    seconds: list[object] = [timeout]
+    if isinstance(timeout, httpx.Timeout):
+        seconds = [timeout.connect, timeout.read, timeout.write, timeout.pool]
+    for value in seconds:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf
+        ):
+            raise ValidationError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+
+
 class BillingOS:
     """Async client for the hosted BillingOS API (one pooled connection set; use ``async with``).
 
@@ -255,6 +268,7 @@ class BillingOS:
         limits: httpx.Limits = DEFAULT_LIMITS,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        _check_timeout(timeout)
         key = _resolve_secret_key(secret_key)
         self.base_url = _resolve_base_url(base_url, key)
         self.retry = retry or RetryPolicy()

@@ -1269,6 +1269,22 @@ def test_missing_secret_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(caught.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    "timeout",
+    [float("nan"), float("inf"), 0, -1, True, "5", httpx.Timeout(5.0, connect=float("nan")), httpx.Timeout(-1.0)],
+)
+def test_a_timeout_that_is_no_finite_number_of_seconds_is_refused(timeout: Any) -> None:
+    """NaN was taken: every call then failed with anyio's bare ValueError, which the tracker retried forever."""
+    with pytest.raises(ValidationError, match="timeout must be a finite number of seconds > 0"):
+        BillingOS(SECRET, base_url=BASE_URL, timeout=timeout)
+
+
+async def test_a_timeout_may_be_a_number_or_httpx_s_with_parts_unset() -> None:
+    for timeout in (2, 0.5, httpx.Timeout(5.0, pool=None)):
+        async with make_client(FakeServer(respond(200, CHECK_BODY)), timeout=timeout) as billing:
+            assert (await billing.check_entitlement("user_123", "api_calls")).has_access
+
+
 def test_empty_secret_key_is_refused() -> None:
     with pytest.raises(ValidationError):
         BillingOS(secret_key="", base_url=BASE_URL, transport=FakeServer(respond(200, {})).transport)
