@@ -131,9 +131,11 @@ def _resolve_base_url(base_url: str | None, secret_key: str) -> str:
     # The two settings swapped (in a .env file, say) put a key here: the refusals below must not show it.
     shown = _KEY_LIKE.sub(_MASK, url)
     try:
-        parsed = httpx.URL(url)
+        parsed: httpx.URL | None = httpx.URL(url)
     except httpx.InvalidURL as exc:  # checked here, or the client's constructor raises it unexplained
-        raise ValidationError(f"{setting} is not a valid URL: {_KEY_LIKE.sub(_MASK, str(exc))}") from None
+        parsed, fault = None, _KEY_LIKE.sub(_MASK, str(exc))
+    if parsed is None:  # raised out of the except block: httpx's error, which may quote a key, not its context
+        raise ValidationError(f"{setting} is not a valid URL: {fault}")
     # A query or fragment would swallow every call's path; a user:password would replace the key
     # with Basic auth (and show in repr and in the messages below).
     if parsed.userinfo or "?" in url or "#" in url:

@@ -151,12 +151,15 @@ def from_api_key(
                 raise LookupError("the API key lookup failed twice while this request waited (the key left out)")
         flights[key] = flight = anyio.Event()
         try:
+            failure = None
             try:
                 answer = lookup(key.decode("latin-1"))
                 if is_async or inspect.isawaitable(answer):
                     answer = await answer  # type: ignore[misc]
             except Exception as exc:  # its message may quote the key (a database error's parameters)
-                raise LookupError(f"the API key lookup failed with {type(exc).__name__} (the key left out)") from None
+                failure = type(exc).__name__
+            if failure is not None:  # raised out of the except block: the lookup's error is not its context
+                raise LookupError(f"the API key lookup failed with {failure} (the key left out)")
             customer = _stored_id(answer, "the API key lookup")
             expiry = monotonic() + ttl
             if customer is None:

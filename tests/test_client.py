@@ -1439,6 +1439,7 @@ def test_a_bad_base_url_is_refused_naming_the_setting(
         BillingOS(secret_key=SECRET, transport=FakeServer(respond(200, {})).transport, **arguments)
     assert isinstance(caught.value, ValueError)
     assert "hunter2" not in str(caught.value)
+    assert caught.value.__context__ is None  # not even httpx's error, quoting the URL, behind it
 
 
 @pytest.mark.parametrize(

@@ -154,6 +154,7 @@ async def concurrently(resolver: CustomerResolver, key: str, count: int) -> tupl
                 "the API key lookup failed with ConnectionError (the key left out)",
                 "the API key lookup failed twice while this request waited (the key left out)",
             )
+            assert failure.__context__ is None  # not even the lookup's error, which may quote the key, behind it
             failed += 1
 
     async with anyio.create_task_group() as tg:
