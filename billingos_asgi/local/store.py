@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     customer_id TEXT PRIMARY KEY,
     plan_key    TEXT,
     status      TEXT NOT NULL DEFAULT 'active',
-    started_at  REAL NOT NULL
+    started_at  REAL NOT NULL,
+    interval    TEXT  -- the billing interval its periods follow from started_at (kept through no plan)
 );
 CREATE TABLE IF NOT EXISTS usage_totals (
     customer_id  TEXT NOT NULL,
@@ -65,7 +66,8 @@ _TABLES = {"subscriptions", "usage_totals", "usage_events", "idempotency"}
 #: Marks our files (``PRAGMA application_id``): another application's database is never written to.
 _APPLICATION_ID = 0x626F736C  # "bosl"
 #: ``PRAGMA user_version`` of the layout above; a file a newer billingos-asgi laid out is refused, not misread.
-_LAYOUT = 1
+#: Layout 1 had no ``subscriptions.interval``: added on opening, NULL (the plan's own interval).
+_LAYOUT = 2
 
 _NO_SUBSCRIPTION = "No active subscription with this feature"
 
@@ -97,11 +99,14 @@ class Store:
 
     def _prepare(self, on_disk: bool, catalog: Catalog, now: datetime) -> None:
         """Check the file is ours, create or mark its tables, and assign the catalog's customers."""
-        claim(self._db, _APPLICATION_ID, _LAYOUT, _TABLES)  # before anything is written: WAL mode is too
+        tables, _, _ = claim(self._db, _APPLICATION_ID, _LAYOUT, _TABLES)  # before anything is written
         if on_disk:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
         with self._transaction(write=True):  # a file locked by another process is refused here too
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(subscriptions)")}
+            if "subscriptions" in tables and "interval" not in columns:  # (layout 1)
+                self._db.execute("ALTER TABLE subscriptions ADD COLUMN interval TEXT")
             for statement in _SCHEMA.split(";"):
                 self._db.execute(statement)
             self._db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
@@ -147,19 +152,31 @@ class Store:
         A new subscription starts now; a changed plan keeps its anchor (its period and usage) unless
         started_at moves it, or its interval differs: usage is kept per period start, and the other
         interval's periods would start elsewhere (a new period starts now, as a billing cycle does).
-        No plan has no interval: a customer dropped to none and back keeps the period's usage, as
-        after a cancellation, rather than getting a fresh quota.
+        No plan has no interval: the anchor's stays, so that a customer dropped to none and back
+        keeps the period's usage (as after a cancellation, rather than getting a fresh quota), and
+        one put on another interval's plan meanwhile starts a new period.
         """
-        row = self._db.execute("SELECT plan_key FROM subscriptions WHERE customer_id = ?", (customer_id,)).fetchone()
-        if started_at is None and row is not None:
-            old, new = self._interval(row[0]), self._interval(plan_key)
-            if old is not None and new is not None and old != new:
-                started_at = now
+        row = self._db.execute(
+            "SELECT plan_key, interval FROM subscriptions WHERE customer_id = ?", (customer_id,)
+        ).fetchone()
+        new = self._interval(plan_key)
+        old = None if row is None else row[1] or self._interval(row[0])
+        if started_at is None and row is not None and None not in (old, new) and old != new:
+            started_at = now
         self._db.execute(
-            "INSERT INTO subscriptions (customer_id, plan_key, status, started_at) VALUES (?, ?, 'active', ?) "
+            "INSERT INTO subscriptions (customer_id, plan_key, status, started_at, interval) "
+            "VALUES (?, ?, 'active', ?, ?) "
             "ON CONFLICT (customer_id) DO UPDATE SET plan_key = excluded.plan_key, "
-            "status = CASE WHEN ? THEN 'active' ELSE status END, started_at = COALESCE(?, started_at)",
-            (customer_id, plan_key, _ts(started_at or now), activate, None if started_at is None else _ts(started_at)),
+            "status = CASE WHEN ? THEN 'active' ELSE status END, started_at = COALESCE(?, started_at), "
+            "interval = excluded.interval",
+            (
+                customer_id,
+                plan_key,
+                _ts(started_at or now),
+                new or old,
+                activate,
+                None if started_at is None else _ts(started_at),
+            ),
         )
 
     def _interval(self, plan_key: str | None) -> str | None:

@@ -721,6 +721,18 @@ async def test_set_plan_refuses_a_start_before_the_year_1_in_utc(billing: LocalB
     assert (await billing.check_entitlement("alice", "export")).has_access is True
 
 
+async def test_another_intervals_plan_after_no_plan_starts_a_new_period(billing: LocalBilling, clock: Clock) -> None:
+    """Daily -> no plan -> monthly: the day's usage was read as the month's, the month anchored on
+    the day's start (its start seen through "no plan", which has no interval of its own)."""
+    await billing.set_plan("carol", "daily")
+    await billing.track_usage("carol", "api_calls", 5)
+    switched = clock.advance(hours=5)
+    await billing.set_plan("carol", None)
+    await billing.set_plan("carol", "fifty")
+    monthly = await billing.check_entitlement("carol", "api_calls")
+    assert (monthly.usage, monthly.resets_at) == (0, switched + (PERIOD_END - START))
+
+
 async def test_no_plan_and_back_keeps_the_periods_usage(billing: LocalBilling, clock: Clock) -> None:
     """A customer dropped to no plan for a moment (a failed payment) and put back on it gets no fresh
     quota, as after a cancellation: no plan has no interval, so the anchor stays."""
@@ -915,12 +927,34 @@ def test_a_database_marked_by_another_application_is_refused(database: Path, clo
 def test_a_database_laid_out_by_a_newer_version_is_refused(database: Path, clock: Clock) -> None:
     LocalBilling.from_dict(PLANS, database, clock=clock).close()
     with contextlib.closing(sqlite3.connect(database)) as db:
-        db.execute("PRAGMA user_version = 2")
+        db.execute("PRAGMA user_version = 3")
     with pytest.raises(ValueError) as caught:
         LocalBilling.from_dict(PLANS, database, clock=clock)
     assert str(caught.value) == (
-        f"{database}: cannot open the billing database: its layout 2 is from a newer billingos-asgi (this one reads 1)"
+        f"{database}: cannot open the billing database: its layout 3 is from a newer billingos-asgi (this one reads 2)"
     )
+
+
+LAYOUT_1_SUBSCRIPTIONS = """
+CREATE TABLE subscriptions (
+    customer_id TEXT PRIMARY KEY, plan_key TEXT, status TEXT NOT NULL DEFAULT 'active', started_at REAL NOT NULL
+)"""
+
+
+async def test_a_database_of_layout_1_is_opened_with_its_subscriptions_and_usage(database: Path, clock: Clock) -> None:
+    """Layout 2 adds the interval a subscription's periods follow (kept through "no plan")."""
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.execute(LAYOUT_1_SUBSCRIPTIONS)
+        db.execute("INSERT INTO subscriptions VALUES ('carol', 'daily', 'active', ?)", (START.timestamp(),))
+        db.execute("PRAGMA user_version = 1")
+        db.commit()
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as billing:
+        await billing.track_usage("carol", "api_calls", 2)
+        await billing.set_plan("carol", None)
+        await billing.set_plan("carol", "daily")  # the same interval: the day's usage is kept
+        assert (await billing.check_entitlement("carol", "api_calls")).usage == 2
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
 
 
 async def test_a_database_from_before_the_mark_is_kept_and_marked(database: Path, clock: Clock) -> None:
@@ -934,7 +968,7 @@ async def test_a_database_from_before_the_mark_is_kept_and_marked(database: Path
         assert await consumed(billing, "alice") == 3.0
     with contextlib.closing(sqlite3.connect(database)) as db:
         assert db.execute("PRAGMA application_id").fetchone() != (0,)
-        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
 
 
 async def test_memory_database_works(clock: Clock) -> None:
