@@ -109,8 +109,8 @@ class IdentifyCustomerMiddleware:
         self.customer: CustomerOf = import_string(customer) if isinstance(customer, str) else customer
         if not callable(self.customer):  # it would fail, and on_error decide, on every metered request
             raise ImproperlyConfigured(f"BILLINGOS_CUSTOMER must be a function of the request, got {customer!r}")
-        if not iscoroutinefunction(self.customer):
-            self.customer = _in_djangos_thread(self.customer)
+        if not (iscoroutinefunction(self.customer) or iscoroutinefunction(type(self.customer).__call__)):
+            self.customer = _in_djangos_thread(self.customer)  # (an object whose __call__ is async is not)
         markcoroutinefunction(self)
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:

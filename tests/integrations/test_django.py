@@ -122,6 +122,16 @@ def signed_in_pk(request: HttpRequest) -> str | None:
     return str(request.user.pk) if request.user.is_authenticated else None
 
 
+class ByUsername:
+    """A ``BILLINGOS_CUSTOMER`` that is an object, its ``__call__`` async."""
+
+    async def __call__(self, request: HttpRequest) -> str | None:
+        return await by_username(request)
+
+
+by_username_object = ByUsername()
+
+
 def session_store_down(request: HttpRequest) -> str | None:
     """A ``BILLINGOS_CUSTOMER`` that fails (the app's bug or outage, not a refusal)."""
     raise ConnectionError("session store unreachable")
@@ -289,11 +299,12 @@ async def test_a_failing_answer_is_not_billed(
     assert await billing.recorded_units(pro_id, "api_calls") == 1
 
 
+@pytest.mark.parametrize("customer", ["by_username", "by_username_object"])
 async def test_the_customer_setting_names_who_pays(
-    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]]
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], customer: str
 ) -> None:
     pk, as_37 = sessions["37"]
-    with override_settings(BILLINGOS_CUSTOMER=f"{__name__}.by_username"):
+    with override_settings(BILLINGOS_CUSTOMER=f"{__name__}.{customer}"):
         app = build(billing)  # the handler reads its middleware settings when built
     async with serve(app) as client:
         answers = [(await client.get("/v1/search", headers=as_37)).status_code for _ in range(38)]
