@@ -115,12 +115,16 @@ class Quota:
         refused = not entitlement.has_access and (limit is None or entitlement.reason != "quota_exceeded")
         self.refusal = 403 if refused else 0
         usage = entitlement.usage or 0.0
-        if resets_at == self.resets_at and self.usage > usage and not self.guessed:
+        same_period = resets_at == self.resets_at
+        # Guessed full, and a track answer (whose figures were not taken) crossed this check: the
+        # check may miss its units, so the guess holds until the next check, asked at once.
+        keep_guess = self.guessed and raced and same_period
+        if same_period and self.usage > usage and (not self.guessed or keep_guess):
             usage = self.usage  # a check answered before our last confirmed track
-        if raced and resets_at == self.resets_at and limit is not None and self.limit is not None:
+        if raced and same_period and limit is not None and self.limit is not None:
             limit = min(limit, self.limit)
         self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
-        self.guessed = False
+        self.guessed = keep_guess
 
 
 class _Flight:
@@ -328,7 +332,11 @@ class EntitlementCache:
     def confirm(self, customer_id: str, feature_key: str, units: float, result: TrackUsageResult) -> None:
         """Upstream recorded ``units``: the track answer's usage figures refresh the entry."""
         quota = self._entries.settle((customer_id, feature_key), units)
-        if quota is None or quota.entitlement is None or quota.guessed:
+        if quota is None or quota.entitlement is None:
+            return
+        self._confirms += 1
+        quota.confirmed = self._confirms  # a check on its way meanwhile may not count these units
+        if quota.guessed:
             # Guessed full after a refusal, it stays so until a check says how full: this answer may
             # be a retry's, which upstream answers with its first call's figures, older than the refusal.
             return
@@ -339,8 +347,6 @@ class EntitlementCache:
         elif period_end == quota.resets_at:
             quota.usage = max(quota.usage, usage.consumed_units)
         quota.limit = usage.limit_units  # admission compares usage with the limit itself
-        self._confirms += 1
-        quota.confirmed = self._confirms
         self._stamp(quota)
 
     def reject(self, customer_id: str, feature_key: str, units: float, error: Exception | None) -> None:

@@ -273,6 +273,30 @@ class Delayed:
         return answer
 
 
+async def test_a_check_crossing_a_track_answer_leaves_the_guess_of_full_in_place(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """After a refusal the entry is guessed full; a check reading usage before a track recorded
+    its units, answered after that track's answer (whose figures a guessed entry does not take),
+    must not open the quota again: the guess holds, and the next request asks again."""
+    backend = Delayed(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")  # 5 units a period
+    assert quota.admit(2) == 0 and quota.admit(1) == 0  # E1 (2 units) and E2 (1) on their way
+    await billing.track_usage("c1", "api_calls", 3, "another-process")
+    cache.reject("c1", "api_calls", 1, QuotaExceededError("Usage would exceed limit"))  # E2: 4 of 5, guessed full
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads 3 of 5...
+        await backend.answered.wait()
+        recorded = await billing.track_usage("c1", "api_calls", 2, "E1")  # ...then E1 makes it 5 of 5
+        cache.confirm("c1", "api_calls", 2, recorded)
+        backend.held.set()
+    assert (quota.local, quota.admit(1)) == (0, 429)  # (it read 3 of 5: two more would have been let through)
+    assert cache.get("c1", "api_calls") is None  # asked again
+    assert await cache.fetch("c1", "api_calls") is quota and quota.usage == 5 and quota.admit(1) == 429
+
+
 async def test_a_check_answered_in_the_last_period_never_undoes_a_newer_track_answer(
     billing: LocalBilling, clocks: Clocks
 ) -> None:
