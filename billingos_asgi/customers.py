@@ -14,6 +14,7 @@ import math
 from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import TypeVar
+from uuid import UUID
 
 import anyio
 from starlette.requests import Request
@@ -111,7 +112,7 @@ def from_api_key(
     answers: dict[bytes, tuple[str, float]] = {}
     # Keys no customer has, apart (key -> expiry): a flood of made-up keys never pushes out good ones.
     unknown: dict[bytes, float] = {}
-    flights: dict[bytes, anyio.Event] = {}  # keys being looked up, for the requests that wait on them
+    flights: dict[bytes, _Lookup] = {}  # keys being looked up, for the requests that wait on them
     is_async = inspect.iscoroutinefunction(lookup)
 
     def cached(key: bytes) -> tuple[bool, str | None]:
@@ -140,16 +141,16 @@ def from_api_key(
     async def look_up(key: bytes) -> str | None:
         failed = 0
         while (flight := flights.get(key)) is not None:
-            await flight.wait()
+            await flight.done.wait()
             hit, customer = cached(key)
             if hit:
                 return customer
-            # The lookup failed (or was cancelled): one of the requests that waited tries again, once
-            # (a key store that is down would otherwise be asked by each of them in turn).
-            failed += 1
+            # Failed, cancelled (its request gone) or already evicted: tried again here. A failure
+            # only once: a key store that is down would otherwise be asked by each waiter in turn.
+            failed += flight.failed
             if failed > 1:
                 raise LookupError("the API key lookup failed twice while this request waited (the key left out)")
-        flights[key] = flight = anyio.Event()
+        flights[key] = flight = _Lookup()
         try:
             failure = None
             try:
@@ -167,20 +168,33 @@ def from_api_key(
             else:
                 _insert_last(answers, key, (customer, expiry), cache_size)
             return customer
+        except Exception:
+            flight.failed = True
+            raise
         finally:
             del flights[key]
-            flight.set()
+            flight.done.set()
 
     return ScopeResolver(resolve)
 
 
+class _Lookup:
+    """One lookup of a key under way, for the requests that wait on it."""
+
+    __slots__ = ("done", "failed")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.failed = False  # it raised (not cancelled: its request went away)
+
+
 def _stored_id(value: object, source: str) -> str | None:
-    """The customer id an app stored: a string, or an integer (a database key) in digits. Anything
-    else is refused by its type: ``str()`` of a record (an API key row) would send it, secrets
-    and all, upstream as the customer id."""
+    """The customer id an app stored: a string, an integer (a database key) in digits, or a UUID.
+    Anything else is refused by its type: ``str()`` of a record (an API key row) would send it,
+    secrets and all, upstream as the customer id."""
     if isinstance(value, str):
         return value  # (checked as any resolver's answer is)
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int | UUID) and not isinstance(value, bool):
         return str(value)
     return customer_answer(value, source)  # None, or refused
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +196,39 @@ async def test_from_api_key_tries_a_failed_lookup_once_more_for_those_waiting() 
     assert attempts == 2
 
 
+async def test_from_api_key_a_lookup_cancelled_with_its_request_is_no_failure() -> None:
+    """A request gone (its lookup cancelled with it) left the others to try again, which counted as a
+    failure: the second cancellation failed the third request, that nothing had failed."""
+    started: list[anyio.Event] = []
+
+    async def lookup(key: str) -> str | None:
+        started.append(anyio.Event())
+        started[-1].set()
+        await anyio.sleep(0.05)
+        return f"owner-of-{key}"
+
+    resolver = from_api_key(lookup)
+    answers: list[str | None] = []
+    async with anyio.create_task_group() as tg:
+        scopes = [anyio.CancelScope() for _ in range(2)]
+
+        async def leaving(scope: anyio.CancelScope) -> None:
+            with scope:
+                await resolved(resolver, "k")
+
+        async def staying() -> None:
+            answers.append(await resolved(resolver, "k"))
+
+        for scope in scopes:
+            tg.start_soon(leaving, scope)
+        tg.start_soon(staying)
+        for scope in scopes:  # each request leaves while its lookup runs, the next one taking over
+            while len(started) <= scopes.index(scope):  # noqa: ASYNC110 - waiting for the lookup to start
+                await anyio.sleep(0.001)
+            scope.cancel()
+    assert answers == ["owner-of-k"] and len(started) == 3
+
+
 async def test_from_api_key_never_looks_up_or_keeps_an_oversized_key() -> None:
     lookups: list[str] = []
 
@@ -327,8 +361,8 @@ class ApiKeyRow:
 
 
 async def test_the_ready_resolvers_take_a_string_or_a_database_key_and_nothing_else() -> None:
-    """Anything else was made a string: an API key's record went upstream as the customer id (its
-    key in it, and back in the "Customer not found" message), bytes as "b'user_123'"."""
+    """And a UUID (a primary key). Anything else was made a string: an API key's record went upstream
+    as the customer id (its key in it, and back in the "Customer not found" message), bytes as "b'user_123'"."""
     row = ApiKeyRow("ck_live_SECRET", "user_123")
     keys: dict[str, object] = {"by-id": "user_123", "by-pk": 42, "by-row": row}
     lookup = from_api_key(keys.get)  # type: ignore[arg-type]  # (a lookup answering what the store holds)
@@ -336,7 +370,8 @@ async def test_the_ready_resolvers_take_a_string_or_a_database_key_and_nothing_e
     with pytest.raises(TypeError, match="the API key lookup returned an object of type ApiKeyRow") as refused:
         await resolved(lookup, "by-row")
     assert "SECRET" not in str(refused.value)
-    for state, expected in (("user_123", "user_123"), (7, "7"), (None, None)):
+    account = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    for state, expected in (("user_123", "user_123"), (7, "7"), (account, str(account)), (None, None)):
         assert from_state().from_scope({"state": {"customer_id": state}}) == expected
     for wrong in (b"user_123", True, {"id": "user_123"}):
         with pytest.raises(TypeError, match=r"from_state\('customer_id'\) returned an object of type"):
