@@ -85,9 +85,9 @@ def _nobody_without_user(customer: CustomerOf) -> CustomerOf:
         try:
             answer = customer(connection)
             return await answer if inspect.isawaitable(answer) else answer
-        except ImproperlyConfiguredException:
-            if "user" in connection.scope:
-                raise
+        except ImproperlyConfiguredException as exc:
+            if "user" in connection.scope or not str(exc.detail).startswith("'user' is not defined"):
+                raise  # (a session without its middleware, say: a failure, for on_error)
             return None  # the app's auth left this request alone: nobody signed in
 
     return customer_of

@@ -348,6 +348,22 @@ async def test_a_user_litestars_auth_did_not_set_is_nobody(
     assert metered.unidentified == 0
 
 
+@pytest.mark.parametrize(("on_error", "expected"), [("allow", 200), ("deny", 503)])
+async def test_another_setup_error_of_the_customer_function_is_a_failure_on_error_decides(
+    billing: LocalBilling, entered: list[str], on_error: Literal["allow", "deny"], expected: int
+) -> None:
+    """Only a user the auth did not set is nobody: a session read without its middleware is the
+    app's failure, logged and decided by on_error, not a silent 401."""
+    app = Litestar(
+        route_handlers=[search],
+        plugins=[BillingPlugin(customer=lambda connection: connection.session.get("customer"))],
+        logging_config=None,
+    )
+    metered = BillingMiddleware(app, billing=billing, customer=None, routes=ROUTES, on_error=on_error)
+    async with serve(metered) as client:
+        assert (await client.get("/v1/search")).status_code == expected
+
+
 async def test_a_slash_litestar_serves_from_a_free_route_is_not_metered_as_a_template(
     billing: LocalBilling, entered: list[str]
 ) -> None:
