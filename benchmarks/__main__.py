@@ -140,7 +140,7 @@ def goals(sections: dict[str, Section]) -> list[Goal]:
         on_cost, off_cost = counted.data["per_request"][APP_LABELS["billing"]], counted.data["untracked"]
         found.append(
             Goal(
-                "... the same by CPU instructions per request, in-process (callgrind: no noise)",
+                "... the same by CPU instructions per request, in-process (callgrind; one track call a 100 requests)",
                 f">= {TRACKING_GOAL:.2f}x",
                 f"{off_cost / on_cost:.2f}x ({on_cost - off_cost:+,.0f} instructions a request)",
                 off_cost / on_cost >= TRACKING_GOAL,

@@ -100,8 +100,8 @@ class Section:
 
 
 def command(part: str) -> str:
-    """How to rerun one part (``make bench`` runs them all)."""
-    return f".venv/bin/python -m benchmarks --only {part}"
+    """How to rerun one part (``make bench`` runs them all, and installs the peers and tools they need first)."""
+    return f".venv/bin/python -m benchmarks --only {part} (after make bench has installed the bench extra)"
 
 
 def free_port() -> int:

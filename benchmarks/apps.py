@@ -101,7 +101,7 @@ def fastapi_app() -> ASGIApp:
 
 
 def billing_middleware(
-    app: ASGIApp, backend: InMemoryBackend, routes: Mapping[str, str] = METERED_ROUTES
+    app: ASGIApp, backend: InMemoryBackend, routes: Mapping[str, str] = METERED_ROUTES, **options: Any
 ) -> BillingMiddleware:
     """Ours, around ``app`` (as ``add_middleware`` would put it, but keeping a handle on the instance)."""
     return BillingMiddleware(
@@ -110,11 +110,12 @@ def billing_middleware(
         customer=customer_from_header,
         routes=routes,
         calls_per_minute=None,  # the in-memory backend has no rate limit to respect
+        **options,
     )
 
 
-def billing_app(backend: InMemoryBackend) -> ASGIApp:
-    return billing_middleware(starlette_app(), backend)
+def billing_app(backend: InMemoryBackend, **options: Any) -> BillingMiddleware:
+    return billing_middleware(starlette_app(), backend, **options)
 
 
 def slowapi_app() -> ASGIApp:

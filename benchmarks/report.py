@@ -137,7 +137,8 @@ def markdown(stamp: dict[str, str], goals: Sequence[Goal], sections: dict[str, S
         f"- **Packages:** {stamp['packages']}",
         "",
         "Shared, noisy machines (other work runs at the same time): compare the ratios within one run, "
-        "not figures across runs. Every comparison alternates its subjects round by round and keeps the median.",
+        "not figures across runs. Every timed comparison alternates its subjects round by round and keeps the "
+        "median; instruction counts (deterministic) and memory (a plateau) come from single runs.",
         "",
         "## Goals",
         "",
