@@ -12,8 +12,9 @@ import anyio.from_thread
 import anyio.lowlevel
 from starlette.requests import Request
 
+from ._exceptions import ValidationError
 from ._models import Entitlement
-from ._validation import QUANTITY_DECIMALS, check_id, check_quantity, customer_answer
+from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS, check_id, check_quantity, customer_answer
 
 if TYPE_CHECKING:
     from .cache import Quota
@@ -99,6 +100,10 @@ class UsageContext:
     def _add(self, units: float) -> bool:
         if self.settled:
             return False
+        if self.quantity + self.reported + units > MAX_QUANTITY:  # one event: upstream would refuse it all
+            raise ValidationError(
+                f"report_usage({units:g}): the request's units would pass upstream's maximum of {MAX_QUANTITY}"
+            )
         self.reported += units
         quota = self.quota
         if quota is not None and quota.tracked:  # pending from now on: requests admitted meanwhile see them

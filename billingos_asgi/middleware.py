@@ -563,8 +563,8 @@ class BillingMiddleware:
             if isinstance(fetched, Denial):
                 raise self._refusal(fetched)
             quota = fetched
-            if context._same_customer(customer):
-                return  # identified by a concurrent call meanwhile
+        if context._same_customer(customer):
+            return  # identified by a concurrent call meanwhile (its customer function awaited, or the check)
         context._still_open("identify()")  # (a task outliving the request may have waited for the check)
         if quota is not None:
             status = quota.admit(context.quantity)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -466,16 +467,27 @@ async def test_units_reported_before_the_customer_is_named_count_on_the_quota(
     assert await billing.recorded_units("user_free", "api_calls") == 10
 
 
-async def test_two_concurrent_identifications_admit_the_request_once(billing: LocalBilling) -> None:
-    """Two parts of a handler name the customer at once, while the check of a cold cache runs:
-    the request is admitted once, and holds one unit of the quota, not two."""
+async def customer_after_a_turn(request: Request) -> str:
+    """An app's async customer function (a session read): the loop turns before it answers."""
+    await anyio.lowlevel.checkpoint()
+    return "user_free"
+
+
+@pytest.mark.parametrize("by_function", [False, True], ids=["identify", "identify_by"])
+async def test_two_concurrent_identifications_admit_the_request_once(billing: LocalBilling, by_function: bool) -> None:
+    """Two parts of a handler name the customer at once, while the check of a cold cache runs (or,
+    the cache warm, while an async customer function answers): the request is admitted once, and
+    holds one unit of the quota, not two (identify_by admitted twice, and one unit stayed held for good)."""
 
     async def both(request: Request) -> Response:
         context = get_usage_context(request)
         assert context is not None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(context.identify, "user_free")
-            tg.start_soon(context.identify, "user_free")
+            for _ in range(2):
+                if by_function:
+                    tg.start_soon(context.identify_by, customer_after_a_turn, request)
+                else:
+                    tg.start_soon(context.identify, "user_free")
         return JSONResponse({})
 
     async def one(request: Request) -> Response:

@@ -28,6 +28,7 @@ from billingos_asgi import (
     Metered,
     NetworkError,
     UsageContext,
+    ValidationError,
     get_usage_context,
     report_usage,
 )
@@ -197,6 +198,28 @@ async def test_reported_units_from_fastapi_sync_and_async_endpoints(billing: Loc
     assert sync.status_code == 200 and sync.json() == {"ok": "sync"}
     assert asynchronous.json() == {"request_id": asynchronous.headers["x-request-id"]}
     assert await billing.recorded_units("user_free", "tokens") == 11
+
+
+async def test_a_report_taking_the_request_past_upstreams_maximum_is_refused(billing: LocalBilling) -> None:
+    """Each report valid alone, their sum past what upstream takes in one event: the whole event was
+    refused upstream, and the request, fixed unit included, billed nothing."""
+    refused: list[str] = []
+
+    async def huge(request: Request) -> Response:
+        report_usage(6e13)
+        try:
+            report_usage(6e13)
+        except ValidationError as error:
+            refused.append(str(error))
+        return PlainTextResponse("ok")
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/huge", huge)]), billing=billing, customer=by_header, default_feature="tokens"
+    )
+    async with serve(middleware) as client:
+        assert (await client.get("/huge", headers=as_customer("user_pro"))).status_code == 200
+    assert refused == ["report_usage(6e+13): the request's units would pass upstream's maximum of 99999999999999"]
+    assert await billing.recorded_units("user_pro", "tokens") == 1 + 6e13
 
 
 async def test_report_usage_outside_a_metered_request_raises() -> None:
