@@ -101,7 +101,7 @@ class Section:
 
 def command(part: str) -> str:
     """How to rerun one part (``make bench`` runs them all, and installs the peers and tools they need first)."""
-    return f".venv/bin/python -m benchmarks --only {part} (after make bench has installed the bench extra)"
+    return f".venv/bin/python -m benchmarks --only {part}"
 
 
 def free_port() -> int:

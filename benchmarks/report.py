@@ -152,7 +152,8 @@ def markdown(stamp: dict[str, str], goals: Sequence[Goal], sections: dict[str, S
             continue
         out += ["", f"## {heading}"]
         for table in section.tables:
-            out += ["", f"### {table.title}", "", table.measures, "", f"Command: `{table.command}`", ""]
+            rerun = f"Command: `{table.command}` (once `make bench` has installed the `bench` extra)"
+            out += ["", f"### {table.title}", "", table.measures, "", rerun, ""]
             out.append(table.markdown())
             out += [""] + [f"_{note}_" for note in table.notes] if table.notes else []
         for title, text in section.data.get("blocks", []):
