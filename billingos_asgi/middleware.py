@@ -312,6 +312,7 @@ class BillingMiddleware:
             parsed_parameters = self._strips_root_path
         routed = routed_app(app)
         self._root_path = _own_root_path(app, routed)
+        self._routes_whole_path = routed is not None  # Starlette's routing: a root path ends at a slash
         # Wrapped from outside, a late refusal would reach the app's error middleware first (a 500):
         # the app answers it itself (registered before its first call, when it reads its handlers).
         answer_refusals(routed)
@@ -372,9 +373,12 @@ class BillingMiddleware:
         if root_path and path.startswith(root_path):
             if path[len(root_path) : len(root_path) + 1] in ("/", ""):
                 path = path[len(root_path) :]  # route on what the app routes on, as Starlette does
-            elif self._strips_root_path or self.routes.match(scope["method"], path) is None:
+            elif self._strips_root_path or (
+                not self._routes_whole_path and self.routes.match(scope["method"], path) is None
+            ):
                 # "GET v1/search" under root "/api" (uvicorn prepends it): Starlette routes the
-                # whole path "/apiv1/search", Litestar and Quart what follows the root path, "/v1/search".
+                # whole path "/apiv1/search", Litestar and Quart what follows the root path, "/v1/search";
+                # another framework, as the table finds it.
                 path = path[len(root_path) :]
         elif root_path and self._litestar and root_path in path:
             # "/x/api/v1/search" under "/api", from a server that leaves the path as requested

@@ -19,6 +19,7 @@ parse, where no other route of the table does, as Litestar routes them (``/items
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -362,6 +363,16 @@ class RouteTable:
         found = self._exact.get((method, path))
         if found is not None:
             return found
+        found = self._match(method, path, raw, collapsed)
+        if found is EXCLUDED and raw is None and "/." in path:
+            # Dot segments: a handler that resolves them (StaticFiles) serves "/static/free/../paid.zip"
+            # from outside the excluded "/static/free/*": excluded only where what they resolve to is.
+            resolved = "/" + posixpath.normpath(path).lstrip("/")
+            if resolved != path:
+                return self.match(method, resolved)
+        return found
+
+    def _match(self, method: str, path: str, raw: str | None, collapsed: str) -> Metered | None:
         if path in self._excluded:
             return EXCLUDED
         if not method.isupper():
@@ -378,9 +389,37 @@ class RouteTable:
             collapsed = _SLASHES.sub("/", "/" + path)
             if self._canonical_paths:  # Litestar serves "/v1/files/" as "/v1/files" (a final newline stays)
                 collapsed = collapsed.rstrip("/") or "/"
+            else:
+                stripped = path[:-1] if path[-1:] == "\n" else path  # (what a "$" takes before its newline)
+                if stripped != canonical(stripped):
+                    # No static route takes the path as requested ("/v1/health/", "/v1//health"), but a
+                    # template may ("/v1/{rest:path}"), and the app runs it: it decides before any
+                    # exclusion or static route of the canonical path (the app's slash redirect, else).
+                    for routes in (self._dynamic, self._parsed):
+                        for route_method, regex, metered in routes:
+                            if (route_method is None or route_method == method) and regex.match(path):
+                                return metered if metered is not _UNMETERED else None
             return self.match(method, canonical("/" + path.rstrip("\n")), raw=path, collapsed=collapsed)
         if self._simple:
             return self._default
+        if self._excluded_prefixes and (
+            path.startswith(self._excluded_prefixes) or (raw is not None and raw.startswith(self._raw_prefixes))
+        ):
+            return EXCLUDED  # ("/static/*" takes "/static/", not "/static")
+        for pattern in self._excluded_patterns:
+            if pattern.match(path):
+                return EXCLUDED
+        for routes in (self._dynamic, self._parsed):
+            for route_method, regex, metered in routes:
+                if (route_method is None or route_method == method) and (
+                    regex.match(path)
+                    or raw is not None
+                    and (regex.match(collapsed) or not self._canonical_paths and regex.match(raw))
+                ):
+                    # (A template takes the path as requested too, where the app routes it so: "[^/]+"
+                    # takes "/v1/search/\n"'s "\n"; with canonical paths, only as the app routes it.)
+                    return metered if metered is not _UNMETERED else None
+        return self._default
         if self._excluded_prefixes and (
             path.startswith(self._excluded_prefixes) or (raw is not None and raw.startswith(self._raw_prefixes))
         ):

@@ -17,6 +17,7 @@ from starlette.middleware.httpsredirect import HTTPSRedirectMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, UsageEvent, report_usage
@@ -26,7 +27,9 @@ from billingos_asgi.routes import EXCLUDED, UNDECLARED, FoundRoutes, RouteTable,
 from billingos_asgi.testing import lifespan
 from tests.asgi import serve
 
-from .support import PLANS, as_customer, by_header, call_raw, http_scope, raw_http
+from .support import CUSTOMER_HEADER, PLANS, as_customer, by_header, call_raw, http_scope, raw_http
+
+FREE = [(CUSTOMER_HEADER, "user_free")]
 
 
 async def hello(request: Request) -> Response:
@@ -864,3 +867,68 @@ def test_leaving_out_the_customer_is_an_error_not_an_app_served_free(billing: Lo
         BillingMiddleware(Starlette(), billing=billing, default_feature="api_calls")  # type: ignore[call-arg]
     late = BillingMiddleware(Starlette(), billing=billing, customer=None, default_feature="api_calls")  # said so
     assert late.routes.match("GET", "/") is not None
+
+
+async def test_dot_segments_do_not_take_a_file_out_of_an_excluded_prefix(billing: LocalBilling, tmp_path: Path) -> None:
+    """StaticFiles resolves "..": "/static/free/../paid.zip" (as a server passes "%2E%2E" on, decoded)
+    started with the excluded "/static/free/" and was served, ungated and unbilled, from outside it."""
+    (tmp_path / "free").mkdir()
+    (tmp_path / "free" / "readme.txt").write_text("free")
+    (tmp_path / "paid.zip").write_text("PAID")
+    app = Starlette(routes=[Mount("/static", StaticFiles(directory=tmp_path))])
+    middleware = BillingMiddleware(
+        app, billing=billing, customer=by_header, default_feature="api_calls", exclude=["/static/free/*"]
+    )
+    async with lifespan(middleware):
+        escaping = [
+            await call_raw(middleware, http_scope(path))
+            for path in ("/static/free/../paid.zip", "/static/free/./../paid.zip")
+        ]
+        staying = await call_raw(middleware, http_scope("/static/free/./readme.txt"))
+        paid = await call_raw(middleware, http_scope("/static/free/../paid.zip", headers=FREE))
+    assert [exchange.status for exchange in escaping] == [401, 401]
+    assert (staying.status, staying.header("x-request-id")) == (200, None)
+    assert paid.status == 200 and await billing.recorded_units("user_free", "api_calls") == 1
+
+
+@pytest.mark.parametrize("path", ["/files/readme/", "/files//readme", "/v1/health/", "/v1//health"])
+async def test_a_template_taking_a_path_as_requested_meters_it_before_the_canonical_paths_exclusion(
+    billing: LocalBilling, path: str
+) -> None:
+    """Starlette runs "/files/{p:path}" for "/files/readme/" (no static route takes it): the free
+    static route and the exclusion of the canonical path let it through, ungated and unbilled."""
+    ran: list[str] = []
+
+    async def download(request: Request) -> Response:
+        ran.append(request.path_params["p"])
+        return PlainTextResponse("file")
+
+    app = Starlette(
+        routes=[Route("/files/readme", hello), Route("/files/{p:path}", download), Route("/v1/{p:path}", download)]
+    )
+    middleware = BillingMiddleware(
+        app,
+        billing=billing,
+        customer=by_header,
+        routes={"GET /files/readme": None, "GET /files/{p:path}": "api_calls", "GET /v1/{p:path}": "api_calls"},
+        exclude=["/v1/health"],
+    )
+    async with lifespan(middleware):
+        anonymous = await call_raw(middleware, http_scope(path))
+        signed_in = await call_raw(middleware, http_scope(path, headers=FREE))
+    assert (anonymous.status, signed_in.status) == (401, 200)
+    assert len(ran) == 1 and await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_a_root_path_ending_mid_segment_leaves_a_free_route_starlette_serves_free(
+    billing: LocalBilling,
+) -> None:
+    """Under root path "/api", Starlette routes "/apiv1/search" whole, to its free route; the
+    middleware, finding the whole path unmetered, matched "v1/search" and gated it as /v1/search."""
+    app = Starlette(routes=[Route("/apiv1/search", hello), Route("/v1/search", hello)])
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes={"/v1/search": "api_calls"})
+    scope = http_scope("/apiv1/search")
+    scope["root_path"] = "/api"
+    async with lifespan(middleware):
+        exchange = await call_raw(middleware, scope)
+    assert (exchange.status, exchange.header("x-request-id")) == (200, None)
