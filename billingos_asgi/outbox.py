@@ -182,7 +182,12 @@ class Outbox:
         return Stored(batches, fresh, refused)
 
     def add(self, events: Sequence[UsageEvent]) -> int:
-        """Write ``events`` (in one transaction); returns how many fitted under ``max_events``."""
+        """Write ``events`` (in one transaction); returns how many fitted under ``max_events``.
+
+        Refused (an :class:`OutboxError`) where the file opened is no longer at its path: written
+        there, they would be gone at the next start (the caller keeps them in memory, and says so)."""
+        if not self.is_in_place:
+            raise OutboxError(f"the usage outbox {self.path} was deleted or replaced while in use")
         room = max(0, self.max_events - self.size)
         rows = [_row(event) for event in events[:room]]
         self.size += self._write(_INSERT, rows)

@@ -348,17 +348,19 @@ class Tracker:
                 retry = False
                 self._writing = True
                 try:
+                    try:  # first: the rows confirmed count against the outbox's bound until they go
+                        if confirmed:
+                            await anyio.to_thread.run_sync(outbox.remove, confirmed)
+                    except Exception:
+                        # Left, they would be resent after a restart (a refused one could be recorded then).
+                        logger.exception("the usage outbox %s failed to forget confirmed events", outbox.path)
+                        retry = True
+                        self._keep_to_forget(confirmed)
+                    except BaseException:  # cut off by the drain deadline: forgotten at the deadline instead
+                        self._confirmed[:0] = confirmed
+                        self._unwritten[:0] = events  # (the last write takes them)
+                        raise
                     await self._persist(outbox, events)
-                    if confirmed:
-                        await anyio.to_thread.run_sync(outbox.remove, confirmed)
-                except Exception:
-                    # Left, they would be resent after a restart (a refused one could be recorded then).
-                    logger.exception("the usage outbox %s failed to forget confirmed events", outbox.path)
-                    retry = True
-                    self._keep_to_forget(confirmed)
-                except BaseException:  # cut off by the drain deadline: forgotten at the deadline instead
-                    self._confirmed[:0] = confirmed
-                    raise
                 finally:
                     self._writing = False
                 if retry:
@@ -501,25 +503,35 @@ class Tracker:
         self._see(event)
         riders = self._riders[key] = [event]
         sending: tuple[UsageEvent, ...] = ()
+        attempted = False
         try:
             while riders:
                 sending = tuple(riders)
                 riders.clear()
                 self.stats.coalesced += len(sending) - 1
                 self._inline.update((id(e), e) for e in sending)
+                attempted = False
                 with anyio.CancelScope(shield=True, deadline=anyio.current_time() + INLINE_DEADLINE) as scope:
                     await self._ready()
+                    attempted = True
                     await self._deliver(Batch.of(sending), self._clock(), fix=False)
                 if scope.cancelled_caught:
                     cut_off = tuple(e for e in sending if id(e) in self._inline)
-                    reason = f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan ({IN_DOUBT})"
-                    self._give_up(cut_off, "in_doubt", reason)
+                    if attempted:
+                        reason = f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan ({IN_DOUBT})"
+                        self._give_up(cut_off, "in_doubt", reason)
+                    else:  # never sent: more keys than the call budget serves in that time, or billing down
+                        reason = f"no upstream call allowed within {INLINE_DEADLINE:g} s without a lifespan"
+                        self._give_up(cut_off, "dropped", f"{reason} (never sent; a lifespan's queue waits)")
                 self._settled(sending)
         except BaseException:
             # Cancelled natively (asyncio's task.cancel() goes through anyio's shield), or a fault:
             # what this call was to deliver is reported, and its units no longer held.
             cut_off = tuple(e for e in sending if id(e) in self._inline)
-            self._give_up(cut_off, "in_doubt", f"the request's task stopped while delivering it ({IN_DOUBT})")
+            if attempted:
+                self._give_up(cut_off, "in_doubt", f"the request's task stopped while delivering it ({IN_DOUBT})")
+            else:
+                self._give_up(cut_off, "dropped", "the request's task stopped before delivering it")
             self._give_up(tuple(riders), "dropped", "the request's task stopped before delivering it")
             raise
         finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import billingos_asgi.tracker as tracker_module
@@ -919,3 +920,77 @@ async def test_a_storm_of_one_line_never_hides_another(billing: LocalBilling, ca
     assert len(retries) == 1 and retries[0].levelno == logging.WARNING, caplog.text
     assert len(rejections) == 1 and rejections[0].levelno == logging.ERROR, caplog.text
     assert "held back" not in caplog.text
+
+
+async def test_without_a_lifespan_an_event_the_budget_never_let_out_is_dropped_not_in_doubt(
+    billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More keys at once than the call budget serves within the inline deadline: the ones never sent
+    were reported "in doubt ... it may be recorded upstream", which they could not be."""
+    monkeypatch.setattr(tracker_module, "INLINE_DEADLINE", 0.5)
+    upstream = Upstream(billing, budget=Budget(60, 2))  # one track at once (the other token kept for checks)
+    reasons: dict[str, str] = {}
+    tracker = Tracker(upstream, EntitlementCache(upstream), on_rejected=lambda e, r: reasons.update({e.customer_id: r}))
+    async with anyio.create_task_group() as tg:
+        for customer in ("c0", "c1"):
+            tg.start_soon(tracker.send, event(f"{customer}-k", customer=customer))
+    stats = tracker.stats
+    assert (stats.sent, stats.dropped, stats.in_doubt, upstream.tracks) == (1, 1, 0, 1)
+    [reason] = reasons.values()
+    assert reason.startswith("no upstream call allowed within 0.5 s without a lifespan (never sent")
+
+
+async def test_confirmed_rows_leave_the_outbox_before_new_events_are_measured_against_its_bound(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    """A full outbox whose rows were all confirmed, with their removal still to come: new events
+    were refused as "outbox full" by the pass that then removed the old rows."""
+    backend = Gated(billing)
+    tracker = tracker_for(backend, flush_interval=0, outbox=Outbox(tmp_path / "outbox.db", max_events=5))
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        for i in range(5):
+            tracker.submit(event(f"a{i}"))
+        with anyio.fail_after(10):
+            while backend.calls == 0:  # noqa: ASYNC110 - polling a counter
+                await anyio.sleep(0.01)
+            backend.gate.set()
+            while tracker.stats.sent < 5:  # noqa: ASYNC110 - confirmed; the writer has yet to forget them
+                await anyio.lowlevel.checkpoint()
+        for i in range(5):
+            tracker.submit(event(f"b{i}"))
+        await tracker.stop()
+    assert (tracker.stats.sent, tracker.stats.dropped) == (10, 0)
+    assert await billing.recorded_units("c0", "api_calls") == 10
+
+
+def delete_files(directory: Path, pattern: str) -> None:
+    for found in directory.glob(pattern):
+        found.unlink()
+
+
+async def test_events_written_after_the_outbox_file_was_deleted_are_known_not_durable(
+    billing: LocalBilling, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite writes on to a file deleted while open, and what it holds is gone when it closes: a
+    crash then lost every event, none counted as kept in memory only, nothing said until shutdown."""
+    backend = Gated(billing)
+    path = tmp_path / "outbox.db"
+    tracker = tracker_for(backend, flush_interval=0, outbox=Outbox(path, max_events=100))
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        tracker.submit(event("before"))
+        with anyio.fail_after(10):
+            while backend.calls == 0:  # noqa: ASYNC110 - written, then sent
+                await anyio.sleep(0.01)
+        delete_files(tmp_path, "outbox.db*")  # a clean-up script, a redeploy
+        with caplog.at_level(logging.ERROR, "billingos_asgi"):
+            tracker.submit(event("after", customer="c1"))
+            with anyio.fail_after(10):
+                while tracker.stats.not_durable == 0:  # noqa: ASYNC110 - polling a counter
+                    await anyio.sleep(0.01)
+        backend.gate.set()
+        await tracker.stop()
+    assert tracker.stats.not_durable == 1
+    assert "was deleted or replaced while in use" in caplog.text
+    assert tracker.stats.sent == 2  # (still delivered, from memory)
