@@ -129,7 +129,8 @@ class Outbox:
         self.max_events = max_events
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
-        self._where = os.path.abspath(self.path)  # (a later chdir cannot move it)
+        # (a later chdir cannot move it; SQLite's ":memory:" is no file, and holds nothing past a crash)
+        self._where = str(path) if str(path) == ":memory:" else os.path.abspath(self.path)
         self._file: tuple[int, int] | None = None  # (device, inode) of the file opened
         self.size = 0
 
@@ -137,7 +138,7 @@ class Outbox:
         """Lock the file for this process and read what a previous run left unconfirmed."""
         db = None
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(self._where, isolation_level=None, check_same_thread=False)  # (the file named)
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
             found = claim(db, _APPLICATION_ID, _LAYOUT, {"outbox"})
             db.execute("PRAGMA journal_mode=WAL")
@@ -186,7 +187,7 @@ class Outbox:
 
         Refused (an :class:`OutboxError`) where the file opened is no longer at its path: written
         there, they would be gone at the next start (the caller keeps them in memory, and says so)."""
-        if not self.is_in_place:
+        if self._file is not None and not self.is_in_place:  # (no file for SQLite's ":memory:")
             raise OutboxError(f"the usage outbox {self.path} was deleted or replaced while in use")
         room = max(0, self.max_events - self.size)
         rows = [_row(event) for event in events[:room]]

@@ -266,6 +266,8 @@ class RouteTable:
         # HEAD is GET without the body, unless configured on its own (or the table says what serves HEAD).
         head_follows_get = not isinstance(routes, FoundRoutes)
         entries = [(key, value, *_split_key(key)) for key, value in (routes or {}).items()]
+        # Static paths as written ("/items/"): one the app serves as requested, before any template.
+        self._written = frozenset(key.strip().rpartition(" ")[2] for key in (routes or {}))
         heads = {path for _, _, method, path in entries if method == "HEAD"}
         for key, value, method, path in entries:
             if value is UNDECLARED:
@@ -368,6 +370,8 @@ class RouteTable:
             # Dot segments: a handler that resolves them (StaticFiles) serves "/static/free/../paid.zip"
             # from outside the excluded "/static/free/*": excluded only where what they resolve to is.
             resolved = "/" + posixpath.normpath(path).lstrip("/")
+            if path.endswith(("/", "/.", "/..")) and resolved != "/":
+                resolved += "/"  # (a directory, as requested: "/public/sub/.." is "/public/")
             if resolved != path:
                 return self.match(method, resolved)
         return found
@@ -391,10 +395,13 @@ class RouteTable:
                 collapsed = collapsed.rstrip("/") or "/"
             else:
                 stripped = path[:-1] if path[-1:] == "\n" else path  # (what a "$" takes before its newline)
-                if stripped != canonical(stripped):
+                if stripped != canonical(stripped) and stripped not in self._written:
                     # No static route takes the path as requested ("/v1/health/", "/v1//health"), but a
-                    # template may ("/v1/{rest:path}"), and the app runs it: it decides before any
-                    # exclusion or static route of the canonical path (the app's slash redirect, else).
+                    # template may ("/v1/{rest:path}"), and the app runs it: it decides before an
+                    # exclusion or static route of the canonical path (the app's slash redirect, else);
+                    # not before an excluded prefix, which takes all under it ("/static/*": "/static/x/").
+                    if self._raw_prefixes and path.startswith(self._raw_prefixes):
+                        return EXCLUDED
                     for routes in (self._dynamic, self._parsed):
                         for route_method, regex, metered in routes:
                             if (route_method is None or route_method == method) and regex.match(path):
@@ -402,24 +409,6 @@ class RouteTable:
             return self.match(method, canonical("/" + path.rstrip("\n")), raw=path, collapsed=collapsed)
         if self._simple:
             return self._default
-        if self._excluded_prefixes and (
-            path.startswith(self._excluded_prefixes) or (raw is not None and raw.startswith(self._raw_prefixes))
-        ):
-            return EXCLUDED  # ("/static/*" takes "/static/", not "/static")
-        for pattern in self._excluded_patterns:
-            if pattern.match(path):
-                return EXCLUDED
-        for routes in (self._dynamic, self._parsed):
-            for route_method, regex, metered in routes:
-                if (route_method is None or route_method == method) and (
-                    regex.match(path)
-                    or raw is not None
-                    and (regex.match(collapsed) or not self._canonical_paths and regex.match(raw))
-                ):
-                    # (A template takes the path as requested too, where the app routes it so: "[^/]+"
-                    # takes "/v1/search/\n"'s "\n"; with canonical paths, only as the app routes it.)
-                    return metered if metered is not _UNMETERED else None
-        return self._default
         if self._excluded_prefixes and (
             path.startswith(self._excluded_prefixes) or (raw is not None and raw.startswith(self._raw_prefixes))
         ):

@@ -994,3 +994,20 @@ async def test_events_written_after_the_outbox_file_was_deleted_are_known_not_du
     assert tracker.stats.not_durable == 1
     assert "was deleted or replaced while in use" in caplog.text
     assert tracker.stats.sent == 2  # (still delivered, from memory)
+
+
+async def test_a_relative_outbox_path_names_one_file_whatever_the_working_directory_does_later(
+    billing: LocalBilling, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file was opened relative to the working directory when opened, and checked where it was when
+    made: after a chdir between the two, every write was refused as "deleted or replaced"."""
+    monkeypatch.chdir(tmp_path)
+    outbox = Outbox("usage.db", max_events=10)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    outbox.open()
+    try:
+        assert outbox.add([event("k1")]) == 1 and outbox.is_in_place
+    finally:
+        outbox.close()
+    assert (tmp_path / "usage.db").exists() and not (tmp_path / "elsewhere" / "usage.db").exists()

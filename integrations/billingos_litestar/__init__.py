@@ -86,9 +86,10 @@ def _nobody_without_user(customer: CustomerOf) -> CustomerOf:
             answer = customer(connection)
             return await answer if inspect.isawaitable(answer) else answer
         except ImproperlyConfiguredException as exc:
-            if "user" in connection.scope or not str(exc.detail).startswith("'user' is not defined"):
+            unset = [name for name in ("user", "auth") if str(exc.detail).startswith(f"'{name}' is not defined")]
+            if not unset or unset[0] in connection.scope:
                 raise  # (a session without its middleware, say: a failure, for on_error)
-            return None  # the app's auth left this request alone: nobody signed in
+            return None  # the app's auth left this request alone (no user, no auth): nobody signed in
 
     return customer_of
 

@@ -327,16 +327,21 @@ async def test_a_prefix_exclusion_leaves_the_route_litestar_serves_a_slash_as_me
     assert entered == ["/a.txt"]
 
 
+@pytest.mark.parametrize(
+    "customer",
+    [lambda connection: connection.user.customer_id, lambda connection: TOKENS[connection.auth]],
+    ids=["connection.user", "connection.auth"],
+)
 @pytest.mark.parametrize("on_error", ["allow", "deny"])
 async def test_a_user_litestars_auth_did_not_set_is_nobody(
-    billing: LocalBilling, entered: list[str], on_error: Literal["allow", "deny"]
+    billing: LocalBilling, entered: list[str], on_error: Literal["allow", "deny"], customer: Any
 ) -> None:
     """Litestar's auth middleware skips OPTIONS: reading connection.user then raises, and a customer
     function that reads it (the README's) failed, on_error deciding: served free, or a 503."""
     app = Litestar(
         route_handlers=[search, broken],
         middleware=[DefineMiddleware(TokenAuth)],
-        plugins=[BillingPlugin(customer=lambda connection: connection.user.customer_id)],
+        plugins=[BillingPlugin(customer=customer)],
         logging_config=None,
     )
     metered = BillingMiddleware(app, billing=billing, customer=None, routes=ROUTES, on_error=on_error)

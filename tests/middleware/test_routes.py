@@ -932,3 +932,24 @@ async def test_a_root_path_ending_mid_segment_leaves_a_free_route_starlette_serv
     async with lifespan(middleware):
         exchange = await call_raw(middleware, scope)
     assert (exchange.status, exchange.header("x-request-id")) == (200, None)
+
+
+def test_a_static_route_written_with_its_slash_takes_that_path_before_a_template() -> None:
+    """FastAPI's "/items/" serves "/items/" before a later catch-all: the template, matched first on
+    the path as requested, metered it as its own (unmetered here)."""
+    table = RouteTable({"GET /items/": "api_calls", "GET /{full_path:path}": None})
+    assert table.match("GET", "/items/") == Metered("api_calls")
+
+
+def test_an_excluded_prefix_takes_a_directory_url_before_a_template() -> None:
+    """ "/files/public/*" takes "/files/public/" and "/files/public/sub/" (a StaticFiles mount's
+    index pages), though a metered "/files/{rest:path}" takes them as requested too."""
+    table = RouteTable({"/files/{rest:path}": "downloads"}, exclude=["/files/public/*"])
+    assert [table.match("GET", path) for path in ("/files/public/", "/files/public/sub/")] == [EXCLUDED] * 2
+    assert table.match("GET", "/files/x/") == Metered("downloads")
+
+
+def test_dot_segments_resolving_to_a_directory_keep_its_slash() -> None:
+    table = RouteTable(default_feature="api_calls", exclude=["/public/*"])
+    assert [table.match("GET", path) for path in ("/public/.", "/public/sub/..")] == [EXCLUDED] * 2
+    assert table.match("GET", "/public/../paid.zip") == Metered("api_calls")
