@@ -266,8 +266,6 @@ class RouteTable:
         # HEAD is GET without the body, unless configured on its own (or the table says what serves HEAD).
         head_follows_get = not isinstance(routes, FoundRoutes)
         entries = [(key, value, *_split_key(key)) for key, value in (routes or {}).items()]
-        # Static paths as written ("/items/"): one the app serves as requested, before any template.
-        self._written = frozenset(key.strip().rpartition(" ")[2] for key in (routes or {}))
         heads = {path for _, _, method, path in entries if method == "HEAD"}
         for key, value, method, path in entries:
             if value is UNDECLARED:
@@ -393,19 +391,6 @@ class RouteTable:
             collapsed = _SLASHES.sub("/", "/" + path)
             if self._canonical_paths:  # Litestar serves "/v1/files/" as "/v1/files" (a final newline stays)
                 collapsed = collapsed.rstrip("/") or "/"
-            else:
-                stripped = path[:-1] if path[-1:] == "\n" else path  # (what a "$" takes before its newline)
-                if stripped != canonical(stripped) and stripped not in self._written:
-                    # No static route takes the path as requested ("/v1/health/", "/v1//health"), but a
-                    # template may ("/v1/{rest:path}"), and the app runs it: it decides before an
-                    # exclusion or static route of the canonical path (the app's slash redirect, else);
-                    # not before an excluded prefix, which takes all under it ("/static/*": "/static/x/").
-                    if self._raw_prefixes and path.startswith(self._raw_prefixes):
-                        return EXCLUDED
-                    for routes in (self._dynamic, self._parsed):
-                        for route_method, regex, metered in routes:
-                            if (route_method is None or route_method == method) and regex.match(path):
-                                return metered if metered is not _UNMETERED else None
             return self.match(method, canonical("/" + path.rstrip("\n")), raw=path, collapsed=collapsed)
         if self._simple:
             return self._default
