@@ -528,11 +528,12 @@ class Tracker:
             # Cancelled natively (asyncio's task.cancel() goes through anyio's shield), or a fault:
             # what this call was to deliver is reported, and its units no longer held.
             cut_off = tuple(e for e in sending if id(e) in self._inline)
+            unsent = tuple(riders)
             if attempted:
                 self._give_up(cut_off, "in_doubt", f"the request's task stopped while delivering it ({IN_DOUBT})")
             else:
-                self._give_up(cut_off, "dropped", "the request's task stopped before delivering it")
-            self._give_up(tuple(riders), "dropped", "the request's task stopped before delivering it")
+                unsent = cut_off + unsent
+            self._give_up(unsent, "dropped", "the request's task stopped before delivering it")
             raise
         finally:
             del self._riders[key]

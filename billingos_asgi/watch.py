@@ -124,16 +124,17 @@ class ResponseWatch:
         await send({"type": "http.response.body", "body": body})
         return True
 
+    def _all_sent(self) -> bool:
+        """Whether the client has every byte of the response so far sent (a response announcing
+        trailers has not, until they are sent: its last message)."""
+        return self.start is not None and not self.trailers and _served(self._scope, self.start, self.sent)
+
     async def receive(self) -> Message:
         message = await self._receive()
         if message["type"] == "http.disconnect":
             if self.completed:
                 self.left_once_sent = True
-            elif (
-                self.start is not None
-                and not (self.to_itself or self.trailers)
-                and _served(self._scope, self.start, self.sent)
-            ):
+            elif not self.to_itself and self._all_sent():
                 self.completed = True  # the client had it all, and left before the app's last message
             else:
                 self.disconnected = True
@@ -177,12 +178,7 @@ class ResponseWatch:
                 await self._send(message)
             except BaseException as exc:
                 cancelled_by_close = self.left_once_sent and isinstance(exc, anyio.get_cancelled_exc_class())
-                self.completed = self.completed and (
-                    cancelled_by_close
-                    or self.start is not None
-                    and not self.trailers
-                    and _served(self._scope, self.start, self.sent)
-                )
+                self.completed = self.completed and (cancelled_by_close or self._all_sent())
                 raise
             return
         elif kind == "http.response.body":

@@ -86,8 +86,8 @@ def _nobody_without_user(customer: CustomerOf) -> CustomerOf:
             answer = customer(connection)
             return await answer if inspect.isawaitable(answer) else answer
         except ImproperlyConfiguredException as exc:
-            unset = [name for name in ("user", "auth") if str(exc.detail).startswith(f"'{name}' is not defined")]
-            if not unset or unset[0] in connection.scope:
+            unset, _, rest = str(exc.detail).removeprefix("'").partition("' is not defined")
+            if unset not in ("user", "auth") or not rest or unset in connection.scope:
                 raise  # (a session without its middleware, say: a failure, for on_error)
             return None  # the app's auth left this request alone (no user, no auth): nobody signed in
 
