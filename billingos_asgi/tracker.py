@@ -140,6 +140,7 @@ class Tracker:
         self._room = max_queue  # for queued events: max_queue less those the senders hold (unsettled)
         self._idle: list[anyio.Event] = []  # one per sender waiting for work
         self._window: anyio.Event | None = None  # set when the first event of a window arrives
+        self._holding: anyio.CancelScope | None = None  # the flusher's wait for the window to close
         self._disk: anyio.Event | None = None  # set when the outbox writer has work
         self._writing = False
         self._senders_done = False
@@ -249,6 +250,8 @@ class Tracker:
         self.running = False
         if self._window is not None:
             self._window.set()
+        if self._holding is not None:
+            self._holding.cancel()
         try:
             with anyio.move_on_after(self._drain_timeout) as deadline:
                 await done.wait()
@@ -422,9 +425,12 @@ class Tracker:
                 with anyio.move_on_after(0.05 if closing.is_set() else None):  # closing: the writer may add more
                     await self._window.wait()
                 continue
-            if not closing.is_set():
-                with anyio.move_on_after(self._flush_interval):
-                    await closing.wait()  # a shutdown flushes at once
+            if self._flush_interval and not closing.is_set():
+                # A sleep that stop() cuts short, a shutdown flushing at once: no deadline to expire,
+                # whose cancellation would format the task's repr for its message at every window.
+                with anyio.CancelScope() as self._holding:
+                    await anyio.sleep(self._flush_interval)
+                self._holding = None
             self._flush()
         self._flushed = True
         self._wake_senders()
