@@ -6,6 +6,8 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import compress
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 from ._validation import MAX_ID_LENGTH
@@ -40,6 +42,12 @@ class UsageEvent(NamedTuple):
     counted: bool = True
 
 
+# Read in C over a batch's events (a flush of a busy window holds thousands of them).
+_key_of = attrgetter("idempotency_key")
+_quantity_of = attrgetter("quantity")
+_counted_of = attrgetter("counted")
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Events of one (customer, feature) sent as one track call under one fixed key."""
@@ -61,15 +69,18 @@ class Batch:
         if key is None and len(events) == 1:
             key = first.idempotency_key
         elif key is None:
-            digest = hashlib.sha256("\n".join([e.idempotency_key for e in events]).encode()).hexdigest()
+            digest = hashlib.sha256("\n".join(map(_key_of, events)).encode()).hexdigest()
             key = f"batch-{digest[:40]}"
-        quantity = round(math.fsum([e.quantity for e in events]), 6)
+        quantity = round(math.fsum(map(_quantity_of, events)), 6)
         return cls(first.customer_id, first.feature_key, events, key, quantity)
 
     @property
     def counted(self) -> float:
         """The units of its events that this process counts (:attr:`UsageEvent.counted`)."""
-        return round(math.fsum([e.quantity for e in self.events if e.counted]), 6)
+        events = self.events
+        if all(map(_counted_of, events)):  # as a rule
+            return self.quantity
+        return round(math.fsum(compress(map(_quantity_of, events), map(_counted_of, events))), 6)
 
     @property
     def metadata(self) -> Mapping[str, Any] | None:

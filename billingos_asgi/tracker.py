@@ -128,9 +128,12 @@ class Tracker:
         self._due: dict[Key, list[UsageEvent]] = {}  # window closed, waiting for a sender and a token
         # From the outbox of a previous run: resent as they were (first attempt time, if any).
         self._fixed: deque[tuple[Batch, float | None]] = deque()
-        # Events handed to a delivery and not yet settled (recorded, or given up), by identity:
-        # what a deadline cuts off is exactly these (a split batch may be part recorded already).
-        self._unsettled: dict[int, UsageEvent] = {}
+        # Events handed to a delivery and not yet settled (recorded, or given up): what a deadline
+        # cuts off is exactly these. By lot (the events a sender took, as a rule settled at once),
+        # and by identity for the lots settled in parts (a split batch may be part recorded already).
+        self._unsettled: dict[int, tuple[UsageEvent, ...]] = {}
+        self._loose: dict[int, UsageEvent] = {}
+        self._unsettled_events = 0
         self._inline: dict[int, UsageEvent] = {}  # the same, for the sends of request tasks (no worker)
         self._volatile: dict[int, UsageEvent] = {}  # queued, unsettled, and not in the outbox: its write failed
         self._full: TTLCache[Key, bool] = TTLCache(10_000, FULL_FOR)  # checked: nothing left of the quota
@@ -165,7 +168,7 @@ class Tracker:
         """Events accepted and not yet in a track call: queued, riding along with an inline send, or
         taken for delivery and waiting (to retry, for a token, for what is left of a quota)."""
         riders = sum(len(riders) for riders in self._riders.values())
-        return self._queued_events + riders + len(self._unsettled) + len(self._inline) - self.stats.in_flight
+        return self._queued_events + riders + self._unsettled_events + len(self._inline) - self.stats.in_flight
 
     @property
     def upstream(self) -> Upstream:
@@ -237,7 +240,7 @@ class Tracker:
         self._flushed = self._senders_done = False
         self._done = anyio.Event()
         self._scope = anyio.CancelScope()
-        self._paying = anyio.Lock()
+        self._paying = anyio.Lock(fast_acquire=True)  # no extra turn of the loop for each batch
         task_group.start_soon(self._work, self._done, self._scope, self._closing_event)
         self.running = True
 
@@ -257,7 +260,7 @@ class Tracker:
                 await done.wait()
         finally:  # cancelled too (a server's own shutdown timeout): the outbox is not left locked
             if not done.is_set():
-                left = self._queued_events + len(self._unsettled)
+                left = self._queued_events + self._unsettled_events
                 by = f"its deadline ({self._drain_timeout:.1f}s)" if deadline.cancelled_caught else "a cancellation"
                 logger.error("usage drain cut off by %s with %d events unsent", by, left)
                 scope.cancel()
@@ -288,7 +291,7 @@ class Tracker:
 
     def _account_for_cut_off(self) -> None:
         """Report what the deadline cut off: kept in the outbox for the next start, or given up."""
-        attempted = list(self._unsettled.values())
+        attempted = [event for lot in self._unsettled.values() for event in lot] + list(self._loose.values())
         waiting = [event for batch, _ in self._fixed for event in batch.events]
         waiting += [event for group in self._due.values() for event in group]
         waiting += [event for group in self._pending.values() for event in group]
@@ -304,6 +307,8 @@ class Tracker:
             volatile.clear()
         unsent = attempted + waiting
         self._unsettled.clear()
+        self._loose.clear()
+        self._unsettled_events = 0
         self._room = self._max_queue
         self._fixed.clear()
         self._due.clear()
@@ -448,8 +453,12 @@ class Tracker:
         self._wake_senders()
 
     def _wake_senders(self) -> None:
-        while self._idle:
-            self._idle.pop().set()
+        """Wake a sender for each group waiting (one done takes the next itself), or every one once
+        the flusher is done: woken for no work, each would queue on the budget's lock for nothing."""
+        idle = self._idle
+        wanted = len(idle) if self._flushed else len(self._fixed) + len(self._due)
+        for _ in range(min(wanted, len(idle))):
+            idle.pop().set()
 
     async def _sender(self) -> None:
         while True:
@@ -473,10 +482,9 @@ class Tracker:
                     batch, stamped = Batch.of(tuple(events)), None
                     self.stats.coalesced += len(events) - 1 if len(events) > 1 else 0
             self._queued_events -= len(batch.events)
-            unsettled = self._unsettled
-            for event in batch.events:
-                unsettled[id(event)] = event
-            self._room = self._max_queue - len(unsettled)  # held while retried: the queue's bound counts them
+            self._unsettled[id(batch.events)] = batch.events
+            self._unsettled_events += len(batch.events)
+            self._room = self._max_queue - self._unsettled_events  # held while retried: the queue's bound counts them
             first_attempt = self._clock() if stamped is None else stamped
             await self._deliver(batch, first_attempt, fix=stamped is None)
 
@@ -552,11 +560,13 @@ class Tracker:
         fit of a refused batch or event (refused again, it is not fitted once more).
         """
         if len(batch.events) > 1 and batch.quantity > MAX_QUANTITY:  # valid events no single call can carry
+            self._loosen(batch.events)
             await self._halve(batch)
             return
         error = await self._attempt(batch, first_attempt, fix=fix)
         if error is None:
             return
+        self._loosen(batch.events)  # from here, settled in parts (what fits, what is refused)
         if isinstance(error, QuotaExceededError) and len(batch.events) > 1:
             if part:  # events thought to fit, refused after all (the quota moved): no second guess
                 await self._fit_by_halves(batch.events, error)
@@ -747,12 +757,22 @@ class Tracker:
 
     # -- reporting --
 
+    def _loosen(self, lot: tuple[UsageEvent, ...]) -> None:
+        """``lot``, taken by a sender, is about to be settled in parts: its events are kept one by one."""
+        if self._unsettled.pop(id(lot), None) is not None:
+            self._loose.update((id(event), event) for event in lot)
+
     def _settled(self, events: tuple[UsageEvent, ...]) -> None:
         """``events`` are recorded or given up: a deadline no longer cuts them off."""
-        unsettled = self._unsettled
-        for event in events:
-            unsettled.pop(id(event), None)
-        self._room = self._max_queue - len(unsettled)
+        if self._unsettled.pop(id(events), None) is not None:  # a lot, whole (an id is of a live object)
+            self._unsettled_events -= len(events)
+        elif self._loose:
+            loose = self._loose
+            before = len(loose)
+            for event in events:
+                loose.pop(id(event), None)
+            self._unsettled_events -= before - len(loose)
+        self._room = self._max_queue - self._unsettled_events
         for kept in (self._inline, self._volatile):
             if kept:
                 for event in events:

@@ -895,6 +895,28 @@ async def test_an_inline_send_counts_as_queued_and_its_riders_wait_in_the_backlo
     assert (tracker.stats.sent, tracker.stats.dropped, unaccounted(tracker)) == (3, 1, 0)
 
 
+@pytest.mark.parametrize("left_known", [True, False])
+async def test_a_batch_settled_in_parts_gives_its_room_in_the_queue_back(
+    billing: LocalBilling, left_known: bool
+) -> None:
+    """A batch refused for quota is settled in parts (what fits, what is split, what is rejected):
+    each part must leave the backlog, or the queue's bound would shrink for good and drop later events."""
+    tracker = tracker_for(billing if left_known else Unchecked(billing), flush_interval=0, max_queue=12)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        for i in range(12):  # a quota of 10: 10 recorded, 2 rejected, in parts
+            assert tracker.submit(event(f"k{i}", quantity=1))
+        with anyio.fail_after(10):
+            while tracker.stats.sent + tracker.stats.rejected < 12:  # noqa: ASYNC110 - polling a counter
+                await anyio.sleep(0.01)
+        assert (tracker.backlog, tracker.stats.in_flight, unaccounted(tracker)) == (0, 0, 0)
+        for i in range(12):  # room for a full queue again (c1's quota takes 10 of them)
+            assert tracker.submit(event(f"again{i}", customer="c1"))
+        assert tracker.stats.dropped == 0
+        await tracker.stop()
+    assert (tracker.stats.sent, tracker.stats.rejected, tracker.stats.dropped) == (20, 4, 0)
+
+
 async def test_an_event_cut_in_two_by_a_refusal_counts_each_part_once(billing: LocalBilling) -> None:
     """2.5 of its 4 units recorded, 1.5 rejected: one event, two outcomes, and the split says so."""
     await billing.track_usage("c0", "api_calls", 7.5)
