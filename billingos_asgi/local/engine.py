@@ -15,7 +15,7 @@ from anyio import to_thread
 
 from .._models import Entitlement, SessionToken, TrackUsageResult, UsageMetrics
 from .._validation import check_expires_in, check_id, check_metadata, check_operations, check_quantity
-from .plans import Catalog, load_plans, parse_plans, to_micro
+from .plans import Catalog, load_plans, parse_plans, rounded_down, to_micro
 from .store import Store, unavailable
 
 __all__ = ["LocalBilling"]
@@ -108,12 +108,22 @@ class LocalBilling:
     ) -> TrackUsageResult:
         check_id("customer_id", customer_id)
         check_id("feature_key", feature_key)
-        units = to_micro(check_quantity(quantity))
+        exact = check_quantity(quantity)
+        units = to_micro(exact)
         if idempotency_key is not None:
             check_id("idempotency_key", idempotency_key)
         checked = check_metadata(metadata)
         return await self._run(
-            partial(self._store.track, customer_id, feature_key, units, idempotency_key, checked, self._clock())
+            partial(
+                self._store.track,
+                customer_id,
+                feature_key,
+                units,
+                idempotency_key,
+                checked,
+                self._clock(),
+                finer=rounded_down(exact, units),
+            )
         )
 
     async def get_usage_metrics(self, customer_id: str, feature_key: str | None = None) -> UsageMetrics:

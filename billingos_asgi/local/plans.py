@@ -178,5 +178,10 @@ def to_micro(value: float) -> int:
     return value * MICRO
 
 
+def rounded_down(value: float, units: int) -> bool:
+    """Whether ``value`` is more than its micro-units (``to_micro`` dropped a remainder finer than one)."""
+    return isinstance(value, float) and Decimal(repr(value)).scaleb(QUANTITY_DECIMALS) > units
+
+
 def from_micro(value: int) -> float:
     return value / MICRO

@@ -249,7 +249,11 @@ class Store:
         idempotency_key: str | None,
         metadata: Mapping[str, Any] | None,
         now: datetime,
+        *,
+        finer: bool = False,
     ) -> TrackUsageResult:
+        """Record ``quantity`` micro-units; ``finer``: the quantity sent was a little more (a remainder
+        below a micro-unit, which is not stored), so that it is refused where it went past the limit."""
         with self._transaction(write=True):
             plan, status, started_at = self._subscription(customer_id)
             if idempotency_key is not None:
@@ -266,7 +270,7 @@ class Store:
                 raise ValidationError("Feature is not a usage quota type", status=400)
             start, end = current_period(started_at, plan.interval, now)
             consumed = self._consumed(customer_id, feature_key, start) + quantity
-            if grant.limit is not None and consumed > grant.limit:
+            if grant.limit is not None and (consumed > grant.limit or (finer and consumed == grant.limit)):
                 raise QuotaExceededError("quota_exceeded", status=400)
             self._db.execute(
                 "INSERT INTO usage_totals (customer_id, feature_key, period_start, consumed) VALUES (?, ?, ?, ?) "

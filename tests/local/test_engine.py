@@ -326,6 +326,17 @@ async def test_track_fractional_lands_exactly_on_fractional_limit(billing: Local
     assert (result.usage.consumed_units, result.usage.remaining_units) == (1.5, 0.0)
 
 
+async def test_a_quantity_finer_than_a_micro_unit_past_the_limit_is_refused(billing: LocalBilling) -> None:
+    """0.25 + 1.2500004 is past 1.5: stored in micro-units the quantity is 1.25, which fits, and was
+    recorded; refused as sent (consumed + quantity > limit), it records nothing."""
+    await billing.track_usage("alice", "storage_gb", 0.25)
+    with pytest.raises(QuotaExceededError):
+        await billing.track_usage("alice", "storage_gb", 1.2500004)
+    assert await billing.recorded_units("alice", "storage_gb") == 0.25
+    below = await billing.track_usage("alice", "storage_gb", 1.2499996)  # 1.25 stored: within the limit as sent
+    assert (below.quantity, below.usage.consumed_units) == (1.25, 1.5)
+
+
 async def test_track_feature_not_in_plan(billing: LocalBilling) -> None:
     await billing.set_plan("carol", "daily")  # daily grants api_calls only
     for customer, feature in (("carol", "storage_gb"), ("alice", "teleport")):
