@@ -760,7 +760,10 @@ class Tracker:
     def _loosen(self, lot: tuple[UsageEvent, ...]) -> None:
         """``lot``, taken by a sender, is about to be settled in parts: its events are kept one by one."""
         if self._unsettled.pop(id(lot), None) is not None:
-            self._loose.update((id(event), event) for event in lot)
+            loose = self._loose
+            before = len(loose)
+            loose.update((id(event), event) for event in lot)
+            self._unsettled_events -= len(lot) - (len(loose) - before)  # one object twice in it: held once
 
     def _settled(self, events: tuple[UsageEvent, ...]) -> None:
         """``events`` are recorded or given up: a deadline no longer cuts them off."""

@@ -917,6 +917,21 @@ async def test_a_batch_settled_in_parts_gives_its_room_in_the_queue_back(
     assert (tracker.stats.sent, tracker.stats.rejected, tracker.stats.dropped) == (20, 4, 0)
 
 
+async def test_one_event_object_submitted_twice_and_settled_in_parts_leaves_the_backlog(billing: LocalBilling) -> None:
+    """Held once by identity once its lot was settled in parts, it was counted twice in the backlog,
+    and its second count stayed there, a place in the queue lost for good."""
+    tracker = tracker_for(billing, flush_interval=0.05, max_queue=20)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        same = event("k-same", quantity=6)
+        assert tracker.submit(same) and tracker.submit(same)  # one lot of 12 units against a quota of 10
+        with anyio.fail_after(10):
+            while tracker.stats.sent + tracker.stats.rejected < 2:  # noqa: ASYNC110 - polling a counter
+                await anyio.sleep(0.01)
+        assert (tracker.backlog, tracker.stats.in_flight) == (0, 0)
+        await tracker.stop()
+
+
 async def test_an_event_cut_in_two_by_a_refusal_counts_each_part_once(billing: LocalBilling) -> None:
     """2.5 of its 4 units recorded, 1.5 rejected: one event, two outcomes, and the split says so."""
     await billing.track_usage("c0", "api_calls", 7.5)
