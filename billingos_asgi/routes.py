@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote, urlsplit
+from uuid import UUID
 
 from starlette.convertors import CONVERTOR_TYPES
 from starlette.requests import Request
@@ -97,25 +98,51 @@ class FoundRoutes(dict[str, "str | Metered | None"]):
 _SLASHES = re.compile(r"//+")
 _PARAMETER = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")  # as Starlette's
 #: What each type's parser takes (a little more, never less: the worst case is a gate before a 404);
-#: a path parameter takes newlines too.
+#: a path parameter takes newlines too. A UUID's segment is handed to ``UUID()`` itself: what it
+#: takes is no regular language (it deletes "urn:" and "uuid:" wherever they are, strips any number
+#: of braces and every dash, then parses 32 characters as ``int(..., 16)`` does: "0x", "_", "٨").
 _PARSED = {
     "path": r"(?s:.*)",
     "int": r"\s*[+-]?[\d_]+\s*",
     "float": r"\s*[+-]?(?:[\d_.]+(?:[eE][+-]?[\d_]+)?|(?i:inf|infinity|nan))\s*",
-    "uuid": r"(?i:\s*(?:urn:)?(?:uuid:)?\{?[0-9a-f-]+\}?\s*)",
+    "uuid": r"[^/]+",
 }
 
 
-def _parsed(path: str) -> re.Pattern[str] | None:
-    """The pattern of a template whose typed parameters take what their parsers take; None: none is."""
-    pattern, end, parsed = "^", 0, False
+class _ParsedTemplate:
+    """A template whose typed parameters take what their parsers take: its pattern, and the UUID
+    parser run on each UUID parameter's segment (an object with a pattern's ``match``)."""
+
+    __slots__ = ("_pattern", "_uuids")
+
+    def __init__(self, pattern: re.Pattern[str], uuids: int) -> None:
+        self._pattern = pattern
+        self._uuids = uuids
+
+    def match(self, path: str) -> bool:
+        found = self._pattern.match(path)
+        if found is None:
+            return False
+        try:
+            for group in range(self._uuids):
+                UUID(found.group(f"uuid{group}"))
+        except ValueError:
+            return False
+        return True
+
+
+def _parsed(path: str) -> _ParsedTemplate | None:
+    """The matcher of a template whose typed parameters take what their parsers take; None: none is."""
+    pattern, end, parsed, uuids = "^", 0, False, 0
     for parameter in _PARAMETER.finditer(path):
         kind = parameter.group(2) or "str"
         parsed = parsed or kind in _PARSED
         taken = _PARSED.get(kind) or CONVERTOR_TYPES[kind].regex
-        pattern += re.escape(path[end : parameter.start()]) + f"(?:{taken})"
+        group = f"(?P<uuid{uuids}>" if kind == "uuid" else "(?:"
+        uuids += kind == "uuid"
+        pattern += re.escape(path[end : parameter.start()]) + f"{group}{taken})"
         end = parameter.end()
-    return re.compile(pattern + re.escape(path[end:]) + "$") if parsed else None
+    return _ParsedTemplate(re.compile(pattern + re.escape(path[end:]) + "$"), uuids) if parsed else None
 
 
 def canonical(path: str) -> str:
@@ -254,7 +281,7 @@ class RouteTable:
     ) -> None:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
-        self._parsed: list[tuple[str | None, re.Pattern[str], Metered]] = []  # typed parameters, as parsed
+        self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
         self._canonical_paths = canonical_paths
         configured: list[tuple[str, str, bool]] = []  # key, path, whether static
         if not isinstance(routes, Mapping | None):

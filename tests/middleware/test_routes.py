@@ -591,13 +591,19 @@ def test_typed_parameters_take_every_spelling_their_parsers_take_when_parsed() -
         "/prices/1e3/eur": "tokens",
         "/orders/{12345678-1234-5678-1234-567812345678}": "export",
         "/orders/urn:uuid:12345678123456781234567812345678": "export",
+        # UUID() deletes "uuid:" anywhere, strips any braces, and parses as int(..., 16) does:
+        "/orders/1234567812345678123456781234567\u0668": "export",
+        "/orders/0x123456781234567812345678123456": "export",
+        "/orders/123456781234567812345678123456_7": "export",
+        "/orders/1234uuid:5678123456781234567812345678": "export",
+        "/orders/{{12345678123456781234567812345678}}": "export",
     }
     for path, feature in taken.items():
         found = parsed.match("GET", path)
         assert found is not None and found.feature == feature, path
         assert strict.match("GET", path) is None, path  # Starlette routes these elsewhere
-    for path in ("/items/abc", "/prices/cheap", "/orders/not-hex"):  # no parser takes them: the app's 404
-        assert parsed.match("GET", path) is None, path
+    for path in ("/items/abc", "/prices/cheap", "/orders/not-hex", "/orders/export", "/orders/1234567812345678"):
+        assert parsed.match("GET", path) is None, path  # no parser takes them: the app's 404 (or another route)
     # Only where no template takes the path as written: "/items/+5" is the slug's here.
     found = RouteTable({**routes, "/items/{slug}": "reviews"}, parsed_parameters=True).match("GET", "/items/+5")
     assert found is not None and found.feature == "reviews"
