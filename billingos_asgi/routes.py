@@ -311,8 +311,11 @@ class RouteTable:
                         self._parsed.append((taken, parsed, metered))
             else:
                 by_method = self._static.setdefault(path, {})
-                if method in by_method:
-                    raise ValueError(f"routes: {key!r} is configured twice")
+                if by_method.get(method, metered) != metered:  # ("/items" and "/items/" alike: one route here)
+                    raise ValueError(
+                        f"routes: {key!r} is configured twice, as {by_method[method].feature!r} and as"
+                        f" {metered.feature!r} (paths are compared without repeated or trailing slashes)"
+                    )
                 by_method[method] = metered
                 if value is UNDECLARED:
                     undeclared.append((path, method))

@@ -858,3 +858,30 @@ async def test_an_app_with_its_own_root_path_wrapped_from_outside_is_metered_as_
         ]
     assert anonymous.status_code == 401 and paid == [200, 200] and entered == ["search"] * 2
     assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
+async def test_a_router_serving_its_prefix_with_and_without_the_slash_starts_and_bills_both(
+    billing: SpyBilling,
+) -> None:
+    """``@router.get("")`` and ``@router.get("/")`` under ``prefix="/items"``, metered on the router:
+    one route for the table, which refused to start on the two keys ("configured twice")."""
+    app = FastAPI()
+    items = APIRouter(prefix="/items", dependencies=[metered("api_calls")])
+
+    @items.get("")
+    async def listing() -> list[str]:
+        return []
+
+    @items.get("/")
+    async def listing_slash() -> list[str]:
+        return []
+
+    app.include_router(items)
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        answers = [
+            (await client.get(path, headers=as_customer("user_free"))).status_code for path in ("/items", "/items/")
+        ]
+        anonymous = await client.get("/items/")
+    assert (answers, anonymous.status_code) == ([200, 200], 401)
+    assert await billing.recorded_units("user_free", "api_calls") == 2

@@ -248,7 +248,7 @@ def test_a_found_table_names_what_serves_head_and_a_hand_written_get_takes_head_
         ({"/x": ""}, ()),
         ({"/x": "api_calls", "ANY /y": "api_calls"}, ()),
         ({}, ("health",)),
-        ({"/x": "api_calls", " /x": "api_calls"}, ()),
+        ({"/x": "api_calls", " /x": "tokens"}, ()),
         ({"/internal/items": "api_calls"}, ("/internal/*",)),
         ({"GET /internal/items/{id}": "api_calls"}, ("/internal/*",)),
         ({"/health": "api_calls"}, ("/health",)),
@@ -390,8 +390,12 @@ def test_paths_are_matched_in_their_canonical_form() -> None:
     assert table.match("GET", "/health") is EXCLUDED and table.match("GET", "//health/") is EXCLUDED
     assert table.match("GET", "health") is EXCLUDED and table.match("GET", "") is None
     assert table.match("GET", "/static/") is EXCLUDED and table.match("GET", "//static/app.js") is EXCLUDED
-    with pytest.raises(ValueError, match="configured twice"):
+    with pytest.raises(ValueError, match="configured twice, as 'api_calls' and as 'tokens'"):
         RouteTable({"/v1/search": "api_calls", "/v1/search/": "tokens"})
+    # The same twice (FastAPI's router.get("") and router.get("/") under a prefix): one route here.
+    twins = RouteTable({"/v1/search": "api_calls", "/v1/search/": "api_calls"})
+    found = twins.match("GET", "/v1/search/")
+    assert found is not None and found.feature == "api_calls"
 
 
 def test_the_root_and_an_excluded_prefix_are_matched_where_no_route_is_a_template() -> None:
