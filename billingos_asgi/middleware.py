@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -493,7 +493,9 @@ class BillingMiddleware:
             if completed and status < 400:  # answered in full; what failed after (a background task) is the app's
                 used = quantity + context.reported
             else:  # the client went away mid-response (ASGI 2.4 servers raise from send), or the app failed
-                aborted = metered.bill_partial and status < 400 and isinstance(exc, (OSError, ClientDisconnect))
+                # (an OSError of the app's own, its backend's timeout, is a failure: only the watch
+                # tells a client gone)
+                aborted = metered.bill_partial and status < 400 and watch.disconnected
                 used = context.reported if aborted else 0.0
             unsent = self._settle(context, quantity, used, unnamed_ok=preflight)
             if unsent is not None:
@@ -505,7 +507,7 @@ class BillingMiddleware:
         if completed and status < 400:
             used = quantity + context.reported
         else:  # bill_partial keeps what a disconnect cut short of a successful answer, never of an error answer
-            used = context.reported if metered.bill_partial and status < 400 else 0.0
+            used = context.reported if metered.bill_partial and status < 400 and watch.disconnected else 0.0
         unsent = self._settle(context, quantity, used, unnamed_ok=preflight)
         if unsent is not None:
             await self.tracker.send(unsent)  # no lifespan: the response is already complete

@@ -177,12 +177,22 @@ class ResponseWatch:
             try:
                 await self._send(message)
             except BaseException as exc:
+                if isinstance(exc, OSError):  # (ASGI: a send to a client gone raises an OSError)
+                    self.disconnected = True
                 cancelled_by_close = self.left_once_sent and isinstance(exc, anyio.get_cancelled_exc_class())
                 self.completed = self.completed and (cancelled_by_close or self._all_sent())
                 raise
             return
         elif kind == "http.response.body":
-            await self._send(message)
+            await self._sent_on(message)
             self.sent += len(message.get("body", b""))  # once the server has taken them
             return
-        await self._send(message)
+        await self._sent_on(message)
+
+    async def _sent_on(self, message: Message) -> None:
+        """Send ``message`` on; one the server cannot deliver, the client gone, says so."""
+        try:
+            await self._send(message)
+        except OSError:  # (ASGI: a send to a client gone raises an OSError)
+            self.disconnected = True
+            raise

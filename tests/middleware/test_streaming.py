@@ -377,6 +377,41 @@ async def test_stream_that_fails_mid_body_is_not_billed(billing: LocalBilling, b
     assert middleware.tracker.stats.queued == 0
 
 
+@pytest.mark.parametrize("answered", [True, False], ids=["mid-body", "before-answering"])
+async def test_an_apps_own_oserror_is_a_failure_not_a_disconnect_under_bill_partial(
+    billing: LocalBilling, answered: bool
+) -> None:
+    """Its backend's timeout (``TimeoutError``, an ``OSError`` as servers raise for a client gone)
+    was taken for a disconnect: with ``bill_partial=True`` the units reported were billed, of a
+    request answered 500 even (installed with ``add_middleware``, inside the error middleware)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"first tokens;"
+        with anyio.fail_after(0.01):  # the model's backend hangs
+            await anyio.sleep(1)
+        yield b"never"
+
+    async def llm(request: Request) -> Response:
+        report_usage(40)
+        if not answered:
+            with anyio.fail_after(0.01):
+                await anyio.sleep(1)
+        return StreamingResponse(chunks())
+
+    app = Starlette(routes=[Route("/llm", llm)])
+    app.add_middleware(
+        BillingMiddleware,
+        billing=billing,
+        customer=by_header,
+        routes={"/llm": Metered("tokens", quantity=None, bill_partial=True)},
+    )
+    async with lifespan(app):
+        exchange = await call_raw(app, http_scope("/llm", headers=FREE))
+    assert isinstance(unwrapped(exchange.error), TimeoutError)
+    assert exchange.status == (200 if answered else 500) and not (answered and exchange.complete)
+    assert await billing.recorded_units("user_free", "tokens") == 0
+
+
 @pytest.mark.parametrize("status", [400, 500])
 @pytest.mark.parametrize("client_left", [False, True], ids=["answered", "client-left-mid-body"])
 async def test_an_error_answer_is_not_billed_even_with_bill_partial(
