@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.from_thread
@@ -14,7 +16,7 @@ from starlette.requests import Request
 
 from ._exceptions import ValidationError
 from ._models import Entitlement
-from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS, check_id, check_quantity, customer_answer
+from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS, check_id, customer_answer, float_of_decimal
 
 if TYPE_CHECKING:
     from .cache import Quota
@@ -46,7 +48,18 @@ class UsageContext:
     ``customer_id`` is None until the app calls :meth:`identify` (or :func:`set_customer`).
     """
 
-    __slots__ = ("_gate", "_loop", "customer_id", "feature", "quantity", "quota", "reported", "request_id", "settled")
+    __slots__ = (
+        "_exact",
+        "_gate",
+        "_loop",
+        "customer_id",
+        "feature",
+        "quantity",
+        "quota",
+        "reported",
+        "request_id",
+        "settled",
+    )
 
     def __init__(
         self,
@@ -62,7 +75,8 @@ class UsageContext:
         self.feature = feature
         self.quantity = quantity
         self.quota = quota  # this process's accounting of the customer's feature; None: not gated
-        self.reported = 0.0
+        self.reported = 0.0  # the reports' exact sum at upstream's resolution: what is billed
+        self._exact = Decimal(0)
         self._gate = gate
         self._loop: tuple[anyio.lowlevel.EventLoopToken, int] | None = None  # see bind_loop()
         self.settled = False  # billed (or not) once the app returned: too late to report or identify
@@ -79,16 +93,18 @@ class UsageContext:
         return None if self.quota is None else self.quota.entitlement
 
     def report(self, units: float) -> None:
-        """Add ``units`` (a finite number > 0, at upstream's resolution of 1e-6) to this request's usage."""
-        units = round(check_quantity(units), QUANTITY_DECIMALS)
+        """Add ``units`` (a finite number > 0) to this request's usage. The reports are summed exactly
+        and their sum billed at upstream's resolution (1e-6): a report per chunk of an upload, finer
+        than that, counts as the whole upload does."""
+        exact = _exact_units(units)
         try:  # from a sync endpoint's worker thread: added on the event loop, which owns the quotas
-            added = anyio.from_thread.run_sync(self._add, units)
+            added = anyio.from_thread.run_sync(self._add, exact)
         except RuntimeError:  # on the event loop already, or in a thread that AnyIO did not start
             loop = self._loop
             if loop is not None and loop[1] != threading.get_ident():
-                added = anyio.from_thread.run_sync(self._add, units, token=loop[0])
+                added = anyio.from_thread.run_sync(self._add, exact, token=loop[0])
             else:
-                added = self._add(units)
+                added = self._add(exact)
         if not added:
             self._still_open("report_usage()")
 
@@ -97,17 +113,20 @@ class UsageContext:
         endpoints in threads that AnyIO did not start: what they report is added on this loop."""
         self._loop = (anyio.lowlevel.current_token(), threading.get_ident())
 
-    def _add(self, units: float) -> bool:
+    def _add(self, units: Decimal) -> bool:
         if self.settled:
             return False
-        if self.quantity + self.reported + units > MAX_QUANTITY:  # one event: upstream would refuse it all
+        exact = self._exact + units
+        reported = float(exact.quantize(_RESOLUTION, ROUND_HALF_EVEN))
+        if self.quantity + reported > MAX_QUANTITY:  # one event: upstream would refuse it all
             raise ValidationError(
-                f"report_usage({units:g}): the request's units would pass upstream's maximum of {MAX_QUANTITY}"
+                f"report_usage({float(units):g}): the request's units would pass upstream's maximum of {MAX_QUANTITY}"
             )
-        self.reported += units
+        added = round(reported - self.reported, QUANTITY_DECIMALS)
+        self._exact, self.reported = exact, reported
         quota = self.quota
-        if quota is not None and quota.tracked:  # pending from now on: requests admitted meanwhile see them
-            self.quota = quota.hold(units)
+        if added and quota is not None and quota.tracked:  # pending from now on: requests admitted meanwhile see them
+            self.quota = quota.hold(added)
         return True
 
     async def identify(self, customer_id: str | None) -> None:
@@ -202,6 +221,23 @@ def _running() -> UsageContext | None:
     return None if context is LET_THROUGH else context
 
 
+_RESOLUTION = Decimal(1).scaleb(-QUANTITY_DECIMALS)
+
+
+def _exact_units(units: object) -> Decimal:
+    """``units`` reported, exactly (a float's shortest decimal, as upstream reads it): a finite number
+    > 0 and at most upstream's maximum; finer than its resolution is allowed, as part of a sum."""
+    if isinstance(units, bool) or not isinstance(units, (int, float, Decimal)):
+        raise ValidationError(f"quantity must be a number, got {type(units).__name__}")
+    if isinstance(units, Decimal):
+        units = float_of_decimal(units)  # (as the client takes it: NaN refused, counted as a float)
+    if not (isinstance(units, int) or math.isfinite(units)) or not units > 0:
+        raise ValidationError(f"quantity must be a finite number > 0, got {units!r}")
+    if units > MAX_QUANTITY:
+        raise ValidationError(f"quantity {units!r} is above the maximum of {MAX_QUANTITY}")
+    return Decimal(units) if isinstance(units, int) else Decimal(repr(units))
+
+
 def report_usage(units: float) -> None:
     """Add ``units`` to the running metered request's usage (raises LookupError outside one).
 
@@ -210,7 +246,7 @@ def report_usage(units: float) -> None:
     """
     context = _running()
     if context is None:
-        check_quantity(units)
+        _exact_units(units)
     else:
         context.report(units)
 

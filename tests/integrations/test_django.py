@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -437,7 +438,7 @@ async def test_units_reported_from_a_sync_view_are_counted_on_the_event_loop(
     counted_in: list[int] = []
     add = UsageContext._add
 
-    def spy(context: UsageContext, units: float) -> bool:
+    def spy(context: UsageContext, units: Decimal) -> bool:
         counted_in.append(threading.get_ident())
         return add(context, units)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -200,7 +201,7 @@ async def test_units_reported_from_a_sync_view_are_counted_on_the_event_loop(
     counted_in: set[int] = set()
     add = UsageContext._add
 
-    def spy(context: UsageContext, units: float) -> bool:
+    def spy(context: UsageContext, units: Decimal) -> bool:
         counted_in.add(threading.get_ident())
         return add(context, units)
 

@@ -124,6 +124,27 @@ async def test_quantities_are_rounded_to_upstreams_resolution(billing: LocalBill
     assert (middleware.tracker.stats.sent, middleware.tracker.stats.rejected) == (1, 0)
 
 
+@pytest.mark.parametrize("chunk", [1500, 1400, 499])
+async def test_reports_are_summed_exactly_and_billed_at_upstreams_resolution(billing: LocalBilling, chunk: int) -> None:
+    """An upload reported in gigabytes chunk by chunk: each report rounded to 1e-6 billed 10,000
+    chunks of 1,500 bytes as 0.02 GB (+33%), of 1,400 as 0.01 GB (-29%), and refused one of 499."""
+
+    async def upload(request: Request) -> Response:
+        for _ in range(10_000):
+            report_usage(chunk / 1e9)
+        return PlainTextResponse("stored")
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/upload", upload)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/upload": Metered("tokens", quantity=None)},
+    )
+    async with serve(middleware) as client:
+        assert (await client.get("/upload", headers=as_customer("user_pro"))).status_code == 200
+    assert await billing.recorded_units("user_pro", "tokens") == round(10_000 * chunk / 1e9, 6)
+
+
 async def test_endpoint_reported_units(billing: LocalBilling) -> None:
     async def via_function(request: Request) -> Response:
         report_usage(7)
