@@ -63,6 +63,7 @@ class Quota:
     refreshing: bool = False
     retry_at: float = 0.0  # no background refresh before this (monotonic) time
     confirmed: int = 0  # the cache's count of track answers when the last one refreshed it
+    renewed: int = 0  # the cache's count of check answers when the last one renewed it
     key: Key | None = None  # its (customer, feature) in ``home``, the cache's entries
     home: _Entries | None = field(default=None, repr=False)
 
@@ -207,6 +208,7 @@ class EntitlementCache:
         self._entries = _Entries(max_size)
         self._flights: dict[Key, _Flight] = {}
         self._confirms = 0  # track answers taken: orders them against the checks on their way
+        self.renewals = 0  # check answers taken: orders them against the tracks on their way
         self.spawn: Spawn | None = None
 
     def __len__(self) -> int:
@@ -296,6 +298,8 @@ class EntitlementCache:
         quota = self._entries.find(key) or previous or Quota(None, key=key, home=self._entries)
         raced = quota.confirmed > asked
         quota.renew(entitlement, raced=raced)
+        self.renewals += 1
+        quota.renewed = self.renewals
         self._stamp(quota)
         if raced:  # stale at once: the next request has it asked again
             quota.fresh_until = self._clock()
@@ -329,8 +333,15 @@ class EntitlementCache:
         quota = self._entries.find((customer_id, feature_key))
         return quota is not None and quota.limit is not None and quota.usage >= quota.limit - _EPSILON
 
-    def confirm(self, customer_id: str, feature_key: str, units: float, result: TrackUsageResult) -> None:
-        """Upstream recorded ``units``: the track answer's usage figures refresh the entry."""
+    def confirm(
+        self, customer_id: str, feature_key: str, units: float, result: TrackUsageResult, renewals: int | None = None
+    ) -> None:
+        """Upstream recorded ``units``: the track answer's usage figures refresh the entry.
+
+        ``renewals``: :attr:`renewals` when the track was sent. A check answered since crossed this
+        answer on the way; which is newer is not known (a plan changed meanwhile), so of two limits
+        in one period the lower holds, and the entry is asked again at once.
+        """
         quota = self._entries.settle((customer_id, feature_key), units)
         if quota is None or quota.entitlement is None:
             return
@@ -342,12 +353,19 @@ class EntitlementCache:
             return
         usage = result.usage
         period_end = usage.period_end.timestamp()
+        limit = usage.limit_units  # admission compares usage with the limit itself
+        raced = False
         if quota.resets_at is None or period_end > quota.resets_at:
             quota.usage, quota.resets_at = usage.consumed_units, period_end
         elif period_end == quota.resets_at:
             quota.usage = max(quota.usage, usage.consumed_units)
-        quota.limit = usage.limit_units  # admission compares usage with the limit itself
+            raced = renewals is not None and quota.renewed > renewals
+            if raced and limit is not None and quota.limit is not None:
+                limit = min(limit, quota.limit)
+        quota.limit = limit
         self._stamp(quota)
+        if raced:  # stale at once: the next request has it asked again
+            quota.fresh_until = self._clock()
 
     def reject(self, customer_id: str, feature_key: str, units: float, error: Exception | None) -> None:
         """``units`` will not be recorded: stop counting them; after an upstream refusal, re-check the entry."""

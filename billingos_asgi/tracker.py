@@ -592,6 +592,7 @@ class Tracker:
                 await self._refuse(batch.events, "dead_lettered", reason)
                 return None
             self.stats.in_flight += n
+            renewals = self._cache.renewals  # checks answered after this are not older than its answer
             try:
                 result = await self._upstream.track_usage(
                     batch.customer_id,
@@ -604,7 +605,7 @@ class Tracker:
                 error = exc
             else:
                 self.stats.sent += n
-                self._cache.confirm(batch.customer_id, batch.feature_key, batch.counted, result)
+                self._cache.confirm(batch.customer_id, batch.feature_key, batch.counted, result, renewals)
                 self._settled(batch.events)
                 self._forget(batch.events)
                 return None

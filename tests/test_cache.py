@@ -489,3 +489,27 @@ def test_a_refresh_cancelled_with_its_lifespan_leaves_the_entry_to_the_next_ones
             assert upstream.checks == 3 and cache.get("c1", "api_calls") is quota
 
     on_each_loop(scenario)
+
+
+async def test_a_track_answer_crossing_a_check_keeps_the_lower_limit_and_asks_again(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A track recorded on the big plan, answered after a check that saw the downgrade: its answer
+    put the old limit back, fresh for the TTL, and requests were admitted past the new one."""
+    await billing.set_plan("c1", "big")  # 100 a period
+    cache, _ = cache_for(billing, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert quota.limit == 100 and quota.admit(1) == 0
+    renewals = cache.renewals  # the track is sent...
+    recorded = await billing.track_usage("c1", "api_calls", 1, "before the downgrade")
+    await billing.set_plan("c1", "small")  # ...the plan changes to 5 a period...
+    clocks.advance(31)
+    assert cache.get("c1", "api_calls") is None
+    assert (await cache.fetch("c1", "api_calls")).limit == 5  # ...a check sees it...
+    cache.confirm("c1", "api_calls", 1, recorded, renewals)  # ...then the track's answer lands
+    assert (quota.limit, quota.usage) == (5, 1)
+    assert cache.get("c1", "api_calls") is None  # asked again at once
+    # An answer sent after the check (none crossed it) is taken as it is.
+    later = await billing.track_usage("c1", "api_calls", 1, "after the check")
+    cache.confirm("c1", "api_calls", 0, later, cache.renewals)
+    assert (quota.limit, quota.usage) == (5, 2) and cache.get("c1", "api_calls") is quota
