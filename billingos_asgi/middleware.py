@@ -204,6 +204,13 @@ def _is_litestar(app: object) -> bool:
     return framework_app(app, "litestar") is not None
 
 
+def _litestar_mounts(app: object) -> list[str]:
+    """The paths of a Litestar app's ASGI mounts (``@asgi(path, is_mount=True)``), which Litestar
+    sends every path starting with to, a slash following or not."""
+    routes = getattr(framework_app(app, "litestar"), "routes", None) or ()
+    return [route.path for route in routes if getattr(getattr(route, "route_handler", None), "is_mount", False)]
+
+
 def _is_quart(app: object) -> bool:
     """Whether ``app`` is (or wraps) a Quart app, whose typed parameters (Werkzeug's) take every
     Unicode digit (``\\d``), and which routes what follows the root path, slash or not."""
@@ -322,6 +329,7 @@ class BillingMiddleware:
             exclude=exclude,
             parsed_parameters=parsed_parameters,
             canonical_paths=self._litestar,
+            mounts=_litestar_mounts(app) if self._litestar else (),
         )
         if isinstance(billing, LocalBilling):
             _warn_of_unknown_features(self.routes.features, billing.catalog.features)

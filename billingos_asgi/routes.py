@@ -268,6 +268,8 @@ class RouteTable:
     (a static route that the app serves before a metered template taking its path). A configured
     route that an exclusion also covers is refused at construction. ``canonical_paths``: the app
     routes a path without its repeated or trailing slashes (Litestar), so that path alone decides.
+    ``mounts``: paths under which the app sends every path that starts with them, even where no slash
+    follows (Litestar's ASGI mounts take "/reportsX" for "/reports"), metered as "/reports/X" is.
     """
 
     def __init__(
@@ -278,11 +280,13 @@ class RouteTable:
         exclude: Iterable[str] = (),
         parsed_parameters: bool = False,
         canonical_paths: bool = False,
+        mounts: Iterable[str] = (),
     ) -> None:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
         self._canonical_paths = canonical_paths
+        self._mounts = tuple(canonical(mount) for mount in mounts if mount.startswith("/") and canonical(mount) != "/")
         configured: list[tuple[str, str, bool]] = []  # key, path, whether static
         if not isinstance(routes, Mapping | None):
             raise ValueError(f'routes must map "METHOD /path" to a feature, got {routes!r}')
@@ -358,7 +362,7 @@ class RouteTable:
         }
         # Static (method, path) lookups, dynamic routes and the default need no per-request work
         # beyond a dict lookup when nothing dynamic or excluded-by-pattern is configured.
-        self._simple = not self._dynamic and not self._excluded_patterns and not prefixes
+        self._simple = not self._dynamic and not self._excluded_patterns and not prefixes and not self._mounts
 
     @property
     def features(self) -> frozenset[str]:
@@ -422,6 +426,11 @@ class RouteTable:
             if self._canonical_paths:  # Litestar serves "/v1/files/" as "/v1/files" (a final newline stays)
                 collapsed = collapsed.rstrip("/") or "/"
             return self.match(method, canonical("/" + path.rstrip("\n")), raw=path, collapsed=collapsed)
+        for mount in self._mounts:
+            if path.startswith(mount) and path[len(mount) : len(mount) + 1] not in ("/", ""):
+                # The app sends every path starting with a mount's to it ("/reportsX" to "/reports",
+                # as Litestar does): metered as the path under the mount it reaches ("/reports/X").
+                return self._match(method, f"{mount}/{path[len(mount) :]}", None, "")
         if self._simple:
             return self._default
         if self._excluded_prefixes and (

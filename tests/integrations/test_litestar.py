@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("litestar")
 
-from litestar import Litestar, Request, Response, get, post  # noqa: E402
+from litestar import Litestar, Request, Response, asgi, get, post  # noqa: E402
 from litestar.connection import ASGIConnection  # noqa: E402
 from litestar.exceptions import NotAuthorizedException  # noqa: E402
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware  # noqa: E402
@@ -209,6 +209,28 @@ async def test_a_typed_parameter_is_metered_in_every_spelling_litestar_parses(
     assert [answer.json() for answer in answers] == [{"item": 5}] * 2 + [{"item": 50}] + [{"item": 5}] * 2
     assert all("x-request-id" in answer.headers for answer in answers)
     assert await billing.recorded_units("user_free", "api_calls") == 5
+
+
+@asgi("/reports", is_mount=True, copy_scope=True)
+async def reports(scope: Any, receive: Any, send: Any) -> None:
+    ENTERED.append(f"reports {scope['path']}")
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"paid report"})
+
+
+async def test_every_path_litestar_sends_to_an_asgi_mount_is_metered(billing: LocalBilling, entered: list[str]) -> None:
+    """Litestar sends every path starting with a mount's to it, a slash following or not:
+    "/reportsX" and "/reports.pdf" were served by the mount at "/reports", ungated and unbilled."""
+    app = Litestar(route_handlers=[reports, health], plugins=[BillingPlugin(customer=account_of)], logging_config=None)
+    metered = BillingMiddleware(
+        app, billing=billing, customer=None, routes={"/reports": "api_calls", "/reports/{p:path}": "api_calls"}
+    )
+    paths = ["/reports", "/reports/q1.pdf", "/reportsX", "/reports.pdf", "/reports-q1/q1.pdf"]
+    async with serve(metered) as client:
+        anonymous = [(await client.get(path)).status_code for path in paths]  # no user: nobody
+        free = await client.get("/health")
+    assert anonymous == [401] * 5 and not [name for name in entered if name.startswith("reports")]
+    assert free.status_code == 200 and "x-request-id" not in free.headers
 
 
 @pytest.mark.parametrize("root_path", ["", "/api"])
