@@ -25,6 +25,8 @@ __all__ = ["UsageContext", "get_usage_context", "report_usage", "set_customer"]
 
 
 Subject = TypeVar("Subject")
+_RESOLUTION = Decimal(1).scaleb(-QUANTITY_DECIMALS)
+_NONE_YET = Decimal(0)
 
 
 class Gate(Protocol):
@@ -76,7 +78,7 @@ class UsageContext:
         self.quantity = quantity
         self.quota = quota  # this process's accounting of the customer's feature; None: not gated
         self.reported = 0.0  # the reports' exact sum at upstream's resolution: what is billed
-        self._exact = Decimal(0)
+        self._exact = _NONE_YET  # (a constant: a Decimal made per request would cost it 1,000s of instructions)
         self._gate = gate
         self._loop: tuple[anyio.lowlevel.EventLoopToken, int] | None = None  # see bind_loop()
         self.settled = False  # billed (or not) once the app returned: too late to report or identify
@@ -219,9 +221,6 @@ def _running() -> UsageContext | None:
     if context is None:
         raise LookupError("called outside a metered request")
     return None if context is LET_THROUGH else context
-
-
-_RESOLUTION = Decimal(1).scaleb(-QUANTITY_DECIMALS)
 
 
 def _exact_units(units: object) -> Decimal:

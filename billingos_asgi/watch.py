@@ -183,16 +183,10 @@ class ResponseWatch:
                 self.completed = self.completed and (cancelled_by_close or self._all_sent())
                 raise
             return
-        elif kind == "http.response.body":
-            await self._sent_on(message)
-            self.sent += len(message.get("body", b""))  # once the server has taken them
-            return
-        await self._sent_on(message)
-
-    async def _sent_on(self, message: Message) -> None:
-        """Send ``message`` on; one the server cannot deliver, the client gone, says so."""
         try:
             await self._send(message)
         except OSError:  # (ASGI: a send to a client gone raises an OSError)
             self.disconnected = True
             raise
+        if kind == "http.response.body":
+            self.sent += len(message.get("body", b""))  # once the server has taken them
