@@ -52,6 +52,7 @@ class UsageContext:
 
     __slots__ = (
         "_exact",
+        "_failed",
         "_gate",
         "_loop",
         "customer_id",
@@ -82,6 +83,7 @@ class UsageContext:
         self._gate = gate
         self._loop: tuple[anyio.lowlevel.EventLoopToken, int] | None = None  # see bind_loop()
         self.settled = False  # billed (or not) once the app returned: too late to report or identify
+        self._failed = False  # see mark_failed()
 
     def __repr__(self) -> str:
         return (
@@ -166,6 +168,13 @@ class UsageContext:
             gate.hook_failed(self, customer_of, exc)
             return
         await gate.admit(self, customer_id)
+
+    def mark_failed(self) -> None:
+        """Bill nothing for this request, whatever its final answer: the app failed it, and a layer
+        of the app's own outside made a success of that failure (Django's ``LocaleMiddleware`` and
+        ``CommonMiddleware`` answer a 404 with a redirect to the language's or the slashed URL,
+        whose request is then billed). Its units are released as a failed request's are."""
+        self._failed = True
 
     def _still_open(self, call: str) -> None:
         """Refuse a change once the request is billed: a task outliving it (one the handler started)

@@ -498,7 +498,9 @@ class BillingMiddleware:
                 if not status:  # the app's late gate refused it (answered here, unless the watch did)
                     await send_with_request_id(denied.response, request_id, scope, receive, send)
                 return
-            if completed and status < 400:  # answered in full; what failed after (a background task) is the app's
+            if context._failed:  # made a success of by the app's own layers outside: not served
+                used = 0.0
+            elif completed and status < 400:  # answered in full; what failed after (a background task) is the app's
                 used = quantity + context.reported
             else:  # the client went away mid-response (ASGI 2.4 servers raise from send), or the app failed
                 # (an OSError of the app's own, its backend's timeout, is a failure: only the watch
@@ -512,7 +514,9 @@ class BillingMiddleware:
         finally:
             _current.reset(token)
         status, completed = watch.status, watch.completed
-        if completed and status < 400:
+        if context._failed:  # made a success of by the app's own layers outside: not served
+            used = 0.0
+        elif completed and status < 400:
             used = quantity + context.reported
         else:  # bill_partial keeps what a disconnect cut short of a successful answer, never of an error answer
             used = context.reported if metered.bill_partial and status < 400 and watch.disconnected else 0.0

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 from uuid import UUID
 
 from starlette.convertors import CONVERTOR_TYPES
@@ -175,13 +175,23 @@ def redirects_to_itself(
     # A raw "#" in the request's query comes back as it is, where it starts a fragment; a raw "|"
     # or "{" (browsers send them so) comes back quoted.
     target_query = f"{target.query}#{target.fragment}" if "#" in location else target.query
-    if target_path is None or target_query != query and unquote(target_query) != unquote(query):
+    if target_path is None or target_query != query and _unquoted(target_query) != _unquoted(query):
         return False
     netlocs, names = _authorities(host, server, scheme)
     if target.scheme and target.scheme != scheme:
         to_https = scheme == "http" and target.scheme == "https" and status in (301, 307, 308)
         return to_https and target.hostname is not None and target.hostname in names
     return target_path != path and (not target.netloc or target.netloc in netlocs)
+
+
+def _unquoted(query: str) -> bytes:
+    """A query string's bytes, its %-escapes decoded: the request's as the server passed them (a
+    client may send "?q=é" as raw UTF-8, read here as Latin-1), the redirect's as the framework quoted
+    them (Django's "?q=%C3%A9")."""
+    try:
+        return unquote_to_bytes(query.encode("latin-1"))
+    except UnicodeEncodeError:  # (not from a header or a scope: text beyond Latin-1)
+        return unquote_to_bytes(query)
 
 
 def _host_path_dropped(host: str | None, location: str) -> tuple[str | None, str]:

@@ -122,7 +122,12 @@ class IdentifyCustomerMiddleware:
             except BillingDenied as denied:
                 return django_response(denied)
             setattr(request, _IDENTIFIED, True)
-        return await self.get_response(request)
+        response = await self.get_response(request)
+        if context is not None and response.status_code >= 400:
+            # Not served, whatever Django's middleware outside makes of it (LocaleMiddleware and
+            # CommonMiddleware redirect a 404 to the language's or the slashed URL): not billed.
+            context.mark_failed()
+        return response
 
 
 def django_response(denied: BillingDenied) -> HttpResponse:

@@ -30,7 +30,7 @@ from billingos_asgi.testing import lifespan  # noqa: E402
 from billingos_django import metered  # noqa: E402
 
 from ..asgi import serve  # noqa: E402
-from ..middleware.support import as_customer, by_header  # noqa: E402
+from ..middleware.support import CUSTOMER_HEADER, as_customer, by_header, call_raw, http_scope  # noqa: E402
 
 ENTERED: list[str] = []  # the views a request reached, in order
 
@@ -464,3 +464,50 @@ async def test_a_slash_redirect_of_common_middleware_is_not_billed_the_request_a
     assert answer.status_code == 200 and [r.status_code for r in answer.history] == [301]
     assert answer.history[0].headers["location"] == "/v1/notes/caf%C3%A9/" and entered == ["café"]
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_a_redirect_django_makes_of_a_404_outside_the_adapter_is_not_billed(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], entered: list[str]
+) -> None:
+    """LocaleMiddleware answers "/v1/search", which only "/en/v1/search" serves, with a 302 there:
+    made of the 404 Django's routing answered the adapter with, it was billed, and the request
+    after it too (two units for one search)."""
+    from types import ModuleType
+
+    from django.conf.urls.i18n import i18n_patterns
+
+    free, as_free = sessions["free"]
+    await billing.set_plan(free, "free")
+    localized = ModuleType("localized_urls")  # a URLconf: Django caches resolvers by it
+    localized.urlpatterns = i18n_patterns(path("v1/search", search))  # type: ignore[attr-defined]
+    middleware = [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.middleware.locale.LocaleMiddleware",
+        "billingos_django.IdentifyCustomerMiddleware",
+    ]
+    languages = [("en", "English"), ("fr", "French")]
+    with override_settings(MIDDLEWARE=middleware, ROOT_URLCONF=localized, USE_I18N=True, LANGUAGES=languages):
+        app = BillingMiddleware(get_asgi_application(), billing=billing, customer=None, default_feature="api_calls")
+        async with serve(app) as client:  # (httpx drops a Cookie header on a redirect: followed by hand)
+            redirect = await client.get("/v1/search", headers=as_free)
+            answer = await client.get(redirect.headers["location"], headers=as_free)
+    assert (redirect.status_code, redirect.headers["location"], answer.status_code) == (302, "/en/v1/search", 200)
+    assert entered == ["search"]
+    assert await billing.recorded_units(free, "api_calls") == 1
+
+
+async def test_a_slash_redirect_keeping_a_raw_utf8_query_is_not_billed(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], entered: list[str]
+) -> None:
+    """curl sends "?q=é" as raw UTF-8 bytes; Django's redirect quotes them ("?q=%C3%A9"), which the
+    query read as Latin-1 ("q=Ã©") did not match: the redirect was billed, and the request after it."""
+    with override_settings(MIDDLEWARE=["django.middleware.common.CommonMiddleware"]):
+        app = BillingMiddleware(
+            get_asgi_application(), billing=billing, customer=by_header, routes={"/v1/notes/{title}": "api_calls"}
+        )
+    scope = http_scope("/v1/notes/hello", headers=[(CUSTOMER_HEADER, "user_free")], query="q=é".encode())
+    async with lifespan(app):
+        redirect = await call_raw(app, scope)
+    assert (redirect.status, redirect.header("location")) == (301, "/v1/notes/hello/?q=%C3%A9") and entered == []
+    assert await billing.recorded_units("user_free", "api_calls") == 0
