@@ -7,7 +7,7 @@ import math
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.from_thread
@@ -27,6 +27,9 @@ __all__ = ["UsageContext", "get_usage_context", "report_usage", "set_customer"]
 Subject = TypeVar("Subject")
 _RESOLUTION = Decimal(1).scaleb(-QUANTITY_DECIMALS)
 _NONE_YET = Decimal(0)
+#: The sums' own arithmetic: exact to upstream's maximum at its resolution, whatever precision the
+#: app sets for its own Decimals (the thread's context).
+_EXACT = Context(prec=40)
 
 
 class Gate(Protocol):
@@ -120,8 +123,8 @@ class UsageContext:
     def _add(self, units: Decimal) -> bool:
         if self.settled:
             return False
-        exact = self._exact + units
-        reported = float(exact.quantize(_RESOLUTION, ROUND_HALF_EVEN))
+        exact = _EXACT.add(self._exact, units)
+        reported = float(exact.quantize(_RESOLUTION, ROUND_HALF_EVEN, context=_EXACT))
         if self.quantity + reported > MAX_QUANTITY:  # one event: upstream would refuse it all
             raise ValidationError(
                 f"report_usage({float(units):g}): the request's units would pass upstream's maximum of {MAX_QUANTITY}"
@@ -243,7 +246,8 @@ def _exact_units(units: object) -> Decimal:
         raise ValidationError(f"quantity must be a finite number > 0, got {units!r}")
     if units > MAX_QUANTITY:
         raise ValidationError(f"quantity {units!r} is above the maximum of {MAX_QUANTITY}")
-    return Decimal(units) if isinstance(units, int) else Decimal(repr(units))
+    # (Through float() and int(): numpy's float64 is a float whose repr names its type.)
+    return Decimal(int(units)) if isinstance(units, int) else Decimal(repr(float(units)))
 
 
 def report_usage(units: float) -> None:

@@ -10,7 +10,7 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,11 @@ def _grant(feature: Feature, value: Any, fail: Any) -> Grant | None:
     return Grant(feature, to_micro(value))
 
 
+#: Decimal arithmetic of its own: the thread's context is the app's, which a worker thread inherits
+#: (an app's money code setting a precision of 4 recorded 12345.678 units as 12350).
+_EXACT = Context(prec=40)
+
+
 def to_micro(value: float) -> int:
     """Units to integer micro-units (upstream's DECIMAL(20,6)), so sums never drift.
 
@@ -174,13 +179,13 @@ def to_micro(value: float) -> int:
     beyond a float's 53 bits, and that product could round past a limit the same quantity equals.
     """
     if isinstance(value, float):
-        return int(Decimal(repr(value)).scaleb(QUANTITY_DECIMALS).to_integral_value(ROUND_HALF_EVEN))
+        return int(Decimal(repr(value)).scaleb(QUANTITY_DECIMALS, _EXACT).to_integral_value(ROUND_HALF_EVEN, _EXACT))
     return value * MICRO
 
 
 def rounded_down(value: float, units: int) -> bool:
     """Whether ``value`` is more than its micro-units (``to_micro`` dropped a remainder finer than one)."""
-    return isinstance(value, float) and Decimal(repr(value)).scaleb(QUANTITY_DECIMALS) > units
+    return isinstance(value, float) and Decimal(repr(value)).scaleb(QUANTITY_DECIMALS, _EXACT) > units
 
 
 def from_micro(value: int) -> float:

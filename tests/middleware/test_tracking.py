@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import os
 import threading
 import warnings
@@ -143,6 +144,41 @@ async def test_reports_are_summed_exactly_and_billed_at_upstreams_resolution(bil
     async with serve(middleware) as client:
         assert (await client.get("/upload", headers=as_customer("user_pro"))).status_code == 200
     assert await billing.recorded_units("user_pro", "tokens") == round(10_000 * chunk / 1e9, 6)
+
+
+class Float64(float):
+    """A float subclass whose repr names its type, as numpy's float64 does: 'np.float64(1.75)'."""
+
+    def __repr__(self) -> str:
+        return f"np.float64({float(self)!r})"
+
+
+async def test_reports_are_exact_whatever_the_apps_decimals_and_float_types(billing: LocalBilling) -> None:
+    """An app's money code lowering the thread's Decimal precision made a report raise (or, in the
+    engine's worker thread, which inherits it, recorded 12345.678 units as 12350); a float subclass
+    whose repr is not a number (numpy's) raised too."""
+
+    async def upload(request: Request) -> Response:
+        with decimal.localcontext() as money:  # the app's own
+            money.prec = 4
+            report_usage(12345.678)
+            report_usage(Float64(1.75))
+        return PlainTextResponse("stored")
+
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/upload", upload)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/upload": Metered("tokens", quantity=None)},
+        flush_interval=0,
+    )
+    async with serve(middleware) as client:
+        assert (await client.get("/upload", headers=as_customer("user_pro"))).status_code == 200
+    assert await billing.recorded_units("user_pro", "tokens") == 12347.428
+    with decimal.localcontext() as money:  # the engine's worker thread inherits the caller's context
+        money.prec = 4
+        await billing.track_usage("user_pro", "tokens", 12345.678)
+    assert await billing.recorded_units("user_pro", "tokens") == 24693.106
 
 
 async def test_endpoint_reported_units(billing: LocalBilling) -> None:
