@@ -204,11 +204,14 @@ def _is_litestar(app: object) -> bool:
     return framework_app(app, "litestar") is not None
 
 
-def _litestar_mounts(app: object) -> list[str]:
+def _litestar_routes(app: object) -> tuple[list[str], list[str]]:
     """The paths of a Litestar app's ASGI mounts (``@asgi(path, is_mount=True)``), which Litestar
-    sends every path starting with to, a slash following or not."""
+    sends every path starting with to, a slash following or not; and of its routes without
+    parameters, which it serves first."""
     routes = getattr(framework_app(app, "litestar"), "routes", None) or ()
-    return [route.path for route in routes if getattr(getattr(route, "route_handler", None), "is_mount", False)]
+    mounts = [route.path for route in routes if getattr(getattr(route, "route_handler", None), "is_mount", False)]
+    plain = [route.path for route in routes if "{" not in route.path and route.path not in mounts]
+    return mounts, plain
 
 
 def _is_quart(app: object) -> bool:
@@ -323,13 +326,15 @@ class BillingMiddleware:
         # Wrapped from outside, a late refusal would reach the app's error middleware first (a 500):
         # the app answers it itself (registered before its first call, when it reads its handlers).
         answer_refusals(routed)
+        mounts, plain = _litestar_routes(app) if self._litestar else ([], [])
         self.routes = RouteTable(
             routes,
             default_feature=default_feature,
             exclude=exclude,
             parsed_parameters=parsed_parameters,
             canonical_paths=self._litestar,
-            mounts=_litestar_mounts(app) if self._litestar else (),
+            mounts=mounts,
+            plain=plain,
         )
         if isinstance(billing, LocalBilling):
             _warn_of_unknown_features(self.routes.features, billing.catalog.features)

@@ -279,7 +279,8 @@ class RouteTable:
     route that an exclusion also covers is refused at construction. ``canonical_paths``: the app
     routes a path without its repeated or trailing slashes (Litestar), so that path alone decides.
     ``mounts``: paths under which the app sends every path that starts with them, even where no slash
-    follows (Litestar's ASGI mounts take "/reportsX" for "/reports"), metered as "/reports/X" is.
+    follows (Litestar's ASGI mounts take "/reportsX" for "/reports"), metered as "/reports/X" is,
+    except the ``plain`` paths the app serves itself first (Litestar's routes without parameters).
     """
 
     def __init__(
@@ -291,12 +292,14 @@ class RouteTable:
         parsed_parameters: bool = False,
         canonical_paths: bool = False,
         mounts: Iterable[str] = (),
+        plain: Iterable[str] = (),
     ) -> None:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
         self._canonical_paths = canonical_paths
         self._mounts = tuple(canonical(mount) for mount in mounts if mount.startswith("/") and canonical(mount) != "/")
+        self._plain = frozenset(canonical(path) for path in plain)
         configured: list[tuple[str, str, bool]] = []  # key, path, whether static
         if not isinstance(routes, Mapping | None):
             raise ValueError(f'routes must map "METHOD /path" to a feature, got {routes!r}')
@@ -436,11 +439,6 @@ class RouteTable:
             if self._canonical_paths:  # Litestar serves "/v1/files/" as "/v1/files" (a final newline stays)
                 collapsed = collapsed.rstrip("/") or "/"
             return self.match(method, canonical("/" + path.rstrip("\n")), raw=path, collapsed=collapsed)
-        for mount in self._mounts:
-            if path.startswith(mount) and path[len(mount) : len(mount) + 1] not in ("/", ""):
-                # The app sends every path starting with a mount's to it ("/reportsX" to "/reports",
-                # as Litestar does): metered as the path under the mount it reaches ("/reports/X").
-                return self._match(method, f"{mount}/{path[len(mount) :]}", None, "")
         if self._simple:
             return self._default
         if self._excluded_prefixes and (
@@ -450,6 +448,12 @@ class RouteTable:
         for pattern in self._excluded_patterns:
             if pattern.match(path):
                 return EXCLUDED
+        if self._mounts and path not in self._plain:
+            for mount in self._mounts:
+                if path.startswith(mount) and path[len(mount) : len(mount) + 1] not in ("/", ""):
+                    # The app sends every path starting with a mount's to it ("/reportsX" to "/reports",
+                    # as Litestar does): metered as the path under the mount it reaches ("/reports/X").
+                    return self._match(method, f"{mount}/{path[len(mount) :]}", None, "")
         for routes in (self._dynamic, self._parsed):
             for route_method, regex, metered in routes:
                 if (route_method is None or route_method == method) and (

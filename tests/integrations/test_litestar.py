@@ -218,19 +218,34 @@ async def reports(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"paid report"})
 
 
+@get("/reports-public")
+async def reports_public() -> str:
+    ENTERED.append("reports-public")
+    return "free index"
+
+
 async def test_every_path_litestar_sends_to_an_asgi_mount_is_metered(billing: LocalBilling, entered: list[str]) -> None:
     """Litestar sends every path starting with a mount's to it, a slash following or not:
-    "/reportsX" and "/reports.pdf" were served by the mount at "/reports", ungated and unbilled."""
-    app = Litestar(route_handlers=[reports, health], plugins=[BillingPlugin(customer=account_of)], logging_config=None)
+    "/reportsX" and "/reports.pdf" were served by the mount at "/reports", ungated and unbilled.
+    Not a route of its own it serves first ("/reports-public"), nor an excluded path."""
+    app = Litestar(
+        route_handlers=[reports, reports_public, health],
+        plugins=[BillingPlugin(customer=account_of)],
+        logging_config=None,
+    )
     metered = BillingMiddleware(
-        app, billing=billing, customer=None, routes={"/reports": "api_calls", "/reports/{p:path}": "api_calls"}
+        app,
+        billing=billing,
+        customer=None,
+        routes={"/reports": "api_calls", "/reports/{p:path}": "api_calls"},
+        exclude=["/reports-free/*"],
     )
     paths = ["/reports", "/reports/q1.pdf", "/reportsX", "/reports.pdf", "/reports-q1/q1.pdf"]
     async with serve(metered) as client:
         anonymous = [(await client.get(path)).status_code for path in paths]  # no user: nobody
-        free = await client.get("/health")
-    assert anonymous == [401] * 5 and not [name for name in entered if name.startswith("reports")]
-    assert free.status_code == 200 and "x-request-id" not in free.headers
+        free = [await client.get(path) for path in ("/health", "/reports-public", "/reports-free/a")]
+    assert anonymous == [401] * 5 and entered == ["health", "reports-public", "reports -free/a/"]
+    assert [r.status_code for r in free] == [200] * 3 and not any("x-request-id" in r.headers for r in free)
 
 
 @pytest.mark.parametrize("root_path", ["", "/api"])
