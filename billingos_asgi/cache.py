@@ -64,6 +64,11 @@ class Quota:
     retry_at: float = 0.0  # no background refresh before this (monotonic) time
     confirmed: int = 0  # the cache's count of track answers when the last one refreshed it
     renewed: int = 0  # the cache's count of check answers when the last one renewed it
+    # The limits the last check and track answers said, as they said them: where two answers cross,
+    # the lower of theirs holds (not of a limit itself kept lower in an earlier crossing: an upgrade
+    # under steady traffic would never take).
+    checked_limit: float | None = None
+    tracked_limit: float | None = None
     key: Key | None = None  # its (customer, feature) in ``home``, the cache's entries
     home: _Entries | None = field(default=None, repr=False)
 
@@ -122,8 +127,9 @@ class Quota:
         keep_guess = self.guessed and raced and same_period
         if same_period and self.usage > usage and (not self.guessed or keep_guess):
             usage = self.usage  # a check answered before our last confirmed track
-        if raced and same_period and limit is not None and self.limit is not None:
-            limit = min(limit, self.limit)
+        self.checked_limit = limit
+        if raced and same_period and limit is not None and self.tracked_limit is not None:
+            limit = min(limit, self.tracked_limit)
         self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
         self.guessed = keep_guess
 
@@ -353,15 +359,15 @@ class EntitlementCache:
             return
         usage = result.usage
         period_end = usage.period_end.timestamp()
-        limit = usage.limit_units  # admission compares usage with the limit itself
+        limit = quota.tracked_limit = usage.limit_units  # admission compares usage with the limit itself
         raced = False
         if quota.resets_at is None or period_end > quota.resets_at:
             quota.usage, quota.resets_at = usage.consumed_units, period_end
         elif period_end == quota.resets_at:
             quota.usage = max(quota.usage, usage.consumed_units)
             raced = renewals is not None and quota.renewed > renewals
-            if raced and limit is not None and quota.limit is not None:
-                limit = min(limit, quota.limit)
+            if raced and limit is not None and quota.checked_limit is not None:
+                limit = min(limit, quota.checked_limit)
         quota.limit = limit
         self._stamp(quota)
         if raced:  # stale at once: the next request has it asked again

@@ -513,3 +513,32 @@ async def test_a_track_answer_crossing_a_check_keeps_the_lower_limit_and_asks_ag
     later = await billing.track_usage("c1", "api_calls", 1, "after the check")
     cache.confirm("c1", "api_calls", 0, later, cache.renewals)
     assert (quota.limit, quota.usage) == (5, 2) and cache.get("c1", "api_calls") is quota
+
+
+async def test_answers_crossing_after_an_upgrade_take_it_once_both_say_so(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """Of two answers crossing on the way the lower limit holds: the lower of the two answers', not
+    of a limit kept lower by an earlier crossing, which under steady traffic (each answer crossing
+    another) kept an upgrade from ever taking."""
+    backend = Delayed(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")  # small: 5 a period
+    before = cache.renewals
+    old_answers = [await billing.track_usage("c1", "api_calls", 1, f"before {i}") for i in range(2)]
+    await billing.set_plan("c1", "big")  # 100 a period
+    clocks.advance(31)
+    assert (await cache.fetch("c1", "api_calls")).limit == 100  # a check sees the upgrade...
+    cache.confirm("c1", "api_calls", 0, old_answers[0], before)  # ...an older track answer crosses it
+    assert quota.limit == 5  # the lower holds, asked again at once
+    sent = cache.renewals
+    new_answer = await billing.track_usage("c1", "api_calls", 1, "after")  # on its way back...
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # ...while a check is asked (it reads 100)...
+        await backend.answered.wait()
+        cache.confirm("c1", "api_calls", 0, old_answers[1], before)  # ...another old answer lands meanwhile...
+        backend.held.set()
+    assert quota.limit == 5  # (the check crossed a track answer saying 5)
+    cache.confirm("c1", "api_calls", 0, new_answer, sent)  # ...then the new track's answer, crossed by that check
+    assert quota.limit == 100  # both answers of the crossing say 100: the upgrade holds
