@@ -100,7 +100,7 @@ class Quota:
         quota.local += units
         return quota
 
-    def renew(self, entitlement: Entitlement | None, *, raced: bool = False) -> None:
+    def renew(self, entitlement: Entitlement | None, *, now: float, raced: bool = False) -> None:
         """Take a newer upstream answer, keeping this process's accounting (usage only grows within a period).
 
         ``raced``: a track answer refreshed the entry while this check was on its way; which of the
@@ -109,8 +109,10 @@ class Quota:
         """
         self.refreshing = False
         resets_at = entitlement.resets_at.timestamp() if entitlement and entitlement.resets_at else None
-        if resets_at is not None and self.resets_at is not None and resets_at < self.resets_at:
-            return  # answered in a period that a track answer has since shown over: ours are the newer figures
+        if resets_at is not None and self.resets_at is not None and resets_at < min(self.resets_at, now):
+            # Answered in a period that a track answer has since shown over: ours are the newer figures.
+            # (One ending earlier but not yet is a plan's new period: a shorter interval, a new anchor.)
+            return
         self.entitlement = entitlement
         if entitlement is None:
             self.limit, self.resets_at, self.refusal = None, None, 403
@@ -303,7 +305,7 @@ class EntitlementCache:
         # request reported on it (a new entry in its place would forget them).
         quota = self._entries.find(key) or previous or Quota(None, key=key, home=self._entries)
         raced = quota.confirmed > asked
-        quota.renew(entitlement, raced=raced)
+        quota.renew(entitlement, now=self._wall_clock(), raced=raced)
         self.renewals += 1
         quota.renewed = self.renewals
         self._stamp(quota)
@@ -361,7 +363,8 @@ class EntitlementCache:
         period_end = usage.period_end.timestamp()
         limit = quota.tracked_limit = usage.limit_units  # admission compares usage with the limit itself
         raced = False
-        if quota.resets_at is None or period_end > quota.resets_at:
+        if quota.resets_at is None or period_end > quota.resets_at or self._wall_clock() < period_end < quota.resets_at:
+            # A later period, or one ending earlier but not yet: a plan's new period (a shorter interval).
             quota.usage, quota.resets_at = usage.consumed_units, period_end
         elif period_end == quota.resets_at:
             quota.usage = max(quota.usage, usage.consumed_units)

@@ -20,7 +20,11 @@ from .conftest import Scenario
 
 PLANS: dict[str, Any] = {
     "features": {"api_calls": {"type": "usage_quota"}, "export": {"type": "boolean_flag"}},
-    "plans": {"small": {"features": {"api_calls": 5, "export": True}}, "big": {"features": {"api_calls": 100}}},
+    "plans": {
+        "small": {"features": {"api_calls": 5, "export": True}},
+        "big": {"features": {"api_calls": 100}},
+        "yearly": {"interval": "year", "features": {"api_calls": 1000}},
+    },
     "customers": {"c1": "small"},
 }
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -542,3 +546,28 @@ async def test_answers_crossing_after_an_upgrade_take_it_once_both_say_so(
     assert quota.limit == 5  # (the check crossed a track answer saying 5)
     cache.confirm("c1", "api_calls", 0, new_answer, sent)  # ...then the new track's answer, crossed by that check
     assert quota.limit == 100  # both answers of the crossing say 100: the upgrade holds
+
+
+async def test_a_plan_whose_period_ends_sooner_is_taken_from_checks_and_track_answers(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """Yearly to monthly: every answer of the new plan ends its period before the year the entry
+    held, and was taken for one of a period already over: the entry kept the year's figures (and a
+    customer refused for the month was refused until the year's end)."""
+    await billing.set_plan("c1", "yearly")
+    cache, _ = cache_for(billing, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    year_end = quota.resets_at
+    assert quota.limit == 1000 and year_end is not None
+    await billing.set_plan("c1", "small")  # another interval: a new (monthly) period starts now
+    clocks.advance(31)
+    assert (await cache.fetch("c1", "api_calls")) is quota
+    assert quota.limit == 5 and quota.resets_at is not None and quota.resets_at < year_end
+    # A track answer alike: back to yearly, read by a check; then monthly again, a track answered.
+    await billing.set_plan("c1", "yearly")
+    clocks.advance(31)
+    assert (await cache.fetch("c1", "api_calls")).limit == 1000 and quota.resets_at is not None
+    year_end = quota.resets_at
+    await billing.set_plan("c1", "small")
+    cache.confirm("c1", "api_calls", 0, await billing.track_usage("c1", "api_calls", 2, "k"), cache.renewals)
+    assert (quota.usage, quota.limit) == (2, 5) and quota.resets_at is not None and quota.resets_at < year_end
