@@ -269,13 +269,17 @@ def walk(
             yield from expand(route, prefix)
 
 
+_INNER = ("app", "application", "wrapped", "__wrapped__")  # where a wrapper keeps the app it wraps
+
+
 def wrapped_apps(app: object) -> Iterator[object]:
     """``app`` and the apps inside it, as ASGI wrappers hold them: ``.app`` (middleware), Django's
-    ``.application`` (its static files handler), Channels' ``ProtocolTypeRouter`` (its HTTP app)."""
+    ``.application`` (its static files handler), ``.wrapped`` or ``__wrapped__`` (others' wrappers,
+    ``functools.wraps``), Channels' ``ProtocolTypeRouter`` (its HTTP app)."""
     for _ in range(64):
         yield app
         mapping = getattr(app, "application_mapping", None)
-        inner = getattr(app, "app", None) or getattr(app, "application", None)
+        inner = next((found for name in _INNER if (found := getattr(app, name, None)) is not None), None)
         app = inner or (mapping.get("http") if isinstance(mapping, dict) else None)
         if app is None:
             return

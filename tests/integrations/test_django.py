@@ -234,23 +234,27 @@ async def test_a_forced_script_name_is_routed_as_django_routes_it(
 
 
 class Logged:
-    """An app's own pure ASGI middleware around Django's handler, inside ours."""
+    """An app's own pure ASGI middleware around Django's handler, inside ours (``.app``, or as
+    other wrappers keep it: ``.wrapped``)."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(self, app: Any, attribute: str = "app") -> None:
+        self.attribute = attribute
+        setattr(self, attribute, app)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.app(scope, receive, send)
+        await getattr(self, self.attribute)(scope, receive, send)
 
 
+@pytest.mark.parametrize("attribute", ["app", "wrapped", "__wrapped__"])
 async def test_a_forced_script_name_is_seen_through_the_apps_own_wrappers(
-    billing: LocalBilling, pro: tuple[str, dict[str, str]], entered: list[str]
+    billing: LocalBilling, pro: tuple[str, dict[str, str]], entered: list[str], attribute: str
 ) -> None:
     """Django's handler inside another wrapper: the script name was looked for on the wrapper only,
     and "/api/v1/search" served free and ungated."""
     pro_id, as_pro = pro
     with override_settings(FORCE_SCRIPT_NAME="/api"):
-        app = BillingMiddleware(Logged(get_asgi_application()), billing=billing, customer=None, routes=ROUTES)
+        wrapped = Logged(get_asgi_application(), attribute)
+        app = BillingMiddleware(wrapped, billing=billing, customer=None, routes=ROUTES)
         async with serve(app) as client:
             anonymous = await client.get("/api/v1/search")
             searched = await client.get("/api/v1/search", headers=as_pro)
