@@ -157,15 +157,18 @@ def entitlement_from_json(body: Any) -> Entitlement:
     if metadata is not None and not isinstance(metadata, dict):
         raise _fail("'metadata' is not an object", body)
     metadata = metadata or {}
+    kind = None if metadata.get("type") is None else _string(metadata["type"], "metadata.type", body)
+    # A quota's limit is null when unlimited: one missing is a malformed answer, not an unlimited quota.
+    limit = _field(body, "limit", body) if kind == "usage_quota" else body.get("limit")
     return Entitlement(
         feature_key=_string(_field(body, "feature_key", body), "feature_key", body),
         has_access=has_access,
         reason=None if reason is None else _string(reason, "reason", body),
-        limit=_optional_number(body.get("limit"), "limit", body),
+        limit=_optional_number(limit, "limit", body),
         usage=_optional_number(body.get("usage"), "usage", body),
         remaining=_optional_number(metadata.get("remaining"), "metadata.remaining", body),
         resets_at=_optional_time(metadata.get("resets_at"), "metadata.resets_at", body),
-        type=None if metadata.get("type") is None else _string(metadata["type"], "metadata.type", body),
+        type=kind,
     )
 
 

@@ -155,9 +155,13 @@ _LONGEST_WAIT = 365 * 24 * 3600.0
 
 
 def _parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: either delta-seconds or an HTTP date."""
+    """``Retry-After`` as seconds: either delta-seconds or an HTTP date; repeated (by a proxy: httpx
+    joins them with commas, "30, 30"), the longest of its delta-seconds."""
     if not value:
         return None
+    if "," in value and not value.rstrip().endswith("GMT"):  # (an HTTP date holds a comma too)
+        waits = [_parse_retry_after(part) for part in value.split(",")]
+        return max((wait for wait in waits if wait is not None), default=None)
     try:
         seconds = float(value)
     except ValueError:
@@ -205,7 +209,8 @@ def _error_for(response: httpx.Response, secret: str) -> BillingOSError:
     if isinstance(raw, list):  # NestJS validation pipes answer with a list of messages
         raw = "; ".join(str(item) for item in raw)
     reason = _redact(response.reason_phrase, secret)  # (an echoing proxy's status line too)
-    message = str(raw) if raw else f"BillingOS answered {status} {reason}".rstrip()
+    # (Cut as a text body is: a server's message is logged with each retry.)
+    message = str(raw)[:_MAX_ERROR_TEXT] if raw else f"BillingOS answered {status} {reason}".rstrip()
     retry_after = _parse_retry_after(response.headers.get("retry-after"))
     if status == 429:
         return RateLimitError(message, status=status, body=body, retry_after=retry_after)
@@ -390,6 +395,9 @@ class BillingOS:
             except httpx.TimeoutException as exc:
                 error: BillingOSError = NetworkError(f"BillingOS {method} {path} timed out ({type(exc).__name__})")
             except httpx.TransportError as exc:
+                detail = _redact(str(exc), self._secret_key)
+                error = NetworkError(f"cannot reach BillingOS for {method} {path}: {type(exc).__name__}: {detail}")
+            except OSError as exc:  # raised past httpx by a transport of the app's (a socket's, TLS's)
                 detail = _redact(str(exc), self._secret_key)
                 error = NetworkError(f"cannot reach BillingOS for {method} {path}: {type(exc).__name__}: {detail}")
             except httpx.DecodingError as exc:  # a body its Content-Encoding does not decode

@@ -543,6 +543,38 @@ async def test_429_with_retry_after_seconds_sleeps_exactly_that(sleeps: list[flo
     assert sleeps == [7.0]
 
 
+async def test_a_retry_after_repeated_by_a_proxy_is_honoured(sleeps: list[float]) -> None:
+    """httpx joins repeated headers ("7, 7"), which read as no Retry-After: retried in a second."""
+    repeated = httpx.Headers([("Retry-After", "7"), ("Retry-After", "7")])
+    server = FakeServer(respond(429, nest_error(429, "Too Many Requests"), headers=repeated), respond(200, CHECK_BODY))
+    async with make_client(server) as billing:
+        await billing.check_entitlement("user_123", "api_calls")
+    assert sleeps == [7.0]
+
+
+async def test_a_servers_long_error_message_is_cut_as_a_text_body_is() -> None:
+    """A JSON message of megabytes was kept whole, and logged whole with every retry."""
+    server = FakeServer(respond(400, nest_error(400, "x" * 1_000_000)))
+    async with make_client(server) as billing:
+        with pytest.raises(BillingOSError) as caught:
+            await billing.check_entitlement("user_123", "api_calls")
+    assert len(caught.value.message) == 2000
+
+
+async def test_an_oserror_past_a_custom_transport_is_a_network_error_retried_and_masked(sleeps: list[float]) -> None:
+    """An app's own transport may raise the socket's or TLS's OSError itself, past httpx: it escaped
+    raw, after one attempt, with whatever it quoted (the key included)."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        raise ConnectionResetError(f"reset while sending {request.headers['authorization']}")
+
+    server = FakeServer(answer)
+    async with make_client(server) as billing:
+        with pytest.raises(NetworkError) as caught:
+            await billing.track_usage("user_123", "api_calls", 1)
+    assert server.attempts == 4 and SECRET not in str(caught.value) and "ConnectionResetError" in str(caught.value)
+
+
 async def test_429_with_http_date_retry_after_is_honoured(sleeps: list[float]) -> None:
     moment = datetime.now(UTC) + timedelta(seconds=30)
     server = FakeServer(
@@ -967,6 +999,7 @@ async def test_201_non_json_track_is_invalid_response() -> None:
         {},
         without(CHECK_BODY, "has_access"),
         without(CHECK_BODY, "feature_key"),
+        without(CHECK_BODY, "limit"),  # a quota's: null is unlimited, missing is no answer (was: unlimited)
         with_changes(CHECK_BODY, has_access="yes"),
         with_changes(CHECK_BODY, has_access=1),
         with_changes(CHECK_BODY, limit="lots"),
