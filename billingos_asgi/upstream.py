@@ -199,6 +199,7 @@ class Upstream:
         self.throttled = 0  # 429s seen
         self.refused_by_budget = 0  # checks not made: no token in time
         self.endpoint_calls = 0  # the usage endpoints' metrics and session tokens
+        self._resting_until = 0.0  # without a budget: the (monotonic) end of the wait a 429 asked for
 
     @property
     def track_reserve(self) -> float:
@@ -214,6 +215,7 @@ class Upstream:
         """
         _track_keeps_reserve.set(reserve)
         while True:
+            await anyio.sleep(self._rest())
             while self.breaker.retry_after() > 0:  # noqa: ASYNC110 - the breaker is a clock, not an event
                 await anyio.sleep(max(self.breaker.retry_after(), 0.01))
             if self.budget is not None:
@@ -281,12 +283,21 @@ class Upstream:
         before, by a call then refused by the budget, it would keep the breaker shut for a cooldown more."""
         if self.breaker.retry_after() > 0:
             self._refuse_open()
+        rest = self._rest()
+        if rest > wait:
+            raise BudgetExhaustedError("billing asked to wait (429) for now", retry_after=rest)
+        if rest > 0:
+            await anyio.sleep(rest)
         if self.budget is not None and not await self.budget.take(reserve=reserve, wait=wait):
             raise BudgetExhaustedError(
                 "the upstream call budget is used up for now", retry_after=self.budget.wait_time(reserve)
             )
         if not self.breaker.allow():  # another call became the probe while this one waited: its token is spent
             self._refuse_open()
+
+    def _rest(self) -> float:
+        """Seconds left of the wait a 429 asked for, where no budget keeps it (0: none)."""
+        return max(0.0, self._resting_until - anyio.current_time()) if self._resting_until else 0.0
 
     def _refuse_open(self) -> NoReturn:
         raise CircuitOpenError(
@@ -309,8 +320,11 @@ class Upstream:
             if isinstance(exc, RateLimitError):  # up, and busy: the budget keeps the wait it asks for
                 self.throttled += 1
                 self.breaker.succeeded()
+                wait = exc.retry_after if exc.retry_after is not None and not math.isnan(exc.retry_after) else 1.0
                 if self.budget is not None:
-                    self.budget.pause(exc.retry_after if exc.retry_after is not None else 1.0)
+                    self.budget.pause(wait)
+                else:  # (the client leaves a 429 to us, as it would to a budget)
+                    self._resting_until = max(self._resting_until, anyio.current_time() + min(wait, MAX_PAUSE))
             elif isinstance(exc, _UNWELL) or (isinstance(exc, Exception) and not isinstance(exc, BillingOSError)):
                 self.breaker.failed()
             elif isinstance(exc, BillingOSError):

@@ -280,6 +280,20 @@ async def test_a_429_pauses_the_budget_for_its_retry_after(billing: LocalBilling
     assert (await upstream.check_entitlement("c0", "api_calls", wait=0)).has_access
 
 
+async def test_a_429_is_honoured_without_a_budget_too(billing: LocalBilling) -> None:
+    """calls_per_minute=None lifts the budget, not upstream's 429: its wait was kept by the budget
+    only, and every check went straight back upstream through a 429 storm."""
+    backend = Scripted(billing, [RateLimitError("slow down", status=429, retry_after=0.3)])
+    upstream = Upstream(backend)  # type: ignore[arg-type]
+    with pytest.raises(RateLimitError):
+        await upstream.check_entitlement("c0", "api_calls", wait=0)
+    with pytest.raises(BudgetExhaustedError) as raised:  # would wait longer than it may: refused at once
+        await upstream.check_entitlement("c0", "api_calls", wait=0)
+    assert backend.calls == 1 and raised.value.retry_after == pytest.approx(0.3, abs=0.1)
+    assert (await upstream.check_entitlement("c0", "api_calls", wait=1)).has_access  # waited the rest out
+    assert backend.calls == 2
+
+
 async def test_a_check_waits_briefly_for_a_token(billing: LocalBilling) -> None:
     upstream = Upstream(billing, budget=Budget(600, burst=1))  # a token every 0.1 s
     await upstream.check_entitlement("c0", "api_calls", wait=0)
