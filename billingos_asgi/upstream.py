@@ -215,7 +215,9 @@ class Upstream:
         """
         _track_keeps_reserve.set(reserve)
         while True:
-            await anyio.sleep(self._rest())
+            rest = self._rest()
+            if rest:
+                await anyio.sleep(rest)
             while self.breaker.retry_after() > 0:  # noqa: ASYNC110 - the breaker is a clock, not an event
                 await anyio.sleep(max(self.breaker.retry_after(), 0.01))
             if self.budget is not None:
