@@ -274,7 +274,11 @@ class Upstream:
     async def _take_for_retry(self, path: str) -> None:
         """A retry's token, from the same share of the bucket as its first attempt: a track (or a
         usage endpoint's call) retried in a 5xx storm must not spend the reserve the checks wait on.
-        Counted once it has its token: a retry cut off while it waits (a deadline) is never made."""
+        Counted once it has its token: a retry cut off while it waits (a deadline) is never made.
+        None while the breaker is not closed: a probe is one call (retried, one made four), and an
+        open breaker leaves upstream alone."""
+        if self.breaker.state != "closed":
+            raise CircuitOpenError("billing is failing: not retried while the breaker is not closed", retry_after=1.0)
         if self.budget is not None:
             keeps_reserve = path != CHECK_PATH and _track_keeps_reserve.get()
             await self.budget.take(reserve=self.track_reserve if keeps_reserve else 0.0)

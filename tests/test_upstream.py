@@ -9,15 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from billingos_asgi import (
+    BillingOS,
     BudgetExhaustedError,
     CircuitOpenError,
     CustomerNotFoundError,
     LocalBilling,
     NetworkError,
     RateLimitError,
+    RetryPolicy,
+    ServerError,
     UsageEvent,
 )
 from billingos_asgi import upstream as upstream_module
@@ -396,3 +400,28 @@ async def test_a_429_answering_the_probe_closes_the_breaker_and_the_budget_keeps
     clock.now += 5.2  # (the bucket starts empty after a pause: a token more than 0.1 s later)
     assert (await upstream.check_entitlement("c0", "api_calls", wait=0)).has_access
     assert backend.calls == 3
+
+
+async def test_the_breakers_probe_is_one_call_not_retried() -> None:
+    """The client's retries went on through the budget's hook, whatever the breaker's state: its one
+    probe made four calls to a failing upstream, as did a call retrying while the breaker was open."""
+    calls: list[str] = []
+
+    def unavailable(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        return httpx.Response(503, json={"statusCode": 503, "message": "down"})
+
+    clock = Clock()
+    retry = RetryPolicy(backoff_base=0.001, backoff_max=0.001)
+    client = BillingOS(
+        "sk_test_x", base_url="http://billing.test", retry=retry, transport=httpx.MockTransport(unavailable)
+    )
+    async with client:
+        upstream = Upstream(client, breaker=CircuitBreaker(1, cooldown=10, clock=clock))
+        with pytest.raises(ServerError):
+            await upstream.check_entitlement("c0", "api_calls", wait=0)  # closed: retried (4 calls), then open
+        assert (len(calls), upstream.breaker.state) == (4, "open")
+        clock.now += 10
+        with pytest.raises(CircuitOpenError):
+            await upstream.check_entitlement("c0", "api_calls", wait=0)  # the probe: one call, failed
+        assert (len(calls), upstream.breaker.state) == (5, "open")
