@@ -108,6 +108,12 @@ def build(billing: LocalBilling, *, wrapped: bool = False, **options: Any) -> Bi
     return BillingMiddleware(app, billing=billing, customer=None, routes=ROUTES, **options)
 
 
+def identified_late(handlers: list[Any], customer: Any, billing: LocalBilling, **options: Any) -> BillingMiddleware:
+    """``handlers`` in a Litestar app whose plugin names the customer (``customer``), metered as ``options`` say."""
+    app = Litestar(route_handlers=handlers, plugins=[BillingPlugin(customer=customer)], logging_config=None)
+    return BillingMiddleware(app, billing=billing, customer=None, **options)
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
@@ -196,11 +202,8 @@ async def item(request: Request[Any, Any, Any]) -> dict[str, int]:
 async def test_a_typed_parameter_is_metered_in_every_spelling_litestar_parses(
     billing: LocalBilling, entered: list[str]
 ) -> None:
-    app = Litestar(
-        route_handlers=[item], plugins=[BillingPlugin(customer=lambda connection: "user_free")], logging_config=None
-    )
-    metered = BillingMiddleware(
-        app, billing=billing, customer=None, routes={"GET /v1/items/{item_id:int}": "api_calls"}
+    metered = identified_late(
+        [item], lambda connection: "user_free", billing, routes={"GET /v1/items/{item_id:int}": "api_calls"}
     )
     assert metered.routes.match("GET", "/v1/items/+5") is not None  # Litestar's app: matched as it parses
     paths = ["/v1/items/5", "/v1/items/+5", "/v1/items/5_0", "/v1/items/%205", "/v1/items/%EF%BC%95"]
@@ -228,15 +231,10 @@ async def test_every_path_litestar_sends_to_an_asgi_mount_is_metered(billing: Lo
     """Litestar sends every path starting with a mount's to it, a slash following or not:
     "/reportsX" and "/reports.pdf" were served by the mount at "/reports", ungated and unbilled.
     Not a route of its own it serves first ("/reports-public"), nor an excluded path."""
-    app = Litestar(
-        route_handlers=[reports, reports_public, health],
-        plugins=[BillingPlugin(customer=account_of)],
-        logging_config=None,
-    )
-    metered = BillingMiddleware(
-        app,
-        billing=billing,
-        customer=None,
+    metered = identified_late(
+        [reports, reports_public, health],
+        account_of,
+        billing,
         routes={"/reports": "api_calls", "/reports/{p:path}": "api_calls"},
         exclude=["/reports-free/*"],
     )
@@ -328,15 +326,10 @@ async def test_a_parameter_with_newlines_is_metered_as_litestar_routes_it(
 ) -> None:
     """Litestar's path parameters take newlines anywhere ("/v1/files/a%0Ab"), and it collapses the
     slashes before a final one ("/v1/notes//%0A" is the note "\\n"): both reach their handler."""
-    app = Litestar(
-        route_handlers=[file, note],
-        plugins=[BillingPlugin(customer=lambda connection: "user_free")],
-        logging_config=None,
-    )
-    metered = BillingMiddleware(
-        app,
-        billing=billing,
-        customer=None,
+    metered = identified_late(
+        [file, note],
+        lambda connection: "user_free",
+        billing,
         routes={"GET /v1/files/{name:path}": "api_calls", "GET /v1/notes/{title}": "api_calls"},
     )
     async with serve(metered) as client:
@@ -354,9 +347,8 @@ async def test_a_prefix_exclusion_leaves_the_route_litestar_serves_a_slash_as_me
 ) -> None:
     """Litestar serves "/v1/files/" as the listing at /v1/files: excluding the files ("/v1/files/*")
     leaves the listing metered, its slash or not."""
-    app = Litestar(route_handlers=[listing, file], plugins=[BillingPlugin(customer=account_of)], logging_config=None)
-    metered = BillingMiddleware(
-        app, billing=billing, customer=None, default_feature="api_calls", exclude=["/v1/files/*"]
+    metered = identified_late(
+        [listing, file], account_of, billing, default_feature="api_calls", exclude=["/v1/files/*"]
     )
     async with serve(metered) as client:
         answers = [await client.get(path) for path in ("/v1/files", "/v1/files/", "/v1/files/a.txt")]
@@ -411,12 +403,9 @@ async def test_a_slash_litestar_serves_from_a_free_route_is_not_metered_as_a_tem
 ) -> None:
     """Litestar serves "/v1/files/" as the free listing at /v1/files, not as the metered
     "/v1/files/{name:path}" that the path as requested matched: it was gated and billed."""
-    app = Litestar(
-        route_handlers=[listing, file],
-        plugins=[BillingPlugin(customer=lambda connection: "user_free")],
-        logging_config=None,
+    metered = identified_late(
+        [listing, file], lambda connection: "user_free", billing, routes={"GET /v1/files/{name:path}": "api_calls"}
     )
-    metered = BillingMiddleware(app, billing=billing, customer=None, routes={"GET /v1/files/{name:path}": "api_calls"})
     async with serve(metered) as client:
         answers = [await client.get(path) for path in ("/v1/files/", "/v1/files//", "/v1/files//a")]
     assert [answer.status_code for answer in answers] == [200] * 3

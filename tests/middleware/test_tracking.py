@@ -6,6 +6,7 @@ import decimal
 import os
 import threading
 import warnings
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,16 @@ async def test_quantities_are_rounded_to_upstreams_resolution(billing: LocalBill
     assert (middleware.tracker.stats.sent, middleware.tracker.stats.rejected) == (1, 0)
 
 
+def reporting(billing: LocalBilling, endpoint: Callable[[Request], Awaitable[Response]]) -> BillingMiddleware:
+    """``endpoint`` at /upload, billed the tokens it reports."""
+    return BillingMiddleware(
+        Starlette(routes=[Route("/upload", endpoint)]),
+        billing=billing,
+        customer=by_header,
+        routes={"/upload": Metered("tokens", quantity=None)},
+    )
+
+
 @pytest.mark.parametrize("chunk", [1500, 1400, 499])
 async def test_reports_are_summed_exactly_and_billed_at_upstreams_resolution(billing: LocalBilling, chunk: int) -> None:
     """An upload reported in gigabytes chunk by chunk: each report rounded to 1e-6 billed 10,000
@@ -135,13 +146,7 @@ async def test_reports_are_summed_exactly_and_billed_at_upstreams_resolution(bil
             report_usage(chunk / 1e9)
         return PlainTextResponse("stored")
 
-    middleware = BillingMiddleware(
-        Starlette(routes=[Route("/upload", upload)]),
-        billing=billing,
-        customer=by_header,
-        routes={"/upload": Metered("tokens", quantity=None)},
-    )
-    async with serve(middleware) as client:
+    async with serve(reporting(billing, upload)) as client:
         assert (await client.get("/upload", headers=as_customer("user_pro"))).status_code == 200
     assert await billing.recorded_units("user_pro", "tokens") == round(10_000 * chunk / 1e9, 6)
 
@@ -165,14 +170,7 @@ async def test_reports_are_exact_whatever_the_apps_decimals_and_float_types(bill
             report_usage(Float64(1.75))
         return PlainTextResponse("stored")
 
-    middleware = BillingMiddleware(
-        Starlette(routes=[Route("/upload", upload)]),
-        billing=billing,
-        customer=by_header,
-        routes={"/upload": Metered("tokens", quantity=None)},
-        flush_interval=0,
-    )
-    async with serve(middleware) as client:
+    async with serve(reporting(billing, upload)) as client:
         assert (await client.get("/upload", headers=as_customer("user_pro"))).status_code == 200
     assert await billing.recorded_units("user_pro", "tokens") == 12347.428
     with decimal.localcontext() as money:  # the engine's worker thread inherits the caller's context
