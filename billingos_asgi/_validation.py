@@ -68,8 +68,9 @@ def customer_answer(answer: object, source: str) -> str | None:
     return check_id("customer_id", answer)
 
 
-def check_quantity(value: object) -> float:
-    """Return ``value`` as a float if it is a finite quantity > 0 within upstream's precision."""
+def check_quantity(value: object, *, finer_ok: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite quantity > 0 within upstream's precision
+    (``finer_ok``: or below it, a part of a sum that will be)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         raise ValidationError(f"quantity must be a number, got {type(value).__name__}")
     try:
@@ -85,7 +86,7 @@ def check_quantity(value: object) -> float:
     # The maximum first: a huge float times MICRO is inf, which round() cannot turn into an int.
     if quantity > MAX_QUANTITY:
         raise ValidationError(f"quantity {value!r} is above the maximum of {MAX_QUANTITY}")
-    if round(quantity * MICRO) == 0:  # would be stored as 0
+    if not finer_ok and round(quantity * MICRO) == 0:  # would be stored as 0
         raise ValidationError(f"quantity {value!r} is below the resolution of {1 / MICRO:g} units")
     return quantity
 

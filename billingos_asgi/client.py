@@ -394,10 +394,8 @@ class BillingOS:
             # does httpx's error travel with it (its request holds the key, its text may quote headers).
             except httpx.TimeoutException as exc:
                 error: BillingOSError = NetworkError(f"BillingOS {method} {path} timed out ({type(exc).__name__})")
-            except httpx.TransportError as exc:
-                detail = _redact(str(exc), self._secret_key)
-                error = NetworkError(f"cannot reach BillingOS for {method} {path}: {type(exc).__name__}: {detail}")
-            except OSError as exc:  # raised past httpx by a transport of the app's (a socket's, TLS's)
+            # (An OSError: raised past httpx by a transport of the app's, a socket's or TLS's.)
+            except (httpx.TransportError, OSError) as exc:
                 detail = _redact(str(exc), self._secret_key)
                 error = NetworkError(f"cannot reach BillingOS for {method} {path}: {type(exc).__name__}: {detail}")
             except httpx.DecodingError as exc:  # a body its Content-Encoding does not decode

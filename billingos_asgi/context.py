@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
@@ -16,7 +15,7 @@ from starlette.requests import Request
 
 from ._exceptions import ValidationError
 from ._models import Entitlement
-from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS, check_id, customer_answer, float_of_decimal
+from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS, check_id, check_quantity, customer_answer
 
 if TYPE_CHECKING:
     from .cache import Quota
@@ -236,18 +235,10 @@ def _running() -> UsageContext | None:
 
 
 def _exact_units(units: object) -> Decimal:
-    """``units`` reported, exactly (a float's shortest decimal, as upstream reads it): a finite number
-    > 0 and at most upstream's maximum; finer than its resolution is allowed, as part of a sum."""
-    if isinstance(units, bool) or not isinstance(units, (int, float, Decimal)):
-        raise ValidationError(f"quantity must be a number, got {type(units).__name__}")
-    if isinstance(units, Decimal):
-        units = float_of_decimal(units)  # (as the client takes it: NaN refused, counted as a float)
-    if not (isinstance(units, int) or math.isfinite(units)) or not units > 0:
-        raise ValidationError(f"quantity must be a finite number > 0, got {units!r}")
-    if units > MAX_QUANTITY:
-        raise ValidationError(f"quantity {units!r} is above the maximum of {MAX_QUANTITY}")
-    # (Through float() and int(): numpy's float64 is a float whose repr names its type.)
-    return Decimal(int(units)) if isinstance(units, int) else Decimal(repr(float(units)))
+    """``units`` reported, exactly (a float's shortest decimal, as upstream reads it); finer than
+    upstream's resolution is allowed, as part of a sum. (Through the float ``check_quantity`` makes
+    of it: numpy's float64 is a float whose repr names its type.)"""
+    return Decimal(repr(check_quantity(units, finer_ok=True)))
 
 
 def report_usage(units: float) -> None:

@@ -15,7 +15,7 @@ from anyio import to_thread
 
 from .._models import Entitlement, SessionToken, TrackUsageResult, UsageMetrics
 from .._validation import check_expires_in, check_id, check_metadata, check_operations, check_quantity
-from .plans import Catalog, load_plans, parse_plans, rounded_down, to_micro
+from .plans import Catalog, load_plans, micro_units, parse_plans
 from .store import Store, unavailable
 
 __all__ = ["LocalBilling"]
@@ -108,8 +108,7 @@ class LocalBilling:
     ) -> TrackUsageResult:
         check_id("customer_id", customer_id)
         check_id("feature_key", feature_key)
-        exact = check_quantity(quantity)
-        units = to_micro(exact)
+        units, finer = micro_units(check_quantity(quantity))
         if idempotency_key is not None:
             check_id("idempotency_key", idempotency_key)
         checked = check_metadata(metadata)
@@ -122,7 +121,7 @@ class LocalBilling:
                 idempotency_key,
                 checked,
                 self._clock(),
-                finer=rounded_down(exact, units),
+                finer=finer,
             )
         )
 

@@ -178,14 +178,16 @@ def to_micro(value: float) -> int:
     Through the float's shortest decimal, not ``value * MICRO``: 14 integer digits times 10**6 is
     beyond a float's 53 bits, and that product could round past a limit the same quantity equals.
     """
-    if isinstance(value, float):
-        return int(Decimal(repr(value)).scaleb(QUANTITY_DECIMALS, _EXACT).to_integral_value(ROUND_HALF_EVEN, _EXACT))
-    return value * MICRO
+    return micro_units(value)[0]
 
 
-def rounded_down(value: float, units: int) -> bool:
-    """Whether ``value`` is more than its micro-units (``to_micro`` dropped a remainder finer than one)."""
-    return isinstance(value, float) and Decimal(repr(value)).scaleb(QUANTITY_DECIMALS, _EXACT) > units
+def micro_units(value: float) -> tuple[int, bool]:
+    """:func:`to_micro`, and whether it dropped a remainder finer than a micro-unit (rounded down)."""
+    if not isinstance(value, float):
+        return value * MICRO, False
+    exact = Decimal(repr(value)).scaleb(QUANTITY_DECIMALS, _EXACT)
+    units = int(exact.to_integral_value(ROUND_HALF_EVEN, _EXACT))
+    return units, exact > units
 
 
 def from_micro(value: int) -> float:
