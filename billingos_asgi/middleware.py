@@ -493,41 +493,35 @@ class BillingMiddleware:
         state["billing"] = context
         watch = ResponseWatch(scope, receive, send, context)
         token = _current.set(context)
+        failure: BaseException | None = None
         try:
             await self.app(scope, watch.receive, watch.send)
         except BaseException as exc:
-            status, completed = watch.status, watch.completed
             denied = refusal_in(exc)
-            if denied is not None and (watch.refused or not status):
+            if denied is not None and (watch.refused or not watch.status):
                 self._settle(context, quantity, 0.0)
-                if not status:  # the app's late gate refused it (answered here, unless the watch did)
+                if not watch.status:  # the app's late gate refused it (answered here, unless the watch did)
                     await send_with_request_id(denied.response, request_id, scope, receive, send)
                 return
-            if context._failed:  # made a success of by the app's own layers outside: not served
-                used = 0.0
-            elif completed and status < 400:  # answered in full; what failed after (a background task) is the app's
-                used = quantity + context.reported
-            else:  # the client went away mid-response (ASGI 2.4 servers raise from send), or the app failed
-                # (an OSError of the app's own, its backend's timeout, is a failure: only the watch
-                # tells a client gone)
-                aborted = metered.bill_partial and status < 400 and watch.disconnected
-                used = context.reported if aborted else 0.0
-            unsent = self._settle(context, quantity, used, unnamed_ok=preflight)
-            if unsent is not None:
-                await self.tracker.send(unsent)
-            raise
+            failure = exc  # billed below as any answer, then raised again
         finally:
             _current.reset(token)
-        status, completed = watch.status, watch.completed
-        if context._failed:  # made a success of by the app's own layers outside: not served
+        status = watch.status
+        if context._failed:  # failed by the app, and made a success of by its own layers outside
             used = 0.0
-        elif completed and status < 400:
+        elif watch.completed and status < 400:  # answered in full; what failed after (a background task) is the app's
             used = quantity + context.reported
-        else:  # bill_partial keeps what a disconnect cut short of a successful answer, never of an error answer
+        else:  # bill_partial keeps what a client's disconnect cut short of a successful answer, never of an
+            # error answer or a failure (the watch tells a client gone: an app's own OSError is a failure)
             used = context.reported if metered.bill_partial and status < 400 and watch.disconnected else 0.0
         unsent = self._settle(context, quantity, used, unnamed_ok=preflight)
         if unsent is not None:
             await self.tracker.send(unsent)  # no lifespan: the response is already complete
+        if failure is not None:
+            try:
+                raise failure
+            finally:
+                del failure  # (held here, it would tie this frame and its traceback in a cycle)
 
     def _settle(
         self, context: UsageContext, admitted: float, used: float, unnamed_ok: bool = False
