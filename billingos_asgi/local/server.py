@@ -72,7 +72,7 @@ class RateLimiter:
                 break
             del self._windows[oldest]
         start, count = self._windows.get(key, (now, 0))
-        reset = max(1, math.ceil(start + 60 - now))
+        reset = max(1, math.ceil(60 - (now - start)))  # (not start + 60 - now: its rounding made 61 of a new window)
         allowed = count < self.per_minute
         if allowed:
             count += 1

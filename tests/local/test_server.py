@@ -560,3 +560,11 @@ async def test_served_in_a_thread_on_an_ipv6_address() -> None:
 def test_a_host_serve_in_thread_cannot_bind_leaves_no_socket_open() -> None:
     with pytest.raises(OSError), serve_in_thread(create_app(LocalBilling.from_dict(PLANS)), host="203.0.113.1"):
         pass  # (TEST-NET-3: no interface of this machine has it)
+
+
+def test_a_new_windows_reset_is_a_minute_at_most() -> None:
+    """start + 60 - now rounds past 60 for some clock readings (1000.1507 + 60 - 1000.1507 > 60):
+    a new window answered X-RateLimit-Reset: 61."""
+    limiter = RateLimiter(3, clock=lambda: 1000.1507)
+    allowed, headers = limiter.hit()
+    assert allowed and headers["X-RateLimit-Reset"] == "60"
