@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import anyio
-from cachetools import LRUCache
 
 from ._exceptions import CustomerNotFoundError, QuotaExceededError
 from ._models import Entitlement, TrackUsageResult
@@ -61,6 +61,7 @@ class Quota:
     fresh_until: float = -math.inf  # (monotonic) served as is until then
     usable_until: float = -math.inf  # (monotonic) served stale, while one refresh runs, until then
     refreshing: bool = False
+    used: bool = False  # looked up since the cache's eviction last passed it over
     retry_at: float = 0.0  # no background refresh before this (monotonic) time
     confirmed: int = 0  # the cache's count of track answers when the last one refreshed it
     renewed: int = 0  # the cache's count of check answers when the last one renewed it
@@ -146,18 +147,31 @@ class _Flight:
         self.origin: TracebackType | None = None  # the error's traceback as the leader caught it
 
 
-class _Entries(LRUCache[Key, Quota]):
-    """The LRU of entries. One evicted while units are open on it (requests running, events on
+class _Entries(dict[Key, Quota]):
+    """The bounded entries: past ``maxsize``, the oldest one not used since it was last passed over
+    goes (the second-chance order of an LRU, for a plain dict's lookup on the hot path: no move
+    to the end on every hit). One evicted while units are open on it (requests running, events on
     their way) is set aside until they settle: a new entry for its key would forget them, and let
     through more than the limit."""
 
     def __init__(self, maxsize: int) -> None:
-        super().__init__(maxsize)
+        super().__init__()
+        self.maxsize = maxsize
         self.aside: dict[Key, Quota] = {}
+        self._order: deque[Key] = deque()  # every key, oldest first (a used one goes to the back when reached)
         self._sweep_at: float = maxsize
 
-    def popitem(self) -> tuple[Key, Quota]:
-        key, quota = super().popitem()
+    def _evict(self) -> None:
+        order = self._order
+        while True:
+            key = order.popleft()
+            quota = self[key]
+            if quota.used:  # used since it was last reached: a second chance, at the back
+                quota.used = False
+                order.append(key)
+                continue
+            del self[key]
+            break
         if quota.local > _EPSILON:
             aside = self.aside
             if len(aside) >= self._sweep_at:  # forget those settled since (their requests failed)
@@ -165,10 +179,15 @@ class _Entries(LRUCache[Key, Quota]):
                     del aside[settled]
                 self._sweep_at = max(self.maxsize, 2 * len(aside))  # amortized: no sweep per eviction
             aside[key] = quota
-        return key, quota
 
     def __setitem__(self, key: Key, quota: Quota) -> None:
         self.aside.pop(key, None)  # cached again
+        if key not in self:
+            if len(self) >= self.maxsize:
+                self._evict()
+            self._order.append(key)  # (new at the back: no second chance needed)
+        else:
+            quota.used = True
         super().__setitem__(key, quota)
 
     def find(self, key: Key) -> Quota | None:
@@ -186,7 +205,8 @@ class _Entries(LRUCache[Key, Quota]):
 
 
 class EntitlementCache:
-    """Bounded LRU of :class:`Quota` with TTL, stale-while-revalidate and single-flight misses.
+    """Bounded cache of :class:`Quota` (the least recently used out) with TTL, stale-while-revalidate
+    and single-flight misses.
 
     A fresh entry (younger than ``ttl``) is used as is. A stale one (younger than ``stale_ttl``)
     is used too while one background refresh runs, so a hot key never waits on the network (when
@@ -225,10 +245,10 @@ class EntitlementCache:
     def get(self, customer_id: str, feature_key: str) -> Quota | None:
         """The usable entry without waiting, or None when a (blocking) :meth:`fetch` is needed."""
         key = (customer_id, feature_key)
-        try:
-            quota = self._entries[key]
-        except KeyError:
+        quota = self._entries.get(key)
+        if quota is None:
             return None
+        quota.used = True
         now = self._clock()
         if now < quota.fresh_until:
             return quota

@@ -188,7 +188,11 @@ class Tracker:
             self._see(event)
         self._queued_events += 1
         if self._outbox is None:
-            self._enqueue(event)
+            group = self._pending.get((event.customer_id, event.feature_key))
+            if group is not None:  # its key's group in this window (the common case, inline: a call less)
+                group.append(event)
+            else:
+                self._enqueue(event)
         else:  # durable first: it joins the window once its row is written
             self._unwritten.append(event)
             self._wake_writer()

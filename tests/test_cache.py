@@ -571,3 +571,17 @@ async def test_a_plan_whose_period_ends_sooner_is_taken_from_checks_and_track_an
     await billing.set_plan("c1", "small")
     cache.confirm("c1", "api_calls", 0, await billing.track_usage("c1", "api_calls", 2, "k"), cache.renewals)
     assert (quota.usage, quota.limit) == (2, 5) and quota.resets_at is not None and quota.resets_at < year_end
+
+
+async def test_a_full_cache_evicts_the_entry_used_least_recently(tmp_path: Path, clocks: Clocks) -> None:
+    plans = {**PLANS, "customers": {f"c{i}": "big" for i in range(12)}}
+    async with LocalBilling.from_dict(plans, tmp_path / "many.db", clock=lambda: clocks.wall) as billing:
+        cache, upstream = cache_for(billing, clocks, max_size=3)
+        hot = await cache.fetch("c0", "api_calls")
+        for i in range(1, 12):  # a stream of one-off customers, the hot one served between each
+            await cache.fetch(f"c{i}", "api_calls")
+            assert cache.get("c0", "api_calls") is hot
+            assert len(cache) <= 3
+        assert cache.get("c11", "api_calls") is not None and cache.get("c10", "api_calls") is not None
+        assert cache.get("c1", "api_calls") is None  # out: used once, long ago
+        assert upstream.checks == 12  # the hot customer was never asked again
