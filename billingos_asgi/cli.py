@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--secret-key",
         type=_secret_key,
-        default=os.environ.get("BILLINGOS_SECRET_KEY", DEFAULT_SECRET_KEY),
+        default=os.environ.get("BILLINGOS_SECRET_KEY") or DEFAULT_SECRET_KEY,
         help=f"the one key accepted (default: $BILLINGOS_SECRET_KEY, else {DEFAULT_SECRET_KEY}; the environment "
         "keeps a real key out of the process list)",
     )

@@ -19,6 +19,7 @@ import pytest
 import billingos_asgi
 from billingos_asgi import LocalBilling
 from billingos_asgi.cli import build_parser
+from billingos_asgi.local.server import DEFAULT_SECRET_KEY
 from tests.local.conftest import write_locked
 
 PLANS = (
@@ -138,6 +139,12 @@ def test_serve_answers_on_its_port(tmp_path: Path) -> None:
 def test_the_secret_key_may_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BILLINGOS_SECRET_KEY", "sk_test_from_env\n")
     assert build_parser().parse_args(["serve", "--plans", "p.toml"]).secret_key == "sk_test_from_env"
+
+
+def test_an_empty_secret_key_in_the_environment_is_as_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the client reads it (an .env template's ``BILLINGOS_SECRET_KEY=``): the default applies."""
+    monkeypatch.setenv("BILLINGOS_SECRET_KEY", "")
+    assert build_parser().parse_args(["serve", "--plans", "p.toml"]).secret_key == DEFAULT_SECRET_KEY
 
 
 @contextmanager

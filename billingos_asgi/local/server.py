@@ -218,7 +218,8 @@ def create_app(
                 retry = {} if exc.retry_after is None else {"Retry-After": str(math.ceil(exc.retry_after))}
                 response = error_response(status, exc.message, retry)
             if response.status_code != 429:  # (a customer's refusal keeps its own tier's headers)
-                response.headers.update(headers)
+                # The global tier's, else a track's customer's: on its error answers too (it was counted).
+                response.headers.update(headers or getattr(request.state, "customer_limits", {}))
             return response
 
         return wrapped
@@ -226,12 +227,12 @@ def create_app(
     @endpoint
     async def track(request: Request) -> Response:
         data = await _json_object(request)
-        limits: dict[str, str] = {}
         customer = data.get("customer_id")
         if track_limiter is not None and isinstance(customer, str) and len(customer) <= MAX_ID_LENGTH:  # (a guard)
             allowed, limits = track_limiter.hit(customer)  # (a longer id is refused below, and held in no window)
             if not allowed:
                 return error_response(429, THROTTLED, limits)
+            request.state.customer_limits = limits
         if any(data.get(key) is None for key in ("customer_id", "feature_key", "quantity")):
             raise ValidationError("customer_id, feature_key, and quantity are required")
         # LocalBilling checks every field's type and range before anything is recorded.
@@ -242,7 +243,7 @@ def create_app(
             idempotency_key=data.get("idempotency_key"),
             metadata=data.get("metadata"),
         )
-        return JSONResponse(_wire.track_result_to_json(result), 201, headers=limits)
+        return JSONResponse(_wire.track_result_to_json(result), 201)
 
     @endpoint
     async def check(request: Request) -> Response:

@@ -113,6 +113,14 @@ class Store:
             self._db.execute(f"PRAGMA user_version = {_LAYOUT}")
             for customer_id, plan_key in catalog.customers.items():  # a cancellation outlives a restart
                 self._assign(customer_id, plan_key, None, now, activate=False)
+            # A plan whose interval the file changes starts a new period now for every customer on it,
+            # those assigned at run time too (as for a plan change; its periods would start elsewhere).
+            intervals = {key: plan.interval for key, plan in catalog.plans.items()}
+            for customer_id, plan_key, interval in self._db.execute(
+                "SELECT customer_id, plan_key, interval FROM subscriptions WHERE plan_key IS NOT NULL"
+            ).fetchall():
+                if interval is not None and intervals.get(plan_key, interval) != interval:
+                    self._assign(customer_id, plan_key, None, now, activate=False)
 
     def close(self) -> None:
         with self._lock:
@@ -161,8 +169,8 @@ class Store:
         ).fetchone()
         new = self._interval(plan_key)
         old = None if row is None else row[1] or self._interval(row[0])
-        if started_at is None and row is not None and None not in (old, new) and old != new:
-            started_at = now
+        if started_at is None and row is not None and new is not None and old != new:
+            started_at = now  # another interval, or the first plan of a customer made without one
         self._db.execute(
             "INSERT INTO subscriptions (customer_id, plan_key, status, started_at, interval) "
             "VALUES (?, ?, 'active', ?, ?) "

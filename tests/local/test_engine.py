@@ -648,6 +648,17 @@ async def test_set_plan_none_creates_a_customer_without_plan(billing: LocalBilli
     assert (await billing.check_entitlement("erin", "api_calls")).reason == "no_active_subscription"
 
 
+async def test_a_customer_made_without_a_plan_is_anchored_where_its_first_plan_starts(
+    billing: LocalBilling, clock: Clock
+) -> None:
+    """Registered planless on one day and subscribed ten days later: its periods start with the plan."""
+    await billing.set_plan("erin", None)
+    subscribed = clock.advance(days=10)
+    await billing.set_plan("erin", "free")
+    entitlement = await billing.check_entitlement("erin", "api_calls")
+    assert entitlement.resets_at == subscribed + (PERIOD_END - START)
+
+
 async def test_set_plan_unknown_plan(billing: LocalBilling) -> None:
     with pytest.raises(ValidationError) as excinfo:
         await billing.set_plan("erin", "gold")
@@ -861,6 +872,25 @@ async def test_a_file_customer_moved_to_a_plan_of_another_interval_starts_a_new_
         entitlement = await billing.check_entitlement("alice", "api_calls")
         assert (entitlement.limit, entitlement.usage) == (5.0, 0.0)
         assert entitlement.resets_at == clock.now + timedelta(days=1)
+
+
+async def test_a_plans_interval_changed_in_the_file_starts_a_new_period_for_customers_assigned_at_run_time(
+    database: Path, clock: Clock
+) -> None:
+    """As for the file's own customers: a yearly period anchored where the month was would read the
+    first month's finished usage as the year's."""
+    async with LocalBilling.from_dict(PLANS, database, clock=clock) as billing:
+        await billing.set_plan("dave", "free")
+        await billing.track_usage("dave", "api_calls", 10)  # the first month used up
+        clock.advance(days=40)
+        await billing.track_usage("dave", "api_calls", 3)
+    yearly = {**PLANS, "plans": {**PLANS["plans"], "free": {**PLANS["plans"]["free"], "interval": "year"}}}
+    async with LocalBilling.from_dict(yearly, database, clock=clock) as billing:
+        for customer in ("dave", "alice"):
+            entitlement = await billing.check_entitlement(customer, "api_calls")
+            assert (entitlement.has_access, entitlement.usage) == (True, 0.0)
+            assert entitlement.resets_at == clock.now.replace(year=clock.now.year + 1)
+        assert (await billing.check_entitlement("bob", "api_calls")).resets_at == NEXT_PERIOD_END  # pro: as it was
 
 
 async def test_database_file_is_in_wal_mode(billing: LocalBilling, database: Path) -> None:

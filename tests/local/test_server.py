@@ -482,6 +482,18 @@ async def test_the_per_customer_track_limit_refuses_one_customers_tracks_only() 
     assert caught.value.retry_after is not None and caught.value.retry_after >= 1
 
 
+async def test_a_tracks_error_answer_carries_its_customers_rate_limit_headers_too() -> None:
+    """Counted in the customer's window, a refused track says what is left of it, as a recorded one does."""
+    billing = LocalBilling.from_dict(PLANS)
+    body = {"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1}
+    with serve_in_thread(create_app(billing, secret_key=SECRET_KEY, track_rate_limit=5)) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, headers=AUTH) as raw:
+            recorded = await raw.post("/v1/usage/track", json=body)
+            refused = await raw.post("/v1/usage/track", json={**body, "quantity": "one"})
+    assert (recorded.status_code, refused.status_code) == (201, 400)
+    assert [answer.headers.get("X-RateLimit-Remaining") for answer in (recorded, refused)] == ["4", "3"]
+
+
 async def test_an_id_too_long_to_be_a_customers_is_refused_as_such_and_held_in_no_window() -> None:
     billing = LocalBilling.from_dict(PLANS)
     body = {"customer_id": "u" * 256, "feature_key": "api_calls", "quantity": 1}
