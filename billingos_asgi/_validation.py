@@ -20,6 +20,7 @@ MAX_ID_LENGTH = 255
 MAX_QUANTITY = 10**14 - 1
 MICRO = 1_000_000  # units are stored as integer micro-units: upstream's DECIMAL(20,6)
 QUANTITY_DECIMALS = 6
+_HALF_MICRO = 0.5 / MICRO  # the least quantity stored as a micro-unit rather than 0
 MAX_METADATA_BYTES = 8192
 MIN_SESSION_TTL = 60
 MAX_SESSION_TTL = 86400
@@ -83,10 +84,9 @@ def check_quantity(value: object, *, finer_ok: bool = False) -> float:
         raise ValidationError(f"quantity must be a finite number, got {value!r}")
     if quantity <= 0:
         raise ValidationError(f"quantity must be greater than 0, got {value!r}")
-    # The maximum first: a huge float times MICRO is inf, which round() cannot turn into an int.
     if quantity > MAX_QUANTITY:
         raise ValidationError(f"quantity {value!r} is above the maximum of {MAX_QUANTITY}")
-    if not finer_ok and round(quantity * MICRO) == 0:  # would be stored as 0
+    if not finer_ok and quantity < _HALF_MICRO:  # stored as 0 (a DECIMAL(20,6) column rounds half up)
         raise ValidationError(f"quantity {value!r} is below the resolution of {1 / MICRO:g} units")
     return quantity
 

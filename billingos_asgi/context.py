@@ -6,7 +6,7 @@ import inspect
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from decimal import ROUND_HALF_EVEN, Context, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.from_thread
@@ -123,7 +123,7 @@ class UsageContext:
         if self.settled:
             return False
         exact = _EXACT.add(self._exact, units)
-        reported = float(exact.quantize(_RESOLUTION, ROUND_HALF_EVEN, context=_EXACT))
+        reported = float(exact.quantize(_RESOLUTION, ROUND_HALF_UP, context=_EXACT))
         if self.quantity + reported > MAX_QUANTITY:  # one event: upstream would refuse it all
             raise ValidationError(
                 f"report_usage({float(units):g}): the request's units would pass upstream's maximum of {MAX_QUANTITY}"

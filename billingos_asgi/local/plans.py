@@ -10,7 +10,7 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_EVEN, Context, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,7 @@ def micro_units(value: float) -> tuple[int, bool]:
     if not isinstance(value, float):
         return value * MICRO, False
     exact = Decimal(repr(value)).scaleb(QUANTITY_DECIMALS, _EXACT)
-    units = int(exact.to_integral_value(ROUND_HALF_EVEN, _EXACT))
+    units = int(exact.to_integral_value(ROUND_HALF_UP, _EXACT))  # as a DECIMAL column rounds
     return units, exact > units
 
 

@@ -297,6 +297,14 @@ async def test_track_smallest_unit(billing: LocalBilling) -> None:
     assert result.usage.remaining_units == 1.499999
 
 
+async def test_half_a_micro_unit_is_rounded_up_as_a_decimal_column_rounds(billing: LocalBilling) -> None:
+    """Upstream stores DECIMAL(20,6), which rounds a tie away from zero: 0.0000025 is 0.000003."""
+    assert (await billing.track_usage("alice", "storage_gb", 5e-7)).quantity == 0.000001
+    assert (await billing.track_usage("alice", "storage_gb", 2.5e-6)).quantity == 0.000003
+    assert (await billing.track_usage("alice", "storage_gb", 3.4999e-6)).quantity == 0.000003
+    assert await billing.recorded_units("alice", "storage_gb") == 0.000007
+
+
 async def test_track_over_quota_is_all_or_nothing(billing: LocalBilling, clock: Clock) -> None:
     await billing.track_usage("alice", "api_calls", 8)
     clock.advance(minutes=1)
@@ -1085,7 +1093,9 @@ BAD_TRACKS = [
     pytest.param({"quantity": "5"}, "quantity must be a number, got str", id="string"),
     pytest.param({"quantity": None}, "quantity must be a number, got NoneType", id="none"),
     pytest.param({"quantity": 1e-9}, "quantity 1e-09 is below the resolution of 1e-06 units", id="below-resolution"),
-    pytest.param({"quantity": 5e-7}, "quantity 5e-07 is below the resolution of 1e-06 units", id="rounds-to-zero"),
+    pytest.param(
+        {"quantity": 4.999999e-7}, "quantity 4.999999e-07 is below the resolution of 1e-06 units", id="rounds-to-zero"
+    ),
     pytest.param({"quantity": 10**400}, "quantity is above the maximum of 99999999999999", id="int-beyond-float"),
     pytest.param({"quantity": 2e14}, "quantity 200000000000000.0 is above the maximum of 99999999999999", id="huge"),
     pytest.param({"quantity": 10**14}, "quantity 100000000000000 is above the maximum of 99999999999999", id="1e14"),

@@ -151,6 +151,20 @@ async def test_reports_are_summed_exactly_and_billed_at_upstreams_resolution(bil
     assert await billing.recorded_units("user_pro", "tokens") == round(10_000 * chunk / 1e9, 6)
 
 
+async def test_reports_summing_to_half_a_micro_unit_are_billed_as_a_decimal_column_rounds(billing: LocalBilling) -> None:
+    """Their exact sum, 0.0000025, is billed 0.000003: what upstream's DECIMAL(20,6) makes of it."""
+
+    async def upload(request: Request) -> Response:
+        report_usage(0.000002)
+        for _ in range(5):
+            report_usage(1e-7)
+        return PlainTextResponse("stored")
+
+    async with serve(reporting(billing, upload)) as client:
+        assert (await client.get("/upload", headers=as_customer("user_pro"))).status_code == 200
+    assert await billing.recorded_units("user_pro", "tokens") == 0.000003
+
+
 class Float64(float):
     """A float subclass whose repr names its type, as numpy's float64 does: 'np.float64(1.75)'."""
 
