@@ -151,7 +151,7 @@ async def test_reports_are_summed_exactly_and_billed_at_upstreams_resolution(bil
     assert await billing.recorded_units("user_pro", "tokens") == round(10_000 * chunk / 1e9, 6)
 
 
-async def test_reports_summing_to_half_a_micro_unit_are_billed_as_a_decimal_column_rounds(billing: LocalBilling) -> None:
+async def test_reports_summing_to_half_a_micro_unit_are_billed_as_a_decimal_rounds(billing: LocalBilling) -> None:
     """Their exact sum, 0.0000025, is billed 0.000003: what upstream's DECIMAL(20,6) makes of it."""
 
     async def upload(request: Request) -> Response:
