@@ -67,7 +67,8 @@ def _transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[sqlit
         yield db
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # (SQLite rolls back itself on some errors: a full disk's)
+            db.execute("ROLLBACK")
         raise
 
 
@@ -127,7 +128,7 @@ class Outbox:
             raise ValueError(f"outbox: max_events must be >= 1, got {max_events!r}")
         self.path = Path(path)
         self.max_events = max_events
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # (held around a write that updates the count of rows)
         self._db: sqlite3.Connection | None = None
         # (a later chdir cannot move it; SQLite's ":memory:" is no file, and holds nothing past a crash)
         self._where = str(path) if str(path) == ":memory:" else os.path.abspath(self.path)
@@ -189,9 +190,10 @@ class Outbox:
         there, they would be gone at the next start (the caller keeps them in memory, and says so)."""
         if self._file is not None and not self.is_in_place:  # (no file for SQLite's ":memory:")
             raise OutboxError(f"the usage outbox {self.path} was deleted or replaced while in use")
-        room = max(0, self.max_events - self.size)
-        rows = [_row(event) for event in events[:room]]
-        self.size += self._write(_INSERT, rows)
+        with self._lock:  # the count of rows too: a split() runs in another thread
+            room = max(0, self.max_events - self.size)
+            rows = [_row(event) for event in events[:room]]
+            self.size += self._write(_INSERT, rows)
         return len(rows)  # (an event already there, same customer and key, is there once)
 
     def fix(self, batch: Batch, first_attempt: float) -> None:
@@ -211,18 +213,21 @@ class Outbox:
 
     def remove(self, events: Iterable[tuple[str, str]]) -> None:
         """Forget confirmed (or definitively refused) events, by (customer id, idempotency key)."""
-        self.size -= self._write("DELETE FROM outbox WHERE customer_id = ? AND idempotency_key = ?", list(events))
+        with self._lock:
+            self.size -= self._write("DELETE FROM outbox WHERE customer_id = ? AND idempotency_key = ?", list(events))
 
     def split(self, event: UsageEvent, part: UsageEvent, first_attempt: float) -> None:
         """``event`` was refused for quota and ``part`` of it fits: keep the part, stamped (a replay
         resends it under its own key) and what is left of the event, in one transaction."""
         rest = repr(round(event.quantity - part.quantity, 6))
-        with self._writing() as db:
-            self.size += db.execute(_INSERT, _row(part, part.idempotency_key, first_attempt)).rowcount
-            db.execute(
-                "UPDATE outbox SET quantity = ? WHERE customer_id = ? AND idempotency_key = ?",
-                (rest, event.customer_id, event.idempotency_key),
-            )
+        with self._lock:
+            with self._writing() as db:
+                added = db.execute(_INSERT, _row(part, part.idempotency_key, first_attempt)).rowcount
+                db.execute(
+                    "UPDATE outbox SET quantity = ? WHERE customer_id = ? AND idempotency_key = ?",
+                    (rest, event.customer_id, event.idempotency_key),
+                )
+            self.size += added  # (once committed)
 
     @property
     def is_open(self) -> bool:

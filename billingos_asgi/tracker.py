@@ -52,7 +52,9 @@ FULL_FOR = 10.0
 #: Without a worker (no lifespan), how long a request's task may go on delivering usage after its response.
 INLINE_DEADLINE = 30.0
 #: Said of an event given up while a call for it may have reached upstream: a new key could count it twice.
-IN_DOUBT = "it may be recorded upstream: resend it only under its idempotency key"
+#: Its call may have been recorded, under the key of the batch or part it went up in (not its own):
+#: resent under any key, it could count twice.
+IN_DOUBT = "it may be recorded upstream: see upstream's usage before billing it again"
 #: Upstream forgets idempotency keys after 24 h; resending older events could count them twice.
 IDEMPOTENCY_HORIZON = 24 * 3600 - 300
 #: Definitive refusals (nothing was recorded): never retried. Anything else may pass later.
@@ -117,6 +119,7 @@ class Tracker:
         self._max_concurrency = max_concurrency
         self._on_rejected = on_rejected
         self._outbox = outbox
+        self._outbox_unused_said = False  # warned that without a lifespan it is not used
         self._clock = clock
         # Only trusted (client-supplied) request ids can repeat; remember them for upstream's 24 h.
         # (customer, key): upstream's idempotency is per customer, and so is this filter.
@@ -508,6 +511,13 @@ class Tracker:
         """
         if self._is_duplicate(event):
             return
+        if self._outbox is not None and not self._outbox_unused_said:
+            self._outbox_unused_said = True
+            logger.warning(
+                "the usage outbox %s is not used: without the ASGI lifespan (Daphne, uvicorn --lifespan off) usage"
+                " is sent from each request's task, not written first, and what it holds is not replayed",
+                self._outbox.path,
+            )
         self.stats.queued += 1
         key = (event.customer_id, event.feature_key)
         riders = self._riders.get(key)

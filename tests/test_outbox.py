@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 from billingos_asgi import LocalBilling, NetworkError, TrackUsageResult, UsageEvent
 from billingos_asgi.cache import EntitlementCache
-from billingos_asgi.events import Batch
+from billingos_asgi.events import Batch, part_key
 from billingos_asgi.outbox import Outbox, OutboxError
 from billingos_asgi.tracker import IN_DOUBT, Tracker
 from billingos_asgi.upstream import Upstream
@@ -70,6 +71,34 @@ def test_the_outbox_is_bounded(tmp_path: Path) -> None:
     assert outbox.add([event("k9")]) == 0
     outbox.remove([("c0", "k0")])
     assert outbox.add([event("k9")]) == 1
+
+
+def test_its_count_of_events_holds_while_a_sender_splits_events_as_the_writer_writes(tmp_path: Path) -> None:
+    """A split (a sender's thread) between the writer's read of the count and its update was lost:
+    the count drifted below the rows held, and the bound let more in."""
+    outbox = Outbox(tmp_path / "outbox.db", max_events=10_000)
+    outbox.open()
+    split = [UsageEvent("c0", "api_calls", 3.0, f"s{i}") for i in range(300)]
+    outbox.add(split)
+
+    def writer() -> None:
+        for i in range(600):
+            outbox.add([UsageEvent("c0", "api_calls", 1.0, f"w{i}-{j}") for j in range(3)])
+            outbox.remove([("c0", f"w{i}-{j}") for j in range(3)])
+
+    def sender() -> None:
+        for event in split:
+            outbox.split(event, event._replace(quantity=1.0, idempotency_key=part_key(event)), time.time())
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=sender)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counted = outbox.size
+    outbox.close()
+    with closing(sqlite3.connect(tmp_path / "outbox.db")) as db:
+        assert counted == db.execute("SELECT count(*) FROM outbox").fetchone()[0] == 600
 
 
 def test_a_second_process_cannot_share_an_outbox(tmp_path: Path) -> None:

@@ -554,6 +554,20 @@ async def test_without_lifespan_usage_is_sent_inline(billing: LocalBilling) -> N
     )
 
 
+async def test_without_lifespan_an_outbox_is_said_to_be_unused_once(
+    billing: LocalBilling, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    middleware = BillingMiddleware(
+        recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"}, outbox=tmp_path / "o.db"
+    )
+    async with serve(middleware, with_lifespan=False) as client:
+        answers = [await client.get("/x", headers=as_customer("user_free")) for _ in range(3)]
+    assert [r.status_code for r in answers] == [200] * 3
+    assert await billing.recorded_units("user_free", "api_calls") == 3
+    unused = [r for r in caplog.records if "is not used: without the ASGI lifespan" in r.getMessage()]
+    assert len(unused) == 1 and str(tmp_path / "o.db") in unused[0].getMessage()
+
+
 async def test_without_lifespan_a_burst_beyond_the_call_budget_is_all_recorded(billing: LocalBilling) -> None:
     middleware = BillingMiddleware(  # the default budget: 90 calls/min, 10 at once
         recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"}
