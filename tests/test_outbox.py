@@ -87,8 +87,8 @@ def test_its_count_of_events_holds_while_a_sender_splits_events_as_the_writer_wr
             outbox.remove([("c0", f"w{i}-{j}") for j in range(3)])
 
     def sender() -> None:
-        for event in split:
-            outbox.split(event, event._replace(quantity=1.0, idempotency_key=part_key(event)), time.time())
+        for whole in split:
+            outbox.split(whole, whole._replace(quantity=1.0, idempotency_key=part_key(whole)), time.time())
 
     threads = [threading.Thread(target=writer), threading.Thread(target=sender)]
     for thread in threads:
