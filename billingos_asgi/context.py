@@ -213,11 +213,16 @@ def get_usage_context(request: Request | None = None) -> UsageContext | None:
     return None if context is LET_THROUGH else context
 
 
-def declared_context(scope: Mapping[str, Any], feature: str, where: str) -> UsageContext | None:
+def declared_context(scope: Mapping[str, Any] | None, feature: str, where: str) -> UsageContext | None:
     """The usage context of a request to a route or view declared metered as ``feature``, failing
     closed (RuntimeError: a 500, not a free request) where the middleware did not meter it so.
-    None: let through unmetered on purpose (excluded, or ``on_error="allow"``)."""
-    state = scope.get("state") or {}
+    None: let through unmetered on purpose (excluded, or ``on_error="allow"``). ``scope`` None:
+    the running request's (a handler called without its request: a FastAPI path operation's)."""
+    if scope is None:
+        running = _current.get()
+        state = {} if running is None else {"billing": None if running is LET_THROUGH else running}
+    else:
+        state = scope.get("state") or {}
     if "billing" not in state:  # the middleware did not take this request for the route
         raise RuntimeError(f"metered({feature!r}) {where} reached unmetered")
     context: UsageContext | None = state["billing"]

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 from starlette._utils import is_async_callable
+from starlette.requests import HTTPConnection
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -72,14 +73,14 @@ def metered(
 
             @functools.wraps(endpoint)
             async def checked(*args: Any, **keywords: Any) -> Any:  # (request), (self, request), or a partial's
-                declared_context(args[-1].scope, feature, where)
+                declared_context(_scope_among(args, keywords), feature, where)
                 return await endpoint(*args, **keywords)
 
         else:
 
             @functools.wraps(endpoint)
             def checked(*args: Any, **keywords: Any) -> Any:
-                declared_context(args[-1].scope, feature, where)
+                declared_context(_scope_among(args, keywords), feature, where)
                 return endpoint(*args, **keywords)
 
         setattr(checked, MARK, declaration)
@@ -89,6 +90,14 @@ def metered(
 
 
 _UNCHECKED = "__billingos_unchecked__"
+
+
+def _scope_among(args: tuple[Any, ...], keywords: dict[str, Any]) -> Scope | None:
+    """The scope of the request an endpoint is called with: Route passes it last; FastAPI passes a
+    path operation its parameters by name, the request only if it asks for it (None: it did not)."""
+    if args and isinstance(args[-1], HTTPConnection):
+        return args[-1].scope
+    return next((value.scope for value in keywords.values() if isinstance(value, HTTPConnection)), None)
 
 
 def _request_response(endpoint: Any) -> bool:

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from fastapi import APIRouter, Depends, FastAPI, WebSocket  # noqa: E402
+from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.types import ASGIApp  # noqa: E402
 
@@ -419,7 +419,6 @@ async def test_the_table_meters_each_request_as_the_fastapi_route_that_serves_it
 
 async def test_an_included_routers_starlette_routes_and_mounts_are_gated(billing: SpyBilling) -> None:
     from starlette.applications import Starlette
-    from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Match, Route
 
@@ -457,6 +456,34 @@ async def test_an_included_routers_starlette_routes_and_mounts_are_gated(billing
     assert paid == [200] * 10 + [429] * 2
     assert entered == [*paths * 3, *paths[:1]]
     assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+async def test_starlettes_metered_decorator_on_a_path_operation_is_honoured(billing: SpyBilling) -> None:
+    """FastAPI calls a path operation with its parameters by name (the request only if it asks for
+    it): the decorator's check found no request, and every request was a 500."""
+    from billingos_starlette import metered as metered_endpoint
+
+    app = FastAPI()
+
+    @app.get("/with-request")
+    @metered_endpoint("api_calls")
+    async def with_request(request: Request) -> dict[str, str]:
+        return {"path": request.url.path}
+
+    @app.get("/without")
+    @metered_endpoint("api_calls")
+    def without(q: str = "") -> dict[str, str]:  # (sync: run in a worker thread)
+        return {"q": q}
+
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = [(await client.get(path)).status_code for path in ("/with-request", "/without")]
+        paid = [
+            (await client.get(path, headers=as_customer("user_free"))).status_code
+            for path in ("/with-request", "/without?q=x")
+        ]
+    assert (anonymous, paid) == ([401, 401], [200, 200])
+    assert await billing.recorded_units("user_free", "api_calls") == 2
 
 
 @pytest.mark.parametrize("outside", [False, True], ids=["add_middleware", "wrapped"])
@@ -806,7 +833,6 @@ async def test_an_included_routers_class_endpoint_is_gated_for_every_method(bill
     """FastAPI copies an included router's Starlette route with ``methods=[]`` for an ``HTTPEndpoint``
     (no methods: every method, to Starlette): it was found with no method at all, a 500 each."""
     from starlette.endpoints import HTTPEndpoint
-    from starlette.requests import Request
     from starlette.responses import JSONResponse
 
     from billingos_starlette import metered as metered_endpoint
