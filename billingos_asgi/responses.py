@@ -117,6 +117,11 @@ def answer_refusals(app: Any) -> None:
     for route in getattr(app, "routes", ()):
         if isinstance(route, (Mount, Host)):
             answer_refusals(route.app)
+        contexts = getattr(route, "effective_route_contexts", None)  # a router FastAPI includes lazily
+        for context in contexts() if callable(contexts) else ():
+            mounted = getattr(context, "starlette_route", None)  # (its mounts, as the app sees them)
+            if isinstance(mounted, (Mount, Host)):
+                answer_refusals(mounted.app)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -527,7 +527,9 @@ async def test_a_late_refusal_is_answered_however_the_middleware_is_installed(
     assert await billing.recorded_units("user_free", "export") == 0
 
 
-async def test_a_late_refusal_in_a_mounted_app_is_answered_not_a_500(billing: SpyBilling) -> None:
+@pytest.mark.parametrize("via_router", [False, True], ids=["on_the_app", "in_an_included_router"])
+async def test_a_late_refusal_in_a_mounted_app_is_answered_not_a_500(billing: SpyBilling, via_router: bool) -> None:
+    """A router's mount too (it escaped as "response already started" after each refusal was sent)."""
     from fastapi import Header
 
     async def current_customer(x_token: str = Header("")) -> str | None:
@@ -541,10 +543,15 @@ async def test_a_late_refusal_in_a_mounted_app_is_answered_not_a_500(billing: Sp
 
     app = FastAPI()
     app.add_middleware(BillingMiddleware, billing=billing, customer=None, routes=declared(app))
-    app.mount("/v2", sub)  # mounted after declared(): found when the stack is built
+    if via_router:
+        router = APIRouter()
+        router.mount("/exports-app", sub)
+        app.include_router(router, prefix="/v2")
+    else:
+        app.mount("/v2/exports-app", sub)  # mounted after declared(): found when the stack is built
     async with serve(app) as client:
         answers = [
-            await client.post("/v2/exports", headers={"x-token": token})
+            await client.post("/v2/exports-app/exports", headers={"x-token": token})
             for token in ("", "token-unknown", "token-free")
         ]
     assert [answer.status_code for answer in answers] == [401, 403, 403]
