@@ -53,7 +53,7 @@ from .responses import (
     problem_response,
     refusal_in,
 )
-from .routes import EXCLUDED, UNDECLARED, Metered, RouteTable
+from .routes import EXCLUDED, UNDECLARED, FoundRoutes, Metered, RouteTable
 from .tracker import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
@@ -335,6 +335,8 @@ class BillingMiddleware:
             canonical_paths=self._litestar,
             mounts=mounts,
             plain=plain,
+            # Found on a Starlette or FastAPI app's routes: matched as its router matches them, as requested.
+            exact_paths=isinstance(routes, FoundRoutes) and routed is not None and not self._strips_root_path,
         )
         if isinstance(billing, LocalBilling):
             _warn_of_unknown_features(self.routes.features, billing.catalog.features)

@@ -7,7 +7,8 @@ canonical form (one leading slash, no repeated or trailing one), as some framewo
 (Litestar serves ``/v1/search/``, ``/v1//search`` and ``v1/search``, a request target without its
 leading slash, as ``/v1/search``): a route is never reached unmetered by a slash. Where the
 framework answers such a path with a redirect to the canonical one instead (Starlette, Django),
-that redirect is not billed: the request that follows it is.
+that redirect is not billed: the request that follows it is. (A table found on a Starlette or
+FastAPI app's own routes is matched as its router matches them, as requested: ``exact_paths``.)
 
 Methods are compared in upper case (servers pass a method as the client spelt it; Django serves
 ``get`` as ``GET``). A typed parameter (``{item_id:int}``, ``float``, ``uuid``) takes what
@@ -249,7 +250,7 @@ def _compiled(path: str, where: str) -> tuple[re.Pattern[str], str, dict[str, An
         raise ValueError(f"{where}: {exc}") from None
 
 
-def _split_key(key: str) -> tuple[str | None, str]:
+def _split_key(key: str, *, exact: bool = False) -> tuple[str | None, str]:
     if not isinstance(key, str):
         raise ValueError(f'routes: keys are "METHOD /path" strings, got {key!r}')
     prefix, _, path = key.strip().rpartition(" ")
@@ -259,7 +260,7 @@ def _split_key(key: str) -> tuple[str | None, str]:
     if not path.startswith("/"):
         raise ValueError(f"routes: {key!r}: the path must start with '/'")
     _check_template(path, f"routes: {key!r}")
-    return method, canonical(path)
+    return method, path if exact else canonical(path)
 
 
 def _check_template(path: str, where: str) -> None:
@@ -281,6 +282,9 @@ class RouteTable:
     ``mounts``: paths under which the app sends every path that starts with them, even where no slash
     follows (Litestar's ASGI mounts take "/reportsX" for "/reports"), metered as "/reports/X" is,
     except the ``plain`` paths the app serves itself first (Litestar's routes without parameters).
+    ``exact_paths``: the table is the app's own routes (found on a Starlette or FastAPI app), which it
+    routes as requested: ``/items/`` and ``/items`` are two paths there, each matched as the app
+    matches it (exclusions still cover their slash variants).
     """
 
     def __init__(
@@ -293,11 +297,13 @@ class RouteTable:
         canonical_paths: bool = False,
         mounts: Iterable[str] = (),
         plain: Iterable[str] = (),
+        exact_paths: bool = False,
     ) -> None:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
         self._canonical_paths = canonical_paths
+        self._exact_paths = exact_paths and not canonical_paths
         self._mounts = tuple(canonical(mount) for mount in mounts if mount.startswith("/") and canonical(mount) != "/")
         self._plain = frozenset(canonical(path) for path in plain)
         configured: list[tuple[str, str, bool]] = []  # key, path, whether static
@@ -309,7 +315,7 @@ class RouteTable:
         undeclared: list[tuple[str, str | None]] = []  # static UNDECLARED routes: an exclusion decides first
         # HEAD is GET without the body, unless configured on its own (or the table says what serves HEAD).
         head_follows_get = not isinstance(routes, FoundRoutes)
-        entries = [(key, value, *_split_key(key)) for key, value in (routes or {}).items()]
+        entries = [(key, value, *_split_key(key, exact=self._exact_paths)) for key, value in (routes or {}).items()]
         heads = {path for _, _, method, path in entries if method == "HEAD"}
         for key, value, method, path in entries:
             if value is UNDECLARED:
@@ -369,7 +375,7 @@ class RouteTable:
         self._exact: dict[tuple[str, str], Metered] = {
             (method, path): found
             for path, by_method in self._static.items()
-            if path not in self._excluded
+            if canonical(path) not in self._excluded
             for method in _METHODS
             if (found := by_method.get(method) or by_method.get(None)) is not None and found is not _UNMETERED
         }
@@ -394,6 +400,7 @@ class RouteTable:
 
     def _covered(self, path: str, static: bool) -> bool:
         """Whether an exclusion covers the route ``path`` (a template: by a path or prefix only)."""
+        path = canonical(path)  # (an exact path's slash variants too)
         return (
             path in self._excluded
             or path.startswith(self._excluded_prefixes)
@@ -410,7 +417,7 @@ class RouteTable:
         found = self._exact.get((method, path))
         if found is not None:
             return found
-        found = self._match(method, path, raw, collapsed)
+        found = self._match_exact(method, path) if self._exact_paths else self._match(method, path, raw, collapsed)
         if found is EXCLUDED and raw is None and "/." in path:
             # Dot segments: a handler that resolves them (StaticFiles) serves "/static/free/../paid.zip"
             # from outside the excluded "/static/free/*": excluded only where what they resolve to is.
@@ -420,6 +427,31 @@ class RouteTable:
             if resolved != path:
                 return self.match(method, resolved)
         return found
+
+    def _match_exact(self, method: str, path: str) -> Metered | None:
+        """:meth:`match` of a path as the app routes it, as requested (``exact_paths``)."""
+        if self._excluded and canonical(path) in self._excluded:  # (an exclusion covers slash variants)
+            return EXCLUDED
+        if not method.isupper():
+            method = method.upper()
+        by_method = self._static.get(path)
+        if by_method is None and path[-1:] == "\n":  # a pattern's "$" matches before a final newline
+            by_method = self._static.get(path[:-1])
+        if by_method is not None:
+            found = by_method.get(method) or by_method.get(None)
+            if found is not None:
+                return found if found is not _UNMETERED else None
+        if self._simple:
+            return self._default
+        if path.startswith(self._excluded_prefixes) or (
+            self._excluded_patterns and any(pattern.match(canonical(path)) for pattern in self._excluded_patterns)
+        ):
+            return EXCLUDED
+        for routes in (self._dynamic, self._parsed):
+            for route_method, regex, metered in routes:
+                if (route_method is None or route_method == method) and regex.match(path):
+                    return metered if metered is not _UNMETERED else None
+        return self._default
 
     def _match(self, method: str, path: str, raw: str | None, collapsed: str) -> Metered | None:
         if path in self._excluded:

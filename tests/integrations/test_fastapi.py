@@ -458,6 +458,47 @@ async def test_an_included_routers_starlette_routes_and_mounts_are_gated(billing
     assert await billing.recorded_units("user_free", "api_calls") == 10
 
 
+async def test_a_path_is_metered_as_the_route_fastapi_serves_it_with_slashes_and_all(billing: SpyBilling) -> None:
+    """FastAPI routes a path as requested: "/items" is the free catch-all's where "/items/" is the
+    router's metered root, and "//search" is a page's. Compared without their slashes, the free
+    page was gated (a 401 for a visitor) and billed, and "/export" billed as "/export/" was."""
+    app = FastAPI()
+    items = APIRouter(prefix="/items")
+
+    @items.get("/", dependencies=[metered("api_calls")])  # (its path is "/items/")
+    async def list_items() -> list[str]:
+        return []
+
+    @app.get("/export/", dependencies=[metered("api_calls", quantity=1)])
+    async def export_index() -> dict[str, str]:
+        return {}
+
+    @app.get("/search", dependencies=[metered("api_calls")])
+    async def search() -> dict[str, str]:
+        return {}
+
+    @app.get("/{name}", dependencies=[metered("api_calls", quantity=5)])
+    async def named(name: str) -> dict[str, str]:
+        return {"named": name}
+
+    app.include_router(items)
+
+    @app.get("/{page:path}")  # the front end's pages, free
+    async def page(page: str) -> dict[str, str]:
+        return {"page": page}
+
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        visitor = [await client.get(path) for path in ("/items/", "/items/x", "/a/b")]
+        paths = ("/items", client.base_url.copy_with(path="//search"), "/export")  # (not a host: "//search")
+        served = [await client.get(path, headers=as_customer("user_pro")) for path in paths]
+        paid = await client.get("/items/", headers=as_customer("user_pro"))
+    assert [answer.status_code for answer in visitor] == [401, 200, 200]
+    assert [answer.json() for answer in served] == [{"named": "items"}, {"page": "/search"}, {"named": "export"}]
+    assert paid.status_code == 200
+    assert await billing.recorded_units("user_pro", "api_calls") == 5 + 5 + 1  # /items and /export as "/{name}"
+
+
 async def test_starlettes_metered_decorator_on_a_path_operation_is_honoured(billing: SpyBilling) -> None:
     """FastAPI calls a path operation with its parameters by name (the request only if it asks for
     it): the decorator's check found no request, and every request was a 500."""

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Scope
 
 from billingos_asgi import get_usage_context
-from billingos_asgi.routes import RouteTable
+from billingos_asgi.routes import FoundRoutes, RouteTable
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -335,10 +335,12 @@ async def sweep(
             path = "/" + "/".join(rng.choice(SEGMENTS).format(at) for at in range(rng.randint(1, 3)))
             if rng.random() < 0.2:
                 path += "/{rest:path}"
+            elif rng.random() < 0.15:  # another path than without the slash, to the app's router
+                path += "/"
             specs.append((path, rng.choice(methods), rng.choice([None, f"feature{index}"])))
         try:
             found, router = build(specs)
-            table = RouteTable(found)
+            table = RouteTable(found, exact_paths=isinstance(found, FoundRoutes))  # (as the middleware builds it)
         except ValueError:  # a template declared twice with different features: refused, by design
             continue
         for _ in range(12):
@@ -347,6 +349,8 @@ async def sweep(
                 path = PARAMETER.sub(lambda _: rng.choice(REQUESTED), rng.choice(specs)[0])
             else:
                 path = "/" + "/".join(rng.choice(REQUESTED) for _ in range(rng.randint(1, 3)))
+            if rng.random() < 0.2:  # its slash variants: the app routes each as requested
+                path = rng.choice([path + "/", path.rstrip("/") or "/", "/" + path])
             name = await served_by(router, method, path)
             if name is None:
                 continue
