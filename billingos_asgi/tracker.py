@@ -106,6 +106,7 @@ class Tracker:
         deduplicate: bool = False,
         outbox: Outbox | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if flush_interval < 0 or max_queue < 1 or drain_timeout < 0 or max_concurrency < 1:
             raise ValueError(
@@ -120,7 +121,8 @@ class Tracker:
         self._on_rejected = on_rejected
         self._outbox = outbox
         self._outbox_unused_said = False  # warned that without a lifespan it is not used
-        self._clock = clock
+        self._clock = clock  # first attempts are stamped on it (a replay after a restart reads them)
+        self._monotonic = monotonic  # and upstream's 24 h measured on it too, within the process
         # Only trusted (client-supplied) request ids can repeat; remember them for upstream's 24 h.
         # (customer, key): upstream's idempotency is per customer, and so is this filter.
         self._seen: TTLCache[tuple[str, str], bool] | None = (
@@ -600,8 +602,12 @@ class Tracker:
             await self._stamp(self._outbox, batch, first_attempt)
         attempt = 0
         n = len(batch.events)
+        horizon_at: float | None = None  # upstream's 24 h on the monotonic clock, from the first try here
         while True:
-            if self._clock() - first_attempt > IDEMPOTENCY_HORIZON:
+            elapsed, now = self._clock() - first_attempt, self._monotonic()
+            if horizon_at is None:  # (a wall clock set back meanwhile, by NTP or a VM's fix, must not stretch them)
+                horizon_at = now + IDEMPOTENCY_HORIZON - max(0.0, elapsed)
+            if elapsed > IDEMPOTENCY_HORIZON or now > horizon_at:
                 reason = "first attempted more than 24 h ago: not resent blindly"
                 await self._refuse(batch.events, "dead_lettered", reason)
                 return None

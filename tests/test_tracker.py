@@ -221,6 +221,25 @@ async def test_a_batch_still_failing_a_day_after_its_first_attempt_is_dead_lette
     assert rejected == ["first attempted more than 24 h ago: not resent blindly"]
 
 
+async def test_a_wall_clock_set_back_does_not_stretch_upstreams_24_hours(billing: LocalBilling) -> None:
+    """Retried through an outage while the wall clock was set back 2 h, a batch was resent 24 h 10 min
+    after its first attempt: upstream had forgotten its key, and counted it again."""
+    start = time.time()
+    wall = [start, start, start - 2 * 3600 + 24 * 3600 + 600]  # first attempt, its check, then a day on (set back)
+    real = [0.0, 24 * 3600 + 600]  # the monotonic clock: the day as it passed
+
+    backend = Failing(billing, failures=1, error=NetworkError("connection reset"))
+    tracker = tracker_for(
+        backend,
+        flush_interval=0,
+        clock=lambda: wall.pop(0) if len(wall) > 1 else wall[0],
+        monotonic=lambda: real.pop(0) if len(real) > 1 else real[0],
+    )
+    await run_tracker(tracker, [event("k1")])
+    assert (tracker.stats.retried, tracker.stats.sent, tracker.stats.dead_lettered) == (1, 0, 1)
+    assert await billing.recorded_units("c0", "api_calls") == 0
+
+
 @pytest.mark.parametrize(("elapsed", "recorded"), [(23 * 3600, 1), (24 * 3600 + 60, 0)], ids=["23 h", "24 h 1 min"])
 async def test_a_retry_is_sent_within_upstreams_24_hours_and_never_after(
     billing: LocalBilling, elapsed: float, recorded: float
