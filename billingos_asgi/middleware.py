@@ -312,7 +312,10 @@ class BillingMiddleware:
         )
         self.app = app
         self.billing = billing
-        if callable(routes):  # declared next to the app's routes: collected now, when the stack is built
+        # Declared next to the app's routes: collected now, when the stack is built, and again once the
+        # app's own startup is complete (routers it includes then, its plugins').
+        self._collect = routes if callable(routes) else None
+        if callable(routes):
             routes = routes()
         self._litestar = _is_litestar(app)
         # Routed after the root path wherever it ends ("/apiv1/x" under "/api" is "v1/x"), as
@@ -327,17 +330,22 @@ class BillingMiddleware:
         # the app answers it itself (registered before its first call, when it reads its handlers).
         answer_refusals(routed)
         mounts, plain = _litestar_routes(app) if self._litestar else ([], [])
-        self.routes = RouteTable(
-            routes,
-            default_feature=default_feature,
-            exclude=exclude,
-            parsed_parameters=parsed_parameters,
-            canonical_paths=self._litestar,
-            mounts=mounts,
-            plain=plain,
-            # Found on a Starlette or FastAPI app's routes: matched as its router matches them, as requested.
-            exact_paths=isinstance(routes, FoundRoutes) and routed is not None and not self._strips_root_path,
-        )
+
+        def table(routes: Mapping[str, str | Metered | None] | None) -> RouteTable:
+            return RouteTable(
+                routes,
+                default_feature=default_feature,
+                exclude=exclude,
+                parsed_parameters=parsed_parameters,
+                canonical_paths=self._litestar,
+                mounts=mounts,
+                plain=plain,
+                # Found on a Starlette or FastAPI app's routes: matched as its router matches them, as requested.
+                exact_paths=isinstance(routes, FoundRoutes) and routed is not None and not self._strips_root_path,
+            )
+
+        self._table = table
+        self.routes = table(routes)
         if isinstance(billing, LocalBilling):
             _warn_of_unknown_features(self.routes.features, billing.catalog.features)
         self._keys = [key for key, value in (routes or {}).items() if value is not None and value is not UNDECLARED]
@@ -707,6 +715,14 @@ class BillingMiddleware:
                 return message
 
             async def lifespan_send(message: Message) -> None:
+                nonlocal failed
+                if message["type"] == "lifespan.startup.complete" and self._collect is not None and not failed:
+                    try:  # the routes the app's startup added count too
+                        self.routes = self._table(self._collect())
+                    except Exception as exc:  # (declared twice differently, say): refused as at construction
+                        failed = True
+                        await send({"type": "lifespan.startup.failed", "message": f"billing: {exc}"})
+                        raise
                 if not (failed and message["type"].startswith("lifespan.startup.")):  # the server knows
                     await send(message)
 

@@ -499,6 +499,31 @@ async def test_a_path_is_metered_as_the_route_fastapi_serves_it_with_slashes_and
     assert await billing.recorded_units("user_pro", "api_calls") == 5 + 5 + 1  # /items and /export as "/{name}"
 
 
+async def test_routes_the_apps_own_startup_includes_are_gated_too(billing: SpyBilling) -> None:
+    """The stack (and the table) is built before the app's lifespan runs: a router its startup
+    included (a plugin's) was found on no route, and each of its requests was a 500 (fail closed)."""
+    from contextlib import asynccontextmanager
+
+    plugin = APIRouter()
+
+    @plugin.get("/v1/search", dependencies=[metered("api_calls")])
+    async def search() -> dict[str, str]:
+        return {}
+
+    @asynccontextmanager
+    async def startup(app: FastAPI) -> AsyncIterator[None]:
+        app.include_router(plugin)
+        yield
+
+    app = FastAPI(lifespan=startup)
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = await client.get("/v1/search")
+        paid = await client.get("/v1/search", headers=as_customer("user_free"))
+    assert (anonymous.status_code, paid.status_code) == (401, 200)
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
 async def test_starlettes_metered_decorator_on_a_path_operation_is_honoured(billing: SpyBilling) -> None:
     """FastAPI calls a path operation with its parameters by name (the request only if it asks for
     it): the decorator's check found no request, and every request was a 500."""
