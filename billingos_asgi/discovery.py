@@ -67,7 +67,9 @@ def route_table(
     ``also`` (written by hand, of routes not found) takes HEAD too, unless ``also`` gives HEAD its own.
     """
     table = FoundRoutes()
-    for key, declaration in [*declarations, *_with_heads(also or {})]:
+    written = list(_with_heads(also or {}))
+    table.written = frozenset(key for key, _ in written)
+    for key, declaration in [*declarations, *written]:
         declares = declaration is not None and declaration is not UNDECLARED
         if declares and table.get(key) not in (None, UNDECLARED) and table[key] != declaration:
             raise ValueError(f"routes: {key!r} is declared both as {table[key]!r} and as {declaration!r}")

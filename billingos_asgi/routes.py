@@ -93,7 +93,11 @@ UNDECLARED = Metered("undeclared: metered as default_feature")
 class FoundRoutes(dict[str, "str | Metered | None"]):
     """A ``routes=`` table found on the app's routes, whose keys name every method each route
     serves: HEAD included where a route serves it (Starlette's beside GET), left out where it does
-    not (FastAPI's), so HEAD does not follow GET here as it does in a table written by hand."""
+    not (FastAPI's), so HEAD does not follow GET here as it does in a table written by hand.
+    ``written``: its keys written by hand (``also=``), of routes it could not see (a StaticFiles
+    mount's files): compared in their canonical form, as such apps route them."""
+
+    written: frozenset[str] = frozenset()
 
 
 _SLASHES = re.compile(r"//+")
@@ -304,6 +308,10 @@ class RouteTable:
         self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
         self._canonical_paths = canonical_paths
         self._exact_paths = exact_paths and not canonical_paths
+        # With exact paths, the keys written by hand, compared canonically (by what the app they name routes).
+        written = routes.written if self._exact_paths and isinstance(routes, FoundRoutes) else frozenset()
+        self._written_static: dict[str, dict[str | None, Metered]] = {}
+        self._written_dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._mounts = tuple(canonical(mount) for mount in mounts if mount.startswith("/") and canonical(mount) != "/")
         self._plain = frozenset(canonical(path) for path in plain)
         configured: list[tuple[str, str, bool]] = []  # key, path, whether static
@@ -315,7 +323,10 @@ class RouteTable:
         undeclared: list[tuple[str, str | None]] = []  # static UNDECLARED routes: an exclusion decides first
         # HEAD is GET without the body, unless configured on its own (or the table says what serves HEAD).
         head_follows_get = not isinstance(routes, FoundRoutes)
-        entries = [(key, value, *_split_key(key, exact=self._exact_paths)) for key, value in (routes or {}).items()]
+        entries = [
+            (key, value, *_split_key(key, exact=self._exact_paths and key not in written))
+            for key, value in (routes or {}).items()
+        ]
         heads = {path for _, _, method, path in entries if method == "HEAD"}
         for key, value, method, path in entries:
             if value is UNDECLARED:
@@ -329,7 +340,7 @@ class RouteTable:
                 parsed = _parsed(path) if parsed_parameters else None
                 also_head = head_follows_get and method == "GET" and path not in heads
                 for taken in ("GET", "HEAD") if also_head else (method,):
-                    self._dynamic.append((taken, regex, metered))
+                    (self._written_dynamic if key in written else self._dynamic).append((taken, regex, metered))
                     if parsed is not None:
                         self._parsed.append((taken, parsed, metered))
             else:
@@ -340,6 +351,8 @@ class RouteTable:
                         f" {metered.feature!r} (paths are compared without repeated or trailing slashes)"
                     )
                 by_method[method] = metered
+                if key in written:
+                    self._written_static.setdefault(path, {})[method] = metered
                 if value is UNDECLARED:
                     undeclared.append((path, method))
         excluded_paths: set[str] = set()
@@ -381,13 +394,19 @@ class RouteTable:
         }
         # Static (method, path) lookups, dynamic routes and the default need no per-request work
         # beyond a dict lookup when nothing dynamic or excluded-by-pattern is configured.
-        self._simple = not self._dynamic and not self._excluded_patterns and not prefixes and not self._mounts
+        self._simple = (
+            not self._dynamic
+            and not self._written_dynamic
+            and not self._excluded_patterns
+            and not prefixes
+            and not self._mounts
+        )
 
     @property
     def features(self) -> frozenset[str]:
         """The features that requests may meter here (to check against the plans)."""
         metered = [m for by_method in self._static.values() for m in by_method.values()]
-        metered += [m for _, _, m in self._dynamic]
+        metered += [m for _, _, m in (*self._dynamic, *self._written_dynamic)]
         if self._default is not None:
             metered.append(self._default)
         return frozenset(m.feature for m in metered if m is not _UNMETERED and m is not EXCLUDED)
@@ -400,10 +419,11 @@ class RouteTable:
 
     def _covered(self, path: str, static: bool) -> bool:
         """Whether an exclusion covers the route ``path`` (a template: by a path or prefix only)."""
-        path = canonical(path)  # (an exact path's slash variants too)
+        exact, path = path, canonical(path)  # (an exact path's slash variants too)
         return (
             path in self._excluded
             or path.startswith(self._excluded_prefixes)
+            or exact.startswith(self._excluded_prefixes)  # ("/internal/*" takes "/internal/")
             or (static and any(pattern.match(path) for pattern in self._excluded_patterns))
         )
 
@@ -418,25 +438,37 @@ class RouteTable:
         if found is not None:
             return found
         found = self._match_exact(method, path) if self._exact_paths else self._match(method, path, raw, collapsed)
-        if found is EXCLUDED and raw is None and "/." in path:
+        unknown = found is None and not self._exact_paths  # (with exact paths, keys written by hand resolve them)
+        if (found is EXCLUDED or unknown) and raw is None and "/." in path:
             # Dot segments: a handler that resolves them (StaticFiles) serves "/static/free/../paid.zip"
-            # from outside the excluded "/static/free/*": excluded only where what they resolve to is.
+            # from outside the excluded "/static/free/*": excluded only where what they resolve to is;
+            # and "/static/x/../paid.zip" as the metered "/static/paid.zip" it resolves to.
             resolved = "/" + posixpath.normpath(path).lstrip("/")
             if path.endswith(("/", "/.", "/..")) and resolved != "/":
                 resolved += "/"  # (a directory, as requested: "/public/sub/.." is "/public/")
             if resolved != path:
-                return self.match(method, resolved)
+                again = self.match(method, resolved)
+                return again if found is EXCLUDED or again is not EXCLUDED else None
         return found
 
     def _match_exact(self, method: str, path: str) -> Metered | None:
         """:meth:`match` of a path as the app routes it, as requested (``exact_paths``)."""
-        if self._excluded and canonical(path) in self._excluded:  # (an exclusion covers slash variants)
+        # An exclusion and a key written by hand cover their slash variants (and a final newline); a key
+        # written by hand, its dot segments too: the app it names (StaticFiles) resolves them.
+        plain = canonical(path.rstrip("\n")) if self._excluded else ""
+        if plain in self._excluded:
             return EXCLUDED
+        written = ""
+        if self._written_static or self._written_dynamic:
+            written = path.rstrip("\n")
+            written = canonical(posixpath.normpath(written) if "/." in written else written)
         if not method.isupper():
             method = method.upper()
         by_method = self._static.get(path)
         if by_method is None and path[-1:] == "\n":  # a pattern's "$" matches before a final newline
             by_method = self._static.get(path[:-1])
+        if by_method is None and self._written_static:
+            by_method = self._written_static.get(written)
         if by_method is not None:
             found = by_method.get(method) or by_method.get(None)
             if found is not None:
@@ -444,12 +476,13 @@ class RouteTable:
         if self._simple:
             return self._default
         if path.startswith(self._excluded_prefixes) or (
-            self._excluded_patterns and any(pattern.match(canonical(path)) for pattern in self._excluded_patterns)
+            self._excluded_patterns
+            and any(pattern.match(canonical(path.rstrip("\n"))) for pattern in self._excluded_patterns)
         ):
             return EXCLUDED
-        for routes in (self._dynamic, self._parsed):
+        for routes, compared in ((self._dynamic, path), (self._parsed, path), (self._written_dynamic, written)):
             for route_method, regex, metered in routes:
-                if (route_method is None or route_method == method) and regex.match(path):
+                if (route_method is None or route_method == method) and regex.match(compared):
                     return metered if metered is not _UNMETERED else None
         return self._default
 

@@ -901,6 +901,26 @@ async def test_dot_segments_do_not_take_a_file_out_of_an_excluded_prefix(billing
     assert paid.status == 200 and await billing.recorded_units("user_free", "api_calls") == 1
 
 
+@pytest.mark.parametrize("found", [True, False], ids=["found_table", "plain_dict"])
+async def test_a_file_metered_by_a_key_written_by_hand_is_gated_whatever_its_spelling(
+    billing: LocalBilling, tmp_path: Path, found: bool
+) -> None:
+    """StaticFiles serves "/static//paid.zip", "/static/paid.zip/" and "/static/x/../paid.zip" as
+    "/static/paid.zip": a key written for it (``also=``, of a mount whose files no table sees) is
+    compared as that app routes it, not as requested, or the variants were served free."""
+    (tmp_path / "paid.zip").write_text("PAID")
+    app = Starlette(routes=[Route("/v1/search", hello), Mount("/static", StaticFiles(directory=tmp_path))])
+    routes = route_table([("GET /v1/search", Metered("api_calls"))], {"GET /static/paid.zip": "export"})
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes=routes if found else dict(routes))
+    variants = ("/static/paid.zip", "/static//paid.zip", "/static/paid.zip/", "/static/x/../paid.zip")
+    async with lifespan(middleware):
+        anonymous = [await call_raw(middleware, http_scope(path)) for path in variants]
+        head = await call_raw(middleware, http_scope("/static//paid.zip", method="HEAD"))
+        free_plan = [await call_raw(middleware, http_scope(path, headers=FREE)) for path in variants]
+    assert [exchange.status for exchange in (*anonymous, head)] == [401] * 5
+    assert [exchange.status for exchange in free_plan] == [403] * 4  # (no export on the free plan)
+
+
 async def test_a_root_path_ending_mid_segment_leaves_a_free_route_starlette_serves_free(
     billing: LocalBilling,
 ) -> None:
@@ -913,6 +933,16 @@ async def test_a_root_path_ending_mid_segment_leaves_a_free_route_starlette_serv
     async with lifespan(middleware):
         exchange = await call_raw(middleware, scope)
     assert (exchange.status, exchange.header("x-request-id")) == (200, None)
+
+
+def test_with_exact_paths_exclusions_still_cover_a_final_newline_and_prefixes_their_directory() -> None:
+    """ "/health%0A" is served by the excluded "/health" (a pattern's "$" matches before a final
+    newline); a route at "/internal/" is what "/internal/*" excludes: configured both ways, refused."""
+    found = route_table([("GET /health", None)])
+    table = RouteTable(found, default_feature="api_calls", exclude=["/health"], exact_paths=True)
+    assert table.match("GET", "/health\n") is EXCLUDED and table.match("GET", "/other") == Metered("api_calls")
+    with pytest.raises(ValueError, match="also excluded"):
+        RouteTable(route_table([("GET /internal/", Metered("api_calls"))]), exclude=["/internal/*"], exact_paths=True)
 
 
 def test_a_route_written_with_its_slash_takes_that_path_before_a_catch_all() -> None:
