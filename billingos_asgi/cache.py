@@ -101,6 +101,13 @@ class Quota:
         quota.local += units
         return quota
 
+    def release(self, units: float) -> None:
+        """Stop counting ``units`` that will not be billed; one set aside is let go once nothing is open."""
+        self.local -= units
+        home = self.home
+        if self.local <= _EPSILON and home is not None and self.key is not None and home.aside.get(self.key) is self:
+            del home.aside[self.key]
+
     def renew(self, entitlement: Entitlement | None, *, now: float, raced: bool = False) -> None:
         """Take a newer upstream answer, keeping this process's accounting (usage only grows within a period).
 
@@ -310,16 +317,18 @@ class EntitlementCache:
         except Exception:
             # Upstream is down or busy: a stale answer beats none, unless its period has ended, or it
             # said the customer is unknown (they may exist by now: as if nothing were cached).
+            # The entry as it is now: one set aside meanwhile holds a running request's reported units.
+            current = self._entries.find(key) or previous
             if (
-                previous is not None
-                and previous.entitlement is not None
-                and (previous.resets_at is None or previous.resets_at > self._wall_clock())
+                current is not None
+                and current.entitlement is not None
+                and (current.resets_at is None or current.resets_at > self._wall_clock())
             ):
-                self._entries[key] = previous  # (back, if it was set aside)
-                previous.refreshing = False
-                previous.retry_at = self._clock() + REFRESH_RETRY
+                self._entries[key] = current  # (back, if it was set aside)
+                current.refreshing = False
+                current.retry_at = self._clock() + REFRESH_RETRY
                 logger.debug("billing check for %s/%s failed; using the cached answer", *key, exc_info=True)
-                return previous
+                return current
             raise
         # The entry as it is now: one set aside while the check was on its way holds units a running
         # request reported on it (a new entry in its place would forget them).

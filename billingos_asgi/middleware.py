@@ -548,7 +548,7 @@ class BillingMiddleware:
             admitted += reported  # held on the quota as they were reported
         if used <= 0 or customer is None or (quota is not None and not quota.tracked):
             if quota is not None:
-                quota.local -= admitted  # nothing on its way (flags and numeric limits are never tracked)
+                quota.release(admitted)  # nothing on its way (flags and numeric limits are never tracked)
             if used > 0 and customer is None and not unnamed_ok:
                 self.unidentified += 1
                 self._log(

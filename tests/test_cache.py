@@ -585,3 +585,59 @@ async def test_a_full_cache_evicts_the_entry_used_least_recently(tmp_path: Path,
         assert cache.get("c11", "api_calls") is not None and cache.get("c10", "api_calls") is not None
         assert cache.get("c1", "api_calls") is None  # out: used once, long ago
         assert upstream.checks == 12  # the hot customer was never asked again
+
+
+class CheckFailingFor:
+    """A real LocalBilling whose checks of one customer, once set, wait for ``release`` and then fail."""
+
+    def __init__(self, billing: LocalBilling) -> None:
+        self.billing = billing
+        self.fail_for: str | None = None
+        self.release = anyio.Event()
+        self.entered = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+    async def check_entitlement(self, customer_id: str, feature_key: str) -> Entitlement:
+        if customer_id == self.fail_for:
+            self.entered.set()
+            await self.release.wait()
+            raise NetworkError("connection refused")
+        return await self.billing.check_entitlement(customer_id, feature_key)
+
+
+async def test_units_held_on_an_entry_set_aside_survive_a_failed_refresh(tmp_path: Path, clocks: Clocks) -> None:
+    """A failed refresh put back the entry it refreshed, dropping the one set aside meanwhile with a
+    running request's reported units: the quota was admitted twice over."""
+    plans = {**PLANS, "customers": {"c1": "small", "c2": "big"}}  # c1: 5 api_calls a period
+    async with LocalBilling.from_dict(plans, tmp_path / "b.db", clock=lambda: clocks.wall) as billing:
+        backend = CheckFailingFor(billing)
+        cache, _ = cache_for(backend, clocks, max_size=1)
+        old = await cache.fetch("c1", "api_calls")
+        assert old.admit(0) == 0  # a request reporting its own units later
+        await cache.fetch("c2", "api_calls")  # evicts c1's entry, nothing open on it
+        new = await cache.fetch("c1", "api_calls")
+        clocks.advance(31)  # stale: refreshed in the background, while billing is down
+        backend.fail_for = "c1"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache._refresh, ("c1", "api_calls"))
+            await backend.entered.wait()
+            await cache.fetch("c2", "api_calls")  # evicts the newer entry too
+            assert old.hold(5) is old  # the request reports the whole quota: set aside, counted
+            backend.release.set()
+        current = cache._entries.find(("c1", "api_calls"))
+        assert current is not None and current is not new
+        assert current.admit(5) == 429 and current.local == 5
+
+
+def test_an_entry_set_aside_is_let_go_once_its_units_are_released() -> None:
+    from billingos_asgi.cache import _Entries
+
+    entries = _Entries(1)
+    quota = Quota(None, key=("c1", "tokens"), home=entries)
+    entries["c1", "tokens"] = quota
+    entries["c2", "tokens"] = Quota(None)  # evicts it, nothing open
+    assert quota.hold(7) is quota and entries.aside == {("c1", "tokens"): quota}
+    quota.release(7)  # its request failed: not billed
+    assert not entries.aside
