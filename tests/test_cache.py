@@ -641,3 +641,17 @@ def test_an_entry_set_aside_is_let_go_once_its_units_are_released() -> None:
     assert quota.hold(7) is quota and entries.aside == {("c1", "tokens"): quota}
     quota.release(7)  # its request failed: not billed
     assert not entries.aside
+
+
+def test_an_eviction_passes_over_a_bounded_number_of_used_entries() -> None:
+    """Not the whole cache on one request's insert when every entry was used since the last pass."""
+    from billingos_asgi.cache import _Entries
+
+    entries = _Entries(1_000)
+    quotas = [Quota(None) for _ in range(1_000)]
+    for i, quota in enumerate(quotas):
+        entries[f"c{i}", "api_calls"] = quota
+        quota.used = True
+    entries["new", "api_calls"] = Quota(None)
+    assert len(entries) == 1_000
+    assert sum(not quota.used for quota in quotas) <= 33  # passed over (or evicted), not 1,000
