@@ -10,7 +10,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import Any
 
 from ._exceptions import ValidationError
@@ -43,6 +43,17 @@ def check_id(name: str, value: object) -> str:
     except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for it, on the wire or on disk
         raise ValidationError(f"{name} is not valid Unicode text (a lone surrogate)") from None
     return value
+
+
+RESOLUTION = Decimal(1).scaleb(-QUANTITY_DECIMALS)
+#: Decimal arithmetic of our own, exact to upstream's maximum at its resolution: not the thread's
+#: context, which is the app's (money code setting a precision of 4 recorded 12345.678 units as 12350).
+EXACT = Context(prec=40)
+
+
+def stored_quantity(value: float) -> float:
+    """``value`` as upstream's DECIMAL(20,6) stores it: its shortest decimal, a tie rounded up."""
+    return float(Decimal(repr(value)).quantize(RESOLUTION, ROUND_HALF_UP, context=EXACT))
 
 
 def float_of_decimal(value: Decimal) -> float:

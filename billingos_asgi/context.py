@@ -6,7 +6,7 @@ import inspect
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from decimal import ROUND_HALF_UP, Context, Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.from_thread
@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from ._exceptions import ValidationError
 from ._models import Entitlement
-from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS, check_id, check_quantity, customer_answer
+from ._validation import EXACT, MAX_QUANTITY, QUANTITY_DECIMALS, RESOLUTION, check_id, check_quantity, customer_answer
 
 if TYPE_CHECKING:
     from .cache import Quota
@@ -24,11 +24,7 @@ __all__ = ["UsageContext", "get_usage_context", "report_usage", "set_customer"]
 
 
 Subject = TypeVar("Subject")
-_RESOLUTION = Decimal(1).scaleb(-QUANTITY_DECIMALS)
 _NONE_YET = Decimal(0)
-#: The sums' own arithmetic: exact to upstream's maximum at its resolution, whatever precision the
-#: app sets for its own Decimals (the thread's context).
-_EXACT = Context(prec=40)
 
 
 class Gate(Protocol):
@@ -122,8 +118,8 @@ class UsageContext:
     def _add(self, units: Decimal) -> bool:
         if self.settled:
             return False
-        exact = _EXACT.add(self._exact, units)
-        reported = float(exact.quantize(_RESOLUTION, ROUND_HALF_UP, context=_EXACT))
+        exact = EXACT.add(self._exact, units)
+        reported = float(exact.quantize(RESOLUTION, ROUND_HALF_UP, context=EXACT))
         if self.quantity + reported > MAX_QUANTITY:  # one event: upstream would refuse it all
             raise ValidationError(
                 f"report_usage({float(units):g}): the request's units would pass upstream's maximum of {MAX_QUANTITY}"

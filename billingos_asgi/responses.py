@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -124,13 +125,25 @@ def answer_refusals(app: Any) -> None:
                 answer_refusals(mounted.app)
 
 
+#: Kept as they are when a feature key is percent-encoded: every printable ASCII character but "%".
+_PRINTABLE_ASCII = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
+
+
 @functools.lru_cache(maxsize=1024)
 def _policy(feature: str, limit: float) -> tuple[bytes, bytes]:
     """The feature as an sf-string, and the ``RateLimit-Policy`` value (a few per plan: cached).
 
     Its quota ``q`` is an sf-integer, as ``r`` is: a fractional limit (1.5 GB) is given whole units."""
-    name = json.dumps(feature).encode()
+    name = _sf_string(feature)
     return name, b"%s;q=%d" % (name, int(limit) if limit > 0 else 0)
+
+
+def _sf_string(text: str) -> bytes:
+    """``text`` as an RFC 8941 sf-string, which holds printable ASCII only (``\\"`` and ``\\\\`` escaped):
+    other characters percent-encoded as UTF-8 ("crédits" is "cr%C3%A9dits")."""
+    if not (text.isascii() and text.isprintable()):
+        text = quote(text, safe=_PRINTABLE_ASCII)
+    return b'"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').encode()
 
 
 def quota_headers(feature: str, limit: float, remaining: float, resets_at: float | None) -> list[tuple[bytes, bytes]]:

@@ -33,7 +33,7 @@ from starlette.convertors import CONVERTOR_TYPES
 from starlette.requests import Request
 from starlette.routing import compile_path
 
-from ._validation import QUANTITY_DECIMALS, check_id, float_of_decimal
+from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS, check_id, float_of_decimal
 
 __all__ = ["EXCLUDED", "UNDECLARED", "FoundRoutes", "Metered", "RouteTable", "canonical", "redirects_to_itself"]
 
@@ -71,8 +71,10 @@ class Metered:
             q = float_of_decimal(q)
             object.__setattr__(self, "quantity", q)
         if q is not None and not callable(q):
-            if isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0 or q == float("inf"):
-                raise ValueError(f"Metered({self.feature!r}): quantity must be a finite number >= 0, got {q!r}")
+            if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= MAX_QUANTITY:
+                raise ValueError(
+                    f"Metered({self.feature!r}): quantity must be a number from 0 to {MAX_QUANTITY}, got {q!r}"
+                )
             if q != round(q, QUANTITY_DECIMALS):
                 raise ValueError(f"Metered({self.feature!r}): quantity {q!r} has more decimals than upstream's 6")
             object.__setattr__(self, "fixed", q)

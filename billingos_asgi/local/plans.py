@@ -10,11 +10,11 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Context, Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-from .._validation import MAX_QUANTITY, MICRO, QUANTITY_DECIMALS, check_id
+from .._validation import EXACT, MAX_QUANTITY, MICRO, QUANTITY_DECIMALS, check_id
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -167,11 +167,6 @@ def _grant(feature: Feature, value: Any, fail: Any) -> Grant | None:
     return Grant(feature, to_micro(value))
 
 
-#: Decimal arithmetic of its own: the thread's context is the app's, which a worker thread inherits
-#: (an app's money code setting a precision of 4 recorded 12345.678 units as 12350).
-_EXACT = Context(prec=40)
-
-
 def to_micro(value: float) -> int:
     """Units to integer micro-units (upstream's DECIMAL(20,6)), so sums never drift.
 
@@ -185,8 +180,8 @@ def micro_units(value: float) -> tuple[int, bool]:
     """:func:`to_micro`, and whether it dropped a remainder finer than a micro-unit (rounded down)."""
     if not isinstance(value, float):
         return value * MICRO, False
-    exact = Decimal(repr(value)).scaleb(QUANTITY_DECIMALS, _EXACT)
-    units = int(exact.to_integral_value(ROUND_HALF_UP, _EXACT))  # as a DECIMAL column rounds
+    exact = Decimal(repr(value)).scaleb(QUANTITY_DECIMALS, EXACT)
+    units = int(exact.to_integral_value(ROUND_HALF_UP, EXACT))  # as a DECIMAL column rounds
     return units, exact > units
 
 

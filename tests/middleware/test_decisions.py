@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from billingos_asgi import BillingMiddleware, BillingOS, Denial, LocalBilling, Metered, RetryPolicy
 from billingos_asgi._wire import entitlement_from_json
-from billingos_asgi.responses import problem_response
+from billingos_asgi.responses import problem_response, quota_headers
 from billingos_asgi.tracker import IN_DOUBT
 from tests.asgi import serve
 
@@ -652,8 +652,16 @@ async def async_raising_quantity(request: Request) -> float:
 
 @pytest.mark.parametrize(
     "quantity",
-    [raising_quantity, async_raising_quantity, lambda request: -1, lambda request: "3", lambda request: float("nan")],
-    ids=["raises", "async-raises", "negative", "string", "nan"],
+    [
+        raising_quantity,
+        async_raising_quantity,
+        lambda request: -1,
+        lambda request: "3",
+        lambda request: float("nan"),
+        lambda request: 10**15,  # past upstream's maximum: served, then rejected upstream unbilled
+        lambda request: int("1" + "0" * 400),  # no float holds it: the admission crashed (a bare 500)
+    ],
+    ids=["raises", "async-raises", "negative", "string", "nan", "past-the-maximum", "beyond-a-float"],
 )
 async def test_failing_quantity_function_follows_on_error(billing: LocalBilling, quantity: Any) -> None:
     allowed_calls: list[str] = []
@@ -714,3 +722,12 @@ async def test_an_entry_evicted_while_an_async_quantity_runs_never_lets_the_limi
         release.set()
     assert sorted(statuses) == [200] * 9 + [429]  # 10 in all: the limit holds
     assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
+def test_a_feature_key_outside_printable_ascii_is_a_valid_structured_field_string() -> None:
+    """An sf-string holds printable ASCII only, with \\" and \\\\ escaped: JSON's "\\u00e9" made a strict
+    parser drop the field."""
+    headers = dict(quota_headers("crédits", 5, 4, None))
+    assert headers[b"ratelimit-policy"] == b'"cr%C3%A9dits";q=5'
+    assert headers[b"ratelimit"] == b'"cr%C3%A9dits";r=4'
+    assert dict(quota_headers('say "hi"', 5, 4, None))[b"ratelimit"] == b'"say \\"hi\\"";r=4'

@@ -291,7 +291,7 @@ def test_invalid_configuration_raises_at_construction(
 
 
 def test_metered_quantity_is_validated() -> None:
-    for bad in (-1, float("inf"), float("nan"), True, "1", 1e-7, 0.1234567, Decimal("NaN"), Decimal("sNaN")):
+    for bad in (-1, float("inf"), float("nan"), True, "1", 1e-7, 0.1234567, Decimal("NaN"), Decimal("sNaN"), 10**15):
         with pytest.raises(ValueError):
             Metered("api_calls", quantity=bad)  # type: ignore[arg-type]
     assert Metered("api_calls", quantity=0.25).quantity == 0.25

@@ -589,6 +589,31 @@ async def test_a_client_leaving_before_the_trailers_is_not_billed(billing: Local
     assert middleware.tracker.stats.queued == 0
 
 
+async def test_a_second_start_the_server_refuses_after_a_complete_answer_leaves_it_billed(
+    billing: LocalBilling,
+) -> None:
+    """An error layer answering a background task's failure sends a 500's start after the 200 the
+    client has in full: the server refuses it, and the watch took its status for the answer's."""
+
+    async def answered_then_failed(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send(BODY)
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+
+    async def on_send(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 500:
+            raise RuntimeError("Unexpected ASGI message 'http.response.start' sent, after response already completed.")
+
+    middleware = BillingMiddleware(
+        answered_then_failed, billing=billing, customer=by_header, default_feature="api_calls"
+    )
+    async with lifespan(middleware):
+        exchange = await call_raw(middleware, http_scope("/x", headers=FREE), on_send=on_send)
+    assert isinstance(exchange.error, RuntimeError)
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
 async def test_a_second_last_message_the_server_refuses_leaves_the_answer_billed(billing: LocalBilling) -> None:
     """The first last message completed the response; a stray one after it, refused by the server,
     made it look cut short (as a plain error after a complete answer does not)."""

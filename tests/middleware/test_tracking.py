@@ -82,6 +82,20 @@ async def test_fractional_quantity(billing: LocalBilling) -> None:
     assert [(m.consumed, m.remaining) for m in metrics.metrics] == [(1.5, 0)]
 
 
+async def test_a_quantity_functions_value_is_rounded_as_upstream_stores_it(billing: LocalBilling) -> None:
+    """Half a micro-unit is a micro-unit, as every other path rounds it (it was billed nothing)."""
+    middleware = BillingMiddleware(
+        recording_app([]),
+        billing=billing,
+        customer=by_header,
+        routes={"/x": Metered("tokens", quantity=lambda request: float(request.headers["x-units"]))},
+    )
+    async with serve(middleware) as client:
+        for units in ("5e-7", "0.1234565"):
+            assert (await client.get("/x", headers=as_customer("user_free", **{"x-units": units}))).status_code == 200
+    assert await billing.recorded_units("user_free", "tokens") == 0.123458
+
+
 async def test_quantity_function_of_the_request(billing: LocalBilling) -> None:
     def from_header(request: Request) -> Decimal:  # (a Decimal as report_usage takes one)
         return Decimal(request.headers["x-units"])
