@@ -289,10 +289,11 @@ def wrapped_apps(app: object) -> Iterator[object]:
 
 def framework_app(app: object, name: str) -> object | None:
     """The app of framework ``name`` (its top-level package) in :func:`wrapped_apps`, if any; a
-    bound method's (Quart's ``asgi_app``, which its middleware wraps) is its instance's."""
+    bound method's (Quart's ``asgi_app``, which its middleware wraps) is its instance's; an
+    instance of a subclass of the framework's (``class App(Quart)``, in the app's own module) too."""
     for inner in wrapped_apps(app):
         owner = getattr(inner, "__self__", inner)
-        if type(owner).__module__.partition(".")[0] == name:
+        if any(kind.__module__.partition(".")[0] == name for kind in type(owner).__mro__):
             return owner
     return None
 

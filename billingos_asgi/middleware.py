@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import anyio
 from anyio.abc import TaskGroup
@@ -320,7 +321,8 @@ class BillingMiddleware:
         self._litestar = _is_litestar(app)
         # Routed after the root path wherever it ends ("/apiv1/x" under "/api" is "v1/x"), as
         # Starlette does only where a slash follows it.
-        self._strips_root_path = self._litestar or _is_quart(app)
+        self._parses_target = _is_quart(app)
+        self._strips_root_path = self._litestar or self._parses_target
         if parsed_parameters is None:
             parsed_parameters = self._strips_root_path
         routed = routed_app(app)
@@ -392,6 +394,10 @@ class BillingMiddleware:
                 await self.app(scope, receive, send)
             return
         path = scope["path"]
+        if self._parses_target and path[:1] != "/" and ":" in path:
+            # An absolute-form target ("GET http://host/v1/export", which Hypercorn and h11 pass on as
+            # the path): Quart routes its path, as urlparse() reads it.
+            path = urlsplit(path).path
         root_path = self._root_path or scope.get("root_path")
         if root_path and path.startswith(root_path):
             if path[len(root_path) : len(root_path) + 1] in ("/", ""):

@@ -103,6 +103,7 @@ class FoundRoutes(dict[str, "str | Metered | None"]):
 
 
 _SLASHES = re.compile(r"//+")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _PARAMETER = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")  # as Starlette's
 #: What each type's parser takes (a little more, never less: the worst case is a gate before a 404);
 #: a path parameter takes newlines too. A UUID's segment is handed to ``UUID()`` itself: what it
@@ -188,7 +189,21 @@ def redirects_to_itself(
     if target.scheme and target.scheme != scheme:
         to_https = scheme == "http" and target.scheme == "https" and status in (301, 307, 308)
         return to_https and target.hostname is not None and target.hostname in names
-    return target_path != path and (not target.netloc or target.netloc in netlocs)
+    # (Werkzeug names the host as it normalises it: "API.example.com:80" is "api.example.com".)
+    same_origin = target.netloc in netlocs or _origin(target.netloc, scheme) in [_origin(n, scheme) for n in netlocs]
+    return target_path != path and (not target.netloc or same_origin)
+
+
+def _origin(netloc: str, scheme: str) -> tuple[str, int | None] | None:
+    """A netloc's host name (lower case) and port (the scheme's default when none is given); None: not
+    one (a Host header with a path or user info is no origin of ours)."""
+    if any(mark in netloc for mark in "/?#@"):
+        return None
+    try:
+        parts = urlsplit("//" + netloc)
+        return (parts.hostname or "", parts.port or _DEFAULT_PORTS.get(scheme))
+    except ValueError:  # a port out of range, an unclosed "["
+        return None
 
 
 def _unquoted(query: str) -> bytes:
@@ -232,7 +247,7 @@ def _authorities(host: str | None, server: tuple[str, int | None] | None, scheme
         names.append(address.strip("[]").lower())
         if ":" in address and not address.startswith("["):
             address = f"[{address}]"
-        netlocs.append(address if port == {"http": 80, "https": 443}.get(scheme) else f"{address}:{port}")
+        netlocs.append(address if port == _DEFAULT_PORTS.get(scheme) else f"{address}:{port}")
     return netlocs, names
 
 

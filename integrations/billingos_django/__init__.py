@@ -30,6 +30,7 @@ answers the ASGI lifespan that Django refuses, so its tracker starts and drains 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -85,7 +86,10 @@ def _in_djangos_thread(customer: Callable[[HttpRequest], Any]) -> CustomerOf:
 
     @functools.wraps(customer)
     async def customer_of(request: HttpRequest) -> Any:
-        return await run(request)
+        answer = await run(request)
+        # An async function behind a sync wrapper (a decorator, a lambda) answers a coroutine: awaited
+        # here, on the loop, as the other adapters do (handed on, it was no customer: on_error decided).
+        return await answer if inspect.isawaitable(answer) else answer
 
     return customer_of
 

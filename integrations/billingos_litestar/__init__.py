@@ -99,5 +99,9 @@ def refusal(request: Request[Any, Any, Any], denied: BillingDenied) -> Response[
     response = denied.response
     headers = {name: value for name, value in denied.headers.items() if name not in _SET_BY_LITESTAR}
     return Response(
-        bytes(response.body), status_code=response.status_code, headers=headers, media_type=response.media_type
+        bytes(response.body),
+        status_code=response.status_code,
+        headers=headers,
+        # (a problem_factory's response may give its type as a header only)
+        media_type=response.media_type or denied.headers.get("content-type"),
     )

@@ -87,5 +87,9 @@ async def refusal(denied: BillingDenied) -> Response:
     response = denied.response
     headers = {name: value for name, value in denied.headers.items() if name not in _SET_BY_QUART}
     return Response(
-        bytes(response.body), status=response.status_code, headers=headers, content_type=response.media_type
+        bytes(response.body),
+        status=response.status_code,
+        headers=headers,
+        # (a problem_factory's response may give its type as a header only)
+        content_type=response.media_type or denied.headers.get("content-type"),
     )

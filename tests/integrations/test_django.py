@@ -133,6 +133,18 @@ class ByUsername:
 by_username_object = ByUsername()
 
 
+def _sync_wrapper(function: Any) -> Any:
+    """A plain decorator of the app's, which hides that the function it wraps is async."""
+
+    def wrapper(request: HttpRequest) -> Any:
+        return function(request)
+
+    return wrapper
+
+
+by_username_behind_a_sync_wrapper = _sync_wrapper(by_username)
+
+
 def session_store_down(request: HttpRequest) -> str | None:
     """A ``BILLINGOS_CUSTOMER`` that fails (the app's bug or outage, not a refusal)."""
     raise ConnectionError("session store unreachable")
@@ -304,7 +316,7 @@ async def test_a_failing_answer_is_not_billed(
     assert await billing.recorded_units(pro_id, "api_calls") == 1
 
 
-@pytest.mark.parametrize("customer", ["by_username", "by_username_object"])
+@pytest.mark.parametrize("customer", ["by_username", "by_username_object", "by_username_behind_a_sync_wrapper"])
 async def test_the_customer_setting_names_who_pays(
     billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], customer: str
 ) -> None:

@@ -150,6 +150,19 @@ async def test_the_authenticated_account_pays_and_handlers_run_only_once_admitte
     assert await billing.recorded_units("user_free", "api_calls") == 10
 
 
+async def test_a_problem_factorys_content_type_given_as_a_header_is_kept(billing: LocalBilling) -> None:
+    from starlette.responses import Response as StarletteResponse
+
+    def problem(denial: Any) -> StarletteResponse:
+        return StarletteResponse(
+            b'{"error": "sign in"}', denial.status, headers={"content-type": "application/vnd.acme+json"}
+        )
+
+    async with serve(build(billing, problem_factory=problem)) as client:
+        anonymous = await client.get("/v1/public")  # metered, no auth ran: refused by the plugin's gate
+    assert (anonymous.status_code, anonymous.headers["content-type"]) == (401, "application/vnd.acme+json")
+
+
 def test_a_customer_that_is_no_function_is_refused_at_start_up() -> None:
     """A dotted path (as Django's BILLINGOS_CUSTOMER takes) failed in the guard of every metered request,
     which on_error="allow" then served unbilled to anyone, signed in or not."""

@@ -19,6 +19,8 @@ from billingos_asgi import BillingMiddleware, LocalBilling, Metered, from_api_ke
 from billingos_asgi.context import UsageContext  # noqa: E402
 from billingos_quart import Billing, CustomerOf  # noqa: E402
 
+from ..middleware.support import call_raw, http_scope  # noqa: E402
+
 TOKENS = {"token-free": "user_free", "token-pro": "user_pro"}
 ROUTES: dict[str, str | Metered] = {
     "GET /v1/search": "api_calls",
@@ -159,6 +161,54 @@ async def test_what_follows_the_root_path_is_metered_as_quart_routes_it(billing:
     assert (refused.status_code, exported.status_code) == (403, 201)
     assert refused.json()["feature"] == "export" and entered == ["export"]
     assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_an_absolute_form_target_is_metered_as_the_path_quart_routes(billing: LocalBilling) -> None:
+    """Hypercorn (and h11) pass "POST http://host/v1/exports HTTP/1.1" on with the whole target as the
+    path; Quart routes its path: the view ran ungated and unbilled."""
+    app, entered = build(billing)
+    async with app.test_app():  # (the lifespan)
+        answers = [
+            await call_raw(
+                app.asgi_app, http_scope(path, method="POST", headers=[("authorization", "Bearer token-free")])
+            )
+            for path in ("http://app/v1/exports", "x:/v1/exports")
+        ]
+    assert [exchange.status for exchange in answers] == [403, 403] and entered == []
+
+
+async def test_a_problem_factorys_content_type_given_as_a_header_is_kept(billing: LocalBilling) -> None:
+    from starlette.responses import Response as StarletteResponse
+
+    def problem(denial: Any) -> StarletteResponse:
+        return StarletteResponse(
+            b'{"error": "sign in"}', denial.status, headers={"content-type": "application/vnd.acme+json"}
+        )
+
+    app, _ = build(billing, problem_factory=problem)
+    async with app.test_app() as test_app:
+        anonymous = await test_app.test_client().get("/v1/search")
+    assert (anonymous.status_code, anonymous.content_type) == (401, "application/vnd.acme+json")
+
+
+async def test_a_subclass_of_quart_is_routed_as_quart_routes(billing: LocalBilling) -> None:
+    """An app of the app's own ``class App(Quart)`` was not taken for Quart's: "/v1/items/٥" (Werkzeug's
+    item 5) went through ungated."""
+
+    class App(Quart):
+        pass
+
+    app = App(__name__)
+
+    @app.get("/v1/items/<int:item_id>")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item": item_id}
+
+    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=ROUTES)  # type: ignore[method-assign]
+    Billing(app, customer=account_of)
+    async with app.test_app() as test_app:
+        anonymous = await test_app.test_client().get("/v1/items/\u0665")
+    assert anonymous.status_code == 401
 
 
 async def test_a_cors_preflight_quart_answers_itself_passes_unbilled(

@@ -695,6 +695,10 @@ def test_a_redirect_names_the_request_by_its_host_header_or_by_the_servers_addre
     # Starlette leaves out the scheme's default port, and brackets an IPv6 address (unless it is).
     assert redirects_to_itself("/v1/jobs/", "", None, "http://10.0.0.5/v1/jobs", "http", 307, ("10.0.0.5", 80))
     assert redirects_to_itself("/v1/jobs/", "", None, "https://10.0.0.5/v1/jobs", "https", 307, ("10.0.0.5", 443))
+    # Werkzeug names the host as it normalises it: in lower case, without the scheme's default port.
+    assert redirects_to_itself("/v1/files", "", "127.0.0.1:80", "http://127.0.0.1/v1/files/", "http", 308)
+    assert redirects_to_itself("/v1/files", "", "API.example.com", "http://api.example.com/v1/files/", "http", 308)
+    assert not redirects_to_itself("/v1/files", "", "127.0.0.1:8080", "http://127.0.0.1/v1/files/", "http", 308)
     bracketed = ("[FE80::1]", 8000)
     assert redirects_to_itself("/v1/jobs/", "", None, "http://[FE80::1]:8000/v1/jobs", "http", 307, bracketed)
     assert redirects_to_itself("/v1/jobs", "", None, "https://[FE80::1]:8000/v1/jobs", "http", 307, bracketed)
