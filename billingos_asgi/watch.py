@@ -142,10 +142,10 @@ class ResponseWatch:
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start" and self.start is not None:  # a second start (which the server
-            await self._send(message)  # refuses): the first decided, as the answer the client has
-            return
         if kind == "http.response.start":
+            if self.start is not None:  # a second start (which the server refuses): the first decided,
+                await self._send(message)  # as the answer the client has
+                return
             context = self._context
             # A new message: the app's may be one it sends again (a constant), and its headers any
             # iterable, a generator even, read once here.
