@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from time import monotonic
 from typing import TypeVar
 from uuid import UUID
@@ -46,6 +46,17 @@ class ScopeResolver:
 
     def __call__(self, request: Request) -> Answer:
         return self.from_scope(request.scope)
+
+
+def refuse_a_mappings_method(customer: object) -> None:
+    """Refuse ``API_KEYS.get`` as a resolver: called with the Request, it answers None, a 401 for every request."""
+    if getattr(customer, "__name__", "") in ("get", "__getitem__") and isinstance(
+        getattr(customer, "__self__", None), Mapping
+    ):
+        raise ValueError(
+            "customer is a mapping's method, which would be called with the request:"
+            " for an API key store, pass from_api_key(keys.get)"
+        )
 
 
 def from_user(attribute: str = "identity") -> ScopeResolver:

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Generic, TypeVar
 
+import anyio
 from cachetools import TTLCache
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,7 +27,7 @@ from ._logging import Throttled, without_message
 from ._models import SessionToken, UsageMetrics
 from ._validation import MAX_SESSION_TTL, MIN_SESSION_TTL, check_id, customer_answer
 from .backend import BillingBackend
-from .customers import CustomerResolver
+from .customers import CustomerResolver, refuse_a_mappings_method
 from .responses import Denial, problem_response
 from .upstream import Budget, Upstream, door_of
 
@@ -34,6 +39,42 @@ DEFAULT_USAGE_CACHE_SIZE = 10_000
 DEFAULT_TOKEN_LIFETIME = 3600
 #: One customer's answer: never stored by a browser or a shared cache (a CDN, a proxy) for the next caller.
 PRIVATE = {"Cache-Control": "no-store"}
+
+T = TypeVar("T")
+
+
+class _Asking(Generic[T]):
+    """One upstream call for a customer, shared by the requests that miss the cache while it runs."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.result: T | None = None
+        self.error: Exception | None = None
+        self.origin: TracebackType | None = None  # the error's traceback as the caller caught it
+
+
+async def _once(asking: dict[str, _Asking[T]], customer: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, or the answer (or failure) of the one already under way for ``customer``: a page of
+    widgets, or a user's tabs, polling at once spend one call of the limit every customer shares."""
+    while True:
+        flight = asking.get(customer)
+        if flight is None:
+            flight = asking[customer] = _Asking()
+            try:
+                flight.result = await call()
+                return flight.result
+            except Exception as exc:
+                flight.error, flight.origin = exc, exc.__traceback__
+                raise
+            finally:
+                del asking[customer]
+                flight.done.set()
+        await flight.done.wait()
+        if flight.result is not None:
+            return flight.result
+        if flight.error is not None:
+            raise flight.error.with_traceback(flight.origin)
+        # The caller was cancelled (its client went away): ask again.
 
 
 class UsageEndpoints:
@@ -54,9 +95,10 @@ class UsageEndpoints:
     ) -> None:
         if not callable(customer):
             raise ValueError("customer must be a callable taking the request and returning a customer id or None")
+        refuse_a_mappings_method(customer)
         # Refused here, by name: each would otherwise fail every request (a 500, or upstream's 400 as a 503).
-        if isinstance(usage_ttl, bool) or not isinstance(usage_ttl, int | float) or not usage_ttl >= 0:
-            raise ValueError(f"usage_ttl must be a number of seconds >= 0, got {usage_ttl!r}")
+        if isinstance(usage_ttl, bool) or not isinstance(usage_ttl, int | float) or not 0 <= usage_ttl < math.inf:
+            raise ValueError(f"usage_ttl must be a finite number of seconds >= 0, got {usage_ttl!r}")
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size must be a whole number >= 1, got {cache_size!r}")
         if (
@@ -76,6 +118,8 @@ class UsageEndpoints:
         # A customer's token is handed out again for half its lifetime: a client minting in a loop
         # must not spend the secret key's upstream call limit, which every customer shares.
         self._tokens: TTLCache[str, SessionToken] = TTLCache(cache_size, token_lifetime / 2)
+        self._asking_metrics: dict[str, _Asking[UsageMetrics]] = {}
+        self._asking_tokens: dict[str, _Asking[SessionToken]] = {}
         # Front ends poll these: a broken resolver or billing down fails every poll alike.
         self._log = Throttled().log
 
@@ -122,7 +166,7 @@ class UsageEndpoints:
         metrics = self._metrics.get(customer)
         if metrics is None:
             try:
-                metrics = await self._door().get_usage_metrics(customer)
+                metrics = await _once(self._asking_metrics, customer, lambda: self._door().get_usage_metrics(customer))
             except CustomerNotFoundError:
                 return problem_response(Denial(403, "billing does not know this customer", request, "usage", customer))
             except Exception:  # any backend failure, as the middleware takes it: never a 500
@@ -141,7 +185,11 @@ class UsageEndpoints:
         token = self._tokens.get(customer)
         if token is None:
             try:
-                token = await self._door().create_session_token(customer, expires_in=self._token_lifetime)
+                token = await _once(
+                    self._asking_tokens,
+                    customer,
+                    lambda: self._door().create_session_token(customer, expires_in=self._token_lifetime),
+                )
             except Exception:  # any backend failure, as the middleware takes it: never a 500
                 self._log(logging.WARNING, "session token for %s failed", customer, exc_info=True)
                 return problem_response(Denial(503, "billing is unavailable", request, "session-token", customer))

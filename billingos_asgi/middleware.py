@@ -38,7 +38,7 @@ from .cache import (
     Refresh,
 )
 from .context import LET_THROUGH, UsageContext, _current
-from .customers import Answer, CustomerResolver, ScopeResolver
+from .customers import Answer, CustomerResolver, ScopeResolver, refuse_a_mappings_method
 from .discovery import framework_app, routed_app, routes_of, unserved
 from .events import UsageEvent, event_key
 from .local import LocalBilling
@@ -127,15 +127,7 @@ def _check_options(**options: Any) -> None:
         raise ValueError("on_rejected must be a plain function, not async (start your async work from it)")
     if inspect.iscoroutinefunction(options["problem_factory"]):  # (each answer would be the default one, and logged)
         raise ValueError("problem_factory must be a plain function returning a Response, not async")
-    customer = options["customer"]
-    if getattr(customer, "__name__", "") in ("get", "__getitem__") and isinstance(
-        getattr(customer, "__self__", None), Mapping
-    ):
-        # API_KEYS.get: called with the Request, it answers None, a 401 for every request.
-        raise ValueError(
-            "customer is a mapping's method, which the middleware would call with the request:"
-            " for an API key store, pass from_api_key(keys.get)"
-        )
+    refuse_a_mappings_method(options["customer"])
     if options["upgrade_url"] is not None and not isinstance(options["upgrade_url"], str):
         raise ValueError(f"upgrade_url must be a URL string, got {options['upgrade_url']!r}")
     path = options["metrics_path"]
@@ -413,7 +405,7 @@ class BillingMiddleware:
             # "/x/api/v1/search" under "/api", from a server that leaves the path as requested
             # (Hypercorn): Starlette routes the whole path, Litestar "/v1/search".
             path = path.partition(root_path)[2]
-        if path == self._metrics_path:
+        if path == self._metrics_path and scope["method"] in ("GET", "HEAD"):  # (the app's, for other methods)
             await serve_prometheus(self, scope, receive, send)
             return
         metered = self.routes.match(scope["method"], path)

@@ -275,6 +275,53 @@ async def test_the_usage_routes_are_answered_at_once_while_the_middlewares_break
     assert (metrics["endpoint_calls"], metrics["breaker_state"], metrics["breaker_opened"]) == (1, "open", 1)
 
 
+class SlowBilling:
+    """The billing backend, its usage and token calls counted and answered after 50 ms."""
+
+    def __init__(self, billing: LocalBilling) -> None:
+        self.billing = billing
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+    async def get_usage_metrics(self, customer_id: str, feature_key: str | None = None) -> Any:
+        self.calls.append("usage")
+        await anyio.sleep(0.05)
+        return await self.billing.get_usage_metrics(customer_id, feature_key)
+
+    async def create_session_token(self, external_user_id: str, **options: Any) -> Any:
+        self.calls.append("token")
+        await anyio.sleep(0.05)
+        return await self.billing.create_session_token(external_user_id, **options)
+
+
+async def test_requests_missing_the_usage_cache_together_share_one_upstream_call(billing: LocalBilling) -> None:
+    """A page of widgets (or a user's tabs) polling at once each called upstream, and the calls past
+    the budget's burst were answered 503, though the first answer was cached 50 ms later."""
+    backend = SlowBilling(billing)
+    app = Starlette(routes=[usage_routes(backend, by_header)])  # type: ignore[arg-type]
+    answers: list[httpx.Response] = []
+
+    async def ask(client: httpx.AsyncClient, method: str, path: str) -> None:
+        answers.append(await client.request(method, path, headers=as_customer("user_free")))
+
+    async with serve(app) as client:
+        for method, path in (("GET", "/billing/usage"), ("POST", "/billing/session-token")):
+            async with anyio.create_task_group() as group:
+                for _ in range(12):
+                    group.start_soon(ask, client, method, path)
+    assert [answer.status_code for answer in answers] == [200] * 12 + [201] * 12
+    assert len({answer.json()["sessionToken"] for answer in answers[12:]}) == 1
+    assert backend.calls == ["usage", "token"]
+
+
+def test_a_mappings_method_is_refused_as_the_usage_routes_customer(billing: LocalBilling) -> None:
+    keys = {"key-1": "user_free"}
+    with pytest.raises(ValueError, match="from_api_key"):
+        usage_routes(billing, keys.get)  # type: ignore[arg-type]  # called with the request: a 401 for everyone
+
+
 async def test_usage_routes_without_a_middleware_keep_within_a_budget_of_their_own(billing: LocalBilling) -> None:
     app = Starlette(routes=[usage_routes(billing, by_header)])
     statuses: list[int] = []
@@ -303,6 +350,7 @@ async def test_usage_routes_without_a_middleware_keep_within_a_budget_of_their_o
         ("token_lifetime", 2 * 86400),  # above its 86,400 s
         ("token_lifetime", 1800.5),  # not whole seconds
         ("usage_ttl", -1),
+        ("usage_ttl", float("inf")),  # never refreshed
     ],
 )
 async def test_the_usage_routes_refuse_a_bad_option_when_built_not_at_each_request(

@@ -50,6 +50,19 @@ async def test_counters_after_traffic_in_python_and_prometheus_text(billing: Loc
     assert 'billingos_usage_events_total{outcome="sent"} 3' in text
 
 
+async def test_the_metrics_path_serves_get_and_head_only_the_app_its_other_methods(billing: LocalBilling) -> None:
+    calls: list[str] = []
+    middleware = BillingMiddleware(
+        recording_app(calls), billing=billing, customer=by_header, metrics_path="/internal/metrics"
+    )
+    async with serve(middleware) as client:
+        scrapes = [await client.request(method, "/internal/metrics") for method in ("GET", "HEAD")]
+        await client.post("/internal/metrics")
+        await client.delete("/internal/metrics")
+    assert [scrape.headers["content-type"] for scrape in scrapes] == ["text/plain; version=0.0.4; charset=utf-8"] * 2
+    assert calls == ["POST /internal/metrics", "DELETE /internal/metrics"]
+
+
 async def test_without_a_metrics_path_the_app_owns_every_path(billing: LocalBilling) -> None:
     calls: list[str] = []
     middleware = BillingMiddleware(recording_app(calls), billing=billing, customer=by_header)
