@@ -218,15 +218,20 @@ class Outbox:
 
     def split(self, event: UsageEvent, part: UsageEvent, first_attempt: float) -> None:
         """``event`` was refused for quota and ``part`` of it fits: keep the part, stamped (a replay
-        resends it under its own key) and what is left of the event, in one transaction."""
-        rest = repr(round(event.quantity - part.quantity, 6))
+        resends it under its own key) and what is left of the event, in one transaction; the whole of
+        it (the quota grew since the refusal): the part alone, or a replay reports a rest of 0 refused."""
+        rest = round(event.quantity - part.quantity, 6)
+        where = (event.customer_id, event.idempotency_key)
         with self._lock:
             with self._writing() as db:
                 added = db.execute(_INSERT, _row(part, part.idempotency_key, first_attempt)).rowcount
-                db.execute(
-                    "UPDATE outbox SET quantity = ? WHERE customer_id = ? AND idempotency_key = ?",
-                    (rest, event.customer_id, event.idempotency_key),
-                )
+                if rest > 0:
+                    sql = "UPDATE outbox SET quantity = ? WHERE customer_id = ? AND idempotency_key = ?"
+                    db.execute(sql, (repr(rest), *where))
+                else:
+                    added -= db.execute(
+                        "DELETE FROM outbox WHERE customer_id = ? AND idempotency_key = ?", where
+                    ).rowcount
             self.size += added  # (once committed)
 
     @property

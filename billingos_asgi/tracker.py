@@ -756,18 +756,23 @@ class Tracker:
         per halving, about log2 of the events (halving every half, each asking what is left, took
         2n - 1 tracks and as many checks), and as when what is left is known, the events after the
         first that does not fit are rejected."""
+        # The second halves refused are reported after the last event's part that fits is recorded:
+        # reported first, their refusal marks the quota full, and what is left is never asked.
+        refused_halves: list[tuple[tuple[UsageEvent, ...], Exception]] = []
         while len(events) > 1:
             half = len(events) // 2
             await self._ready()
             refused = await self._attempt(Batch.of(events[:half]), self._clock(), fix=True)
             if isinstance(refused, QuotaExceededError):
-                await self._refuse(events[half:], "rejected", "quota_exceeded", error)
+                refused_halves.append((events[half:], error))
                 events, error = events[:half], refused
                 continue
             if refused is not None:
                 await self._refuse(events[:half], "rejected", str(refused), refused)
             events = events[half:]
         await self._record_what_fits(events[0], error)
+        for rest, cause in reversed(refused_halves):  # (in the events' order)
+            await self._refuse(rest, "rejected", "quota_exceeded", cause)
 
     async def _halve(self, batch: Batch) -> None:
         """Deliver ``batch`` as two, each under its own key (the token for the first is taken)."""

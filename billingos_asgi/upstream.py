@@ -58,6 +58,11 @@ _UNWELL = (NetworkError, ServerError, InvalidResponseError, AuthenticationError)
 _track_keeps_reserve: ContextVar[bool] = ContextVar("billingos_track_keeps_reserve", default=True)
 
 
+#: How often a track waiting on a probe looks whether it was answered (it drains once the probe closes
+#: the breaker, not a cooldown later).
+PROBE_POLL = 0.05
+
+
 class Budget:
     """A token bucket of upstream calls: ``calls_per_minute`` sustained, ``burst`` at once."""
 
@@ -218,8 +223,9 @@ class Upstream:
             rest = self._rest()
             if rest:
                 await anyio.sleep(rest)
-            while self.breaker.retry_after() > 0:  # noqa: ASYNC110 - the breaker is a clock, not an event
-                await anyio.sleep(max(self.breaker.retry_after(), 0.01))
+            while (wait := self.breaker.retry_after()) > 0:  # noqa: ASYNC110 - the breaker is a clock, not an event
+                # Open, only time closes it; half open, its probe's answer may, at any moment.
+                await anyio.sleep(max(min(wait, PROBE_POLL) if self.breaker.state == "half_open" else wait, 0.01))
             if self.budget is not None:
                 await self.budget.take(reserve=self.track_reserve if reserve else 0.0)
             if self.breaker.allow():  # else another call became the probe while this one waited: its token is spent

@@ -73,6 +73,21 @@ def test_the_outbox_is_bounded(tmp_path: Path) -> None:
     assert outbox.add([event("k9")]) == 1
 
 
+def test_a_split_whose_part_is_the_whole_event_keeps_the_part_alone(tmp_path: Path) -> None:
+    """The quota grew between the refusal and the check: the part is all of it. A rest of 0 kept in
+    its row was replayed after a crash, and reported refused, for an event billed in full."""
+    outbox = Outbox(tmp_path / "outbox.db", max_events=10)
+    outbox.open()
+    whole = event("k1", quantity=4.0)
+    outbox.add([whole])
+    outbox.split(whole, whole._replace(idempotency_key=part_key(whole)), time.time())
+    assert outbox.size == 1
+    outbox.close()
+    stored = Outbox(tmp_path / "outbox.db", max_events=10).open()
+    assert [(b.idempotency_key, b.quantity) for b, _ in stored.batches] == [(part_key(whole), 4.0)]
+    assert not stored.events and not stored.refused
+
+
 def test_its_count_of_events_holds_while_a_sender_splits_events_as_the_writer_writes(tmp_path: Path) -> None:
     """A split (a sender's thread) between the writer's read of the count and its update was lost:
     the count drifted below the rows held, and the bound let more in."""

@@ -628,6 +628,37 @@ async def test_the_last_event_of_a_halved_batch_records_the_part_that_fits(billi
     assert await billing.recorded_units("c0", "api_calls") == 10 and reports == [2.0]
 
 
+class SecondCheckFails(Around):
+    """A request's check is answered; the next one (the tracker's, after a refusal) fails: a blip."""
+
+    checks = 0
+
+    async def check_entitlement(self, *args: Any, **kwargs: Any) -> Any:
+        self.checks += 1
+        if self.checks == 2:
+            raise NetworkError("connection reset")
+        return await self.billing.check_entitlement(*args, **kwargs)
+
+
+async def test_the_part_that_fits_is_recorded_when_the_quota_is_cached_too(billing: LocalBilling) -> None:
+    """As the middleware's events are: the halves refused before were reported first, which marked
+    the cached quota full, so what was left was never asked: 5 of the 7 units that fit recorded."""
+    upstream = Upstream(SecondCheckFails(billing))
+    cache = EntitlementCache(upstream)
+    quota = await cache.fetch("c0", "api_calls")  # a request's check
+    upstream_checks = upstream.checks
+    assert all(quota.admit(2.5) == 0 for _ in range(4))
+    await billing.track_usage("c0", "api_calls", 3)  # another process's: 7 left of 10
+    reports: list[tuple[str, float]] = []
+    tracker = Tracker(
+        upstream, cache, flush_interval=0.05, on_rejected=lambda e, r: reports.append((e.idempotency_key, e.quantity))
+    )
+    await run_tracker(tracker, [event(f"k{i}", quantity=2.5) for i in range(4)])
+    assert await billing.recorded_units("c0", "api_calls") == 3 + 7
+    assert reports == [("k2", 0.5), ("k3", 2.5)] and upstream.checks > upstream_checks
+    assert quota.local == 0
+
+
 @pytest.mark.parametrize("checked", [True, False])
 async def test_every_call_for_a_refused_batch_takes_a_token_of_the_budget(billing: LocalBilling, checked: bool) -> None:
     budget = Budget(600, 100, clock=lambda: 0.0)  # no refill: what was taken stays taken

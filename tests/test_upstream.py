@@ -425,3 +425,18 @@ async def test_the_breakers_probe_is_one_call_not_retried() -> None:
         with pytest.raises(CircuitOpenError):
             await upstream.check_entitlement("c0", "api_calls", wait=0)  # the probe: one call, failed
         assert (len(calls), upstream.breaker.state) == (5, "open")
+
+
+async def test_a_track_waiting_on_the_probe_goes_once_the_probe_closes_the_breaker(billing: LocalBilling) -> None:
+    """It slept the probe's whole cooldown (15 s by default) though the probe was answered at once."""
+    clock = Clock()
+    upstream = Upstream(billing, breaker=CircuitBreaker(1, cooldown=30, clock=clock))
+    upstream.breaker.failed()  # open
+    clock.now += 30  # its cooldown over: the next call is the probe
+    assert upstream.breaker.allow() and state(upstream.breaker) == "half_open"  # a request's check took it
+    with anyio.fail_after(5):  # (a guard: the track went 30 s after the probe started)
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(upstream.ready_to_track)
+            await anyio.wait_all_tasks_blocked()
+            upstream.breaker.succeeded()  # the probe's answer
+    assert state(upstream.breaker) == "closed"
