@@ -170,7 +170,8 @@ async def test_an_absolute_form_target_is_metered_as_the_path_quart_routes(billi
     async with app.test_app():  # (the lifespan)
         answers = [
             await call_raw(
-                app.asgi_app, http_scope(path, method="POST", headers=[("authorization", "Bearer token-free")])
+                app.asgi_app,  # type: ignore[arg-type]  # (the middleware, put in its place by build())
+                http_scope(path, method="POST", headers=[("authorization", "Bearer token-free")]),
             )
             for path in ("http://app/v1/exports", "x:/v1/exports")
         ]
@@ -204,7 +205,9 @@ async def test_a_subclass_of_quart_is_routed_as_quart_routes(billing: LocalBilli
     async def item(item_id: int) -> dict[str, int]:
         return {"item": item_id}
 
-    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=ROUTES)  # type: ignore[method-assign]
+    app.asgi_app = BillingMiddleware(  # type: ignore[assignment,method-assign]
+        app.asgi_app, billing=billing, customer=None, routes=ROUTES
+    )
     Billing(app, customer=account_of)
     async with app.test_app() as test_app:
         anonymous = await test_app.test_client().get("/v1/items/\u0665")

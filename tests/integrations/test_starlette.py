@@ -300,7 +300,7 @@ async def test_requests_missing_the_usage_cache_together_share_one_upstream_call
     """A page of widgets (or a user's tabs) polling at once each called upstream, and the calls past
     the budget's burst were answered 503, though the first answer was cached 50 ms later."""
     backend = SlowBilling(billing)
-    app = Starlette(routes=[usage_routes(backend, by_header)])  # type: ignore[arg-type]
+    app = Starlette(routes=[usage_routes(backend, by_header)])
     answers: list[httpx.Response] = []
 
     async def ask(client: httpx.AsyncClient, method: str, path: str) -> None:
