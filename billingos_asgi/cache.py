@@ -14,12 +14,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
-import anyio
-
 from ._exceptions import CustomerNotFoundError, QuotaExceededError
+from ._flights import Flight, once
 from ._models import Entitlement, TrackUsageResult
 from .upstream import CHECK_TIMEOUT, CHECK_WAIT, Upstream
 
@@ -147,16 +145,6 @@ class Quota:
         self.guessed = keep_guess
 
 
-class _Flight:
-    __slots__ = ("done", "error", "origin", "result")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.result: Quota | None = None
-        self.error: Exception | None = None
-        self.origin: TracebackType | None = None  # the error's traceback as the leader caught it
-
-
 class _Entries(dict[Key, Quota]):
     """The bounded entries: past ``maxsize``, the oldest one not used since it was last passed over
     goes (the second-chance order of an LRU, for a plain dict's lookup on the hot path: no move
@@ -246,7 +234,7 @@ class EntitlementCache:
         self._clock = clock
         self._wall_clock = wall_clock
         self._entries = _Entries(max_size)
-        self._flights: dict[Key, _Flight] = {}
+        self._flights: dict[Key, Flight[Quota]] = {}
         self._confirms = 0  # track answers taken: orders them against the checks on their way
         self.renewals = 0  # check answers taken: orders them against the tracks on their way
         self.spawn: Spawn | None = None
@@ -278,27 +266,7 @@ class EntitlementCache:
         refuses the call) and nothing at all is cached.
         """
         key = (customer_id, feature_key)
-        while True:
-            flight = self._flights.get(key)
-            if flight is None:
-                flight = self._flights[key] = _Flight()
-                try:
-                    flight.result = await self._load(key)
-                    return flight.result
-                except Exception as exc:
-                    flight.error, flight.origin = exc, exc.__traceback__
-                    raise
-                finally:
-                    del self._flights[key]
-                    flight.done.set()
-            await flight.done.wait()
-            if flight.result is not None:
-                return self._current(key, flight.result)
-            if flight.error is not None:
-                # From where the leader caught it: each follower raising the one shared error as it
-                # is would add its frames to those of the followers before it (memory, and logs).
-                raise flight.error.with_traceback(flight.origin)
-            # The leader was cancelled (its client went away): take over.
+        return self._current(key, await once(self._flights, key, lambda: self._load(key)))
 
     def _current(self, key: Key, answer: Quota) -> Quota:
         """The entry of ``key`` for a request that waited on ``answer``: evicted before the request

@@ -12,17 +12,14 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import Generic, TypeVar
 
-import anyio
 from cachetools import TTLCache
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import _wire
 from ._exceptions import CustomerNotFoundError, ValidationError
+from ._flights import Flight, once
 from ._logging import Throttled, without_message
 from ._models import SessionToken, UsageMetrics
 from ._validation import MAX_SESSION_TTL, MIN_SESSION_TTL, check_id, customer_answer
@@ -39,42 +36,6 @@ DEFAULT_USAGE_CACHE_SIZE = 10_000
 DEFAULT_TOKEN_LIFETIME = 3600
 #: One customer's answer: never stored by a browser or a shared cache (a CDN, a proxy) for the next caller.
 PRIVATE = {"Cache-Control": "no-store"}
-
-T = TypeVar("T")
-
-
-class _Asking(Generic[T]):
-    """One upstream call for a customer, shared by the requests that miss the cache while it runs."""
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.result: T | None = None
-        self.error: Exception | None = None
-        self.origin: TracebackType | None = None  # the error's traceback as the caller caught it
-
-
-async def _once(asking: dict[str, _Asking[T]], customer: str, call: Callable[[], Awaitable[T]]) -> T:
-    """``call()``, or the answer (or failure) of the one already under way for ``customer``: a page of
-    widgets, or a user's tabs, polling at once spend one call of the limit every customer shares."""
-    while True:
-        flight = asking.get(customer)
-        if flight is None:
-            flight = asking[customer] = _Asking()
-            try:
-                flight.result = await call()
-                return flight.result
-            except Exception as exc:
-                flight.error, flight.origin = exc, exc.__traceback__
-                raise
-            finally:
-                del asking[customer]
-                flight.done.set()
-        await flight.done.wait()
-        if flight.result is not None:
-            return flight.result
-        if flight.error is not None:
-            raise flight.error.with_traceback(flight.origin)
-        # The caller was cancelled (its client went away): ask again.
 
 
 class UsageEndpoints:
@@ -118,8 +79,8 @@ class UsageEndpoints:
         # A customer's token is handed out again for half its lifetime: a client minting in a loop
         # must not spend the secret key's upstream call limit, which every customer shares.
         self._tokens: TTLCache[str, SessionToken] = TTLCache(cache_size, token_lifetime / 2)
-        self._asking_metrics: dict[str, _Asking[UsageMetrics]] = {}
-        self._asking_tokens: dict[str, _Asking[SessionToken]] = {}
+        self._asking_metrics: dict[str, Flight[UsageMetrics]] = {}
+        self._asking_tokens: dict[str, Flight[SessionToken]] = {}
         # Front ends poll these: a broken resolver or billing down fails every poll alike.
         self._log = Throttled().log
 
@@ -166,7 +127,7 @@ class UsageEndpoints:
         metrics = self._metrics.get(customer)
         if metrics is None:
             try:
-                metrics = await _once(self._asking_metrics, customer, lambda: self._door().get_usage_metrics(customer))
+                metrics = await once(self._asking_metrics, customer, lambda: self._door().get_usage_metrics(customer))
             except CustomerNotFoundError:
                 return problem_response(Denial(403, "billing does not know this customer", request, "usage", customer))
             except Exception:  # any backend failure, as the middleware takes it: never a 500
@@ -185,7 +146,7 @@ class UsageEndpoints:
         token = self._tokens.get(customer)
         if token is None:
             try:
-                token = await _once(
+                token = await once(
                     self._asking_tokens,
                     customer,
                     lambda: self._door().create_session_token(customer, expires_in=self._token_lifetime),

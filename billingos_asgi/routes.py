@@ -472,7 +472,7 @@ class RouteTable:
         """:meth:`match` of a path as the app routes it, as requested (``exact_paths``)."""
         # An exclusion and a key written by hand cover their slash variants (and a final newline); a key
         # written by hand, its dot segments too: the app it names (StaticFiles) resolves them.
-        plain = canonical(path.rstrip("\n")) if self._excluded else ""
+        plain = canonical(path.rstrip("\n")) if self._excluded or self._excluded_patterns else ""
         if plain in self._excluded:
             return EXCLUDED
         written = ""
@@ -492,10 +492,7 @@ class RouteTable:
                 return found if found is not _UNMETERED else None
         if self._simple:
             return self._default
-        if path.startswith(self._excluded_prefixes) or (
-            self._excluded_patterns
-            and any(pattern.match(canonical(path.rstrip("\n"))) for pattern in self._excluded_patterns)
-        ):
+        if path.startswith(self._excluded_prefixes) or any(pattern.match(plain) for pattern in self._excluded_patterns):
             return EXCLUDED
         for routes, compared in ((self._dynamic, path), (self._parsed, path), (self._written_dynamic, written)):
             for route_method, regex, metered in routes:

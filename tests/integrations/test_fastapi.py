@@ -49,6 +49,14 @@ async def billing(tmp_path: Path) -> AsyncIterator[SpyBilling]:
         yield billing
 
 
+async def anonymous_then_paid(app: ASGIApp, method: str, path: str) -> tuple[int, int]:
+    """The statuses of ``method path`` asked anonymously, then by a customer (user_free)."""
+    async with serve(app) as client:
+        anonymous = await client.request(method, path)
+        paid = await client.request(method, path, headers=as_customer("user_free"))
+    return anonymous.status_code, paid.status_code
+
+
 def as_is(declaration: Any) -> Any:
     """``dependencies=[metered(...)]``: the declaration as :func:`metered` returns it."""
     return declaration
@@ -340,10 +348,7 @@ async def test_a_head_only_route_is_metered(billing: SpyBilling) -> None:
         return None
 
     app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
-    async with serve(app) as client:
-        anonymous = await client.head("/probe")
-        paid = await client.head("/probe", headers=as_customer("user_free"))
-    assert (anonymous.status_code, paid.status_code) == (401, 200)
+    assert await anonymous_then_paid(app, "HEAD", "/probe") == (401, 200)
     assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
@@ -517,10 +522,7 @@ async def test_routes_the_apps_own_startup_includes_are_gated_too(billing: SpyBi
 
     app = FastAPI(lifespan=startup)
     app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
-    async with serve(app) as client:
-        anonymous = await client.get("/v1/search")
-        paid = await client.get("/v1/search", headers=as_customer("user_free"))
-    assert (anonymous.status_code, paid.status_code) == (401, 200)
+    assert await anonymous_then_paid(app, "GET", "/v1/search") == (401, 200)
     assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
