@@ -51,9 +51,23 @@ RESOLUTION = Decimal(1).scaleb(-QUANTITY_DECIMALS)
 EXACT = Context(prec=40)
 
 
+def micro_units(value: float) -> tuple[int, bool]:
+    """``value`` in integer micro-units as upstream's DECIMAL(20,6) stores it (its shortest decimal, a
+    tie rounded up), and whether a remainder finer than a micro-unit was dropped (rounded down).
+
+    Through the float's shortest decimal, not ``value * MICRO``: 14 integer digits times 10**6 is
+    beyond a float's 53 bits, and that product could round past a limit the same quantity equals.
+    """
+    if not isinstance(value, float):
+        return value * MICRO, False
+    exact = Decimal(repr(value)).scaleb(QUANTITY_DECIMALS, EXACT)
+    units = int(exact.to_integral_value(ROUND_HALF_UP, EXACT))
+    return units, exact > units
+
+
 def stored_quantity(value: float) -> float:
-    """``value`` as upstream's DECIMAL(20,6) stores it: its shortest decimal, a tie rounded up."""
-    return float(Decimal(repr(value)).quantize(RESOLUTION, ROUND_HALF_UP, context=EXACT))
+    """``value`` as upstream stores it (see :func:`micro_units`)."""
+    return micro_units(value)[0] / MICRO
 
 
 def float_of_decimal(value: Decimal) -> float:

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 from anyio import to_thread
 
 from .._models import Entitlement, SessionToken, TrackUsageResult, UsageMetrics
-from .._validation import check_expires_in, check_id, check_metadata, check_operations, check_quantity
-from .plans import Catalog, load_plans, micro_units, parse_plans
+from .._validation import check_expires_in, check_id, check_metadata, check_operations, check_quantity, micro_units
+from .plans import Catalog, load_plans, parse_plans
 from .store import Store, unavailable
 
 __all__ = ["LocalBilling"]

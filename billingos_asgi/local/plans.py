@@ -10,11 +10,10 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-from .._validation import EXACT, MAX_QUANTITY, MICRO, QUANTITY_DECIMALS, check_id
+from .._validation import MAX_QUANTITY, MICRO, check_id, micro_units
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -168,21 +167,8 @@ def _grant(feature: Feature, value: Any, fail: Any) -> Grant | None:
 
 
 def to_micro(value: float) -> int:
-    """Units to integer micro-units (upstream's DECIMAL(20,6)), so sums never drift.
-
-    Through the float's shortest decimal, not ``value * MICRO``: 14 integer digits times 10**6 is
-    beyond a float's 53 bits, and that product could round past a limit the same quantity equals.
-    """
+    """Units to integer micro-units (upstream's DECIMAL(20,6)), so sums never drift."""
     return micro_units(value)[0]
-
-
-def micro_units(value: float) -> tuple[int, bool]:
-    """:func:`to_micro`, and whether it dropped a remainder finer than a micro-unit (rounded down)."""
-    if not isinstance(value, float):
-        return value * MICRO, False
-    exact = Decimal(repr(value)).scaleb(QUANTITY_DECIMALS, EXACT)
-    units = int(exact.to_integral_value(ROUND_HALF_UP, EXACT))  # as a DECIMAL column rounds
-    return units, exact > units
 
 
 def from_micro(value: int) -> float:
