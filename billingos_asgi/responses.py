@@ -89,6 +89,11 @@ class BillingDenied(Exception):
         """The answer's headers as text, for a framework that builds its own response from them."""
         return {name.decode("latin-1"): value.decode("latin-1") for name, value in self.response.raw_headers}
 
+    @property
+    def media_type(self) -> str | None:
+        """The answer's Content-Type (a ``problem_factory``'s response may give it as a header only)."""
+        return self.response.media_type or self.headers.get("content-type")
+
 
 async def answer_refusal(request: Request, denied: Exception) -> Response:
     """A Starlette exception handler for :class:`BillingDenied`: the refusal's own answer. An app

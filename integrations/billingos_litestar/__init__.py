@@ -102,6 +102,5 @@ def refusal(request: Request[Any, Any, Any], denied: BillingDenied) -> Response[
         bytes(response.body),
         status_code=response.status_code,
         headers=headers,
-        # (a problem_factory's response may give its type as a header only)
-        media_type=response.media_type or denied.headers.get("content-type"),
+        media_type=denied.media_type,
     )

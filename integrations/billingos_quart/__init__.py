@@ -90,6 +90,5 @@ async def refusal(denied: BillingDenied) -> Response:
         bytes(response.body),
         status=response.status_code,
         headers=headers,
-        # (a problem_factory's response may give its type as a header only)
-        content_type=response.media_type or denied.headers.get("content-type"),
+        content_type=denied.media_type,
     )
