@@ -20,7 +20,7 @@ from typing import Any
 from starlette.routing import BaseRoute, Host, Match, Mount, Route, WebSocketRoute, compile_path
 
 from ._overlap import overlap
-from .routes import _METHODS, _PARAMETER, UNDECLARED, FoundRoutes, Metered, _split_key
+from .routes import _METHODS, _PARAMETER, UNDECLARED, FoundRoutes, Metered, _split_key, joined
 
 __all__ = [
     "MARK",
@@ -257,16 +257,17 @@ def walk(
     """
     for route in routes:
         if isinstance(route, Mount):
-            yield from walk(route.routes, find=find, expand=expand, prefix=prefix + route.path)
+            under = joined(prefix, route.path)
+            yield from walk(route.routes, find=find, expand=expand, prefix=under)
             if expand is not None:
                 yield from expand(route, prefix)
-            yield prefix + route.path + "/{path:path}", None, None, True  # the rest of its path: its own 404 or 405
+            yield joined(under, "/{path:path}"), None, None, True  # the rest of its path: its own 404 or 405
         elif isinstance(route, Host):
             for path, methods, declaration, _ in walk(route.routes, find=find, expand=expand, prefix=prefix):
                 yield path, methods, declaration, False
         elif isinstance(route, Route):
             # (no methods, or none listed, as FastAPI copies an HTTPEndpoint's route: every method, to Starlette)
-            yield prefix + route.path, route.methods or None, find(route), True
+            yield joined(prefix, route.path), route.methods or None, find(route), True
         elif expand is not None:
             yield from expand(route, prefix)
 

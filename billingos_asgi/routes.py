@@ -20,6 +20,7 @@ parse, where no other route of the table does, as Litestar routes them (``/items
 
 from __future__ import annotations
 
+import itertools
 import posixpath
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -35,7 +36,16 @@ from starlette.routing import compile_path
 
 from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS, check_id, float_of_decimal
 
-__all__ = ["EXCLUDED", "UNDECLARED", "FoundRoutes", "Metered", "RouteTable", "canonical", "redirects_to_itself"]
+__all__ = [
+    "EXCLUDED",
+    "UNDECLARED",
+    "FoundRoutes",
+    "Metered",
+    "RouteTable",
+    "canonical",
+    "joined",
+    "redirects_to_itself",
+]
 
 QuantityFunction = Callable[[Request], float | Decimal | Awaitable[float | Decimal]]
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
@@ -151,6 +161,24 @@ def _parsed(path: str) -> _ParsedTemplate | None:
         pattern += re.escape(path[end : parameter.start()]) + f"{group}{taken})"
         end = parameter.end()
     return _ParsedTemplate(re.compile(pattern + re.escape(path[end:]) + "$"), uuids) if parsed else None
+
+
+def joined(prefix: str, path: str) -> str:
+    """A mount's ``prefix`` and a path under it, as one template: a parameter name of ``path`` that
+    ``prefix`` already has renamed (Starlette matches the mount and the route each on its own, so
+    ``Mount("/users/{id}")`` may hold ``Route("/posts/{id}")``; one pattern cannot name two groups alike)."""
+    names = {parameter.group(1) for parameter in _PARAMETER.finditer(prefix)}
+    if not names or "{" not in path:
+        return prefix + path
+
+    def renamed(parameter: re.Match[str]) -> str:
+        name, kind = parameter.groups()
+        if name in names:
+            name = next(f"{name}_{n}" for n in itertools.count(2) if f"{name}_{n}" not in names)
+        names.add(name)
+        return f"{{{name}:{kind}}}" if kind else f"{{{name}}}"
+
+    return prefix + _PARAMETER.sub(renamed, path)
 
 
 def canonical(path: str) -> str:
@@ -274,8 +302,11 @@ def _compiled(path: str, where: str) -> tuple[re.Pattern[str], str, dict[str, An
 def _split_key(key: str, *, exact: bool = False) -> tuple[str | None, str]:
     if not isinstance(key, str):
         raise ValueError(f'routes: keys are "METHOD /path" strings, got {key!r}')
-    prefix, _, path = key.strip().rpartition(" ")
-    method = prefix.strip().upper() or None
+    key = key.strip()
+    # "METHOD /path", or "/path": the path is all that follows the method, spaces included ("/my files").
+    prefix, path = ("", key) if key.startswith("/") else key.partition(" ")[::2]
+    path = path.lstrip(" ")
+    method = prefix.upper() or None
     if method is not None and method not in _METHODS:
         raise ValueError(f"routes: {key!r}: unknown HTTP method {method!r}")
     if not path.startswith("/"):

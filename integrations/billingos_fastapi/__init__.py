@@ -39,7 +39,7 @@ from billingos_asgi.customers import CustomerResolver
 from billingos_asgi.discovery import MARK, Found, declarations, metering_of, route_table, walk
 from billingos_asgi.endpoints import UsageEndpoints
 from billingos_asgi.responses import answer_refusals
-from billingos_asgi.routes import QuantityFunction
+from billingos_asgi.routes import QuantityFunction, joined
 
 __all__ = [
     "Billing",
@@ -203,7 +203,7 @@ def _expand(route: BaseRoute, prefix: str) -> Iterator[Found]:
         yield from _frontends(route.app, prefix)
         return
     if isinstance(route, Mount):
-        yield from _frontends(getattr(route, "_base_app", route.app), prefix + route.path)
+        yield from _frontends(getattr(route, "_base_app", route.app), joined(prefix, route.path))
         return
     contexts = getattr(route, "effective_route_contexts", None)
     if not callable(contexts):
@@ -211,7 +211,7 @@ def _expand(route: BaseRoute, prefix: str) -> Iterator[Found]:
     for context in contexts():
         original = context.original_route
         if isinstance(original, APIRoute):
-            path = prefix + context.path
+            path = joined(prefix, context.path)
             found = None if context.dependant is None else _declared_on(original, context.dependant, path)
             if found is not None:
                 _document(context.responses)
@@ -246,10 +246,10 @@ def _frontends(app: object, prefix: str) -> Iterator[Found]:
         group, under = (route.original_route, route.frontend_prefix) if isinstance(route, _INCLUDED) else (route, "")
         if not isinstance(group, _FRONTEND_GROUP):
             continue
-        paths = [prefix + (under + frontend.path if frontend.path != "/" else under) for frontend in group.routes]
+        paths = [joined(prefix, under + frontend.path if frontend.path != "/" else under) for frontend in group.routes]
         declaration = _declared_on(group, route.dependant, ", ".join(path or "/" for path in paths))
         for path, frontend in zip(paths, group.routes, strict=True):
-            keys = [path, path + "/{path:path}"] if path else ["/{path:path}"]  # (which takes "/" too)
+            keys = [path, joined(path, "/{path:path}")] if path else ["/{path:path}"]  # (which takes "/" too)
             found += [(key, frontend.methods, declaration, True) for key in keys]
     found.sort(key=lambda route: len(route[0].removesuffix("/{path:path}")), reverse=True)  # as FastAPI picks
     yield from found

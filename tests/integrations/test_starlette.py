@@ -92,6 +92,38 @@ def test_a_path_declared_two_ways_is_refused(billing: LocalBilling) -> None:
     assert declared(app, also={"GET /v1/search": Metered("api_calls"), "/other": "x"})()["/other"] == "x"
 
 
+async def test_a_parameter_name_a_mount_and_its_route_share_is_metered_as_served(billing: LocalBilling) -> None:
+    """Starlette matches a mount and its route each on its own: both may name a parameter ``id``."""
+    entered: list[str] = []
+
+    @metered("api_calls")
+    async def post(request: Request) -> JSONResponse:
+        entered.append(request.path_params["id"])
+        return JSONResponse(request.path_params)
+
+    app = Starlette(routes=[Mount("/users/{id}", routes=[Route("/posts/{id}", post), Mount("/x/{id}", routes=[])])])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = await client.get("/users/1/posts/2")
+        served = await client.get("/users/1/posts/2", headers=as_customer("user_free"))
+    assert (anonymous.status_code, served.status_code, entered) == (401, 200, ["2"])
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_a_declared_path_with_a_space_is_metered(billing: LocalBilling) -> None:
+    @metered("api_calls")
+    async def listing(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/my files", listing)])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = await client.get("/my files")
+        served = await client.get("/my%20files", headers=as_customer("user_free"))
+    assert (anonymous.status_code, served.status_code) == (401, 200)
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
 async def test_a_class_endpoint_is_gated_for_every_method_and_a_hosts_routes_too(billing: LocalBilling) -> None:
     entered: list[str] = []
 
