@@ -86,6 +86,7 @@ class LocalBilling:
         try:
             return await to_thread.run_sync(func)
         except sqlite3.DatabaseError as exc:
+            self._check_open()  # closed while the call waited for the database: refused as if it came later
             error = unavailable(exc)
             if error is None:
                 raise

@@ -326,8 +326,12 @@ class Store:
                     continue
                 consumed = self._consumed(customer_id, key, start)
                 snapshot = _snapshot(grant, consumed, start, end)
-                # Math.round, as the reference service rounds (Python's round() halves to even).
-                percentage = 0 if not grant.limit else floor(100 * consumed / grant.limit + 0.5)
+                # Math.round, as the reference service rounds (Python's round() halves to even); a
+                # quota of 0 is used up from the start, as the check says (an unlimited one never is).
+                if grant.limit is None:
+                    percentage = 0
+                else:
+                    percentage = floor(100 * consumed / grant.limit + 0.5) if grant.limit else 100
                 metrics.append(
                     UsageMetric(
                         feature_key=key,

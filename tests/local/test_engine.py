@@ -171,6 +171,8 @@ async def test_check_zero_limit_quota_is_exhausted_from_the_start(clock: Clock) 
         )
         with pytest.raises(QuotaExceededError):
             await billing.track_usage("c", "f", 0.000001)
+        [metric] = (await billing.get_usage_metrics("c")).metrics
+        assert (metric.limit, metric.remaining, metric.percentage_used) == (0.0, 0.0, 100)  # (a widget's full bar)
 
 
 async def test_check_unlimited_quota(billing: LocalBilling) -> None:
@@ -1055,6 +1057,27 @@ async def test_a_closed_engine_refuses_every_call_by_name(database: Path, clock:
     synchronous.close()
     with pytest.raises(RuntimeError, match="is closed"):
         await synchronous.check_entitlement("alice", "api_calls")
+
+
+async def test_a_call_waiting_for_the_database_when_it_closes_is_refused_by_name(database: Path, clock: Clock) -> None:
+    billing = LocalBilling.from_dict(PLANS, database, clock=clock)
+    lock = billing._store._lock
+    lock.acquire()  # another call holds the database: this one passes the open check, then waits
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            failures: list[BaseException] = []
+
+            async def track() -> None:
+                try:
+                    await billing.track_usage("alice", "api_calls", 1)
+                except BaseException as exc:
+                    failures.append(exc)
+
+            group.start_soon(track)
+            await anyio.sleep(0.05)
+            lock.release()
+            billing.close()  # (waits for the lock: the waiting call may take it first, and record)
+    assert not failures or isinstance(failures[0], RuntimeError) and "is closed" in str(failures[0]), failures
 
 
 # -- bad input is refused before any write --

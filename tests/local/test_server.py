@@ -290,6 +290,34 @@ async def test_a_client_gone_mid_body_is_no_server_failure(caplog: pytest.LogCap
     await billing.aclose()
 
 
+@pytest.mark.parametrize(
+    ("length", "status"), [(b"\xb2", 201), (b"1" * 5_000, 413), (b"0" * 5_000 + b"52", 201), (b"65537", 413)]
+)
+async def test_a_content_length_int_cannot_read_is_no_server_failure(length: bytes, status: int) -> None:
+    """A digit int() refuses ("²"), or more digits than it reads (uvicorn refuses both itself; another
+    server may not): too large when it says so, else the body as read."""
+    billing = LocalBilling.from_dict(PLANS)
+    incoming: list[Message] = [{"type": "http.request", "body": TRACK_JSON}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    headers = [
+        (b"authorization", AUTH["Authorization"].encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", length),
+    ]
+    scope = {"type": "http", "method": "POST", "path": "/v1/usage/track", "query_string": b"", "headers": headers}
+    await create_app(billing, secret_key=SECRET_KEY)(scope, receive, send)
+    assert sent[0]["status"] == status
+    assert await billing.recorded_units("user_free", "api_calls") == (1 if status == 201 else 0)
+    await billing.aclose()
+
+
 async def test_a_json_content_type_with_parameters_is_read(raw: httpx.AsyncClient) -> None:
     headers = {**AUTH, "Content-Type": "Application/JSON; charset=utf-8"}
     assert (await raw.post("/v1/usage/track", content=TRACK_JSON, headers=headers)).status_code == 201
