@@ -353,6 +353,9 @@ class RouteTable:
     ) -> None:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
+        # The templates as written, for a path the app routes as requested where an exclusion takes its
+        # slash variant ("/v1/files/" is "/v1/files/{name:path}"'s, whatever excludes "/v1/files").
+        self._as_written: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
         self._canonical_paths = canonical_paths
         self._exact_paths = exact_paths and not canonical_paths
@@ -387,8 +390,10 @@ class RouteTable:
             if convertors:
                 parsed = _parsed(path) if parsed_parameters else None
                 also_head = head_follows_get and method == "GET" and path not in heads
+                as_written = regex if self._exact_paths else _compiled(_split_key(key, exact=True)[1], key)[0]
                 for taken in ("GET", "HEAD") if also_head else (method,):
                     (self._written_dynamic if key in written else self._dynamic).append((taken, regex, metered))
+                    self._as_written.append((taken, as_written, metered))
                     if parsed is not None:
                         self._parsed.append((taken, parsed, metered))
             else:
@@ -404,6 +409,7 @@ class RouteTable:
                 if value is UNDECLARED:
                     undeclared.append((path, method))
         excluded_paths: set[str] = set()
+        written_paths: set[str] = set()  # as written: the spelling of an excluded route the app serves
         prefixes: list[str] = []
         self._excluded_patterns: list[re.Pattern[str]] = []
         for path in exclude:
@@ -413,6 +419,7 @@ class RouteTable:
             if path.endswith("*"):
                 prefixes.append(_SLASHES.sub("/", path[:-1]))  # "/static/*" keeps its slash: "/staticky" is not in
                 continue
+            written_paths.add(path)
             path = canonical(path)
             regex, _, convertors = _compiled(path, f"exclude: {path!r}")
             if convertors:
@@ -420,6 +427,7 @@ class RouteTable:
             else:
                 excluded_paths.add(path)
         self._excluded = frozenset(excluded_paths)
+        self._excluded_as_written = frozenset(written_paths)
         self._excluded_prefixes = tuple(prefixes)
         # Where the app routes the canonical path (Litestar serves "/v1/files/" as "/v1/files"), that
         # path alone says whether a prefix excludes it; elsewhere "/static/*" takes "/static/" too.
@@ -499,13 +507,25 @@ class RouteTable:
                 return again if found is EXCLUDED or again is not EXCLUDED else None
         return found
 
+    def _excluded_unless_served(self, method: str, path: str) -> Metered | None:
+        """An excluded path's slash variant, as requested (``/v1/files/`` where ``/v1/files`` is
+        excluded), which an app routing paths as written serves by a template of the table taking that
+        spelling, if one does (``/v1/files/{name:path}``): metered as that template, not excluded. (The
+        path's canonical spelling, or the one the exclusion names, stays excluded: a health check's.)"""
+        if path.rstrip("\n") not in self._excluded_as_written and not self._canonical_paths:
+            method = method.upper()
+            for route_method, regex, metered in self._as_written:
+                if (route_method is None or route_method == method) and regex.match(path):
+                    return metered if metered is not _UNMETERED else None
+        return EXCLUDED
+
     def _match_exact(self, method: str, path: str) -> Metered | None:
         """:meth:`match` of a path as the app routes it, as requested (``exact_paths``)."""
         # An exclusion and a key written by hand cover their slash variants (and a final newline); a key
         # written by hand, its dot segments too: the app it names (StaticFiles) resolves them.
         plain = canonical(path.rstrip("\n")) if self._excluded or self._excluded_patterns else ""
         if plain in self._excluded:
-            return EXCLUDED
+            return EXCLUDED if plain == path else self._excluded_unless_served(method, path)
         written = ""
         if self._written_static or self._written_dynamic:
             written = path.rstrip("\n")
@@ -533,7 +553,7 @@ class RouteTable:
 
     def _match(self, method: str, path: str, raw: str | None, collapsed: str) -> Metered | None:
         if path in self._excluded:
-            return EXCLUDED
+            return EXCLUDED if raw is None else self._excluded_unless_served(method, raw)
         if not method.isupper():
             method = method.upper()
         by_method = self._static.get(path)  # (keys are canonical: a path found is one)

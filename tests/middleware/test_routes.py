@@ -949,6 +949,47 @@ def test_with_exact_paths_exclusions_still_cover_a_final_newline_and_prefixes_th
         RouteTable(route_table([("GET /internal/", Metered("api_calls"))]), exclude=["/internal/*"], exact_paths=True)
 
 
+async def test_a_slash_variant_of_an_excluded_path_a_metered_template_serves_is_metered(
+    billing: LocalBilling,
+) -> None:
+    """Starlette routes "/v1/health/" (the excluded "/v1/health" with a slash) to "/v1/{dataset}/",
+    and "/v1/files/" to "/v1/files/{name:path}": metered as the templates serving them. The
+    excluded spelling itself stays excluded, and so does a variant no template takes (a redirect)."""
+    served: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        served.append(request.url.path)
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[
+            Route("/v1/health", endpoint),
+            Route("/v1/files", endpoint),
+            Route("/v1/files/{name:path}", endpoint),
+            Route("/v1/{dataset}/", endpoint),
+        ]
+    )
+    middleware = BillingMiddleware(
+        app,
+        billing=billing,
+        customer=by_header,
+        routes={"/v1/{dataset}/": "api_calls", "/v1/files/{name:path}": "api_calls"},
+        exclude=["/v1/health", "/v1/files"],
+    )
+    async with lifespan(middleware):
+        variants = [(await call_raw(middleware, http_scope(path))).status for path in ("/v1/health/", "/v1/files/")]
+        excluded = [(await call_raw(middleware, http_scope(path))).status for path in ("/v1/health", "/v1/files")]
+        paid = await call_raw(middleware, http_scope("/v1/health/", headers=FREE))
+    assert (variants, excluded, paid.status) == ([401, 401], [200, 200], 200)
+    assert served == ["/v1/health", "/v1/files", "/v1/health/"]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+    for exact in (False, True):
+        routes: dict[str, Metered | None] = {"GET /v1/{dataset}/": Metered("api_calls"), "GET /v1/health": None}
+        table = RouteTable(route_table(routes.items()) if exact else routes, exclude=["/v1/health"], exact_paths=exact)
+        assert table.match("GET", "/v1/health/") == Metered("api_calls"), exact
+        assert [table.match("GET", path) for path in ("/v1/health", "//v1/health", "/v1/health\n")] == [EXCLUDED] * 3
+
+
 def test_a_route_written_with_its_slash_takes_that_path_before_a_catch_all() -> None:
     """FastAPI's "/items/" and "/users/{uid}/" serve their paths before a later catch-all (a single
     page app's fallback): matching templates first on the path as requested metered them as it."""

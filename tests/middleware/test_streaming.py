@@ -184,6 +184,30 @@ async def test_a_client_leaving_with_every_byte_of_its_content_length_is_billed(
     assert await billing.recorded_units("user_free", "api_calls") == billed
 
 
+@pytest.mark.parametrize("length", ["\u00b2", "1" * 5_000, "-2", "2 "])
+async def test_a_content_length_int_cannot_read_is_no_crash_and_not_served_in_full(
+    billing: LocalBilling, length: str
+) -> None:
+    """An app's Content-Length of a digit ``int()`` refuses ("²"), or more digits than it reads: the
+    client leaving mid-body is a client leaving, not a ValueError raised into the app."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = [(b"content-length", length.encode("latin-1"))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ab", "more_body": True})
+        await receive()
+        await receive()
+
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes={"/x": "api_calls"})
+    async with lifespan(middleware):
+        with anyio.fail_after(10):
+            exchange = await call_raw(middleware, http_scope("/x", headers=FREE), disconnect_after_chunks=1)
+    assert exchange.error is None and exchange.status == 200
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
 @pytest.mark.parametrize(("method", "status"), [("HEAD", 200), ("GET", 204), ("GET", 304)])
 async def test_a_response_without_a_body_is_billed_once_its_headers_are_out(
     billing: LocalBilling, method: str, status: int
