@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlparse
 
 import anyio
 from anyio.abc import TaskGroup
@@ -386,10 +386,11 @@ class BillingMiddleware:
                 await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if self._parses_target and path[:1] != "/" and ":" in path:
+        if self._parses_target and path[:1] != "/":
             # An absolute-form target ("GET http://host/v1/export", which Hypercorn and h11 pass on as
-            # the path): Quart routes its path, as urlparse() reads it.
-            path = urlsplit(path).path
+            # the path), or one without its leading slash: Quart routes its path as urlparse() reads
+            # it, its ";params" (and a "?" or "#" the server decoded from "%3F") cut off.
+            path = urlparse(path).path
         root_path = self._root_path or scope.get("root_path")
         if root_path and path.startswith(root_path):
             if path[len(root_path) : len(root_path) + 1] in ("/", ""):

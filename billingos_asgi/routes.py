@@ -181,6 +181,13 @@ def joined(prefix: str, path: str) -> str:
     return prefix + _PARAMETER.sub(renamed, path)
 
 
+def _specificity(template: str) -> tuple[int, ...]:
+    """The order in which a routing tree tries templates (Litestar's, Werkzeug's for Quart): segment
+    by segment, a literal before a parameter, a path parameter (the rest of the path) last; so
+    ``/v1/items/{id}`` takes ``/v1/items/schema`` before ``/v1/{kind}/schema``, wherever either is written."""
+    return tuple(0 if "{" not in segment else 2 if segment.endswith(":path}") else 1 for segment in template.split("/"))
+
+
 def canonical(path: str) -> str:
     """``path`` without repeated slashes and without a trailing one (``/`` stays)."""
     return _SLASHES.sub("/", path).rstrip("/") or "/"
@@ -331,6 +338,8 @@ class RouteTable:
     (a static route that the app serves before a metered template taking its path). A configured
     route that an exclusion also covers is refused at construction. ``canonical_paths``: the app
     routes a path without its repeated or trailing slashes (Litestar), so that path alone decides.
+    There, and with ``parsed_parameters`` (Quart), templates are tried as a routing tree tries them,
+    a literal segment before a parameter, not in the table's order (Starlette's: the first route).
     ``mounts``: paths under which the app sends every path that starts with them, even where no slash
     follows (Litestar's ASGI mounts take "/reportsX" for "/reports"), metered as "/reports/X" is,
     except the ``plain`` paths the app serves itself first (Litestar's routes without parameters).
@@ -378,6 +387,8 @@ class RouteTable:
             (key, value, *_split_key(key, exact=self._exact_paths and key not in written))
             for key, value in (routes or {}).items()
         ]
+        if canonical_paths or parsed_parameters:  # a routing tree's order, not the table's (a stable sort)
+            entries.sort(key=lambda entry: _specificity(entry[3]))
         heads = {path for _, _, method, path in entries if method == "HEAD"}
         for key, value, method, path in entries:
             if value is UNDECLARED:

@@ -427,6 +427,33 @@ async def test_a_slash_litestar_serves_from_a_free_route_is_not_metered_as_a_tem
     assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
+@get("/v1/{kind:str}/schema")
+async def schema(request: Request[Any, Any, Any]) -> dict[str, str]:
+    ENTERED.append(f"schema of {request.path_params['kind']}")
+    return {"schema": request.path_params["kind"]}
+
+
+@get("/v1/items/{item_id:str}")
+async def item_by_name(request: Request[Any, Any, Any]) -> dict[str, str]:
+    ENTERED.append(f"item {request.path_params['item_id']}")
+    return {"item": request.path_params["item_id"]}
+
+
+async def test_a_literal_segment_takes_a_path_before_a_parameter_as_litestar_routes_it(
+    billing: LocalBilling, entered: list[str]
+) -> None:
+    """Litestar serves "/v1/items/schema" from /v1/items/{item_id} (its tree tries "items" before a
+    parameter), whichever the table names first: it was metered as the free /v1/{kind}/schema."""
+    routes = {"GET /v1/{kind}/schema": None, "GET /v1/items/{item_id}": "api_calls"}
+    metered = identified_late([schema, item_by_name], lambda connection: "user_free", billing, routes=routes)
+    async with serve(metered) as client:
+        answers = [await client.get(path) for path in ("/v1/items/schema", "/v1/users/schema")]
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert ["ratelimit" in answer.headers for answer in answers] == [True, False]
+    assert entered == ["item schema", "schema of users"]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
 @pytest.mark.parametrize("cors", [True, False], ids=["cors_config", "automatic OPTIONS"])
 async def test_a_cors_preflight_is_answered_by_litestar_unbilled(
     billing: LocalBilling, entered: list[str], cors: bool
