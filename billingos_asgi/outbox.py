@@ -16,6 +16,7 @@ All methods block on disk: the tracker calls them from a worker thread, never on
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -51,6 +52,19 @@ CREATE INDEX outbox_batch ON outbox (batch_key);
 """
 _COLUMNS = "customer_id, idempotency_key, feature_key, quantity, metadata, batch_key, first_attempt"
 _INSERT = f"INSERT OR IGNORE INTO outbox ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
+#: What a refused row's ``refused`` column starts with (the outcomes the tracker gives up events as).
+_REFUSALS = ("rejected: ", "dead_lettered: ")
+
+
+def _check_stamp(batch_key: object, first_attempt: object, refusal: object) -> None:
+    """Refuse a row's batch stamp or refusal that the tracker never writes (a file edited by hand)."""
+    stamped = isinstance(batch_key, str) and isinstance(first_attempt, float) and math.isfinite(first_attempt)
+    if batch_key is not None and not stamped:
+        raise ValueError(f"batch {batch_key!r} first attempted at {first_attempt!r}, not a time in seconds")
+    if refusal is not None and not (isinstance(refusal, str) and refusal.startswith(_REFUSALS)):
+        raise ValueError(f"refused as {refusal!r}, not 'rejected: <reason>' or 'dead_lettered: <reason>'")
 
 
 def _row(event: UsageEvent, batch_key: str | None = None, first_attempt: float | None = None) -> tuple[object, ...]:
@@ -166,6 +180,7 @@ class Outbox:
                 event = UsageEvent(
                     customer, feature, float(quantity), key, json.loads(metadata) if metadata else None, False
                 )
+                _check_stamp(batch_key, first_attempt, reason)
             except (TypeError, ValueError) as exc:  # edited by hand: left for whoever edited it to mend
                 db.close()
                 where = f"cannot use {self.path} as the usage outbox: its event {key!r} is malformed"

@@ -598,7 +598,8 @@ class Tracker:
     async def _attempt(self, batch: Batch, first_attempt: float, *, fix: bool) -> Exception | None:
         """Record ``batch`` as it is, retrying transient failures: None once it is settled (recorded,
         or dead-lettered), else the definitive refusal (nothing of it recorded, nothing settled)."""
-        if fix and self._outbox is not None and self._outbox.is_open:
+        # (An inline send's events are not on disk: nothing to stamp, and no disk to wait for.)
+        if fix and self._outbox is not None and self._outbox.is_open and id(batch.events[0]) not in self._inline:
             await self._stamp(self._outbox, batch, first_attempt)
         attempt = 0
         n = len(batch.events)
@@ -663,6 +664,8 @@ class Tracker:
                 await anyio.to_thread.run_sync(outbox.fix, batch, first_attempt)
                 return
             except Exception as exc:
+                if not outbox.is_open:  # closed meanwhile (a drain's end): its rows stay as they were
+                    return
                 if anyio.current_time() >= give_up_at:
                     logger.error(
                         "could not stamp batch %s in the outbox %s for %g s (%r): sent unstamped, its events "

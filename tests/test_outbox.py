@@ -140,11 +140,23 @@ def test_a_file_that_is_not_an_outbox_is_refused(tmp_path: Path) -> None:
         Outbox(other, max_events=0)
 
 
-@pytest.mark.parametrize(("column", "value"), [("quantity", "lots"), ("metadata", "{not json")])
-def test_an_event_edited_into_nonsense_is_named_and_kept(tmp_path: Path, column: str, value: str) -> None:
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("quantity", "lots"),
+        ("metadata", "{not json"),
+        ("first_attempt", "yesterday"),  # (a stamped batch's: a TypeError in the sender, at every start)
+        ("first_attempt", None),
+        ("refused", "bogus: reason"),  # (an outcome no counter has: start-up failed)
+        ("refused", "in_flight: x"),  # (a gauge stuck at 1)
+        ("refused", "dropped: x"),  # (never forgotten: reported again at every start)
+    ],
+)
+def test_an_event_edited_into_nonsense_is_named_and_kept(tmp_path: Path, column: str, value: str | None) -> None:
     outbox = Outbox(tmp_path / "outbox.db", max_events=10)
     outbox.open()
     outbox.add([event("k1"), event("k2")])
+    outbox.fix(Batch.of((event("k1"), event("k2"))), 1234.5)
     outbox.close()
     db = sqlite3.connect(tmp_path / "outbox.db")
     db.execute(f"UPDATE outbox SET {column} = ? WHERE idempotency_key = 'k2'", (value,))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -482,6 +483,52 @@ async def test_an_inline_send_cut_off_by_its_deadline_is_reported(
     tracker = tracker_for(Gated(billing), on_rejected=lambda e, r: rejected.append(r))  # the gate never opens
     await tracker.send(event("k"))
     assert tracker.stats.in_doubt == 1 and rejected == [f"not confirmed within 0.1 s without a lifespan ({IN_DOUBT})"]
+
+
+class TwoGates(Around):
+    """c1's tracks (the worker's drain) wait on ``drain``; the others' (inline sends) on ``inline``."""
+
+    def __init__(self, billing: LocalBilling) -> None:
+        super().__init__(billing)
+        self.drain, self.inline = anyio.Event(), anyio.Event()
+
+    async def track_usage(self, customer_id: str, *args: Any, **kwargs: Any) -> TrackUsageResult:
+        await (self.drain if customer_id == "c1" else self.inline).wait()
+        return await self.billing.track_usage(customer_id, *args, **kwargs)
+
+
+async def test_an_inline_split_during_the_drain_stamps_no_outbox_rows_it_never_wrote(
+    billing: LocalBilling, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests finishing during the shutdown drain send their own events (not written to the
+    outbox); a batch of them refused for quota is split, and was stamped in the outbox first: on a
+    failing disk, held past the inline deadline, its events reported in doubt instead of recorded."""
+    monkeypatch.setattr("billingos_asgi.tracker.INLINE_DEADLINE", 1.0)
+    await billing.track_usage("c0", "api_calls", 8)  # 2 of 10 left
+    gates = TwoGates(billing)
+    outbox = Outbox(tmp_path / "outbox.db", max_events=100)
+    tracker = tracker_for(gates, flush_interval=0, outbox=outbox)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        tracker.submit(event("w", customer="c1"))  # the drain waits for it
+        await anyio.sleep(0.1)
+        tg.start_soon(tracker.stop)
+        await anyio.sleep(0.01)
+        assert not tracker.running  # requests finishing now send their events themselves
+
+        def failing_fix(*args: Any) -> None:  # the outbox's disk fails (full, an I/O error)
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(outbox, "fix", failing_fix)
+        tg.start_soon(tracker.send, event("r0"))
+        await anyio.sleep(0.05)
+        await tracker.send(event("r1"))  # ride with r0's next call
+        await tracker.send(event("r2"))
+        gates.inline.set()  # r0 recorded (9 of 10); r1 and r2 refused together: r1 fits, r2 does not
+        await anyio.sleep(1.5)
+        gates.drain.set()
+    assert await billing.recorded_units("c0", "api_calls") == 10
+    assert (tracker.stats.in_doubt, tracker.stats.rejected) == (0, 1)
 
 
 async def test_valid_events_whose_sum_no_call_can_carry_are_sent_in_parts(tmp_path: Path) -> None:
