@@ -746,6 +746,10 @@ class Tracker:
             rest = event._replace(quantity=round(event.quantity - fit, QUANTITY_DECIMALS))
             if rest.quantity > 0:  # the part is counted under its outcome, the rest is about to be
                 self.stats.split += 1
+                if id(event) in self._loose:  # cut off from here, only the rest is deferred (and released)
+                    self._loose[id(event)] = rest
+                    if id(event) in self._volatile:
+                        self._volatile[id(rest)] = rest
         if rest.quantity > 0:
             await self._refuse((rest,), "rejected", "quota_exceeded", error)
         else:

@@ -531,6 +531,48 @@ async def test_an_inline_split_during_the_drain_stamps_no_outbox_rows_it_never_w
     assert (tracker.stats.in_doubt, tracker.stats.rejected) == (0, 1)
 
 
+class DeadlineAfterPart(Around):
+    """Records every track; once a split's part is recorded, the drain deadline passes (as stop()
+    makes it pass: the tracker's scope cancelled), at the rest's refusal's outbox write."""
+
+    tracker: Tracker | None = None
+
+    async def track_usage(self, customer_id: str, feature_key: str, quantity: float, *args: Any) -> TrackUsageResult:
+        result = await self.billing.track_usage(customer_id, feature_key, quantity, *args)
+        if args and isinstance(args[0], str) and args[0].startswith("part-"):
+            assert self.tracker is not None and self.tracker._scope is not None
+            self.tracker._scope.cancel()
+        return result
+
+
+async def test_a_deadline_after_a_splits_part_is_recorded_defers_and_releases_the_rest_only(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    backend = DeadlineAfterPart(billing)
+    upstream = Upstream(backend)
+    cache = EntitlementCache(upstream)
+    tracker = Tracker(upstream, cache, flush_interval=0, outbox=Outbox(tmp_path / "outbox.db", max_events=10))
+    backend.tracker = tracker
+    quota = await cache.fetch("c0", "api_calls")
+    assert quota is not None and quota.admit(1) == 0  # another request, still running, holds 1 unit
+    assert quota.admit(5) == 0  # the request whose event this is
+    await billing.track_usage("c0", "api_calls", 8)  # another process's: 2 of 10 left
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        tracker.submit(event("r1", quantity=5, counted=True))  # 2 fit, 3 do not
+        await anyio.sleep(0.5)
+        await tracker.stop()
+    stats = tracker.stats
+    assert await billing.recorded_units("c0", "api_calls") == 10  # the part went up
+    assert quota.local == 1  # the running request's unit still held
+    assert (stats.sent, stats.deferred, stats.split) == (1, 1, 1)
+    outbox = Outbox(tmp_path / "outbox.db", max_events=10)
+    stored = outbox.open()
+    outbox.close()
+    kept = [e for batch, _ in stored.batches for e in batch.events] + stored.events + [e for e, _ in stored.refused]
+    assert [(e.idempotency_key, e.quantity) for e in kept] == [("r1", 3.0)]  # the rest, under the event's key
+
+
 async def test_valid_events_whose_sum_no_call_can_carry_are_sent_in_parts(tmp_path: Path) -> None:
     plans = {**PLANS, "plans": {"small": {"features": {"api_calls": "unlimited", "tokens": "unlimited"}}}}
     async with LocalBilling.from_dict(plans, tmp_path / "billing.db") as billing:
