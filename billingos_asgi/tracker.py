@@ -242,6 +242,11 @@ class Tracker:
             self._fixed.extend((Batch.of(tuple(group)), None) for group in groups.values())
             self._queued_events += len(stored)
             self.stats.replayed += len(stored) + len(stored.refused)
+            for batch, _ in stored.batches:  # a trusted request id retried after the restart: a duplicate still
+                for event in batch.events:
+                    self._see(event)
+            for event in stored.events:
+                self._see(event)
             for event, refusal in stored.refused:  # its report may not have been made: made again
                 outcome, _, reason = refusal.partition(": ")
                 self._give_up((event,), outcome, f"{reason} (refused before a restart)", kind="before a restart")

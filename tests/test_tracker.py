@@ -297,6 +297,23 @@ async def test_trusted_duplicate_keys_count_once(billing: LocalBilling) -> None:
     assert await billing.recorded_units("c0", "api_calls") == 2
 
 
+async def test_a_trusted_key_left_in_the_outbox_is_a_duplicate_after_the_restart(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    """A client retrying a trusted request id after a crash: counted once, its replayed row not shared."""
+    outbox = Outbox(tmp_path / "outbox.db", max_events=10)
+    outbox.open()
+    outbox.add([event("stamped"), event("stamped too"), event("fresh")])
+    outbox.fix(Batch.of((event("stamped"), event("stamped too"))), time.time())
+    outbox.close()  # (a crash: left unconfirmed)
+    tracker = tracker_for(
+        billing, flush_interval=0.05, deduplicate=True, outbox=Outbox(tmp_path / "outbox.db", max_events=10)
+    )
+    await run_tracker(tracker, [event("stamped"), event("fresh"), event("new")])
+    assert (tracker.stats.replayed, tracker.stats.duplicates, tracker.stats.sent) == (3, 2, 4)
+    assert await billing.recorded_units("c0", "api_calls") == 4
+
+
 async def test_trusted_keys_are_per_customer_as_upstream_idempotency_is(billing: LocalBilling) -> None:
     tracker = tracker_for(billing, flush_interval=0.05, deduplicate=True)
     await run_tracker(tracker, [event("gateway-id", customer="c0"), event("gateway-id", customer="c1")])
