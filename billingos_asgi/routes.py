@@ -13,9 +13,10 @@ FastAPI app's own routes is matched as its router matches them, as requested: ``
 Methods are compared in upper case (servers pass a method as the client spelt it; Django serves
 ``get`` as ``GET``). A typed parameter (``{item_id:int}``, ``float``, ``uuid``) takes what
 Starlette's pattern takes (Starlette, FastAPI and Django route ``/items/+5`` elsewhere); with
-``parsed_parameters``, also the spellings that Python's ``int()``, ``float()`` and ``UUID()``
-parse, where no other route of the table does, as Litestar routes them (``/items/+5`` and
-``/items/5_0`` are ``{item_id:int}`` there).
+``parsed_parameters``, a number in any script's digits first (Quart's ``<int>`` takes ``/items/٥``
+before a ``<slug>`` beside it), then the spellings that Python's ``int()``, ``float()`` and
+``UUID()`` parse, where no other route of the table does, as Litestar routes them (``/items/+5``
+and ``/items/5_0`` are ``{item_id:int}`` there).
 """
 
 from __future__ import annotations
@@ -149,6 +150,21 @@ class _ParsedTemplate:
         return True
 
 
+#: Starlette's number patterns, in any script's digits (``\d``: "٥" is 5 to ``int()`` and Werkzeug).
+_ANY_DIGITS = {"int": r"\d+", "float": r"\d+(?:\.\d+)?"}
+
+
+def _pattern(path: str, kinds: Mapping[str, str]) -> re.Pattern[str]:
+    """The pattern of a template whose parameters of ``kinds`` take those patterns (others, Starlette's)."""
+    pattern, end = "^", 0
+    for parameter in _PARAMETER.finditer(path):
+        kind = parameter.group(2) or "str"
+        taken = kinds.get(kind) or CONVERTOR_TYPES[kind].regex
+        pattern += re.escape(path[end : parameter.start()]) + f"(?:{taken})"
+        end = parameter.end()
+    return re.compile(pattern + re.escape(path[end:]) + "$")
+
+
 def _parsed(path: str) -> _ParsedTemplate | None:
     """The matcher of a template whose typed parameters take what their parsers take; None: none is."""
     pattern, end, parsed, uuids = "^", 0, False, 0
@@ -183,9 +199,20 @@ def joined(prefix: str, path: str) -> str:
 
 def _specificity(template: str) -> tuple[int, ...]:
     """The order in which a routing tree tries templates (Litestar's, Werkzeug's for Quart): segment
-    by segment, a literal before a parameter, a path parameter (the rest of the path) last; so
-    ``/v1/items/{id}`` takes ``/v1/items/schema`` before ``/v1/{kind}/schema``, wherever either is written."""
-    return tuple(0 if "{" not in segment else 2 if segment.endswith(":path}") else 1 for segment in template.split("/"))
+    by segment, a literal before a parameter, a number before another parameter, a path parameter
+    last; so ``/v1/items/{id}`` takes ``/v1/items/schema`` before ``/v1/{kind}/schema``, and
+    ``/items/{n:int}`` takes ``/items/5`` before ``/items/{slug}``, wherever either is written."""
+    return tuple(_rank(segment) for segment in template.split("/"))
+
+
+#: A segment's rank: a literal's 0, a plain parameter's 2 (Werkzeug tries its number converters
+#: before, and its path converter, the rest of the path, after).
+_KINDS = {"int": 1, "float": 1, "path": 3}
+
+
+def _rank(segment: str) -> int:
+    parameter = _PARAMETER.search(segment)
+    return 0 if parameter is None else _KINDS.get(parameter.group(2) or "str", 2)
 
 
 def canonical(path: str) -> str:
@@ -362,10 +389,10 @@ class RouteTable:
     ) -> None:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
+        self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
         # The templates as written, for a path the app routes as requested where an exclusion takes its
         # slash variant ("/v1/files/" is "/v1/files/{name:path}"'s, whatever excludes "/v1/files").
         self._as_written: list[tuple[str | None, re.Pattern[str], Metered]] = []
-        self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
         self._canonical_paths = canonical_paths
         self._exact_paths = exact_paths and not canonical_paths
         # With exact paths, the keys written by hand, compared canonically (by what the app they name routes).
@@ -400,6 +427,8 @@ class RouteTable:
                 configured.append((key, path, not convertors))
             if convertors:
                 parsed = _parsed(path) if parsed_parameters else None
+                if parsed_parameters:  # a number in any digits, as Werkzeug's converters and int() take them
+                    regex = _pattern(path, _ANY_DIGITS)
                 also_head = head_follows_get and method == "GET" and path not in heads
                 as_written = regex if self._exact_paths else _compiled(_split_key(key, exact=True)[1], key)[0]
                 for taken in ("GET", "HEAD") if also_head else (method,):

@@ -149,6 +149,39 @@ async def test_a_typed_parameter_in_any_digits_werkzeug_takes_is_metered(billing
     assert await billing.recorded_units("user_free", "api_calls") == 2
 
 
+@pytest.mark.parametrize("slug_first", [False, True])
+async def test_a_typed_parameter_takes_any_digits_before_a_free_one_beside_it(
+    billing: LocalBilling, slug_first: bool
+) -> None:
+    """Werkzeug tries ``<int:...>`` (any script's digits) before ``<slug>``, whatever the table's
+    order: "/v1/items/٥" was metered as the free slug's and served by the metered view, ungated;
+    "+5" and " 5" are the slug's (Werkzeug's int takes digits only)."""
+    app = Quart(__name__)
+    entered: list[str] = []
+    Billing(app, customer=lambda request: None)  # anonymous: a metered request is a 401
+
+    @app.get("/v1/items/<int:item_id>")
+    async def item(item_id: int) -> dict[str, int]:
+        entered.append("item")
+        return {"item": item_id}
+
+    @app.get("/v1/items/<slug>")
+    async def by_slug(slug: str) -> dict[str, str]:
+        entered.append("slug")
+        return {"slug": slug}
+
+    keys: list[tuple[str, str | None]] = [("GET /v1/items/{item_id:int}", "api_calls"), ("GET /v1/items/{slug}", None)]
+    routes = dict(reversed(keys) if slug_first else keys)
+    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=routes)  # type: ignore[assignment,method-assign]
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        answers = [
+            await client.get(path) for path in ("/v1/items/\u0665", "/v1/items/5", "/v1/items/+5", "/v1/items/x")
+        ]
+    assert [answer.status_code for answer in answers] == [401, 401, 200, 200]
+    assert entered == ["slug", "slug"]
+
+
 async def test_what_follows_the_root_path_is_metered_as_quart_routes_it(billing: LocalBilling) -> None:
     """Quart routes what follows the root path, slash or not ("/apiv1/exports" under "/api" is
     /v1/exports): gated as that route, not as the default feature taking the whole path."""
