@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from urllib.parse import urlparse
 
 import anyio
 from starlette.types import Message, Receive, Scope, Send
@@ -43,9 +44,22 @@ def _to_itself(scope: Scope, start: Message) -> bool:
     query = scope.get("query_string", b"").decode("latin-1")
     scheme = scope.get("scheme", "http")
     status = start["status"]
-    return location is not None and redirects_to_itself(
-        scope["path"], query, host, location, scheme, status, scope.get("server")
+    server = scope.get("server")
+    return location is not None and any(
+        redirects_to_itself(path, query, host, location, scheme, status, server) for path in _routed_paths(scope)
     )
+
+
+def _routed_paths(scope: Scope) -> list[str]:
+    """The request's path, and the one a framework that parses the target (Quart) routes, where it
+    differs: an absolute-form target's path, one without its leading slash, and what follows the
+    root path where no slash does ("/apiv1/dir" under "/api": "/api/v1/dir" to its redirect)."""
+    path: str = scope["path"]
+    routed = path if path[:1] == "/" else "/" + urlparse(path).path.lstrip("/")
+    root_path = scope.get("root_path") or ""
+    if root_path and routed.startswith(root_path) and routed[len(root_path) : len(root_path) + 1] not in ("/", ""):
+        routed = f"{root_path}/{routed[len(root_path) :]}"
+    return [path] if routed == path else [path, routed]
 
 
 #: Statuses whose response has no body (RFC 9110 section 6.4.1).

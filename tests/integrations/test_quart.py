@@ -182,6 +182,30 @@ async def test_a_typed_parameter_takes_any_digits_before_a_free_one_beside_it(
     assert entered == ["slug", "slug"]
 
 
+@pytest.mark.parametrize(
+    ("root_path", "target"), [("", "/v1/dir"), ("", "v1/dir"), ("", "http://app/v1/dir"), ("/api", "/apiv1/dir")]
+)
+async def test_werkzeugs_slash_redirect_is_not_billed_however_the_target_is_spelt(
+    billing: LocalBilling, root_path: str, target: str
+) -> None:
+    """The redirect to "/v1/dir/" is compared with the path Quart routed, not only the path as sent."""
+    app = Quart(__name__)
+    Billing(app, customer=lambda request: "user_free")
+
+    @app.get("/v1/dir/")
+    async def listing() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    middleware = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes={"GET /v1/dir/": "api_calls"})
+    app.asgi_app = middleware  # type: ignore[assignment,method-assign]
+    scope = http_scope(target)
+    scope["root_path"] = root_path
+    async with app.test_app():
+        redirect = await call_raw(middleware, scope)
+    assert redirect.status == 308
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
 async def test_what_follows_the_root_path_is_metered_as_quart_routes_it(billing: LocalBilling) -> None:
     """Quart routes what follows the root path, slash or not ("/apiv1/exports" under "/api" is
     /v1/exports): gated as that route, not as the default feature taking the whole path."""
