@@ -139,8 +139,10 @@ class Quota:
         if same_period and self.usage > usage and (not self.guessed or keep_guess):
             usage = self.usage  # a check answered before our last confirmed track
         self.checked_limit = limit
-        if raced and same_period and limit is not None and self.tracked_limit is not None:
+        if raced and limit is not None and self.tracked_limit is not None:  # (a plan change may start a period)
             limit = min(limit, self.tracked_limit)
+        if raced and not same_period:  # across a plan's new period: of the two usages, the higher holds too
+            usage = max(usage, self.usage)
         self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
         self.guessed = keep_guess
 
@@ -281,7 +283,7 @@ class EntitlementCache:
         asked = self._confirms
         try:
             # With an answer to fall back on, a request never waits for a budget token.
-            wait = 0.0 if previous is not None else CHECK_WAIT
+            wait = 0.0 if self._fallback(previous) is not None else CHECK_WAIT
             entitlement: Entitlement | None = await self._upstream.check_entitlement(
                 *key, wait=wait, answer_within=CHECK_TIMEOUT
             )
@@ -291,12 +293,8 @@ class EntitlementCache:
             # Upstream is down or busy: a stale answer beats none, unless its period has ended, or it
             # said the customer is unknown (they may exist by now: as if nothing were cached).
             # The entry as it is now: one set aside meanwhile holds a running request's reported units.
-            current = self._entries.find(key) or previous
-            if (
-                current is not None
-                and current.entitlement is not None
-                and (current.resets_at is None or current.resets_at > self._wall_clock())
-            ):
+            current = self._fallback(self._entries.find(key) or previous)
+            if current is not None:
                 self._entries[key] = current  # (back, if it was set aside)
                 current.refreshing = False
                 current.retry_at = self._clock() + REFRESH_RETRY
@@ -315,6 +313,13 @@ class EntitlementCache:
             quota.fresh_until = self._clock()
         self._entries[key] = quota  # (again, if it was evicted meanwhile)
         return quota
+
+    def _fallback(self, quota: Quota | None) -> Quota | None:
+        """``quota``, if a failed check may answer with it: not once its period has ended, nor one
+        saying the customer is unknown (they may exist by now)."""
+        if quota is None or quota.entitlement is None:
+            return None
+        return quota if quota.resets_at is None or quota.resets_at > self._wall_clock() else None
 
     def _stamp(self, quota: Quota) -> None:
         """An answer just arrived: when it stops being fresh, and usable at all (never past its period)."""
@@ -363,17 +368,24 @@ class EntitlementCache:
             return
         usage = result.usage
         period_end = usage.period_end.timestamp()
+        same_period = period_end == quota.resets_at
+        if not same_period and quota.resets_at is not None and period_end <= self._wall_clock():
+            return  # a retry answered with its first call's figures, of a period over since: its units are settled
         limit = quota.tracked_limit = usage.limit_units  # admission compares usage with the limit itself
-        raced = False
-        if quota.resets_at is None or period_end > quota.resets_at or self._wall_clock() < period_end < quota.resets_at:
-            # A later period, or one ending earlier but not yet: a plan's new period (a shorter interval).
-            quota.usage, quota.resets_at = usage.consumed_units, period_end
-        elif period_end == quota.resets_at:
+        # A check answered since crossed this answer: which is newer is not known (a plan changed meanwhile).
+        raced = renewals is not None and quota.renewed > renewals
+        if same_period:
             quota.usage = max(quota.usage, usage.consumed_units)
-            raced = renewals is not None and quota.renewed > renewals
             if raced and limit is not None and quota.checked_limit is not None:
-                limit = min(limit, quota.checked_limit)
+                limit = min(limit, quota.checked_limit)  # of two limits in one period, the lower holds
+        elif raced:  # across a plan change's new period: the check's figures hold until asked again, at once
+            quota.fresh_until = min(quota.fresh_until, self._clock())
+            return
+        else:  # a later period, or one ending earlier but not yet: a plan's new period (a shorter interval)
+            quota.usage, quota.resets_at = usage.consumed_units, period_end
         quota.limit = limit
+        if quota.usable_until == -math.inf:  # refused upstream since (reject()): left for a check to say
+            return
         self._stamp(quota)
         if raced:  # stale at once: the next request has it asked again
             quota.fresh_until = self._clock()
@@ -386,6 +398,9 @@ class EntitlementCache:
         if error is None:
             return  # dropped here, not refused upstream: the cached answer still holds
         if isinstance(error, QuotaExceededError) and quota.limit is not None:
-            # Full, as far as we know: refused (even stale) until upstream says how full it is.
+            # Full, as far as we know: refused (even stale) until upstream says how full it is; a check
+            # on its way read before the refusal (it crossed it): the guess holds, and it is asked again.
             quota.usage, quota.guessed = max(quota.usage, quota.limit), True
+            self._confirms += 1
+            quota.confirmed = self._confirms
         quota.fresh_until = quota.usable_until = -math.inf

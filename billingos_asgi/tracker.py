@@ -609,6 +609,8 @@ class Tracker:
         attempt = 0
         n = len(batch.events)
         horizon_at: float | None = None  # upstream's 24 h on the monotonic clock, from the first try here
+        # Checks answered after the first attempt are not older than its answer (a retry's is the first's).
+        renewals = self._cache.renewals
         while True:
             elapsed, now = self._clock() - first_attempt, self._monotonic()
             if horizon_at is None:  # (a wall clock set back meanwhile, by NTP or a VM's fix, must not stretch them)
@@ -618,7 +620,6 @@ class Tracker:
                 await self._refuse(batch.events, "dead_lettered", reason)
                 return None
             self.stats.in_flight += n
-            renewals = self._cache.renewals  # checks answered after this are not older than its answer
             try:
                 result = await self._upstream.track_usage(
                     batch.customer_id,

@@ -11,10 +11,11 @@ from typing import Any
 import anyio
 import pytest
 
-from billingos_asgi import Entitlement, LocalBilling, NetworkError, QuotaExceededError
+from billingos_asgi import Entitlement, LocalBilling, NetworkError, QuotaExceededError, UsageEvent
 from billingos_asgi.backend import BillingBackend
 from billingos_asgi.cache import EntitlementCache, Quota, Refresh
-from billingos_asgi.upstream import Upstream
+from billingos_asgi.tracker import Tracker
+from billingos_asgi.upstream import Budget, Upstream
 
 from .conftest import Scenario
 
@@ -655,3 +656,172 @@ def test_an_eviction_passes_over_a_bounded_number_of_used_entries() -> None:
     entries["new", "api_calls"] = Quota(None)
     assert len(entries) == 1_000
     assert sum(not quota.used for quota in quotas) <= 33  # passed over (or evicted), not 1,000
+
+
+# -- answers crossing each other across plan changes, retries and refusals --
+
+
+class HeldCheck:
+    """Checks read upstream at once and answer when the test lets them (``held``, once set)."""
+
+    def __init__(self, billing: LocalBilling) -> None:
+        self.billing = billing
+        self.held: anyio.Event | None = None
+        self.read = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.billing, name)
+
+    async def check_entitlement(self, customer_id: str, feature_key: str) -> Entitlement:
+        answer = await self.billing.check_entitlement(customer_id, feature_key)
+        if self.held is not None:
+            self.read.set()
+            await self.held.wait()
+        return answer
+
+
+def admitted_of(cache: EntitlementCache, tries: int) -> int:
+    """How many of ``tries`` one-unit requests the entry served now admits."""
+    served = cache.get("c1", "api_calls")
+    return sum(1 for _ in range(tries) if served is not None and served.admit(1) == 0)
+
+
+async def test_a_retrys_answer_from_a_period_over_since_leaves_the_entry_as_it_is(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """Upstream answers a retry with its first call's figures: January's limit of 100 came back in
+    February, after a check saw the downgrade to 5, fresh for a whole TTL."""
+    await billing.set_plan("c1", "big")
+    cache, _ = cache_for(billing, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert quota.resets_at is not None and quota.admit(1) == 0
+    clocks.advance(quota.resets_at - clocks.wall.timestamp() - 60)  # January's last minute
+    first = await billing.track_usage("c1", "api_calls", 1, "r1")  # recorded; its answer lost
+    clocks.advance(120)  # February
+    await billing.set_plan("c1", "small")
+    assert (await cache.fetch("c1", "api_calls")).limit == 5
+    sent = cache.renewals
+    replayed = await billing.track_usage("c1", "api_calls", 1, "r1")  # the retry: January's answer
+    assert replayed == first
+    cache.confirm("c1", "api_calls", 1, replayed, sent)
+    assert (quota.limit, quota.local, admitted_of(cache, 20)) == (5, 0, 5)
+
+
+async def test_a_track_answer_crossing_a_check_across_a_plans_new_period_keeps_the_checks_figures(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """Yearly (1,000) to monthly (5), a new period: the old plan's answer, ending later, was taken as the newer."""
+    await billing.set_plan("c1", "yearly")
+    cache, _ = cache_for(billing, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert quota.limit == 1000 and quota.admit(1) == 0
+    sent = cache.renewals
+    recorded = await billing.track_usage("c1", "api_calls", 1, "before the change")
+    await billing.set_plan("c1", "small")
+    clocks.advance(31)
+    assert (await cache.fetch("c1", "api_calls")).limit == 5  # a check sees the new plan...
+    cache.confirm("c1", "api_calls", 1, recorded, sent)  # ...then the old track's answer lands
+    assert quota.limit == 5 and cache.get("c1", "api_calls") is None  # asked again at once
+    assert admitted_of(cache, 50) == 0
+
+
+async def test_a_check_crossing_a_track_answer_across_a_plans_new_period_keeps_the_lower_figures(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    await billing.set_plan("c1", "yearly")
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    clocks.advance(31)
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads the yearly plan...
+        await backend.read.wait()
+        await billing.set_plan("c1", "small")  # ...which becomes monthly, 5 a period...
+        assert quota.admit(1) == 0
+        sent = cache.renewals
+        cache.confirm("c1", "api_calls", 1, await billing.track_usage("c1", "api_calls", 1, "k"), sent)
+        assert quota.limit == 5
+        backend.held.set()  # ...and the yearly answer lands after the monthly track's
+    spawned: list[Refresh] = []
+    cache.spawn = spawned.append  # a lifespan runs: served stale while it is asked again, the lower limit holding
+    assert quota.limit == 5 and admitted_of(cache, 50) <= 4 and len(spawned) == 1
+
+
+async def test_an_older_track_answer_after_an_upstream_refusal_does_not_make_the_entry_fresh(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    cache, _ = cache_for(billing, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert quota.admit(1) == 0 and quota.admit(1) == 0  # two batches on their way
+    sent = cache.renewals
+    first = await billing.track_usage("c1", "api_calls", 1, "batch 1")  # recorded; its answer still on the wire
+    await billing.cancel_subscription("c1")
+    cache.reject("c1", "api_calls", 1, NetworkError("stands for upstream's refusal of batch 2"))
+    cache.confirm("c1", "api_calls", 1, first, sent)  # then batch 1's (older) answer lands
+    assert cache.get("c1", "api_calls") is None  # checked again before any request is admitted
+
+
+async def test_a_check_read_before_a_quota_refusal_keeps_the_entry_full(billing: LocalBilling, clocks: Clocks) -> None:
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")  # 0 of 5
+    clocks.advance(31)
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads 0 of 5...
+        await backend.read.wait()
+        await billing.track_usage("c1", "api_calls", 5, "another process")  # ...another process uses them all
+        assert quota.admit(1) == 0
+        cache.reject("c1", "api_calls", 1, QuotaExceededError("quota_exceeded"))  # ours refused: full
+        backend.held.set()  # ...then the check's older answer lands
+    assert sum(1 for _ in range(10) if quota.admit(1) == 0) == 0
+
+
+async def test_a_check_at_a_new_period_waits_for_a_budget_token_as_a_miss_does(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """The entry of a period over is no answer to fall back on: refused at once for want of a token,
+    its requests went through unchecked (or were answered 503)."""
+    upstream = Upstream(billing, budget=Budget(calls_per_minute=600, burst=1))  # a token every 0.1 s
+    cache = EntitlementCache(upstream, clock=lambda: clocks.monotonic, wall_clock=lambda: clocks.wall.timestamp())
+    quota = await cache.fetch("c1", "api_calls")  # the one token
+    assert quota.resets_at is not None
+    clocks.advance(quota.resets_at - clocks.wall.timestamp() + 1)
+    assert cache.get("c1", "api_calls") is None
+    with anyio.fail_after(5):
+        assert (await cache.fetch("c1", "api_calls")).limit == 5  # waited for the next token
+
+
+async def test_a_tracks_retry_answered_with_its_first_calls_figures_crosses_the_checks_since_that_call(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """The retry's answer is the first call's (limit 100): a check that saw the downgrade to 5
+    between the two calls crossed it, though it came before the retry was sent."""
+    await billing.set_plan("c1", "big")
+    cache_of: list[EntitlementCache] = []
+
+    class FirstAnswerLost:
+        calls = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(billing, name)
+
+        async def track_usage(self, *args: Any, **kwargs: Any) -> Any:
+            FirstAnswerLost.calls += 1
+            result = await billing.track_usage(*args, **kwargs)
+            if FirstAnswerLost.calls == 1:  # recorded; meanwhile the plan is downgraded, and a check sees it
+                await billing.set_plan("c1", "small")
+                clocks.advance(31)
+                assert (await cache_of[0].fetch("c1", "api_calls")).limit == 5
+                raise NetworkError("the answer was lost")
+            return result
+
+    cache, upstream = cache_for(FirstAnswerLost(), clocks)
+    cache_of.append(cache)
+    tracker = Tracker(upstream, cache)
+    quota = await cache.fetch("c1", "api_calls")
+    assert quota.limit == 100 and quota.admit(1) == 0
+    await tracker.send(UsageEvent("c1", "api_calls", 1.0, "r1:api_calls"))
+    assert FirstAnswerLost.calls == 2 and quota.local == 0
+    assert quota.limit == 5 and admitted_of(cache, 50) <= 4
