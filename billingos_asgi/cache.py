@@ -141,10 +141,12 @@ class Quota:
         self.checked_limit = limit
         if raced and limit is not None and self.tracked_limit is not None:  # (a plan change may start a period)
             limit = min(limit, self.tracked_limit)
-        if raced and not same_period:  # across a plan's new period: of the two usages, the higher holds too
-            usage = max(usage, self.usage)
+        ours_running = self.resets_at is not None and self.resets_at > now
+        carried = raced and not same_period and ours_running and self.usage > usage
+        if carried:  # across a plan's new period, which is current is not known: the higher usage holds,
+            usage = self.usage  # as a guess the next check replaces (never a period's usage into the next)
         self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
-        self.guessed = keep_guess
+        self.guessed = keep_guess or carried
 
 
 class _Entries(dict[Key, Quota]):

@@ -390,9 +390,6 @@ class RouteTable:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
-        # The templates as written, for a path the app routes as requested where an exclusion takes its
-        # slash variant ("/v1/files/" is "/v1/files/{name:path}"'s, whatever excludes "/v1/files").
-        self._as_written: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._canonical_paths = canonical_paths
         self._exact_paths = exact_paths and not canonical_paths
         # With exact paths, the keys written by hand, compared canonically (by what the app they name routes).
@@ -430,10 +427,8 @@ class RouteTable:
                 if parsed_parameters:  # a number in any digits, as Werkzeug's converters and int() take them
                     regex = _pattern(path, _ANY_DIGITS)
                 also_head = head_follows_get and method == "GET" and path not in heads
-                as_written = regex if self._exact_paths else _compiled(_split_key(key, exact=True)[1], key)[0]
                 for taken in ("GET", "HEAD") if also_head else (method,):
                     (self._written_dynamic if key in written else self._dynamic).append((taken, regex, metered))
-                    self._as_written.append((taken, as_written, metered))
                     if parsed is not None:
                         self._parsed.append((taken, parsed, metered))
             else:
@@ -548,13 +543,14 @@ class RouteTable:
         return found
 
     def _excluded_unless_served(self, method: str, path: str) -> Metered | None:
-        """An excluded path's slash variant, as requested (``/v1/files/`` where ``/v1/files`` is
-        excluded), which an app routing paths as written serves by a template of the table taking that
-        spelling, if one does (``/v1/files/{name:path}``): metered as that template, not excluded. (The
-        path's canonical spelling, or the one the exclusion names, stays excluded: a health check's.)"""
-        if path.rstrip("\n") not in self._excluded_as_written and not self._canonical_paths:
+        """With exact paths, an excluded path's slash variant as requested (``/v1/files/`` where
+        ``/v1/files`` is excluded) that no route of the app serves at that spelling, but a metered
+        template does (``/v1/files/{name:path}``): metered as that template, as the app routes it.
+        (A table written by hand does not know which route serves the variant: excluded there.)"""
+        plain = path.rstrip("\n")
+        if plain not in self._excluded_as_written and plain not in self._static:
             method = method.upper()
-            for route_method, regex, metered in self._as_written:
+            for route_method, regex, metered in self._dynamic:
                 if (route_method is None or route_method == method) and regex.match(path):
                     return metered if metered is not _UNMETERED else None
         return EXCLUDED
@@ -593,7 +589,7 @@ class RouteTable:
 
     def _match(self, method: str, path: str, raw: str | None, collapsed: str) -> Metered | None:
         if path in self._excluded:
-            return EXCLUDED if raw is None else self._excluded_unless_served(method, raw)
+            return EXCLUDED
         if not method.isupper():
             method = method.upper()
         by_method = self._static.get(path)  # (keys are canonical: a path found is one)

@@ -74,7 +74,10 @@ def _served(scope: Scope, start: Message, sent: int) -> bool:
         return True
     length = _header(start.get("headers", ()), b"content-length")
     # (ASCII digits: "²" is a digit int() refuses; one past int()'s 4,300 digits is past any body.)
-    return length is not None and length.isascii() and length.isdigit() and len(length) < 20 and int(length) <= sent
+    if length is None or not (length.isascii() and length.isdigit()):
+        return False
+    digits = length.lstrip("0") or "0"
+    return len(digits) < 20 and int(digits) <= sent
 
 
 async def _nowhere(message: Message) -> None:

@@ -825,3 +825,59 @@ async def test_a_tracks_retry_answered_with_its_first_calls_figures_crosses_the_
     await tracker.send(UsageEvent("c1", "api_calls", 1.0, "r1:api_calls"))
     assert FirstAnswerLost.calls == 2 and quota.local == 0
     assert quota.limit == 5 and admitted_of(cache, 50) <= 4
+
+
+async def test_a_natural_period_rollover_does_not_carry_last_periods_usage(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """The new period's first check crossing the old period's last answer: February started used up."""
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")  # 0 of 5
+    assert quota.resets_at is not None
+    for i in range(4):
+        assert quota.admit(1) == 0
+        cache.confirm("c1", "api_calls", 1, await billing.track_usage("c1", "api_calls", 1, f"jan{i}"), cache.renewals)
+    clocks.advance(quota.resets_at - clocks.wall.timestamp() - 1)  # January's last second
+    assert quota.admit(1) == 0
+    sent = cache.renewals
+    last = await billing.track_usage("c1", "api_calls", 1, "jan-last")  # recorded: 5 of 5; answer on the wire
+    clocks.advance(2)  # February: a new period, nothing used
+    assert cache.get("c1", "api_calls") is None
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads February: 0 of 5...
+        await backend.read.wait()
+        cache.confirm("c1", "api_calls", 1, last, sent)  # ...January's last answer lands
+        backend.held.set()
+    backend.held = None
+    clocks.advance(1)
+    await cache.fetch("c1", "api_calls")  # asked again, not raced: February 0 of 5
+    assert (await billing.check_entitlement("c1", "api_calls")).usage == 0
+    assert quota.usage == 0, f"February's entry holds January's usage {quota.usage}"
+    assert admitted_of(cache, 10) == 5
+
+
+async def test_a_quota_refusal_crossing_the_new_periods_first_check_does_not_carry_the_guess(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")  # 0 of 5
+    assert quota.resets_at is not None
+    await billing.track_usage("c1", "api_calls", 5, "another process")  # January used up
+    clocks.advance(quota.resets_at - clocks.wall.timestamp() - 1)
+    assert quota.admit(1) == 0  # January's last request, refused upstream on its way
+    clocks.advance(2)  # February
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads February: 0 of 5...
+        await backend.read.wait()
+        cache.reject("c1", "api_calls", 1, QuotaExceededError("quota_exceeded"))  # ...January's refusal lands
+        backend.held.set()
+    backend.held = None
+    clocks.advance(1)
+    await cache.fetch("c1", "api_calls")
+    assert quota.usage == 0, f"February's entry holds January's guess {quota.usage}"
+    assert admitted_of(cache, 10) == 5

@@ -953,41 +953,38 @@ async def test_a_slash_variant_of_an_excluded_path_a_metered_template_serves_is_
     billing: LocalBilling,
 ) -> None:
     """Starlette routes "/v1/health/" (the excluded "/v1/health" with a slash) to "/v1/{dataset}/",
-    and "/v1/files/" to "/v1/files/{name:path}": metered as the templates serving them. The
-    excluded spelling itself stays excluded, and so does a variant no template takes (a redirect)."""
+    and "/v1/files/" to "/v1/files/{name:path}": with the app's routes found (``declared(app)``),
+    metered as the templates serving them. The excluded spelling stays excluded, and so does a
+    variant a route of the app serves itself, or no template takes (a redirect); a table written by
+    hand, which does not know the app's routes, excludes every variant."""
     served: list[str] = []
 
     async def endpoint(request: Request) -> Response:
         served.append(request.url.path)
         return PlainTextResponse("ok")
 
-    app = Starlette(
-        routes=[
-            Route("/v1/health", endpoint),
-            Route("/v1/files", endpoint),
-            Route("/v1/files/{name:path}", endpoint),
-            Route("/v1/{dataset}/", endpoint),
-        ]
-    )
+    paths = ["/v1/health", "/v1/status/", "/v1/status", "/v1/files", "/v1/files/{name:path}", "/v1/{dataset}/"]
+    app = Starlette(routes=[Route(path, endpoint) for path in paths])
+    metered = {"/v1/files/{name:path}", "/v1/{dataset}/"}
+    found = route_table((f"GET {path}", Metered("api_calls") if path in metered else None) for path in paths)
     middleware = BillingMiddleware(
-        app,
-        billing=billing,
-        customer=by_header,
-        routes={"/v1/{dataset}/": "api_calls", "/v1/files/{name:path}": "api_calls"},
-        exclude=["/v1/health", "/v1/files"],
+        app, billing=billing, customer=by_header, routes=found, exclude=["/v1/health", "/v1/files", "/v1/status"]
     )
     async with lifespan(middleware):
         variants = [(await call_raw(middleware, http_scope(path))).status for path in ("/v1/health/", "/v1/files/")]
-        excluded = [(await call_raw(middleware, http_scope(path))).status for path in ("/v1/health", "/v1/files")]
+        excluded = [
+            (await call_raw(middleware, http_scope(path))).status for path in ("/v1/health", "/v1/files", "/v1/status/")
+        ]
         paid = await call_raw(middleware, http_scope("/v1/health/", headers=FREE))
-    assert (variants, excluded, paid.status) == ([401, 401], [200, 200], 200)
-    assert served == ["/v1/health", "/v1/files", "/v1/health/"]
+    assert (variants, excluded, paid.status) == ([401, 401], [200, 200, 200], 200)
+    assert served == ["/v1/health", "/v1/files", "/v1/status/", "/v1/health/"]
     assert await billing.recorded_units("user_free", "api_calls") == 1
-    for exact in (False, True):
-        routes: dict[str, Metered | None] = {"GET /v1/{dataset}/": Metered("api_calls"), "GET /v1/health": None}
-        table = RouteTable(route_table(routes.items()) if exact else routes, exclude=["/v1/health"], exact_paths=exact)
-        assert table.match("GET", "/v1/health/") == Metered("api_calls"), exact
-        assert [table.match("GET", path) for path in ("/v1/health", "//v1/health", "/v1/health\n")] == [EXCLUDED] * 3
+    routes: dict[str, Metered | None] = {"GET /v1/{dataset}/": Metered("api_calls"), "GET /v1/health": None}
+    exact = RouteTable(route_table(routes.items()), exclude=["/v1/health"], exact_paths=True)
+    assert exact.match("GET", "/v1/health/") == Metered("api_calls")
+    assert [exact.match("GET", path) for path in ("/v1/health", "/v1/health\n")] == [EXCLUDED] * 2
+    by_hand = RouteTable(routes, exclude=["/v1/health"])
+    assert [by_hand.match("GET", path) for path in ("/v1/health", "/v1/health/", "//v1/health")] == [EXCLUDED] * 3
 
 
 def test_a_route_written_with_its_slash_takes_that_path_before_a_catch_all() -> None:
