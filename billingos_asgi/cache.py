@@ -58,6 +58,7 @@ class Quota:
     local: float = 0.0
     refusal: int = 403  # 403 when the entitlement refuses whatever the usage, else 0
     guessed: bool = False  # usage raised here after a quota refusal: the next check's figure replaces it
+    carried: bool = False  # usage kept across a plan's new period (crossed answers): the next check's replaces it
     tracked: bool = True  # False for flags and numeric limits: gated, never tracked
     fresh_until: float = -math.inf  # (monotonic) served as is until then
     usable_until: float = -math.inf  # (monotonic) served stale, while one refresh runs, until then
@@ -136,7 +137,7 @@ class Quota:
         # Guessed full, and a track answer (whose figures were not taken) crossed this check: the
         # check may miss its units, so the guess holds until the next check, asked at once.
         keep_guess = self.guessed and raced and same_period
-        if same_period and self.usage > usage and (not self.guessed or keep_guess):
+        if same_period and self.usage > usage and (not (self.guessed or self.carried) or keep_guess):
             usage = self.usage  # a check answered before our last confirmed track
         self.checked_limit = limit
         if raced and limit is not None and self.tracked_limit is not None:  # (a plan change may start a period)
@@ -144,9 +145,9 @@ class Quota:
         ours_running = self.resets_at is not None and self.resets_at > now
         carried = raced and not same_period and ours_running and self.usage > usage
         if carried:  # across a plan's new period, which is current is not known: the higher usage holds,
-            usage = self.usage  # as a guess the next check replaces (never a period's usage into the next)
+            usage = self.usage  # until the next check (never a period's usage into the next); tracks still count
         self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
-        self.guessed = keep_guess or carried
+        self.guessed, self.carried = keep_guess, carried
 
 
 class _Entries(dict[Key, Quota]):
@@ -380,7 +381,9 @@ class EntitlementCache:
             quota.usage = max(quota.usage, usage.consumed_units)
             if raced and limit is not None and quota.checked_limit is not None:
                 limit = min(limit, quota.checked_limit)  # of two limits in one period, the lower holds
-        elif raced:  # across a plan change's new period: the check's figures hold until asked again, at once
+        elif raced:  # across a plan change's new period: the check's figures hold until asked again, at once,
+            if limit is not None and quota.limit is not None:  # the lower of the two limits meanwhile
+                quota.limit = min(quota.limit, limit)
             quota.fresh_until = min(quota.fresh_until, self._clock())
             return
         else:  # a later period, or one ending earlier but not yet: a plan's new period (a shorter interval)

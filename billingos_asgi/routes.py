@@ -151,7 +151,7 @@ class _ParsedTemplate:
 
 
 #: Starlette's number patterns, in any script's digits (``\d``: "٥" is 5 to ``int()`` and Werkzeug).
-_ANY_DIGITS = {"int": r"\d+", "float": r"\d+(?:\.\d+)?"}
+_ANY_DIGITS = {"int": r"\d+", "float": r"\d+\.\d+"}  # (Werkzeug's float has its point)
 
 
 def _pattern(path: str, kinds: Mapping[str, str]) -> re.Pattern[str]:

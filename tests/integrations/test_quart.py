@@ -206,6 +206,34 @@ async def test_werkzeugs_slash_redirect_is_not_billed_however_the_target_is_spel
     assert await billing.recorded_units("user_free", "api_calls") == 0
 
 
+@pytest.mark.parametrize("slug_first", [False, True])
+async def test_a_float_parameter_ranked_first_takes_a_plain_number_werkzeug_gives_the_slug(
+    billing: LocalBilling, slug_first: bool
+) -> None:
+    """Werkzeug's <float> takes digits with a point only: "/v1/items/5" is the metered <slug>'s."""
+    app = Quart(__name__)
+    entered: list[str] = []
+    Billing(app, customer=lambda request: None)  # anonymous: a metered request is a 401
+
+    @app.get("/v1/items/<float:price>")
+    async def by_price(price: float) -> dict[str, float]:
+        entered.append("price")
+        return {"price": price}
+
+    @app.get("/v1/items/<slug>")
+    async def by_slug(slug: str) -> dict[str, str]:
+        entered.append("slug")
+        return {"slug": slug}
+
+    keys: list[tuple[str, str | None]] = [("GET /v1/items/{price:float}", None), ("GET /v1/items/{slug}", "api_calls")]
+    routes = dict(reversed(keys) if slug_first else keys)
+    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=routes)  # type: ignore[assignment,method-assign]
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        answer = await client.get("/v1/items/5")
+    assert (answer.status_code, entered) == (401, []), (answer.status_code, entered)
+
+
 async def test_what_follows_the_root_path_is_metered_as_quart_routes_it(billing: LocalBilling) -> None:
     """Quart routes what follows the root path, slash or not ("/apiv1/exports" under "/api" is
     /v1/exports): gated as that route, not as the default feature taking the whole path."""
