@@ -28,6 +28,19 @@ MAX_SESSION_TTL = 86400
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+#: Past any body this library sends or takes (and short of int()'s 4,300 digits).
+_TOO_LONG = 10**18
+
+
+def content_length(value: str) -> int | None:
+    """A ``Content-Length`` 's byte count; None for one that is no count (only ASCII digits are:
+    "²" is a digit ``int()`` refuses); past :data:`_TOO_LONG`, that (leading zeros do not count)."""
+    if not (value.isascii() and value.isdigit()):
+        return None
+    digits = value.lstrip("0") or "0"
+    return int(digits) if len(digits) < 19 else _TOO_LONG
+
+
 def check_id(name: str, value: object) -> str:
     """Return ``value`` if it is a usable identifier, else raise ValidationError naming ``name``."""
     if not isinstance(value, str):

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 import anyio
 from starlette.types import Message, Receive, Scope, Send
 
+from ._validation import content_length
 from .context import UsageContext
 from .responses import quota_headers, refusal_in
 from .routes import redirects_to_itself
@@ -72,12 +73,9 @@ def _served(scope: Scope, start: Message, sent: int) -> bool:
     may close before the app's last (empty) message, as a server may stop the app at its headers."""
     if scope["method"] == "HEAD" or start["status"] in _BODILESS:
         return True
-    length = _header(start.get("headers", ()), b"content-length")
-    # (ASCII digits: "²" is a digit int() refuses; one past int()'s 4,300 digits is past any body.)
-    if length is None or not (length.isascii() and length.isdigit()):
-        return False
-    digits = length.lstrip("0") or "0"
-    return len(digits) < 20 and int(digits) <= sent
+    header = _header(start.get("headers", ()), b"content-length")
+    length = None if header is None else content_length(header)
+    return length is not None and length <= sent
 
 
 async def _nowhere(message: Message) -> None:

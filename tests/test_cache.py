@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -680,6 +680,17 @@ class HeldCheck:
         return answer
 
 
+async def crossed(cache: EntitlementCache, backend: HeldCheck, meanwhile: Callable[[], Awaitable[None]]) -> None:
+    """A check of c1's entry that reads upstream, then answers only after ``meanwhile`` has run."""
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")
+        await backend.read.wait()
+        await meanwhile()
+        backend.held.set()
+    backend.held = None
+
+
 def admitted_of(cache: EntitlementCache, tries: int) -> int:
     """How many of ``tries`` one-unit requests the entry served now admits."""
     served = cache.get("c1", "api_calls")
@@ -733,16 +744,15 @@ async def test_a_check_crossing_a_track_answer_across_a_plans_new_period_keeps_t
     cache, _ = cache_for(backend, clocks)
     quota = await cache.fetch("c1", "api_calls")
     clocks.advance(31)
-    backend.held = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads the yearly plan...
-        await backend.read.wait()
-        await billing.set_plan("c1", "small")  # ...which becomes monthly, 5 a period...
+
+    async def downgraded_and_tracked() -> None:
+        await billing.set_plan("c1", "small")  # monthly, 5 a period
         assert quota.admit(1) == 0
         sent = cache.renewals
         cache.confirm("c1", "api_calls", 1, await billing.track_usage("c1", "api_calls", 1, "k"), sent)
         assert quota.limit == 5
-        backend.held.set()  # ...and the yearly answer lands after the monthly track's
+
+    await crossed(cache, backend, downgraded_and_tracked)  # the yearly answer lands after the monthly track's
     spawned: list[Refresh] = []
     cache.spawn = spawned.append  # a lifespan runs: served stale while it is asked again, the lower limit holding
     assert quota.limit == 5 and admitted_of(cache, 50) <= 4 and len(spawned) == 1
@@ -767,14 +777,13 @@ async def test_a_check_read_before_a_quota_refusal_keeps_the_entry_full(billing:
     cache, _ = cache_for(backend, clocks)
     quota = await cache.fetch("c1", "api_calls")  # 0 of 5
     clocks.advance(31)
-    backend.held = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads 0 of 5...
-        await backend.read.wait()
-        await billing.track_usage("c1", "api_calls", 5, "another process")  # ...another process uses them all
+
+    async def used_up_and_refused() -> None:
+        await billing.track_usage("c1", "api_calls", 5, "another process")  # uses them all
         assert quota.admit(1) == 0
         cache.reject("c1", "api_calls", 1, QuotaExceededError("quota_exceeded"))  # ours refused: full
-        backend.held.set()  # ...then the check's older answer lands
+
+    await crossed(cache, backend, used_up_and_refused)  # the check read 0 of 5 before
     assert sum(1 for _ in range(10) if quota.admit(1) == 0) == 0
 
 
@@ -844,13 +853,11 @@ async def test_a_natural_period_rollover_does_not_carry_last_periods_usage(
     last = await billing.track_usage("c1", "api_calls", 1, "jan-last")  # recorded: 5 of 5; answer on the wire
     clocks.advance(2)  # February: a new period, nothing used
     assert cache.get("c1", "api_calls") is None
-    backend.held = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads February: 0 of 5...
-        await backend.read.wait()
-        cache.confirm("c1", "api_calls", 1, last, sent)  # ...January's last answer lands
-        backend.held.set()
-    backend.held = None
+
+    async def last_answer_lands() -> None:
+        cache.confirm("c1", "api_calls", 1, last, sent)
+
+    await crossed(cache, backend, last_answer_lands)  # the check reads February (0 of 5), then January's answer lands
     clocks.advance(1)
     await cache.fetch("c1", "api_calls")  # asked again, not raced: February 0 of 5
     assert (await billing.check_entitlement("c1", "api_calls")).usage == 0
@@ -861,7 +868,6 @@ async def test_a_natural_period_rollover_does_not_carry_last_periods_usage(
 async def test_a_quota_refusal_crossing_the_new_periods_first_check_does_not_carry_the_guess(
     billing: LocalBilling, clocks: Clocks
 ) -> None:
-
     backend = HeldCheck(billing)
     cache, _ = cache_for(backend, clocks)
     quota = await cache.fetch("c1", "api_calls")  # 0 of 5
@@ -870,13 +876,11 @@ async def test_a_quota_refusal_crossing_the_new_periods_first_check_does_not_car
     clocks.advance(quota.resets_at - clocks.wall.timestamp() - 1)
     assert quota.admit(1) == 0  # January's last request, refused upstream on its way
     clocks.advance(2)  # February
-    backend.held = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads February: 0 of 5...
-        await backend.read.wait()
-        cache.reject("c1", "api_calls", 1, QuotaExceededError("quota_exceeded"))  # ...January's refusal lands
-        backend.held.set()
-    backend.held = None
+
+    async def refusal_lands() -> None:
+        cache.reject("c1", "api_calls", 1, QuotaExceededError("quota_exceeded"))
+
+    await crossed(cache, backend, refusal_lands)  # the check reads February (0 of 5), then January's refusal lands
     clocks.advance(1)
     await cache.fetch("c1", "api_calls")
     assert quota.usage == 0, f"February's entry holds January's guess {quota.usage}"

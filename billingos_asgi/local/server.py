@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import _wire
 from .._exceptions import BillingOSError, ValidationError
-from .._validation import MAX_ID_LENGTH
+from .._validation import MAX_ID_LENGTH, content_length
 from .engine import LocalBilling
 
 __all__ = ["RateLimiter", "create_app"]
@@ -107,10 +107,9 @@ async def _json_object(request: Request) -> dict[str, Any]:
     Too large is a billing error like any other bad input, so its 413 carries the rate-limit headers too."""
     too_large = ValidationError(f"Request body is larger than {MAX_BODY_BYTES} bytes", status=413)
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isascii() and declared.isdigit():  # ("²" is a digit; the read is capped)
-        digits = declared.lstrip("0")  # (int() refuses over 4,300 digits)
-        if len(digits) > len(str(MAX_BODY_BYTES)) or int(digits or "0") > MAX_BODY_BYTES:
-            raise too_large
+    length = None if declared is None else content_length(declared)  # (none readable: the read is capped)
+    if length is not None and length > MAX_BODY_BYTES:
+        raise too_large
     body = bytearray()
     try:
         async for chunk in request.stream():

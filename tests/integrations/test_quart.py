@@ -149,6 +149,33 @@ async def test_a_typed_parameter_in_any_digits_werkzeug_takes_is_metered(billing
     assert await billing.recorded_units("user_free", "api_calls") == 2
 
 
+def typed_beside_slug(billing: LocalBilling, kind: str, metered: str, slug_first: bool) -> tuple[Quart, list[str]]:
+    """An app serving ``/v1/items/<kind:value>`` and ``/v1/items/<slug>`` to anonymous callers (a
+    metered request is a 401), the ``metered`` one ("typed" or "slug") metered, the table naming
+    the slug's key first or last; and its log of the views entered."""
+    app = Quart(__name__)
+    entered: list[str] = []
+    Billing(app, customer=lambda request: None)
+
+    @app.get(f"/v1/items/<{kind}:value>")
+    async def typed(value: float) -> dict[str, float]:
+        entered.append("typed")
+        return {"value": value}
+
+    @app.get("/v1/items/<slug>")
+    async def by_slug(slug: str) -> dict[str, str]:
+        entered.append("slug")
+        return {"slug": slug}
+
+    keys: list[tuple[str, str | None]] = [
+        (f"GET /v1/items/{{value:{kind}}}", "api_calls" if metered == "typed" else None),
+        ("GET /v1/items/{slug}", "api_calls" if metered == "slug" else None),
+    ]
+    routes = dict(reversed(keys) if slug_first else keys)
+    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=routes)  # type: ignore[assignment,method-assign]
+    return app, entered
+
+
 @pytest.mark.parametrize("slug_first", [False, True])
 async def test_a_typed_parameter_takes_any_digits_before_a_free_one_beside_it(
     billing: LocalBilling, slug_first: bool
@@ -156,23 +183,7 @@ async def test_a_typed_parameter_takes_any_digits_before_a_free_one_beside_it(
     """Werkzeug tries ``<int:...>`` (any script's digits) before ``<slug>``, whatever the table's
     order: "/v1/items/٥" was metered as the free slug's and served by the metered view, ungated;
     "+5" and " 5" are the slug's (Werkzeug's int takes digits only)."""
-    app = Quart(__name__)
-    entered: list[str] = []
-    Billing(app, customer=lambda request: None)  # anonymous: a metered request is a 401
-
-    @app.get("/v1/items/<int:item_id>")
-    async def item(item_id: int) -> dict[str, int]:
-        entered.append("item")
-        return {"item": item_id}
-
-    @app.get("/v1/items/<slug>")
-    async def by_slug(slug: str) -> dict[str, str]:
-        entered.append("slug")
-        return {"slug": slug}
-
-    keys: list[tuple[str, str | None]] = [("GET /v1/items/{item_id:int}", "api_calls"), ("GET /v1/items/{slug}", None)]
-    routes = dict(reversed(keys) if slug_first else keys)
-    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=routes)  # type: ignore[assignment,method-assign]
+    app, entered = typed_beside_slug(billing, "int", "typed", slug_first)
     async with app.test_app() as test_app:
         client = test_app.test_client()
         answers = [
@@ -211,23 +222,7 @@ async def test_a_float_parameter_ranked_first_takes_a_plain_number_werkzeug_give
     billing: LocalBilling, slug_first: bool
 ) -> None:
     """Werkzeug's <float> takes digits with a point only: "/v1/items/5" is the metered <slug>'s."""
-    app = Quart(__name__)
-    entered: list[str] = []
-    Billing(app, customer=lambda request: None)  # anonymous: a metered request is a 401
-
-    @app.get("/v1/items/<float:price>")
-    async def by_price(price: float) -> dict[str, float]:
-        entered.append("price")
-        return {"price": price}
-
-    @app.get("/v1/items/<slug>")
-    async def by_slug(slug: str) -> dict[str, str]:
-        entered.append("slug")
-        return {"slug": slug}
-
-    keys: list[tuple[str, str | None]] = [("GET /v1/items/{price:float}", None), ("GET /v1/items/{slug}", "api_calls")]
-    routes = dict(reversed(keys) if slug_first else keys)
-    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=routes)  # type: ignore[assignment,method-assign]
+    app, entered = typed_beside_slug(billing, "float", "slug", slug_first)
     async with app.test_app() as test_app:
         client = test_app.test_client()
         answer = await client.get("/v1/items/5")
