@@ -74,6 +74,10 @@ def load_plans(path: str | Path) -> Catalog:
         raise PlansError(f"{source}: cannot read the plans file: {exc.strerror or exc}{where}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PlansError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:  # (tomllib recurses into nested arrays and tables)
+        raise PlansError(f"{source}: not valid TOML: nested too deeply") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (4,300)
+        raise PlansError(f"{source}: not valid TOML: {exc}") from None
     return parse_plans(data, source=source)
 
 
@@ -97,18 +101,18 @@ def parse_plans(data: Mapping[str, Any], *, source: str = "<plans>") -> Catalog:
     root = table(data, "(top level)")
     unknown = set(root) - {"features", "plans", "customers"}
     if unknown:
-        raise fail(sorted(unknown)[0], "unknown top-level key (expected features, plans, customers)")
+        raise fail(min(map(_key_text, unknown)), "unknown top-level key (expected features, plans, customers)")
 
     features: dict[str, Feature] = {}
     for key, spec in table(root.get("features", {}), "features").items():
-        where = f"features.{name(key, f'features.{key!r}')}"
+        where = f"features.{name(key, f'features.{_shown(key)}')}"
         spec = table(spec, where)
         extra = set(spec) - {"title", "type"}
         if extra:
-            raise fail(f"{where}.{sorted(extra)[0]}", "unknown key (expected title, type)")
+            raise fail(f"{where}.{min(map(_key_text, extra))}", "unknown key (expected title, type)")
         kind = spec.get("type")
         if kind not in FEATURE_TYPES:
-            raise fail(f"{where}.type", f"must be one of {', '.join(FEATURE_TYPES)}, got {kind!r}")
+            raise fail(f"{where}.type", f"must be one of {', '.join(FEATURE_TYPES)}, got {_shown(kind)}")
         title = spec.get("title", key)
         if not isinstance(title, str):
             raise fail(f"{where}.title", "must be a string")
@@ -116,17 +120,17 @@ def parse_plans(data: Mapping[str, Any], *, source: str = "<plans>") -> Catalog:
 
     plans: dict[str, Plan] = {}
     for key, spec in table(root.get("plans", {}), "plans").items():
-        where = f"plans.{name(key, f'plans.{key!r}')}"
+        where = f"plans.{name(key, f'plans.{_shown(key)}')}"
         spec = table(spec, where)
         extra = set(spec) - {"name", "interval", "features"}
         if extra:
-            raise fail(f"{where}.{sorted(extra)[0]}", "unknown key (expected name, interval, features)")
+            raise fail(f"{where}.{min(map(_key_text, extra))}", "unknown key (expected name, interval, features)")
         plan_name = spec.get("name", key)
         if not isinstance(plan_name, str):
             raise fail(f"{where}.name", "must be a string")
         interval = spec.get("interval", "month")
         if interval not in INTERVALS:
-            raise fail(f"{where}.interval", f"must be one of {', '.join(INTERVALS)}, got {interval!r}")
+            raise fail(f"{where}.interval", f"must be one of {', '.join(INTERVALS)}, got {_shown(interval)}")
         grants: dict[str, Grant] = {}
         for feature_key, value in table(spec.get("features", {}), f"{where}.features").items():
             grant_where = f"{where}.features.{feature_key}"
@@ -140,9 +144,9 @@ def parse_plans(data: Mapping[str, Any], *, source: str = "<plans>") -> Catalog:
 
     customers: dict[str, str] = {}
     for key, plan_key in table(root.get("customers", {}), "customers").items():
-        where = f"customers.{name(key, f'customers.{key!r}')}"
+        where = f"customers.{name(key, f'customers.{_shown(key)}')}"
         if not isinstance(plan_key, str) or plan_key not in plans:
-            raise fail(where, f"unknown plan {plan_key!r}")
+            raise fail(where, f"unknown plan {_shown(plan_key)}")
         customers[key] = plan_key
     if not plans:  # an empty or truncated file: every customer would be unknown or planless
         raise fail("plans", "no plan is defined (add a [plans.<key>] table)")
@@ -153,17 +157,31 @@ def _grant(feature: Feature, value: Any, fail: Any) -> Grant | None:
     """A grant from a plan's feature value, None for a flag granted as ``false``."""
     if feature.type == "boolean_flag":
         if not isinstance(value, bool):
-            raise fail(f"boolean_flag takes true or false, got {value!r}")
+            raise fail(f"boolean_flag takes true or false, got {_shown(value)}")
         return Grant(feature, None) if value else None
     if value == UNLIMITED:
         return Grant(feature, None)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise fail(f"{feature.type} takes a number or {UNLIMITED!r}, got {value!r}")
+    not_finite = isinstance(value, float) and not math.isfinite(value)  # (an int of any size is finite)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not_finite:
+        raise fail(f"{feature.type} takes a number or {UNLIMITED!r}, got {_shown(value)}")
     if not 0 <= value <= MAX_QUANTITY:
-        raise fail(f"limit must be between 0 and {MAX_QUANTITY}, got {value!r}")
+        raise fail(f"limit must be between 0 and {MAX_QUANTITY}, got {_shown(value)}")
     if value and not to_micro(value):  # would be 0: a typo must not silently block the feature
-        raise fail(f"limit {value!r} is below the resolution of {1 / MICRO:g} units")
+        raise fail(f"limit {_shown(value)} is below the resolution of {1 / MICRO:g} units")
     return Grant(feature, to_micro(value))
+
+
+def _shown(value: object) -> str:
+    """``value`` for a message: short, even for an integer of thousands of digits (whose repr raises)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length() * 3 // 10} digits or so"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _key_text(key: object) -> str:
+    """A key for a message: a string as it is, anything else (a dict's key may be any) as :func:`_shown`."""
+    return key if isinstance(key, str) else _shown(key)
 
 
 def to_micro(value: float) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -446,11 +447,55 @@ def test_top_level_not_a_mapping() -> None:
         ({"plans": {" ": {}}}, "s: plans.' ': name must not be empty"),
         (
             {"plans": {"p": {}}, "customers": {"x" * 256: "p"}},
-            f"s: customers.{'x' * 256!r}: name is 256 characters long",
+            f"s: customers.'{'x' * 76}...: name is 256 characters long",  # (the key shortened)
         ),
     ],
 )
 def test_unusable_keys_are_refused(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(PlansError) as excinfo:
+        parse_plans(data, source="s")
+    assert str(excinfo.value).startswith(message)
+
+
+HUGE = 10**400  # TOML integers have no size limit; a float holds none this large
+
+
+def test_a_huge_integer_limit_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "plans.toml"
+    path.write_text(f'[features.api_calls]\ntype = "usage_quota"\n[plans.free]\nfeatures = {{ api_calls = {HUGE} }}\n')
+    with pytest.raises(PlansError) as excinfo:
+        load_plans(path)
+    assert str(excinfo.value) == (
+        f"{path}: plans.free.features.api_calls: limit must be between 0 and 99999999999999, "
+        "got an integer of 398 digits or so"
+    )
+    with pytest.raises(PlansError, match=r"^<plans>: features.a.type: must be one of .*, got an integer of"):
+        parse_plans({"features": {"a": {"type": 10**5000}}})  # (its repr would raise)
+
+
+def test_an_integer_too_long_to_read_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "plans.toml"
+    path.write_text(f"[features.a]\ntype = {'1' * 5000}\n")
+    with pytest.raises(PlansError, match=rf"^{re.escape(str(path))}: not valid TOML: Exceeds the limit"):
+        load_plans(path)
+
+
+def test_a_file_nested_too_deeply_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "plans.toml"
+    path.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(PlansError, match=rf"^{re.escape(str(path))}: not valid TOML: nested too deeply$"):
+        load_plans(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"plans": {}, 1: {}, "extra": {}}, "s: 1: unknown top-level key"),
+        ({"features": {"a": {"type": "usage_quota", 1: "x", "z": "y"}}}, "s: features.a.1: unknown key"),
+        ({"plans": {"p": {2: "x", "zz": "y"}}}, "s: plans.p.2: unknown key"),
+    ],
+)
+def test_unknown_keys_of_mixed_types_are_refused_by_name(data: dict[Any, Any], message: str) -> None:
     with pytest.raises(PlansError) as excinfo:
         parse_plans(data, source="s")
     assert str(excinfo.value).startswith(message)
