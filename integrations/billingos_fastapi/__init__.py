@@ -31,7 +31,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Host, Mount, Route
 
 from billingos_asgi import BillingBackend, Metered, UsageContext, UsageMetric, get_usage_context
 from billingos_asgi.context import declared_context
@@ -79,6 +79,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: {"description": "The feature's quota for this period is used up (see Retry-After)", "content": _PROBLEM},
 }
 _COLLECTED = "__billingos_collected__"  # set on a metered() dependency found by declared()
+_DOCUMENTS = "__billingos_documents__"  # set on an app's openapi() that declared() wraps
 
 
 def metered(
@@ -298,23 +299,48 @@ def declared(
     middleware saw it.
     """
     answer_refusals(app)  # now: the app reads its handlers when its stack is built, before collect()
-    schema_of = app.openapi
 
-    def openapi() -> dict[str, Any]:
-        """The app's schema, also when asked before its first request (a script exporting it)."""
-        if app.openapi_schema is None:
-            deque(walk([*app.routes, _TriedLast(app)], find=_find, expand=_expand), maxlen=0)  # (documents them)
-        return schema_of()
+    def document() -> None:
+        """Document the declared routes' answers (the walk does), in the app and the apps mounted in it."""
+        deque(walk([*app.routes, _TriedLast(app)], find=_find, expand=_expand), maxlen=0)
 
-    app.openapi = openapi  # type: ignore[method-assign]  # (as FastAPI documents for extending the schema)
+    for target in (app, *_mounted_apps(app)):
+        _document_before_schema(target, document)
 
     def collect() -> dict[str, str | Metered | None]:
         answer_refusals(app)  # the apps mounted since
         table = route_table(declarations([*app.routes, _TriedLast(app)], find=_find, expand=_expand), also)
-        app.openapi_schema = None  # regenerated with the documented answers
+        for target in (app, *_mounted_apps(app)):  # regenerated with the documented answers
+            target.openapi_schema = None
+            _document_before_schema(target, document)
         return table
 
     return collect
+
+
+def _mounted_apps(app: object) -> Iterator[FastAPI]:
+    """The FastAPI apps mounted in ``app``, at any depth: each serves a schema of its own."""
+    for route in getattr(app, "routes", ()):
+        if isinstance(route, (Mount, Host)):
+            if isinstance(route.app, FastAPI):
+                yield route.app
+            yield from _mounted_apps(route.app)
+
+
+def _document_before_schema(app: FastAPI, document: Callable[[], None]) -> None:
+    """Have ``app.openapi()`` document the declared routes' answers first, also when asked before
+    the first request (a script exporting the schema); once, however often the table is collected."""
+    schema_of = app.openapi
+    if getattr(schema_of, _DOCUMENTS, False):
+        return
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document()
+        return schema_of()
+
+    setattr(openapi, _DOCUMENTS, True)
+    app.openapi = openapi  # type: ignore[method-assign]  # (as FastAPI documents for extending the schema)
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,25 @@ def test_openapi_documents_them_before_the_first_request(billing: SpyBilling, de
     assert_documented(build(billing, [], declare).openapi())
 
 
+async def test_a_mounted_apps_schema_documents_them_even_when_asked_before_start_up(billing: SpyBilling) -> None:
+    """The mounted app serves a schema of its own, cached by FastAPI from its first call."""
+    sub = FastAPI()
+
+    @sub.get("/reports", dependencies=[metered("exports")])
+    async def reports() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    app.mount("/sub", sub)
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    early = sub.openapi()  # a script exporting it, before the app starts
+    async with serve(app) as client:
+        assert (await client.get("/sub/reports", headers=as_customer("user_free"))).status_code == 403
+        served = (await client.get("/sub/openapi.json")).json()
+    for schema in (early, served):
+        assert {"200", "401", "403", "429"} == set(schema["paths"]["/reports"]["get"]["responses"])
+
+
 def assert_documented(schema: dict[str, Any]) -> None:
     paths = schema["paths"]
     for path, method in (("/v1/search", "get"), ("/v1/chat", "post"), ("/v1/exports", "post")):
