@@ -16,12 +16,18 @@ __all__ = ["Batch", "UsageEvent", "event_key", "part_key"]
 
 
 def event_key(request_id: str, feature: str) -> str:
-    """The idempotency key of a request's usage of ``feature``: ``request_id:feature``, or, where a
-    long feature name would make it longer than upstream takes, the request id and a digest of the
-    feature, so that the event is still recorded."""
+    """The idempotency key of a request's usage of ``feature``: ``request_id:feature``, one per
+    request and feature. A trusted id's ``:`` and ``%`` are percent-encoded (ours have neither), so
+    that the first ``:`` ends the id ("r1" on "gpu:hours" is not "r1:gpu" on "hours"). Where that
+    would be longer than upstream takes, the feature's digest stands for it, and the id's for a long
+    id ("%%" starts no encoded id), so that the event is still recorded."""
+    if ":" in request_id or "%" in request_id:
+        request_id = request_id.replace("%", "%25").replace(":", "%3A")
     key = f"{request_id}:{feature}"
     if len(key) <= MAX_ID_LENGTH:
         return key
+    if len(request_id) + 33 > MAX_ID_LENGTH:
+        request_id = f"%%{hashlib.sha256(request_id.encode()).hexdigest()[:40]}"
     return f"{request_id}:{hashlib.sha256(feature.encode()).hexdigest()[:32]}"
 
 

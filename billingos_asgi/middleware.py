@@ -564,7 +564,7 @@ class BillingMiddleware:
             quota.local += used - admitted
         counted = quota is not None  # let through with nothing cached: its units are not counted here
         key = f"{context.request_id}:{feature}"  # event_key's common case, inline: a call less a request
-        if len(key) > MAX_ID_LENGTH:
+        if len(key) > MAX_ID_LENGTH or self._trust_request_id:  # (ours are hex: a trusted one may need encoding)
             key = event_key(context.request_id, feature)
         event: UsageEvent = _new_event((customer, feature, used, key, None, counted))
         return None if self.tracker.submit(event) else event

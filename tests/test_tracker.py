@@ -110,6 +110,17 @@ def test_event_keys_fit_upstream_whatever_the_feature_name() -> None:
     assert all(len(key) <= 255 for key in keys)
 
 
+def test_event_keys_of_trusted_ids_are_never_ambiguous() -> None:
+    """A trusted id's ":" and "%" are encoded: the first ":" of a key ends its request id."""
+    assert event_key("r1", "gpu:hours") != event_key("r1:gpu", "hours")
+    assert event_key("r1:gpu", "hours") == "r1%3Agpu:hours"
+    assert event_key("r1%3Agpu", "hours") == "r1%253Agpu:hours"  # (not the one above)
+    colons, percents = ":" * 128, "%" * 128  # the longest trusted ids, encoded 3 times as long
+    keys = {event_key(colons, "f"), event_key(percents, "f"), event_key(colons, "g"), event_key("%%x", "f" * 250)}
+    assert len(keys) == 4 and all(len(key) <= 255 for key in keys)
+    assert event_key(colons, "f").startswith("%%") and event_key("%%x", "f" * 250).startswith("%25%25x:")
+
+
 def test_each_split_of_an_event_has_a_key_of_its_own() -> None:
     whole = event("r1:api_calls", quantity=3)
     rest = whole._replace(quantity=2)  # what was left after a first split

@@ -636,6 +636,22 @@ async def test_trusted_request_id_is_the_idempotency_key(billing: LocalBilling) 
     assert await billing.recorded_units("user_free", "api_calls") == 3
 
 
+async def test_trusted_request_ids_with_colons_never_merge_two_requests(tmp_path: Path) -> None:
+    """The key is "id:feature": "r1" on "gpu:hours" and "r1:gpu" on "hours" are two requests."""
+    features = {"hours": {"type": "usage_quota"}, "gpu:hours": {"type": "usage_quota"}}
+    plans = {"features": features, "plans": {"pro": {"features": dict.fromkeys(features, "unlimited")}}}
+    async with LocalBilling.from_dict({**plans, "customers": {"acme": "pro"}}, tmp_path / "billing.db") as billing:
+        app = Starlette(routes=[Route("/cpu", recording_app([])), Route("/gpu", recording_app([]))])
+        routes = {"/cpu": "hours", "/gpu": "gpu:hours"}
+        middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes=routes, trust_request_id=True)
+        async with serve(middleware) as client:
+            for path, request_id in (("/gpu", "r1"), ("/cpu", "r1:gpu"), ("/gpu", "r1"), ("/cpu", "r1%3Agpu")):
+                answer = await client.get(path, headers=as_customer("acme", **{"x-request-id": request_id}))
+                assert answer.headers["x-request-id"] == request_id  # as sent: only the key encodes it
+        assert await billing.recorded_units("acme", "gpu:hours") == 1  # its id repeated: once
+        assert await billing.recorded_units("acme", "hours") == 2
+
+
 async def test_a_request_with_two_request_ids_gets_a_fresh_one(billing: LocalBilling) -> None:
     """A gateway that appends its id to the client's: the client's, first, must not decide."""
     middleware = BillingMiddleware(
