@@ -391,6 +391,7 @@ class RouteTable:
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
         self._canonical_paths = canonical_paths
+        self._tree = canonical_paths or parsed_parameters  # routed by a tree: literal segments compared as they are
         self._exact_paths = exact_paths and not canonical_paths
         # With exact paths, the keys written by hand, compared canonically (by what the app they name routes).
         written = routes.written if self._exact_paths and isinstance(routes, FoundRoutes) else frozenset()
@@ -411,7 +412,7 @@ class RouteTable:
             (key, value, *_split_key(key, exact=self._exact_paths and key not in written))
             for key, value in (routes or {}).items()
         ]
-        if canonical_paths or parsed_parameters:  # a routing tree's order, not the table's (a stable sort)
+        if self._tree:  # a routing tree's order, not the table's (a stable sort)
             entries.sort(key=lambda entry: _specificity(entry[3]))
         heads = {path for _, _, method, path in entries if method == "HEAD"}
         for key, value, method, path in entries:
@@ -602,9 +603,15 @@ class RouteTable:
             # newline ("/v1/export%0A" reaches /v1/export), and Litestar routes the canonical path,
             # with a leading slash where the request target had none ("GET v1/search HTTP/1.1").
             collapsed = _SLASHES.sub("/", "/" + path)
-            if self._canonical_paths:  # Litestar serves "/v1/files/" as "/v1/files" (a final newline stays)
+            if self._canonical_paths:
+                # Litestar serves "/v1/files/" as "/v1/files", and compares the rest as it is: "/reports/public\n"
+                # is no plain route there, but goes to the mount or template around it.
                 collapsed = collapsed.rstrip("/") or "/"
-            return self.match(method, canonical("/" + path.rstrip("\n")), raw=path, collapsed=collapsed)
+                return self.match(method, collapsed, raw=path, collapsed=collapsed)
+            # A routing tree (Quart's) compares literal segments as they are too: "/docs/index\n" is its
+            # "/docs/<name>".
+            plain = path if self._tree else path.rstrip("\n")
+            return self.match(method, canonical("/" + plain), raw=path, collapsed=collapsed)
         if self._simple:
             return self._default
         if self._excluded_prefixes and (

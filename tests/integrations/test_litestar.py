@@ -355,6 +355,39 @@ async def test_a_parameter_with_newlines_is_metered_as_litestar_routes_it(
     assert metered.routes.match("GET", "v1/notes/\n") is not None
 
 
+@get("/v1/notes/index")
+async def notes_index() -> str:
+    ENTERED.append("index")
+    return "free index"
+
+
+@get("/reports/public")
+async def reports_public_under_the_mount() -> str:
+    ENTERED.append("public")
+    return "free index"
+
+
+async def test_a_final_newline_is_metered_as_the_mount_or_template_litestar_sends_it_to(
+    billing: LocalBilling, entered: list[str]
+) -> None:
+    """Litestar compares a plain route's path as it is: "/reports/public%0A" is no "/reports/public",
+    but the mount's around it, and "/v1/notes/index%0A" the note "index\n", not the free index."""
+    routes = {
+        "/reports": "api_calls",
+        "/reports/{p:path}": "api_calls",
+        "/reports/public": None,
+        "GET /v1/notes/{title}": "api_calls",
+        "GET /v1/notes/index": None,
+    }
+    handlers = [reports, reports_public_under_the_mount, note, notes_index]
+    metered = identified_late(handlers, account_of, billing, routes=routes)  # no user: nobody
+    async with serve(metered) as client:
+        free = [(await client.get(path)).status_code for path in ("/reports/public", "/v1/notes/index")]
+        anonymous = [(await client.get(path)).status_code for path in ("/reports/public%0A", "/v1/notes/index%0A")]
+    assert (free, anonymous) == ([200, 200], [401, 401])
+    assert entered == ["public", "index"]
+
+
 async def test_a_prefix_exclusion_leaves_the_route_litestar_serves_a_slash_as_metered(
     billing: LocalBilling, entered: list[str]
 ) -> None:

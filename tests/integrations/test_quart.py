@@ -229,6 +229,31 @@ async def test_a_float_parameter_ranked_first_takes_a_plain_number_werkzeug_give
     assert (answer.status_code, entered) == (401, []), (answer.status_code, entered)
 
 
+async def test_a_final_newline_is_metered_as_the_parameter_werkzeug_gives_it_to(billing: LocalBilling) -> None:
+    """Werkzeug compares a static segment as it is: "/v1/docs/index%0A" is the metered <name>
+    "index\n"'s, not the free index's (a pattern's "$", as Starlette's, would take it for the index)."""
+    app = Quart(__name__)
+    entered: list[str] = []
+    Billing(app, customer=lambda request: None)  # nobody signed in
+
+    @app.get("/v1/docs/index")
+    async def index() -> str:
+        entered.append("index")
+        return "free"
+
+    @app.get("/v1/docs/<name>")
+    async def doc(name: str) -> str:
+        entered.append(name)
+        return "paid"
+
+    routes = {"GET /v1/docs/index": None, "GET /v1/docs/{name}": "api_calls"}
+    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=routes)  # type: ignore[assignment,method-assign]
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        answers = [(await client.get(path)).status_code for path in ("/v1/docs/index", "/v1/docs/index%0A")]
+    assert (answers, entered) == ([200, 401], ["index"])
+
+
 async def test_what_follows_the_root_path_is_metered_as_quart_routes_it(billing: LocalBilling) -> None:
     """Quart routes what follows the root path, slash or not ("/apiv1/exports" under "/api" is
     /v1/exports): gated as that route, not as the default feature taking the whole path."""
