@@ -84,6 +84,19 @@ AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 _SIGN_IN = "this route is metered: sign in first"
 
 
+async def gate_preflight(scope: Scope) -> None:
+    """Gate a CORS preflight that reached the handler of a route declared metered: the middleware
+    let it on unidentified for the app's CORS layer, which did not answer it, so the handler works
+    for it, and it is identified by ``customer=`` and gated like any request (an anonymous one: 401).
+    For the gates of declared routes (FastAPI's ``metered()``, Starlette's ``@metered``); a no-op
+    for any other request."""
+    context = (scope.get("state") or {}).get("billing")
+    if isinstance(context, UsageContext) and context.customer_id is None and is_preflight(scope):
+        gate = context._gate
+        if isinstance(gate, _LateGate):
+            await gate.resolve(context)
+
+
 #: A usage event without the named tuple's Python-level ``__new__`` (one is made per request).
 _new_event = functools.partial(tuple.__new__, UsageEvent)
 
@@ -790,6 +803,12 @@ class _LateGate:
 
     async def admit(self, context: UsageContext, customer_id: str | None) -> None:
         await self._middleware._identify_late(self._request, context, customer_id)
+
+    async def resolve(self, context: UsageContext) -> None:
+        """Identify the request by the middleware's own ``customer=`` resolver (if it has one) and gate it."""
+        customer_of = self._middleware._customer_of
+        if customer_of is not None:
+            await context.identify_by(customer_of, self._request.scope)
 
     def hook_failed(self, context: UsageContext, hook: object, exc: Exception) -> None:
         middleware = self._middleware

@@ -38,6 +38,7 @@ from billingos_asgi.context import declared_context
 from billingos_asgi.customers import CustomerResolver
 from billingos_asgi.discovery import MARK, Found, declarations, metering_of, route_table, walk
 from billingos_asgi.endpoints import UsageEndpoints
+from billingos_asgi.middleware import gate_preflight
 from billingos_asgi.responses import answer_refusals
 from billingos_asgi.routes import QuantityFunction, joined
 
@@ -125,7 +126,9 @@ def metered(
     # The dependencies are async: FastAPI runs a sync one in its thread pool, where each metered
     # request would wait for a thread behind the app's blocking sync endpoints.
     async def gate(connection: HTTPConnection) -> UsageContext | None:
-        return context_of(connection)
+        context = context_of(connection)
+        await gate_preflight(connection.scope)  # (a CORS preflight that no CORS layer answered: gated here)
+        return context
 
     billing_gate: Callable[..., Any] = gate
     if customer is not None:

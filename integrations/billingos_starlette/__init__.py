@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
+import anyio.from_thread
 from starlette._utils import is_async_callable
 from starlette.requests import HTTPConnection
 from starlette.routing import Mount, Route
@@ -26,6 +27,7 @@ from billingos_asgi.context import declared_context
 from billingos_asgi.customers import CustomerResolver
 from billingos_asgi.discovery import MARK, declared_routes, unwrapped
 from billingos_asgi.endpoints import UsageEndpoints
+from billingos_asgi.middleware import gate_preflight, is_preflight
 from billingos_asgi.responses import answer_refusals
 from billingos_asgi.routes import QuantityFunction
 
@@ -62,6 +64,7 @@ def metered(
             async def checked_dispatch(self: Any) -> None:
                 own: Metered = getattr(type(self), MARK)
                 declared_context(self.scope, own.feature, f"endpoint {type(self).__qualname__}")
+                await gate_preflight(self.scope)
                 await dispatch(self)
 
             setattr(checked_dispatch, _UNCHECKED, dispatch)
@@ -73,14 +76,20 @@ def metered(
 
             @functools.wraps(endpoint)
             async def checked(*args: Any, **keywords: Any) -> Any:  # (request), (self, request), or a partial's
-                declared_context(_scope_among(args, keywords), feature, where)
+                scope = _scope_among(args, keywords)
+                declared_context(scope, feature, where)
+                if scope is not None:
+                    await gate_preflight(scope)
                 return await endpoint(*args, **keywords)
 
         else:
 
             @functools.wraps(endpoint)
             def checked(*args: Any, **keywords: Any) -> Any:
-                declared_context(_scope_among(args, keywords), feature, where)
+                scope = _scope_among(args, keywords)
+                declared_context(scope, feature, where)
+                if scope is not None and is_preflight(scope):  # (Starlette runs it in a worker thread of AnyIO's)
+                    anyio.from_thread.run(gate_preflight, scope)
                 return endpoint(*args, **keywords)
 
         setattr(checked, MARK, declaration)
@@ -119,6 +128,7 @@ class _CheckedApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             declared_context(scope, self.feature, self.where)
+            await gate_preflight(scope)
         await self.app(scope, receive, send)
 
 

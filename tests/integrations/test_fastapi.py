@@ -160,6 +160,26 @@ async def test_a_mounted_apps_schema_documents_them_even_when_asked_before_start
         assert {"200", "401", "403", "429"} == set(schema["paths"]["/reports"]["get"]["responses"])
 
 
+async def test_a_preflight_no_cors_layer_answers_is_gated_by_a_declared_route(billing: SpyBilling) -> None:
+    """A route declared metered that serves OPTIONS, with no CORS middleware answering preflights
+    first: a forged preflight (Origin and Access-Control-Request-Method) ran it ungated, unbilled."""
+    app = FastAPI()
+    entered: list[str] = []
+
+    @app.api_route("/v1/describe", methods=["GET", "OPTIONS"], dependencies=[metered("api_calls")])
+    async def describe() -> dict[str, str]:
+        entered.append("describe")
+        return {"described": "yes"}
+
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    preflight = {"origin": "https://app.test", "access-control-request-method": "GET"}
+    async with serve(app) as client:
+        anonymous = await client.options("/v1/describe", headers=preflight)
+        named = await client.options("/v1/describe", headers=as_customer("user_free", **preflight))
+    assert (anonymous.status_code, named.status_code, entered) == (401, 200, ["describe"])
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
 def assert_documented(schema: dict[str, Any]) -> None:
     paths = schema["paths"]
     for path, method in (("/v1/search", "get"), ("/v1/chat", "post"), ("/v1/exports", "post")):

@@ -155,6 +155,48 @@ async def test_a_class_endpoint_is_gated_for_every_method_and_a_hosts_routes_too
     assert await billing.recorded_units("user_free", "api_calls") == 10
 
 
+PREFLIGHT = {"origin": "https://app.test", "access-control-request-method": "GET"}
+
+
+async def test_a_preflight_no_cors_layer_answers_is_gated_by_a_declared_endpoint(billing: LocalBilling) -> None:
+    """The middleware lets a CORS preflight on unidentified, for the app's CORS layer to answer;
+    reaching a declared endpoint that serves OPTIONS, it does the endpoint's work: gated, billed."""
+    entered: list[str] = []
+
+    @metered("api_calls")
+    async def described(request: Request) -> JSONResponse:
+        entered.append("async")
+        return JSONResponse({"ok": True})
+
+    @metered("api_calls")
+    def described_sync(request: Request) -> JSONResponse:
+        entered.append("sync")
+        return JSONResponse({"ok": True})
+
+    @metered("api_calls")
+    class Described(HTTPEndpoint):
+        async def options(self, request: Request) -> JSONResponse:
+            entered.append("class")
+            return JSONResponse({"ok": True})
+
+    paths = ["/async", "/sync", "/class"]
+    app = Starlette(
+        routes=[
+            Route("/async", described, methods=["GET", "OPTIONS"]),
+            Route("/sync", described_sync, methods=["GET", "OPTIONS"]),
+            Route("/class", Described),
+        ]
+    )
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        anonymous = [(await client.options(path, headers=PREFLIGHT)).status_code for path in paths]
+        named = [(await client.options(path, headers=as_customer("user_free", **PREFLIGHT))) for path in paths]
+    assert anonymous == [401] * 3
+    assert [answer.status_code for answer in named] == [200] * 3 and entered == ["async", "sync", "class"]
+    assert all("x-request-id" in answer.headers for answer in named)
+    assert await billing.recorded_units("user_free", "api_calls") == 3
+
+
 async def test_the_usage_routes_answer_a_failing_resolver_with_a_problem(
     billing: LocalBilling, caplog: pytest.LogCaptureFixture
 ) -> None:
