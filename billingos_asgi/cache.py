@@ -347,9 +347,17 @@ class EntitlementCache:
                 quota.refreshing = False
 
     def known_full(self, customer_id: str, feature_key: str) -> bool:
-        """Whether the entry of the key has nothing left (as after a quota refusal, until upstream says more)."""
+        """Whether upstream said lately that the key's quota has nothing left in the running period:
+        a fresh entry's answer, not a guess after a refusal, nor a period since over."""
         quota = self._entries.find((customer_id, feature_key))
-        return quota is not None and quota.limit is not None and quota.usage >= quota.limit - _EPSILON
+        return (
+            quota is not None
+            and quota.limit is not None
+            and quota.usage >= quota.limit - _EPSILON
+            and not (quota.guessed or quota.carried)
+            and quota.fresh_until > self._clock()
+            and (quota.resets_at is None or quota.resets_at > self._wall_clock())
+        )
 
     def confirm(
         self, customer_id: str, feature_key: str, units: float, result: TrackUsageResult, renewals: int | None = None

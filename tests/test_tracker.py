@@ -9,6 +9,7 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,10 @@ PLANS: dict[str, Any] = {
         "tokens": {"type": "usage_quota"},
         "seats": {"type": "numeric_limit"},
     },
-    "plans": {"small": {"features": {"api_calls": 10, "tokens": "unlimited", "seats": 3}}},
+    "plans": {
+        "small": {"features": {"api_calls": 10, "tokens": "unlimited", "seats": 3}},
+        "big": {"features": {"api_calls": 100}},
+    },
     "customers": {f"c{i}": "small" for i in range(10)},
 }
 
@@ -651,6 +655,36 @@ async def test_a_quota_the_cache_knows_is_used_up_is_not_checked_again(billing: 
     tracker = Tracker(upstream, cache, flush_interval=0.05)
     await run_tracker(tracker, [event("k0"), event("k1")])
     assert tracker.stats.rejected == 2 and upstream.checks == 1  # the request's check only
+
+
+async def test_a_quota_used_up_in_a_period_since_over_is_checked_again(tmp_path: Path) -> None:
+    """The cache's entry says a period that ended was used up: the batch refused in the new one
+    (12 units, 10 of them fit) records what fits, not nothing."""
+    now = [datetime.now(timezone.utc) - timedelta(days=3)]
+    plans = {**PLANS, "plans": {"small": {"interval": "day", "features": {"api_calls": 10}}}}
+    async with LocalBilling.from_dict(plans, tmp_path / "billing.db", clock=lambda: now[0]) as billing:
+        tracker = tracker_for(billing, flush_interval=0.05)
+        await billing.track_usage("c0", "api_calls", 10)
+        await tracker._cache.fetch("c0", "api_calls")  # used up, as a request found
+        now[0] += timedelta(days=2)  # a new day upstream: 10 left
+        await run_tracker(tracker, [event(f"k{i}") for i in range(12)])
+        assert (tracker.stats.sent, tracker.stats.rejected) == (10, 2)
+        assert await billing.recorded_units("c0", "api_calls") == 20
+
+
+async def test_a_used_up_quota_the_cache_no_longer_holds_fresh_is_checked_again(billing: LocalBilling) -> None:
+    """Upgraded since the cache learnt it was used up, a while ago: the refused batch asks what is left."""
+    await billing.track_usage("c0", "api_calls", 10)
+    clock = [0.0]
+    upstream = Upstream(billing)
+    cache = EntitlementCache(upstream, clock=lambda: clock[0])
+    await cache.fetch("c0", "api_calls")
+    await billing.set_plan("c0", "big")  # 100 a month
+    clock[0] += 3600  # the entry went stale (no request asked since)
+    tracker = Tracker(upstream, cache, flush_interval=0.05)
+    await billing.track_usage("c0", "api_calls", 85)  # 5 left: the batch of 8 is refused
+    await run_tracker(tracker, [event(f"k{i}") for i in range(8)])
+    assert (tracker.stats.sent, tracker.stats.rejected, upstream.checks) == (5, 3, 2)
 
 
 @pytest.mark.parametrize(("left", "recorded", "rejected"), [(3, 10, 61), (2.5, 10, 62)])
