@@ -59,6 +59,7 @@ class UsageContext:
         "quota",
         "reported",
         "request_id",
+        "routed",
         "settled",
     )
 
@@ -82,6 +83,7 @@ class UsageContext:
         self._loop: tuple[anyio.lowlevel.EventLoopToken, int] | None = None  # see bind_loop()
         self.settled = False  # billed (or not) once the app returned: too late to report or identify
         self._failed = False  # see mark_failed()
+        self.routed = False  # see mark_routed()
 
     def __repr__(self) -> str:
         return (
@@ -173,6 +175,13 @@ class UsageContext:
         ``CommonMiddleware`` answer a 404 with a redirect to the language's or the slashed URL,
         whose request is then billed). Its units are released as a failed request's are."""
         self._failed = True
+
+    def mark_routed(self) -> None:
+        """The framework routed the request to a view or handler, which runs: its answer is billed,
+        even a redirect to its own URL with a slash added (a form's next page), which is otherwise
+        taken for the framework's canonical redirect. For framework adapters (Starlette names the
+        endpoint in the scope itself)."""
+        self.routed = True
 
     def _still_open(self, call: str) -> None:
         """Refuse a change once the request is billed: a task outliving it (one the handler started)

@@ -3,15 +3,18 @@ whether the client got all of it, which decides whether the request is billed (S
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Iterable
 from urllib.parse import urlparse
 
 import anyio
+from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from ._validation import content_length
 from .context import UsageContext
+from .discovery import unwrapped
 from .responses import quota_headers, refusal_in
 from .routes import redirects_to_itself
 
@@ -36,9 +39,10 @@ def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
-def _to_itself(scope: Scope, start: Message) -> bool:
-    """Whether a response (its start message) redirects the request to its own URL, slashes aside."""
-    if start["status"] not in _SLASH_REDIRECTS:
+def _to_itself(scope: Scope, start: Message, context: UsageContext) -> bool:
+    """Whether a response (its start message) is the framework's redirect of the request to its own
+    URL, slashes aside, sent before any endpoint ran (an endpoint's own is billed, whatever its target)."""
+    if start["status"] not in _SLASH_REDIRECTS or context.routed or _endpoint_ran(scope):
         return False
     location = _header(start.get("headers", ()), b"location")
     host = _header(scope["headers"], b"host")
@@ -48,6 +52,22 @@ def _to_itself(scope: Scope, start: Message) -> bool:
     server = scope.get("server")
     return location is not None and any(
         redirects_to_itself(path, query, host, location, scheme, status, server) for path in _routed_paths(scope)
+    )
+
+
+def _endpoint_ran(scope: Scope) -> bool:
+    """Whether the scope names the endpoint that answered: Starlette's router sets ``route`` (1.x)
+    or ``endpoint`` to a route's once it matched, and a ``Mount``'s app (an object, not a function or
+    an endpoint class) on the way there; Litestar names its ``route_handler``."""
+    route = scope.get("route")
+    if route is not None:
+        return isinstance(route, Route)
+    endpoint = unwrapped(scope.get("endpoint"))
+    return (
+        inspect.isfunction(endpoint)
+        or inspect.ismethod(endpoint)
+        or inspect.isclass(endpoint)
+        or ("route_handler" in scope)
     )
 
 
@@ -172,7 +192,7 @@ class ResponseWatch:
             message["headers"] = headers
             status = self.status = message["status"]
             if 300 <= status < 400:
-                self.to_itself = _to_itself(self._scope, message)
+                self.to_itself = _to_itself(self._scope, message, context)
             elif status == 500 and await self._answer_refusal(message):
                 return
             gated = context.quota

@@ -133,6 +133,13 @@ class IdentifyCustomerMiddleware:
             context.mark_failed()
         return response
 
+    async def process_view(self, request: HttpRequest, view: Any, args: Any, kwargs: Any) -> None:
+        """The URL resolved to a view, which runs: its redirect to its own URL is billed, unlike
+        ``CommonMiddleware``'s to the slashed one (see :meth:`UsageContext.mark_routed`)."""
+        context = get_usage_context()
+        if context is not None:
+            context.mark_routed()
+
 
 def django_response(denied: BillingDenied) -> HttpResponse:
     """The refusal (a Starlette response) as Django's, body and headers as they are."""

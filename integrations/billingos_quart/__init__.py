@@ -72,7 +72,11 @@ class Billing:
         OPTIONS) or the app's CORS extension (quart-cors' ``route_cors``, in the view) answers it,
         unbilled."""
         context = get_usage_context()
-        if context is None or is_preflight(request.scope):
+        if context is None:
+            return None
+        if request.url_rule is not None:  # routed to a view (not Werkzeug's slash redirect): it runs
+            context.mark_routed()
+        if is_preflight(request.scope):
             return None
         context.bind_loop()  # sync views run in executor threads: their report_usage() comes back here
         try:

@@ -20,7 +20,7 @@ import django  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
-from django.http import HttpRequest, JsonResponse  # noqa: E402
+from django.http import HttpRequest, HttpResponseRedirect, JsonResponse  # noqa: E402
 from django.test import override_settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
@@ -75,6 +75,11 @@ async def note(request: HttpRequest, title: str) -> JsonResponse:
     return JsonResponse({"note": title})
 
 
+async def form(request: HttpRequest) -> HttpResponseRedirect:  # Post/Redirect/Get, to a next page the form names
+    ENTERED.append("form")
+    return HttpResponseRedirect(request.POST.get("next", "/v1/done"))
+
+
 @metered("api_calls")
 async def declared(request: HttpRequest) -> JsonResponse:
     ENTERED.append("declared")
@@ -96,6 +101,7 @@ urlpatterns = [
     path("v1/tokens", tokens),
     path("v1/any", any_method),
     path("v1/convert", any_method),
+    path("v1/form", form),
     path("health", health),
     path("v1/notes/<str:title>/", note),
 ]
@@ -108,6 +114,7 @@ ROUTES: dict[str, str | Metered | None] = {
     "GET /v1/declared": "api_calls",
     "GET /v1/mislabelled": "api_calls",
     "GET /v1/tokens": Metered("tokens", quantity=None),
+    "POST /v1/form": "api_calls",
 }
 
 
@@ -480,6 +487,23 @@ async def test_a_slash_redirect_of_common_middleware_is_not_billed_the_request_a
     assert answer.status_code == 200 and [r.status_code for r in answer.history] == [301]
     assert answer.history[0].headers["location"] == "/v1/notes/caf%C3%A9/" and entered == ["café"]
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_a_views_own_redirect_to_its_url_with_a_slash_is_billed(
+    billing: LocalBilling, sessions: dict[str, tuple[str, dict[str, str]]], entered: list[str]
+) -> None:
+    """A form's next page, even its own path with a slash added ("/v1/form/"), is the view's answer
+    after its work: billed, unlike CommonMiddleware's redirect to the slashed URL."""
+    free, as_free = sessions["free"]
+    await billing.set_plan(free, "free")
+    async with serve(build(billing)) as client:
+        answers = [
+            await client.post("/v1/form", data={"next": target}, headers=as_free)
+            for target in ("/v1/done", "/v1/form/")
+        ]
+    assert [(a.status_code, a.headers["location"]) for a in answers] == [(302, "/v1/done"), (302, "/v1/form/")]
+    assert entered == ["form", "form"]
+    assert await billing.recorded_units(free, "api_calls") == 2
 
 
 async def test_a_redirect_django_makes_of_a_404_outside_the_adapter_is_not_billed(

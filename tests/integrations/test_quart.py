@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("quart")
 
-from quart import Blueprint, Quart, Request, g, request  # noqa: E402
+from quart import Blueprint, Quart, Request, g, redirect, request  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, from_api_key, report_usage  # noqa: E402
 from billingos_asgi.context import UsageContext  # noqa: E402
@@ -215,6 +215,24 @@ async def test_werkzeugs_slash_redirect_is_not_billed_however_the_target_is_spel
         redirect = await call_raw(middleware, scope)
     assert redirect.status == 308
     assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_a_views_own_redirect_to_its_url_with_a_slash_is_billed(billing: LocalBilling) -> None:
+    """A form's next page, even its own path with a slash added: the view's answer, unlike Werkzeug's 308."""
+    app = Quart(__name__)
+    Billing(app, customer=lambda request: "user_free")
+
+    @app.post("/v1/form")
+    async def form() -> Any:
+        return redirect((await request.form).get("next", "/v1/done"))
+
+    routes = {"POST /v1/form": "api_calls"}
+    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=routes)  # type: ignore[assignment,method-assign]
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        answers = [await client.post("/v1/form", form={"next": target}) for target in ("/v1/done", "/v1/form/")]
+    assert [(a.status_code, a.headers["location"]) for a in answers] == [(302, "/v1/done"), (302, "/v1/form/")]
+    assert await billing.recorded_units("user_free", "api_calls") == 2
 
 
 @pytest.mark.parametrize("slug_first", [False, True])

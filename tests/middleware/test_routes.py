@@ -516,19 +516,48 @@ async def test_an_endpoints_own_redirects_are_billed(billing: LocalBilling) -> N
     assert await billing.recorded_units("user_free", "api_calls") == 3
 
 
+async def test_an_endpoints_own_redirect_to_its_url_with_a_slash_is_billed(billing: LocalBilling) -> None:
+    """A form's next page (the client's to name), even the endpoint's own path with a slash added or
+    over https: its answer after its work, billed; the router's slash redirect, inside a mount too, is not."""
+
+    async def convert(request: Request) -> Response:
+        return RedirectResponse((await request.body()).decode() or "/v1/done")  # (a 307)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/convert", convert, methods=["POST"]),
+            Mount("/v2", routes=[Route("/convert", convert, methods=["POST"])]),
+        ]
+    )
+    routes = {"POST /v1/convert": "api_calls", "POST /v2/convert": "api_calls"}
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes=routes)
+    targets = ["/v1/convert/", "http://test/v1/convert/", "https://test/v1/convert"]
+    async with serve(middleware) as client:
+        answers = [
+            await client.post(path, content=target, headers=as_customer("user_free"))
+            for path in ("/v1/convert", "/v2/convert")
+            for target in targets
+        ]
+        slashed = await client.post("/v2/convert/", headers=as_customer("user_free"))  # the router's 307
+    assert [answer.status_code for answer in answers] == [307] * 6 and slashed.status_code == 307
+    assert await billing.recorded_units("user_free", "api_calls") == 6
+
+
 @pytest.mark.parametrize(("status", "billed"), [(301, 1), (302, 1), (308, 1), (303, 2)])
 async def test_a_slash_redirect_is_not_billed_whatever_its_status_but_see_other(
     billing: LocalBilling, status: int, billed: int
 ) -> None:
     """Frameworks answer a slash with 301 (Django), 302, 307 (Starlette) or 308 (Werkzeug, under
-    Quart), here over https; a 303 ("see other") is an endpoint's own answer, billed."""
+    Quart), here over https, before any endpoint runs (a router of its own, naming none in the
+    scope); a 303 ("see other") is an endpoint's own answer, billed."""
 
-    async def search(request: Request) -> Response:
-        if request.url.path.endswith("/"):
-            return RedirectResponse("https://app/v1/search", status_code=status)
-        return PlainTextResponse("results")
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"].endswith("/"):
+            response: Response = RedirectResponse("https://app/v1/search", status_code=status)
+        else:
+            response = PlainTextResponse("results")
+        await response(scope, receive, send)
 
-    app = Starlette(routes=[Route("/v1/search", search), Route("/v1/search/", search)])
     middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes={"/v1/search": "api_calls"})
     async with serve(middleware, base_url="https://app", follow_redirects=True) as client:
         searched = await client.get("/v1/search/", headers=as_customer("user_free"))
