@@ -70,8 +70,10 @@ class Quota:
     # The limits the last check and track answers said, as they said them: where two answers cross,
     # the lower of theirs holds (not of a limit itself kept lower in an earlier crossing: an upgrade
     # under steady traffic would never take).
+    # (math.inf: unlimited; None: no such answer yet)
     checked_limit: float | None = None
     tracked_limit: float | None = None
+    refused: int = 0  # the cache's count of track answers when upstream last refused one of its tracks
     key: Key | None = None  # its (customer, feature) in ``home``, the cache's entries
     home: _Entries | None = field(default=None, repr=False)
 
@@ -139,15 +141,26 @@ class Quota:
         keep_guess = self.guessed and raced and same_period
         if same_period and self.usage > usage and (not (self.guessed or self.carried) or keep_guess):
             usage = self.usage  # a check answered before our last confirmed track
-        self.checked_limit = limit
-        if raced and limit is not None and self.tracked_limit is not None:  # (a plan change may start a period)
-            limit = min(limit, self.tracked_limit)
+        self.checked_limit = _said(limit)
+        if raced and self.tracked_limit is not None:  # (a plan change may start a period)
+            limit = _lower(limit, self.tracked_limit)
         ours_running = self.resets_at is not None and self.resets_at > now
         carried = raced and not same_period and ours_running and self.usage > usage
         if carried:  # across a plan's new period, which is current is not known: the higher usage holds,
             usage = self.usage  # until the next check (never a period's usage into the next); tracks still count
         self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
         self.guessed, self.carried = keep_guess, carried
+
+
+def _said(limit: float | None) -> float:
+    """A counted quota's limit as an answer said it, for comparing two answers: unlimited is infinite."""
+    return math.inf if limit is None else limit
+
+
+def _lower(limit: float | None, other: float) -> float | None:
+    """The lower of a quota's ``limit`` (None: unlimited) and ``other`` (see :func:`_said`), as a limit."""
+    lower = min(_said(limit), other)
+    return None if lower == math.inf else lower
 
 
 class _Entries(dict[Key, Quota]):
@@ -312,7 +325,9 @@ class EntitlementCache:
         self.renewals += 1
         quota.renewed = self.renewals
         self._stamp(quota)
-        if raced:  # stale at once: the next request has it asked again
+        if quota.refused > asked:  # refused upstream meanwhile: asked again before any request is admitted
+            quota.fresh_until = quota.usable_until = -math.inf
+        elif raced:  # stale at once: the next request has it asked again
             quota.fresh_until = self._clock()
         self._entries[key] = quota  # (again, if it was evicted meanwhile)
         return quota
@@ -382,16 +397,16 @@ class EntitlementCache:
         same_period = period_end == quota.resets_at
         if not same_period and quota.resets_at is not None and period_end <= self._wall_clock():
             return  # a retry answered with its first call's figures, of a period over since: its units are settled
-        limit = quota.tracked_limit = usage.limit_units  # admission compares usage with the limit itself
+        limit = usage.limit_units  # admission compares usage with the limit itself
+        quota.tracked_limit = _said(limit)
         # A check answered since crossed this answer: which is newer is not known (a plan changed meanwhile).
         raced = renewals is not None and quota.renewed > renewals
         if same_period:
             quota.usage = max(quota.usage, usage.consumed_units)
-            if raced and limit is not None and quota.checked_limit is not None:
-                limit = min(limit, quota.checked_limit)  # of two limits in one period, the lower holds
+            if raced and quota.checked_limit is not None:
+                limit = _lower(limit, quota.checked_limit)  # of two limits in one period, the lower holds
         elif raced:  # across a plan change's new period: the check's figures hold until asked again, at once,
-            if limit is not None and quota.limit is not None:  # the lower of the two limits meanwhile
-                quota.limit = min(quota.limit, limit)
+            quota.limit = _lower(quota.limit, _said(limit))  # the lower of the two limits meanwhile
             quota.fresh_until = min(quota.fresh_until, self._clock())
             return
         else:  # a later period, or one ending earlier but not yet: a plan's new period (a shorter interval)
@@ -410,10 +425,21 @@ class EntitlementCache:
             return
         if error is None:
             return  # dropped here, not refused upstream: the cached answer still holds
+        # A check on its way read before the refusal (it crossed it): its answer is taken, but the
+        # entry is asked again before any request is admitted on it.
+        self._confirms += 1
+        quota.confirmed = quota.refused = self._confirms
         if isinstance(error, QuotaExceededError) and quota.limit is not None:
-            # Full, as far as we know: refused (even stale) until upstream says how full it is; a check
-            # on its way read before the refusal (it crossed it): the guess holds, and it is asked again.
+            # Full, as far as we know: refused (even stale) until upstream says how full it is; the
+            # crossing check's answer keeps the guess.
             quota.usage, quota.guessed = max(quota.usage, quota.limit), True
-            self._confirms += 1
-            quota.confirmed = self._confirms
         quota.fresh_until = quota.usable_until = -math.inf
+
+    def doubt(self, customer_id: str, feature_key: str, units: float) -> None:
+        """``units`` may be recorded upstream (their track call's answer never came): counted as used,
+        never let go for another request to take, until the next check (at once) says how many are."""
+        quota = self._entries.settle((customer_id, feature_key), units)
+        if quota is None or quota.limit is None or units <= 0:
+            return
+        quota.usage, quota.guessed = quota.usage + units, True
+        quota.fresh_until = min(quota.fresh_until, self._clock())

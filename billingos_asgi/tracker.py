@@ -866,7 +866,11 @@ class Tracker:
             for event in events:
                 self._seen.pop((event.customer_id, event.idempotency_key), None)
         for event in events:
-            self._cache.reject(event.customer_id, event.feature_key, event.quantity if event.counted else 0.0, error)
+            units = event.quantity if event.counted else 0.0
+            if outcome == "in_doubt":  # maybe recorded: still counted, never taken again by another request
+                self._cache.doubt(event.customer_id, event.feature_key, units)
+            else:
+                self._cache.reject(event.customer_id, event.feature_key, units, error)
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
             category = f"{outcome}: {kind or (reason if error is None else type(error).__name__)}"  # bounded keys
             self.stats.reasons[category] = self.stats.reasons.get(category, 0) + 1

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from billingos_asgi import Entitlement, LocalBilling, NetworkError, QuotaExceededError, UsageEvent
+from billingos_asgi import BillingOSError, Entitlement, LocalBilling, NetworkError, QuotaExceededError, UsageEvent
 from billingos_asgi.backend import BillingBackend
 from billingos_asgi.cache import EntitlementCache, Quota, Refresh
 from billingos_asgi.tracker import Tracker
@@ -24,6 +24,7 @@ PLANS: dict[str, Any] = {
     "plans": {
         "small": {"features": {"api_calls": 5, "export": True}},
         "big": {"features": {"api_calls": 100}},
+        "unlimited": {"features": {"api_calls": "unlimited"}},
         "yearly": {"interval": "year", "features": {"api_calls": 1000}},
     },
     "customers": {"c1": "small"},
@@ -345,19 +346,20 @@ async def test_units_reported_on_an_evicted_entry_while_its_check_is_on_its_way_
     assert again is quota and again.local == 5 and again.admit(1) == 429
 
 
+@pytest.mark.parametrize(("old_plan", "old_limit"), [("big", 100), ("unlimited", None)])
 async def test_a_check_on_its_way_while_a_track_answer_lowers_the_limit_never_raises_it_back(
-    billing: LocalBilling, clocks: Clocks
+    billing: LocalBilling, clocks: Clocks, old_plan: str, old_limit: float | None
 ) -> None:
     """Which of the two answers is newer is not known: the lower limit holds, and the entry is
-    asked again at once (here: a downgrade from 100 to 5 that the older check would undo)."""
-    await billing.set_plan("c1", "big")
+    asked again at once (here: a downgrade from 100, or unlimited, to 5 that the older check would undo)."""
+    await billing.set_plan("c1", old_plan)
     backend = Delayed(billing)
     cache, upstream = cache_for(backend, clocks)
     quota = await cache.fetch("c1", "api_calls")
-    assert quota.limit == 100
+    assert quota.limit == old_limit
     backend.held = anyio.Event()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(cache.fetch, "c1", "api_calls")  # answered with the limit of 100...
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # answered with the old limit...
         await backend.answered.wait()
         await billing.set_plan("c1", "small")
         assert quota.admit(1) == 0
@@ -372,6 +374,53 @@ async def test_a_check_on_its_way_while_a_track_answer_lowers_the_limit_never_ra
     backend.held = None
     await spawned[0]()
     assert quota.limit == 5 and upstream.checks == 3
+
+
+async def test_a_track_answer_of_an_unlimited_plan_crossing_a_downgrades_check_never_lifts_the_limit(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    await billing.set_plan("c1", "unlimited")
+    cache, _ = cache_for(billing, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert quota.limit is None and quota.admit(1) == 0
+    renewals = cache.renewals  # the track goes up now...
+    answer = await billing.track_usage("c1", "api_calls", 1, "before")  # ...recorded as unlimited
+    await billing.set_plan("c1", "small")  # downgraded to 5
+    clocks.advance(31)
+    assert await cache.fetch("c1", "api_calls") is quota and quota.limit == 5  # a check answers first
+    cache.confirm("c1", "api_calls", 1, answer, renewals)  # then the older track answer
+    assert quota.limit == 5
+    assert [quota.admit(1) for _ in range(5)] == [0, 0, 0, 0, 429]
+
+
+@pytest.mark.parametrize("plan", ["small", "unlimited"])
+async def test_a_check_read_before_an_upstream_refusal_leaves_the_entry_to_be_asked_again(
+    billing: LocalBilling, clocks: Clocks, plan: str
+) -> None:
+    """Refused upstream (the subscription cancelled, or a quota on an unlimited entry: downgraded),
+    the entry is checked again before any request is admitted on it; a check on its way, which read
+    before the refusal, made it fresh again for a whole TTL."""
+    await billing.set_plan("c1", plan)
+    backend = Delayed(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert quota.admit(5) == 0
+    clocks.advance(31)
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads "has access"...
+        await backend.answered.wait()
+        if plan == "small":
+            await billing.cancel_subscription("c1")
+        else:
+            await billing.set_plan("c1", "small")
+            await billing.track_usage("c1", "api_calls", 1, "other")
+        with pytest.raises(BillingOSError) as refused:
+            await billing.track_usage("c1", "api_calls", 5, "e1")
+        cache.reject("c1", "api_calls", 5, refused.value)
+        backend.held.set()  # ...its answer arrives after the refusal
+    cache.spawn = lambda refresh: None  # (with a lifespan: not even served stale)
+    assert cache.get("c1", "api_calls") is None
 
 
 async def test_requests_waiting_on_a_failed_check_each_get_its_error_with_a_traceback_of_their_own(

@@ -517,6 +517,34 @@ async def test_an_inline_send_cut_off_by_its_deadline_is_reported(
     assert tracker.stats.in_doubt == 1 and rejected == [f"not confirmed within 0.1 s without a lifespan ({IN_DOUBT})"]
 
 
+class RecordsThenHangs(Around):
+    """Upstream records the track; its answer never arrives (a hung connection)."""
+
+    async def track_usage(self, *args: Any, **kwargs: Any) -> TrackUsageResult:
+        await self.billing.track_usage(*args, **kwargs)
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_units_in_doubt_are_never_admitted_again_before_a_check(
+    billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a lifespan, an inline send cut off by its deadline: its units may be recorded
+    upstream, so they stay counted (released, 10 units of a quota of 10 went to the next requests
+    while upstream held them all); the next request has the entry checked."""
+    monkeypatch.setattr("billingos_asgi.tracker.INLINE_DEADLINE", 0.1)
+    upstream = Upstream(RecordsThenHangs(billing))
+    cache = EntitlementCache(upstream)
+    tracker = Tracker(upstream, cache)  # not started: no lifespan
+    quota = await cache.fetch("c0", "api_calls")
+    assert quota.admit(10) == 0
+    await tracker.send(event("r1", quantity=10))
+    assert tracker.stats.in_doubt == 1 and quota.local == 0
+    assert quota.admit(1) == 429  # counted as used meanwhile
+    assert cache.get("c0", "api_calls") is None  # asked again by the next request
+    assert (await cache.fetch("c0", "api_calls")).usage == 10 and upstream.checks == 2
+
+
 class TwoGates(Around):
     """c1's tracks (the worker's drain) wait on ``drain``; the others' (inline sends) on ``inline``."""
 
