@@ -175,7 +175,10 @@ def _shown(value: object) -> str:
     """``value`` for a message: short, even for an integer of thousands of digits (whose repr raises)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"an integer of {value.bit_length() * 3 // 10} digits or so"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than Python converts, inside a list or table
+        return f"a {type(value).__name__} holding an integer too long to show"
     return text if len(text) <= 80 else f"{text[:77]}..."
 
 

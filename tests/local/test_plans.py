@@ -473,6 +473,23 @@ def test_a_huge_integer_limit_is_refused_by_name(tmp_path: Path) -> None:
         parse_plans({"features": {"a": {"type": 10**5000}}})  # (its repr would raise)
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("[features.a]\ntype = [HUGE]\n", "features.a.type"),
+        ('[features.a]\ntype = "usage_quota"\n[plans.p]\nfeatures = { a = [HUGE] }\n', "plans.p.features.a"),
+        ("[plans.p]\ninterval = { n = HUGE }\n", "plans.p.interval"),
+        ("[plans.p]\n[customers]\nu1 = [HUGE]\n", "customers.u1"),
+    ],
+)
+def test_a_huge_integer_inside_a_value_is_refused_by_name(tmp_path: Path, text: str, where: str) -> None:
+    """A hex literal has no digit limit in tomllib; its repr, over 4,300 digits, raises."""
+    path = tmp_path / "plans.toml"
+    path.write_text(text.replace("HUGE", "0x" + "f" * 5000))
+    with pytest.raises(PlansError, match=rf"^{re.escape(str(path))}: {re.escape(where)}: .*too long to show"):
+        load_plans(path)
+
+
 def test_an_integer_too_long_to_read_is_refused_by_name(tmp_path: Path) -> None:
     path = tmp_path / "plans.toml"
     path.write_text(f"[features.a]\ntype = {'1' * 5000}\n")
