@@ -41,16 +41,23 @@ def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 def _to_itself(scope: Scope, start: Message, context: UsageContext) -> bool:
     """Whether a response (its start message) is the framework's redirect of the request to its own
-    URL, slashes aside, sent before any endpoint ran (an endpoint's own is billed, whatever its target)."""
-    if start["status"] not in _SLASH_REDIRECTS or context.routed or _endpoint_ran(scope):
+    URL: slashes aside, sent before any endpoint ran (an endpoint's own is billed, a form's next
+    page even); or to https (``HTTPSRedirectMiddleware``'s, which a route's own middleware may send
+    after its routing too)."""
+    if start["status"] not in _SLASH_REDIRECTS:
         return False
     location = _header(start.get("headers", ()), b"location")
+    if location is None:
+        return False
+    scheme = scope.get("scheme", "http")
+    to_https = scheme == "http" and location[:6].lower() == "https:"
+    if not to_https and (context.routed or _endpoint_ran(scope)):
+        return False
     host = _header(scope["headers"], b"host")
     query = scope.get("query_string", b"").decode("latin-1")
-    scheme = scope.get("scheme", "http")
     status = start["status"]
     server = scope.get("server")
-    return location is not None and any(
+    return any(
         redirects_to_itself(path, query, host, location, scheme, status, server) for path in _routed_paths(scope)
     )
 

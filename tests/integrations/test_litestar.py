@@ -16,6 +16,7 @@ from litestar import Litestar, Request, Response, asgi, get, post  # noqa: E402
 from litestar.connection import ASGIConnection  # noqa: E402
 from litestar.exceptions import NotAuthorizedException  # noqa: E402
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware  # noqa: E402
+from starlette.middleware.httpsredirect import HTTPSRedirectMiddleware  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling, from_api_key  # noqa: E402
 from billingos_asgi.local.background import serve_in_thread  # noqa: E402
@@ -386,6 +387,26 @@ async def test_a_final_newline_is_metered_as_the_mount_or_template_litestar_send
         anonymous = [(await client.get(path)).status_code for path in ("/reports/public%0A", "/v1/notes/index%0A")]
     assert (free, anonymous) == ([200, 200], [401, 401])
     assert entered == ["public", "index"]
+
+
+@pytest.mark.parametrize("resolved_outside", [True, False])
+async def test_a_move_to_https_by_litestar_middleware_is_not_billed(
+    billing: LocalBilling, resolved_outside: bool
+) -> None:
+    """Litestar names the route handler before its middleware runs: an https redirect there is still
+    the framework's, neither billed nor a success that named no customer."""
+    app = Litestar(
+        route_handlers=[search],
+        middleware=[HTTPSRedirectMiddleware],  # type: ignore[list-item]  # (an ASGI class, as Litestar takes)
+        plugins=[BillingPlugin(customer=lambda connection: "user_free")],
+        logging_config=None,
+    )
+    resolver = (lambda request: "user_free") if resolved_outside else None
+    metered = BillingMiddleware(app, billing=billing, customer=resolver, routes={"GET /v1/search": "api_calls"})
+    async with serve(metered, base_url="http://api.example") as client:
+        answer = await client.get("/v1/search")
+    assert (answer.status_code, answer.headers["location"]) == (307, "https://api.example/v1/search")
+    assert (await billing.recorded_units("user_free", "api_calls"), metered.unidentified) == (0, 0)
 
 
 async def test_a_prefix_exclusion_leaves_the_route_litestar_serves_a_slash_as_metered(

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.middleware.httpsredirect import HTTPSRedirectMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
@@ -425,6 +426,20 @@ async def test_a_redirect_to_the_canonical_path_is_not_billed_the_request_after_
     assert await billing.recorded_units("user_free", "api_calls") == 2  # the search once, the report
 
 
+async def test_a_routes_own_https_redirect_middleware_is_not_billed_the_request_after_it_is(
+    billing: LocalBilling,
+) -> None:
+    """Middleware on a Route runs after the router named the route: its move to https is still the
+    framework's, as on the app or a Mount."""
+    app = Starlette(routes=[Route("/v1/search", hello, middleware=[Middleware(HTTPSRedirectMiddleware)])])
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes={"/v1/search": "api_calls"})
+    async with serve(middleware, base_url="http://api.example", follow_redirects=True) as client:
+        searched = await client.get("/v1/search?q=1", headers=as_customer("user_free"))
+    assert searched.status_code == 200 and [r.status_code for r in searched.history] == [307]
+    assert "ratelimit" not in searched.history[0].headers
+    assert await billing.recorded_units("user_free", "api_calls") == 1  # the search, not its redirect
+
+
 async def test_a_slash_redirect_without_a_usable_host_header_is_not_billed(tmp_path: Path) -> None:
     """Without a Host header it can use (HTTP/1.0 without one, a Host with a path), Starlette's slash
     redirect names the server's address; a query with a raw "#" comes back with it in the Location
@@ -517,8 +532,8 @@ async def test_an_endpoints_own_redirects_are_billed(billing: LocalBilling) -> N
 
 
 async def test_an_endpoints_own_redirect_to_its_url_with_a_slash_is_billed(billing: LocalBilling) -> None:
-    """A form's next page (the client's to name), even the endpoint's own path with a slash added or
-    over https: its answer after its work, billed; the router's slash redirect, inside a mount too, is not."""
+    """A form's next page (the client's to name), even the endpoint's own path with a slash added:
+    its answer after its work, billed; the router's slash redirect, inside a mount too, is not."""
 
     async def convert(request: Request) -> Response:
         return RedirectResponse((await request.body()).decode() or "/v1/done")  # (a 307)
@@ -531,7 +546,7 @@ async def test_an_endpoints_own_redirect_to_its_url_with_a_slash_is_billed(billi
     )
     routes = {"POST /v1/convert": "api_calls", "POST /v2/convert": "api_calls"}
     middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes=routes)
-    targets = ["/v1/convert/", "http://test/v1/convert/", "https://test/v1/convert"]
+    targets = ["/v1/convert/", "http://test/v1/convert/", "/v1/convert//"]
     async with serve(middleware) as client:
         answers = [
             await client.post(path, content=target, headers=as_customer("user_free"))
