@@ -322,12 +322,19 @@ def declared(
 
 
 def _mounted_apps(app: object) -> Iterator[FastAPI]:
-    """The FastAPI apps mounted in ``app``, at any depth: each serves a schema of its own."""
+    """The FastAPI apps mounted in ``app``, at any depth (under a mount's middleware, in an included
+    router's mounts): each serves a schema of its own."""
     for route in getattr(app, "routes", ()):
-        if isinstance(route, (Mount, Host)):
-            if isinstance(route.app, FastAPI):
-                yield route.app
-            yield from _mounted_apps(route.app)
+        contexts = getattr(route, "effective_route_contexts", None)  # a router FastAPI includes lazily
+        mounts = (
+            [getattr(context, "starlette_route", None) for context in contexts()] if callable(contexts) else [route]
+        )
+        for mount in mounts:
+            if isinstance(mount, (Mount, Host)):
+                inner = getattr(mount, "_base_app", mount.app)  # (the app under the mount's middleware)
+                if isinstance(inner, FastAPI):
+                    yield inner
+                yield from _mounted_apps(inner)
 
 
 def _document_before_schema(app: FastAPI, document: Callable[[], None]) -> None:

@@ -14,6 +14,9 @@ pytest.importorskip("fastapi")
 
 from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
+from starlette.middleware.gzip import GZipMiddleware  # noqa: E402
+from starlette.routing import Mount  # noqa: E402
 from starlette.types import ASGIApp  # noqa: E402
 
 from billingos_asgi import BillingDenied, BillingMiddleware, LocalBilling, SessionToken, UsageContext  # noqa: E402
@@ -141,7 +144,10 @@ def test_openapi_documents_them_before_the_first_request(billing: SpyBilling, de
     assert_documented(build(billing, [], declare).openapi())
 
 
-async def test_a_mounted_apps_schema_documents_them_even_when_asked_before_start_up(billing: SpyBilling) -> None:
+@pytest.mark.parametrize("mounted", ["plain", "under middleware", "in an included router"])
+async def test_a_mounted_apps_schema_documents_them_even_when_asked_before_start_up(
+    billing: SpyBilling, mounted: str
+) -> None:
     """The mounted app serves a schema of its own, cached by FastAPI from its first call."""
     sub = FastAPI()
 
@@ -149,13 +155,21 @@ async def test_a_mounted_apps_schema_documents_them_even_when_asked_before_start
     async def reports() -> dict[str, str]:
         return {}
 
-    app = FastAPI()
-    app.mount("/sub", sub)
+    app, prefix = FastAPI(), "/sub"
+    if mounted == "plain":
+        app.mount("/sub", sub)
+    elif mounted == "under middleware":
+        app.router.routes.append(Mount("/sub", app=sub, middleware=[Middleware(GZipMiddleware)]))
+    else:
+        router = APIRouter()
+        router.mount("/sub", sub)
+        app.include_router(router, prefix="/api")
+        prefix = "/api/sub"
     app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
     early = sub.openapi()  # a script exporting it, before the app starts
     async with serve(app) as client:
-        assert (await client.get("/sub/reports", headers=as_customer("user_free"))).status_code == 403
-        served = (await client.get("/sub/openapi.json")).json()
+        assert (await client.get(f"{prefix}/reports", headers=as_customer("user_free"))).status_code == 403
+        served = (await client.get(f"{prefix}/openapi.json")).json()
     for schema in (early, served):
         assert {"200", "401", "403", "429"} == set(schema["paths"]["/reports"]["get"]["responses"])
 
