@@ -389,8 +389,10 @@ class EntitlementCache:
         self._confirms += 1
         quota.confirmed = self._confirms  # a check on its way meanwhile may not count these units
         if quota.guessed:
-            # Guessed full after a refusal, it stays so until a check says how full: this answer may
-            # be a retry's, which upstream answers with its first call's figures, older than the refusal.
+            # A guess (full after a refusal, or units in doubt) holds until a check says how full: this
+            # answer may be a retry's, which upstream answers with its first call's figures, older than
+            # the refusal. Its units count on the guess meanwhile (settled, they no longer count as local).
+            quota.usage += units
             return
         usage = result.usage
         period_end = usage.period_end.timestamp()
@@ -442,4 +444,6 @@ class EntitlementCache:
         if quota is None or quota.limit is None or units <= 0:
             return
         quota.usage, quota.guessed = quota.usage + units, True
+        self._confirms += 1  # a check on its way meanwhile may not count them: it keeps the guess
+        quota.confirmed = self._confirms
         quota.fresh_until = min(quota.fresh_until, self._clock())

@@ -423,6 +423,43 @@ async def test_a_check_read_before_an_upstream_refusal_leaves_the_entry_to_be_as
     assert cache.get("c1", "api_calls") is None
 
 
+async def test_units_in_doubt_survive_a_check_that_read_before_them(billing: LocalBilling, clocks: Clocks) -> None:
+    """A track given up in doubt (its answer never came) while a check that read before it is on
+    its way: the guess holds, and the entry is asked again (the check's 0 used made it fresh)."""
+    backend = Delayed(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")  # 5 a period
+    assert quota.admit(5) == 0
+    clocks.advance(31)
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads 0 used...
+        await backend.answered.wait()
+        await billing.track_usage("c1", "api_calls", 5, "a")  # recorded; its answer never comes
+        cache.doubt("c1", "api_calls", 5)
+        assert quota.admit(1) == 429
+        backend.held.set()  # ...its answer arrives after the doubt
+    assert quota.admit(1) == 429 and cache.get("c1", "api_calls") is None
+
+
+async def test_units_confirmed_while_a_doubt_is_guessed_still_count(billing: LocalBilling, clocks: Clocks) -> None:
+    backend = Delayed(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")  # 5 a period
+    assert [quota.admit(1) for _ in range(4)] == [0] * 4  # a, and b0..b2 on their way
+    await billing.track_usage("c1", "api_calls", 1, "a")  # recorded; its answer never comes
+    cache.doubt("c1", "api_calls", 1)
+    backend.held = anyio.Event()
+    renewals = cache.renewals
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads 1 used...
+        await backend.answered.wait()
+        for i in range(3):  # ...b0..b2 confirmed meanwhile
+            cache.confirm("c1", "api_calls", 1, await billing.track_usage("c1", "api_calls", 1, f"b{i}"), renewals)
+        backend.held.set()
+    assert [quota.admit(1) for _ in range(3)] == [0, 429, 429]  # upstream holds 4 of 5
+
+
 async def test_requests_waiting_on_a_failed_check_each_get_its_error_with_a_traceback_of_their_own(
     billing: LocalBilling, clocks: Clocks
 ) -> None:
