@@ -28,6 +28,7 @@ __all__ = [
     "declared_routes",
     "framework_app",
     "metering_of",
+    "route_endpoints",
     "route_keys",
     "route_table",
     "routed_app",
@@ -307,6 +308,26 @@ def routed_app(app: object) -> Any:
         if isinstance(routes, list) and all(isinstance(route, BaseRoute) for route in routes):
             return inner
     return None
+
+
+def route_endpoints(app: object) -> frozenset[int]:
+    """The ids of the endpoints of ``app``'s routes (as Starlette names the one it routed a request
+    to, in ``scope["endpoint"]``), through mounts, hosts and the routers FastAPI includes lazily;
+    not a mount's app, which the scope names on the way to them."""
+    found: set[int] = set()
+
+    def visit(routes: Iterable[BaseRoute], depth: int) -> None:
+        for route in routes:
+            contexts = getattr(route, "effective_route_contexts", None)  # a router FastAPI includes lazily
+            inner = [getattr(c, "starlette_route", None) for c in contexts()] if callable(contexts) else [route]
+            for each in inner:
+                if isinstance(each, Route):
+                    found.add(id(each.endpoint))
+                elif isinstance(each, (Mount, Host)) and depth < 64:
+                    visit(routes_of(getattr(each, "_base_app", each.app)) or (), depth + 1)
+
+    visit(routes_of(app) or (), 0)
+    return frozenset(found)
 
 
 def routes_of(app: object) -> list[BaseRoute] | None:

@@ -39,7 +39,7 @@ from .cache import (
 )
 from .context import LET_THROUGH, UsageContext, _current
 from .customers import Answer, CustomerResolver, ScopeResolver, refuse_a_mappings_method
-from .discovery import framework_app, routed_app, routes_of, unserved
+from .discovery import framework_app, route_endpoints, routed_app, routes_of, unserved
 from .events import UsageEvent, event_key
 from .local import LocalBilling
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
@@ -352,6 +352,8 @@ class BillingMiddleware:
             )
 
         self._table = table
+        self._endpoint_ids: frozenset[int] | None = None  # see _route_endpoints()
+        self._route_endpoints = self._endpoints_of_routes  # (bound once: one per request would cost it)
         self.routes = table(routes)
         if isinstance(billing, LocalBilling):
             _warn_of_unknown_features(self.routes.features, billing.catalog.features)
@@ -431,6 +433,13 @@ class BillingMiddleware:
             await self._metered(scope, receive, send, metered, preflight=True)
         else:
             await self._metered(scope, receive, send, metered)
+
+    def _endpoints_of_routes(self) -> frozenset[int]:
+        """The ids of the app's routes' endpoints (Starlette, FastAPI), found once, at the first
+        redirect that needs them (the app has its routes by then)."""
+        if self._endpoint_ids is None:
+            self._endpoint_ids = route_endpoints(self.app)
+        return self._endpoint_ids
 
     def metrics(self) -> dict[str, float | str]:
         """Counters and gauges by name: events by outcome, refusals by status, upstream calls, breaker state..."""
@@ -513,7 +522,7 @@ class BillingMiddleware:
         if state is None:  # a server without lifespan state
             state = scope["state"] = {}
         state["billing"] = context
-        watch = ResponseWatch(scope, receive, send, context)
+        watch = ResponseWatch(scope, receive, send, context, self._route_endpoints)
         token = _current.set(context)
         failure: BaseException | None = None
         try:

@@ -3,9 +3,8 @@ whether the client got all of it, which decides whether the request is billed (S
 
 from __future__ import annotations
 
-import inspect
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlparse
 
 import anyio
@@ -14,7 +13,6 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ._validation import content_length
 from .context import UsageContext
-from .discovery import unwrapped
 from .responses import quota_headers, refusal_in
 from .routes import redirects_to_itself
 
@@ -39,7 +37,7 @@ def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
-def _to_itself(scope: Scope, start: Message, context: UsageContext) -> bool:
+def _to_itself(scope: Scope, start: Message, context: UsageContext, endpoints: Callable[[], frozenset[int]]) -> bool:
     """Whether a response (its start message) is the framework's redirect of the request to its own
     URL: slashes aside, sent before any endpoint ran (an endpoint's own is billed, a form's next
     page even); or to https (``HTTPSRedirectMiddleware``'s, which a route's own middleware may send
@@ -51,7 +49,7 @@ def _to_itself(scope: Scope, start: Message, context: UsageContext) -> bool:
         return False
     scheme = scope.get("scheme", "http")
     to_https = scheme == "http" and location[:6].lower() == "https:"
-    if not to_https and (context.routed or _endpoint_ran(scope)):
+    if not to_https and (context.routed or _endpoint_ran(scope, endpoints)):
         return False
     host = _header(scope["headers"], b"host")
     query = scope.get("query_string", b"").decode("latin-1")
@@ -62,20 +60,15 @@ def _to_itself(scope: Scope, start: Message, context: UsageContext) -> bool:
     )
 
 
-def _endpoint_ran(scope: Scope) -> bool:
-    """Whether the scope names the endpoint that answered: Starlette's router sets ``route`` (1.x)
-    or ``endpoint`` to a route's once it matched, and a ``Mount``'s app (an object, not a function or
-    an endpoint class) on the way there; Litestar names its ``route_handler``."""
-    route = scope.get("route")
-    if route is not None:
-        return isinstance(route, Route)
-    endpoint = unwrapped(scope.get("endpoint"))
-    return (
-        inspect.isfunction(endpoint)
-        or inspect.ismethod(endpoint)
-        or inspect.isclass(endpoint)
-        or ("route_handler" in scope)
-    )
+def _endpoint_ran(scope: Scope, endpoints: Callable[[], frozenset[int]]) -> bool:
+    """Whether the scope names the endpoint that answered: Starlette's router sets ``route`` (1.x;
+    FastAPI, its own routes') or ``endpoint`` to a route's once it matched, and to a ``Mount``'s or
+    its app on the way there (told apart by the app's routes' ``endpoints``, their ids); Litestar
+    names its ``route_handler``."""
+    if isinstance(scope.get("route"), Route) or "route_handler" in scope:
+        return True
+    endpoint = scope.get("endpoint")
+    return endpoint is not None and id(endpoint) in endpoints()
 
 
 def _routed_paths(scope: Scope) -> list[str]:
@@ -120,6 +113,7 @@ class ResponseWatch:
 
     __slots__ = (
         "_context",
+        "_endpoints",
         "_receive",
         "_scope",
         "_send",
@@ -134,8 +128,16 @@ class ResponseWatch:
         "trailers",
     )
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, context: UsageContext) -> None:
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        context: UsageContext,
+        endpoints: Callable[[], frozenset[int]],
+    ) -> None:
         self._scope = scope
+        self._endpoints = endpoints  # the ids of the app's routes' endpoints (see _endpoint_ran)
         self._receive = receive
         self._send = send
         self._context = context
@@ -199,7 +201,7 @@ class ResponseWatch:
             message["headers"] = headers
             status = self.status = message["status"]
             if 300 <= status < 400:
-                self.to_itself = _to_itself(self._scope, message, context)
+                self.to_itself = _to_itself(self._scope, message, context, self._endpoints)
             elif status == 500 and await self._answer_refusal(message):
                 return
             gated = context.quota

@@ -64,7 +64,8 @@ def metered(
             async def checked_dispatch(self: Any) -> None:
                 own: Metered = getattr(type(self), MARK)
                 declared_context(self.scope, own.feature, f"endpoint {type(self).__qualname__}")
-                await gate_preflight(self.scope)
+                if not own.late:  # (a late route's own identify() names its customer)
+                    await gate_preflight(self.scope)
                 await dispatch(self)
 
             setattr(checked_dispatch, _UNCHECKED, dispatch)
@@ -78,7 +79,7 @@ def metered(
             async def checked(*args: Any, **keywords: Any) -> Any:  # (request), (self, request), or a partial's
                 scope = _scope_among(args, keywords)
                 declared_context(scope, feature, where)
-                if scope is not None:
+                if scope is not None and not late:
                     await gate_preflight(scope)
                 return await endpoint(*args, **keywords)
 
@@ -88,7 +89,7 @@ def metered(
             def checked(*args: Any, **keywords: Any) -> Any:
                 scope = _scope_among(args, keywords)
                 declared_context(scope, feature, where)
-                if scope is not None and is_preflight(scope):  # (Starlette runs it in a worker thread of AnyIO's)
+                if scope is not None and not late and is_preflight(scope):  # (in a worker thread of AnyIO's)
                     anyio.from_thread.run(gate_preflight, scope)
                 return endpoint(*args, **keywords)
 
@@ -127,8 +128,7 @@ class _CheckedApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            declared_context(scope, self.feature, self.where)
-            await gate_preflight(scope)
+            declared_context(scope, self.feature, self.where)  # (a preflight is its own CORS layer's to answer)
         await self.app(scope, receive, send)
 
 

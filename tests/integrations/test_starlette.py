@@ -12,6 +12,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -195,6 +196,37 @@ async def test_a_preflight_no_cors_layer_answers_is_gated_by_a_declared_endpoint
     assert [answer.status_code for answer in named] == [200] * 3 and entered == ["async", "sync", "class"]
     assert all("x-request-id" in answer.headers for answer in named)
     assert await billing.recorded_units("user_free", "api_calls") == 3
+
+
+async def test_a_preflight_is_left_to_an_asgi_endpoints_own_cors_layer(billing: LocalBilling) -> None:
+    async def graphql(scope: Scope, receive: Receive, send: Send) -> None:
+        await JSONResponse({})(scope, receive, send)
+
+    endpoint = metered("api_calls")(CORSMiddleware(graphql, allow_origins=["https://app.test"], allow_methods=["*"]))
+    app = Starlette(routes=[Route("/graphql", endpoint)])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        preflight = await client.options("/graphql", headers=PREFLIGHT)
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "https://app.test"
+
+
+async def test_a_late_routes_preflight_is_identified_by_the_route_not_the_middleware(billing: LocalBilling) -> None:
+    @metered("api_calls", late=True)
+    async def export(request: Request) -> JSONResponse:
+        context = get_usage_context(request)
+        assert context is not None
+        await context.identify(request.headers.get("x-org"))  # the route's own auth
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v1/exports", export, methods=["POST", "OPTIONS"])])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    headers = {**PREFLIGHT, "x-customer": "user_free", "x-org": "user_pro"}  # (the resolver would say user_free)
+    async with serve(app) as client:
+        answers = [
+            (await client.request(method, "/v1/exports", headers=headers)).status_code for method in ("POST", "OPTIONS")
+        ]
+    assert answers == [200, 200]
+    assert await billing.recorded_units("user_pro", "api_calls") == 2
 
 
 async def test_the_usage_routes_answer_a_failing_resolver_with_a_problem(

@@ -426,6 +426,45 @@ async def test_a_redirect_to_the_canonical_path_is_not_billed_the_request_after_
     assert await billing.recorded_units("user_free", "api_calls") == 2  # the search once, the report
 
 
+class Convert:
+    """An ASGI app as a route's endpoint: it does its work, then sends the client on to its next page."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await RedirectResponse("/v1/convert/")(scope, receive, send)
+
+
+@pytest.mark.parametrize("framework", [Starlette, FastAPI])
+async def test_an_asgi_endpoints_own_slash_redirect_is_billed(
+    billing: LocalBilling, framework: type[Starlette]
+) -> None:
+    app = framework()
+    app.add_route("/v1/convert", Convert(), methods=["POST"])  # type: ignore[arg-type]  # (an ASGI app, as Route takes)
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes={"POST /v1/convert": "api_calls"})
+    async with serve(middleware) as client:
+        answer = await client.post("/v1/convert", headers=as_customer("user_free"))
+    assert answer.status_code == 307
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+async def test_a_slash_redirect_of_an_app_mounted_in_function_middleware_is_not_billed(billing: LocalBilling) -> None:
+    """The scope names the mount's app, a function here, on the way to the sub-app's router."""
+    sub = Starlette(routes=[Route("/items/", hello)])
+
+    def logged(app: Any) -> Any:  # a pure ASGI middleware written as a closure
+        async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+            await app(scope, receive, send)
+
+        return asgi
+
+    app = FastAPI()
+    app.mount("/sub", logged(sub))
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes={"/sub/items": "api_calls"})
+    async with serve(middleware) as client:
+        redirected = await client.get("/sub/items", headers=as_customer("user_free"))
+    assert redirected.status_code == 307 and redirected.headers["location"].endswith("/sub/items/")
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
 async def test_a_routes_own_https_redirect_middleware_is_not_billed_the_request_after_it_is(
     billing: LocalBilling,
 ) -> None:
