@@ -386,8 +386,7 @@ class EntitlementCache:
         quota = self._entries.settle((customer_id, feature_key), units)
         if quota is None or quota.entitlement is None:
             return
-        self._confirms += 1
-        quota.confirmed = self._confirms  # a check on its way meanwhile may not count these units
+        self._crossing(quota)  # a check on its way meanwhile may not count these units
         if quota.guessed:
             # A guess (full after a refusal, or units in doubt) holds until a check says how full: this
             # answer may be a retry's, which upstream answers with its first call's figures, older than
@@ -420,6 +419,12 @@ class EntitlementCache:
         if raced:  # stale at once: the next request has it asked again
             quota.fresh_until = self._clock()
 
+    def _crossing(self, quota: Quota) -> int:
+        """Note on ``quota`` that a track's outcome was taken: a check on its way since crossed it."""
+        self._confirms += 1
+        quota.confirmed = self._confirms
+        return self._confirms
+
     def reject(self, customer_id: str, feature_key: str, units: float, error: Exception | None) -> None:
         """``units`` will not be recorded: stop counting them; after an upstream refusal, re-check the entry."""
         quota = self._entries.settle((customer_id, feature_key), units)
@@ -429,8 +434,7 @@ class EntitlementCache:
             return  # dropped here, not refused upstream: the cached answer still holds
         # A check on its way read before the refusal (it crossed it): its answer is taken, but the
         # entry is asked again before any request is admitted on it.
-        self._confirms += 1
-        quota.confirmed = quota.refused = self._confirms
+        quota.refused = self._crossing(quota)
         if isinstance(error, QuotaExceededError) and quota.limit is not None:
             # Full, as far as we know: refused (even stale) until upstream says how full it is; the
             # crossing check's answer keeps the guess.
@@ -444,6 +448,5 @@ class EntitlementCache:
         if quota is None or quota.limit is None or units <= 0:
             return
         quota.usage, quota.guessed = quota.usage + units, True
-        self._confirms += 1  # a check on its way meanwhile may not count them: it keeps the guess
-        quota.confirmed = self._confirms
+        self._crossing(quota)  # a check on its way meanwhile may not count them: it keeps the guess
         quota.fresh_until = min(quota.fresh_until, self._clock())

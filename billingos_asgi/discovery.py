@@ -28,6 +28,8 @@ __all__ = [
     "declared_routes",
     "framework_app",
     "metering_of",
+    "mounted_app",
+    "reached_routes",
     "route_endpoints",
     "route_keys",
     "route_table",
@@ -310,24 +312,29 @@ def routed_app(app: object) -> Any:
     return None
 
 
+def reached_routes(app: object, depth: int = 0) -> Iterator[BaseRoute]:
+    """Every route of ``app`` (see :func:`routes_of`) and of the apps mounted in it, at any depth:
+    through hosts, under a mount's middleware, and in the routers FastAPI includes lazily (as the
+    app sees them)."""
+    for route in routes_of(app) or ():
+        contexts = getattr(route, "effective_route_contexts", None)  # a router FastAPI includes lazily
+        for each in [getattr(c, "starlette_route", None) for c in contexts()] if callable(contexts) else [route]:
+            if isinstance(each, BaseRoute):
+                yield each
+            if isinstance(each, (Mount, Host)) and depth < 64:
+                yield from reached_routes(mounted_app(each), depth + 1)
+
+
+def mounted_app(mount: Mount | Host) -> object:
+    """The app a mount or host holds, under the middleware given to it."""
+    return getattr(mount, "_base_app", mount.app)
+
+
 def route_endpoints(app: object) -> frozenset[int]:
     """The ids of the endpoints of ``app``'s routes (as Starlette names the one it routed a request
-    to, in ``scope["endpoint"]``), through mounts, hosts and the routers FastAPI includes lazily;
-    not a mount's app, which the scope names on the way to them."""
-    found: set[int] = set()
-
-    def visit(routes: Iterable[BaseRoute], depth: int) -> None:
-        for route in routes:
-            contexts = getattr(route, "effective_route_contexts", None)  # a router FastAPI includes lazily
-            inner = [getattr(c, "starlette_route", None) for c in contexts()] if callable(contexts) else [route]
-            for each in inner:
-                if isinstance(each, Route):
-                    found.add(id(each.endpoint))
-                elif isinstance(each, (Mount, Host)) and depth < 64:
-                    visit(routes_of(getattr(each, "_base_app", each.app)) or (), depth + 1)
-
-    visit(routes_of(app) or (), 0)
-    return frozenset(found)
+    to, in ``scope["endpoint"]``), mounted apps' included; not a mount's app, which the scope names
+    on the way to them."""
+    return frozenset(id(route.endpoint) for route in reached_routes(app) if isinstance(route, Route))
 
 
 def routes_of(app: object) -> list[BaseRoute] | None:

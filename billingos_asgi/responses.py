@@ -16,6 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Host, Mount
 
+from .discovery import mounted_app, reached_routes
+
 __all__ = [
     "REFUSAL_STATUSES",
     "BillingDenied",
@@ -117,17 +119,11 @@ def answer_refusals(app: Any) -> None:
     """Register :func:`answer_refusal` on a Starlette (or FastAPI) ``app`` and on the apps mounted
     in it, each of which answers its own routes' errors; an app's own handler, if any, decides.
     (An app's handlers are read when its middleware stack is built: on its first call.)"""
-    handlers = getattr(app, "exception_handlers", None)
-    if isinstance(handlers, dict) and BillingDenied not in handlers:
-        app.add_exception_handler(BillingDenied, answer_refusal)
-    for route in getattr(app, "routes", ()):
-        if isinstance(route, (Mount, Host)):
-            answer_refusals(route.app)
-        contexts = getattr(route, "effective_route_contexts", None)  # a router FastAPI includes lazily
-        for context in contexts() if callable(contexts) else ():
-            mounted = getattr(context, "starlette_route", None)  # (its mounts, as the app sees them)
-            if isinstance(mounted, (Mount, Host)):
-                answer_refusals(mounted.app)
+    mounted = [mounted_app(route) for route in reached_routes(app) if isinstance(route, (Mount, Host))]
+    for each in (app, *mounted):
+        handlers = getattr(each, "exception_handlers", None)
+        if isinstance(handlers, dict) and BillingDenied not in handlers:
+            each.add_exception_handler(BillingDenied, answer_refusal)
 
 
 #: Kept as they are when a feature key is percent-encoded: every printable ASCII character but "%".

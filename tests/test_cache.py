@@ -376,23 +376,6 @@ async def test_a_check_on_its_way_while_a_track_answer_lowers_the_limit_never_ra
     assert quota.limit == 5 and upstream.checks == 3
 
 
-async def test_a_track_answer_of_an_unlimited_plan_crossing_a_downgrades_check_never_lifts_the_limit(
-    billing: LocalBilling, clocks: Clocks
-) -> None:
-    await billing.set_plan("c1", "unlimited")
-    cache, _ = cache_for(billing, clocks)
-    quota = await cache.fetch("c1", "api_calls")
-    assert quota.limit is None and quota.admit(1) == 0
-    renewals = cache.renewals  # the track goes up now...
-    answer = await billing.track_usage("c1", "api_calls", 1, "before")  # ...recorded as unlimited
-    await billing.set_plan("c1", "small")  # downgraded to 5
-    clocks.advance(31)
-    assert await cache.fetch("c1", "api_calls") is quota and quota.limit == 5  # a check answers first
-    cache.confirm("c1", "api_calls", 1, answer, renewals)  # then the older track answer
-    assert quota.limit == 5
-    assert [quota.admit(1) for _ in range(5)] == [0, 0, 0, 0, 429]
-
-
 @pytest.mark.parametrize("plan", ["small", "unlimited"])
 async def test_a_check_read_before_an_upstream_refusal_leaves_the_entry_to_be_asked_again(
     billing: LocalBilling, clocks: Clocks, plan: str
@@ -582,15 +565,17 @@ def test_a_refresh_cancelled_with_its_lifespan_leaves_the_entry_to_the_next_ones
     on_each_loop(scenario)
 
 
+@pytest.mark.parametrize(("old_plan", "old_limit"), [("big", 100), ("unlimited", None)])
 async def test_a_track_answer_crossing_a_check_keeps_the_lower_limit_and_asks_again(
-    billing: LocalBilling, clocks: Clocks
+    billing: LocalBilling, clocks: Clocks, old_plan: str, old_limit: float | None
 ) -> None:
-    """A track recorded on the big plan, answered after a check that saw the downgrade: its answer
-    put the old limit back, fresh for the TTL, and requests were admitted past the new one."""
-    await billing.set_plan("c1", "big")  # 100 a period
+    """A track recorded on the big (or an unlimited) plan, answered after a check that saw the
+    downgrade: its answer put the old limit back, fresh for the TTL, and requests were admitted
+    past the new one."""
+    await billing.set_plan("c1", old_plan)
     cache, _ = cache_for(billing, clocks)
     quota = await cache.fetch("c1", "api_calls")
-    assert quota.limit == 100 and quota.admit(1) == 0
+    assert quota.limit == old_limit and quota.admit(1) == 0
     renewals = cache.renewals  # the track is sent...
     recorded = await billing.track_usage("c1", "api_calls", 1, "before the downgrade")
     await billing.set_plan("c1", "small")  # ...the plan changes to 5 a period...

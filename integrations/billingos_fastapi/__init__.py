@@ -36,7 +36,16 @@ from starlette.routing import BaseRoute, Host, Mount, Route
 from billingos_asgi import BillingBackend, Metered, UsageContext, UsageMetric, get_usage_context
 from billingos_asgi.context import declared_context
 from billingos_asgi.customers import CustomerResolver
-from billingos_asgi.discovery import MARK, Found, declarations, metering_of, route_table, walk
+from billingos_asgi.discovery import (
+    MARK,
+    Found,
+    declarations,
+    metering_of,
+    mounted_app,
+    reached_routes,
+    route_table,
+    walk,
+)
 from billingos_asgi.endpoints import UsageEndpoints
 from billingos_asgi.middleware import gate_preflight
 from billingos_asgi.responses import answer_refusals
@@ -322,19 +331,10 @@ def declared(
 
 
 def _mounted_apps(app: object) -> Iterator[FastAPI]:
-    """The FastAPI apps mounted in ``app``, at any depth (under a mount's middleware, in an included
-    router's mounts): each serves a schema of its own."""
-    for route in getattr(app, "routes", ()):
-        contexts = getattr(route, "effective_route_contexts", None)  # a router FastAPI includes lazily
-        mounts = (
-            [getattr(context, "starlette_route", None) for context in contexts()] if callable(contexts) else [route]
-        )
-        for mount in mounts:
-            if isinstance(mount, (Mount, Host)):
-                inner = getattr(mount, "_base_app", mount.app)  # (the app under the mount's middleware)
-                if isinstance(inner, FastAPI):
-                    yield inner
-                yield from _mounted_apps(inner)
+    """The FastAPI apps mounted in ``app``, at any depth: each serves a schema of its own."""
+    for route in reached_routes(app):
+        if isinstance(route, (Mount, Host)) and isinstance(inner := mounted_app(route), FastAPI):
+            yield inner
 
 
 def _document_before_schema(app: FastAPI, document: Callable[[], None]) -> None:
