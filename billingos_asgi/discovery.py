@@ -74,11 +74,17 @@ def route_table(
     table.written = frozenset(key for key, _ in written)
     for key, declaration in [*declarations, *written]:
         declares = declaration is not None and declaration is not UNDECLARED
-        if declares and table.get(key) not in (None, UNDECLARED) and table[key] != declaration:
+        before = table.get(key)
+        if declares and before not in (None, UNDECLARED) and _as_metered(before) != _as_metered(declaration):
             raise ValueError(f"routes: {key!r} is declared both as {table[key]!r} and as {declaration!r}")
         if declares or key not in table:
             table[key] = declaration
     return table
+
+
+def _as_metered(declaration: str | Metered | None) -> Metered | None:
+    """A declaration as the middleware reads it: a feature's name is ``Metered(feature)``."""
+    return Metered(declaration) if isinstance(declaration, str) else declaration
 
 
 def _with_heads(also: Mapping[str, str | Metered | None]) -> Iterator[tuple[str, str | Metered | None]]:

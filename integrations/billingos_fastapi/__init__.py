@@ -29,6 +29,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, params
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Host, Mount, Route
@@ -244,7 +245,7 @@ _INCLUDED: Any = getattr(fastapi.routing, "_EffectiveRouteContext", ())
 class _TriedLast(BaseRoute):
     """Stands after an app's routes, in the walk, for the ones it tries when none of them matched."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: Starlette) -> None:
         self.app = app
 
 
@@ -295,13 +296,16 @@ def _metered_calls(dependant: Dependant) -> Iterator[Any]:
 def _document(*responses: dict[int | str, dict[str, Any]]) -> None:
     for documented in responses:
         for status, response in PROBLEM_RESPONSES.items():
-            documented.setdefault(status, response)
+            if status not in documented and str(status) not in documented:  # (FastAPI takes "401" too)
+                documented[status] = response
 
 
 def declared(
-    app: FastAPI, *, also: Mapping[str, str | Metered | None] | None = None
+    app: Starlette, *, also: Mapping[str, str | Metered | None] | None = None
 ) -> Callable[[], dict[str, str | Metered | None]]:
     """The middleware's ``routes=``: every route with a :func:`metered` dependency, plus ``also``.
+
+    ``app``: a FastAPI app, or a Starlette app with FastAPI apps mounted in it.
 
     Collected when the middleware stack is built (at start-up); also documents the 401/403/429
     answers in the OpenAPI schema of those routes. Answers a late gate's refusal
@@ -316,13 +320,13 @@ def declared(
         """Document the declared routes' answers (the walk does), in the app and the apps mounted in it."""
         deque(walk([*app.routes, _TriedLast(app)], find=_find, expand=_expand), maxlen=0)
 
-    for target in (app, *_mounted_apps(app)):
+    for target in _schema_apps(app):
         _document_before_schema(target, document)
 
     def collect() -> dict[str, str | Metered | None]:
         answer_refusals(app)  # the apps mounted since
         table = route_table(declarations([*app.routes, _TriedLast(app)], find=_find, expand=_expand), also)
-        for target in (app, *_mounted_apps(app)):  # regenerated with the documented answers
+        for target in _schema_apps(app):  # regenerated with the documented answers
             target.openapi_schema = None
             _document_before_schema(target, document)
         return table
@@ -330,8 +334,10 @@ def declared(
     return collect
 
 
-def _mounted_apps(app: object) -> Iterator[FastAPI]:
-    """The FastAPI apps mounted in ``app``, at any depth: each serves a schema of its own."""
+def _schema_apps(app: object) -> Iterator[FastAPI]:
+    """``app`` if a FastAPI app, and the FastAPI apps mounted in it at any depth: each serves a schema of its own."""
+    if isinstance(app, FastAPI):
+        yield app
     for route in reached_routes(app):
         if isinstance(route, (Mount, Host)) and isinstance(inner := mounted_app(route), FastAPI):
             yield inner

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import anyio.from_thread
 from starlette._utils import is_async_callable
 from starlette.requests import HTTPConnection
-from starlette.routing import Mount, Route
+from starlette.routing import Host, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from billingos_asgi import BillingBackend, Metered
 from billingos_asgi.context import declared_context
 from billingos_asgi.customers import CustomerResolver
-from billingos_asgi.discovery import MARK, declared_routes, unwrapped
+from billingos_asgi.discovery import MARK, declared_routes, mounted_app, reached_routes, unwrapped
 from billingos_asgi.endpoints import UsageEndpoints
 from billingos_asgi.middleware import gate_preflight, is_preflight
 from billingos_asgi.responses import answer_refusals
@@ -138,7 +139,8 @@ def declared(
     """The middleware's ``routes=``: every ``@metered`` endpoint of ``app`` (mounts included), plus ``also``.
 
     Collected when the middleware stack is built (at start-up), so routes added after
-    ``add_middleware`` count too. A path declared twice with different features is refused.
+    ``add_middleware`` count too. A path declared twice with different features is refused. The
+    :func:`billingos_fastapi.metered` dependencies of FastAPI apps mounted in it are found too.
     Answers a late gate's refusal (:class:`BillingDenied`, from an endpoint's ``identify``)
     inside the app and the apps mounted in it, so that it is answered however the middleware is
     installed.
@@ -146,10 +148,23 @@ def declared(
     answer_refusals(app)  # now: the app reads its handlers when its stack is built, before collecting
 
     def collect() -> dict[str, str | Metered | None]:
+        if _mounts_fastapi(app):  # its routes declare with dependencies, which FastAPI's adapter reads
+            from billingos_fastapi import declared as fastapi_declared
+
+            return fastapi_declared(app, also=also)()
         answer_refusals(app)  # the apps mounted since
         return declared_routes(app.routes, also=also)
 
     return collect
+
+
+def _mounts_fastapi(app: Any) -> bool:
+    """Whether a FastAPI app is mounted in ``app`` (at any depth), without importing FastAPI."""
+    fastapi = sys.modules.get("fastapi")
+    return fastapi is not None and any(
+        isinstance(route, (Mount, Host)) and isinstance(mounted_app(route), fastapi.FastAPI)
+        for route in reached_routes(app)
+    )
 
 
 def usage_routes(

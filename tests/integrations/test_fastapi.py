@@ -19,7 +19,7 @@ from starlette.middleware.gzip import GZipMiddleware  # noqa: E402
 from starlette.routing import Mount  # noqa: E402
 from starlette.types import ASGIApp  # noqa: E402
 
-from billingos_asgi import BillingDenied, BillingMiddleware, LocalBilling, SessionToken, UsageContext  # noqa: E402
+from billingos_asgi import BillingDenied, BillingMiddleware, LocalBilling, Metered, SessionToken, UsageContext  # noqa: E402
 from billingos_fastapi import (  # noqa: E402
     Billing,
     BillingSessionToken,
@@ -192,6 +192,33 @@ async def test_a_preflight_no_cors_layer_answers_is_gated_by_a_declared_route(bi
         named = await client.options("/v1/describe", headers=as_customer("user_free", **preflight))
     assert (anonymous.status_code, named.status_code, entered) == (401, 200, ["describe"])
     assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+def test_openapi_keeps_a_routes_own_description_of_an_answer_given_under_a_string_status(billing: SpyBilling) -> None:
+    """FastAPI takes ``responses={"401": ...}`` too: ours, added as 401 beside it, won the merge."""
+    app = FastAPI()
+
+    @app.get("/v1/search", dependencies=[metered("api_calls")], responses={"401": {"description": "Bad token"}})
+    async def search() -> dict[str, str]:
+        return {}
+
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    responses = app.openapi()["paths"]["/v1/search"]["get"]["responses"]
+    assert responses["401"]["description"] == "Bad token"
+    assert responses["429"]["description"].startswith("The feature's quota")
+
+
+def test_also_may_name_a_declared_routes_feature_as_routes_does(billing: SpyBilling) -> None:
+    app = FastAPI()
+
+    @app.get("/v1/search", dependencies=[metered("api_calls")])
+    async def search() -> dict[str, str]:
+        return {}
+
+    same = declared(app, also={"GET /v1/search": "api_calls"})()["GET /v1/search"]
+    assert same in ("api_calls", Metered("api_calls"))
+    with pytest.raises(ValueError, match="GET /v1/search"):
+        declared(app, also={"GET /v1/search": "tokens"})()
 
 
 def assert_documented(schema: dict[str, Any]) -> None:

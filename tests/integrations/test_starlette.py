@@ -91,6 +91,34 @@ def test_a_path_declared_two_ways_is_refused(billing: LocalBilling) -> None:
     with pytest.raises(ValueError, match="GET /v1/search"):
         declared(app, also={"GET /v1/search": "tokens"})()
     assert declared(app, also={"GET /v1/search": Metered("api_calls"), "/other": "x"})()["/other"] == "x"
+    same = declared(app, also={"GET /v1/search": "api_calls"})()["GET /v1/search"]
+    assert same in ("api_calls", Metered("api_calls"))
+
+
+async def test_a_mounted_fastapi_apps_metered_routes_are_found(billing: LocalBilling) -> None:
+    """A FastAPI app mounted in a Starlette one declares with dependencies: they were missed, and every
+    request to its metered routes failed closed (a 500 saying declared(app) was not given)."""
+    from fastapi import FastAPI
+
+    from billingos_fastapi import metered as fastapi_metered
+
+    entered: list[str] = []
+    sub = FastAPI()
+
+    @sub.get("/reports", dependencies=[fastapi_metered("api_calls")])
+    async def reports() -> dict[str, str]:
+        entered.append("reports")
+        return {}
+
+    app = Starlette(routes=[Mount("/api", app=sub)])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        named = await client.get("/api/reports", headers=as_customer("user_free"))
+        anonymous = await client.get("/api/reports")
+        schema = (await client.get("/api/openapi.json")).json()
+    assert (named.status_code, anonymous.status_code, entered) == (200, 401, ["reports"])
+    assert {"401", "403", "429"} <= set(schema["paths"]["/reports"]["get"]["responses"])
+    assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
 async def test_a_parameter_name_a_mount_and_its_route_share_is_metered_as_served(billing: LocalBilling) -> None:
