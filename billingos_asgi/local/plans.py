@@ -7,6 +7,8 @@ key and the fault, so that a typo never becomes a silently free (or silently blo
 from __future__ import annotations
 
 import math
+import os
+import stat
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +65,8 @@ def load_plans(path: str | Path) -> Catalog:
     """Read and validate a TOML plans file."""
     source = str(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block the read for ever, a device never end it
+            raise PlansError(f"{source}: cannot read the plans file: not a regular file")
         with open(path, "rb") as fh:
             # A byte-order mark (Notepad's "UTF-8 with BOM") is not content: tomllib would refuse it
             # as an "invalid statement" at line 1 of a file that looks right.

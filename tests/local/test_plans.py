@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,17 @@ def test_a_missing_relative_path_names_the_directory_it_was_looked_for_in(
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(PlansError) as excinfo:
         load_plans(tmp_path)
-    assert str(excinfo.value).startswith(f"{tmp_path}: cannot read the plans file: ")
+    assert str(excinfo.value) == f"{tmp_path}: cannot read the plans file: not a regular file"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_is_refused_rather_than_waited_on(tmp_path: Path) -> None:
+    """Reading a pipe no one writes to would block start-up for ever."""
+    path = tmp_path / "plans.toml"
+    os.mkfifo(path)
+    with pytest.raises(PlansError) as excinfo:
+        load_plans(path)
+    assert str(excinfo.value) == f"{path}: cannot read the plans file: not a regular file"
 
 
 @pytest.mark.parametrize("text", ["", "# plans to come\n", FEATURES_TOML], ids=["empty", "comments", "features-only"])
