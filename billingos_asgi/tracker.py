@@ -251,7 +251,7 @@ class Tracker:
                 outcome, _, reason = refusal.partition(": ")
                 self._give_up((event,), outcome, f"{reason} (refused before a restart)", kind="before a restart")
         self._closing_event = anyio.Event()
-        self._flushed = self._senders_done = False
+        self._flushed = self._senders_done = self._upstream.draining = False
         self._done = anyio.Event()
         self._scope = anyio.CancelScope()
         self._paying = anyio.Lock(fast_acquire=True)  # no extra turn of the loop for each batch
@@ -451,7 +451,7 @@ class Tracker:
                     await anyio.sleep(self._flush_interval)
                 self._holding = None
             self._flush()
-        self._flushed = True
+        self._flushed = self._upstream.draining = True
         self._wake_senders()
 
     def _flush(self) -> None:
@@ -505,8 +505,9 @@ class Tracker:
     # -- delivery --
 
     async def _ready(self) -> None:
-        """Wait for a track's turn; a shutdown drain may use the checks' reserve of the budget too."""
-        await self._upstream.ready_to_track(reserve=not self._flushed)
+        """Wait for a track's turn; a shutdown drain may use the checks' reserve of the budget too
+        (:attr:`Upstream.draining`, also for the tracks already waiting when it starts)."""
+        await self._upstream.ready_to_track()
 
     async def send(self, event: UsageEvent) -> None:
         """Deliver ``event`` from its request's task, its response complete: for apps without a lifespan.

@@ -50,6 +50,8 @@ CHECK_TIMEOUT = 5.0
 DEFAULT_FAILURE_THRESHOLD = 5
 #: Upstream's limits are per minute: a 429 asking for a longer pause (a bug, or a proxy's) is cut to this.
 MAX_PAUSE = 60.0
+#: How often a call waiting for a token beyond a reserve that may shrink looks again (see :meth:`Budget.take`).
+RESERVE_POLL = 0.25
 DEFAULT_COOLDOWN = 15.0
 #: Failures that say upstream is unwell (a 429 only says "slower": it pauses the budget instead).
 _UNWELL = (NetworkError, ServerError, InvalidResponseError, AuthenticationError)
@@ -112,14 +114,18 @@ class Budget:
         missing = max(0.0, 1.0 + reserve - self._tokens)
         return max(0.0, self._paused_until - now) + missing / self._rate
 
-    async def take(self, *, reserve: float = 0.0, wait: float | None = None) -> bool:
-        """Wait for a token (up to ``wait`` seconds); False when that would not be enough."""
+    async def take(self, *, reserve: float | Callable[[], float] = 0.0, wait: float | None = None) -> bool:
+        """Wait for a token (up to ``wait`` seconds); False when that would not be enough.
+
+        ``reserve``: a function is asked again every :data:`RESERVE_POLL` seconds at most while the
+        call waits (a shutdown lets tracks spend the checks' reserve, also the ones already waiting).
+        """
         deadline = None if wait is None else self._clock() + wait
-        while not self.try_take(reserve):
-            delay = self.wait_time(reserve)
+        while not self.try_take(kept := reserve() if callable(reserve) else reserve):
+            delay = self.wait_time(kept)
             if deadline is not None and delay > deadline - self._clock():  # (now + a tiny delay rounds to now)
                 return False
-            await anyio.sleep(max(delay, 0.001))
+            await anyio.sleep(max(min(delay, RESERVE_POLL) if callable(reserve) else delay, 0.001))
         return True
 
     def pause(self, seconds: float) -> None:
@@ -205,12 +211,18 @@ class Upstream:
         self.refused_by_budget = 0  # checks not made: no token in time
         self.endpoint_calls = 0  # the usage endpoints' metrics and session tokens
         self._resting_until = 0.0  # without a budget: the (monotonic) end of the wait a 429 asked for
+        #: A shutdown's drain is on: tracks may spend the checks' reserve (no request is left to check for).
+        self.draining = False
 
     @property
     def track_reserve(self) -> float:
         """Tokens tracks leave for checks: half the burst, and never so many that no token is left for
         tracks (a burst of 1 keeps none: a bucket holding 1 token cannot give one beyond a reserve)."""
         return 0.0 if self.budget is None else min(self.budget.burst / 2, self.budget.burst - 1.0)
+
+    def _tracks_leave(self) -> float:
+        """What a track that keeps the checks' reserve leaves of the bucket now (nothing once draining)."""
+        return 0.0 if self.draining else self.track_reserve
 
     async def ready_to_track(self, *, reserve: bool = True) -> None:
         """Wait until the breaker lets a track go and the budget has a token for it (taken).
@@ -227,7 +239,7 @@ class Upstream:
                 # Open, only time closes it; half open, its probe's answer may, at any moment.
                 await anyio.sleep(max(min(wait, PROBE_POLL) if self.breaker.state == "half_open" else wait, 0.01))
             if self.budget is not None:
-                await self.budget.take(reserve=self.track_reserve if reserve else 0.0)
+                await self.budget.take(reserve=self._tracks_leave if reserve else 0.0)
             if self.breaker.allow():  # else another call became the probe while this one waited: its token is spent
                 return
 
@@ -287,7 +299,7 @@ class Upstream:
             raise CircuitOpenError("billing is failing: not retried while the breaker is not closed", retry_after=1.0)
         if self.budget is not None:
             keeps_reserve = path != CHECK_PATH and _track_keeps_reserve.get()
-            await self.budget.take(reserve=self.track_reserve if keeps_reserve else 0.0)
+            await self.budget.take(reserve=self._tracks_leave if keeps_reserve else 0.0)
         self.retries += 1
 
     async def _admit(self, wait: float, reserve: float = 0.0) -> None:

@@ -383,6 +383,26 @@ async def test_a_shutdown_drain_may_use_the_checks_reserve_of_the_budget(billing
         assert await billing.recorded_units(f"c{i}", "api_calls") == 1
 
 
+async def test_a_track_already_waiting_beyond_the_reserve_when_the_drain_starts_may_use_it(
+    billing: LocalBilling,
+) -> None:
+    """In a starved budget a sender is waiting (20 s, at 6 calls a minute) when shutdown begins: it
+    kept the reserve it started with, and its event was dropped at the deadline with 4 tokens unused."""
+    budget = Budget(6, 10)  # a reserve of five for checks
+    for _ in range(6):
+        assert budget.try_take()  # four left, within the reserve
+    upstream = Upstream(billing, budget=budget)
+    tracker = Tracker(upstream, EntitlementCache(upstream), flush_interval=0, drain_timeout=2)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tracker.start(tg)
+            assert tracker.submit(event("k0"))
+            await anyio.sleep(0.2)  # its sender waits for a token beyond the reserve
+            await tracker.stop()
+    assert (tracker.stats.sent, tracker.stats.dropped) == (1, 0)
+    assert await billing.recorded_units("c0", "api_calls") == 1
+
+
 async def test_a_replayed_event_given_up_leaves_the_units_of_running_requests_counted(
     billing: LocalBilling, tmp_path: Path
 ) -> None:
