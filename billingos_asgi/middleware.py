@@ -52,6 +52,7 @@ from .responses import (
     ProblemFactory,
     answer_refusals,
     problem_response,
+    refusal_headers,
     refusal_in,
 )
 from .routes import EXCLUDED, UNDECLARED, FoundRoutes, Metered, RouteTable
@@ -702,6 +703,8 @@ class BillingMiddleware:
                     if inspect.iscoroutine(response):  # closed, or Python warns later that it was never awaited
                         response.close()
                     raise TypeError(f"returned {response!r}, not a Response with its body")
+                for name, value in refusal_headers(denial).items():  # when to come back, unless it says
+                    response.headers.setdefault(name, value)
                 return response
             except Exception:  # (failing alike for every refusal: one line a second)
                 self._log(

@@ -26,6 +26,7 @@ __all__ = [
     "answer_refusal",
     "answer_refusals",
     "problem_response",
+    "refusal_headers",
     "refusal_in",
 ]
 
@@ -179,6 +180,16 @@ def problem_response(denial: Denial) -> Response:
     }
     if denial.upgrade_url and denial.status in (403, 429):
         body["upgrade_url"] = denial.upgrade_url
+    return Response(
+        json.dumps(body, allow_nan=False),
+        denial.status,
+        headers=refusal_headers(denial),
+        media_type="application/problem+json",
+    )
+
+
+def refusal_headers(denial: Denial) -> dict[str, str]:
+    """``Retry-After`` and the quota fields of a refusal, whoever writes its body."""
     headers: dict[str, str] = {}
     retry_after = denial.retry_after
     if retry_after is not None:
@@ -187,6 +198,4 @@ def problem_response(denial: Denial) -> Response:
         remaining = denial.limit - denial.usage
         for name, value in quota_headers(denial.feature, denial.limit, remaining, denial.resets_at):
             headers[name.decode()] = value.decode()
-    return Response(
-        json.dumps(body, allow_nan=False), denial.status, headers=headers, media_type="application/problem+json"
-    )
+    return headers

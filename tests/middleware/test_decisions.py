@@ -509,6 +509,9 @@ async def test_problem_factory_replaces_the_answer(billing: LocalBilling) -> Non
         anonymous = await client.get("/x")
     assert exhausted.status_code == 429 and anonymous.status_code == 401
     assert exhausted.headers["content-type"] == "application/json" and exhausted.headers["x-custom"] == "1"
+    # The factory writes the body: when to come back is still said (it was lost with the default's body).
+    assert int(exhausted.headers["retry-after"]) > 0 and ";r=0;" in exhausted.headers["ratelimit"]
+    assert "retry-after" not in anonymous.headers
     assert exhausted.json() == {"error": 429, "customer": "user_free", "limit": 10, "usage": 10}
     assert anonymous.json() == {"error": 401, "customer": None, "limit": None, "usage": None}
     assert [(d.status, d.feature) for d in seen] == [(429, "api_calls"), (401, "api_calls")]
