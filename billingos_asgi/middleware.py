@@ -544,8 +544,10 @@ class BillingMiddleware:
         elif watch.completed and status < 400:  # answered in full; what failed after (a background task) is the app's
             used = quantity + context.reported
         else:  # bill_partial keeps what a client's disconnect cut short of a successful answer, never of an
-            # error answer or a failure (the watch tells a client gone: an app's own OSError is a failure)
-            used = context.reported if metered.bill_partial and status < 400 and watch.disconnected else 0.0
+            # error answer or a failure (the watch tells a client gone: an app's own OSError is a failure),
+            # nor of an app that raised before answering (its error layer, outside or in, makes it a 500)
+            cut_short = watch.disconnected and status < 400 and (status or failure is None)
+            used = context.reported if metered.bill_partial and cut_short else 0.0
         unsent = self._settle(context, quantity, used, unnamed_ok=preflight)
         if unsent is not None:
             await self.tracker.send(unsent)  # no lifespan: the response is already complete

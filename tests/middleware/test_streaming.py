@@ -15,7 +15,7 @@ import anyio.lowlevel
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -255,6 +255,49 @@ async def test_client_disconnect_seen_as_oserror_on_send(
     assert isinstance(exchange.error, ClientDisconnect)
     assert exchange.status == 200 and exchange.body == b"first;"
     assert await billing.recorded_units("user_free", "tokens") == billed
+
+
+@pytest.mark.parametrize("installed", ["add_middleware", "around the app"])
+async def test_an_upload_the_client_aborts_and_the_app_fails_on_is_not_billed_partially(
+    billing: LocalBilling, installed: str
+) -> None:
+    """The client leaves mid-upload: Starlette raises ClientDisconnect before any answer. With the
+    middleware inside the app's error layer it saw the failure unanswered, and billed what the
+    endpoint reported (around the app it saw the 500 the layer sent, and did not)."""
+
+    async def upload(request: Request) -> PlainTextResponse:
+        async for _ in request.stream():
+            report_usage(0.25)  # stored chunk by chunk
+        return PlainTextResponse("stored")
+
+    options: dict[str, Any] = {
+        "billing": billing,
+        "customer": by_header,
+        "routes": {"POST /up": Metered("storage_gb", quantity=None, bill_partial=True)},
+    }
+    app: Any = Starlette(routes=[Route("/up", upload, methods=["POST"])])
+    if installed == "add_middleware":
+        app.add_middleware(BillingMiddleware, **options)
+    else:
+        app = BillingMiddleware(app, **options)
+    inbox: list[Message] = [
+        {"type": "http.request", "body": b"x", "more_body": True},
+        {"type": "http.request", "body": b"y", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return inbox.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async with lifespan(app):
+        with pytest.raises(ClientDisconnect):
+            await app(http_scope("/up", method="POST", headers=FREE), receive, send)
+    assert sent[0]["status"] == 500
+    assert await billing.recorded_units("user_free", "storage_gb") == 0
 
 
 async def test_a_last_chunk_the_server_could_not_send_is_not_billed(billing: LocalBilling) -> None:
