@@ -52,8 +52,8 @@ from .responses import (
     ProblemFactory,
     answer_refusals,
     problem_response,
-    refusal_headers,
     refusal_in,
+    with_refusal_headers,
 )
 from .routes import EXCLUDED, UNDECLARED, FoundRoutes, Metered, RouteTable
 from .tracker import (
@@ -705,9 +705,7 @@ class BillingMiddleware:
                     if inspect.iscoroutine(response):  # closed, or Python warns later that it was never awaited
                         response.close()
                     raise TypeError(f"returned {response!r}, not a Response with its body")
-                for name, value in refusal_headers(denial).items():  # when to come back, unless it says
-                    response.headers.setdefault(name, value)
-                return response
+                return with_refusal_headers(response, denial)
             except Exception:  # (failing alike for every refusal: one line a second)
                 self._log(
                     logging.ERROR,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -28,6 +29,7 @@ __all__ = [
     "problem_response",
     "refusal_headers",
     "refusal_in",
+    "with_refusal_headers",
 ]
 
 PROBLEM_TYPE = "https://docs.billingos.dev/problems/"
@@ -186,6 +188,20 @@ def problem_response(denial: Denial) -> Response:
         headers=refusal_headers(denial),
         media_type="application/problem+json",
     )
+
+
+def with_refusal_headers(response: Response, denial: Denial) -> Response:
+    """``response`` (a user's answer to ``denial``) with the :func:`refusal_headers` it does not set
+    itself: when to come back. A copy, as it may be one response the user hands out every time."""
+    present = {name.lower() for name, _ in response.raw_headers}
+    extra = [(name.lower().encode(), value.encode()) for name, value in refusal_headers(denial).items()]
+    extra = [(name, value) for name, value in extra if name not in present]
+    if not extra:
+        return response
+    answer = copy.copy(response)
+    answer.raw_headers = [*response.raw_headers, *extra]
+    vars(answer).pop("_headers", None)  # (the original's, cached by Response.headers)
+    return answer
 
 
 def refusal_headers(denial: Denial) -> dict[str, str]:

@@ -518,6 +518,25 @@ async def test_problem_factory_replaces_the_answer(billing: LocalBilling) -> Non
     assert calls == []
 
 
+async def test_a_problem_factorys_one_response_for_every_refusal_is_left_as_it_was(billing: LocalBilling) -> None:
+    """Refusal headers go on a copy: on the user's own response, a 429's Retry-After stayed on the next 403."""
+    await billing.track_usage("user_free", "api_calls", 10)
+    refused = JSONResponse({"error": "refused"}, status_code=402)
+    middleware = BillingMiddleware(
+        recording_app([]),
+        billing=billing,
+        customer=by_header,
+        routes={"/x": "api_calls"},
+        problem_factory=lambda _: refused,
+    )
+    async with serve(middleware) as client:
+        exhausted = await client.get("/x", headers=as_customer("user_free"))
+        unknown = await client.get("/x", headers=as_customer("nobody"))
+    assert exhausted.status_code == unknown.status_code == 402
+    assert "retry-after" in exhausted.headers and "retry-after" not in unknown.headers
+    assert [name for name, _ in refused.raw_headers] == [b"content-length", b"content-type"]
+
+
 def broken_factory(denial: Denial) -> Response:
     raise RuntimeError("broken hook")
 
