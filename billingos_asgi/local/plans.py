@@ -66,7 +66,7 @@ def load_plans(path: str | Path) -> Catalog:
     source = str(path)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block the read for ever, a device never end it
-            raise PlansError(f"{source}: cannot read the plans file: not a regular file")
+            raise OSError(0, "not a regular file")
         with open(path, "rb") as fh:
             # A byte-order mark (Notepad's "UTF-8 with BOM") is not content: tomllib would refuse it
             # as an "invalid statement" at line 1 of a file that looks right.
