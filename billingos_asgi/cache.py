@@ -139,8 +139,9 @@ class Quota:
         # Guessed full, and a track answer (whose figures were not taken) crossed this check: the
         # check may miss its units, so the guess holds until the next check, asked at once.
         keep_guess = self.guessed and raced and same_period
-        if same_period and self.usage > usage and (not (self.guessed or self.carried) or keep_guess):
-            usage = self.usage  # a check answered before our last confirmed track
+        if raced and same_period and self.usage > usage and (not (self.guessed or self.carried) or keep_guess):
+            usage = self.usage  # a check that read before our last confirmed track (else its figures are the newest:
+            # lower, the period was re-anchored, a new one ending as the old one did)
         self.checked_limit = _said(limit)
         if raced and self.tracked_limit is not None:  # (a plan change may start a period)
             limit = _lower(limit, self.tracked_limit)
@@ -416,8 +417,8 @@ class EntitlementCache:
         if quota.usable_until == -math.inf:  # refused upstream since (reject()): left for a check to say
             return
         self._stamp(quota)
-        if raced:  # stale at once: the next request has it asked again
-            quota.fresh_until = self._clock()
+        if raced or quota.carried:  # stale at once: the next request has it asked again (carried: which
+            quota.fresh_until = self._clock()  # period's usage is current, only a check says)
 
     def _crossing(self, quota: Quota) -> int:
         """Note on ``quota`` that a track's outcome was taken: a check on its way since crossed it."""

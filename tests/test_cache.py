@@ -26,6 +26,8 @@ PLANS: dict[str, Any] = {
         "big": {"features": {"api_calls": 100}},
         "unlimited": {"features": {"api_calls": "unlimited"}},
         "yearly": {"interval": "year", "features": {"api_calls": 1000}},
+        "yearly_small": {"interval": "year", "features": {"api_calls": 10}},
+        "daily": {"interval": "day", "features": {"api_calls": 10}},
     },
     "customers": {"c1": "small"},
 }
@@ -956,3 +958,52 @@ async def test_a_quota_refusal_crossing_the_new_periods_first_check_does_not_car
     await cache.fetch("c1", "api_calls")
     assert quota.usage == 0, f"February's entry holds January's guess {quota.usage}"
     assert admitted_of(cache, 10) == 5
+
+
+async def test_a_new_period_ending_as_the_old_one_did_takes_the_checks_lower_usage(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A daily plan anchored where the monthly one was: on the month's last day its period ends when
+    the month's did. Told apart by their end only, the month's usage held, 429 for the rest of the day."""
+    clocks.advance(30 * 86400 + 10 * 3600)  # Jan 31, 10:00
+    await billing.set_plan("c1", "big", started_at=START)
+    await billing.track_usage("c1", "api_calls", 50, "january")
+    cache, _ = cache_for(billing, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert (quota.usage, quota.limit) == (50, 100)
+    await billing.set_plan("c1", "daily", started_at=START)  # Jan 31 to Feb 1: 0 of 10
+    clocks.advance(31)
+    assert await cache.fetch("c1", "api_calls") is quota
+    assert (quota.usage, quota.limit) == (0, 10) and quota.admit(1) == 0
+
+
+async def test_usage_carried_across_a_plans_new_period_is_asked_again_after_the_next_track_answer(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A check reading the new yearly period crossed a monthly track answer: the higher usage is
+    carried until asked again, at once. A track answer after it made the entry fresh for a whole TTL,
+    carrying the month's 90 units onto a year of 10: 429 with 9 units left."""
+    await billing.set_plan("c1", "big")
+    clocks.advance(10 * 86400)
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    await billing.track_usage("c1", "api_calls", 89, "another process")
+    assert quota.admit(1) == 0 and quota.admit(1) == 0  # two requests' units on their way
+    sent = cache.renewals
+    monthly = await billing.track_usage("c1", "api_calls", 1, "first")  # 90 of 100
+    await billing.set_plan("c1", "yearly_small")
+    clocks.advance(31)
+
+    async def monthly_answer_lands() -> None:
+        cache.confirm("c1", "api_calls", 1, monthly, sent)
+
+    await crossed(cache, backend, monthly_answer_lands)
+    assert quota.usage == 90 and quota.carried
+    sent = cache.renewals
+    yearly = await billing.track_usage("c1", "api_calls", 1, "second")
+    assert (yearly.usage.consumed_units, yearly.usage.limit_units) == (1, 10)
+    cache.confirm("c1", "api_calls", 1, yearly, sent)
+    spawned: list[Refresh] = []
+    cache.spawn = spawned.append
+    assert cache.get("c1", "api_calls") is quota and len(spawned) == 1  # asked again at once
