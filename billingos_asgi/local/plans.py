@@ -61,16 +61,17 @@ class Catalog:
     customers: Mapping[str, str] = field(default_factory=dict)
 
 
+#: A plans file larger than this is refused (a device read would never end).
+MAX_PLANS_BYTES = 64 * 2**20
+
+
 def load_plans(path: str | Path) -> Catalog:
     """Read and validate a TOML plans file."""
     source = str(path)
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block the read for ever, a device never end it
-            raise OSError(0, "not a regular file")
-        with open(path, "rb") as fh:
-            # A byte-order mark (Notepad's "UTF-8 with BOM") is not content: tomllib would refuse it
-            # as an "invalid statement" at line 1 of a file that looks right.
-            data = tomllib.loads(fh.read().decode("utf-8-sig"))
+        # A byte-order mark (Notepad's "UTF-8 with BOM") is not content: tomllib would refuse it
+        # as an "invalid statement" at line 1 of a file that looks right.
+        data = tomllib.loads(_read(path).decode("utf-8-sig"))
     except OSError as exc:
         # A relative path is the working directory's, which a server started elsewhere does not share.
         relative = not Path(path).is_absolute()
@@ -83,6 +84,23 @@ def load_plans(path: str | Path) -> Catalog:
     except ValueError as exc:  # an integer of more digits than Python converts (4,300)
         raise PlansError(f"{source}: not valid TOML: {exc}") from None
     return parse_plans(data, source=source)
+
+
+def _read(path: str | Path) -> bytes:
+    """The file's bytes. A pipe (``--plans <(envsubst < plans.tmpl)``) is read to its writer's end; one
+    nothing writes to, opened without waiting for a writer, is empty rather than a start-up blocked
+    for ever; a device that never ends (``/dev/zero``) is cut off at :data:`MAX_PLANS_BYTES`."""
+    no_wait = getattr(os, "O_NONBLOCK", 0)
+    descriptor = os.open(path, os.O_RDONLY | no_wait)
+    with os.fdopen(descriptor, "rb") as file:
+        if no_wait:
+            os.set_blocking(descriptor, True)  # (the open only: a writer's bytes are waited for)
+        data = file.read(MAX_PLANS_BYTES + 1)
+    if len(data) > MAX_PLANS_BYTES:
+        raise OSError(0, f"larger than {MAX_PLANS_BYTES // 2**20} MiB")
+    if not data and not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(0, "nothing to read (a pipe no one writes to?)")
+    return data
 
 
 def parse_plans(data: Mapping[str, Any], *, source: str = "<plans>") -> Catalog:

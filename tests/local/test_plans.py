@@ -210,17 +210,36 @@ def test_a_missing_relative_path_names_the_directory_it_was_looked_for_in(
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(PlansError) as excinfo:
         load_plans(tmp_path)
-    assert str(excinfo.value) == f"{tmp_path}: cannot read the plans file: not a regular file"
+    assert str(excinfo.value) == f"{tmp_path}: cannot read the plans file: Is a directory"
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
-def test_a_named_pipe_is_refused_rather_than_waited_on(tmp_path: Path) -> None:
-    """Reading a pipe no one writes to would block start-up for ever."""
+def test_a_named_pipe_no_one_writes_to_is_refused_rather_than_waited_on(tmp_path: Path) -> None:
+    """Opening a pipe no one writes to would block start-up for ever."""
     path = tmp_path / "plans.toml"
     os.mkfifo(path)
     with pytest.raises(PlansError) as excinfo:
         load_plans(path)
-    assert str(excinfo.value) == f"{path}: cannot read the plans file: not a regular file"
+    assert str(excinfo.value) == f"{path}: cannot read the plans file: nothing to read (a pipe no one writes to?)"
+
+
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="no /dev/fd here")
+def test_a_pipe_is_read_to_its_writers_end() -> None:
+    """``billingos-asgi serve --plans <(envsubst < plans.tmpl)``: the shell hands over /dev/fd/63."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b'[features.api_calls]\ntype = "usage_quota"\n[plans.free]\nfeatures = { api_calls = 7 }\n')
+        os.close(write_end)
+        catalog = load_plans(f"/dev/fd/{read_end}")
+    finally:
+        os.close(read_end)
+    assert list(catalog.plans["free"].grants) == ["api_calls"]
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero here")
+def test_a_device_that_never_ends_is_cut_off() -> None:
+    with pytest.raises(PlansError, match="/dev/zero: cannot read the plans file: larger than 64 MiB"):
+        load_plans("/dev/zero")
 
 
 @pytest.mark.parametrize("text", ["", "# plans to come\n", FEATURES_TOML], ids=["empty", "comments", "features-only"])
