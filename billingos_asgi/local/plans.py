@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import stat
 import sys
 from collections.abc import Mapping
@@ -63,6 +64,8 @@ class Catalog:
 
 #: A plans file larger than this is refused (a device read would never end).
 MAX_PLANS_BYTES = 64 * 2**20
+#: Seconds a plans file that is a pipe is waited on for its first bytes.
+PIPE_WAIT = 5.0
 
 
 def load_plans(path: str | Path) -> Catalog:
@@ -87,19 +90,19 @@ def load_plans(path: str | Path) -> Catalog:
 
 
 def _read(path: str | Path) -> bytes:
-    """The file's bytes. A pipe (``--plans <(envsubst < plans.tmpl)``) is read to its writer's end; one
-    nothing writes to, opened without waiting for a writer, is empty rather than a start-up blocked
-    for ever; a device that never ends (``/dev/zero``) is cut off at :data:`MAX_PLANS_BYTES`."""
+    """The file's bytes. A pipe (``--plans <(envsubst < plans.tmpl)``) is read to its writer's end,
+    waited on for :data:`PIPE_WAIT` seconds at most (opened for ever, one no one writes to would block
+    start-up); a device that never ends (``/dev/zero``) is cut off at :data:`MAX_PLANS_BYTES`."""
     no_wait = getattr(os, "O_NONBLOCK", 0)
     descriptor = os.open(path, os.O_RDONLY | no_wait)
     with os.fdopen(descriptor, "rb") as file:
         if no_wait:
+            if stat.S_ISFIFO(os.fstat(descriptor).st_mode) and not select.select([descriptor], [], [], PIPE_WAIT)[0]:
+                raise OSError(0, f"nothing came through the pipe in {PIPE_WAIT:g} s")
             os.set_blocking(descriptor, True)  # (the open only: a writer's bytes are waited for)
         data = file.read(MAX_PLANS_BYTES + 1)
     if len(data) > MAX_PLANS_BYTES:
         raise OSError(0, f"larger than {MAX_PLANS_BYTES // 2**20} MiB")
-    if not data and not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError(0, "nothing to read (a pipe no one writes to?)")
     return data
 
 

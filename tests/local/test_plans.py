@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from billingos_asgi import LocalBilling
-from billingos_asgi.local import PlansError, load_plans, parse_plans
+from billingos_asgi.local import PlansError, load_plans, parse_plans, plans
 from billingos_asgi.local.plans import Feature, Grant
 
 MICRO = 1_000_000
@@ -214,13 +215,33 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
-def test_a_named_pipe_no_one_writes_to_is_refused_rather_than_waited_on(tmp_path: Path) -> None:
+def test_a_named_pipe_no_one_writes_to_is_refused_rather_than_waited_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Opening a pipe no one writes to would block start-up for ever."""
+    monkeypatch.setattr(plans, "PIPE_WAIT", 0.1)
     path = tmp_path / "plans.toml"
     os.mkfifo(path)
     with pytest.raises(PlansError) as excinfo:
         load_plans(path)
-    assert str(excinfo.value) == f"{path}: cannot read the plans file: nothing to read (a pipe no one writes to?)"
+    assert str(excinfo.value) == f"{path}: cannot read the plans file: nothing came through the pipe in 0.1 s"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_a_writer_opens_after_the_read_began_is_read(tmp_path: Path) -> None:
+    """A writer may open its end after the read did: its bytes are waited for, not taken for an empty file."""
+    path = tmp_path / "plans.toml"
+    os.mkfifo(path)
+
+    def write() -> None:
+        with open(path, "wb") as fh:  # blocks until the read opens its end, then races the read
+            fh.write(b'[features.api_calls]\ntype = "usage_quota"\n[plans.free]\nfeatures = { api_calls = 7 }\n')
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    catalog = load_plans(path)
+    writer.join(5)
+    assert list(catalog.plans["free"].grants) == ["api_calls"]
 
 
 @pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="no /dev/fd here")
