@@ -121,6 +121,42 @@ async def test_a_mounted_fastapi_apps_metered_routes_are_found(billing: LocalBil
     assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
+async def test_a_mounted_app_with_a_billing_middleware_of_its_own_is_billed_once(billing: LocalBilling) -> None:
+    """A FastAPI app metered by its own middleware, mounted in a Starlette site metered by another:
+    the site's declared(app) finds its routes too, and each request was gated and billed twice."""
+    from fastapi import FastAPI
+
+    from billingos_fastapi import declared as fastapi_declared
+    from billingos_fastapi import metered as fastapi_metered
+
+    sub = FastAPI()
+
+    @sub.get("/reports", dependencies=[fastapi_metered("api_calls")])
+    async def reports() -> dict[str, str]:
+        return {}
+
+    @sub.get("/exports")  # metered by the mounted app's middleware only, on a feature of its own
+    async def exports() -> dict[str, str]:
+        return {}
+
+    sub.add_middleware(
+        BillingMiddleware,
+        billing=billing,
+        customer=by_header,
+        routes=fastapi_declared(sub, also={"GET /exports": "storage_gb"}),
+    )
+    app = Starlette(routes=[Mount("/api", app=sub)])
+    app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+    async with serve(app) as client:
+        answers = [
+            (await client.get(path, headers=as_customer("user_free"))).status_code
+            for path in ("/api/reports", "/api/exports")
+        ]
+    assert answers == [200, 200]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+    assert await billing.recorded_units("user_free", "storage_gb") == 1
+
+
 async def test_a_parameter_name_a_mount_and_its_route_share_is_metered_as_served(billing: LocalBilling) -> None:
     """Starlette matches a mount and its route each on its own: both may name a parameter ``id``."""
     entered: list[str] = []
