@@ -338,6 +338,7 @@ class BillingMiddleware:
         # the app answers it itself (registered before its first call, when it reads its handlers).
         answer_refusals(routed)
         mounts, plain = _litestar_routes(app) if self._litestar else ([], [])
+        django = framework_app(app, "django") is not None
 
         def table(routes: Mapping[str, str | Metered | None] | None) -> RouteTable:
             return RouteTable(
@@ -350,6 +351,7 @@ class BillingMiddleware:
                 plain=plain,
                 # Found on a Starlette or FastAPI app's routes: matched as its router matches them, as requested.
                 exact_paths=isinstance(routes, FoundRoutes) and routed is not None and not self._strips_root_path,
+                anchored_paths=django,
             )
 
         self._table = table

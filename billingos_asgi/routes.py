@@ -372,7 +372,9 @@ class RouteTable:
     except the ``plain`` paths the app serves itself first (Litestar's routes without parameters).
     ``exact_paths``: the table is the app's own routes (found on a Starlette or FastAPI app), which it
     routes as requested: ``/items/`` and ``/items`` are two paths there, each matched as the app
-    matches it (exclusions still cover their slash variants).
+    matches it (exclusions still cover their slash variants). ``anchored_paths``: the app's routes
+    match up to the path's very end (Django's ``path()`` patterns), where Starlette's ``$`` matches
+    before a final newline: ``/docs/index`` and a newline is no static route there.
     """
 
     def __init__(
@@ -386,12 +388,14 @@ class RouteTable:
         mounts: Iterable[str] = (),
         plain: Iterable[str] = (),
         exact_paths: bool = False,
+        anchored_paths: bool = False,
     ) -> None:
         self._static: dict[str, dict[str | None, Metered]] = {}  # path -> method (None: any) -> metering
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
         self._canonical_paths = canonical_paths
         self._tree = canonical_paths or parsed_parameters  # routed by a tree: literal segments compared as they are
+        self._literal_newline = self._tree or anchored_paths  # a final newline is part of the path there
         self._exact_paths = exact_paths and not canonical_paths
         # With exact paths, the keys written by hand, compared canonically (by what the app they name routes).
         written = routes.written if self._exact_paths and isinstance(routes, FoundRoutes) else frozenset()
@@ -608,9 +612,9 @@ class RouteTable:
                 # is no plain route there, but goes to the mount or template around it.
                 collapsed = collapsed.rstrip("/") or "/"
                 return self.match(method, collapsed, raw=path, collapsed=collapsed)
-            # A routing tree (Quart's) compares literal segments as they are too: "/docs/index\n" is its
-            # "/docs/<name>".
-            plain = path if self._tree else path.rstrip("\n")
+            # A routing tree (Quart's) compares literal segments as they are too, and Django's patterns
+            # end at the path's end: "/docs/index\n" is their "/docs/<name>".
+            plain = path if self._literal_newline else path.rstrip("\n")
             return self.match(method, canonical("/" + plain), raw=path, collapsed=collapsed)
         if self._simple:
             return self._default
