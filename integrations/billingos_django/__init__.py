@@ -40,6 +40,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
+from django.urls import Resolver404, get_resolver
 from django.utils.module_loading import import_string
 
 from billingos_asgi import BillingDenied, get_usage_context
@@ -127,9 +128,11 @@ class IdentifyCustomerMiddleware:
                 return django_response(denied)
             setattr(request, _IDENTIFIED, True)
         response = await self.get_response(request)
-        if context is not None and response.status_code >= 400:
+        if context is not None and (response.status_code >= 400 or not context.routed and _resolves_nowhere(request)):
             # Not served, whatever Django's middleware outside makes of it (LocaleMiddleware and
-            # CommonMiddleware redirect a 404 to the language's or the slashed URL): not billed.
+            # CommonMiddleware redirect a 404 to the language's or the slashed URL), or the URLconf's
+            # handler404 inside (a redirect home): not billed. (A middleware's own answer, a cached
+            # page, for a URL a view serves, is.)
             context.mark_failed()
         return response
 
@@ -139,6 +142,15 @@ class IdentifyCustomerMiddleware:
         context = get_usage_context()
         if context is not None:
             context.mark_routed()
+
+
+def _resolves_nowhere(request: HttpRequest) -> bool:
+    """Whether no view serves the request's URL (its URLconf's, as Django resolved it)."""
+    try:
+        get_resolver(getattr(request, "urlconf", None)).resolve(request.path_info)
+    except Resolver404:
+        return True
+    return False
 
 
 def django_response(denied: BillingDenied) -> HttpResponse:

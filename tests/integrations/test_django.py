@@ -70,6 +70,11 @@ def tokens(request: HttpRequest) -> JsonResponse:  # a sync view: Django runs it
     return JsonResponse({"tokens": 7})
 
 
+async def doc(request: HttpRequest, name: str) -> JsonResponse:
+    ENTERED.append(f"doc {name!r}")
+    return JsonResponse({"doc": name})
+
+
 async def note(request: HttpRequest, title: str) -> JsonResponse:
     ENTERED.append(title)
     return JsonResponse({"note": title})
@@ -104,6 +109,8 @@ urlpatterns = [
     path("v1/form", form),
     path("health", health),
     path("v1/notes/<str:title>/", note),
+    path("v1/docs/index", health),
+    path("v1/docs/<str:name>", doc),
 ]
 ROUTES: dict[str, str | Metered | None] = {
     "GET /v1/search": "api_calls",
@@ -551,3 +558,49 @@ async def test_a_slash_redirect_keeping_a_raw_utf8_query_is_not_billed(
         redirect = await call_raw(app, scope)
     assert (redirect.status, redirect.header("location")) == (301, "/v1/notes/hello/?q=%C3%A9") and entered == []
     assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"routes": {"GET /v1/docs/index": None, "GET /v1/docs/{name}": "api_calls"}},
+        {"default_feature": "api_calls", "exclude": ["/v1/docs/index"]},
+    ],
+)
+async def test_a_final_newline_is_routed_to_the_template_as_django_routes_it(
+    billing: LocalBilling, entered: list[str], options: dict[str, Any]
+) -> None:
+    """Django's path() patterns end at the path's end: "/v1/docs/index%0A" is the metered
+    <str:name> "index\n", not the free index. Taken for the index, it ran that view ungated, unbilled."""
+    app = BillingMiddleware(get_asgi_application(), billing=billing, customer=by_header, **options)
+    async with serve(app) as client:
+        anonymous = await client.get("/v1/docs/index%0A")
+        named = await client.get("/v1/docs/index%0A", headers=as_customer("user_free"))
+        free = await client.get("/v1/docs/index")
+    assert (anonymous.status_code, named.status_code, free.status_code) == (401, 200, 200)
+    assert entered == ["doc 'index\\n'", "health"]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+def home(request: HttpRequest, exception: Exception) -> HttpResponseRedirect:
+    return HttpResponseRedirect("/")  # every unknown URL goes to the home page
+
+
+async def test_a_404_the_urlconfs_handler_redirects_is_not_billed(billing: LocalBilling, entered: list[str]) -> None:
+    """No view serves "/v1/nothing"; the URLconf's handler404 answers with a redirect home, inside the
+    adapter, which saw a success: it was billed. A view's page served by a middleware (a cache) still is."""
+    from types import ModuleType
+
+    urls = ModuleType("urls_with_handler404")  # a URLconf: Django caches resolvers by it
+    urls.urlpatterns = [path("v1/search", search)]  # type: ignore[attr-defined]
+    urls.handler404 = home  # type: ignore[attr-defined]
+    with override_settings(ROOT_URLCONF=urls, MIDDLEWARE=["billingos_django.IdentifyCustomerMiddleware"]):
+        app = BillingMiddleware(
+            get_asgi_application(), billing=billing, customer=by_header, default_feature="api_calls"
+        )
+        async with serve(app) as client:
+            missing = await client.get("/v1/nothing", headers=as_customer("user_free"))
+            found = await client.get("/v1/search", headers=as_customer("user_free"))
+    assert (missing.status_code, missing.headers["location"], found.status_code) == (302, "/", 200)
+    assert entered == ["search"]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
