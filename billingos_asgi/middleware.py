@@ -339,6 +339,9 @@ class BillingMiddleware:
         answer_refusals(routed)
         mounts, plain = _litestar_routes(app) if self._litestar else ([], [])
         django = framework_app(app, "django") is not None
+        # Their sync views run in threads AnyIO did not start (Quart's executor, asgiref's): what they
+        # report is handed to this loop, which owns the quotas, with no adapter's hook too (an API key).
+        self._foreign_threads = django or self._parses_target
 
         def table(routes: Mapping[str, str | Metered | None] | None) -> RouteTable:
             return RouteTable(
@@ -527,6 +530,8 @@ class BillingMiddleware:
         request_id = (self._trust_request_id and trusted_request_id(scope)) or new_request_id()
         gate = _LateGate(self, Request(scope, receive)) if customer_of is None else None
         context = UsageContext(request_id, customer, feature, quantity, quota, gate)
+        if self._foreign_threads:
+            context.bind_loop()
         if state is None:  # a server without lifespan state
             state = scope["state"] = {}
         state["billing"] = context

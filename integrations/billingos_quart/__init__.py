@@ -76,6 +76,11 @@ class Billing:
             return None
         if request.url_rule is not None:  # routed to a view (not Werkzeug's slash redirect): it runs
             context.mark_routed()
+        elif request.routing_exception is not None:
+            # No view serves it (404, 405, a slash redirect): whatever the app's error handler makes of
+            # it (a redirect home), not billed, nor gated (Quart answers it next).
+            context.mark_failed()
+            return None
         if is_preflight(request.scope):
             return None
         context.bind_loop()  # sync views run in executor threads: their report_usage() comes back here

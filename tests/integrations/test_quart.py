@@ -396,6 +396,55 @@ async def test_units_reported_from_a_sync_view_are_counted_on_the_event_loop(
     assert counted_in == {threading.get_ident()}  # this test's event loop thread
 
 
+async def test_a_sync_views_report_is_counted_on_the_event_loop_with_no_adapter_hook_too(
+    billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API key needs no adapter: with no Billing hook to hand the loop over, a sync view's report
+    changed the quota from Quart's executor thread, racing the loop."""
+    counted_in: list[int] = []
+    add = UsageContext._add
+
+    def spy(context: UsageContext, units: Decimal) -> bool:
+        counted_in.append(threading.get_ident())
+        return add(context, units)
+
+    monkeypatch.setattr(UsageContext, "_add", spy)
+    app = Quart(__name__)
+
+    @app.post("/v1/tokens")
+    def complete() -> dict[str, str]:
+        report_usage(7)
+        return {"completion": "..."}
+
+    app.asgi_app = BillingMiddleware(  # type: ignore[assignment,method-assign]
+        app.asgi_app,
+        billing=billing,
+        customer=from_api_key(TOKENS.get),
+        routes={"POST /v1/tokens": Metered("tokens", quantity=None)},
+    )
+    async with app.test_app() as test_app:
+        answer = await test_app.test_client().post("/v1/tokens", headers={"x-api-key": "token-free"})
+    assert answer.status_code == 200 and counted_in == [threading.get_ident()]
+    assert await billing.recorded_units("user_free", "tokens") == 7
+
+
+async def test_a_404_the_apps_handler_redirects_is_neither_gated_nor_billed(billing: LocalBilling) -> None:
+    """No view serves "/v1/nothing": the hook gated it, and the app's 404 handler's redirect home was billed."""
+    app, entered = build(billing, default_feature="api_calls")
+
+    @app.errorhandler(404)
+    async def home(error: Exception) -> Any:
+        return redirect("/")
+
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        named = await client.get("/v1/nothing", headers=bearer("token-free"))
+        anonymous = await client.get("/v1/nothing")
+    assert [(r.status_code, r.headers["location"]) for r in (named, anonymous)] == [(302, "/")] * 2
+    assert entered == []
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
 async def test_a_failing_customer_function_follows_on_error_not_a_500(billing: LocalBilling) -> None:
     def broken_customer(request: Request) -> str | None:
         raise RuntimeError("the session store is down")
