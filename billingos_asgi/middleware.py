@@ -466,12 +466,6 @@ class BillingMiddleware:
         Django view) to gate and bill like any request."""
         # No Request is built for an admitted request unless a user hook needs one.
         feature = metered.feature
-        state = scope.get("state")
-        outer = None if state is None else state.get("billing")
-        if isinstance(outer, UsageContext) and outer.feature == feature:
-            # Metered by an outer BillingMiddleware already (this one is a mounted app's own): once.
-            await self.app(scope, receive, send)
-            return
         customer: str | None = None
         quota: Quota | None = None
         # None: the app names the customer (late); a preflight's too, whatever its URL says (a browser
@@ -532,6 +526,7 @@ class BillingMiddleware:
         context = UsageContext(request_id, customer, feature, quantity, quota, gate)
         if self._foreign_threads:
             context.bind_loop()
+        state = scope.get("state")
         if state is None:  # a server without lifespan state
             state = scope["state"] = {}
         state["billing"] = context

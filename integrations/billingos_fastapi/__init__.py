@@ -40,6 +40,7 @@ from billingos_asgi.customers import CustomerResolver
 from billingos_asgi.discovery import (
     MARK,
     Found,
+    bills_itself,
     declarations,
     metering_of,
     mounted_app,
@@ -340,7 +341,8 @@ def _schema_apps(app: object) -> Iterator[FastAPI]:
         yield app
     for route in reached_routes(app):
         if isinstance(route, (Mount, Host)) and isinstance(inner := mounted_app(route), FastAPI):
-            yield inner
+            if not bills_itself(route.app):  # (its own declared() documents it)
+                yield inner
 
 
 def _document_before_schema(app: FastAPI, document: Callable[[], None]) -> None:

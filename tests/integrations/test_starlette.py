@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -30,7 +31,7 @@ from billingos_asgi.routes import UNDECLARED
 from billingos_starlette import declared, metered, usage_routes
 
 from ..asgi import serve
-from ..middleware.support import as_customer, by_header
+from ..middleware.support import PLANS, as_customer, by_header
 
 
 def build(billing: LocalBilling, entered: list[str]) -> Starlette:
@@ -155,6 +156,31 @@ async def test_a_mounted_app_with_a_billing_middleware_of_its_own_is_billed_once
     assert answers == [200, 200]
     assert await billing.recorded_units("user_free", "api_calls") == 1
     assert await billing.recorded_units("user_free", "storage_gb") == 1
+
+
+async def test_a_mounted_app_billing_on_another_backend_is_metered_by_both_as_configured(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    """Routes written by hand for both middlewares: each gates and bills on its own backend."""
+
+    async def reports(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    async with LocalBilling.from_dict(PLANS, tmp_path / "inner.db") as inner:
+        sub = Starlette(routes=[Route("/reports", reports)])
+        sub.add_middleware(BillingMiddleware, billing=inner, customer=by_header, routes={"GET /reports": "api_calls"})
+        app = Starlette(routes=[Mount("/api", app=sub)])
+        app.add_middleware(
+            BillingMiddleware, billing=billing, customer=by_header, routes={"GET /api/reports": "api_calls"}
+        )
+        await inner.track_usage("user_free", "api_calls", 9)
+        async with serve(app) as client:
+            answers = [
+                (await client.get("/api/reports", headers=as_customer("user_free"))).status_code for _ in range(2)
+            ]
+        assert answers == [200, 429]  # the mounted app's quota, on its backend, refuses the second
+        assert await inner.recorded_units("user_free", "api_calls") == 10
+        assert await billing.recorded_units("user_free", "api_calls") == 1  # the outer's refusal-free first only
 
 
 async def test_a_parameter_name_a_mount_and_its_route_share_is_metered_as_served(billing: LocalBilling) -> None:
