@@ -95,7 +95,12 @@ def _read(path: str | Path) -> bytes:
     start-up); a device that never ends (``/dev/zero``) is cut off at :data:`MAX_PLANS_BYTES`."""
     no_wait = getattr(os, "O_NONBLOCK", 0)
     descriptor = os.open(path, os.O_RDONLY | no_wait)
-    with os.fdopen(descriptor, "rb") as file:
+    try:
+        file = os.fdopen(descriptor, "rb")
+    except OSError:  # a directory: the descriptor is not the file object's yet
+        os.close(descriptor)
+        raise
+    with file:
         if no_wait:
             if stat.S_ISFIFO(os.fstat(descriptor).st_mode) and not select.select([descriptor], [], [], PIPE_WAIT)[0]:
                 raise OSError(0, f"nothing came through the pipe in {PIPE_WAIT:g} s")

@@ -214,6 +214,15 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
     assert str(excinfo.value) == f"{tmp_path}: cannot read the plans file: Is a directory"
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="no /proc here")
+def test_a_refused_read_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(PlansError):
+            load_plans(tmp_path)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_named_pipe_no_one_writes_to_is_refused_rather_than_waited_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
