@@ -136,6 +136,13 @@ class IdentifyCustomerMiddleware:
             context.mark_failed()
         return response
 
+    async def process_exception(self, request: HttpRequest, exception: Exception) -> None:
+        """The view raised (``Http404`` too): not billed, whatever Django makes of it (the URLconf's
+        handler404 or handler500 may answer with a redirect home)."""
+        context = get_usage_context()
+        if context is not None:
+            context.mark_failed()
+
     async def process_view(self, request: HttpRequest, view: Any, args: Any, kwargs: Any) -> None:
         """The URL resolved to a view, which runs: its redirect to its own URL is billed, unlike
         ``CommonMiddleware``'s to the slashed one (see :meth:`UsageContext.mark_routed`)."""

@@ -20,7 +20,7 @@ import django  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
-from django.http import HttpRequest, HttpResponseRedirect, JsonResponse  # noqa: E402
+from django.http import Http404, HttpRequest, HttpResponseRedirect, JsonResponse  # noqa: E402
 from django.test import override_settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
@@ -73,6 +73,13 @@ def tokens(request: HttpRequest) -> JsonResponse:  # a sync view: Django runs it
 async def doc(request: HttpRequest, name: str) -> JsonResponse:
     ENTERED.append(f"doc {name!r}")
     return JsonResponse({"doc": name})
+
+
+async def item(request: HttpRequest, item_id: int) -> JsonResponse:
+    ENTERED.append(f"item {item_id}")
+    if item_id != 1:
+        raise Http404("no such item")
+    return JsonResponse({"item": item_id})
 
 
 async def note(request: HttpRequest, title: str) -> JsonResponse:
@@ -568,7 +575,7 @@ async def test_a_slash_redirect_keeping_a_raw_utf8_query_is_not_billed(
     ],
 )
 async def test_a_final_newline_is_routed_to_the_template_as_django_routes_it(
-    billing: LocalBilling, entered: list[str], options: dict[str, Any]
+    billing: LocalBilling, sessions: object, entered: list[str], options: dict[str, Any]
 ) -> None:
     """Django's path() patterns end at the path's end: "/v1/docs/index%0A" is the metered
     <str:name> "index\n", not the free index. Taken for the index, it ran that view ungated, unbilled."""
@@ -586,13 +593,15 @@ def home(request: HttpRequest, exception: Exception) -> HttpResponseRedirect:
     return HttpResponseRedirect("/")  # every unknown URL goes to the home page
 
 
-async def test_a_404_the_urlconfs_handler_redirects_is_not_billed(billing: LocalBilling, entered: list[str]) -> None:
+async def test_a_404_the_urlconfs_handler_redirects_is_not_billed(
+    billing: LocalBilling, sessions: object, entered: list[str]
+) -> None:
     """No view serves "/v1/nothing"; the URLconf's handler404 answers with a redirect home, inside the
     adapter, which saw a success: it was billed. A view's page served by a middleware (a cache) still is."""
     from types import ModuleType
 
     urls = ModuleType("urls_with_handler404")  # a URLconf: Django caches resolvers by it
-    urls.urlpatterns = [path("v1/search", search)]  # type: ignore[attr-defined]
+    urls.urlpatterns = [path("v1/search", search), path("v1/items/<int:item_id>", item)]  # type: ignore[attr-defined]
     urls.handler404 = home  # type: ignore[attr-defined]
     with override_settings(ROOT_URLCONF=urls, MIDDLEWARE=["billingos_django.IdentifyCustomerMiddleware"]):
         app = BillingMiddleware(
@@ -600,7 +609,8 @@ async def test_a_404_the_urlconfs_handler_redirects_is_not_billed(billing: Local
         )
         async with serve(app) as client:
             missing = await client.get("/v1/nothing", headers=as_customer("user_free"))
+            raised = await client.get("/v1/items/2", headers=as_customer("user_free"))  # the view's own Http404
             found = await client.get("/v1/search", headers=as_customer("user_free"))
-    assert (missing.status_code, missing.headers["location"], found.status_code) == (302, "/", 200)
-    assert entered == ["search"]
+    assert [r.status_code for r in (missing, raised, found)] == [302, 302, 200]
+    assert entered == ["item 2", "search"]
     assert await billing.recorded_units("user_free", "api_calls") == 1
