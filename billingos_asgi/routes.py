@@ -552,7 +552,7 @@ class RouteTable:
         ``/v1/files`` is excluded) that no route of the app serves at that spelling, but a metered
         template does (``/v1/files/{name:path}``): metered as that template, as the app routes it.
         (A table written by hand does not know which route serves the variant: excluded there.)"""
-        plain = path.rstrip("\n")
+        plain = path[:-1] if path[-1:] == "\n" else path  # (a pattern's "$" takes one final newline, not two)
         if plain not in self._excluded_as_written and plain not in self._static:
             method = method.upper()
             for route_method, regex, metered in self._dynamic:
@@ -584,8 +584,11 @@ class RouteTable:
                 return found if found is not _UNMETERED else None
         if self._simple:
             return self._default
-        if path.startswith(self._excluded_prefixes) or any(pattern.match(plain) for pattern in self._excluded_patterns):
+        if path.startswith(self._excluded_prefixes):
             return EXCLUDED
+        for pattern in self._excluded_patterns:
+            if pattern.match(plain):  # as requested, excluded; a variant, unless a metered template serves it
+                return EXCLUDED if pattern.match(path) else self._excluded_unless_served(method, path)
         for routes, compared in ((self._dynamic, path), (self._parsed, path), (self._written_dynamic, written)):
             for route_method, regex, metered in routes:
                 if (route_method is None or route_method == method) and regex.match(compared):

@@ -1070,6 +1070,25 @@ async def test_a_slash_variant_of_an_excluded_path_a_metered_template_serves_is_
     assert [by_hand.match("GET", path) for path in ("/v1/health", "/v1/health/", "//v1/health")] == [EXCLUDED] * 3
 
 
+def test_a_template_exclusions_variant_and_two_final_newlines_a_metered_template_serves_are_metered() -> None:
+    """With the app's routes found: "/items/42/" is the metered "/items/{item_id}/{path:path}"'s (an
+    empty path), not the excluded "/items/{item_id}"'s, and "/docs/index\n\n" the metered "/docs/{name}"'s
+    (Starlette's "$" takes one final newline, not two): both were taken as excluded, served free."""
+    found = route_table(
+        [
+            ("GET /docs/index", None),
+            ("GET /docs/{name}", Metered("api_calls")),
+            ("GET /items/{item_id}", None),
+            ("GET /items/{item_id}/{path:path}", Metered("api_calls")),
+        ]
+    )
+    table = RouteTable(found, exclude=["/docs/index", "/items/{item_id}"], exact_paths=True)
+    metered = ["/items/42/", "/items/42//", "/docs/index\n\n", "/docs/other"]
+    assert [table.match("GET", path) for path in metered] == [Metered("api_calls")] * 4
+    excluded = ["/items/42", "/items/42\n", "/docs/index", "/docs/index\n"]
+    assert [table.match("GET", path) for path in excluded] == [EXCLUDED] * 4
+
+
 def test_a_route_written_with_its_slash_takes_that_path_before_a_catch_all() -> None:
     """FastAPI's "/items/" and "/users/{uid}/" serve their paths before a later catch-all (a single
     page app's fallback): matching templates first on the path as requested metered them as it."""
