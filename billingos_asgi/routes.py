@@ -452,6 +452,7 @@ class RouteTable:
         written_paths: set[str] = set()  # as written: the spelling of an excluded route the app serves
         prefixes: list[str] = []
         self._excluded_patterns: list[re.Pattern[str]] = []
+        self._excluded_as_requested: list[re.Pattern[str]] = []  # (with exact paths) as written, and canonical
         for path in exclude:
             if not path.startswith("/"):
                 raise ValueError(f"exclude: {path!r}: the path must start with '/'")
@@ -460,10 +461,13 @@ class RouteTable:
                 prefixes.append(_SLASHES.sub("/", path[:-1]))  # "/static/*" keeps its slash: "/staticky" is not in
                 continue
             written_paths.add(path)
-            path = canonical(path)
+            as_written, path = path, canonical(path)
             regex, _, convertors = _compiled(path, f"exclude: {path!r}")
             if convertors:
                 self._excluded_patterns.append(regex)
+                self._excluded_as_requested.append(regex)
+                if as_written != path:  # "/items/{item_id}/": that spelling is the app's route, excluded as is
+                    self._excluded_as_requested.append(_compiled(as_written, f"exclude: {as_written!r}")[0])
             else:
                 excluded_paths.add(path)
         self._excluded = frozenset(excluded_paths)
@@ -586,9 +590,11 @@ class RouteTable:
             return self._default
         if path.startswith(self._excluded_prefixes):
             return EXCLUDED
-        for pattern in self._excluded_patterns:
-            if pattern.match(plain):  # as requested, excluded; a variant, unless a metered template serves it
-                return EXCLUDED if pattern.match(path) else self._excluded_unless_served(method, path)
+        if self._excluded_patterns:  # as requested, excluded; a variant, unless a metered template serves it
+            if any(pattern.match(path) for pattern in self._excluded_as_requested):
+                return EXCLUDED
+            if any(pattern.match(plain) for pattern in self._excluded_patterns):
+                return self._excluded_unless_served(method, path)
         for routes, compared in ((self._dynamic, path), (self._parsed, path), (self._written_dynamic, written)):
             for route_method, regex, metered in routes:
                 if (route_method is None or route_method == method) and regex.match(compared):

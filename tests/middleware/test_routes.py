@@ -1089,6 +1089,23 @@ def test_a_template_exclusions_variant_and_two_final_newlines_a_metered_template
     assert [table.match("GET", path) for path in excluded] == [EXCLUDED] * 4
 
 
+def test_a_path_an_exclusion_takes_as_requested_or_as_written_is_excluded() -> None:
+    """ "/items/42/" is the excluded "/items/{item_id}/" as written (the app's free route), and another
+    exclusion's "/items/{item_id}/{rest:path}" as requested: taken for a variant of the canonical
+    "/items/{item_id}", it was metered as the later template, the free route billed."""
+    found = route_table([("GET /items/{item_id}/{rest:path}", Metered("api_calls"))])
+    as_written = RouteTable(found, exclude=["/items/{item_id}/"], exact_paths=True)
+    assert as_written.match("GET", "/items/42/") is EXCLUDED
+    found = route_table([("GET /items/{item_id}/{rest:path}", UNDECLARED), ("GET /{path:path}", Metered("api_calls"))])
+    both = RouteTable(
+        found,
+        default_feature="api_calls",
+        exclude=["/items/{item_id}", "/items/{item_id}/{rest:path}"],
+        exact_paths=True,
+    )
+    assert [both.match("GET", path) for path in ("/items/42/x", "/items/42/", "/items/42")] == [EXCLUDED] * 3
+
+
 def test_a_route_written_with_its_slash_takes_that_path_before_a_catch_all() -> None:
     """FastAPI's "/items/" and "/users/{uid}/" serve their paths before a later catch-all (a single
     page app's fallback): matching templates first on the path as requested metered them as it."""
