@@ -26,7 +26,6 @@ __all__ = [
     "MARK",
     "declarations",
     "declared_routes",
-    "bills_itself",
     "framework_app",
     "metering_of",
     "mounted_app",
@@ -263,18 +262,16 @@ def walk(
     (given the route and its path prefix), and a ``Mount`` once more after its routes, for what
     its app tries when none of them matched (FastAPI's ``frontend()``). The table has no host:
     a ``Host``'s routes are metered by path. A mounted app wrapped in middleware shows no
-    routes: pass its declarations with ``also=``, or give it a middleware of its own. One with a
-    ``BillingMiddleware`` of its own is left to it (metered by both, a request was billed twice).
+    routes: pass its declarations with ``also=``, or give it a middleware of its own.
     """
     for route in routes:
         if isinstance(route, Mount):
             under = joined(prefix, route.path)
-            if not bills_itself(route.app):
-                yield from walk(route.routes, find=find, expand=expand, prefix=under)
-                if expand is not None:
-                    yield from expand(route, prefix)
+            yield from walk(route.routes, find=find, expand=expand, prefix=under)
+            if expand is not None:
+                yield from expand(route, prefix)
             yield joined(under, "/{path:path}"), None, None, True  # the rest of its path: its own 404 or 405
-        elif isinstance(route, Host) and not bills_itself(route.app):
+        elif isinstance(route, Host):
             for path, methods, declaration, _ in walk(route.routes, find=find, expand=expand, prefix=prefix):
                 yield path, methods, declaration, False
         elif isinstance(route, Route):
@@ -298,22 +295,6 @@ def wrapped_apps(app: object) -> Iterator[object]:
         app = inner or (mapping.get("http") if isinstance(mapping, dict) else None)
         if app is None:
             return
-
-
-def bills_itself(app: object) -> bool:
-    """Whether a ``BillingMiddleware`` is around ``app`` or in its middleware stack (a mounted app's own)."""
-    from .middleware import BillingMiddleware  # (it reads the routes found here)
-
-    for inner in wrapped_apps(app):
-        if isinstance(inner, BillingMiddleware):
-            return True
-        stack = getattr(inner, "user_middleware", None)  # Starlette's and FastAPI's, built at start-up
-        if isinstance(stack, list) and any(
-            isinstance(cls := getattr(entry, "cls", None), type) and issubclass(cls, BillingMiddleware)
-            for entry in stack
-        ):
-            return True
-    return False
 
 
 def framework_app(app: object, name: str) -> object | None:

@@ -466,6 +466,15 @@ class BillingMiddleware:
         Django view) to gate and bill like any request."""
         # No Request is built for an admitted request unless a user hook needs one.
         feature = metered.feature
+        state = scope.get("state")
+        outer = None if state is None else state.get("billing")
+        if isinstance(outer, UsageContext) and outer.feature == feature and outer._billing is self.billing:
+            # Metered on this backend by an outer BillingMiddleware already (this one is a mounted app's
+            # own): a request's feature counts once on a backend.
+            if self._foreign_threads:
+                outer.bind_loop()
+            await self.app(scope, receive, send)
+            return
         customer: str | None = None
         quota: Quota | None = None
         # None: the app names the customer (late); a preflight's too, whatever its URL says (a browser
@@ -523,10 +532,9 @@ class BillingMiddleware:
         # whether its response succeeds and completes.
         request_id = (self._trust_request_id and trusted_request_id(scope)) or new_request_id()
         gate = _LateGate(self, Request(scope, receive)) if customer_of is None else None
-        context = UsageContext(request_id, customer, feature, quantity, quota, gate)
+        context = UsageContext(request_id, customer, feature, quantity, quota, gate, self.billing)
         if self._foreign_threads:
             context.bind_loop()
-        state = scope.get("state")
         if state is None:  # a server without lifespan state
             state = scope["state"] = {}
         state["billing"] = context

@@ -40,7 +40,6 @@ from billingos_asgi.customers import CustomerResolver
 from billingos_asgi.discovery import (
     MARK,
     Found,
-    bills_itself,
     declarations,
     metering_of,
     mounted_app,
@@ -341,8 +340,7 @@ def _schema_apps(app: object) -> Iterator[FastAPI]:
         yield app
     for route in reached_routes(app):
         if isinstance(route, (Mount, Host)) and isinstance(inner := mounted_app(route), FastAPI):
-            if not bills_itself(route.app):  # (its own declared() documents it)
-                yield inner
+            yield inner
 
 
 def _document_before_schema(app: FastAPI, document: Callable[[], None]) -> None:

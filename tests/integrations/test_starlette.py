@@ -183,6 +183,38 @@ async def test_a_mounted_app_billing_on_another_backend_is_metered_by_both_as_co
         assert await billing.recorded_units("user_free", "api_calls") == 1  # the outer's refusal-free first only
 
 
+async def test_a_mounted_apps_middleware_leaves_a_feature_the_sites_meters_on_its_backend_to_it(
+    billing: LocalBilling,
+) -> None:
+    """The site meters every route (default_feature) and the mounted app's @metered ones; the mounted
+    app's own middleware meters its declared route and one written by hand: each request's feature
+    counts once on the backend, and the mounted app still meters a feature the site does not."""
+
+    @metered("api_calls")
+    async def search(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    async def exports(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    sub = Starlette(routes=[Route("/search", search), Route("/exports", exports)])
+    sub.add_middleware(
+        BillingMiddleware,
+        billing=billing,
+        customer=by_header,
+        routes=declared(sub, also={"GET /exports": "storage_gb"}),
+    )
+    app = Starlette(routes=[Mount("/api", app=sub)])
+    app.add_middleware(
+        BillingMiddleware, billing=billing, customer=by_header, routes=declared(app), default_feature="api_calls"
+    )
+    async with serve(app) as client:
+        answers = [await client.get(path, headers=as_customer("user_free")) for path in ("/api/search", "/api/exports")]
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert await billing.recorded_units("user_free", "api_calls") == 2  # one a request, the site's
+    assert await billing.recorded_units("user_free", "storage_gb") == 1  # the mounted app's own
+
+
 async def test_a_parameter_name_a_mount_and_its_route_share_is_metered_as_served(billing: LocalBilling) -> None:
     """Starlette matches a mount and its route each on its own: both may name a parameter ``id``."""
     entered: list[str] = []
