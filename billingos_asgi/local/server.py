@@ -135,6 +135,12 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return data
 
 
+def _missing(value: object) -> bool:
+    """Missing as the reference server tests it (``!value`` in JavaScript): absent, null, "", 0 or
+    false; an empty list or object is there (and refused for its type)."""
+    return not value and not isinstance(value, list | dict)
+
+
 def _query(request: Request, name: str) -> str | None:
     """A query parameter given at most once: a repeated one is an array to the reference service,
     refused as not a string (taking one of them would act on a customer the caller may not mean).
@@ -234,7 +240,7 @@ def create_app(
             if not allowed:
                 return error_response(429, THROTTLED, limits)
             request.state.customer_limits = limits
-        if any(data.get(key) is None for key in ("customer_id", "feature_key", "quantity")):
+        if any(_missing(data.get(key)) for key in ("customer_id", "feature_key", "quantity")):
             raise ValidationError("customer_id, feature_key, and quantity are required")
         # LocalBilling checks every field's type and range before anything is recorded.
         result = await billing.track_usage(

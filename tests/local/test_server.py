@@ -208,12 +208,15 @@ BAD_TRACK_BODIES = [
     (b'{"customer_id": 5, "feature_key": "api_calls", "quantity": 1}', "customer_id must be a string"),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": "1"}', "quantity must be a number"),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": true}', "quantity must be a number"),
-    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 0}', "greater than 0"),
+    # The reference server tests them as JavaScript does (!value): 0, "" and false are missing.
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 0}', "quantity are required"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": false}', "quantity are required"),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": -3}', "greater than 0"),
     (b'{"customer_id": "' + b"u" * 5000 + b'", "feature_key": "api_calls", "quantity": 1}', "maximum is 255"),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "metadata": [1]}', "metadata"),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "idempotency_key": 7}', "string"),
-    (b'{"customer_id": "user_free", "feature_key": "", "quantity": 1}', "feature_key must not be empty"),
+    (b'{"customer_id": "user_free", "feature_key": "", "quantity": 1}', "quantity are required"),
+    (b'{"customer_id": [], "feature_key": "api_calls", "quantity": 1}', "customer_id must be a string"),
     (b'{"customer_id": "u\\ud800", "feature_key": "api_calls", "quantity": 1}', "customer_id is not valid Unicode"),
     (
         b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "idempotency_key": "\\udfff"}',
