@@ -465,9 +465,10 @@ class RouteTable:
             regex, _, convertors = _compiled(path, f"exclude: {path!r}")
             if convertors:
                 self._excluded_patterns.append(regex)
-                self._excluded_as_requested.append(regex)
-                if as_written != path:  # "/items/{item_id}/": that spelling is the app's route, excluded as is
-                    self._excluded_as_requested.append(_compiled(as_written, f"exclude: {as_written!r}")[0])
+                # "/items/{item_id}/": that spelling is the app's route, excluded as is; "/items/42" a variant
+                # (another route's, maybe metered)
+                as_requested = regex if as_written == path else _compiled(as_written, f"exclude: {as_written!r}")[0]
+                self._excluded_as_requested.append(as_requested)
             else:
                 excluded_paths.add(path)
         self._excluded = frozenset(excluded_paths)

@@ -215,6 +215,44 @@ async def test_a_mounted_apps_middleware_leaves_a_feature_the_sites_meters_on_it
     assert await billing.recorded_units("user_free", "storage_gb") == 1  # the mounted app's own
 
 
+async def test_a_mounted_apps_middleware_meters_what_the_site_leaves_unnamed_or_to_a_late_endpoint(
+    billing: LocalBilling,
+) -> None:
+    """Same feature, same backend, but the site identifies late (its customer not named when the
+    mounted app's middleware sees the request), or the mounted app's endpoint names its own customer
+    late: left to the site, the first went ungated and unbilled, the second raised (two customers)."""
+    entered: list[str] = []
+
+    async def export(request: Request) -> JSONResponse:
+        entered.append("export")
+        return JSONResponse({})
+
+    @metered("api_calls", late=True)
+    async def reports(request: Request) -> JSONResponse:
+        context = get_usage_context(request)
+        assert context is not None
+        await context.identify(request.headers["x-account"])  # the mounted app's own auth
+        return JSONResponse({})
+
+    sub = Starlette(routes=[Route("/export", export), Route("/reports", reports)])
+    sub.add_middleware(
+        BillingMiddleware, billing=billing, customer=by_header, routes=declared(sub, also={"GET /export": "export"})
+    )
+    late_site = Starlette(routes=[Mount("/api", app=sub)])
+    late_site.add_middleware(BillingMiddleware, billing=billing, customer=None, routes={"GET /api/export": "export"})
+    site = Starlette(routes=[Mount("/api", app=sub)])
+    site.add_middleware(
+        BillingMiddleware, billing=billing, customer=by_header, routes={"GET /api/reports": "api_calls"}
+    )
+    async with serve(late_site) as client:
+        refused = await client.get("/api/export", headers=as_customer("user_free"))  # no export on the free plan
+    async with serve(site) as client:
+        served = await client.get("/api/reports", headers={**as_customer("user_free"), "x-account": "user_pro"})
+    assert (refused.status_code, entered, served.status_code) == (403, [], 200)
+    assert await billing.recorded_units("user_free", "api_calls") == 1  # the site's customer, by the site
+    assert await billing.recorded_units("user_pro", "api_calls") == 1  # the mounted app's, by its middleware
+
+
 async def test_a_parameter_name_a_mount_and_its_route_share_is_metered_as_served(billing: LocalBilling) -> None:
     """Starlette matches a mount and its route each on its own: both may name a parameter ``id``."""
     entered: list[str] = []

@@ -1104,6 +1104,10 @@ def test_a_path_an_exclusion_takes_as_requested_or_as_written_is_excluded() -> N
         exact_paths=True,
     )
     assert [both.match("GET", path) for path in ("/items/42/x", "/items/42/", "/items/42")] == [EXCLUDED] * 3
+    # The canonical form of one written with its slash is another route's, here metered: not excluded.
+    found = route_table([("GET /items/{item_id}", Metered("api_calls")), ("GET /items/{item_id}/", None)])
+    slashed = RouteTable(found, exclude=["/items/{item_id}/"], exact_paths=True)
+    assert [slashed.match("GET", path) for path in ("/items/42", "/items/42/")] == [Metered("api_calls"), EXCLUDED]
 
 
 def test_a_route_written_with_its_slash_takes_that_path_before_a_catch_all() -> None:
