@@ -49,7 +49,6 @@ class UsageContext:
     """
 
     __slots__ = (
-        "_billing",
         "_exact",
         "_failed",
         "_gate",
@@ -72,7 +71,6 @@ class UsageContext:
         quantity: float,
         quota: Quota | None = None,
         gate: Gate | None = None,
-        billing: object = None,
     ) -> None:
         self.request_id = request_id
         self.customer_id = customer_id
@@ -82,7 +80,6 @@ class UsageContext:
         self.reported = 0.0  # the reports' exact sum at upstream's resolution: what is billed
         self._exact = _NONE_YET  # (a constant: a Decimal made per request would cost it 1,000s of instructions)
         self._gate = gate
-        self._billing = billing  # the backend it is billed on (a mounted app's middleware on it leaves it alone)
         self._loop: tuple[anyio.lowlevel.EventLoopToken, int] | None = None  # see bind_loop()
         self.settled = False  # billed (or not) once the app returned: too late to report or identify
         self._failed = False  # see mark_failed()

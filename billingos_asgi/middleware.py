@@ -466,17 +466,11 @@ class BillingMiddleware:
         Django view) to gate and bill like any request."""
         # No Request is built for an admitted request unless a user hook needs one.
         feature = metered.feature
+        customer: str | None = None
+        quota: Quota | None = None
         # None: the app names the customer (late); a preflight's too, whatever its URL says (a browser
         # keeps the query string, ?api_key= included): only a gate of the app's, before a view, takes it.
         customer_of = None if metered.late or preflight else self._customer_of
-        outer = _current.get()  # this request's, in an outer BillingMiddleware (this one is a mounted app's)
-        if outer is not None and customer_of is not None and self._metered_outside(outer, feature):
-            if self._foreign_threads:
-                outer.bind_loop()
-            await self.app(scope, receive, send)
-            return
-        customer: str | None = None
-        quota: Quota | None = None
         if customer_of is not None:
             try:
                 answer = customer_of(scope)
@@ -529,7 +523,7 @@ class BillingMiddleware:
         # whether its response succeeds and completes.
         request_id = (self._trust_request_id and trusted_request_id(scope)) or new_request_id()
         gate = _LateGate(self, Request(scope, receive)) if customer_of is None else None
-        context = UsageContext(request_id, customer, feature, quantity, quota, gate, self.billing)
+        context = UsageContext(request_id, customer, feature, quantity, quota, gate)
         if self._foreign_threads:
             context.bind_loop()
         state = scope.get("state")
@@ -606,11 +600,6 @@ class BillingMiddleware:
             key = event_key(context.request_id, feature)
         event: UsageEvent = _new_event((customer, feature, used, key, None, counted))
         return None if self.tracker.submit(event) else event
-
-    def _metered_outside(self, outer: UsageContext, feature: str) -> bool:
-        """Whether an outer BillingMiddleware meters this request's ``feature`` on this backend, for a
-        customer it named already: a request's feature counts once on a backend (its customer pays)."""
-        return outer.feature == feature and outer._billing is self.billing and outer.customer_id is not None
 
     async def _fetch(self, request: Request, feature: str, customer: str) -> Quota | Denial | None:
         """A cache miss: ask upstream; when that fails, None (let through) or a 503, as ``on_error`` says."""
