@@ -29,6 +29,7 @@ __all__ = [
     "framework_app",
     "metering_of",
     "mounted_app",
+    "mounted_apps",
     "reached_routes",
     "route_endpoints",
     "route_keys",
@@ -334,6 +335,11 @@ def reached_routes(app: object, depth: int = 0) -> Iterator[BaseRoute]:
 def mounted_app(mount: Mount | Host) -> object:
     """The app a mount or host holds, under the middleware given to it."""
     return getattr(mount, "_base_app", mount.app)
+
+
+def mounted_apps(app: object) -> Iterator[object]:
+    """The apps mounted in ``app`` (mounts and hosts), at any depth."""
+    return (mounted_app(route) for route in reached_routes(app) if isinstance(route, (Mount, Host)))
 
 
 def route_endpoints(app: object) -> frozenset[int]:

@@ -15,9 +15,8 @@ from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Host, Mount
 
-from .discovery import mounted_app, reached_routes
+from .discovery import mounted_apps
 
 __all__ = [
     "REFUSAL_STATUSES",
@@ -122,8 +121,7 @@ def answer_refusals(app: Any) -> None:
     """Register :func:`answer_refusal` on a Starlette (or FastAPI) ``app`` and on the apps mounted
     in it, each of which answers its own routes' errors; an app's own handler, if any, decides.
     (An app's handlers are read when its middleware stack is built: on its first call.)"""
-    mounted = [mounted_app(route) for route in reached_routes(app) if isinstance(route, (Mount, Host))]
-    for each in (app, *mounted):
+    for each in (app, *mounted_apps(app)):
         handlers = getattr(each, "exception_handlers", None)
         if isinstance(handlers, dict) and BillingDenied not in handlers:
             each.add_exception_handler(BillingDenied, answer_refusal)
@@ -194,8 +192,8 @@ def with_refusal_headers(response: Response, denial: Denial) -> Response:
     """``response`` (a user's answer to ``denial``) with the :func:`refusal_headers` it does not set
     itself: when to come back. A copy, as it may be one response the user hands out every time."""
     present = {name.lower() for name, _ in response.raw_headers}
-    extra = [(name.lower().encode(), value.encode()) for name, value in refusal_headers(denial).items()]
-    extra = [(name, value) for name, value in extra if name not in present]
+    headers = refusal_headers(denial).items()
+    extra = [(raw, value.encode()) for name, value in headers if (raw := name.lower().encode()) not in present]
     if not extra:
         return response
     answer = copy.copy(response)

@@ -452,7 +452,7 @@ class RouteTable:
         written_paths: set[str] = set()  # as written: the spelling of an excluded route the app serves
         prefixes: list[str] = []
         self._excluded_patterns: list[re.Pattern[str]] = []
-        self._excluded_as_requested: list[re.Pattern[str]] = []  # (with exact paths) as written, and canonical
+        self._excluded_as_requested: list[re.Pattern[str]] = []  # (with exact paths) each as written
         for path in exclude:
             if not path.startswith("/"):
                 raise ValueError(f"exclude: {path!r}: the path must start with '/'")
@@ -557,7 +557,7 @@ class RouteTable:
         ``/v1/files`` is excluded) that no route of the app serves at that spelling, but a metered
         template does (``/v1/files/{name:path}``): metered as that template, as the app routes it.
         (A table written by hand does not know which route serves the variant: excluded there.)"""
-        plain = path[:-1] if path[-1:] == "\n" else path  # (a pattern's "$" takes one final newline, not two)
+        plain = path.removesuffix("\n")  # (a pattern's "$" takes one final newline, not two)
         if plain not in self._excluded_as_written and plain not in self._static:
             method = method.upper()
             for route_method, regex, metered in self._dynamic:

@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Host, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from billingos_asgi import BillingBackend, Metered, UsageContext, UsageMetric, get_usage_context
 from billingos_asgi.context import declared_context
@@ -42,8 +42,7 @@ from billingos_asgi.discovery import (
     Found,
     declarations,
     metering_of,
-    mounted_app,
-    reached_routes,
+    mounted_apps,
     route_table,
     walk,
 )
@@ -336,11 +335,7 @@ def declared(
 
 def _schema_apps(app: object) -> Iterator[FastAPI]:
     """``app`` if a FastAPI app, and the FastAPI apps mounted in it at any depth: each serves a schema of its own."""
-    if isinstance(app, FastAPI):
-        yield app
-    for route in reached_routes(app):
-        if isinstance(route, (Mount, Host)) and isinstance(inner := mounted_app(route), FastAPI):
-            yield inner
+    yield from (each for each in (app, *mounted_apps(app)) if isinstance(each, FastAPI))
 
 
 def _document_before_schema(app: FastAPI, document: Callable[[], None]) -> None:

@@ -20,13 +20,13 @@ from typing import Any, TypeVar, cast
 import anyio.from_thread
 from starlette._utils import is_async_callable
 from starlette.requests import HTTPConnection
-from starlette.routing import Host, Mount, Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from billingos_asgi import BillingBackend, Metered
 from billingos_asgi.context import declared_context
 from billingos_asgi.customers import CustomerResolver
-from billingos_asgi.discovery import MARK, declared_routes, mounted_app, reached_routes, unwrapped
+from billingos_asgi.discovery import MARK, declared_routes, mounted_apps, unwrapped
 from billingos_asgi.endpoints import UsageEndpoints
 from billingos_asgi.middleware import gate_preflight, is_preflight
 from billingos_asgi.responses import answer_refusals
@@ -161,10 +161,7 @@ def declared(
 def _mounts_fastapi(app: Any) -> bool:
     """Whether a FastAPI app is mounted in ``app`` (at any depth), without importing FastAPI."""
     fastapi = sys.modules.get("fastapi")
-    return fastapi is not None and any(
-        isinstance(route, (Mount, Host)) and isinstance(mounted_app(route), fastapi.FastAPI)
-        for route in reached_routes(app)
-    )
+    return fastapi is not None and any(isinstance(each, fastapi.FastAPI) for each in mounted_apps(app))
 
 
 def usage_routes(
