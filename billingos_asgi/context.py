@@ -114,8 +114,10 @@ class UsageContext:
 
     def bind_loop(self) -> None:
         """Called on the event loop serving this request, by an adapter whose framework runs sync
-        endpoints in threads that AnyIO did not start: what they report is added on this loop."""
-        self._loop = (anyio.lowlevel.current_token(), threading.get_ident())
+        endpoints in threads that AnyIO did not start: what they report is added on this loop. Once:
+        the middleware binds a Django or Quart app's requests itself, and their adapters again."""
+        if self._loop is None:
+            self._loop = (anyio.lowlevel.current_token(), threading.get_ident())
 
     def _add(self, units: Decimal) -> bool:
         if self.settled:
