@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.types import Message
 
 from billingos_asgi import (
     AuthenticationError,
@@ -30,6 +29,7 @@ from billingos_asgi import (
 from billingos_asgi._wire import format_time
 from billingos_asgi.local.background import serve_in_thread
 from billingos_asgi.local.server import RateLimiter, create_app
+from tests.asgi import scripted
 from tests.conftest import PLANS, SECRET_KEY, RunningServer, running_server
 from tests.local.conftest import write_locked
 
@@ -272,17 +272,9 @@ async def test_a_client_gone_mid_body_is_no_server_failure(caplog: pytest.LogCap
     """A client that hangs up during its upload (its own timeout, say) is not logged as a server
     error with a traceback, and nothing is recorded."""
     billing = LocalBilling.from_dict(PLANS)
-    incoming: list[Message] = [
-        {"type": "http.request", "body": TRACK_JSON[:20], "more_body": True},
-        {"type": "http.disconnect"},
-    ]
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return incoming.pop(0)
-
-    async def send(message: Message) -> None:
-        sent.append(message)
+    receive, send, sent = scripted(
+        [{"type": "http.request", "body": TRACK_JSON[:20], "more_body": True}, {"type": "http.disconnect"}]
+    )
 
     headers = [(b"authorization", AUTH["Authorization"].encode()), (b"content-type", b"application/json")]
     scope = {"type": "http", "method": "POST", "path": "/v1/usage/track", "query_string": b"", "headers": headers}
@@ -300,14 +292,7 @@ async def test_a_content_length_int_cannot_read_is_no_server_failure(length: byt
     """A digit int() refuses ("²"), or more digits than it reads (uvicorn refuses both itself; another
     server may not): too large when it says so, else the body as read."""
     billing = LocalBilling.from_dict(PLANS)
-    incoming: list[Message] = [{"type": "http.request", "body": TRACK_JSON}]
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
+    receive, send, sent = scripted([{"type": "http.request", "body": TRACK_JSON}])
 
     headers = [
         (b"authorization", AUTH["Authorization"].encode()),

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, report_usage
 from billingos_asgi.testing import lifespan
-from tests.asgi import serve
+from tests.asgi import scripted, serve
 
 from .support import CUSTOMER_HEADER, by_header, call_raw, http_scope, unwrapped
 
@@ -280,19 +280,13 @@ async def test_an_upload_the_client_aborts_and_the_app_fails_on_is_not_billed_pa
         app.add_middleware(BillingMiddleware, **options)
     else:
         app = BillingMiddleware(app, **options)
-    inbox: list[Message] = [
-        {"type": "http.request", "body": b"x", "more_body": True},
-        {"type": "http.request", "body": b"y", "more_body": True},
-        {"type": "http.disconnect"},
-    ]
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return inbox.pop(0)
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
+    receive, send, sent = scripted(
+        [
+            {"type": "http.request", "body": b"x", "more_body": True},
+            {"type": "http.request", "body": b"y", "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
     async with lifespan(app):
         with pytest.raises(ClientDisconnect):
             await app(http_scope("/up", method="POST", headers=FREE), receive, send)
