@@ -362,6 +362,18 @@ class EntitlementCache:
             if quota is not None:
                 quota.refreshing = False
 
+    def count_pending(self, customer_id: str, feature_key: str, units: float) -> None:
+        """Count ``units`` on their way upstream that no admission counted (a request let through
+        with nothing cached, an event replayed from the outbox) as pending until their event
+        settles them: a check answered before they are recorded must not admit a whole quota on
+        top of them. With no entry for the key, they are held on one that no request is decided
+        on (never fresh) until a check answers."""
+        key = (customer_id, feature_key)
+        quota = self._entries.find(key)
+        if quota is None:
+            self._entries[key] = quota = Quota(None, key=key, home=self._entries)
+        quota.local += units
+
     def known_full(self, customer_id: str, feature_key: str) -> bool:
         """Whether upstream said lately that the key's quota has nothing left in the running period:
         a fresh entry's answer, not a guess after a refusal, nor a period since over."""

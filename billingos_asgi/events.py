@@ -6,7 +6,6 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import compress
 from operator import attrgetter
 from typing import Any, NamedTuple
 
@@ -42,16 +41,11 @@ class UsageEvent(NamedTuple):
     quantity: float
     idempotency_key: str
     metadata: Mapping[str, Any] | None = None
-    #: Its units are among this process's pending units of the quota (the request was admitted on
-    #: a cached answer): its confirmation or refusal settles them. Not for a request let through
-    #: with nothing cached, nor for one replayed from the outbox after a restart.
-    counted: bool = True
 
 
 # Read in C over a batch's events (a flush of a busy window holds thousands of them).
 _key_of = attrgetter("idempotency_key")
 _quantity_of = attrgetter("quantity")
-_counted_of = attrgetter("counted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,14 +73,6 @@ class Batch:
             key = f"batch-{digest[:40]}"
         quantity = round(math.fsum(map(_quantity_of, events)), 6)
         return cls(first.customer_id, first.feature_key, events, key, quantity)
-
-    @property
-    def counted(self) -> float:
-        """The units of its events that this process counts (:attr:`UsageEvent.counted`)."""
-        events = self.events
-        if all(map(_counted_of, events)):  # as a rule
-            return self.quantity
-        return round(math.fsum(compress(map(_quantity_of, events), map(_counted_of, events))), 6)
 
     @property
     def metadata(self) -> Mapping[str, Any] | None:

@@ -594,11 +594,12 @@ class BillingMiddleware:
         feature = context.feature
         if quota is not None and used != admitted:  # billed less than it holds (a partial answer)
             quota.local += used - admitted
-        counted = quota is not None  # let through with nothing cached: its units are not counted here
+        if quota is None:  # let through with nothing cached: pending here all the same
+            self.cache.count_pending(customer, feature, used)
         key = f"{context.request_id}:{feature}"  # event_key's common case, inline: a call less a request
         if len(key) > MAX_ID_LENGTH or self._trust_request_id:  # (ours are hex: a trusted one may need encoding)
             key = event_key(context.request_id, feature)
-        event: UsageEvent = _new_event((customer, feature, used, key, None, counted))
+        event: UsageEvent = _new_event((customer, feature, used, key, None))
         return None if self.tracker.submit(event) else event
 
     async def _fetch(self, request: Request, feature: str, customer: str) -> Quota | Denial | None:

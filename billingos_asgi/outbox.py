@@ -176,10 +176,8 @@ class Outbox:
         fresh: list[UsageEvent] = []
         refused: list[tuple[UsageEvent, str]] = []
         for key, customer, feature, quantity, metadata, batch_key, first_attempt, reason in rows:
-            try:  # Replayed: its units are not among this process's pending units.
-                event = UsageEvent(
-                    customer, feature, float(quantity), key, json.loads(metadata) if metadata else None, False
-                )
+            try:
+                event = UsageEvent(customer, feature, float(quantity), key, json.loads(metadata) if metadata else None)
                 _check_stamp(batch_key, first_attempt, reason)
             except (TypeError, ValueError) as exc:  # edited by hand: left for whoever edited it to mend
                 db.close()

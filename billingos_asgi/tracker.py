@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 
 import anyio
 from anyio.abc import TaskGroup
@@ -213,7 +214,7 @@ class Tracker:
         if self._seen is None or (event.customer_id, event.idempotency_key) not in self._seen:
             return False
         self.stats.duplicates += 1
-        self._cache.reject(event.customer_id, event.feature_key, event.quantity if event.counted else 0.0, None)
+        self._cache.reject(event.customer_id, event.feature_key, event.quantity, None)
         return True
 
     def _enqueue(self, event: UsageEvent) -> None:
@@ -242,12 +243,12 @@ class Tracker:
             self._fixed.extend((Batch.of(tuple(group)), None) for group in groups.values())
             self._queued_events += len(stored)
             self.stats.replayed += len(stored) + len(stored.refused)
-            for batch, _ in stored.batches:  # a trusted request id retried after the restart: a duplicate still
-                for event in batch.events:
-                    self._see(event)
-            for event in stored.events:
-                self._see(event)
+            for event in chain((e for batch, _ in stored.batches for e in batch.events), stored.events):
+                # Pending until recorded, as in the process that queued them.
+                self._cache.count_pending(event.customer_id, event.feature_key, event.quantity)
+                self._see(event)  # a trusted request id retried after the restart: a duplicate still
             for event, refusal in stored.refused:  # its report may not have been made: made again
+                self._cache.count_pending(event.customer_id, event.feature_key, event.quantity)  # let go by the report
                 outcome, _, reason = refusal.partition(": ")
                 self._give_up((event,), outcome, f"{reason} (refused before a restart)", kind="before a restart")
         self._closing_event = anyio.Event()
@@ -352,9 +353,8 @@ class Tracker:
             self.stats.deferred += len(unsent)
             if unsent:
                 logger.warning("%d usage events stay in %s for the next start", len(unsent), self._outbox.path)
-            for event in unsent:  # the next start replays them as not counted: held, they would count twice
-                if event.counted:
-                    self._cache.reject(event.customer_id, event.feature_key, event.quantity, None)
+            for event in unsent:  # the next start holds them again as it replays them: held, they would count twice
+                self._cache.reject(event.customer_id, event.feature_key, event.quantity, None)
         else:
             self._give_up(tuple(attempted), "in_doubt", f"shutdown deadline passed during its delivery ({IN_DOUBT})")
             self._give_up(tuple(waiting), "dropped", "shutdown deadline passed")
@@ -633,7 +633,7 @@ class Tracker:
                 error = exc
             else:
                 self.stats.sent += n
-                self._cache.confirm(batch.customer_id, batch.feature_key, batch.counted, result, renewals)
+                self._cache.confirm(batch.customer_id, batch.feature_key, batch.quantity, result, renewals)
                 self._settled(batch.events)
                 self._forget(batch.events)
                 return None
@@ -858,8 +858,7 @@ class Tracker:
         *,
         kind: str | None = None,
     ) -> None:
-        """Count, log and report events that will not be recorded; stop counting the units of those
-        this process counts (:attr:`UsageEvent.counted`)."""
+        """Count, log and report events that will not be recorded, and stop counting their units."""
         self._settled(events)
         if outcome not in ("dropped", "in_doubt"):  # (such events are not in the outbox)
             self._forget(events)
@@ -867,11 +866,10 @@ class Tracker:
             for event in events:
                 self._seen.pop((event.customer_id, event.idempotency_key), None)
         for event in events:
-            units = event.quantity if event.counted else 0.0
             if outcome == "in_doubt":  # maybe recorded: still counted, never taken again by another request
-                self._cache.doubt(event.customer_id, event.feature_key, units)
+                self._cache.doubt(event.customer_id, event.feature_key, event.quantity)
             else:
-                self._cache.reject(event.customer_id, event.feature_key, units, error)
+                self._cache.reject(event.customer_id, event.feature_key, event.quantity, error)
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
             category = f"{outcome}: {kind or (reason if error is None else type(error).__name__)}"  # bounded keys
             self.stats.reasons[category] = self.stats.reasons.get(category, 0) + 1

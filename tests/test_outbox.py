@@ -40,10 +40,6 @@ async def billing(tmp_path: Path) -> AsyncIterator[LocalBilling]:
         yield billing
 
 
-def replayed(item: UsageEvent) -> UsageEvent:
-    return item._replace(counted=False)
-
-
 def test_events_round_trip_with_their_batches_and_first_attempts(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "outbox.db", max_events=10)
     assert len(outbox.open()) == 0
@@ -55,9 +51,8 @@ def test_events_round_trip_with_their_batches_and_first_attempts(tmp_path: Path)
     outbox.close()
 
     again = Outbox(tmp_path / "outbox.db", max_events=10)
-    stored = again.open()  # replayed: their units are not among this process's pending units
-    assert stored.batches == [(Batch.of(tuple(replayed(e) for e in events[:2])), 1234.5)]
-    assert stored.events == [replayed(events[2])] and stored.batches[0][0].counted == 0
+    stored = again.open()
+    assert stored.batches == [(Batch.of(tuple(events[:2])), 1234.5)] and stored.events == [events[2]]
     again.remove([("c0", "k1"), ("c0", "k2")])
     assert again.size == 1
     again.close()
@@ -205,8 +200,8 @@ def test_an_outbox_of_the_first_layout_keeps_its_events(tmp_path: Path) -> None:
         """,
     )
     stored = Outbox(path, max_events=10).open()
-    assert stored.batches == [(Batch.of((replayed(event("k1")),), "b1"), 1234.5)]
-    assert stored.events == [replayed(event("k2", "c1", quantity=2.5))]
+    assert stored.batches == [(Batch.of((event("k1"),), "b1"), 1234.5)]
+    assert stored.events == [event("k2", "c1", quantity=2.5)]
 
 
 def test_an_outbox_of_the_second_layout_keeps_its_events_and_marks_refusals(tmp_path: Path) -> None:
@@ -227,12 +222,12 @@ def test_an_outbox_of_the_second_layout_keeps_its_events_and_marks_refusals(tmp_
     )
     outbox = Outbox(path, max_events=10)
     stored = outbox.open()
-    assert stored.batches == [(Batch.of((replayed(event("k1")),), "b1"), 1234.5)]
-    assert stored.events == [replayed(event("k2", "c1", quantity=2.5))] and stored.refused == []
+    assert stored.batches == [(Batch.of((event("k1"),), "b1"), 1234.5)]
+    assert stored.events == [event("k2", "c1", quantity=2.5)] and stored.refused == []
     outbox.refuse([("c1", "k2")], "rejected: quota_exceeded")
     outbox.close()
     again = Outbox(path, max_events=10).open()
-    refused = [(replayed(event("k2", "c1", quantity=2.5)), "rejected: quota_exceeded")]
+    refused = [(event("k2", "c1", quantity=2.5), "rejected: quota_exceeded")]
     assert again.events == [] and again.refused == refused
     assert len(again) == 1  # (the events to send)
 
@@ -244,7 +239,7 @@ def test_two_customers_may_use_one_key(tmp_path: Path) -> None:
     assert outbox.add([event("gateway-id", "c0"), event("gateway-id", "c1")]) == 2 and outbox.size == 2
     outbox.remove([("c0", "gateway-id")])
     outbox.close()
-    assert Outbox(tmp_path / "outbox.db", max_events=10).open().events == [replayed(event("gateway-id", "c1"))]
+    assert Outbox(tmp_path / "outbox.db", max_events=10).open().events == [event("gateway-id", "c1")]
 
 
 def test_stamped_batches_of_two_customers_under_one_key_are_replayed_apart(tmp_path: Path) -> None:
@@ -257,8 +252,8 @@ def test_stamped_batches_of_two_customers_under_one_key_are_replayed_apart(tmp_p
     outbox.close()
     stored = Outbox(tmp_path / "outbox.db", max_events=10).open().batches
     assert sorted((batch.customer_id, batch.events, first) for batch, first in stored) == [
-        ("c0", (replayed(alice),), 1.0),
-        ("c1", (replayed(bob),), 2.0),
+        ("c0", (alice,), 1.0),
+        ("c1", (bob,), 2.0),
     ]
 
 
@@ -882,14 +877,35 @@ async def test_events_kept_in_the_outbox_at_shutdown_no_longer_hold_their_units(
     quota = await cache.fetch("c0", "api_calls")
     assert [quota.admit(1) for _ in range(5)] == [0] * 5  # five requests' units (limit 10), one still running
     first = Tracker(upstream, cache, flush_interval=0, drain_timeout=0.3, outbox=Outbox(path, max_events=10))
-    uncounted = event("k4", counted=False)  # let through with nothing cached: its unit never held
-    await run_tracker(first, [event(f"k{i}") for i in range(4)] + [uncounted])
+    cache.count_pending("c0", "api_calls", 1)  # a request let through (billing unreachable), its unit held
+    await run_tracker(first, [event(f"k{i}") for i in range(5)])
     assert first.stats.deferred == 5 and quota.local == 1  # the running request's unit, still held
     gated.gate.set()
     second = Tracker(upstream, cache, flush_interval=0, outbox=Outbox(path, max_events=10))
     await run_tracker(second, [])
     assert second.stats.sent == 5 and await billing.recorded_units("c0", "api_calls") == 5
     assert quota.admit(4) == 0  # 5 used and 1 running, of 10
+
+
+async def test_events_replayed_at_start_are_pending_until_recorded(billing: LocalBilling, tmp_path: Path) -> None:
+    """A restart with 6 units of quota 10 in the outbox: until they are recorded, the quota checked
+    meanwhile has 4 left, not 10 (upstream would refuse what was let through on top)."""
+    path = tmp_path / "outbox.db"
+    first = tracker_for(Gated(billing), flush_interval=0, drain_timeout=0.2, outbox=Outbox(path, max_events=10))
+    await run_tracker(first, [event("k1", quantity=2), event("k2", quantity=4)])  # never answered: kept
+    assert first.stats.deferred == 2 and len(rows(path)) == 2
+    gated = Gated(billing)
+    upstream = Upstream(gated)
+    cache = EntitlementCache(upstream)
+    second = Tracker(upstream, cache, flush_interval=0, outbox=Outbox(path, max_events=10))
+    async with anyio.create_task_group() as tg:
+        await second.start(tg)
+        quota = await cache.fetch("c0", "api_calls")  # the replayed batch still on its way
+        assert (quota.usage, quota.local, quota.admit(5), quota.admit(4)) == (0, 6, 429, 0)
+        quota.release(4)
+        gated.gate.set()
+        await second.stop()
+    assert second.stats.sent == 2 and quota.local == 0 and await billing.recorded_units("c0", "api_calls") == 6
 
 
 def delete_outbox(path: Path) -> None:

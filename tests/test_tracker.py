@@ -639,7 +639,7 @@ async def test_a_deadline_after_a_splits_part_is_recorded_defers_and_releases_th
     await billing.track_usage("c0", "api_calls", 8)  # another process's: 2 of 10 left
     async with anyio.create_task_group() as tg:
         await tracker.start(tg)
-        tracker.submit(event("r1", quantity=5, counted=True))  # 2 fit, 3 do not
+        tracker.submit(event("r1", quantity=5))  # 2 fit, 3 do not
         await anyio.sleep(0.5)
         await tracker.stop()
     stats = tracker.stats

@@ -780,16 +780,16 @@ def test_a_forked_worker_never_reuses_its_parents_request_ids() -> None:
     assert len(child_ids) == 100 and not set(child_ids) & set(parent_ids)
 
 
-class FirstCheckFails:
-    """The real LocalBilling, whose first entitlement check fails (a network blip)."""
+class FirstChecksFail:
+    """The real LocalBilling, whose first ``failing`` entitlement checks fail (a network blip)."""
 
-    def __init__(self, billing: LocalBilling) -> None:
+    def __init__(self, billing: LocalBilling, failing: int = 1) -> None:
         self.billing = billing
-        self.failed = False
+        self.failing = failing
 
     async def check_entitlement(self, customer_id: str, feature_key: str) -> Any:
-        if not self.failed:
-            self.failed = True
+        if self.failing:
+            self.failing -= 1
             raise NetworkError("blip")
         return await self.billing.check_entitlement(customer_id, feature_key)
 
@@ -811,7 +811,7 @@ async def test_a_request_let_through_uncounted_leaves_the_others_pending_units_a
 
     app = Starlette(routes=[Route("/fast", fast), Route("/slow", slow)])
     middleware = BillingMiddleware(
-        app, billing=FirstCheckFails(billing), customer=by_header, default_feature="api_calls", flush_interval=0.01
+        app, billing=FirstChecksFail(billing), customer=by_header, default_feature="api_calls", flush_interval=0.01
     )
     statuses: list[int] = []
     async with serve(middleware) as client:
@@ -831,6 +831,38 @@ async def test_a_request_let_through_uncounted_leaves_the_others_pending_units_a
             gate.set()
     assert sorted(statuses) == [200] * 10 + [429]
     assert await billing.recorded_units("user_free", "api_calls") == 10 and middleware.tracker.stats.rejected == 0
+
+
+@pytest.mark.parametrize("identified", ["by the middleware", "late, by the app"])
+async def test_units_let_through_during_a_blip_are_pending_for_the_requests_admitted_once_it_is_over(
+    billing: LocalBilling, identified: str
+) -> None:
+    """Billing down for 4 checks (on_error="allow"): 4 requests let through, their events still on
+    their way when the next check answers. That quota must count them: 10 served of a limit of 10,
+    not 4 + 10 with 4 refused upstream afterwards (served for free)."""
+    late = identified != "by the middleware"
+
+    async def search(request: Request) -> PlainTextResponse:
+        context = get_usage_context(request)
+        if late and context is not None:
+            await context.identify(request.headers[CUSTOMER_HEADER])
+        return PlainTextResponse("ok")
+
+    rejected: list[str] = []
+    middleware = BillingMiddleware(
+        Starlette(routes=[Route("/search", search)]),
+        billing=FirstChecksFail(billing, failing=4),
+        customer=None if late else by_header,
+        routes={"/search": Metered("api_calls", late=True) if late else "api_calls"},
+        flush_interval=5.0,  # the let-through events are still queued when the quota is cached
+        on_rejected=lambda event, reason: rejected.append(reason),
+    )
+    async with serve(middleware) as client:
+        statuses = [(await client.get("/search", headers=as_customer("user_free"))).status_code for _ in range(14)]
+    assert statuses == [200] * 10 + [429] * 4 and not rejected
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+    quota = middleware.cache.get("user_free", "api_calls")
+    assert quota is not None and quota.local == 0  # every unit settled
 
 
 async def test_a_path_an_inner_middleware_excludes_still_reports_to_the_outer_one(billing: LocalBilling) -> None:
