@@ -142,7 +142,8 @@ class Tracker:
         self._unsettled_events = 0
         self._inline: dict[int, UsageEvent] = {}  # the same, for the sends of request tasks (no worker)
         self._volatile: dict[int, UsageEvent] = {}  # queued, unsettled, and not in the outbox: its write failed
-        self._full: TTLCache[Key, bool] = TTLCache(10_000, FULL_FOR)  # checked: nothing left of the quota
+        # Checked: nothing left of the quota until the period's end (Unix time; inf: none said).
+        self._full: TTLCache[Key, float] = TTLCache(10_000, FULL_FOR)
         self._riders: dict[Key, list[UsageEvent]] = {}  # without a worker: events waiting for a send running
         self._confirmed: list[tuple[str, str]] = []  # (customer, key) of events to remove from the outbox
         self._queued_events = 0  # unwritten, pending, due and fixed
@@ -687,12 +688,16 @@ class Tracker:
                 await anyio.sleep(delay)
                 delay = min(RETRY_MAX, delay * 2)
 
-    async def _left(self, customer_id: str, feature_key: str) -> float | None:
-        """What is left of a quota that refused a track (None: not known); one check per refusal, not
-        per event: a quota found used up is remembered for :data:`FULL_FOR` seconds."""
+    async def _left(self, customer_id: str, feature_key: str) -> tuple[float, float] | None:
+        """What is left of a quota that refused a track, and when its period ends (Unix time; inf: not
+        said), or None: not known. One check per refusal, not per event: a quota found used up is
+        remembered for :data:`FULL_FOR` seconds, within its period."""
         key = (customer_id, feature_key)
-        if key in self._full or self._cache.known_full(*key):
-            return 0.0
+        full_until = self._full.get(key)
+        if full_until is not None and full_until > self._clock():
+            return 0.0, full_until
+        if self._cache.known_full(*key):
+            return 0.0, math.inf  # (nothing of it taken: not remembered here)
         try:
             entitlement = await self._upstream.check_entitlement(*key, wait=RETRY_MAX, answer_within=CHECK_TIMEOUT)
         except Exception as exc:
@@ -702,18 +707,20 @@ class Tracker:
             left = round(max(entitlement.remaining, 0.0), QUANTITY_DECIMALS)
         else:  # not counted: unlimited now (an upgrade since the refusal), or no longer granted
             left = math.inf if entitlement.has_access else 0.0
+        ends = entitlement.resets_at.timestamp() if entitlement.resets_at is not None else math.inf
         if left <= 0:
-            self._full[key] = True
-        return left
+            self._full[key] = ends
+        return left, ends
 
     async def _record_what_fits_of(self, batch: Batch, error: Exception) -> None:
         """A batch refused for quota (nothing of it recorded): its first events that fit what is left
         go up as a batch of their own, the next one is split, the others are rejected; a few calls
         whatever its size. Where what is left is not known, it is halved until its first events that fit are found."""
-        left = await self._left(batch.customer_id, batch.feature_key)
-        if left is None:
+        known = await self._left(batch.customer_id, batch.feature_key)
+        if known is None:
             await self._fit_by_halves(batch.events, error)
             return
+        left = known[0]
         events, taken, fitting = batch.events, 0.0, 0
         while fitting < len(events) and round(taken + events[fitting].quantity, QUANTITY_DECIMALS) <= left:
             taken += events[fitting].quantity
@@ -728,7 +735,7 @@ class Tracker:
     async def _record_what_fits(self, event: UsageEvent, error: Exception) -> None:
         """One event refused for quota: record the part of it that is left in the quota, under a
         key derived from its own (a replay records it once), and reject the rest."""
-        left = await self._left(event.customer_id, event.feature_key) or 0.0
+        left, ends = await self._left(event.customer_id, event.feature_key) or (0.0, math.inf)
         fit = min(left, event.quantity)
         rest = event
         if fit > 0:
@@ -749,7 +756,7 @@ class Tracker:
             await self._ready()
             await self._deliver(Batch.of((part,)), self._clock(), fix=False, part=True)
             if fit >= left:  # what was left is this part's now
-                self._full[event.customer_id, event.feature_key] = True
+                self._full[event.customer_id, event.feature_key] = ends
             rest = event._replace(quantity=round(event.quantity - fit, QUANTITY_DECIMALS))
             if rest.quantity > 0:  # the part is counted under its outcome, the rest is about to be
                 self.stats.split += 1

@@ -720,6 +720,29 @@ async def test_a_quota_used_up_in_a_period_since_over_is_checked_again(tmp_path:
         assert await billing.recorded_units("c0", "api_calls") == 20
 
 
+async def test_a_quota_remembered_used_up_is_checked_again_in_its_next_period(tmp_path: Path) -> None:
+    """Found used up, it is remembered (no check per refusal) until its period ends: the batch
+    refused in the next one (6 units, of which 4 fit after another worker's 6) records what fits."""
+    now = [datetime.now(timezone.utc)]
+
+    def wall() -> float:
+        return now[0].timestamp()
+
+    plans = {**PLANS, "plans": {"small": {"interval": "day", "features": {"api_calls": 10}}}}
+    async with LocalBilling.from_dict(plans, tmp_path / "billing.db", clock=lambda: now[0]) as billing:
+        upstream = Upstream(billing)
+        tracker = Tracker(upstream, EntitlementCache(upstream, wall_clock=wall), flush_interval=0.05, clock=wall)
+        await billing.track_usage("c0", "api_calls", 10)
+        await run_tracker(tracker, [event("late")])
+        await run_tracker(tracker, [event("later")])
+        assert (tracker.stats.rejected, upstream.checks) == (2, 1)  # the second refusal: remembered
+        now[0] += timedelta(days=1, minutes=1)  # a new day upstream: 10 left
+        await billing.track_usage("c0", "api_calls", 6)  # taken by another worker of the app
+        await run_tracker(tracker, [event(f"k{i}") for i in range(6)])
+        assert (tracker.stats.sent, tracker.stats.rejected) == (4, 4)
+        assert await billing.recorded_units("c0", "api_calls") == 20
+
+
 async def test_a_used_up_quota_the_cache_no_longer_holds_fresh_is_checked_again(billing: LocalBilling) -> None:
     """Upgraded since the cache learnt it was used up, a while ago: the refused batch asks what is left."""
     await billing.track_usage("c0", "api_calls", 10)
