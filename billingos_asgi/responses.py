@@ -148,10 +148,16 @@ def _sf_string(text: str) -> bytes:
     return b'"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').encode()
 
 
+_HALF_LAST_DECIMAL = 5e-7  # of upstream's DECIMAL(20,6) quantities
+
+
 def quota_headers(feature: str, limit: float, remaining: float, resets_at: float | None) -> list[tuple[bytes, bytes]]:
     """IETF ``RateLimit-Policy`` and ``RateLimit`` fields (raw ASGI headers) for a feature's quota."""
     name, policy = _policy(feature, limit)
-    left_units = int(remaining) if remaining > 0 else 0  # an int: %d of a float costs twice as much
+    # Whole units left: a sum of fractional units in floats falls short of a whole number (30 x 0.1
+    # is 3.0000000000000004), so within half of upstream's last decimal it counts as that number.
+    # An int: %d of a float costs twice as much.
+    left_units = int(remaining + _HALF_LAST_DECIMAL) if remaining > 0 else 0
     if resets_at is None:
         value = b"%s;r=%d" % (name, left_units)
     else:

@@ -335,6 +335,22 @@ async def test_quota_used_up_by_requests_then_429(billing: LocalBilling) -> None
     assert await billing.recorded_units("user_free", "api_calls") == 10
 
 
+async def test_whole_units_left_after_fractional_requests_are_counted_whole(billing: LocalBilling) -> None:
+    """30 requests of 0.1 of a quota of 10 leave 7 units: summed in floats, 6.999999999999998."""
+    middleware = BillingMiddleware(
+        recording_app([]),
+        billing=billing,
+        customer=by_header,
+        routes={"/v1/search": Metered("api_calls", quantity=0.1)},
+        flush_interval=60,  # every unit still pending here when the last answer is made
+    )
+    async with serve(middleware) as client:
+        responses = [await client.get("/v1/search", headers=as_customer("user_free")) for _ in range(30)]
+    remaining = [int(RATE_LIMIT.match(r.headers["ratelimit"])[1]) for r in responses]  # type: ignore[index]
+    assert remaining[9::10] == [9, 8, 7] and remaining[10] == 8  # 8.9 left: 8 whole units
+    assert quota_headers("api_calls", 10, 0.9999994, None)[1] == (b"ratelimit", b'"api_calls";r=0')
+
+
 # -- success ------------------------------------------------------------------------------------
 
 
