@@ -111,9 +111,9 @@ def _resolve_secret_key(secret_key: str | None) -> str:
     return key
 
 
-#: Anything shaped like a secret key, masked in what a bad URL setting is told with: up to what ends
-#: a URL's part or a quoted value (a key need only be printable ASCII: "-" and "." do not end it).
-_KEY_LIKE = re.compile(r"sk_[^\s/?#@'\"\[\]]+")
+#: Anything shaped like a secret key, masked in what a bad setting is told with: up to a space or a
+#: quote, what follows it in a URL too (a key need only be printable ASCII: "/", "@" or "?" may be in it).
+_KEY_LIKE = re.compile(r"sk_[^\s'\"]+")
 
 
 def _resolve_base_url(base_url: str | None, secret_key: str) -> str:

@@ -82,6 +82,7 @@ def test_bad_options_are_refused(args: list[str], message: str, capsys: pytest.C
     [
         ["--secret-key", "sk_live_SECRET1", "serve", "--plans", "p.toml"],  # the option before its command
         ["serve", "--plans", "p.toml", "--secret_key", "sk_live_SECRET1"],  # a misspelt option
+        ["serve", "--plans", "p.toml", "--log-level", "sk_live_AB/SECRET1+="],  # in the wrong place, with a "/"
     ],
 )
 def test_a_secret_key_argparse_quotes_in_an_error_is_masked(

@@ -1490,7 +1490,9 @@ def test_a_secret_key_given_as_the_base_url_is_never_shown(
     assert "sk_" not in str(caught.value).replace("sk_***", "")
 
 
-@pytest.mark.parametrize("key", ["sk_live_ab-cd.ef", "sk_live_ab~cd+ef=", "sk_live_ab$cd!ef"])
+@pytest.mark.parametrize(
+    "key", ["sk_live_ab-cd.ef", "sk_live_ab~cd+ef=", "sk_live_ab$cd!ef", "sk_live_ab/cd+ef=", "sk_live_ab?cd@ef#"]
+)
 def test_a_key_given_as_the_base_url_is_masked_whole(key: str) -> None:
     """Keys need only be printable ASCII: one with a dash or a dot was masked up to it, the rest shown."""
     with pytest.raises(ValidationError) as caught:
