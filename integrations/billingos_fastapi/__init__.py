@@ -227,9 +227,7 @@ def _expand(route: BaseRoute, prefix: str) -> Iterator[Found]:
             path = joined(prefix, context.path)
             found = None if context.dependant is None else _declared_on(original, context.dependant, path)
             if found is not None:
-                _document(context.responses)
-                if _declared_on(original, original.dependant, path) is not None:  # metered wherever it is included
-                    _document(original.responses)
+                _document(context.responses)  # (not the route's own: they would override the include's)
             yield path, context.methods, found, True
         elif context.starlette_route is not None:
             yield from walk([context.starlette_route], find=_find, expand=_expand, prefix=prefix)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,48 @@ def test_openapi_keeps_a_routes_own_description_of_an_answer_given_under_a_strin
     responses = app.openapi()["paths"]["/v1/search"]["get"]["responses"]
     assert responses["401"]["description"] == "Bad token"
     assert responses["429"]["description"].startswith("The feature's quota")
+
+
+#: A module-level router, as apps write them, included by an app factory (in each test, each worker...).
+SHARED_API = APIRouter()
+
+
+@SHARED_API.get("/report", dependencies=[metered("api_calls")])
+async def shared_report() -> dict[str, str]:
+    return {}
+
+
+@pytest.mark.parametrize("rebuilt_by", ["a second app including the router", "a route added at start-up"])
+async def test_openapi_keeps_the_description_an_include_gives_an_answer(billing: SpyBilling, rebuilt_by: str) -> None:
+    """``include_router(..., responses={401: ...})``: ours, written into the route's own responses,
+    overrode the include's once FastAPI rebuilt the routes it includes."""
+    grown = APIRouter()
+
+    @grown.get("/report", dependencies=[metered("api_calls")])
+    async def report() -> dict[str, str]:
+        return {}
+
+    @asynccontextmanager
+    async def grows(app: FastAPI) -> AsyncIterator[None]:
+        @grown.get("/later")
+        async def later() -> dict[str, str]:
+            return {}
+
+        yield
+
+    descriptions = []
+    for _ in range(2 if rebuilt_by.startswith("a second app") else 1):
+        if rebuilt_by.startswith("a second app"):
+            app, router = FastAPI(), SHARED_API
+        else:
+            app, router = FastAPI(lifespan=grows), grown
+        app.include_router(router, prefix="/api", responses={401: {"description": "Bad token"}})
+        app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
+        async with serve(app) as client:
+            responses = (await client.get("/openapi.json")).json()["paths"]["/api/report"]["get"]["responses"]
+        descriptions.append(responses["401"]["description"])
+        assert responses["429"]["description"].startswith("The feature's quota")
+    assert set(descriptions) == {"Bad token"}
 
 
 def test_also_may_name_a_declared_routes_feature_as_routes_does(billing: SpyBilling) -> None:
