@@ -121,7 +121,12 @@ class Quota:
         """
         self.refreshing = False
         resets_at = entitlement.resets_at.timestamp() if entitlement and entitlement.resets_at else None
-        if resets_at is not None and self.resets_at is not None and resets_at < min(self.resets_at, now):
+        if (
+            resets_at is not None
+            and self.resets_at is not None
+            and resets_at < min(self.resets_at, now)
+            and self.entitlement is not None  # (nothing to keep where only a track answered)
+        ):
             # Answered in a period that a track answer has since shown over: ours are the newer figures.
             # (One ending earlier but not yet is a plan's new period: a shorter interval, a new anchor.)
             return
@@ -151,6 +156,12 @@ class Quota:
             usage = self.usage  # until the next check (never a period's usage into the next); tracks still count
         self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
         self.guessed, self.carried = keep_guess, carried
+
+
+def _unanswered(quota: Quota) -> bool:
+    """Whether ``quota`` only holds units for its key (:meth:`EntitlementCache.count_pending`), with no
+    check answered on it: never a decision's."""
+    return quota.renewed == 0
 
 
 def _said(limit: float | None) -> float:
@@ -289,9 +300,12 @@ class EntitlementCache:
 
     def _current(self, key: Key, answer: Quota) -> Quota:
         """The entry of ``key`` for a request that waited on ``answer``: evicted before the request
-        resumed, units admitted on it would be counted where no later request looks."""
+        resumed, units admitted on it would be counted where no later request looks. (Evicted, and
+        units held for the key since: the answer takes them over.)"""
         quota = self._entries.find(key)
-        if quota is None:
+        if quota is None or (quota is not answer and _unanswered(quota)):
+            if quota is not None:
+                answer.local += quota.local
             self._entries[key] = quota = answer
         return quota
 
@@ -370,8 +384,8 @@ class EntitlementCache:
         on (never fresh) until a check answers."""
         key = (customer_id, feature_key)
         quota = self._entries.find(key)
-        if quota is None:
-            self._entries[key] = quota = Quota(None, key=key, home=self._entries)
+        if quota is None:  # set aside: not cached (no answer to keep room for), found all the same
+            self._entries.aside[key] = quota = Quota(None, key=key, home=self._entries)
         quota.local += units
 
     def known_full(self, customer_id: str, feature_key: str) -> bool:
@@ -397,7 +411,15 @@ class EntitlementCache:
         in one period the lower holds, and the entry is asked again at once.
         """
         quota = self._entries.settle((customer_id, feature_key), units)
-        if quota is None or quota.entitlement is None:
+        if quota is None:
+            return
+        if _unanswered(quota):  # units held with no answer yet: a check on its way may not count them,
+            self._crossing(quota)  # and has these figures to keep where they are higher
+            usage = result.usage
+            quota.usage, quota.resets_at = usage.consumed_units, usage.period_end.timestamp()
+            quota.tracked_limit = _said(usage.limit_units)
+            return
+        if quota.entitlement is None:
             return
         self._crossing(quota)  # a check on its way meanwhile may not count these units
         if quota.guessed:

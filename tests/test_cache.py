@@ -770,6 +770,54 @@ def admitted_of(cache: EntitlementCache, tries: int) -> int:
     return sum(1 for _ in range(tries) if served is not None and served.admit(1) == 0)
 
 
+# -- units held with no answer (a request let through while billing was unreachable, a replay) --
+
+
+async def test_units_held_with_no_answer_take_no_room_and_decide_nothing(billing: LocalBilling, clocks: Clocks) -> None:
+    cache, _ = cache_for(billing, clocks, max_size=1)
+    quota = await cache.fetch("c1", "api_calls")
+    assert [quota.admit(1) for _ in range(5)] == [0] * 5  # used up, here
+    for customer in ("c2", "c3", "c4"):
+        cache.count_pending(customer, "api_calls", 1)
+    assert len(cache) == 1 and cache.get("c1", "api_calls") is quota  # not evicted for them
+    assert cache.get("c2", "api_calls") is None  # asked for: held units are no answer
+    answer = await cache.fetch("c2", "api_calls")  # billing does not know c2: its answer, not a placeholder's
+    assert answer.entitlement is None and answer.local == 1 and len(cache) == 1
+
+
+async def test_a_request_waiting_on_a_check_is_decided_on_its_answer(billing: LocalBilling, clocks: Clocks) -> None:
+    """Its answer evicted before the waiting request resumed (other checks answered in the same turn
+    of the loop), and units held for the key since (a request let through): the waiter was handed
+    the entry holding them, with no answer in it (a 403)."""
+    cache, _ = cache_for(billing, clocks, max_size=1)
+    answer = await cache.fetch("c1", "api_calls")
+    await cache.fetch("c2", "api_calls")  # evicts c1's answer, nothing open on it
+    cache.count_pending("c1", "api_calls", 1)
+    waiter = cache._current(("c1", "api_calls"), answer)  # (what fetch() hands a request that waited on it)
+    assert waiter is answer and waiter.local == 1 and waiter.admit(4) == 0 and waiter.admit(1) == 429
+    assert cache.get("c1", "api_calls") is answer
+
+
+async def test_units_held_with_no_answer_and_recorded_while_a_check_is_on_its_way_count(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """The check read upstream before they were recorded, and answers after their confirmation: its
+    figure (nothing used) held, and a whole quota was admitted on top of them."""
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+    cache.count_pending("c1", "api_calls", 4)
+
+    async def recorded() -> None:
+        renewals = cache.renewals
+        result = await billing.track_usage("c1", "api_calls", 4, "let-through")
+        cache.confirm("c1", "api_calls", 4, result, renewals)
+
+    await crossed(cache, backend, recorded)
+    assert cache.get("c1", "api_calls") is None  # crossed: asked again before a request is decided on it
+    quota = await cache.fetch("c1", "api_calls")
+    assert (quota.usage, quota.local, admitted_of(cache, 5)) == (4, 0, 1)
+
+
 async def test_a_retrys_answer_from_a_period_over_since_leaves_the_entry_as_it_is(
     billing: LocalBilling, clocks: Clocks
 ) -> None:

@@ -865,6 +865,29 @@ async def test_units_let_through_during_a_blip_are_pending_for_the_requests_admi
     assert quota is not None and quota.local == 0  # every unit settled
 
 
+async def test_requests_let_through_in_an_outage_evict_no_cached_answer(billing: LocalBilling) -> None:
+    """user_free's used-up quota is cached (fresh); billing goes down and other customers are let
+    through: their units are held, but take no room in the cache, and user_free stays refused."""
+    await billing.track_usage("user_free", "api_calls", 10)
+    backend = FirstChecksFail(billing, failing=0)
+    middleware = BillingMiddleware(
+        recording_app([]),
+        billing=backend,
+        customer=by_header,
+        default_feature="api_calls",
+        cache_size=2,
+        flush_interval=60,  # their events still queued when user_free comes back
+        drain_timeout=0.2,
+    )
+    async with serve(middleware) as client:
+        assert (await client.get("/search", headers=as_customer("user_free"))).status_code == 429
+        backend.failing = 10**6  # billing unreachable from now on
+        for customer in ("someone1", "someone2", "someone3"):
+            assert (await client.get("/search", headers=as_customer(customer))).status_code == 200  # let through
+        assert middleware.metrics()["cache_entries"] == 1  # their held units are no entitlement cached
+        assert (await client.get("/search", headers=as_customer("user_free"))).status_code == 429
+
+
 async def test_a_path_an_inner_middleware_excludes_still_reports_to_the_outer_one(billing: LocalBilling) -> None:
     async def llm(request: Request) -> Response:
         assert request.state.billing is None  # the inner one's view: its declared gates expect it
