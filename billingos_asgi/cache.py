@@ -98,8 +98,8 @@ class Quota:
         home, key = self.home, self.key
         if self.local <= _EPSILON and home is not None and key is not None:
             current = home.find(key)
-            if current is None:
-                home.aside[key] = self
+            if current is None or _unanswered(current):
+                home.set_aside(key, self)
             else:
                 quota = current
         quota.local += units
@@ -140,7 +140,8 @@ class Quota:
         refused = not entitlement.has_access and (limit is None or entitlement.reason != "quota_exceeded")
         self.refusal = 403 if refused else 0
         usage = entitlement.usage or 0.0
-        same_period = resets_at == self.resets_at
+        # (units held with no answer, in doubt: of no period known, taken as this answer's)
+        same_period = resets_at == self.resets_at or (self.resets_at is None and self.renewed == 0)
         # Guessed full, and a track answer (whose figures were not taken) crossed this check: the
         # check may miss its units, so the guess holds until the next check, asked at once.
         keep_guess = self.guessed and raced and same_period
@@ -160,8 +161,16 @@ class Quota:
 
 def _unanswered(quota: Quota) -> bool:
     """Whether ``quota`` only holds units for its key (:meth:`EntitlementCache.count_pending`), with no
-    check answered on it: never a decision's."""
+    check answered on it: never a decision's, nor a request's to hold units on."""
     return quota.renewed == 0
+
+
+def _take_over(quota: Quota, held: Quota | None) -> None:
+    """``quota`` (answered) becomes its key's entry: it takes over the units ``held`` for the key with no
+    answer, and the crossings noted on them."""
+    if held is not None and held is not quota and _unanswered(held):
+        quota.local += held.local
+        quota.confirmed = max(quota.confirmed, held.confirmed)
 
 
 def _said(limit: float | None) -> float:
@@ -211,7 +220,7 @@ class _Entries(dict[Key, Quota]):
             aside[key] = quota
 
     def __setitem__(self, key: Key, quota: Quota) -> None:
-        self.aside.pop(key, None)  # cached again
+        _take_over(quota, self.aside.pop(key, None))  # cached again, or units held for its key meanwhile
         if key not in self:
             if len(self) >= self.maxsize:
                 self._evict()
@@ -224,12 +233,18 @@ class _Entries(dict[Key, Quota]):
         """The entry of ``key``, cached or set aside."""
         return self.get(key) or self.aside.get(key)
 
-    def settle(self, key: Key, units: float) -> Quota | None:
-        """Close ``units`` on the entry of ``key`` (one set aside is let go once nothing is open)."""
+    def set_aside(self, key: Key, quota: Quota) -> None:
+        """Keep ``quota`` aside (evicted, units still open on it), with the units held for its key meanwhile."""
+        _take_over(quota, self.aside.get(key))
+        self.aside[key] = quota
+
+    def settle(self, key: Key, units: float, *, keep: bool = False) -> Quota | None:
+        """Close ``units`` on the entry of ``key``; one set aside is let go once nothing is open,
+        unless ``keep`` (a check of its key on its way: the crossing it notes is for that check)."""
         quota = self.find(key)
         if quota is not None:
             quota.local = max(0.0, quota.local - units)
-            if quota.local <= _EPSILON and key in self.aside:
+            if quota.local <= _EPSILON and not keep and key in self.aside:
                 del self.aside[key]
         return quota
 
@@ -303,9 +318,7 @@ class EntitlementCache:
         resumed, units admitted on it would be counted where no later request looks. (Evicted, and
         units held for the key since: the answer takes them over.)"""
         quota = self._entries.find(key)
-        if quota is None or (quota is not answer and _unanswered(quota)):
-            if quota is not None:
-                answer.local += quota.local
+        if quota is None or _unanswered(quota):
             self._entries[key] = quota = answer
         return quota
 
@@ -324,13 +337,16 @@ class EntitlementCache:
             # Upstream is down or busy: a stale answer beats none, unless its period has ended, or it
             # said the customer is unknown (they may exist by now: as if nothing were cached).
             # The entry as it is now: one set aside meanwhile holds a running request's reported units.
-            current = self._fallback(self._entries.find(key) or previous)
+            current = self._fallback(self._entries.find(key)) or self._fallback(previous)
             if current is not None:
                 self._entries[key] = current  # (back, if it was set aside)
                 current.refreshing = False
                 current.retry_at = self._clock() + REFRESH_RETRY
                 logger.debug("billing check for %s/%s failed; using the cached answer", *key, exc_info=True)
                 return current
+            kept = self._entries.aside.get(key)  # for this check (see _settle), with nothing open on it
+            if kept is not None and kept.local <= _EPSILON:
+                del self._entries.aside[key]
             raise
         # The entry as it is now: one set aside while the check was on its way holds units a running
         # request reported on it (a new entry in its place would forget them).
@@ -410,14 +426,17 @@ class EntitlementCache:
         answer on the way; which is newer is not known (a plan changed meanwhile), so of two limits
         in one period the lower holds, and the entry is asked again at once.
         """
-        quota = self._entries.settle((customer_id, feature_key), units)
+        quota = self._settle((customer_id, feature_key), units)
         if quota is None:
             return
         if _unanswered(quota):  # units held with no answer yet: a check on its way may not count them,
             self._crossing(quota)  # and has these figures to keep where they are higher
             usage = result.usage
-            quota.usage, quota.resets_at = usage.consumed_units, usage.period_end.timestamp()
-            quota.tracked_limit = _said(usage.limit_units)
+            period_end = usage.period_end.timestamp()
+            if quota.resets_at is None or period_end >= quota.resets_at:  # (not a retry's, of a period over)
+                later = quota.resets_at is not None and period_end > quota.resets_at
+                quota.usage = usage.consumed_units if later else max(quota.usage, usage.consumed_units)
+                quota.resets_at, quota.tracked_limit = period_end, _said(usage.limit_units)
             return
         if quota.entitlement is None:
             return
@@ -454,6 +473,10 @@ class EntitlementCache:
         if raced or quota.carried:  # stale at once: the next request has it asked again (carried: which
             quota.fresh_until = self._clock()  # period's usage is current, only a check says)
 
+    def _settle(self, key: Key, units: float) -> Quota | None:
+        """Close ``units`` on the entry of ``key``, kept (set aside) for a check of it on its way."""
+        return self._entries.settle(key, units, keep=key in self._flights)
+
     def _crossing(self, quota: Quota) -> int:
         """Note on ``quota`` that a track's outcome was taken: a check on its way since crossed it."""
         self._confirms += 1
@@ -462,7 +485,7 @@ class EntitlementCache:
 
     def reject(self, customer_id: str, feature_key: str, units: float, error: Exception | None) -> None:
         """``units`` will not be recorded: stop counting them; after an upstream refusal, re-check the entry."""
-        quota = self._entries.settle((customer_id, feature_key), units)
+        quota = self._settle((customer_id, feature_key), units)
         if quota is None:
             return
         if error is None:
@@ -479,8 +502,8 @@ class EntitlementCache:
     def doubt(self, customer_id: str, feature_key: str, units: float) -> None:
         """``units`` may be recorded upstream (their track call's answer never came): counted as used,
         never let go for another request to take, until the next check (at once) says how many are."""
-        quota = self._entries.settle((customer_id, feature_key), units)
-        if quota is None or quota.limit is None or units <= 0:
+        quota = self._settle((customer_id, feature_key), units)
+        if quota is None or (quota.limit is None and not _unanswered(quota)) or units <= 0:
             return
         quota.usage, quota.guessed = quota.usage + units, True
         self._crossing(quota)  # a check on its way meanwhile may not count them: it keeps the guess

@@ -781,7 +781,7 @@ async def test_units_held_with_no_answer_take_no_room_and_decide_nothing(billing
         cache.count_pending(customer, "api_calls", 1)
     assert len(cache) == 1 and cache.get("c1", "api_calls") is quota  # not evicted for them
     assert cache.get("c2", "api_calls") is None  # asked for: held units are no answer
-    answer = await cache.fetch("c2", "api_calls")  # billing does not know c2: its answer, not a placeholder's
+    answer = await cache.fetch("c2", "api_calls")  # billing does not know c2: its answer, not an entry with no answer's
     assert answer.entitlement is None and answer.local == 1 and len(cache) == 1
 
 
@@ -816,6 +816,152 @@ async def test_units_held_with_no_answer_and_recorded_while_a_check_is_on_its_wa
     assert cache.get("c1", "api_calls") is None  # crossed: asked again before a request is decided on it
     quota = await cache.fetch("c1", "api_calls")
     assert (quota.usage, quota.local, admitted_of(cache, 5)) == (4, 0, 1)
+
+
+async def test_units_held_after_a_check_left_and_settled_before_it_answered_are_not_forgotten(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A check of c1 leaves with nothing cached (no entry with no answer yet); a request let through earlier
+    finishes meanwhile (count_pending), its event is recorded and confirmed (the entry holding them,
+    settled, is let go), then the check answers with a figure read before the recording: the
+    confirmation's crossing and figures are lost, and a whole quota is admitted on top of them."""
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+
+    async def let_through_then_recorded() -> None:
+        cache.count_pending("c1", "api_calls", 4)
+        renewals = cache.renewals
+        result = await billing.track_usage("c1", "api_calls", 4, "let-through")
+        cache.confirm("c1", "api_calls", 4, result, renewals)
+
+    await crossed(cache, backend, let_through_then_recorded)
+    served = cache.get("c1", "api_calls")
+    # Either asked again (crossed) or counting the 4 recorded units: at most 1 more of 5.
+    assert served is None or admitted_of(cache, 5) <= 1
+
+
+async def test_a_retrys_older_figures_do_not_lower_the_usage_noted_on_units_held_with_no_answer(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """Two replayed events held on an entry with no answer; the first confirmed with the newest figures (2
+    used), the second a resend whose first call was recorded before (upstream answers with its
+    first call's figures: 1 used). The entry with no answer keeps 1, and a check that read in between
+    (1 used) is taken as is: 4 more admitted, 6 of 5 recorded or refused upstream."""
+    first = await billing.track_usage("c1", "api_calls", 1, "resent")  # first call, its answer lost
+    assert first.usage.consumed_units == 1
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+    cache.count_pending("c1", "api_calls", 1)  # the resent event, replayed
+    cache.count_pending("c1", "api_calls", 1)  # another one
+
+    async def recorded() -> None:
+        renewals = cache.renewals
+        result = await billing.track_usage("c1", "api_calls", 1, "fresh")
+        assert result.usage.consumed_units == 2
+        cache.confirm("c1", "api_calls", 1, result, renewals)
+        retry = await billing.track_usage("c1", "api_calls", 1, "resent")  # the first call's answer
+        assert retry.usage.consumed_units == 1
+        cache.confirm("c1", "api_calls", 1, retry, renewals)
+
+    backend.held = anyio.Event()
+    answers = []
+
+    async def waiter() -> None:
+        answers.append(await cache.fetch("c1", "api_calls"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await backend.read.wait()  # read: 1 used
+        await recorded()
+        backend.held.set()
+    (quota,) = answers
+    # The waiting request is decided on this: 2 are recorded, so 4 more must not fit in 5.
+    assert quota.admit(4) == 429
+
+
+async def test_units_held_with_no_answer_in_doubt_are_not_forgotten_by_a_crossing_check(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """Units held with no answer go up, and their track's answer never comes (in doubt): recorded in
+    fact. A check that read before they were recorded answers after: the entry holding them let them go
+    and noted no crossing, so the check's figure (nothing used) admits a whole quota on top."""
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+    cache.count_pending("c1", "api_calls", 4)
+
+    async def in_doubt() -> None:
+        await billing.track_usage("c1", "api_calls", 4, "lost-answer")  # recorded; the answer is lost
+        cache.doubt("c1", "api_calls", 4)
+
+    await crossed(cache, backend, in_doubt)
+    served = cache.get("c1", "api_calls")
+    assert served is None or admitted_of(cache, 5) <= 1
+
+
+async def test_units_a_running_request_holds_where_units_with_no_answer_were_are_released(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A request admitted for 0 units (it reports later) on c1's answer; the answer is evicted (nothing
+    open on it); a let-through request's unit is held for c1 (entry with no answer); the running request
+    reports 2 units (hold: onto the entry holding them, which it keeps); a request that waited on c1's check
+    resumes and its answer takes the entry holding them's units over. The running request then fails: its
+    2 units are released on the entry holding them, no longer anyone's entry, and stay held on the answer
+    for good (c1 refused with quota left)."""
+    cache, _ = cache_for(billing, clocks, max_size=1)
+    answer = await cache.fetch("c1", "api_calls")
+    assert answer.admit(0) == 0  # the running request (reports its own units)
+    await cache.fetch("c2", "api_calls")  # evicts c1's answer, nothing open on it
+    cache.count_pending("c1", "api_calls", 1)  # a let-through request's unit
+    running = answer.hold(2)  # what UsageContext._add does
+    waiter = cache._current(("c1", "api_calls"), answer)  # (what fetch() hands a request that waited)
+    assert waiter is answer
+    running.release(2)  # the running request failed: its units are let go (middleware._settle)
+    cache.reject("c1", "api_calls", 1, None)  # the let-through event given up / or confirmed
+    assert answer.local == 0  # nothing open any more
+
+
+class HeldThenFailing(HeldCheck):
+    """c1's check is held until let go, then fails (billing went down meanwhile)."""
+
+    async def check_entitlement(self, customer_id: str, feature_key: str) -> Any:
+        if customer_id == "c1" and self.held is not None:
+            self.read.set()
+            await self.held.wait()
+            raise NetworkError("down")
+        return await self.billing.check_entitlement(customer_id, feature_key)
+
+
+async def test_a_failed_check_falls_back_on_the_stale_answer_though_units_were_held_meanwhile(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """c1's answer (quota used up) is stale and asked again; meanwhile it is evicted (nothing open
+    on it) and units are held for c1 (a let-through request finishing): the check fails, and the
+    fallback looks at the units held with no answer instead of the stale answer: the request
+    waiting on it is let through (or 503), c1's used-up quota is forgotten."""
+    backend = HeldThenFailing(billing)
+    cache, _ = cache_for(backend, clocks, max_size=1, ttl=30, stale_ttl=600)
+    await billing.track_usage("c1", "api_calls", 5, "used-up")
+    stale = await cache.fetch("c1", "api_calls")
+    assert stale.admit(1) == 429
+    clocks.advance(601)  # past stale_ttl, still in the period: a blocking check, the stale answer to fall back on
+    backend.held = anyio.Event()
+    outcome: list[object] = []
+
+    async def waiter() -> None:
+        try:
+            outcome.append(await cache.fetch("c1", "api_calls"))
+        except Exception as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await backend.read.wait()
+        held, backend.held = backend.held, None  # c2's check goes through
+        await cache.fetch("c2", "api_calls")  # evicts c1's stale answer (nothing open on it)
+        cache.count_pending("c1", "api_calls", 1)
+        held.set()
+    (answer,) = outcome
+    assert answer is stale  # the stale answer beats none
 
 
 async def test_a_retrys_answer_from_a_period_over_since_leaves_the_entry_as_it_is(
