@@ -109,7 +109,13 @@ class Quota:
         """Stop counting ``units`` that will not be billed; one set aside is let go once nothing is open."""
         self.local -= units
         home = self.home
-        if self.local <= _EPSILON and home is not None and self.key is not None and home.aside.get(self.key) is self:
+        if (
+            self.local <= _EPSILON
+            and home is not None
+            and self.key is not None
+            and home.aside.get(self.key) is self
+            and self.key not in home.flights
+        ):
             del home.aside[self.key]
 
     def renew(self, entitlement: Entitlement | None, *, now: float, raced: bool = False) -> None:
@@ -171,6 +177,12 @@ def _take_over(quota: Quota, held: Quota | None) -> None:
     if held is not None and held is not quota and _unanswered(held):
         quota.local += held.local
         quota.confirmed = max(quota.confirmed, held.confirmed)
+        quota.refused = max(quota.refused, held.refused)
+        if held.resets_at is not None and (quota.resets_at is None or held.resets_at > quota.resets_at):
+            quota.usage, quota.resets_at, quota.tracked_limit = held.usage, held.resets_at, held.tracked_limit
+        elif held.resets_at is None or held.resets_at == quota.resets_at:
+            quota.usage = max(quota.usage, held.usage)
+        quota.guessed = quota.guessed or held.guessed
 
 
 def _said(limit: float | None) -> float:
@@ -197,6 +209,8 @@ class _Entries(dict[Key, Quota]):
         self.aside: dict[Key, Quota] = {}
         self._order: deque[Key] = deque()  # every key, oldest first (a used one goes to the back when reached)
         self._sweep_at: float = maxsize
+        # Checks on their way, by key: an entry of theirs set aside is kept there (a crossing noted on it is theirs).
+        self.flights: dict[Key, Flight[Quota]] = {}
 
     def _evict(self) -> None:
         order = self._order
@@ -214,7 +228,7 @@ class _Entries(dict[Key, Quota]):
         if quota.local > _EPSILON:
             aside = self.aside
             if len(aside) >= self._sweep_at:  # forget those settled since (their requests failed)
-                for settled in [k for k, q in aside.items() if q.local <= _EPSILON]:
+                for settled in [k for k, q in aside.items() if q.local <= _EPSILON and k not in self.flights]:
                     del aside[settled]
                 self._sweep_at = max(self.maxsize, 2 * len(aside))  # amortized: no sweep per eviction
             aside[key] = quota
@@ -238,13 +252,13 @@ class _Entries(dict[Key, Quota]):
         _take_over(quota, self.aside.get(key))
         self.aside[key] = quota
 
-    def settle(self, key: Key, units: float, *, keep: bool = False) -> Quota | None:
-        """Close ``units`` on the entry of ``key``; one set aside is let go once nothing is open,
-        unless ``keep`` (a check of its key on its way: the crossing it notes is for that check)."""
+    def settle(self, key: Key, units: float) -> Quota | None:
+        """Close ``units`` on the entry of ``key``; one set aside is let go once nothing is open
+        (unless a check of its key is on its way: see :attr:`flights`)."""
         quota = self.find(key)
         if quota is not None:
             quota.local = max(0.0, quota.local - units)
-            if quota.local <= _EPSILON and not keep and key in self.aside:
+            if quota.local <= _EPSILON and key not in self.flights and key in self.aside:
                 del self.aside[key]
         return quota
 
@@ -279,7 +293,7 @@ class EntitlementCache:
         self._clock = clock
         self._wall_clock = wall_clock
         self._entries = _Entries(max_size)
-        self._flights: dict[Key, Flight[Quota]] = {}
+        self._flights = self._entries.flights
         self._confirms = 0  # track answers taken: orders them against the checks on their way
         self.renewals = 0  # check answers taken: orders them against the tracks on their way
         self.spawn: Spawn | None = None
@@ -337,20 +351,28 @@ class EntitlementCache:
             # Upstream is down or busy: a stale answer beats none, unless its period has ended, or it
             # said the customer is unknown (they may exist by now: as if nothing were cached).
             # The entry as it is now: one set aside meanwhile holds a running request's reported units.
-            current = self._fallback(self._entries.find(key)) or self._fallback(previous)
+            found = self._entries.find(key)
+            answered = found is not None and not _unanswered(found)
+            current = self._fallback(found) if answered else self._fallback(previous)
             if current is not None:
                 self._entries[key] = current  # (back, if it was set aside)
                 current.refreshing = False
                 current.retry_at = self._clock() + REFRESH_RETRY
                 logger.debug("billing check for %s/%s failed; using the cached answer", *key, exc_info=True)
                 return current
-            kept = self._entries.aside.get(key)  # for this check (see _settle), with nothing open on it
-            if kept is not None and kept.local <= _EPSILON:
-                del self._entries.aside[key]
+            self._drop_kept(key)
+            raise
+        except BaseException:
+            self._drop_kept(key)
             raise
         # The entry as it is now: one set aside while the check was on its way holds units a running
         # request reported on it (a new entry in its place would forget them).
-        quota = self._entries.find(key) or previous or Quota(None, key=key, home=self._entries)
+        found = self._entries.find(key)
+        if (found is None or _unanswered(found)) and previous is not None and not _unanswered(previous):
+            quota = previous
+            _take_over(quota, self._entries.aside.pop(key, None))
+        else:
+            quota = found or previous or Quota(None, key=key, home=self._entries)
         raced = quota.confirmed > asked
         quota.renew(entitlement, now=self._wall_clock(), raced=raced)
         self.renewals += 1
@@ -362,6 +384,12 @@ class EntitlementCache:
             quota.fresh_until = self._clock()
         self._entries[key] = quota  # (again, if it was evicted meanwhile)
         return quota
+
+    def _drop_kept(self, key: Key) -> None:
+        """After a failed check: its key's entry kept aside for it, with nothing open on it, goes."""
+        kept = self._entries.aside.get(key)
+        if kept is not None and kept.local <= _EPSILON:
+            del self._entries.aside[key]
 
     def _fallback(self, quota: Quota | None) -> Quota | None:
         """``quota``, if a failed check may answer with it: not once its period has ended, nor one
@@ -426,7 +454,7 @@ class EntitlementCache:
         answer on the way; which is newer is not known (a plan changed meanwhile), so of two limits
         in one period the lower holds, and the entry is asked again at once.
         """
-        quota = self._settle((customer_id, feature_key), units)
+        quota = self._entries.settle((customer_id, feature_key), units)
         if quota is None:
             return
         if _unanswered(quota):  # units held with no answer yet: a check on its way may not count them,
@@ -473,10 +501,6 @@ class EntitlementCache:
         if raced or quota.carried:  # stale at once: the next request has it asked again (carried: which
             quota.fresh_until = self._clock()  # period's usage is current, only a check says)
 
-    def _settle(self, key: Key, units: float) -> Quota | None:
-        """Close ``units`` on the entry of ``key``, kept (set aside) for a check of it on its way."""
-        return self._entries.settle(key, units, keep=key in self._flights)
-
     def _crossing(self, quota: Quota) -> int:
         """Note on ``quota`` that a track's outcome was taken: a check on its way since crossed it."""
         self._confirms += 1
@@ -485,7 +509,7 @@ class EntitlementCache:
 
     def reject(self, customer_id: str, feature_key: str, units: float, error: Exception | None) -> None:
         """``units`` will not be recorded: stop counting them; after an upstream refusal, re-check the entry."""
-        quota = self._settle((customer_id, feature_key), units)
+        quota = self._entries.settle((customer_id, feature_key), units)
         if quota is None:
             return
         if error is None:
@@ -502,7 +526,7 @@ class EntitlementCache:
     def doubt(self, customer_id: str, feature_key: str, units: float) -> None:
         """``units`` may be recorded upstream (their track call's answer never came): counted as used,
         never let go for another request to take, until the next check (at once) says how many are."""
-        quota = self._settle((customer_id, feature_key), units)
+        quota = self._entries.settle((customer_id, feature_key), units)
         if quota is None or (quota.limit is None and not _unanswered(quota)) or units <= 0:
             return
         quota.usage, quota.guessed = quota.usage + units, True

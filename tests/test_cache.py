@@ -964,6 +964,211 @@ async def test_a_failed_check_falls_back_on_the_stale_answer_though_units_were_h
     assert answer is stale  # the stale answer beats none
 
 
+C1 = ("c1", "api_calls")
+
+
+async def recorded(cache: EntitlementCache, billing: LocalBilling, units: float, key: str) -> None:
+    renewals = cache.renewals
+    result = await billing.track_usage("c1", "api_calls", units, key)
+    cache.confirm("c1", "api_calls", units, result, renewals)
+
+
+async def test_a_cancelled_check_leaves_no_kept_entry_aside(billing: LocalBilling, clocks: Clocks) -> None:
+    """count_pending, a check leaves, the units settle (kept for the check), the check's caller is
+    cancelled (no waiter): the kept entry with nothing open stays in aside for good."""
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+    cache.count_pending("c1", "api_calls", 1)
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")
+        await backend.read.wait()
+        await recorded(cache, billing, 1, "let-through")
+        assert cache._entries.aside[C1].local == 0  # kept for the check
+        tg.cancel_scope.cancel()  # its client went away
+    assert not cache._flights
+    assert cache._entries.aside == {}, cache._entries.aside
+
+
+async def test_a_takeover_keeps_the_figures_noted_on_units_with_no_answer(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A check of c1 leaves with nothing cached. A let-through request's 3 units are held (entry with no answer)
+    and recorded (confirm: usage 3 noted on it, kept for the check). A running request admitted for 0 units
+    on an old, evicted answer of c1 reports 2: hold() sets that answer aside, taking over the entry's units
+    and crossing, not its usage. The check (read: nothing used) answers: the waiting request is decided on 0
+    used + 2 held: 3 more admitted, 3 + 2 + 3 = 8 of 5."""
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks, max_size=1)
+    old = await cache.fetch("c1", "api_calls")
+    assert old.admit(0) == 0  # a request that reports its own units later
+    await cache.fetch("c2", "api_calls")  # evicts c1's answer, nothing open on it
+    backend.held = anyio.Event()
+    answers: list[Quota] = []
+
+    async def waiter() -> None:
+        answers.append(await cache.fetch("c1", "api_calls"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await backend.read.wait()  # read: 0 used
+        cache.count_pending("c1", "api_calls", 3)
+        await recorded(cache, billing, 3, "let-through")
+        running = old.hold(2)
+        backend.held.set()
+    (quota,) = answers
+    # 3 recorded + 2 running: at most 0 more of 5
+    assert quota.admit(1) == 429, (quota.usage, quota.local, running is quota)
+
+
+async def test_without_the_takeover_the_same_figures_are_kept(billing: LocalBilling, clocks: Clocks) -> None:
+    """Control: the same, with no running request reporting (the entry with no answer is renewed itself)."""
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks, max_size=1)
+    backend.held = anyio.Event()
+    answers: list[Quota] = []
+
+    async def waiter() -> None:
+        answers.append(await cache.fetch("c1", "api_calls"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await backend.read.wait()
+        cache.count_pending("c1", "api_calls", 3)
+        await recorded(cache, billing, 3, "let-through")
+        backend.held.set()
+    (quota,) = answers
+    assert quota.admit(2) == 0 and quota.admit(1) == 429
+
+
+async def test_a_release_does_not_let_go_of_an_entry_kept_for_a_check(billing: LocalBilling, clocks: Clocks) -> None:
+    """As above, and the running request then fails (release): the entry set aside, kept for the check with
+    the crossing it took over, is let go by release() (which ignores keep); the check's answer (0 used)
+    lands on a new entry, fresh: 5 admitted on top of 3 recorded."""
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks, max_size=1)
+    old = await cache.fetch("c1", "api_calls")
+    assert old.admit(0) == 0
+    await cache.fetch("c2", "api_calls")
+    backend.held = anyio.Event()
+    answers: list[Quota] = []
+
+    async def waiter() -> None:
+        answers.append(await cache.fetch("c1", "api_calls"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await backend.read.wait()
+        cache.count_pending("c1", "api_calls", 3)
+        await recorded(cache, billing, 3, "let-through")
+        running = old.hold(2)
+        running.release(2)  # the running request failed
+        backend.held.set()
+    (quota,) = answers
+    served = cache.get("c1", "api_calls")
+    assert served is None or admitted_of(cache, 5) <= 2
+    assert quota.admit(3) == 429
+
+
+async def test_an_eviction_sweep_does_not_forget_an_entry_kept_for_a_check(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A check of c1 leaves with nothing cached; a let-through request's 4 units are held and recorded
+    (kept for the check, nothing open). Meanwhile an eviction with units open sweeps aside: the kept entry
+    goes with the crossing; the check's answer (0 used) is fresh: 5 admitted on top of 4."""
+    await billing.set_plan("c2", "big")
+    await billing.set_plan("c3", "big")
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks, max_size=1)
+    backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")
+        await backend.read.wait()
+        backend2_held, backend.held = backend.held, None  # other customers' checks go through
+        cache.count_pending("c1", "api_calls", 4)
+        await recorded(cache, billing, 4, "let-through")
+        c2 = await cache.fetch("c2", "api_calls")
+        assert c2.admit(1) == 0
+        await cache.fetch("c3", "api_calls")  # evicts c2 with a unit open: aside is swept
+        backend2_held.set()
+    served = cache.get("c1", "api_calls")
+    assert served is None or admitted_of(cache, 5) <= 1
+
+
+@pytest.mark.parametrize("evicted", [False, True])
+async def test_a_check_crossing_a_track_answer_on_an_evicted_entry_keeps_the_crossing(
+    billing: LocalBilling, clocks: Clocks, evicted: bool
+) -> None:
+    """c1's answer A is refreshed (the check reads: 0 used). Meanwhile a request admitted on A is recorded
+    (confirm: usage 1 and a crossing noted on A, nothing open), A is evicted (nothing open: dropped), and a
+    let-through request's unit is held for c1 (an entry with no answer). The answer lands on that entry (found
+    first), not on A (``previous``): the crossing and A's usage are lost, 4 more admitted on 1 recorded + 1
+    held: 6 of 5. (evicted=False: the control, 3 more.)"""
+    await billing.set_plan("c2", "big")
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks, max_size=1)
+    a = await cache.fetch("c1", "api_calls")
+    assert a.admit(1) == 0
+    backend.held = anyio.Event()
+    answers: list[Quota] = []
+
+    async def waiter() -> None:
+        answers.append(await cache.fetch("c1", "api_calls"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await backend.read.wait()
+        held, backend.held = backend.held, None
+        await recorded(cache, billing, 1, "admitted-on-a")
+        if evicted:
+            await cache.fetch("c2", "api_calls")  # evicts A, nothing open on it
+        cache.count_pending("c1", "api_calls", 1)  # a let-through request (set_customer) finishes
+        held.set()
+    (quota,) = answers
+    assert sum(1 for _ in range(5) if quota.admit(1) == 0) <= 3
+
+
+async def test_a_failed_checks_fallback_does_not_drop_units_set_aside_on_an_older_answer(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A request R admitted for 0 units on c1's January answer A runs into February; A was evicted (nothing
+    open). February's answer P is cached; its check (stale) fails while P is evicted and R reports 2 units
+    (hold: A set aside, period over: no fallback). The fallback is P (``previous``): cached again, it pops A
+    from aside, R's 2 units with it: 5 more admitted on top of them."""
+    from tests.test_cache import HeldThenFailing
+
+    await billing.set_plan("c2", "big")
+    backend = HeldThenFailing(billing)
+    cache, _ = cache_for(backend, clocks, max_size=1, ttl=30, stale_ttl=600)
+    a = await cache.fetch("c1", "api_calls")
+    assert a.admit(0) == 0  # R, reporting its units later
+    await cache.fetch("c2", "api_calls")  # evicts A
+    assert a.resets_at is not None
+    clocks.advance(a.resets_at - clocks.wall.timestamp() + 60)  # February
+    p = await cache.fetch("c1", "api_calls")
+    assert p is not a
+    clocks.advance(601)  # P too old to serve: a blocking check, P to fall back on
+    backend.held = anyio.Event()
+    answers: list[Quota | Exception] = []
+
+    async def waiter() -> None:
+        try:
+            answers.append(await cache.fetch("c1", "api_calls"))
+        except Exception as exc:  # (no fallback: let through or a 503, as on_error says)
+            answers.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await backend.read.wait()
+        held, backend.held = backend.held, None
+        await cache.fetch("c2", "api_calls")  # evicts P, nothing open
+        a.hold(2)  # R reports 2
+        held.set()
+    entry = cache._entries.find(C1)
+    # R's 2 units are still counted for c1 (else 5 more are admitted on top of them)
+    assert entry is not None and entry.local == 2, (entry, answers)
+
+
 async def test_a_retrys_answer_from_a_period_over_since_leaves_the_entry_as_it_is(
     billing: LocalBilling, clocks: Clocks
 ) -> None:
