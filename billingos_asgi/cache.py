@@ -3,7 +3,9 @@
 Each cached :class:`Quota` holds the last upstream answer plus the units this process has let
 through but not yet seen confirmed (``local``: admitted while the request runs, then while its
 usage event is on its way), so that a process never admits more than the limit between two
-upstream answers. All bookkeeping is synchronous: no lock, no await on the request path.
+upstream answers. Units on their way that no admission counted (a request let through while billing
+was unreachable, a replay) are held for their key too, on an entry with no answer until a check
+gives it one. All bookkeeping is synchronous: no lock, no await on the request path.
 """
 
 from __future__ import annotations
