@@ -149,7 +149,7 @@ class Quota:
         self.refusal = 403 if refused else 0
         usage = entitlement.usage or 0.0
         # (units held with no answer, in doubt: of no period known, taken as this answer's)
-        same_period = resets_at == self.resets_at or (self.resets_at is None and self.renewed == 0)
+        same_period = resets_at == self.resets_at or (self.resets_at is None and _unanswered(self))
         # Guessed full, and a track answer (whose figures were not taken) crossed this check: the
         # check may miss its units, so the guess holds until the next check, asked at once.
         keep_guess = self.guessed and raced and same_period
@@ -166,6 +166,18 @@ class Quota:
         self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
         self.guessed, self.carried = keep_guess, carried
 
+    def note_usage(self, usage: float, period_end: float | None, tracked_limit: float | None) -> None:
+        """Keep figures noted on units held with no answer (a track answer's, or units in doubt: no
+        period said): within a period the higher usage holds, a later period's replaces it, and an
+        earlier period's (a retry's first answer) is ignored."""
+        ends = self.resets_at
+        if period_end is not None and ends is not None and period_end < ends:
+            return
+        later = period_end is not None and ends is not None and period_end > ends
+        self.usage = usage if later else max(self.usage, usage)
+        if period_end is not None:
+            self.resets_at, self.tracked_limit = period_end, tracked_limit
+
 
 def _unanswered(quota: Quota) -> bool:
     """Whether ``quota`` only holds units for its key (:meth:`EntitlementCache.count_pending`), with no
@@ -180,10 +192,7 @@ def _take_over(quota: Quota, held: Quota | None) -> None:
         quota.local += held.local
         quota.confirmed = max(quota.confirmed, held.confirmed)
         quota.refused = max(quota.refused, held.refused)
-        if held.resets_at is not None and (quota.resets_at is None or held.resets_at > quota.resets_at):
-            quota.usage, quota.resets_at, quota.tracked_limit = held.usage, held.resets_at, held.tracked_limit
-        elif held.resets_at is None or held.resets_at == quota.resets_at:
-            quota.usage = max(quota.usage, held.usage)
+        quota.note_usage(held.usage, held.resets_at, held.tracked_limit)
         quota.guessed = quota.guessed or held.guessed
 
 
@@ -370,9 +379,11 @@ class EntitlementCache:
         # The entry as it is now: one set aside while the check was on its way holds units a running
         # request reported on it (a new entry in its place would forget them).
         found = self._entries.find(key)
-        if (found is None or _unanswered(found)) and previous is not None and not _unanswered(previous):
+        if found is not None and not _unanswered(found):
+            quota = found
+        elif previous is not None and not _unanswered(previous):  # (evicted meanwhile, nothing open on it)
             quota = previous
-            _take_over(quota, self._entries.aside.pop(key, None))
+            _take_over(quota, self._entries.aside.pop(key, None))  # before ``raced``: crossings noted meanwhile
         else:
             quota = found or previous or Quota(None, key=key, home=self._entries)
         raced = quota.confirmed > asked
@@ -462,11 +473,7 @@ class EntitlementCache:
         if _unanswered(quota):  # units held with no answer yet: a check on its way may not count them,
             self._crossing(quota)  # and has these figures to keep where they are higher
             usage = result.usage
-            period_end = usage.period_end.timestamp()
-            if quota.resets_at is None or period_end >= quota.resets_at:  # (not a retry's, of a period over)
-                later = quota.resets_at is not None and period_end > quota.resets_at
-                quota.usage = usage.consumed_units if later else max(quota.usage, usage.consumed_units)
-                quota.resets_at, quota.tracked_limit = period_end, _said(usage.limit_units)
+            quota.note_usage(usage.consumed_units, usage.period_end.timestamp(), _said(usage.limit_units))
             return
         if quota.entitlement is None:
             return

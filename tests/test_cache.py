@@ -753,15 +753,22 @@ class HeldCheck:
         return answer
 
 
-async def crossed(cache: EntitlementCache, backend: HeldCheck, meanwhile: Callable[[], Awaitable[None]]) -> None:
-    """A check of c1's entry that reads upstream, then answers only after ``meanwhile`` has run."""
-    backend.held = anyio.Event()
+async def crossed(cache: EntitlementCache, backend: HeldCheck, meanwhile: Callable[[], Awaitable[None]]) -> Quota:
+    """A check of c1's entry that reads upstream, then answers only after ``meanwhile`` has run (other
+    checks go through meanwhile): the entry it hands the request that waited on it."""
+    held = backend.held = anyio.Event()
+    answers: list[Quota] = []
+
+    async def waiting() -> None:
+        answers.append(await cache.fetch("c1", "api_calls"))
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(cache.fetch, "c1", "api_calls")
+        tg.start_soon(waiting)
         await backend.read.wait()
+        backend.held = None
         await meanwhile()
-        backend.held.set()
-    backend.held = None
+        held.set()
+    return answers[0]
 
 
 def admitted_of(cache: EntitlementCache, tries: int) -> int:
@@ -854,7 +861,7 @@ async def test_a_retrys_older_figures_do_not_lower_the_usage_noted_on_units_held
     cache.count_pending("c1", "api_calls", 1)  # the resent event, replayed
     cache.count_pending("c1", "api_calls", 1)  # another one
 
-    async def recorded() -> None:
+    async def both_confirmed() -> None:  # after the check read: 1 used
         renewals = cache.renewals
         result = await billing.track_usage("c1", "api_calls", 1, "fresh")
         assert result.usage.consumed_units == 2
@@ -863,18 +870,7 @@ async def test_a_retrys_older_figures_do_not_lower_the_usage_noted_on_units_held
         assert retry.usage.consumed_units == 1
         cache.confirm("c1", "api_calls", 1, retry, renewals)
 
-    backend.held = anyio.Event()
-    answers = []
-
-    async def waiter() -> None:
-        answers.append(await cache.fetch("c1", "api_calls"))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(waiter)
-        await backend.read.wait()  # read: 1 used
-        await recorded()
-        backend.held.set()
-    (quota,) = answers
+    quota = await crossed(cache, backend, both_confirmed)
     # The waiting request is decided on this: 2 are recorded, so 4 more must not fit in 5.
     assert quota.admit(4) == 429
 
@@ -1003,41 +999,27 @@ async def test_a_takeover_keeps_the_figures_noted_on_units_with_no_answer(
     old = await cache.fetch("c1", "api_calls")
     assert old.admit(0) == 0  # a request that reports its own units later
     await cache.fetch("c2", "api_calls")  # evicts c1's answer, nothing open on it
-    backend.held = anyio.Event()
-    answers: list[Quota] = []
 
-    async def waiter() -> None:
-        answers.append(await cache.fetch("c1", "api_calls"))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(waiter)
-        await backend.read.wait()  # read: 0 used
+    async def let_through_and_reported() -> None:  # after the check read: 0 used
         cache.count_pending("c1", "api_calls", 3)
         await recorded(cache, billing, 3, "let-through")
-        running = old.hold(2)
-        backend.held.set()
-    (quota,) = answers
+        old.hold(2)
+
+    quota = await crossed(cache, backend, let_through_and_reported)
     # 3 recorded + 2 running: at most 0 more of 5
-    assert quota.admit(1) == 429, (quota.usage, quota.local, running is quota)
+    assert quota.admit(1) == 429, (quota.usage, quota.local)
 
 
 async def test_without_the_takeover_the_same_figures_are_kept(billing: LocalBilling, clocks: Clocks) -> None:
     """Control: the same, with no running request reporting (the entry with no answer is renewed itself)."""
     backend = HeldCheck(billing)
     cache, _ = cache_for(backend, clocks, max_size=1)
-    backend.held = anyio.Event()
-    answers: list[Quota] = []
 
-    async def waiter() -> None:
-        answers.append(await cache.fetch("c1", "api_calls"))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(waiter)
-        await backend.read.wait()
+    async def let_through() -> None:
         cache.count_pending("c1", "api_calls", 3)
         await recorded(cache, billing, 3, "let-through")
-        backend.held.set()
-    (quota,) = answers
+
+    quota = await crossed(cache, backend, let_through)
     assert quota.admit(2) == 0 and quota.admit(1) == 429
 
 
@@ -1050,21 +1032,13 @@ async def test_a_release_does_not_let_go_of_an_entry_kept_for_a_check(billing: L
     old = await cache.fetch("c1", "api_calls")
     assert old.admit(0) == 0
     await cache.fetch("c2", "api_calls")
-    backend.held = anyio.Event()
-    answers: list[Quota] = []
 
-    async def waiter() -> None:
-        answers.append(await cache.fetch("c1", "api_calls"))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(waiter)
-        await backend.read.wait()
+    async def let_through_and_reported_then_failed() -> None:
         cache.count_pending("c1", "api_calls", 3)
         await recorded(cache, billing, 3, "let-through")
-        running = old.hold(2)
-        running.release(2)  # the running request failed
-        backend.held.set()
-    (quota,) = answers
+        old.hold(2).release(2)  # the running request reported, then failed
+
+    quota = await crossed(cache, backend, let_through_and_reported_then_failed)
     served = cache.get("c1", "api_calls")
     assert served is None or admitted_of(cache, 5) <= 2
     assert quota.admit(3) == 429
@@ -1080,17 +1054,15 @@ async def test_an_eviction_sweep_does_not_forget_an_entry_kept_for_a_check(
     await billing.set_plan("c3", "big")
     backend = HeldCheck(billing)
     cache, _ = cache_for(backend, clocks, max_size=1)
-    backend.held = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(cache.fetch, "c1", "api_calls")
-        await backend.read.wait()
-        backend2_held, backend.held = backend.held, None  # other customers' checks go through
+
+    async def let_through_then_swept() -> None:
         cache.count_pending("c1", "api_calls", 4)
         await recorded(cache, billing, 4, "let-through")
         c2 = await cache.fetch("c2", "api_calls")
         assert c2.admit(1) == 0
         await cache.fetch("c3", "api_calls")  # evicts c2 with a unit open: aside is swept
-        backend2_held.set()
+
+    await crossed(cache, backend, let_through_then_swept)
     served = cache.get("c1", "api_calls")
     assert served is None or admitted_of(cache, 5) <= 1
 
@@ -1109,22 +1081,14 @@ async def test_a_check_crossing_a_track_answer_on_an_evicted_entry_keeps_the_cro
     cache, _ = cache_for(backend, clocks, max_size=1)
     a = await cache.fetch("c1", "api_calls")
     assert a.admit(1) == 0
-    backend.held = anyio.Event()
-    answers: list[Quota] = []
 
-    async def waiter() -> None:
-        answers.append(await cache.fetch("c1", "api_calls"))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(waiter)
-        await backend.read.wait()
-        held, backend.held = backend.held, None
+    async def recorded_evicted_and_let_through() -> None:
         await recorded(cache, billing, 1, "admitted-on-a")
         if evicted:
             await cache.fetch("c2", "api_calls")  # evicts A, nothing open on it
         cache.count_pending("c1", "api_calls", 1)  # a let-through request (set_customer) finishes
-        held.set()
-    (quota,) = answers
+
+    quota = await crossed(cache, backend, recorded_evicted_and_let_through)
     assert sum(1 for _ in range(5) if quota.admit(1) == 0) <= 3
 
 

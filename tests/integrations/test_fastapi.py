@@ -236,12 +236,10 @@ async def test_openapi_keeps_the_description_an_include_gives_an_answer(billing:
 
         yield
 
+    second_app = rebuilt_by.startswith("a second app")
     descriptions = []
-    for _ in range(2 if rebuilt_by.startswith("a second app") else 1):
-        if rebuilt_by.startswith("a second app"):
-            app, router = FastAPI(), SHARED_API
-        else:
-            app, router = FastAPI(lifespan=grows), grown
+    for _ in range(2 if second_app else 1):
+        app, router = (FastAPI(), SHARED_API) if second_app else (FastAPI(lifespan=grows), grown)
         app.include_router(router, prefix="/api", responses={401: {"description": "Bad token"}})
         app.add_middleware(BillingMiddleware, billing=billing, customer=by_header, routes=declared(app))
         async with serve(app) as client:
@@ -630,8 +628,6 @@ async def test_a_path_is_metered_as_the_route_fastapi_serves_it_with_slashes_and
 async def test_routes_the_apps_own_startup_includes_are_gated_too(billing: SpyBilling) -> None:
     """The stack (and the table) is built before the app's lifespan runs: a router its startup
     included (a plugin's) was found on no route, and each of its requests was a 500 (fail closed)."""
-    from contextlib import asynccontextmanager
-
     plugin = APIRouter()
 
     @plugin.get("/v1/search", dependencies=[metered("api_calls")])

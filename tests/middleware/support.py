@@ -297,6 +297,19 @@ async def websocket_echo_session(app: ASGIApp, texts: Sequence[str]) -> list[Mes
     return sent
 
 
+def fast_and_slow(gate: anyio.Event) -> Starlette:
+    """``/fast`` answers at once, ``/slow`` once ``gate`` is set (a request kept running meanwhile)."""
+
+    async def fast(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    async def slow(request: Request) -> PlainTextResponse:
+        await gate.wait()
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/fast", fast), Route("/slow", slow)])
+
+
 def recording_app(calls: list[str]) -> ASGIApp:
     """A Starlette app answering every path and method, noting each call it handles in ``calls``."""
 
