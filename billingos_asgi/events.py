@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
-from operator import attrgetter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ._validation import MAX_ID_LENGTH
 
-__all__ = ["Batch", "UsageEvent", "event_key", "part_key"]
+__all__ = ["Batch", "Group", "UsageEvent", "event_key", "part_key"]
 
 
 def event_key(request_id: str, feature: str) -> str:
@@ -43,20 +43,92 @@ class UsageEvent(NamedTuple):
     metadata: Mapping[str, Any] | None = None
 
 
-# Read in C over a batch's events (a flush of a busy window holds thousands of them).
-_key_of = attrgetter("idempotency_key")
-_quantity_of = attrgetter("quantity")
+#: A usage event without the named tuple's Python-level ``__new__`` (one is made per request).
+_new_event = functools.partial(tuple.__new__, UsageEvent)
+
+
+class Group:
+    """The events of one (customer, feature) in a flush window, held as columns of their fields:
+    thousands of events a second alive for a window would each be an object for the garbage
+    collector to scan (and its full collections to pause the app for); a few lists are not."""
+
+    __slots__ = ("customer_id", "feature_key", "keys", "metadata", "quantities")
+
+    def __init__(self, customer_id: str, feature_key: str) -> None:
+        self.customer_id = customer_id
+        self.feature_key = feature_key
+        self.keys: list[str] = []
+        self.quantities: list[float] = []
+        self.metadata: list[Mapping[str, Any] | None] | None = None  # None while none has any
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, event: UsageEvent) -> None:
+        self.keys.append(event.idempotency_key)
+        self.quantities.append(event.quantity)
+        if event.metadata is not None or self.metadata is not None:
+            if self.metadata is None:
+                self.metadata = [None] * (len(self.keys) - 1)
+            self.metadata.append(event.metadata)
+
+    def extend(self, other: Group) -> None:
+        """Take ``other``'s events (of the same customer and feature) after these."""
+        if other.metadata is not None or self.metadata is not None:
+            self.metadata = (self.metadata or [None] * len(self.keys)) + (other.metadata or [None] * len(other))
+        self.keys += other.keys
+        self.quantities += other.quantities
+
+    def events(self) -> tuple[UsageEvent, ...]:
+        return _events(self.customer_id, self.feature_key, self.keys, self.quantities, self.metadata)
+
+    def batch(self) -> Batch:
+        """These events as a batch (see :meth:`Batch.of`: the same events, the same key)."""
+        keys, quantities = tuple(self.keys), tuple(self.quantities)
+        metadata = None if self.metadata is None else tuple(self.metadata)
+        return Batch(self.customer_id, self.feature_key, keys, quantities, metadata, _key(keys), _sum(quantities))
+
+
+def _events(
+    customer_id: str,
+    feature_key: str,
+    keys: Sequence[str],
+    quantities: Sequence[float],
+    metadata: Sequence[Mapping[str, Any] | None] | None,
+) -> tuple[UsageEvent, ...]:
+    each = [None] * len(keys) if metadata is None else metadata
+    rows = zip(keys, quantities, each, strict=True)
+    return tuple(_new_event((customer_id, feature_key, quantity, key, meta)) for key, quantity, meta in rows)
+
+
+def _key(keys: Sequence[str]) -> str:
+    """A batch's key: its lone event's, or a digest of its events' keys (linear: no sort)."""
+    if len(keys) == 1:
+        return keys[0]
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    return f"batch-{digest[:40]}"
+
+
+def _sum(quantities: Iterable[float]) -> float:
+    return round(math.fsum(quantities), 6)
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Events of one (customer, feature) sent as one track call under one fixed key."""
+    """Events of one (customer, feature) sent as one track call under one fixed key.
+
+    Its events are held as columns (see :class:`Group`): :attr:`events` makes them on demand, for
+    the rare paths that take a batch apart (a quota refusal, a shutdown's cut-off), once.
+    """
 
     customer_id: str
     feature_key: str
-    events: tuple[UsageEvent, ...]
+    keys: tuple[str, ...]
+    quantities: tuple[float, ...]
+    metadata_of: tuple[Mapping[str, Any] | None, ...] | None  # each event's; None: none has any
     idempotency_key: str
     quantity: float
+    _made: tuple[UsageEvent, ...] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, events: tuple[UsageEvent, ...], key: str | None = None) -> Batch:
@@ -66,18 +138,28 @@ class Batch:
         ``key``: the key it was stamped with before (a batch replayed from the outbox).
         """
         first = events[0]
-        if key is None and len(events) == 1:
-            key = first.idempotency_key
-        elif key is None:
-            digest = hashlib.sha256("\n".join(map(_key_of, events)).encode()).hexdigest()
-            key = f"batch-{digest[:40]}"
-        quantity = round(math.fsum(map(_quantity_of, events)), 6)
-        return cls(first.customer_id, first.feature_key, events, key, quantity)
+        keys = tuple(event.idempotency_key for event in events)
+        quantities = tuple(event.quantity for event in events)
+        metadata = None if all(e.metadata is None for e in events) else tuple(e.metadata for e in events)
+        key = _key(keys) if key is None else key
+        return cls(first.customer_id, first.feature_key, keys, quantities, metadata, key, _sum(quantities), events)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def events(self) -> tuple[UsageEvent, ...]:
+        """Its events, the same objects every time (tracked by identity once taken apart)."""
+        made = self._made
+        if made is None:
+            made = _events(self.customer_id, self.feature_key, self.keys, self.quantities, self.metadata_of)
+            object.__setattr__(self, "_made", made)  # (frozen: its fields, not this cache of them)
+        return made
 
     @property
     def metadata(self) -> Mapping[str, Any] | None:
         """A lone event's metadata goes up with it; a batch's events have no single one."""
-        return self.events[0].metadata if len(self.events) == 1 else None
+        return self.metadata_of[0] if len(self.keys) == 1 and self.metadata_of is not None else None
 
 
 def part_key(event: UsageEvent) -> str:

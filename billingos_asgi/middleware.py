@@ -9,7 +9,6 @@ call, the customer resolver and a cache miss.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -40,7 +39,7 @@ from .cache import (
 from .context import LET_THROUGH, UsageContext, _current
 from .customers import Answer, CustomerResolver, ScopeResolver, refuse_a_mappings_method
 from .discovery import framework_app, route_endpoints, routed_app, routes_of, unserved
-from .events import UsageEvent, event_key
+from .events import UsageEvent, _new_event, event_key
 from .local import LocalBilling
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
@@ -96,10 +95,6 @@ async def gate_preflight(scope: Scope) -> None:
         gate = context._gate
         if isinstance(gate, _LateGate):
             await gate.resolve(context)
-
-
-#: A usage event without the named tuple's Python-level ``__new__`` (one is made per request).
-_new_event = functools.partial(tuple.__new__, UsageEvent)
 
 
 def is_preflight(scope: Mapping[str, Any]) -> bool:

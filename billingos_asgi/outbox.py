@@ -213,7 +213,7 @@ class Outbox:
         """Stamp ``batch`` on its events before its first attempt: a replay resends it unchanged."""
         self._write(
             "UPDATE outbox SET batch_key = ?, first_attempt = ? WHERE customer_id = ? AND idempotency_key = ?",
-            [(batch.idempotency_key, first_attempt, batch.customer_id, e.idempotency_key) for e in batch.events],
+            [(batch.idempotency_key, first_attempt, batch.customer_id, key) for key in batch.keys],
         )
 
     def refuse(self, events: Iterable[tuple[str, str]], refusal: str) -> None:

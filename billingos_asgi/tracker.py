@@ -20,9 +20,9 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 
 import anyio
 from anyio.abc import TaskGroup
@@ -32,7 +32,7 @@ from ._exceptions import NotFoundError, QuotaExceededError, ValidationError
 from ._logging import Throttled
 from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS
 from .cache import EntitlementCache
-from .events import Batch, UsageEvent, part_key
+from .events import Batch, Group, UsageEvent, part_key
 from .outbox import Outbox
 from .upstream import CHECK_TIMEOUT, MAX_PAUSE, Upstream
 
@@ -63,6 +63,11 @@ _PERMANENT = (ValidationError, NotFoundError, QuotaExceededError)
 
 Key = tuple[str, str]
 RejectedCallback = Callable[[UsageEvent, str], None]
+
+
+def _pair(event: UsageEvent) -> Key:
+    """(customer, idempotency key): an event's identity upstream, and in the outbox."""
+    return event.customer_id, event.idempotency_key
 
 
 @dataclass(slots=True)
@@ -130,18 +135,18 @@ class Tracker:
             TTLCache(100_000, IDEMPOTENCY_HORIZON) if deduplicate else None
         )
         self._unwritten: list[UsageEvent] = []  # accepted, on their way into the outbox
-        self._pending: dict[Key, list[UsageEvent]] = {}  # in the current flush window, grouped as they come
-        self._due: dict[Key, list[UsageEvent]] = {}  # window closed, waiting for a sender and a token
+        self._pending: dict[Key, Group] = {}  # in the current flush window, grouped as they come
+        self._due: dict[Key, Group] = {}  # window closed, waiting for a sender and a token
         # From the outbox of a previous run: resent as they were (first attempt time, if any).
         self._fixed: deque[tuple[Batch, float | None]] = deque()
         # Events handed to a delivery and not yet settled (recorded, or given up): what a deadline
-        # cuts off is exactly these. By lot (the events a sender took, as a rule settled at once),
+        # cuts off is exactly these. By lot (the batch a sender took, as a rule settled at once),
         # and by identity for the lots settled in parts (a split batch may be part recorded already).
-        self._unsettled: dict[int, tuple[UsageEvent, ...]] = {}
+        self._unsettled: dict[int, Batch] = {}
         self._loose: dict[int, UsageEvent] = {}
         self._unsettled_events = 0
         self._inline: dict[int, UsageEvent] = {}  # the same, for the sends of request tasks (no worker)
-        self._volatile: dict[int, UsageEvent] = {}  # queued, unsettled, and not in the outbox: its write failed
+        self._volatile: set[Key] = set()  # (customer, key) queued, unsettled, and not in the outbox: its write failed
         # Checked: nothing left of the quota until the period's end (Unix time; inf: none said).
         self._full: TTLCache[Key, float] = TTLCache(10_000, FULL_FOR)
         self._riders: dict[Key, list[UsageEvent]] = {}  # without a worker: events waiting for a send running
@@ -197,7 +202,7 @@ class Tracker:
         if self._outbox is None:
             group = self._pending.get((event.customer_id, event.feature_key))
             if group is not None:  # its key's group in this window (the common case, inline: a call less)
-                group.append(event)
+                group.add(event)
             else:
                 self._enqueue(event)
         else:  # durable first: it joins the window once its row is written
@@ -221,13 +226,12 @@ class Tracker:
     def _enqueue(self, event: UsageEvent) -> None:
         key = (event.customer_id, event.feature_key)
         group = self._pending.get(key)
-        if group is not None:
-            group.append(event)
-            return
-        self._pending[key] = [event]
-        if self._window is not None:  # the first event of a window wakes the flusher
-            self._window.set()
-            self._window = None
+        if group is None:
+            group = self._pending[key] = Group(*key)
+            if self._window is not None:  # the first event of a window wakes the flusher
+                self._window.set()
+                self._window = None
+        group.add(event)
 
     # -- lifecycle --
 
@@ -307,17 +311,17 @@ class Tracker:
 
     def _account_for_cut_off(self) -> None:
         """Report what the deadline cut off: kept in the outbox for the next start, or given up."""
-        attempted = [event for lot in self._unsettled.values() for event in lot] + list(self._loose.values())
+        attempted = [event for lot in self._unsettled.values() for event in lot.events] + list(self._loose.values())
         waiting = [event for batch, _ in self._fixed for event in batch.events]
-        waiting += [event for group in self._due.values() for event in group]
-        waiting += [event for group in self._pending.values() for event in group]
+        waiting += [event for group in self._due.values() for event in group.events()]
+        waiting += [event for group in self._pending.values() for event in group.events()]
         if self._volatile:  # not on disk, whatever the outbox would say at the next start
             volatile = self._volatile
-            self._unwritten += [event for event in waiting if id(event) in volatile]  # a last try
-            waiting = [event for event in waiting if id(event) not in volatile]
+            self._unwritten += [event for event in waiting if _pair(event) in volatile]  # a last try
+            waiting = [event for event in waiting if _pair(event) not in volatile]
             # One sent already may be recorded upstream: written now, unstamped, it could count twice.
-            lost = tuple(event for event in attempted if id(event) in volatile)
-            attempted = [event for event in attempted if id(event) not in volatile]
+            lost = tuple(event for event in attempted if _pair(event) in volatile)
+            attempted = [event for event in attempted if _pair(event) not in volatile]
             reason = f"shutdown deadline passed during its delivery ({IN_DOUBT}; outbox write failed)"
             self._give_up(lost, "in_doubt", reason)
             volatile.clear()
@@ -421,7 +425,7 @@ class Tracker:
             )
             self.stats.not_durable += len(events)
             written = len(events)
-            self._volatile.update((id(event), event) for event in events)
+            self._volatile.update(map(_pair, events))
         except BaseException:  # cut off by the drain deadline before the write: the last write takes them
             self._unwritten[:0] = events
             raise
@@ -493,12 +497,11 @@ class Tracker:
                 if self._fixed:
                     batch, stamped = self._fixed.popleft()
                 else:
-                    events = self._due.pop(next(iter(self._due)))
-                    batch, stamped = Batch.of(tuple(events)), None
-                    self.stats.coalesced += len(events) - 1 if len(events) > 1 else 0
-            self._queued_events -= len(batch.events)
-            self._unsettled[id(batch.events)] = batch.events
-            self._unsettled_events += len(batch.events)
+                    batch, stamped = self._due.pop(next(iter(self._due))).batch(), None
+                    self.stats.coalesced += len(batch) - 1
+            self._queued_events -= len(batch)
+            self._unsettled[id(batch)] = batch
+            self._unsettled_events += len(batch)
             self._room = self._max_queue - self._unsettled_events  # held while retried: the queue's bound counts them
             first_attempt = self._clock() if stamped is None else stamped
             await self._deliver(batch, first_attempt, fix=stamped is None)
@@ -582,15 +585,15 @@ class Tracker:
         ``fix``: stamp the batch in the outbox before its first attempt. ``part``: what was found to
         fit of a refused batch or event (refused again, it is not fitted once more).
         """
-        if len(batch.events) > 1 and batch.quantity > MAX_QUANTITY:  # valid events no single call can carry
-            self._loosen(batch.events)
+        if len(batch) > 1 and batch.quantity > MAX_QUANTITY:  # valid events no single call can carry
+            self._loosen(batch)
             await self._halve(batch)
             return
         error = await self._attempt(batch, first_attempt, fix=fix)
         if error is None:
             return
-        self._loosen(batch.events)  # from here, settled in parts (what fits, what is refused)
-        if isinstance(error, QuotaExceededError) and len(batch.events) > 1:
+        self._loosen(batch)  # from here, settled in parts (what fits, what is refused)
+        if isinstance(error, QuotaExceededError) and len(batch) > 1:
             if part:  # events thought to fit, refused after all (the quota moved): no second guess
                 await self._fit_by_halves(batch.events, error)
             else:
@@ -606,10 +609,11 @@ class Tracker:
         """Record ``batch`` as it is, retrying transient failures: None once it is settled (recorded,
         or dead-lettered), else the definitive refusal (nothing of it recorded, nothing settled)."""
         # (An inline send's events are not on disk: nothing to stamp, and no disk to wait for.)
-        if fix and self._outbox is not None and self._outbox.is_open and id(batch.events[0]) not in self._inline:
+        inline = bool(self._inline) and id(batch.events[0]) in self._inline
+        if fix and self._outbox is not None and self._outbox.is_open and not inline:
             await self._stamp(self._outbox, batch, first_attempt)
         attempt = 0
-        n = len(batch.events)
+        n = len(batch)
         horizon_at: float | None = None  # upstream's 24 h on the monotonic clock, from the first try here
         # Checks answered after the first attempt are not older than its answer (a retry's is the first's).
         renewals = self._cache.renewals
@@ -619,6 +623,7 @@ class Tracker:
                 horizon_at = now + IDEMPOTENCY_HORIZON - max(0.0, elapsed)
             if elapsed > IDEMPOTENCY_HORIZON or now > horizon_at:
                 reason = "first attempted more than 24 h ago: not resent blindly"
+                self._loosen(batch)
                 await self._refuse(batch.events, "dead_lettered", reason)
                 return None
             self.stats.in_flight += n
@@ -635,8 +640,8 @@ class Tracker:
             else:
                 self.stats.sent += n
                 self._cache.confirm(batch.customer_id, batch.feature_key, batch.quantity, result, renewals)
-                self._settled(batch.events)
-                self._forget(batch.events)
+                self._settled_batch(batch)
+                self._forget(zip(repeat(batch.customer_id), batch.keys))
                 return None
             finally:
                 self.stats.in_flight -= n
@@ -761,13 +766,11 @@ class Tracker:
             if rest.quantity > 0:  # the part is counted under its outcome, the rest is about to be
                 self.stats.split += 1
                 if id(event) in self._loose:  # cut off from here, only the rest is deferred (and released)
-                    self._loose[id(event)] = rest
-                    if id(event) in self._volatile:
-                        self._volatile[id(rest)] = rest
+                    self._loose[id(event)] = rest  # (volatile still: the same key)
         if rest.quantity > 0:
             await self._refuse((rest,), "rejected", "quota_exceeded", error)
         else:
-            self._forget((rest,))
+            self._forget((_pair(rest),))
         self._settled((event,))
 
     async def _fit_by_halves(self, events: tuple[UsageEvent, ...], error: Exception) -> None:
@@ -797,42 +800,51 @@ class Tracker:
 
     async def _halve(self, batch: Batch) -> None:
         """Deliver ``batch`` as two, each under its own key (the token for the first is taken)."""
-        half = len(batch.events) // 2
+        half = len(batch) // 2
         await self._deliver(Batch.of(batch.events[:half]), self._clock(), fix=True)
         await self._ready()
         await self._deliver(Batch.of(batch.events[half:]), self._clock(), fix=True)
 
     # -- reporting --
 
-    def _loosen(self, lot: tuple[UsageEvent, ...]) -> None:
-        """``lot``, taken by a sender, is about to be settled in parts: its events are kept one by one."""
-        if self._unsettled.pop(id(lot), None) is not None:
+    def _loosen(self, batch: Batch) -> None:
+        """``batch``, if a lot a sender took, is about to be settled in parts: its events are kept one by one."""
+        if self._unsettled.pop(id(batch), None) is not None:
             loose = self._loose
             before = len(loose)
-            loose.update((id(event), event) for event in lot)
-            self._unsettled_events -= len(lot) - (len(loose) - before)  # one object twice in it: held once
+            loose.update((id(event), event) for event in batch.events)
+            self._unsettled_events -= len(batch) - (len(loose) - before)  # one object twice in it: held once
+
+    def _settled_batch(self, batch: Batch) -> None:
+        """``batch`` is recorded: a lot, whole (an id is of a live object), or events loose."""
+        if self._unsettled.pop(id(batch), None) is None:
+            self._settled(batch.events)
+            return
+        self._unsettled_events -= len(batch)
+        self._room = self._max_queue - self._unsettled_events
+        if self._volatile:
+            self._volatile.difference_update(zip(repeat(batch.customer_id), batch.keys))
 
     def _settled(self, events: tuple[UsageEvent, ...]) -> None:
-        """``events`` are recorded or given up: a deadline no longer cuts them off."""
-        if self._unsettled.pop(id(events), None) is not None:  # a lot, whole (an id is of a live object)
-            self._unsettled_events -= len(events)
-        elif self._loose:
+        """``events`` (loose, not a lot) are recorded or given up: a deadline no longer cuts them off."""
+        if self._loose:
             loose = self._loose
             before = len(loose)
             for event in events:
                 loose.pop(id(event), None)
             self._unsettled_events -= before - len(loose)
         self._room = self._max_queue - self._unsettled_events
-        for kept in (self._inline, self._volatile):
-            if kept:
-                for event in events:
-                    kept.pop(id(event), None)
+        if self._inline:
+            for event in events:
+                self._inline.pop(id(event), None)
+        if self._volatile:
+            self._volatile.difference_update(map(_pair, events))
 
-    def _forget(self, events: tuple[UsageEvent, ...]) -> None:
-        """Done with ``events`` for good: their outbox rows can go (none while it is closed: events
-        sent without a worker are never written to it)."""
+    def _forget(self, events: Iterable[Key]) -> None:
+        """Done with ``events`` (customer, key) for good: their outbox rows can go (none while it is
+        closed: events sent without a worker are never written to it)."""
         if self._outbox is not None and self._outbox.is_open:
-            self._confirmed.extend((event.customer_id, event.idempotency_key) for event in events)
+            self._confirmed.extend(events)
             self._wake_writer()
 
     async def _refuse(
@@ -842,7 +854,7 @@ class Tracker:
         crash before their rows are deleted leaves them to be reported again, never to be sent."""
         outbox = self._outbox
         if events and outbox is not None and outbox.is_open:
-            keys = [(event.customer_id, event.idempotency_key) for event in events]
+            keys = list(map(_pair, events))
             try:
                 await anyio.to_thread.run_sync(outbox.refuse, keys, f"{outcome}: {reason}")
             except Exception:
@@ -868,10 +880,10 @@ class Tracker:
         """Count, log and report events that will not be recorded, and stop counting their units."""
         self._settled(events)
         if outcome not in ("dropped", "in_doubt"):  # (such events are not in the outbox)
-            self._forget(events)
+            self._forget(map(_pair, events))
         elif self._seen is not None:  # a request retried with the same trusted id is billed
             for event in events:
-                self._seen.pop((event.customer_id, event.idempotency_key), None)
+                self._seen.pop(_pair(event), None)
         for event in events:
             if outcome == "in_doubt":  # maybe recorded: still counted, never taken again by another request
                 self._cache.doubt(event.customer_id, event.feature_key, event.quantity)
