@@ -190,7 +190,7 @@ async def serve(app_name: str, requests: int) -> None:
 
     def untracked() -> BillingMiddleware:
         middleware = billing_middleware(starlette_app(), InMemoryBackend())
-        middleware.tracker.submit = lambda event: True  # type: ignore[method-assign]  # events discarded
+        middleware.tracker.add = lambda *usage: True  # type: ignore[method-assign]  # events discarded
         return middleware
 
     factories: dict[str, Callable[[], Any]] = {

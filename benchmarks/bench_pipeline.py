@@ -249,7 +249,7 @@ async def tracking_cost_table(customers: int = 10) -> tuple[Table, float]:
     with tempfile.TemporaryDirectory() as workdir:
         async with LocalBilling.from_dict(plans(customers), Path(workdir) / "billing.db") as billing:
             on, off = metered(billing), metered(billing)
-            off.tracker.submit = lambda event: True  # type: ignore[method-assign]  # events discarded
+            off.tracker.add = lambda *usage: True  # type: ignore[method-assign]  # events discarded
             rates: dict[str, list[float]] = {"on": [], "off": []}
             for variant in (on, off):
                 await full_speed(variant, customers)  # warm-up

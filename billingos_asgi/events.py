@@ -64,13 +64,14 @@ class Group:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def add(self, event: UsageEvent) -> None:
-        self.keys.append(event.idempotency_key)
-        self.quantities.append(event.quantity)
-        if event.metadata is not None or self.metadata is not None:
+    def add(self, key: str, quantity: float, metadata: Mapping[str, Any] | None = None) -> None:
+        """Add an event of this customer and feature, by its fields."""
+        self.keys.append(key)
+        self.quantities.append(quantity)
+        if metadata is not None or self.metadata is not None:
             if self.metadata is None:
                 self.metadata = [None] * (len(self.keys) - 1)
-            self.metadata.append(event.metadata)
+            self.metadata.append(metadata)
 
     def extend(self, other: Group) -> None:
         """Take ``other``'s events (of the same customer and feature) after these."""

@@ -594,8 +594,9 @@ class BillingMiddleware:
         key = f"{context.request_id}:{feature}"  # event_key's common case, inline: a call less a request
         if len(key) > MAX_ID_LENGTH or self._trust_request_id:  # (ours are hex: a trusted one may need encoding)
             key = event_key(context.request_id, feature)
-        event: UsageEvent = _new_event((customer, feature, used, key, None))
-        return None if self.tracker.submit(event) else event
+        if self.tracker.add(customer, feature, used, key):
+            return None
+        return _new_event((customer, feature, used, key, None))
 
     async def _fetch(self, request: Request, feature: str, customer: str) -> Quota | Denial | None:
         """A cache miss: ask upstream; when that fails, None (let through) or a 503, as ``on_error`` says."""

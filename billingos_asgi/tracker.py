@@ -32,7 +32,7 @@ from ._exceptions import NotFoundError, QuotaExceededError, ValidationError
 from ._logging import Throttled
 from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS
 from .cache import EntitlementCache
-from .events import Batch, Group, UsageEvent, part_key
+from .events import Batch, Group, UsageEvent, _new_event, part_key
 from .outbox import Outbox
 from .upstream import CHECK_TIMEOUT, MAX_PAUSE, Upstream
 
@@ -186,6 +186,20 @@ class Tracker:
     def upstream(self) -> Upstream:
         return self._upstream
 
+    def add(self, customer_id: str, feature_key: str, quantity: float, key: str) -> bool:
+        """:meth:`submit` a request's usage (no metadata) by its fields: the event object is made only
+        where one is needed, not in the common case (its window's group open, no outbox, no trusted
+        request ids, room in the queue), where they go straight into the group's columns."""
+        group = self._pending.get((customer_id, feature_key))
+        if group is None or not self.running or self._seen is not None or self._outbox is not None:
+            return self.submit(_new_event((customer_id, feature_key, quantity, key, None)))
+        if self._queued_events >= self._room:
+            return self.submit(_new_event((customer_id, feature_key, quantity, key, None)))
+        self.stats.queued += 1
+        self._queued_events += 1
+        group.add(key, quantity)
+        return True
+
     def submit(self, event: UsageEvent) -> bool:
         """Queue ``event`` without waiting; False when no worker runs (the caller sends it itself)."""
         if not self.running:
@@ -202,7 +216,7 @@ class Tracker:
         if self._outbox is None:
             group = self._pending.get((event.customer_id, event.feature_key))
             if group is not None:  # its key's group in this window (the common case, inline: a call less)
-                group.add(event)
+                group.add(event.idempotency_key, event.quantity, event.metadata)
             else:
                 self._enqueue(event)
         else:  # durable first: it joins the window once its row is written
@@ -231,7 +245,7 @@ class Tracker:
             if self._window is not None:  # the first event of a window wakes the flusher
                 self._window.set()
                 self._window = None
-        group.add(event)
+        group.add(event.idempotency_key, event.quantity, event.metadata)
 
     # -- lifecycle --
 

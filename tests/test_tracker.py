@@ -113,16 +113,16 @@ def test_a_window_group_is_the_batch_of_its_events_metadata_and_all() -> None:
     for first, second in ((plain, tagged), (tagged, plain), (plain[:2], plain[2:]), (tagged[:1], tagged[1:])):
         group, other = Group("c0", "api_calls"), Group("c0", "api_calls")
         for item in first:
-            group.add(item)
+            group.add(item.idempotency_key, item.quantity, item.metadata)
         for item in second:
-            other.add(item)
+            other.add(item.idempotency_key, item.quantity, item.metadata)
         group.extend(other)
         batch, expected = group.batch(), Batch.of((*first, *second))
         assert batch == expected and batch.idempotency_key == expected.idempotency_key
         assert batch.events == (*first, *second) and batch.events is batch.events  # made once
         assert len(batch) == len(first) + len(second) and batch.metadata is None
     lone = Group("c0", "api_calls")
-    lone.add(tagged[0])
+    lone.add("t1", 1, {"model": "a"})
     assert lone.batch().metadata == {"model": "a"} and lone.batch().idempotency_key == "t1"
 
 
@@ -151,8 +151,9 @@ async def test_queued_events_leave_the_garbage_collector_nothing_to_scan(billing
         await tracker.start(tg)
         gc.collect()
         before = len(gc.get_objects())
-        for i, key in enumerate(keys):  # made and handed over one by one, as requests end
-            assert tracker.submit(event(key, customer=f"c{i % 2}", feature="tokens"))
+        for i, key in enumerate(keys):  # handed over one by one, as requests end (the middleware's way too)
+            customer = f"c{i % 2}"
+            assert tracker.submit(event(key, customer, "tokens")) if i % 4 else tracker.add(customer, "tokens", 1, key)
         queued = len(gc.get_objects()) - before
         await tracker.stop()
     assert queued < 50, f"{queued} objects for the collector to scan, for 5,000 events queued"
