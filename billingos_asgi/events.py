@@ -44,7 +44,7 @@ class UsageEvent(NamedTuple):
 
 
 #: A usage event without the named tuple's Python-level ``__new__`` (one is made per request).
-_new_event = functools.partial(tuple.__new__, UsageEvent)
+new_event = functools.partial(tuple.__new__, UsageEvent)
 
 
 class Group:
@@ -52,7 +52,7 @@ class Group:
     thousands of events a second alive for a window would each be an object for the garbage
     collector to scan (and its full collections to pause the app for); a few lists are not."""
 
-    __slots__ = ("customer_id", "feature_key", "keys", "metadata", "quantities")
+    __slots__ = ("customer_id", "feature_key", "keys", "kept", "metadata", "quantities")
 
     def __init__(self, customer_id: str, feature_key: str) -> None:
         self.customer_id = customer_id
@@ -60,6 +60,7 @@ class Group:
         self.keys: list[str] = []
         self.quantities: list[float] = []
         self.metadata: list[Mapping[str, Any] | None] | None = None  # None while none has any
+        self.kept: dict[int, UsageEvent] | None = None  # by position: events added as themselves (see keep)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -73,18 +74,36 @@ class Group:
                 self.metadata = [None] * (len(self.keys) - 1)
             self.metadata.append(metadata)
 
+    def keep(self, event: UsageEvent) -> None:
+        """Add ``event`` as itself: its batch holds this very object, for a caller that tracks it by
+        identity (an event whose outbox write failed); the others are made anew when needed."""
+        if self.kept is None:
+            self.kept = {}
+        self.kept[len(self.keys)] = event
+        self.add(event.idempotency_key, event.quantity, event.metadata)
+
     def extend(self, other: Group) -> None:
         """Take ``other``'s events (of the same customer and feature) after these."""
         if other.metadata is not None or self.metadata is not None:
             self.metadata = (self.metadata or [None] * len(self.keys)) + (other.metadata or [None] * len(other))
+        if other.kept:
+            self.kept = self.kept or {}
+            self.kept.update((len(self.keys) + at, event) for at, event in other.kept.items())
         self.keys += other.keys
         self.quantities += other.quantities
 
     def events(self) -> tuple[UsageEvent, ...]:
-        return _events(self.customer_id, self.feature_key, self.keys, self.quantities, self.metadata)
+        """Its events: the kept ones as themselves, the others made anew at each call."""
+        made = _events(self.customer_id, self.feature_key, self.keys, self.quantities, self.metadata)
+        if not self.kept:
+            return made
+        kept = self.kept
+        return tuple(kept.get(at, event) for at, event in enumerate(made))
 
     def batch(self) -> Batch:
         """These events as a batch (see :meth:`Batch.of`: the same events, the same key)."""
+        if self.kept:
+            return Batch.of(self.events())
         keys, quantities = tuple(self.keys), tuple(self.quantities)
         metadata = None if self.metadata is None else tuple(self.metadata)
         return Batch(self.customer_id, self.feature_key, keys, quantities, metadata, _key(keys), _sum(quantities))
@@ -99,7 +118,7 @@ def _events(
 ) -> tuple[UsageEvent, ...]:
     each = [None] * len(keys) if metadata is None else metadata
     rows = zip(keys, quantities, each, strict=True)
-    return tuple(_new_event((customer_id, feature_key, quantity, key, meta)) for key, quantity, meta in rows)
+    return tuple(new_event((customer_id, feature_key, quantity, key, meta)) for key, quantity, meta in rows)
 
 
 def _key(keys: Sequence[str]) -> str:
@@ -129,7 +148,7 @@ class Batch:
     metadata_of: tuple[Mapping[str, Any] | None, ...] | None  # each event's; None: none has any
     idempotency_key: str
     quantity: float
-    _made: tuple[UsageEvent, ...] | None = field(default=None, compare=False, repr=False)
+    _made: tuple[UsageEvent, ...] | None = field(default=None, init=False, compare=False, repr=False)
 
     @classmethod
     def of(cls, events: tuple[UsageEvent, ...], key: str | None = None) -> Batch:
@@ -143,14 +162,17 @@ class Batch:
         quantities = tuple(event.quantity for event in events)
         metadata = None if all(e.metadata is None for e in events) else tuple(e.metadata for e in events)
         key = _key(keys) if key is None else key
-        return cls(first.customer_id, first.feature_key, keys, quantities, metadata, key, _sum(quantities), events)
+        batch = cls(first.customer_id, first.feature_key, keys, quantities, metadata, key, _sum(quantities))
+        object.__setattr__(batch, "_made", events)  # (its events are these very objects)
+        return batch
 
     def __len__(self) -> int:
         return len(self.keys)
 
     @property
     def events(self) -> tuple[UsageEvent, ...]:
-        """Its events, the same objects every time (tracked by identity once taken apart)."""
+        """Its events, the same objects every time (tracked by identity once taken apart): those it
+        was made of (:meth:`of`), or made from its columns at the first call."""
         made = self._made
         if made is None:
             made = _events(self.customer_id, self.feature_key, self.keys, self.quantities, self.metadata_of)

@@ -39,7 +39,7 @@ from .cache import (
 from .context import LET_THROUGH, UsageContext, _current
 from .customers import Answer, CustomerResolver, ScopeResolver, refuse_a_mappings_method
 from .discovery import framework_app, route_endpoints, routed_app, routes_of, unserved
-from .events import UsageEvent, _new_event, event_key
+from .events import UsageEvent, event_key, new_event
 from .local import LocalBilling
 from .metrics import metrics_snapshot, prometheus_text, serve_prometheus
 from .outbox import Outbox
@@ -596,7 +596,7 @@ class BillingMiddleware:
             key = event_key(context.request_id, feature)
         if self.tracker.add(customer, feature, used, key):
             return None
-        return _new_event((customer, feature, used, key, None))
+        return new_event((customer, feature, used, key, None))
 
     async def _fetch(self, request: Request, feature: str, customer: str) -> Quota | Denial | None:
         """A cache miss: ask upstream; when that fails, None (let through) or a 503, as ``on_error`` says."""

@@ -131,7 +131,7 @@ class Stored:
 
     def __len__(self) -> int:
         """The events to send."""
-        return sum(len(batch.events) for batch, _ in self.batches) + len(self.events)
+        return sum(len(batch) for batch, _ in self.batches) + len(self.events)
 
 
 class Outbox:

@@ -32,7 +32,7 @@ from ._exceptions import NotFoundError, QuotaExceededError, ValidationError
 from ._logging import Throttled
 from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS
 from .cache import EntitlementCache
-from .events import Batch, Group, UsageEvent, _new_event, part_key
+from .events import Batch, Group, UsageEvent, new_event, part_key
 from .outbox import Outbox
 from .upstream import CHECK_TIMEOUT, MAX_PAUSE, Upstream
 
@@ -40,7 +40,7 @@ __all__ = ["Tracker", "TrackerStats"]
 
 logger = logging.getLogger("billingos_asgi")
 
-DEFAULT_MAX_QUEUE = 100_000  # about 25 MB of events at most
+DEFAULT_MAX_QUEUE = 100_000  # about 15 MB of events at most
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_CONCURRENCY = 4
@@ -146,7 +146,7 @@ class Tracker:
         self._loose: dict[int, UsageEvent] = {}
         self._unsettled_events = 0
         self._inline: dict[int, UsageEvent] = {}  # the same, for the sends of request tasks (no worker)
-        self._volatile: set[Key] = set()  # (customer, key) queued, unsettled, and not in the outbox: its write failed
+        self._volatile: dict[int, UsageEvent] = {}  # queued, unsettled, and not in the outbox: its write failed
         # Checked: nothing left of the quota until the period's end (Unix time; inf: none said).
         self._full: TTLCache[Key, float] = TTLCache(10_000, FULL_FOR)
         self._riders: dict[Key, list[UsageEvent]] = {}  # without a worker: events waiting for a send running
@@ -192,9 +192,9 @@ class Tracker:
         request ids, room in the queue), where they go straight into the group's columns."""
         group = self._pending.get((customer_id, feature_key))
         if group is None or not self.running or self._seen is not None or self._outbox is not None:
-            return self.submit(_new_event((customer_id, feature_key, quantity, key, None)))
+            return self.submit(new_event((customer_id, feature_key, quantity, key, None)))
         if self._queued_events >= self._room:
-            return self.submit(_new_event((customer_id, feature_key, quantity, key, None)))
+            return self.submit(new_event((customer_id, feature_key, quantity, key, None)))
         self.stats.queued += 1
         self._queued_events += 1
         group.add(key, quantity)
@@ -245,7 +245,10 @@ class Tracker:
             if self._window is not None:  # the first event of a window wakes the flusher
                 self._window.set()
                 self._window = None
-        group.add(event.idempotency_key, event.quantity, event.metadata)
+        if self._volatile and id(event) in self._volatile:
+            group.keep(event)  # (tracked by identity: its batch holds it)
+        else:
+            group.add(event.idempotency_key, event.quantity, event.metadata)
 
     # -- lifecycle --
 
@@ -331,11 +334,11 @@ class Tracker:
         waiting += [event for group in self._pending.values() for event in group.events()]
         if self._volatile:  # not on disk, whatever the outbox would say at the next start
             volatile = self._volatile
-            self._unwritten += [event for event in waiting if _pair(event) in volatile]  # a last try
-            waiting = [event for event in waiting if _pair(event) not in volatile]
+            self._unwritten += [event for event in waiting if id(event) in volatile]  # a last try
+            waiting = [event for event in waiting if id(event) not in volatile]
             # One sent already may be recorded upstream: written now, unstamped, it could count twice.
-            lost = tuple(event for event in attempted if _pair(event) in volatile)
-            attempted = [event for event in attempted if _pair(event) not in volatile]
+            lost = tuple(event for event in attempted if id(event) in volatile)
+            attempted = [event for event in attempted if id(event) not in volatile]
             reason = f"shutdown deadline passed during its delivery ({IN_DOUBT}; outbox write failed)"
             self._give_up(lost, "in_doubt", reason)
             volatile.clear()
@@ -439,7 +442,7 @@ class Tracker:
             )
             self.stats.not_durable += len(events)
             written = len(events)
-            self._volatile.update(map(_pair, events))
+            self._volatile.update((id(event), event) for event in events)
         except BaseException:  # cut off by the drain deadline before the write: the last write takes them
             self._unwritten[:0] = events
             raise
@@ -623,9 +626,9 @@ class Tracker:
         """Record ``batch`` as it is, retrying transient failures: None once it is settled (recorded,
         or dead-lettered), else the definitive refusal (nothing of it recorded, nothing settled)."""
         # (An inline send's events are not on disk: nothing to stamp, and no disk to wait for.)
-        inline = bool(self._inline) and id(batch.events[0]) in self._inline
-        if fix and self._outbox is not None and self._outbox.is_open and not inline:
-            await self._stamp(self._outbox, batch, first_attempt)
+        if fix and self._outbox is not None and self._outbox.is_open:
+            if not (self._inline and id(batch.events[0]) in self._inline):
+                await self._stamp(self._outbox, batch, first_attempt)
         attempt = 0
         n = len(batch)
         horizon_at: float | None = None  # upstream's 24 h on the monotonic clock, from the first try here
@@ -780,7 +783,9 @@ class Tracker:
             if rest.quantity > 0:  # the part is counted under its outcome, the rest is about to be
                 self.stats.split += 1
                 if id(event) in self._loose:  # cut off from here, only the rest is deferred (and released)
-                    self._loose[id(event)] = rest  # (volatile still: the same key)
+                    self._loose[id(event)] = rest
+                    if id(event) in self._volatile:
+                        self._volatile[id(rest)] = rest
         if rest.quantity > 0:
             await self._refuse((rest,), "rejected", "quota_exceeded", error)
         else:
@@ -830,17 +835,17 @@ class Tracker:
             self._unsettled_events -= len(batch) - (len(loose) - before)  # one object twice in it: held once
 
     def _settled_batch(self, batch: Batch) -> None:
-        """``batch`` is recorded: a lot, whole (an id is of a live object), or events loose."""
+        """``batch`` is recorded: a lot, whole (an id is of a live object), or events settled one by one."""
         if self._unsettled.pop(id(batch), None) is None:
             self._settled(batch.events)
             return
         self._unsettled_events -= len(batch)
         self._room = self._max_queue - self._unsettled_events
-        if self._volatile:
-            self._volatile.difference_update(zip(repeat(batch.customer_id), batch.keys))
+        if self._volatile:  # (a failing disk: kept as themselves, see Group.keep, so found by identity)
+            self._unmark(batch.events)
 
     def _settled(self, events: tuple[UsageEvent, ...]) -> None:
-        """``events`` (loose, not a lot) are recorded or given up: a deadline no longer cuts them off."""
+        """``events``, not a lot, are recorded or given up: a deadline no longer cuts them off."""
         if self._loose:
             loose = self._loose
             before = len(loose)
@@ -848,11 +853,14 @@ class Tracker:
                 loose.pop(id(event), None)
             self._unsettled_events -= before - len(loose)
         self._room = self._max_queue - self._unsettled_events
-        if self._inline:
-            for event in events:
-                self._inline.pop(id(event), None)
-        if self._volatile:
-            self._volatile.difference_update(map(_pair, events))
+        self._unmark(events)
+
+    def _unmark(self, events: tuple[UsageEvent, ...]) -> None:
+        """``events`` settled: no longer an inline send's, nor in memory only."""
+        for kept in (self._inline, self._volatile):
+            if kept:
+                for event in events:
+                    kept.pop(id(event), None)
 
     def _forget(self, events: Iterable[Key]) -> None:
         """Done with ``events`` (customer, key) for good: their outbox rows can go (none while it is

@@ -438,6 +438,53 @@ async def test_events_the_outbox_could_not_write_are_not_said_to_be_kept_in_it(
     assert len(rows(path)) == 2
 
 
+class FirstGatedThenHangs(Around):
+    """The first track waits for its gate, then is recorded; the others never answer."""
+
+    def __init__(self, billing: LocalBilling) -> None:
+        super().__init__(billing)
+        self.gate = anyio.Event()
+        self.calls = 0
+
+    async def track_usage(self, *args: Any) -> TrackUsageResult:
+        self.calls += 1
+        if self.calls > 1:
+            await anyio.sleep_forever()
+        await self.gate.wait()
+        return await self.billing.track_usage(*args)
+
+
+async def test_an_unwritten_event_stays_unwritten_when_another_of_its_key_is_recorded(
+    billing: LocalBilling, tmp_path: Path
+) -> None:
+    """Two events of one key (no trusted ids to tell them for one), neither written to a failing
+    disk: the first recorded, the second is still not on disk when the deadline cuts it off (a
+    window's events are columns, but those its outbox could not write are kept as themselves)."""
+    path = tmp_path / "outbox.db"
+    outbox = AddFailsOnce(path, max_events=100)
+    outbox.failures = 10**6
+    backend = FirstGatedThenHangs(billing)
+    tracker = tracker_for(backend, flush_interval=0.05, max_concurrency=1, drain_timeout=0.3, outbox=outbox)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        assert tracker.submit(event("twice"))
+        with anyio.fail_after(10):
+            while backend.calls == 0:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        assert tracker.submit(event("twice"))  # another object, the same key
+        with anyio.fail_after(10):
+            while tracker.stats.not_durable < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.1)  # its window closed: it waits for the sender
+        backend.gate.set()
+        with anyio.fail_after(10):
+            while tracker.stats.sent < 1:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        await tracker.stop()
+    assert rows(path) == []  # (the disk never took a write)
+    assert (tracker.stats.sent, tracker.stats.in_doubt, tracker.stats.deferred, unaccounted(tracker)) == (1, 1, 0, 0)
+
+
 async def test_without_a_worker_nothing_waits_to_be_forgotten_from_the_outbox(
     billing: LocalBilling, tmp_path: Path
 ) -> None:

@@ -124,6 +124,15 @@ def test_a_window_group_is_the_batch_of_its_events_metadata_and_all() -> None:
     lone = Group("c0", "api_calls")
     lone.add("t1", 1, {"model": "a"})
     assert lone.batch().metadata == {"model": "a"} and lone.batch().idempotency_key == "t1"
+    kept, later = Group("c0", "api_calls"), Group("c0", "api_calls")  # events added as themselves stay themselves
+    kept.add("k1", 1)
+    kept.keep(plain[1])
+    later.keep(tagged[0])
+    later.add("k9", 2)
+    kept.extend(later)
+    batch = kept.batch()
+    assert batch.events[1] is plain[1] and batch.events[2] is tagged[0] and batch.events[0] == event("k1")
+    assert batch == Batch.of((event("k1"), plain[1], tagged[0], event("k9", quantity=2)))
 
 
 async def test_a_lone_events_metadata_goes_up_with_it(billing: LocalBilling) -> None:
