@@ -190,10 +190,10 @@ class Tracker:
         """:meth:`submit` a request's usage (no metadata) by its fields: the event object is made only
         where one is needed, not in the common case (its window's group open, no outbox, no trusted
         request ids, room in the queue), where they go straight into the group's columns."""
+        if not self.running:
+            return False
         group = self._pending.get((customer_id, feature_key))
-        if group is None or not self.running or self._seen is not None or self._outbox is not None:
-            return self.submit(new_event((customer_id, feature_key, quantity, key, None)))
-        if self._queued_events >= self._room:
+        if group is None or self._seen is not None or self._outbox is not None or self._queued_events >= self._room:
             return self.submit(new_event((customer_id, feature_key, quantity, key, None)))
         self.stats.queued += 1
         self._queued_events += 1

@@ -160,9 +160,10 @@ async def test_queued_events_leave_the_garbage_collector_nothing_to_scan(billing
         await tracker.start(tg)
         gc.collect()
         before = len(gc.get_objects())
-        for i, key in enumerate(keys):  # handed over one by one, as requests end (the middleware's way too)
-            customer = f"c{i % 2}"
-            assert tracker.submit(event(key, customer, "tokens")) if i % 4 else tracker.add(customer, "tokens", 1, key)
+        for key in keys[:2_500]:  # events made and handed over one by one, as requests end
+            assert tracker.submit(event(key, "c0", "tokens"))
+        for key in keys[2_500:]:  # and by their fields, as the middleware hands them over
+            assert tracker.add("c1", "tokens", 1, key)
         queued = len(gc.get_objects()) - before
         await tracker.stop()
     assert queued < 50, f"{queued} objects for the collector to scan, for 5,000 events queued"
