@@ -762,8 +762,11 @@ class Tracker:
         rest = event
         if fit > 0:
             part = event._replace(quantity=fit, idempotency_key=part_key(event))
-            # A replay resends the part, not the event (an inline send's event is not on disk).
-            if self._outbox is not None and self._outbox.is_open and id(event) not in self._inline:
+            # A replay resends the part, not the event. (An inline send's event is not on disk, nor one
+            # whose write failed: its part goes from memory too, or it would be resent at the next
+            # start after the event was reported in doubt at a cut-off.)
+            on_disk = id(event) not in self._inline and id(event) not in self._volatile
+            if self._outbox is not None and self._outbox.is_open and on_disk:
                 try:
                     await anyio.to_thread.run_sync(self._outbox.split, event, part, self._clock())
                 except Exception:

@@ -485,6 +485,35 @@ async def test_an_unwritten_event_stays_unwritten_when_another_of_its_key_is_rec
     assert (tracker.stats.sent, tracker.stats.in_doubt, tracker.stats.deferred, unaccounted(tracker)) == (1, 1, 0, 0)
 
 
+class PartsHang(Around):
+    """The part of an event that fits a quota never gets an answer."""
+
+    async def track_usage(self, *args: Any) -> TrackUsageResult:
+        if str(args[3]).startswith("part-"):
+            await anyio.sleep_forever()
+        return await self.billing.track_usage(*args)
+
+
+async def test_the_part_of_an_unwritten_event_is_not_written_either(billing: LocalBilling, tmp_path: Path) -> None:
+    """An event its outbox could not write, refused for quota: the part that fits is sent from
+    memory too. Written to the outbox, a cut-off during its delivery reported the event in doubt
+    (it is not on disk), and the next start resent the part all the same: recorded, after all,
+    for an event reported otherwise."""
+    path = tmp_path / "outbox.db"
+    reported: list[str] = []
+    tracker = tracker_for(
+        PartsHang(billing),
+        flush_interval=0.01,
+        drain_timeout=0.3,
+        outbox=AddFailsOnce(path, max_events=100),
+        on_rejected=lambda e, r: reported.append(r),
+    )
+    await run_tracker(tracker, [event("big", quantity=12)])  # 10 fit "small"'s api_calls
+    assert (tracker.stats.in_doubt, tracker.stats.deferred, unaccounted(tracker)) == (1, 0, 0)
+    assert reported == [f"shutdown deadline passed during its delivery ({IN_DOUBT}; outbox write failed)"]
+    assert rows(path) == []  # nothing for the next start to resend
+
+
 async def test_without_a_worker_nothing_waits_to_be_forgotten_from_the_outbox(
     billing: LocalBilling, tmp_path: Path
 ) -> None:
