@@ -147,6 +147,7 @@ def declarations(
     undeclared = {path for path, _, declaration, *_ in found if declaration is None}
     undeclared_keys: set[str] = set()  # of templates: a declared template with the same key is never reached
     earlier: list[tuple[re.Pattern[str], Collection[str] | None]] = []
+    free_on_a_host: set[str] = set()  # undeclared routes of a Host's so far: they take its requests first
     for index, (path, methods, declaration, every_host, (regex, _, convertors)) in enumerate(found):
         if declaration is not None and not every_host and path in undeclared:
             logger.warning(
@@ -154,6 +155,14 @@ def declarations(
                 "so it is metered on every host (give the hosts different paths, or one app each)",
                 path,
             )
+        elif declaration is not None and path in free_on_a_host:
+            logger.warning(
+                "%s: metered, and served unmetered by an earlier Host's route: the table has no host, "
+                "so it is metered on every host, that one's too (give the hosts different paths, or one app each)",
+                path,
+            )
+        if declaration is None and not every_host:
+            free_on_a_host.add(path)
         if declaration is None and every_host and not convertors:
             if any(later > index and template.match(path) for later, _, _, template in declared_templates):
                 for key in route_keys(path, _reachable(path, methods, earlier)):

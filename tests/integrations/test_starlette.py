@@ -767,6 +767,27 @@ def test_a_path_metered_on_one_host_and_free_on_another_is_warned_about(
     assert "/search: metered on a Host's route, and served unmetered by another" in caplog.text
 
 
+def test_a_path_free_on_a_host_and_metered_after_it_is_warned_about(
+    billing: LocalBilling, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Host's route takes its host's requests first, unmetered by the app, and the table (which has
+    no host) meters them all the same: said at start-up. After the metered route, it is never reached."""
+
+    async def status_page(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    @metered("api_calls")
+    async def api_status(request: Request) -> JSONResponse:
+        return JSONResponse({"detail": "paid"})
+
+    host = Host("status.example.com", Router(routes=[Route("/status", status_page)]))
+    declared_routes([host, Route("/status", api_status)])
+    assert "/status: metered, and served unmetered by an earlier Host's route" in caplog.text
+    caplog.clear()
+    declared_routes([Route("/status", api_status), host])
+    assert "Host" not in caplog.text
+
+
 async def test_metered_takes_every_endpoint_a_route_takes(billing: LocalBilling) -> None:
     """A partial, an ASGI app (keeping its Route name), and HTTPEndpoint subclasses metered otherwise
     than their base: inheriting its dispatch, or overriding it and calling the base's (checked too,
