@@ -154,6 +154,10 @@ def _resolve_base_url(base_url: str | None, secret_key: str) -> str:
 _LONGEST_WAIT = 365 * 24 * 3600.0
 
 
+#: delta-seconds as RFC 9110 has them (ASCII digits), a fraction allowed as some limiters send one ("0.5").
+_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
 def _parse_retry_after(value: str | None) -> float | None:
     """``Retry-After`` as seconds: either delta-seconds or an HTTP date; repeated (by a proxy: httpx
     joins them with commas, "30, 30"), the longest of its delta-seconds."""
@@ -162,12 +166,8 @@ def _parse_retry_after(value: str | None) -> float | None:
     if "," in value and not value.rstrip().endswith("GMT"):  # (an HTTP date holds a comma too)
         waits = [_parse_retry_after(part) for part in value.split(",")]
         return max((wait for wait in waits if wait is not None), default=None)
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:  # NaN says nothing; inf is a wait too long to make (RetryPolicy gives up on it), kept finite
-        return None if math.isnan(seconds) else min(max(0.0, seconds), _LONGEST_WAIT)
+    if _DELTA_SECONDS.fullmatch(value.strip()):  # (not float()'s "1_000", "1e3", "+5", "inf": garbage, ignored)
+        return min(float(value), _LONGEST_WAIT)  # a wait too long to make (RetryPolicy gives up on it), kept finite
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: a day or hour too large for a C long
