@@ -122,8 +122,10 @@ async def _json_object(request: Request) -> dict[str, Any]:
         return {}  # the reference service parses JSON bodies only: another reaches its handler empty
     if not body:
         return {}  # as its body parser (Express's) takes an empty JSON body: a common client mistake
-    try:
-        data = json.loads(body, parse_constant=_reject_constant)
+    try:  # UTF-8 (a BOM dropped) as Express reads it by default: json.loads would guess UTF-16 and -32 too
+        data = json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise ValidationError("Invalid JSON body: not UTF-8") from None
     except ValueError as exc:
         if isinstance(exc, ValidationError):
             raise

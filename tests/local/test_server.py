@@ -311,6 +311,22 @@ async def test_a_json_content_type_with_parameters_is_read(raw: httpx.AsyncClien
     assert (await raw.post("/v1/usage/track", content=TRACK_JSON, headers=headers)).status_code == 201
 
 
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+async def test_a_json_body_not_in_utf8_is_refused(
+    raw: httpx.AsyncClient, local_server: RunningServer, codec: str
+) -> None:
+    """As the reference service's parser reads it (UTF-8 by default): json.loads alone would guess the codec."""
+    headers = {**AUTH, "Content-Type": "application/json"}
+    response = await raw.post("/v1/usage/track", content=TRACK_JSON.decode().encode(codec), headers=headers)
+    assert response.status_code == 400 and response.json()["message"].startswith("Invalid JSON body: ")
+    assert await local_server.billing.recorded_units("user_free", "api_calls") == 0
+
+
+async def test_a_json_body_after_a_utf8_bom_is_read(raw: httpx.AsyncClient) -> None:
+    headers = {**AUTH, "Content-Type": "application/json"}
+    assert (await raw.post("/v1/usage/track", content=b"\xef\xbb\xbf" + TRACK_JSON, headers=headers)).status_code == 201
+
+
 async def test_oversized_body_is_413(raw: httpx.AsyncClient, local_server: RunningServer) -> None:
     body = b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "pad": "' + b"x" * 70_000 + b'"}'
     response = await raw.post("/v1/usage/track", content=body, headers=AUTH)
