@@ -333,6 +333,10 @@ def _compiled(path: str, where: str) -> tuple[re.Pattern[str], str, dict[str, An
         raise ValueError(f"{where}: {exc}") from None
 
 
+#: A key of ``routes=`` as read: the key, its value, its method (None: any) and its path.
+_Entry = tuple[str, "str | Metered | None", str | None, str]
+
+
 def _split_key(key: str, *, exact: bool = False) -> tuple[str | None, str]:
     if not isinstance(key, str):
         raise ValueError(f'routes: keys are "METHOD /path" strings, got {key!r}')
@@ -347,6 +351,22 @@ def _split_key(key: str, *, exact: bool = False) -> tuple[str | None, str]:
         raise ValueError(f"routes: {key!r}: the path must start with '/'")
     _check_template(path, f"routes: {key!r}")
     return method, path if exact else canonical(path)
+
+
+def _shape(path: str) -> str:
+    """A template without its parameters' names: ``/items/{id}`` and ``/items/{item_id}`` take the same paths."""
+    return _PARAMETER.sub(lambda parameter: f"{{:{parameter.group(2) or 'str'}}}", path)
+
+
+def _methods_first(entries: list[_Entry]) -> list[_Entry]:
+    """``entries`` with each template's keys that name a method before its key without one (where
+    the first of them was), the rest in their order: a stable sort."""
+    first: dict[str, int] = {}
+    for at, (_, _, _, path) in enumerate(entries):
+        first.setdefault(_shape(path) if "{" in path else path, at)
+    return sorted(
+        entries, key=lambda entry: (first[_shape(entry[3]) if "{" in entry[3] else entry[3]], entry[2] is None)
+    )
 
 
 def _check_template(path: str, where: str) -> None:
@@ -418,7 +438,10 @@ class RouteTable:
         ]
         if self._tree:  # a routing tree's order, not the table's (a stable sort)
             entries.sort(key=lambda entry: _specificity(entry[3]))
+        if head_follows_get:  # written by hand: on a template, as on a static path, a key with a method
+            entries = _methods_first(entries)  # wins over one without, whatever order they come in
         heads = {path for _, _, method, path in entries if method == "HEAD"}
+        templates: dict[tuple[str | None, str], tuple[str, Metered]] = {}  # (method, shape) -> key, metering
         for key, value, method, path in entries:
             if value is UNDECLARED:
                 metered = self._default or _UNMETERED
@@ -428,6 +451,12 @@ class RouteTable:
             if value is not None and value is not UNDECLARED:
                 configured.append((key, path, not convertors))
             if convertors:
+                other_key, other = templates.setdefault((method, _shape(path)), (key, metered))
+                if other != metered and head_follows_get:  # (one found on the app's routes: as the app tries them)
+                    raise ValueError(
+                        f"routes: {key!r} is configured twice, as {other.feature!r} (by {other_key!r}) and as"
+                        f" {metered.feature!r} (paths are compared without repeated or trailing slashes)"
+                    )
                 parsed = _parsed(path) if parsed_parameters else None
                 if parsed_parameters:  # a number in any digits, as Werkzeug's converters and int() take them
                     regex = _pattern(path, _ANY_DIGITS)
@@ -453,6 +482,7 @@ class RouteTable:
         prefixes: list[str] = []
         self._excluded_patterns: list[re.Pattern[str]] = []
         self._excluded_as_requested: list[re.Pattern[str]] = []  # (with exact paths) each as written
+        excluded_shapes: set[str] = set()  # excluded templates, their parameters' names aside
         for path in exclude:
             if not path.startswith("/"):
                 raise ValueError(f"exclude: {path!r}: the path must start with '/'")
@@ -465,6 +495,7 @@ class RouteTable:
             regex, _, convertors = _compiled(path, f"exclude: {path!r}")
             if convertors:
                 self._excluded_patterns.append(regex)
+                excluded_shapes.add(_shape(as_written if self._exact_paths else path))
                 # "/items/{item_id}/": that spelling is the app's route, excluded as is; "/items/42" a variant
                 # (another route's, maybe metered)
                 as_requested = regex if as_written == path else _compiled(as_written, f"exclude: {as_written!r}")[0]
@@ -472,6 +503,7 @@ class RouteTable:
             else:
                 excluded_paths.add(path)
         self._excluded = frozenset(excluded_paths)
+        self._excluded_shapes = frozenset(excluded_shapes)
         self._excluded_as_written = frozenset(written_paths)
         self._excluded_prefixes = tuple(prefixes)
         # Where the app routes the canonical path (Litestar serves "/v1/files/" as "/v1/files"), that
@@ -519,13 +551,18 @@ class RouteTable:
                 raise ValueError(f"routes: {key!r} is also excluded (exclude=): configure it in one place")
 
     def _covered(self, path: str, static: bool) -> bool:
-        """Whether an exclusion covers the route ``path`` (a template: by a path or prefix only)."""
+        """Whether an exclusion covers the route ``path`` (a template: by a path, a prefix or the same
+        template; one excluding part of it, "/files/public" under "/files/{name}", is a carve-out)."""
         exact, path = path, canonical(path)  # (an exact path's slash variants too)
         return (
             path in self._excluded
             or path.startswith(self._excluded_prefixes)
             or exact.startswith(self._excluded_prefixes)  # ("/internal/*" takes "/internal/")
-            or (static and any(pattern.match(path) for pattern in self._excluded_patterns))
+            or (
+                any(pattern.match(path) for pattern in self._excluded_patterns)
+                if static
+                else _shape(exact if self._exact_paths else path) in self._excluded_shapes  # (as the app has it)
+            )
         )
 
     def match(self, method: str, path: str, *, raw: str | None = None, collapsed: str = "") -> Metered | None:

@@ -399,6 +399,60 @@ def test_paths_are_matched_in_their_canonical_form() -> None:
     assert found is not None and found.feature == "api_calls"
 
 
+@pytest.mark.parametrize(
+    "routes",
+    [
+        {"/v1/docs/{doc_id}": "api_calls", "GET /v1/docs/{doc_id}": None},
+        {"GET /v1/docs/{id}/": None, "/v1/docs/{doc_id}": "api_calls"},
+    ],
+)
+async def test_a_template_keyed_with_a_method_wins_over_it_without_one(
+    billing: LocalBilling, routes: dict[str, str | None]
+) -> None:
+    """As on a static path, whatever order the keys come in: reads free, writes metered."""
+    table = RouteTable(routes)
+    assert [table.match(method, "/v1/docs/7") for method in ("GET", "HEAD", "PUT")] == [
+        None,
+        None,
+        Metered("api_calls"),
+    ]
+
+    async def doc(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("doc")
+
+    app = Starlette(routes=[Route("/v1/docs/{doc_id}", doc, methods=["GET", "PUT"])])
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, routes=routes)
+    async with serve(middleware) as client:
+        anonymous = await client.get("/v1/docs/7")
+        read = await client.get("/v1/docs/7", headers=as_customer("user_free"))
+        written = await client.put("/v1/docs/7", headers=as_customer("user_free"))
+    assert [anonymous.status_code, read.status_code, written.status_code] == [200, 200, 200]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        {"GET /items/{item_id}": "api_calls", "GET /items/{id}/": "tokens"},
+        {"/items/{id:int}": "api_calls", "/items/{item_id:int}": None},
+    ],
+)
+def test_a_template_configured_twice_is_refused(routes: dict[str, str | None]) -> None:
+    """Parameter names and slashes aside, as static paths are: the second would never be reached."""
+    with pytest.raises(ValueError, match="is configured twice"):
+        RouteTable(routes)
+
+
+@pytest.mark.parametrize(
+    ("key", "excluded"), [("/items/{item_id}", "/items/{item_id}"), ("GET /items/{id:int}/", "/items/{item_id:int}")]
+)
+def test_a_template_an_exclusion_covers_whole_is_refused(key: str, excluded: str) -> None:
+    with pytest.raises(ValueError, match="also excluded"):
+        RouteTable({key: "api_calls"}, exclude=[excluded])
+    carved = RouteTable({key: "api_calls"}, exclude=["/items/0", "/items/{item_id:int}/extra"])
+    assert carved.match("GET", "/items/7") == Metered("api_calls") and carved.match("GET", "/items/0") is EXCLUDED
+
+
 def test_the_root_and_an_excluded_prefix_are_matched_where_no_route_is_a_template() -> None:
     table = RouteTable({"GET /": "tokens"}, default_feature="api_calls", exclude=["/static/*"])
     for path in ("/", "//"):
