@@ -497,11 +497,14 @@ class EntitlementCache:
             quota.usage = max(quota.usage, usage.consumed_units)
             if raced and quota.checked_limit is not None:
                 limit = _lower(limit, quota.checked_limit)  # of two limits in one period, the lower holds
-        elif raced:  # across a plan change's new period: the check's figures hold until asked again, at once,
-            quota.limit = _lower(quota.limit, _said(limit))  # the lower of the two limits meanwhile
+        elif raced and (quota.resets_at is None or quota.resets_at > self._wall_clock()):
+            # Across a plan change's new period (the check's still running): the check's figures hold until
+            # asked again, at once, the lower of the two limits meanwhile.
+            quota.limit = _lower(quota.limit, _said(limit))
             quota.fresh_until = min(quota.fresh_until, self._clock())
             return
-        else:  # a later period, or one ending earlier but not yet: a plan's new period (a shorter interval)
+        else:  # a later period (the crossing check's is over: these are the newer figures), or one ending
+            # earlier but not yet: a plan's new period (a shorter interval)
             quota.usage, quota.resets_at = usage.consumed_units, period_end
         quota.limit = limit
         if quota.usable_until == -math.inf:  # refused upstream since (reject()): left for a check to say

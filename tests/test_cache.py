@@ -1172,6 +1172,33 @@ async def test_a_track_answer_crossing_a_check_across_a_plans_new_period_keeps_t
     assert admitted_of(cache, 50) == 0
 
 
+async def test_units_recorded_in_a_new_period_while_a_check_of_the_last_one_crossed_them_are_kept(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A track sent in January's last seconds, recorded in February, crossed by a (stale entry's)
+    January check: its February figures are the newer ones. Dropped, February's first check (read
+    before the track was recorded) made the entry 0 of 5 used, and it admitted 5 more."""
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks, ttl=30)
+    quota = await cache.fetch("c1", "api_calls")  # January: 0 of 5
+    assert quota.resets_at is not None
+    assert [quota.admit(1) for _ in range(5)] == [0] * 5  # 5 admitted here, their event on its way
+    clocks.advance(quota.resets_at - clocks.wall.timestamp() - 10)  # January's last seconds
+    sent = cache.renewals  # the event's track call leaves now...
+    await cache.fetch("c1", "api_calls")  # ...and a January check answers meanwhile
+    clocks.advance(20)  # February
+
+    async def recorded_in_february() -> None:
+        result = await billing.track_usage("c1", "api_calls", 5, "r1:api_calls")
+        assert (result.usage.consumed_units, result.usage.limit_units) == (5, 5)
+        cache.confirm("c1", "api_calls", 5, result, sent)
+
+    answered = await crossed(cache, backend, recorded_in_february)  # read 0 of 5 before the track
+    assert (answered.usage, answered.local) == (5, 0)
+    cache.spawn = lambda refresh: None  # (a lifespan: a stale entry serves while it is refreshed)
+    assert admitted_of(cache, 5) == 0
+
+
 async def test_a_check_crossing_a_track_answer_across_a_plans_new_period_keeps_the_lower_figures(
     billing: LocalBilling, clocks: Clocks
 ) -> None:
