@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._sqlite import claim
+from ._validation import check_quantity
 from .events import Batch, UsageEvent
 
 __all__ = ["Outbox", "OutboxError", "Stored"]
@@ -156,11 +157,11 @@ class Outbox:
             db = sqlite3.connect(self._where, isolation_level=None, check_same_thread=False)  # (the file named)
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
             found = claim(db, _APPLICATION_ID, _LAYOUT, {"outbox"})
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; WAL keeps it consistent
             db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at the first write
             db.execute("COMMIT")
-            _prepare(db, *found)
+            _prepare(db, *found)  # (before WAL mode: a table named "outbox" of another's is not ours to change)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; WAL keeps it consistent
             rows = db.execute(
                 "SELECT idempotency_key, customer_id, feature_key, quantity, metadata, batch_key, first_attempt,"
                 " refused FROM outbox ORDER BY first_attempt IS NULL, batch_key, customer_id, idempotency_key"
@@ -177,7 +178,8 @@ class Outbox:
         refused: list[tuple[UsageEvent, str]] = []
         for key, customer, feature, quantity, metadata, batch_key, first_attempt, reason in rows:
             try:
-                event = UsageEvent(customer, feature, float(quantity), key, json.loads(metadata) if metadata else None)
+                units = check_quantity(float(quantity), finer_ok=True)  # (one NaN would refuse its batch whole)
+                event = UsageEvent(customer, feature, units, key, json.loads(metadata) if metadata else None)
                 _check_stamp(batch_key, first_attempt, reason)
             except (TypeError, ValueError) as exc:  # edited by hand: left for whoever edited it to mend
                 db.close()

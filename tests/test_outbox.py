@@ -139,6 +139,10 @@ def test_a_file_that_is_not_an_outbox_is_refused(tmp_path: Path) -> None:
     ("column", "value"),
     [
         ("quantity", "lots"),
+        ("quantity", "nan"),  # (a NaN, or any quantity upstream refuses, refused its batch's valid events too)
+        ("quantity", "inf"),
+        ("quantity", "-5.0"),
+        ("quantity", "0"),
         ("metadata", "{not json"),
         ("first_attempt", "yesterday"),  # (a stamped batch's: a TypeError in the sender, at every start)
         ("first_attempt", None),
@@ -174,6 +178,22 @@ def test_another_applications_database_is_never_taken_over(tmp_path: Path) -> No
         Outbox(other, max_events=10).open()
     db = sqlite3.connect(other)
     assert db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("users",)]
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # not switched to WAL either
+    db.close()
+
+
+def test_another_applications_table_named_outbox_is_left_as_it_was(tmp_path: Path) -> None:
+    """Unmarked, a lone "outbox" table reads as the first layout's, until its rows fail to move."""
+    other = tmp_path / "app.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, topic TEXT)")
+    db.execute("INSERT INTO outbox (topic) VALUES ('orders')")
+    db.commit()
+    db.close()
+    with pytest.raises(OutboxError, match="app.db as the usage outbox"):
+        Outbox(other, max_events=10).open()
+    db = sqlite3.connect(other)
+    assert db.execute("SELECT * FROM outbox").fetchall() == [(1, "orders")]
     assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # not switched to WAL either
     db.close()
 
