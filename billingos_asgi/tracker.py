@@ -164,7 +164,7 @@ class Tracker:
         self._done: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
         self._paying: anyio.Lock | None = None  # one sender at a time waits for the call budget
-        self.running = False  # taking events: between start() and stop()
+        self.running = False  # taking events: from start() to the last window that stop() flushes
         self.stats = TrackerStats()
         self._throttled = Throttled()  # storms summarised: one line a second, with the count held back
         self._callback_throttled = Throttled()
@@ -282,12 +282,13 @@ class Tracker:
         self.running = True
 
     async def stop(self) -> None:
-        """Stop taking events; flush and deliver what is queued within the drain deadline."""
+        """Flush and deliver what is queued within the drain deadline. Events are still taken (the
+        outbox first) until the drain is over: a request the server lets finish meanwhile."""
         done, closing, scope = self._done, self._closing_event, self._scope
         if done is None or closing is None or scope is None or closing.is_set():
             return
         closing.set()
-        self.running = False
+        self._upstream.draining = True
         if self._window is not None:
             self._window.set()
         if self._holding is not None:
@@ -460,7 +461,10 @@ class Tracker:
     async def _flusher(self, closing: anyio.Event) -> None:
         while True:
             if not self._pending:
-                if closing.is_set() and not self._unwritten and not self._writing:
+                # Closing, the drain is over once every event taken is settled (written first, with an outbox):
+                # until then a request finishing meanwhile has its event delivered (or kept) with the others.
+                if closing.is_set() and not (self._queued_events or self._unsettled_events or self._writing):
+                    self.running = False  # later ones are sent by their requests' tasks
                     break
                 self._window = anyio.Event()
                 with anyio.move_on_after(0.05 if closing.is_set() else None):  # closing: the writer may add more
@@ -473,7 +477,7 @@ class Tracker:
                     await anyio.sleep(self._flush_interval)
                 self._holding = None
             self._flush()
-        self._flushed = self._upstream.draining = True
+        self._flushed = True
         self._wake_senders()
 
     def _flush(self) -> None:
@@ -542,11 +546,18 @@ class Tracker:
             return
         if self._outbox is not None and not self._outbox_unused_said:
             self._outbox_unused_said = True
-            logger.warning(
-                "the usage outbox %s is not used: without the ASGI lifespan (Daphne, uvicorn --lifespan off) usage"
-                " is sent from each request's task, not written first, and what it holds is not replayed",
-                self._outbox.path,
-            )
+            if self._closing_event is None:
+                logger.warning(
+                    "the usage outbox %s is not used: without the ASGI lifespan (Daphne, uvicorn --lifespan off)"
+                    " usage is sent from each request's task, not written first, and what it holds is not replayed",
+                    self._outbox.path,
+                )
+            else:
+                logger.warning(
+                    "a request finished after the usage drain at shutdown: its usage is sent from its task,"
+                    " not written to the outbox %s first (let requests finish before the lifespan ends)",
+                    self._outbox.path,
+                )
         self.stats.queued += 1
         key = (event.customer_id, event.feature_key)
         riders = self._riders.get(key)

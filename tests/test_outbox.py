@@ -604,6 +604,25 @@ async def test_events_never_attempted_are_replayed_too(billing: LocalBilling, tm
     assert rows(path) == []
 
 
+async def test_an_event_of_a_request_finishing_during_the_drain_joins_it(billing: LocalBilling, tmp_path: Path) -> None:
+    """A request the server lets finish during the shutdown drain: its event is taken (written first),
+    not sent from its task past the outbox: upstream down, it stays on disk with the rest, never in doubt."""
+    path = tmp_path / "outbox.db"
+    first = tracker_for(Unreachable(), flush_interval=0.05, drain_timeout=1.0, outbox=Outbox(path, max_events=100))
+    async with anyio.create_task_group() as tg:
+        await first.start(tg)
+        for i in range(3):
+            assert first.submit(event(f"k{i}"))
+        await anyio.sleep(0.2)  # failing, retried
+        tg.start_soon(first.stop)
+        await anyio.sleep(0.1)
+        assert first.add("c0", "api_calls", 1.0, "late")
+    assert (first.stats.deferred, first.stats.in_doubt, unaccounted(first), len(rows(path))) == (4, 0, 0, 4)
+    second = tracker_for(billing, flush_interval=0.05, outbox=Outbox(path, max_events=100))
+    await run_tracker(second, [])
+    assert await billing.recorded_units("c0", "api_calls") == 4 and rows(path) == []
+
+
 async def test_a_drain_cancelled_from_outside_leaves_the_outbox_unlocked(billing: LocalBilling, tmp_path: Path) -> None:
     """A server that stops waiting for the lifespan cancels the drain: the events stay on disk and
     the file is released, so the next start (in this process too) replays them."""
@@ -826,8 +845,9 @@ class Gates(Around):
 
 
 async def test_an_inline_split_during_the_drain_leaves_no_row_behind(billing: LocalBilling, tmp_path: Path) -> None:
-    """A request finishing during the shutdown drain sends its own event, never written to disk: its
-    split must not be either (confirmed after the writer has gone, the row would stay for good)."""
+    """An event sent from its request's task while the drain still runs (one finishing as the drain
+    ends), never written to disk: its split must not be either (confirmed after the writer has gone,
+    the row would stay for good)."""
     path = tmp_path / "outbox.db"
     await billing.track_usage("c0", "api_calls", 8)  # 2 of 10 left
     gates = Gates(billing)
@@ -838,7 +858,6 @@ async def test_an_inline_split_during_the_drain_leaves_no_row_behind(billing: Lo
         await anyio.sleep(0.1)
         tg.start_soon(tracker.stop)
         await anyio.sleep(0.01)
-        assert not tracker.running  # a request finishing now sends its event itself
         tg.start_soon(tracker.send, event("r", quantity=5))
         await anyio.sleep(0.3)  # refused (8 + 5 > 10): 2 fit
         gates.drain.set()  # the drain ends: the writer is gone, the outbox closed

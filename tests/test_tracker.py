@@ -645,9 +645,10 @@ class TwoGates(Around):
 async def test_an_inline_split_during_the_drain_stamps_no_outbox_rows_it_never_wrote(
     billing: LocalBilling, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Requests finishing during the shutdown drain send their own events (not written to the
-    outbox); a batch of them refused for quota is split, and was stamped in the outbox first: on a
-    failing disk, held past the inline deadline, its events reported in doubt instead of recorded."""
+    """Events sent from their requests' tasks while the drain still runs (requests finishing as it
+    ends) are not written to the outbox; a batch of them refused for quota is split, and was stamped
+    in the outbox first: on a failing disk, held past the inline deadline, its events reported in
+    doubt instead of recorded."""
     monkeypatch.setattr("billingos_asgi.tracker.INLINE_DEADLINE", 1.0)
     await billing.track_usage("c0", "api_calls", 8)  # 2 of 10 left
     gates = TwoGates(billing)
@@ -659,7 +660,6 @@ async def test_an_inline_split_during_the_drain_stamps_no_outbox_rows_it_never_w
         await anyio.sleep(0.1)
         tg.start_soon(tracker.stop)
         await anyio.sleep(0.01)
-        assert not tracker.running  # requests finishing now send their events themselves
 
         def failing_fix(*args: Any) -> None:  # the outbox's disk fails (full, an I/O error)
             raise sqlite3.OperationalError("disk I/O error")
