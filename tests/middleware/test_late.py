@@ -235,7 +235,7 @@ async def test_billing_unreachable_at_identification_follows_on_error(
     async with BillingOS(
         secret_key="sk_test_x", base_url=closed_port_url(), retry=RetryPolicy(max_retries=0), timeout=1
     ) as unreachable:
-        app = late_app(unreachable, [], on_error=on_error)
+        app = late_app(unreachable, [], on_error=on_error, drain_timeout=0.5)  # (its usage cannot go up)
         async with serve(app) as client:
             answer = await client.get("/v1/search", headers=bearer("token-free"))
     assert answer.status_code == expected
