@@ -243,8 +243,9 @@ class BillingMiddleware:
     trailing ``*`` excludes a prefix); a CORS preflight is never metered.
     ``parsed_parameters=True`` lets a typed parameter (``{item_id:int}``) take every spelling its
     type's parser takes, for a framework that routes by parsing (Litestar serves ``/items/+5`` as
-    ``{item_id:int}``, Quart ``/items/٥``; Starlette routes them elsewhere); None (the default)
-    sets it for a Litestar or Quart app (wrapped in other middleware first, say True).
+    ``{item_id:int}``; Starlette routes it elsewhere); None (the default) sets it for a Litestar app
+    (wrapped in other middleware first, say True). A Quart app's numbers take any script's digits
+    (Werkzeug's ``<int>`` serves ``/items/٥``), not every spelling ``int()`` parses.
     ``on_error`` decides requests when billing is unreachable with nothing cached, or a user hook
     raises: ``"allow"`` (the default) lets them through, ``"deny"`` answers 503. A client-sent
     ``X-Request-ID`` becomes the idempotency key only with ``trust_request_id=True`` (behind a
@@ -325,7 +326,7 @@ class BillingMiddleware:
         self._parses_target = _is_quart(app)
         self._strips_root_path = self._litestar or self._parses_target
         if parsed_parameters is None:
-            parsed_parameters = self._strips_root_path
+            parsed_parameters = self._litestar
         routed = routed_app(app)
         self._root_path = _own_root_path(app, routed)
         self._routes_whole_path = routed is not None  # Starlette's routing: a root path ends at a slash
@@ -344,6 +345,7 @@ class BillingMiddleware:
                 default_feature=default_feature,
                 exclude=exclude,
                 parsed_parameters=parsed_parameters,
+                any_digits=self._parses_target,  # Quart's (Werkzeug's) numbers: any script's digits, not int()'s
                 canonical_paths=self._litestar,
                 mounts=mounts,
                 plain=plain,

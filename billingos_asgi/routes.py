@@ -13,10 +13,10 @@ FastAPI app's own routes is matched as its router matches them, as requested: ``
 Methods are compared in upper case (servers pass a method as the client spelt it; Django serves
 ``get`` as ``GET``). A typed parameter (``{item_id:int}``, ``float``, ``uuid``) takes what
 Starlette's pattern takes (Starlette, FastAPI and Django route ``/items/+5`` elsewhere); with
-``parsed_parameters``, a number in any script's digits first (Quart's ``<int>`` takes ``/items/٥``
-before a ``<slug>`` beside it), then the spellings that Python's ``int()``, ``float()`` and
-``UUID()`` parse, where no other route of the table does, as Litestar routes them (``/items/+5``
-and ``/items/5_0`` are ``{item_id:int}`` there).
+``any_digits``, a number in any script's digits (Quart's ``<int>`` takes ``/items/٥`` before a
+``<slug>`` beside it, not ``/items/+5``); with ``parsed_parameters``, those first, then the
+spellings that Python's ``int()``, ``float()`` and ``UUID()`` parse, where no other route of the
+table does, as Litestar routes them (``/items/+5`` and ``/items/5_0`` are ``{item_id:int}`` there).
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ class RouteTable:
     (a static route that the app serves before a metered template taking its path). A configured
     route that an exclusion also covers is refused at construction. ``canonical_paths``: the app
     routes a path without its repeated or trailing slashes (Litestar), so that path alone decides.
-    There, and with ``parsed_parameters`` (Quart), templates are tried as a routing tree tries them,
+    There, and with ``any_digits`` (Quart) or ``parsed_parameters``, templates are tried as a routing tree tries them,
     a literal segment before a parameter, not in the table's order (Starlette's: the first route).
     ``mounts``: paths under which the app sends every path that starts with them, even where no slash
     follows (Litestar's ASGI mounts take "/reportsX" for "/reports"), metered as "/reports/X" is,
@@ -404,6 +404,7 @@ class RouteTable:
         default_feature: str | Metered | None = None,
         exclude: Iterable[str] = (),
         parsed_parameters: bool = False,
+        any_digits: bool = False,
         canonical_paths: bool = False,
         mounts: Iterable[str] = (),
         plain: Iterable[str] = (),
@@ -414,7 +415,8 @@ class RouteTable:
         self._dynamic: list[tuple[str | None, re.Pattern[str], Metered]] = []
         self._parsed: list[tuple[str | None, _ParsedTemplate, Metered]] = []  # typed parameters, as parsed
         self._canonical_paths = canonical_paths
-        self._tree = canonical_paths or parsed_parameters  # routed by a tree: literal segments compared as they are
+        any_digits = any_digits or parsed_parameters
+        self._tree = canonical_paths or any_digits  # routed by a tree: literal segments compared as they are
         self._literal_newline = self._tree or anchored_paths  # a final newline is part of the path there
         self._exact_paths = exact_paths and not canonical_paths
         # With exact paths, the keys written by hand, compared canonically (by what the app they name routes).
@@ -458,7 +460,7 @@ class RouteTable:
                         f" {metered.feature!r} (paths are compared without repeated or trailing slashes)"
                     )
                 parsed = _parsed(path) if parsed_parameters else None
-                if parsed_parameters:  # a number in any digits, as Werkzeug's converters and int() take them
+                if any_digits:  # a number in any digits, as Werkzeug's converters and int() take them
                     regex = _pattern(path, _ANY_DIGITS)
                 also_head = head_follows_get and method == "GET" and path not in heads
                 for taken in ("GET", "HEAD") if also_head else (method,):

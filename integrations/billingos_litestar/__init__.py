@@ -32,6 +32,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import ImproperlyConfiguredException
 from litestar.handlers import BaseRouteHandler
 from litestar.plugins import InitPlugin
+from litestar.types import Scope
 
 from billingos_asgi import BillingDenied, get_usage_context
 from billingos_asgi.middleware import is_preflight
@@ -65,6 +66,7 @@ class BillingPlugin(InitPlugin):
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         app_config.guards.append(self.identify)
         app_config.exception_handlers[BillingDenied] = refusal
+        app_config.after_exception.append(_fail)
         return app_config
 
     async def identify(self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -75,6 +77,14 @@ class BillingPlugin(InitPlugin):
         context = get_usage_context()
         if context is not None and not is_preflight(connection.scope):
             await context.identify_by(self._customer_of, connection)
+
+
+async def _fail(exc: Exception, scope: Scope) -> None:
+    """Bill nothing for a request whose handler (or a guard, a dependency) raised, whatever the app's
+    exception handlers make of it (a ``NotFoundException`` answered with a redirect home)."""
+    context = get_usage_context()
+    if context is not None:
+        context.mark_failed()
 
 
 def _nobody_without_user(customer: CustomerOf) -> CustomerOf:

@@ -24,6 +24,7 @@ threads: what they report with ``report_usage()`` comes back to the event loop t
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from quart import Blueprint, Quart, Request, Response, request
 
@@ -62,6 +63,10 @@ class Billing:
         on a blueprint (its requests only)."""
         app.before_request(self.identify)
         app.register_error_handler(BillingDenied, refusal)
+        if isinstance(app, Blueprint):  # (the app it is registered on)
+            app.record_once(lambda state: _fail_on_exceptions(state.app))
+        else:
+            _fail_on_exceptions(app)
 
     async def identify(self) -> Response | None:
         """The hook: name the customer of a request the middleware left unidentified, and gate it;
@@ -89,6 +94,24 @@ class Billing:
         except BillingDenied as denied:
             return await refusal(denied)
         return None
+
+
+def _fail_on_exceptions(app: object) -> None:
+    """Bill nothing for a request whose view (or hook) raised, whatever the app's error handlers
+    make of it (``abort(404)`` answered with a redirect home): Quart hands every such exception to
+    ``handle_user_exception``, which has no hook of its own."""
+    if not isinstance(app, Quart) or getattr(app.handle_user_exception, "fails_billing", False):
+        return
+    handle = app.handle_user_exception
+
+    async def handle_user_exception(error: Exception) -> Any:
+        context = get_usage_context()
+        if context is not None:
+            context.mark_failed()
+        return await handle(error)
+
+    handle_user_exception.fails_billing = True  # type: ignore[attr-defined]
+    app.handle_user_exception = handle_user_exception  # type: ignore[method-assign]
 
 
 async def refusal(denied: BillingDenied) -> Response:

@@ -14,8 +14,9 @@ pytest.importorskip("litestar")
 
 from litestar import Litestar, Request, Response, asgi, get, post  # noqa: E402
 from litestar.connection import ASGIConnection  # noqa: E402
-from litestar.exceptions import NotAuthorizedException  # noqa: E402
+from litestar.exceptions import NotAuthorizedException, NotFoundException  # noqa: E402
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware  # noqa: E402
+from litestar.response import Redirect  # noqa: E402
 from starlette.middleware.httpsredirect import HTTPSRedirectMiddleware  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling, from_api_key  # noqa: E402
@@ -178,6 +179,38 @@ async def test_a_failing_answer_is_not_billed(billing: LocalBilling, entered: li
     assert (failed.status_code, succeeded.status_code) == (400, 200)
     assert entered == ["broken", "search"]
     assert await billing.recorded_units("user_pro", "api_calls") == 1
+
+
+@get("/v1/orders/{order_id:int}")
+async def order(request: Request[Any, Any, Any]) -> dict[str, int]:
+    order_id: int = request.path_params["order_id"]
+    ENTERED.append(f"order {order_id}")
+    if order_id != 1:
+        raise NotFoundException("no such order")
+    return {"order": order_id}
+
+
+def home(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    return Redirect("/")
+
+
+async def test_a_handler_that_raised_is_not_billed_whatever_the_apps_handler_answers(
+    billing: LocalBilling, entered: list[str]
+) -> None:
+    """SPEC: the app raised, not billed; here a handler's NotFoundException the app answers with a redirect home."""
+    app = Litestar(
+        route_handlers=[order],
+        plugins=[BillingPlugin(customer=lambda connection: "user_free")],
+        exception_handlers={NotFoundException: home},
+        logging_config=None,
+    )
+    metered = BillingMiddleware(
+        app, billing=billing, customer=None, routes={"GET /v1/orders/{order_id:int}": "api_calls"}
+    )
+    async with serve(metered) as client:
+        answers = [await client.get(f"/v1/orders/{i}") for i in (2, 1)]
+    assert [answer.status_code for answer in answers] == [302, 200] and entered == ["order 2", "order 1"]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
 
 
 async def test_a_customer_resolved_before_litestar_is_left_alone(billing: LocalBilling, entered: list[str]) -> None:

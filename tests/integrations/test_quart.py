@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("quart")
 
-from quart import Blueprint, Quart, Request, g, redirect, request  # noqa: E402
+from quart import Blueprint, Quart, Request, abort, g, redirect, request  # noqa: E402
 
 from billingos_asgi import BillingMiddleware, LocalBilling, Metered, from_api_key, report_usage  # noqa: E402
 from billingos_quart import Billing, CustomerOf  # noqa: E402
@@ -424,6 +424,68 @@ async def test_a_404_the_apps_handler_redirects_is_neither_gated_nor_billed(bill
         anonymous = await client.get("/v1/nothing")
     assert [(r.status_code, r.headers["location"]) for r in (named, anonymous)] == [(302, "/")] * 2
     assert entered == []
+    assert await billing.recorded_units("user_free", "api_calls") == 0
+
+
+@pytest.mark.parametrize("on_blueprint", [False, True])
+async def test_a_view_that_raised_is_not_billed_whatever_the_apps_handler_answers(
+    billing: LocalBilling, on_blueprint: bool
+) -> None:
+    """SPEC: the app raised, not billed; here a view's abort(404) the app answers with a redirect home
+    (Billing on the app, or on the blueprint serving the view)."""
+    app = Quart(__name__)
+    served = Blueprint("items", __name__)
+    entered: list[int] = []
+    Billing(served if on_blueprint else app, customer=lambda request: TOKENS.get(request.headers.get("x-token", "")))
+
+    @app.errorhandler(404)
+    async def home(error: Exception) -> Any:
+        return redirect("/")
+
+    @served.get("/v1/items/<int:item_id>")
+    async def item(item_id: int) -> dict[str, int]:
+        entered.append(item_id)
+        if item_id != 1:
+            abort(404)
+        return {"item": item_id}
+
+    app.register_blueprint(served)
+    routes = {"GET /v1/items/{item_id:int}": "api_calls"}
+    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=routes)  # type: ignore[assignment,method-assign]
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        answers = [await client.get(f"/v1/items/{i}", headers={"x-token": "token-free"}) for i in (2, 1)]
+    assert [answer.status_code for answer in answers] == [302, 200] and entered == [2, 1]
+    assert await billing.recorded_units("user_free", "api_calls") == 1
+
+
+@pytest.mark.parametrize(("kind", "paths"), [("int", ["/v1/items/+5", "/v1/items/5_0"]), ("float", ["/v1/items/5"])])
+async def test_a_spelling_werkzeug_gives_a_free_route_not_in_the_table_is_not_billed(
+    billing: LocalBilling, kind: str, paths: list[str]
+) -> None:
+    """Werkzeug's numbers are digits (a float's with its point), not what int() or float() parse: those
+    are the free <slug>'s beside the metered route, gated (401) and billed as the metered one's."""
+    app = Quart(__name__)
+    entered: list[str] = []
+    Billing(app, customer=lambda request: TOKENS.get(request.headers.get("x-token", "")))
+
+    @app.get(f"/v1/items/<{kind}:item_id>")
+    async def item(item_id: float) -> dict[str, float]:
+        entered.append("item")
+        return {"item": item_id}
+
+    @app.get("/v1/items/<slug>")
+    async def by_slug(slug: str) -> dict[str, str]:  # free: not in the table
+        entered.append("slug")
+        return {"slug": slug}
+
+    routes = {f"GET /v1/items/{{item_id:{kind}}}": "api_calls"}
+    app.asgi_app = BillingMiddleware(app.asgi_app, billing=billing, customer=None, routes=routes)  # type: ignore[assignment,method-assign]
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        anonymous = [(await client.get(path)).status_code for path in paths]
+        named = [(await client.get(path, headers={"x-token": "token-free"})).status_code for path in paths]
+    assert (anonymous, named, entered) == ([200] * len(paths), [200] * len(paths), ["slug"] * 2 * len(paths))
     assert await billing.recorded_units("user_free", "api_calls") == 0
 
 
