@@ -121,7 +121,9 @@ def _check_options(**options: Any) -> None:
     """Refuse, by name, what would otherwise fail on every request or never take effect."""
     billing = options["billing"]
     if not all(callable(getattr(billing, call, None)) for call in ("check_entitlement", "track_usage")):
-        raise ValueError(f"billing must be a BillingOS, a LocalBilling or another BillingBackend, got {billing!r}")
+        # (by type: a secret key given here by mistake, billing=os.environ[...], would be in the message)
+        kind = type(billing).__name__
+        raise ValueError(f"billing must be a BillingOS, a LocalBilling or another BillingBackend, got {kind}")
     if options["on_error"] not in ("allow", "deny"):
         raise ValueError(f"on_error must be 'allow' or 'deny', got {options['on_error']!r}")
     if not isinstance(options["trust_request_id"], bool):  # "false" from an environment variable is true

@@ -52,9 +52,15 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"statusCode": status, "message": message, "error": phrase}, status, headers=headers)
 
 
+#: The most windows a rate limiter holds: past it (ids made up faster than windows end), the oldest goes.
+MAX_WINDOWS = 10_000
+
+
 class RateLimiter:
     """Fixed one-minute windows, one per key, like the hosted throttling: one key for every
-    authenticated call (the global tier), or one per customer (its limit on tracks)."""
+    authenticated call (the global tier), or one per customer (its limit on tracks). At most
+    :data:`MAX_WINDOWS`: a caller naming a new customer every call (any id: the limit comes before
+    the customer is looked up) lets go of the oldest window, never grows the process."""
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
         if per_minute < 1:
@@ -72,6 +78,8 @@ class RateLimiter:
                 break
             del self._windows[oldest]
         start, count = self._windows.get(key, (now, 0))
+        if count == 0 and len(self._windows) >= MAX_WINDOWS:
+            del self._windows[next(iter(self._windows))]
         reset = max(1, math.ceil(60 - (now - start)))  # (not start + 60 - now: its rounding made 61 of a new window)
         allowed = count < self.per_minute
         if allowed:

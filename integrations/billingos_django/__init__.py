@@ -113,7 +113,11 @@ class IdentifyCustomerMiddleware:
         customer = getattr(settings, "BILLINGOS_CUSTOMER", signed_in_user)
         self.customer: CustomerOf = import_string(customer) if isinstance(customer, str) else customer
         if not callable(self.customer):  # it would fail, and on_error decide, on every metered request
-            raise ImproperlyConfigured(f"BILLINGOS_CUSTOMER must be a function of the request, got {customer!r}")
+            # (by type: a key store set here by mistake would put every API key in the message)
+            found = type(self.customer).__name__
+            if isinstance(customer, str):  # (a dotted path: what it names)
+                found = f"{customer!r}, {found}"
+            raise ImproperlyConfigured(f"BILLINGOS_CUSTOMER must be a function of the request, got {found}")
         if not (iscoroutinefunction(self.customer) or iscoroutinefunction(type(self.customer).__call__)):
             self.customer = _in_djangos_thread(self.customer)  # (an object whose __call__ is async is not)
         markcoroutinefunction(self)

@@ -59,7 +59,8 @@ class BillingPlugin(InitPlugin):
 
     def __init__(self, customer: CustomerOf) -> None:
         if not callable(customer):  # (a dotted path, say): it would fail, and on_error decide, on every request
-            raise ValueError(f"customer must be a function of the connection, got {customer!r}")
+            # (by type: a key store given here by mistake would put every API key in the message)
+            raise ValueError(f"customer must be a function of the connection, got {type(customer).__name__}")
         self.customer = customer
         self._customer_of = _nobody_without_user(customer)
 

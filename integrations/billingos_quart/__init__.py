@@ -53,7 +53,8 @@ class Billing:
 
     def __init__(self, app: Quart | Blueprint | None = None, *, customer: CustomerOf) -> None:
         if not callable(customer):  # (a dotted path, say): it would fail, and on_error decide, on every request
-            raise ValueError(f"customer must be a function of the request, got {customer!r}")
+            # (by type: a key store given here by mistake would put every API key in the message)
+            raise ValueError(f"customer must be a function of the request, got {type(customer).__name__}")
         self.customer = customer
         if app is not None:
             self.init_app(app)

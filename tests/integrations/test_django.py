@@ -419,6 +419,11 @@ def test_a_customer_setting_that_names_no_function_is_refused_at_start_up(
         pytest.raises(ImproperlyConfigured, match="ROUTES"),
     ):
         get_asgi_application()  # Django builds its middleware here, at start-up
+    with (
+        override_settings(BILLINGOS_CUSTOMER={"key_alice": "user_123"}),  # a key store: its keys never quoted
+        pytest.raises(ImproperlyConfigured, match="BILLINGOS_CUSTOMER must be a function of the request, got dict$"),
+    ):
+        get_asgi_application()
 
 
 async def test_the_middleware_answers_the_lifespan_django_refuses(

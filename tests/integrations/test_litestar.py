@@ -170,6 +170,8 @@ def test_a_customer_that_is_no_function_is_refused_at_start_up() -> None:
     which on_error="allow" then served unbilled to anyone, signed in or not."""
     with pytest.raises(ValueError, match="customer must be a function"):
         BillingPlugin(customer=f"{__name__}.account_of")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="customer must be a function of the connection, got dict$"):
+        BillingPlugin(customer=TOKENS)  # type: ignore[arg-type]  # (its keys are never quoted)
 
 
 async def test_a_failing_answer_is_not_billed(billing: LocalBilling, entered: list[str]) -> None:

@@ -584,3 +584,5 @@ async def test_billing_on_a_blueprint_gates_after_the_blueprints_own_auth(billin
 def test_a_customer_that_is_no_function_is_refused_at_start_up() -> None:
     with pytest.raises(ValueError, match="customer must be a function"):
         Billing(Quart(__name__), customer="myapp.billing.customer_of")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="customer must be a function of the request, got dict$"):
+        Billing(Quart(__name__), customer=TOKENS)  # type: ignore[arg-type]  # (its keys are never quoted)

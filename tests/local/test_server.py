@@ -556,6 +556,14 @@ def test_rate_limiter_keeps_a_window_per_key_and_forgets_those_that_ended() -> N
     assert list(limiter._windows) == ["c"]  # a client naming a new customer every call holds a minute's only
 
 
+def test_rate_limiter_holds_a_bounded_number_of_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within a minute too: ids made up faster than windows end let go of the oldest windows."""
+    monkeypatch.setattr("billingos_asgi.local.server.MAX_WINDOWS", 3)
+    limiter = RateLimiter(1, clock=lambda: 0.0)
+    assert all(limiter.hit(key)[0] for key in ("a", "b", "c", "d", "e"))
+    assert list(limiter._windows) == ["c", "d", "e"] and not limiter.hit("e")[0]
+
+
 @pytest.mark.parametrize("option", ["rate_limit", "track_rate_limit"])
 @pytest.mark.parametrize("rate_limit", [0, -5])
 def test_a_rate_limit_below_one_per_minute_is_refused_not_ignored(option: str, rate_limit: int) -> None:

@@ -860,7 +860,8 @@ async def alert_async(event: UsageEvent, reason: str) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"billing": None}, "billing must be a BillingOS, a LocalBilling or another BillingBackend, got None"),
+        ({"billing": None}, "billing must be a BillingOS, a LocalBilling or another BillingBackend, got NoneType"),
+        ({"billing": "sk_live_x"}, "another BillingBackend, got str"),  # (a key given by mistake: not quoted)
         ({"trust_request_id": "false"}, "trust_request_id must be True or False, got 'false'"),
         ({"parsed_parameters": 1}, "parsed_parameters must be True, False or None"),
         ({"customer": "user_123"}, "customer must be a function (or None), got str"),
