@@ -45,6 +45,13 @@ def _secret_key(text: str) -> str:
     return text
 
 
+def _host(text: str) -> str:
+    """A host to listen on, never empty: "" (an unset ``$HOST``) would listen on every interface."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the host is empty (0.0.0.0 listens on every interface, on purpose)")
+    return text
+
+
 def _check_address(host: str, port: int) -> None:
     """Bind ``host:port`` once and let it go (an IPv6 host has a colon, as for uvicorn): a port in use
     or an unknown host raises OSError here, for one line of error rather than uvicorn's start-up and
@@ -71,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--plans", required=True, help="plans file (TOML)")
     serve.add_argument("--db", default=":memory:", help="SQLite database file (default: in memory)")
     serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)"
+        "--host",
+        type=_host,
+        default="127.0.0.1",
+        help="address to listen on (default %(default)s: this machine only; 0.0.0.0: every interface)",
     )
     serve.add_argument("--port", type=_port, default=8787, help="0: any free port (default %(default)s)")
     serve.add_argument(
@@ -108,9 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         _check_address(args.host, args.port)
-    except OSError as exc:
+    except (OSError, TypeError, UnicodeError) as exc:  # (TypeError: a name IDNA cannot encode)
         billing.close()
-        print(f"billingos-asgi: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"billingos-asgi: cannot listen on {args.host}:{args.port}: {getattr(exc, 'strerror', None) or exc}",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     app = create_app(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from time import monotonic
 from typing import TypeVar
@@ -28,6 +29,7 @@ logger = logging.getLogger("billingos_asgi")
 
 Answer = str | None | Awaitable[str | None]
 MAX_KEY_BYTES = 1024
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header name (RFC 9110's token)
 CustomerResolver = Callable[[Request], Answer]
 KeyLookup = Callable[[str], str | None | Awaitable[str | None]]
 
@@ -116,6 +118,8 @@ def from_api_key(
     # Finite: a key revoked in the app's store must stop working here too, in time.
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
         raise ValueError(f"ttl must be a number of seconds > 0, got {ttl!r}")
+    if not isinstance(header, str) or not _TOKEN.fullmatch(header):  # (another would never match: every request a 401)
+        raise ValueError(f"header must be an HTTP header name (letters, digits, '-'...), got {header!r}")
     header_name = header.lower().encode("latin-1")
     # key -> (customer, expiry). A plain dict in insertion order, oldest evicted first: every entry
     # lives ttl seconds from its insertion, so the oldest is also the one to expire first. A third

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -114,6 +115,7 @@ _SECONDS = (
     ("cache_negative_ttl", False),
     ("flush_interval", True),
     ("drain_timeout", True),
+    ("breaker_cooldown", False),
 )
 
 
@@ -144,17 +146,23 @@ def _check_options(**options: Any) -> None:
     path = options["metrics_path"]
     if path is not None and not (isinstance(path, str) and path.startswith("/")):
         raise ValueError(f"metrics_path must be a path starting with '/', got {path!r}")
-    # By the option's name (the cache and the tracker would name their own parameters), NaN included.
+    # By the option's name (the cache and the tracker would name their own parameters), NaN included;
+    # finite: an infinite wait never ends (a drain, a refusal cached, a breaker open for good).
     for name, zero in _SECONDS:
         value = options[name]
         if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0 if zero else value > 0):
             raise ValueError(f"{name} must be a number of seconds {'>= 0' if zero else '> 0'}, got {value!r}")
+        if value == math.inf:
+            raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    rate = options["calls_per_minute"]
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < math.inf):
+        raise ValueError(f"calls_per_minute must be a number > 0 (or None: no budget), got {rate!r}")
     if not options["cache_stale_ttl"] >= options["cache_ttl"]:
         raise ValueError(
             f"cache_stale_ttl ({options['cache_stale_ttl']!r}) must be >= cache_ttl ({options['cache_ttl']!r}):"
             " raise it with cache_ttl"
         )
-    for name in ("cache_size", "max_queue"):
+    for name in ("cache_size", "max_queue", "call_burst", "breaker_threshold"):
         if isinstance(options[name], bool) or not isinstance(options[name], int) or options[name] < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {options[name]!r}")
 
@@ -314,6 +322,10 @@ class BillingMiddleware:
             flush_interval=flush_interval,
             max_queue=max_queue,
             drain_timeout=drain_timeout,
+            calls_per_minute=calls_per_minute,
+            call_burst=call_burst,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
         )
         self.app = app
         self.billing = billing
@@ -342,7 +354,7 @@ class BillingMiddleware:
         self._foreign_threads = django or self._parses_target
 
         def table(routes: Mapping[str, str | Metered | None] | None) -> RouteTable:
-            return RouteTable(
+            found = RouteTable(
                 routes,
                 default_feature=default_feature,
                 exclude=exclude,
@@ -355,6 +367,10 @@ class BillingMiddleware:
                 exact_paths=isinstance(routes, FoundRoutes) and routed is not None and not self._strips_root_path,
                 anchored_paths=django,
             )
+            if metrics_path is not None and found.configures("GET", metrics_path):
+                # (its GET would answer the counters, never the app's metered route: nor billed)
+                raise ValueError(f"metrics_path {metrics_path!r} is a metered route's path: give it a path of its own")
+            return found
 
         self._table = table
         self._endpoint_ids: frozenset[int] | None = None  # see _route_endpoints()

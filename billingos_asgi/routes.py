@@ -77,6 +77,10 @@ class Metered:
 
     def __post_init__(self) -> None:
         check_id("feature", self.feature)
+        for flag in ("bill_partial", "late"):  # ("false" from a setting is true: late, a route left unbilled)
+            value = getattr(self, flag)
+            if not isinstance(value, bool):
+                raise ValueError(f"Metered({self.feature!r}): {flag} must be True or False, got {value!r}")
         q = self.quantity
         if isinstance(q, Decimal):  # (as report_usage and the client take it: counted as a float)
             q = float_of_decimal(q)
@@ -486,8 +490,10 @@ class RouteTable:
         self._excluded_as_requested: list[re.Pattern[str]] = []  # (with exact paths) each as written
         excluded_shapes: set[str] = set()  # excluded templates, their parameters' names aside
         for path in exclude:
-            if not path.startswith("/"):
-                raise ValueError(f"exclude: {path!r}: the path must start with '/'")
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ValueError(f"exclude: {path!r}: a path starting with '/'")
+            if "*" in path[:-1]:  # (taken as a literal, "/internal/*/status" would exclude nothing the app serves)
+                raise ValueError(f"exclude: {path!r}: '*' only ends a prefix ('/static/*'); use templates for the rest")
             _check_template(path, f"exclude: {path!r}")
             if path.endswith("*"):
                 prefixes.append(_SLASHES.sub("/", path[:-1]))  # "/static/*" keeps its slash: "/staticky" is not in
@@ -536,6 +542,10 @@ class RouteTable:
             and not prefixes
             and not self._mounts
         )
+
+    def configures(self, method: str, path: str) -> bool:
+        """Whether ``method path`` is a static route metered as configured (not by the default)."""
+        return (method, canonical(path)) in self._exact
 
     @property
     def features(self) -> frozenset[str]:

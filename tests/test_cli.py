@@ -198,6 +198,20 @@ def test_an_unknown_host_is_refused_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("host", "said"),
+    [
+        ("", "argument --host: the host is empty"),  # (an unset $HOST listened on every interface)
+        ("é" * 64, "cannot listen on "),  # (no IDNA name: a traceback)
+    ],
+)
+def test_a_host_that_cannot_be_listened_on_is_refused_in_one_line(tmp_path: Path, host: str, said: str) -> None:
+    plans = tmp_path / "plans.toml"
+    plans.write_text(PLANS)
+    result = run_cli("serve", "--plans", str(plans), "--host", host, "--port", "0")
+    assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_server_cleanly_and_the_secret_key_is_never_shown(
     tmp_path: Path, stop: signal.Signals

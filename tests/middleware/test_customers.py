@@ -264,6 +264,13 @@ def test_from_api_key_refuses_a_ttl_that_is_no_lifetime(ttl: Any) -> None:
         from_api_key(KEYS.get, ttl=ttl)
 
 
+@pytest.mark.parametrize("header", [None, b"x-api-key", "", "x api", "x-clé"])
+def test_from_api_key_refuses_a_header_no_request_can_carry(header: Any) -> None:
+    """Crashed unnamed, or taken: never found, every request answered 401."""
+    with pytest.raises(ValueError, match="header must be an HTTP header name"):
+        from_api_key(KEYS.get, header=header)
+
+
 class TokenBackend(AuthenticationBackend):
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         token = conn.headers.get("authorization", "").removeprefix("Bearer ")

@@ -291,6 +291,13 @@ def test_invalid_configuration_raises_at_construction(
         BillingMiddleware(Starlette(), billing=billing, customer=by_header, routes=routes, exclude=exclude)
 
 
+@pytest.mark.parametrize("flag", ["bill_partial", "late"])
+def test_metereds_flags_are_true_or_false(flag: str) -> None:
+    """ "false" from a setting is true: a late route, never named by a resolver's app, went unbilled."""
+    with pytest.raises(ValueError, match=f"Metered\\('api_calls'\\): {flag} must be True or False, got 'false'"):
+        Metered("api_calls", **{flag: "false"})  # type: ignore[arg-type]
+
+
 def test_metered_quantity_is_validated() -> None:
     for bad in (-1, float("inf"), float("nan"), True, "1", 1e-7, 0.1234567, Decimal("NaN"), Decimal("sNaN"), 10**15):
         with pytest.raises(ValueError):
@@ -889,6 +896,27 @@ async def alert_async(event: UsageEvent, reason: str) -> None:
         ({"drain_timeout": -1}, "drain_timeout must be a number of seconds >= 0, got -1"),
         ({"max_queue": 1.5}, "max_queue must be a whole number >= 1, got 1.5"),
         ({"cache_size": 0}, "cache_size must be a whole number >= 1, got 0"),
+        # (each of these crashed unnamed, or was taken: a budget whose bucket never fills lets every
+        # uncached request through unbilled; an infinite wait never ends: a drain, a breaker, a refusal)
+        ({"exclude": [1]}, "exclude: 1: a path starting with '/'"),
+        ({"exclude": [b"/health"]}, "exclude: b'/health': a path starting with '/'"),
+        ({"exclude": ["/internal/*/status"]}, "'/internal/*/status': '*' only ends a prefix"),
+        ({"calls_per_minute": "90"}, "calls_per_minute must be a number > 0 (or None: no budget), got '90'"),
+        ({"calls_per_minute": True}, "calls_per_minute must be a number > 0"),
+        ({"calls_per_minute": math.inf}, "calls_per_minute must be a number > 0"),
+        ({"call_burst": math.nan}, "call_burst must be a whole number >= 1, got nan"),
+        ({"call_burst": 2.5}, "call_burst must be a whole number >= 1, got 2.5"),
+        ({"breaker_threshold": True}, "breaker_threshold must be a whole number >= 1, got True"),
+        ({"breaker_threshold": math.nan}, "breaker_threshold must be a whole number >= 1, got nan"),
+        ({"breaker_cooldown": "15"}, "breaker_cooldown must be a number of seconds > 0, got '15'"),
+        ({"breaker_cooldown": math.inf}, "breaker_cooldown must be a finite number of seconds, got inf"),
+        ({"drain_timeout": math.inf}, "drain_timeout must be a finite number of seconds, got inf"),
+        ({"flush_interval": math.inf}, "flush_interval must be a finite number of seconds, got inf"),
+        ({"cache_negative_ttl": math.inf}, "cache_negative_ttl must be a finite number of seconds, got inf"),
+        (
+            {"routes": {"GET /metrics": "api_calls"}, "metrics_path": "/metrics"},
+            "metrics_path '/metrics' is a metered route's path",
+        ),
     ],
 )
 def test_wrong_options_are_refused_by_name(billing: LocalBilling, options: dict[str, Any], message: str) -> None:
