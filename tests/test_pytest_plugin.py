@@ -96,6 +96,17 @@ def test_a_user_tests_their_metered_app_with_the_billing_fixture(pytester: pytes
     result.assert_outcomes(passed=5)
 
 
+def test_the_plugin_listed_by_its_module_too_is_the_same_plugin(pytester: pytest.Pytester) -> None:
+    """As a conftest or -p lists it: registered under another name, it aborted the run."""
+    pytester.makeconftest('pytest_plugins = ["billingos_asgi.pytest_plugin"]\n')
+    pytester.makepyfile(test_user_app=USER_TESTS)
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "billingos_asgi.pytest_plugin", "-W", "error"
+    )
+    result.assert_outcomes(passed=5)
+
+
 EXTENDING_THE_DEFAULT_PLANS = """
 import pytest
 

@@ -391,7 +391,7 @@ def usage_router(
 ) -> APIRouter:
     """``GET {prefix}/usage`` and ``POST {prefix}/session-token`` for the signed-in customer."""
     endpoints = UsageEndpoints(billing, customer, **options)
-    router = APIRouter(prefix=prefix, tags=list(tags or ["billing"]))
+    router = APIRouter(prefix=prefix, tags=["billing"] if tags is None else list(tags))  # ([]: untagged)
     # What UsageEndpoints answers (a token is created: 201).
     unavailable = {"description": "Billing is unavailable, or the customer resolver failed", "content": _PROBLEM}
     token_answers: dict[int | str, dict[str, Any]] = {401: PROBLEM_RESPONSES[401], 503: unavailable}

@@ -1105,3 +1105,12 @@ async def test_a_router_serving_its_prefix_with_and_without_the_slash_starts_and
         anonymous = await client.get("/items/")
     assert (answers, anonymous.status_code) == ([200, 200], 401)
     assert await billing.recorded_units("user_free", "api_calls") == 2
+
+
+@pytest.mark.parametrize(("tags", "expected"), [(None, ["billing"]), ([], []), (["account"], ["account"])])
+def test_the_usage_routers_tags_are_as_given(
+    billing: LocalBilling, tags: list[str] | None, expected: list[str]
+) -> None:
+    """An empty list leaves the routes untagged (it was taken for None: tagged "billing")."""
+    router = usage_router(billing, by_header, tags=tags)
+    assert [route.tags for route in router.routes] == [expected, expected]  # type: ignore[attr-defined]
