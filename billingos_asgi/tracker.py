@@ -408,6 +408,7 @@ class Tracker:
                     await self._persist(outbox, events)
                 finally:
                     self._writing = False
+                    self._drain_moved()
                 if retry:
                     if self._senders_done:
                         return  # the drain's end tries once more
@@ -467,7 +468,7 @@ class Tracker:
                     self.running = False  # later ones are sent by their requests' tasks
                     break
                 self._window = anyio.Event()
-                with anyio.move_on_after(0.05 if closing.is_set() else None):  # closing: the writer may add more
+                with anyio.move_on_after(0.05 if closing.is_set() else None):  # (closing: woken as the drain moves)
                     await self._window.wait()
                 continue
             if self._flush_interval and not closing.is_set():
@@ -526,6 +527,13 @@ class Tracker:
             self._room = self._max_queue - self._unsettled_events  # held while retried: the queue's bound counts them
             first_attempt = self._clock() if stamped is None else stamped
             await self._deliver(batch, first_attempt, fix=stamped is None)
+            self._drain_moved()
+
+    def _drain_moved(self) -> None:
+        """Closing, wake the flusher: the drain may be over (it checks at once, not at its next poll)."""
+        if self._window is not None and self._closing_event is not None and self._closing_event.is_set():
+            self._window.set()
+            self._window = None
 
     # -- delivery --
 
