@@ -221,7 +221,9 @@ async def overhead_table() -> tuple[Table, dict[str, Any]]:
         "Microseconds per request with the app called directly (no server, no sockets): the middleware's own "
         "cost. Overhead and ratio are against the bare app it wraps (Starlette unless named), round by round "
         "(medians; the middle half of the rounds' overheads shows the noise). Our billing backend answers from "
-        "memory. moesifasgi's worker threads (batching, posting to a closed port) compete for the GIL during "
+        "memory. The rows with a lifespan deliver their usage after each timed round, untimed (the cold cache's "
+        "track calls, one per request, included), except the tracking-on row, timed until its events are "
+        "delivered. moesifasgi's worker threads (batching, posting to a closed port) compete for the GIL during "
         "every app's rounds.",
         command("middleware"),
         ("app", "us/request", "overhead us", "middle half of rounds", "cost vs bare"),
