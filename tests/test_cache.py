@@ -1397,3 +1397,9 @@ async def test_usage_carried_across_a_plans_new_period_is_asked_again_after_the_
     spawned: list[Refresh] = []
     cache.spawn = spawned.append
     assert cache.get("c1", "api_calls") is quota and len(spawned) == 1  # asked again at once
+
+
+def test_a_request_reporting_its_own_units_needs_some_of_the_quota_left() -> None:
+    """Quantity 0 (the endpoint reports its units): refused on a quota used up exactly, admitted below it."""
+    assert Quota(None, limit=10, usage=10, refusal=0).admit(0) == 429
+    assert Quota(None, limit=10, usage=9.5, refusal=0).admit(0) == 0

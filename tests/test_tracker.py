@@ -539,6 +539,25 @@ class Gated(Around):
         return await self.billing.track_usage(*args, **kwargs)
 
 
+async def test_windows_closing_while_their_key_waits_for_a_sender_merge(billing: LocalBilling) -> None:
+    """Two windows of c0 close while its first batch is on its way (one sender): the second joins the
+    first waiting group, neither replaces it."""
+    backend = Gated(billing)
+    tracker = tracker_for(backend, flush_interval=0.02, max_concurrency=1)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        tracker.submit(event("e0"))
+        await anyio.sleep(0.1)  # its window closes: the sender takes it, and waits at the gate
+        assert backend.calls == 1
+        for keys in (("e1", "e2"), ("e3",)):
+            for key in keys:
+                assert tracker.submit(event(key))
+            await anyio.sleep(0.1)  # its window closes: waiting for the sender
+        backend.gate.set()
+        await tracker.stop()
+    assert await billing.recorded_units("c0", "api_calls") == 4 and tracker.stats.sent == 4
+
+
 async def test_inline_sends_of_one_key_ride_along_with_the_one_running(billing: LocalBilling) -> None:
     backend = Gated(billing)
     tracker = tracker_for(backend)

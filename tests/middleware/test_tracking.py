@@ -635,6 +635,23 @@ async def test_trusted_request_id_is_the_idempotency_key(billing: LocalBilling) 
     assert await billing.recorded_units("user_free", "api_calls") == 3
 
 
+async def test_a_trusted_duplicate_gives_its_units_back_to_the_quota(billing: LocalBilling) -> None:
+    """Billed once, a repeated id holds no units either: kept, each would refuse a paid request
+    (user_free has 10 calls: the repeats take one, nine more pass, then the quota is used up)."""
+    middleware = BillingMiddleware(
+        recording_app([]), billing=billing, customer=by_header, routes={"/x": "api_calls"}, trust_request_id=True
+    )
+    async with serve(middleware) as client:
+        for _ in range(4):
+            assert (await client.get("/x", headers=as_customer("user_free", **{"x-request-id": "same"}))).is_success
+        answers = [
+            (await client.get("/x", headers=as_customer("user_free", **{"x-request-id": f"r{i}"}))).status_code
+            for i in range(10)
+        ]
+    assert answers == [200] * 9 + [429]
+    assert await billing.recorded_units("user_free", "api_calls") == 10
+
+
 async def test_trusted_request_ids_with_colons_never_merge_two_requests(tmp_path: Path) -> None:
     """The key is "id:feature": "r1" on "gpu:hours" and "r1:gpu" on "hours" are two requests."""
     features = {"hours": {"type": "usage_quota"}, "gpu:hours": {"type": "usage_quota"}}
