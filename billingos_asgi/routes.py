@@ -367,9 +367,14 @@ def _methods_first(entries: list[_Entry]) -> list[_Entry]:
     the first of them was), the rest in their order: a stable sort."""
     first: dict[str, int] = {}
     for at, (_, _, _, path) in enumerate(entries):
-        first.setdefault(_shape(path) if "{" in path else path, at)
-    return sorted(
-        entries, key=lambda entry: (first[_shape(entry[3]) if "{" in entry[3] else entry[3]], entry[2] is None)
+        first.setdefault(_shape(path), at)
+    return sorted(entries, key=lambda entry: (first[_shape(entry[3])], entry[2] is None))
+
+
+def _configured_twice(key: str, first: Metered, second: Metered) -> ValueError:
+    return ValueError(
+        f"routes: {key!r} is configured twice, as {first.feature!r} and as {second.feature!r}"
+        " (paths are compared without repeated or trailing slashes)"
     )
 
 
@@ -447,7 +452,7 @@ class RouteTable:
         if head_follows_get:  # written by hand: on a template, as on a static path, a key with a method
             entries = _methods_first(entries)  # wins over one without, whatever order they come in
         heads = {path for _, _, method, path in entries if method == "HEAD"}
-        templates: dict[tuple[str | None, str], tuple[str, Metered]] = {}  # (method, shape) -> key, metering
+        templates: dict[tuple[str | None, str], Metered] = {}  # (method, shape) -> metering
         for key, value, method, path in entries:
             if value is UNDECLARED:
                 metered = self._default or _UNMETERED
@@ -457,12 +462,9 @@ class RouteTable:
             if value is not None and value is not UNDECLARED:
                 configured.append((key, path, not convertors))
             if convertors:
-                other_key, other = templates.setdefault((method, _shape(path)), (key, metered))
+                other = templates.setdefault((method, _shape(path)), metered)
                 if other != metered and head_follows_get:  # (one found on the app's routes: as the app tries them)
-                    raise ValueError(
-                        f"routes: {key!r} is configured twice, as {other.feature!r} (by {other_key!r}) and as"
-                        f" {metered.feature!r} (paths are compared without repeated or trailing slashes)"
-                    )
+                    raise _configured_twice(key, other, metered)
                 parsed = _parsed(path) if parsed_parameters else None
                 if any_digits:  # a number in any digits, as Werkzeug's converters and int() take them
                     regex = _pattern(path, _ANY_DIGITS)
@@ -474,10 +476,7 @@ class RouteTable:
             else:
                 by_method = self._static.setdefault(path, {})
                 if by_method.get(method, metered) != metered:  # ("/items" and "/items/" alike: one route here)
-                    raise ValueError(
-                        f"routes: {key!r} is configured twice, as {by_method[method].feature!r} and as"
-                        f" {metered.feature!r} (paths are compared without repeated or trailing slashes)"
-                    )
+                    raise _configured_twice(key, by_method[method], metered)
                 by_method[method] = metered
                 if key in written:
                     self._written_static.setdefault(path, {})[method] = metered

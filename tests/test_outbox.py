@@ -168,34 +168,28 @@ def test_an_event_edited_into_nonsense_is_named_and_kept(tmp_path: Path, column:
     db.close()
 
 
-def test_another_applications_database_is_never_taken_over(tmp_path: Path) -> None:
-    other = tmp_path / "app.db"
-    db = sqlite3.connect(other)
-    db.execute("CREATE TABLE users (name TEXT)")
-    db.commit()
-    db.close()
-    with pytest.raises(OutboxError, match="another application's database"):
-        Outbox(other, max_events=10).open()
-    db = sqlite3.connect(other)
-    assert db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("users",)]
+def refused_as_an_outbox(path: Path, script: str, refusal: str) -> sqlite3.Connection:
+    """Another application's database ``script`` makes, refused as an outbox: open again, to look at."""
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript(script)
+    with pytest.raises(OutboxError, match=refusal):
+        Outbox(path, max_events=10).open()
+    db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # not switched to WAL either
-    db.close()
+    return db
+
+
+def test_another_applications_database_is_never_taken_over(tmp_path: Path) -> None:
+    refused = refused_as_an_outbox(tmp_path / "app.db", "CREATE TABLE users (name TEXT);", "another application's")
+    with closing(refused) as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("users",)]
 
 
 def test_another_applications_table_named_outbox_is_left_as_it_was(tmp_path: Path) -> None:
     """Unmarked, a lone "outbox" table reads as the first layout's, until its rows fail to move."""
-    other = tmp_path / "app.db"
-    db = sqlite3.connect(other)
-    db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, topic TEXT)")
-    db.execute("INSERT INTO outbox (topic) VALUES ('orders')")
-    db.commit()
-    db.close()
-    with pytest.raises(OutboxError, match="app.db as the usage outbox"):
-        Outbox(other, max_events=10).open()
-    db = sqlite3.connect(other)
-    assert db.execute("SELECT * FROM outbox").fetchall() == [(1, "orders")]
-    assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # not switched to WAL either
-    db.close()
+    script = "CREATE TABLE outbox (id INTEGER PRIMARY KEY, topic TEXT); INSERT INTO outbox (topic) VALUES ('orders');"
+    with closing(refused_as_an_outbox(tmp_path / "app.db", script, "app.db as the usage outbox")) as db:
+        assert db.execute("SELECT * FROM outbox").fetchall() == [(1, "orders")]
 
 
 def written(path: Path, script: str) -> Path:
