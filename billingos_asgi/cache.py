@@ -153,16 +153,20 @@ class Quota:
         # Guessed full, and a track answer (whose figures were not taken) crossed this check: the
         # check may miss its units, so the guess holds until the next check, asked at once.
         keep_guess = self.guessed and raced and same_period
-        if raced and same_period and self.usage > usage and (not (self.guessed or self.carried) or keep_guess):
+        ours_higher = raced and self.usage > usage
+        if ours_higher and same_period and (not self.guessed or keep_guess):
             usage = self.usage  # a check that read before our last confirmed track (else its figures are the newest:
             # lower, the period was re-anchored, a new one ending as the old one did)
         self.checked_limit = _said(limit)
         if raced and self.tracked_limit is not None:  # (a plan change may start a period)
             limit = _lower(limit, self.tracked_limit)
         ours_running = self.resets_at is not None and self.resets_at > now
-        carried = raced and not same_period and ours_running and self.usage > usage
-        if carried:  # across a plan's new period, which is current is not known: the higher usage holds,
-            usage = self.usage  # until the next check (never a period's usage into the next); tracks still count
+        # Across a plan's new period, which is current is not known: the higher usage holds until the next
+        # check (never a period's usage into the next); tracks still count. Carried usage stays carried when
+        # a check that crossed tracks answers it (the tracks it may miss are in ours).
+        carried = ours_higher and ((not same_period and ours_running) or (same_period and self.carried))
+        if carried:
+            usage = self.usage
         self.limit, self.usage, self.resets_at, self.tracked = limit, usage, resets_at, counted
         self.guessed, self.carried = keep_guess, carried
 
@@ -487,21 +491,34 @@ class EntitlementCache:
         usage = result.usage
         period_end = usage.period_end.timestamp()
         same_period = period_end == quota.resets_at
-        if not same_period and quota.resets_at is not None and period_end <= self._wall_clock():
-            return  # a retry answered with its first call's figures, of a period over since: its units are settled
-        limit = usage.limit_units  # admission compares usage with the limit itself
-        quota.tracked_limit = _said(limit)
         # A check answered since crossed this answer: which is newer is not known (a plan changed meanwhile).
         raced = renewals is not None and quota.renewed > renewals
+        if not same_period and quota.resets_at is not None and period_end <= self._wall_clock():
+            # A retry answered with its first call's figures, of a period over since: its units are settled.
+            # Uncrossed, it may tell of a plan changed since the entry's answer: stale at once, asked again.
+            if not raced:
+                quota.fresh_until = min(quota.fresh_until, self._clock())
+            return
+        limit = usage.limit_units  # admission compares usage with the limit itself
+        quota.tracked_limit = _said(limit)
         if same_period:
             quota.usage = max(quota.usage, usage.consumed_units)
             if raced and quota.checked_limit is not None:
                 limit = _lower(limit, quota.checked_limit)  # of two limits in one period, the lower holds
         elif raced and (quota.resets_at is None or quota.resets_at > self._wall_clock()):
-            # Across a plan change's new period (the check's still running): the check's figures hold until
-            # asked again, at once, the lower of the two limits meanwhile.
+            # Across a plan change's new period (the check's still running): which is current is not known,
+            # so the lower limit and the higher usage hold until asked again, at once (carried: the
+            # check's usage replaces this one).
             quota.limit = _lower(quota.limit, _said(limit))
+            if usage.consumed_units > quota.usage:
+                quota.usage, quota.carried = usage.consumed_units, True
             quota.fresh_until = min(quota.fresh_until, self._clock())
+            return
+        elif raced and quota.resets_at is not None and usage.period_start.timestamp() < quota.resets_at:
+            # The crossing check's period is over, and this answer's is not the one after it: a plan
+            # left since (a retry answered with its first call's figures). Only a check says, before
+            # any request is decided on the entry; its units are settled.
+            quota.fresh_until = quota.usable_until = -math.inf
             return
         else:  # a later period (the crossing check's is over: these are the newer figures), or one ending
             # earlier but not yet: a plan's new period (a shorter interval)

@@ -1151,7 +1151,9 @@ async def test_a_retrys_answer_from_a_period_over_since_leaves_the_entry_as_it_i
     replayed = await billing.track_usage("c1", "api_calls", 1, "r1")  # the retry: January's answer
     assert replayed == first
     cache.confirm("c1", "api_calls", 1, replayed, sent)
-    assert (quota.limit, quota.local, admitted_of(cache, 20)) == (5, 0, 5)
+    assert (quota.limit, quota.usage, quota.local) == (5, 0, 0)  # figures kept, asked again all the same:
+    assert cache.get("c1", "api_calls") is None  # (a period another plan's may overlap: a plan changed since)
+    assert await cache.fetch("c1", "api_calls") is quota and admitted_of(cache, 20) == 5
 
 
 async def test_a_track_answer_crossing_a_check_across_a_plans_new_period_keeps_the_checks_figures(
@@ -1403,3 +1405,93 @@ def test_a_request_reporting_its_own_units_needs_some_of_the_quota_left() -> Non
     """Quantity 0 (the endpoint reports its units): refused on a quota used up exactly, admitted below it."""
     assert Quota(None, limit=10, usage=10, refusal=0).admit(0) == 429
     assert Quota(None, limit=10, usage=9.5, refusal=0).admit(0) == 0
+
+
+async def test_a_track_answer_of_a_plans_new_period_landing_after_the_crossing_check_still_counts(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A refresh reads the yearly plan (0 of 1,000); the plan drops to 5 a month (a new period) and a
+    track is recorded there (4 of 5); the refresh answers first, then the track. The lower limit and
+    the higher usage hold: the check's 0 kept, 5 more were admitted (served stale) where 1 is left."""
+    await billing.set_plan("c1", "yearly")
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert [quota.admit(1) for _ in range(4)] == [0] * 4  # their event on its way
+    clocks.advance(31)  # stale: refreshed
+    held = backend.held = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.fetch, "c1", "api_calls")  # reads the yearly plan...
+        await backend.read.wait()
+        backend.held = None
+        sent = cache.renewals  # the track call leaves
+        await billing.set_plan("c1", "small")
+        result = await billing.track_usage("c1", "api_calls", 4, "r1:api_calls")
+        assert (result.usage.consumed_units, result.usage.limit_units) == (4, 5)
+        held.set()  # ...and answers first
+    cache.confirm("c1", "api_calls", 4, result, sent)
+    assert (quota.limit, quota.usage, quota.local) == (5, 4, 0)
+    cache.spawn = lambda refresh: None  # a lifespan: a stale entry serves while it is refreshed
+    assert admitted_of(cache, 50) == 1
+    renewed = await cache.fetch("c1", "api_calls")  # the next check's usage replaces the one kept
+    assert (renewed.limit, renewed.usage) == (5, 4)
+
+
+async def test_a_retrys_answer_of_a_plan_left_since_is_not_taken_for_the_next_period(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """A yearly plan's track recorded, its answer lost; the customer moves to 5 a month (a check sees
+    it), that month ends, and the retry lands with the first call's yearly figures: taken for the
+    newer period's, fresh, they admitted 50 of 50 against a quota of 5."""
+    await billing.set_plan("c1", "yearly")
+    cache, _ = cache_for(billing, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert quota.admit(1) == 0
+    sent = cache.renewals
+    first = await billing.track_usage("c1", "api_calls", 1, "r1:api_calls")  # recorded; its answer lost
+    await billing.set_plan("c1", "small", started_at=START + timedelta(hours=1))  # its month ends in an hour
+    clocks.advance(31)
+    assert await cache.fetch("c1", "api_calls") is quota and (quota.limit, quota.usage) == (5, 0)
+    clocks.advance(3600)  # the next month begins
+    replayed = await billing.track_usage("c1", "api_calls", 1, "r1:api_calls")
+    assert replayed == first  # answered with the first call's (yearly) figures
+    cache.confirm("c1", "api_calls", 1, replayed, sent)
+    assert quota.local == 0 and cache.get("c1", "api_calls") is None  # only a check says
+    cache.spawn = lambda refresh: None
+    assert admitted_of(cache, 50) == 0  # none decided on it: each request would wait for the check
+    renewed = await cache.fetch("c1", "api_calls")
+    assert (renewed.limit, renewed.usage) == (5, 0)
+
+
+async def test_usage_carried_across_a_plan_change_stays_when_a_check_crossed_by_tracks_answers(
+    billing: LocalBilling, clocks: Clocks
+) -> None:
+    """Usage carried (a daily plan's track answer crossing the check of the monthly plan that replaced
+    it) is replaced by the next check's: not by one that read before 3 units were recorded and
+    confirmed, which took the entry back to 0 used and let 100 more through where 97 are left."""
+    clocks.advance(3600)
+    await billing.set_plan("c1", "daily")  # 10 a day, from now
+    backend = HeldCheck(billing)
+    cache, _ = cache_for(backend, clocks)
+    quota = await cache.fetch("c1", "api_calls")
+    assert quota.admit(1) == 0
+    sent = cache.renewals
+    daily = await billing.track_usage("c1", "api_calls", 1, "r0:api_calls")  # its answer on its way...
+    clocks.advance(31)
+    await billing.set_plan("c1", "big")  # 100 a month, a new period from now
+    assert await cache.fetch("c1", "api_calls") is quota and quota.limit == 100
+    cache.confirm("c1", "api_calls", 1, daily, sent)  # ...lands after the check: which is current is not known
+    assert (quota.limit, quota.usage, quota.carried) == (10, 1, True)
+
+    async def three_recorded() -> None:
+        assert [quota.admit(1) for _ in range(3)] == [0] * 3
+        sent = cache.renewals
+        cache.confirm("c1", "api_calls", 3, await billing.track_usage("c1", "api_calls", 3, "r1:api_calls"), sent)
+        assert quota.usage == 3
+
+    assert await crossed(cache, backend, three_recorded) is quota  # read 0 used, before the 3
+    assert (quota.limit, quota.usage, quota.local) == (100, 3, 0)
+    cache.spawn = lambda refresh: None  # a lifespan: a stale entry serves while it is refreshed
+    assert admitted_of(cache, 100) == 97
+    quota.release(97)
+    assert (await cache.fetch("c1", "api_calls")).usage == 3  # the next check's, as it is
