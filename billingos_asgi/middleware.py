@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import anyio
 from anyio.abc import TaskGroup
@@ -73,7 +72,7 @@ from .upstream import (
     Upstream,
     share_door,
 )
-from .watch import ResponseWatch
+from .watch import ResponseWatch, target_path
 
 __all__ = ["BillingMiddleware", "is_preflight"]
 
@@ -426,7 +425,7 @@ class BillingMiddleware:
             # An absolute-form target ("GET http://host/v1/export", which Hypercorn and h11 pass on as
             # the path), or one without its leading slash: Quart routes its path as urlparse() reads
             # it, its ";params" (and a "?" or "#" the server decoded from "%3F") cut off.
-            path = urlparse(path).path
+            path = target_path(path)
         root_path = self._root_path or scope.get("root_path")
         if root_path and path.startswith(root_path):
             if path[len(root_path) : len(root_path) + 1] in ("/", ""):

@@ -71,12 +71,21 @@ def _endpoint_ran(scope: Scope, endpoints: Callable[[], frozenset[int]]) -> bool
     return endpoint is not None and id(endpoint) in endpoints()
 
 
+def target_path(target: str) -> str:
+    """The path of a request target that is not origin-form ("http://host/v1/x", "v1/x") as Quart
+    routes it (urlparse's); the target as it is where urlparse refuses it (a bad IPv6 host)."""
+    try:
+        return urlparse(target).path
+    except ValueError:
+        return target
+
+
 def _routed_paths(scope: Scope) -> list[str]:
     """The request's path, and the one a framework that parses the target (Quart) routes, where it
     differs: an absolute-form target's path, one without its leading slash, and what follows the
     root path where no slash does ("/apiv1/dir" under "/api": "/api/v1/dir" to its redirect)."""
     path: str = scope["path"]
-    routed = path if path[:1] == "/" else "/" + urlparse(path).path.lstrip("/")
+    routed = path if path[:1] == "/" else "/" + target_path(path).lstrip("/")
     root_path = scope.get("root_path") or ""
     if root_path and routed.startswith(root_path) and routed[len(root_path) : len(root_path) + 1] not in ("/", ""):
         routed = f"{root_path}/{routed[len(root_path) :]}"

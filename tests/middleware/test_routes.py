@@ -540,6 +540,16 @@ async def test_a_routes_own_https_redirect_middleware_is_not_billed_the_request_
     assert await billing.recorded_units("user_free", "api_calls") == 1  # the search, not its redirect
 
 
+async def test_a_redirect_of_an_absolute_form_target_that_urlparse_refuses_is_answered(billing: LocalBilling) -> None:
+    """ "GET http://[::1/x" (h11 and Hypercorn pass the target on as the path) answered with a redirect:
+    urlparse() raises on its bracket, which the response watch made a 500."""
+    app = Starlette(routes=[Route("/x", hello)], middleware=[Middleware(HTTPSRedirectMiddleware)])
+    middleware = BillingMiddleware(app, billing=billing, customer=by_header, default_feature="api_calls")
+    exchange = await call_raw(middleware, http_scope("http://[::1/x", headers=[(CUSTOMER_HEADER, "user_free")]))
+    assert exchange.error is None and exchange.status == 307
+    assert await billing.recorded_units("user_free", "api_calls") == 0  # the framework's redirect
+
+
 async def test_a_slash_redirect_without_a_usable_host_header_is_not_billed(tmp_path: Path) -> None:
     """Without a Host header it can use (HTTP/1.0 without one, a Host with a path), Starlette's slash
     redirect names the server's address; a query with a raw "#" comes back with it in the Location
