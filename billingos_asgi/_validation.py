@@ -16,8 +16,9 @@ from typing import Any
 from ._exceptions import ValidationError
 
 MAX_ID_LENGTH = 255
-#: Upstream stores DECIMAL(20,6): 14 integer digits and 6 decimals.
-MAX_QUANTITY = 10**14 - 1
+#: Upstream stores DECIMAL(20,6): 14 integer digits and 6 decimals, so every quantity is below this
+#: (and every float below it fits: the last one, 99999999999999.984375, has 6 decimals).
+QUANTITY_BOUND = 10**14
 MICRO = 1_000_000  # units are stored as integer micro-units: upstream's DECIMAL(20,6)
 QUANTITY_DECIMALS = 6
 _HALF_MICRO = 0.5 / MICRO  # the least quantity stored as a micro-unit rather than 0
@@ -73,7 +74,8 @@ def micro_units(value: float) -> tuple[int, bool]:
     """
     if not isinstance(value, float):
         return value * MICRO, False
-    exact = Decimal(repr(value)).scaleb(QUANTITY_DECIMALS, EXACT)
+    # (float's repr: a subclass's may name its type, numpy's "np.float64(1.5)")
+    exact = Decimal(float.__repr__(value)).scaleb(QUANTITY_DECIMALS, EXACT)
     units = int(exact.to_integral_value(ROUND_HALF_UP, EXACT))
     return units, exact > units
 
@@ -115,15 +117,15 @@ def check_quantity(value: object, *, finer_ok: bool = False) -> float:
     try:
         quantity = float(value)
     except OverflowError:  # an int too large for a float
-        raise ValidationError(f"quantity is above the maximum of {MAX_QUANTITY}") from None
+        raise ValidationError(f"quantity is too large: upstream holds quantities below {QUANTITY_BOUND}") from None
     except ValueError:  # Decimal("sNaN"): a signalling NaN refuses to become a float
         raise ValidationError(f"quantity must be a finite number, got {value!r}") from None
     if not math.isfinite(quantity):
         raise ValidationError(f"quantity must be a finite number, got {value!r}")
     if quantity <= 0:
         raise ValidationError(f"quantity must be greater than 0, got {value!r}")
-    if quantity > MAX_QUANTITY:
-        raise ValidationError(f"quantity {value!r} is above the maximum of {MAX_QUANTITY}")
+    if quantity >= QUANTITY_BOUND:
+        raise ValidationError(f"quantity {value!r} is too large: upstream holds quantities below {QUANTITY_BOUND}")
     if not finer_ok and quantity < _HALF_MICRO:  # stored as 0 (a DECIMAL(20,6) column rounds half up)
         raise ValidationError(f"quantity {value!r} is below the resolution of {1 / MICRO:g} units")
     return quantity

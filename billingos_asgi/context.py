@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from ._exceptions import ValidationError
 from ._models import Entitlement
-from ._validation import EXACT, MAX_QUANTITY, QUANTITY_DECIMALS, RESOLUTION, check_id, check_quantity, customer_answer
+from ._validation import EXACT, QUANTITY_BOUND, QUANTITY_DECIMALS, RESOLUTION, check_id, check_quantity, customer_answer
 
 if TYPE_CHECKING:
     from .cache import Quota
@@ -124,9 +124,9 @@ class UsageContext:
             return False
         exact = EXACT.add(self._exact, units)
         reported = float(exact.quantize(RESOLUTION, ROUND_HALF_UP, context=EXACT))
-        if self.quantity + reported > MAX_QUANTITY:  # one event: upstream would refuse it all
+        if self.quantity + reported >= QUANTITY_BOUND:  # one event: upstream would refuse it all
             raise ValidationError(
-                f"report_usage({float(units):g}): the request's units would pass upstream's maximum of {MAX_QUANTITY}"
+                f"report_usage({float(units):g}): the request's units would reach upstream's bound of {QUANTITY_BOUND}"
             )
         added = round(reported - self.reported, QUANTITY_DECIMALS)
         self._exact, self.reported = exact, reported

@@ -25,7 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ._exceptions import ValidationError
 from ._logging import Throttled, without_message
-from ._validation import MAX_ID_LENGTH, MAX_QUANTITY, check_id, customer_answer, float_of_decimal, stored_quantity
+from ._validation import MAX_ID_LENGTH, QUANTITY_BOUND, check_id, customer_answer, float_of_decimal, stored_quantity
 from .backend import BillingBackend
 from .cache import (
     DEFAULT_MAX_SIZE,
@@ -661,9 +661,10 @@ class BillingMiddleware:
             value = await value
         if isinstance(value, Decimal):  # (as report_usage and the client take it: counted as a float)
             value = float_of_decimal(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_QUANTITY:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < QUANTITY_BOUND:
             raise TypeError(
-                f"quantity function of {metered.feature!r} returned {value!r}, not a number from 0 to {MAX_QUANTITY}"
+                f"quantity function of {metered.feature!r} returned {value!r}, "
+                f"not a number >= 0 and below {QUANTITY_BOUND}"
             )
         return stored_quantity(value)  # what upstream stores; below it, the request is free
 

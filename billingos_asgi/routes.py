@@ -35,7 +35,7 @@ from starlette.convertors import CONVERTOR_TYPES
 from starlette.requests import Request
 from starlette.routing import compile_path
 
-from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS, check_id, float_of_decimal
+from ._validation import QUANTITY_BOUND, QUANTITY_DECIMALS, check_id, float_of_decimal
 
 __all__ = [
     "EXCLUDED",
@@ -86,9 +86,9 @@ class Metered:
             q = float_of_decimal(q)
             object.__setattr__(self, "quantity", q)
         if q is not None and not callable(q):
-            if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= MAX_QUANTITY:
+            if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q < QUANTITY_BOUND:
                 raise ValueError(
-                    f"Metered({self.feature!r}): quantity must be a number from 0 to {MAX_QUANTITY}, got {q!r}"
+                    f"Metered({self.feature!r}): quantity must be a number >= 0 and below {QUANTITY_BOUND}, got {q!r}"
                 )
             if q != round(q, QUANTITY_DECIMALS):
                 raise ValueError(f"Metered({self.feature!r}): quantity {q!r} has more decimals than upstream's 6")

@@ -30,7 +30,7 @@ from cachetools import TTLCache
 
 from ._exceptions import NotFoundError, QuotaExceededError, ValidationError
 from ._logging import Throttled
-from ._validation import MAX_QUANTITY, QUANTITY_DECIMALS
+from ._validation import QUANTITY_BOUND, QUANTITY_DECIMALS
 from .cache import EntitlementCache
 from .events import Batch, Group, UsageEvent, new_event, part_key
 from .outbox import Outbox
@@ -621,7 +621,7 @@ class Tracker:
         ``fix``: stamp the batch in the outbox before its first attempt. ``part``: what was found to
         fit of a refused batch or event (refused again, it is not fitted once more).
         """
-        if len(batch) > 1 and batch.quantity > MAX_QUANTITY:  # valid events no single call can carry
+        if len(batch) > 1 and batch.quantity >= QUANTITY_BOUND:  # valid events no single call can carry
             self._loosen(batch)
             await self._halve(batch)
             return

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._validation import MAX_QUANTITY, MICRO, check_id, micro_units
+from .._validation import MICRO, QUANTITY_BOUND, check_id, micro_units
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -194,8 +194,8 @@ def _grant(feature: Feature, value: Any, fail: Any) -> Grant | None:
     not_finite = isinstance(value, float) and not math.isfinite(value)  # (an int of any size is finite)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not_finite:
         raise fail(f"{feature.type} takes a number or {UNLIMITED!r}, got {_shown(value)}")
-    if not 0 <= value <= MAX_QUANTITY:
-        raise fail(f"limit must be between 0 and {MAX_QUANTITY}, got {_shown(value)}")
+    if not 0 <= value < QUANTITY_BOUND:
+        raise fail(f"limit must be >= 0 and below {QUANTITY_BOUND}, got {_shown(value)}")
     if value and not to_micro(value):  # would be 0: a typo must not silently block the feature
         raise fail(f"limit {_shown(value)} is below the resolution of {1 / MICRO:g} units")
     return Grant(feature, to_micro(value))

@@ -1119,10 +1119,26 @@ BAD_TRACKS = [
     pytest.param(
         {"quantity": 4.999999e-7}, "quantity 4.999999e-07 is below the resolution of 1e-06 units", id="rounds-to-zero"
     ),
-    pytest.param({"quantity": 10**400}, "quantity is above the maximum of 99999999999999", id="int-beyond-float"),
-    pytest.param({"quantity": 2e14}, "quantity 200000000000000.0 is above the maximum of 99999999999999", id="huge"),
-    pytest.param({"quantity": 10**14}, "quantity 100000000000000 is above the maximum of 99999999999999", id="1e14"),
-    pytest.param({"quantity": 1e308}, "quantity 1e+308 is above the maximum of 99999999999999", id="micro-overflows"),
+    pytest.param(
+        {"quantity": 10**400},
+        "quantity is too large: upstream holds quantities below 100000000000000",
+        id="int-beyond-float",
+    ),
+    pytest.param(
+        {"quantity": 2e14},
+        "quantity 200000000000000.0 is too large: upstream holds quantities below 100000000000000",
+        id="huge",
+    ),
+    pytest.param(
+        {"quantity": 10**14},
+        "quantity 100000000000000 is too large: upstream holds quantities below 100000000000000",
+        id="1e14",
+    ),
+    pytest.param(
+        {"quantity": 1e308},
+        "quantity 1e+308 is too large: upstream holds quantities below 100000000000000",
+        id="micro-overflows",
+    ),
     pytest.param({"metadata": ["a", "b"]}, "metadata must be an object, got list", id="metadata-list"),
     pytest.param({"metadata": "{}"}, "metadata must be an object, got str", id="metadata-str"),
     pytest.param({"metadata": {"x": NotJSON()}}, "metadata must be JSON-serialisable: ", id="metadata-object"),
@@ -1258,3 +1274,17 @@ async def test_a_large_quota_can_be_used_exactly_to_its_limit(clock: Clock, limi
         result = await billing.track_usage("carol", "tokens", limit)
         assert (result.usage.consumed_units, result.usage.remaining_units) == (limit, 0)
         assert await billing.recorded_units("carol", "tokens") == limit
+
+
+async def test_the_largest_quantities_upstream_holds_are_taken() -> None:
+    """DECIMAL(20,6) holds up to 99999999999999.999999: a float just below 10**14 fits, 10**14 does not."""
+    plans = {
+        "features": {"storage_gb": {"type": "usage_quota"}},
+        "plans": {"pro": {"features": {"storage_gb": 99_999_999_999_999.5}}},
+        "customers": {"bob": "pro"},
+    }
+    async with LocalBilling.from_dict(plans) as billing:
+        result = await billing.track_usage("bob", "storage_gb", 99_999_999_999_999.5)
+        assert (result.quantity, result.usage.remaining_units) == (99_999_999_999_999.5, 0)
+        with pytest.raises(ValidationError, match="too large"):
+            await billing.track_usage("bob", "storage_gb", 1e14)

@@ -373,12 +373,12 @@ INVALID_FILES = [
     ),
     pytest.param(
         FEATURES_TOML + "\n[plans.free]\nfeatures = { api_calls = -1 }\n",
-        "plans.free.features.api_calls: limit must be between 0 and 99999999999999, got -1",
+        "plans.free.features.api_calls: limit must be >= 0 and below 100000000000000, got -1",
         id="negative-limit",
     ),
     pytest.param(
         FEATURES_TOML + "\n[plans.free]\nfeatures = { api_calls = -0.5 }\n",
-        "plans.free.features.api_calls: limit must be between 0 and 99999999999999, got -0.5",
+        "plans.free.features.api_calls: limit must be >= 0 and below 100000000000000, got -0.5",
         id="negative-fractional-limit",
     ),
     pytest.param(
@@ -388,7 +388,7 @@ INVALID_FILES = [
     ),
     pytest.param(
         FEATURES_TOML + "\n[plans.free]\nfeatures = { api_calls = 100_000_000_000_000 }\n",
-        "plans.free.features.api_calls: limit must be between 0 and 99999999999999, got 100000000000000",
+        "plans.free.features.api_calls: limit must be >= 0 and below 100000000000000, got 100000000000000",
         id="limit-above-decimal-20-6",
     ),
     pytest.param(
@@ -482,7 +482,7 @@ def test_dict_errors_name_the_source() -> None:
         LocalBilling.from_dict(data)
     assert (
         str(excinfo.value)
-        == "<dict>: plans.free.features.api_calls: limit must be between 0 and 99999999999999, got -3"
+        == "<dict>: plans.free.features.api_calls: limit must be >= 0 and below 100000000000000, got -3"
     )
 
     with pytest.raises(PlansError) as excinfo:
@@ -526,7 +526,7 @@ def test_a_huge_integer_limit_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(PlansError) as excinfo:
         load_plans(path)
     assert str(excinfo.value) == (
-        f"{path}: plans.free.features.api_calls: limit must be between 0 and 99999999999999, "
+        f"{path}: plans.free.features.api_calls: limit must be >= 0 and below 100000000000000, "
         "got an integer of 398 digits or so"
     )
     with pytest.raises(PlansError, match=r"^<plans>: features.a.type: must be one of .*, got an integer of"):
@@ -576,3 +576,27 @@ def test_unknown_keys_of_mixed_types_are_refused_by_name(data: dict[Any, Any], m
     with pytest.raises(PlansError) as excinfo:
         parse_plans(data, source="s")
     assert str(excinfo.value).startswith(message)
+
+
+class NumpyLikeFloat(float):
+    """A float subclass whose repr names its type, as numpy 2's float64 does ("np.float64(1.5)")."""
+
+    def __repr__(self) -> str:
+        return f"np.float64({float.__repr__(self)})"
+
+
+def test_a_float_subclass_limit_counts_as_its_value() -> None:
+    """Its repr went into Decimal(): a crash (decimal.InvalidOperation) at load, not a plan."""
+    data = {
+        "features": {"storage_gb": {"type": "usage_quota"}},
+        "plans": {"free": {"features": {"storage_gb": NumpyLikeFloat(1.5)}}},
+    }
+    assert parse_plans(data).plans["free"].grants["storage_gb"].limit == 1_500_000
+
+
+def test_the_largest_limit_upstream_holds_is_taken() -> None:
+    data = {
+        "features": {"storage_gb": {"type": "usage_quota"}},
+        "plans": {"big": {"features": {"storage_gb": 99_999_999_999_999.5}}},
+    }
+    assert parse_plans(data).plans["big"].grants["storage_gb"].limit == 99_999_999_999_999_500_000

@@ -196,7 +196,7 @@ BAD_TRACK_BODIES = [
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": NaN}', "NaN is not a valid number"),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": Infinity}', "Infinity"),
     (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1e999}', "finite"),
-    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1e308}', "above the maximum"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1e308}', "too large"),
     (b"[1, 2]", "must be a JSON object"),
     (b'"text"', "must be a JSON object"),
     (b"", "customer_id, feature_key, and quantity are required"),  # Express reads an empty JSON body as {}
@@ -222,7 +222,7 @@ BAD_TRACK_BODIES = [
         b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "idempotency_key": "\\udfff"}',
         "idempotency_key is not valid Unicode",
     ),
-    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1' + b"0" * 400 + b"}", "maximum"),
+    (b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1' + b"0" * 400 + b"}", "too large"),
     (
         b'{"customer_id": "user_free", "feature_key": "api_calls", "quantity": 1, "metadata": '
         + b"[" * 30_000

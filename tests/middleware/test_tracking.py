@@ -300,7 +300,7 @@ async def test_a_report_taking_the_request_past_upstreams_maximum_is_refused(bil
     )
     async with serve(middleware) as client:
         assert (await client.get("/huge", headers=as_customer("user_pro"))).status_code == 200
-    assert refused == ["report_usage(6e+13): the request's units would pass upstream's maximum of 99999999999999"]
+    assert refused == ["report_usage(6e+13): the request's units would reach upstream's bound of 100000000000000"]
     assert await billing.recorded_units("user_pro", "tokens") == 1 + 6e13
 
 
