@@ -144,6 +144,9 @@ class Tracker:
         # and by identity for the lots settled in parts (a split batch may be part recorded already).
         self._unsettled: dict[int, Batch] = {}
         self._loose: dict[int, UsageEvent] = {}
+        # Of those (by the same identities), the ones upstream refused in full, not in a call since: not
+        # recorded, whatever cuts them off (a deadline while what fits of them is found).
+        self._unrecorded: set[int] = set()
         self._unsettled_events = 0
         self._inline: dict[int, UsageEvent] = {}  # the same, for the sends of request tasks (no worker)
         self._volatile: dict[int, UsageEvent] = {}  # queued, unsettled, and not in the outbox: its write failed
@@ -329,8 +332,10 @@ class Tracker:
 
     def _account_for_cut_off(self) -> None:
         """Report what the deadline cut off: kept in the outbox for the next start, or given up."""
-        attempted = [event for lot in self._unsettled.values() for event in lot.events] + list(self._loose.values())
-        waiting = [event for batch, _ in self._fixed for event in batch.events]
+        attempted = [event for lot in self._unsettled.values() for event in lot.events]
+        attempted += [event for at, event in self._loose.items() if at not in self._unrecorded]
+        waiting = [event for at, event in self._loose.items() if at in self._unrecorded]
+        waiting += [event for batch, _ in self._fixed for event in batch.events]
         waiting += [event for group in self._due.values() for event in group.events()]
         waiting += [event for group in self._pending.values() for event in group.events()]
         if self._volatile:  # not on disk, whatever the outbox would say at the next start
@@ -346,6 +351,7 @@ class Tracker:
         unsent = attempted + waiting
         self._unsettled.clear()
         self._loose.clear()
+        self._unrecorded.clear()
         self._unsettled_events = 0
         self._room = self._max_queue
         self._fixed.clear()
@@ -592,7 +598,7 @@ class Tracker:
                     attempted = True
                     await self._deliver(Batch.of(sending), self._clock(), fix=False)
                 if scope.cancelled_caught:
-                    cut_off = tuple(e for e in sending if id(e) in self._inline)
+                    cut_off = self._cut_off(sending, f"{INLINE_DEADLINE:g} s passed")
                     if attempted:
                         reason = f"not confirmed within {INLINE_DEADLINE:g} s without a lifespan ({IN_DOUBT})"
                         self._give_up(cut_off, "in_doubt", reason)
@@ -603,7 +609,7 @@ class Tracker:
         except BaseException:
             # Cancelled natively (asyncio's task.cancel() goes through anyio's shield), or a fault:
             # what this call was to deliver is reported, and its units no longer held.
-            cut_off = tuple(e for e in sending if id(e) in self._inline)
+            cut_off = self._cut_off(sending, "the request's task stopped")
             unsent = tuple(riders)
             if attempted:
                 self._give_up(cut_off, "in_doubt", f"the request's task stopped while delivering it ({IN_DOUBT})")
@@ -613,6 +619,15 @@ class Tracker:
             raise
         finally:
             del self._riders[key]
+
+    def _cut_off(self, sending: tuple[UsageEvent, ...], why: str) -> tuple[UsageEvent, ...]:
+        """The events of an inline send still unsettled when ``why`` cut it off, but those upstream
+        refused in full (not recorded: dropped here, as finding what fits of them was cut off too)."""
+        unsettled = [event for event in sending if id(event) in self._inline]
+        refused = tuple(event for event in unsettled if id(event) in self._unrecorded)
+        others = tuple(event for event in unsettled if id(event) not in self._unrecorded)
+        self._give_up(refused, "dropped", f"refused upstream, and {why} before what fits of it was found")
+        return others
 
     async def _deliver(self, batch: Batch, first_attempt: float, *, fix: bool, part: bool = False) -> None:
         """Record ``batch`` upstream (the budget token for its first attempt is taken), retrying
@@ -662,6 +677,8 @@ class Tracker:
                 self._loosen(batch)
                 await self._refuse(batch.events, "dead_lettered", reason)
                 return None
+            if self._unrecorded:  # carried by a call again: maybe recorded from here
+                self._unrecorded.difference_update(map(id, batch.events))
             self.stats.in_flight += n
             try:
                 result = await self._upstream.track_usage(
@@ -682,6 +699,7 @@ class Tracker:
             finally:
                 self.stats.in_flight -= n
             if isinstance(error, _PERMANENT):
+                self._unrecorded.update(map(id, batch.events))  # (nothing of it recorded)
                 return error
             # (The exponent is capped: an outage of hours runs to thousands of attempts.)
             delay = min(RETRY_MAX, random.uniform(0, RETRY_BASE * 2 ** min(attempt, 16)))
@@ -741,6 +759,9 @@ class Tracker:
             return 0.0, math.inf  # (nothing of it taken: not remembered here)
         try:
             entitlement = await self._upstream.check_entitlement(*key, wait=RETRY_MAX, answer_within=CHECK_TIMEOUT)
+        except (ValidationError, NotFoundError) as exc:  # for good (the customer is gone): nothing fits
+            self._log(logging.WARNING, "what is left of %s's %s quota: none (%r)", *key, exc)
+            return 0.0, math.inf
         except Exception as exc:
             self._log(logging.WARNING, "could not learn what is left of %s's %s quota: %r", *key, exc)
             return None
@@ -752,6 +773,15 @@ class Tracker:
         if left <= 0:
             self._full[key] = ends
         return left, ends
+
+    async def _known_left(self, customer_id: str, feature_key: str) -> tuple[float, float]:
+        """:meth:`_left`, asked again (backing off) until it is known: taken for 0 while billing was
+        unreachable, the part of an event that fits was rejected with the rest. A deadline bounds it."""
+        attempt = 0
+        while (known := await self._left(customer_id, feature_key)) is None:
+            await anyio.sleep(min(RETRY_MAX, random.uniform(0, RETRY_BASE * 2 ** min(attempt, 16))))
+            attempt += 1
+        return known
 
     async def _record_what_fits_of(self, batch: Batch, error: Exception) -> None:
         """A batch refused for quota (nothing of it recorded): its first events that fit what is left
@@ -776,10 +806,11 @@ class Tracker:
     async def _record_what_fits(self, event: UsageEvent, error: Exception) -> None:
         """One event refused for quota: record the part of it that is left in the quota, under a
         key derived from its own (a replay records it once), and reject the rest."""
-        left, ends = await self._left(event.customer_id, event.feature_key) or (0.0, math.inf)
+        left, ends = await self._known_left(event.customer_id, event.feature_key)
         fit = min(left, event.quantity)
         rest = event
         if fit > 0:
+            self._unrecorded.discard(id(event))  # its part may be recorded from here
             part = event._replace(quantity=fit, idempotency_key=part_key(event))
             # A replay resends the part, not the event. (An inline send's event is not on disk, nor one
             # whose write failed: its part goes from memory too, or it would be resent at the next
@@ -806,6 +837,7 @@ class Tracker:
                 self.stats.split += 1
                 if id(event) in self._loose:  # cut off from here, only the rest is deferred (and released)
                     self._loose[id(event)] = rest
+                    self._unrecorded.add(id(event))
                     if id(event) in self._volatile:
                         self._volatile[id(rest)] = rest
         if rest.quantity > 0:
@@ -868,6 +900,8 @@ class Tracker:
 
     def _settled(self, events: tuple[UsageEvent, ...]) -> None:
         """``events``, not a lot, are recorded or given up: a deadline no longer cuts them off."""
+        if self._unrecorded:
+            self._unrecorded.difference_update(map(id, events))
         if self._loose:
             loose = self._loose
             before = len(loose)

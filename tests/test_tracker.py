@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import re
 import sqlite3
 import time
@@ -856,24 +857,68 @@ async def test_a_refused_batch_costs_a_few_calls_whatever_its_size(
 
 
 class Unchecked(Around):
-    """Checks fail (upstream unreachable for them); tracks are recorded."""
+    """The first ``failures`` checks fail (upstream unreachable for them), the next are answered;
+    tracks are recorded."""
+
+    def __init__(self, billing: LocalBilling, failures: int = 2) -> None:
+        super().__init__(billing)
+        self.failures = failures
 
     async def check_entitlement(self, *args: Any, **kwargs: Any) -> Any:
-        raise NetworkError("connection refused")
+        if self.failures > 0:
+            self.failures -= 1
+            raise NetworkError("connection refused")
+        return await self.billing.check_entitlement(*args, **kwargs)
 
 
 @pytest.mark.parametrize(("left", "recorded"), [(0, 0), (3, 3)])
 async def test_a_refused_batch_costs_a_few_calls_even_when_what_is_left_cannot_be_checked(
     billing: LocalBilling, left: float, recorded: float
 ) -> None:
-    """Halved one track a half: 64 events refused with nothing left took 2 x 64 - 1 tracks and as many checks."""
+    """Halved one track a half: 64 events refused with nothing left took 2 x 64 - 1 tracks and as many
+    checks. (The last event's check is asked again until answered: see the next test.)"""
     await billing.track_usage("c0", "api_calls", 10 - left)
     reports: list[float] = []
     tracker = tracker_for(Unchecked(billing), flush_interval=0.05, on_rejected=lambda e, r: reports.append(e.quantity))
     await run_tracker(tracker, [event(f"k{i}") for i in range(64)])
     assert await billing.recorded_units("c0", "api_calls") == 10 - left + recorded
     assert (tracker.stats.sent, tracker.stats.rejected, sum(reports)) == (recorded, 64 - recorded, 64 - recorded)
-    assert tracker.upstream.tracks <= 1 + 6 + 1 and tracker.upstream.checks <= 2  # the refusal, log2(64) halves
+    assert tracker.upstream.tracks <= 1 + 6 + 1 and tracker.upstream.checks <= 3  # the refusal, log2(64) halves
+
+
+@pytest.mark.parametrize("quantities", [[5.0], [1.0, 1.0, 1.0, 2.0]])
+async def test_what_fits_of_an_event_is_recorded_once_a_failing_check_answers(
+    billing: LocalBilling, quantities: list[float]
+) -> None:
+    """3.5 left: an event refused for quota, what is left not known (a blip, a breaker opened by other
+    calls, the budget paused by a 429) was rejected whole: the 3.5 units that fit were never recorded."""
+    await billing.track_usage("c0", "api_calls", 6.5)
+    reports: list[float] = []
+    backend = Unchecked(billing, failures=3)
+    tracker = tracker_for(backend, flush_interval=0.05, on_rejected=lambda e, r: reports.append(e.quantity))
+    with anyio.fail_after(20):
+        await run_tracker(tracker, [event(f"k{i}", quantity=q) for i, q in enumerate(quantities)])
+    assert await billing.recorded_units("c0", "api_calls") == 10 and sum(reports) == sum(quantities) - 3.5
+    assert backend.failures == 0 and tracker.stats.in_doubt == tracker.stats.dropped == 0
+
+
+async def test_events_upstream_refused_and_cut_off_while_what_fits_is_found_are_dropped_not_in_doubt(
+    billing: LocalBilling,
+) -> None:
+    """A batch refused for quota (nothing of it recorded: all or nothing), its check hanging when the
+    drain deadline passes: its events were reported in doubt (maybe recorded, counted as used)."""
+    await billing.track_usage("c0", "api_calls", 8)  # 2 left: a batch of 4 is refused whole
+    tracker = tracker_for(Unanswered(billing), flush_interval=0.05, drain_timeout=0.5)
+    async with anyio.create_task_group() as tg:
+        await tracker.start(tg)
+        for i in range(4):
+            assert tracker.submit(event(f"k{i}"))
+        with anyio.fail_after(10):
+            while tracker.upstream.tracks == 0:  # noqa: ASYNC110 - polling a counter
+                await anyio.sleep(0.01)
+        await tracker.stop()
+    assert await billing.recorded_units("c0", "api_calls") == 8
+    assert (tracker.stats.in_doubt, tracker.stats.dropped) == (0, 4)
 
 
 class CancelledOnRefusal(Around):
@@ -891,7 +936,8 @@ class CancelledOnRefusal(Around):
             raise
 
     async def check_entitlement(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.checked:
+        if not self.checked:  # a blip: the next one is answered
+            self.checked = True
             raise NetworkError("connection refused")
         return await self.billing.check_entitlement(*args, **kwargs)  # no subscription: nothing left
 
@@ -911,24 +957,12 @@ async def test_the_halves_of_a_refused_batch_refused_for_another_reason_are_repo
     assert (tracker.stats.sent, tracker.stats.rejected, sum(reports)) == (0, 4, 4)
 
 
-class UncheckedOnce(Around):
-    """The first check fails (a blip); the next ones are answered."""
-
-    failed = False
-
-    async def check_entitlement(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.failed:
-            self.failed = True
-            raise NetworkError("connection reset")
-        return await self.billing.check_entitlement(*args, **kwargs)
-
-
 async def test_the_last_event_of_a_halved_batch_records_the_part_that_fits(billing: LocalBilling) -> None:
     """Halved while what is left could not be checked, the event that does not fit is split as
     when it is known, once a check answers: 12 units refused of 10 left, 10 recorded."""
     reports: list[float] = []
     tracker = tracker_for(
-        UncheckedOnce(billing), flush_interval=0.05, on_rejected=lambda e, r: reports.append(e.quantity)
+        Unchecked(billing, failures=1), flush_interval=0.05, on_rejected=lambda e, r: reports.append(e.quantity)
     )
     await run_tracker(tracker, [event(f"k{i}", quantity=4) for i in range(3)])
     assert await billing.recorded_units("c0", "api_calls") == 10 and reports == [2.0]
@@ -977,10 +1011,18 @@ async def test_every_call_for_a_refused_batch_takes_a_token_of_the_budget(billin
 
 
 class Unanswered(Around):
-    """Checks hang (upstream holds the connection open); tracks are recorded."""
+    """The first ``hangs`` checks hang (upstream holds the connection open), the next are answered;
+    tracks are recorded."""
+
+    def __init__(self, billing: LocalBilling, hangs: float = math.inf) -> None:
+        super().__init__(billing)
+        self.hangs = hangs
 
     async def check_entitlement(self, *args: Any, **kwargs: Any) -> Any:
-        await anyio.sleep_forever()
+        if self.hangs > 0:
+            self.hangs -= 1
+            await anyio.sleep_forever()
+        return await self.billing.check_entitlement(*args, **kwargs)
 
 
 async def test_a_refused_batch_whose_check_hangs_is_halved_once_the_check_times_out(
@@ -988,7 +1030,7 @@ async def test_a_refused_batch_whose_check_hangs_is_halved_once_the_check_times_
 ) -> None:
     monkeypatch.setattr(tracker_module, "CHECK_TIMEOUT", 0.1)
     await billing.track_usage("c0", "api_calls", 8)
-    tracker = tracker_for(Unanswered(billing), flush_interval=0.05, drain_timeout=5)
+    tracker = tracker_for(Unanswered(billing, hangs=2), flush_interval=0.05, drain_timeout=5)
     await run_tracker(tracker, [event(f"k{i}") for i in range(4)])
     assert await billing.recorded_units("c0", "api_calls") == 10  # not held past the drain deadline
     assert (tracker.stats.sent, tracker.stats.rejected, tracker.stats.dropped) == (2, 2, 0)
@@ -1331,6 +1373,21 @@ async def test_without_a_lifespan_an_event_the_budget_never_let_out_is_dropped_n
     assert (stats.sent, stats.dropped, stats.in_doubt, upstream.tracks) == (1, 1, 0, 1)
     [reason] = reasons.values()
     assert reason.startswith("no upstream call allowed within 0.5 s without a lifespan (never sent")
+
+
+async def test_without_a_lifespan_an_event_refused_and_cut_off_while_what_fits_is_found_is_dropped(
+    billing: LocalBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused for quota (nothing recorded), then the inline deadline passed during the check of what
+    is left: it was reported in doubt (maybe recorded), its units counted as used."""
+    monkeypatch.setattr(tracker_module, "INLINE_DEADLINE", 0.5)
+    await billing.track_usage("c0", "api_calls", 8)
+    reasons: list[str] = []
+    tracker = tracker_for(Unanswered(billing), on_rejected=lambda e, r: reasons.append(r))
+    await tracker.send(event("k0", quantity=4))
+    assert (tracker.stats.in_doubt, tracker.stats.dropped, tracker.upstream.tracks) == (0, 1, 1)
+    assert reasons == ["refused upstream, and 0.5 s passed before what fits of it was found"]
+    assert await billing.recorded_units("c0", "api_calls") == 8
 
 
 async def test_confirmed_rows_leave_the_outbox_before_new_events_are_measured_against_its_bound(
